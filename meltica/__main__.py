@@ -1,0 +1,3 @@
+from meltica.cli import main
+
+main()

@@ -1,0 +1,23 @@
+"""The ``meltica`` command line: one Typer app with a sub-app per area."""
+
+from __future__ import annotations
+
+import typer
+
+from meltica.cli import config_cmd, data_cmd, db_cmd, demo_cmd, infra_cmd
+
+app = typer.Typer(
+    name="meltica",
+    help="Meltica: crypto auto-trading — infrastructure, database, market data, configuration.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold secrets
+)
+app.add_typer(infra_cmd.app, name="infra", help="Start, stop and inspect the local infrastructure.")
+app.add_typer(db_cmd.app, name="db", help="Database migrations.")
+app.add_typer(data_cmd.app, name="data", help="Load and show market data.")
+app.add_typer(config_cmd.app, name="config", help="Show and validate configuration.")
+app.command("demo", help="The main job on embedded defaults.")(demo_cmd.demo)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,7 @@
+"""`meltica demo`: the main job on embedded defaults."""
+
+from __future__ import annotations
+
+
+def demo() -> None:
+    raise NotImplementedError
