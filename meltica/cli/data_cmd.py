@@ -1,7 +1,130 @@
-"""`meltica data` commands."""
+"""`meltica data` commands: load candle files, show stored candles at any timeframe."""
 
 from __future__ import annotations
 
+import csv
+import enum
+import sys
+from datetime import datetime
+from pathlib import Path
+
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from meltica.cli._common import console, database_engine, reports_errors
+from meltica.marketdata.candle_files import parse_time, read_candle_file
+from meltica.storage import candles, migrate
 
 app = typer.Typer(no_args_is_help=True)
+
+
+class OutputFormat(enum.StrEnum):
+    table = "table"
+    csv = "csv"
+
+
+@app.command()
+@reports_errors
+def load(
+    file: Path = typer.Argument(..., help="Candle file: .csv, .csv.gz, .feather or .parquet."),
+    exchange: str = typer.Option(..., help="Exchange id (ccxt), e.g. binance."),
+    symbol: str = typer.Option(..., help="Unified symbol, e.g. BTC/USDT."),
+    timeframe: str = typer.Option(..., help="Timeframe of the bars in the file, e.g. 1m."),
+) -> None:
+    """Load a candle file. Reloading the same bars adds nothing; a malformed row loads nothing."""
+    engine = database_engine()
+    migrate.upgrade(engine)
+    parsed = read_candle_file(file, timeframe)
+    with Progress(
+        TextColumn("[bold]loading {task.fields[name]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("load", total=len(parsed.rows), name=file.name)
+        result = candles.load_candles(
+            engine,
+            parsed.rows,
+            exchange=exchange,
+            symbol=symbol,
+            timeframe=timeframe,
+            progress=lambda n: progress.advance(task, n),
+        )
+    console.print(
+        f"{file.name}: read {result.read} bars, stored {result.inserted} new, "
+        f"{result.already_stored} already stored ({exchange} {symbol} {timeframe}, "
+        f"{_fmt(result.start)} → {_fmt(result.end)})"
+    )
+
+
+@app.command()
+@reports_errors
+def show(
+    exchange: str = typer.Option(..., help="Exchange id."),
+    symbol: str = typer.Option(..., help="Unified symbol."),
+    timeframe: str = typer.Option(..., help="Timeframe to show; a multiple of a stored one is rolled up."),
+    start: str | None = typer.Option(None, help="First bar time (inclusive), ISO-8601 UTC."),
+    end: str | None = typer.Option(None, help="End time (exclusive), ISO-8601 UTC."),
+    limit: int | None = typer.Option(None, help="Show only the last N bars."),
+    output: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or csv."),
+) -> None:
+    """Print stored candles at TIMEFRAME (1m stored → 5m/1h/1d rolled up by the database)."""
+    engine = database_engine()
+    rows = candles.read_candles(
+        engine,
+        exchange=exchange,
+        symbol=symbol,
+        timeframe=timeframe,
+        start=parse_time(start) if start else None,
+        end=parse_time(end) if end else None,
+    )
+    if limit is not None:
+        rows = rows[-limit:] if limit > 0 else []
+    if output is OutputFormat.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["timestamp", "open", "high", "low", "close", "volume", "bars"])
+        for r in rows:
+            writer.writerow([r.ts.isoformat(), r.open, r.high, r.low, r.close, r.volume, r.bar_count])
+        return
+    console.print(candle_table(rows, title=f"{exchange} {symbol} {timeframe} ({len(rows)} bars)"))
+
+
+@app.command()
+@reports_errors
+def summary() -> None:
+    """What is stored: bars per exchange, symbol and timeframe."""
+    engine = database_engine()
+    console.print(summary_table(candles.candle_summary(engine)))
+
+
+def candle_table(rows: list[candles.StoredCandle], title: str) -> Table:
+    table = Table(title=title)
+    for name in ("time (UTC)", "open", "high", "low", "close", "volume", "bars"):
+        table.add_column(name, justify="left" if name.startswith("time") else "right")
+    for r in rows:
+        table.add_row(_fmt(r.ts), str(r.open), str(r.high), str(r.low), str(r.close), str(r.volume), str(r.bar_count))
+    return table
+
+
+def summary_table(stats: list[dict[str, object]]) -> Table:
+    table = Table(title="Stored candles")
+    for name in ("exchange", "symbol", "timeframe", "bars", "first (UTC)", "last (UTC)"):
+        table.add_column(name)
+    for s in stats:
+        first, last = s["first"], s["last"]
+        table.add_row(
+            str(s["exchange"]),
+            str(s["symbol"]),
+            str(s["timeframe"]),
+            str(s["bars"]),
+            _fmt(first if isinstance(first, datetime) else None),
+            _fmt(last if isinstance(last, datetime) else None),
+        )
+    return table
+
+
+def _fmt(ts: datetime | None) -> str:
+    return ts.strftime("%Y-%m-%d %H:%M") if ts else "-"

@@ -1,7 +1,73 @@
-"""`meltica demo`: the main job on embedded defaults."""
+"""`meltica demo`: the main job on embedded defaults.
+
+Starts the local infrastructure, migrates the database, loads the shipped real BTC/USDT perpetual
+1-minute month, and prints what is stored with a 1-hour roll-up of it. Later stages (backtest, live
+paper trading) extend this same command.
+"""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 
-def demo() -> None:
-    raise NotImplementedError
+import typer
+
+from meltica.cli._common import console, database_engine, reports_errors
+from meltica.cli.data_cmd import candle_table, summary_table
+from meltica.marketdata.candle_files import read_candle_file
+from meltica.storage import candles, migrate
+from meltica.storage.engine import masked
+from meltica.storage.timeseries import detect_flavour
+
+DEMO_DATASET = Path(__file__).resolve().parents[1] / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
+DEMO_EXCHANGE = "binance"
+DEMO_SYMBOL = "BTC/USDT:USDT"
+DEMO_TIMEFRAME = "1m"
+
+
+@reports_errors
+def demo(
+    hours: int = typer.Option(24, help="How many of the last 1-hour bars to print."),
+    kafka: bool = typer.Option(True, help="Also start the local Kafka broker."),
+) -> None:
+    """Run the main job on embedded defaults."""
+    from meltica import infra
+
+    console.rule("[bold]1. local infrastructure")
+    t0 = time.monotonic()
+    infra.up(kafka=kafka)
+    console.print(infra.status_table())
+    console.print(f"infrastructure ready in {time.monotonic() - t0:.1f} s")
+
+    console.rule("[bold]2. database schema")
+    engine = database_engine()
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        flavour = detect_flavour(conn)
+    console.print(f"{masked(engine.url)} at revision {migrate.current_revision(engine)} ({flavour})")
+
+    console.rule("[bold]3. load the shipped real BTC/USDT perpetual 1-minute history")
+    t0 = time.monotonic()
+    parsed = read_candle_file(DEMO_DATASET, DEMO_TIMEFRAME)
+    result = candles.load_candles(
+        engine, parsed.rows, exchange=DEMO_EXCHANGE, symbol=DEMO_SYMBOL, timeframe=DEMO_TIMEFRAME
+    )
+    console.print(
+        f"{DEMO_DATASET.name}: read {result.read} bars, stored {result.inserted} new, "
+        f"{result.already_stored} already stored, in {time.monotonic() - t0:.2f} s"
+    )
+
+    console.rule("[bold]4. what is stored")
+    console.print(summary_table(candles.candle_summary(engine)))
+    hourly = candles.read_candles(engine, exchange=DEMO_EXCHANGE, symbol=DEMO_SYMBOL, timeframe="1h")
+    shown = hourly[-hours:] if hours > 0 else []
+    console.print(
+        candle_table(
+            shown,
+            title=f"{DEMO_EXCHANGE} {DEMO_SYMBOL} 1h roll-up of 1m bars — last {len(shown)} of {len(hourly)} hours",
+        )
+    )
+    console.print(
+        "next: `meltica data show --exchange binance --symbol BTC/USDT:USDT --timeframe 1d`, "
+        "`meltica infra status`, `meltica infra down`"
+    )

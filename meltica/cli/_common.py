@@ -1,0 +1,53 @@
+"""Helpers shared by the CLI commands: error reporting, database engine resolution."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from sqlalchemy import Engine
+
+from meltica.errors import ConfigurationError, DataValidationError, MelticaError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Exit codes: 2 = bad input or configuration (the user must change something), 1 = anything else.
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn Meltica errors into one clear line on stderr and a non-zero exit, without a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except (ConfigurationError, DataValidationError) as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except MelticaError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    return wrapper
+
+
+def database_engine() -> Engine:
+    """The engine for the configured database: MELTICA_DATABASE_URL, else the local infrastructure's."""
+    from meltica.infra.postgres import database_url
+    from meltica.storage.engine import make_engine
+
+    return make_engine(database_url())
+
+
+def is_interactive() -> bool:
+    return sys.stderr.isatty()
