@@ -21,8 +21,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from meltica.marketdata._tf import Timeframe
 from meltica.errors import DataValidationError
+from meltica.marketdata._tf import Timeframe
 
 TIME_COLUMNS = ("timestamp", "date", "time", "ts", "open_time")
 PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
@@ -193,9 +193,10 @@ def parse_decimal(value: Any, name: str) -> Decimal:
 def parse_time(value: Any) -> datetime:
     """ISO text (naive = UTC), an aware/naive datetime, or integer epoch milliseconds -> aware UTC."""
     if isinstance(value, datetime):
-        if type(value) is not datetime and hasattr(value, "to_pydatetime"):
-            value = datetime.fromisoformat(value.isoformat())  # pandas.Timestamp from pyarrow -> datetime
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        moment: datetime = value
+        if type(moment) is not datetime:
+            moment = datetime.fromisoformat(moment.isoformat())  # pandas.Timestamp from pyarrow -> datetime
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     if isinstance(value, int) and not isinstance(value, bool):
         return EPOCH + timedelta(milliseconds=value)
     if isinstance(value, str):

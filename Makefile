@@ -1,0 +1,38 @@
+# The two commands a newcomer needs are `make demo` and `make test` (see README.md).
+.PHONY: demo test lint typecheck pytest bootstrap infra-up infra-down infra-status lock clean
+
+VENV := .venv/bin
+
+bootstrap:
+	@bash infra/bootstrap.sh
+
+demo: bootstrap
+	$(VENV)/meltica demo
+
+test: bootstrap lint typecheck pytest
+
+lint: bootstrap
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+typecheck: bootstrap
+	$(VENV)/mypy
+
+pytest: bootstrap
+	$(VENV)/pytest
+
+infra-up: bootstrap
+	$(VENV)/meltica infra up
+
+infra-down: bootstrap
+	$(VENV)/meltica infra down
+
+infra-status: bootstrap
+	$(VENV)/meltica infra status
+
+# Re-resolve the pinned set after changing dependencies in pyproject.toml.
+lock:
+	uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean: infra-down
+	rm -rf .meltica

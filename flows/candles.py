@@ -1,0 +1,65 @@
+"""Load a recorded candle file into the database as a Prefect flow run (the file import flow).
+
+A thin shell: reading, validating and the idempotent COPY load are `meltica.marketdata` and
+`meltica.storage`; this module only gives them a flow run, retries for the retryable family, and a
+markdown artifact of what was stored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from meltica.errors import is_retryable
+from meltica.infra.postgres import database_url
+from meltica.marketdata.candle_files import read_candle_file
+from meltica.storage import candles, migrate
+from meltica.storage.engine import make_engine
+
+
+def _retry_only_retryable(_task: Any, _run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except Exception as exc:
+        return is_retryable(exc)
+    return False
+
+
+@task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=_retry_only_retryable)
+def load_file(path: str, exchange: str, symbol: str, timeframe: str, db_url: str) -> dict[str, Any]:
+    engine = make_engine(db_url)
+    try:
+        migrate.upgrade(engine)
+        parsed = read_candle_file(Path(path), timeframe)
+        result = candles.load_candles(engine, parsed.rows, exchange=exchange, symbol=symbol, timeframe=timeframe)
+    finally:
+        engine.dispose()
+    return {
+        "read": result.read,
+        "inserted": result.inserted,
+        "already_stored": result.already_stored,
+        "start": result.start.isoformat() if result.start else None,
+        "end": result.end.isoformat() if result.end else None,
+    }
+
+
+@flow(name="import-candle-file", flow_run_name="import {exchange} {symbol} {timeframe} from {path}")
+def import_candle_file(
+    path: str, exchange: str, symbol: str, timeframe: str, database: str | None = None
+) -> dict[str, Any]:
+    """Load one candle file (CSV, Feather, Parquet); reloading adds nothing."""
+    summary = load_file(path, exchange, symbol, timeframe, database or database_url())
+    create_markdown_artifact(
+        key="candle-import",
+        markdown=(
+            f"### Candle import: {exchange} {symbol} {timeframe}\n\n"
+            f"| file | read | new | already stored | first | last |\n|---|---|---|---|---|---|\n"
+            f"| `{Path(path).name}` | {summary['read']} | {summary['inserted']} | {summary['already_stored']} "
+            f"| {summary['start']} | {summary['end']} |\n"
+        ),
+        description="Bars read from the file and stored in the database",
+    )
+    return summary

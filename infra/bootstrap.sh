@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what Meltica needs on a fresh machine, idempotently: a virtualenv in .venv with the locked
+# Python packages (requirements.lock) and the project itself (editable). System packages the broker
+# needs (Java 17, Maven) are installed by `meltica infra up` only when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "error: Python >= 3.11 is required (found: $("$PYTHON" --version 2>&1 || echo none))" >&2
+  exit 2
+fi
+
+# uv resolves and installs the locked set in seconds (STACK-NOTES.md); pip installs uv itself.
+if ! command -v uv >/dev/null 2>&1 && ! "$PYTHON" -m uv --version >/dev/null 2>&1; then
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check uv
+fi
+UV=(uv)
+command -v uv >/dev/null 2>&1 || UV=("$PYTHON" -m uv)
+
+stamp=.venv/.meltica-installed
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/meltica ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "${UV[@]}" venv --quiet --python "$PYTHON" .venv
+# PYTHONDONTWRITEBYTECODE is set on these machines: compile once at install, or every start pays ~2 s.
+"${UV[@]}" pip sync --quiet --python .venv/bin/python --compile-bytecode requirements.lock
+"${UV[@]}" pip install --quiet --python .venv/bin/python --no-deps -e .
+echo "$want" > "$stamp"
+echo "bootstrap: .venv ready ($(.venv/bin/python --version))"

@@ -1,0 +1,1 @@
+"""Faust stream workers: the live shell around meltica/ (DESIGN.md §2, §3). Workers hold no business rules."""
