@@ -46,9 +46,9 @@ HYPERTABLES: tuple[HypertableSpec, ...] = (
     HypertableSpec("balance_snapshots", "7 days", ("account", "exchange"), "ts DESC", "30 days", None),
 )
 
-# date_bin needs an origin; midnight UTC of 2000-01-01 makes 1d buckets start at midnight, like
-# TimescaleDB's time_bucket for sub-week widths.
-BUCKET_ORIGIN = "TIMESTAMPTZ '2000-01-01 00:00:00+00'"
+# date_bin needs an origin. TimescaleDB's time_bucket uses Monday 2000-01-03 00:00 UTC; using the same one
+# gives both paths identical buckets: days start at midnight, weeks on Monday (as venues' weekly candles).
+BUCKET_ORIGIN = "TIMESTAMPTZ '2000-01-03 00:00:00+00'"
 
 CANDLES_1H_VIEW = "candles_1h"
 

@@ -188,3 +188,10 @@ def test_timescaledb_path(loaded: Engine) -> None:
     assert {spec.table for spec in timeseries.HYPERTABLES} <= hypertables
     assert "candles_1h" in caggs
     assert {"policy_compression", "policy_retention", "policy_refresh_continuous_aggregate"} <= jobs
+
+
+def test_weekly_rollup_starts_on_monday_and_covers_every_bar(loaded: Engine) -> None:
+    weeks = candles.read_candles(loaded, exchange=EXCHANGE, symbol=SYMBOL, timeframe="1w")
+    assert all(w.ts.weekday() == 0 and w.ts.hour == 0 for w in weeks)
+    assert sum(w.bar_count for w in weeks) == 45_031
+    assert weeks[0].ts.isoformat() == "2021-12-27T00:00:00+00:00"
