@@ -1,0 +1,152 @@
+"""The settings schema. Loading, file selection and error reporting are in ``meltica.config.loader``."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from meltica.domain.values import NonNegativeDecimal, PositiveDecimal
+from meltica.secrets import Secret, resolve_secret
+
+Environment = Literal["dev", "paper", "staging", "prod"]
+TradingMode = Literal["backtest", "paper", "live"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+ENVIRONMENTS: tuple[str, ...] = ("dev", "paper", "staging", "prod")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SYMBOL = re.compile(r"^[A-Z0-9]+/[A-Z0-9]+(:[A-Z0-9]+(-[0-9A-Z-]+)?)?$")
+
+
+class _Section(BaseModel):
+    # hide_input_in_errors: a rejected value may be a secret; messages name the field only.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str | None = Field(
+        default=None, description="host:port[,host:port]; None means the local broker (`meltica infra`)"
+    )
+
+
+class AccountConfig(_Section):
+    """One trading account on one venue. Credentials are references: ``env:NAME`` or
+    ``encrypted:<token>``; plain text is tolerated outside prod for testnet keys."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    exchange: Annotated[str, Field(min_length=1, max_length=64, description="ccxt exchange id, e.g. binance")]
+    sandbox: bool = Field(default=False, description="use the venue's testnet / sandbox")
+    api_key: Secret | None = None
+    api_secret: Secret | None = None
+    password: Secret | None = Field(default=None, description="passphrase, for venues that have one (OKX)")
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return value
+
+    @field_validator("exchange")
+    @classmethod
+    def _exchange_id(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9]+", value):
+            raise ValueError("a ccxt exchange id is lower-case letters and digits (e.g. binance, okx)")
+        return value
+
+    def credential(
+        self, which: Literal["api_key", "api_secret", "password"], *, allow_plaintext: bool
+    ) -> Secret | None:
+        """The resolved credential (``None`` when not configured); see ``meltica.secrets``."""
+        ref: Secret | None = getattr(self, which)
+        return None if ref is None else resolve_secret(ref, allow_plaintext=allow_plaintext)
+
+
+class RiskLimits(_Section):
+    """Pre-trade limits, in quote currency unless named otherwise. ``None`` means no limit."""
+
+    max_order_notional: PositiveDecimal | None = None
+    max_position_notional: PositiveDecimal | None = Field(default=None, description="per symbol")
+    max_position_notional_by_symbol: dict[str, PositiveDecimal] = Field(
+        default_factory=dict, description="per-symbol overrides of max_position_notional"
+    )
+    max_gross_exposure: PositiveDecimal | None = None
+    daily_loss_limit: PositiveDecimal | None = Field(default=None, description="a loss, as a positive amount")
+    max_open_orders: Annotated[int, Field(ge=0)] | None = None
+    price_band_bps: NonNegativeDecimal | None = Field(
+        default=None, description="max distance of a limit price from the reference price, basis points"
+    )
+    orders_per_minute: Annotated[int, Field(ge=1)] | None = None
+
+    def position_limit(self, symbol: str) -> Decimal | None:
+        return self.max_position_notional_by_symbol.get(symbol, self.max_position_notional)
+
+
+class MelticaSettings(BaseSettings):
+    """Everything configurable. Sources, highest priority first: ``MELTICA_*`` environment variables
+    (nested with ``__``: ``MELTICA_RISK__MAX_ORDER_NOTIONAL``), then the YAML file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MELTICA_",
+        env_nested_delimiter="__",
+        env_ignore_empty=True,  # `MELTICA_X=` in a shell means "unset", not "empty string"
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
+    )
+
+    environment: Environment = "dev"
+    trading_mode: TradingMode = "backtest"
+    database_url: Secret | None = Field(
+        default=None, description="PostgreSQL URL; None means the local infrastructure (`meltica infra`)"
+    )
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    prefect_api_url: str | None = Field(default=None, description="None means Prefect's ephemeral API")
+    accounts: list[AccountConfig] = Field(default_factory=list)
+    risk: RiskLimits = Field(default_factory=RiskLimits)
+    symbols: list[str] = Field(default_factory=list, description="ccxt unified symbols, e.g. BTC/USDT")
+    log_level: LogLevel = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("symbols")
+    @classmethod
+    def _symbols(cls, value: list[str]) -> list[str]:
+        for symbol in value:
+            if not _SYMBOL.match(symbol):
+                raise ValueError(f"{symbol!r} is not a ccxt unified symbol like BTC/USDT or BTC/USDT:USDT")
+        if len(set(value)) != len(value):
+            raise ValueError("a symbol is listed twice")
+        return value
+
+    @field_validator("accounts")
+    @classmethod
+    def _unique_accounts(cls, value: list[AccountConfig]) -> list[AccountConfig]:
+        names = [account.name for account in value]
+        if len(set(names)) != len(names):
+            raise ValueError("account names must be unique")
+        return value
+
+    def account(self, name: str) -> AccountConfig:
+        for account in self.accounts:
+            if account.name == name:
+                return account
+        raise KeyError(name)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment variables override the file (passed as init values); no .env or secrets dir.
+        return (env_settings, init_settings)

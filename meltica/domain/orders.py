@@ -1,0 +1,467 @@
+"""Order intents, the order state machine, order events and the ``Order`` snapshot they update.
+
+An ``OrderIntent`` is what a strategy wants; the risk engine approves or rejects it; the OMS turns an
+approved intent into an ``Order`` whose client order id is derived from the intent id, so after a crash
+the same intent finds the same order on the venue (DESIGN.md §4). Every change to an order is a
+past-tense event; ``Order.apply(event)`` returns the next snapshot and never mutates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter, model_validator
+
+from meltica.domain.enums import (
+    TERMINAL_STATUSES,
+    LiquiditySide,
+    OrderStatus,
+    OrderType,
+    Side,
+    TimeInForce,
+)
+from meltica.domain.values import (
+    Amount,
+    DomainModel,
+    NonNegativeDecimal,
+    PositiveDecimal,
+    UtcDatetime,
+)
+from meltica.errors import DataValidationError, IllegalStateTransitionError
+
+Identifier = Annotated[str, Field(min_length=1, max_length=128)]
+
+# --- client order ids ------------------------------------------------------------------------
+
+CLIENT_ORDER_ID_PREFIX = "mlt-"
+# Binance newClientOrderId; the strictest common venue rule, so one id works everywhere.
+CLIENT_ORDER_ID_PATTERN = re.compile(r"^[\.A-Z\:/a-z0-9_-]{1,36}$")
+
+
+def client_order_id_for(intent_id: str) -> str:
+    """Deterministic client order id of an intent: ``"mlt-"`` + 32 hex chars of SHA-256 (36 chars).
+
+    128 bits of hash make a collision between two intents practically impossible, and the same intent
+    always maps to the same id, which is what makes re-sending after a crash idempotent.
+    """
+    if not intent_id:
+        raise ValueError("intent_id must not be empty")
+    return CLIENT_ORDER_ID_PREFIX + hashlib.sha256(intent_id.encode("utf-8")).hexdigest()[:32]
+
+
+# --- state machine ---------------------------------------------------------------------------
+
+_S = OrderStatus
+ALLOWED_TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
+    # NEW → REJECTED / CANCELLED: refused or withdrawn before it was ever sent.
+    _S.NEW: frozenset({_S.PENDING_SUBMIT, _S.REJECTED, _S.CANCELLED}),
+    # Fills and cancels can arrive before the venue's acknowledgement (user stream vs REST reply).
+    _S.PENDING_SUBMIT: frozenset(
+        {_S.OPEN, _S.REJECTED, _S.PARTIALLY_FILLED, _S.FILLED, _S.PENDING_CANCEL, _S.CANCELLED, _S.EXPIRED}
+    ),
+    # OPEN → OPEN is an amendment.
+    _S.OPEN: frozenset({_S.OPEN, _S.PARTIALLY_FILLED, _S.FILLED, _S.PENDING_CANCEL, _S.CANCELLED, _S.EXPIRED}),
+    _S.PARTIALLY_FILLED: frozenset({_S.PARTIALLY_FILLED, _S.FILLED, _S.PENDING_CANCEL, _S.CANCELLED, _S.EXPIRED}),
+    # Fills race the cancel; a rejected cancel returns the order to OPEN / PARTIALLY_FILLED.
+    _S.PENDING_CANCEL: frozenset(
+        {_S.PENDING_CANCEL, _S.OPEN, _S.PARTIALLY_FILLED, _S.FILLED, _S.CANCELLED, _S.EXPIRED}
+    ),
+    **{terminal: frozenset() for terminal in TERMINAL_STATUSES},
+}
+
+
+def transition(current: OrderStatus, target: OrderStatus) -> OrderStatus:
+    """``target`` if the lifecycle allows ``current → target``, else ``IllegalStateTransitionError``."""
+    if target not in ALLOWED_TRANSITIONS[current]:
+        why = " (terminal)" if current.is_terminal else ""
+        raise IllegalStateTransitionError(
+            f"order status cannot go from {current.value}{why} to {target.value}",
+            current=current.value,
+            target=target.value,
+        )
+    return target
+
+
+# --- intents ---------------------------------------------------------------------------------
+
+
+class OrderIntent(DomainModel):
+    """What a strategy wants to trade. Cross-field rules are checked on construction.
+
+    Iceberg: a limit-priced order with ``display_quantity`` (the visible part), not a separate type.
+    Trailing stop: exactly one of ``trailing_offset`` (price distance) or ``trailing_offset_pct``
+    (percent of price, 0 < pct < 100); ``activation_price`` optional.
+    """
+
+    intent_id: Identifier
+    account: Identifier
+    strategy: Identifier
+    exchange: Identifier
+    symbol: Identifier
+    side: Side
+    type: OrderType
+    quantity: PositiveDecimal
+    price: PositiveDecimal | None = None
+    trigger_price: PositiveDecimal | None = None
+    trailing_offset: PositiveDecimal | None = None
+    trailing_offset_pct: PositiveDecimal | None = None
+    activation_price: PositiveDecimal | None = None
+    display_quantity: PositiveDecimal | None = None
+    post_only: bool = False
+    reduce_only: bool = False
+    time_in_force: TimeInForce = TimeInForce.GTC
+    expire_at: UtcDatetime | None = None
+    created_at: UtcDatetime
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> OrderIntent:
+        problems = list(self._problems())
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _problems(self) -> list[str]:
+        t = self.type.value
+        out: list[str] = []
+        if self.type.needs_price and self.price is None:
+            out.append(f"a {t} order needs a price")
+        if not self.type.needs_price and self.price is not None:
+            out.append(f"a {t} order takes no price: it executes at market")
+        if self.type.needs_trigger and self.trigger_price is None:
+            out.append(f"a {t} order needs a trigger_price")
+        if not self.type.needs_trigger and self.trigger_price is not None:
+            out.append(f"trigger_price is only for stop and take-profit orders, not {t}")
+        trailing_set = [name for name in ("trailing_offset", "trailing_offset_pct") if getattr(self, name) is not None]
+        if self.type is OrderType.TRAILING_STOP:
+            if len(trailing_set) != 1:
+                out.append("a trailing_stop order needs exactly one of trailing_offset or trailing_offset_pct")
+            if self.trailing_offset_pct is not None and self.trailing_offset_pct >= 100:
+                out.append("trailing_offset_pct is a percentage and must be below 100")
+        else:
+            extra = [*trailing_set, *(["activation_price"] if self.activation_price is not None else [])]
+            if extra:
+                out.append(f"{', '.join(extra)} only apply to trailing_stop orders, not {t}")
+        if self.display_quantity is not None:
+            if not self.type.needs_price:
+                out.append(f"display_quantity (iceberg) needs a limit-priced order, not {t}")
+            if self.display_quantity >= self.quantity:
+                out.append(f"display_quantity {self.display_quantity} must be below quantity {self.quantity}")
+        if self.post_only:
+            if not self.type.needs_price:
+                out.append(f"post_only needs a limit-priced order, not {t}")
+            if self.time_in_force in (TimeInForce.IOC, TimeInForce.FOK):
+                out.append(f"post_only cannot be combined with time_in_force {self.time_in_force.value}")
+        if self.time_in_force is TimeInForce.GTD:
+            if self.expire_at is None:
+                out.append("time_in_force GTD needs expire_at")
+            elif self.expire_at <= self.created_at:
+                out.append("expire_at must be after created_at")
+        elif self.expire_at is not None:
+            out.append(f"expire_at needs time_in_force GTD, not {self.time_in_force.value}")
+        return out
+
+    @property
+    def client_order_id(self) -> str:
+        return client_order_id_for(self.intent_id)
+
+    @property
+    def is_iceberg(self) -> bool:
+        return self.display_quantity is not None
+
+
+# --- fills -----------------------------------------------------------------------------------
+
+
+class Fill(DomainModel):
+    """One execution of (part of) our order. ``fee`` is negative for a rebate."""
+
+    fill_id: Identifier  # the venue's trade id: unique per symbol on the venue
+    client_order_id: Identifier
+    exchange_order_id: str | None = None
+    exchange: Identifier
+    symbol: Identifier
+    side: Side
+    price: PositiveDecimal
+    quantity: PositiveDecimal
+    fee: Amount = Decimal(0)
+    fee_currency: str | None = None
+    liquidity: LiquiditySide | None = None
+    ts: UtcDatetime
+
+    @property
+    def notional(self) -> Decimal:
+        return self.price * self.quantity
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+class OrderEvent(DomainModel):
+    """Something that happened to one order. ``event_id`` makes replays idempotent downstream."""
+
+    event_id: Identifier
+    client_order_id: Identifier
+    ts: UtcDatetime
+
+
+class OrderSubmitted(OrderEvent):
+    kind: Literal["submitted"] = "submitted"
+
+
+class OrderAccepted(OrderEvent):
+    kind: Literal["accepted"] = "accepted"
+    exchange_order_id: Identifier
+
+
+class OrderRejected(OrderEvent):
+    kind: Literal["rejected"] = "rejected"
+    reason: str
+
+
+class OrderFilled(OrderEvent):
+    """A fill; the resulting status (partially filled or filled) follows from the quantities."""
+
+    kind: Literal["filled"] = "filled"
+    fill: Fill
+
+    @model_validator(mode="after")
+    def _same_order(self) -> OrderFilled:
+        if self.fill.client_order_id != self.client_order_id:
+            raise ValueError("fill.client_order_id differs from the event's client_order_id")
+        return self
+
+
+class OrderCancelRequested(OrderEvent):
+    kind: Literal["cancel_requested"] = "cancel_requested"
+
+
+class OrderCancelRejected(OrderEvent):
+    kind: Literal["cancel_rejected"] = "cancel_rejected"
+    reason: str
+
+
+class OrderCancelled(OrderEvent):
+    kind: Literal["cancelled"] = "cancelled"
+    reason: str | None = None
+
+
+class OrderExpired(OrderEvent):
+    kind: Literal["expired"] = "expired"
+
+
+class OrderAmended(OrderEvent):
+    """The venue confirmed new terms; fields left ``None`` are unchanged."""
+
+    kind: Literal["amended"] = "amended"
+    quantity: PositiveDecimal | None = None
+    price: PositiveDecimal | None = None
+    trigger_price: PositiveDecimal | None = None
+
+
+AnyOrderEvent = Annotated[
+    OrderSubmitted
+    | OrderAccepted
+    | OrderRejected
+    | OrderFilled
+    | OrderCancelRequested
+    | OrderCancelRejected
+    | OrderCancelled
+    | OrderExpired
+    | OrderAmended,
+    Field(discriminator="kind"),
+]
+ORDER_EVENT_ADAPTER: TypeAdapter[AnyOrderEvent] = TypeAdapter(AnyOrderEvent)
+
+
+def parse_order_event(data: object) -> AnyOrderEvent:
+    """A dict or JSON string → the concrete order event (the ``kind`` field decides which)."""
+    if isinstance(data, str | bytes):
+        return ORDER_EVENT_ADAPTER.validate_json(data)
+    return ORDER_EVENT_ADAPTER.validate_python(data)
+
+
+# --- the order snapshot ----------------------------------------------------------------------
+
+
+class Order(DomainModel):
+    """The current state of one order, derived by applying its events in order.
+
+    ``quantity``/``price``/``trigger_price`` start as the intent's and change only by amendment.
+    ``filled_quantity`` never exceeds ``quantity``: an overfilling event raises instead.
+    """
+
+    intent: OrderIntent
+    client_order_id: Identifier
+    exchange_order_id: str | None = None
+    status: OrderStatus = OrderStatus.NEW
+    quantity: PositiveDecimal
+    price: PositiveDecimal | None = None
+    trigger_price: PositiveDecimal | None = None
+    filled_quantity: NonNegativeDecimal = Decimal(0)
+    avg_fill_price: PositiveDecimal | None = None
+    fill_ids: tuple[str, ...] = ()
+    reason: str | None = None  # why it was rejected / cancelled, when known
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Order:
+        if self.client_order_id != self.intent.client_order_id:
+            raise ValueError("client_order_id is not the one derived from intent.intent_id")
+        if self.filled_quantity > self.quantity:
+            raise ValueError(f"filled_quantity {self.filled_quantity} exceeds quantity {self.quantity}")
+        if (self.filled_quantity > 0) != (self.avg_fill_price is not None):
+            raise ValueError("avg_fill_price is set exactly when something is filled")
+        if (self.status is OrderStatus.FILLED) != (self.filled_quantity == self.quantity):
+            raise ValueError("status is filled exactly when filled_quantity equals quantity")
+        return self
+
+    @classmethod
+    def from_intent(cls, intent: OrderIntent) -> Order:
+        return cls(
+            intent=intent,
+            client_order_id=intent.client_order_id,
+            quantity=intent.quantity,
+            price=intent.price,
+            trigger_price=intent.trigger_price,
+            created_at=intent.created_at,
+            updated_at=intent.created_at,
+        )
+
+    # Convenience views of the intent.
+    @property
+    def side(self) -> Side:
+        return self.intent.side
+
+    @property
+    def symbol(self) -> str:
+        return self.intent.symbol
+
+    @property
+    def exchange(self) -> str:
+        return self.intent.exchange
+
+    @property
+    def account(self) -> str:
+        return self.intent.account
+
+    @property
+    def remaining_quantity(self) -> Decimal:
+        return self.quantity - self.filled_quantity
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+    def apply(self, event: OrderEvent) -> Order:
+        """The snapshot after ``event``. Raises ``IllegalStateTransitionError`` for an event the
+        lifecycle does not allow (anything after a terminal state, an overfill, …). A fill whose
+        ``fill_id`` was already applied is a replay and returns ``self`` unchanged."""
+        if event.client_order_id != self.client_order_id:
+            raise DataValidationError(
+                f"event {event.event_id} is for order {event.client_order_id}, not {self.client_order_id}"
+            )
+        if isinstance(event, OrderFilled):
+            return self._apply_fill(event)
+        if self.status.is_terminal:
+            raise IllegalStateTransitionError(
+                f"order {self.client_order_id} is {self.status.value} (terminal): cannot apply {type(event).__name__}",
+                current=self.status.value,
+            )
+        changes: dict[str, object] = {"updated_at": event.ts}
+        if isinstance(event, OrderSubmitted):
+            target = OrderStatus.PENDING_SUBMIT
+        elif isinstance(event, OrderAccepted):
+            changes["exchange_order_id"] = event.exchange_order_id
+            if self.status in (OrderStatus.PARTIALLY_FILLED, OrderStatus.PENDING_CANCEL):
+                # A late acknowledgement (fills or a cancel request got here first) keeps the status.
+                return self.model_copy(update=changes)
+            target = OrderStatus.OPEN
+        elif isinstance(event, OrderRejected):
+            target = OrderStatus.REJECTED
+            changes["reason"] = event.reason
+        elif isinstance(event, OrderCancelRequested):
+            target = OrderStatus.PENDING_CANCEL
+        elif isinstance(event, OrderCancelRejected):
+            if self.status is not OrderStatus.PENDING_CANCEL:
+                raise IllegalStateTransitionError(
+                    f"order {self.client_order_id}: cancel rejected but no cancel is pending "
+                    f"(status {self.status.value})",
+                    current=self.status.value,
+                )
+            target = OrderStatus.PARTIALLY_FILLED if self.filled_quantity > 0 else OrderStatus.OPEN
+        elif isinstance(event, OrderCancelled):
+            target = OrderStatus.CANCELLED
+            changes["reason"] = event.reason
+        elif isinstance(event, OrderExpired):
+            target = OrderStatus.EXPIRED
+        elif isinstance(event, OrderAmended):
+            return self._apply_amend(event)
+        else:
+            raise DataValidationError(f"unknown order event type {type(event).__name__}")
+        changes["status"] = transition(self.status, target)
+        # model_copy skips validation; every change above keeps the invariants by construction.
+        return self.model_copy(update=changes)
+
+    def _apply_fill(self, event: OrderFilled) -> Order:
+        fill = event.fill
+        if fill.fill_id in self.fill_ids:
+            return self
+        if fill.side is not self.side:
+            raise DataValidationError(
+                f"fill {fill.fill_id} is a {fill.side.value} but order {self.client_order_id} is a {self.side.value}"
+            )
+        filled = self.filled_quantity + fill.quantity
+        if filled > self.quantity:
+            raise IllegalStateTransitionError(
+                f"fill {fill.fill_id} of {fill.quantity} would overfill order {self.client_order_id}: "
+                f"{self.filled_quantity} of {self.quantity} already filled",
+                reason="overfill",
+            )
+        if filled == self.quantity:
+            target = OrderStatus.FILLED
+        elif self.status is OrderStatus.PENDING_CANCEL:
+            target = OrderStatus.PENDING_CANCEL  # the cancel is still in flight
+        else:
+            target = OrderStatus.PARTIALLY_FILLED
+        status = transition(self.status, target)
+        previous_cost = (self.avg_fill_price or Decimal(0)) * self.filled_quantity
+        avg = (previous_cost + fill.price * fill.quantity) / filled
+        return self.model_copy(
+            update={
+                "status": status,
+                "filled_quantity": filled,
+                "avg_fill_price": avg,
+                "fill_ids": (*self.fill_ids, fill.fill_id),
+                "exchange_order_id": self.exchange_order_id or fill.exchange_order_id,
+                "updated_at": event.ts,
+            }
+        )
+
+    def _apply_amend(self, event: OrderAmended) -> Order:
+        if self.status not in (OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED):
+            raise IllegalStateTransitionError(
+                f"order {self.client_order_id} is {self.status.value}: only open orders can be amended",
+                current=self.status.value,
+            )
+        quantity = event.quantity if event.quantity is not None else self.quantity
+        if quantity <= self.filled_quantity:
+            raise IllegalStateTransitionError(
+                f"amended quantity {quantity} must exceed filled quantity {self.filled_quantity}",
+                reason="invalid_amend",
+            )
+        if event.price is not None and not self.intent.type.needs_price:
+            raise IllegalStateTransitionError(
+                f"a {self.intent.type.value} order has no price to amend", reason="invalid_amend"
+            )
+        return self.model_copy(
+            update={
+                "quantity": quantity,
+                "price": event.price if event.price is not None else self.price,
+                "trigger_price": event.trigger_price if event.trigger_price is not None else self.trigger_price,
+                "updated_at": event.ts,
+            }
+        )

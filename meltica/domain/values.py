@@ -1,0 +1,95 @@
+"""Money, quantity and time primitives shared by every domain model (DESIGN.md §4).
+
+Decimals: ``str``, ``int`` and ``Decimal`` are taken as they are; a ``float`` is converted through
+``str()`` so ``0.1`` becomes ``Decimal("0.1")`` rather than its binary expansion. NaN, infinities and
+booleans are refused. Times are timezone-aware UTC ``datetime``; naive datetimes are refused because
+nobody can tell which clock they came from.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Self
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+
+DecimalLike = Decimal | int | str | float
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_decimal(value: object) -> Decimal:
+    """Convert ``value`` to a finite ``Decimal``; raise ``ValueError`` when it is not one."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(value, Decimal):
+        result = value
+    elif isinstance(value, int):
+        result = Decimal(value)
+    elif isinstance(value, float):
+        # str() gives the shortest repr that round-trips, which is what the writer meant.
+        result = Decimal(str(value))
+    elif isinstance(value, str):
+        try:
+            result = Decimal(value.strip())
+        except InvalidOperation:
+            raise ValueError(f"{value!r} is not a decimal number") from None
+    else:
+        raise ValueError(f"expected a decimal number, got {type(value).__name__}")
+    if not result.is_finite():
+        raise ValueError("NaN and infinity are not allowed")
+    return result
+
+
+def _non_negative(value: Decimal) -> Decimal:
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(value: Decimal) -> Decimal:
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return value
+
+
+def require_utc(value: datetime) -> datetime:
+    """Return ``value`` converted to UTC; raise ``ValueError`` for a naive datetime."""
+    if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
+        raise ValueError("naive datetime: timestamps must be timezone-aware UTC")
+    return value.astimezone(UTC)
+
+
+# Any finite decimal (PnL, signed position size).
+Amount = Annotated[Decimal, BeforeValidator(to_decimal)]
+# Quantities, fees, volumes: zero allowed, negative not.
+NonNegativeDecimal = Annotated[Decimal, BeforeValidator(to_decimal), AfterValidator(_non_negative)]
+# Prices, tick sizes, order quantities.
+PositiveDecimal = Annotated[Decimal, BeforeValidator(to_decimal), AfterValidator(_positive)]
+UtcDatetime = Annotated[datetime, AfterValidator(require_utc)]
+
+
+def ms_to_utc(ms: int) -> datetime:
+    """Exchange epoch milliseconds → aware UTC datetime (exact: no float on the way)."""
+    if isinstance(ms, bool) or not isinstance(ms, int):
+        raise TypeError(f"epoch milliseconds must be an int, got {type(ms).__name__}")
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+def utc_to_ms(ts: datetime) -> int:
+    """Aware datetime → epoch milliseconds (sub-millisecond part truncated toward the past)."""
+    delta = require_utc(ts) - _EPOCH
+    return (delta.days * 86_400_000) + (delta.seconds * 1000) + (delta.microseconds // 1000)
+
+
+class DomainModel(BaseModel):
+    """Base of every value object and event: immutable, strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def replace(self, **changes: Any) -> Self:
+        """A validated copy with ``changes`` applied (``model_copy`` skips validation)."""
+        data = self.model_dump()
+        data.update(changes)
+        return type(self).model_validate(data)
