@@ -21,8 +21,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from meltica.domain.timeframe import Timeframe
 from meltica.errors import DataValidationError
-from meltica.marketdata._tf import Timeframe
 
 TIME_COLUMNS = ("timestamp", "date", "time", "ts", "open_time")
 PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
@@ -59,7 +59,7 @@ class CandleFile:
 def read_candle_file(path: Path | str, timeframe: Timeframe | str) -> CandleFile:
     """Read, parse and validate every row of ``path``; raise on the first malformed one."""
     path = Path(path)
-    tf = Timeframe.parse(timeframe) if isinstance(timeframe, str) else timeframe
+    tf = parse_timeframe(timeframe) if isinstance(timeframe, str) else timeframe
     if not path.is_file():
         raise DataValidationError(f"{path}: no such file", source=str(path))
     suffixes = [s.lower() for s in path.suffixes]
@@ -143,7 +143,6 @@ def _column_map(path: Path, header: Sequence[str]) -> dict[str, int]:
 def _validate(path: Path, records: Iterable[dict[str, Any]], tf: Timeframe, line_offset: int) -> list[CandleRow]:
     rows: list[CandleRow] = []
     seen: dict[datetime, int] = {}
-    width = tf.delta
     for index, record in enumerate(records):
         line = index + line_offset
         if record.get("__blank__"):
@@ -154,7 +153,7 @@ def _validate(path: Path, records: Iterable[dict[str, Any]], tf: Timeframe, line
             ts = parse_time(record["ts"])
             o, h, lo, c, v = (parse_decimal(record[k], k) for k in PRICE_COLUMNS)
             _check_bar(o, h, lo, c, v)
-            if (ts - EPOCH) % width != timedelta(0):
+            if tf.floor(ts) != ts:
                 raise ValueError(f"time {ts.isoformat()} is not aligned to the {tf} timeframe")
             if ts in seen:
                 raise ValueError(f"duplicate time {ts.isoformat()} (first seen on line {seen[ts]})")
@@ -175,6 +174,14 @@ def _check_bar(o: Decimal, h: Decimal, lo: Decimal, c: Decimal, v: Decimal) -> N
         raise ValueError(f"OHLC out of order (open={o} high={h} low={lo} close={c})")
     if v < 0:
         raise ValueError(f"volume must not be negative, got {v}")
+
+
+def parse_timeframe(text: str) -> Timeframe:
+    """Timeframe.parse with the data-error type the CLI reports as bad input."""
+    try:
+        return Timeframe.parse(text)
+    except ValueError as exc:
+        raise DataValidationError(str(exc), reason="invalid_timeframe") from None
 
 
 def parse_decimal(value: Any, name: str) -> Decimal:

@@ -10,9 +10,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
+from meltica.domain.timeframe import Timeframe
 from meltica.errors import DataValidationError
-from meltica.marketdata._tf import Timeframe
-from meltica.marketdata.candle_files import CandleRow
+from meltica.marketdata.candle_files import CandleRow, parse_timeframe
 from meltica.storage import timeseries
 
 COPY_CHUNK = 5_000
@@ -61,7 +61,7 @@ def load_candles(
     COPY goes into a temporary staging table first because COPY itself cannot skip conflicts;
     ``INSERT … ON CONFLICT DO NOTHING`` from the stage makes a reload add nothing.
     """
-    Timeframe.parse(timeframe)  # validates
+    parse_timeframe(timeframe)  # validates
     if not exchange or not symbol:
         raise DataValidationError("exchange and symbol are required to load candles")
     with engine.begin() as conn:
@@ -122,7 +122,7 @@ def read_candles(
     timeframe that divides it. 1h from 1m is read from the maintained ``candles_1h`` roll-up when
     ``use_view`` is true (and rolled up on the fly otherwise).
     """
-    target = Timeframe.parse(timeframe)
+    target = parse_timeframe(timeframe)
     with engine.connect() as conn:
         # Roll-ups scan many rows; JIT compilation costs more than it saves there (STACK-NOTES.md).
         conn.exec_driver_sql("SET LOCAL jit = off")
@@ -158,7 +158,7 @@ def read_candles(
 
 
 def _finest_divisor(available: list[str], target: Timeframe, requested: str | None) -> Timeframe:
-    candidates = [Timeframe.parse(tf) for tf in ([requested] if requested else available)]
+    candidates = [parse_timeframe(tf) for tf in ([requested] if requested else available)]
     usable = [tf for tf in candidates if tf.value in available and target.delta % tf.delta == timedelta(0)]
     if not usable:
         raise DataValidationError(
