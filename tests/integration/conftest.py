@@ -1,0 +1,48 @@
+"""Real servers for integration tests: the dev Kafka broker and PostgreSQL, started once per session.
+
+Both fixtures go through the same code as `meltica infra up`, so a broker or database that is already
+running is reused (and left running afterwards, like `up`).
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from meltica.infra.kafka import KafkaEndpoint, ensure_kafka
+from meltica.infra.postgres import PostgresEndpoint, ensure_postgres
+
+
+@pytest.fixture(scope="session")
+def kafka_endpoint() -> KafkaEndpoint:
+    return ensure_kafka()
+
+
+@pytest.fixture(scope="session")
+def postgres_endpoint() -> PostgresEndpoint:
+    return ensure_postgres()
+
+
+@pytest.fixture
+def unique_name() -> Callable[[str], str]:
+    """``unique_name("orders")`` → ``"orders-<hex>"``: topic/group names that never collide across runs."""
+
+    def make(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+    return make
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """``free_port()`` → a TCP port on loopback that nothing listens on right now."""
+
+    def pick() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    return pick
