@@ -16,8 +16,10 @@ from meltica.errors import ConfigurationError, DataValidationError, MelticaError
 P = ParamSpec("P")
 R = TypeVar("R")
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, `| less`) would otherwise wrap at 80 columns and fold every table row.
+_PIPED_WIDTH = None if sys.stdout.isatty() else 160
+console = Console(width=_PIPED_WIDTH)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 # Exit codes: 2 = bad input or configuration (the user must change something), 1 = anything else.
 EXIT_BAD_INPUT = 2

@@ -6,14 +6,14 @@ import json
 import time
 
 import typer
-from rich.console import Console
 
+from meltica.cli._common import console, err_console
 from meltica.errors import MelticaError
 
 app = typer.Typer(no_args_is_help=True)
 
-_out = Console()
-_err = Console(stderr=True)
+_out = console
+_err = err_console
 
 
 def _fail(action: str, exc: MelticaError) -> None:
