@@ -44,7 +44,7 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
 
 
 def database_engine() -> Engine:
-    """The engine for the configured database: MELTICA_DATABASE_URL, else the local infrastructure's."""
+    """The engine for the configured database (see :func:`meltica.infra.postgres.database_url`)."""
     from meltica.infra.postgres import database_url
     from meltica.storage.engine import make_engine
 

@@ -475,10 +475,16 @@ def ensure_postgres() -> PostgresEndpoint:
 
 
 def database_url() -> str:
-    """``MELTICA_DATABASE_URL`` when set, else the URL of the server :func:`ensure_postgres` provides."""
-    url = os.environ.get("MELTICA_DATABASE_URL")
-    if url:
-        return url
+    """The database Meltica uses: ``database_url`` of the effective configuration (``MELTICA_DATABASE_URL``
+    overrides the environment's YAML file, and either may be an ``env:``/``encrypted:`` reference), else
+    the local server that :func:`ensure_postgres` provides (started when it is down).
+    """
+    from meltica.config import load_settings
+    from meltica.secrets import resolve_secret
+
+    configured = load_settings().database_url
+    if configured is not None:
+        return resolve_secret(configured, allow_plaintext=True).get_secret_value()
     return ensure_postgres().url
 
 
