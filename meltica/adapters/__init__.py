@@ -1,0 +1,1 @@
+"""Venue adapters: the Connection layer. Nothing above this package imports ccxt (DESIGN.md §5)."""
