@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from meltica.cli import config_cmd, data_cmd, db_cmd, demo_cmd, infra_cmd
+from meltica.cli import config_cmd, data_cmd, db_cmd, demo_cmd, infra_cmd, keys_cmd
 
 app = typer.Typer(
     name="meltica",
@@ -16,8 +16,14 @@ app.add_typer(infra_cmd.app, name="infra", help="Start, stop and inspect the loc
 app.add_typer(db_cmd.app, name="db", help="Database migrations.")
 app.add_typer(data_cmd.app, name="data", help="Load and show market data.")
 app.add_typer(config_cmd.app, name="config", help="Show and validate configuration.")
+app.add_typer(keys_cmd.app, name="keys", help="Manage encrypted exchange API credentials.")
 app.command("demo", help="The main job on embedded defaults.")(demo_cmd.demo)
 
 
 def main() -> None:
+    from meltica.secrets import install_log_redaction
+
+    # Secrets resolved anywhere in this process are scrubbed from every log record (messages,
+    # arguments, tracebacks) before a handler sees them.
+    install_log_redaction()
     app()

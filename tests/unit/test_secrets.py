@@ -45,6 +45,7 @@ def test_master_key_from_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     key = Fernet.generate_key()
     path = tmp_path / "master.key"
     path.write_bytes(key + b"\n")
+    path.chmod(0o600)  # a key file others may read is refused
     monkeypatch.delenv("MELTICA_MASTER_KEY", raising=False)
     monkeypatch.setenv("MELTICA_MASTER_KEY_FILE", str(path))
     assert load_master_key() == key
@@ -54,6 +55,7 @@ def test_master_key_from_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_missing_and_bad_master_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("MELTICA_MASTER_KEY", raising=False)
     monkeypatch.delenv("MELTICA_MASTER_KEY_FILE", raising=False)
+    monkeypatch.setenv("MELTICA_MASTER_KEY_KEYRING", "off")  # whatever the machine's keyring holds
     with pytest.raises(SecretError, match="no master key"):
         encrypt_secret(PLAIN)
     monkeypatch.setenv("MELTICA_MASTER_KEY", "not-a-key")
