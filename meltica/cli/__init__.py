@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from meltica.cli import config_cmd, data_cmd, db_cmd, demo_cmd, infra_cmd, keys_cmd
+from meltica.cli import config_cmd, data_cmd, db_cmd, demo_cmd, emulator_cmd, infra_cmd, keys_cmd
 
 app = typer.Typer(
     name="meltica",
@@ -17,6 +17,7 @@ app.add_typer(db_cmd.app, name="db", help="Database migrations.")
 app.add_typer(data_cmd.app, name="data", help="Load and show market data.")
 app.add_typer(config_cmd.app, name="config", help="Show and validate configuration.")
 app.add_typer(keys_cmd.app, name="keys", help="Manage encrypted exchange API credentials.")
+app.add_typer(emulator_cmd.app, name="emulator", help="Run a local Binance-compatible exchange emulator.")
 app.command("demo", help="The main job on embedded defaults.")(demo_cmd.demo)
 
 

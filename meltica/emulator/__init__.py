@@ -1,0 +1,68 @@
+"""A local Binance-spot-compatible exchange emulator around ``meltica.matching`` (README.md here).
+
+``async with EmulatorServer(config) as emu:`` starts it on 127.0.0.1; ``ccxt_config(emu, key, secret)``
+is the configuration that points ccxt's own ``binance`` / ``ccxt.pro.binance`` classes at it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from meltica.emulator.config import AccountConfig, EmulatorConfig, parse_account, parse_balances
+from meltica.emulator.errors import BinanceError
+from meltica.emulator.faults import Faults
+from meltica.emulator.server import EmulatorServer
+
+# What ccxt 4.5.90's binance needs besides the URLs: spot markets only (the emulator serves no
+# futures/options exchangeInfo). fetchCurrencies stays on: the emulator serves
+# /sapi/v1/capital/config/getall.
+CCXT_OPTIONS: dict[str, Any] = {"fetchMarkets": {"types": ["spot"]}}
+
+_HOST = re.compile(r"^(https?|wss?)://[^/]+")
+
+
+def ccxt_config(emu: EmulatorServer, api_key: str | None = None, secret: str | None = None) -> dict[str, Any]:
+    """The constructor config for ``ccxt.async_support.binance(...)`` / ``ccxt.pro.binance(...)``."""
+    config: dict[str, Any] = {
+        "urls": {"api": emu.ccxt_urls()},
+        "options": {k: (dict(v) if isinstance(v, dict) else v) for k, v in CCXT_OPTIONS.items()},
+        "enableRateLimit": False,
+    }
+    if api_key is not None:
+        config["apiKey"] = api_key
+    if secret is not None:
+        config["secret"] = secret
+    return config
+
+
+def point_ccxt_at(exchange: Any, emu: EmulatorServer) -> None:
+    """Rewrite the host of every ``exchange.urls['api']`` entry (REST and ws) to the emulator's."""
+
+    def rewrite(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: rewrite(v) for k, v in value.items()}
+        if isinstance(value, str):
+            match = _HOST.match(value)
+            if match:
+                base = emu.ws_url if match.group(1).startswith("ws") else emu.rest_url
+                return base + value[match.end() :]
+        return value
+
+    exchange.urls["api"] = rewrite(exchange.urls["api"])
+    for key, value in CCXT_OPTIONS.items():
+        exchange.options[key] = value
+
+
+__all__ = [
+    "CCXT_OPTIONS",
+    "AccountConfig",
+    "BinanceError",
+    "EmulatorConfig",
+    "EmulatorServer",
+    "Faults",
+    "ccxt_config",
+    "parse_account",
+    "parse_balances",
+    "point_ccxt_at",
+]

@@ -1,0 +1,96 @@
+"""Emulator configuration: accounts (API key pairs), starting balances, symbols, data, speed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+from meltica.errors import ConfigurationError
+
+
+def system_clock() -> datetime:
+    """Wall-clock time, aware UTC: the server clock Binance checks ``timestamp``/``recvWindow`` against."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    name: str
+    api_key: str
+    api_secret: str
+    # Starting balances for this account; ``None``: the emulator's ``default_balances``.
+    balances: dict[str, Decimal] | None = None
+
+
+@dataclass
+class EmulatorConfig:
+    accounts: list[AccountConfig]
+    default_balances: dict[str, Decimal] = field(default_factory=lambda: {"USDT": Decimal(10_000), "BTC": Decimal(1)})
+    symbols: list[str] = field(default_factory=lambda: ["BTCUSDT"])
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: the OS picks a free port (``emu.port`` tells which)
+    # Recorded market data to replay: candle files (.csv[.gz], .feather, .parquet with OHLCV), a trades
+    # parquet (columns timestamp, trade_id, price, quantity, buyer_maker) or a Binance depth CSV
+    # (snapshot or update rows). ``data_symbol`` is the symbol they are replayed as (default: first).
+    data: list[Path] = field(default_factory=list)
+    data_symbol: str | None = None
+    candle_timeframe: str = "1m"
+    # Replay speed: X times real time; 0 = as fast as possible; None = manual (``await emu.step()``).
+    speed: float | None = None
+    maker_fee: Decimal = Decimal("0.001")
+    taker_fee: Decimal = Decimal("0.001")
+    # Wall clock (server time for the recvWindow check). Market time is the replayed data's time.
+    clock: Callable[[], datetime] = system_clock
+    # A starting price for symbols without data, so MARKET orders find (synthetic) liquidity at once.
+    initial_prices: dict[str, Decimal] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.accounts:
+            raise ConfigurationError("the emulator needs at least one account (API key pair)")
+        keys = [a.api_key for a in self.accounts]
+        if len(set(keys)) != len(keys):
+            raise ConfigurationError("two emulator accounts share an API key")
+        names = [a.name for a in self.accounts]
+        if len(set(names)) != len(names):
+            raise ConfigurationError("two emulator accounts share a name")
+        self.symbols = [s.upper() for s in self.symbols]
+        if not self.symbols:
+            raise ConfigurationError("the emulator needs at least one symbol")
+        if self.speed is not None and self.speed < 0:
+            raise ConfigurationError("speed must be >= 0")
+
+    @classmethod
+    def single(cls, api_key: str, api_secret: str, **kwargs: object) -> EmulatorConfig:
+        """One account named ``main``: the common test setup."""
+        return cls(accounts=[AccountConfig("main", api_key, api_secret)], **kwargs)  # type: ignore[arg-type]
+
+
+def parse_balances(text: str) -> dict[str, Decimal]:
+    """``"USDT=10000,BTC=1"`` → ``{"USDT": Decimal("10000"), "BTC": Decimal("1")}``."""
+    out: dict[str, Decimal] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        asset, sep, amount = part.partition("=")
+        if not sep or not asset.strip():
+            raise ConfigurationError(f"balance {part!r}: expected ASSET=AMOUNT")
+        try:
+            value = Decimal(amount.strip())
+        except ArithmeticError:
+            raise ConfigurationError(f"balance {part!r}: {amount!r} is not a number") from None
+        if not value.is_finite() or value < 0:
+            raise ConfigurationError(f"balance {part!r}: amount must be a non-negative number")
+        out[asset.strip().upper()] = value
+    return out
+
+
+def parse_account(text: str) -> AccountConfig:
+    """``"NAME:KEY:SECRET"`` → an account."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise ConfigurationError(f"account {text.split(':')[0]!r}: expected NAME:KEY:SECRET")
+    return AccountConfig(parts[0], parts[1], parts[2])

@@ -1,0 +1,1399 @@
+"""A local Binance-spot-compatible exchange: REST ``/api/v3``, market streams, user data stream.
+
+All fills come from ``meltica.matching`` (the paper venue's engine); this module only speaks
+Binance's protocol around it. Two clocks:
+
+* **server time** — wall clock (``config.clock``) plus ``faults.clock_skew_ms``: ``/api/v3/time`` and
+  the ``timestamp``/``recvWindow`` check of signed requests, so clients sign with their real clock;
+* **market time** — the replayed data's time (the last event applied; moving at ``speed`` between
+  events), or the wall clock while nothing was replayed. The engine, order/trade timestamps and stream
+  event times use market time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import WSMsgType, web
+
+from meltica.domain.enums import Side
+from meltica.domain.values import utc_to_ms
+from meltica.emulator import auth, binance_format, errors
+from meltica.emulator.config import AccountConfig, EmulatorConfig
+from meltica.emulator.errors import BinanceError
+from meltica.emulator.faults import Faults
+from meltica.emulator.market import PublicTrade as MarketTrade
+from meltica.emulator.market import SymbolMarket, interval_ms, plain
+from meltica.emulator.replay import BarEvent, BookEvent, ReplayEvent, TradeEvent, load_file, merge
+from meltica.emulator.streams import Connection, StreamHub
+from meltica.emulator.symbols import SymbolSpec, spec_for
+from meltica.matching import (
+    CancelReplacePartialFailureError,
+    EngineOrder,
+    EngineOrderType,
+    EngineRejection,
+    EngineTimeInForce,
+    ExecutionType,
+    FeeSchedule,
+    MatchingEngine,
+    MatchResult,
+    NewOrder,
+    RejectReason,
+)
+
+Params = dict[str, str]
+Handler = Callable[[web.Request, Params, "AccountConfig | None"], Awaitable[Any]]
+
+ORDER_PATHS = ("/api/v3/order", "/api/v3/order/cancelReplace")
+_PARTIAL_DEPTH = re.compile(r"^([a-z0-9]+)@depth(5|10|20)(@100ms|@1000ms)?$")
+
+
+class EmulatorServer:
+    """``async with EmulatorServer(config) as emu:`` — a running emulator on ``emu.rest_url``."""
+
+    def __init__(self, config: EmulatorConfig) -> None:
+        self.config = config
+        self.faults = Faults()
+        self.hub = StreamHub()
+        self.specs: dict[str, SymbolSpec] = {s: spec_for(s) for s in config.symbols}
+        self.engine = MatchingEngine(
+            clock=self.market_now, fees=FeeSchedule(maker=config.maker_fee, taker=config.taker_fee)
+        )
+        for spec in self.specs.values():
+            self.engine.add_instrument(spec.instrument(config.maker_fee, config.taker_fee), symbol=spec.symbol)
+        self.accounts_by_key: dict[str, AccountConfig] = {a.api_key: a for a in config.accounts}
+        self.accounts: dict[str, AccountConfig] = {a.name: a for a in config.accounts}
+        for acc in config.accounts:
+            for asset, amount in (acc.balances or config.default_balances).items():
+                if amount > 0:
+                    self.engine.ledger.deposit(acc.name, asset, amount)
+        self.markets: dict[str, SymbolMarket] = {s: SymbolMarket(s) for s in self.specs}
+        # published book per symbol: (bids, asks, last update id), so diffs and /depth agree
+        self._books: dict[str, tuple[dict[Decimal, Decimal], dict[Decimal, Decimal], int]] = {
+            s: ({}, {}, 1) for s in self.specs
+        }
+        self._listen_keys: dict[str, str] = {}
+        self._execution_ids = itertools.count(1)
+        self._client_ids = itertools.count(1)
+        self._account_update_ms: dict[str, int] = {}
+        # replay
+        data_symbol = (config.data_symbol or config.symbols[0]).upper()
+        self.events: list[ReplayEvent] = merge(
+            *[load_file(path, data_symbol, config.candle_timeframe) for path in config.data]
+        )
+        self.position = 0
+        self._market_anchor: datetime | None = None
+        self._wall_anchor: datetime | None = None
+        self._replay_task: asyncio.Task[None] | None = None
+        self._drop_task: asyncio.Task[None] | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.port = 0
+        for symbol, price in config.initial_prices.items():
+            self._seed_price(symbol.upper(), price)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._middleware])
+        self._routes(app)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await self._site.start()
+        server = self._site._server  # aiohttp keeps the asyncio server private
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self.config.port
+        if self.config.speed is not None and self.events:
+            self._replay_task = asyncio.get_running_loop().create_task(self._autoplay(self.config.speed))
+        self._drop_task = asyncio.get_running_loop().create_task(self._periodic_drops())
+
+    async def stop(self) -> None:
+        for task in (self._replay_task, self._drop_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await self.hub.drop_all()
+        for conn in list(self.hub.connections):
+            await self.hub.remove(conn)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> EmulatorServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- addresses --------------------------------------------------------------------------------
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}"
+
+    def ccxt_urls(self) -> dict[str, Any]:
+        """The dict for ``exchange.urls['api']`` (ccxt binance / ccxt.pro binance): every entry here."""
+        rest, ws = self.rest_url, self.ws_url
+        paths = {
+            "sapi": "/sapi/v1",
+            "sapiV2": "/sapi/v2",
+            "sapiV3": "/sapi/v3",
+            "sapiV4": "/sapi/v4",
+            "dapiPublic": "/dapi/v1",
+            "dapiPrivate": "/dapi/v1",
+            "eapiPublic": "/eapi/v1",
+            "eapiPrivate": "/eapi/v1",
+            "dapiPrivateV2": "/dapi/v2",
+            "dapiData": "/futures/data",
+            "fapiPublic": "/fapi/v1",
+            "fapiPublicV2": "/fapi/v2",
+            "fapiPublicV3": "/fapi/v3",
+            "fapiPrivate": "/fapi/v1",
+            "fapiPrivateV2": "/fapi/v2",
+            "fapiPrivateV3": "/fapi/v3",
+            "fapiData": "/futures/data",
+            "public": "/api/v3",
+            "private": "/api/v3",
+            "v1": "/api/v1",
+            "papi": "/papi/v1",
+            "papiV2": "/papi/v2",
+        }
+        urls: dict[str, Any] = {name: rest + path for name, path in paths.items()}
+        urls["ws"] = {
+            "spot": ws + "/ws",
+            "margin": ws + "/ws",
+            "linear": ws + "/fapi/ws",
+            "inverse": ws + "/dapi/ws",
+            "stock": ws + "/equity/ws",
+            "option": ws + "/eoptions/public/ws",
+            "optionMarket": ws + "/eoptions/market/ws",
+            "optionPrivate": ws + "/eoptions/private/ws",
+            "ws-api": {"spot": ws + "/ws-api/v3", "linear": ws + "/ws-fapi/v1", "inverse": ws + "/ws-dapi/v1"},
+            "papi": ws + "/pm/ws",
+        }
+        return urls
+
+    # --- clocks -----------------------------------------------------------------------------------
+
+    def server_ms(self) -> int:
+        return utc_to_ms(self.config.clock()) + self.faults.clock_skew_ms
+
+    def market_now(self) -> datetime:
+        if self._market_anchor is None:
+            return self.config.clock()
+        speed = self.config.speed
+        if not speed or self._wall_anchor is None:
+            return self._market_anchor
+        elapsed = (self.config.clock() - self._wall_anchor) * speed
+        moved = self._market_anchor + elapsed
+        if self.position < len(self.events):  # never run past the next recorded event
+            moved = min(moved, self.events[self.position].ts)
+        return moved
+
+    def market_ms(self) -> int:
+        return utc_to_ms(self.market_now())
+
+    # --- replay -------------------------------------------------------------------------------------
+
+    @property
+    def events_left(self) -> int:
+        return len(self.events) - self.position
+
+    async def step(self, n: int = 1) -> int:
+        """Apply the next ``n`` recorded events; return how many were applied."""
+        done = 0
+        while done < n and self.position < len(self.events):
+            self._apply(self.events[self.position])
+            self.position += 1
+            done += 1
+        await asyncio.sleep(0)  # let the stream writers run
+        return done
+
+    async def replay_all(self) -> int:
+        return await self.step(self.events_left)
+
+    async def replay_until(self, ts: datetime) -> int:
+        n = 0
+        while self.position < len(self.events) and self.events[self.position].ts <= ts:
+            n += await self.step(1)
+        return n
+
+    async def _autoplay(self, speed: float) -> None:
+        while self.position < len(self.events):
+            nxt = self.events[self.position]
+            if speed > 0 and self._market_anchor is not None and self._wall_anchor is not None:
+                due = self._wall_anchor + (nxt.ts - self._market_anchor) / speed
+                delay = (due - self.config.clock()).total_seconds()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await self.step(1)
+
+    def _apply(self, event: ReplayEvent) -> None:
+        self._market_anchor = event.ts
+        self._wall_anchor = self.config.clock()
+        symbol = event.symbol
+        if symbol not in self.specs:
+            return
+        if isinstance(event, BarEvent):
+            result = self.engine.on_bar(symbol, event.open, event.high, event.low, event.close, event.volume)
+            self.markets[symbol].on_bar(
+                utc_to_ms(event.open_time),
+                event.interval_s,
+                event.open,
+                event.high,
+                event.low,
+                event.close,
+                event.volume,
+            )
+        elif isinstance(event, TradeEvent):
+            taker = Side.SELL if event.buyer_maker else Side.BUY
+            result = self.engine.on_trade(symbol, event.price, event.quantity, taker_side=taker)
+            self._publish_public_trade(
+                symbol,
+                MarketTrade(event.trade_id, event.price, event.quantity, utc_to_ms(event.ts), event.buyer_maker),
+            )
+        else:
+            assert isinstance(event, BookEvent)
+            if event.snapshot:
+                result = self.engine.on_book_snapshot(symbol, event.bids, event.asks, update_id=event.last_update_id)
+            else:
+                result = self.engine.on_book_delta(symbol, event.bids, event.asks, update_id=event.last_update_id)
+        self._publish_result(result)
+        self._publish_klines(symbol)
+        self.sync_book(symbol)
+
+    def _seed_price(self, symbol: str, price: Decimal) -> None:
+        if symbol in self.specs:
+            self.engine.on_trade(symbol, price, self.specs[symbol].step_size)
+
+    # --- publishing ---------------------------------------------------------------------------------
+
+    def sync_book(self, symbol: str) -> int:
+        """Publish the difference between the last published book and the engine's; return the update id."""
+        bids_old, asks_old, uid = self._books[symbol]
+        view = self.engine.book(symbol)
+        bids_new = {p: q for p, q in view.bids}
+        asks_new = {p: q for p, q in view.asks}
+        b_diff = _diff(bids_old, bids_new)
+        a_diff = _diff(asks_old, asks_new)
+        if not b_diff and not a_diff:
+            return uid
+        uid += 1
+        self._books[symbol] = (bids_new, asks_new, uid)
+        low = symbol.lower()
+        event = {
+            "e": "depthUpdate",
+            "E": self.market_ms(),
+            "s": symbol,
+            "U": uid,
+            "u": uid,
+            "b": [[plain(p), plain(q)] for p, q in b_diff],
+            "a": [[plain(p), plain(q)] for p, q in a_diff],
+        }
+        for name in (f"{low}@depth", f"{low}@depth@100ms", f"{low}@depth@1000ms"):
+            self.hub.publish(name, event)
+        for stream in self.hub.subscribed():
+            match = _PARTIAL_DEPTH.match(stream)
+            if match and match.group(1) == low:
+                levels = int(match.group(2))
+                self.hub.publish(
+                    stream,
+                    {
+                        "lastUpdateId": uid,
+                        "bids": [[plain(p), plain(q)] for p, q in view.bids[:levels]],
+                        "asks": [[plain(p), plain(q)] for p, q in view.asks[:levels]],
+                    },
+                )
+        book_ticker = f"{low}@bookTicker"
+        if self.hub.has_subscribers(book_ticker) and view.bids and view.asks:
+            self.hub.publish(
+                book_ticker,
+                {
+                    "u": uid,
+                    "s": symbol,
+                    "b": plain(view.bids[0][0]),
+                    "B": plain(view.bids[0][1]),
+                    "a": plain(view.asks[0][0]),
+                    "A": plain(view.asks[0][1]),
+                },
+            )
+        return uid
+
+    def _publish_public_trade(self, symbol: str, trade: MarketTrade) -> None:
+        self.markets[symbol].on_trade(trade)
+        low = symbol.lower()
+        event_ms = self.market_ms()
+        self.hub.publish(
+            f"{low}@trade",
+            {
+                "e": "trade",
+                "E": event_ms,
+                "s": symbol,
+                "t": trade.trade_id,
+                "p": plain(trade.price),
+                "q": plain(trade.quantity),
+                "T": trade.time_ms,
+                "m": trade.buyer_maker,
+                "M": True,
+            },
+        )
+        self.hub.publish(
+            f"{low}@aggTrade",
+            {
+                "e": "aggTrade",
+                "E": event_ms,
+                "s": symbol,
+                "a": trade.trade_id,
+                "p": plain(trade.price),
+                "q": plain(trade.quantity),
+                "f": trade.trade_id,
+                "l": trade.trade_id,
+                "T": trade.time_ms,
+                "m": trade.buyer_maker,
+                "M": True,
+            },
+        )
+
+    def _publish_klines(self, symbol: str) -> None:
+        low = symbol.lower()
+        prefix = f"{low}@kline_"
+        now = self.market_ms()
+        for stream in self.hub.subscribed():
+            if not stream.startswith(prefix):
+                continue
+            interval = stream[len(prefix) :]
+            try:
+                kline = self.markets[symbol].current_kline(interval, now)
+            except BinanceError:
+                continue
+            if kline is None:
+                rows = self.markets[symbol].klines(interval, limit=1)
+                kline = rows[-1] if rows else None
+            if kline is not None:
+                self.hub.publish(
+                    stream, {"e": "kline", "E": now, "s": symbol, "k": kline.stream_payload(symbol, interval)}
+                )
+
+    def _publish_result(self, result: MatchResult, cancel_client_ids: Mapping[int, str] | None = None) -> None:
+        event_ms = self.market_ms()
+        for update in result.order_updates:
+            cancel_id = (cancel_client_ids or {}).get(update.order.order_id)
+            report = binance_format.execution_report(update, event_ms, next(self._execution_ids), cancel_id)
+            self.hub.publish_user(update.order.account, report)
+        by_account: dict[str, list[Any]] = {}
+        for bal in result.balance_updates:
+            by_account.setdefault(bal.account, []).append(bal)
+        for account, updates in by_account.items():
+            self._account_update_ms[account] = event_ms
+            self.hub.publish_user(account, binance_format.account_position(updates, event_ms))
+        # public trades: between user orders (engine) and user takers against recorded liquidity
+        seen: set[tuple[str, int]] = set()
+        for trade in result.public_trades:
+            seen.add((trade.symbol, trade.trade_id))
+            self._publish_public_trade(
+                trade.symbol,
+                MarketTrade(trade.trade_id, trade.price, trade.quantity, utc_to_ms(trade.time), trade.is_buyer_maker),
+            )
+        for fill in result.fills:
+            if fill.is_maker or (fill.symbol, fill.trade_id) in seen:
+                continue
+            seen.add((fill.symbol, fill.trade_id))
+            self._publish_public_trade(
+                fill.symbol,
+                MarketTrade(fill.trade_id, fill.price, fill.quantity, utc_to_ms(fill.time), fill.side is Side.SELL),
+            )
+        for symbol in {f.symbol for f in result.fills} | {u.order.symbol for u in result.order_updates}:
+            if symbol in self.specs:
+                self._publish_klines(symbol)
+                self.sync_book(symbol)
+
+    def deposit(self, account: str, asset: str, amount: Decimal) -> None:
+        """Credit ``amount`` (a deposit): ``balanceUpdate`` + ``outboundAccountPosition`` on the user stream."""
+        if account not in self.accounts:
+            raise KeyError(account)
+        bal = self.engine.ledger.deposit(account, asset, amount)
+        now = self.market_ms()
+        self.hub.publish_user(account, binance_format.balance_update(asset, amount, now))
+        self.hub.publish_user(
+            account,
+            {
+                "e": "outboundAccountPosition",
+                "E": now,
+                "u": now,
+                "B": [{"a": asset, "f": binance_format.f8(bal.free), "l": binance_format.f8(bal.locked)}],
+            },
+        )
+
+    async def drop_websockets(self) -> int:
+        return await self.hub.drop_all()
+
+    async def _periodic_drops(self) -> None:
+        while True:
+            every = self.faults.drop_websockets_every_s
+            await asyncio.sleep(every if every else 0.2)
+            if every and self.faults.drop_websockets_every_s:
+                await self.hub.drop_all()
+
+    # --- HTTP plumbing --------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path.startswith("/_emulator"):
+            return await handler(request)
+        if self.faults.latency_ms > 0:
+            await asyncio.sleep(self.faults.latency_ms / 1000)
+        is_ws = request.headers.get("Upgrade", "").lower() == "websocket"
+        if not is_ws:
+            if self.faults.take("ban_next"):
+                until = self.server_ms() + self.faults.retry_after_s * 1000
+                return _error_response(errors.ip_banned(until), {"Retry-After": str(self.faults.retry_after_s)})
+            if self.faults.take("rate_limit_next"):
+                return _error_response(errors.too_many_requests(), {"Retry-After": str(self.faults.retry_after_s)})
+            if self.faults.take("fail_next"):
+                err = errors.internal_error()
+                err.status = self.faults.fail_status
+                return _error_response(err)
+        try:
+            return await handler(request)
+        except BinanceError as exc:
+            return _error_response(exc)
+        except web.HTTPNotFound:
+            return _error_response(errors.unknown_endpoint())
+        except web.HTTPMethodNotAllowed:
+            return _error_response(errors.unknown_endpoint())
+
+    def _routes(self, app: web.Application) -> None:
+        r = app.router
+        public: list[tuple[str, str, Handler]] = [
+            ("GET", "/api/v3/ping", self.h_ping),
+            ("GET", "/api/v3/time", self.h_time),
+            ("GET", "/api/v3/exchangeInfo", self.h_exchange_info),
+            ("GET", "/api/v3/depth", self.h_depth),
+            ("GET", "/api/v3/trades", self.h_trades),
+            ("GET", "/api/v3/historicalTrades", self.h_trades),
+            ("GET", "/api/v3/klines", self.h_klines),
+            ("GET", "/api/v3/uiKlines", self.h_klines),
+            ("GET", "/api/v3/ticker/24hr", self.h_ticker_24hr),
+            ("GET", "/api/v3/ticker/price", self.h_ticker_price),
+            ("GET", "/api/v3/ticker/bookTicker", self.h_book_ticker),
+            ("GET", "/api/v3/avgPrice", self.h_avg_price),
+        ]
+        signed: list[tuple[str, str, Handler]] = [
+            ("POST", "/api/v3/order", self.h_new_order),
+            ("POST", "/api/v3/order/test", self.h_test_order),
+            ("DELETE", "/api/v3/order", self.h_cancel_order),
+            ("GET", "/api/v3/order", self.h_query_order),
+            ("POST", "/api/v3/order/cancelReplace", self.h_cancel_replace),
+            ("GET", "/api/v3/openOrders", self.h_open_orders),
+            ("DELETE", "/api/v3/openOrders", self.h_cancel_all),
+            ("GET", "/api/v3/allOrders", self.h_all_orders),
+            ("GET", "/api/v3/myTrades", self.h_my_trades),
+            ("GET", "/api/v3/account", self.h_account),
+            ("GET", "/api/v3/account/commission", self.h_commission),
+            ("GET", "/sapi/v1/capital/config/getall", self.h_capital_config),
+            ("GET", "/sapi/v1/margin/allPairs", self.h_no_margin),
+            ("GET", "/sapi/v1/margin/isolated/allPairs", self.h_no_margin),
+        ]
+        key_only: list[tuple[str, str, Handler]] = [
+            ("POST", "/api/v3/userDataStream", self.h_listen_key_new),
+            ("PUT", "/api/v3/userDataStream", self.h_listen_key_keepalive),
+            ("DELETE", "/api/v3/userDataStream", self.h_listen_key_close),
+        ]
+        for method, path, fn in public:
+            r.add_route(method, path, self._wrap(fn, "none"))
+        for method, path, fn in signed:
+            r.add_route(method, path, self._wrap(fn, "signed"))
+        for method, path, fn in key_only:
+            r.add_route(method, path, self._wrap(fn, "key"))
+        r.add_get("/ws", self.ws_market)
+        r.add_get("/ws/{rest:.*}", self.ws_market)
+        r.add_get("/stream", self.ws_market)
+        r.add_get("/ws-api/v3", self.ws_api)
+        r.add_get("/_emulator/faults", self.admin_get_faults)
+        r.add_post("/_emulator/faults", self.admin_set_faults)
+        r.add_post("/_emulator/step", self.admin_step)
+        r.add_get("/_emulator/state", self.admin_state)
+        r.add_post("/_emulator/deposit", self.admin_deposit)
+
+    def _wrap(self, fn: Handler, security: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            raw_query = request.rel_url.raw_query_string
+            raw_body = await request.text() if request.can_read_body else ""
+            params: Params = dict(parse_qsl(raw_query, keep_blank_values=True))
+            if raw_body:
+                params.update(dict(parse_qsl(raw_body, keep_blank_values=True)))
+            account: AccountConfig | None = None
+            if security in ("signed", "key"):
+                account = self._account_for_key(request.headers.get("X-MBX-APIKEY"))
+            if security == "signed":
+                assert account is not None
+                auth.check_timing(params.get("timestamp"), params.get("recvWindow"), self.server_ms())
+                payload, signature = auth.signed_payload(raw_query, raw_body)
+                auth.check_signature(payload, signature, account.api_secret)
+            lose = (
+                request.method == "POST"
+                and request.path in ORDER_PATHS
+                and self.faults.take("lose_next_order_response")
+            )
+            body = await fn(request, params, account)
+            if lose:
+                await self._lose_response(request)
+            return web.Response(
+                text=json.dumps(body, separators=(",", ":")),
+                content_type="application/json",
+                headers={"X-MBX-USED-WEIGHT-1M": "1"},
+            )
+
+        return handler
+
+    async def _lose_response(self, request: web.Request) -> None:
+        if self.faults.lost_response_mode == "hang":
+            await asyncio.sleep(self.faults.hang_s)
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        raise asyncio.CancelledError  # nothing is written: the client sees the connection die
+
+    def _account_for_key(self, api_key: str | None) -> AccountConfig:
+        key = auth.check_api_key_format(api_key)
+        account = self.accounts_by_key.get(key)
+        if account is None:
+            raise errors.rejected_api_key()
+        return account
+
+    def _spec(self, params: Params) -> SymbolSpec:
+        symbol = _required(params, "symbol").upper()
+        spec = self.specs.get(symbol)
+        if spec is None:
+            raise errors.bad_symbol()
+        return spec
+
+    # --- public endpoints -------------------------------------------------------------------------------
+
+    async def h_ping(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        return {}
+
+    async def h_time(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        return {"serverTime": self.server_ms()}
+
+    async def h_exchange_info(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        wanted = _symbol_list(params)
+        if wanted is not None:
+            for s in wanted:
+                if s not in self.specs:
+                    raise errors.bad_symbol()
+        return {
+            "timezone": "UTC",
+            "serverTime": self.server_ms(),
+            "rateLimits": [
+                {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
+                {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
+                {"rateLimitType": "ORDERS", "interval": "DAY", "intervalNum": 1, "limit": 200000},
+                {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 61000},
+            ],
+            "exchangeFilters": [],
+            "symbols": [spec.exchange_info() for s, spec in self.specs.items() if wanted is None or s in wanted],
+        }
+
+    async def h_depth(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        spec = self._spec(params)
+        limit = min(_int(params, "limit", 100), 5000)
+        uid = self.sync_book(spec.symbol)
+        view = self.engine.book(spec.symbol, depth=limit)
+        return {
+            "lastUpdateId": uid,
+            "bids": [[plain(p), plain(q)] for p, q in view.bids],
+            "asks": [[plain(p), plain(q)] for p, q in view.asks],
+        }
+
+    async def h_trades(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        spec = self._spec(params)
+        limit = min(_int(params, "limit", 500), 1000)
+        trades = list(self.markets[spec.symbol].trades)
+        from_id = params.get("fromId")
+        if from_id:
+            trades = [t for t in trades if t.trade_id >= int(from_id)][:limit]
+        else:
+            trades = trades[-limit:] if limit > 0 else []
+        return [t.rest() for t in trades]
+
+    async def h_klines(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        spec = self._spec(params)
+        interval = _required(params, "interval")
+        interval_ms(interval)
+        limit = min(_int(params, "limit", 500), 1000)
+        start = _opt_int(params, "startTime")
+        end = _opt_int(params, "endTime")
+        rows = self.markets[spec.symbol].klines(interval, start, end, limit)
+        return [k.rest_row() for k in rows]
+
+    def _ticker(self, symbol: str) -> dict[str, Any]:
+        now = self.market_ms()
+        o, h, lo, vol, qvol, count, open_time = self.markets[symbol].stats_24h(now)
+        view = self.engine.book(symbol, depth=1)
+        last = self.engine.last_price(symbol) or Decimal(0)
+        trades = self.markets[symbol].trades
+        first_id = -1
+        last_id = -1
+        if trades:
+            first_id, last_id = trades[0].trade_id, trades[-1].trade_id
+        open_price = o if o is not None else last
+        change = last - open_price
+        pct = (change / open_price * 100) if open_price else Decimal(0)
+        return {
+            "symbol": symbol,
+            "priceChange": binance_format.f8(change),
+            "priceChangePercent": f"{pct:.3f}",
+            "weightedAvgPrice": binance_format.f8(qvol / vol if vol else last),
+            "prevClosePrice": binance_format.f8(open_price),
+            "lastPrice": binance_format.f8(last),
+            "lastQty": binance_format.f8(trades[-1].quantity if trades else Decimal(0)),
+            "bidPrice": binance_format.f8(view.bids[0][0] if view.bids else Decimal(0)),
+            "bidQty": binance_format.f8(view.bids[0][1] if view.bids else Decimal(0)),
+            "askPrice": binance_format.f8(view.asks[0][0] if view.asks else Decimal(0)),
+            "askQty": binance_format.f8(view.asks[0][1] if view.asks else Decimal(0)),
+            "openPrice": binance_format.f8(open_price),
+            "highPrice": binance_format.f8(h if h is not None else last),
+            "lowPrice": binance_format.f8(lo if lo is not None else last),
+            "volume": binance_format.f8(vol),
+            "quoteVolume": binance_format.f8(qvol),
+            "openTime": open_time,
+            "closeTime": now,
+            "firstId": first_id,
+            "lastId": last_id,
+            "count": count,
+        }
+
+    def _symbols_param(self, params: Params) -> tuple[list[str], bool]:
+        """The symbols asked for and whether the answer is a single object (``symbol=``)."""
+        if params.get("symbol"):
+            return [self._spec(params).symbol], True
+        wanted = _symbol_list(params)
+        if wanted is None:
+            return list(self.specs), False
+        for s in wanted:
+            if s not in self.specs:
+                raise errors.bad_symbol()
+        return wanted, False
+
+    async def h_ticker_24hr(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        symbols, single = self._symbols_param(params)
+        rows = [self._ticker(s) for s in symbols]
+        return rows[0] if single else rows
+
+    async def h_ticker_price(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        symbols, single = self._symbols_param(params)
+        rows = [{"symbol": s, "price": binance_format.f8(self.engine.last_price(s) or Decimal(0))} for s in symbols]
+        return rows[0] if single else rows
+
+    async def h_book_ticker(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        symbols, single = self._symbols_param(params)
+        rows = []
+        for s in symbols:
+            view = self.engine.book(s, depth=1)
+            rows.append(
+                {
+                    "symbol": s,
+                    "bidPrice": binance_format.f8(view.bids[0][0] if view.bids else Decimal(0)),
+                    "bidQty": binance_format.f8(view.bids[0][1] if view.bids else Decimal(0)),
+                    "askPrice": binance_format.f8(view.asks[0][0] if view.asks else Decimal(0)),
+                    "askQty": binance_format.f8(view.asks[0][1] if view.asks else Decimal(0)),
+                }
+            )
+        return rows[0] if single else rows
+
+    async def h_avg_price(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        spec = self._spec(params)
+        rows = self.markets[spec.symbol].klines("1m", limit=5)
+        vol = sum((k.volume for k in rows), Decimal(0))
+        qvol = sum((k.quote_volume for k in rows), Decimal(0))
+        price = qvol / vol if vol else (self.engine.last_price(spec.symbol) or Decimal(0))
+        return {"mins": 5, "price": binance_format.f8(price), "closeTime": self.market_ms()}
+
+    # --- trading endpoints ---------------------------------------------------------------------------
+
+    def _new_order(self, params: Params, account: AccountConfig, prefix: str = "") -> NewOrder:
+        """A ``NewOrder`` from Binance parameters; ``prefix`` is unused (cancelReplace shares names)."""
+        spec = self._spec(params)
+        side_text = _required(params, "side").upper()
+        if side_text not in ("BUY", "SELL"):
+            raise errors.invalid_side()
+        type_text = _required(params, "type").upper()
+        try:
+            order_type = EngineOrderType(type_text)
+        except ValueError:
+            raise errors.invalid_order_type() from None
+        quantity = _decimal(params, "quantity")
+        quote_qty = _decimal(params, "quoteOrderQty")
+        price = _decimal(params, "price")
+        stop_price = _decimal(params, "stopPrice")
+        iceberg = _decimal(params, "icebergQty")
+        trailing = _opt_int(params, "trailingDelta")
+        tif_text = params.get("timeInForce")
+        tif = EngineTimeInForce.GTC
+        if tif_text:
+            if tif_text not in ("GTC", "IOC", "FOK"):
+                raise errors.invalid_tif()
+            tif = EngineTimeInForce(tif_text)
+        # mandatory parameters per type (rest-api.md, "New order" → "Other info")
+        if order_type is EngineOrderType.MARKET:
+            if quantity is None and quote_qty is None:
+                raise BinanceError(-1102, "Param 'quantity' or 'quoteOrderQty' must be sent, but both were empty/null!")
+        else:
+            if quantity is None:
+                raise errors.mandatory_param("quantity")
+        if order_type.is_limit_priced and price is None:
+            raise errors.mandatory_param("price")
+        needs_tif = (EngineOrderType.LIMIT, EngineOrderType.STOP_LOSS_LIMIT, EngineOrderType.TAKE_PROFIT_LIMIT)
+        if order_type in needs_tif and not tif_text:
+            raise errors.mandatory_param("timeInForce")
+        if order_type.is_conditional and stop_price is None and trailing is None:
+            raise BinanceError(-1102, "Param 'stopPrice' or 'trailingDelta' must be sent, but both were empty/null!")
+        client_id = params.get("newClientOrderId") or self._client_order_id()
+        return NewOrder(
+            account=account.name,
+            symbol=spec.symbol,
+            side=Side.BUY if side_text == "BUY" else Side.SELL,
+            type=order_type,
+            quantity=quantity,
+            quote_quantity=quote_qty,
+            price=price,
+            stop_price=stop_price,
+            trailing_delta_bps=trailing,
+            iceberg_quantity=iceberg,
+            time_in_force=tif,
+            client_order_id=client_id,
+        )
+
+    def _client_order_id(self) -> str:
+        return "emu" + secrets.token_hex(8) + str(next(self._client_ids))
+
+    def _resp_type(self, params: Params, order_type: str) -> str:
+        resp = (params.get("newOrderRespType") or binance_format.default_resp_type(order_type)).upper()
+        if resp not in ("ACK", "RESULT", "FULL"):
+            raise errors.invalid_parameter("newOrderRespType")
+        return resp
+
+    async def h_new_order(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
+        new = self._new_order(params, account)
+        resp_type = self._resp_type(params, new.type.value)
+        try:
+            result = self.engine.submit(new)
+        except EngineRejection as exc:
+            raise _map_rejection(exc, "new") from None
+        self._publish_result(result)
+        order = _order_of(result, new.client_order_id)
+        return binance_format.order_response(order, result.fills, resp_type)
+
+    async def h_test_order(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
+        self._new_order(params, account)
+        if params.get("computeCommissionRates", "").lower() == "true":
+            f8 = binance_format.f8
+            return {
+                "standardCommissionForOrder": {"maker": f8(self.config.maker_fee), "taker": f8(self.config.taker_fee)},
+                "specialCommissionForOrder": {"maker": f8(Decimal(0)), "taker": f8(Decimal(0))},
+                "taxCommissionForOrder": {"maker": f8(Decimal(0)), "taker": f8(Decimal(0))},
+                "discount": {
+                    "enabledForAccount": False,
+                    "enabledForSymbol": False,
+                    "discountAsset": "BNB",
+                    "discount": f8(Decimal(0)),
+                },
+            }
+        return {}
+
+    def _order_ref(self, params: Params, id_name: str, client_name: str) -> tuple[int | None, str | None]:
+        order_id = _opt_int(params, id_name)
+        client_id = params.get(client_name) or None
+        if order_id is None and client_id is None:
+            raise BinanceError(-1102, f"Param '{client_name}' or '{id_name}' must be sent, but both were empty/null!")
+        return order_id, client_id
+
+    async def h_cancel_order(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
+        spec = self._spec(params)
+        order_id, client_id = self._order_ref(params, "orderId", "origClientOrderId")
+        cancel_id = params.get("newClientOrderId") or self._client_order_id()
+        try:
+            result = self.engine.cancel(account.name, spec.symbol, order_id=order_id, client_order_id=client_id)
+        except EngineRejection as exc:
+            raise _map_rejection(exc, "cancel") from None
+        order = result.order
+        if order is None:
+            raise errors.cancel_rejected()
+        self._publish_result(result, {order.order_id: cancel_id})
+        return binance_format.cancel_response(order, cancel_id, self.market_now())
+
+    async def h_cancel_all(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
+        spec = self._spec(params)
+        if not self.engine.open_orders(account.name, spec.symbol):
+            raise errors.cancel_rejected()
+        result = self.engine.cancel_all(account.name, spec.symbol)
+        cancel_ids = {
+            u.order.order_id: self._client_order_id()
+            for u in result.order_updates
+            if u.execution is ExecutionType.CANCELED
+        }
+        self._publish_result(result, cancel_ids)
+        now = self.market_now()
+        return [
+            binance_format.cancel_response(u.order, cancel_ids[u.order.order_id], now)
+            for u in result.order_updates
+            if u.execution is ExecutionType.CANCELED
+        ]
+
+    async def h_query_order(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
+        spec = self._spec(params)
+        order_id, client_id = self._order_ref(params, "orderId", "origClientOrderId")
+        try:
+            order = self.engine.get_order(account.name, spec.symbol, order_id=order_id, client_order_id=client_id)
+        except EngineRejection:
+            raise errors.no_such_order() from None
+        return binance_format.order_query(order)
+
+    async def h_cancel_replace(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
+        spec = self._spec(params)
+        mode = _required(params, "cancelReplaceMode").upper()
+        if mode not in ("STOP_ON_FAILURE", "ALLOW_FAILURE"):
+            raise errors.invalid_parameter("cancelReplaceMode")
+        cancel_order_id, cancel_client_id = self._order_ref(params, "cancelOrderId", "cancelOrigClientOrderId")
+        new = self._new_order(params, account)
+        resp_type = self._resp_type(params, new.type.value)
+        cancel_new_id = params.get("cancelNewClientOrderId") or self._client_order_id()
+        now = self.market_now()
+        try:
+            result = self.engine.cancel_replace(
+                account.name,
+                spec.symbol,
+                new,
+                cancel_order_id=cancel_order_id,
+                cancel_client_order_id=cancel_client_id,
+            )
+        except CancelReplacePartialFailureError as exc:
+            cancelled = exc.cancel_result.order
+            self._publish_result(exc.cancel_result, {cancelled.order_id: cancel_new_id} if cancelled else None)
+            new_err = _map_rejection(exc, "new")
+            raise BinanceError(
+                -2021,
+                "Order cancel-replace partially failed.",
+                409,
+                {
+                    "cancelResult": "SUCCESS",
+                    "newOrderResult": "FAILURE",
+                    "cancelResponse": binance_format.cancel_response(cancelled, cancel_new_id, now)
+                    if cancelled
+                    else None,
+                    "newOrderResponse": {"code": new_err.code, "msg": new_err.msg},
+                },
+            ) from None
+        except EngineRejection as exc:
+            if exc.reject_reason is not RejectReason.UNKNOWN_ORDER:
+                # the new order failed its checks before anything changed (filters are evaluated first)
+                raise _map_rejection(exc, "new") from None
+            cancel_err = errors.cancel_rejected()
+            if mode == "STOP_ON_FAILURE":
+                raise BinanceError(
+                    -2022,
+                    "Order cancel-replace failed.",
+                    400,
+                    {
+                        "cancelResult": "FAILURE",
+                        "newOrderResult": "NOT_ATTEMPTED",
+                        "cancelResponse": cancel_err.body(),
+                        "newOrderResponse": None,
+                    },
+                ) from None
+            try:
+                placed = self.engine.submit(new)
+            except EngineRejection as exc2:
+                new_err = _map_rejection(exc2, "new")
+                raise BinanceError(
+                    -2022,
+                    "Order cancel-replace failed.",
+                    400,
+                    {
+                        "cancelResult": "FAILURE",
+                        "newOrderResult": "FAILURE",
+                        "cancelResponse": cancel_err.body(),
+                        "newOrderResponse": {"code": new_err.code, "msg": new_err.msg},
+                    },
+                ) from None
+            self._publish_result(placed)
+            order = _order_of(placed, new.client_order_id)
+            raise BinanceError(
+                -2021,
+                "Order cancel-replace partially failed.",
+                409,
+                {
+                    "cancelResult": "FAILURE",
+                    "newOrderResult": "SUCCESS",
+                    "cancelResponse": cancel_err.body(),
+                    "newOrderResponse": binance_format.order_response(order, placed.fills, resp_type),
+                },
+            ) from None
+        cancelled_order = next((u.order for u in result.order_updates if u.execution is ExecutionType.CANCELED), None)
+        self._publish_result(result, {cancelled_order.order_id: cancel_new_id} if cancelled_order else None)
+        new_order = _order_of(result, new.client_order_id)
+        return {
+            "cancelResult": "SUCCESS",
+            "newOrderResult": "SUCCESS",
+            "cancelResponse": binance_format.cancel_response(cancelled_order, cancel_new_id, now)
+            if cancelled_order
+            else None,
+            "newOrderResponse": binance_format.order_response(new_order, result.fills, resp_type),
+        }
+
+    async def h_open_orders(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
+        symbol = None
+        if params.get("symbol"):
+            symbol = self._spec(params).symbol
+        return [binance_format.order_query(o) for o in self.engine.open_orders(account.name, symbol)]
+
+    async def h_all_orders(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
+        spec = self._spec(params)
+        orders = self.engine.all_orders(account.name, spec.symbol)
+        from_id = _opt_int(params, "orderId")
+        start = _opt_int(params, "startTime")
+        end = _opt_int(params, "endTime")
+        limit = min(_int(params, "limit", 500), 1000)
+        if from_id is not None:
+            orders = [o for o in orders if o.order_id >= from_id]
+        if start is not None:
+            orders = [o for o in orders if utc_to_ms(o.time) >= start]
+        if end is not None:
+            orders = [o for o in orders if utc_to_ms(o.time) <= end]
+        orders = orders[:limit] if (from_id is not None or start is not None) else orders[-limit:]
+        return [binance_format.order_query(o) for o in orders]
+
+    async def h_my_trades(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
+        spec = self._spec(params)
+        fills = self.engine.account_trades(account.name, spec.symbol)
+        order_id = _opt_int(params, "orderId")
+        from_id = _opt_int(params, "fromId")
+        start = _opt_int(params, "startTime")
+        end = _opt_int(params, "endTime")
+        limit = min(_int(params, "limit", 500), 1000)
+        if order_id is not None:
+            fills = [f for f in fills if f.order_id == order_id]
+        if from_id is not None:
+            fills = [f for f in fills if f.trade_id >= from_id]
+        if start is not None:
+            fills = [f for f in fills if utc_to_ms(f.time) >= start]
+        if end is not None:
+            fills = [f for f in fills if utc_to_ms(f.time) <= end]
+        fills = fills[:limit] if (from_id is not None or start is not None) else fills[-limit:]
+        return [binance_format.my_trade(f) for f in fills]
+
+    async def h_account(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
+        balances = self.engine.ledger.balances(account.name)
+        if params.get("omitZeroBalances", "").lower() == "true":
+            balances = {a: b for a, b in balances.items() if b.free or b.locked}
+        uid = list(self.accounts).index(account.name) + 1
+        update_ms = self._account_update_ms.get(account.name, 0)
+        return binance_format.account(balances, self.config.maker_fee, self.config.taker_fee, update_ms, uid)
+
+    async def h_commission(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        spec = self._spec(params)
+        f8 = binance_format.f8
+        zero = f8(Decimal(0))
+        return {
+            "symbol": spec.symbol,
+            "standardCommission": {
+                "maker": f8(self.config.maker_fee),
+                "taker": f8(self.config.taker_fee),
+                "buyer": zero,
+                "seller": zero,
+            },
+            "specialCommission": {"maker": zero, "taker": zero, "buyer": zero, "seller": zero},
+            "taxCommission": {"maker": zero, "taker": zero, "buyer": zero, "seller": zero},
+            "discount": {
+                "enabledForAccount": False,
+                "enabledForSymbol": False,
+                "discountAsset": "BNB",
+                "discount": zero,
+            },
+        }
+
+    async def h_capital_config(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        """``/sapi/v1/capital/config/getall`` (ccxt ``fetchCurrencies`` calls it when it has keys)."""
+        assert account is not None
+        assets: set[str] = set()
+        for spec in self.specs.values():
+            assets |= {spec.base, spec.quote}
+        balances = self.engine.ledger.balances(account.name)
+        assets |= set(balances)
+        out = []
+        for asset in sorted(assets):
+            bal = balances.get(asset)
+            free = bal.free if bal else Decimal(0)
+            locked = bal.locked if bal else Decimal(0)
+            out.append(
+                {
+                    "coin": asset,
+                    "name": asset,
+                    "depositAllEnable": True,
+                    "withdrawAllEnable": True,
+                    "free": binance_format.f8(free),
+                    "locked": binance_format.f8(locked),
+                    "freeze": "0",
+                    "withdrawing": "0",
+                    "ipoing": "0",
+                    "ipoable": "0",
+                    "storage": "0",
+                    "isLegalMoney": False,
+                    "trading": True,
+                    "networkList": [
+                        {
+                            "network": asset,
+                            "coin": asset,
+                            "withdrawIntegerMultiple": "0.00000001",
+                            "isDefault": True,
+                            "depositEnable": True,
+                            "withdrawEnable": True,
+                            "depositDesc": "",
+                            "withdrawDesc": "",
+                            "specialTips": "",
+                            "name": asset,
+                            "resetAddressStatus": False,
+                            "addressRegex": "",
+                            "memoRegex": "",
+                            "withdrawFee": "0",
+                            "withdrawMin": "0",
+                            "withdrawMax": "9999999999",
+                            "minConfirm": 1,
+                            "unLockConfirm": 0,
+                            "sameAddress": False,
+                            "estimatedArrivalTime": 1,
+                            "busy": False,
+                        }
+                    ],
+                }
+            )
+        return out
+
+    async def h_no_margin(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        """Margin pair lists (ccxt asks with ``fetchMargins``): the emulator trades spot only."""
+        return []
+
+    # --- listenKey user data stream (legacy, still used by some clients) ----------------------------
+
+    async def h_listen_key_new(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
+        for key, name in self._listen_keys.items():
+            if name == account.name:
+                return {"listenKey": key}
+        key = secrets.token_urlsafe(45)[:60]
+        self._listen_keys[key] = account.name
+        return {"listenKey": key}
+
+    async def h_listen_key_keepalive(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        key = _required(params, "listenKey")
+        if key not in self._listen_keys:
+            raise errors.invalid_listen_key()
+        return {}
+
+    async def h_listen_key_close(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        key = _required(params, "listenKey")
+        self._listen_keys.pop(key, None)
+        return {}
+
+    # --- WebSocket: market streams -------------------------------------------------------------------
+
+    async def ws_market(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(heartbeat=20, autoping=True)
+        await ws.prepare(request)
+        rest = request.match_info.get("rest", "")
+        combined = request.path.startswith("/stream")
+        conn = Connection(ws=ws, kind="combined" if combined else "raw")
+        if combined:
+            streams = request.query.get("streams", "")
+            conn.streams |= {s for s in streams.split("/") if s}
+        elif rest:
+            if rest in self._listen_keys:
+                conn.kind = "listenkey"
+                conn.listen_account = self._listen_keys[rest]
+            else:
+                conn.streams |= {s for s in rest.split("/") if "@" in s}
+        self.hub.add(conn)
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                self._market_request(conn, msg.data)
+        finally:
+            await self.hub.remove(conn)
+        return ws
+
+    def _market_request(self, conn: Connection, text: str) -> None:
+        try:
+            req = json.loads(text)
+        except ValueError:
+            conn.send({"error": {"code": 3, "msg": "Invalid JSON: expected value at line 1 column 1"}, "id": None})
+            return
+        if not isinstance(req, dict):
+            conn.send({"error": {"code": 3, "msg": "Invalid JSON: expected an object"}, "id": None})
+            return
+        method = req.get("method")
+        req_id = req.get("id")
+        args = req.get("params") or []
+        if method == "SUBSCRIBE" or method == "UNSUBSCRIBE":
+            if not isinstance(args, list) or not all(isinstance(s, str) for s in args):
+                conn.send({"error": {"code": 2, "msg": "Invalid request: invalid stream"}, "id": req_id})
+                return
+            if method == "SUBSCRIBE":
+                conn.streams |= set(args)
+            else:
+                conn.streams -= set(args)
+            conn.send({"result": None, "id": req_id})
+        elif method == "LIST_SUBSCRIPTIONS":
+            conn.send({"result": sorted(conn.streams), "id": req_id})
+        elif method == "SET_PROPERTY":
+            conn.send({"result": None, "id": req_id})
+        elif method == "GET_PROPERTY":
+            conn.send({"result": conn.kind == "combined", "id": req_id})
+        else:
+            conn.send({"error": {"code": 2, "msg": f"Invalid request: unknown method {method}"}, "id": req_id})
+
+    # --- WebSocket API (user data stream subscription) ---------------------------------------------
+
+    async def ws_api(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(heartbeat=20, autoping=True)
+        await ws.prepare(request)
+        conn = Connection(ws=ws, kind="wsapi")
+        self.hub.add(conn)
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                if self.faults.latency_ms > 0:
+                    await asyncio.sleep(self.faults.latency_ms / 1000)
+                self._api_request(conn, msg.data)
+        finally:
+            await self.hub.remove(conn)
+        return ws
+
+    def _api_request(self, conn: Connection, text: str) -> None:
+        try:
+            req = json.loads(text)
+        except ValueError:
+            conn.send({"id": None, "status": 400, "error": {"code": -1135, "msg": "Invalid JSON Request"}})
+            return
+        req_id = req.get("id") if isinstance(req, dict) else None
+        try:
+            if not isinstance(req, dict):
+                raise BinanceError(-1135, "Invalid JSON Request")
+            result = self._api_call(conn, str(req.get("method")), req.get("params") or {})
+        except BinanceError as exc:
+            conn.send({"id": req_id, "status": exc.status, "error": {"code": exc.code, "msg": exc.msg}})
+            return
+        conn.send({"id": req_id, "status": 200, "result": result, "rateLimits": []})
+
+    def _api_call(self, conn: Connection, method: str, params: Any) -> Any:
+        if not isinstance(params, dict):
+            raise BinanceError(-1130, "Data sent for parameter 'params' is not valid.")
+        if method == "ping":
+            return {}
+        if method == "time":
+            return {"serverTime": self.server_ms()}
+        if method == "userDataStream.subscribe.signature":
+            account = self._account_for_key(params.get("apiKey"))
+            ts = params.get("timestamp")
+            recv = params.get("recvWindow")
+            auth.check_timing(None if ts is None else str(ts), None if recv is None else str(recv), self.server_ms())
+            auth.check_signature(auth.ws_payload(params), params.get("signature"), account.api_secret)
+            if account.name in conn.user_subscriptions.values():
+                raise BinanceError(-2035, "User Data Stream subscription already active.")
+            sub_id = conn.next_subscription_id
+            conn.next_subscription_id += 1
+            conn.user_subscriptions[sub_id] = account.name
+            return {"subscriptionId": sub_id}
+        if method == "userDataStream.unsubscribe":
+            sub = params.get("subscriptionId")
+            if sub is None:
+                conn.user_subscriptions.clear()
+            else:
+                if int(sub) not in conn.user_subscriptions:
+                    raise BinanceError(-2036, "User Data Stream subscription not active.")
+                conn.user_subscriptions.pop(int(sub))
+            return {}
+        if method == "session.subscriptions":
+            return [{"subscriptionId": s} for s in sorted(conn.user_subscriptions)]
+        raise BinanceError(-1020, "This operation is not supported.")
+
+    # --- admin (fault knobs, replay control) -------------------------------------------------------
+
+    async def admin_get_faults(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.faults.as_dict())
+
+    async def admin_set_faults(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise TypeError("expected a JSON object")
+            drop = bool(body.pop("drop_websockets", False))
+            if body.pop("reset", False):
+                self.faults.reset()
+            self.faults.update(body)
+        except (ValueError, TypeError, KeyError) as exc:
+            return web.json_response({"error": f"bad fault settings: {exc}"}, status=400)
+        dropped = await self.hub.drop_all() if drop else 0
+        return web.json_response({**self.faults.as_dict(), "dropped": dropped})
+
+    async def admin_step(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json() if request.can_read_body else {}
+        n = int(body.get("n", 1)) if isinstance(body, dict) else 1
+        done = await self.step(n)
+        return web.json_response({"applied": done, "events_left": self.events_left})
+
+    async def admin_state(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {
+                "market_time": self.market_now().isoformat(),
+                "server_time_ms": self.server_ms(),
+                "events_total": len(self.events),
+                "events_left": self.events_left,
+                "connections": len(self.hub.connections),
+                "symbols": list(self.specs),
+                "accounts": list(self.accounts),
+            }
+        )
+
+    async def admin_deposit(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            self.deposit(str(body["account"]), str(body["asset"]).upper(), Decimal(str(body["amount"])))
+        except (ValueError, TypeError, KeyError, InvalidOperation) as exc:
+            return web.json_response({"error": f"bad deposit: {exc}"}, status=400)
+        return web.json_response({"ok": True})
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _diff(old: dict[Decimal, Decimal], new: dict[Decimal, Decimal]) -> list[tuple[Decimal, Decimal]]:
+    out = [(p, q) for p, q in new.items() if old.get(p) != q]
+    out += [(p, Decimal(0)) for p in old if p not in new]
+    return sorted(out)
+
+
+def _error_response(err: BinanceError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=err.status,
+        text=json.dumps(err.body(), separators=(",", ":")),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _required(params: Params, name: str) -> str:
+    value = params.get(name)
+    if value is None or value == "":
+        raise errors.mandatory_param(name)
+    return value
+
+
+def _decimal(params: Params, name: str) -> Decimal | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        out = Decimal(value)
+    except InvalidOperation:
+        raise errors.illegal_chars(name) from None
+    if not out.is_finite():
+        raise errors.illegal_chars(name)
+    return out
+
+
+def _opt_int(params: Params, name: str) -> int | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise errors.illegal_chars(name) from None
+
+
+def _int(params: Params, name: str, default: int) -> int:
+    value = _opt_int(params, name)
+    return default if value is None else value
+
+
+def _symbol_list(params: Params) -> list[str] | None:
+    if params.get("symbol"):
+        return [params["symbol"].upper()]
+    raw = params.get("symbols")
+    if not raw:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        raise errors.illegal_chars("symbols") from None
+    if not isinstance(parsed, list):
+        raise errors.illegal_chars("symbols")
+    return [str(s).upper() for s in parsed]
+
+
+def _order_of(result: MatchResult, client_order_id: str | None) -> EngineOrder:
+    """The last snapshot of the submitted order (found by its client order id)."""
+    snapshots = [u.order for u in result.order_updates if u.order.client_order_id == client_order_id]
+    if snapshots:
+        return snapshots[-1]
+    order = result.order
+    if order is None:
+        raise errors.internal_error()
+    return order
+
+
+_REJECTIONS: dict[RejectReason, tuple[int, str]] = {
+    RejectReason.UNKNOWN_SYMBOL: (-1121, "Invalid symbol."),
+    RejectReason.INSUFFICIENT_BALANCE: (-2010, "Account has insufficient balance for requested action."),
+    RejectReason.PRICE_FILTER: (-1013, "Filter failure: PRICE_FILTER"),
+    RejectReason.LOT_SIZE: (-1013, "Filter failure: LOT_SIZE"),
+    RejectReason.MIN_NOTIONAL: (-1013, "Filter failure: NOTIONAL"),
+    RejectReason.MAX_NUM_ORDERS: (-1013, "Filter failure: MAX_NUM_ORDERS"),
+    RejectReason.WOULD_TAKE: (-2010, "Order would immediately match and take."),
+    RejectReason.DUPLICATE_CLIENT_ORDER_ID: (-2010, "Duplicate order sent."),
+    RejectReason.STOP_PRICE_WOULD_TRIGGER_IMMEDIATELY: (-2010, "Order would trigger immediately."),
+    RejectReason.FOK_NOT_FILLABLE: (-2010, "Order would not be fully filled."),
+    RejectReason.INVALID_PARAMETERS: (-1013, "Unsupported order combination"),
+}
+
+
+def _map_rejection(exc: EngineRejection, context: str) -> BinanceError:
+    reason = exc.reject_reason
+    if reason is RejectReason.UNKNOWN_ORDER:
+        return errors.cancel_rejected() if context == "cancel" else errors.no_such_order()
+    code, msg = _REJECTIONS.get(reason, (-1013, exc.message))
+    if reason is RejectReason.INVALID_PARAMETERS and exc.message:
+        msg = f"{msg}: {exc.message}" if not exc.message.startswith(msg) else exc.message
+    return BinanceError(code, msg)
