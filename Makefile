@@ -1,5 +1,5 @@
 # The two commands a newcomer needs are `make demo` and `make test` (see README.md).
-.PHONY: demo test lint typecheck pytest bootstrap infra-up infra-down infra-status lock clean
+.PHONY: demo test lint typecheck pytest bootstrap infra-up infra-down infra-status lock clean bench
 
 VENV := .venv/bin
 
@@ -36,3 +36,7 @@ lock:
 
 clean: infra-down
 	rm -rf .meltica
+
+# Benchmarks print ratios against peers measured in the same run (not part of the tests).
+bench: bootstrap
+	$(VENV)/python bench/orderbook_bench.py

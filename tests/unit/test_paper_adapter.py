@@ -256,3 +256,15 @@ def test_cancel_all_releases_every_reservation() -> None:
     balances = run(alice.fetch_balances())
     assert balances["USDT"].locked == 0 and balances["BTC"].locked == 0
     assert balances["USDT"].free == D(100_000) and balances["BTC"].free == D(2)
+
+
+def test_registry_builds_paper_adapters_on_a_given_venue() -> None:
+    from meltica.adapters.registry import create_adapter
+    from meltica.errors import ConfigurationError
+
+    venue, _ = make_venue()
+    adapter = create_adapter("paper", account="alice", venue=venue)
+    assert adapter.account == "alice"
+    assert adapter.exchange_id == "paper"
+    with pytest.raises(ConfigurationError, match="needs venue"):
+        create_adapter("paper", account="alice")
