@@ -129,6 +129,8 @@ def unsafe_settings(settings: MelticaSettings) -> list[tuple[tuple[str | int, ..
     for index, account in enumerate(settings.accounts):
         if account.sandbox:
             problems.append((("accounts", index, "sandbox"), "sandbox/testnet accounts are not allowed in prod"))
+        if account.emulator_url is not None:
+            problems.append((("accounts", index, "emulator_url"), "the local exchange emulator is not allowed in prod"))
         for name in _SECRET_FIELDS:
             value = getattr(account, name)
             if value is not None and not is_secret_reference(value):

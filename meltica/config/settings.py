@@ -42,6 +42,17 @@ class AccountConfig(_Section):
     api_key: Secret | None = None
     api_secret: Secret | None = None
     password: Secret | None = Field(default=None, description="passphrase, for venues that have one (OKX)")
+    emulator_url: str | None = Field(
+        default=None,
+        description="trade against the local exchange emulator at this URL (http://127.0.0.1:PORT)",
+    )
+
+    @field_validator("emulator_url")
+    @classmethod
+    def _loopback_emulator(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"http://(127\.\d+\.\d+\.\d+|localhost|\[::1\]):\d+/?", value):
+            raise ValueError("the emulator runs on loopback: use http://127.0.0.1:PORT")
+        return value
 
     @field_validator("name")
     @classmethod
