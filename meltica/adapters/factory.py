@@ -68,8 +68,7 @@ def adapter_for_account(
     urls: dict[str, Any] | None = None
     options: dict[str, Any] | None = None
     if account.emulator_url is not None:
-        from meltica.emulator import CCXT_OPTIONS
-        from meltica.emulator.server import ccxt_urls_for
+        from meltica.emulator import CCXT_OPTIONS, ccxt_urls_for
 
         urls = {"api": ccxt_urls_for(account.emulator_url)}
         options = dict(CCXT_OPTIONS)

@@ -12,7 +12,7 @@ from typing import Any
 from meltica.emulator.config import AccountConfig, EmulatorConfig, parse_account, parse_balances
 from meltica.emulator.errors import BinanceError
 from meltica.emulator.faults import Faults
-from meltica.emulator.server import EmulatorServer
+from meltica.emulator.server import EmulatorServer, ccxt_urls_for
 
 # What ccxt 4.5.90's binance needs besides the URLs: spot markets only (the emulator serves no
 # futures/options exchangeInfo). fetchCurrencies stays on: the emulator serves
@@ -62,6 +62,7 @@ __all__ = [
     "EmulatorServer",
     "Faults",
     "ccxt_config",
+    "ccxt_urls_for",
     "parse_account",
     "parse_balances",
     "point_ccxt_at",
