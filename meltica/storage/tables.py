@@ -17,6 +17,7 @@ from decimal import Decimal
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -152,6 +153,13 @@ orders = Table(
     _money("filled_quantity"),
     _money("average_fill_price", nullable=True),
     Column("last_event_seq", BigInteger, nullable=False, server_default=text("0")),
+    Column("post_only", Boolean, nullable=False, server_default=text("false")),
+    Column("reduce_only", Boolean, nullable=False, server_default=text("false")),
+    Column("expire_at", DateTime(timezone=True), nullable=True),
+    # Held locally (stop/trailing/OCO legs the venue lacks) until triggered: see emulated_orders.
+    Column("emulated", Boolean, nullable=False, server_default=text("false")),
+    Column("parent_client_order_id", Text, nullable=True),
+    Column("order_list_id", Text, nullable=True),
     _created_at(),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     UniqueConstraint("intent_id"),
@@ -161,6 +169,32 @@ orders = Table(
 )
 Index("ix_orders_open", orders.c.account, orders.c.exchange, orders.c.status)
 Index("ix_orders_exchange_order_id", orders.c.exchange, orders.c.exchange_order_id)
+Index("ix_orders_order_list", orders.c.order_list_id)
+
+# OCO, bracket and algorithmic parents (TWAP): one row per list, its orders point at it.
+order_lists = Table(
+    "order_lists",
+    metadata,
+    Column("list_id", Text, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("account", Text, nullable=False),
+    Column("strategy", Text, nullable=True),
+    Column("status", Text, nullable=False, server_default=text("'active'")),
+    Column("params", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    _created_at(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("kind IN ('oco', 'bracket', 'twap')", name="kind_known"),
+)
+
+# The local trigger state of an emulated order (trailing peak, activation), so it survives a restart.
+emulated_orders = Table(
+    "emulated_orders",
+    metadata,
+    Column("client_order_id", Text, ForeignKey("orders.client_order_id"), primary_key=True),
+    Column("state", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("active", Boolean, nullable=False, server_default=text("true")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
 
 order_events = Table(
     "order_events",
@@ -272,6 +306,28 @@ risk_events = Table(
 )
 Index("ix_risk_events_ts", risk_events.c.ts)
 Index("ix_risk_events_intent", risk_events.c.intent_id)
+
+# Current kill-switch state per scope ('global', 'account:<name>', 'strategy:<name>'); every change is
+# also appended to risk_events.
+kill_switch_state = Table(
+    "kill_switch_state",
+    metadata,
+    Column("scope", Text, primary_key=True),
+    Column("mode", Text, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("actor", Text, nullable=True),
+    Column("changed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("mode IN ('off', 'halt', 'reduce_only')", name="mode_known"),
+)
+
+# Small durable risk state (equity peak for the drawdown breaker, daily PnL anchor), by key.
+risk_state = Table(
+    "risk_state",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("value", JSONB, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
 
 # --- backtests -------------------------------------------------------------------------------
 

@@ -41,11 +41,18 @@ def test_upgrade_creates_every_table_and_downgrade_removes_them(empty_database: 
     assert _tables(empty_database) == set(metadata.tables)
 
 
-def test_step_down_one_revision_keeps_tables_but_drops_rollup_view(empty_database: Engine) -> None:
+def test_stepping_down_revision_by_revision(empty_database: Engine) -> None:
     migrate.upgrade(empty_database)
+    later_tables = {"order_lists", "emulated_orders", "kill_switch_state", "risk_state"}
+
+    migrate.downgrade(empty_database, "-1")
+    assert migrate.current_revision(empty_database) == "0002"
+    assert _tables(empty_database) == set(metadata.tables) - later_tables
+    assert "candles_1h" in _views(empty_database)
+
     migrate.downgrade(empty_database, "-1")
     assert migrate.current_revision(empty_database) == "0001"
-    assert _tables(empty_database) == set(metadata.tables)
+    assert _tables(empty_database) == set(metadata.tables) - later_tables
     assert "candles_1h" not in _views(empty_database)
 
 
