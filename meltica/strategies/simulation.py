@@ -1,0 +1,778 @@
+"""``PaperContext``: the reference ``StrategyContext``, running a strategy against a ``PaperVenue``.
+
+It drives the paper venue's matching engine directly and synchronously (no OMS, no risk gate yet), so a
+strategy can be exercised bar by bar on recorded data in tests and notebooks. The fills come from the one
+matching engine (``meltica.matching``) that the emulator, the paper venue and the backtester share; this
+module only translates between the strategy and the venue and keeps the strategy's orders and positions.
+
+Per market-data item the order is fixed (and is the order the backtest engine should keep):
+
+1. the clock moves to the item's time (a bar's *close* time: a bar is known once it has closed);
+2. the venue matches resting orders against the item; the resulting order updates and fills are queued;
+3. GTD orders whose ``expire_at`` has passed expire; due timers are queued;
+4. the queued ``on_order`` / ``on_fill`` / ``on_timer`` callbacks run, then the data callback
+   (``on_bar`` / ``on_trade`` / ``on_book``), then whatever those callbacks caused, until nothing is left.
+
+Orders a callback submits are matched at once (against the venue's book at that moment), but the
+strategy hears about the result only after its callback returned: never re-entrantly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from meltica.adapters.paper import PaperVenue, domain_fill, to_new_order
+from meltica.domain import (
+    Bar,
+    Fill,
+    Instrument,
+    Order,
+    OrderAccepted,
+    OrderAmended,
+    OrderBookSnapshot,
+    OrderCancelled,
+    OrderEvent,
+    OrderExpired,
+    OrderFilled,
+    OrderIntent,
+    OrderRejected,
+    OrderStatus,
+    OrderSubmitted,
+    OrderType,
+    Position,
+    Side,
+    TimeInForce,
+    Trade,
+)
+from meltica.errors import InvalidOrderError
+from meltica.matching import (
+    CancelReplacePartialFailureError,
+    EngineRejection,
+    ExecutionType,
+    FeeSchedule,
+    FillModel,
+    MatchResult,
+    NewOrder,
+)
+from meltica.strategies.base import OrderList, OrderListKind, Strategy
+
+
+class ManualClock:
+    """A simulated clock: whoever drives the simulation sets it; everything else reads it."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What the strategy asked for, in order: ``submit`` (with the intent), ``cancel`` or ``amend``."""
+
+    kind: str
+    client_order_id: str
+    intent: OrderIntent | None = None
+    price: Decimal | None = None
+    quantity: Decimal | None = None
+
+
+@dataclass(slots=True)
+class _OrderListState:
+    kind: OrderListKind
+    legs: tuple[str, ...]
+    held: dict[str, OrderIntent] = field(default_factory=dict)  # bracket children waiting for the entry
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _Timer:
+    due: datetime
+    every: timedelta | None
+
+
+class PaperContext:
+    """One strategy instance on one paper venue account. See the module docstring for the event order."""
+
+    def __init__(
+        self,
+        venue: PaperVenue,
+        clock: ManualClock,
+        *,
+        account: str,
+        instance_id: str,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if venue.clock is not clock:
+            raise ValueError("the venue must run on the same ManualClock as the context")
+        self.venue = venue
+        self.clock = clock
+        self._account = account
+        self._instance_id = instance_id
+        self._log = logger or logging.getLogger(f"meltica.strategy.{instance_id}")
+        self._state: dict[str, Any] = {}
+        self._strategy: Strategy[Any] | None = None
+        self._seq = 0
+        self._orders: dict[str, Order] = {}  # open and held orders only: closed ones are dropped
+        self._positions: dict[str, Position] = {}
+        self._lists: dict[str, _OrderListState] = {}
+        self._list_of: dict[str, str] = {}
+        self._timers: dict[str, _Timer] = {}
+        self._pending: deque[Callable[[], None]] = deque()
+        self._event_seq = 0
+        self.actions: list[Action] = []
+        self.rejections: list[Order] = []
+        self.fills: list[Fill] = []
+
+    @classmethod
+    def create(
+        cls,
+        instruments: Iterable[Instrument],
+        *,
+        start: datetime,
+        balances: Mapping[str, Decimal],
+        account: str = "paper",
+        instance_id: str = "strategy-1",
+        exchange_id: str | None = None,
+        fees: FeeSchedule | None = None,
+        fill_model: FillModel | None = None,
+    ) -> PaperContext:
+        """A fresh venue with ``balances`` deposited into ``account``, and a context on it."""
+        clock = ManualClock(start)
+        kwargs: dict[str, Any] = {"fees": fees, "fill_model": fill_model}
+        if exchange_id is not None:
+            kwargs["exchange_id"] = exchange_id
+        venue = PaperVenue(instruments, clock=clock, **kwargs)
+        for asset, amount in balances.items():
+            venue.deposit(account, asset, amount)
+        return cls(venue, clock, account=account, instance_id=instance_id)
+
+    # --- StrategyContext: identity, clock, reads ---------------------------------------------------
+    @property
+    def instance_id(self) -> str:
+        return self._instance_id
+
+    @property
+    def account(self) -> str:
+        return self._account
+
+    @property
+    def exchange(self) -> str:
+        return self.venue.exchange_id
+
+    @property
+    def params(self) -> BaseModel:
+        if self._strategy is None:
+            raise RuntimeError("no strategy attached")
+        params: BaseModel = self._strategy.params
+        return params
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self._state
+
+    @property
+    def log(self) -> logging.Logger:
+        return self._log
+
+    @property
+    def strategy(self) -> Strategy[Any]:
+        if self._strategy is None:
+            raise RuntimeError("no strategy attached")
+        return self._strategy
+
+    def now(self) -> datetime:
+        return self.clock.now
+
+    def instrument(self, symbol: str) -> Instrument:
+        try:
+            return self.venue.engine.instrument(symbol)
+        except Exception:
+            raise InvalidOrderError(f"unknown symbol {symbol!r} on {self.exchange}", reason="unknown_symbol") from None
+
+    def position(self, symbol: str) -> Position:
+        pos = self._positions.get(symbol)
+        if pos is None:
+            pos = Position(account=self._account, exchange=self.exchange, symbol=symbol, strategy=self._instance_id)
+            self._positions[symbol] = pos
+        return pos
+
+    def open_orders(self, symbol: str | None = None) -> list[Order]:
+        return [o for o in self._orders.values() if symbol is None or o.intent.symbol == symbol]
+
+    def balances(self) -> dict[str, tuple[Decimal, Decimal]]:
+        """(free, locked) per asset of the account: for tests and reports, not part of the Protocol."""
+        return {a: (b.free, b.locked) for a, b in self.venue.engine.ledger.balances(self._account).items()}
+
+    # --- running -----------------------------------------------------------------------------------
+    def attach(self, strategy: Strategy[Any]) -> None:
+        """Make ``strategy`` (built on this context) the one that receives callbacks."""
+        if strategy.ctx is not self:
+            raise ValueError("the strategy was built on another context")
+        self._strategy = strategy
+
+    def start(self) -> None:
+        self._call(self.strategy.on_start)
+
+    def stop(self) -> None:
+        self._call(self.strategy.on_stop)
+
+    def on_bar(self, bar: Bar) -> None:
+        self.clock.now = bar.close_time
+        self._process(self.venue.on_bar(bar))
+        self._after_market(lambda: self.strategy.on_bar(bar))
+
+    def on_trade(self, trade: Trade) -> None:
+        self.clock.now = trade.ts
+        self._process(self.venue.on_trade(trade))
+        self._after_market(lambda: self.strategy.on_trade(trade))
+
+    def on_book(self, book: OrderBookSnapshot) -> None:
+        self.clock.now = book.ts
+        self._process(self.venue.on_book(book))
+        self._after_market(lambda: self.strategy.on_book(book))
+
+    def run_bars(self, bars: Iterable[Bar]) -> None:
+        for bar in bars:
+            self.on_bar(bar)
+
+    def _after_market(self, callback: Callable[[], None]) -> None:
+        self._process(self.venue.advance())
+        self._queue_due_timers()
+        self._pending.append(callback)
+        self._drain()
+
+    def _call(self, callback: Callable[[], None]) -> None:
+        self._pending.append(callback)
+        self._drain()
+
+    def _drain(self) -> None:
+        pending = self._pending
+        while pending:
+            pending.popleft()()
+
+    # --- timers ------------------------------------------------------------------------------------
+    def set_timer(self, name: str, *, at: datetime | None = None, every: timedelta | None = None) -> None:
+        if (at is None) == (every is None):
+            raise ValueError("set_timer needs exactly one of at or every")
+        if every is not None and every <= timedelta(0):
+            raise ValueError("every must be positive")
+        due = at if at is not None else self.now() + every  # type: ignore[operator]
+        self._timers[name] = _Timer(due=due, every=every)
+
+    def cancel_timer(self, name: str) -> None:
+        self._timers.pop(name, None)
+
+    def _queue_due_timers(self) -> None:
+        if not self._timers:
+            return
+        now = self.now()
+        while True:
+            due = [(t.due, name) for name, t in self._timers.items() if t.due <= now]
+            if not due:
+                return
+            ts, name = min(due)
+            timer = self._timers[name]
+            if timer.every is None:
+                del self._timers[name]
+            else:
+                timer.due = ts + timer.every
+            self._pending.append(partial(self._fire_timer, name, ts))
+
+    def _fire_timer(self, name: str, ts: datetime) -> None:
+        self.strategy.on_timer(name, ts)
+
+    # --- intents -----------------------------------------------------------------------------------
+    def _next_intent_id(self) -> str:
+        self._seq += 1
+        return f"{self._instance_id}:{self._seq}"
+
+    def _intent(
+        self,
+        *,
+        intent_id: str | None = None,
+        symbol: str,
+        side: Side,
+        type: OrderType,
+        quantity: Decimal,
+        price: Decimal | None = None,
+        trigger_price: Decimal | None = None,
+        trailing_offset: Decimal | None = None,
+        trailing_offset_pct: Decimal | None = None,
+        activation_price: Decimal | None = None,
+        display_quantity: Decimal | None = None,
+        post_only: bool = False,
+        reduce_only: bool = False,
+        time_in_force: TimeInForce = TimeInForce.GTC,
+        expire_at: datetime | None = None,
+    ) -> OrderIntent:
+        inst = self.instrument(symbol)
+        # The venue's precision, as the OMS applies it before an order leaves the process (DESIGN.md §4).
+        qty = inst.round_quantity(quantity)
+        try:
+            return OrderIntent(
+                intent_id=intent_id or self._next_intent_id(),
+                account=self._account,
+                strategy=self._instance_id,
+                exchange=self.exchange,
+                symbol=symbol,
+                side=side,
+                type=type,
+                quantity=qty,
+                price=None if price is None else inst.round_price(price, side),
+                trigger_price=None if trigger_price is None else inst.round_price(trigger_price),
+                trailing_offset=trailing_offset,
+                trailing_offset_pct=trailing_offset_pct,
+                activation_price=None if activation_price is None else inst.round_price(activation_price),
+                display_quantity=None if display_quantity is None else inst.round_quantity(display_quantity),
+                post_only=post_only,
+                reduce_only=reduce_only,
+                time_in_force=time_in_force,
+                expire_at=expire_at,
+                created_at=self.now(),
+            )
+        except ValidationError as exc:
+            raise InvalidOrderError(f"invalid intent for {symbol}: {exc.errors()[0]['msg']}") from None
+
+    def submit(
+        self,
+        *,
+        symbol: str,
+        side: Side,
+        type: OrderType,
+        quantity: Decimal,
+        price: Decimal | None = None,
+        trigger_price: Decimal | None = None,
+        trailing_offset: Decimal | None = None,
+        trailing_offset_pct: Decimal | None = None,
+        activation_price: Decimal | None = None,
+        display_quantity: Decimal | None = None,
+        post_only: bool = False,
+        reduce_only: bool = False,
+        time_in_force: TimeInForce = TimeInForce.GTC,
+        expire_at: datetime | None = None,
+    ) -> str:
+        intent = self._intent(
+            symbol=symbol,
+            side=side,
+            type=type,
+            quantity=quantity,
+            price=price,
+            trigger_price=trigger_price,
+            trailing_offset=trailing_offset,
+            trailing_offset_pct=trailing_offset_pct,
+            activation_price=activation_price,
+            display_quantity=display_quantity,
+            post_only=post_only,
+            reduce_only=reduce_only,
+            time_in_force=time_in_force,
+            expire_at=expire_at,
+        )
+        return self._send(intent)
+
+    def buy(
+        self,
+        symbol: str,
+        quantity: Decimal,
+        *,
+        price: Decimal | None = None,
+        type: OrderType | None = None,
+        trigger_price: Decimal | None = None,
+        trailing_offset: Decimal | None = None,
+        trailing_offset_pct: Decimal | None = None,
+        activation_price: Decimal | None = None,
+        display_quantity: Decimal | None = None,
+        post_only: bool = False,
+        reduce_only: bool = False,
+        time_in_force: TimeInForce = TimeInForce.GTC,
+        expire_at: datetime | None = None,
+    ) -> str:
+        return self.submit(
+            symbol=symbol,
+            side=Side.BUY,
+            type=type or (OrderType.LIMIT if price is not None else OrderType.MARKET),
+            quantity=quantity,
+            price=price,
+            trigger_price=trigger_price,
+            trailing_offset=trailing_offset,
+            trailing_offset_pct=trailing_offset_pct,
+            activation_price=activation_price,
+            display_quantity=display_quantity,
+            post_only=post_only,
+            reduce_only=reduce_only,
+            time_in_force=time_in_force,
+            expire_at=expire_at,
+        )
+
+    def sell(
+        self,
+        symbol: str,
+        quantity: Decimal,
+        *,
+        price: Decimal | None = None,
+        type: OrderType | None = None,
+        trigger_price: Decimal | None = None,
+        trailing_offset: Decimal | None = None,
+        trailing_offset_pct: Decimal | None = None,
+        activation_price: Decimal | None = None,
+        display_quantity: Decimal | None = None,
+        post_only: bool = False,
+        reduce_only: bool = False,
+        time_in_force: TimeInForce = TimeInForce.GTC,
+        expire_at: datetime | None = None,
+    ) -> str:
+        return self.submit(
+            symbol=symbol,
+            side=Side.SELL,
+            type=type or (OrderType.LIMIT if price is not None else OrderType.MARKET),
+            quantity=quantity,
+            price=price,
+            trigger_price=trigger_price,
+            trailing_offset=trailing_offset,
+            trailing_offset_pct=trailing_offset_pct,
+            activation_price=activation_price,
+            display_quantity=display_quantity,
+            post_only=post_only,
+            reduce_only=reduce_only,
+            time_in_force=time_in_force,
+            expire_at=expire_at,
+        )
+
+    def _exit_legs(
+        self,
+        symbol: str,
+        side: Side,
+        quantity: Decimal,
+        take_profit_price: Decimal,
+        stop_price: Decimal,
+        stop_limit_price: Decimal | None,
+        reduce_only: bool,
+    ) -> tuple[OrderIntent, OrderIntent]:
+        take_profit = self._intent(
+            symbol=symbol,
+            side=side,
+            type=OrderType.LIMIT,
+            quantity=quantity,
+            price=take_profit_price,
+            reduce_only=reduce_only,
+        )
+        stop = self._intent(
+            symbol=symbol,
+            side=side,
+            type=OrderType.STOP_MARKET if stop_limit_price is None else OrderType.STOP_LIMIT,
+            quantity=quantity,
+            price=stop_limit_price,
+            trigger_price=stop_price,
+            reduce_only=reduce_only,
+        )
+        return take_profit, stop
+
+    def oco(
+        self,
+        symbol: str,
+        side: Side,
+        quantity: Decimal,
+        *,
+        take_profit_price: Decimal,
+        stop_price: Decimal,
+        stop_limit_price: Decimal | None = None,
+        reduce_only: bool = True,
+    ) -> OrderList:
+        take_profit, stop = self._exit_legs(
+            symbol, side, quantity, take_profit_price, stop_price, stop_limit_price, reduce_only
+        )
+        list_id = f"{take_profit.intent_id}:oco"
+        legs = (take_profit.client_order_id, stop.client_order_id)
+        self._lists[list_id] = _OrderListState(kind="oco", legs=legs)
+        for coid in legs:
+            self._list_of[coid] = list_id
+        self._send(take_profit)
+        self._send(stop)
+        return OrderList(list_id=list_id, kind="oco", client_order_ids=legs)
+
+    def bracket(
+        self,
+        symbol: str,
+        side: Side,
+        quantity: Decimal,
+        *,
+        entry_price: Decimal | None = None,
+        take_profit_price: Decimal,
+        stop_price: Decimal,
+        stop_limit_price: Decimal | None = None,
+    ) -> OrderList:
+        entry = self._intent(
+            symbol=symbol,
+            side=side,
+            type=OrderType.MARKET if entry_price is None else OrderType.LIMIT,
+            quantity=quantity,
+            price=entry_price,
+        )
+        take_profit, stop = self._exit_legs(
+            symbol, side.opposite, quantity, take_profit_price, stop_price, stop_limit_price, True
+        )
+        list_id = f"{entry.intent_id}:bracket"
+        legs = (entry.client_order_id, take_profit.client_order_id, stop.client_order_id)
+        state = _OrderListState(kind="bracket", legs=legs)
+        for child in (take_profit, stop):
+            state.held[child.client_order_id] = child
+            # Held legs are stored (status NEW) and visible in open_orders, as the OMS emulator keeps them.
+            self._orders[child.client_order_id] = self._new_order(child)
+        self._lists[list_id] = state
+        for coid in legs:
+            self._list_of[coid] = list_id
+        self._send(entry)
+        return OrderList(list_id=list_id, kind="bracket", client_order_ids=legs)
+
+    def _new_order(self, intent: OrderIntent) -> Order:
+        return Order(
+            intent=intent,
+            client_order_id=intent.client_order_id,
+            quantity=intent.quantity,
+            price=intent.price,
+            trigger_price=intent.trigger_price,
+            created_at=intent.created_at,
+            updated_at=intent.created_at,
+        )
+
+    def _send(self, intent: OrderIntent) -> str:
+        coid = intent.client_order_id
+        self.actions.append(Action("submit", coid, intent=intent))
+        order = self._new_order(intent)
+        self._orders[coid] = order
+        self._apply(coid, OrderSubmitted(event_id=self._event_id(coid), client_order_id=coid, ts=self.now()))
+        new = to_new_order(intent, coid, self.venue.engine.last_price(intent.symbol))
+        try:
+            result = self.venue.engine.submit(new)
+        except EngineRejection as exc:
+            self._reject(coid, f"{exc.reason}: {exc.message}")
+            return coid
+        except InvalidOrderError as exc:  # e.g. a trailing offset the venue cannot express
+            self._reject(coid, f"{exc.reason}: {exc.message}")
+            return coid
+        self._process(result)
+        return coid
+
+    def _reject(self, coid: str, reason: str) -> None:
+        self._apply(
+            coid, OrderRejected(event_id=self._event_id(coid), client_order_id=coid, ts=self.now(), reason=reason)
+        )
+
+    # --- cancel / amend ------------------------------------------------------------------------------
+    def cancel(self, client_order_id: str) -> None:
+        order = self._orders.get(client_order_id)
+        self.actions.append(Action("cancel", client_order_id))
+        if order is None:
+            self._log.debug("cancel %s: not open (already closed or unknown)", client_order_id)
+            return
+        if order.status is OrderStatus.NEW:  # a held bracket leg: never sent
+            self._drop_held(client_order_id)
+            return
+        try:
+            result = self.venue.engine.cancel(self._account, order.intent.symbol, client_order_id=client_order_id)
+        except EngineRejection as exc:
+            self._log.debug("cancel %s refused by the venue: %s", client_order_id, exc.message)
+            return
+        self._process(result)
+
+    def cancel_all(self, symbol: str | None = None) -> None:
+        for coid in [o.client_order_id for o in self.open_orders(symbol)]:
+            if coid in self._orders:  # an OCO sibling may have gone with an earlier cancel
+                self.cancel(coid)
+
+    def amend(self, client_order_id: str, *, price: Decimal | None = None, quantity: Decimal | None = None) -> str:
+        self.actions.append(Action("amend", client_order_id, price=price, quantity=quantity))
+        order = self._orders.get(client_order_id)
+        if order is None:
+            raise InvalidOrderError(f"amend {client_order_id}: no such open order", reason="order_not_open")
+        inst = self.instrument(order.intent.symbol)
+        new_price = None if price is None else inst.round_price(price, order.side)
+        new_qty = None if quantity is None else inst.round_quantity(quantity)
+        if order.status is OrderStatus.NEW:  # held bracket leg: change what will be sent
+            list_state = self._lists[self._list_of[client_order_id]]
+            held = list_state.held[client_order_id]
+            changes: dict[str, Any] = {}
+            if new_price is not None:
+                changes["price" if held.type.needs_price else "trigger_price"] = new_price
+            if new_qty is not None:
+                changes["quantity"] = new_qty
+            list_state.held[client_order_id] = held.replace(**changes)
+            self._orders[client_order_id] = self._new_order(list_state.held[client_order_id])
+            return client_order_id
+        symbol = order.intent.symbol
+        if new_price is None and new_qty is not None and new_qty < order.quantity:
+            # Reducing quantity keeps priority (native amend on the venue).
+            try:
+                result = self.venue.engine.amend_quantity(
+                    self._account, symbol, new_qty, client_order_id=client_order_id
+                )
+            except EngineRejection as exc:
+                raise InvalidOrderError(f"amend {client_order_id}: {exc.message}", reason=str(exc.reason)) from None
+            self._process(result)
+            return client_order_id
+        # Cancel-replace: a new intent (new deterministic id) for the rest of the order at the new terms.
+        remaining = (new_qty if new_qty is not None else order.quantity) - order.filled_quantity
+        if remaining <= 0:
+            raise InvalidOrderError(f"amend {client_order_id}: nothing would remain", reason="invalid_amend")
+        changes = {"intent_id": self._next_intent_id(), "quantity": remaining, "created_at": self.now()}
+        if new_price is not None:
+            changes["price" if order.intent.type.needs_price else "trigger_price"] = new_price
+        try:
+            intent = order.intent.replace(**changes)
+        except ValidationError as exc:
+            raise InvalidOrderError(f"amend {client_order_id}: {exc.errors()[0]['msg']}") from None
+        coid = intent.client_order_id
+        self.actions.append(Action("submit", coid, intent=intent))
+        self._orders[coid] = self._new_order(intent)
+        list_id = self._list_of.pop(client_order_id, None)  # its cancel must not end the list
+        if list_id is not None:
+            self._list_of[coid] = list_id
+            state = self._lists[list_id]
+            state.legs = tuple(coid if leg == client_order_id else leg for leg in state.legs)
+        self._apply(coid, OrderSubmitted(event_id=self._event_id(coid), client_order_id=coid, ts=self.now()))
+        new = to_new_order(intent, coid, self.venue.engine.last_price(symbol))
+        new = _with_type_of(new, self.venue.engine.get_order(self._account, symbol, client_order_id=client_order_id))
+        try:
+            result = self.venue.engine.cancel_replace(
+                self._account, symbol, new, cancel_client_order_id=client_order_id
+            )
+        except CancelReplacePartialFailureError as exc:
+            self._process(exc.cancel_result)
+            self._reject(coid, f"{exc.reason}: {exc.message}")
+            return coid
+        except EngineRejection as exc:
+            self._reject(coid, f"{exc.reason}: {exc.message}")
+            return coid
+        self._process(result)
+        return coid
+
+    # --- venue results → orders, fills, positions ---------------------------------------------------
+    def _event_id(self, coid: str) -> str:
+        self._event_seq += 1
+        return f"{coid}:{self._event_seq}"
+
+    def _apply(self, coid: str, event: OrderEvent) -> Order | None:
+        order = self._orders.get(coid)
+        if order is None:
+            return None
+        order = order.apply(event)
+        if order.status.is_terminal:
+            del self._orders[coid]
+            if order.status is OrderStatus.REJECTED:
+                self.rejections.append(order)
+        else:
+            self._orders[coid] = order
+        snapshot = order
+        self._pending.append(lambda: self.strategy.on_order(snapshot))
+        if order.status.is_terminal or isinstance(event, OrderFilled):
+            self._on_list_leg(order)
+        return order
+
+    def _process(self, result: MatchResult) -> None:
+        now = self.now()
+        for update in result.order_updates:
+            eo = update.order
+            coid = eo.client_order_id
+            order = self._orders.get(coid)
+            if order is None or eo.account != self._account:
+                continue
+            execution = update.execution
+            event: OrderEvent
+            if execution is ExecutionType.NEW:
+                if order.status is not OrderStatus.PENDING_SUBMIT:
+                    continue  # a stop triggering (working=True): not a state change for the order
+                event = OrderAccepted(
+                    event_id=self._event_id(coid), client_order_id=coid, ts=now, exchange_order_id=str(eo.order_id)
+                )
+            elif execution is ExecutionType.TRADE:
+                assert update.fill is not None
+                if order.status is OrderStatus.PENDING_SUBMIT:  # filled on arrival: acknowledge first
+                    self._apply(
+                        coid,
+                        OrderAccepted(
+                            event_id=self._event_id(coid),
+                            client_order_id=coid,
+                            ts=now,
+                            exchange_order_id=str(eo.order_id),
+                        ),
+                    )
+                fill = domain_fill(self.exchange, update.fill)
+                self.fills.append(fill)
+                self._pending.append(partial(self._deliver_fill, fill))
+                event = OrderFilled(event_id=self._event_id(coid), client_order_id=coid, ts=now, fill=fill)
+            elif execution is ExecutionType.CANCELED:
+                event = OrderCancelled(event_id=self._event_id(coid), client_order_id=coid, ts=now)
+            elif execution is ExecutionType.EXPIRED:
+                event = OrderExpired(event_id=self._event_id(coid), client_order_id=coid, ts=now)
+            elif execution is ExecutionType.REPLACED:
+                if eo.quantity == eo.executed_quantity:
+                    continue  # amended down to what was filled: the engine reports FILLED below
+                event = OrderAmended(event_id=self._event_id(coid), client_order_id=coid, ts=now, quantity=eo.quantity)
+            elif execution is ExecutionType.REJECTED:
+                event = OrderRejected(event_id=self._event_id(coid), client_order_id=coid, ts=now, reason="rejected")
+            else:
+                continue
+            self._apply(coid, event)
+
+    def _deliver_fill(self, fill: Fill) -> None:
+        self._positions[fill.symbol] = self.position(fill.symbol).apply_fill(fill)
+        self.strategy.on_fill(fill)
+
+    # --- order lists (OCO, bracket): the LocalOrderEmulator.add_list contract, in miniature ---------
+    def _on_list_leg(self, order: Order) -> None:
+        list_id = self._list_of.get(order.client_order_id)
+        if list_id is None:
+            return
+        state = self._lists[list_id]
+        if state.done:
+            return
+        coid = order.client_order_id
+        if state.kind == "bracket" and coid == state.legs[0]:
+            if not order.status.is_terminal:
+                return
+            filled = order.filled_quantity
+            held = list(state.held.values())
+            if filled <= 0:
+                for child in held:
+                    self._drop_held(child.client_order_id)
+                state.done = True
+                return
+            # Entry done: the exits become a live OCO for what was actually bought/sold.
+            state.held.clear()
+            state.kind = "oco"
+            state.legs = tuple(child.client_order_id for child in held)
+            for child in held:
+                del self._orders[child.client_order_id]
+                self._send(child if child.quantity == filled else child.replace(quantity=filled))
+            return
+        # OCO: the first fill (or a leg ending without one) cancels the sibling(s).
+        state.done = True
+        for leg in state.legs:
+            if leg != coid and leg in self._orders:
+                self.cancel(leg)
+
+    def _drop_held(self, coid: str) -> None:
+        list_id = self._list_of.get(coid)
+        if list_id is not None:
+            self._lists[list_id].held.pop(coid, None)
+        order = self._orders.pop(coid, None)
+        if order is not None:
+            cancelled = order.apply(OrderCancelled(event_id=self._event_id(coid), client_order_id=coid, ts=self.now()))
+            self._pending.append(lambda: self.strategy.on_order(cancelled))
+
+
+def _with_type_of(new: NewOrder, current: Any) -> NewOrder:
+    """Keep the venue-side type of the order being replaced (a post-only limit stays LIMIT_MAKER)."""
+    from dataclasses import replace
+
+    return replace(new, type=current.type)
