@@ -1,0 +1,508 @@
+"""The result of one backtest run: what was run, how it performed, and everything it did.
+
+``BacktestResult`` is stored under its ``run_id`` in ``backtest_runs`` (what was run),
+``backtest_metrics`` (one row per metric), ``backtest_equity`` (the whole curve, loaded with COPY) and
+``backtest_trades`` (the round trips, also COPY), and written to files by ``write_files``.
+
+Orders and fills are kept in the result and written to ``orders.csv`` / ``fills.csv``, but the schema
+has no backtest orders/fills tables yet, so ``save`` does not store them and ``load`` returns them
+empty. (The live ``orders``/``fills`` tables are facts of real accounts; backtests stay out of them.)
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import math
+import subprocess
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta
+from decimal import Decimal
+from enum import Enum
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from sqlalchemy import Engine, func, insert, select
+
+from meltica.backtest.metrics import Direction, Metrics, RoundTrip, compute_metrics, round_trips_from_fills
+from meltica.domain.orders import Fill, Order
+from meltica.errors import DataValidationError
+from meltica.storage.tables import backtest_metrics, backtest_runs
+
+JsonObject = dict[str, Any]
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EquityPoint:
+    """The account at one instant of the run, marked to market: ``equity = cash + position_value``."""
+
+    ts: datetime
+    equity: Decimal
+    cash: Decimal
+    position_value: Decimal
+
+
+@dataclass(frozen=True)
+class OrderRecord:
+    """One order of the run as it ended (a flat row for ``orders.csv``)."""
+
+    client_order_id: str
+    symbol: str
+    side: str
+    order_type: str
+    quantity: Decimal
+    price: Decimal | None
+    trigger_price: Decimal | None
+    status: str
+    filled_quantity: Decimal
+    avg_fill_price: Decimal | None
+    created_at: datetime
+    updated_at: datetime
+    reason: str | None = None
+
+    @classmethod
+    def from_order(cls, order: Order) -> OrderRecord:
+        return cls(
+            client_order_id=order.client_order_id,
+            symbol=order.symbol,
+            side=order.side.value,
+            order_type=order.intent.type.value,
+            quantity=order.quantity,
+            price=order.price,
+            trigger_price=order.trigger_price,
+            status=order.status.value,
+            filled_quantity=order.filled_quantity,
+            avg_fill_price=order.avg_fill_price,
+            created_at=order.created_at,
+            updated_at=order.updated_at,
+            reason=order.reason,
+        )
+
+
+# --- code version and JSON -------------------------------------------------------------------
+
+
+def detect_code_version() -> str:
+    """``git describe --always --dirty --tags`` of the checkout Meltica runs from, else ``meltica <version>``."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / ".git").exists():
+        try:
+            out = subprocess.run(
+                ["git", "describe", "--always", "--dirty", "--tags"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            )
+            described = out.stdout.strip()
+            if described:
+                return described
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        return f"meltica {importlib.metadata.version('meltica')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: ``Decimal`` → string (exact), datetime → ISO 8601, enum → its value,
+    UUID → string, tuples/sets → lists, non-finite floats → ``"Infinity"`` / ``"-Infinity"`` / ``"NaN"``,
+    timedelta → seconds (float)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, Enum):
+        return jsonable(value.value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v) for v in value]
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+# --- metrics as NUMERIC ----------------------------------------------------------------------
+
+_METRIC_TYPES: dict[str, Any] = get_type_hints(Metrics)
+
+
+def metric_to_numeric(value: float | int | bool | Decimal | timedelta) -> Decimal:
+    """A metric value as the ``NUMERIC`` stored in ``backtest_metrics`` (durations in seconds; floats
+    through their shortest repr, so they load back bit-identical; ``inf`` as ``'Infinity'``)."""
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, bool | int):
+        return Decimal(int(value))
+    if isinstance(value, timedelta):
+        return Decimal(value.days * 86_400 + value.seconds) + Decimal(value.microseconds).scaleb(-6)
+    return Decimal(repr(value))
+
+
+def _metric_from_numeric(name: str, value: Decimal) -> Any:
+    kind = _METRIC_TYPES[name]
+    if kind is Decimal:
+        return value
+    if kind is bool:
+        return value != 0
+    if kind is int:
+        return int(value)
+    if kind is timedelta:
+        return timedelta(microseconds=int(value.scaleb(6)))
+    return float(value)
+
+
+def metrics_from_numeric(values: Mapping[str, Decimal | None]) -> Metrics:
+    """Rebuild ``Metrics`` from ``name → NUMERIC`` rows; unknown names are ignored."""
+    missing = [f.name for f in fields(Metrics) if values.get(f.name) is None]
+    if missing:
+        raise DataValidationError(f"stored metrics lack {', '.join(missing)}", reason="incomplete_metrics")
+    kwargs = {}
+    for f in fields(Metrics):
+        raw = values[f.name]
+        assert raw is not None
+        kwargs[f.name] = _metric_from_numeric(f.name, raw)
+    return Metrics(**kwargs)
+
+
+# --- the result ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BacktestResult:
+    """One backtest run. Sequences are stored as tuples; the equity curve must be strictly increasing in
+    time with aware timestamps. ``started_at`` / ``finished_at`` left ``None`` are set by the database
+    clock on ``save`` (code never reads the wall clock, DESIGN.md §4)."""
+
+    strategy: str
+    symbols: Sequence[str]
+    metrics: Metrics
+    equity: Sequence[EquityPoint]
+    fills: Sequence[Fill] = ()
+    orders: Sequence[OrderRecord] = ()
+    round_trips: Sequence[RoundTrip] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    exchange: str | None = None
+    timeframe: str | None = None
+    data_start: datetime | None = None
+    data_end: datetime | None = None
+    fill_model: Mapping[str, Any] = field(default_factory=dict)
+    code_version: str | None = None
+    run_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    sweep_id: uuid.UUID | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("symbols", "equity", "fills", "orders", "round_trips"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "params", dict(self.params))
+        object.__setattr__(self, "fill_model", dict(self.fill_model))
+        previous: datetime | None = None
+        for point in self.equity:
+            if point.ts.tzinfo is None:
+                raise DataValidationError("equity timestamps must be timezone-aware UTC", reason="naive_timestamp")
+            if previous is not None and point.ts <= previous:
+                raise DataValidationError(
+                    f"equity curve is not strictly increasing in time at {point.ts.isoformat()}",
+                    reason="unordered_equity",
+                )
+            previous = point.ts
+
+    @classmethod
+    def from_run(
+        cls,
+        *,
+        strategy: str,
+        symbols: Sequence[str],
+        equity: Sequence[EquityPoint],
+        fills: Sequence[Fill] = (),
+        orders: Sequence[OrderRecord | Order] = (),
+        params: Mapping[str, Any] | None = None,
+        exchange: str | None = None,
+        timeframe: str | None = None,
+        data_start: datetime | None = None,
+        data_end: datetime | None = None,
+        fill_model: Mapping[str, Any] | None = None,
+        code_version: str | None = None,
+        run_id: uuid.UUID | None = None,
+        sweep_id: uuid.UUID | None = None,
+        started_at: datetime | None = None,
+        finished_at: datetime | None = None,
+        periods_per_year: float | None = None,
+        risk_free: float = 0.0,
+    ) -> BacktestResult:
+        """A result with its round trips (FIFO from ``fills``) and metrics computed. ``code_version``
+        defaults to ``detect_code_version()``; ``data_start``/``data_end`` default to the
+        curve's first and last timestamps."""
+        trips = round_trips_from_fills(fills)
+        metrics = compute_metrics(
+            [(p.ts, p.equity) for p in equity],
+            trips,
+            fills,
+            periods_per_year=periods_per_year,
+            risk_free=risk_free,
+        )
+        return cls(
+            strategy=strategy,
+            symbols=tuple(symbols),
+            metrics=metrics,
+            equity=tuple(equity),
+            fills=tuple(fills),
+            orders=tuple(o if isinstance(o, OrderRecord) else OrderRecord.from_order(o) for o in orders),
+            round_trips=tuple(trips),
+            params=dict(params or {}),
+            exchange=exchange,
+            timeframe=timeframe,
+            data_start=data_start if data_start is not None else (equity[0].ts if equity else None),
+            data_end=data_end if data_end is not None else (equity[-1].ts if equity else None),
+            fill_model=dict(fill_model or {}),
+            code_version=code_version if code_version is not None else detect_code_version(),
+            run_id=run_id or uuid.uuid4(),
+            sweep_id=sweep_id,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+
+    def run_info(self) -> JsonObject:
+        """What was run, as JSON data (the ``run`` object of ``metrics.json``)."""
+        info: JsonObject = jsonable(
+            {
+                "run_id": self.run_id,
+                "strategy": self.strategy,
+                "params": self.params,
+                "exchange": self.exchange,
+                "symbols": self.symbols,
+                "timeframe": self.timeframe,
+                "data_start": self.data_start,
+                "data_end": self.data_end,
+                "fill_model": self.fill_model,
+                "code_version": self.code_version,
+                "sweep_id": self.sweep_id,
+                "started_at": self.started_at,
+                "finished_at": self.finished_at,
+            }
+        )
+        return info
+
+    # --- database ----------------------------------------------------------------------------
+
+    def save(self, engine: Engine) -> None:
+        """Store the run in one transaction: its ``backtest_runs`` row (status ``finished``), one
+        ``backtest_metrics`` row per ``Metrics`` field, the whole equity curve and the round trips (both
+        with COPY). Saving a ``run_id`` twice fails on the primary key: a run is stored once."""
+        run_row: dict[str, Any] = {
+            "run_id": self.run_id,
+            "strategy": self.strategy,
+            "params": jsonable(self.params),
+            "exchange": self.exchange,
+            "symbols": list(self.symbols),
+            "timeframe": self.timeframe,
+            "data_start": self.data_start,
+            "data_end": self.data_end,
+            "fill_model": jsonable(self.fill_model),
+            "code_version": self.code_version,
+            "sweep_id": self.sweep_id,
+            "status": "finished",
+            "finished_at": self.finished_at if self.finished_at is not None else func.now(),
+        }
+        if self.started_at is not None:
+            run_row["started_at"] = self.started_at
+        metric_rows = [
+            {"run_id": self.run_id, "name": name, "value": metric_to_numeric(value)}
+            for name, value in self.metrics.as_dict().items()
+        ]
+        with engine.begin() as conn:
+            conn.execute(insert(backtest_runs).values(run_row))
+            conn.execute(insert(backtest_metrics), metric_rows)
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            with raw.cursor() as cur:
+                # Binary COPY: no text formatting of a million timestamps and decimals on either side.
+                with cur.copy(
+                    "COPY backtest_equity (run_id, ts, equity, cash, position_value) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(["uuid", "timestamptz", "numeric", "numeric", "numeric"])
+                    for p in self.equity:
+                        copy.write_row((self.run_id, p.ts, p.equity, p.cash, p.position_value))
+                with cur.copy(
+                    "COPY backtest_trades (run_id, trade_no, symbol, side, entry_ts, exit_ts, entry_price, "
+                    "exit_price, quantity, pnl, fees) FROM STDIN"
+                ) as copy:
+                    for no, t in enumerate(self.round_trips, start=1):
+                        copy.write_row(
+                            (
+                                self.run_id,
+                                no,
+                                t.symbol,
+                                t.direction,
+                                t.entry_ts,
+                                t.exit_ts,
+                                t.entry_price,
+                                t.exit_price,
+                                t.quantity,
+                                t.pnl,
+                                t.fees,
+                            )
+                        )
+
+    @classmethod
+    def load(cls, engine: Engine, run_id: uuid.UUID | str) -> BacktestResult:
+        """The stored run ``run_id``; ``DataValidationError`` (reason ``unknown_run``) if there is none.
+        ``orders`` and ``fills`` come back empty (module docstring); params and fill model come back as
+        the JSON that was stored (decimals as strings)."""
+        rid = run_id if isinstance(run_id, uuid.UUID) else uuid.UUID(str(run_id))
+        with engine.connect() as conn:
+            run = conn.execute(select(backtest_runs).where(backtest_runs.c.run_id == rid)).mappings().first()
+            if run is None:
+                raise DataValidationError(f"no backtest run {rid}", reason="unknown_run")
+            metric_rows = conn.execute(
+                select(backtest_metrics.c.name, backtest_metrics.c.value).where(backtest_metrics.c.run_id == rid)
+            )
+            stored: dict[str, Decimal | None] = {name: value for name, value in metric_rows}
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            # The driver's binary cursor skips SQLAlchemy's row objects: a curve can have a million points.
+            with raw.cursor(binary=True) as cur:
+                cur.execute(
+                    "SELECT ts, equity, cash, position_value FROM backtest_equity WHERE run_id = %s ORDER BY ts",
+                    (rid,),
+                )
+                equity = [EquityPoint(*row) for row in cur.fetchall()]
+                cur.execute(
+                    "SELECT symbol, side, quantity, entry_ts, entry_price, exit_ts, exit_price, fees, pnl "
+                    "FROM backtest_trades WHERE run_id = %s ORDER BY trade_no",
+                    (rid,),
+                )
+                trips = [_trip_from_row(row) for row in cur.fetchall()]
+        return cls(
+            strategy=run["strategy"],
+            symbols=tuple(run["symbols"]),
+            metrics=metrics_from_numeric(stored),
+            equity=equity,
+            round_trips=trips,
+            params=run["params"],
+            exchange=run["exchange"],
+            timeframe=run["timeframe"],
+            data_start=run["data_start"],
+            data_end=run["data_end"],
+            fill_model=run["fill_model"],
+            code_version=run["code_version"],
+            run_id=run["run_id"],
+            sweep_id=run["sweep_id"],
+            started_at=run["started_at"],
+            finished_at=run["finished_at"],
+        )
+
+    # --- files -------------------------------------------------------------------------------
+
+    def write_files(self, directory: str | Path) -> list[Path]:
+        """Write ``metrics.json`` (``{"run": …, "metrics": …}``; decimals as strings, durations in
+        seconds, infinities as ``"Infinity"``), ``orders.csv``, ``fills.csv``, ``equity.csv`` and
+        ``trades.csv`` into ``directory`` (created if missing). Returns the paths written."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path = out / "metrics.json"
+        document = {"run": self.run_info(), "metrics": jsonable(self.metrics.as_dict())}
+        metrics_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        written = [metrics_path]
+        written.append(
+            _write_csv(
+                out / "orders.csv",
+                [f.name for f in fields(OrderRecord)],
+                ([getattr(o, f.name) for f in fields(OrderRecord)] for o in self.orders),
+            )
+        )
+        written.append(
+            _write_csv(
+                out / "fills.csv",
+                list(FILL_COLUMNS),
+                ([getattr(f, c) for c in FILL_COLUMNS] for f in self.fills),
+            )
+        )
+        written.append(
+            _write_csv(
+                out / "equity.csv",
+                ["ts", "equity", "cash", "position_value"],
+                ((p.ts, p.equity, p.cash, p.position_value) for p in self.equity),
+            )
+        )
+        written.append(
+            _write_csv(
+                out / "trades.csv",
+                list(TRADE_COLUMNS),
+                ([no, *(getattr(t, c) for c in TRADE_COLUMNS[1:])] for no, t in enumerate(self.round_trips, start=1)),
+            )
+        )
+        return written
+
+
+FILL_COLUMNS = (
+    "ts",
+    "fill_id",
+    "client_order_id",
+    "exchange_order_id",
+    "exchange",
+    "symbol",
+    "side",
+    "price",
+    "quantity",
+    "fee",
+    "fee_currency",
+    "liquidity",
+)
+TRADE_COLUMNS = (
+    "trade_no",
+    "symbol",
+    "direction",
+    "quantity",
+    "entry_ts",
+    "entry_price",
+    "exit_ts",
+    "exit_price",
+    "fees",
+    "pnl",
+)
+
+
+def _trip_from_row(row: tuple[Any, ...]) -> RoundTrip:
+    symbol, side, quantity, entry_ts, entry_price, exit_ts, exit_price, fees, pnl = row
+    if side not in ("long", "short"):
+        raise DataValidationError(f"stored round trip side {side!r} is not long or short", reason="bad_trade")
+    direction: Direction = "long" if side == "long" else "short"
+    return RoundTrip(symbol, direction, quantity, entry_ts, entry_price, exit_ts, exit_price, fees, pnl)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
+
+
+def _write_csv(path: Path, header: list[str], rows: Iterable[Iterable[Any]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows([_cell(v) for v in row] for row in rows)
+    return path
