@@ -40,3 +40,4 @@ clean: infra-down
 # Benchmarks print ratios against peers measured in the same run (not part of the tests).
 bench: bootstrap
 	$(VENV)/python bench/orderbook_bench.py
+	$(VENV)/python bench/risk_bench.py

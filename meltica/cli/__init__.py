@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from meltica.cli import config_cmd, data_cmd, db_cmd, demo_cmd, emulator_cmd, infra_cmd, keys_cmd
+from meltica.cli import config_cmd, data_cmd, db_cmd, demo_cmd, emulator_cmd, infra_cmd, keys_cmd, kill_cmd
 
 app = typer.Typer(
     name="meltica",
@@ -18,6 +18,7 @@ app.add_typer(data_cmd.app, name="data", help="Load and show market data.")
 app.add_typer(config_cmd.app, name="config", help="Show and validate configuration.")
 app.add_typer(keys_cmd.app, name="keys", help="Manage encrypted exchange API credentials.")
 app.add_typer(emulator_cmd.app, name="emulator", help="Run a local Binance-compatible exchange emulator.")
+app.add_typer(kill_cmd.app, name="kill", help="Kill switch: halt or reduce-only, by hand; show its state.")
 app.command("demo", help="The main job on embedded defaults.")(demo_cmd.demo)
 
 

@@ -73,7 +73,8 @@ def load_settings(env: str | None = None, config_file: Path | str | None = None)
             [(_source_of(err["loc"], source), _dotted(err["loc"]), _problem(err)) for err in exc.errors()]
         ) from None
 
-    problems = [(_source_of(loc, source), _dotted(loc), problem) for loc, problem in unsafe_settings(settings)]
+    found = [*risk_problems(settings), *unsafe_settings(settings)]
+    problems = [(_source_of(loc, source), _dotted(loc), problem) for loc, problem in found]
     if problems:
         raise _error(problems)
     return settings
@@ -114,6 +115,19 @@ def read_config_file(path: Path) -> dict[str, Any]:
             f"{path}: {bad_keys[0]!r}: setting names must be strings", source=str(path), field=str(bad_keys[0])
         )
     return data
+
+
+def risk_problems(settings: MelticaSettings) -> list[tuple[tuple[str | int, ...], str]]:
+    """Risk overrides that cannot apply: limits for an account that is not configured (almost always a
+    typo that leaves the real account unprotected). Checked in every environment that lists accounts."""
+    known = {account.name for account in settings.accounts}
+    if not known:
+        return []
+    return [
+        (("risk", "accounts", name), f"no configured account is named {name!r} (accounts: {', '.join(sorted(known))})")
+        for name in settings.risk.accounts
+        if name not in known
+    ]
 
 
 def unsafe_settings(settings: MelticaSettings) -> list[tuple[tuple[str | int, ...], str]]:

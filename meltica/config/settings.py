@@ -76,23 +76,109 @@ class AccountConfig(_Section):
         return None if ref is None else resolve_secret(ref, allow_plaintext=allow_plaintext)
 
 
-class RiskLimits(_Section):
-    """Pre-trade limits, in quote currency unless named otherwise. ``None`` means no limit."""
+BreachAction = Literal["halt", "reduce_only"]
+_HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 
+
+def _percent_below_100(value: Decimal | None) -> Decimal | None:
+    if value is not None and value >= 100:
+        raise ValueError("a percentage of the equity peak: must be below 100")
+    return value
+
+
+class SymbolRiskLimits(_Section):
+    """Limits that can be set per symbol (``risk.symbols.<symbol>``); unset fields inherit."""
+
+    max_order_quantity: PositiveDecimal | None = Field(default=None, description="base quantity (contracts) per order")
     max_order_notional: PositiveDecimal | None = None
-    max_position_notional: PositiveDecimal | None = Field(default=None, description="per symbol")
+    max_position_notional: PositiveDecimal | None = Field(
+        default=None, description="worst-case position per symbol and venue (open orders count as filled)"
+    )
+    max_open_orders: Annotated[int, Field(ge=0)] | None = None
+    price_band_bps: NonNegativeDecimal | None = Field(
+        default=None, description="max distance of a limit price from the last trade / mid, basis points"
+    )
+    orders_per_minute: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="approved orders in any sliding 60 s window"
+    )
+
+
+class StrategyRiskLimits(SymbolRiskLimits):
+    """Limits that can be set per strategy (``risk.strategies.<name>``). A limit set here is measured on
+    the strategy's own orders and positions (position, open orders, order rate)."""
+
+    strategy_loss_limit: PositiveDecimal | None = Field(
+        default=None, description="daily loss of one strategy (realized + unrealized), as a positive amount"
+    )
+    breach_action: BreachAction | None = None
+
+
+class AccountRiskLimits(StrategyRiskLimits):
+    """Limits that can be set per account (``risk.accounts.<name>``)."""
+
+    max_gross_exposure: PositiveDecimal | None = Field(
+        default=None, description="sum of |worst-case position| x price over every symbol and venue of the account"
+    )
+    max_net_exposure: PositiveDecimal | None = Field(
+        default=None, description="|sum of signed worst-case position x price| over the account"
+    )
+    daily_loss_limit: PositiveDecimal | None = Field(default=None, description="a loss, as a positive amount")
+    max_drawdown_pct: PositiveDecimal | None = Field(
+        default=None, description="circuit breaker: equity below its peak by this many percent"
+    )
+
+    @field_validator("max_drawdown_pct")
+    @classmethod
+    def _pct(cls, value: Decimal | None) -> Decimal | None:
+        return _percent_below_100(value)
+
+
+class RiskLimits(AccountRiskLimits):
+    """Risk limits, in quote currency unless named otherwise. ``None`` means no limit.
+
+    The top-level values are the defaults; ``accounts``, ``strategies`` and ``symbols`` override them
+    field by field, the most specific winning: defaults < account < strategy < symbol
+    (``max_position_notional_by_symbol`` is the older spelling of ``symbols.<s>.max_position_notional``).
+    """
+
     max_position_notional_by_symbol: dict[str, PositiveDecimal] = Field(
         default_factory=dict, description="per-symbol overrides of max_position_notional"
     )
-    max_gross_exposure: PositiveDecimal | None = None
-    daily_loss_limit: PositiveDecimal | None = Field(default=None, description="a loss, as a positive amount")
-    max_open_orders: Annotated[int, Field(ge=0)] | None = None
-    price_band_bps: NonNegativeDecimal | None = Field(
-        default=None, description="max distance of a limit price from the reference price, basis points"
+    breach_action: BreachAction = Field(
+        default="halt", description="kill-switch mode a post-trade breach engages: halt | reduce_only"
     )
-    orders_per_minute: Annotated[int, Field(ge=1)] | None = None
+    daily_reset_utc: str = Field(default="00:00", description="HH:MM (UTC) at which the daily loss counters reset")
+    accounts: dict[str, AccountRiskLimits] = Field(default_factory=dict, description="overrides per account name")
+    strategies: dict[str, StrategyRiskLimits] = Field(default_factory=dict, description="overrides per strategy")
+    symbols: dict[str, SymbolRiskLimits] = Field(default_factory=dict, description="overrides per symbol")
+
+    @field_validator("daily_reset_utc")
+    @classmethod
+    def _hhmm(cls, value: str) -> str:
+        if not _HHMM.match(value):
+            raise ValueError(f"{value!r} is not a UTC time of day as HH:MM (00:00 to 23:59)")
+        return value
+
+    @field_validator("accounts", "strategies")
+    @classmethod
+    def _names(cls, value: dict[str, object]) -> dict[str, object]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(f"{name!r}: use letters, digits, '.', '_' and '-' only")
+        return value
+
+    @field_validator("symbols", "max_position_notional_by_symbol")
+    @classmethod
+    def _symbol_keys(cls, value: dict[str, object]) -> dict[str, object]:
+        for symbol in value:
+            if not _SYMBOL.match(symbol):
+                raise ValueError(f"{symbol!r} is not a ccxt unified symbol like BTC/USDT or BTC/USDT:USDT")
+        return value
 
     def position_limit(self, symbol: str) -> Decimal | None:
+        override = self.symbols.get(symbol)
+        if override is not None and override.max_position_notional is not None:
+            return override.max_position_notional
         return self.max_position_notional_by_symbol.get(symbol, self.max_position_notional)
 
 

@@ -1,0 +1,1157 @@
+"""The risk engine: every order intent passes ``RiskEngine.check`` before it can reach a venue.
+
+Pre-trade checks, in the order they are applied (the first failing one names the rejection):
+
+==================  ============================================================================
+rule                what
+==================  ============================================================================
+kill_switch         halt: nothing passes; reduce_only: only intents that reduce the position
+reduce_only         an intent flagged ``reduce_only`` must reduce the account's position
+instrument          venue rules from ``Instrument``: step/tick precision, min/max qty, price, notional
+reference_price     a market order needs a last trade / mid to be valued when notional limits apply
+max_order_quantity  order quantity
+max_order_notional  order quantity x price (x contract size)
+price_band_bps      limit price vs mid (bid and ask known) or last trade: the fat-finger guard
+max_open_orders     open orders (approved, not yet closed) in the limit's scope
+orders_per_minute   approved orders in the sliding 60 s window of the injected clock
+max_position_notional  worst-case position in the symbol (per venue)
+max_gross_exposure  account: sum over symbols and venues of |worst-case position| x price
+max_net_exposure    account: |sum of signed worst-case position x price|
+==================  ============================================================================
+
+Worst case: an approved order counts as filled from the moment it is approved until
+``on_order_closed`` releases it; ``on_fill`` moves filled quantity from the open order into the
+position. So no interleaving of intents, fills, partial fills and cancels can take the approved
+exposure beyond a limit (prices held still; a price move can, which the post-trade checks catch).
+An intent that does not increase the measured quantity always passes its limit, so a book that is
+over a limit (after a price move) can still be reduced.
+
+Post-trade (``on_fill``, ``on_market``, ``evaluate``): daily loss (realized + unrealized since the
+daily reset at ``risk.daily_reset_utc``), drawdown from the persisted equity peak, per-strategy daily
+loss. A breach is recorded and engages the kill switch in ``breach_action`` mode for its scope
+(``account:<a>`` or ``strategy:<s>``). It does not release itself: that is an explicit action.
+
+The hot path does no pydantic work: limits are resolved once per (account, strategy, exchange, symbol)
+route and kept with direct references to the counters they are measured on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any, Protocol
+
+from meltica.domain import Fill, Instrument, OrderIntent, Position, Side, client_order_id_for
+from meltica.domain.instrument import is_multiple_of
+from meltica.errors import InvalidOrderError, RiskRejectedError
+from meltica.risk.kill_switch import GLOBAL, KillSwitch, KillSwitchChange, KillSwitchMode, system_clock
+from meltica.risk.limits import Limit, ResolvedLimits, RiskConfig, resolve_limits
+from meltica.risk.store import DecisionSink, InMemoryRiskStateStore, RiskStateStorage
+
+log = logging.getLogger(__name__)
+
+_ZERO = Decimal(0)
+_BPS = Decimal(10_000)
+_HUNDRED = Decimal(100)
+_TWO = Decimal(2)
+_WINDOW = timedelta(seconds=60)
+_DAY = timedelta(days=1)
+_ACTOR = "risk-engine"
+_APPROVED_REASON = "all checks passed"
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RiskDecision:
+    """The answer to one intent. ``rule`` names the failed check (``None`` when approved)."""
+
+    intent_id: str
+    approved: bool
+    rule: str | None
+    reason: str | None
+    ts: datetime
+    details: dict[str, Any] = field(default_factory=dict)
+    account: str | None = None
+    strategy: str | None = None
+    exchange: str | None = None
+    symbol: str | None = None
+
+    def raise_if_rejected(self) -> None:
+        """``RiskRejectedError`` (terminal) for a rejection; nothing for an approval."""
+        if not self.approved:
+            raise RiskRejectedError(
+                f"intent {self.intent_id} rejected by risk: {self.reason}",
+                reason=self.rule or "risk_rejected",
+                intent_id=self.intent_id,
+                rule=self.rule,
+            )
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "ts": self.ts,
+            "account": self.account,
+            "strategy": self.strategy,
+            "symbol": self.symbol,
+            "intent_id": self.intent_id,
+            "decision": "approved" if self.approved else "rejected",
+            "rule": self.rule,
+            "reason": self.reason,
+            "details": {"exchange": self.exchange, **self.details},
+            "actor": _ACTOR,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Breach:
+    """A post-trade limit found broken, and the kill-switch mode it engaged for ``scope``."""
+
+    rule: str  # daily_loss_limit | max_drawdown_pct | strategy_loss_limit
+    scope: str  # account:<a> | strategy:<s>
+    value: Decimal  # the measured loss (positive) or drawdown in percent
+    limit: Decimal
+    source: str
+    reason: str
+    ts: datetime
+    action: KillSwitchMode
+    account: str | None = None
+    strategy: str | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "ts": self.ts,
+            "account": self.account,
+            "strategy": self.strategy,
+            "symbol": None,
+            "intent_id": None,
+            "decision": "breach",
+            "rule": self.rule,
+            "reason": self.reason,
+            "details": {
+                "scope": self.scope,
+                "value": self.value,
+                "limit": self.limit,
+                "source": self.source,
+                "action": self.action.value,
+            },
+            "actor": _ACTOR,
+        }
+
+
+class PnLView(Protocol):
+    @property
+    def total(self) -> Decimal: ...
+
+
+class PortfolioView(Protocol):
+    """What the engine reads from ``meltica.portfolio.Portfolio`` (post-trade checks, start-up positions)."""
+
+    def pnl(self, *, account: str | None = None, strategy: str | None = None, symbol: str | None = None) -> Any: ...
+
+    def equity(self, account: str) -> Decimal: ...
+
+    def strategies(self, account: str | None = None) -> list[str]: ...
+
+    def positions(self, *, strategy: str | None = None, include_flat: bool = True) -> list[Position]: ...
+
+
+# --- mutable state (slots: the hot path is attribute access) ------------------------------------
+
+
+class _Market:
+    """Prices of one (exchange, symbol) and the account legs valued at them."""
+
+    __slots__ = ("ask", "bid", "last", "legs", "mult", "px", "pxm", "ref", "ref_kind")
+
+    def __init__(self, contract_size: Decimal) -> None:
+        self.last: Decimal | None = None
+        self.bid: Decimal | None = None
+        self.ask: Decimal | None = None
+        self.ref: Decimal | None = None  # mid, else last: the price-band reference
+        self.ref_kind = "last"
+        self.px: Decimal | None = None  # valuation price: ref, else the first approved order's price
+        self.mult = contract_size
+        self.pxm: Decimal | None = None  # px x contract size
+        self.legs: list[_Leg] = []
+
+
+class _Exposure:
+    """Running worst-case sums of one account over all its legs."""
+
+    __slots__ = ("gross", "net_hi", "net_lo")
+
+    def __init__(self) -> None:
+        self.gross = _ZERO
+        self.net_hi = _ZERO  # every open buy filled
+        self.net_lo = _ZERO  # every open sell filled
+
+
+class _Leg:
+    """Position and open quantity of one scope (account or account+strategy) in one market."""
+
+    __slots__ = ("buy", "exposure", "g", "hi", "lo", "market", "pos", "sell")
+
+    def __init__(self, market: _Market, exposure: _Exposure | None) -> None:
+        self.pos = _ZERO  # filled, signed
+        self.buy = _ZERO  # open buy quantity (approved, not filled, not closed)
+        self.sell = _ZERO
+        self.market = market
+        self.exposure = exposure  # account legs only
+        self.g = _ZERO  # contributions last added to the exposure sums
+        self.hi = _ZERO
+        self.lo = _ZERO
+
+    def revalue(self) -> None:
+        pxm = self.market.pxm
+        if pxm is None:
+            return
+        pos = self.pos
+        hi = (pos + self.buy) * pxm
+        lo = (pos - self.sell) * pxm
+        g = hi if hi > -lo else -lo  # max(|hi|, |lo|), as lo <= hi
+        exp = self.exposure
+        if exp is not None:
+            exp.gross += g - self.g
+            exp.net_hi += hi - self.hi
+            exp.net_lo += lo - self.lo
+        self.g, self.hi, self.lo = g, hi, lo
+
+
+class _Counter:
+    """Open orders and recent approvals of one scope."""
+
+    __slots__ = ("open", "times")
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.times: deque[datetime] = deque()
+
+
+class _Route:
+    """Everything one (account, strategy, exchange, symbol) needs, resolved once."""
+
+    __slots__ = (
+        "account",
+        "acct_counter",
+        "acct_leg",
+        "band",
+        "exchange",
+        "exposure",
+        "gross",
+        "instrument",
+        "limits",
+        "market",
+        "max_open",
+        "max_qty",
+        "needs_price",
+        "net",
+        "notional",
+        "open_counter",
+        "open_scope",
+        "pos_leg",
+        "position",
+        "rate",
+        "rate_counter",
+        "rate_counters",
+        "rate_scope",
+        "strat_counter",
+        "strat_leg",
+        "strategy",
+        "sym_counter",
+        "symbol",
+    )
+
+    account: str
+    strategy: str
+    exchange: str
+    symbol: str
+    limits: ResolvedLimits
+    instrument: Instrument | None
+    market: _Market
+    acct_leg: _Leg
+    strat_leg: _Leg
+    pos_leg: _Leg
+    exposure: _Exposure
+    acct_counter: _Counter
+    strat_counter: _Counter
+    sym_counter: _Counter
+    open_counter: _Counter
+    rate_counter: _Counter
+    rate_counters: tuple[_Counter, ...]
+    open_scope: str
+    rate_scope: str
+    max_qty: Limit | None
+    notional: Limit | None
+    band: Limit | None
+    max_open: Limit | None
+    rate: Limit | None
+    position: Limit | None
+    gross: Limit | None
+    net: Limit | None
+    needs_price: bool
+
+
+class _Open:
+    __slots__ = ("buy", "client_order_id", "intent_id", "remaining", "route")
+
+    def __init__(self, route: _Route, buy: bool, remaining: Decimal, client_order_id: str, intent_id: str) -> None:
+        self.route = route
+        self.buy = buy
+        self.remaining = remaining
+        self.client_order_id = client_order_id
+        self.intent_id = intent_id
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+
+class RiskEngine:
+    """Pre-trade gate and post-trade watchdog of one process (one risk worker sees all intents of an
+    account in order: DESIGN.md §3). Not thread-safe: call it from one thread / event loop."""
+
+    def __init__(
+        self,
+        limits: RiskConfig,
+        portfolio: PortfolioView | None = None,
+        *,
+        clock: Callable[[], datetime] = system_clock,
+        instruments: Mapping[tuple[str, str], Instrument] | None = None,
+        kill_switch: KillSwitch | None = None,
+        recorder: DecisionSink | None = None,
+        state_store: RiskStateStorage | None = None,
+    ) -> None:
+        self.limits = limits
+        self.portfolio = portfolio
+        self._clock = clock
+        self._instruments: dict[tuple[str, str], Instrument] = dict(instruments or {})
+        self.kill_switch = kill_switch if kill_switch is not None else KillSwitch(clock=clock)
+        self.recorder = recorder
+        self._state: RiskStateStorage = state_store if state_store is not None else InMemoryRiskStateStore()
+
+        self._routes: dict[tuple[str, str, str, str], _Route] = {}
+        self._markets: dict[tuple[str, str], _Market] = {}
+        self._acct_legs: dict[tuple[str, str, str], _Leg] = {}
+        self._strat_legs: dict[tuple[str, str, str, str], _Leg] = {}
+        self._exposures: dict[str, _Exposure] = {}
+        self._counters: dict[tuple[str, ...], _Counter] = {}
+        self._open: dict[str, _Open] = {}  # by client order id
+        self._open_by_intent: dict[str, _Open] = {}
+        self._seen_fills: dict[tuple[str, str, str], None] = {}
+        self._rate_scopes = _rate_scopes(limits)
+
+        # post-trade
+        reset = datetime.strptime(limits.daily_reset_utc, "%H:%M").time()  # noqa: DTZ007 (a time of day)
+        self._reset_time = time(reset.hour, reset.minute, tzinfo=UTC)
+        self._day_start = self.day_start_for(clock())
+        self._next_reset = self._day_start + _DAY
+        self._anchors: dict[str, Decimal] = {}  # "account:<a>" / "strategy:<s>" → PnL at the day's start
+        self._peaks: dict[str, Decimal] = {}
+        self._tripped: set[tuple[str, str]] = set()  # (rule, scope) already acted on
+        self._accounts: set[str] = set()
+        self._strategies: set[str] = set()
+        self._post_limits: dict[tuple[str, str], ResolvedLimits] = {}
+        self.kill_switch.subscribe(self._on_kill_switch)
+        if portfolio is not None:  # start from the filled positions the portfolio holds (restart)
+            for strategy in portfolio.strategies():
+                self.load_positions(portfolio.positions(strategy=strategy, include_flat=False))
+
+    # --- pre-trade -------------------------------------------------------------------------------
+
+    def check(self, intent: OrderIntent) -> RiskDecision:
+        """Approve or reject ``intent``; an approval reserves it as an open order (worst case)."""
+        now = self._clock()
+        if now >= self._next_reset:
+            self.new_day(now)
+        known = self._open_by_intent.get(intent.intent_id)
+        if known is not None:  # a replayed intent whose order is still open: same answer, no new reservation
+            return self._decide(intent, now, None, None, {"duplicate": True, "client_order_id": known.client_order_id})
+        key = (intent.account, intent.strategy, intent.exchange, intent.symbol)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._route(key)
+
+        buy = intent.side is Side.BUY
+        qty = intent.quantity
+
+        # kill switch and reduce-only
+        ks = self.kill_switch
+        if ks.active:
+            mode, scope = ks.effective(route.account, route.strategy)
+            if mode is KillSwitchMode.HALT:
+                return self._reject(
+                    intent,
+                    now,
+                    "kill_switch",
+                    f"kill switch halt ({scope}): no new orders",
+                    {"scope": scope, "mode": "halt"},
+                )
+            if mode is KillSwitchMode.REDUCE_ONLY:
+                leg = route.strat_leg if scope.startswith("strategy:") else route.acct_leg
+                problem = _not_reducing(leg, buy, qty)
+                if problem is not None:
+                    return self._reject(
+                        intent,
+                        now,
+                        "kill_switch",
+                        f"kill switch reduce_only ({scope}): {problem}",
+                        {"scope": scope, "mode": "reduce_only"},
+                    )
+        if intent.reduce_only:
+            problem = _not_reducing(route.acct_leg, buy, qty)
+            if problem is not None:
+                return self._reject(intent, now, "reduce_only", f"reduce-only intent: {problem}", {})
+
+        market = route.market
+        price = intent.price
+        order_px = (
+            price if price is not None else (intent.trigger_price if intent.trigger_price is not None else market.ref)
+        )
+
+        # venue rules
+        inst = route.instrument
+        if inst is None:
+            return self._reject(
+                intent,
+                now,
+                "instrument",
+                f"no instrument known for {route.exchange}:{route.symbol}: "
+                "precision and minimum notional cannot be checked",
+                {},
+            )
+        problem_limit = _instrument_problem(inst, qty, price, order_px)
+        if problem_limit is not None:
+            return self._instrument_reject(intent, now, inst, qty, price, order_px, problem_limit)
+
+        if order_px is None:
+            if route.needs_price:
+                return self._reject(
+                    intent,
+                    now,
+                    "reference_price",
+                    f"no price to value a {intent.type.value} order on {route.exchange}:{route.symbol}: "
+                    "no last trade or mid yet",
+                    {},
+                )
+            order_notional = _ZERO
+        else:
+            order_notional = order_px * qty * market.mult
+
+        lim = route.max_qty
+        if lim is not None and qty > lim.value:
+            return self._limit_reject(intent, now, lim, "max_order_quantity", qty, f"order quantity {qty}")
+        lim = route.notional
+        if lim is not None and order_notional > lim.value:
+            return self._limit_reject(
+                intent, now, lim, "max_order_notional", order_notional, f"order notional {order_notional}"
+            )
+
+        lim = route.band
+        if lim is not None and price is not None:
+            ref = market.ref
+            if ref is None:
+                return self._reject(
+                    intent,
+                    now,
+                    "price_band_bps",
+                    f"no last trade or mid for {route.exchange}:{route.symbol} to check the price band "
+                    f"(price_band_bps {lim.value}, {lim.source})",
+                    {"limit": str(lim.value), "source": lim.source},
+                )
+            if abs(price - ref) * _BPS > lim.value * ref:
+                bps = (abs(price - ref) * _BPS / ref).quantize(Decimal("0.01"))
+                return self._limit_reject(
+                    intent,
+                    now,
+                    lim,
+                    "price_band_bps",
+                    bps,
+                    f"limit price {price} is {bps} bps from the {market.ref_kind} {ref}",
+                )
+
+        lim = route.max_open
+        if lim is not None:
+            n = route.open_counter.open
+            if n >= lim.value:
+                return self._limit_reject(
+                    intent,
+                    now,
+                    lim,
+                    "max_open_orders",
+                    Decimal(n + 1),
+                    f"{n} orders already open for {route.open_scope}; this would be {n + 1}",
+                )
+        lim = route.rate
+        if lim is not None:
+            times = route.rate_counter.times
+            cutoff = now - _WINDOW
+            while times and times[0] <= cutoff:
+                times.popleft()
+            n = len(times)
+            if n >= lim.value:
+                return self._limit_reject(
+                    intent,
+                    now,
+                    lim,
+                    "orders_per_minute",
+                    Decimal(n + 1),
+                    f"{n} orders approved in the last 60 s for {route.rate_scope}; this would be {n + 1}",
+                )
+
+        # worst-case position and exposure. An intent only moves one side of the worst case (a buy:
+        # "every open buy fills"), and it is refused only when that side becomes the largest in
+        # absolute value and too large: for a buy, hi' > -lo and hi' x price > limit.
+        pxm = market.pxm
+        if pxm is None and order_px is not None:
+            pxm = order_px * market.mult
+        if pxm is not None:
+            lim = route.position
+            if lim is not None:
+                leg = route.pos_leg
+                if buy:
+                    worst = leg.pos + leg.buy + qty
+                    grows = worst > leg.sell - leg.pos
+                else:
+                    worst = leg.pos - leg.sell - qty
+                    grows = -worst > leg.pos + leg.buy
+                if grows and abs(worst) * pxm > lim.value:
+                    owner = f"strategy {route.strategy}" if lim.scope == "strategy" else f"account {route.account}"
+                    return self._limit_reject(
+                        intent,
+                        now,
+                        lim,
+                        "max_position_notional",
+                        abs(worst) * pxm,
+                        f"worst-case position {worst} {route.symbol} on {route.exchange} ({owner}) "
+                        f"would be worth {abs(worst) * pxm}",
+                    )
+            lim = route.gross
+            net_lim = route.net
+            if lim is not None or net_lim is not None:
+                acct = route.acct_leg
+                exp = route.exposure
+                if lim is not None:
+                    if buy:
+                        worst = acct.pos + acct.buy + qty
+                        grows = worst > acct.sell - acct.pos
+                    else:
+                        worst = acct.sell - acct.pos + qty
+                        grows = worst > acct.pos + acct.buy
+                    if grows:
+                        gross = exp.gross - acct.g + worst * pxm
+                        if gross > lim.value:
+                            return self._limit_reject(
+                                intent,
+                                now,
+                                lim,
+                                "max_gross_exposure",
+                                gross,
+                                f"worst-case gross exposure of account {route.account} would be {gross}",
+                            )
+                if net_lim is not None:
+                    if buy:
+                        net = exp.net_hi + qty * pxm
+                        grows = net > -exp.net_lo
+                    else:
+                        net = qty * pxm - exp.net_lo
+                        grows = net > exp.net_hi
+                    if grows and net > net_lim.value:
+                        return self._limit_reject(
+                            intent,
+                            now,
+                            net_lim,
+                            "max_net_exposure",
+                            net,
+                            f"worst-case net exposure of account {route.account} would be {net}",
+                        )
+
+        # approved: reserve as if filled
+        if market.px is None and order_px is not None:
+            self._set_value_price(market, order_px)
+        intent_id = intent.intent_id
+        self._reserve(route, buy, qty, client_order_id_for(intent_id), intent_id, now)
+        decision = RiskDecision(
+            intent_id,
+            True,
+            None,
+            _APPROVED_REASON,
+            now,
+            {},
+            route.account,
+            route.strategy,
+            route.exchange,
+            route.symbol,
+        )
+        if self.recorder is not None:
+            self.recorder.record(decision)
+        return decision
+
+    def _decide(
+        self, intent: OrderIntent, now: datetime, rule: str | None, reason: str | None, details: dict[str, Any]
+    ) -> RiskDecision:
+        decision = RiskDecision(
+            intent.intent_id,
+            rule is None,
+            rule,
+            reason if rule is not None else _APPROVED_REASON,
+            now,
+            details,
+            intent.account,
+            intent.strategy,
+            intent.exchange,
+            intent.symbol,
+        )
+        if self.recorder is not None:
+            self.recorder.record(decision)
+        return decision
+
+    def _reject(
+        self, intent: OrderIntent, now: datetime, rule: str, reason: str, details: dict[str, Any]
+    ) -> RiskDecision:
+        return self._decide(intent, now, rule, reason, details)
+
+    def _limit_reject(
+        self, intent: OrderIntent, now: datetime, lim: Limit, rule: str, value: Decimal, what: str
+    ) -> RiskDecision:
+        reason = f"{what}: exceeds {rule} {lim.value} ({lim.source})"
+        return self._decide(
+            intent, now, rule, reason, {"value": str(value), "limit": str(lim.value), "source": lim.source}
+        )
+
+    def _instrument_reject(
+        self,
+        intent: OrderIntent,
+        now: datetime,
+        inst: Instrument,
+        qty: Decimal,
+        price: Decimal | None,
+        order_px: Decimal | None,
+        limit: str,
+    ) -> RiskDecision:
+        try:
+            inst.validate_order(price, qty)
+        except InvalidOrderError as exc:
+            return self._reject(intent, now, "instrument", str(exc), {"limit": exc.details.get("limit", limit)})
+        # validate_order skips notional without a limit price: a market order valued at the reference
+        assert order_px is not None
+        notional = order_px * qty * inst.contract_size
+        bound = (
+            f"below min_notional {inst.min_notional}"
+            if limit == "min_notional"
+            else f"above max_notional {inst.max_notional}"
+        )
+        text = f"{inst.key}: notional {notional} at the reference price {order_px} is {bound}"
+        return self._reject(intent, now, "instrument", text, {"limit": limit})
+
+    # --- open orders -----------------------------------------------------------------------------
+
+    def on_order_open(self, client_order_id: str, intent: OrderIntent) -> None:
+        """Count an order as open (worst case). ``check`` already did this for the orders it approved;
+        call it for orders found open on start-up (recovery). Idempotent."""
+        if client_order_id in self._open:
+            return
+        key = (intent.account, intent.strategy, intent.exchange, intent.symbol)
+        route = self._routes.get(key) or self._route(key)
+        market = route.market
+        if market.px is None:
+            px = intent.price if intent.price is not None else intent.trigger_price
+            if px is not None:
+                self._set_value_price(market, px)
+        self._reserve(route, intent.side is Side.BUY, intent.quantity, client_order_id, intent.intent_id, self._clock())
+
+    def on_order_closed(self, client_order_id: str) -> None:
+        """The order is done (cancelled, rejected, expired, filled): release what is left of it.
+        Also call it when an approved intent is never sent. Idempotent."""
+        order = self._open.pop(client_order_id, None)
+        if order is None:
+            return
+        self._open_by_intent.pop(order.intent_id, None)
+        route = order.route
+        self._unreserve(route, order.buy, order.remaining)
+        route.acct_counter.open -= 1
+        route.strat_counter.open -= 1
+        route.sym_counter.open -= 1
+
+    def open_order_count(self) -> int:
+        return len(self._open)
+
+    def _reserve(
+        self, route: _Route, buy: bool, qty: Decimal, client_order_id: str, intent_id: str, now: datetime
+    ) -> None:
+        acct, strat = route.acct_leg, route.strat_leg
+        if buy:
+            acct.buy += qty
+            strat.buy += qty
+        else:
+            acct.sell += qty
+            strat.sell += qty
+        acct.revalue()
+        order = _Open(route, buy, qty, client_order_id, intent_id)
+        self._open[client_order_id] = order
+        self._open_by_intent[intent_id] = order
+        route.acct_counter.open += 1
+        route.strat_counter.open += 1
+        route.sym_counter.open += 1
+        if route.rate_counters:
+            cutoff = now - _WINDOW
+            for counter in route.rate_counters:
+                times = counter.times
+                times.append(now)
+                while times[0] <= cutoff:
+                    times.popleft()
+
+    def _unreserve(self, route: _Route, buy: bool, qty: Decimal) -> None:
+        if qty <= 0:
+            return
+        acct, strat = route.acct_leg, route.strat_leg
+        if buy:
+            acct.buy -= qty
+            strat.buy -= qty
+        else:
+            acct.sell -= qty
+            strat.sell -= qty
+        acct.revalue()
+
+    # --- fills and market data -------------------------------------------------------------------
+
+    def on_fill(self, fill: Fill, *, account: str, strategy: str) -> list[Breach]:
+        """Move the filled quantity from its open order into the position, then run the post-trade
+        checks. A redelivered fill (same exchange, account and fill id) is ignored."""
+        dedupe = (fill.exchange, account, fill.fill_id)
+        if dedupe in self._seen_fills:
+            return []
+        self._seen_fills[dedupe] = None
+        if len(self._seen_fills) > 200_000:  # bounded memory: forget the oldest half
+            for old in list(self._seen_fills)[:100_000]:
+                del self._seen_fills[old]
+        order = self._open.get(fill.client_order_id)
+        route = order.route if order is not None else None
+        if route is None or route.exchange != fill.exchange or route.symbol != fill.symbol:
+            key = (account, strategy, fill.exchange, fill.symbol)
+            route = self._routes.get(key) or self._route(key)
+            order = None
+        signed = fill.quantity if fill.side is Side.BUY else -fill.quantity
+        acct, strat = route.acct_leg, route.strat_leg
+        acct.pos += signed
+        strat.pos += signed
+        if order is not None:
+            take = min(fill.quantity, order.remaining)
+            order.remaining -= take
+            if order.buy:
+                acct.buy -= take
+                strat.buy -= take
+            else:
+                acct.sell -= take
+                strat.sell -= take
+        market = route.market
+        if market.px is None:
+            self._set_value_price(market, fill.price)
+        acct.revalue()
+        if order is not None and order.remaining <= 0:
+            self.on_order_closed(order.client_order_id)
+        now = self._clock()
+        if now >= self._next_reset:
+            self.new_day(now)
+        return self._evaluate(route.account, route.strategy, now)
+
+    def on_market(
+        self, exchange: str, symbol: str, last: Decimal, bid: Decimal | None = None, ask: Decimal | None = None
+    ) -> list[Breach]:
+        """New prices: the price-band reference (mid when bid and ask are known, else last) and the
+        valuation of every position in the market. Runs the post-trade checks of the accounts that
+        hold the market (the portfolio should be marked first)."""
+        market = self._market(exchange, symbol)
+        market.last = last
+        market.bid, market.ask = bid, ask
+        if bid is not None and ask is not None and bid > 0 and ask > 0:
+            market.ref, market.ref_kind = (bid + ask) / _TWO, "mid"
+        else:
+            market.ref, market.ref_kind = last, "last"
+        self._set_value_price(market, market.ref)
+        now = self._clock()
+        if now >= self._next_reset:
+            self.new_day(now)
+        breaches: list[Breach] = []
+        if self.portfolio is None:
+            return breaches
+        held = {(key[0], key[1]) for key, leg in self._strat_legs.items() if leg.market is market and leg.pos != 0}
+        for account, strategy in sorted(held):
+            breaches.extend(self._evaluate(account, strategy, now))
+        return breaches
+
+    def _set_value_price(self, market: _Market, px: Decimal) -> None:
+        if market.px == px:
+            return
+        market.px = px
+        market.pxm = px * market.mult
+        for leg in market.legs:
+            leg.revalue()
+
+    # --- post-trade ------------------------------------------------------------------------------
+
+    def day_start_for(self, ts: datetime) -> datetime:
+        """Start of the risk day containing ``ts`` (the latest ``daily_reset_utc`` at or before it)."""
+        ts = ts.astimezone(UTC)
+        start = datetime.combine(ts.date(), self._reset_time)
+        return start if start <= ts else start - _DAY
+
+    def new_day(self, ts: datetime) -> None:
+        """Reset the daily loss counters: today's PnL is measured from here. Called from the clock
+        when ``daily_reset_utc`` passes; callable by hand. The kill switch is not released."""
+        self._day_start = self.day_start_for(ts)
+        self._next_reset = self._day_start + _DAY
+        self._tripped = {(rule, scope) for rule, scope in self._tripped if rule == "max_drawdown_pct"}
+        self._anchors.clear()
+        for account in sorted(self._accounts):
+            self._anchor(f"account:{account}", ts)
+        for strategy in sorted(self._strategies):
+            self._anchor(f"strategy:{strategy}", ts)
+
+    def evaluate(self, account: str, strategy: str | None = None) -> list[Breach]:
+        """Run the post-trade checks of ``account`` (and ``strategy``) now."""
+        now = self._clock()
+        if now >= self._next_reset:
+            self.new_day(now)
+        if strategy is None:
+            return self._evaluate_account(account, now)
+        return self._evaluate(account, strategy, now)
+
+    def _evaluate(self, account: str, strategy: str, now: datetime) -> list[Breach]:
+        if self.portfolio is None:
+            return []
+        breaches = self._evaluate_account(account, now)
+        limits = self._scope_limits(account, strategy)
+        lim = limits.strategy_loss_limit
+        if lim is not None:
+            scope = f"strategy:{strategy}"
+            loss = self._anchor(scope, now) - self._pnl(scope)
+            if loss > lim.value:
+                breach = self._breach(
+                    "strategy_loss_limit",
+                    scope,
+                    loss,
+                    lim,
+                    now,
+                    limits.strategy_breach_action,
+                    f"strategy {strategy} lost {loss} since {self._day_start.isoformat()}",
+                    account=account,
+                    strategy=strategy,
+                )
+                if breach is not None:
+                    breaches.append(breach)
+        return breaches
+
+    def _evaluate_account(self, account: str, now: datetime) -> list[Breach]:
+        if self.portfolio is None:
+            return []
+        limits = self._scope_limits(account, "")
+        breaches: list[Breach] = []
+        scope = f"account:{account}"
+        lim = limits.daily_loss_limit
+        if lim is not None:
+            loss = self._anchor(scope, now) - self._pnl(scope)
+            if loss > lim.value:
+                breach = self._breach(
+                    "daily_loss_limit",
+                    scope,
+                    loss,
+                    lim,
+                    now,
+                    limits.breach_action,
+                    f"account {account} lost {loss} (realized + unrealized) since {self._day_start.isoformat()}",
+                    account=account,
+                )
+                if breach is not None:
+                    breaches.append(breach)
+        lim = limits.max_drawdown_pct
+        if lim is not None:
+            equity = Decimal(self.portfolio.equity(account))
+            peak = self._peak(account, equity, now)
+            if peak > 0:
+                drawdown = (peak - equity) * _HUNDRED / peak
+                if drawdown > lim.value:
+                    breach = self._breach(
+                        "max_drawdown_pct",
+                        scope,
+                        drawdown.quantize(Decimal("0.0001")),
+                        lim,
+                        now,
+                        limits.breach_action,
+                        f"account {account} equity {equity} is {drawdown.quantize(Decimal('0.01'))}% "
+                        f"below its peak {peak}",
+                        account=account,
+                    )
+                    if breach is not None:
+                        breaches.append(breach)
+        return breaches
+
+    def _scope_limits(self, account: str, strategy: str) -> ResolvedLimits:
+        # Account- and strategy-wide limits do not depend on the symbol.
+        limits = self._post_limits.get((account, strategy))
+        if limits is None:
+            limits = self._post_limits[(account, strategy)] = resolve_limits(self.limits, account, strategy, "")
+        return limits
+
+    def _breach(
+        self,
+        rule: str,
+        scope: str,
+        value: Decimal,
+        lim: Limit,
+        now: datetime,
+        action: str,
+        what: str,
+        *,
+        account: str | None = None,
+        strategy: str | None = None,
+    ) -> Breach | None:
+        if (rule, scope) in self._tripped:
+            return None
+        self._tripped.add((rule, scope))
+        mode = KillSwitchMode.parse(action)
+        breach = Breach(
+            rule=rule,
+            scope=scope,
+            value=value,
+            limit=lim.value,
+            source=lim.source,
+            reason=f"{what}: exceeds {rule} {lim.value} ({lim.source}); kill switch {mode.value}",
+            ts=now,
+            action=mode,
+            account=account,
+            strategy=strategy,
+        )
+        log.error("risk breach: %s", breach.reason)
+        if self.recorder is not None:
+            self.recorder.record_breach(breach)
+        if self.kill_switch.state_of(scope).mode.severity < mode.severity:
+            self.kill_switch.engage(
+                mode,
+                breach.reason,
+                _ACTOR,
+                scope=scope,
+                details={"rule": rule, "value": value, "limit": lim.value, "source": lim.source},
+            )
+        return breach
+
+    def _pnl(self, scope: str) -> Decimal:
+        assert self.portfolio is not None
+        kind, _, name = scope.partition(":")
+        pnl = self.portfolio.pnl(account=name) if kind == "account" else self.portfolio.pnl(strategy=name)
+        return Decimal(pnl.total)
+
+    def _anchor(self, scope: str, now: datetime) -> Decimal:
+        anchor = self._anchors.get(scope)
+        if anchor is not None:
+            return anchor
+        key = f"daily_anchor:{scope}"
+        day = self._day_start.isoformat()
+        stored = self._state.get(key)
+        if stored is not None and stored.get("day") == day:
+            anchor = Decimal(str(stored["pnl"]))
+        else:
+            anchor = self._pnl(scope) if self.portfolio is not None else _ZERO
+            self._state.put(key, {"day": day, "pnl": anchor}, now)
+        self._anchors[scope] = anchor
+        return anchor
+
+    def _peak(self, account: str, equity: Decimal, now: datetime) -> Decimal:
+        peak = self._peaks.get(account)
+        if peak is None:
+            stored = self._state.get(f"equity_peak:{account}")
+            peak = Decimal(str(stored["peak"])) if stored is not None else None
+        if peak is None or equity > peak:
+            peak = equity
+            self._state.put(f"equity_peak:{account}", {"peak": peak, "ts": now}, now)
+        self._peaks[account] = peak
+        return peak
+
+    def reset_equity_peak(self, account: str) -> None:
+        """Start the drawdown measurement again from the current equity (after a deliberate review)."""
+        self._peaks.pop(account, None)
+        if self.portfolio is not None:
+            equity = Decimal(self.portfolio.equity(account))
+            now = self._clock()
+            self._peaks[account] = equity
+            self._state.put(f"equity_peak:{account}", {"peak": equity, "ts": now}, now)
+        self._tripped.discard(("max_drawdown_pct", f"account:{account}"))
+
+    def _on_kill_switch(self, change: KillSwitchChange) -> None:
+        # Released by hand: a limit still broken trips it again on the next evaluation.
+        if change.current.mode is KillSwitchMode.OFF:
+            if change.scope == GLOBAL:
+                self._tripped.clear()
+            else:
+                self._tripped = {t for t in self._tripped if t[1] != change.scope}
+
+    # --- positions -------------------------------------------------------------------------------
+
+    def load_positions(self, positions: Iterable[Position]) -> None:
+        """Seed filled strategy positions (sub-ledgers) on start-up. The constructor does this from the
+        portfolio it is given; call it only for positions that portfolio does not hold."""
+        for position in positions:
+            key = (position.account, position.strategy, position.exchange, position.symbol)
+            route = self._routes.get(key) or self._route(key)
+            route.acct_leg.pos += position.quantity
+            route.strat_leg.pos += position.quantity
+            if route.market.px is None and position.avg_entry_price is not None:
+                self._set_value_price(route.market, position.avg_entry_price)
+            route.acct_leg.revalue()
+
+    def worst_case_position(
+        self, account: str, exchange: str, symbol: str, strategy: str | None = None
+    ) -> tuple[Decimal, Decimal, Decimal]:
+        """(filled position, if every open buy fills, if every open sell fills)."""
+        leg = (
+            self._acct_legs.get((account, exchange, symbol))
+            if strategy is None
+            else self._strat_legs.get((account, strategy, exchange, symbol))
+        )
+        if leg is None:
+            return _ZERO, _ZERO, _ZERO
+        return leg.pos, leg.pos + leg.buy, leg.pos - leg.sell
+
+    def exposure(self, account: str) -> tuple[Decimal, Decimal]:
+        """Worst-case (gross, |net|) of ``account`` at the current valuation prices."""
+        exp = self._exposures.get(account)
+        if exp is None:
+            return _ZERO, _ZERO
+        return exp.gross, max(abs(exp.net_hi), abs(exp.net_lo))
+
+    def resolved_limits(self, account: str, strategy: str, exchange: str, symbol: str) -> ResolvedLimits:
+        key = (account, strategy, exchange, symbol)
+        route = self._routes.get(key) or self._route(key)
+        return route.limits
+
+    # --- routes ----------------------------------------------------------------------------------
+
+    def _market(self, exchange: str, symbol: str) -> _Market:
+        market = self._markets.get((exchange, symbol))
+        if market is None:
+            inst = self._instruments.get((exchange, symbol))
+            market = _Market(inst.contract_size if inst is not None else Decimal(1))
+            self._markets[(exchange, symbol)] = market
+        return market
+
+    def _counter(self, key: tuple[str, ...]) -> _Counter:
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = _Counter()
+        return counter
+
+    def _route(self, key: tuple[str, str, str, str]) -> _Route:
+        account, strategy, exchange, symbol = key
+        limits = resolve_limits(self.limits, account, strategy, symbol)
+        market = self._market(exchange, symbol)
+        exposure = self._exposures.get(account)
+        if exposure is None:
+            exposure = self._exposures[account] = _Exposure()
+        acct_leg = self._acct_legs.get((account, exchange, symbol))
+        if acct_leg is None:
+            acct_leg = self._acct_legs[(account, exchange, symbol)] = _Leg(market, exposure)
+            market.legs.append(acct_leg)
+        strat_leg = self._strat_legs.get(key)
+        if strat_leg is None:
+            strat_leg = self._strat_legs[key] = _Leg(market, None)
+
+        r = _Route()
+        r.account, r.strategy, r.exchange, r.symbol = key
+        r.limits = limits
+        r.instrument = self._instruments.get((exchange, symbol))
+        r.market = market
+        r.acct_leg, r.strat_leg, r.exposure = acct_leg, strat_leg, exposure
+        r.acct_counter = self._counter(("account", account))
+        r.strat_counter = self._counter(("strategy", account, strategy))
+        r.sym_counter = self._counter(("symbol", account, symbol))
+        scoped = {
+            "account": (r.acct_counter, f"account {account}"),
+            "strategy": (r.strat_counter, f"strategy {strategy} in account {account}"),
+            "symbol": (r.sym_counter, f"{symbol} in account {account}"),
+        }
+        r.max_qty = limits.max_order_quantity
+        r.notional = limits.max_order_notional
+        r.band = limits.price_band_bps
+        r.max_open = limits.max_open_orders
+        r.rate = limits.orders_per_minute
+        r.position = limits.max_position_notional
+        r.gross = limits.max_gross_exposure
+        r.net = limits.max_net_exposure
+        r.open_counter, r.open_scope = scoped[r.max_open.scope if r.max_open is not None else "account"]
+        r.rate_counter, r.rate_scope = scoped[r.rate.scope if r.rate is not None else "account"]
+        r.rate_counters = tuple(
+            scoped[scope][0] for scope in ("account", "strategy", "symbol") if scope in self._rate_scopes
+        )
+        r.pos_leg = strat_leg if r.position is not None and r.position.scope == "strategy" else acct_leg
+        inst = r.instrument
+        r.needs_price = any(x is not None for x in (r.notional, r.position, r.gross, r.net)) or (
+            inst is not None and (inst.min_notional is not None or inst.max_notional is not None)
+        )
+        self._routes[key] = r
+        self._accounts.add(account)
+        self._strategies.add(strategy)
+        return r
+
+
+def _rate_scopes(config: RiskConfig) -> set[str]:
+    """The scopes some ``orders_per_minute`` is measured on: only those keep approval timestamps."""
+    scopes: set[str] = set()
+    if config.orders_per_minute is not None or any(a.orders_per_minute is not None for a in config.accounts.values()):
+        scopes.add("account")
+    if any(s.orders_per_minute is not None for s in config.strategies.values()):
+        scopes.add("strategy")
+    if any(s.orders_per_minute is not None for s in config.symbols.values()):
+        scopes.add("symbol")
+    return scopes
+
+
+def _not_reducing(leg: _Leg, buy: bool, qty: Decimal) -> str | None:
+    """Why a ``qty`` order would not reduce ``leg`` even in the worst case (all open reducing orders
+    fill too), or ``None`` when it reduces."""
+    pos = leg.pos
+    if buy:
+        if pos < 0 and pos + leg.buy + qty <= 0:
+            return None
+        return f"buy {qty} would not reduce the position {pos} (open buys {leg.buy})"
+    if pos > 0 and pos - leg.sell - qty >= 0:
+        return None
+    return f"sell {qty} would not reduce the position {pos} (open sells {leg.sell})"
+
+
+def _instrument_problem(inst: Instrument, qty: Decimal, price: Decimal | None, order_px: Decimal | None) -> str | None:
+    """The first venue rule broken (its field name), or ``None``: a fast equivalent of
+    ``Instrument.validate_order`` (which then words the rejection)."""
+    if not _multiple(qty, inst.step_size):
+        return "step_size"
+    lo, hi = inst.min_quantity, inst.max_quantity
+    if lo is not None and qty < lo:
+        return "min_quantity"
+    if hi is not None and qty > hi:
+        return "max_quantity"
+    if price is not None:
+        if not _multiple(price, inst.tick_size):
+            return "tick_size"
+        lo, hi = inst.min_price, inst.max_price
+        if lo is not None and lo > 0 and price < lo:
+            return "min_price"
+        if hi is not None and hi > 0 and price > hi:
+            return "max_price"
+    if order_px is not None and (inst.min_notional is not None or inst.max_notional is not None):
+        notional = order_px * qty * inst.contract_size
+        lo, hi = inst.min_notional, inst.max_notional
+        if lo is not None and notional < lo:
+            return "min_notional"
+        if hi is not None and hi > 0 and notional > hi:
+            return "max_notional"
+    return None
+
+
+def _multiple(value: Decimal, step: Decimal) -> bool:
+    # Exact in the default context while value / step < 10**28; beyond, the slow exact path.
+    try:
+        return value % step == 0
+    except InvalidOperation:
+        return is_multiple_of(value, step)

@@ -1,0 +1,97 @@
+"""Risk limits in the configuration: overrides per account, strategy and symbol, validated."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from meltica.config import load_settings
+from meltica.config.settings import ENVIRONMENTS, RiskLimits
+from meltica.errors import ConfigurationError
+from meltica.risk import resolve_limits
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(body)
+    return path
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_packaged_environments_load_with_the_new_risk_keys(env: str) -> None:
+    risk = load_settings(env).risk
+    assert risk.max_drawdown_pct is not None and risk.max_net_exposure is not None
+    assert risk.breach_action == "halt" and risk.daily_reset_utc == "00:00"
+    assert risk.symbols["BTC/USDT"].max_order_quantity is not None
+
+
+def test_most_specific_wins_and_names_its_source() -> None:
+    limits = RiskLimits.model_validate(
+        {
+            "max_order_notional": 1000,
+            "max_open_orders": 20,
+            "max_position_notional": 5000,
+            "max_position_notional_by_symbol": {"ETH/USDT": 2000},
+            "breach_action": "reduce_only",
+            "accounts": {"main": {"max_order_notional": 800, "max_gross_exposure": 9000, "breach_action": "halt"}},
+            "strategies": {"mm": {"max_order_notional": 600, "max_open_orders": 5, "strategy_loss_limit": 50}},
+            "symbols": {"BTC/USDT": {"max_order_notional": 400, "max_order_quantity": "0.5"}},
+        }
+    )
+    btc = resolve_limits(limits, "main", "mm", "BTC/USDT")
+    assert btc.max_order_notional is not None and btc.max_order_notional.value == Decimal(400)
+    assert btc.max_order_notional.source == "risk.symbols.BTC/USDT.max_order_notional"
+    assert btc.max_open_orders is not None and btc.max_open_orders.scope == "strategy"
+    assert (
+        btc.max_gross_exposure is not None and btc.max_gross_exposure.source == "risk.accounts.main.max_gross_exposure"
+    )
+    assert btc.breach_action == "halt" and btc.strategy_breach_action == "halt"
+    eth = resolve_limits(limits, "main", "trend", "ETH/USDT")
+    assert eth.max_order_notional is not None and eth.max_order_notional.value == Decimal(800)
+    assert eth.max_position_notional is not None and eth.max_position_notional.value == Decimal(2000)
+    assert eth.max_open_orders is not None and eth.max_open_orders.scope == "account"
+    other = resolve_limits(limits, "other", "trend", "SOL/USDT")
+    assert other.max_order_notional is not None and other.max_order_notional.source == "risk.max_order_notional"
+    assert other.breach_action == "reduce_only" and other.strategy_loss_limit is None
+    assert limits.position_limit("ETH/USDT") == Decimal(2000)
+
+
+def test_overrides_are_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, "risk:\n  symbols:\n    BTC/USDT:\n      max_gross_exposure: 5\n")
+    with pytest.raises(ConfigurationError) as err:
+        load_settings(config_file=path)
+    assert f"{path}: risk.symbols.BTC/USDT.max_gross_exposure: unknown setting (not part of the schema)" in str(
+        err.value
+    )
+
+    path = write(tmp_path, "risk:\n  daily_reset_utc: '25:00'\n  max_drawdown_pct: 150\n  breach_action: panic\n")
+    with pytest.raises(ConfigurationError) as err:
+        load_settings(config_file=path)
+    text = str(err.value)
+    assert "risk.daily_reset_utc: '25:00' is not a UTC time of day as HH:MM" in text
+    assert "risk.max_drawdown_pct: a percentage of the equity peak: must be below 100" in text
+    assert "risk.breach_action:" in text
+
+    path = write(tmp_path, "risk:\n  strategies:\n    mm:\n      max_order_quantity: -1\n")
+    with pytest.raises(ConfigurationError) as err:
+        load_settings(config_file=path)
+    assert "risk.strategies.mm.max_order_quantity: must be > 0, got -1" in str(err.value)
+
+
+def test_limits_for_an_unknown_account_are_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "accounts:\n  - {name: main, exchange: binance}\nrisk:\n  accounts:\n    mian: {max_gross_exposure: 5}\n",
+    )
+    with pytest.raises(ConfigurationError) as err:
+        load_settings(config_file=path)
+    assert f"{path}: risk.accounts.mian: no configured account is named 'mian' (accounts: main)" in str(err.value)
+
+
+def test_environment_variables_reach_nested_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MELTICA_RISK__MAX_DRAWDOWN_PCT", "7.5")
+    settings = load_settings(config_file=write(tmp_path, "risk:\n  strategies:\n    mm: {max_open_orders: 3}\n"))
+    assert settings.risk.max_drawdown_pct == Decimal("7.5")
+    assert settings.risk.strategies["mm"].max_open_orders == 3
