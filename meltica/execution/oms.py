@@ -252,7 +252,12 @@ class OrderManager:
         except KeyError:
             raise ConfigurationError(f"no venue configured for account {account!r}", field="venues") from None
 
-    def _halted(self) -> bool:
+    def _halted(self, intent: OrderIntent | None = None) -> bool:
+        """Halted globally, or (for ``intent``) for its account or strategy: the strictest scope wins."""
+        effective = getattr(self.kill_switch, "effective", None)
+        if intent is not None and callable(effective):
+            mode, _scope = effective(intent.account, intent.strategy)
+            return str(getattr(mode, "value", mode)) == "halt"
         state = getattr(self.kill_switch, "state", None)
         mode = getattr(state, "mode", None)
         return str(getattr(mode, "value", mode)) == "halt"
@@ -450,16 +455,26 @@ class OrderManager:
             except Exception:
                 log.exception("user event of %s could not be applied", account)
 
-    def _on_kill_switch(self, state: Any) -> None:
-        mode = getattr(state, "mode", state)
+    def _on_kill_switch(self, change: Any) -> None:
+        """A kill-switch change (``meltica.risk.KillSwitchChange``, or a bare state): on halt, cancel every
+        open order in the halted scope (global, ``account:<name>`` or ``strategy:<name>``)."""
+        current = getattr(change, "current", change)
+        mode = getattr(current, "mode", current)
         if str(getattr(mode, "value", mode)) != "halt":
             return
+        scope = str(getattr(change, "scope", "global"))
+        kind, _, name = scope.partition(":")
+        filters: dict[str, str] = {}
+        if kind == "account" and name:
+            filters["account"] = name
+        elif kind == "strategy" and name:
+            filters["strategy"] = name
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             log.error("kill switch halt outside an event loop: call OrderManager.cancel_all() yourself")
             return
-        self._spawn(self.cancel_all(reason="kill switch halt"))
+        self._spawn(self.cancel_all(reason=f"kill switch halt ({scope})", **filters))
 
     # --- submit ------------------------------------------------------------------------------
 
@@ -490,7 +505,7 @@ class OrderManager:
             )
         order = Order.from_intent(intent)
         refusal: str | None = None
-        if self._halted():
+        if self._halted(intent):
             refusal = "kill switch halt"
         elif self.risk is not None:
             decision = await _maybe_await(self.risk.check(intent))

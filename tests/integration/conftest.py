@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+from sqlalchemy import Engine
 
 from meltica.infra.kafka import KafkaEndpoint, ensure_kafka
 from meltica.infra.postgres import PostgresEndpoint, ensure_postgres
@@ -46,3 +47,26 @@ def free_port() -> Callable[[], int]:
             return int(sock.getsockname()[1])
 
     return pick
+
+
+@pytest.fixture
+def fresh_database(postgres_endpoint: PostgresEndpoint) -> Iterator[Engine]:
+    """A new database migrated to head on the real server, dropped afterwards."""
+    from sqlalchemy import text
+
+    from meltica.storage import migrate
+    from meltica.storage.engine import make_engine
+
+    name = f"meltica_t_{uuid.uuid4().hex[:10]}"
+    admin = make_engine(postgres_endpoint.url)
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = make_engine(postgres_endpoint.url_for(name))
+    migrate.upgrade(engine)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
