@@ -10,6 +10,7 @@ from typing import ParamSpec, TypeVar
 import typer
 from rich.console import Console
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from meltica.errors import ConfigurationError, DataValidationError, MelticaError
 
@@ -38,6 +39,14 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except MelticaError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_FAILURE) from None
+        except OperationalError as exc:
+            # The database cannot be reached (DESIGN.md §5: infrastructure unavailable, retryable). The
+            # driver's message names host and port, never the password.
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else "unreachable"
+            err_console.print(
+                f"[bold red]error:[/] the database is unavailable: {reason}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper

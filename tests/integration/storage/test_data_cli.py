@@ -94,3 +94,15 @@ def test_db_upgrade_downgrade_commands(empty_database: Engine) -> None:
     down = meltica(empty_database, "db", "downgrade", "base")
     assert down.returncode == 0, down.stderr
     assert "at revision base" in down.stdout
+
+
+def test_unreachable_database_is_one_clear_line_not_a_traceback() -> None:
+    env = {**os.environ, "MELTICA_DATABASE_URL": "postgresql://meltica:hunter2-secret@127.0.0.1:1/none"}
+    for args in (["data", "summary"], ["kill", "status"], ["db", "current"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "meltica", *args], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        assert result.returncode == 1, args
+        assert "database is unavailable" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert "hunter2-secret" not in result.stderr + result.stdout
