@@ -437,11 +437,17 @@ class OrderManager:
         for account, venue in self.venues.items():
             self._spawn(self._consume(account, venue))
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the background readers; a reader that does not end within ``timeout`` is logged, not
+        waited for forever (a venue library may swallow a cancellation)."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            log.error("background task %s did not stop within %.0f s", task.get_name(), timeout)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

@@ -297,12 +297,16 @@ class CcxtAdapter:
                                 **context,
                             ) from None
             except StaleStreamError as exc:
+                _raise_if_cancelling()
                 self._report(exc)
                 if policy.raise_on_stale:
                     raise
                 await self._drop_ws_clients()
                 continue
             except RetryableError as exc:
+                # ccxt turns a cancelled watch into a closed-connection error: when this task is being
+                # cancelled, that must end the stream, not reconnect it.
+                _raise_if_cancelling()
                 failures += 1
                 self._report(exc)
                 if failures >= policy.reconnect.max_attempts:
@@ -652,3 +656,9 @@ class CcxtAdapter:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _raise_if_cancelling() -> None:
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
