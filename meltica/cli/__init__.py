@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from meltica.cli import config_cmd, data_cmd, db_cmd, demo_cmd, emulator_cmd, infra_cmd, keys_cmd, kill_cmd
+from meltica.cli import (
+    backtest_cmd,
+    config_cmd,
+    data_cmd,
+    db_cmd,
+    demo_cmd,
+    emulator_cmd,
+    infra_cmd,
+    keys_cmd,
+    kill_cmd,
+    optimize_cmd,
+)
 
 app = typer.Typer(
     name="meltica",
@@ -20,6 +31,10 @@ app.add_typer(keys_cmd.app, name="keys", help="Manage encrypted exchange API cre
 app.add_typer(emulator_cmd.app, name="emulator", help="Run a local Binance-compatible exchange emulator.")
 app.add_typer(kill_cmd.app, name="kill", help="Kill switch: halt or reduce-only, by hand; show its state.")
 app.command("demo", help="The main job on embedded defaults.")(demo_cmd.demo)
+app.command("backtest", help="Backtest a strategy on recorded bars; write metrics, CSVs and a report.")(
+    backtest_cmd.backtest
+)
+app.command("optimize", help="Parameter sweeps and walk-forward analysis.")(optimize_cmd.optimize)
 
 
 def main() -> None:

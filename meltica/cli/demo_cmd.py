@@ -2,7 +2,8 @@
 
 Starts the local infrastructure, migrates the database, loads the shipped real BTC/USDT perpetual
 1-minute month, and prints what is stored with a 1-hour roll-up of it. Later stages (backtest, live
-paper trading) extend this same command.
+paper trading) extend this same command. Step 5 backtests the momentum strategy (EMA 10/50) on the month,
+writes its report to ``./out/demo-backtest/`` and stores the run.
 """
 
 from __future__ import annotations
@@ -67,7 +68,36 @@ def demo(
             title=f"{DEMO_EXCHANGE} {DEMO_SYMBOL} 1h roll-up of 1m bars — last {len(shown)} of {len(hourly)} hours",
         )
     )
+
+    console.rule("[bold]5. backtest: momentum (EMA 10/50) on the shipped month")
+    from meltica.backtest import BacktestConfig, BarSeries, run_backtest, write_report
+    from meltica.cli.backtest_cmd import summary_table as backtest_summary
+
+    bars = BarSeries.from_file(DEMO_DATASET, exchange=DEMO_EXCHANGE, symbol=DEMO_SYMBOL, timeframe=DEMO_TIMEFRAME)
+    config = BacktestConfig.create(
+        strategy="momentum",
+        params={"symbol": DEMO_SYMBOL, "fast": 10, "slow": 50, "quantity": "0.1"},
+        exchange=DEMO_EXCHANGE,
+        symbol=DEMO_SYMBOL,
+        timeframe=DEMO_TIMEFRAME,
+        taker_fee_bps=4,
+        maker_fee_bps=2,
+        slippage_bps=1,
+    )
+    t0 = time.monotonic()
+    backtest = run_backtest(config, bars)
+    elapsed = time.monotonic() - t0
+    out = Path("out") / "demo-backtest"
+    backtest.write_files(out)
+    write_report(backtest, out, prices={DEMO_SYMBOL: bars.closes()})
+    backtest.save(engine)
+    console.print(backtest_summary(backtest))
     console.print(
-        "next: `meltica data show --exchange binance --symbol BTC/USDT:USDT --timeframe 1d`, "
-        "`meltica infra status`, `meltica infra down`"
+        f"{len(bars)} bars in {elapsed:.1f} s ({len(bars) / elapsed:,.0f} bars/s); report: {out / 'report.html'}; "
+        f"stored as run {backtest.run_id}"
+    )
+    console.print(
+        "next: `meltica backtest --strategy momentum --param symbol=BTC/USDT:USDT --symbol BTC/USDT:USDT "
+        "--exchange binance --output out/bt`, `meltica data show --exchange binance --symbol BTC/USDT:USDT "
+        "--timeframe 1d`, `meltica infra down`"
     )

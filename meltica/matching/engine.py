@@ -478,7 +478,8 @@ class MatchingEngine:
         try:
             high_first = (high - open) < (open - low)
             path = [open, high, low, close] if high_first else [open, low, high, close]
-            pool = [volume]
+            share = self.fill_model.bar_volume_share
+            pool = [volume if share is None else volume * share]
             previous: Decimal | None = None
             for point in path:
                 if previous is not None and point == previous:
@@ -601,8 +602,9 @@ class MatchingEngine:
             self._check_filters(inst, new.stop_price, None)
         if new.quantity is not None:
             reference = new.price if new.price is not None else new.stop_price
-            if reference is None and t is EngineOrderType.MARKET:
-                reference = m.last_price
+            if reference is None and t is EngineOrderType.MARKET and m.last_price is not None:
+                # only the notional matters here: a recorded print need not sit on this venue's tick
+                reference = snap_to_step(m.last_price, inst.tick_size, ROUND_FLOOR) or inst.tick_size
             self._check_filters(inst, reference, new.quantity)
         if new.quote_quantity is not None:
             if new.quote_quantity <= 0:
@@ -684,7 +686,11 @@ class MatchingEngine:
             amount = price_per_unit * quantity
         else:
             amount = price_per_unit * quantity
-        if amount > self.ledger.free(new.account, asset):
+        needed = amount
+        fees = self.fees(new.account)
+        if new.side is Side.BUY and fees.quote_commission:
+            needed = amount * (_ONE + max(fees.maker, fees.taker, _ZERO))
+        if needed > self.ledger.free(new.account, asset):
             raise _reject(RejectReason.INSUFFICIENT_BALANCE, "Account has insufficient balance for requested action.")
         return _Plan(asset, amount, price_per_unit, quantity)
 
@@ -847,8 +853,13 @@ class MatchingEngine:
         if order.side is Side.BUY:
             ledger.spend_locked(order.account, inst.quote, quote_amount)
             order.reserved -= quote_amount
-            commission, asset = qty * rate, inst.base
-            ledger.credit(order.account, inst.base, qty - commission)
+            if fees.quote_commission:
+                commission, asset = quote_amount * rate, inst.quote
+                ledger.credit(order.account, inst.base, qty)
+                self._charge_quote(order, inst.quote, commission)
+            else:
+                commission, asset = qty * rate, inst.base
+                ledger.credit(order.account, inst.base, qty - commission)
         else:
             ledger.spend_locked(order.account, inst.base, qty)
             order.reserved -= qty
@@ -883,6 +894,20 @@ class MatchingEngine:
         c = self._col()
         c.fills.append(fill)
         c.updates.append(OrderUpdate(order.snapshot(), ExecutionType.TRADE, fill))
+
+    def _charge_quote(self, order: _Order, asset: str, commission: Decimal) -> None:
+        """A buy's quote commission: from the free balance, the rest from the order's own reservation."""
+        ledger = self.ledger
+        if commission <= 0:  # a rebate
+            ledger.credit(order.account, asset, -commission)
+            return
+        from_free = min(commission, ledger.free(order.account, asset))
+        if from_free > 0:
+            ledger.credit(order.account, asset, -from_free)
+        rest = commission - from_free
+        if rest > 0:
+            ledger.spend_locked(order.account, asset, rest)
+            order.reserved -= rest
 
     def _rest(self, m: _Market, order: _Order) -> None:
         assert order.price is not None
@@ -990,7 +1015,7 @@ class MatchingEngine:
                 bid = prev_bid - inst.tick_size
             if prev_ask is not None and ask <= prev_ask:
                 ask = prev_ask + inst.tick_size
-            if prev_ask is None and ask <= bid:
+            if prev_ask is None and ask <= bid and fm.synthetic_spread_bps > 0:
                 ask = bid + inst.tick_size
             if bid > 0:
                 m.bids.set(bid, fm.synthetic_level_quantity)

@@ -154,10 +154,18 @@ class CancelReplacePartialFailureError(EngineInvalidOrderError):
 
 @dataclass(frozen=True, slots=True)
 class FeeSchedule:
-    """Rates (0.001 = 0.1 %); negative means a rebate."""
+    """Rates (0.001 = 0.1 %); negative means a rebate.
+
+    ``quote_commission``: charge every commission in the quote asset (as USDT-margined derivatives
+    venues do, and as the backtester's metrics assume) instead of in the asset received (Binance spot's
+    default: a buy pays in base). A buy's commission is taken from the free quote balance (what is left
+    of the order's own reservation when the free balance is short); a buy is admitted only if the free
+    quote covers its cost plus the fee at the higher of the two rates.
+    """
 
     maker: Decimal = Decimal("0.001")
     taker: Decimal = Decimal("0.001")
+    quote_commission: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +180,10 @@ class FillModel:
     * ``market_reserve_bps``: extra quote locked for a stop-market buy over its reference price
       (stop price, or last price when trailing), released after it runs; the triggered order may not
       spend more than it locked (the rest expires).
+    * ``synthetic_spread_bps = 0`` gives a locked synthetic book (bid = ask = last price): takers fill
+      exactly at the last price (the backtester's "no slippage").
+    * ``bar_volume_share``: resting orders may fill at most this share of a recorded bar's volume over
+      the bar's whole path (``None``: the whole volume) — the backtester's partial-fill cap.
     """
 
     fill_on_touch: bool = False
@@ -179,6 +191,7 @@ class FillModel:
     synthetic_levels: int = 5
     synthetic_level_quantity: Decimal = Decimal(1_000_000)
     market_reserve_bps: Decimal = Decimal(500)
+    bar_volume_share: Decimal | None = None
 
 
 # --- requests --------------------------------------------------------------------------------

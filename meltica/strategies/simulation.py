@@ -13,8 +13,15 @@ Per market-data item the order is fixed (and is the order the backtest engine sh
 4. the queued ``on_order`` / ``on_fill`` / ``on_timer`` callbacks run, then the data callback
    (``on_bar`` / ``on_trade`` / ``on_book``), then whatever those callbacks caused, until nothing is left.
 
-Orders a callback submits are matched at once (against the venue's book at that moment), but the
-strategy hears about the result only after its callback returned: never re-entrantly.
+No look-ahead (the rule the backtest engine keeps too): what a callback asks for (submit, cancel, amend,
+order lists) is held and delivered to the venue, in the order asked, just before the *next* market-data
+item — for a bar, at that bar's open: the clock moves to the bar's open time, the open is printed to the
+venue (stops it crosses trigger there, a gap fills at the worse price), the held requests are sent, then
+the bar runs as usual. So a decision made on bar t's close never fills inside bar t. Reactions of the
+venue side (an OCO sibling cancelled, bracket exits placed when the entry fills) happen at once.
+``PaperContext(..., immediate=True)`` restores the older "matched at once" behaviour for callers that
+drive the clock themselves. Either way the strategy hears about results only after its callback
+returned: never re-entrantly.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ from meltica.matching import (
 )
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
 
+END_OF_DATA = "end of data: never sent"
+
 
 class ManualClock:
     """A simulated clock: whoever drives the simulation sets it; everything else reads it."""
@@ -112,6 +121,7 @@ class PaperContext:
         account: str,
         instance_id: str,
         logger: logging.Logger | None = None,
+        immediate: bool = False,
     ) -> None:
         if venue.clock is not clock:
             raise ValueError("the venue must run on the same ManualClock as the context")
@@ -130,6 +140,8 @@ class PaperContext:
         self._timers: dict[str, _Timer] = {}
         self._pending: deque[Callable[[], None]] = deque()
         self._event_seq = 0
+        self.immediate = immediate
+        self._outbox: list[Callable[[], None]] = []  # requests held until the next market-data item
         self.actions: list[Action] = []
         self.rejections: list[Order] = []
         self.fills: list[Fill] = []
@@ -226,25 +238,69 @@ class PaperContext:
 
     def stop(self) -> None:
         self._call(self.strategy.on_stop)
+        self._end_of_data()
+
+    def _end_of_data(self) -> None:
+        """The data ended: held cancels still reach the venue (clean-up); held new orders and amendments
+        never do — they end ``cancelled`` (reason ``END_OF_DATA``): no market remained to send them into."""
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            for request in batch:
+                func = getattr(request, "func", None)
+                args: tuple[Any, ...] = getattr(request, "args", ())
+                if func == self._cancel_now:
+                    request()
+                elif func in (self._place, self._cancel_replace_now):
+                    coid = args[0] if func == self._place else args[1]
+                    if coid in self._orders:
+                        self._apply(
+                            coid,
+                            OrderCancelled(
+                                event_id=self._event_id(coid), client_order_id=coid, ts=self.now(), reason=END_OF_DATA
+                            ),
+                        )
+            self._drain()
 
     def on_bar(self, bar: Bar) -> None:
+        if self._outbox:
+            self.clock.now = bar.ts
+            opening = self.venue.engine.on_trade(bar.symbol, bar.open, Decimal(0))
+            self.venue.dispatch(opening)
+            self._process(opening)
+            self._release()
         self.clock.now = bar.close_time
         self._process(self.venue.on_bar(bar))
         self._after_market(lambda: self.strategy.on_bar(bar))
 
     def on_trade(self, trade: Trade) -> None:
         self.clock.now = trade.ts
+        self._release()
         self._process(self.venue.on_trade(trade))
         self._after_market(lambda: self.strategy.on_trade(trade))
 
     def on_book(self, book: OrderBookSnapshot) -> None:
         self.clock.now = book.ts
+        self._release()
         self._process(self.venue.on_book(book))
         self._after_market(lambda: self.strategy.on_book(book))
 
     def run_bars(self, bars: Iterable[Bar]) -> None:
         for bar in bars:
             self.on_bar(bar)
+
+    def _release(self) -> None:
+        """Deliver the held requests to the venue, in the order they were made."""
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            for request in batch:
+                request()
+            self._drain()
+
+    def _later(self, request: Callable[[], None]) -> None:
+        if self.immediate:
+            request()
+        else:
+            self._outbox.append(request)
 
     def _after_market(self, callback: Callable[[], None]) -> None:
         self._process(self.venue.advance())
@@ -545,23 +601,31 @@ class PaperContext:
             updated_at=intent.created_at,
         )
 
-    def _send(self, intent: OrderIntent) -> str:
+    def _send(self, intent: OrderIntent, *, now: bool = False) -> str:
         coid = intent.client_order_id
         self.actions.append(Action("submit", coid, intent=intent))
         order = self._new_order(intent)
         self._orders[coid] = order
         self._apply(coid, OrderSubmitted(event_id=self._event_id(coid), client_order_id=coid, ts=self.now()))
+        if now:
+            self._place(coid, intent)
+        else:
+            self._later(partial(self._place, coid, intent))
+        return coid
+
+    def _place(self, coid: str, intent: OrderIntent) -> None:
+        if coid not in self._orders:
+            return
         new = to_new_order(intent, coid, self.venue.engine.last_price(intent.symbol))
         try:
             result = self.venue.engine.submit(new)
         except EngineRejection as exc:
             self._reject(coid, f"{exc.reason}: {exc.message}")
-            return coid
+            return
         except InvalidOrderError as exc:  # e.g. a trailing offset the venue cannot express
             self._reject(coid, f"{exc.reason}: {exc.message}")
-            return coid
+            return
         self._process(result)
-        return coid
 
     def _reject(self, coid: str, reason: str) -> None:
         self._apply(
@@ -570,8 +634,11 @@ class PaperContext:
 
     # --- cancel / amend ------------------------------------------------------------------------------
     def cancel(self, client_order_id: str) -> None:
-        order = self._orders.get(client_order_id)
         self.actions.append(Action("cancel", client_order_id))
+        self._later(partial(self._cancel_now, client_order_id))
+
+    def _cancel_now(self, client_order_id: str) -> None:
+        order = self._orders.get(client_order_id)
         if order is None:
             self._log.debug("cancel %s: not open (already closed or unknown)", client_order_id)
             return
@@ -587,8 +654,7 @@ class PaperContext:
 
     def cancel_all(self, symbol: str | None = None) -> None:
         for coid in [o.client_order_id for o in self.open_orders(symbol)]:
-            if coid in self._orders:  # an OCO sibling may have gone with an earlier cancel
-                self.cancel(coid)
+            self.cancel(coid)  # an OCO sibling gone with an earlier cancel is a no-op
 
     def amend(self, client_order_id: str, *, price: Decimal | None = None, quantity: Decimal | None = None) -> str:
         self.actions.append(Action("amend", client_order_id, price=price, quantity=quantity))
@@ -612,13 +678,9 @@ class PaperContext:
         symbol = order.intent.symbol
         if new_price is None and new_qty is not None and new_qty < order.quantity:
             # Reducing quantity keeps priority (native amend on the venue).
-            try:
-                result = self.venue.engine.amend_quantity(
-                    self._account, symbol, new_qty, client_order_id=client_order_id
-                )
-            except EngineRejection as exc:
-                raise InvalidOrderError(f"amend {client_order_id}: {exc.message}", reason=str(exc.reason)) from None
-            self._process(result)
+            if new_qty < order.filled_quantity:
+                raise InvalidOrderError(f"amend {client_order_id}: below the filled quantity", reason="invalid_amend")
+            self._later(partial(self._amend_quantity_now, client_order_id, symbol, new_qty))
             return client_order_id
         # Cancel-replace: a new intent (new deterministic id) for the rest of the order at the new terms.
         remaining = (new_qty if new_qty is not None else order.quantity) - order.filled_quantity
@@ -640,6 +702,24 @@ class PaperContext:
             state = self._lists[list_id]
             state.legs = tuple(coid if leg == client_order_id else leg for leg in state.legs)
         self._apply(coid, OrderSubmitted(event_id=self._event_id(coid), client_order_id=coid, ts=self.now()))
+        self._later(partial(self._cancel_replace_now, client_order_id, coid, intent))
+        return coid
+
+    def _amend_quantity_now(self, client_order_id: str, symbol: str, quantity: Decimal) -> None:
+        if client_order_id not in self._orders:
+            return
+        try:
+            result = self.venue.engine.amend_quantity(self._account, symbol, quantity, client_order_id=client_order_id)
+        except EngineRejection as exc:
+            self._log.debug("amend %s refused by the venue: %s", client_order_id, exc.message)
+            return
+        self._process(result)
+
+    def _cancel_replace_now(self, client_order_id: str, coid: str, intent: OrderIntent) -> None:
+        symbol = intent.symbol
+        if client_order_id not in self._orders:  # done meanwhile: the replacement has nothing to replace
+            self._reject(coid, f"{client_order_id} is no longer open")
+            return
         new = to_new_order(intent, coid, self.venue.engine.last_price(symbol))
         new = _with_type_of(new, self.venue.engine.get_order(self._account, symbol, client_order_id=client_order_id))
         try:
@@ -649,12 +729,11 @@ class PaperContext:
         except CancelReplacePartialFailureError as exc:
             self._process(exc.cancel_result)
             self._reject(coid, f"{exc.reason}: {exc.message}")
-            return coid
+            return
         except EngineRejection as exc:
             self._reject(coid, f"{exc.reason}: {exc.message}")
-            return coid
+            return
         self._process(result)
-        return coid
 
     # --- venue results → orders, fills, positions ---------------------------------------------------
     def _event_id(self, coid: str) -> str:
@@ -753,13 +832,13 @@ class PaperContext:
             state.legs = tuple(child.client_order_id for child in held)
             for child in held:
                 del self._orders[child.client_order_id]
-                self._send(child if child.quantity == filled else child.replace(quantity=filled))
+                self._send(child if child.quantity == filled else child.replace(quantity=filled), now=True)
             return
         # OCO: the first fill (or a leg ending without one) cancels the sibling(s).
         state.done = True
         for leg in state.legs:
             if leg != coid and leg in self._orders:
-                self.cancel(leg)
+                self._cancel_now(leg)
 
     def _drop_held(self, coid: str) -> None:
         list_id = self._list_of.get(coid)

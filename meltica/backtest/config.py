@@ -1,0 +1,193 @@
+"""``BacktestConfig``: what one backtest run is, validated before anything starts (DESIGN.md §9).
+
+Every error is a ``ConfigurationError`` whose ``field`` names the offending key (``params.fast`` for a
+strategy parameter). Fees and slippage are in basis points (10 bps = 0.1 %); the fill model they build is
+described in ``meltica/backtest/engine.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from meltica.domain import Instrument, MarketType
+from meltica.errors import ConfigurationError
+from meltica.matching import FeeSchedule, FillModel
+from meltica.risk import RiskConfig
+
+_BPS = Decimal(10_000)
+
+# Precision of the markets the shipped data and the examples use (Binance, early 2022). Anything else
+# needs ``instrument=`` (or ``--tick-size`` / ``--step-size`` on the CLI).
+_KNOWN: dict[str, dict[str, Any]] = {
+    "BTC/USDT": {"tick_size": "0.01", "step_size": "0.00001", "min_quantity": "0.00001", "min_notional": "5"},
+    "ETH/USDT": {"tick_size": "0.01", "step_size": "0.0001", "min_quantity": "0.0001", "min_notional": "5"},
+    "BTC/USDT:USDT": {
+        "tick_size": "0.01",
+        "step_size": "0.001",
+        "min_quantity": "0.001",
+        "min_notional": "5",
+        "market_type": MarketType.SWAP,
+        "settle": "USDT",
+    },
+    "ETH/USDT:USDT": {
+        "tick_size": "0.01",
+        "step_size": "0.001",
+        "min_quantity": "0.001",
+        "min_notional": "5",
+        "market_type": MarketType.SWAP,
+        "settle": "USDT",
+    },
+}
+
+
+def default_instrument(exchange: str, symbol: str) -> Instrument:
+    """The built-in precision for ``symbol`` (see ``_KNOWN``), else a fine generic one (1e-8 steps)."""
+    base, _, rest = symbol.partition("/")
+    quote, _, settle = rest.partition(":")
+    if not base or not quote:
+        raise ConfigurationError(f"{symbol!r} is not a unified symbol like BTC/USDT", field="symbol")
+    known = _KNOWN.get(symbol)
+    fields: dict[str, Any] = (
+        dict(known)
+        if known is not None
+        else {
+            "tick_size": "0.00000001",
+            "step_size": "0.00000001",
+            "market_type": MarketType.SWAP if settle else MarketType.SPOT,
+            "settle": settle or None,
+        }
+    )
+    return Instrument(exchange=exchange, symbol=symbol, base=base, quote=quote, **fields)
+
+
+class BacktestConfig(BaseModel):
+    """One backtest: strategy and parameters, market, money, fill model and (optional) risk limits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    strategy: str = Field(min_length=1, description="registered strategy name")
+    params: dict[str, Any] = Field(default_factory=dict, description="strategy parameters")
+    instance_id: str | None = Field(None, description="strategy instance id (default: the strategy name)")
+    account: str = Field("backtest", min_length=1)
+    exchange: str = Field("binance", min_length=1)
+    symbol: str = Field("BTC/USDT", min_length=3)
+    timeframe: str = "1m"
+    start: datetime | None = Field(None, description="first bar (inclusive) when reading the database")
+    end: datetime | None = Field(None, description="end (exclusive) when reading the database")
+    initial_balances: dict[str, Decimal] = Field(
+        default_factory=dict, description="asset -> amount; default 10,000 of the quote currency"
+    )
+    maker_fee_bps: Decimal = Field(Decimal(10), ge=-100, le=1000)
+    taker_fee_bps: Decimal = Field(Decimal(10), ge=-100, le=1000)
+    fee_asset: Literal["quote", "received"] = Field(
+        "quote", description="commission in the quote currency (default) or in the asset received"
+    )
+    slippage_bps: Decimal = Field(Decimal(0), ge=0, le=1000, description="distance of the first synthetic level")
+    latency_ms: int = Field(0, ge=0, description="decision -> arrival at the venue")
+    bar_volume_share: Decimal | None = Field(None, gt=0, le=1, description="partial-fill cap per bar")
+    fill_on_touch: bool = False
+    risk: RiskConfig | None = None
+    instrument: Instrument | None = None
+
+    @field_validator("timeframe")
+    @classmethod
+    def _timeframe(cls, value: str) -> str:
+        from meltica.domain import Timeframe
+
+        Timeframe.parse(value)
+        return value
+
+    @field_validator("initial_balances")
+    @classmethod
+    def _balances(cls, value: dict[str, Decimal]) -> dict[str, Decimal]:
+        for asset, amount in value.items():
+            if amount < 0:
+                raise ValueError(f"{asset}: a balance cannot be negative")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> BacktestConfig:
+        if self.instrument is not None and self.instrument.symbol != self.symbol:
+            raise ValueError(f"instrument is for {self.instrument.symbol}, the run trades {self.symbol}")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, data: Mapping[str, Any] | None = None, /, **values: Any) -> BacktestConfig:
+        """Validated config from a mapping and/or keywords; ``ConfigurationError`` naming the bad field.
+        The strategy's parameters are validated against its ``Params`` too (``field='params.<name>'``)."""
+        merged = {**(data or {}), **values}
+        try:
+            config = cls.model_validate(merged)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or None
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigurationError(
+                f"invalid backtest configuration: {problems}", field=field, source="backtest"
+            ) from None
+        config.validated_params()
+        return config
+
+    def validated_params(self) -> BaseModel:
+        """The strategy's parameters checked against its model (registered strategies only)."""
+        from meltica.strategies import validate_params
+
+        try:
+            return validate_params(self.strategy, self.params)
+        except ConfigurationError as exc:
+            field = exc.field if exc.field in (None, "strategy") else f"params.{exc.field}"
+            raise ConfigurationError(str(exc), field=field or "params", source="backtest") from None
+
+    # --- derived -----------------------------------------------------------------------------
+
+    @property
+    def strategy_instance(self) -> str:
+        return self.instance_id or self.strategy
+
+    def market(self) -> Instrument:
+        return self.instrument if self.instrument is not None else default_instrument(self.exchange, self.symbol)
+
+    def balances(self) -> dict[str, Decimal]:
+        if self.initial_balances:
+            return dict(self.initial_balances)
+        return {self.market().quote: Decimal(10_000)}
+
+    def fees(self) -> FeeSchedule:
+        return FeeSchedule(
+            maker=self.maker_fee_bps / _BPS,
+            taker=self.taker_fee_bps / _BPS,
+            quote_commission=self.fee_asset == "quote",
+        )
+
+    def fill_model(self) -> FillModel:
+        """Slippage ``s`` bps = the synthetic book's first level ``s`` bps from the reference price
+        (``synthetic_spread_bps = 2 s``); deeper levels sit ``3 s``, ``5 s`` … away."""
+        return FillModel(
+            fill_on_touch=self.fill_on_touch,
+            synthetic_spread_bps=self.slippage_bps * 2,
+            bar_volume_share=self.bar_volume_share,
+        )
+
+    def fill_model_info(self) -> dict[str, Any]:
+        """The fill model as stored with the result (``BacktestResult.fill_model``)."""
+        return {
+            "maker_fee_bps": self.maker_fee_bps,
+            "taker_fee_bps": self.taker_fee_bps,
+            "fee_asset": self.fee_asset,
+            "slippage_bps": self.slippage_bps,
+            "latency_ms": self.latency_ms,
+            "bar_volume_share": self.bar_volume_share,
+            "fill_on_touch": self.fill_on_touch,
+            "release": "next bar open after decision + latency",
+        }

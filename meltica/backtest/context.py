@@ -1,0 +1,766 @@
+"""``BacktestContext``: the ``StrategyContext`` of a backtest, over the same objects as live.
+
+A strategy's requests go through the real ``OrderManager`` (write-ahead into a ``MemoryOrderStore``,
+risk check by the real ``RiskEngine`` when limits are configured, ``LocalOrderEmulator`` for order lists
+and order types the venue lacks) to a ``PaperAdapter`` on a ``PaperVenue`` — whose ``MatchingEngine`` is
+the one the emulator and paper trading use. Only the clock (a ``ManualClock``) and the way the venue's
+user stream is delivered differ from live: the stream is pumped synchronously into the OMS right after
+every venue call (``_StreamingAdapter``), which is one of the interleavings live allows.
+
+No look-ahead (the rule ``meltica.strategies.simulation.PaperContext`` keeps too): every request a
+callback makes (submit, cancel, amend, order list) is held with an *arrival time* ``decision time +
+latency`` and delivered, in the order made, just before the first market-data item that starts at or
+after its arrival — for bars, at the open of that bar: the clock moves to the bar's open time, the open
+is printed to the venue (stops the gap crosses trigger and fill at the worse price), the held requests
+are sent, then the bar's path runs. With latency 0 a decision on bar t's close (= bar t+1's open time)
+reaches the venue at bar t+1's open; with 0 < latency <= one bar it reaches it at bar t+2's open (the
+arrival falls inside bar t+1, whose path before the arrival is unknown: conservative). Requests made by
+the reactions to a release (an entry filled at the open → its protective stop) have arrived by the same
+open when latency is 0 and go out there too, before the bar's path (``PaperContext`` does the same).
+Fills on a bar's path are stamped with the bar's close time (when the bar is known). Requests still
+held when the data ends: cancels are delivered, new orders and amendments are not (they end
+``cancelled`` with reason ``END_OF_DATA``). Venue-side reactions (an OCO sibling cancelled, bracket exits
+placed when the entry fills, a triggered stop's child) happen at once, as they do live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from functools import partial
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from meltica.adapters.base import UserEvent, VenueOrder
+from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue
+from meltica.domain import (
+    Bar,
+    Fill,
+    Instrument,
+    Order,
+    OrderBookSnapshot,
+    OrderCancelled,
+    OrderEvent,
+    OrderFilled,
+    OrderIntent,
+    OrderStatus,
+    OrderSubmitted,
+    OrderType,
+    Position,
+    Side,
+    TimeInForce,
+    Trade,
+    client_order_id_for,
+)
+from meltica.errors import InvalidOrderError, MelticaError
+from meltica.execution import MemoryOrderStore, OrderManager
+from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
+from meltica.matching import FeeSchedule, FillModel
+from meltica.portfolio import Portfolio
+from meltica.risk import InMemoryKillSwitchStore, KillSwitch, RiskConfig, RiskEngine
+from meltica.strategies.base import OrderList, Strategy
+from meltica.strategies.simulation import END_OF_DATA, ManualClock
+
+_ZERO = Decimal(0)
+
+
+class _StreamingAdapter(PaperAdapter):
+    """The paper adapter, with the venue's user stream delivered to the OMS before each call returns."""
+
+    pump: Callable[[], Any] | None = None
+
+    async def _pumped(self) -> None:
+        if self.pump is not None:
+            await self.pump()
+
+    async def create_order(self, intent: OrderIntent, client_order_id: str) -> VenueOrder:
+        order = await super().create_order(intent, client_order_id)
+        await self._pumped()
+        return order
+
+    async def cancel_order(
+        self, symbol: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
+    ) -> VenueOrder:
+        order = await super().cancel_order(symbol, client_order_id=client_order_id, exchange_order_id=exchange_order_id)
+        await self._pumped()
+        return order
+
+    async def cancel_all_orders(self, symbol: str | None = None) -> list[VenueOrder]:
+        orders = await super().cancel_all_orders(symbol)
+        await self._pumped()
+        return orders
+
+    async def amend_order(
+        self,
+        symbol: str,
+        *,
+        client_order_id: str,
+        new_client_order_id: str,
+        quantity: Decimal | None = None,
+        price: Decimal | None = None,
+    ) -> VenueOrder:
+        order = await super().amend_order(
+            symbol,
+            client_order_id=client_order_id,
+            new_client_order_id=new_client_order_id,
+            quantity=quantity,
+            price=price,
+        )
+        await self._pumped()
+        return order
+
+    async def fetch_my_trades(self, symbol: str, since: datetime | None = None, limit: int | None = None) -> list[Fill]:
+        # A venue returns its recent trades (Binance: the last 500); the whole history would make every
+        # fill lookup of a long backtest O(fills so far).
+        return (await super().fetch_my_trades(symbol, since, limit or 500))[-(limit or 500) :]
+
+
+class _NotifyingStore(MemoryOrderStore):
+    """The in-memory order store, telling the context about every stored order change."""
+
+    def __init__(self, listener: Callable[[Order, OrderEvent | None], None]) -> None:
+        super().__init__()
+        self._listener = listener
+
+    def insert_order(
+        self,
+        order: Order,
+        event: OrderEvent | None = None,
+        *,
+        emulated: bool = False,
+        parent_client_order_id: str | None = None,
+        order_list_id: str | None = None,
+    ) -> bool:
+        inserted = super().insert_order(
+            order,
+            event,
+            emulated=emulated,
+            parent_client_order_id=parent_client_order_id,
+            order_list_id=order_list_id,
+        )
+        if inserted:
+            self._listener(order, event)
+        return inserted
+
+    def append_event(self, order: Order, event: OrderEvent) -> int | None:
+        seq = super().append_event(order, event)
+        self._listener(order, event)
+        return seq
+
+
+@dataclass(slots=True)
+class _Request:
+    arrival: datetime
+    kind: str  # submit | cancel | amend | list
+    client_order_id: str = ""
+    intent: OrderIntent | None = None
+    intents: tuple[OrderIntent, ...] = ()
+    list_id: str = ""
+    list_kind: str = ""
+    price: Decimal | None = None
+    quantity: Decimal | None = None
+
+
+@dataclass(slots=True)
+class _Timer:
+    due: datetime
+    every: timedelta | None
+
+
+@dataclass
+class Wiring:
+    """The live objects a backtest runs on (exposed for tests and tools)."""
+
+    venue: PaperVenue
+    adapter: PaperAdapter
+    oms: OrderManager
+    store: MemoryOrderStore
+    portfolio: Portfolio
+    emulator: LocalOrderEmulator
+    risk: RiskEngine | None
+    instruments: dict[str, Instrument] = field(default_factory=dict)
+
+
+class BacktestContext:
+    """One strategy instance in a backtest. See the module docstring for the release rule."""
+
+    def __init__(
+        self,
+        instruments: Iterable[Instrument],
+        *,
+        start: datetime,
+        balances: Mapping[str, Decimal],
+        account: str = "backtest",
+        instance_id: str = "strategy-1",
+        exchange_id: str = "paper",
+        fees: FeeSchedule | None = None,
+        fill_model: FillModel | None = None,
+        risk: RiskConfig | None = None,
+        latency: timedelta = timedelta(0),
+        valuation_currency: str | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        markets = list(instruments)
+        self.clock = ManualClock(start)
+        clock = self.clock
+        self.venue = PaperVenue(markets, clock=clock, exchange_id=exchange_id, fees=fees, fill_model=fill_model)
+        for asset, amount in balances.items():
+            self.venue.deposit(account, asset, amount)
+        self.engine = self.venue.engine
+        self.adapter = _StreamingAdapter(self.venue, account)
+        self.adapter.pump = self.pump
+        self._stream: asyncio.Queue[UserEvent] = asyncio.Queue()
+        # The venue's private stream, consumed synchronously (see _StreamingAdapter).
+        self.venue._user_queues[account].append(self._stream)
+        quote = valuation_currency or (markets[0].quote if markets else None)
+        self.portfolio = Portfolio(clock=clock, valuation_currency=quote)
+        by_key = {(i.exchange if i.exchange == exchange_id else exchange_id, i.symbol): i for i in markets}
+        self.risk: RiskEngine | None = None
+        if risk is not None:
+            self.risk = RiskEngine(
+                risk,
+                self.portfolio,
+                clock=clock,
+                instruments=by_key,
+                kill_switch=KillSwitch(InMemoryKillSwitchStore(), clock=clock),
+            )
+        self.store = _NotifyingStore(self._on_stored)
+        self.oms = OrderManager(
+            self.store, {account: self.adapter}, clock=clock, risk=self.risk, portfolio=self.portfolio
+        )
+        self.emulator = LocalOrderEmulator(
+            MemoryEmulationStore(),
+            clock,
+            self.oms.submit_native,
+            self.oms.cancel,
+            capabilities={account: PAPER_CAPABILITIES},
+            instruments=by_key,
+        )
+        self.oms.emulator = self.emulator
+        self._account = account
+        self._instance_id = instance_id
+        self._exchange = exchange_id
+        self._log = logger or logging.getLogger(f"meltica.strategy.{instance_id}")
+        self._state: dict[str, Any] = {}
+        self._strategy: Strategy[Any] | None = None
+        self._seq = 0
+        self.latency = latency
+        self._outbox: deque[_Request] = deque()
+        self._pending: deque[Callable[[], None]] = deque()
+        self._timers: dict[str, _Timer] = {}
+        self._announced: set[str] = set()  # orders whose submission the strategy already heard of
+        self._open: dict[str, Order] = {}  # this instance's open (and held) orders
+        self._positions: dict[str, Position] = {}
+        self._amends: dict[str, int] = {}
+        self._emulated_active = False
+        self.orders: dict[str, Order] = {}  # every order of this instance, as it is now
+        self.fills: list[Fill] = []
+        self.rejections: list[Order] = []
+        self.fills_changed = False  # set on every fill; the engine clears it after re-reading balances
+
+    # --- StrategyContext: identity, clock, reads -------------------------------------------------
+    @property
+    def instance_id(self) -> str:
+        return self._instance_id
+
+    @property
+    def account(self) -> str:
+        return self._account
+
+    @property
+    def exchange(self) -> str:
+        return self._exchange
+
+    @property
+    def params(self) -> BaseModel:
+        params: BaseModel = self.strategy.params
+        return params
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self._state
+
+    @property
+    def log(self) -> logging.Logger:
+        return self._log
+
+    @property
+    def strategy(self) -> Strategy[Any]:
+        if self._strategy is None:
+            raise RuntimeError("no strategy attached")
+        return self._strategy
+
+    def attach(self, strategy: Strategy[Any]) -> None:
+        if strategy.ctx is not self:
+            raise ValueError("the strategy was built on another context")
+        self._strategy = strategy
+
+    def now(self) -> datetime:
+        return self.clock.now
+
+    def instrument(self, symbol: str) -> Instrument:
+        try:
+            return self.engine.instrument(symbol)
+        except Exception:
+            raise InvalidOrderError(f"unknown symbol {symbol!r} on {self.exchange}", reason="unknown_symbol") from None
+
+    def position(self, symbol: str) -> Position:
+        pos = self._positions.get(symbol)
+        if pos is None:
+            pos = self.portfolio.position(self._account, self._exchange, symbol, strategy=self._instance_id)
+            self._positions[symbol] = pos
+        return pos
+
+    def open_orders(self, symbol: str | None = None) -> list[Order]:
+        return [o for o in self._open.values() if symbol is None or o.intent.symbol == symbol]
+
+    # --- intents ---------------------------------------------------------------------------------
+    def _next_intent_id(self) -> str:
+        self._seq += 1
+        return f"{self._instance_id}:{self._seq}"
+
+    def _intent(
+        self,
+        *,
+        symbol: str,
+        side: Side,
+        type: OrderType,
+        quantity: Decimal,
+        price: Decimal | None = None,
+        trigger_price: Decimal | None = None,
+        trailing_offset: Decimal | None = None,
+        trailing_offset_pct: Decimal | None = None,
+        activation_price: Decimal | None = None,
+        display_quantity: Decimal | None = None,
+        post_only: bool = False,
+        reduce_only: bool = False,
+        time_in_force: TimeInForce = TimeInForce.GTC,
+        expire_at: datetime | None = None,
+    ) -> OrderIntent:
+        # Rounded exactly as PaperContext and the OMS do (DESIGN.md §4).
+        inst = self.instrument(symbol)
+        try:
+            return OrderIntent(
+                intent_id=self._next_intent_id(),
+                account=self._account,
+                strategy=self._instance_id,
+                exchange=self._exchange,
+                symbol=symbol,
+                side=side,
+                type=type,
+                quantity=inst.round_quantity(quantity),
+                price=None if price is None else inst.round_price(price, side),
+                trigger_price=None if trigger_price is None else inst.round_price(trigger_price),
+                trailing_offset=trailing_offset,
+                trailing_offset_pct=trailing_offset_pct,
+                activation_price=None if activation_price is None else inst.round_price(activation_price),
+                display_quantity=None if display_quantity is None else inst.round_quantity(display_quantity),
+                post_only=post_only,
+                reduce_only=reduce_only,
+                time_in_force=time_in_force,
+                expire_at=expire_at,
+                created_at=self.clock.now,
+            )
+        except ValidationError as exc:
+            raise InvalidOrderError(f"invalid intent for {symbol}: {exc.errors()[0]['msg']}") from None
+
+    def _hold(self, intent: OrderIntent) -> str:
+        """A new order the strategy asked for: announced now (``pending_submit``), sent at release."""
+        coid = intent.client_order_id
+        order = Order.from_intent(intent).apply(
+            OrderSubmitted(event_id="submitted", client_order_id=coid, ts=self.clock.now)
+        )
+        self._announced.add(coid)
+        self._track(order)
+        self._pending.append(partial(self.strategy.on_order, order))
+        return coid
+
+    def _arrival(self) -> datetime:
+        return self.clock.now + self.latency
+
+    def submit(
+        self,
+        *,
+        symbol: str,
+        side: Side,
+        type: OrderType,
+        quantity: Decimal,
+        price: Decimal | None = None,
+        trigger_price: Decimal | None = None,
+        trailing_offset: Decimal | None = None,
+        trailing_offset_pct: Decimal | None = None,
+        activation_price: Decimal | None = None,
+        display_quantity: Decimal | None = None,
+        post_only: bool = False,
+        reduce_only: bool = False,
+        time_in_force: TimeInForce = TimeInForce.GTC,
+        expire_at: datetime | None = None,
+    ) -> str:
+        intent = self._intent(
+            symbol=symbol,
+            side=side,
+            type=type,
+            quantity=quantity,
+            price=price,
+            trigger_price=trigger_price,
+            trailing_offset=trailing_offset,
+            trailing_offset_pct=trailing_offset_pct,
+            activation_price=activation_price,
+            display_quantity=display_quantity,
+            post_only=post_only,
+            reduce_only=reduce_only,
+            time_in_force=time_in_force,
+            expire_at=expire_at,
+        )
+        self._outbox.append(_Request(self._arrival(), "submit", intent.client_order_id, intent=intent))
+        return self._hold(intent)
+
+    def buy(
+        self,
+        symbol: str,
+        quantity: Decimal,
+        *,
+        price: Decimal | None = None,
+        type: OrderType | None = None,
+        trigger_price: Decimal | None = None,
+        trailing_offset: Decimal | None = None,
+        trailing_offset_pct: Decimal | None = None,
+        activation_price: Decimal | None = None,
+        display_quantity: Decimal | None = None,
+        post_only: bool = False,
+        reduce_only: bool = False,
+        time_in_force: TimeInForce = TimeInForce.GTC,
+        expire_at: datetime | None = None,
+    ) -> str:
+        return self.submit(
+            symbol=symbol,
+            side=Side.BUY,
+            type=type or (OrderType.LIMIT if price is not None else OrderType.MARKET),
+            quantity=quantity,
+            price=price,
+            trigger_price=trigger_price,
+            trailing_offset=trailing_offset,
+            trailing_offset_pct=trailing_offset_pct,
+            activation_price=activation_price,
+            display_quantity=display_quantity,
+            post_only=post_only,
+            reduce_only=reduce_only,
+            time_in_force=time_in_force,
+            expire_at=expire_at,
+        )
+
+    def sell(
+        self,
+        symbol: str,
+        quantity: Decimal,
+        *,
+        price: Decimal | None = None,
+        type: OrderType | None = None,
+        trigger_price: Decimal | None = None,
+        trailing_offset: Decimal | None = None,
+        trailing_offset_pct: Decimal | None = None,
+        activation_price: Decimal | None = None,
+        display_quantity: Decimal | None = None,
+        post_only: bool = False,
+        reduce_only: bool = False,
+        time_in_force: TimeInForce = TimeInForce.GTC,
+        expire_at: datetime | None = None,
+    ) -> str:
+        return self.submit(
+            symbol=symbol,
+            side=Side.SELL,
+            type=type or (OrderType.LIMIT if price is not None else OrderType.MARKET),
+            quantity=quantity,
+            price=price,
+            trigger_price=trigger_price,
+            trailing_offset=trailing_offset,
+            trailing_offset_pct=trailing_offset_pct,
+            activation_price=activation_price,
+            display_quantity=display_quantity,
+            post_only=post_only,
+            reduce_only=reduce_only,
+            time_in_force=time_in_force,
+            expire_at=expire_at,
+        )
+
+    def _exit_legs(
+        self,
+        symbol: str,
+        side: Side,
+        quantity: Decimal,
+        take_profit_price: Decimal,
+        stop_price: Decimal,
+        stop_limit_price: Decimal | None,
+        reduce_only: bool,
+    ) -> tuple[OrderIntent, OrderIntent]:
+        take_profit = self._intent(
+            symbol=symbol, side=side, type=OrderType.LIMIT, quantity=quantity, price=take_profit_price,
+            reduce_only=reduce_only,
+        )  # fmt: skip
+        stop = self._intent(
+            symbol=symbol,
+            side=side,
+            type=OrderType.STOP_MARKET if stop_limit_price is None else OrderType.STOP_LIMIT,
+            quantity=quantity,
+            price=stop_limit_price,
+            trigger_price=stop_price,
+            reduce_only=reduce_only,
+        )
+        return take_profit, stop
+
+    def oco(
+        self,
+        symbol: str,
+        side: Side,
+        quantity: Decimal,
+        *,
+        take_profit_price: Decimal,
+        stop_price: Decimal,
+        stop_limit_price: Decimal | None = None,
+        reduce_only: bool = True,
+    ) -> OrderList:
+        take_profit, stop = self._exit_legs(
+            symbol, side, quantity, take_profit_price, stop_price, stop_limit_price, reduce_only
+        )
+        list_id = f"{take_profit.intent_id}:oco"
+        legs = (take_profit, stop)
+        self._outbox.append(_Request(self._arrival(), "list", intents=legs, list_id=list_id, list_kind="oco"))
+        for leg in legs:
+            self._hold(leg)
+        return OrderList(list_id=list_id, kind="oco", client_order_ids=tuple(i.client_order_id for i in legs))
+
+    def bracket(
+        self,
+        symbol: str,
+        side: Side,
+        quantity: Decimal,
+        *,
+        entry_price: Decimal | None = None,
+        take_profit_price: Decimal,
+        stop_price: Decimal,
+        stop_limit_price: Decimal | None = None,
+    ) -> OrderList:
+        entry = self._intent(
+            symbol=symbol,
+            side=side,
+            type=OrderType.MARKET if entry_price is None else OrderType.LIMIT,
+            quantity=quantity,
+            price=entry_price,
+        )
+        take_profit, stop = self._exit_legs(
+            symbol, side.opposite, quantity, take_profit_price, stop_price, stop_limit_price, True
+        )
+        list_id = f"{entry.intent_id}:bracket"
+        legs = (entry, take_profit, stop)
+        self._outbox.append(_Request(self._arrival(), "list", intents=legs, list_id=list_id, list_kind="bracket"))
+        for leg in legs:
+            self._hold(leg)
+        return OrderList(list_id=list_id, kind="bracket", client_order_ids=tuple(i.client_order_id for i in legs))
+
+    def cancel(self, client_order_id: str) -> None:
+        self._outbox.append(_Request(self._arrival(), "cancel", client_order_id))
+
+    def cancel_all(self, symbol: str | None = None) -> None:
+        for order in self.open_orders(symbol):
+            self.cancel(order.client_order_id)
+
+    def amend(self, client_order_id: str, *, price: Decimal | None = None, quantity: Decimal | None = None) -> str:
+        order = self._open.get(client_order_id)
+        if order is None:
+            raise InvalidOrderError(f"amend {client_order_id}: no such open order", reason="order_not_open")
+        inst = self.instrument(order.intent.symbol)
+        new_price = None if price is None else inst.round_price(price, order.side)
+        new_qty = None if quantity is None else inst.round_quantity(quantity)
+        if new_price is None and new_qty is None:
+            raise InvalidOrderError("amend needs a price or a quantity")
+        self._outbox.append(_Request(self._arrival(), "amend", client_order_id, price=new_price, quantity=new_qty))
+        if new_price is None and new_qty is not None and new_qty < order.quantity:
+            return client_order_id  # the paper venue amends a decrease in place
+        # Cancel-replace: the OMS names the replacement "<intent id>~a<n>" (deterministic).
+        n = self._amends.get(client_order_id, 0) + 1
+        self._amends[client_order_id] = n
+        return client_order_id_for(f"{order.intent.intent_id}~a{n}")
+
+    # --- timers ----------------------------------------------------------------------------------
+    def set_timer(self, name: str, *, at: datetime | None = None, every: timedelta | None = None) -> None:
+        if (at is None) == (every is None):
+            raise ValueError("set_timer needs exactly one of at or every")
+        if every is not None and every <= timedelta(0):
+            raise ValueError("every must be positive")
+        due = at if at is not None else self.clock.now + every  # type: ignore[operator]
+        self._timers[name] = _Timer(due=due, every=every)
+
+    def cancel_timer(self, name: str) -> None:
+        self._timers.pop(name, None)
+
+    def queue_due_timers(self) -> None:
+        if not self._timers:
+            return
+        now = self.clock.now
+        while True:
+            due = [(t.due, name) for name, t in self._timers.items() if t.due <= now]
+            if not due:
+                return
+            ts, name = min(due)
+            timer = self._timers[name]
+            if timer.every is None:
+                del self._timers[name]
+            else:
+                timer.due = ts + timer.every
+            self._pending.append(partial(self.strategy.on_timer, name, ts))
+
+    # --- OMS side ----------------------------------------------------------------------------------
+    def _track(self, order: Order) -> None:
+        coid = order.client_order_id
+        self.orders[coid] = order
+        if order.is_terminal:
+            self._open.pop(coid, None)
+        else:
+            self._open[coid] = order
+
+    def _on_stored(self, order: Order, event: OrderEvent | None) -> None:
+        """Every order change the OMS stores: keep our view, queue the strategy's callbacks."""
+        if order.intent.strategy != self._instance_id:
+            return
+        self._track(order)
+        if event is None:
+            return
+        if isinstance(event, OrderSubmitted) and order.client_order_id in self._announced:
+            return
+        if isinstance(event, OrderFilled):
+            fill = event.fill
+            self.fills.append(fill)
+            self._positions.pop(fill.symbol, None)
+            self.fills_changed = True
+            self._pending.append(partial(self._deliver_fill, fill))
+        if order.status is OrderStatus.REJECTED:
+            self.rejections.append(order)
+        self._pending.append(partial(self.strategy.on_order, order))
+
+    def _deliver_fill(self, fill: Fill) -> None:
+        self._positions.pop(fill.symbol, None)
+        self.strategy.on_fill(fill)
+
+    async def pump(self) -> None:
+        """Deliver the venue's queued user events to the OMS (the private stream, synchronously)."""
+        stream = self._stream
+        while not stream.empty():
+            await self.oms.on_user_event(stream.get_nowait(), account=self._account)
+
+    def drain(self) -> None:
+        """Run the queued strategy callbacks (and what they cause) until none is left."""
+        pending = self._pending
+        while pending:
+            pending.popleft()()
+
+    def has_releasable(self, ts: datetime) -> bool:
+        outbox = self._outbox
+        return bool(outbox) and outbox[0].arrival <= ts
+
+    @property
+    def emulated_active(self) -> bool:
+        return self._emulated_active
+
+    async def release(self, ts: datetime) -> None:
+        """Send every held request that has arrived by ``ts``, in the order made."""
+        outbox = self._outbox
+        while outbox and outbox[0].arrival <= ts:
+            while outbox and outbox[0].arrival <= ts:
+                await self._execute(outbox.popleft())
+            self.drain()  # reactions (on_order / on_fill) may make requests that have arrived too
+
+    async def _execute(self, request: _Request) -> None:
+        kind = request.kind
+        oms = self.oms
+        if kind == "submit":
+            assert request.intent is not None
+            await oms.submit(request.intent)
+            if request.intent.type not in (OrderType.MARKET, OrderType.LIMIT):
+                self._emulated_active = True
+        elif kind == "cancel":
+            await self._cancel_now(request.client_order_id)
+        elif kind == "amend":
+            order = self.orders.get(request.client_order_id)
+            if order is None or order.status not in (OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED):
+                self._log.debug("amend %s: not open any more", request.client_order_id)
+                return
+            try:
+                await oms.amend(request.client_order_id, price=request.price, quantity=request.quantity)
+            except MelticaError as exc:
+                self._log.debug("amend %s refused: %s", request.client_order_id, exc)
+        else:
+            kind_name: Literal["oco", "bracket"] = "oco" if request.list_kind == "oco" else "bracket"
+            self._emulated_active = True
+            await self.emulator.add_list(kind_name, request.intents, request.list_id)
+
+    async def _cancel_now(self, client_order_id: str) -> None:
+        order = self.orders.get(client_order_id)
+        if order is None or order.is_terminal:
+            return
+        if (
+            order.status is OrderStatus.PENDING_SUBMIT
+            and client_order_id in self._announced
+            and self.store.get(client_order_id) is None
+        ):
+            # held locally (a bracket exit waiting for its entry) or never sent
+            with contextlib.suppress(KeyError):
+                await self.emulator.cancel(client_order_id)
+            self._local_cancel(order, "cancelled before it was sent")
+            return
+        try:
+            await self.oms.cancel(client_order_id)
+        except MelticaError as exc:  # closed meanwhile: a no-op for the strategy
+            self._log.debug("cancel %s: %s", client_order_id, exc)
+
+    def _local_cancel(self, order: Order, reason: str) -> None:
+        coid = order.client_order_id
+        cancelled = order.apply(
+            OrderCancelled(event_id="cancelled", client_order_id=coid, ts=self.clock.now, reason=reason)
+        )
+        self._track(cancelled)
+        self._pending.append(partial(self.strategy.on_order, cancelled))
+
+    async def end_of_data(self) -> None:
+        """Held cancels are delivered; held new orders and amendments never reach the venue."""
+        while self._outbox:
+            request = self._outbox.popleft()
+            if request.kind == "cancel":
+                await self._cancel_now(request.client_order_id)
+                continue
+            coids = (
+                [i.client_order_id for i in request.intents] if request.kind == "list" else [request.client_order_id]
+            )
+            if request.kind == "amend":
+                continue
+            for coid in coids:
+                order = self.orders.get(coid)
+                if order is not None and not order.is_terminal and self.store.get(coid) is None:
+                    self._local_cancel(order, END_OF_DATA)
+        self.drain()
+
+    # --- market data -------------------------------------------------------------------------------
+    def feed_trade(self, trade: Trade) -> None:
+        self.clock.now = trade.ts
+        self.venue.on_trade(trade)
+
+    def feed_book(self, book: OrderBookSnapshot) -> None:
+        self.clock.now = book.ts
+        self.venue.on_book(book)
+
+    def quiet(self) -> bool:
+        """Nothing of ours can move on this data: no open orders, nothing emulated."""
+        return not self._open and not self._emulated_active
+
+    def on_bar_callback(self, bar: Bar) -> None:
+        self._pending.append(partial(self.strategy.on_bar, bar))
+
+    def update_emulated_activity(self) -> None:
+        if self._emulated_active:
+            self._emulated_active = bool(self.emulator.orders())

@@ -1,0 +1,269 @@
+"""The backtest engine: one strategy, the live OMS / risk / matching objects, a simulated clock.
+
+``run_backtest(config, bars)`` is the Python API (the CLI, the optimiser, flows and the bench call it).
+It builds a :class:`~meltica.backtest.context.BacktestContext` — the real ``OrderManager`` over a
+``PaperAdapter`` on a ``PaperVenue`` (the shared ``MatchingEngine``), ``Portfolio``, ``RiskEngine`` when
+limits are configured, ``LocalOrderEmulator`` — and drives it bar by bar inside one coroutine.
+
+Per bar (``ts`` = open time, ``close`` = open time + timeframe):
+
+1. held requests whose arrival (decision + latency) is at or before ``ts`` are released: the clock moves
+   to ``ts``, the open is printed to the venue (a stop the gap crossed triggers there and fills at the
+   open's price — the worse one), then the requests are sent in order (module docstring of
+   ``context.py``);
+2. the clock moves to ``close``; when we have working orders the venue runs the bar's path (open →
+   nearer extreme → other extreme → close, stops before limit fills: conservative), the emulator sees the
+   bar, GTD orders expire;
+3. timers that are due fire, the equity is marked to the close (one curve point per bar), then
+   ``on_bar`` runs; what it asks for is held for step 1 of a later bar.
+
+Fill model (``BacktestConfig``): maker/taker fees in bps (charged in the quote currency by default);
+slippage ``s`` bps — takers fill against a synthetic book whose first level is ``s`` bps from the
+reference price (``0``: exactly at it) and whose deeper levels are ``3s``, ``5s`` … away; with
+``bar_volume_share`` ``q`` the synthetic book holds only ``q`` × the bar's volume (split over its levels),
+so a large order walks deeper (volume-dependent slippage) and a remainder beyond it expires (partial
+fill), and resting orders may fill at most ``q`` × the bar's volume along its path. When a recorded order
+book is replayed (``OrderBookSnapshot`` items), takers walk that book instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+from pydantic import BaseModel
+
+from meltica.backtest.config import BacktestConfig
+from meltica.backtest.context import BacktestContext
+from meltica.backtest.data import BarSeries, fast_bar
+from meltica.backtest.results import BacktestResult, EquityPoint
+from meltica.domain import Bar
+from meltica.errors import ConfigurationError, DataValidationError
+from meltica.strategies import Strategy, build_strategy
+
+_ZERO = Decimal(0)
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``, called every ~0.5 % of the bars and at the end."""
+
+BarsInput = BarSeries | Iterable[Bar] | Mapping[str, Any]
+"""Bars as a ``BarSeries``, domain ``Bar`` objects, or columnar arrays (``BarSeries.from_arrays``)."""
+
+
+def load_bars(config: BacktestConfig, bars: BarsInput | None = None, *, database: Any = None) -> BarSeries:
+    """The run's bars: ``bars`` as given, else the database's candles for the config's market and range."""
+    if bars is None:
+        if database is None:
+            from meltica.cli._common import database_engine
+
+            database = database_engine()
+        return BarSeries.from_database(
+            database,
+            exchange=config.exchange,
+            symbol=config.symbol,
+            timeframe=config.timeframe,
+            start=config.start,
+            end=config.end,
+        )
+    if isinstance(bars, BarSeries):
+        return bars
+    if isinstance(bars, Mapping):
+        return BarSeries.from_arrays(bars, exchange=config.exchange, symbol=config.symbol, timeframe=config.timeframe)
+    series = BarSeries.from_bars(bars)
+    if series.symbol != config.symbol:
+        raise ConfigurationError(f"the bars are {series.symbol}, the run trades {config.symbol}", field="symbol")
+    return series
+
+
+def build_context(config: BacktestConfig, start: datetime) -> BacktestContext:
+    instrument = config.market()
+    if instrument.exchange != config.exchange:
+        instrument = instrument.model_copy(update={"exchange": config.exchange})
+    return BacktestContext(
+        [instrument],
+        start=start,
+        balances=config.balances(),
+        account=config.account,
+        instance_id=config.strategy_instance,
+        exchange_id=config.exchange,
+        fees=config.fees(),
+        fill_model=config.fill_model(),
+        risk=config.risk,
+        latency=timedelta(milliseconds=config.latency_ms),
+        valuation_currency=instrument.quote,
+    )
+
+
+def run_backtest(
+    config: BacktestConfig | Mapping[str, Any],
+    bars: BarsInput | None = None,
+    *,
+    progress: Progress | None = None,
+    strategy: type[Strategy[Any]] | None = None,
+    database: Any = None,
+    sweep_id: Any = None,
+) -> BacktestResult:
+    """Run one backtest and return its result (metrics, equity curve, orders, fills, round trips).
+
+    ``config``: a ``BacktestConfig`` or a mapping validated into one (``ConfigurationError`` naming the
+    field). ``bars``: see ``BarsInput``; ``None`` reads the database (``database``: a SQLAlchemy engine,
+    default the configured one). ``strategy``: a ``Strategy`` class to run instead of looking
+    ``config.strategy`` up in the registry (unregistered strategies, benchmarks). Nothing is written:
+    ``result.write_files(dir)``, ``write_report(result, dir)`` and ``result.save(engine)`` do that.
+    """
+    if not isinstance(config, BacktestConfig):
+        config = BacktestConfig.create(config) if strategy is None else BacktestConfig.model_validate(dict(config))
+    series = load_bars(config, bars, database=database)
+    if len(series) == 0:
+        raise DataValidationError("no bars to backtest", reason="no_data")
+    # The coroutine hands back small things: asyncio may repr a finished task's result.
+    ctx, equity = asyncio.run(_run(config, series, progress=progress, strategy_class=strategy))
+    return BacktestResult.from_run(
+        strategy=config.strategy,
+        symbols=[config.symbol],
+        equity=equity,
+        fills=ctx.fills,
+        orders=list(ctx.orders.values()),
+        params=dict(config.params),
+        exchange=config.exchange,
+        timeframe=config.timeframe,
+        data_start=series.ts[0],
+        data_end=series.ts[-1] + series.delta,
+        fill_model=config.fill_model_info(),
+        sweep_id=sweep_id,
+    )
+
+
+class _Equity(list[EquityPoint]):
+    """The equity curve; its repr stays short (a million points)."""
+
+    def __repr__(self) -> str:
+        return f"<equity curve of {len(self)} points>"
+
+
+async def _run(
+    config: BacktestConfig,
+    series: BarSeries,
+    *,
+    progress: Progress | None,
+    strategy_class: type[Strategy[Any]] | None,
+) -> tuple[BacktestContext, list[EquityPoint]]:
+    ctx = build_context(config, series.ts[0])
+    if strategy_class is None:
+        strategy = build_strategy(config.strategy, config.params, ctx)
+    else:
+        params: BaseModel = (
+            config.params
+            if isinstance(config.params, strategy_class.Params)
+            else strategy_class.Params.model_validate(config.params)
+        )
+        strategy = strategy_class(params, ctx)
+    ctx.attach(strategy)
+    strategy.on_start()
+    ctx.drain()
+    equity = await _drive_bars(ctx, series, config, progress)
+    ctx.clock.now = series.ts[-1] + series.delta
+    strategy.on_stop()
+    ctx.drain()
+    await ctx.end_of_data()
+    return ctx, equity
+
+
+async def _drive_bars(
+    ctx: BacktestContext, series: BarSeries, config: BacktestConfig, progress: Progress | None
+) -> list[EquityPoint]:
+    """The hot loop: see the module docstring for what happens per bar."""
+    exchange, symbol, timeframe = config.exchange, config.symbol, series.timeframe
+    delta = series.delta
+    clock = ctx.clock
+    venue = ctx.venue
+    engine = ctx.engine
+    ledger = engine.ledger
+    account = config.account
+    instrument = engine.instrument(symbol)
+    quote, base = instrument.quote, instrument.base
+    risk = ctx.risk
+    portfolio = ctx.portfolio
+    pending = ctx._pending
+    outbox = ctx._outbox
+    on_bar = ctx.strategy.on_bar
+    share = config.bar_volume_share
+    base_model = engine.fill_model
+    levels = base_model.synthetic_levels
+    new_point = EquityPoint.__new__
+    point_cls = EquityPoint
+    set_attr = object.__setattr__
+
+    def totals() -> tuple[Decimal, Decimal]:
+        q = ledger.balance(account, quote)
+        b = ledger.balance(account, base)
+        return q.free + q.locked, b.free + b.locked
+
+    cash, held = totals()
+    points: list[EquityPoint] = _Equity()
+    append = points.append
+    n = len(series)
+    step = max(1, n // 200)
+    ts_col, o_col, h_col, l_col, c_col, v_col = (
+        series.ts,
+        series.open,
+        series.high,
+        series.low,
+        series.close,
+        series.volume,
+    )
+    for i in range(n):
+        ts = ts_col[i]
+        o = o_col[i]
+        c = c_col[i]
+        close_time = ts + delta
+        if outbox and outbox[0].arrival <= ts:
+            clock.now = ts
+            if share is not None:  # the liquidity an arriving order can take: share x this bar's volume
+                engine.fill_model = dataclasses.replace(
+                    base_model, synthetic_level_quantity=max(v_col[i] * share / levels, instrument.step_size)
+                )
+            opening = engine.on_trade(symbol, o, _ZERO)
+            venue.dispatch(opening)
+            await ctx.pump()
+            if risk is not None:
+                portfolio.mark(exchange, symbol, o)
+                risk.on_market(exchange, symbol, o)
+            await ctx.release(ts)
+        bar = fast_bar(exchange, symbol, timeframe, ts, o, h_col[i], l_col[i], c, v_col[i])
+        clock.now = close_time
+        if ctx._open or ctx._emulated_active:
+            result = engine.on_bar(symbol, o, bar.high, bar.low, c, bar.volume)
+            venue.dispatch(result)
+            await ctx.pump()
+            if ctx._emulated_active:
+                await ctx.oms.on_market_data(bar)
+                ctx.update_emulated_activity()
+            expired = engine.advance()
+            if expired.order_updates:
+                venue.dispatch(expired)
+                await ctx.pump()
+        if risk is not None:
+            portfolio.mark(exchange, symbol, c)
+            risk.on_market(exchange, symbol, c)
+        if ctx._timers:
+            ctx.queue_due_timers()
+        if ctx.fills_changed:
+            cash, held = totals()
+            ctx.fills_changed = False
+        value = held * c if held else _ZERO
+        point = new_point(point_cls)
+        set_attr(point, "__dict__", {"ts": close_time, "equity": cash + value, "cash": cash, "position_value": value})
+        append(point)
+        pending.append(partial(on_bar, bar))
+        while pending:
+            pending.popleft()()
+        if progress is not None and (i % step == 0):
+            progress(i, n)
+    if progress is not None:
+        progress(n, n)
+    return points

@@ -1,0 +1,170 @@
+"""`meltica backtest`: run one strategy over recorded bars, print the summary, write the results."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from meltica.cli._common import console, database_engine, reports_errors
+from meltica.errors import ConfigurationError
+
+
+def parse_param(item: str) -> tuple[str, Any]:
+    """``key=value``; the value as JSON when it parses (numbers, true/false, lists), else the string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigurationError(f"--param {item!r}: expected key=value", field="param")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(value, float):
+        value = raw  # keep decimals exact: pydantic parses the string into the field's type
+    return key.strip(), value
+
+
+def _parse_time(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    from meltica.marketdata.candle_files import parse_time
+
+    try:
+        return parse_time(value)
+    except Exception:
+        raise ConfigurationError(f"--{name} {value!r} is not an ISO-8601 time", field=name) from None
+
+
+def _decimal(value: str | None, name: str) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        return Decimal(value)
+    except InvalidOperation:
+        raise ConfigurationError(f"--{name} {value!r} is not a number", field=name) from None
+
+
+@reports_errors
+def backtest(
+    strategy: str = typer.Option(..., "--strategy", help="Registered strategy name, e.g. momentum."),
+    param: list[str] = typer.Option([], "--param", help="Strategy parameter key=value (repeatable)."),
+    data: Path | None = typer.Option(None, "--data", help="Candle file (.csv, .csv.gz, .feather, .parquet)."),
+    exchange: str = typer.Option("binance", help="Exchange id (and of the stored candles)."),
+    symbol: str = typer.Option("BTC/USDT", help="Unified symbol traded."),
+    timeframe: str = typer.Option("1m", help="Bar timeframe (of the file, or rolled up from the database)."),
+    start: str | None = typer.Option(None, help="First bar (inclusive, ISO-8601 UTC) from the database."),
+    end: str | None = typer.Option(None, help="End (exclusive, ISO-8601 UTC) from the database."),
+    fees_bps: str = typer.Option("10", "--fees-bps", help="Taker (and default maker) fee in bps."),
+    maker_fees_bps: str | None = typer.Option(None, "--maker-fees-bps", help="Maker fee in bps (default: --fees-bps)."),
+    slippage_bps: str = typer.Option("0", "--slippage-bps", help="Taker slippage in bps."),
+    latency_ms: int = typer.Option(0, "--latency-ms", help="Decision to venue arrival, in ms."),
+    volume_share: str | None = typer.Option(None, "--volume-share", help="Partial-fill cap: share of a bar's volume."),
+    balance: list[str] = typer.Option([], "--balance", help="Initial balance ASSET=AMOUNT (repeatable)."),
+    output: Path = typer.Option(..., "--output", help="Directory for metrics.json, CSVs, report.html, PNGs."),
+    store: bool = typer.Option(True, "--store/--no-store", help="Store the run in the database under its run id."),
+    progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Backtest STRATEGY on a candle file (--data) or stored candles; write results into --output."""
+    from meltica.backtest import BacktestConfig, BarSeries, run_backtest, write_report
+
+    balances: dict[str, str] = {}
+    for item in balance:
+        asset, sep, amount = item.partition("=")
+        if not sep:
+            raise ConfigurationError(f"--balance {item!r}: expected ASSET=AMOUNT", field="balance")
+        balances[asset.strip()] = amount.strip()
+    config = BacktestConfig.create(
+        strategy=strategy,
+        params=dict(parse_param(p) for p in param),
+        exchange=exchange,
+        symbol=symbol,
+        timeframe=timeframe,
+        start=_parse_time(start, "start"),
+        end=_parse_time(end, "end"),
+        taker_fee_bps=_decimal(fees_bps, "fees-bps"),
+        maker_fee_bps=_decimal(maker_fees_bps or fees_bps, "maker-fees-bps"),
+        slippage_bps=_decimal(slippage_bps, "slippage-bps"),
+        latency_ms=latency_ms,
+        bar_volume_share=_decimal(volume_share, "volume-share"),
+        initial_balances=balances,
+    )
+    database = None
+    if data is not None:
+        bars = BarSeries.from_file(data, exchange=exchange, symbol=symbol, timeframe=timeframe)
+        if config.start is not None or config.end is not None:
+            keep = [
+                i
+                for i, t in enumerate(bars.ts)
+                if (config.start is None or t >= config.start) and (config.end is None or t < config.end)
+            ]
+            bars = BarSeries(
+                bars.exchange,
+                bars.symbol,
+                bars.timeframe,
+                [bars.ts[i] for i in keep],
+                [bars.open[i] for i in keep],
+                [bars.high[i] for i in keep],
+                [bars.low[i] for i in keep],
+                [bars.close[i] for i in keep],
+                [bars.volume[i] for i in keep],
+            )
+    else:
+        database = database_engine()
+        bars = BarSeries.from_database(
+            database, exchange=exchange, symbol=symbol, timeframe=timeframe, start=config.start, end=config.end
+        )
+    with Progress(
+        TextColumn("[bold]backtest {task.fields[name]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=not console.is_terminal,
+        disable=not progress_bar,
+    ) as progress:
+        task = progress.add_task("run", total=len(bars), name=strategy)
+        result = run_backtest(config, bars, progress=lambda done, total: progress.update(task, completed=done))
+    result.write_files(output)
+    write_report(result, output, prices={symbol: bars.closes()})
+    console.print(summary_table(result))
+    if store:
+        from meltica.storage import migrate
+
+        database = database or database_engine()
+        migrate.upgrade(database)
+        result.save(database)
+        console.print(f"stored as run {result.run_id}")
+    console.print(f"results in {output}/ (metrics.json, orders.csv, fills.csv, equity.csv, trades.csv, report.html)")
+
+
+def summary_table(result: Any) -> Table:
+    from meltica.backtest.report import format_metric
+
+    m = result.metrics
+    table = Table(title=f"{result.strategy} {', '.join(result.symbols)} {result.timeframe} — run {result.run_id}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in (
+        "initial_equity",
+        "final_equity",
+        "total_return",
+        "cagr",
+        "sharpe",
+        "sortino",
+        "max_drawdown",
+        "trades",
+        "win_rate",
+        "profit_factor",
+        "fees",
+        "exposure",
+    ):
+        table.add_row(name, format_metric(name, getattr(m, name)))
+    table.add_row("fills", str(len(result.fills)))
+    table.add_row("orders", str(len(result.orders)))
+    return table
