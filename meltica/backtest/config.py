@@ -125,6 +125,7 @@ class BacktestConfig(BaseModel):
         """Validated config from a mapping and/or keywords; ``ConfigurationError`` naming the bad field.
         The strategy's parameters are validated against its ``Params`` too (``field='params.<name>'``)."""
         merged = {**(data or {}), **values}
+        merged["params"] = _bind_symbol(merged.get("strategy"), merged.get("params") or {}, merged.get("symbol"))
         try:
             config = cls.model_validate(merged)
         except ValidationError as exc:
@@ -191,3 +192,27 @@ class BacktestConfig(BaseModel):
             "fill_on_touch": self.fill_on_touch,
             "release": "next bar open after decision + latency",
         }
+
+
+def _bind_symbol(strategy: Any, params: Mapping[str, Any], symbol: Any) -> dict[str, Any]:
+    """A strategy with a ``symbol`` parameter trades the backtest's symbol unless told otherwise; told a
+    different one, it would never see a bar: that is a configuration error, not a silent empty run."""
+    bound = dict(params)
+    if not isinstance(strategy, str) or not isinstance(symbol, str):
+        return bound
+    from meltica.strategies import get_strategy
+
+    try:
+        fields = get_strategy(strategy).Params.model_fields
+    except ConfigurationError:
+        return bound  # unknown strategy: reported by validated_params()
+    if "symbol" not in fields:
+        return bound
+    given = bound.setdefault("symbol", symbol)
+    if given != symbol:
+        raise ConfigurationError(
+            f"params.symbol {given!r} is not the backtest's symbol {symbol!r}: the strategy would never trade",
+            field="params.symbol",
+            source="backtest",
+        )
+    return bound

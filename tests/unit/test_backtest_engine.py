@@ -287,3 +287,14 @@ def test_equity_curve_has_one_point_per_bar_at_the_bar_close() -> None:
     assert [p.ts for p in result.equity] == [T0 + timedelta(minutes=i + 1) for i in range(4)]
     assert {p.equity for p in result.equity} == {D(10_000)}
     assert result.orders == () and OrderStatus.FILLED  # nothing traded
+
+
+def test_strategy_symbol_defaults_to_the_backtest_symbol_and_a_mismatch_is_refused() -> None:
+    from meltica.backtest.config import BacktestConfig
+    from meltica.errors import ConfigurationError
+
+    bound = BacktestConfig.create(strategy="momentum", params={}, symbol="BTC/USDT:USDT")
+    assert bound.params["symbol"] == "BTC/USDT:USDT"
+    with pytest.raises(ConfigurationError, match="would never trade") as err:
+        BacktestConfig.create(strategy="momentum", params={"symbol": "ETH/USDT"}, symbol="BTC/USDT:USDT")
+    assert err.value.field == "params.symbol"
