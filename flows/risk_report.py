@@ -1,0 +1,96 @@
+"""The daily risk report as a Prefect flow run (a thin shell over ``meltica.reporting.risk_report``).
+
+Computes the report of one UTC day from the stored facts, stores its JSON in ``risk_state`` under
+``risk_report:<day>``, writes ``risk-report-<day>.md`` / ``.json`` / ``.png`` under ``output_dir`` and
+publishes the markdown as an artifact plus links to the PNG and the files. Without ``day`` it reports
+the day before the flow run's scheduled start (no wall-clock read in the core).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.runtime import flow_run
+
+from meltica.errors import ConfigurationError, is_retryable
+from meltica.infra.postgres import database_url
+from meltica.reporting.risk_report import build_risk_report, markdown, render_png, store_report
+from meltica.risk.limits import RiskConfig
+from meltica.storage.engine import make_engine
+
+
+def _retry_only_retryable(_task: Any, _run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except Exception as exc:
+        return is_retryable(exc)
+    return False
+
+
+def _report_day(day: date | None) -> date:
+    if day is not None:
+        return day
+    scheduled = flow_run.scheduled_start_time
+    if scheduled is None:
+        raise ConfigurationError("no day given and no scheduled start to derive it from", field="day")
+    previous: date = scheduled.date() - timedelta(days=1)
+    return previous
+
+
+@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_only_retryable)
+def compute_report(
+    day: date, db_url: str, output_dir: str, limits: dict[str, Any] | None, marks: dict[str, Any] | None
+) -> dict[str, Any]:
+    engine = make_engine(db_url)
+    try:
+        report = build_risk_report(
+            engine, day, limits=RiskConfig.model_validate(limits) if limits is not None else None, marks=marks
+        )
+        key = store_report(engine, report)
+    finally:
+        engine.dispose()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = render_png(report, out / f"risk-report-{day.isoformat()}.png")
+    text = markdown(report, chart_url=png.resolve().as_uri())
+    md = out / f"risk-report-{day.isoformat()}.md"
+    md.write_text(text, encoding="utf-8")
+    js = out / f"risk-report-{day.isoformat()}.json"
+    js.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    return {
+        "day": day.isoformat(),
+        "risk_state_key": key,
+        "markdown": text,
+        "png": png.resolve().as_uri(),
+        "markdown_file": md.resolve().as_uri(),
+        "json_file": js.resolve().as_uri(),
+        "breaches": len(report.breached_limits) + len(report.breaches),
+        "pnl": {line.account: str(line.pnl) for line in report.by_account},
+    }
+
+
+@flow(name="daily-risk-report", flow_run_name="risk report {day}")
+def daily_risk_report(
+    day: date | None = None,
+    database: str | None = None,
+    output_dir: str = "out/risk-reports",
+    limits: dict[str, Any] | None = None,
+    marks: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The risk report of the UTC ``day`` (default: the day before the scheduled start). ``limits``: a
+    ``risk`` configuration section (``RiskConfig``); ``marks``: day-end prices by symbol."""
+    the_day = _report_day(day)
+    summary = compute_report(the_day, database or database_url(), output_dir, limits, marks)
+    create_markdown_artifact(
+        key="risk-report",
+        markdown=summary["markdown"],
+        description=f"Daily risk report {the_day.isoformat()} (JSON in risk_state {summary['risk_state_key']})",
+    )
+    create_link_artifact(key="risk-report-chart", link=summary["png"], link_text="risk report chart (PNG)")
+    create_link_artifact(key="risk-report-json", link=summary["json_file"], link_text="risk report (JSON)")
+    return summary
