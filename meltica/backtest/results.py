@@ -2,11 +2,9 @@
 
 ``BacktestResult`` is stored under its ``run_id`` in ``backtest_runs`` (what was run),
 ``backtest_metrics`` (one row per metric), ``backtest_equity`` (the whole curve, loaded with COPY) and
-``backtest_trades`` (the round trips, also COPY), and written to files by ``write_files``.
-
-Orders and fills are kept in the result and written to ``orders.csv`` / ``fills.csv``, but the schema
-has no backtest orders/fills tables yet, so ``save`` does not store them and ``load`` returns them
-empty. (The live ``orders``/``fills`` tables are facts of real accounts; backtests stay out of them.)
+``backtest_trades`` (the round trips), ``backtest_orders`` and ``backtest_fills`` (the last three with
+COPY too), and written to files by ``write_files``. (The live ``orders``/``fills`` tables are facts of
+real accounts; backtests stay out of them.)
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from typing import Any, get_type_hints
 from sqlalchemy import Engine, func, insert, select
 
 from meltica.backtest.metrics import Direction, Metrics, RoundTrip, compute_metrics, round_trips_from_fills
+from meltica.domain.enums import LiquiditySide, Side
 from meltica.domain.orders import Fill, Order
 from meltica.errors import DataValidationError
 from meltica.storage.tables import backtest_metrics, backtest_runs
@@ -53,6 +52,7 @@ class OrderRecord:
     """One order of the run as it ended (a flat row for ``orders.csv``)."""
 
     client_order_id: str
+    intent_id: str
     symbol: str
     side: str
     order_type: str
@@ -70,6 +70,7 @@ class OrderRecord:
     def from_order(cls, order: Order) -> OrderRecord:
         return cls(
             client_order_id=order.client_order_id,
+            intent_id=order.intent.intent_id,
             symbol=order.symbol,
             side=order.side.value,
             order_type=order.intent.type.value,
@@ -306,8 +307,9 @@ class BacktestResult:
 
     def save(self, engine: Engine) -> None:
         """Store the run in one transaction: its ``backtest_runs`` row (status ``finished``), one
-        ``backtest_metrics`` row per ``Metrics`` field, the whole equity curve and the round trips (both
-        with COPY). Saving a ``run_id`` twice fails on the primary key: a run is stored once."""
+        ``backtest_metrics`` row per ``Metrics`` field, the whole equity curve, the round trips, the
+        orders and the fills (all with COPY; orders and fills keep their position in ``seq``). Saving a
+        ``run_id`` twice fails on the primary key: a run is stored once."""
         run_row: dict[str, Any] = {
             "run_id": self.run_id,
             "strategy": self.strategy,
@@ -362,6 +364,57 @@ class BacktestResult:
                                 t.fees,
                             )
                         )
+                with cur.copy(
+                    "COPY backtest_orders (run_id, client_order_id, seq, intent_id, symbol, side, order_type, "
+                    "quantity, price, trigger_price, status, filled_quantity, average_fill_price, reason, "
+                    "created_at, updated_at) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(_ORDER_COPY_TYPES)
+                    for seq, o in enumerate(self.orders, start=1):
+                        copy.write_row(
+                            (
+                                self.run_id,
+                                o.client_order_id,
+                                seq,
+                                o.intent_id,
+                                o.symbol,
+                                o.side,
+                                o.order_type,
+                                o.quantity,
+                                o.price,
+                                o.trigger_price,
+                                o.status,
+                                o.filled_quantity,
+                                o.avg_fill_price,
+                                o.reason,
+                                o.created_at,
+                                o.updated_at,
+                            )
+                        )
+                with cur.copy(
+                    "COPY backtest_fills (run_id, trade_id, seq, client_order_id, exchange_order_id, exchange, "
+                    "symbol, side, price, quantity, fee, fee_currency, liquidity, ts) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(_FILL_COPY_TYPES)
+                    for seq, f in enumerate(self.fills, start=1):
+                        copy.write_row(
+                            (
+                                self.run_id,
+                                f.fill_id,
+                                seq,
+                                f.client_order_id,
+                                f.exchange_order_id,
+                                f.exchange,
+                                f.symbol,
+                                f.side.value,
+                                f.price,
+                                f.quantity,
+                                f.fee,
+                                f.fee_currency,
+                                f.liquidity.value if f.liquidity is not None else None,
+                                f.ts,
+                            )
+                        )
 
     @classmethod
     def load(cls, engine: Engine, run_id: uuid.UUID | str) -> BacktestResult:
@@ -392,11 +445,26 @@ class BacktestResult:
                     (rid,),
                 )
                 trips = [_trip_from_row(row) for row in cur.fetchall()]
+                cur.execute(
+                    "SELECT client_order_id, intent_id, symbol, side, order_type, quantity, price, trigger_price, "
+                    "status, filled_quantity, average_fill_price, created_at, updated_at, reason "
+                    "FROM backtest_orders WHERE run_id = %s ORDER BY seq",
+                    (rid,),
+                )
+                orders = [OrderRecord(*row) for row in cur.fetchall()]
+                cur.execute(
+                    "SELECT trade_id, client_order_id, exchange_order_id, exchange, symbol, side, price, quantity, "
+                    "fee, fee_currency, liquidity, ts FROM backtest_fills WHERE run_id = %s ORDER BY seq",
+                    (rid,),
+                )
+                fills = [_fill_from_row(row) for row in cur.fetchall()]
         return cls(
             strategy=run["strategy"],
             symbols=tuple(run["symbols"]),
             metrics=metrics_from_numeric(stored),
             equity=equity,
+            fills=fills,
+            orders=orders,
             round_trips=trips,
             params=run["params"],
             exchange=run["exchange"],
@@ -480,6 +548,73 @@ TRADE_COLUMNS = (
     "fees",
     "pnl",
 )
+
+
+_ORDER_COPY_TYPES = [
+    "uuid",
+    "text",
+    "int4",
+    "text",
+    "text",
+    "text",
+    "text",
+    "numeric",
+    "numeric",
+    "numeric",
+    "text",
+    "numeric",
+    "numeric",
+    "text",
+    "timestamptz",
+    "timestamptz",
+]
+_FILL_COPY_TYPES = [
+    "uuid",
+    "text",
+    "int4",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "numeric",
+    "numeric",
+    "numeric",
+    "text",
+    "text",
+    "timestamptz",
+]
+
+
+def _fill_from_row(row: tuple[Any, ...]) -> Fill:
+    (
+        trade_id,
+        client_order_id,
+        exchange_order_id,
+        exchange,
+        symbol,
+        side,
+        price,
+        quantity,
+        fee,
+        fee_currency,
+        liquidity,
+        ts,
+    ) = row
+    return Fill(
+        fill_id=trade_id,
+        client_order_id=client_order_id,
+        exchange_order_id=exchange_order_id,
+        exchange=exchange,
+        symbol=symbol,
+        side=Side(side),
+        price=price,
+        quantity=quantity,
+        fee=fee,
+        fee_currency=fee_currency,
+        liquidity=LiquiditySide(liquidity) if liquidity is not None else None,
+        ts=ts,
+    )
 
 
 def _trip_from_row(row: tuple[Any, ...]) -> RoundTrip:

@@ -388,6 +388,50 @@ backtest_trades = Table(
     PrimaryKeyConstraint("run_id", "trade_no"),
 )
 
+# The run's orders as they ended and its fills. Kept apart from the live ``orders``/``fills`` (facts of real
+# accounts). ``seq`` is the position in the run, so a loaded result lists them in the order it was saved.
+backtest_orders = Table(
+    "backtest_orders",
+    metadata,
+    Column("run_id", UUID(as_uuid=True), ForeignKey("backtest_runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("client_order_id", Text, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("intent_id", Text, nullable=False),
+    Column("symbol", Text, nullable=False),
+    Column("side", Text, nullable=False),
+    Column("order_type", Text, nullable=False),
+    _money("quantity"),
+    _money("price", nullable=True),
+    _money("trigger_price", nullable=True),
+    Column("status", Text, nullable=False),
+    _money("filled_quantity"),
+    _money("average_fill_price", nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("run_id", "client_order_id"),
+)
+
+backtest_fills = Table(
+    "backtest_fills",
+    metadata,
+    Column("run_id", UUID(as_uuid=True), ForeignKey("backtest_runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("trade_id", Text, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("client_order_id", Text, nullable=False),
+    Column("exchange_order_id", Text, nullable=True),
+    Column("exchange", Text, nullable=False),
+    Column("symbol", Text, nullable=False),
+    Column("side", Text, nullable=False),
+    _money("price"),
+    _money("quantity"),
+    _money("fee"),
+    Column("fee_currency", Text, nullable=True),
+    Column("liquidity", Text, nullable=True),
+    _ts(),
+    PrimaryKeyConstraint("run_id", "trade_id"),
+)
+
 # --- reconciliation --------------------------------------------------------------------------
 
 reconciliation_runs = Table(

@@ -89,7 +89,7 @@ def test_malformed_file_exits_2_names_the_line_and_loads_nothing(empty_database:
 def test_db_upgrade_downgrade_commands(empty_database: Engine) -> None:
     up = meltica(empty_database, "db", "upgrade")
     assert up.returncode == 0, up.stderr
-    assert "at revision 0003 (postgresql)" in up.stdout or "(timescaledb)" in up.stdout
+    assert "at revision 0004 (postgresql)" in up.stdout or "(timescaledb)" in up.stdout
     assert "***" in up.stdout  # the password is masked in what it prints
     down = meltica(empty_database, "db", "downgrade", "base")
     assert down.returncode == 0, down.stderr

@@ -43,7 +43,12 @@ def test_upgrade_creates_every_table_and_downgrade_removes_them(empty_database: 
 
 def test_stepping_down_revision_by_revision(empty_database: Engine) -> None:
     migrate.upgrade(empty_database)
-    later_tables = {"order_lists", "emulated_orders", "kill_switch_state", "risk_state"}
+    tables_0004 = {"backtest_orders", "backtest_fills"}
+    later_tables = tables_0004 | {"order_lists", "emulated_orders", "kill_switch_state", "risk_state"}
+
+    migrate.downgrade(empty_database, "-1")
+    assert migrate.current_revision(empty_database) == "0003"
+    assert _tables(empty_database) == set(metadata.tables) - tables_0004
 
     migrate.downgrade(empty_database, "-1")
     assert migrate.current_revision(empty_database) == "0002"
