@@ -676,6 +676,18 @@ class BacktestContext:
                 await self._execute(outbox.popleft())
             self.drain()  # reactions (on_order / on_fill) may make requests that have arrived too
 
+    async def release_held_back(self, ts: datetime) -> None:
+        """``release(ts)``, with the callbacks already queued (reactions to the market data item being
+        processed: a resting order it filled) held back until after it: their requests wait for the next
+        item, as a decision on any item does (event replay, ``engine._drive_events``)."""
+        held = self._pending
+        self._pending = deque()
+        try:
+            await self.release(ts)
+            held.extend(self._pending)
+        finally:
+            self._pending = held
+
     async def _execute(self, request: _Request) -> None:
         kind = request.kind
         oms = self.oms

@@ -14,7 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from meltica.domain import Bar, Timeframe
+from meltica.domain import Bar, OrderBookSnapshot, Side, Timeframe, Trade
 from meltica.errors import DataValidationError
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -221,3 +221,382 @@ class BarSeries:
             return out
 
         return cls(exchange, symbol, timeframe, ts, decimals(o), decimals(h), decimals(lo), decimals(c), decimals(v))
+
+
+# --- trades -----------------------------------------------------------------------------------------
+
+_TS_NAMES = ("ts", "timestamp", "time", "date", "datetime", "ts_event", "transact_time", "T")
+_QTY_NAMES = ("quantity", "qty", "amount", "size", "volume", "q")
+_PRICE_NAMES = ("price", "p")
+
+
+def _to_datetime(value: Any) -> datetime:
+    """A timestamp as epoch (s / ms / µs / ns, guessed from the magnitude), ISO text or datetime → aware UTC."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    if hasattr(value, "to_pydatetime"):  # pandas Timestamp
+        return _to_datetime(value.to_pydatetime())
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return _to_datetime(int(text))
+        except ValueError:
+            return _to_datetime(datetime.fromisoformat(text.replace("Z", "+00:00")))
+    number = int(value)
+    magnitude = abs(number)
+    if magnitude >= 10**17:
+        micros = number // 1000
+    elif magnitude >= 10**14:
+        micros = number
+    elif magnitude >= 10**11:
+        micros = number * 1000
+    else:
+        micros = number * 1_000_000
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def _to_decimal(value: Any) -> Decimal:
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return Decimal(str(value).strip())
+
+
+def _aggressor(row: Mapping[str, Any]) -> Side | None:
+    """The taker's side from ``side``/``aggressor_side`` (buy/sell, b/s) or ``buyer_maker``/``is_buyer_maker``/``m``."""
+    for key in ("aggressor_side", "side", "taker_side"):
+        raw = row.get(key)
+        if raw is None or raw == "":
+            continue
+        text = str(raw).strip().lower()
+        if text in ("buy", "b", "buyer"):
+            return Side.BUY
+        if text in ("sell", "s", "seller"):
+            return Side.SELL
+    for key in ("buyer_maker", "is_buyer_maker", "m"):
+        raw = row.get(key)
+        if raw is None or raw == "":
+            continue
+        maker = raw if isinstance(raw, bool) else str(raw).strip().lower() in ("true", "1", "t", "yes")
+        return Side.SELL if maker else Side.BUY  # the buyer made the market: the seller took
+    return None
+
+
+def _pick(row: Mapping[str, Any], names: Sequence[str], what: str, where: str) -> Any:
+    for name in names:
+        if name in row and row[name] is not None and row[name] != "":
+            return row[name]
+    raise DataValidationError(f"{where}: no {what} column (one of {', '.join(names)})", reason="bad_trades")
+
+
+@dataclass(frozen=True)
+class TradeSeries:
+    """Recorded public trades of one market as columns, in time order (ties keep the file's order).
+
+    ``side`` is the aggressor (taker) side when the source says, else ``None`` (then a print may fill
+    resting orders on either side)."""
+
+    exchange: str
+    symbol: str
+    ts: Sequence[datetime]
+    price: Sequence[Decimal]
+    quantity: Sequence[Decimal]
+    side: Sequence[Side | None]
+    trade_id: Sequence[str] = ()
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def trade(self, i: int) -> Trade:
+        """The ``i``-th trade as a domain ``Trade`` (built without re-validation: the series is checked)."""
+        return Trade.model_construct(
+            exchange=self.exchange,
+            symbol=self.symbol,
+            trade_id=self.trade_id[i] if self.trade_id else str(i + 1),
+            price=self.price[i],
+            quantity=self.quantity[i],
+            aggressor_side=self.side[i],
+            ts=self.ts[i],
+        )
+
+    def trades(self) -> list[Trade]:
+        return [self.trade(i) for i in range(len(self))]
+
+    @property
+    def total_quantity(self) -> Decimal:
+        return sum(self.quantity, Decimal(0))
+
+    def validate(self) -> TradeSeries:
+        n = len(self.ts)
+        for name in ("price", "quantity", "side"):
+            if len(getattr(self, name)) != n:
+                raise DataValidationError(f"trade column {name} has {len(getattr(self, name))} values, ts has {n}")
+        if self.trade_id and len(self.trade_id) != n:
+            raise DataValidationError(f"trade column trade_id has {len(self.trade_id)} values, ts has {n}")
+        previous: datetime | None = None
+        for i, (t, p, q) in enumerate(zip(self.ts, self.price, self.quantity, strict=True)):
+            if t.tzinfo is None:
+                raise DataValidationError(f"trade {i}: naive timestamp {t}", reason="naive_timestamp")
+            if previous is not None and t < previous:
+                raise DataValidationError(f"trade {i}: {t.isoformat()} is before {previous.isoformat()}")
+            if not (p > 0 and q > 0):
+                raise DataValidationError(f"trade {i} at {t.isoformat()}: bad price/quantity {p} {q}")
+            previous = t
+        return self
+
+    @classmethod
+    def from_rows(
+        cls, rows: Iterable[Mapping[str, Any]], *, exchange: str, symbol: str, where: str = "trades"
+    ) -> TradeSeries:
+        """Rows with a timestamp, price, quantity and (optionally) side / buyer-maker / trade id; sorted by
+        time, stably (equal timestamps keep their order)."""
+        parsed: list[tuple[datetime, Decimal, Decimal, Side | None, str]] = []
+        for n, row in enumerate(rows):
+            tid = row.get("trade_id", row.get("id", row.get("tid")))
+            parsed.append(
+                (
+                    _to_datetime(_pick(row, _TS_NAMES, "timestamp", where)),
+                    _to_decimal(_pick(row, _PRICE_NAMES, "price", where)),
+                    _to_decimal(_pick(row, _QTY_NAMES, "quantity", where)),
+                    _aggressor(row),
+                    str(tid) if tid is not None and tid != "" else str(n + 1),
+                )
+            )
+        if not parsed:
+            raise DataValidationError(f"{where}: no trades", reason="no_data")
+        parsed.sort(key=lambda r: r[0])  # stable
+        return cls(
+            exchange,
+            symbol,
+            [r[0] for r in parsed],
+            [r[1] for r in parsed],
+            [r[2] for r in parsed],
+            [r[3] for r in parsed],
+            [r[4] for r in parsed],
+        ).validate()
+
+    @classmethod
+    def from_trades(cls, trades: Iterable[Trade]) -> TradeSeries:
+        items = list(trades)
+        if not items:
+            raise DataValidationError("no trades", reason="no_data")
+        first = items[0]
+        if any((t.exchange, t.symbol) != (first.exchange, first.symbol) for t in items):
+            raise DataValidationError("trades of more than one market", reason="mixed_trades")
+        items.sort(key=lambda t: t.ts)
+        return cls(
+            first.exchange,
+            first.symbol,
+            [t.ts for t in items],
+            [t.price for t in items],
+            [t.quantity for t in items],
+            [t.aggressor_side for t in items],
+            [t.trade_id for t in items],
+        ).validate()
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, exchange: str, symbol: str) -> TradeSeries:
+        """Trades from ``.parquet``, ``.csv``/``.csv.gz`` (header row) or ``.json``/``.json.gz``.
+
+        Columns are found by name: timestamp (``ts``/``timestamp``/``time``/``date``; epoch s/ms/µs/ns or
+        ISO-8601), ``price``, ``quantity``/``qty``/``amount``, and the aggressor from ``side`` (buy/sell) or
+        ``buyer_maker``/``is_buyer_maker`` (true → the seller took). JSON: a list of objects, or of
+        freqtrade rows ``[timestamp_ms, id, type, side, price, amount, cost]``."""
+        p = Path(path)
+        name = p.name.lower()
+        where = str(p)
+        if not p.exists():
+            raise DataValidationError(f"{where}: no such file", reason="no_data")
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            rows: list[dict[str, Any]] = pq.read_table(p).to_pylist()
+        elif name.endswith((".csv", ".csv.gz")):
+            import csv
+            import gzip
+            import io
+
+            raw = gzip.decompress(p.read_bytes()) if name.endswith(".gz") else p.read_bytes()
+            rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
+        elif name.endswith((".json", ".json.gz")):
+            import gzip
+            import json
+
+            raw = gzip.decompress(p.read_bytes()) if name.endswith(".gz") else p.read_bytes()
+            data = json.loads(raw, parse_float=Decimal)
+            if isinstance(data, Mapping):
+                data = data.get("trades", data.get("data", []))
+            rows = []
+            for item in data:
+                if isinstance(item, Mapping):
+                    rows.append(dict(item))
+                elif isinstance(item, list) and len(item) >= 6:
+                    rows.append(
+                        {"ts": item[0], "trade_id": item[1], "side": item[3], "price": item[4], "quantity": item[5]}
+                    )
+                else:
+                    raise DataValidationError(f"{where}: unrecognised trade row {item!r}", reason="bad_trades")
+        else:
+            raise DataValidationError(f"{where}: unsupported trade file type", reason="bad_trades")
+        return cls.from_rows(rows, exchange=exchange, symbol=symbol, where=where)
+
+
+# --- order books ------------------------------------------------------------------------------------
+
+Levels = tuple[tuple[Decimal, Decimal], ...]
+
+
+@dataclass(frozen=True)
+class BookEvent:
+    """One book update to replay: ``snapshot`` replaces the venue's recorded book with ``bids``/``asks``;
+    a delta sets the given levels (quantity 0 removes one). ``book`` is the maintained book after it
+    (top ``depth`` levels), what the strategy's ``on_book`` receives."""
+
+    ts: datetime
+    snapshot: bool
+    bids: Levels
+    asks: Levels
+    book: OrderBookSnapshot
+
+
+@dataclass(frozen=True)
+class BookSeries:
+    """Recorded L2 book updates of one market, in time order. ``gaps``: diffs dropped because they did not
+    continue the sequence (Binance's procedure, ``DepthSynchronizer``); the book stays at its last
+    in-sequence state until the next snapshot."""
+
+    exchange: str
+    symbol: str
+    events: Sequence[BookEvent]
+    gaps: int = 0
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    @property
+    def ts(self) -> list[datetime]:
+        return [e.ts for e in self.events]
+
+    @classmethod
+    def from_snapshots(cls, snapshots: Iterable[OrderBookSnapshot], *, depth: int | None = None) -> BookSeries:
+        """Direct snapshots (each replaces the book)."""
+        items = sorted(snapshots, key=lambda s: s.ts)
+        if not items:
+            raise DataValidationError("no book snapshots", reason="no_data")
+        first = items[0]
+        events = []
+        for s in items:
+            bids = tuple((lv.price, lv.quantity) for lv in s.bids)
+            asks = tuple((lv.price, lv.quantity) for lv in s.asks)
+            view = s if depth is None else s.model_copy(update={"bids": s.bids[:depth], "asks": s.asks[:depth]})
+            events.append(BookEvent(s.ts, True, bids, asks, view))
+        return cls(first.exchange, first.symbol, events)
+
+    @classmethod
+    def from_binance_csv(
+        cls,
+        snapshot: str | Path,
+        updates: str | Path | None = None,
+        *,
+        exchange: str,
+        symbol: str,
+        depth: int | None = 20,
+        on_gap: str = "drop",
+    ) -> BookSeries:
+        """Binance-style depth CSVs (the layout of Nautilus' test data: ``symbol,timestamp,first_update_id,
+        last_update_id,side,update_type,price,qty,pu``; ``side`` ``b``/``a``; one message = the rows sharing
+        timestamp and update ids). Snapshots load the book, diffs go through ``DepthSynchronizer``
+        (spot or futures rule, ``pu`` present = futures). A diff that does not continue the sequence:
+        ``on_gap="raise"`` raises ``BookGapError``; ``"drop"`` (default) drops it and every diff until
+        the next snapshot (counted in ``gaps``/``dropped``); ``"apply"`` applies it anyway and carries on
+        from it (counted in ``gaps``; recorded files with holes). ``depth``: levels in the strategy's view."""
+        from meltica.marketdata.orderbook import BookGapError, DepthDiff, DepthSynchronizer, L2Book
+
+        if on_gap not in ("raise", "drop", "apply"):
+            raise ValueError("on_gap must be 'raise', 'drop' or 'apply'")
+        messages: list[tuple[datetime, int, int, dict[str, Any]]] = []  # (ts, kind 0 = snapshot, seq, msg)
+        seq = 0
+        for kind, path in ((0, snapshot), (1, updates)):
+            if path is None:
+                continue
+            for msg in _depth_messages(Path(path)):
+                messages.append((msg["ts"], kind, seq, msg))
+                seq += 1
+        if not messages:
+            raise DataValidationError(f"{snapshot}: no book data", reason="no_data")
+        messages.sort(key=lambda m: (m[0], m[1], m[2]))
+        book = L2Book(exchange, symbol)
+        sync = DepthSynchronizer(book)
+        events: list[BookEvent] = []
+        gaps = dropped = 0
+        for ts, kind, _, msg in messages:
+            if kind == 0 or msg["snapshot"]:
+                sync.resync()  # diffs are replayed in time order: nothing buffered can bridge a later snapshot
+                sync.on_snapshot(msg["bids"], msg["asks"], msg["last"], ts)
+                events.append(BookEvent(ts, True, _levels(book.bids()), _levels(book.asks()), book.snapshot(depth, ts)))
+                continue
+            if sync.needs_snapshot:
+                dropped += 1
+                continue
+            diff = DepthDiff(msg["first"], msg["last"], msg["bids"], msg["asks"], msg["pu"], ts)
+            try:
+                applied = sync.on_diff(diff)
+            except BookGapError:
+                if on_gap == "raise":
+                    raise
+                gaps += 1
+                if on_gap == "drop":
+                    dropped += 1
+                    continue
+                # "apply": take the diff as it is (the book may be wrong until the next snapshot)
+                book.apply_levels(diff.bids, diff.asks)
+                sync.resync()
+                sync.on_snapshot(book.bids(), book.asks(), diff.last_id, ts)
+                applied = True
+            if applied:
+                events.append(
+                    BookEvent(ts, False, _levels(msg["bids"]), _levels(msg["asks"]), book.snapshot(depth, ts))
+                )
+        return cls(exchange, symbol, events, gaps=gaps, dropped=dropped)
+
+
+def _levels(levels: Iterable[Sequence[Any]]) -> Levels:
+    return tuple((_to_decimal(p), _to_decimal(q)) for p, q, *_ in levels)
+
+
+def _depth_messages(path: Path) -> list[dict[str, Any]]:
+    import csv
+    import gzip
+    import io
+
+    if not path.exists():
+        raise DataValidationError(f"{path}: no such file", reason="no_data")
+    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    out: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for row in csv.DictReader(io.StringIO(raw.decode("utf-8"))):
+        key = (row["timestamp"], row["first_update_id"], row["last_update_id"], row.get("update_type") == "snap")
+        if current is None or current["key"] != key:
+            pu = row.get("pu")
+            current = {
+                "key": key,
+                "ts": _to_datetime(row["timestamp"]),
+                "first": int(row["first_update_id"]),
+                "last": int(row["last_update_id"]),
+                "pu": None if pu in (None, "", "-1") else int(pu),
+                "snapshot": row.get("update_type") == "snap",
+                "bids": [],
+                "asks": [],
+            }
+            out.append(current)
+        side = row["side"].strip().lower()
+        level = (row["price"], row["qty"])
+        if side in ("b", "bid", "bids", "buy"):
+            current["bids"].append(level)
+        elif side in ("a", "ask", "asks", "sell"):
+            current["asks"].append(level)
+        else:
+            raise DataValidationError(f"{path}: unknown side {row['side']!r}", reason="bad_book")
+    return out

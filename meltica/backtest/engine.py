@@ -24,6 +24,29 @@ reference price (``0``: exactly at it) and whose deeper levels are ``3s``, ``5s`
 so a large order walks deeper (volume-dependent slippage) and a remainder beyond it expires (partial
 fill), and resting orders may fill at most ``q`` × the bar's volume along its path. When a recorded order
 book is replayed (``OrderBookSnapshot`` items), takers walk that book instead.
+
+Event replay (``run_backtest(config, trades=..., book=...)``, optionally with bars too): recorded trades
+(``TradeSeries``) and L2 book updates (``BookSeries``) drive the venue one event at a time.
+
+* **Merge order.** Every event has a time: a trade its print time, a book update its event time, a bar
+  its *close* time (``ts + timeframe``: when it is known). Events are sorted by time; at equal times book
+  updates come first, then trades, then bars, and within one stream the file order is kept (a stable
+  sort). The order is therefore deterministic for a given input.
+* **Per event** at time ``t``: the clock moves to ``t``; the event is applied to the venue (a trade is
+  printed: resting limits it goes *through* fill, stops see its price, and while no book was ever
+  recorded the synthetic book is rebuilt around it; a book snapshot replaces / a delta updates the
+  recorded book, liquidity at or through a resting order fills it); then the requests held with an
+  arrival (decision time + latency) at or before ``t`` are sent, so a market order meets the market *as
+  of this event* — the synthetic book around this trade, or the recorded book after this update, which
+  it walks level by level (volume-weighted price: the book-walking slippage). Then GTD expiry, timers,
+  one equity point (marked to the last trade price, else the book's mid or best price, else the bar's
+  close; events sharing a timestamp share one point), and the strategy's ``on_book`` / ``on_trade`` /
+  ``on_bar``.
+* **No look-ahead.** A decision made on an event at ``t`` (in its callback, or in the reaction to a fill
+  that event caused) is held and reaches the venue at the first *later* event whose time is ``>= t +
+  latency``: never at the event it was decided on, so never at that event's price if the market moved.
+* Bars replayed together with trades or a book are delivered to the strategy (and marked) but not
+  printed to the venue: the recorded trades are the finer price path, printing both would fill twice.
 """
 
 from __future__ import annotations
@@ -40,9 +63,9 @@ from pydantic import BaseModel
 
 from meltica.backtest.config import BacktestConfig
 from meltica.backtest.context import BacktestContext
-from meltica.backtest.data import BarSeries, fast_bar
+from meltica.backtest.data import BarSeries, BookSeries, TradeSeries, fast_bar
 from meltica.backtest.results import BacktestResult, EquityPoint
-from meltica.domain import Bar
+from meltica.domain import Bar, Trade
 from meltica.errors import ConfigurationError, DataValidationError
 from meltica.strategies import Strategy, build_strategy
 
@@ -79,6 +102,17 @@ def load_bars(config: BacktestConfig, bars: BarsInput | None = None, *, database
     return series
 
 
+TradesInput = TradeSeries | Iterable[Trade]
+"""Recorded trades as a ``TradeSeries`` (``TradeSeries.from_file``) or domain ``Trade`` objects."""
+
+
+def load_trades(config: BacktestConfig, trades: TradesInput) -> TradeSeries:
+    series = trades if isinstance(trades, TradeSeries) else TradeSeries.from_trades(trades)
+    if series.symbol != config.symbol:
+        raise ConfigurationError(f"the trades are {series.symbol}, the run trades {config.symbol}", field="symbol")
+    return series
+
+
 def build_context(config: BacktestConfig, start: datetime) -> BacktestContext:
     instrument = config.market()
     if instrument.exchange != config.exchange:
@@ -106,17 +140,23 @@ def run_backtest(
     strategy: type[Strategy[Any]] | None = None,
     database: Any = None,
     sweep_id: Any = None,
+    trades: TradesInput | None = None,
+    book: BookSeries | None = None,
 ) -> BacktestResult:
     """Run one backtest and return its result (metrics, equity curve, orders, fills, round trips).
 
     ``config``: a ``BacktestConfig`` or a mapping validated into one (``ConfigurationError`` naming the
     field). ``bars``: see ``BarsInput``; ``None`` reads the database (``database``: a SQLAlchemy engine,
     default the configured one). ``strategy``: a ``Strategy`` class to run instead of looking
-    ``config.strategy`` up in the registry (unregistered strategies, benchmarks). Nothing is written:
+    ``config.strategy`` up in the registry (unregistered strategies, benchmarks). ``trades`` /
+    ``book``: recorded trades and L2 book updates to replay (module docstring, "Event replay"); with
+    either, ``bars`` is optional and the database is not read. Nothing is written:
     ``result.write_files(dir)``, ``write_report(result, dir)`` and ``result.save(engine)`` do that.
     """
     if not isinstance(config, BacktestConfig):
         config = BacktestConfig.create(config) if strategy is None else BacktestConfig.model_validate(dict(config))
+    if trades is not None or book is not None:
+        return _run_replay(config, bars, trades, book, progress=progress, strategy=strategy, sweep_id=sweep_id)
     series = load_bars(config, bars, database=database)
     if len(series) == 0:
         raise DataValidationError("no bars to backtest", reason="no_data")
@@ -136,6 +176,206 @@ def run_backtest(
         fill_model=config.fill_model_info(),
         sweep_id=sweep_id,
     )
+
+
+def _run_replay(
+    config: BacktestConfig,
+    bars: BarsInput | None,
+    trades: TradesInput | None,
+    book: BookSeries | None,
+    *,
+    progress: Progress | None,
+    strategy: type[Strategy[Any]] | None,
+    sweep_id: Any,
+) -> BacktestResult:
+    series = None if bars is None else load_bars(config, bars)
+    trade_series = None if trades is None else load_trades(config, trades)
+    if book is not None and book.symbol != config.symbol:
+        raise ConfigurationError(f"the book is {book.symbol}, the run trades {config.symbol}", field="symbol")
+    events = merge_events(series, trade_series, book)
+    if not events:
+        raise DataValidationError("no market data to backtest", reason="no_data")
+    ctx, equity = asyncio.run(
+        _run_events(config, events, series, trade_series, book, progress=progress, strategy_class=strategy)
+    )
+    start = events[0][0]
+    if series is not None and len(series):
+        start = min(start, series.ts[0])
+    info = config.fill_model_info()
+    info["release"] = "next event at or after decision + latency"
+    return BacktestResult.from_run(
+        strategy=config.strategy,
+        symbols=[config.symbol],
+        equity=equity,
+        fills=ctx.fills,
+        orders=list(ctx.orders.values()),
+        params=dict(config.params),
+        exchange=config.exchange,
+        timeframe=series.timeframe if series is not None else config.timeframe,
+        data_start=start,
+        data_end=events[-1][0],
+        fill_model=info,
+        sweep_id=sweep_id,
+    )
+
+
+BOOK, TRADE, BAR = 0, 1, 2
+"""Event kinds, in their order at equal timestamps."""
+
+Event = tuple[datetime, int, int]
+"""``(time, kind, index in its stream)``."""
+
+
+def merge_events(bars: BarSeries | None, trades: TradeSeries | None, book: BookSeries | None) -> list[Event]:
+    """The replay's events in processing order: by time, then book < trade < bar, then stream order
+    (a bar's time is its close time)."""
+    events: list[Event] = []
+    if book is not None:
+        events.extend((e.ts, BOOK, i) for i, e in enumerate(book.events))
+    if trades is not None:
+        events.extend((t, TRADE, i) for i, t in enumerate(trades.ts))
+    if bars is not None:
+        delta = bars.delta
+        events.extend((t + delta, BAR, i) for i, t in enumerate(bars.ts))
+    events.sort()  # (ts, kind, index): deterministic, stream order kept within a kind
+    return events
+
+
+async def _run_events(
+    config: BacktestConfig,
+    events: list[Event],
+    bars: BarSeries | None,
+    trades: TradeSeries | None,
+    book: BookSeries | None,
+    *,
+    progress: Progress | None,
+    strategy_class: type[Strategy[Any]] | None,
+) -> tuple[BacktestContext, list[EquityPoint]]:
+    ctx = build_context(config, events[0][0])
+    if strategy_class is None:
+        strategy = build_strategy(config.strategy, config.params, ctx)
+    else:
+        params: BaseModel = (
+            config.params
+            if isinstance(config.params, strategy_class.Params)
+            else strategy_class.Params.model_validate(config.params)
+        )
+        strategy = strategy_class(params, ctx)
+    ctx.attach(strategy)
+    strategy.on_start()
+    ctx.drain()
+    equity = await _drive_events(ctx, events, bars, trades, book, config, progress)
+    ctx.clock.now = events[-1][0]
+    strategy.on_stop()
+    ctx.drain()
+    await ctx.end_of_data()
+    return ctx, equity
+
+
+async def _drive_events(
+    ctx: BacktestContext,
+    events: list[Event],
+    bars: BarSeries | None,
+    trades: TradeSeries | None,
+    book: BookSeries | None,
+    config: BacktestConfig,
+    progress: Progress | None,
+) -> list[EquityPoint]:
+    """The event loop: see the module docstring ("Event replay")."""
+    exchange, symbol = config.exchange, config.symbol
+    clock = ctx.clock
+    venue = ctx.venue
+    engine = ctx.engine
+    ledger = engine.ledger
+    account = config.account
+    instrument = engine.instrument(symbol)
+    quote, base = instrument.quote, instrument.base
+    risk = ctx.risk
+    portfolio = ctx.portfolio
+    strategy = ctx.strategy
+    print_bars = trades is None and book is None
+
+    def totals() -> tuple[Decimal, Decimal]:
+        q = ledger.balance(account, quote)
+        b = ledger.balance(account, base)
+        return q.free + q.locked, b.free + b.locked
+
+    cash, held = totals()
+    points: list[EquityPoint] = _Equity()
+    mark: Decimal | None = None
+    n = len(events)
+    step = max(1, n // 200)
+    for k, (ts, kind, i) in enumerate(events):
+        clock.now = ts
+        item: Any
+        callback: Callable[[Any], None]
+        if kind == TRADE:
+            assert trades is not None
+            item = trades.trade(i)
+            venue.dispatch(engine.on_trade(symbol, item.price, item.quantity, item.aggressor_side))
+            mark = item.price
+            callback = strategy.on_trade
+        elif kind == BOOK:
+            assert book is not None
+            event = book.events[i]
+            if event.snapshot:
+                result = engine.on_book_snapshot(symbol, list(event.bids), list(event.asks))
+            else:
+                result = engine.on_book_delta(symbol, list(event.bids), list(event.asks))
+            venue.dispatch(result)
+            item = event.book
+            if trades is None:
+                best_bid = item.bids[0].price if item.bids else None
+                best_ask = item.asks[0].price if item.asks else None
+                if best_bid is not None and best_ask is not None:
+                    mark = (best_bid + best_ask) / 2
+                else:
+                    mark = best_bid or best_ask or mark
+            callback = strategy.on_book
+        else:
+            assert bars is not None
+            item = fast_bar(
+                exchange, symbol, bars.timeframe, bars.ts[i], bars.open[i], bars.high[i], bars.low[i],
+                bars.close[i], bars.volume[i],
+            )  # fmt: skip
+            if print_bars:
+                venue.dispatch(engine.on_bar(symbol, item.open, item.high, item.low, item.close, item.volume))
+            if mark is None or print_bars:
+                mark = item.close
+            callback = strategy.on_bar
+        await ctx.pump()
+        if ctx.emulated_active:
+            await ctx.oms.on_market_data(item)
+            ctx.update_emulated_activity()
+        if risk is not None and mark is not None:
+            portfolio.mark(exchange, symbol, mark)
+            risk.on_market(exchange, symbol, mark)
+        if ctx.has_releasable(ts):
+            await ctx.release_held_back(ts)
+        if not ctx.quiet():
+            expired = engine.advance()
+            if expired.order_updates:
+                venue.dispatch(expired)
+                await ctx.pump()
+        if ctx._timers:
+            ctx.queue_due_timers()
+        if ctx.fills_changed:
+            cash, held = totals()
+            ctx.fills_changed = False
+        if mark is not None:
+            value = held * mark if held else _ZERO
+            point = EquityPoint(ts=ts, equity=cash + value, cash=cash, position_value=value)
+            if points and points[-1].ts == ts:
+                points[-1] = point
+            else:
+                points.append(point)
+        ctx._pending.append(partial(callback, item))
+        ctx.drain()
+        if progress is not None and (k % step == 0):
+            progress(k, n)
+    if progress is not None:
+        progress(n, n)
+    return points
 
 
 class _Equity(list[EquityPoint]):

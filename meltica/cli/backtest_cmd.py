@@ -55,6 +55,18 @@ def backtest(
     strategy: str = typer.Option(..., "--strategy", help="Registered strategy name, e.g. momentum."),
     param: list[str] = typer.Option([], "--param", help="Strategy parameter key=value (repeatable)."),
     data: Path | None = typer.Option(None, "--data", help="Candle file (.csv, .csv.gz, .feather, .parquet)."),
+    trades: Path | None = typer.Option(
+        None, "--trades", help="Recorded trades to replay (.parquet, .csv[.gz], .json[.gz]); with or instead of --data."
+    ),
+    book_snapshot: Path | None = typer.Option(
+        None, "--book-snapshot", help="Binance-style L2 snapshot CSV to replay (market orders walk the book)."
+    ),
+    book_updates: Path | None = typer.Option(
+        None, "--book-updates", help="Binance-style diff-depth CSV applied after --book-snapshot."
+    ),
+    book_gaps: str = typer.Option(
+        "drop", "--book-gaps", help="A diff that breaks the update-id sequence: drop (until a snapshot), apply, raise."
+    ),
     exchange: str = typer.Option("binance", help="Exchange id (and of the stored candles)."),
     symbol: str = typer.Option("BTC/USDT", help="Unified symbol traded."),
     timeframe: str = typer.Option("1m", help="Bar timeframe (of the file, or rolled up from the database)."),
@@ -70,8 +82,15 @@ def backtest(
     store: bool = typer.Option(True, "--store/--no-store", help="Store the run in the database under its run id."),
     progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Backtest STRATEGY on a candle file (--data) or stored candles; write results into --output."""
+    """Backtest STRATEGY on a candle file (--data) or stored candles, and/or replayed recorded trades
+    (--trades) and L2 book (--book-snapshot [--book-updates]); write results into --output."""
     from meltica.backtest import BacktestConfig, BarSeries, run_backtest, write_report
+    from meltica.backtest.data import BookSeries, TradeSeries
+
+    if book_updates is not None and book_snapshot is None:
+        raise ConfigurationError("--book-updates needs --book-snapshot", field="book-snapshot")
+    if book_gaps not in ("drop", "apply", "raise"):
+        raise ConfigurationError(f"--book-gaps {book_gaps!r}: expected drop, apply or raise", field="book-gaps")
 
     balances: dict[str, str] = {}
     for item in balance:
@@ -95,7 +114,23 @@ def backtest(
         initial_balances=balances,
     )
     database = None
-    if data is not None:
+    replay = trades is not None or book_snapshot is not None
+    trade_series = (
+        None
+        if trades is None
+        else _trades_in_range(TradeSeries.from_file(trades, exchange=exchange, symbol=symbol), config.start, config.end)
+    )
+    book_series = (
+        None
+        if book_snapshot is None
+        else BookSeries.from_binance_csv(
+            book_snapshot, book_updates, exchange=exchange, symbol=symbol, on_gap=book_gaps
+        )
+    )
+    bars: BarSeries | None
+    if replay and data is None:
+        bars = None
+    elif data is not None:
         bars = BarSeries.from_file(data, exchange=exchange, symbol=symbol, timeframe=timeframe)
         if config.start is not None or config.end is not None:
             keep = [
@@ -128,10 +163,23 @@ def backtest(
         transient=not console.is_terminal,
         disable=not progress_bar,
     ) as progress:
-        task = progress.add_task("run", total=len(bars), name=strategy)
-        result = run_backtest(config, bars, progress=lambda done, total: progress.update(task, completed=done))
+        task = progress.add_task("run", total=len(bars) if bars is not None else None, name=strategy)
+        result = run_backtest(
+            config,
+            bars,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            trades=trade_series,
+            book=book_series,
+        )
     result.write_files(output)
-    write_report(result, output, prices={symbol: bars.closes()})
+    prices: list[tuple[datetime, Decimal]] = []
+    if bars is not None:
+        prices = bars.closes()
+    elif trade_series is not None:
+        prices = list(zip(trade_series.ts, trade_series.price, strict=True))
+    write_report(result, output, prices={symbol: prices} if prices else None)
+    if book_series is not None and book_series.gaps:
+        console.print(f"order book: {book_series.gaps} sequence gap(s), {book_series.dropped} diff(s) dropped")
     console.print(summary_table(result))
     if store:
         from meltica.storage import migrate
@@ -141,6 +189,23 @@ def backtest(
         result.save(database)
         console.print(f"stored as run {result.run_id}")
     console.print(f"results in {output}/ (metrics.json, orders.csv, fills.csv, equity.csv, trades.csv, report.html)")
+
+
+def _trades_in_range(series: Any, start: datetime | None, end: datetime | None) -> Any:
+    if start is None and end is None:
+        return series
+    from meltica.backtest.data import TradeSeries
+
+    keep = [i for i, t in enumerate(series.ts) if (start is None or t >= start) and (end is None or t < end)]
+    return TradeSeries(
+        series.exchange,
+        series.symbol,
+        [series.ts[i] for i in keep],
+        [series.price[i] for i in keep],
+        [series.quantity[i] for i in keep],
+        [series.side[i] for i in keep],
+        [series.trade_id[i] for i in keep] if series.trade_id else (),
+    )
 
 
 def summary_table(result: Any) -> Table:
