@@ -11,6 +11,7 @@ from meltica.cli import (
     db_cmd,
     demo_cmd,
     emulator_cmd,
+    flows_cmd,
     infra_cmd,
     keys_cmd,
     kill_cmd,
@@ -30,6 +31,10 @@ app.add_typer(config_cmd.app, name="config", help="Show and validate configurati
 app.add_typer(keys_cmd.app, name="keys", help="Manage encrypted exchange API credentials.")
 app.add_typer(emulator_cmd.app, name="emulator", help="Run a local Binance-compatible exchange emulator.")
 app.add_typer(kill_cmd.app, name="kill", help="Kill switch: halt or reduce-only, by hand; show its state.")
+app.add_typer(flows_cmd.app, name="flows", help="Prefect deployments: deploy the flows, list them, run a server.")
+app.command("reconcile", help="Reconcile accounts with the exchanges; --now triggers the on-demand deployment.")(
+    flows_cmd.reconcile
+)
 app.command("demo", help="The main job on embedded defaults.")(demo_cmd.demo)
 app.command("backtest", help="Backtest a strategy on recorded bars; write metrics, CSVs and a report.")(
     backtest_cmd.backtest

@@ -1,17 +1,43 @@
 """Prefect: the ephemeral API by default (nothing to start); ``PREFECT_API_URL`` when set.
 
-Prefect itself is not imported here (``meltica/`` never imports it); the health check is plain HTTP.
+Prefect itself is not imported here (``meltica/`` never imports it): the health check and the REST calls
+(trigger a deployment, follow a flow run) are plain HTTP, and deploying runs the ``prefect`` command.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from meltica.infra._common import ServiceStatus, mask_url
+from meltica.errors import ConfigurationError, InfrastructureError, InfrastructureUnavailableError
+from meltica.infra._common import ServiceStatus, mask_url, repo_root
 
-__all__ = ["prefect_api_url", "prefect_status"]
+__all__ = [
+    "TERMINAL_STATES",
+    "WORK_POOL",
+    "DeployResult",
+    "DeploymentSpec",
+    "FlowRunInfo",
+    "PrefectApi",
+    "deploy_flows",
+    "deployment_specs",
+    "prefect_api_url",
+    "prefect_executable",
+    "prefect_status",
+    "require_server_url",
+    "server_command",
+]
 
 
 def prefect_api_url() -> str | None:
@@ -42,3 +68,250 @@ def prefect_status(timeout: float = 3.0) -> ServiceStatus:
         ok = False
         detail = f"/health failed: {getattr(exc, 'reason', exc)}"
     return ServiceStatus("prefect", "Prefect server (PREFECT_API_URL)", mask_url(url), ok, detail=detail)
+
+
+# --- deployments and on-demand runs, through the server's REST API and the `prefect` CLI -----------------
+
+# The work pool every deployment in prefect.yaml names, and how its workers run flows (local processes).
+WORK_POOL = "meltica"
+WORK_POOL_TYPE = "process"
+
+# Flow-run state types after which nothing more happens to the run.
+TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+
+_START_HINT = (
+    "start the server: `prefect server start --host 127.0.0.1 --port 4200` (or `meltica flows server`), "
+    "then `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+)
+
+
+@dataclass(frozen=True)
+class FlowRunInfo:
+    """What the API says about one flow run."""
+
+    id: str
+    name: str
+    state_type: str
+    state_name: str
+    deployment: str = ""
+
+    @property
+    def is_final(self) -> bool:
+        return self.state_type in TERMINAL_STATES
+
+
+def prefect_executable() -> str:
+    """The ``prefect`` command of the interpreter running Meltica (the venv's), else the one on ``PATH``."""
+    beside = Path(sys.executable).with_name("prefect")
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("prefect")
+    if found is None:
+        raise InfrastructureError("the `prefect` command is not installed (pip install prefect==3.8.8)")
+    return found
+
+
+def require_server_url(timeout: float = 5.0) -> str:
+    """``PREFECT_API_URL`` when it is set and ``/health`` answers; a one-line error naming the fix otherwise.
+
+    Deployments and workers need a real server: the ephemeral API lives only as long as one process.
+    """
+    url = prefect_api_url()
+    if url is None:
+        raise InfrastructureUnavailableError(
+            f"PREFECT_API_URL is not set; deployments need a Prefect server: {_START_HINT}"
+        )
+    status = prefect_status(timeout=timeout)
+    if not status.running:
+        raise InfrastructureUnavailableError(
+            f"the Prefect server at {mask_url(url)} is unreachable ({status.detail}); {_START_HINT}"
+        )
+    return url.rstrip("/")
+
+
+class PrefectApi:
+    """A few calls of the Prefect server REST API over plain HTTP (``meltica/`` never imports prefect)."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(  # noqa: S310 - the URL comes from PREFECT_API_URL, checked as http(s)
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:  # noqa: S310
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                raise LookupError(path) from None
+            detail = exc.read().decode(errors="replace")[:300]
+            raise InfrastructureError(f"Prefect API {method} {path} answered {exc.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise InfrastructureUnavailableError(
+                f"the Prefect server at {mask_url(self.url)} is unreachable ({getattr(exc, 'reason', exc)}); "
+                f"{_START_HINT}"
+            ) from None
+        return json.loads(raw) if raw else None
+
+    def work_pool_exists(self, name: str) -> bool:
+        try:
+            self._call("GET", f"/work_pools/{urllib.parse.quote(name)}")
+        except LookupError:
+            return False
+        return True
+
+    def deployment_id(self, flow_name: str, deployment_name: str) -> str:
+        path = f"/deployments/name/{urllib.parse.quote(flow_name)}/{urllib.parse.quote(deployment_name)}"
+        try:
+            deployment = self._call("GET", path)
+        except LookupError:
+            raise InfrastructureError(
+                f"no deployment {flow_name}/{deployment_name} on the Prefect server: run `meltica flows deploy`"
+            ) from None
+        return str(deployment["id"])
+
+    def deployment_names(self) -> list[str]:
+        """``flow/deployment`` for every deployment on the server."""
+        flows = {f["id"]: f["name"] for f in self._call("POST", "/flows/filter", {"limit": 200})}
+        rows = self._call("POST", "/deployments/filter", {"limit": 200})
+        return sorted(f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in rows)
+
+    def create_flow_run(self, flow_name: str, deployment_name: str, parameters: dict[str, Any]) -> FlowRunInfo:
+        deployment_id = self.deployment_id(flow_name, deployment_name)
+        run = self._call("POST", f"/deployments/{deployment_id}/create_flow_run", {"parameters": parameters})
+        return _flow_run_info(run, f"{flow_name}/{deployment_name}")
+
+    def flow_run(self, flow_run_id: str) -> FlowRunInfo:
+        return _flow_run_info(self._call("GET", f"/flow_runs/{urllib.parse.quote(flow_run_id)}"))
+
+    def wait_for_flow_run(
+        self,
+        flow_run_id: str,
+        timeout: float,
+        poll: float = 1.0,
+        on_change: Callable[[FlowRunInfo], None] | None = None,
+    ) -> FlowRunInfo:
+        """Poll until the run reaches a terminal state (or ``timeout`` seconds pass: the last state seen)."""
+        deadline = time.monotonic() + timeout
+        seen = ""
+        while True:
+            info = self.flow_run(flow_run_id)
+            if info.state_name != seen and on_change is not None:
+                on_change(info)
+            seen = info.state_name
+            if info.is_final or time.monotonic() >= deadline:
+                return info
+            time.sleep(poll)
+
+
+def _flow_run_info(run: dict[str, Any], deployment: str = "") -> FlowRunInfo:
+    state = run.get("state") or {}
+    return FlowRunInfo(
+        id=str(run["id"]),
+        name=str(run.get("name", "")),
+        state_type=str(state.get("type") or run.get("state_type") or "PENDING"),
+        state_name=str(state.get("name") or run.get("state_name") or "Pending"),
+        deployment=deployment,
+    )
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """One entry of ``prefect.yaml``: ``flow_function/name`` selects it for ``prefect deploy --name``."""
+
+    name: str
+    entrypoint: str
+
+    @property
+    def path(self) -> str:
+        return self.entrypoint.rsplit(":", 1)[0]
+
+    @property
+    def selector(self) -> str:
+        return f"{self.entrypoint.rsplit(':', 1)[-1]}/{self.name}"
+
+
+def deployment_specs(project_file: Path) -> list[DeploymentSpec]:
+    """The deployments ``prefect.yaml`` declares."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(project_file.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"cannot read {project_file}: {exc}", source=str(project_file)) from None
+    return [
+        DeploymentSpec(str(d["name"]), str(d["entrypoint"]))
+        for d in loaded.get("deployments") or []
+        if isinstance(d, dict) and d.get("name") and d.get("entrypoint")
+    ]
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    deployed: list[str]
+    skipped: list[str]
+    created_pool: bool
+    output: str
+
+
+def _run_prefect(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            [prefect_executable(), *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise InfrastructureError(f"`prefect {' '.join(args)}` did not finish within {timeout:.0f}s") from None
+
+
+def _last_lines(text: str, count: int = 6) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-count:])
+
+
+def deploy_flows(root: Path | None = None, timeout: float = 300.0) -> DeployResult:
+    """Create the ``meltica`` process work pool if missing, then deploy every flow of ``prefect.yaml``.
+
+    Runs the venv's ``prefect`` as a subprocess from the repository root with ``MELTICA_HOME`` set (the
+    deployments' pull step makes workers run flows from there). A deployment whose flow file is not in
+    this checkout is skipped (``prefect deploy`` imports every entrypoint and would fail on it).
+    """
+    url = require_server_url()
+    root = (root or repo_root()).resolve()
+    project_file = root / "prefect.yaml"
+    specs = deployment_specs(project_file)
+    present = [s for s in specs if (root / s.path).is_file()]
+    skipped = [s.selector for s in specs if s not in present]
+    env = {**os.environ, "PREFECT_API_URL": url, "MELTICA_HOME": str(root)}
+
+    api = PrefectApi(url)
+    created_pool = False
+    if not api.work_pool_exists(WORK_POOL):
+        done = _run_prefect(["work-pool", "create", WORK_POOL, "--type", WORK_POOL_TYPE], env, root, 120)
+        if done.returncode != 0 and not api.work_pool_exists(WORK_POOL):
+            raise InfrastructureError(
+                f"creating work pool {WORK_POOL} failed: {_last_lines(done.stdout + done.stderr)}"
+            )
+        created_pool = True
+    if not present:
+        return DeployResult([], skipped, created_pool, "")
+
+    selection = ["--all"] if not skipped else [arg for s in present for arg in ("--name", s.selector)]
+    done = _run_prefect(["--no-prompt", "deploy", *selection], env, root, timeout)
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise InfrastructureError(f"`prefect deploy` failed: {_last_lines(output)}")
+    return DeployResult([s.selector for s in present], skipped, created_pool, output)
+
+
+def server_command(host: str = "127.0.0.1", port: int = 4200) -> list[str]:
+    """The argv that runs a Prefect server (API and UI) on ``host:port``."""
+    return [prefect_executable(), "server", "start", "--host", host, "--port", str(port)]

@@ -1,0 +1,239 @@
+"""End to end on a real `prefect server` on loopback: `meltica flows deploy` creates the deployments of
+prefect.yaml, a worker on the `meltica` process pool picks up an on-demand reconciliation triggered by
+`meltica reconcile --now --watch`, and the flow run completes.
+
+Everything runs as separate processes, as an operator would run them; the server's database and the
+client profile live in a temporary PREFECT_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+# Every deployment of prefect.yaml, as `flow/deployment`.
+EXPECTED_DEPLOYMENTS = {
+    "ingest/scheduled",
+    "daily-risk-report/daily",
+    "reconcile/scheduled",
+    "reconcile/on-demand",
+    "backtest/on-demand",
+    "backtest-sweep/on-demand",
+    "import-candle-file/import-candle-file",
+}
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback test server
+        return json.loads(resp.read())
+
+
+def _post(url: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(  # noqa: S310 - loopback test server
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
+        return json.loads(resp.read())
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+@pytest.fixture
+def prefect_env(tmp_path: Path, fresh_database: Engine) -> dict[str, str]:
+    """Environment for every process of the test: an isolated PREFECT_HOME and the fresh database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_LOGGING_LEVEL="INFO",
+        MELTICA_DATABASE_URL=fresh_database.url.render_as_string(hide_password=False),
+    )
+    return env
+
+
+@pytest.fixture
+def prefect_server(prefect_env: dict[str, str], free_port: Callable[[], int], tmp_path: Path) -> Iterator[str]:
+    """A real `prefect server start` on 127.0.0.1; yields its API URL once /api/health answers."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=prefect_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"prefect server exited:\n{_tail(log)}"
+            try:
+                if _get(api + "/health") is True:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"prefect server not healthy after 60 s:\n{_tail(log)}"
+            time.sleep(0.5)
+        prefect_env["PREFECT_API_URL"] = api
+        yield api
+    finally:
+        _stop(proc)
+
+
+def _meltica(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meltica", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def emulator_config(prefect_env: dict[str, str], free_port: Callable[[], int], tmp_path: Path) -> Iterator[Path]:
+    """A Binance emulator process and a configuration file whose one account, `emu`, trades on it."""
+    port = free_port()
+    emulator = [sys.executable, "-m", "meltica", "emulator", "binance", "--port", str(port)]
+    key, secret = "flows-key-0123456789", "flows-secret-abcdef-987654"
+    log = tmp_path / "emulator.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*emulator, "--api-key", key, "--api-secret", secret],
+            env=prefect_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, f"emulator exited:\n{_tail(log)}"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, f"emulator not listening after 30 s:\n{_tail(log)}"
+                time.sleep(0.3)
+        config = tmp_path / "paper.yaml"
+        config.write_text(
+            "environment: paper\n"
+            "trading_mode: paper\n"
+            "accounts:\n"
+            "  - name: emu\n"
+            "    exchange: binance\n"
+            f"    emulator_url: http://127.0.0.1:{port}\n"
+            "    api_key: env:FLOWS_EMU_KEY\n"
+            "    api_secret: env:FLOWS_EMU_SECRET\n"
+        )
+        # The worker hands its environment to every flow run: that is how the credentials reach it.
+        prefect_env.update(FLOWS_EMU_KEY=key, FLOWS_EMU_SECRET=secret)
+        yield config
+    finally:
+        _stop(proc)
+
+
+def test_reconcile_now_runs_on_a_process_worker(
+    prefect_server: str, prefect_env: dict[str, str], emulator_config: Path, fresh_database: Engine, tmp_path: Path
+) -> None:
+    env = prefect_env
+
+    # Deploy: the work pool is created and every deployment of prefect.yaml exists on the server.
+    deployed = _meltica(["flows", "deploy"], env, timeout=240)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    pool = _get(prefect_server + "/work_pools/meltica")
+    assert pool["type"] == "process"
+    flows = {f["id"]: f["name"] for f in _post(prefect_server + "/flows/filter", {})}
+    deployments = {f"{flows[d['flow_id']]}/{d['name']}": d for d in _post(prefect_server + "/deployments/filter", {})}
+    assert set(deployments) == EXPECTED_DEPLOYMENTS, deployed.stdout
+    assert "skipped" not in deployed.stdout
+    schedules = {name: [s["schedule"] for s in d["schedules"]] for name, d in deployments.items()}
+    assert schedules["daily-risk-report/daily"] == [{"cron": "5 0 * * *", "timezone": "UTC", "day_or": True}]
+    assert schedules["reconcile/scheduled"][0]["interval"] == 900
+    assert schedules["ingest/scheduled"][0]["interval"] == 3600
+    assert all(d["work_pool_name"] == "meltica" for d in deployments.values())
+    for on_demand in ("reconcile/on-demand", "backtest/on-demand", "backtest-sweep/on-demand"):
+        assert not schedules[on_demand], on_demand
+    # Workers run the flows from this checkout (the pull step), wherever the worker was started.
+    assert deployments["reconcile/on-demand"]["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+    ]
+
+    # A worker on the process pool, started elsewhere than the repository.
+    worker_log = tmp_path / "worker.log"
+    workdir = tmp_path / "worker"
+    workdir.mkdir()
+    with worker_log.open("wb") as out:
+        worker = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", "meltica", "--type", "process"],
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        run = _meltica(
+            ["reconcile", "--now", "--watch", "--timeout", "90", "--account", "emu", "--config", str(emulator_config)],
+            env,
+            timeout=150,
+        )
+        assert run.returncode == 0, f"{run.stdout}{run.stderr}\nworker:\n{_tail(worker_log)}"
+        match = re.search(r"flow run \S+ \(([0-9a-f-]{36})\)", run.stdout)
+        assert match, run.stdout
+        flow_run = _get(f"{prefect_server}/flow_runs/{match.group(1)}")
+        assert flow_run["state"]["type"] == "COMPLETED", _tail(worker_log)
+        assert flow_run["deployment_id"] == deployments["reconcile/on-demand"]["id"]
+        assert flow_run["parameters"]["trigger"] == "cli"
+        assert flow_run["parameters"]["accounts"] == ["emu"]
+        # The flow reconciled the account against the emulator and stored the run.
+        with fresh_database.connect() as conn:
+            stored = conn.execute(text("SELECT count(*) FROM reconciliation_runs WHERE account = 'emu'")).scalar_one()
+        assert stored == 1
+    finally:
+        _stop(worker)
+
+
+def test_reconcile_now_without_a_server_is_one_clear_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    unset = _meltica(["reconcile", "--now"], env, timeout=60)
+    assert unset.returncode == 1
+    assert "PREFECT_API_URL is not set" in unset.stderr and "prefect server start" in unset.stderr
+    assert len(unset.stderr.strip().splitlines()) == 1, unset.stderr
+
+    env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # discard port: nothing listens
+    down = _meltica(["flows", "deploy"], env, timeout=60)
+    assert down.returncode == 1
+    assert "unreachable" in down.stderr and "prefect server start" in down.stderr

@@ -1,0 +1,82 @@
+"""Reconciliation policy and report rendering (no database, no venue)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from meltica.reconciliation import (
+    DEFAULT_ACTIONS,
+    KIND_OF,
+    Action,
+    Case,
+    Discrepancy,
+    DiscrepancyKind,
+    ReconcilePolicy,
+    ReconciliationReport,
+    markdown,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_every_case_has_a_kind_and_a_default_action() -> None:
+    assert set(KIND_OF) == set(Case) == set(DEFAULT_ACTIONS)
+    assert {k.value for k in KIND_OF.values()} == {
+        "missing_locally", "missing_on_venue", "state_mismatch", "quantity_mismatch", "balance_drift",
+    }  # fmt: skip
+
+
+def test_default_policy_adopts_safe_cases_and_halts_unexplained_exposure() -> None:
+    policy = ReconcilePolicy()
+    assert policy.action_for(Case.VENUE_CLOSED) is Action.ADOPT
+    assert policy.action_for(Case.FILL_MISSING_LOCALLY) is Action.ADOPT
+    assert policy.action_for(Case.FILL_UNKNOWN_ORDER) is Action.HALT
+    assert policy.action_for(Case.ORDER_UNKNOWN_LOCALLY) is Action.HALT
+    assert policy.action_for(Case.VENUE_OPEN_LOCAL_CLOSED) is Action.HALT
+    assert policy.action_for(Case.BALANCE_DRIFT) is Action.REPORT
+
+
+def test_policy_overrides_by_case_or_name_and_refuses_adopting_what_has_no_venue_fact() -> None:
+    policy = ReconcilePolicy(actions={Case.VENUE_CLOSED: Action.REPORT, "balance_drift": "halt"}).validate()
+    assert policy.action_for(Case.VENUE_CLOSED) is Action.REPORT
+    assert policy.action_for(Case.BALANCE_DRIFT) is Action.HALT
+    with pytest.raises(ValueError, match="cannot be adopted"):
+        ReconcilePolicy(actions={"balance_drift": "adopt"}).validate()
+    with pytest.raises(ValueError, match="no_such_case"):
+        ReconcilePolicy(actions={"no_such_case": "report"}).validate()
+
+
+def test_tolerance_per_asset_with_a_default() -> None:
+    policy = ReconcilePolicy(balance_tolerance={"USDT": Decimal("0.5")}, default_balance_tolerance=Decimal(0))
+    assert policy.tolerance("USDT") == Decimal("0.5")
+    assert policy.tolerance("BTC") == 0
+
+
+def test_markdown_lists_discrepancies_and_halts() -> None:
+    report = ReconciliationReport(
+        run_id=uuid.uuid4(), account="main", exchange="binance", trigger="schedule", started_at=T0, status="completed"
+    )
+    assert "No discrepancies." in markdown(report)
+    report.discrepancies.append(
+        Discrepancy(
+            DiscrepancyKind.BALANCE_DRIFT,
+            Case.BALANCE_DRIFT,
+            "balance:USDT",
+            {"total": "10"},
+            {"total": "12|x"},
+            Action.REPORT,
+            "reported",
+            T0,
+        )
+    )
+    report.halted_scopes.append("account:main")
+    text = markdown(report)
+    assert "| balance_drift | balance_drift | `balance:USDT` |" in text
+    assert "total=12\\|x" in text
+    assert "`account:main`" in text
+    assert report.summary()["by_kind"] == {"balance_drift": 1}
+    assert report.discrepancies[0].stored_action == "reported (balance_drift)"
