@@ -140,6 +140,19 @@ class PublicTrade:
             "isBestMatch": True,
         }
 
+    def agg(self) -> dict[str, object]:
+        """As one ``/api/v3/aggTrades`` entry: the emulator never aggregates, so first = last = its id."""
+        return {
+            "a": self.trade_id,
+            "p": plain(self.price),
+            "q": plain(self.quantity),
+            "f": self.trade_id,
+            "l": self.trade_id,
+            "T": self.time_ms,
+            "m": self.buyer_maker,
+            "M": True,
+        }
+
 
 class SymbolMarket:
     """Klines and recent trades of one symbol."""

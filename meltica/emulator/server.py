@@ -452,6 +452,7 @@ class EmulatorServer:
             ("GET", "/api/v3/depth", self.h_depth),
             ("GET", "/api/v3/trades", self.h_trades),
             ("GET", "/api/v3/historicalTrades", self.h_trades),
+            ("GET", "/api/v3/aggTrades", self.h_agg_trades),
             ("GET", "/api/v3/klines", self.h_klines),
             ("GET", "/api/v3/uiKlines", self.h_klines),
             ("GET", "/api/v3/ticker/24hr", self.h_ticker_24hr),
@@ -597,6 +598,25 @@ class EmulatorServer:
         else:
             trades = trades[-limit:] if limit > 0 else []
         return [t.rest() for t in trades]
+
+    async def h_agg_trades(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        """``/api/v3/aggTrades``: fromId, or a startTime/endTime window (inclusive), oldest first."""
+        spec = self._spec(params)
+        limit = min(_int(params, "limit", 500), 1000)
+        trades = list(self.markets[spec.symbol].trades)
+        from_id = params.get("fromId")
+        start = _opt_int(params, "startTime")
+        end = _opt_int(params, "endTime")
+        if from_id:
+            trades = [t for t in trades if t.trade_id >= int(from_id)]
+        if start is not None:
+            trades = [t for t in trades if t.time_ms >= start]
+        if end is not None:
+            trades = [t for t in trades if t.time_ms <= end]
+        # With a lower bound: the oldest `limit` from it; without one: the most recent `limit`.
+        bounded = bool(from_id) or start is not None
+        selected = trades[:limit] if bounded else trades[-limit:] if limit > 0 else []
+        return [t.agg() for t in selected]
 
     async def h_klines(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
         spec = self._spec(params)

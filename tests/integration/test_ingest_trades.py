@@ -1,76 +1,67 @@
-"""Trade ingestion (``ingest_trades``) into real PostgreSQL: paged, resumed, idempotent.
-
-The emulator has no ``aggTrades`` endpoint (ccxt's Binance ``fetchTrades`` with ``since``), so the venue
-here is a stand-in serving recorded-shaped trades by time, as a ccxt adapter does.
-"""
+"""Trade ingestion (``ingest_trades``) from the Binance emulator through ccxt into real PostgreSQL:
+paged (ccxt's fetchTrades(since) → /api/v3/aggTrades), resumed, idempotent."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from typing import cast
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
 
-from meltica.adapters.base import ExchangeAdapter
-from meltica.domain import Side, Trade
+from meltica.adapters.registry import create_adapter
+from meltica.emulator import CCXT_OPTIONS, EmulatorConfig, EmulatorServer
 from meltica.marketdata.ingest import ingest_trades
 
 pytestmark = pytest.mark.integration
 
-T0 = datetime(2022, 1, 1, tzinfo=UTC)
+TRADES = (
+    Path(__file__).resolve().parents[3]
+    / "shared"
+    / "data"
+    / "market"
+    / "nautilus"
+    / "binance"
+    / "btcusdt-trades.parquet"
+)
 
 
-class TradesVenue:
-    def __init__(self, trades: list[Trade]) -> None:
-        self.trades = trades
-        self.calls: list[tuple[datetime | None, int | None]] = []
-
-    @property
-    def exchange_id(self) -> str:
-        return "binance"
-
-    async def fetch_trades(self, symbol: str, since: datetime | None = None, limit: int | None = None) -> list[Trade]:
-        self.calls.append((since, limit))
-        rows = [t for t in self.trades if since is None or t.ts >= since]
-        return rows[:limit] if limit else rows
-
-
-def trade(n: int, ms: int) -> Trade:
-    return Trade(
-        exchange="binance",
-        symbol="BTC/USDT",
-        trade_id=str(n),
-        price=Decimal("46000.5") + n,
-        quantity=Decimal("0.01"),
-        aggressor_side=Side.BUY if n % 2 else Side.SELL,
-        ts=T0 + timedelta(milliseconds=ms),
-    )
+def stored(engine: Engine) -> list[tuple[str, object, object]]:
+    with engine.connect() as conn:
+        return [
+            tuple(r) for r in conn.execute(text("SELECT trade_id, price, amount FROM trades ORDER BY ts, trade_id"))
+        ]
 
 
 def test_trades_are_paged_resumed_and_loaded_once(fresh_database: Engine) -> None:
-    # Trades 3 and 4 share a millisecond across a page boundary; 7, 8, 9 fill a whole page on one ms.
-    trades = [trade(1, 0), trade(2, 10), trade(3, 20), trade(4, 20), trade(5, 30), trade(6, 40)]
-    trades += [trade(7, 50), trade(8, 50), trade(9, 50), trade(10, 60)]
-    venue = TradesVenue(trades)
-    adapter = cast(ExchangeAdapter, venue)
+    async def body() -> None:
+        emu = EmulatorServer(EmulatorConfig.single("k", "s", data=[TRADES]))
+        await emu.start()
+        adapter = create_adapter("binance", account="public", urls={"api": emu.ccxt_urls()}, options=dict(CCXT_OPTIONS))
+        try:
+            await emu.step(400)
+            await adapter.connect()
+            venue = emu.markets["BTCUSDT"].trades
+            expected = {str(t.trade_id): (t.price, t.quantity) for t in venue}
+            start = datetime.fromtimestamp(venue[0].time_ms / 1000, UTC)
 
-    report = asyncio.run(ingest_trades(adapter, fresh_database, "BTC/USDT", start=T0, page_limit=3))
-    assert report.inserted == 10
-    assert (report.first, report.last) == (T0, T0 + timedelta(milliseconds=60))
-    with fresh_database.connect() as conn:
-        rows = conn.execute(text("SELECT trade_id, price, amount, side FROM trades ORDER BY ts, trade_id")).all()
-    assert [r.trade_id for r in rows] == [str(n) for n in range(1, 11)]
-    assert (rows[0].price, rows[0].amount, rows[0].side) == (Decimal("46001.5"), Decimal("0.01"), "buy")
+            report = await ingest_trades(adapter, fresh_database, "BTC/USDT", start=start, page_limit=90)
+            assert report.pages > 1
+            rows = stored(fresh_database)
+            assert {r[0]: (r[1], r[2]) for r in rows} == expected
+            assert report.inserted == len(expected)
 
-    # A second run resumes at the newest stored trade and adds nothing.
-    venue.calls.clear()
-    again = asyncio.run(ingest_trades(adapter, fresh_database, "BTC/USDT", start=T0, page_limit=3))
-    assert again.inserted == 0
-    assert venue.calls[0][0] == T0 + timedelta(milliseconds=60)
+            again = await ingest_trades(adapter, fresh_database, "BTC/USDT", start=start, page_limit=90)
+            assert again.inserted == 0
 
-    # New trades at the venue: only they are added.
-    venue.trades.append(trade(11, 70))
-    assert asyncio.run(ingest_trades(adapter, fresh_database, "BTC/USDT", start=None)).inserted == 1
+            await emu.step(150)  # the venue trades on: only the new prints are added
+            more = await ingest_trades(adapter, fresh_database, "BTC/USDT", start=start, page_limit=90)
+            new_ids = {str(t.trade_id) for t in emu.markets["BTCUSDT"].trades} - set(expected)
+            assert more.inserted == len(new_ids) > 0
+            assert {r[0] for r in stored(fresh_database)} == set(expected) | new_ids
+        finally:
+            await adapter.close()
+            await emu.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 120))
