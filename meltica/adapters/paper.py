@@ -269,6 +269,8 @@ class PaperVenue:
     def dispatch(self, result: MatchResult) -> None:
         """Deliver what the engine did: user events per account, public trades and books per symbol."""
         now = self.clock()
+        if not (result.order_updates or result.balance_updates or result.public_trades):
+            return  # most bars change nothing
         for update in result.order_updates:
             order = update.order
             event = UserEvent(UserEventKind.ORDER, now, order=venue_order(self.exchange_id, order))

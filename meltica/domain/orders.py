@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from decimal import Decimal
+from functools import lru_cache
 from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter, model_validator
@@ -41,6 +42,7 @@ CLIENT_ORDER_ID_PREFIX = "mlt-"
 CLIENT_ORDER_ID_PATTERN = re.compile(r"^[\.A-Z\:/a-z0-9_-]{1,36}$")
 
 
+@lru_cache(maxsize=4096)
 def client_order_id_for(intent_id: str) -> str:
     """Deterministic client order id of an intent: ``"mlt-"`` + 32 hex chars of SHA-256 (36 chars).
 
@@ -285,6 +287,11 @@ def parse_order_event(data: object) -> AnyOrderEvent:
 
 # --- the order snapshot ----------------------------------------------------------------------
 
+_ZERO = Decimal(0)
+_FROM_INTENT_FIELDS = frozenset(
+    {"intent", "client_order_id", "quantity", "price", "trigger_price", "created_at", "updated_at"}
+)
+
 
 class Order(DomainModel):
     """The current state of one order, derived by applying its events in order.
@@ -321,6 +328,35 @@ class Order(DomainModel):
 
     @classmethod
     def from_intent(cls, intent: OrderIntent) -> Order:
+        if type(intent) is OrderIntent:
+            # The intent was validated when it was built, so every field below already is, and the
+            # snapshot's invariants hold by construction (nothing filled, derived client order id).
+            # (What ``model_construct`` builds, without its per-field default lookups: the hot path.)
+            order = object.__new__(cls)
+            _set = object.__setattr__
+            _set(
+                order,
+                "__dict__",
+                {
+                    "intent": intent,
+                    "client_order_id": intent.client_order_id,
+                    "exchange_order_id": None,
+                    "status": OrderStatus.NEW,
+                    "quantity": intent.quantity,
+                    "price": intent.price,
+                    "trigger_price": intent.trigger_price,
+                    "filled_quantity": _ZERO,
+                    "avg_fill_price": None,
+                    "fill_ids": (),
+                    "reason": None,
+                    "created_at": intent.created_at,
+                    "updated_at": intent.created_at,
+                },
+            )
+            _set(order, "__pydantic_extra__", None)
+            _set(order, "__pydantic_fields_set__", set(_FROM_INTENT_FIELDS))
+            _set(order, "__pydantic_private__", None)
+            return order
         return cls(
             intent=intent,
             client_order_id=intent.client_order_id,
@@ -356,6 +392,19 @@ class Order(DomainModel):
     def is_terminal(self) -> bool:
         return self.status.is_terminal
 
+    def _copy_with(self, changes: dict[str, object]) -> Order:
+        """``self.model_copy(update=changes)`` without its generic machinery (this is the hot path of
+        every order event): a shallow copy of the fields with ``changes`` applied, not validated."""
+        new = object.__new__(type(self))
+        values = self.__dict__.copy()
+        values.update(changes)
+        _set = object.__setattr__
+        _set(new, "__dict__", values)
+        _set(new, "__pydantic_extra__", None)
+        _set(new, "__pydantic_fields_set__", self.__pydantic_fields_set__ | changes.keys())
+        _set(new, "__pydantic_private__", None)
+        return new
+
     def apply(self, event: OrderEvent) -> Order:
         """The snapshot after ``event``. Raises ``IllegalStateTransitionError`` for an event the
         lifecycle does not allow (anything after a terminal state, an overfill, …). A fill whose
@@ -378,7 +427,7 @@ class Order(DomainModel):
             changes["exchange_order_id"] = event.exchange_order_id
             if self.status in (OrderStatus.PARTIALLY_FILLED, OrderStatus.PENDING_CANCEL):
                 # A late acknowledgement (fills or a cancel request got here first) keeps the status.
-                return self.model_copy(update=changes)
+                return self._copy_with(changes)
             target = OrderStatus.OPEN
         elif isinstance(event, OrderRejected):
             target = OrderStatus.REJECTED
@@ -403,8 +452,8 @@ class Order(DomainModel):
         else:
             raise DataValidationError(f"unknown order event type {type(event).__name__}")
         changes["status"] = transition(self.status, target)
-        # model_copy skips validation; every change above keeps the invariants by construction.
-        return self.model_copy(update=changes)
+        # No validation (as model_copy): every change above keeps the invariants by construction.
+        return self._copy_with(changes)
 
     def _apply_fill(self, event: OrderFilled) -> Order:
         fill = event.fill
@@ -430,8 +479,8 @@ class Order(DomainModel):
         status = transition(self.status, target)
         previous_cost = (self.avg_fill_price or Decimal(0)) * self.filled_quantity
         avg = (previous_cost + fill.price * fill.quantity) / filled
-        return self.model_copy(
-            update={
+        return self._copy_with(
+            {
                 "status": status,
                 "filled_quantity": filled,
                 "avg_fill_price": avg,
@@ -457,8 +506,8 @@ class Order(DomainModel):
             raise IllegalStateTransitionError(
                 f"a {self.intent.type.value} order has no price to amend", reason="invalid_amend"
             )
-        return self.model_copy(
-            update={
+        return self._copy_with(
+            {
                 "quantity": quantity,
                 "price": event.price if event.price is not None else self.price,
                 "trigger_price": event.trigger_price if event.trigger_price is not None else self.trigger_price,

@@ -21,6 +21,7 @@ transaction). ``MemoryOrderStore`` keeps the very same rows in dicts, for backte
 from __future__ import annotations
 
 import copy
+import hashlib
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -67,9 +68,26 @@ _OPEN_STATUSES = tuple(s.value for s in OrderStatus if s not in TERMINAL_STATUSE
 _NAMESPACE = uuid.UUID("6c1f9a3e-5b0e-4f43-9d8e-0b7a1c2d3e4f")
 
 
+_NAMESPACE_BYTES = _NAMESPACE.bytes
+_UUID5_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_UUID5_SET = (0x8000 << 48) | (5 << 76)
+_new_uuid = object.__new__
+_set_attr = object.__setattr__
+
+
 def event_uuid(client_order_id: str, event_id: str) -> uuid.UUID:
-    """The ``order_events`` primary key of a domain event: stable, so a replayed event is a no-op."""
-    return uuid.uuid5(_NAMESPACE, f"{client_order_id}/{event_id}")
+    """The ``order_events`` primary key of a domain event: stable, so a replayed event is a no-op.
+
+    ``uuid.uuid5(_NAMESPACE, f"{client_order_id}/{event_id}")``, built without ``UUID.__init__``'s
+    argument checks (one per stored event).
+    """
+    name = f"{client_order_id}/{event_id}".encode()
+    digest = hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest()  # as uuid.uuid5
+    value = (int.from_bytes(digest[:16], "big") & _UUID5_CLEAR) | _UUID5_SET
+    out = _new_uuid(uuid.UUID)
+    _set_attr(out, "int", value)
+    _set_attr(out, "is_safe", uuid.SafeUUID.unknown)
+    return out
 
 
 def _intent_json(intent: OrderIntent) -> dict[str, Any]:
@@ -83,8 +101,11 @@ def order_row(
     emulated: bool = False,
     parent_client_order_id: str | None = None,
     order_list_id: str | None = None,
+    intent_json: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     intent = order.intent
+    if intent_json is None:
+        intent_json = _intent_json(intent)
     return {
         "client_order_id": order.client_order_id,
         "intent_id": intent.intent_id,
@@ -96,7 +117,7 @@ def order_row(
         "order_type": intent.type.value,
         "time_in_force": intent.time_in_force.value,
         "display_quantity": intent.display_quantity,
-        "params": {"intent": _intent_json(intent)},
+        "params": {"intent": intent_json},
         "post_only": intent.post_only,
         "reduce_only": intent.reduce_only,
         "expire_at": intent.expire_at,
@@ -191,7 +212,9 @@ class OrderStoreProtocol(Protocol):
     def fills_of(self, client_order_id: str) -> list[dict[str, Any]]: ...
 
 
-def _event_rows(order: Order, event: OrderEvent | None, first_seq: int) -> list[dict[str, Any]]:
+def _event_rows(
+    order: Order, event: OrderEvent | None, first_seq: int, intent_json: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     created = {
         "event_id": event_uuid(order.client_order_id, CREATED),
         "client_order_id": order.client_order_id,
@@ -199,7 +222,7 @@ def _event_rows(order: Order, event: OrderEvent | None, first_seq: int) -> list[
         "ts": order.created_at,
         "event_type": CREATED,
         "status": "new",
-        "payload": {"intent": _intent_json(order.intent)},
+        "payload": {"intent": _intent_json(order.intent) if intent_json is None else intent_json},
     }
     rows = [created]
     if event is not None:
@@ -413,13 +436,15 @@ class MemoryOrderStore:
     ) -> bool:
         if order.client_order_id in self.orders:
             return False
-        events = _event_rows(order, event, 1)
+        intent_json = _intent_json(order.intent)  # flat (JSON scalars): the order row gets its own copy
+        events = _event_rows(order, event, 1, intent_json)
         self.orders[order.client_order_id] = order_row(
             order,
             last_event_seq=len(events),
             emulated=emulated,
             parent_client_order_id=parent_client_order_id,
             order_list_id=order_list_id,
+            intent_json=dict(intent_json),
         )
         self.events[order.client_order_id] = events
         self.event_ids.update(e["event_id"] for e in events)

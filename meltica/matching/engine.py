@@ -127,6 +127,9 @@ class _Order:
         )
 
 
+_SYNTHETIC_CACHE_SIZE = 65_536
+
+
 class _Market:
     __slots__ = (
         "asks",
@@ -227,6 +230,12 @@ class MatchingEngine:
         # orders triggered by a recorded print rest only after that print filled resting limits: the
         # print that triggered a stop-limit cannot also fill it
         self._deferred: list[_Order] | None = None
+        # synthetic book per (last price, tick, fill-model book parameters): (bid prices, bid levels,
+        # ask prices, ask levels), copied into a market's book by ``_synthesize``; never mutated
+        self._synthetic_books: dict[
+            tuple[Decimal, Decimal, int, Decimal, Decimal],
+            tuple[list[Decimal], dict[Decimal, Decimal], list[Decimal], dict[Decimal, Decimal]],
+        ] = {}
 
     # ==========================================================================================
     # configuration
@@ -481,6 +490,7 @@ class MatchingEngine:
             share = self.fill_model.bar_volume_share
             pool = [volume if share is None else volume * share]
             previous: Decimal | None = None
+            stale: Decimal | None = None  # the last print, when the synthetic book was left behind it
             for point in path:
                 if previous is not None and point == previous:
                     continue
@@ -494,8 +504,10 @@ class MatchingEngine:
                     }
                     waypoints = sorted(inner, reverse=point < previous)
                 for waypoint in [*waypoints, point]:
-                    self._print(m, waypoint, pool, None)
+                    stale = None if self._print(m, waypoint, pool, None, book=False) else waypoint
                 previous = point
+            if stale is not None:
+                self._synthesize(m, stale)
             return c.result(self.ledger)
         finally:
             self._end()
@@ -1001,10 +1013,34 @@ class MatchingEngine:
             m.asks.set(Decimal(price), Decimal(qty))
 
     def _synthesize(self, m: _Market, last: Decimal) -> None:
+        """Replace the market's book with the synthetic one around ``last`` (built once per distinct
+        price and fill model, then copied: bar paths revisit the same prices over and over)."""
         fm = self.fill_model
-        inst = m.instrument
-        m.bids.clear()
-        m.asks.clear()
+        key = (
+            last,
+            m.instrument.tick_size,
+            fm.synthetic_levels,
+            fm.synthetic_spread_bps,
+            fm.synthetic_level_quantity,
+        )
+        cached = self._synthetic_books.get(key)
+        if cached is None:
+            bids, asks = MarketSide(is_bid=True), MarketSide(is_bid=False)
+            self._build_synthetic(bids, asks, m.instrument, last)
+            if len(self._synthetic_books) >= _SYNTHETIC_CACHE_SIZE:
+                self._synthetic_books.clear()
+            cached = (bids.prices, bids.levels, asks.prices, asks.levels)
+            self._synthetic_books[key] = cached
+        bid_prices, bid_levels, ask_prices, ask_levels = cached
+        m.bids.prices[:] = bid_prices
+        m.bids.levels.clear()
+        m.bids.levels.update(bid_levels)
+        m.asks.prices[:] = ask_prices
+        m.asks.levels.clear()
+        m.asks.levels.update(ask_levels)
+
+    def _build_synthetic(self, bids: MarketSide, asks: MarketSide, inst: Instrument, last: Decimal) -> None:
+        fm = self.fill_model
         prev_bid: Decimal | None = None
         prev_ask: Decimal | None = None
         for i in range(fm.synthetic_levels):
@@ -1018,8 +1054,8 @@ class MatchingEngine:
             if prev_ask is None and ask <= bid and fm.synthetic_spread_bps > 0:
                 ask = bid + inst.tick_size
             if bid > 0:
-                m.bids.set(bid, fm.synthetic_level_quantity)
-            m.asks.set(ask, fm.synthetic_level_quantity)
+                bids.set(bid, fm.synthetic_level_quantity)
+            asks.set(ask, fm.synthetic_level_quantity)
             prev_bid, prev_ask = bid, ask
 
     def _cross_resting(self, m: _Market) -> None:
@@ -1043,11 +1079,20 @@ class MatchingEngine:
     # internals: recorded prints, stops
     # ==========================================================================================
 
-    def _print(self, m: _Market, price: Decimal, pool: list[Decimal], taker_side: Side | None) -> None:
-        """One recorded price print: stops first, then resting limits it went through (up to ``pool``)."""
-        if not m.recorded_book:
-            self._synthesize(m, price)
+    def _print(
+        self, m: _Market, price: Decimal, pool: list[Decimal], taker_side: Side | None, *, book: bool = True
+    ) -> bool:
+        """One recorded price print: stops first, then resting limits it went through (up to ``pool``).
+
+        Without a recorded book the synthetic one moves to ``price``. Only triggered stops read the book
+        during a print, so with ``book=False`` (a caller that rebuilds it after its last print) it is
+        rebuilt only when a stop was hit. Returns whether the book now reflects ``price``.
+        """
         self._observe(m, price)
+        synthesized = m.recorded_book
+        if not synthesized and (book or any(o.hit for o in m.stops.values())):
+            self._synthesize(m, price)
+            synthesized = True
         self._deferred = []
         try:
             self._run_stops(m)
@@ -1074,6 +1119,7 @@ class MatchingEngine:
         for order in deferred:
             if order.status.is_open:
                 self._rest(m, order)
+        return synthesized
 
     @staticmethod
     def _stop_condition(side: Side, type_: EngineOrderType, price: Decimal, stop: Decimal) -> bool:
