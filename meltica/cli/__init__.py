@@ -16,6 +16,7 @@ from meltica.cli import (
     keys_cmd,
     kill_cmd,
     optimize_cmd,
+    streams_cmd,
 )
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app.add_typer(keys_cmd.app, name="keys", help="Manage encrypted exchange API cre
 app.add_typer(emulator_cmd.app, name="emulator", help="Run a local Binance-compatible exchange emulator.")
 app.add_typer(kill_cmd.app, name="kill", help="Kill switch: halt or reduce-only, by hand; show its state.")
 app.add_typer(flows_cmd.app, name="flows", help="Prefect deployments: deploy the flows, list them, run a server.")
+app.add_typer(streams_cmd.app, name="streams", help="Kafka topics of the live pipeline.")
 app.command("reconcile", help="Reconcile accounts with the exchanges; --now triggers the on-demand deployment.")(
     flows_cmd.reconcile
 )
