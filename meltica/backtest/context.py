@@ -312,11 +312,13 @@ class BacktestContext:
             raise InvalidOrderError(f"unknown symbol {symbol!r} on {self.exchange}", reason="unknown_symbol") from None
 
     def position(self, symbol: str) -> Position:
-        pos = self._positions.get(symbol)
-        if pos is None:
+        # Cached per symbol until a fill of it arrives (``_on_stored`` / ``_deliver_fill`` drop it).
+        try:
+            return self._positions[symbol]
+        except KeyError:
             pos = self.portfolio.position(self._account, self._exchange, symbol, strategy=self._instance_id)
             self._positions[symbol] = pos
-        return pos
+            return pos
 
     def open_orders(self, symbol: str | None = None) -> list[Order]:
         return [o for o in self._open.values() if symbol is None or o.intent.symbol == symbol]

@@ -200,9 +200,21 @@ class BarSeries:
         if ts_arr.dtype.kind in "iu":
             if n > 1 and not bool(np.all(np.diff(ts_arr) > 0)):
                 raise DataValidationError("bar open times are not strictly increasing")
-            # Whole microseconds: datetime's resolution.
-            micros = (ts_arr // 1000).tolist()
-            ts = [_EPOCH + timedelta(microseconds=m) for m in micros]
+            # Whole microseconds: datetime's resolution. Each time is the previous one plus the (exact,
+            # integer-microsecond) gap, the gaps' timedeltas built once per distinct gap.
+            micros_arr = ts_arr // 1000
+            ts = []
+            if n:
+                previous = _EPOCH + timedelta(microseconds=int(micros_arr[0]))
+                ts.append(previous)
+                gaps: dict[int, timedelta] = {}
+                append_ts = ts.append
+                for gap in np.diff(micros_arr).tolist():
+                    td = gaps.get(gap)
+                    if td is None:
+                        td = gaps[gap] = timedelta(microseconds=gap)
+                    previous = previous + td
+                    append_ts(previous)
         else:
             ts = [t if isinstance(t, datetime) else datetime.fromisoformat(str(t)) for t in ts_raw]
             for i in range(1, len(ts)):
@@ -210,15 +222,12 @@ class BarSeries:
                     raise DataValidationError(f"bar {i}: open time not after the previous one")
 
         def decimals(col: Any) -> list[Decimal]:
-            cache: dict[float, Decimal] = {}
-            out: list[Decimal] = []
-            append = out.append
-            for x in col.tolist():
-                d = cache.get(x)
-                if d is None:
-                    d = cache[x] = Decimal(repr(x))
-                append(d)
-            return out
+            # One Decimal per distinct value (the first occurrence's repr), shared by its repeats.
+            values = col.tolist()
+            cache = dict.fromkeys(values)
+            for x in cache:
+                cache[x] = Decimal(repr(x))
+            return list(map(cache.__getitem__, values))  # type: ignore[arg-type]
 
         return cls(exchange, symbol, timeframe, ts, decimals(o), decimals(h), decimals(lo), decimals(c), decimals(v))
 

@@ -190,6 +190,10 @@ class _Ledger:
     fees: Decimal = _ZERO
     other_fees: dict[str, Decimal] = field(default_factory=dict)
     fill_count: int = 0
+    # ``position()`` validates the first Position it builds; later ones skip it (``checked``), unless the
+    # numbers were restored from outside (``_restore_ledger``), which may not be Decimals.
+    checked: bool = field(default=False, repr=False, compare=False)
+    restored: bool = field(default=False, repr=False, compare=False)
 
     def apply(self, fill: Fill) -> Decimal:
         """Apply ``fill``; return the PnL it realized. Caller holds the exact context."""
@@ -239,7 +243,22 @@ class _Ledger:
 
     def position(self) -> Position:
         avg = None if self.quantity == 0 else self.cost / self.quantity
-        return Position(
+        if self.checked and (avg is None or avg > 0):
+            # Built from this ledger's own Decimal arithmetic, on names already validated once: the same
+            # Position validation would give, without re-running it on every fill.
+            return Position.model_construct(
+                account=self.account,
+                exchange=self.exchange,
+                symbol=self.symbol,
+                strategy=self.strategy,
+                quantity=self.quantity,
+                avg_entry_price=avg,
+                realized_pnl=self.realized,
+                fees=self.fees,
+                other_fees=tuple(sorted(self.other_fees.items())),
+                fill_count=self.fill_count,
+            )
+        position = Position(
             account=self.account,
             exchange=self.exchange,
             symbol=self.symbol,
@@ -251,6 +270,8 @@ class _Ledger:
             other_fees=tuple(sorted(self.other_fees.items())),
             fill_count=self.fill_count,
         )
+        self.checked = not self.restored
+        return position
 
 
 @dataclass(slots=True)
@@ -615,6 +636,8 @@ class Portfolio:
     ) -> None:
         ledger = self._ledger(account, exchange, symbol, strategy)
         ledger.quantity, ledger.cost, ledger.realized, ledger.fees = quantity, cost, realized, fees
+        ledger.restored = True
+        ledger.checked = False
 
     def _ledger_state(self) -> list[tuple[LedgerKey, Decimal, Decimal, Decimal, Decimal, Decimal | None]]:
         """``(key, quantity, cost, realized, fees, mark)`` per ledger, for the store."""
