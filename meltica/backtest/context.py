@@ -36,8 +36,6 @@ from decimal import Decimal
 from functools import partial
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
-
 from meltica.adapters.base import UserEvent, VenueOrder
 from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue
 from meltica.domain import (
@@ -54,8 +52,6 @@ from meltica.domain import (
     OrderSubmitted,
     OrderType,
     Position,
-    Side,
-    TimeInForce,
     Trade,
     client_order_id_for,
 )
@@ -65,8 +61,9 @@ from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
 from meltica.matching import FeeSchedule, FillModel
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, RiskConfig, RiskEngine
-from meltica.strategies.base import OrderList, Strategy
-from meltica.strategies.simulation import END_OF_DATA, ManualClock
+from meltica.strategies.base import OrderList, OrderListKind, Strategy
+from meltica.strategies.intents import IntentingContext, ManualClock
+from meltica.strategies.simulation import END_OF_DATA
 
 _ZERO = Decimal(0)
 
@@ -168,12 +165,6 @@ class _Request:
     quantity: Decimal | None = None
 
 
-@dataclass(slots=True)
-class _Timer:
-    due: datetime
-    every: timedelta | None
-
-
 @dataclass
 class Wiring:
     """The live objects a backtest runs on (exposed for tests and tools)."""
@@ -188,7 +179,7 @@ class Wiring:
     instruments: dict[str, Instrument] = field(default_factory=dict)
 
 
-class BacktestContext:
+class BacktestContext(IntentingContext):
     """One strategy instance in a backtest. See the module docstring for the release rule."""
 
     def __init__(
@@ -254,7 +245,7 @@ class BacktestContext:
         self.latency = latency
         self._outbox: deque[_Request] = deque()
         self._pending: deque[Callable[[], None]] = deque()
-        self._timers: dict[str, _Timer] = {}
+        self._timers = {}
         self._announced: set[str] = set()  # orders whose submission the strategy already heard of
         self._open: dict[str, Order] = {}  # this instance's open (and held) orders
         self._positions: dict[str, Position] = {}
@@ -267,49 +258,8 @@ class BacktestContext:
 
     # --- StrategyContext: identity, clock, reads -------------------------------------------------
     @property
-    def instance_id(self) -> str:
-        return self._instance_id
-
-    @property
-    def account(self) -> str:
-        return self._account
-
-    @property
     def exchange(self) -> str:
         return self._exchange
-
-    @property
-    def params(self) -> BaseModel:
-        params: BaseModel = self.strategy.params
-        return params
-
-    @property
-    def state(self) -> dict[str, Any]:
-        return self._state
-
-    @property
-    def log(self) -> logging.Logger:
-        return self._log
-
-    @property
-    def strategy(self) -> Strategy[Any]:
-        if self._strategy is None:
-            raise RuntimeError("no strategy attached")
-        return self._strategy
-
-    def attach(self, strategy: Strategy[Any]) -> None:
-        if strategy.ctx is not self:
-            raise ValueError("the strategy was built on another context")
-        self._strategy = strategy
-
-    def now(self) -> datetime:
-        return self.clock.now
-
-    def instrument(self, symbol: str) -> Instrument:
-        try:
-            return self.engine.instrument(symbol)
-        except Exception:
-            raise InvalidOrderError(f"unknown symbol {symbol!r} on {self.exchange}", reason="unknown_symbol") from None
 
     def position(self, symbol: str) -> Position:
         # Cached per symbol until a fill of it arrives (``_on_stored`` / ``_deliver_fill`` drop it).
@@ -324,55 +274,6 @@ class BacktestContext:
         return [o for o in self._open.values() if symbol is None or o.intent.symbol == symbol]
 
     # --- intents ---------------------------------------------------------------------------------
-    def _next_intent_id(self) -> str:
-        self._seq += 1
-        return f"{self._instance_id}:{self._seq}"
-
-    def _intent(
-        self,
-        *,
-        symbol: str,
-        side: Side,
-        type: OrderType,
-        quantity: Decimal,
-        price: Decimal | None = None,
-        trigger_price: Decimal | None = None,
-        trailing_offset: Decimal | None = None,
-        trailing_offset_pct: Decimal | None = None,
-        activation_price: Decimal | None = None,
-        display_quantity: Decimal | None = None,
-        post_only: bool = False,
-        reduce_only: bool = False,
-        time_in_force: TimeInForce = TimeInForce.GTC,
-        expire_at: datetime | None = None,
-    ) -> OrderIntent:
-        # Rounded exactly as PaperContext and the OMS do (DESIGN.md §4).
-        inst = self.instrument(symbol)
-        try:
-            return OrderIntent(
-                intent_id=self._next_intent_id(),
-                account=self._account,
-                strategy=self._instance_id,
-                exchange=self._exchange,
-                symbol=symbol,
-                side=side,
-                type=type,
-                quantity=inst.round_quantity(quantity),
-                price=None if price is None else inst.round_price(price, side),
-                trigger_price=None if trigger_price is None else inst.round_price(trigger_price),
-                trailing_offset=trailing_offset,
-                trailing_offset_pct=trailing_offset_pct,
-                activation_price=None if activation_price is None else inst.round_price(activation_price),
-                display_quantity=None if display_quantity is None else inst.round_quantity(display_quantity),
-                post_only=post_only,
-                reduce_only=reduce_only,
-                time_in_force=time_in_force,
-                expire_at=expire_at,
-                created_at=self.clock.now,
-            )
-        except ValidationError as exc:
-            raise InvalidOrderError(f"invalid intent for {symbol}: {exc.errors()[0]['msg']}") from None
-
     def _hold(self, intent: OrderIntent) -> str:
         """A new order the strategy asked for: announced now (``pending_submit``), sent at release."""
         coid = intent.client_order_id
@@ -387,191 +288,18 @@ class BacktestContext:
     def _arrival(self) -> datetime:
         return self.clock.now + self.latency
 
-    def submit(
-        self,
-        *,
-        symbol: str,
-        side: Side,
-        type: OrderType,
-        quantity: Decimal,
-        price: Decimal | None = None,
-        trigger_price: Decimal | None = None,
-        trailing_offset: Decimal | None = None,
-        trailing_offset_pct: Decimal | None = None,
-        activation_price: Decimal | None = None,
-        display_quantity: Decimal | None = None,
-        post_only: bool = False,
-        reduce_only: bool = False,
-        time_in_force: TimeInForce = TimeInForce.GTC,
-        expire_at: datetime | None = None,
-    ) -> str:
-        intent = self._intent(
-            symbol=symbol,
-            side=side,
-            type=type,
-            quantity=quantity,
-            price=price,
-            trigger_price=trigger_price,
-            trailing_offset=trailing_offset,
-            trailing_offset_pct=trailing_offset_pct,
-            activation_price=activation_price,
-            display_quantity=display_quantity,
-            post_only=post_only,
-            reduce_only=reduce_only,
-            time_in_force=time_in_force,
-            expire_at=expire_at,
-        )
+    def _send_intent(self, intent: OrderIntent) -> str:
         self._outbox.append(_Request(self._arrival(), "submit", intent.client_order_id, intent=intent))
         return self._hold(intent)
 
-    def buy(
-        self,
-        symbol: str,
-        quantity: Decimal,
-        *,
-        price: Decimal | None = None,
-        type: OrderType | None = None,
-        trigger_price: Decimal | None = None,
-        trailing_offset: Decimal | None = None,
-        trailing_offset_pct: Decimal | None = None,
-        activation_price: Decimal | None = None,
-        display_quantity: Decimal | None = None,
-        post_only: bool = False,
-        reduce_only: bool = False,
-        time_in_force: TimeInForce = TimeInForce.GTC,
-        expire_at: datetime | None = None,
-    ) -> str:
-        return self.submit(
-            symbol=symbol,
-            side=Side.BUY,
-            type=type or (OrderType.LIMIT if price is not None else OrderType.MARKET),
-            quantity=quantity,
-            price=price,
-            trigger_price=trigger_price,
-            trailing_offset=trailing_offset,
-            trailing_offset_pct=trailing_offset_pct,
-            activation_price=activation_price,
-            display_quantity=display_quantity,
-            post_only=post_only,
-            reduce_only=reduce_only,
-            time_in_force=time_in_force,
-            expire_at=expire_at,
-        )
-
-    def sell(
-        self,
-        symbol: str,
-        quantity: Decimal,
-        *,
-        price: Decimal | None = None,
-        type: OrderType | None = None,
-        trigger_price: Decimal | None = None,
-        trailing_offset: Decimal | None = None,
-        trailing_offset_pct: Decimal | None = None,
-        activation_price: Decimal | None = None,
-        display_quantity: Decimal | None = None,
-        post_only: bool = False,
-        reduce_only: bool = False,
-        time_in_force: TimeInForce = TimeInForce.GTC,
-        expire_at: datetime | None = None,
-    ) -> str:
-        return self.submit(
-            symbol=symbol,
-            side=Side.SELL,
-            type=type or (OrderType.LIMIT if price is not None else OrderType.MARKET),
-            quantity=quantity,
-            price=price,
-            trigger_price=trigger_price,
-            trailing_offset=trailing_offset,
-            trailing_offset_pct=trailing_offset_pct,
-            activation_price=activation_price,
-            display_quantity=display_quantity,
-            post_only=post_only,
-            reduce_only=reduce_only,
-            time_in_force=time_in_force,
-            expire_at=expire_at,
-        )
-
-    def _exit_legs(
-        self,
-        symbol: str,
-        side: Side,
-        quantity: Decimal,
-        take_profit_price: Decimal,
-        stop_price: Decimal,
-        stop_limit_price: Decimal | None,
-        reduce_only: bool,
-    ) -> tuple[OrderIntent, OrderIntent]:
-        take_profit = self._intent(
-            symbol=symbol, side=side, type=OrderType.LIMIT, quantity=quantity, price=take_profit_price,
-            reduce_only=reduce_only,
-        )  # fmt: skip
-        stop = self._intent(
-            symbol=symbol,
-            side=side,
-            type=OrderType.STOP_MARKET if stop_limit_price is None else OrderType.STOP_LIMIT,
-            quantity=quantity,
-            price=stop_limit_price,
-            trigger_price=stop_price,
-            reduce_only=reduce_only,
-        )
-        return take_profit, stop
-
-    def oco(
-        self,
-        symbol: str,
-        side: Side,
-        quantity: Decimal,
-        *,
-        take_profit_price: Decimal,
-        stop_price: Decimal,
-        stop_limit_price: Decimal | None = None,
-        reduce_only: bool = True,
-    ) -> OrderList:
-        take_profit, stop = self._exit_legs(
-            symbol, side, quantity, take_profit_price, stop_price, stop_limit_price, reduce_only
-        )
-        list_id = f"{take_profit.intent_id}:oco"
-        legs = (take_profit, stop)
-        self._outbox.append(_Request(self._arrival(), "list", intents=legs, list_id=list_id, list_kind="oco"))
+    def _send_list(self, kind: OrderListKind, list_id: str, legs: tuple[OrderIntent, ...]) -> OrderList:
+        self._outbox.append(_Request(self._arrival(), "list", intents=legs, list_id=list_id, list_kind=kind))
         for leg in legs:
             self._hold(leg)
-        return OrderList(list_id=list_id, kind="oco", client_order_ids=tuple(i.client_order_id for i in legs))
-
-    def bracket(
-        self,
-        symbol: str,
-        side: Side,
-        quantity: Decimal,
-        *,
-        entry_price: Decimal | None = None,
-        take_profit_price: Decimal,
-        stop_price: Decimal,
-        stop_limit_price: Decimal | None = None,
-    ) -> OrderList:
-        entry = self._intent(
-            symbol=symbol,
-            side=side,
-            type=OrderType.MARKET if entry_price is None else OrderType.LIMIT,
-            quantity=quantity,
-            price=entry_price,
-        )
-        take_profit, stop = self._exit_legs(
-            symbol, side.opposite, quantity, take_profit_price, stop_price, stop_limit_price, True
-        )
-        list_id = f"{entry.intent_id}:bracket"
-        legs = (entry, take_profit, stop)
-        self._outbox.append(_Request(self._arrival(), "list", intents=legs, list_id=list_id, list_kind="bracket"))
-        for leg in legs:
-            self._hold(leg)
-        return OrderList(list_id=list_id, kind="bracket", client_order_ids=tuple(i.client_order_id for i in legs))
+        return OrderList(list_id=list_id, kind=kind, client_order_ids=tuple(i.client_order_id for i in legs))
 
     def cancel(self, client_order_id: str) -> None:
         self._outbox.append(_Request(self._arrival(), "cancel", client_order_id))
-
-    def cancel_all(self, symbol: str | None = None) -> None:
-        for order in self.open_orders(symbol):
-            self.cancel(order.client_order_id)
 
     def amend(self, client_order_id: str, *, price: Decimal | None = None, quantity: Decimal | None = None) -> str:
         order = self._open.get(client_order_id)
@@ -591,32 +319,8 @@ class BacktestContext:
         return client_order_id_for(f"{order.intent.intent_id}~a{n}")
 
     # --- timers ----------------------------------------------------------------------------------
-    def set_timer(self, name: str, *, at: datetime | None = None, every: timedelta | None = None) -> None:
-        if (at is None) == (every is None):
-            raise ValueError("set_timer needs exactly one of at or every")
-        if every is not None and every <= timedelta(0):
-            raise ValueError("every must be positive")
-        due = at if at is not None else self.clock.now + every  # type: ignore[operator]
-        self._timers[name] = _Timer(due=due, every=every)
-
-    def cancel_timer(self, name: str) -> None:
-        self._timers.pop(name, None)
-
     def queue_due_timers(self) -> None:
-        if not self._timers:
-            return
-        now = self.clock.now
-        while True:
-            due = [(t.due, name) for name, t in self._timers.items() if t.due <= now]
-            if not due:
-                return
-            ts, name = min(due)
-            timer = self._timers[name]
-            if timer.every is None:
-                del self._timers[name]
-            else:
-                timer.due = ts + timer.every
-            self._pending.append(partial(self.strategy.on_timer, name, ts))
+        self._queue_due_timers()
 
     # --- OMS side ----------------------------------------------------------------------------------
     def _track(self, order: Order) -> None:

@@ -30,12 +30,12 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from functools import partial
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from meltica.adapters.paper import PaperVenue, domain_fill, to_new_order
 from meltica.domain import (
@@ -54,10 +54,7 @@ from meltica.domain import (
     OrderRejected,
     OrderStatus,
     OrderSubmitted,
-    OrderType,
     Position,
-    Side,
-    TimeInForce,
     Trade,
 )
 from meltica.errors import InvalidOrderError
@@ -71,18 +68,9 @@ from meltica.matching import (
     NewOrder,
 )
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
+from meltica.strategies.intents import IntentingContext, ManualClock
 
 END_OF_DATA = "end of data: never sent"
-
-
-class ManualClock:
-    """A simulated clock: whoever drives the simulation sets it; everything else reads it."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +92,7 @@ class _OrderListState:
     done: bool = False
 
 
-@dataclass(slots=True)
-class _Timer:
-    due: datetime
-    every: timedelta | None
-
-
-class PaperContext:
+class PaperContext(IntentingContext):
     """One strategy instance on one paper venue account. See the module docstring for the event order."""
 
     def __init__(
@@ -137,7 +119,7 @@ class PaperContext:
         self._positions: dict[str, Position] = {}
         self._lists: dict[str, _OrderListState] = {}
         self._list_of: dict[str, str] = {}
-        self._timers: dict[str, _Timer] = {}
+        self._timers = {}
         self._pending: deque[Callable[[], None]] = deque()
         self._event_seq = 0
         self.immediate = immediate
@@ -171,46 +153,8 @@ class PaperContext:
 
     # --- StrategyContext: identity, clock, reads ---------------------------------------------------
     @property
-    def instance_id(self) -> str:
-        return self._instance_id
-
-    @property
-    def account(self) -> str:
-        return self._account
-
-    @property
     def exchange(self) -> str:
         return self.venue.exchange_id
-
-    @property
-    def params(self) -> BaseModel:
-        if self._strategy is None:
-            raise RuntimeError("no strategy attached")
-        params: BaseModel = self._strategy.params
-        return params
-
-    @property
-    def state(self) -> dict[str, Any]:
-        return self._state
-
-    @property
-    def log(self) -> logging.Logger:
-        return self._log
-
-    @property
-    def strategy(self) -> Strategy[Any]:
-        if self._strategy is None:
-            raise RuntimeError("no strategy attached")
-        return self._strategy
-
-    def now(self) -> datetime:
-        return self.clock.now
-
-    def instrument(self, symbol: str) -> Instrument:
-        try:
-            return self.venue.engine.instrument(symbol)
-        except Exception:
-            raise InvalidOrderError(f"unknown symbol {symbol!r} on {self.exchange}", reason="unknown_symbol") from None
 
     def position(self, symbol: str) -> Position:
         pos = self._positions.get(symbol)
@@ -227,12 +171,6 @@ class PaperContext:
         return {a: (b.free, b.locked) for a, b in self.venue.engine.ledger.balances(self._account).items()}
 
     # --- running -----------------------------------------------------------------------------------
-    def attach(self, strategy: Strategy[Any]) -> None:
-        """Make ``strategy`` (built on this context) the one that receives callbacks."""
-        if strategy.ctx is not self:
-            raise ValueError("the strategy was built on another context")
-        self._strategy = strategy
-
     def start(self) -> None:
         self._call(self.strategy.on_start)
 
@@ -317,278 +255,24 @@ class PaperContext:
         while pending:
             pending.popleft()()
 
-    # --- timers ------------------------------------------------------------------------------------
-    def set_timer(self, name: str, *, at: datetime | None = None, every: timedelta | None = None) -> None:
-        if (at is None) == (every is None):
-            raise ValueError("set_timer needs exactly one of at or every")
-        if every is not None and every <= timedelta(0):
-            raise ValueError("every must be positive")
-        due = at if at is not None else self.now() + every  # type: ignore[operator]
-        self._timers[name] = _Timer(due=due, every=every)
-
-    def cancel_timer(self, name: str) -> None:
-        self._timers.pop(name, None)
-
-    def _queue_due_timers(self) -> None:
-        if not self._timers:
-            return
-        now = self.now()
-        while True:
-            due = [(t.due, name) for name, t in self._timers.items() if t.due <= now]
-            if not due:
-                return
-            ts, name = min(due)
-            timer = self._timers[name]
-            if timer.every is None:
-                del self._timers[name]
-            else:
-                timer.due = ts + timer.every
-            self._pending.append(partial(self._fire_timer, name, ts))
-
-    def _fire_timer(self, name: str, ts: datetime) -> None:
-        self.strategy.on_timer(name, ts)
-
     # --- intents -----------------------------------------------------------------------------------
-    def _next_intent_id(self) -> str:
-        self._seq += 1
-        return f"{self._instance_id}:{self._seq}"
-
-    def _intent(
-        self,
-        *,
-        intent_id: str | None = None,
-        symbol: str,
-        side: Side,
-        type: OrderType,
-        quantity: Decimal,
-        price: Decimal | None = None,
-        trigger_price: Decimal | None = None,
-        trailing_offset: Decimal | None = None,
-        trailing_offset_pct: Decimal | None = None,
-        activation_price: Decimal | None = None,
-        display_quantity: Decimal | None = None,
-        post_only: bool = False,
-        reduce_only: bool = False,
-        time_in_force: TimeInForce = TimeInForce.GTC,
-        expire_at: datetime | None = None,
-    ) -> OrderIntent:
-        inst = self.instrument(symbol)
-        # The venue's precision, as the OMS applies it before an order leaves the process (DESIGN.md §4).
-        qty = inst.round_quantity(quantity)
-        try:
-            return OrderIntent(
-                intent_id=intent_id or self._next_intent_id(),
-                account=self._account,
-                strategy=self._instance_id,
-                exchange=self.exchange,
-                symbol=symbol,
-                side=side,
-                type=type,
-                quantity=qty,
-                price=None if price is None else inst.round_price(price, side),
-                trigger_price=None if trigger_price is None else inst.round_price(trigger_price),
-                trailing_offset=trailing_offset,
-                trailing_offset_pct=trailing_offset_pct,
-                activation_price=None if activation_price is None else inst.round_price(activation_price),
-                display_quantity=None if display_quantity is None else inst.round_quantity(display_quantity),
-                post_only=post_only,
-                reduce_only=reduce_only,
-                time_in_force=time_in_force,
-                expire_at=expire_at,
-                created_at=self.now(),
-            )
-        except ValidationError as exc:
-            raise InvalidOrderError(f"invalid intent for {symbol}: {exc.errors()[0]['msg']}") from None
-
-    def submit(
-        self,
-        *,
-        symbol: str,
-        side: Side,
-        type: OrderType,
-        quantity: Decimal,
-        price: Decimal | None = None,
-        trigger_price: Decimal | None = None,
-        trailing_offset: Decimal | None = None,
-        trailing_offset_pct: Decimal | None = None,
-        activation_price: Decimal | None = None,
-        display_quantity: Decimal | None = None,
-        post_only: bool = False,
-        reduce_only: bool = False,
-        time_in_force: TimeInForce = TimeInForce.GTC,
-        expire_at: datetime | None = None,
-    ) -> str:
-        intent = self._intent(
-            symbol=symbol,
-            side=side,
-            type=type,
-            quantity=quantity,
-            price=price,
-            trigger_price=trigger_price,
-            trailing_offset=trailing_offset,
-            trailing_offset_pct=trailing_offset_pct,
-            activation_price=activation_price,
-            display_quantity=display_quantity,
-            post_only=post_only,
-            reduce_only=reduce_only,
-            time_in_force=time_in_force,
-            expire_at=expire_at,
-        )
+    def _send_intent(self, intent: OrderIntent) -> str:
         return self._send(intent)
 
-    def buy(
-        self,
-        symbol: str,
-        quantity: Decimal,
-        *,
-        price: Decimal | None = None,
-        type: OrderType | None = None,
-        trigger_price: Decimal | None = None,
-        trailing_offset: Decimal | None = None,
-        trailing_offset_pct: Decimal | None = None,
-        activation_price: Decimal | None = None,
-        display_quantity: Decimal | None = None,
-        post_only: bool = False,
-        reduce_only: bool = False,
-        time_in_force: TimeInForce = TimeInForce.GTC,
-        expire_at: datetime | None = None,
-    ) -> str:
-        return self.submit(
-            symbol=symbol,
-            side=Side.BUY,
-            type=type or (OrderType.LIMIT if price is not None else OrderType.MARKET),
-            quantity=quantity,
-            price=price,
-            trigger_price=trigger_price,
-            trailing_offset=trailing_offset,
-            trailing_offset_pct=trailing_offset_pct,
-            activation_price=activation_price,
-            display_quantity=display_quantity,
-            post_only=post_only,
-            reduce_only=reduce_only,
-            time_in_force=time_in_force,
-            expire_at=expire_at,
-        )
-
-    def sell(
-        self,
-        symbol: str,
-        quantity: Decimal,
-        *,
-        price: Decimal | None = None,
-        type: OrderType | None = None,
-        trigger_price: Decimal | None = None,
-        trailing_offset: Decimal | None = None,
-        trailing_offset_pct: Decimal | None = None,
-        activation_price: Decimal | None = None,
-        display_quantity: Decimal | None = None,
-        post_only: bool = False,
-        reduce_only: bool = False,
-        time_in_force: TimeInForce = TimeInForce.GTC,
-        expire_at: datetime | None = None,
-    ) -> str:
-        return self.submit(
-            symbol=symbol,
-            side=Side.SELL,
-            type=type or (OrderType.LIMIT if price is not None else OrderType.MARKET),
-            quantity=quantity,
-            price=price,
-            trigger_price=trigger_price,
-            trailing_offset=trailing_offset,
-            trailing_offset_pct=trailing_offset_pct,
-            activation_price=activation_price,
-            display_quantity=display_quantity,
-            post_only=post_only,
-            reduce_only=reduce_only,
-            time_in_force=time_in_force,
-            expire_at=expire_at,
-        )
-
-    def _exit_legs(
-        self,
-        symbol: str,
-        side: Side,
-        quantity: Decimal,
-        take_profit_price: Decimal,
-        stop_price: Decimal,
-        stop_limit_price: Decimal | None,
-        reduce_only: bool,
-    ) -> tuple[OrderIntent, OrderIntent]:
-        take_profit = self._intent(
-            symbol=symbol,
-            side=side,
-            type=OrderType.LIMIT,
-            quantity=quantity,
-            price=take_profit_price,
-            reduce_only=reduce_only,
-        )
-        stop = self._intent(
-            symbol=symbol,
-            side=side,
-            type=OrderType.STOP_MARKET if stop_limit_price is None else OrderType.STOP_LIMIT,
-            quantity=quantity,
-            price=stop_limit_price,
-            trigger_price=stop_price,
-            reduce_only=reduce_only,
-        )
-        return take_profit, stop
-
-    def oco(
-        self,
-        symbol: str,
-        side: Side,
-        quantity: Decimal,
-        *,
-        take_profit_price: Decimal,
-        stop_price: Decimal,
-        stop_limit_price: Decimal | None = None,
-        reduce_only: bool = True,
-    ) -> OrderList:
-        take_profit, stop = self._exit_legs(
-            symbol, side, quantity, take_profit_price, stop_price, stop_limit_price, reduce_only
-        )
-        list_id = f"{take_profit.intent_id}:oco"
-        legs = (take_profit.client_order_id, stop.client_order_id)
-        self._lists[list_id] = _OrderListState(kind="oco", legs=legs)
-        for coid in legs:
-            self._list_of[coid] = list_id
-        self._send(take_profit)
-        self._send(stop)
-        return OrderList(list_id=list_id, kind="oco", client_order_ids=legs)
-
-    def bracket(
-        self,
-        symbol: str,
-        side: Side,
-        quantity: Decimal,
-        *,
-        entry_price: Decimal | None = None,
-        take_profit_price: Decimal,
-        stop_price: Decimal,
-        stop_limit_price: Decimal | None = None,
-    ) -> OrderList:
-        entry = self._intent(
-            symbol=symbol,
-            side=side,
-            type=OrderType.MARKET if entry_price is None else OrderType.LIMIT,
-            quantity=quantity,
-            price=entry_price,
-        )
-        take_profit, stop = self._exit_legs(
-            symbol, side.opposite, quantity, take_profit_price, stop_price, stop_limit_price, True
-        )
-        list_id = f"{entry.intent_id}:bracket"
-        legs = (entry.client_order_id, take_profit.client_order_id, stop.client_order_id)
-        state = _OrderListState(kind="bracket", legs=legs)
-        for child in (take_profit, stop):
-            state.held[child.client_order_id] = child
-            # Held legs are stored (status NEW) and visible in open_orders, as the OMS emulator keeps them.
-            self._orders[child.client_order_id] = self._new_order(child)
+    def _send_list(self, kind: OrderListKind, list_id: str, legs: tuple[OrderIntent, ...]) -> OrderList:
+        coids = tuple(leg.client_order_id for leg in legs)
+        state = _OrderListState(kind=kind, legs=coids)
+        if kind == "bracket":
+            for child in legs[1:]:
+                state.held[child.client_order_id] = child
+                # Held legs are stored (status NEW) and visible in open_orders, as the OMS emulator keeps them.
+                self._orders[child.client_order_id] = self._new_order(child)
         self._lists[list_id] = state
-        for coid in legs:
+        for coid in coids:
             self._list_of[coid] = list_id
-        self._send(entry)
-        return OrderList(list_id=list_id, kind="bracket", client_order_ids=legs)
+        for leg in legs[:1] if kind == "bracket" else legs:
+            self._send(leg)
+        return OrderList(list_id=list_id, kind=kind, client_order_ids=coids)
 
     def _new_order(self, intent: OrderIntent) -> Order:
         return Order(
@@ -651,10 +335,6 @@ class PaperContext:
             self._log.debug("cancel %s refused by the venue: %s", client_order_id, exc.message)
             return
         self._process(result)
-
-    def cancel_all(self, symbol: str | None = None) -> None:
-        for coid in [o.client_order_id for o in self.open_orders(symbol)]:
-            self.cancel(coid)  # an OCO sibling gone with an earlier cancel is a no-op
 
     def amend(self, client_order_id: str, *, price: Decimal | None = None, quantity: Decimal | None = None) -> str:
         self.actions.append(Action("amend", client_order_id, price=price, quantity=quantity))
