@@ -6,6 +6,7 @@ running is reused (and left running afterwards, like `up`).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -49,24 +50,47 @@ def free_port() -> Callable[[], int]:
     return pick
 
 
-@pytest.fixture
-def fresh_database(postgres_endpoint: PostgresEndpoint) -> Iterator[Engine]:
-    """A new database migrated to head on the real server, dropped afterwards."""
+@contextlib.contextmanager
+def temporary_database(endpoint: PostgresEndpoint, *, migrated: bool = True) -> Iterator[Engine]:
+    """A new database on the real server (migrated to head unless ``migrated=False``), dropped afterwards."""
     from sqlalchemy import text
 
     from meltica.storage import migrate
     from meltica.storage.engine import make_engine
 
     name = f"meltica_t_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(postgres_endpoint.url)
+    admin = make_engine(endpoint.url)
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(postgres_endpoint.url_for(name))
-    migrate.upgrade(engine)
+    engine = make_engine(endpoint.url_for(name))
     try:
+        if migrated:
+            migrate.upgrade(engine)
         yield engine
     finally:
         engine.dispose()
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def fresh_database(postgres_endpoint: PostgresEndpoint) -> Iterator[Engine]:
+    """A new database migrated to head, for one test."""
+    with temporary_database(postgres_endpoint) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def database_factory(
+    postgres_endpoint: PostgresEndpoint,
+) -> Callable[..., contextlib.AbstractContextManager[Engine]]:
+    """``with database_factory(migrated=False) as engine:`` — :func:`temporary_database` on the session's server."""
+    return lambda **kw: temporary_database(postgres_endpoint, **kw)
+
+
+@pytest.fixture(scope="module")
+def module_database(postgres_endpoint: PostgresEndpoint) -> Iterator[Engine]:
+    """A new database migrated to head, shared by the tests of one module."""
+    with temporary_database(postgres_endpoint) as engine:
+        yield engine

@@ -7,17 +7,13 @@ import itertools
 import json
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from meltica.backtest import BacktestConfig, BacktestResult, BarSeries, run_backtest
-from meltica.storage import migrate
-from meltica.storage.engine import make_engine
 
 DATA = Path(__file__).resolve().parents[2] / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
 SYMBOL = "BTC/USDT:USDT"
@@ -66,21 +62,8 @@ def test_cli_backtest_reports_a_bad_parameter_by_name(slice_file: Path, tmp_path
 
 
 @pytest.fixture
-def database(postgres_endpoint) -> Iterator[Engine]:  # type: ignore[no-untyped-def]
-    name = f"meltica_t_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(postgres_endpoint.url)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = postgres_endpoint.url_for(name)
-    engine = make_engine(url)
-    migrate.upgrade(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def database(fresh_database: Engine) -> Engine:
+    return fresh_database
 
 
 def test_a_run_is_stored_and_loads_back(slice_file: Path, database: Engine) -> None:

@@ -5,35 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, text
 
 from meltica.risk import KillSwitch, KillSwitchMode, KillSwitchStore
-from meltica.storage import migrate
-from meltica.storage.engine import make_engine
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def database(postgres_endpoint) -> Iterator[Engine]:  # type: ignore[no-untyped-def]
-    """A fresh database migrated to head, dropped after the module."""
-    name = f"meltica_t_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(postgres_endpoint.url)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(postgres_endpoint.url_for(name))
-    migrate.upgrade(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def database(module_database: Engine) -> Engine:
+    """A fresh database migrated to head, shared by this module's tests (tests/integration/conftest.py)."""
+    return module_database
 
 
 def events(engine: Engine, scope: str) -> list[dict[str, object]]:

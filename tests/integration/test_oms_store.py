@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal as D
 from typing import Any
@@ -20,8 +19,6 @@ from sqlalchemy.exc import DBAPIError
 from meltica.adapters.paper import PaperVenue
 from meltica.domain import Instrument, OrderIntent, OrderStatus, OrderType, Side
 from meltica.execution import OrderManager, OrderStore, RetryPolicy
-from meltica.storage import migrate
-from meltica.storage.engine import make_engine
 from tests.unit.test_oms_properties import History, deliver_and_check, histories
 
 pytestmark = pytest.mark.integration
@@ -31,21 +28,9 @@ T0 = datetime(2024, 1, 10, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
-def engine(postgres_endpoint: Any) -> Iterator[Engine]:
-    """A fresh database migrated to head, shared by this module's tests."""
-    name = f"meltica_t_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(postgres_endpoint.url)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    db = make_engine(postgres_endpoint.url_for(name))
-    migrate.upgrade(db)
-    try:
-        yield db
-    finally:
-        db.dispose()
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def engine(module_database: Engine) -> Engine:
+    """A fresh database migrated to head, shared by this module's tests (tests/integration/conftest.py)."""
+    return module_database
 
 
 def make_venue() -> PaperVenue:

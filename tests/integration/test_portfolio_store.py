@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, select
 
 from meltica.domain import Balance, Fill
-from meltica.infra.postgres import PostgresEndpoint
 from meltica.portfolio import Portfolio, PortfolioStore
-from meltica.storage import migrate
-from meltica.storage.engine import make_engine
 from meltica.storage.tables import balance_snapshots, position_snapshots
 
 pytestmark = pytest.mark.integration
@@ -28,21 +23,9 @@ _ids = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def engine(postgres_endpoint: PostgresEndpoint) -> Iterator[Engine]:
-    """A fresh database migrated to head, dropped afterwards."""
-    name = f"meltica_t_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(postgres_endpoint.url)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    db = make_engine(postgres_endpoint.url_for(name))
-    try:
-        migrate.upgrade(db)
-        yield db
-    finally:
-        db.dispose()
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def engine(module_database: Engine) -> Engine:
+    """A fresh database migrated to head, shared by this module's tests (tests/integration/conftest.py)."""
+    return module_database
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -14,28 +12,15 @@ from sqlalchemy.exc import DBAPIError
 from meltica.config.settings import RiskLimits
 from meltica.domain import Instrument, OrderIntent, OrderType, Side
 from meltica.risk import KillSwitch, KillSwitchStore, RiskEngine, RiskRecorder, RiskStateStore
-from meltica.storage import migrate
-from meltica.storage.engine import make_engine
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
-def database(postgres_endpoint) -> Iterator[Engine]:  # type: ignore[no-untyped-def]
-    name = f"meltica_t_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(postgres_endpoint.url)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(postgres_endpoint.url_for(name))
-    migrate.upgrade(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def database(module_database: Engine) -> Engine:
+    """A fresh database migrated to head, shared by this module's tests (tests/integration/conftest.py)."""
+    return module_database
 
 
 def intent(n: int, qty: str) -> OrderIntent:
