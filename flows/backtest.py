@@ -39,6 +39,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._retry import retry_only_retryable
 from meltica.backtest.config import BacktestConfig
 from meltica.backtest.data import BarSeries
 from meltica.backtest.engine import run_backtest
@@ -46,7 +47,7 @@ from meltica.backtest.metrics import Metrics
 from meltica.backtest.optimize import LOWER_IS_BETTER, METRIC_NAMES, SweepRun, grid, rank_runs
 from meltica.backtest.report import format_metric, write_report
 from meltica.backtest.results import BacktestResult, detect_code_version, jsonable
-from meltica.errors import ConfigurationError, DataValidationError, is_retryable
+from meltica.errors import ConfigurationError, DataValidationError
 from meltica.infra.postgres import database_url
 from meltica.storage.engine import make_engine
 from meltica.storage.tables import backtest_runs
@@ -54,14 +55,6 @@ from meltica.storage.tables import backtest_runs
 _NAMESPACE = uuid.UUID("6f1d3c2a-8a43-4f57-9a1e-0b9e4c1f7d21")
 CHARTS = ("equity.png", "drawdown.png", "positions.png")
 TABLE_METRICS = ("total_return", "sharpe", "max_drawdown", "trades", "win_rate", "final_equity", "fees")
-
-
-def _retry_only_retryable(_task: Any, _run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except Exception as exc:
-        return is_retryable(exc)
-    return False
 
 
 # --- identity, data ----------------------------------------------------------------------------
@@ -160,7 +153,7 @@ def _summary(result: BacktestResult, report_dir: Path | None) -> dict[str, Any]:
     task_run_name="backtest {config[strategy]} {config[symbol]}",
     retries=2,
     retry_delay_seconds=[2, 10],
-    retry_condition_fn=_retry_only_retryable,
+    retry_condition_fn=retry_only_retryable,
     cache_key_fn=_cache_key,
     cache_expiration=timedelta(days=7),
 )

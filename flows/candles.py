@@ -13,22 +13,14 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from meltica.errors import is_retryable
+from flows._retry import retry_only_retryable
 from meltica.infra.postgres import database_url
 from meltica.marketdata.candle_files import read_candle_file
 from meltica.storage import candles, migrate
 from meltica.storage.engine import make_engine
 
 
-def _retry_only_retryable(_task: Any, _run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except Exception as exc:
-        return is_retryable(exc)
-    return False
-
-
-@task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=_retry_only_retryable)
+@task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=retry_only_retryable)
 def load_file(path: str, exchange: str, symbol: str, timeframe: str, db_url: str) -> dict[str, Any]:
     engine = make_engine(db_url)
     try:

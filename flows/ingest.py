@@ -18,20 +18,13 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows._retry import retry_only_retryable
 from meltica.adapters.base import ExchangeAdapter
-from meltica.errors import ConfigurationError, is_retryable
+from meltica.errors import ConfigurationError
 from meltica.infra.postgres import database_url
 from meltica.marketdata import ingest as core
 from meltica.storage import migrate
 from meltica.storage.engine import make_engine
-
-
-def _retry_only_retryable(_task: Any, _run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except Exception as exc:
-        return is_retryable(exc)
-    return False
 
 
 def _run_name() -> str:
@@ -107,7 +100,7 @@ async def _ingest(
     task_run_name="{kind} {exchange} {symbol} {timeframe}",
     retries=3,
     retry_delay_seconds=5,
-    retry_condition_fn=_retry_only_retryable,
+    retry_condition_fn=retry_only_retryable,
 )
 def ingest_series(
     kind: str,

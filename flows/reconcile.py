@@ -15,21 +15,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from sqlalchemy.exc import OperationalError
 
+from flows._retry import retry_only_retryable
 from meltica.adapters.factory import adapter_for_account
 from meltica.config import load_settings
-from meltica.errors import InfrastructureUnavailableError, MelticaError, is_retryable
+from meltica.errors import InfrastructureUnavailableError, MelticaError
 from meltica.infra.postgres import database_url
 from meltica.reconciliation import ReconcilePolicy, ReconciliationReport, markdown, reconcile_account
 from meltica.risk import KillSwitch, KillSwitchStore
 from meltica.storage.engine import make_engine
-
-
-def _retry_only_retryable(_task: Any, _run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except Exception as exc:
-        return is_retryable(exc)
-    return False
 
 
 async def _reconcile(
@@ -60,7 +53,7 @@ async def _reconcile(
 @task(
     retries=3,
     retry_delay_seconds=[1, 5, 15],
-    retry_condition_fn=_retry_only_retryable,
+    retry_condition_fn=retry_only_retryable,
     task_run_name="reconcile {account} ({trigger})",
 )
 def reconcile_one(

@@ -17,19 +17,12 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
-from meltica.errors import ConfigurationError, is_retryable
+from flows._retry import retry_only_retryable
+from meltica.errors import ConfigurationError
 from meltica.infra.postgres import database_url
 from meltica.reporting.risk_report import build_risk_report, markdown, render_png, store_report
 from meltica.risk.limits import RiskConfig
 from meltica.storage.engine import make_engine
-
-
-def _retry_only_retryable(_task: Any, _run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except Exception as exc:
-        return is_retryable(exc)
-    return False
 
 
 def _report_day(day: date | None) -> date:
@@ -42,7 +35,7 @@ def _report_day(day: date | None) -> date:
     return previous
 
 
-@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_only_retryable)
+@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_only_retryable)
 def compute_report(
     day: date, db_url: str, output_dir: str, limits: dict[str, Any] | None, marks: dict[str, Any] | None
 ) -> dict[str, Any]:
