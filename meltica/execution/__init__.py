@@ -12,8 +12,8 @@ from meltica.execution.oms import (
     needs_emulation,
 )
 from meltica.execution.recovery import RecoveredOrder, RecoveryReport
-from meltica.execution.retry import RetryPolicy
 from meltica.execution.store import MemoryOrderStore, OrderStore, OrderStoreProtocol
+from meltica.retry import RetryPolicy
 
 __all__ = [
     "CRASH_POINT_ENV",

@@ -79,8 +79,8 @@ from meltica.errors import (
     TerminalError,
 )
 from meltica.execution.emulation import route
-from meltica.execution.retry import RetryPolicy
 from meltica.execution.store import AMEND_REQUESTED, ANOMALY, ILLEGAL_TRANSITION, OrderStoreProtocol
+from meltica.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from meltica.execution.recovery import RecoveryReport

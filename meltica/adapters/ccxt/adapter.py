@@ -66,6 +66,7 @@ from meltica.errors import (
     TerminalError,
 )
 from meltica.marketdata.orderbook import L2Book
+from meltica.retry import RetryPolicy
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
@@ -78,26 +79,15 @@ class StaleStreamError(RetryableError):
     default_reason = "stale_stream"
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries with exponential backoff and full jitter."""
-
-    max_attempts: int = 4  # total tries of one call, including the first
-    base_delay: float = 0.25
-    max_delay: float = 10.0
-    max_rate_limit_wait: float = 60.0  # longer Retry-After: surface the RateLimitError instead
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Delay before retry ``attempt`` (1-based): uniform in [c/2, c], c = min(max_delay, base·2^(n-1))."""
-        ceiling = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
-        return rng.uniform(ceiling / 2, ceiling)
+# Streams reconnect (practically) forever, backing off up to 30 s; frozen, so one instance is shared.
+_STREAM_RECONNECT = RetryPolicy(max_attempts=1_000_000, base_delay=0.5, max_delay=30.0)
 
 
 @dataclass(frozen=True)
 class StreamPolicy:
     stale_after: float | None = 30.0  # seconds without a message; None disables
     raise_on_stale: bool = False
-    reconnect: RetryPolicy = RetryPolicy(max_attempts=1_000_000, base_delay=0.5, max_delay=30.0)
+    reconnect: RetryPolicy = _STREAM_RECONNECT
     poll_interval: float = 2.0  # REST polling when the venue has no websocket for a stream
     book_depth: int | None = None  # levels kept in the streamed snapshots (None: all)
 

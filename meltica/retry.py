@@ -1,10 +1,10 @@
-"""Retry policy of the order manager: which errors are retried, and how long to wait between tries.
+"""Retry policy shared by the venue adapters and the order manager: which errors are retried, and how
+long to wait between tries (bounded attempts, exponential backoff with jitter).
 
-Same shape as the ccxt adapter's ``RetryPolicy`` (bounded attempts, exponential backoff with jitter),
-kept here so ``meltica.execution`` does not import the ccxt adapter (backtests on the paper venue
-never load ccxt). Only the retryable family of ``meltica.errors`` is ever retried (DESIGN.md §5);
-an ambiguous failure of an order *placement* is resolved by client order id before any re-send —
-that rule lives in the OMS, this module only says how often and how long.
+Only the retryable family of ``meltica.errors`` is ever retried (DESIGN.md §5); an ambiguous failure of
+an order *placement* is resolved by client order id before any re-send — that rule lives in the OMS and
+the ccxt adapter, this module only says how often and how long. It imports nothing heavy, so backtests
+on the paper venue never load ccxt.
 """
 
 from __future__ import annotations
