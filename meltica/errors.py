@@ -73,6 +73,33 @@ class ExchangeUnavailableError(RetryableError):
     default_reason = "exchange_unavailable"
 
 
+class ClockSkewError(RetryableError):
+    """The venue refused the request's timestamp (Binance -1021): resync the clock offset, then retry.
+
+    The request was rejected before execution, so re-sending it cannot duplicate an order.
+    """
+
+    default_reason = "clock_skew"
+
+
+class StaleStreamError(RetryableError):
+    """No message on a stream for longer than the configured staleness limit."""
+
+    default_reason = "stale_stream"
+
+
+class BookGapError(RetryableError):
+    """A diff does not continue the book's sequence: the book is stale, re-snapshot it."""
+
+    default_reason = "book_gap"
+
+
+class BookChecksumError(RetryableError):
+    """The venue's order-book checksum disagrees with the local book: re-snapshot."""
+
+    default_reason = "book_checksum"
+
+
 class InfrastructureUnavailableError(RetryableError):
     """A server Meltica needs (database, broker) cannot be reached right now."""
 

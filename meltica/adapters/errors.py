@@ -29,6 +29,8 @@ from ccxt.base import errors as ccxt_errors
 
 from meltica.errors import (
     AuthenticationError,
+    BookChecksumError,
+    ClockSkewError,
     ConfigurationError,
     ExchangeUnavailableError,
     InsufficientFundsError,
@@ -41,22 +43,6 @@ from meltica.errors import (
     RetryableError,
     TerminalError,
 )
-
-
-class ClockSkewError(RetryableError):
-    """The venue refused the request's timestamp (Binance -1021): resync the clock offset, then retry.
-
-    The request was rejected before execution, so re-sending it cannot duplicate an order.
-    """
-
-    default_reason = "clock_skew"
-
-
-class BookChecksumError(RetryableError):
-    """The venue's order-book checksum disagrees with the local book: re-snapshot."""
-
-    default_reason = "book_checksum"
-
 
 # ccxt class → (Meltica class, reason). Order matters only for readability; lookup walks the MRO.
 CCXT_ERROR_MAP: dict[type[BaseException], tuple[type[MelticaError], str]] = {

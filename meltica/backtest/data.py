@@ -521,7 +521,8 @@ class BookSeries:
         ``on_gap="raise"`` raises ``BookGapError``; ``"drop"`` (default) drops it and every diff until
         the next snapshot (counted in ``gaps``/``dropped``); ``"apply"`` applies it anyway and carries on
         from it (counted in ``gaps``; recorded files with holes). ``depth``: levels in the strategy's view."""
-        from meltica.marketdata.orderbook import BookGapError, DepthDiff, DepthSynchronizer, L2Book
+        from meltica.errors import BookGapError
+        from meltica.marketdata.orderbook import DepthDiff, DepthSynchronizer, L2Book
 
         if on_gap not in ("raise", "drop", "apply"):
             raise ValueError("on_gap must be 'raise', 'drop' or 'apply'")

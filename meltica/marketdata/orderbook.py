@@ -34,18 +34,12 @@ from decimal import Decimal
 from typing import Any, NoReturn
 
 from meltica.domain import BookLevel, OrderBookSnapshot, Side
-from meltica.errors import RetryableError
+from meltica.errors import BookGapError
 
 PriceLike = Decimal | str | float | int
 LevelInput = Sequence[Any]  # (price, quantity[, ...]) as a venue sends it
 
 _ZERO = 0.0
-
-
-class BookGapError(RetryableError):
-    """A diff does not continue the book's sequence: the book is stale, re-snapshot it."""
-
-    default_reason = "book_gap"
 
 
 def _dec(value: PriceLike) -> Decimal:

@@ -13,11 +13,10 @@ import pytest
 
 from meltica.adapters.base import UserEventKind
 from meltica.adapters.ccxt import CcxtAdapter, RetryPolicy, StreamPolicy
-from meltica.adapters.errors import ClockSkewError
 from meltica.adapters.registry import create_adapter
 from meltica.domain import OrderIntent, OrderStatus, OrderType, Side, client_order_id_for
 from meltica.emulator import CCXT_OPTIONS, EmulatorConfig, EmulatorServer
-from meltica.errors import ExchangeUnavailableError, OrderNotFoundError, RateLimitError
+from meltica.errors import ClockSkewError, ExchangeUnavailableError, OrderNotFoundError, RateLimitError
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from meltica.backtest import BacktestConfig, run_backtest
 from meltica.backtest.data import BookSeries, TradeSeries
 from meltica.backtest.engine import BAR, BOOK, TRADE, merge_events
 from meltica.domain import BookLevel, LiquiditySide, OrderBookSnapshot, Side, Trade
-from meltica.marketdata.orderbook import BookGapError
+from meltica.errors import BookGapError
 from meltica.strategies import Strategy, StrategyParams
 
 SYMBOL = "BTC/USDT"

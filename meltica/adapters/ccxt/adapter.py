@@ -42,7 +42,7 @@ from meltica.adapters.ccxt.parsing import (
     parse_trade,
 )
 from meltica.adapters.ccxt.venues import VenueProfile, profile_for
-from meltica.adapters.errors import ClockSkewError, venue_call
+from meltica.adapters.errors import venue_call
 from meltica.adapters.ratelimit import RateBudgets
 from meltica.domain import (
     Balance,
@@ -57,12 +57,14 @@ from meltica.domain import (
 )
 from meltica.domain.instrument import CCXT_TICK_SIZE
 from meltica.errors import (
+    ClockSkewError,
     ConfigurationError,
     InvalidOrderError,
     MelticaError,
     OrderNotFoundError,
     RateLimitError,
     RetryableError,
+    StaleStreamError,
     TerminalError,
 )
 from meltica.marketdata.orderbook import L2Book
@@ -71,12 +73,6 @@ from meltica.retry import RetryPolicy
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
 FaultHandler = Callable[[MelticaError], None]
-
-
-class StaleStreamError(RetryableError):
-    """No message on a stream for longer than the configured staleness limit."""
-
-    default_reason = "stale_stream"
 
 
 # Streams reconnect (practically) forever, backing off up to 30 s; frozen, so one instance is shared.
