@@ -18,14 +18,19 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel
 
 from meltica.domain.market_data import Bar, OrderBookSnapshot, Trade
-from meltica.domain.orders import AnyOrderEvent, Fill, OrderEvent, OrderIntent
 from meltica.domain.portfolio import Position
 from meltica.messaging.schemas import (
+    AccountFill,
+    ApprovedMessage,
     ControlCommand,
     ControlMessage,
     DeadLetter,
+    ExecutionEvent,
+    ExecutionMessage,
+    PipelineRequest,
     RejectedIntent,
     RiskDecisionMessage,
+    StrategyMessage,
 )
 
 PREFIX_ENV = "MELTICA_TOPIC_PREFIX"
@@ -99,17 +104,19 @@ SPECS: tuple[TopicSpec, ...] = (
         "orders.intents",
         "account",
         6,
-        OrderIntent,
+        PipelineRequest,
+        value_type=StrategyMessage,
         retention_ms=30 * DAY_MS,
-        description="strategy intents → risk gate",
+        description="strategy requests (submit, order list, cancel, amend, progress) → risk gate",
     ),
     TopicSpec(
         "orders.approved",
         "account",
         6,
-        OrderIntent,
+        PipelineRequest,
+        value_type=ApprovedMessage,
         retention_ms=30 * DAY_MS,
-        description="intents the risk gate approved → execution",
+        description="requests the risk gate let through (and rejection notices, in order) → execution",
     ),
     TopicSpec(
         "orders.rejected",
@@ -123,12 +130,12 @@ SPECS: tuple[TopicSpec, ...] = (
         "orders.events",
         "account",
         6,
-        OrderEvent,
-        value_type=AnyOrderEvent,
+        ExecutionMessage,
+        value_type=ExecutionEvent,
         retention_ms=30 * DAY_MS,
-        description="order lifecycle events from the OMS",
+        description="order updates (state + event) and venue progress from the execution agent",
     ),
-    TopicSpec("fills", "account", 6, Fill, retention_ms=90 * DAY_MS, description="executions"),
+    TopicSpec("fills", "account", 6, AccountFill, retention_ms=90 * DAY_MS, description="executions"),
     TopicSpec(
         "positions",
         "account:exchange:symbol:strategy",

@@ -11,8 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from meltica.domain.orders import OrderIntent
-from meltica.domain.values import DomainModel, UtcDatetime
+from meltica.domain.market_data import Bar
+from meltica.domain.orders import AnyOrderEvent, Fill, Order, OrderIntent
+from meltica.domain.values import DomainModel, PositiveDecimal, UtcDatetime
 from meltica.risk.engine import RiskDecision
 
 Name = Annotated[str, Field(min_length=1, max_length=128)]
@@ -56,10 +57,149 @@ class SetParamsCommand(ControlMessage):
     params: dict[str, str | int | bool | None]
 
 
+class StrategyCommand(ControlMessage):
+    """Pause, resume, start or stop one strategy instance. ``start`` of an instance the worker does not
+    know yet needs ``config`` (a ``meltica.live.config.StrategyInstanceConfig`` as a mapping)."""
+
+    command: Literal["strategy"] = "strategy"
+    instance: Name
+    action: Literal["pause", "resume", "start", "stop"]
+    config: dict[str, Any] | None = None
+
+
+class EndOfReplayCommand(ControlMessage):
+    """A replay source published its last bar for ``exchange:symbol`` (paper runs end by themselves)."""
+
+    command: Literal["end_of_replay"] = "end_of_replay"
+    exchange: Name
+    symbol: Name
+    last_ts: UtcDatetime | None = None
+    count: int = Field(ge=0)
+
+
 ControlCommand = Annotated[
-    KillSwitchCommand | SubscribeCommand | SetParamsCommand,
+    KillSwitchCommand | SubscribeCommand | SetParamsCommand | StrategyCommand | EndOfReplayCommand,
     Field(discriminator="command"),
 ]
+
+
+# --- strategy → risk gate → execution (orders.intents, orders.approved) -----------------------------
+
+
+class PipelineRequest(DomainModel):
+    """Base of what a strategy instance sends on ``orders.intents`` (key: account) and the risk gate
+    forwards on ``orders.approved``. ``request_id`` is deterministic per instance (``<instance>:<seq>``
+    for a submit: the intent id) so a redelivered request is recognised and dropped; ``ts`` is the
+    decision time (event time: the simulated clock in a replay)."""
+
+    request_id: Name
+    account: Name
+    strategy: Name
+    ts: UtcDatetime
+
+
+class SubmitRequest(PipelineRequest):
+    kind: Literal["submit"] = "submit"
+    intent: OrderIntent
+
+
+class OrderListRequest(PipelineRequest):
+    """OCO ``(take_profit, stop)`` or bracket ``(entry, take_profit, stop)``."""
+
+    kind: Literal["order_list"] = "order_list"
+    list_kind: Literal["oco", "bracket"]
+    list_id: Name
+    legs: tuple[OrderIntent, ...]
+
+
+class CancelRequest(PipelineRequest):
+    kind: Literal["cancel"] = "cancel"
+    client_order_id: Name
+
+
+class AmendRequest(PipelineRequest):
+    """Change price and/or quantity; ``replacement_client_order_id`` is the id the strategy was told
+    (a venue without native amend cancels and replaces under that id)."""
+
+    kind: Literal["amend"] = "amend"
+    client_order_id: Name
+    price: PositiveDecimal | None = None
+    quantity: PositiveDecimal | None = None
+    replacement_client_order_id: Name | None = None
+
+
+class StrategyProgress(PipelineRequest):
+    """Watermark of one strategy instance: it has handled every venue step up to ``seq`` (0: it has
+    started; its ``on_start`` requests precede this). Everything it asked for in reaction to those steps
+    precedes this message on the same partition. Used by lock-step replays (DESIGN.md §2 parity)."""
+
+    kind: Literal["progress"] = "progress"
+    exchange: Name
+    symbol: Name | None = None
+    seq: int = Field(ge=0)
+
+
+class RejectionNotice(PipelineRequest):
+    """The risk gate refused a submit or order list; forwarded on ``orders.approved`` in order so the
+    execution agent reports the order as rejected to the strategy (``orders.events``)."""
+
+    kind: Literal["risk_rejected"] = "risk_rejected"
+    request: SubmitRequest | OrderListRequest
+    decision: RiskDecisionMessage
+
+
+StrategyMessage = Annotated[
+    SubmitRequest | OrderListRequest | CancelRequest | AmendRequest | StrategyProgress,
+    Field(discriminator="kind"),
+]
+ApprovedMessage = Annotated[
+    SubmitRequest | OrderListRequest | CancelRequest | AmendRequest | StrategyProgress | RejectionNotice,
+    Field(discriminator="kind"),
+]
+
+
+# --- execution → strategies, risk gate, sinks (orders.events, fills) -------------------------------
+
+
+class ExecutionMessage(DomainModel):
+    """Base of what the execution agent publishes on ``orders.events`` (key: account)."""
+
+    account: Name
+
+
+class OrderUpdate(ExecutionMessage):
+    """An order changed: its new state and the event that changed it (``None``: state re-published,
+    e.g. after recovery). ``strategy`` is the instance that owns the order."""
+
+    kind: Literal["order"] = "order"
+    strategy: Name
+    order: Order
+    event: AnyOrderEvent | None = None
+
+
+class VenueProgress(ExecutionMessage):
+    """Watermark of a lock-step replay venue: step ``seq`` of ``exchange:symbol`` is done and every
+    update it caused precedes this message. ``phase`` ``open``: the bar's open was printed and held
+    requests were sent; ``close``: the bar's path ran (strategies then get ``on_bar(bar)``)."""
+
+    kind: Literal["venue_progress"] = "venue_progress"
+    exchange: Name
+    symbol: Name
+    seq: int = Field(ge=1)
+    phase: Literal["open", "close", "end"]
+    bar: Bar | None = None
+    ts: UtcDatetime
+
+
+ExecutionEvent = Annotated[OrderUpdate | VenueProgress, Field(discriminator="kind")]
+
+
+class AccountFill(DomainModel):
+    """A fill with the account and strategy instance it belongs to (``fills`` topic, key: account)."""
+
+    account: Name
+    strategy: Name
+    fill: Fill
 
 
 # --- risk ------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def test_agent_dead_letters_bad_messages_and_keeps_running(
     bad.append(nan_price)  # float NaN price
     expected = [
         ("invalid_json", "invalid JSON"),
-        ("wrong_schema", "schema: got 'Fill'"),
+        ("wrong_schema", "schema: got 'AccountFill'"),
         ("validation_error", "data.trade_id: Field required"),
         ("validation_error", "data.price: Value error, NaN and infinity are not allowed"),
     ]
@@ -149,14 +149,19 @@ def test_agent_dead_letters_bad_messages_and_keeps_running(
 
 def _fill() -> Any:
     from meltica.domain import Fill, Side
+    from meltica.messaging import AccountFill
 
-    return Fill(
-        fill_id="f1",
-        client_order_id="mlt-x",
-        exchange="binance",
-        symbol="BTC/USDT",
-        side=Side.BUY,
-        price=Decimal("1"),
-        quantity=Decimal("1"),
-        ts=TS,
+    return AccountFill(
+        account="acc1",
+        strategy="s1",
+        fill=Fill(
+            fill_id="f1",
+            client_order_id="mlt-x",
+            exchange="binance",
+            symbol="BTC/USDT",
+            side=Side.BUY,
+            price=Decimal("1"),
+            quantity=Decimal("1"),
+            ts=TS,
+        ),
     )

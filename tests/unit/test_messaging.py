@@ -18,6 +18,7 @@ from meltica.domain import (
     Bar,
     BookLevel,
     Fill,
+    Order,
     OrderAccepted,
     OrderBookSnapshot,
     OrderCancelled,
@@ -29,17 +30,28 @@ from meltica.domain import (
 )
 from meltica.messaging import (
     SPECS,
+    AccountFill,
+    AmendRequest,
+    CancelRequest,
     Catalogue,
     Codec,
     DeadLetter,
     DeadLetterRouter,
+    EndOfReplayCommand,
     KillSwitchCommand,
     MessageRejected,
+    OrderListRequest,
+    OrderUpdate,
     RejectedIntent,
+    RejectionNotice,
     RiskDecisionMessage,
     SchemaMismatchError,
     SetParamsCommand,
+    StrategyCommand,
+    StrategyProgress,
+    SubmitRequest,
     SubscribeCommand,
+    VenueProgress,
     account_key,
     market_key,
     position_key,
@@ -78,6 +90,10 @@ def _fill() -> Fill:
         fee_currency="USDT",
         ts=TS,
     )
+
+
+def _order() -> Order:
+    return Order.from_intent(_intent())
 
 
 def _decision(approved: bool) -> RiskDecisionMessage:
@@ -133,15 +149,55 @@ SAMPLES: dict[str, list[BaseModel]] = {
             volume="0",
         )
     ],
-    "orders.intents": [_intent()],
-    "orders.approved": [_intent()],
+    "orders.intents": [
+        SubmitRequest(request_id="s1:1", account="acc1", strategy="s1", ts=TS, intent=_intent()),
+        CancelRequest(request_id="s1:c1", account="acc1", strategy="s1", ts=TS, client_order_id="mlt-i-1"),
+        AmendRequest(request_id="s1:a1", account="acc1", strategy="s1", ts=TS, client_order_id="x", price="1.5"),
+        OrderListRequest(
+            request_id="s1:l1",
+            account="acc1",
+            strategy="s1",
+            ts=TS,
+            list_kind="oco",
+            list_id="l1",
+            legs=(_intent(), _intent()),
+        ),
+        StrategyProgress(request_id="s1:p0", account="acc1", strategy="s1", ts=TS, exchange="binance", seq=0),
+    ],
+    "orders.approved": [
+        SubmitRequest(request_id="s1:1", account="acc1", strategy="s1", ts=TS, intent=_intent()),
+        RejectionNotice(
+            request_id="s1:2",
+            account="acc1",
+            strategy="s1",
+            ts=TS,
+            request=SubmitRequest(request_id="s1:2", account="acc1", strategy="s1", ts=TS, intent=_intent()),
+            decision=_decision(False),
+        ),
+    ],
     "orders.rejected": [RejectedIntent(intent=_intent(), decision=_decision(False))],
     "orders.events": [
-        OrderAccepted(event_id="e1", client_order_id="mlt-i-1", ts=TS, exchange_order_id="x-1"),
-        OrderFilled(event_id="e2", client_order_id="mlt-i-1", ts=TS, fill=_fill()),
-        OrderCancelled(event_id="e3", client_order_id="mlt-i-1", ts=TS, reason=None),
+        OrderUpdate(
+            account="acc1",
+            strategy="s1",
+            order=_order(),
+            event=OrderAccepted(event_id="e1", client_order_id="mlt-i-1", ts=TS, exchange_order_id="x-1"),
+        ),
+        OrderUpdate(
+            account="acc1",
+            strategy="s1",
+            order=_order(),
+            event=OrderFilled(event_id="e2", client_order_id="mlt-i-1", ts=TS, fill=_fill()),
+        ),
+        OrderUpdate(
+            account="acc1",
+            strategy="s1",
+            order=_order(),
+            event=OrderCancelled(event_id="e3", client_order_id="mlt-i-1", ts=TS, reason=None),
+        ),
+        VenueProgress(account="acc1", exchange="binance", symbol="BTC/USDT", seq=3, phase="close", ts=TS),
     ],
-    "fills": [_fill()],
+    "fills": [AccountFill(account="acc1", strategy="s1", fill=_fill())],
     "positions": [
         Position(
             account="acc1",
@@ -161,6 +217,8 @@ SAMPLES: dict[str, list[BaseModel]] = {
             command_id="c2", actor="ops", ts=TS, exchange="binance", symbol="BTC/USDT", channels=("trades", "book")
         ),
         SetParamsCommand(command_id="c3", actor="ops", ts=TS, strategy="sma", params={"fast": 10, "mode": "x"}),
+        StrategyCommand(command_id="c4", actor="ops", ts=TS, instance="sma", action="pause"),
+        EndOfReplayCommand(command_id="c5", actor="replay", ts=TS, exchange="binance", symbol="BTC/USDT", count=3),
     ],
     "dlq": [
         DeadLetter.build(
@@ -299,7 +357,7 @@ def test_trade_round_trip_is_exact(price: Decimal, quantity: Decimal, ts: dateti
 )
 def test_fill_round_trip_is_exact(price: Decimal, quantity: Decimal, fee: Decimal, ts: datetime, side: Side) -> None:
     fill = _fill().replace(price=price, quantity=quantity, fee=fee, ts=ts, side=side)
-    back = CODEC.decode("fills", CODEC.encode("fills", fill))
+    back = CODEC.decode("fills", CODEC.encode("fills", AccountFill(account="a", strategy="s", fill=fill))).fill
     assert back == fill
     assert (str(back.price), str(back.quantity), str(back.fee)) == (str(price), str(quantity), str(fee))
 
@@ -328,7 +386,12 @@ MALFORMED: list[tuple[str, bytes, str, str]] = [
     ("JSON but no envelope", b'{"price": "1"}', "not_an_envelope", "envelope"),
     ("JSON array", b"[1, 2]", "not_an_envelope", "envelope"),
     ("missing version", b'{"schema": "Trade", "data": {}}', "not_an_envelope", "version"),
-    ("wrong schema", CODEC.encode("fills", _fill()), "wrong_schema", "schema: got 'Fill'"),
+    (
+        "wrong schema",
+        CODEC.encode("fills", AccountFill(account="a", strategy="s", fill=_fill())),
+        "wrong_schema",
+        "schema: got 'AccountFill'",
+    ),
     ("future version", GOOD.replace(b'"version":1', b'"version":2'), "unsupported_version", "v2"),
     ("missing field", _drop("trade_id"), "validation_error", "data.trade_id: Field required"),
     ("NaN price (JSON NaN)", GOOD.replace(b'"price":"0.1"', b'"price":NaN'), "validation_error", "data.price"),
