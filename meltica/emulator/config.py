@@ -9,6 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from meltica.errors import ConfigurationError
+from meltica.matching import FeeSchedule, FillModel
 
 
 def system_clock() -> datetime:
@@ -23,6 +24,9 @@ class AccountConfig:
     api_secret: str
     # Starting balances for this account; ``None``: the emulator's ``default_balances``.
     balances: dict[str, Decimal] | None = None
+    # This account's fee schedule (a backtest's ``FeeSchedule`` for paper parity); ``None``: the
+    # emulator's ``maker_fee`` / ``taker_fee``, commission in the asset received.
+    fees: FeeSchedule | None = None
 
 
 @dataclass
@@ -42,6 +46,8 @@ class EmulatorConfig:
     speed: float | None = None
     maker_fee: Decimal = Decimal("0.001")
     taker_fee: Decimal = Decimal("0.001")
+    # How the engine turns market data into fills (a backtest's ``FillModel`` for paper parity).
+    fill_model: FillModel | None = None
     # Wall clock (server time for the recvWindow check). Market time is the replayed data's time.
     clock: Callable[[], datetime] = system_clock
     # A starting price for symbols without data, so MARKET orders find (synthetic) liquidity at once.

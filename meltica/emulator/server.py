@@ -8,6 +8,18 @@ Binance's protocol around it. Two clocks:
 * **market time** — the replayed data's time (the last event applied; moving at ``speed`` between
   events), or the wall clock while nothing was replayed. The engine, order/trade timestamps and stream
   event times use market time.
+
+**Driven market** (``POST /_emulator/market/open`` and ``/_emulator/market/bar``): a client moves the
+market bar by bar, in lock-step, exactly as the backtester moves its paper venue
+(``meltica.backtest.engine``): ``open`` sets market time to the bar's open and prints the open to the
+engine (``MatchingEngine.on_trade(symbol, open, 0)``: stops a gap crossed trigger and fill there);
+``bar`` sets market time to the bar's close, runs the bar's path (``MatchingEngine.on_bar``: fills on the
+path are stamped with the close) and expires GTD orders (``advance``). From the first such call market
+time is exactly the last time set (``speed`` no longer moves it). Both answer with the executions they
+caused per account; ``GET /_emulator/executions?account=A&after=SEQ`` lists every execution (also those
+of REST orders) after a sequence number — the ``I`` field of the ``executionReport`` — so a driver can
+wait until its user stream has delivered them all. GTD (an extension of Binance spot for parity with the
+paper venue): ``timeInForce=GTD`` with ``goodTillDate`` (epoch ms), as on Binance futures.
 """
 
 from __future__ import annotations
@@ -18,8 +30,10 @@ import itertools
 import json
 import re
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime
+from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl
@@ -48,6 +62,7 @@ from meltica.matching import (
     MatchingEngine,
     MatchResult,
     NewOrder,
+    OrderUpdate,
     RejectReason,
 )
 
@@ -67,13 +82,19 @@ class EmulatorServer:
         self.hub = StreamHub()
         self.specs: dict[str, SymbolSpec] = {s: spec_for(s) for s in config.symbols}
         self.engine = MatchingEngine(
-            clock=self.market_now, fees=FeeSchedule(maker=config.maker_fee, taker=config.taker_fee)
+            clock=self.market_now,
+            fees=FeeSchedule(maker=config.maker_fee, taker=config.taker_fee),
+            fill_model=config.fill_model,
         )
+        # The configured fill model: a driven open with a volume scales its synthetic book from it.
+        self._base_fill_model = self.engine.fill_model
         for spec in self.specs.values():
             self.engine.add_instrument(spec.instrument(config.maker_fee, config.taker_fee), symbol=spec.symbol)
         self.accounts_by_key: dict[str, AccountConfig] = {a.api_key: a for a in config.accounts}
         self.accounts: dict[str, AccountConfig] = {a.name: a for a in config.accounts}
         for acc in config.accounts:
+            if acc.fees is not None:
+                self.engine.set_fees(acc.name, acc.fees)
             for asset, amount in (acc.balances or config.default_balances).items():
                 if amount > 0:
                     self.engine.ledger.deposit(acc.name, asset, amount)
@@ -86,6 +107,9 @@ class EmulatorServer:
         self._execution_ids = itertools.count(1)
         self._client_ids = itertools.count(1)
         self._account_update_ms: dict[str, int] = {}
+        # Every execution per account (bounded), for drivers waiting on their user stream.
+        self._journal: dict[str, deque[dict[str, Any]]] = {a.name: deque(maxlen=100_000) for a in config.accounts}
+        self._driven = False  # market time set by /_emulator/market/* only
         # replay
         data_symbol = (config.data_symbol or config.symbols[0]).upper()
         self.events: list[ReplayEvent] = merge(
@@ -161,7 +185,7 @@ class EmulatorServer:
         if self._market_anchor is None:
             return self.config.clock()
         speed = self.config.speed
-        if not speed or self._wall_anchor is None:
+        if not speed or self._wall_anchor is None or self._driven:
             return self._market_anchor
         elapsed = (self.config.clock() - self._wall_anchor) * speed
         moved = self._market_anchor + elapsed
@@ -357,7 +381,9 @@ class EmulatorServer:
         event_ms = self.market_ms()
         for update in result.order_updates:
             cancel_id = (cancel_client_ids or {}).get(update.order.order_id)
-            report = binance_format.execution_report(update, event_ms, next(self._execution_ids), cancel_id)
+            seq = next(self._execution_ids)
+            report = binance_format.execution_report(update, event_ms, seq, cancel_id)
+            self._journal_execution(seq, update)
             self.hub.publish_user(update.order.account, report)
         by_account: dict[str, list[Any]] = {}
         for bal in result.balance_updates:
@@ -402,6 +428,38 @@ class EmulatorServer:
                 "B": [{"a": asset, "f": binance_format.f8(bal.free), "l": binance_format.f8(bal.locked)}],
             },
         )
+
+    def _journal_execution(self, seq: int, update: OrderUpdate) -> None:
+        order, fill = update.order, update.fill
+        journal = self._journal.get(order.account)
+        if journal is None:
+            return
+        journal.append(
+            {
+                "seq": seq,
+                "symbol": order.symbol,
+                "client_order_id": order.client_order_id,
+                "order_id": order.order_id,
+                "execution_type": update.execution.value,
+                "status": order.status.value,
+                "executed_quantity": plain(order.executed_quantity),
+                "trade_id": fill.trade_id if fill is not None else None,
+            }
+        )
+
+    def executions(self, account: str, after: int = 0) -> list[dict[str, Any]]:
+        """The account's executions with a sequence number (``executionReport`` ``I``) above ``after``."""
+        newer: list[dict[str, Any]] = []
+        for entry in reversed(self._journal.get(account, ())):  # ascending seq: read back from the end
+            if entry["seq"] <= after:
+                break
+            newer.append(entry)
+        newer.reverse()
+        return newer
+
+    @property
+    def last_execution_seq(self) -> int:
+        return max((j[-1]["seq"] for j in self._journal.values() if j), default=0)
 
     async def drop_websockets(self) -> int:
         return await self.hub.drop_all()
@@ -496,6 +554,10 @@ class EmulatorServer:
         r.add_post("/_emulator/step", self.admin_step)
         r.add_get("/_emulator/state", self.admin_state)
         r.add_post("/_emulator/deposit", self.admin_deposit)
+        r.add_post("/_emulator/fees", self.admin_fees)
+        r.add_post("/_emulator/market/open", self.admin_market_open)
+        r.add_post("/_emulator/market/bar", self.admin_market_bar)
+        r.add_get("/_emulator/executions", self.admin_executions)
 
     def _wrap(self, fn: Handler, security: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -732,10 +794,16 @@ class EmulatorServer:
         trailing = _opt_int(params, "trailingDelta")
         tif_text = params.get("timeInForce")
         tif = EngineTimeInForce.GTC
+        expire_at: datetime | None = None
         if tif_text:
-            if tif_text not in ("GTC", "IOC", "FOK"):
+            if tif_text not in ("GTC", "IOC", "FOK", "GTD"):
                 raise errors.invalid_tif()
             tif = EngineTimeInForce(tif_text)
+        if tif is EngineTimeInForce.GTD:  # the extension (module docstring): Binance futures' parameter
+            good_till = _opt_int(params, "goodTillDate")
+            if good_till is None:
+                raise errors.mandatory_param("goodTillDate")
+            expire_at = datetime.fromtimestamp(good_till / 1000, UTC)
         # mandatory parameters per type (rest-api.md, "New order" → "Other info")
         if order_type is EngineOrderType.MARKET:
             if quantity is None and quote_qty is None:
@@ -764,6 +832,7 @@ class EmulatorServer:
             iceberg_quantity=iceberg,
             time_in_force=tif,
             client_order_id=client_id,
+            expire_at=expire_at,
         )
 
     def _client_order_id(self) -> str:
@@ -1000,17 +1069,20 @@ class EmulatorServer:
             balances = {a: b for a, b in balances.items() if b.free or b.locked}
         uid = list(self.accounts).index(account.name) + 1
         update_ms = self._account_update_ms.get(account.name, 0)
-        return binance_format.account(balances, self.config.maker_fee, self.config.taker_fee, update_ms, uid)
+        fees = self.engine.fees(account.name)
+        return binance_format.account(balances, fees.maker, fees.taker, update_ms, uid)
 
     async def h_commission(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        assert account is not None
         spec = self._spec(params)
         f8 = binance_format.f8
         zero = f8(Decimal(0))
+        fees = self.engine.fees(account.name)
         return {
             "symbol": spec.symbol,
             "standardCommission": {
-                "maker": f8(self.config.maker_fee),
-                "taker": f8(self.config.taker_fee),
+                "maker": f8(fees.maker),
+                "taker": f8(fees.taker),
                 "buyer": zero,
                 "seller": zero,
             },
@@ -1265,8 +1337,22 @@ class EmulatorServer:
                 "connections": len(self.hub.connections),
                 "symbols": list(self.specs),
                 "accounts": list(self.accounts),
+                "market_time_ms": self.market_ms(),
+                "driven": self._driven,
+                "last_execution_seq": self.last_execution_seq,
+                "user_subscriptions": self._user_subscriptions(),
             }
         )
+
+    def _user_subscriptions(self) -> dict[str, int]:
+        """Live user-data subscriptions per account (WebSocket API and listenKey sockets)."""
+        out = dict.fromkeys(self.accounts, 0)
+        for conn in self.hub.connections:
+            for name in conn.user_subscriptions.values():
+                out[name] = out.get(name, 0) + 1
+            if conn.listen_account is not None:
+                out[conn.listen_account] = out.get(conn.listen_account, 0) + 1
+        return out
 
     async def admin_deposit(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -1276,8 +1362,157 @@ class EmulatorServer:
             return web.json_response({"error": f"bad deposit: {exc}"}, status=400)
         return web.json_response({"ok": True})
 
+    # --- admin: a driven market (lock-step paper runs; module docstring) -----------------------------
+
+    async def admin_fees(self, request: web.Request) -> web.StreamResponse:
+        """``{account, maker, taker, quote_commission?}``: the account's fee schedule from now on."""
+        try:
+            body = await _json_object(request)
+            account = str(body["account"])
+            if account not in self.accounts:
+                raise KeyError(f"unknown account {account!r}")
+            fees = FeeSchedule(
+                maker=_body_decimal(body, "maker"),
+                taker=_body_decimal(body, "taker"),
+                quote_commission=bool(body.get("quote_commission", False)),
+            )
+        except (ValueError, TypeError, KeyError, InvalidOperation) as exc:
+            return web.json_response({"error": f"bad fees: {exc}"}, status=400)
+        self.engine.set_fees(account, fees)
+        return web.json_response(
+            {
+                "account": account,
+                "maker": plain(fees.maker),
+                "taker": plain(fees.taker),
+                "quote_commission": fees.quote_commission,
+            }
+        )
+
+    def _drive_to(self, ts_ms: int) -> datetime:
+        """Market time := ``ts_ms`` (never backwards); the emulator is driven from now on."""
+        if self._replay_task is not None and not self._replay_task.done():
+            raise _AdminConflictError("the emulator is replaying its recorded data (speed is set)")
+        ts = datetime.fromtimestamp(ts_ms / 1000, UTC)
+        if self._driven and self._market_anchor is not None and ts < self._market_anchor:
+            raise _AdminConflictError(
+                f"market time cannot go back from {self._market_anchor.isoformat()} to {ts.isoformat()}"
+            )
+        self._driven = True
+        self._market_anchor = ts
+        self._wall_anchor = self.config.clock()
+        return ts
+
+    def _driven_symbol(self, body: Mapping[str, Any]) -> str:
+        symbol = str(body["symbol"]).replace("/", "").upper()
+        if symbol not in self.specs:
+            raise KeyError(f"unknown symbol {body['symbol']!r}")
+        return symbol
+
+    def _driven_answer(self, after: int) -> web.Response:
+        return web.json_response(
+            {
+                "market_time_ms": self.market_ms(),
+                "last_execution_seq": self.last_execution_seq,
+                "executions": {name: self.executions(name, after) for name in self.accounts},
+            }
+        )
+
+    async def admin_market_open(self, request: web.Request) -> web.StreamResponse:
+        """``{symbol, ts_ms, price, volume?}``: market time := the bar's open, the open printed
+        (``on_trade(symbol, price, 0)``, as the backtester prints it). With ``volume`` and a fill model
+        with ``bar_volume_share``, the synthetic book holds that share of the bar's volume (as there)."""
+        try:
+            body = await _json_object(request)
+            symbol = self._driven_symbol(body)
+            price = _body_decimal(body, "price")
+            volume = None if body.get("volume") is None else _body_decimal(body, "volume")
+            ts_ms = int(body["ts_ms"])
+        except (ValueError, TypeError, KeyError, InvalidOperation) as exc:
+            return web.json_response({"error": f"bad market open: {exc}"}, status=400)
+        after = self.last_execution_seq
+        try:
+            self._drive_to(ts_ms)
+        except _AdminConflictError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        base = self._base_fill_model
+        share = base.bar_volume_share
+        if volume is not None and share is not None:
+            step = self.specs[symbol].step_size
+            self.engine.fill_model = replace(
+                base, synthetic_level_quantity=max(volume * share / base.synthetic_levels, step)
+            )
+        result = self.engine.on_trade(symbol, price, Decimal(0))
+        self._publish_result(result)
+        self.sync_book(symbol)
+        await asyncio.sleep(0)  # let the stream writers run
+        return self._driven_answer(after)
+
+    async def admin_market_bar(self, request: web.Request) -> web.StreamResponse:
+        """``{symbol, open_time_ms, close_time_ms, open, high, low, close, volume}``: market time := the
+        close, the bar's path run (``on_bar``: fills stamped with the close), GTD orders expired, the
+        kline stored and published."""
+        try:
+            body = await _json_object(request)
+            symbol = self._driven_symbol(body)
+            o, h, lo, c = (_body_decimal(body, k) for k in ("open", "high", "low", "close"))
+            volume = _body_decimal(body, "volume")
+            open_ms, close_ms = int(body["open_time_ms"]), int(body["close_time_ms"])
+            if close_ms <= open_ms:
+                raise ValueError("close_time_ms must be after open_time_ms")
+        except (ValueError, TypeError, KeyError, InvalidOperation) as exc:
+            return web.json_response({"error": f"bad market bar: {exc}"}, status=400)
+        after = self.last_execution_seq
+        try:
+            self._drive_to(close_ms)
+        except _AdminConflictError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        result = self.engine.on_bar(symbol, o, h, lo, c, volume)
+        self.markets[symbol].on_bar(open_ms, (close_ms - open_ms) // 1000, o, h, lo, c, volume)
+        self._publish_result(result)
+        self._publish_result(self.engine.advance())
+        self._publish_klines(symbol)
+        self.sync_book(symbol)
+        await asyncio.sleep(0)
+        return self._driven_answer(after)
+
+    async def admin_executions(self, request: web.Request) -> web.StreamResponse:
+        """``?account=A&after=SEQ``: the account's executions after ``SEQ`` (every account without one)."""
+        try:
+            after = int(request.query.get("after", "0"))
+        except ValueError:
+            return web.json_response({"error": "after must be an integer"}, status=400)
+        account = request.query.get("account")
+        if account is not None and account not in self.accounts:
+            return web.json_response({"error": f"unknown account {account!r}"}, status=400)
+        names = [account] if account is not None else list(self.accounts)
+        return web.json_response(
+            {
+                "market_time_ms": self.market_ms(),
+                "last_execution_seq": self.last_execution_seq,
+                "executions": {name: self.executions(name, after) for name in names},
+            }
+        )
+
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+class _AdminConflictError(Exception):
+    """An admin request that cannot apply in the emulator's current state (HTTP 409)."""
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    body = await request.json()
+    if not isinstance(body, dict):
+        raise TypeError("expected a JSON object")
+    return body
+
+
+def _body_decimal(body: Mapping[str, Any], name: str) -> Decimal:
+    value = Decimal(str(body[name]))
+    if not value.is_finite():
+        raise ValueError(f"{name} must be a finite number")
+    return value
 
 
 def _diff(old: dict[Decimal, Decimal], new: dict[Decimal, Decimal]) -> list[tuple[Decimal, Decimal]]:
