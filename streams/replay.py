@@ -6,6 +6,13 @@ codec. Messages are appended to per-partition batches (``create_batch``/``send_b
 gives the key (murmur2, as Java clients), so one market stays on one partition, in order. A batch is
 sent when full, or when ``linger_ms`` has passed since its first message (so a slow, paced replay
 still flows), and at the end. Batches of one partition are sent one after the other (in order).
+
+:meth:`ReplayPublisher.replay` is the whole replay source: merge the streams (files or
+``load_bars_from_database``), pace them at ``speed`` (``0``: as fast as possible), publish, wait for
+every ack, then send one ``EndOfReplayCommand`` per market on ``control`` (``count``: events of that
+market published since the last end; ``last_ts``: the ``ts`` of its last event; key
+``exchange:symbol``). The command goes out only after the data was acknowledged, but it travels on
+another topic: consumers wait for ``count`` messages before acting on it (see ``CandleProcessor``).
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from meltica.domain import Bar, Trade
-from meltica.marketdata.replay import MarketEvent
+from meltica.marketdata.replay import Clock, MarketEvent, ReplayTally, Sleep, replay_speed
+from meltica.marketdata.replay import replay as paced_replay
 from meltica.messaging.catalogue import Catalogue, market_key
 from meltica.messaging.codec import Codec
+from meltica.messaging.schemas import ControlMessage, EndOfReplayCommand
 
 CANDLES_1M = "md.candles.1m"
 TRADES = "md.trades"
+CONTROL = "control"
 
 
 def topic_for(event: MarketEvent) -> str:
@@ -93,6 +103,7 @@ class ReplayPublisher:
         self._inflight: dict[tuple[str, int], asyncio.Future[Any]] = {}
         self._keys: dict[tuple[str, str], bytes] = {}
         self.stats = PublishStats()
+        self.tally = ReplayTally()  # per market since the last end of replay
 
     async def start(self) -> None:
         await self._producer.start()
@@ -148,6 +159,7 @@ class ReplayPublisher:
                 raise ValueError(f"message of {len(value)} bytes does not fit an empty batch")
         pending.count += 1
         self.stats.per_topic[logical] = self.stats.per_topic.get(logical, 0) + 1
+        self.tally.add(event)
         if pending.count >= self.batch_messages:
             await self._send(slot)
         await self._send_lingering(now)
@@ -193,3 +205,41 @@ class ReplayPublisher:
             seconds=time.perf_counter() - t0,
             per_topic={t: n - before.per_topic.get(t, 0) for t, n in self.stats.per_topic.items()},
         )
+
+    async def send_control(self, command: ControlMessage, key: str) -> None:
+        """Publish one control command and wait for its ack (after everything queued before it)."""
+        await self.flush()
+        topic = self.catalogue.topic_name(CONTROL)
+        await self._producer.send_and_wait(topic, key=key.encode(), value=self.codec.encode(CONTROL, command))
+
+    async def end_replay(self, *, actor: str = "replay", run_id: str = "replay") -> list[EndOfReplayCommand]:
+        """Flush, then send an ``EndOfReplayCommand`` for every market published since the last end."""
+        await self.flush()
+        commands = self.tally.end_commands(actor=actor, run_id=run_id)
+        for command in commands:
+            await self.send_control(command, market_key(command.exchange, command.symbol))
+        self.tally.clear()
+        return commands
+
+    async def replay(
+        self,
+        *streams: Iterable[MarketEvent],
+        speed: float | None = 0,
+        end_of_replay: bool = True,
+        actor: str = "replay",
+        run_id: str = "replay",
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> ReplayResult:
+        """Merge ``streams`` (each in event-time order), publish them paced at ``speed`` (``0``/``None``:
+        as fast as possible; ``60``: a recorded minute per second), then end the replay on ``control``."""
+        events = paced_replay(*streams, speed=replay_speed(speed), clock=clock, sleep=sleep)
+        stats = await self.publish(events)
+        ends = await self.end_replay(actor=actor, run_id=run_id) if end_of_replay else []
+        return ReplayResult(stats, ends)
+
+
+@dataclass
+class ReplayResult:
+    stats: PublishStats
+    end_commands: list[EndOfReplayCommand]

@@ -7,6 +7,13 @@ an hour in no wall time.
 Event time: a bar is emitted when it *closes* (``ts + timeframe``), a trade at its ``ts``. Events with
 equal event times keep their source order, bars before trades. ``speed=None`` (or ``inf``) is as
 fast as possible (no sleeping at all); ``speed=60`` plays one recorded minute per wall second.
+Callers that take a speed from a user (``--speed 0`` = as fast as possible) pass it through
+:func:`replay_speed` first.
+
+Sources: files (:func:`load_bars`, :func:`load_trades`) or the database (:func:`load_bars_from_database`:
+the ``candles`` table, rolled up by the database when the timeframe is a multiple of a stored one).
+:class:`ReplayTally` counts what a replay published per market; its :meth:`ReplayTally.end_commands`
+are the ``EndOfReplayCommand``s a publisher sends on ``control`` when the replay is over.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from meltica.backtest.data import BarSeries, TradeSeries
 from meltica.domain import Bar, Timeframe, Trade
+from meltica.messaging.schemas import EndOfReplayCommand
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -72,6 +81,76 @@ def load_bars(
 
 def load_trades(path: str | Path, *, exchange: str, symbol: str, limit: int | None = None) -> list[Trade]:
     return list(iter_trades(TradeSeries.from_file(path, exchange=exchange, symbol=symbol), limit))
+
+
+def load_bars_from_database(
+    engine: Any,
+    *,
+    exchange: str,
+    symbol: str,
+    timeframe: str = "1m",
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: int | None = None,
+) -> list[Bar]:
+    """Stored candles ``[start, end)`` of a market (``meltica.storage.candles.read_candles``), in time
+    order, the first ``limit`` of them if given. ``DataValidationError`` when none are stored."""
+    series = BarSeries.from_database(
+        engine, exchange=exchange, symbol=symbol, timeframe=timeframe, start=start, end=end
+    )
+    return list(iter_bars(series, limit))
+
+
+def replay_speed(speed: float | None) -> float | None:
+    """A user's speed → :class:`Pacer`'s: ``0``, ``None`` and ``inf`` mean as fast as possible (``None``)."""
+    if speed is None or speed == 0 or speed == math.inf:
+        return None
+    if not speed > 0:  # negative or NaN
+        raise ValueError(f"speed must be >= 0, got {speed}")
+    return float(speed)
+
+
+@dataclass
+class MarketTally:
+    count: int = 0
+    last_ts: datetime | None = None  # ``ts`` of the last event (a bar's open time, a trade's time)
+
+
+class ReplayTally:
+    """Events published per ``(exchange, symbol)``: what the end-of-replay commands report."""
+
+    def __init__(self) -> None:
+        self.markets: dict[tuple[str, str], MarketTally] = {}
+
+    def add(self, event: MarketEvent) -> None:
+        market = (event.exchange, event.symbol)
+        tally = self.markets.get(market)
+        if tally is None:
+            tally = self.markets[market] = MarketTally()
+        tally.count += 1
+        tally.last_ts = event.ts
+
+    def end_commands(self, *, actor: str = "replay", run_id: str = "replay") -> list[EndOfReplayCommand]:
+        """One ``EndOfReplayCommand`` per market, ``ts`` = the market's last event time (event time, not
+        the wall clock). ``command_id`` is ``end-of-replay:<run_id>:<exchange>:<symbol>``."""
+        out: list[EndOfReplayCommand] = []
+        for (exchange, symbol), tally in sorted(self.markets.items()):
+            assert tally.last_ts is not None
+            out.append(
+                EndOfReplayCommand(
+                    command_id=f"end-of-replay:{run_id}:{exchange}:{symbol}"[:128],
+                    actor=actor,
+                    ts=tally.last_ts,
+                    exchange=exchange,
+                    symbol=symbol,
+                    last_ts=tally.last_ts,
+                    count=tally.count,
+                )
+            )
+        return out
+
+    def clear(self) -> None:
+        self.markets.clear()
 
 
 def merge_streams(*streams: Iterable[MarketEvent]) -> Iterator[MarketEvent]:

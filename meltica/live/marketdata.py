@@ -1,0 +1,658 @@
+"""Market data in the live pipeline: trades → closed 1-minute candles, and the venue ingest service.
+
+No Kafka or Faust here (the shell is ``streams/marketdata.py``).
+
+:class:`CandleAggregator` — event-time tumbling windows per ``exchange:symbol``:
+
+* a trade belongs to the window of ``floor(ts, 1m)``; the bar's ``ts`` is that open time;
+* a window **closes** when a trade of a later minute of the same market arrives, on :meth:`flush`
+  (end of a replay) or on :meth:`close_until` (a watermark: live feeds with quiet markets);
+* **empty minutes produce no bar** (no trade, no candle): a bar is always made of real trades.
+  Binance's own klines carry a zero-volume bar at the previous close instead; consumers that need a
+  dense series fill gaps themselves (the backtest does the same with stored candles);
+* OHLC follow event time, not arrival: ``open`` is the earliest trade of the window (ties: first to
+  arrive), ``close`` the latest (ties: last to arrive); ``volume`` is the sum of base quantities;
+* a trade older than the open window (or of an already closed minute) is **late**: counted
+  (``late``) and dropped with a warning — a closed bar is never re-opened;
+* a trade id already in the open window is a **duplicate** (a redelivery, a reconnecting feed):
+  counted (``duplicates``) and dropped.
+
+:class:`CandleProcessor` runs the aggregator as a pipeline stage (``meltica.live.processor``):
+``md.trades`` + ``control`` → ``md.candles.1m`` keyed ``exchange:symbol``. It also drops messages it
+already handled by broker position (partition/offset per market, in the snapshot), so a redelivery
+after a restart changes nothing. ``EndOfReplayCommand(exchange, symbol, count, last_ts)`` flushes the
+market's open window once the processor has received ``count`` trade messages of that market: the
+command travels on another topic than the trades, so it may overtake the replay's last trades and is
+held until they are in (a later trade past ``last_ts`` also ends the wait).
+
+:class:`MarketDataIngest` runs venue streams (``ExchangeAdapter.stream_trades`` /
+``stream_order_book`` / ``stream_bars``) for a set of subscriptions and hands each item to
+``emit`` as an :class:`~meltica.live.processor.Outgoing` for ``md.trades`` / ``md.book`` /
+``md.candles.1m``. ``SubscribeCommand`` on ``control`` adds or removes subscriptions at runtime;
+reconnecting is the adapter's job (it retries with backoff and resubscribes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal, cast, get_args
+
+from meltica.adapters.base import ExchangeAdapter
+from meltica.domain import Bar, OrderBookSnapshot, Timeframe, Trade
+from meltica.live.processor import Emit, Incoming, Outgoing
+from meltica.messaging.catalogue import market_key
+from meltica.messaging.schemas import EndOfReplayCommand, SubscribeCommand
+
+log = logging.getLogger(__name__)
+
+TRADES = "md.trades"
+BOOK = "md.book"
+CANDLES_1M = "md.candles.1m"
+CONTROL = "control"
+
+STATE_VERSION = 1
+
+
+# --- the aggregator --------------------------------------------------------------------------------
+
+
+@dataclass
+class OpenCandle:
+    """The open window of one market: OHLCV so far and the trade ids in it (for dedupe)."""
+
+    exchange: str
+    symbol: str
+    start: datetime
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    volume: Decimal
+    open_ts: datetime
+    close_ts: datetime
+    trade_ids: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
+
+    @classmethod
+    def first(cls, trade: Trade, start: datetime) -> OpenCandle:
+        return cls(
+            exchange=trade.exchange,
+            symbol=trade.symbol,
+            start=start,
+            open=trade.price,
+            high=trade.price,
+            low=trade.price,
+            close=trade.price,
+            volume=trade.quantity,
+            open_ts=trade.ts,
+            close_ts=trade.ts,
+            trade_ids={trade.trade_id: None},
+        )
+
+    def add(self, trade: Trade) -> None:
+        price = trade.price
+        if price > self.high:
+            self.high = price
+        if price < self.low:
+            self.low = price
+        if trade.ts < self.open_ts:  # arrived out of order inside the window: event time decides
+            self.open, self.open_ts = price, trade.ts
+        if trade.ts >= self.close_ts:
+            self.close, self.close_ts = price, trade.ts
+        self.volume += trade.quantity
+        self.trade_ids[trade.trade_id] = None
+
+    def bar(self, timeframe: str) -> Bar:
+        return Bar(
+            exchange=self.exchange,
+            symbol=self.symbol,
+            timeframe=timeframe,
+            ts=self.start,
+            open=self.open,
+            high=self.high,
+            low=self.low,
+            close=self.close,
+            volume=self.volume,
+        )
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "exchange": self.exchange,
+            "symbol": self.symbol,
+            "start": self.start.isoformat(),
+            "open": str(self.open),
+            "high": str(self.high),
+            "low": str(self.low),
+            "close": str(self.close),
+            "volume": str(self.volume),
+            "open_ts": self.open_ts.isoformat(),
+            "close_ts": self.close_ts.isoformat(),
+            "trade_ids": list(self.trade_ids),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> OpenCandle:
+        return cls(
+            exchange=str(state["exchange"]),
+            symbol=str(state["symbol"]),
+            start=datetime.fromisoformat(state["start"]),
+            open=Decimal(state["open"]),
+            high=Decimal(state["high"]),
+            low=Decimal(state["low"]),
+            close=Decimal(state["close"]),
+            volume=Decimal(state["volume"]),
+            open_ts=datetime.fromisoformat(state["open_ts"]),
+            close_ts=datetime.fromisoformat(state["close_ts"]),
+            trade_ids=dict.fromkeys(str(i) for i in state["trade_ids"]),
+        )
+
+
+@dataclass
+class MarketWindows:
+    """Everything the aggregator keeps for one market."""
+
+    window: OpenCandle | None = None
+    last_closed: datetime | None = None  # open time of the newest closed window
+    trades: int = 0  # trades aggregated
+    late: int = 0
+    duplicates: int = 0
+    bars: int = 0  # windows closed
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "window": None if self.window is None else self.window.to_state(),
+            "last_closed": None if self.last_closed is None else self.last_closed.isoformat(),
+            "trades": self.trades,
+            "late": self.late,
+            "duplicates": self.duplicates,
+            "bars": self.bars,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> MarketWindows:
+        window = state.get("window")
+        last_closed = state.get("last_closed")
+        return cls(
+            window=None if window is None else OpenCandle.from_state(window),
+            last_closed=None if last_closed is None else datetime.fromisoformat(last_closed),
+            trades=int(state.get("trades", 0)),
+            late=int(state.get("late", 0)),
+            duplicates=int(state.get("duplicates", 0)),
+            bars=int(state.get("bars", 0)),
+        )
+
+
+class CandleAggregator:
+    """Trades → closed bars of ``timeframe`` (default 1m), per ``exchange:symbol``; see the module doc."""
+
+    def __init__(self, timeframe: str = "1m") -> None:
+        self.tf = Timeframe.parse(timeframe)
+        self.timeframe = self.tf.value
+        self._markets: dict[str, MarketWindows] = {}
+
+    def market(self, key: str) -> MarketWindows:
+        found = self._markets.get(key)
+        if found is None:
+            found = self._markets[key] = MarketWindows()
+        return found
+
+    def keys(self) -> list[str]:
+        return list(self._markets)
+
+    def open_window(self, key: str) -> OpenCandle | None:
+        found = self._markets.get(key)
+        return None if found is None else found.window
+
+    @property
+    def late(self) -> int:
+        return sum(m.late for m in self._markets.values())
+
+    @property
+    def duplicates(self) -> int:
+        return sum(m.duplicates for m in self._markets.values())
+
+    def add(self, trade: Trade) -> list[Bar]:
+        """Aggregate one trade; return the bar it closed (a trade of a later minute), if any."""
+        key = market_key(trade.exchange, trade.symbol)
+        state = self.market(key)
+        start = self.tf.floor(trade.ts)
+        window = state.window
+        if window is not None and start == window.start:
+            if trade.trade_id in window.trade_ids:
+                state.duplicates += 1
+                log.debug("candles %s: duplicate trade %s dropped", key, trade.trade_id)
+                return []
+            window.add(trade)
+            state.trades += 1
+            return []
+        newest: datetime | None
+        if window is not None:
+            late, newest = start < window.start, window.start
+        else:
+            late, newest = state.last_closed is not None and start <= state.last_closed, state.last_closed
+        if late:
+            state.late += 1
+            log.warning(
+                "candles %s: late trade %s at %s dropped (window %s is %s)",
+                key,
+                trade.trade_id,
+                trade.ts.isoformat(),
+                newest.isoformat() if newest is not None else "-",
+                "open" if window is not None else "closed",
+            )
+            return []
+        closed = self._close(state) if window is not None else []
+        state.window = OpenCandle.first(trade, start)
+        state.trades += 1
+        return closed
+
+    def _close(self, state: MarketWindows) -> list[Bar]:
+        window = state.window
+        if window is None:
+            return []
+        state.window = None
+        state.last_closed = window.start
+        state.bars += 1
+        return [window.bar(self.timeframe)]
+
+    def flush(self, key: str) -> list[Bar]:
+        """Close the open window of ``key`` now (end of a replay); later trades of that minute are late."""
+        state = self._markets.get(key)
+        return [] if state is None else self._close(state)
+
+    def flush_all(self) -> list[Bar]:
+        return [bar for key in list(self._markets) for bar in self.flush(key)]
+
+    def close_until(self, watermark: datetime) -> list[Bar]:
+        """Close every window that ended at or before ``watermark`` (event time everyone has passed)."""
+        out: list[Bar] = []
+        for state in self._markets.values():
+            if state.window is not None and state.window.start + self.tf.delta <= watermark:
+                out.extend(self._close(state))
+        return out
+
+    def snapshot(self, key: str) -> dict[str, Any] | None:
+        state = self._markets.get(key)
+        return None if state is None else state.to_state()
+
+    def restore(self, key: str, state: Mapping[str, Any]) -> None:
+        self._markets[key] = MarketWindows.from_state(state)
+
+    def forget(self, key: str | None = None) -> None:
+        """Drop in-memory state (of one key, or all): after a partition moved away."""
+        if key is None:
+            self._markets.clear()
+        else:
+            self._markets.pop(key, None)
+
+
+def aggregate(trades: Iterable[Trade], timeframe: str = "1m") -> list[Bar]:
+    """Every bar of ``trades`` (the last window flushed): what the live pipeline publishes for them."""
+    aggregator = CandleAggregator(timeframe)
+    bars: list[Bar] = []
+    for trade in trades:
+        bars.extend(aggregator.add(trade))
+    bars.extend(aggregator.flush_all())
+    return bars
+
+
+# --- the candle processor --------------------------------------------------------------------------
+
+
+@dataclass
+class _Position:
+    """Per market: what was received (for redelivery and end-of-replay) and a pending flush."""
+
+    partition: int | None = None
+    offset: int = -1
+    received: int = 0  # trade messages of this market handled (duplicates and late ones included)
+    flush_count: int | None = None  # an end of replay is waiting for ``received`` to reach this
+    flush_last_ts: datetime | None = None
+    redelivered: int = 0
+
+
+class CandleProcessor:
+    """The ``candles`` stage: ``md.trades`` (+ end of replay on ``control``) → ``md.candles.1m``."""
+
+    name = "candles"
+    inputs: tuple[str, ...] = (TRADES, CONTROL)
+
+    def __init__(self, aggregator: CandleAggregator | None = None) -> None:
+        self.aggregator = aggregator or CandleAggregator("1m")
+        self._positions: dict[str, _Position] = {}
+        self.published = 0
+
+    async def start(self, emit: Emit) -> None:
+        """Nothing to connect: bars are returned from :meth:`handle`."""
+
+    async def stop(self) -> None:
+        """The open windows are state (kept by :meth:`snapshot`), not output: nothing to flush."""
+
+    def _position(self, key: str) -> _Position:
+        found = self._positions.get(key)
+        if found is None:
+            found = self._positions[key] = _Position()
+        return found
+
+    def state_keys(self, message: Incoming) -> tuple[str, ...]:
+        """The keys whose :meth:`snapshot` a message may change (a control command's key is its scope)."""
+        value = message.value
+        if isinstance(value, Trade):
+            return (market_key(value.exchange, value.symbol),)
+        if isinstance(value, EndOfReplayCommand):
+            return (market_key(value.exchange, value.symbol),)
+        return ()
+
+    async def handle(self, message: Incoming) -> Sequence[Outgoing]:
+        value = message.value
+        if isinstance(value, Trade):
+            return self._on_trade(message, value)
+        if isinstance(value, EndOfReplayCommand):
+            return self._on_end_of_replay(value)
+        return ()
+
+    def _on_trade(self, message: Incoming, trade: Trade) -> list[Outgoing]:
+        key = market_key(trade.exchange, trade.symbol)
+        pos = self._position(key)
+        if message.offset >= 0:
+            if pos.partition == message.partition and message.offset <= pos.offset:
+                pos.redelivered += 1  # handled before a restart: the snapshot already has it
+                return []
+            pos.partition, pos.offset = message.partition, message.offset
+        pos.received += 1
+        bars = self.aggregator.add(trade)
+        if pos.flush_count is not None:
+            if pos.received >= pos.flush_count:
+                bars.extend(self._flush(key, pos))
+            elif pos.flush_last_ts is not None and trade.ts > pos.flush_last_ts:
+                pos.flush_count = pos.flush_last_ts = None  # data past the replay's end: nothing to wait for
+        return self._out(key, bars)
+
+    def _on_end_of_replay(self, command: EndOfReplayCommand) -> list[Outgoing]:
+        key = market_key(command.exchange, command.symbol)
+        pos = self._position(key)
+        pos.flush_count, pos.flush_last_ts = command.count, command.last_ts
+        if pos.received >= command.count:
+            return self._out(key, self._flush(key, pos))
+        log.info("candles %s: end of replay after %d trades, %d received so far", key, command.count, pos.received)
+        return []
+
+    def _flush(self, key: str, pos: _Position) -> list[Bar]:
+        pos.flush_count = pos.flush_last_ts = None
+        return self.aggregator.flush(key)
+
+    def _out(self, key: str, bars: list[Bar]) -> list[Outgoing]:
+        self.published += len(bars)
+        return [Outgoing(CANDLES_1M, key, bar) for bar in bars]
+
+    def snapshot(self, key: str) -> dict[str, Any] | None:
+        windows = self.aggregator.snapshot(key)
+        pos = self._positions.get(key)
+        if windows is None and pos is None:
+            return None
+        pos = pos or _Position()
+        return {
+            "version": STATE_VERSION,
+            "windows": windows,
+            "partition": pos.partition,
+            "offset": pos.offset,
+            "received": pos.received,
+            "flush_count": pos.flush_count,
+            "flush_last_ts": None if pos.flush_last_ts is None else pos.flush_last_ts.isoformat(),
+        }
+
+    def restore(self, key: str, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"candles {key}: unknown state version {state.get('version')!r}")
+        windows = state.get("windows")
+        if windows is None:
+            self.aggregator.forget(key)
+        else:
+            self.aggregator.restore(key, windows)
+        last_ts = state.get("flush_last_ts")
+        self._positions[key] = _Position(
+            partition=state.get("partition"),
+            offset=int(state.get("offset", -1)),
+            received=int(state.get("received", 0)),
+            flush_count=state.get("flush_count"),
+            flush_last_ts=None if last_ts is None else datetime.fromisoformat(last_ts),
+        )
+
+    def forget(self, key: str | None = None) -> None:
+        """Drop in-memory state (one key or all), e.g. when partitions are revoked."""
+        self.aggregator.forget(key)
+        if key is None:
+            self._positions.clear()
+        else:
+            self._positions.pop(key, None)
+
+    @property
+    def redelivered(self) -> int:
+        return sum(p.redelivered for p in self._positions.values())
+
+
+# --- ingest ----------------------------------------------------------------------------------------
+
+Channel = Literal["trades", "book", "candles.1m"]
+CHANNELS: tuple[Channel, ...] = get_args(Channel)
+CHANNEL_TOPICS: dict[str, str] = {"trades": TRADES, "book": BOOK, "candles.1m": CANDLES_1M}
+INGEST_STATE_KEY = "ingest"
+
+AdapterFactory = Callable[[str], ExchangeAdapter]
+
+
+@dataclass(frozen=True, order=True)
+class Subscription:
+    exchange: str
+    symbol: str
+    channel: Channel
+
+    @property
+    def key(self) -> str:
+        return market_key(self.exchange, self.symbol)
+
+    @property
+    def topic(self) -> str:
+        return CHANNEL_TOPICS[self.channel]
+
+    def __str__(self) -> str:
+        return f"{self.exchange}:{self.symbol}/{self.channel}"
+
+    @classmethod
+    def of(cls, command: SubscribeCommand) -> list[Subscription]:
+        return [cls(command.exchange, command.symbol, channel) for channel in command.channels]
+
+
+async def closed_bars(updates: AsyncIterator[Bar]) -> AsyncIterator[Bar]:
+    """Only closed candles of a stream that repeats the forming candle: a bar is yielded (in its last
+    state) when a bar with a later open time arrives."""
+    held: Bar | None = None
+    async for bar in updates:
+        if held is not None and bar.ts > held.ts:
+            yield held
+        if held is None or bar.ts >= held.ts:
+            held = bar
+
+
+class MarketDataIngest:
+    """Venue streams → ``emit``; see the module docstring. Implements the ``Processor`` protocol for
+    ``control`` (``SubscribeCommand``); its snapshot (key ``"ingest"``) is the subscription set."""
+
+    name = "ingest"
+    inputs: tuple[str, ...] = (CONTROL,)
+
+    def __init__(
+        self,
+        adapters: Mapping[str, ExchangeAdapter] | AdapterFactory,
+        *,
+        subscriptions: Iterable[Subscription] = (),
+        book_depth: int | None = 20,
+        close_adapters: bool = True,
+    ) -> None:
+        if callable(adapters):
+            self._factory: AdapterFactory | None = adapters
+            self._adapters: dict[str, ExchangeAdapter] = {}
+        else:
+            self._factory = None
+            self._adapters = dict(adapters)
+        self.book_depth = book_depth
+        self.close_adapters = close_adapters
+        self._wanted: set[Subscription] = set(subscriptions)
+        self._tasks: dict[Subscription, asyncio.Task[None]] = {}
+        self._connected: dict[str, asyncio.Task[ExchangeAdapter]] = {}
+        self._emit: Emit | None = None
+        self._lock = asyncio.Lock()
+        self.counts: dict[str, int] = dict.fromkeys(CHANNELS, 0)
+        self.failures: dict[Subscription, str] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._emit is not None
+
+    async def start(self, emit: Emit) -> None:
+        """Start the streams of every wanted subscription (the constructor's and restored ones)."""
+        self._emit = emit
+        async with self._lock:
+            for sub in sorted(self._wanted):
+                self._launch(sub)
+
+    async def stop(self) -> None:
+        self._emit = None
+        async with self._lock:
+            tasks = list(self._tasks.values())
+            self._tasks.clear()
+        await _cancel(tasks)
+        connecting = list(self._connected.values())
+        self._connected.clear()
+        if self.close_adapters:
+            for task in connecting:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    with contextlib.suppress(Exception):
+                        await task.result().close()
+        await _cancel([t for t in connecting if not t.done()])
+
+    # --- subscriptions --------------------------------------------------------------------------
+
+    @property
+    def subscriptions(self) -> frozenset[Subscription]:
+        """What is wanted (running or about to run)."""
+        return frozenset(self._wanted)
+
+    @property
+    def active(self) -> frozenset[Subscription]:
+        """Subscriptions whose stream task is running now."""
+        return frozenset(s for s, t in self._tasks.items() if not t.done())
+
+    async def subscribe(self, *subs: Subscription) -> None:
+        async with self._lock:
+            for sub in subs:
+                self._wanted.add(sub)
+                self.failures.pop(sub, None)
+                if self.running:
+                    self._launch(sub)
+
+    async def unsubscribe(self, *subs: Subscription) -> None:
+        """Stop the streams of ``subs`` and wait until their tasks have ended."""
+        async with self._lock:
+            tasks = []
+            for sub in subs:
+                self._wanted.discard(sub)
+                task = self._tasks.pop(sub, None)
+                if task is not None:
+                    tasks.append(task)
+        await _cancel(tasks)
+
+    async def apply(self, command: SubscribeCommand) -> None:
+        subs = Subscription.of(command)
+        log.info("ingest: %s %s", "subscribe" if command.subscribe else "unsubscribe", ", ".join(map(str, subs)))
+        if command.subscribe:
+            await self.subscribe(*subs)
+        else:
+            await self.unsubscribe(*subs)
+
+    async def handle(self, message: Incoming) -> Sequence[Outgoing]:
+        if isinstance(message.value, SubscribeCommand):
+            await self.apply(message.value)
+        return ()
+
+    def state_keys(self, message: Incoming) -> tuple[str, ...]:
+        return (INGEST_STATE_KEY,) if isinstance(message.value, SubscribeCommand) else ()
+
+    def snapshot(self, key: str) -> dict[str, Any] | None:
+        if key != INGEST_STATE_KEY:
+            return None
+        return {"subscriptions": [[s.exchange, s.symbol, s.channel] for s in sorted(self._wanted)]}
+
+    def restore(self, key: str, state: dict[str, Any]) -> None:
+        """Take the stored subscription set (started by :meth:`start`, or at once when running)."""
+        if key != INGEST_STATE_KEY:
+            return
+        restored = {Subscription(str(e), str(s), cast(Channel, c)) for e, s, c in state.get("subscriptions", [])}
+        unknown = [s for s in restored if s.channel not in CHANNELS]
+        if unknown:
+            raise ValueError(f"ingest: unknown channels in stored subscriptions: {unknown}")
+        self._wanted |= restored
+        if self.running:
+            for sub in sorted(restored):
+                self._launch(sub)
+
+    # --- streams --------------------------------------------------------------------------------
+
+    def _launch(self, sub: Subscription) -> None:
+        task = self._tasks.get(sub)
+        if task is not None and not task.done():
+            return
+        self._tasks[sub] = asyncio.get_running_loop().create_task(self._run(sub), name=f"ingest {sub}")
+
+    async def adapter(self, exchange: str) -> ExchangeAdapter:
+        """The connected adapter for ``exchange`` (connected once, shared by its streams)."""
+        task = self._connected.get(exchange)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._connected[exchange] = asyncio.get_running_loop().create_task(self._connect(exchange))
+        return await asyncio.shield(task)
+
+    async def _connect(self, exchange: str) -> ExchangeAdapter:
+        adapter = self._adapters.get(exchange)
+        if adapter is None:
+            if self._factory is None:
+                raise KeyError(f"ingest: no adapter for exchange {exchange!r}")
+            adapter = self._adapters[exchange] = self._factory(exchange)
+        await adapter.connect()
+        return adapter
+
+    def _stream(self, adapter: ExchangeAdapter, sub: Subscription) -> AsyncIterator[Trade | OrderBookSnapshot | Bar]:
+        if sub.channel == "trades":
+            return adapter.stream_trades(sub.symbol)
+        if sub.channel == "book":
+            return adapter.stream_order_book(sub.symbol, self.book_depth)
+        return closed_bars(adapter.stream_bars(sub.symbol, "1m"))
+
+    async def _run(self, sub: Subscription) -> None:
+        try:
+            adapter = await self.adapter(sub.exchange)
+            async for item in self._stream(adapter, sub):
+                emit = self._emit
+                if emit is None:
+                    return
+                await emit(Outgoing(sub.topic, market_key(item.exchange, item.symbol), item))
+                self.counts[sub.channel] += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a terminal venue error (unknown symbol, auth): this stream ends, others go on
+            self.failures[sub] = f"{type(exc).__name__}: {exc}"
+            log.exception("ingest %s: stream ended", sub)
+
+
+async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
