@@ -68,7 +68,7 @@ from meltica.strategies.simulation import END_OF_DATA
 _ZERO = Decimal(0)
 
 
-class _StreamingAdapter(PaperAdapter):
+class StreamingPaperAdapter(PaperAdapter):
     """The paper adapter, with the venue's user stream delivered to the OMS before each call returns."""
 
     pump: Callable[[], Any] | None = None
@@ -119,7 +119,7 @@ class _StreamingAdapter(PaperAdapter):
         return (await super().fetch_my_trades(symbol, since, limit or 500))[-(limit or 500) :]
 
 
-class _NotifyingStore(MemoryOrderStore):
+class NotifyingMemoryStore(MemoryOrderStore):
     """The in-memory order store, telling the context about every stored order change."""
 
     def __init__(self, listener: Callable[[Order, OrderEvent | None], None]) -> None:
@@ -152,8 +152,14 @@ class _NotifyingStore(MemoryOrderStore):
         return seq
 
 
+_StreamingAdapter = StreamingPaperAdapter
+_NotifyingStore = NotifyingMemoryStore
+
+
 @dataclass(slots=True)
-class _Request:
+class HeldRequest:
+    """A strategy's request on its way to the venue: sent once ``arrival`` is reached (module docstring)."""
+
     arrival: datetime
     kind: str  # submit | cancel | amend | list
     client_order_id: str = ""
@@ -163,6 +169,93 @@ class _Request:
     list_kind: str = ""
     price: Decimal | None = None
     quantity: Decimal | None = None
+
+
+_Request = HeldRequest
+
+
+class RequestExecutor:
+    """The venue half of a simulated context: hands released requests to the OMS / the emulator.
+
+    Shared by ``BacktestContext`` and the live pipeline's execution agent
+    (``meltica.live.execution.ExecutionService``), so a request does the same thing in both. ``known``
+    returns the order as the requester knows it (held orders included: built from the intent, status
+    ``pending_submit``); ``local_cancel`` reports an order cancelled before it ever reached the OMS.
+    """
+
+    def __init__(
+        self,
+        oms: OrderManager,
+        emulator: LocalOrderEmulator,
+        store: Any,
+        *,
+        known: Callable[[str], Order | None],
+        local_cancel: Callable[[Order, str], None],
+        logger: logging.Logger,
+    ) -> None:
+        self.oms = oms
+        self.emulator = emulator
+        self.store = store
+        self.known = known
+        self.local_cancel = local_cancel
+        self._log = logger
+
+    async def execute(self, request: HeldRequest) -> bool:
+        """Send one request; ``True`` when it involved the local emulation (order lists, emulated types)."""
+        kind = request.kind
+        oms = self.oms
+        if kind == "submit":
+            assert request.intent is not None
+            await oms.submit(request.intent)
+            return request.intent.type not in (OrderType.MARKET, OrderType.LIMIT)
+        if kind == "cancel":
+            await self.cancel_now(request.client_order_id)
+        elif kind == "amend":
+            order = self.known(request.client_order_id)
+            if order is None or order.status not in (OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED):
+                self._log.debug("amend %s: not open any more", request.client_order_id)
+                return False
+            try:
+                await oms.amend(request.client_order_id, price=request.price, quantity=request.quantity)
+            except MelticaError as exc:
+                self._log.debug("amend %s refused: %s", request.client_order_id, exc)
+        else:
+            kind_name: Literal["oco", "bracket"] = "oco" if request.list_kind == "oco" else "bracket"
+            await self.emulator.add_list(kind_name, request.intents, request.list_id)
+            return True
+        return False
+
+    async def cancel_now(self, client_order_id: str) -> None:
+        order = self.known(client_order_id)
+        if order is None or order.is_terminal:
+            return
+        if order.status is OrderStatus.PENDING_SUBMIT and self.store.get(client_order_id) is None:
+            # held locally (a bracket exit waiting for its entry) or never sent
+            with contextlib.suppress(KeyError):
+                await self.emulator.cancel(client_order_id)
+            self.local_cancel(order, "cancelled before it was sent")
+            return
+        try:
+            await self.oms.cancel(client_order_id)
+        except MelticaError as exc:  # closed meanwhile: a no-op for the strategy
+            self._log.debug("cancel %s: %s", client_order_id, exc)
+
+    async def end_of_data(self, outbox: deque[HeldRequest]) -> None:
+        """Held cancels are delivered; held new orders and amendments never reach the venue."""
+        while outbox:
+            request = outbox.popleft()
+            if request.kind == "cancel":
+                await self.cancel_now(request.client_order_id)
+                continue
+            if request.kind == "amend":
+                continue
+            coids = (
+                [i.client_order_id for i in request.intents] if request.kind == "list" else [request.client_order_id]
+            )
+            for coid in coids:
+                order = self.known(coid)
+                if order is not None and not order.is_terminal and self.store.get(coid) is None:
+                    self.local_cancel(order, END_OF_DATA)
 
 
 @dataclass
@@ -179,7 +272,138 @@ class Wiring:
     instruments: dict[str, Instrument] = field(default_factory=dict)
 
 
-class BacktestContext(IntentingContext):
+class OrderTrackingContext(IntentingContext):
+    """The strategy half of a simulated context: what the strategy sees of its orders.
+
+    New orders are announced at once (``pending_submit``) and held; every order change the OMS stores
+    (``on_order_change``) updates the view (open orders, positions from ``portfolio``) at once and
+    queues the strategy's callbacks (``on_fill`` then ``on_order``), which ``drain`` runs later: never
+    re-entrantly. Shared by ``BacktestContext`` and the live strategy host's
+    ``meltica.live.strategy_host.LiveStrategyContext``. A subclass sets the attributes below (``init_tracking``)
+    and provides ``_send_intent`` / ``_send_list`` / ``cancel`` / ``_send_amend``.
+    """
+
+    portfolio: Portfolio
+    orders: dict[str, Order]
+    fills: list[Fill]
+    rejections: list[Order]
+    fills_changed: bool
+    _announced: set[str]
+    _open: dict[str, Order]
+    _positions: dict[str, Position]
+    _amends: dict[str, int]
+
+    def init_tracking(self, portfolio: Portfolio) -> None:
+        self.portfolio = portfolio
+        self._pending = deque()
+        self._timers = {}
+        self._announced = set()  # orders whose submission the strategy already heard of
+        self._open = {}  # this instance's open (and held) orders
+        self._positions = {}
+        self._amends = {}
+        self.orders = {}  # every order of this instance, as it is now
+        self.fills = []
+        self.rejections = []
+        self.fills_changed = False  # set on every fill; the engine clears it after re-reading balances
+
+    # --- reads -----------------------------------------------------------------------------------
+    def position(self, symbol: str) -> Position:
+        # Cached per symbol until a fill of it arrives (``on_order_change`` / ``_deliver_fill`` drop it).
+        try:
+            return self._positions[symbol]
+        except KeyError:
+            pos = self.portfolio.position(self._account, self.exchange, symbol, strategy=self._instance_id)
+            self._positions[symbol] = pos
+            return pos
+
+    def open_orders(self, symbol: str | None = None) -> list[Order]:
+        return [o for o in self._open.values() if symbol is None or o.intent.symbol == symbol]
+
+    # --- requests --------------------------------------------------------------------------------
+    def _hold(self, intent: OrderIntent) -> str:
+        """A new order the strategy asked for: announced now (``pending_submit``), sent at release."""
+        coid = intent.client_order_id
+        order = Order.from_intent(intent).apply(
+            OrderSubmitted(event_id="submitted", client_order_id=coid, ts=self.clock.now)
+        )
+        self._announced.add(coid)
+        self._track(order)
+        self._pending.append(partial(self.strategy.on_order, order))
+        return coid
+
+    def _send_amend(self, client_order_id: str, price: Decimal | None, quantity: Decimal | None, carrier: str) -> None:
+        """Hand an amendment on; ``carrier`` is the client order id the strategy was told will carry it."""
+        raise NotImplementedError
+
+    def amend(self, client_order_id: str, *, price: Decimal | None = None, quantity: Decimal | None = None) -> str:
+        order = self._open.get(client_order_id)
+        if order is None:
+            raise InvalidOrderError(f"amend {client_order_id}: no such open order", reason="order_not_open")
+        inst = self.instrument(order.intent.symbol)
+        new_price = None if price is None else inst.round_price(price, order.side)
+        new_qty = None if quantity is None else inst.round_quantity(quantity)
+        if new_price is None and new_qty is None:
+            raise InvalidOrderError("amend needs a price or a quantity")
+        if new_price is None and new_qty is not None and new_qty < order.quantity:
+            carrier = client_order_id  # the paper venue amends a decrease in place
+        else:
+            # Cancel-replace: the OMS names the replacement "<intent id>~a<n>" (deterministic).
+            n = self._amends.get(client_order_id, 0) + 1
+            self._amends[client_order_id] = n
+            carrier = client_order_id_for(f"{order.intent.intent_id}~a{n}")
+        self._send_amend(client_order_id, new_price, new_qty, carrier)
+        return carrier
+
+    def queue_due_timers(self) -> None:
+        self._queue_due_timers()
+
+    # --- order changes ---------------------------------------------------------------------------
+    def _track(self, order: Order) -> None:
+        coid = order.client_order_id
+        self.orders[coid] = order
+        if order.is_terminal:
+            self._open.pop(coid, None)
+        else:
+            self._open[coid] = order
+
+    def on_order_change(self, order: Order, event: OrderEvent | None) -> None:
+        """One stored change of one of this instance's orders: keep our view, queue the callbacks.
+        A fill must already be in ``portfolio``."""
+        self._track(order)
+        if event is None:
+            return
+        if isinstance(event, OrderSubmitted) and order.client_order_id in self._announced:
+            return
+        if isinstance(event, OrderFilled):
+            fill = event.fill
+            self.fills.append(fill)
+            self._positions.pop(fill.symbol, None)
+            self.fills_changed = True
+            self._pending.append(partial(self._deliver_fill, fill))
+        if order.status is OrderStatus.REJECTED:
+            self.rejections.append(order)
+        self._pending.append(partial(self.strategy.on_order, order))
+
+    def _deliver_fill(self, fill: Fill) -> None:
+        self._positions.pop(fill.symbol, None)
+        self.strategy.on_fill(fill)
+
+    def _local_cancel(self, order: Order, reason: str) -> None:
+        coid = order.client_order_id
+        cancelled = order.apply(
+            OrderCancelled(event_id="cancelled", client_order_id=coid, ts=self.clock.now, reason=reason)
+        )
+        self._track(cancelled)
+        self._pending.append(partial(self.strategy.on_order, cancelled))
+
+    def drain(self) -> None:
+        """Run the queued strategy callbacks (and what they cause) until none is left."""
+        pending = self._pending
+        while pending:
+            pending.popleft()()
+
+
+class BacktestContext(OrderTrackingContext):
     """One strategy instance in a backtest. See the module docstring for the release rule."""
 
     def __init__(
@@ -205,27 +429,25 @@ class BacktestContext(IntentingContext):
         for asset, amount in balances.items():
             self.venue.deposit(account, asset, amount)
         self.engine = self.venue.engine
-        self.adapter = _StreamingAdapter(self.venue, account)
+        self.adapter = StreamingPaperAdapter(self.venue, account)
         self.adapter.pump = self.pump
         self._stream: asyncio.Queue[UserEvent] = asyncio.Queue()
-        # The venue's private stream, consumed synchronously (see _StreamingAdapter).
+        # The venue's private stream, consumed synchronously (see StreamingPaperAdapter).
         self.venue._user_queues[account].append(self._stream)
         quote = valuation_currency or (markets[0].quote if markets else None)
-        self.portfolio = Portfolio(clock=clock, valuation_currency=quote)
+        portfolio = Portfolio(clock=clock, valuation_currency=quote)
         by_key = {(i.exchange if i.exchange == exchange_id else exchange_id, i.symbol): i for i in markets}
         self.risk: RiskEngine | None = None
         if risk is not None:
             self.risk = RiskEngine(
                 risk,
-                self.portfolio,
+                portfolio,
                 clock=clock,
                 instruments=by_key,
                 kill_switch=KillSwitch(InMemoryKillSwitchStore(), clock=clock),
             )
-        self.store = _NotifyingStore(self._on_stored)
-        self.oms = OrderManager(
-            self.store, {account: self.adapter}, clock=clock, risk=self.risk, portfolio=self.portfolio
-        )
+        self.store = NotifyingMemoryStore(self._on_stored)
+        self.oms = OrderManager(self.store, {account: self.adapter}, clock=clock, risk=self.risk, portfolio=portfolio)
         self.emulator = LocalOrderEmulator(
             MemoryEmulationStore(),
             clock,
@@ -243,128 +465,55 @@ class BacktestContext(IntentingContext):
         self._strategy: Strategy[Any] | None = None
         self._seq = 0
         self.latency = latency
-        self._outbox: deque[_Request] = deque()
-        self._pending: deque[Callable[[], None]] = deque()
-        self._timers = {}
-        self._announced: set[str] = set()  # orders whose submission the strategy already heard of
-        self._open: dict[str, Order] = {}  # this instance's open (and held) orders
-        self._positions: dict[str, Position] = {}
-        self._amends: dict[str, int] = {}
+        self._outbox: deque[HeldRequest] = deque()
+        self.init_tracking(portfolio)
         self._emulated_active = False
-        self.orders: dict[str, Order] = {}  # every order of this instance, as it is now
-        self.fills: list[Fill] = []
-        self.rejections: list[Order] = []
-        self.fills_changed = False  # set on every fill; the engine clears it after re-reading balances
+        self._executor = RequestExecutor(
+            self.oms,
+            self.emulator,
+            self.store,
+            known=self.orders.get,
+            local_cancel=self._local_cancel,
+            logger=self._log,
+        )
 
-    # --- StrategyContext: identity, clock, reads -------------------------------------------------
+    # --- StrategyContext: identity ---------------------------------------------------------------
     @property
     def exchange(self) -> str:
         return self._exchange
 
-    def position(self, symbol: str) -> Position:
-        # Cached per symbol until a fill of it arrives (``_on_stored`` / ``_deliver_fill`` drop it).
-        try:
-            return self._positions[symbol]
-        except KeyError:
-            pos = self.portfolio.position(self._account, self._exchange, symbol, strategy=self._instance_id)
-            self._positions[symbol] = pos
-            return pos
-
-    def open_orders(self, symbol: str | None = None) -> list[Order]:
-        return [o for o in self._open.values() if symbol is None or o.intent.symbol == symbol]
-
     # --- intents ---------------------------------------------------------------------------------
-    def _hold(self, intent: OrderIntent) -> str:
-        """A new order the strategy asked for: announced now (``pending_submit``), sent at release."""
-        coid = intent.client_order_id
-        order = Order.from_intent(intent).apply(
-            OrderSubmitted(event_id="submitted", client_order_id=coid, ts=self.clock.now)
-        )
-        self._announced.add(coid)
-        self._track(order)
-        self._pending.append(partial(self.strategy.on_order, order))
-        return coid
-
     def _arrival(self) -> datetime:
         return self.clock.now + self.latency
 
     def _send_intent(self, intent: OrderIntent) -> str:
-        self._outbox.append(_Request(self._arrival(), "submit", intent.client_order_id, intent=intent))
+        self._outbox.append(HeldRequest(self._arrival(), "submit", intent.client_order_id, intent=intent))
         return self._hold(intent)
 
     def _send_list(self, kind: OrderListKind, list_id: str, legs: tuple[OrderIntent, ...]) -> OrderList:
-        self._outbox.append(_Request(self._arrival(), "list", intents=legs, list_id=list_id, list_kind=kind))
+        self._outbox.append(HeldRequest(self._arrival(), "list", intents=legs, list_id=list_id, list_kind=kind))
         for leg in legs:
             self._hold(leg)
         return OrderList(list_id=list_id, kind=kind, client_order_ids=tuple(i.client_order_id for i in legs))
 
     def cancel(self, client_order_id: str) -> None:
-        self._outbox.append(_Request(self._arrival(), "cancel", client_order_id))
+        self._outbox.append(HeldRequest(self._arrival(), "cancel", client_order_id))
 
-    def amend(self, client_order_id: str, *, price: Decimal | None = None, quantity: Decimal | None = None) -> str:
-        order = self._open.get(client_order_id)
-        if order is None:
-            raise InvalidOrderError(f"amend {client_order_id}: no such open order", reason="order_not_open")
-        inst = self.instrument(order.intent.symbol)
-        new_price = None if price is None else inst.round_price(price, order.side)
-        new_qty = None if quantity is None else inst.round_quantity(quantity)
-        if new_price is None and new_qty is None:
-            raise InvalidOrderError("amend needs a price or a quantity")
-        self._outbox.append(_Request(self._arrival(), "amend", client_order_id, price=new_price, quantity=new_qty))
-        if new_price is None and new_qty is not None and new_qty < order.quantity:
-            return client_order_id  # the paper venue amends a decrease in place
-        # Cancel-replace: the OMS names the replacement "<intent id>~a<n>" (deterministic).
-        n = self._amends.get(client_order_id, 0) + 1
-        self._amends[client_order_id] = n
-        return client_order_id_for(f"{order.intent.intent_id}~a{n}")
-
-    # --- timers ----------------------------------------------------------------------------------
-    def queue_due_timers(self) -> None:
-        self._queue_due_timers()
+    def _send_amend(self, client_order_id: str, price: Decimal | None, quantity: Decimal | None, carrier: str) -> None:
+        self._outbox.append(HeldRequest(self._arrival(), "amend", client_order_id, price=price, quantity=quantity))
 
     # --- OMS side ----------------------------------------------------------------------------------
-    def _track(self, order: Order) -> None:
-        coid = order.client_order_id
-        self.orders[coid] = order
-        if order.is_terminal:
-            self._open.pop(coid, None)
-        else:
-            self._open[coid] = order
-
     def _on_stored(self, order: Order, event: OrderEvent | None) -> None:
         """Every order change the OMS stores: keep our view, queue the strategy's callbacks."""
         if order.intent.strategy != self._instance_id:
             return
-        self._track(order)
-        if event is None:
-            return
-        if isinstance(event, OrderSubmitted) and order.client_order_id in self._announced:
-            return
-        if isinstance(event, OrderFilled):
-            fill = event.fill
-            self.fills.append(fill)
-            self._positions.pop(fill.symbol, None)
-            self.fills_changed = True
-            self._pending.append(partial(self._deliver_fill, fill))
-        if order.status is OrderStatus.REJECTED:
-            self.rejections.append(order)
-        self._pending.append(partial(self.strategy.on_order, order))
-
-    def _deliver_fill(self, fill: Fill) -> None:
-        self._positions.pop(fill.symbol, None)
-        self.strategy.on_fill(fill)
+        self.on_order_change(order, event)
 
     async def pump(self) -> None:
         """Deliver the venue's queued user events to the OMS (the private stream, synchronously)."""
         stream = self._stream
         while not stream.empty():
             await self.oms.on_user_event(stream.get_nowait(), account=self._account)
-
-    def drain(self) -> None:
-        """Run the queued strategy callbacks (and what they cause) until none is left."""
-        pending = self._pending
-        while pending:
-            pending.popleft()()
 
     def has_releasable(self, ts: datetime) -> bool:
         outbox = self._outbox
@@ -394,73 +543,16 @@ class BacktestContext(IntentingContext):
         finally:
             self._pending = held
 
-    async def _execute(self, request: _Request) -> None:
-        kind = request.kind
-        oms = self.oms
-        if kind == "submit":
-            assert request.intent is not None
-            await oms.submit(request.intent)
-            if request.intent.type not in (OrderType.MARKET, OrderType.LIMIT):
-                self._emulated_active = True
-        elif kind == "cancel":
-            await self._cancel_now(request.client_order_id)
-        elif kind == "amend":
-            order = self.orders.get(request.client_order_id)
-            if order is None or order.status not in (OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED):
-                self._log.debug("amend %s: not open any more", request.client_order_id)
-                return
-            try:
-                await oms.amend(request.client_order_id, price=request.price, quantity=request.quantity)
-            except MelticaError as exc:
-                self._log.debug("amend %s refused: %s", request.client_order_id, exc)
-        else:
-            kind_name: Literal["oco", "bracket"] = "oco" if request.list_kind == "oco" else "bracket"
+    async def _execute(self, request: HeldRequest) -> None:
+        if await self._executor.execute(request):
             self._emulated_active = True
-            await self.emulator.add_list(kind_name, request.intents, request.list_id)
 
     async def _cancel_now(self, client_order_id: str) -> None:
-        order = self.orders.get(client_order_id)
-        if order is None or order.is_terminal:
-            return
-        if (
-            order.status is OrderStatus.PENDING_SUBMIT
-            and client_order_id in self._announced
-            and self.store.get(client_order_id) is None
-        ):
-            # held locally (a bracket exit waiting for its entry) or never sent
-            with contextlib.suppress(KeyError):
-                await self.emulator.cancel(client_order_id)
-            self._local_cancel(order, "cancelled before it was sent")
-            return
-        try:
-            await self.oms.cancel(client_order_id)
-        except MelticaError as exc:  # closed meanwhile: a no-op for the strategy
-            self._log.debug("cancel %s: %s", client_order_id, exc)
-
-    def _local_cancel(self, order: Order, reason: str) -> None:
-        coid = order.client_order_id
-        cancelled = order.apply(
-            OrderCancelled(event_id="cancelled", client_order_id=coid, ts=self.clock.now, reason=reason)
-        )
-        self._track(cancelled)
-        self._pending.append(partial(self.strategy.on_order, cancelled))
+        await self._executor.cancel_now(client_order_id)
 
     async def end_of_data(self) -> None:
         """Held cancels are delivered; held new orders and amendments never reach the venue."""
-        while self._outbox:
-            request = self._outbox.popleft()
-            if request.kind == "cancel":
-                await self._cancel_now(request.client_order_id)
-                continue
-            coids = (
-                [i.client_order_id for i in request.intents] if request.kind == "list" else [request.client_order_id]
-            )
-            if request.kind == "amend":
-                continue
-            for coid in coids:
-                order = self.orders.get(coid)
-                if order is not None and not order.is_terminal and self.store.get(coid) is None:
-                    self._local_cancel(order, END_OF_DATA)
+        await self._executor.end_of_data(self._outbox)
         self.drain()
 
     # --- market data -------------------------------------------------------------------------------

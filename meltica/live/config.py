@@ -1,0 +1,185 @@
+"""``PipelineConfig``: which strategy instances a live pipeline runs, and the simulated venue of each
+account (paper runs).
+
+An instance trades one account on one exchange (``symbols`` on it); several instances may share an
+account. ``accounts`` maps an account to its venue settings: for a paper venue the initial balances,
+fees, fill model and latency (the same knobs and meaning as ``meltica.backtest.BacktestConfig``), and
+the instruments it lists. ``PipelineConfig.from_backtest`` turns a backtest configuration into the
+one-instance pipeline that reproduces it (``meltica paper``: parity with ``meltica backtest``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from meltica.backtest.config import BacktestConfig, default_instrument
+from meltica.domain import Instrument, Timeframe
+from meltica.matching import FeeSchedule, FillModel
+from meltica.risk import RiskConfig
+
+_BPS = Decimal(10_000)
+
+
+class StrategyInstanceConfig(BaseModel):
+    """One strategy instance: which strategy, its parameters, where it trades."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    instance_id: str = Field(min_length=1, max_length=128, pattern=r"^[^:]+$")
+    strategy: str = Field(min_length=1, description="registered strategy name")
+    params: dict[str, Any] = Field(default_factory=dict)
+    account: str = Field(min_length=1, pattern=r"^[^:]+$")
+    exchange: str = Field(min_length=1, pattern=r"^[^:]+$")
+    symbols: tuple[str, ...] = Field(min_length=1)
+    timeframe: str = "1m"
+
+    @field_validator("timeframe")
+    @classmethod
+    def _timeframe(cls, value: str) -> str:
+        Timeframe.parse(value)
+        return value
+
+
+class AccountConfig(BaseModel):
+    """The venue of one account. ``venue="paper"``: an in-process ``PaperVenue`` with these settings;
+    ``"emulator"`` / ``"exchange"``: the settings that apply (instruments, latency) and the rest ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    exchange: str = Field(min_length=1)
+    venue: Literal["paper", "emulator", "exchange"] = "paper"
+    initial_balances: dict[str, Decimal] = Field(default_factory=dict)
+    maker_fee_bps: Decimal = Field(Decimal(10), ge=-100, le=1000)
+    taker_fee_bps: Decimal = Field(Decimal(10), ge=-100, le=1000)
+    fee_asset: Literal["quote", "received"] = "quote"
+    slippage_bps: Decimal = Field(Decimal(0), ge=0, le=1000)
+    latency_ms: int = Field(0, ge=0, description="decision -> arrival at the venue (lock-step replays)")
+    bar_volume_share: Decimal | None = Field(None, gt=0, le=1)
+    fill_on_touch: bool = False
+    instruments: tuple[Instrument, ...] = ()
+
+    def fees(self) -> FeeSchedule:
+        return FeeSchedule(
+            maker=self.maker_fee_bps / _BPS,
+            taker=self.taker_fee_bps / _BPS,
+            quote_commission=self.fee_asset == "quote",
+        )
+
+    def fill_model(self) -> FillModel:
+        """As ``BacktestConfig.fill_model``: slippage ``s`` bps = first synthetic level ``s`` bps away."""
+        return FillModel(
+            fill_on_touch=self.fill_on_touch,
+            synthetic_spread_bps=self.slippage_bps * 2,
+            bar_volume_share=self.bar_volume_share,
+        )
+
+    @property
+    def latency(self) -> timedelta:
+        return timedelta(milliseconds=self.latency_ms)
+
+
+class PipelineConfig(BaseModel):
+    """The strategy instances, the accounts' venues, lock-step or live, and the risk limits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    instances: tuple[StrategyInstanceConfig, ...] = ()
+    accounts: dict[str, AccountConfig] = Field(default_factory=dict)
+    lockstep: bool = False
+    risk: RiskConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        seen: set[str] = set()
+        for inst in self.instances:
+            if inst.instance_id in seen:
+                raise ValueError(f"instance {inst.instance_id!r} is configured twice")
+            seen.add(inst.instance_id)
+            account = self.accounts.get(inst.account)
+            if account is not None and account.exchange != inst.exchange:
+                raise ValueError(
+                    f"instance {inst.instance_id} trades {inst.exchange}, "
+                    f"account {inst.account} is on {account.exchange}"
+                )
+        return self
+
+    # --- reads ---------------------------------------------------------------------------------
+    def instance(self, instance_id: str) -> StrategyInstanceConfig:
+        for inst in self.instances:
+            if inst.instance_id == instance_id:
+                return inst
+        raise KeyError(instance_id)
+
+    def account(self, name: str) -> AccountConfig:
+        """The account's venue settings; an unlisted account gets a default paper venue on the exchange
+        its instances trade."""
+        found = self.accounts.get(name)
+        if found is not None:
+            return found
+        exchanges = {i.exchange for i in self.instances if i.account == name}
+        if len(exchanges) != 1:
+            raise KeyError(f"account {name!r} is not configured")
+        return AccountConfig(exchange=exchanges.pop())
+
+    def account_names(self) -> list[str]:
+        return sorted(set(self.accounts) | {i.account for i in self.instances})
+
+    def instruments(self, account: str) -> list[Instrument]:
+        """The account's instruments: as configured, plus the built-in precision for every other symbol
+        its instances trade (``meltica.backtest.config.default_instrument``)."""
+        settings = self.account(account)
+        listed = {i.symbol: i for i in settings.instruments}
+        for inst in self.instances:
+            if inst.account != account:
+                continue
+            for symbol in inst.symbols:
+                if symbol not in listed:
+                    listed[symbol] = default_instrument(settings.exchange, symbol)
+        return [i if i.exchange == settings.exchange else i.model_copy(update={"exchange": settings.exchange})
+                for i in listed.values()]  # fmt: skip
+
+    def instances_trading(self, account: str, exchange: str, symbol: str) -> list[StrategyInstanceConfig]:
+        return [i for i in self.instances if i.account == account and i.exchange == exchange and symbol in i.symbols]
+
+    # --- from a backtest -----------------------------------------------------------------------
+    @classmethod
+    def from_backtest(cls, config: BacktestConfig, *, lockstep: bool = True) -> PipelineConfig:
+        """The pipeline that runs ``config`` as a paper run: same instance id, account, exchange, symbol,
+        parameters, balances, fees, fill model, latency, instrument and risk limits."""
+        instrument = config.market()
+        if instrument.exchange != config.exchange:
+            instrument = instrument.model_copy(update={"exchange": config.exchange})
+        return cls(
+            instances=(
+                StrategyInstanceConfig(
+                    instance_id=config.strategy_instance,
+                    strategy=config.strategy,
+                    params=dict(config.params),
+                    account=config.account,
+                    exchange=config.exchange,
+                    symbols=(config.symbol,),
+                    timeframe=config.timeframe,
+                ),
+            ),
+            accounts={
+                config.account: AccountConfig(
+                    exchange=config.exchange,
+                    venue="paper",
+                    initial_balances=config.balances(),
+                    maker_fee_bps=config.maker_fee_bps,
+                    taker_fee_bps=config.taker_fee_bps,
+                    fee_asset=config.fee_asset,
+                    slippage_bps=config.slippage_bps,
+                    latency_ms=config.latency_ms,
+                    bar_volume_share=config.bar_volume_share,
+                    fill_on_touch=config.fill_on_touch,
+                    instruments=(instrument,),
+                )
+            },
+            lockstep=lockstep,
+            risk=config.risk,
+        )

@@ -1,0 +1,834 @@
+"""``ExecutionService``: the execution stage — the real ``OrderManager`` over a venue driver.
+
+Inputs ``orders.approved`` (requests, progress markers, rejection notices; key: account),
+``md.candles.1m`` (the bars that move a simulated venue) and ``control``; outputs ``orders.events``
+(``OrderUpdate`` for every stored order change — state, event, owning instance — and ``VenueProgress``),
+``fills`` (``AccountFill``) and ``positions``.
+
+One *lane* per account: a ``VenueDriver`` (``meltica.live.venue``: :class:`PaperDriver` here, the
+emulator driver in ``meltica.live.emulator_driver``), an ``OrderManager`` on the driver's adapter and
+clock, the ``LocalOrderEmulator`` for order lists and types the venue lacks, a ``Portfolio`` fed by the
+OMS. Requests are carried out by the backtest's own ``RequestExecutor`` (``meltica.backtest.context``),
+so a request does here exactly what it does in a backtest.
+
+Lock-step (``meltica/live/README.md``), per account and market: requests are held; a bar is stepped
+only when every instance trading the market acknowledged the last step (``StrategyProgress.seq``). A
+bar whose open some held request has reached (``request.ts + latency <= bar.ts``): ``open`` step —
+driver ``open(bar)`` (clock to the open, open printed), arrived requests sent in order, updates
+published, ``VenueProgress(open)``; repeated while reactions arrive in time. Then the ``close`` step:
+driver ``path(bar)`` (path, clock to the close, GTD expiry), the emulator sees the bar, updates,
+``VenueProgress(close, bar)``. ``EndOfReplayCommand``: once the last bar is closed, one more step is
+awaited (the strategies' ``on_stop``), then the end of the data as in a backtest (held cancels are
+delivered, held new orders and amendments end ``cancelled`` / ``END_OF_DATA``) and
+``VenueProgress(end)``. A ``RejectionNotice`` is carried out in its place in the queue: the order is
+stored ``rejected`` (reason from the decision) and reported.
+
+Live (``lockstep=False``): requests go to the OMS on arrival; a :class:`PaperDriver` is moved by every
+bar; the driver's user stream (a real venue's, the emulator's in its own time) changes orders in the
+background and those updates are published through ``emit``.
+
+Kill switch ``halt``: the OMS cancels every open order of the scope (updates published) and refuses new
+ones while halted. At least once: a request id handled before is dropped, bars by time per market,
+commands by id; the OMS refuses a second order with a known client order id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, TypeAdapter
+
+from meltica.adapters.base import ExchangeAdapter, UserEvent
+from meltica.adapters.paper import PAPER_CAPABILITIES, PaperVenue
+from meltica.backtest.context import HeldRequest, NotifyingMemoryStore, RequestExecutor, StreamingPaperAdapter
+from meltica.domain import (
+    Bar,
+    Fill,
+    Instrument,
+    Order,
+    OrderCancelled,
+    OrderEvent,
+    OrderFilled,
+    OrderIntent,
+    OrderRejected,
+    OrderSubmitted,
+)
+from meltica.errors import OrderNotFoundError
+from meltica.execution import OrderManager
+from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
+from meltica.execution.store import OrderStoreProtocol
+from meltica.live.config import PipelineConfig
+from meltica.live.processor import Emit, Incoming, Outgoing
+from meltica.live.venue import VenueDriver
+from meltica.matching import FeeSchedule, FillModel
+from meltica.messaging.catalogue import account_key, market_key, position_key
+from meltica.messaging.schemas import (
+    AccountFill,
+    AmendRequest,
+    ApprovedMessage,
+    CancelRequest,
+    EndOfReplayCommand,
+    KillSwitchCommand,
+    OrderListRequest,
+    OrderUpdate,
+    PipelineRequest,
+    RejectionNotice,
+    StrategyCommand,
+    StrategyProgress,
+    SubmitRequest,
+    VenueProgress,
+)
+from meltica.portfolio import Portfolio
+from meltica.risk import InMemoryKillSwitchStore, KillSwitch
+from meltica.strategies.intents import ManualClock
+
+log = logging.getLogger(__name__)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EVENTS, FILLS, POSITIONS = "orders.events", "fills", "positions"
+UserEventHandler = Callable[[UserEvent], Awaitable[Any]]
+_KEEP_IDS = 20_000  # request ids remembered (and snapshotted) for dropping redeliveries
+_APPROVED: TypeAdapter[Any] = TypeAdapter(ApprovedMessage)
+
+
+# --- the paper venue driver -------------------------------------------------------------------------
+
+
+class PaperDriver:
+    """A ``VenueDriver`` over an in-process ``PaperVenue`` (one account), stepped as the backtest steps it:
+    the venue's user stream is handed to ``on_user_event`` before every call returns."""
+
+    def __init__(
+        self,
+        instruments: Iterable[Instrument],
+        *,
+        account: str,
+        exchange_id: str,
+        balances: Mapping[str, Decimal] | None = None,
+        fees: FeeSchedule | None = None,
+        fill_model: FillModel | None = None,
+        start: datetime = EPOCH,
+        on_user_event: UserEventHandler | None = None,
+    ) -> None:
+        markets = list(instruments)
+        self.account = account
+        self.clock = ManualClock(start)
+        self.venue = PaperVenue(markets, clock=self.clock, exchange_id=exchange_id, fees=fees, fill_model=fill_model)
+        for asset, amount in (balances or {}).items():
+            self.venue.deposit(account, asset, amount)
+        self.engine = self.venue.engine
+        self._base_model = self.engine.fill_model
+        self._adapter = StreamingPaperAdapter(self.venue, account)
+        self._adapter.pump = self.settle
+        self._stream: asyncio.Queue[UserEvent] = asyncio.Queue()
+        self.venue._user_queues[account].append(self._stream)
+        self.on_user_event = on_user_event
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig, account: str, **kwargs: Any) -> PaperDriver:
+        settings = config.account(account)
+        return cls(
+            config.instruments(account),
+            account=account,
+            exchange_id=settings.exchange,
+            balances=settings.initial_balances,
+            fees=settings.fees(),
+            fill_model=settings.fill_model(),
+            **kwargs,
+        )
+
+    @property
+    def adapter(self) -> ExchangeAdapter:
+        return self._adapter
+
+    def now(self) -> datetime:
+        return self.clock.now
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def open(self, bar: Bar) -> None:
+        self.clock.now = bar.ts
+        share = self._base_model.bar_volume_share
+        if share is not None:  # the liquidity an arriving order can take: share x this bar's volume
+            step = self.engine.instrument(bar.symbol).step_size
+            self.engine.fill_model = dataclasses.replace(
+                self._base_model,
+                synthetic_level_quantity=max(bar.volume * share / self._base_model.synthetic_levels, step),
+            )
+        self.venue.dispatch(self.engine.on_trade(bar.symbol, bar.open, Decimal(0)))
+        await self.settle()
+
+    async def path(self, bar: Bar) -> None:
+        self.clock.now = bar.close_time
+        self.venue.dispatch(self.engine.on_bar(bar.symbol, bar.open, bar.high, bar.low, bar.close, bar.volume))
+        await self.settle()
+        expired = self.engine.advance()
+        if expired.order_updates:
+            self.venue.dispatch(expired)
+            await self.settle()
+
+    async def settle(self) -> None:
+        stream = self._stream
+        handler = self.on_user_event
+        while not stream.empty():
+            event = stream.get_nowait()
+            if handler is not None:
+                await handler(event)
+
+
+# --- the order store, observed ----------------------------------------------------------------------
+
+Listener = Callable[[Order, OrderEvent | None], None]
+
+
+class ListeningStore:
+    """Any ``OrderStoreProtocol`` (the PostgreSQL ``OrderStore``), telling ``listener`` about every stored
+    order change (``NotifyingMemoryStore`` does the same for the in-memory store)."""
+
+    def __init__(self, inner: OrderStoreProtocol, listener: Listener) -> None:
+        self.inner = inner
+        self._listener = listener
+
+    def insert_order(
+        self,
+        order: Order,
+        event: OrderEvent | None = None,
+        *,
+        emulated: bool = False,
+        parent_client_order_id: str | None = None,
+        order_list_id: str | None = None,
+    ) -> bool:
+        inserted = self.inner.insert_order(
+            order, event, emulated=emulated, parent_client_order_id=parent_client_order_id, order_list_id=order_list_id
+        )
+        if inserted:
+            self._listener(order, event)
+        return inserted
+
+    def append_event(self, order: Order, event: OrderEvent) -> int | None:
+        seq = self.inner.append_event(order, event)
+        self._listener(order, event)
+        return seq
+
+    def record_note(self, order: Order, kind: str, ts: datetime, payload: Mapping[str, Any]) -> int:
+        return self.inner.record_note(order, kind, ts, payload)
+
+    def record_fill(self, fill: Fill, account: str, strategy: str | None) -> bool:
+        return self.inner.record_fill(fill, account, strategy)
+
+    def get(self, client_order_id: str) -> Order | None:
+        return self.inner.get(client_order_id)
+
+    def load_open(self, account: str | None = None, *, include_emulated: bool = True) -> list[Order]:
+        return self.inner.load_open(account, include_emulated=include_emulated)
+
+    def is_emulated(self, client_order_id: str) -> bool:
+        return self.inner.is_emulated(client_order_id)
+
+    def count_children(self, parent_client_order_id: str) -> int:
+        return self.inner.count_children(parent_client_order_id)
+
+    def order_row(self, client_order_id: str) -> dict[str, Any] | None:
+        return self.inner.order_row(client_order_id)
+
+    def events_of(self, client_order_id: str) -> list[dict[str, Any]]:
+        return self.inner.events_of(client_order_id)
+
+    def fills_of(self, client_order_id: str) -> list[dict[str, Any]]:
+        return self.inner.fills_of(client_order_id)
+
+
+class _KillSwitchView:
+    """What the OMS reads of the kill switch (``effective``); its halt cancellations are ours, awaited
+    in ``handle`` (the OMS would run them in the background), so ``subscribe`` is a no-op."""
+
+    def __init__(self, switch: KillSwitch) -> None:
+        self.switch = switch
+
+    def effective(self, account: str, strategy: str) -> tuple[Any, str]:
+        return self.switch.effective(account, strategy)
+
+    def subscribe(self, callback: Callable[[Any], Any]) -> Callable[[], None]:
+        return lambda: None
+
+
+# --- lanes ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Market:
+    """Lock-step state of one market of one account."""
+
+    exchange: str
+    symbol: str
+    instances: set[str]
+    acks: dict[str, int] = dataclasses.field(default_factory=dict)
+    seq: int = 0
+    held: deque[PipelineRequest] = dataclasses.field(default_factory=deque)
+    bars: deque[Bar] = dataclasses.field(default_factory=deque)
+    current: Bar | None = None
+    last_ts: datetime | None = None  # last bar taken (drop older ones)
+    done_ts: datetime | None = None  # last bar closed
+    end: EndOfReplayCommand | None = None
+    end_seq: int | None = None
+    ended: bool = False
+
+    @property
+    def key(self) -> str:
+        return market_key(self.exchange, self.symbol)
+
+    def all_acked(self) -> bool:
+        return all(self.acks.get(i, -1) >= self.seq for i in self.instances)
+
+    def replay_done(self) -> bool:
+        end = self.end
+        if end is None:
+            return False
+        if end.last_ts is None or end.count == 0:
+            return not self.bars and self.current is None
+        return self.done_ts is not None and self.done_ts >= end.last_ts and not self.bars and self.current is None
+
+
+class _Lane:
+    """One account: driver, OMS, emulator, portfolio, kill switch, markets."""
+
+    def __init__(
+        self,
+        account: str,
+        driver: VenueDriver,
+        store: Any,
+        *,
+        latency: timedelta,
+        markets: Mapping[str, _Market],
+        service: ExecutionService,
+    ) -> None:
+        self.account = account
+        self.driver = driver
+        self.latency = latency
+        self.markets: dict[str, _Market] = dict(markets)
+        clock = driver.now
+        self.portfolio = Portfolio(clock=clock)
+        self.kill_switch = KillSwitch(InMemoryKillSwitchStore(), clock=clock)
+        self.oms = OrderManager(
+            store,
+            {account: driver.adapter},
+            clock=clock,
+            portfolio=self.portfolio,
+            kill_switch=_KillSwitchView(self.kill_switch),
+        )
+        exchange = driver.adapter.exchange_id
+        instruments = {
+            (exchange, m.symbol): i for m in self.markets.values() if (i := service.instrument(exchange, m.symbol))
+        }
+        self.emulator = LocalOrderEmulator(
+            MemoryEmulationStore(),
+            clock,
+            self.oms.submit_native,
+            self.oms.cancel,
+            capabilities={account: getattr(driver.adapter, "capabilities", PAPER_CAPABILITIES)},
+            instruments=instruments,
+        )
+        self.oms.emulator = self.emulator
+        self.requested: dict[str, Order] = {}  # orders known from requests, not (yet) in the store
+        self.symbol_of: dict[str, str] = {}  # client order id -> symbol (routes cancels and amends)
+        self.emulated_active = False
+        self.executor = RequestExecutor(
+            self.oms,
+            self.emulator,
+            store,
+            known=self.known,
+            local_cancel=service._local_cancel,
+            logger=log,
+        )
+
+    def known(self, client_order_id: str) -> Order | None:
+        try:
+            return self.oms.order(client_order_id)
+        except OrderNotFoundError:
+            return self.requested.get(client_order_id)
+
+
+def _announced(intent: OrderIntent, ts: datetime) -> Order:
+    """The order as its strategy announced it (``pending_submit`` at the decision time)."""
+    coid = intent.client_order_id
+    return Order.from_intent(intent).apply(OrderSubmitted(event_id="submitted", client_order_id=coid, ts=ts))
+
+
+class ExecutionService:
+    """The execution stage (module docstring). ``drivers``: one per account; ``store``: the OMS store
+    (default in memory; the PostgreSQL ``meltica.execution.store.OrderStore`` for restart safety — open
+    orders are then recovered from it on ``start``)."""
+
+    name = "execution"
+    inputs: tuple[str, ...] = ("orders.approved", "md.candles.1m", "control")
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        drivers: Mapping[str, VenueDriver],
+        *,
+        store: OrderStoreProtocol | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.config = config
+        self.lockstep = config.lockstep
+        self._log = logger or log
+        self._changes: list[tuple[Order, OrderEvent | None]] = []
+        self._recover = store is not None
+        self.store: Any = (
+            NotifyingMemoryStore(self._on_stored) if store is None else ListeningStore(store, self._on_stored)
+        )
+        self._instruments = {(i.exchange, i.symbol): i for a in config.account_names() for i in config.instruments(a)}
+        self.lanes: dict[str, _Lane] = {}
+        for account, driver in drivers.items():
+            markets: dict[str, _Market] = {}
+            for inst in config.instances:
+                if inst.account != account:
+                    continue
+                for symbol in inst.symbols:
+                    key = market_key(inst.exchange, symbol)
+                    markets.setdefault(key, _Market(inst.exchange, symbol, set())).instances.add(inst.instance_id)
+            latency = config.account(account).latency if account in config.account_names() else timedelta(0)
+            lane = _Lane(account, driver, self.store, latency=latency, markets=markets, service=self)
+            if hasattr(driver, "on_user_event"):  # the driver owns the user stream (meltica.live.venue)
+                driver.on_user_event = self._user_event_handler(lane)
+            self.lanes[account] = lane
+        self._handled: deque[str] = deque(maxlen=_KEEP_IDS)
+        self._handled_set: set[str] = set()
+        self._commands: deque[str] = deque(maxlen=10_000)
+        self._emit: Emit | None = None
+        self._in_handle = False
+        self._flush_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def paper(cls, config: PipelineConfig, *, store: OrderStoreProtocol | None = None) -> ExecutionService:
+        """A service with a :class:`PaperDriver` for every account of ``config``."""
+        drivers = {account: PaperDriver.from_config(config, account) for account in config.account_names()}
+        return cls(config, drivers, store=store)
+
+    def instrument(self, exchange: str, symbol: str) -> Instrument | None:
+        return self._instruments.get((exchange, symbol))
+
+    # --- Processor ---------------------------------------------------------------------------
+    async def start(self, emit: Emit) -> None:
+        self._emit = emit
+        for lane in self.lanes.values():
+            await lane.driver.start()
+            if self._recover:
+                self._in_handle = True
+                try:
+                    await lane.oms.recover()
+                finally:
+                    self._in_handle = False
+                for out in self._flush():
+                    await emit(out)
+
+    async def stop(self) -> None:
+        for lane in self.lanes.values():
+            await lane.driver.stop()
+        if self._flush_task is not None:
+            await self._flush_task
+        self._emit = None
+
+    def _user_event_handler(self, lane: _Lane) -> UserEventHandler:
+        async def handle(event: UserEvent) -> None:
+            await lane.oms.on_user_event(event, account=lane.account)
+
+        return handle
+
+    async def handle(self, message: Incoming) -> Sequence[Outgoing]:
+        self._in_handle = True
+        try:
+            return await self._handle(message.value)
+        finally:
+            self._in_handle = False
+
+    async def _handle(self, value: BaseModel) -> list[Outgoing]:
+        if isinstance(value, StrategyProgress):
+            return await self._on_progress(value)
+        if isinstance(value, PipelineRequest):
+            if value.request_id in self._handled_set:
+                return []
+            self._remember(value.request_id)
+            return await self._on_request(value)
+        if isinstance(value, Bar):
+            return await self._on_bar(value)
+        if isinstance(value, (KillSwitchCommand, EndOfReplayCommand, StrategyCommand)):
+            if value.command_id in self._commands:
+                return []
+            self._commands.append(value.command_id)
+            if isinstance(value, KillSwitchCommand):
+                return await self._on_kill_switch(value)
+            if isinstance(value, EndOfReplayCommand):
+                return await self._on_end(value)
+        return []
+
+    def _remember(self, request_id: str) -> None:
+        if len(self._handled) == self._handled.maxlen:
+            self._handled_set.discard(self._handled[0])
+        self._handled.append(request_id)
+        self._handled_set.add(request_id)
+
+    # --- publishing ----------------------------------------------------------------------------
+    def _on_stored(self, order: Order, event: OrderEvent | None) -> None:
+        lane = self.lanes.get(order.account)
+        if lane is not None:
+            lane.requested.pop(order.client_order_id, None)
+        self._changes.append((order, event))
+        if not self._in_handle and self._emit is not None and self._flush_task is None:
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_in_background())
+
+    async def _flush_in_background(self) -> None:
+        """Changes made by a venue's user stream between messages: published through ``emit``."""
+        await asyncio.sleep(0)
+        self._flush_task = None
+        if self._emit is None:
+            return
+        for out in self._flush():
+            await self._emit(out)
+
+    def _local_cancel(self, order: Order, reason: str) -> None:
+        lane = self.lanes[order.account]
+        coid = order.client_order_id
+        event = OrderCancelled(event_id="cancelled", client_order_id=coid, ts=lane.driver.now(), reason=reason)
+        cancelled = order.apply(event)
+        lane.requested[coid] = cancelled
+        self._changes.append((cancelled, event))
+
+    def _flush(self) -> list[Outgoing]:
+        """The buffered order changes as messages: updates and fills in order, then the positions."""
+        changes, self._changes = self._changes, []
+        out: list[Outgoing] = []
+        touched: dict[str, tuple[str, str, str, str]] = {}
+        for order, event in changes:
+            account = order.account
+            strategy = order.intent.strategy
+            key = account_key(account)
+            out.append(Outgoing(EVENTS, key, OrderUpdate(account=account, strategy=strategy, order=order, event=event)))
+            if isinstance(event, OrderFilled):
+                out.append(Outgoing(FILLS, key, AccountFill(account=account, strategy=strategy, fill=event.fill)))
+                fill = event.fill
+                touched[position_key(account, fill.exchange, fill.symbol, strategy)] = (
+                    account,
+                    fill.exchange,
+                    fill.symbol,
+                    strategy,
+                )
+        for pkey, (account, exchange, symbol, strategy) in touched.items():
+            lane = self.lanes.get(account)
+            if lane is not None:
+                position = lane.portfolio.position(account, exchange, symbol, strategy=strategy)
+                out.append(Outgoing(POSITIONS, pkey, position))
+        return out
+
+    def _venue_progress(
+        self, lane: _Lane, market: _Market, phase: Literal["open", "close", "end"], bar: Bar | None
+    ) -> Outgoing:
+        progress = VenueProgress(
+            account=lane.account,
+            exchange=market.exchange,
+            symbol=market.symbol,
+            seq=market.seq,
+            phase=phase,
+            bar=bar,
+            ts=lane.driver.now(),
+        )
+        return Outgoing(EVENTS, account_key(lane.account), progress)
+
+    # --- requests ------------------------------------------------------------------------------
+    def _market_of(self, lane: _Lane, request: PipelineRequest) -> _Market | None:
+        symbol: str | None = None
+        if isinstance(request, SubmitRequest):
+            symbol = request.intent.symbol
+        elif isinstance(request, OrderListRequest):
+            symbol = request.legs[0].symbol
+        elif isinstance(request, RejectionNotice):
+            inner = request.request
+            symbol = inner.intent.symbol if isinstance(inner, SubmitRequest) else inner.legs[0].symbol
+        elif isinstance(request, (CancelRequest, AmendRequest)):
+            symbol = lane.symbol_of.get(request.client_order_id)
+            if symbol is None:
+                order = lane.known(request.client_order_id)
+                symbol = None if order is None else order.intent.symbol
+        for market in lane.markets.values():
+            if market.symbol == symbol:
+                return market
+        return next(iter(lane.markets.values()), None)
+
+    def _note(self, lane: _Lane, request: PipelineRequest) -> None:
+        """Remember the orders a request announces (they exist for their strategy from now on)."""
+        if isinstance(request, SubmitRequest):
+            intents: Sequence[OrderIntent] = (request.intent,)
+        elif isinstance(request, OrderListRequest):
+            intents = request.legs
+        else:
+            return
+        for intent in intents:
+            coid = intent.client_order_id
+            lane.symbol_of[coid] = intent.symbol
+            if lane.known(coid) is None:
+                lane.requested[coid] = _announced(intent, request.ts)
+
+    async def _on_request(self, request: PipelineRequest) -> list[Outgoing]:
+        lane = self.lanes.get(request.account)
+        if lane is None:
+            self._log.warning("request %s for unknown account %s dropped", request.request_id, request.account)
+            return []
+        self._note(lane, request)
+        market = self._market_of(lane, request)
+        if self.lockstep and market is not None:
+            market.held.append(request)
+            return await self._advance(lane, market)
+        await self._carry_out(lane, request)
+        await lane.driver.settle()
+        return self._flush()
+
+    def _held(self, request: PipelineRequest, arrival: datetime) -> HeldRequest | None:
+        if isinstance(request, SubmitRequest):
+            return HeldRequest(arrival, "submit", request.intent.client_order_id, intent=request.intent)
+        if isinstance(request, OrderListRequest):
+            return HeldRequest(
+                arrival, "list", intents=request.legs, list_id=request.list_id, list_kind=request.list_kind
+            )
+        if isinstance(request, CancelRequest):
+            return HeldRequest(arrival, "cancel", request.client_order_id)
+        if isinstance(request, AmendRequest):
+            return HeldRequest(
+                arrival, "amend", request.client_order_id, price=request.price, quantity=request.quantity
+            )
+        return None
+
+    async def _carry_out(self, lane: _Lane, request: PipelineRequest) -> None:
+        if isinstance(request, RejectionNotice):
+            self._reject(lane, request)
+            return
+        held = self._held(request, request.ts + lane.latency)
+        if held is not None and await lane.executor.execute(held):
+            lane.emulated_active = True
+
+    def _reject(self, lane: _Lane, notice: RejectionNotice) -> None:
+        inner = notice.request
+        intents = (inner.intent,) if isinstance(inner, SubmitRequest) else inner.legs
+        decision = notice.decision
+        reason = f"risk: {decision.rule}: {decision.reason}"
+        for intent in intents:
+            coid = intent.client_order_id
+            if lane.oms.store.get(coid) is not None:
+                continue
+            event = OrderRejected(event_id="rejected", client_order_id=coid, ts=lane.driver.now(), reason=reason)
+            self.store.insert_order(Order.from_intent(intent).apply(event), event)
+
+    # --- lock-step -----------------------------------------------------------------------------
+    async def _on_progress(self, progress: StrategyProgress) -> list[Outgoing]:
+        lane = self.lanes.get(progress.account)
+        if lane is None:
+            return []
+        out: list[Outgoing] = []
+        for market in list(lane.markets.values()):
+            if market.exchange != progress.exchange or progress.symbol not in (None, market.symbol):
+                continue
+            if progress.strategy not in market.instances:
+                # an instance started at run time joins from the current step on
+                market.instances.add(progress.strategy)
+                market.acks[progress.strategy] = max(progress.seq, market.seq)
+            else:
+                market.acks[progress.strategy] = max(market.acks.get(progress.strategy, -1), progress.seq)
+            if self.lockstep:
+                out += await self._advance(lane, market)
+        return out
+
+    async def _on_bar(self, bar: Bar) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        key = market_key(bar.exchange, bar.symbol)
+        for lane in self.lanes.values():
+            market = lane.markets.get(key)
+            if market is None or (market.last_ts is not None and bar.ts <= market.last_ts):
+                continue
+            market.last_ts = bar.ts
+            if self.lockstep:
+                market.bars.append(bar)
+                out += await self._advance(lane, market)
+            elif isinstance(lane.driver, PaperDriver):
+                await lane.driver.open(bar)
+                await self._close(lane, bar)
+                out += self._flush()
+        return out
+
+    def _releasable(self, lane: _Lane, market: _Market, ts: datetime) -> bool:
+        return bool(market.held) and market.held[0].ts + lane.latency <= ts
+
+    async def _release(self, lane: _Lane, market: _Market, ts: datetime) -> None:
+        held = market.held
+        while held and held[0].ts + lane.latency <= ts:
+            await self._carry_out(lane, held.popleft())
+        await lane.driver.settle()
+
+    async def _close(self, lane: _Lane, bar: Bar) -> None:
+        await lane.driver.path(bar)
+        await lane.driver.settle()
+        if lane.emulated_active:
+            await lane.oms.on_market_data(bar)
+            await lane.driver.settle()
+            lane.emulated_active = bool(lane.emulator.orders())
+
+    async def _advance(self, lane: _Lane, market: _Market) -> list[Outgoing]:
+        """Take every step the acknowledgements allow (module docstring)."""
+        out: list[Outgoing] = []
+        while not market.ended and market.all_acked():
+            bar = market.current
+            if bar is not None:
+                if self._releasable(lane, market, bar.ts):  # reactions that reached this open
+                    await self._release(lane, market, bar.ts)
+                    market.seq += 1
+                    out += self._flush()
+                    out.append(self._venue_progress(lane, market, "open", bar))
+                    continue
+                await self._close(lane, bar)
+                market.current = None
+                market.done_ts = bar.ts
+                market.seq += 1
+                out += self._flush()
+                out.append(self._venue_progress(lane, market, "close", bar))
+                continue
+            if market.bars:
+                bar = market.bars.popleft()
+                market.current = bar
+                if self._releasable(lane, market, bar.ts):
+                    await lane.driver.open(bar)
+                    await self._release(lane, market, bar.ts)
+                    market.seq += 1
+                    out += self._flush()
+                    out.append(self._venue_progress(lane, market, "open", bar))
+                continue
+            if market.replay_done():
+                if market.end_seq is None:  # one more step: the strategies' on_stop
+                    market.seq += 1
+                    market.end_seq = market.seq
+                    continue
+                await self._end_of_data(lane, market)
+                out += self._flush()
+                out.append(self._venue_progress(lane, market, "end", None))
+                market.ended = True
+            break
+        return out
+
+    async def _end_of_data(self, lane: _Lane, market: _Market) -> None:
+        held: deque[HeldRequest] = deque()
+        while market.held:
+            request = market.held.popleft()
+            if isinstance(request, RejectionNotice):
+                self._reject(lane, request)
+                continue
+            converted = self._held(request, request.ts + lane.latency)
+            if converted is not None:
+                held.append(converted)
+        await lane.executor.end_of_data(held)
+        await lane.driver.settle()
+
+    async def _on_end(self, command: EndOfReplayCommand) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        key = market_key(command.exchange, command.symbol)
+        for lane in self.lanes.values():
+            market = lane.markets.get(key)
+            if market is None or market.end is not None:
+                continue
+            market.end = command
+            if self.lockstep:
+                out += await self._advance(lane, market)
+            else:
+                market.seq += 1
+                market.ended = True
+                out.append(self._venue_progress(lane, market, "end", None))
+        return out
+
+    # --- kill switch ---------------------------------------------------------------------------
+    async def _on_kill_switch(self, command: KillSwitchCommand) -> list[Outgoing]:
+        kind, _, name = command.scope.partition(":")
+        for lane in self.lanes.values():
+            if kind == "account" and name != lane.account:
+                continue
+            if command.mode == "off":
+                lane.kill_switch.release(command.actor, command.reason, scope=command.scope)
+                continue
+            lane.kill_switch.engage(command.mode, command.reason, command.actor, scope=command.scope)
+            if command.mode != "halt":
+                continue
+            filters: dict[str, str] = {"account": lane.account}
+            if kind == "strategy" and name:
+                filters["strategy"] = name
+            await lane.oms.cancel_all(reason=f"kill switch halt ({command.scope})", **filters)
+            await lane.driver.settle()
+        return self._flush()
+
+    # --- state ---------------------------------------------------------------------------------
+    def snapshot(self, key: str) -> dict[str, Any] | None:
+        """The lock-step state of one account (``key``): markets, held requests, handled request ids.
+        Orders themselves live in the store."""
+        lane = self.lanes.get(key)
+        if lane is None:
+            return None
+        return {
+            "markets": {
+                m.key: {
+                    "acks": dict(m.acks),
+                    "instances": sorted(m.instances),
+                    "seq": m.seq,
+                    "held": [r.model_dump(mode="json") for r in m.held],
+                    "bars": [b.model_dump(mode="json") for b in m.bars],
+                    "current": None if m.current is None else m.current.model_dump(mode="json"),
+                    "last_ts": None if m.last_ts is None else m.last_ts.isoformat(),
+                    "done_ts": None if m.done_ts is None else m.done_ts.isoformat(),
+                    "end": None if m.end is None else m.end.model_dump(mode="json"),
+                    "end_seq": m.end_seq,
+                    "ended": m.ended,
+                }
+                for m in lane.markets.values()
+            },
+            "requested": [o.model_dump(mode="json") for o in lane.requested.values()],
+            "symbol_of": dict(lane.symbol_of),
+            "emulated_active": lane.emulated_active,
+            "handled": [r for r in self._handled if r.startswith(tuple(f"{i}:" for i in self._instances_of(key)))],
+        }
+
+    def _instances_of(self, account: str) -> list[str]:
+        return [i.instance_id for i in self.config.instances if i.account == account] or [""]
+
+    def restore(self, key: str, state: dict[str, Any]) -> None:
+        lane = self.lanes.get(key)
+        if lane is None:
+            return
+        for mkey, data in state["markets"].items():
+            market = lane.markets.get(mkey)
+            if market is None:
+                exchange, _, symbol = mkey.partition(":")
+                market = lane.markets[mkey] = _Market(exchange, symbol, set())
+            market.instances |= set(data["instances"])
+            market.acks = {i: int(s) for i, s in data["acks"].items()}
+            market.seq = int(data["seq"])
+            market.held = deque(_APPROVED.validate_python(r) for r in data["held"])
+            market.bars = deque(Bar.model_validate(b) for b in data["bars"])
+            market.current = None if data["current"] is None else Bar.model_validate(data["current"])
+            market.last_ts = None if data["last_ts"] is None else datetime.fromisoformat(data["last_ts"])
+            market.done_ts = None if data["done_ts"] is None else datetime.fromisoformat(data["done_ts"])
+            market.end = None if data["end"] is None else EndOfReplayCommand.model_validate(data["end"])
+            market.end_seq = data["end_seq"]
+            market.ended = bool(data["ended"])
+        for order in state["requested"]:
+            restored = Order.model_validate(order)
+            lane.requested[restored.client_order_id] = restored
+        lane.symbol_of.update(state["symbol_of"])
+        lane.emulated_active = bool(state["emulated_active"])
+        for request_id in state["handled"]:
+            if request_id not in self._handled_set:
+                self._remember(request_id)

@@ -1,0 +1,217 @@
+"""``ExecutionService`` over the ``PaperDriver``: live and lock-step handling, rejections, kill switch,
+end of replay, idempotence, and the service inside the in-memory pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal as D
+from typing import Any
+
+from meltica.domain import Bar, OrderIntent, OrderStatus, OrderType, Side
+from meltica.live.bus import InMemoryBus
+from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceConfig
+from meltica.live.execution import ExecutionService, PaperDriver
+from meltica.live.processor import Incoming, Outgoing
+from meltica.live.strategy_host import StrategyHost
+from meltica.live.venue import VenueDriver
+from meltica.messaging.schemas import (
+    AccountFill,
+    CancelRequest,
+    EndOfReplayCommand,
+    KillSwitchCommand,
+    OrderUpdate,
+    RejectionNotice,
+    RiskDecisionMessage,
+    StrategyProgress,
+    SubmitRequest,
+    VenueProgress,
+)
+from meltica.strategies.simulation import END_OF_DATA
+
+SYMBOL = "BTC/USDT"
+T0 = datetime(2022, 1, 1, tzinfo=UTC)
+MINUTE = timedelta(minutes=1)
+
+
+def config(*, lockstep: bool) -> PipelineConfig:
+    return PipelineConfig(
+        instances=(
+            StrategyInstanceConfig(
+                instance_id="s1", strategy="grid", params={"symbol": SYMBOL}, account="acc",
+                exchange="binance", symbols=(SYMBOL,),
+            ),
+        ),
+        accounts={"acc": AccountConfig(exchange="binance", initial_balances={"USDT": D(100_000)})},
+        lockstep=lockstep,
+    )  # fmt: skip
+
+
+def bar(i: int, low: str = "39990", high: str = "40010") -> Bar:
+    return Bar(
+        exchange="binance", symbol=SYMBOL, timeframe="1m", ts=T0 + i * MINUTE,
+        open=D(40000), high=D(high), low=D(low), close=D(40000), volume=D(5),
+    )  # fmt: skip
+
+
+def submit(n: int, price: str, *, ts: datetime = T0, side: Side = Side.BUY) -> SubmitRequest:
+    intent = OrderIntent(
+        intent_id=f"s1:{n}", account="acc", strategy="s1", exchange="binance", symbol=SYMBOL, side=side,
+        type=OrderType.LIMIT, quantity=D("0.01"), price=D(price), created_at=ts,
+    )  # fmt: skip
+    return SubmitRequest(request_id=intent.intent_id, account="acc", strategy="s1", ts=ts, intent=intent)
+
+
+def run(service: ExecutionService, *messages: tuple[str, Any]) -> list[Outgoing]:
+    async def main() -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for topic, value in messages:
+            out += await service.handle(Incoming(topic, "acc", value))
+        return out
+
+    return asyncio.run(main())
+
+
+def updates(out: list[Outgoing]) -> list[OrderUpdate]:
+    return [o.value for o in out if isinstance(o.value, OrderUpdate)]
+
+
+def test_paper_driver_is_a_venue_driver() -> None:
+    driver = PaperDriver.from_config(config(lockstep=True), "acc")
+    assert isinstance(driver, VenueDriver)
+    assert driver.adapter.exchange_id == "binance"
+
+
+def test_live_requests_go_out_at_once_and_a_redelivered_request_does_nothing() -> None:
+    service = ExecutionService.paper(config(lockstep=False))
+    assert run(service, ("md.candles.1m", bar(0))) == []  # the market moves; nothing of ours
+    request = submit(1, "39000")
+    out = run(service, ("orders.approved", request))
+    assert [(u.event.__class__.__name__, u.order.status) for u in updates(out)] == [
+        ("OrderSubmitted", OrderStatus.PENDING_SUBMIT),
+        ("OrderAccepted", OrderStatus.OPEN),
+    ]
+    assert all(o.topic == "orders.events" and o.key == "acc" for o in out)
+    assert updates(out)[0].strategy == "s1"
+    assert run(service, ("orders.approved", request)) == []
+    # a bar through the limit fills it: update, fill and position published
+    filled = run(service, ("md.candles.1m", bar(1, low="38900")))
+    topics = [o.topic for o in filled]
+    assert topics == ["orders.events", "fills", "positions"]
+    assert isinstance(filled[1].value, AccountFill) and filled[1].value.fill.price == D(39000)
+    assert filled[2].value.quantity == D("0.01")
+
+
+def test_rejection_notice_reports_the_order_rejected_with_the_decisions_reason() -> None:
+    service = ExecutionService.paper(config(lockstep=False))
+    request = submit(1, "39000")
+    decision = RiskDecisionMessage(intent_id="s1:1", approved=False, rule="max_order_notional", reason="too big", ts=T0)
+    notice = RejectionNotice(request_id="s1:1", account="acc", strategy="s1", ts=T0, request=request, decision=decision)
+    out = updates(run(service, ("orders.approved", notice)))
+    assert len(out) == 1
+    assert out[0].order.status is OrderStatus.REJECTED
+    assert out[0].order.reason == "risk: max_order_notional: too big"
+    assert run(service, ("orders.approved", request)) == []  # the same request id: already handled
+
+
+def test_kill_switch_halt_cancels_open_orders_and_refuses_new_ones() -> None:
+    service = ExecutionService.paper(config(lockstep=False))
+    run(service, ("orders.approved", submit(1, "39000")), ("orders.approved", submit(2, "38000")))
+    lane = service.lanes["acc"]
+    assert len(lane.oms.open_orders()) == 2
+    halt = KillSwitchCommand(command_id="k1", actor="test", ts=T0, scope="global", mode="halt", reason="test")
+    out = updates(run(service, ("control", halt)))
+    cancelled = {u.order.client_order_id for u in out if u.order.status is OrderStatus.CANCELLED}
+    assert len(cancelled) == 2
+    assert lane.oms.open_orders() == []
+    refused = updates(run(service, ("orders.approved", submit(3, "37000"))))
+    assert [u.order.status for u in refused] == [OrderStatus.REJECTED]
+    assert "kill switch halt" in (refused[0].order.reason or "")
+
+
+def test_lockstep_holds_bars_until_acknowledged_and_requests_until_the_next_open() -> None:
+    service = ExecutionService.paper(config(lockstep=True))
+    assert run(service, ("md.candles.1m", bar(0))) == []  # nobody acknowledged step 0 yet
+    ack0 = StrategyProgress(
+        request_id="p0", account="acc", strategy="s1", ts=T0, exchange="binance", symbol=SYMBOL, seq=0
+    )
+    out = run(service, ("orders.approved", ack0))
+    progress = [o.value for o in out if isinstance(o.value, VenueProgress)]
+    assert [(p.seq, p.phase) for p in progress] == [(1, "close")]
+    # a request decided at bar 0's close waits for bar 1's open
+    request = submit(1, "39000", ts=bar(0).close_time)
+    assert run(service, ("orders.approved", request)) == []
+    assert run(service, ("md.candles.1m", bar(1))) == []  # step 1 not acknowledged
+    ack1 = ack0.model_copy(update={"request_id": "p1", "seq": 1})
+    out = run(service, ("orders.approved", ack1))
+    assert [type(o.value).__name__ for o in out] == ["OrderUpdate", "OrderUpdate", "VenueProgress"]
+    assert (out[-1].value.seq, out[-1].value.phase, out[-1].value.ts) == (2, "open", bar(1).ts)
+    assert run(service, ("orders.approved", ack1)) == []  # a repeated watermark changes nothing
+    ack2 = ack0.model_copy(update={"request_id": "p2", "seq": 2})
+    out = run(service, ("orders.approved", ack2))
+    assert [(o.value.seq, o.value.phase) for o in out if isinstance(o.value, VenueProgress)] == [(3, "close")]
+
+
+def test_end_of_replay_ends_held_orders_and_publishes_the_end_marker() -> None:
+    service = ExecutionService.paper(config(lockstep=True))
+    ack = StrategyProgress(
+        request_id="p0", account="acc", strategy="s1", ts=T0, exchange="binance", symbol=SYMBOL, seq=0
+    )
+    end = EndOfReplayCommand(
+        command_id="e1", actor="test", ts=T0, exchange="binance", symbol=SYMBOL, last_ts=bar(0).ts, count=1
+    )
+    run(service, ("md.candles.1m", bar(0)), ("orders.approved", ack), ("control", end))
+    held = submit(1, "39000", ts=bar(0).close_time)
+    cancel = CancelRequest(request_id="s1:r1", account="acc", strategy="s1", ts=bar(0).close_time, client_order_id="x")
+    assert run(service, ("orders.approved", held), ("orders.approved", cancel)) == []
+    # the strategies acknowledge the end step (their on_stop done): the data ends
+    out = run(service, ("orders.approved", ack.model_copy(update={"request_id": "p2", "seq": 2})))
+    final = updates(out)
+    assert [(u.order.status, u.order.reason) for u in final] == [(OrderStatus.CANCELLED, END_OF_DATA)]
+    assert isinstance(out[-1].value, VenueProgress) and out[-1].value.phase == "end"
+
+
+def test_kill_switch_through_the_pipeline_cancels_a_running_strategys_orders() -> None:
+    pipe = config(lockstep=True)
+
+    class PassThrough:
+        name = "risk-pass"
+        inputs = ("orders.intents",)
+
+        async def start(self, emit: Any) -> None: ...
+
+        async def stop(self) -> None: ...
+
+        async def handle(self, message: Incoming) -> list[Outgoing]:
+            return [Outgoing("orders.approved", message.key or "", message.value)]
+
+        def snapshot(self, key: str) -> None:
+            return None
+
+        def restore(self, key: str, state: dict[str, Any]) -> None: ...
+
+    host, execution = StrategyHost(pipe), ExecutionService.paper(pipe)
+
+    async def main() -> InMemoryBus:
+        bus = InMemoryBus([host, PassThrough(), execution])
+        async with bus:
+            for i in range(3):
+                await bus.publish("md.candles.1m", "binance:BTC/USDT", bar(i))
+            await bus.run_until_idle()
+            assert len(execution.lanes["acc"].oms.open_orders()) == 5  # the grid's buy levels
+            halt = KillSwitchCommand(command_id="k", actor="test", ts=T0, scope="strategy:s1", mode="halt", reason="t")
+            await bus.publish("control", "strategy:s1", halt)
+            await bus.run_until_idle()
+            await bus.publish("md.candles.1m", "binance:BTC/USDT", bar(3))
+            await bus.run_until_idle()
+        return bus
+
+    bus = asyncio.run(main())
+    assert execution.lanes["acc"].oms.open_orders() == []
+    cancelled = [
+        m
+        for m in bus.messages("orders.events")
+        if isinstance(m, OrderUpdate) and m.order.status is OrderStatus.CANCELLED
+    ]
+    assert len(cancelled) == 5
+    assert host.instances["s1"].ctx.open_orders() == []  # the strategy heard of it at the next step
