@@ -16,6 +16,7 @@ from meltica.cli import (
     keys_cmd,
     kill_cmd,
     optimize_cmd,
+    status_cmd,
     streams_cmd,
 )
 
@@ -33,7 +34,7 @@ app.add_typer(keys_cmd.app, name="keys", help="Manage encrypted exchange API cre
 app.add_typer(emulator_cmd.app, name="emulator", help="Run a local Binance-compatible exchange emulator.")
 app.add_typer(kill_cmd.app, name="kill", help="Kill switch: halt or reduce-only, by hand; show its state.")
 app.add_typer(flows_cmd.app, name="flows", help="Prefect deployments: deploy the flows, list them, run a server.")
-app.add_typer(streams_cmd.app, name="streams", help="Kafka topics of the live pipeline.")
+app.add_typer(streams_cmd.app, name="streams", help="Kafka topics and workers of the live pipeline.")
 app.command("reconcile", help="Reconcile accounts with the exchanges; --now triggers the on-demand deployment.")(
     flows_cmd.reconcile
 )
@@ -42,6 +43,9 @@ app.command("backtest", help="Backtest a strategy on recorded bars; write metric
     backtest_cmd.backtest
 )
 app.command("optimize", help="Parameter sweeps and walk-forward analysis.")(optimize_cmd.optimize)
+app.command("status", help="Live pipeline: consumer lag, per-agent rates, dead letters, infrastructure.")(
+    status_cmd.status
+)
 
 
 def main() -> None:

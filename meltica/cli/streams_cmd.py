@@ -85,3 +85,36 @@ def list_(
             highlight=False,
             soft_wrap=True,
         )
+
+
+@app.command("worker")
+def worker(
+    config: str = typer.Option(..., "--config", help="worker config file (YAML/JSON, see streams/worker.py)"),
+    app_id: str | None = typer.Option(None, "--app-id", help="Faust app id = consumer group (overrides the config)"),
+    factory: str | None = typer.Option(None, "--factory", help="processor factory module:function"),
+    log_level: str = typer.Option("INFO", "--log-level", help="log level of the worker"),
+) -> None:
+    """Run a Faust worker (``python -m streams.worker``) in a subprocess; SIGTERM/SIGINT stop it gracefully.
+
+    One process can host every agent; several processes with the same --app-id split the partitions."""
+    import signal
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "streams.worker", "--config", config, "--log-level", log_level]
+    if app_id:
+        argv += ["--app-id", app_id]
+    if factory:
+        argv += ["--factory", factory]
+    child = subprocess.Popen(argv)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    raise typer.Exit(code)

@@ -1,0 +1,563 @@
+"""The generic Faust worker: runs :class:`meltica.live.processor.Processor` objects as agents over Kafka.
+
+For each processor, one agent over one stream of all its input topics (raw bytes, decoded with the core
+codec; a malformed message goes to the DLQ with its reason, is counted, and the agent goes on). Each
+message becomes an :class:`Incoming` (logical topic, key, value, partition, offset, broker timestamp);
+``processor.handle`` is awaited inside a tracing span (child of the message's ``traceparent``, named
+``<processor>.handle <topic>``); every :class:`Outgoing` is encoded and sent, in order, with the span's
+context in its headers, and (``confirm_outputs``, the default) acknowledged by the broker before the
+processor's state is stored and the message is acknowledged — so a stored state never runs ahead of
+the messages it produced. Delivery is at least once: after a crash, messages since the last commit are
+handed over again and the processor drops what it already handled.
+
+State: a changelogged Faust table ``<name>-state`` (in-memory store, rebuilt from the changelog on start
+and after every rebalance). After each message ``table[key] = snapshot(key)`` (JSON bytes; deleted when
+the snapshot becomes ``None``, unchanged values are not rewritten). After each recovery and before the
+agent takes its first message, ``processor.restore(key, state)`` is called for every key whose stored
+state differs from what the processor holds (i.e. keys of newly assigned partitions). A table's changelog
+must have as many partitions as the source topics that write it (Faust co-partitioning), so inputs with a
+different partition count (``control``: 1) get their own table ``<name>-state-p<n>``; a key must not
+appear on inputs of two partition counts.
+
+Lifecycle: ``processor.start(emit)`` before the first message (``emit`` publishes spontaneous output);
+on SIGTERM/SIGINT (:func:`run_worker`) the worker stops taking messages (a message taken after that is
+neither handled nor committed), lets the in-flight one finish, calls every ``processor.stop()``
+(sinks flush), publishes a final stats record, commits offsets and exits 0. An exception from ``handle``
+is a bug or an outage: the message is not acknowledged, the worker shuts down the same way and exits 1.
+
+Stats: :mod:`meltica.live.worker_stats` (topic ``<prefix>meltica.worker-stats``, read by ``meltica status``).
+
+Run: ``python -m streams.worker --config FILE [--app-id ID] [--factory module:function]``. Config (YAML
+or JSON)::
+
+    app_id: meltica-pipeline          # Faust app id = consumer group (--app-id overrides)
+    bootstrap: 127.0.0.1:19092        # default MELTICA_KAFKA_BOOTSTRAP, else the local dev broker
+    topic_prefix: "paper."            # default MELTICA_TOPIC_PREFIX
+    factory: package.module:function  # (config: dict) -> Iterable[Processor]  (--factory overrides)
+    params: {...}                     # free-form, for the factory
+    tracing: none                     # none | console | otlp
+    stats_interval: 5.0               # seconds between stats records
+    confirm_outputs: true
+    faust: {}                         # extra Faust settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faust
+import yaml
+from faust.types import EventT
+
+from meltica.live import tracing
+from meltica.live.processor import Incoming, Outgoing, Processor
+from meltica.live.worker_stats import ProcessorStats, WorkerStats, ensure_stats_topic, stats_topic_name
+from meltica.messaging.catalogue import PREFIX_ENV, Catalogue
+from meltica.messaging.codec import Codec
+from streams.app import make_app
+from streams.topics import StreamTopics
+
+log = logging.getLogger(__name__)
+
+STATE_SUFFIX = "-state"
+
+
+def _state_json(state: Mapping[str, Any] | None) -> bytes | None:
+    if state is None:
+        return None
+    return json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+
+
+class ProcessorAgent:
+    """One processor as a Faust agent with its state tables."""
+
+    def __init__(self, runtime: WorkerRuntime, processor: Processor) -> None:
+        self.runtime = runtime
+        self.processor = processor
+        self.name = processor.name
+        self.lock = asyncio.Lock()  # one message at a time; recovery restores never interleave with handle
+        self.stats: ProcessorStats = runtime.stats.add(processor.name, tuple(processor.inputs))
+        self.doing = "not started"  # what the agent is doing now (logged on SIGUSR1)
+        self._started = False
+        self._start_lock = asyncio.Lock()
+        self._stopped = False
+        catalogue = runtime.catalogue
+        self.partitions_of: dict[str, int] = {}  # physical topic → partitions
+        self.logical_of: dict[str, str] = {}  # physical → logical
+        for name in processor.inputs:
+            spec = catalogue.spec(name)
+            physical = catalogue.topic_name(spec.name)
+            self.partitions_of[physical] = spec.partitions
+            self.logical_of[physical] = spec.name
+        counts = sorted(set(self.partitions_of.values()), reverse=True)
+        app = runtime.app
+        self.tables: dict[int, Any] = {}
+        for index, count in enumerate(counts):
+            table_name = f"{self.name}{STATE_SUFFIX}" if index == 0 else f"{self.name}{STATE_SUFFIX}-p{count}"
+            table = app.Table(
+                table_name,
+                default=None,
+                key_type=bytes,  # bytes → raw serializers: keys are UTF-8, values our JSON
+                value_type=bytes,
+                partitions=count,
+                help=f"state of processor {self.name} (Processor.snapshot per key)",
+            )
+            table.on_recover(self._restorer(table))
+            self.tables[count] = table
+        self.topic = app.topic(
+            *self.partitions_of,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        self.agent = app.agent(self.topic, name=f"meltica.{self.name}")(self._run)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def ensure_started(self) -> None:
+        async with self._start_lock:
+            if not self._started:
+                self._started = True
+                await self.processor.start(self.emit)
+                log.info("processor %s started (inputs %s)", self.name, ", ".join(self.processor.inputs))
+
+    async def stop(self) -> None:
+        if self._started and not self._stopped:
+            self._stopped = True
+            await self.processor.stop()
+            log.info("processor %s stopped", self.name)
+
+    def _restorer(self, table: Any) -> Any:
+        async def restore_after_recovery() -> None:
+            await self.ensure_started()
+            async with self.lock:
+                restored = 0
+                for raw_key, raw_state in list(table.items()):
+                    if raw_state is None:
+                        continue
+                    key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+                    if _state_json(self.processor.snapshot(key)) == bytes(raw_state):
+                        continue  # the processor already holds exactly this (a partition it kept)
+                    self.processor.restore(key, json.loads(raw_state))
+                    restored += 1
+                log.info("processor %s: restored %d key(s) from table %s", self.name, restored, table.name)
+
+        return restore_after_recovery
+
+    # --- the agent -------------------------------------------------------------------------------
+
+    async def _run(self, stream: Any) -> None:
+        await self.ensure_started()
+        self.doing = "waiting for a message"
+        # Faust acks an event when the loop asks for the next one, and also when the loop is left
+        # (cancelled at shutdown): an event we must not handle is parked here with commits frozen, so
+        # its ack never reaches the broker.
+        async for event in stream.events():
+            self.doing = f"took {_where(event)}"
+            if self.runtime.stopping:
+                self.runtime.freeze_commits()
+                await self.runtime.wait_forever()  # cancelled by app.stop()
+            failure: BaseException | None = None
+            async with self.lock:
+                try:
+                    await self.process(event)
+                except Exception as exc:
+                    failure = exc
+            self.doing = f"waiting for a message (last {_where(event)})"
+            if failure is not None:
+                self.runtime.freeze_commits()  # the failed message is handed over again after a restart
+                self.stats.errors += 1
+                log.error("processor %s failed on %s", self.name, _where(event), exc_info=failure)
+                self.runtime.fail(failure)
+                await self.runtime.wait_forever()
+
+    async def process(self, event: EventT[Any]) -> None:
+        message = event.message
+        physical = message.topic
+        logical = self.logical_of[physical]
+        model = await self.runtime.topics.decode_event(logical, event)
+        if model is None:
+            self.stats.dead_lettered(logical)
+            return
+        raw_key = message.key
+        key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes | bytearray) else raw_key
+        timestamp = (
+            datetime.fromtimestamp(message.timestamp, UTC) if message.timestamp and message.timestamp > 0 else None
+        )
+        incoming = Incoming(
+            topic=logical,
+            key=key,
+            value=model,
+            partition=message.partition,
+            offset=message.offset,
+            timestamp=timestamp,
+        )
+        attributes = {
+            "messaging.system": "kafka",
+            "messaging.destination.name": physical,
+            "messaging.kafka.partition": message.partition,
+            "messaging.kafka.offset": message.offset,
+            "meltica.processor": self.name,
+        }
+        if key is not None:
+            attributes["messaging.kafka.message.key"] = key
+        started = time.perf_counter()
+        self.doing = f"handling {_where(event)}"
+        with tracing.consume_span(f"{self.name}.handle {logical}", message.headers, attributes):
+            outputs = await self.processor.handle(incoming)
+            self.doing = f"sending {len(outputs)} output(s) of {_where(event)}"
+            await self.runtime.send_all(outputs, self.stats)
+        self.stats.handled(logical, time.perf_counter() - started)
+        if key is not None:
+            self._store(self.partitions_of[physical], key)
+
+    def _store(self, partitions: int, key: str) -> None:
+        table = self.tables[partitions]
+        raw_key = key.encode()
+        new = _state_json(self.processor.snapshot(key))
+        old = table.get(raw_key)
+        if new is None:
+            if old is not None:
+                del table[raw_key]
+        elif old is None or bytes(old) != new:
+            table[raw_key] = new
+
+    async def emit(self, outgoing: Outgoing) -> None:
+        """Spontaneous output (the processor's ``emit``): sent at once, with the current trace context."""
+        await self.runtime.send_all([outgoing], self.stats)
+
+
+def _where(event: EventT[Any]) -> str:
+    message = event.message
+    return f"{message.topic}[{message.partition}]@{message.offset}"
+
+
+class WorkerRuntime:
+    """What :func:`build_worker_app` wires around the Faust app: agents, stats, graceful stop."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        app_id: str,
+        bootstrap: str,
+        catalogue: Catalogue,
+        codec: Codec,
+        *,
+        stats_interval: float,
+        confirm_outputs: bool,
+        worker_id: str | None = None,
+    ) -> None:
+        self.app = app
+        self.app_id = app_id
+        self.catalogue = catalogue
+        self.codec = codec
+        self.topics = StreamTopics(app, catalogue=catalogue, codec=codec)
+        self.stats = WorkerStats(app_id, worker_id)
+        self.stats_interval = stats_interval
+        self.confirm_outputs = confirm_outputs
+        self.agents: dict[str, ProcessorAgent] = {}
+        self.stopping = False
+        self.failure: BaseException | None = None
+        self.done = asyncio.Event()
+        self._stop_task: asyncio.Task[None] | None = None
+        self.bootstrap = bootstrap
+        self.stats_topic = app.topic(
+            stats_topic_name(catalogue.prefix),
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        self._stats_ready: bool | None = None  # None: not checked yet; False: stats disabled
+
+    def add(self, processor: Processor) -> ProcessorAgent:
+        if processor.name in self.agents:
+            raise ValueError(f"two processors named {processor.name!r}")
+        agent = self.agents[processor.name] = ProcessorAgent(self, processor)
+        return agent
+
+    async def send_all(self, outputs: Sequence[Outgoing], stats: ProcessorStats) -> None:
+        """Encode and send in order; wait for the broker's acks when ``confirm_outputs``."""
+        pending = []
+        for out in outputs:
+            headers = dict(out.headers)
+            if tracing.TRACEPARENT not in headers:
+                tracing.inject(headers)
+            fut = await self.topics[out.topic].send(
+                key=out.key.encode(),
+                value=self.codec.encode(out.topic, out.value),
+                headers=list(headers.items()),
+            )
+            pending.append(fut)
+            stats.sent(out.topic)
+        if pending and self.confirm_outputs:
+            await asyncio.gather(*pending)
+
+    # --- stats -----------------------------------------------------------------------------------
+
+    def assigned(self) -> dict[str, list[int]]:
+        try:
+            assignment = self.app.consumer.assignment()
+        except Exception:
+            return {}
+        out: dict[str, list[int]] = {}
+        for tp in assignment:
+            out.setdefault(tp.topic, []).append(tp.partition)
+        return {topic: sorted(parts) for topic, parts in sorted(out.items())}
+
+    async def publish_stats(self, state: str = "running") -> None:
+        record = self.stats.record(state=state, interval=self.stats_interval, assigned=self.assigned())
+        key, value = self.stats.encode(record)
+        try:
+            if self._stats_ready is None:
+                self._stats_ready = await asyncio.to_thread(ensure_stats_topic, self.bootstrap, self.catalogue.prefix)
+                if not self._stats_ready:
+                    log.warning("no stats topic %s: worker stats are not published", self.stats_topic.get_topic_name())
+            if self._stats_ready:
+                fut = await self.stats_topic.send(key=key, value=value)
+                await asyncio.wait_for(fut, timeout=max(self.stats_interval, 5.0))
+        except Exception as exc:  # telemetry must never stop the pipeline
+            log.warning("could not publish worker stats: %r", exc)
+
+    # --- stop ------------------------------------------------------------------------------------
+
+    @staticmethod
+    async def wait_forever() -> None:
+        await asyncio.Future()
+
+    def freeze_commits(self) -> None:
+        """No offset commit from now on (Faust would commit events acked while cancelling agents)."""
+        with contextlib.suppress(Exception):
+            consumer = self.app.consumer
+            if not getattr(consumer, "_meltica_frozen", False):
+
+                async def no_commit(*_args: Any, **_kwargs: Any) -> bool:
+                    return False
+
+                consumer.commit = no_commit
+                consumer._meltica_frozen = True
+
+    def request_stop(self) -> None:
+        """Start a graceful stop (idempotent; safe from a signal handler)."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self.graceful_stop())
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self.request_stop()
+
+    async def graceful_stop(self) -> None:
+        """Stop taking messages, finish the in-flight ones, stop processors, commit, stop the app."""
+        self.stopping = True
+        log.info("worker %s stopping", self.stats.key)
+        consumer = None
+        with contextlib.suppress(Exception):
+            consumer = self.app.consumer
+            consumer.pause_partitions(consumer.assignment())
+        for agent in self.agents.values():
+            async with agent.lock:  # the in-flight message (if any) is handled and acked
+                pass
+        for agent in self.agents.values():
+            try:
+                await agent.stop()
+            except Exception:
+                log.exception("processor %s failed to stop", agent.name)
+        await self.publish_stats(state="stopped")
+        if consumer is not None and not getattr(consumer, "_meltica_frozen", False):
+            try:
+                await consumer.commit()  # flushes the producer first, then commits acked offsets
+            except Exception:
+                log.exception("final commit failed")
+        self.freeze_commits()
+        with contextlib.suppress(Exception):
+            await self.app.stop()
+        log.info("worker %s stopped", self.stats.key)
+        self.done.set()
+
+
+_RUNTIMES: dict[int, WorkerRuntime] = {}
+
+
+def runtime_of(app: faust.App) -> WorkerRuntime:
+    """The :class:`WorkerRuntime` of an app made by :func:`build_worker_app`."""
+    return _RUNTIMES[id(app)]
+
+
+def build_worker_app(
+    app_id: str,
+    bootstrap: str,
+    processors: Iterable[Processor],
+    catalogue: Catalogue | None = None,
+    *,
+    codec: Codec | None = None,
+    stats_interval: float = 5.0,
+    confirm_outputs: bool = True,
+    worker_id: str | None = None,
+    **faust_settings: Any,
+) -> faust.App:
+    """A Faust app (consumer group ``app_id``) running ``processors`` as agents; see the module doc.
+
+    ``catalogue`` defaults to ``Catalogue()`` (prefix from ``MELTICA_TOPIC_PREFIX``). Extra keyword
+    arguments are Faust settings (they override :func:`streams.app.make_app`'s and ours). The runtime
+    (graceful stop, stats, failure) is :func:`runtime_of(app) <runtime_of>`."""
+    codec = codec or Codec(catalogue)
+    catalogue = codec.catalogue
+    settings: dict[str, Any] = {
+        "table_standby_replicas": 0,  # in-memory store: a standby copy does not shorten recovery
+    }
+    settings.update(faust_settings)
+    app = make_app(bootstrap, app_id, **settings)
+    runtime = WorkerRuntime(
+        app,
+        app_id,
+        bootstrap,
+        catalogue,
+        codec,
+        stats_interval=stats_interval,
+        confirm_outputs=confirm_outputs,
+        worker_id=worker_id,
+    )
+    for processor in processors:
+        if not isinstance(processor, Processor):
+            raise TypeError(f"{processor!r} is not a meltica.live.processor.Processor")
+        runtime.add(processor)
+    if not runtime.agents:
+        raise ValueError("a worker needs at least one processor")
+
+    @app.timer(stats_interval)
+    async def publish_worker_stats() -> None:
+        if not runtime.stopping:
+            await runtime.publish_stats()
+
+    _RUNTIMES[id(app)] = runtime
+    return app
+
+
+async def run_worker(app: faust.App, *, install_signals: bool = True) -> int:
+    """Start ``app`` and run until SIGTERM/SIGINT (graceful stop) or a processor failure; exit code."""
+    runtime = runtime_of(app)
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runtime.request_stop)
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
+    await app.start()
+    log.info("worker %s running: %s", runtime.stats.key, ", ".join(runtime.agents))
+    await runtime.done.wait()
+    return 1 if runtime.failure is not None else 0
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: log what each agent does and every asyncio task's await chain (why is a worker stuck?)."""
+    for runtime in _RUNTIMES.values():
+        for agent in runtime.agents.values():
+            log.warning("agent %s: %s (lock %s)", agent.name, agent.doing, "held" if agent.lock.locked() else "free")
+    for task in asyncio.all_tasks():
+        frames = []
+        awaitable: Any = task.get_coro()
+        while awaitable is not None and len(frames) < 40:
+            frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
+            frame = frame or getattr(awaitable, "gi_frame", None)
+            if frame is not None:
+                frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            awaitable = (
+                getattr(awaitable, "cr_await", None)
+                or getattr(awaitable, "ag_await", None)
+                or getattr(awaitable, "gi_yieldfrom", None)
+                or getattr(awaitable, "it", None)  # a Faust actor wraps the agent's coroutine
+            )
+        log.warning("task %s:\n  %s", task.get_name(), "\n  ".join(frames))
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The worker config file (YAML or JSON) as a dict."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the worker config must be a mapping")
+    return data
+
+
+def load_factory(spec: str) -> Any:
+    """``package.module:function`` → the function."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"factory must be 'module:function', got {spec!r}")
+    target: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def resolve_config(config: Mapping[str, Any], app_id: str | None = None, factory: str | None = None) -> dict[str, Any]:
+    """Defaults filled in: ``app_id``, ``bootstrap``, ``topic_prefix``, ``factory``."""
+    from meltica.messaging.admin import default_bootstrap
+
+    resolved = dict(config)
+    resolved["app_id"] = app_id or resolved.get("app_id") or "meltica-worker"
+    resolved["bootstrap"] = resolved.get("bootstrap") or default_bootstrap()
+    if resolved.get("topic_prefix") is None:
+        resolved["topic_prefix"] = os.environ.get(PREFIX_ENV, "")
+    resolved["factory"] = factory or resolved.get("factory")
+    if not resolved["factory"]:
+        raise ValueError("no processor factory: give 'factory: module:function' in the config or --factory")
+    return resolved
+
+
+def app_from_config(config: Mapping[str, Any]) -> faust.App:
+    """Build the worker app from a resolved config (the factory makes the processors)."""
+    tracing.configure_tracing(str(config.get("tracing") or "none"), service_name=f"meltica-{config['app_id']}")
+    processors = list(load_factory(str(config["factory"]))(dict(config)))
+    return build_worker_app(
+        str(config["app_id"]),
+        str(config["bootstrap"]),
+        processors,
+        Catalogue(prefix=str(config["topic_prefix"])),
+        stats_interval=float(config.get("stats_interval", 5.0)),
+        confirm_outputs=bool(config.get("confirm_outputs", True)),
+        **dict(config.get("faust") or {}),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streams.worker", description="Run Meltica processors on Kafka.")
+    parser.add_argument("--config", required=True, help="worker config file (YAML or JSON)")
+    parser.add_argument("--app-id", help="Faust app id = consumer group (overrides the config)")
+    parser.add_argument("--factory", help="processor factory module:function (overrides the config)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("aiokafka", "kafka"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    config = resolve_config(load_config(args.config), app_id=args.app_id, factory=args.factory)
+
+    async def run() -> int:
+        app = app_from_config(config)
+        return await run_worker(app)
+
+    return asyncio.run(run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

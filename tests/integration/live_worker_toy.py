@@ -1,0 +1,79 @@
+"""A toy :class:`~meltica.live.processor.Processor` for the worker tests (``test_live_worker.py``).
+
+``RunningSum`` reads trades (``md.trades``, key ``exchange:symbol``) and keeps, per key, the running sum
+of the quantities and the trade ids it has counted (its dedupe: a redelivered trade changes nothing and
+publishes nothing). For each new trade it publishes a ``RiskDecisionMessage`` on ``risk.decisions``
+(``intent_id`` = trade id, ``details`` = the sum after it), so a test sees every effect exactly.
+
+The worker subprocess imports it as ``live_worker_toy:factory`` (``PYTHONPATH=tests/integration``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from meltica.domain import Trade
+from meltica.live.processor import Emit, Incoming, Outgoing
+from meltica.messaging import RiskDecisionMessage
+
+NAME = "toy-sum"
+
+
+class RunningSum:
+    name = NAME
+    inputs: tuple[str, ...] = ("md.trades",)
+
+    def __init__(self, delay: float = 0.0, stop_marker: str | None = None) -> None:
+        self.delay = delay
+        self.stop_marker = stop_marker
+        self.sums: dict[str, Decimal] = {}
+        self.seen: dict[str, set[str]] = {}
+        self.restored: list[str] = []
+        self.emit: Emit | None = None
+
+    async def start(self, emit: Emit) -> None:
+        self.emit = emit
+
+    async def stop(self) -> None:
+        if self.stop_marker:  # proves stop() ran on a graceful shutdown
+            Path(self.stop_marker).write_text(json.dumps({"pid": os.getpid(), "keys": len(self.sums)}))
+
+    async def handle(self, message: Incoming) -> Sequence[Outgoing]:
+        trade = message.value
+        assert isinstance(trade, Trade)
+        key = message.key or ""
+        seen = self.seen.setdefault(key, set())
+        if trade.trade_id in seen:
+            return []
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        seen.add(trade.trade_id)
+        total = self.sums[key] = self.sums.get(key, Decimal(0)) + trade.quantity
+        decision = RiskDecisionMessage(
+            intent_id=trade.trade_id,
+            approved=True,
+            ts=trade.ts,
+            details={"key": key, "sum": str(total), "count": len(seen)},
+        )
+        return [Outgoing("risk.decisions", key, decision)]
+
+    def snapshot(self, key: str) -> dict[str, Any] | None:
+        if key not in self.sums:
+            return None
+        return {"sum": str(self.sums[key]), "seen": sorted(self.seen[key])}
+
+    def restore(self, key: str, state: Mapping[str, Any]) -> None:
+        self.sums[key] = Decimal(state["sum"])
+        self.seen[key] = set(state["seen"])
+        self.restored.append(key)
+
+
+def factory(config: Mapping[str, Any]) -> list[RunningSum]:
+    params = dict(config.get("params") or {})
+    return [RunningSum(delay=float(params.get("delay", 0.0)), stop_marker=params.get("stop_marker"))]

@@ -1,0 +1,563 @@
+"""The generic Faust worker (``streams/worker.py``) on the real broker, with the toy ``RunningSum``
+processor (``live_worker_toy.py``: a running sum per key, trade ids kept in its state for dedupe, one
+``risk.decisions`` output per new trade carrying the sum after it).
+
+* in-process: malformed messages are dead-lettered with reasons while the agent keeps going; trace
+  context flows from an input's ``traceparent`` to its output; ``meltica status --json`` shows lag 0
+  and rates;
+* subprocesses (``python -m streams.worker``): SIGKILL mid-stream then restart — nothing lost, no double
+  effect, state restored from the changelog table; two workers split the partitions and, when one is
+  SIGKILLed, the other takes its partitions over without loss; SIGTERM is a graceful stop (exit 0,
+  ``processor.stop()`` ran, offsets committed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meltica.domain import Trade
+from meltica.infra.kafka import KafkaEndpoint
+from meltica.messaging import Catalogue, Codec, DeadLetter, market_key
+from meltica.messaging.admin import create_topics
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+TS = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN}-01".encode()
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _keys_per_partition(topic_partitions: int, per_partition: int) -> list[str]:
+    """Market keys chosen so every partition of the input topic gets ``per_partition`` of them."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    partitioner = DefaultPartitioner()
+    parts = list(range(topic_partitions))
+    chosen: dict[int, list[str]] = defaultdict(list)
+    i = 0
+    while any(len(chosen[p]) < per_partition for p in parts):
+        key = market_key("binance", f"C{i}/USDT")
+        partition = int(partitioner(key.encode(), parts, parts))
+        if len(chosen[partition]) < per_partition:
+            chosen[partition].append(key)
+        i += 1
+    return [key for p in parts for key in chosen[p]]
+
+
+def _trade(key: str, i: int) -> Trade:
+    _exchange, symbol = key.split(":", 1)
+    return Trade(
+        exchange="binance",
+        symbol=symbol,
+        trade_id=f"t{i}",
+        price=Decimal("100"),
+        quantity=Decimal(i % 7 + 1) / 1000,
+        ts=TS,
+    )
+
+
+def _produce(bootstrap: str, catalogue: Catalogue, items: list[tuple[str, bytes, list[tuple[str, bytes]]]]) -> None:
+    """Send (key, value, headers) to md.trades in order, all acknowledged."""
+    from aiokafka import AIOKafkaProducer
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        await producer.start()
+        try:
+            futures = [
+                await producer.send(catalogue.topic_name("md.trades"), key=key.encode(), value=value, headers=headers)
+                for key, value, headers in items
+            ]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+
+
+def _produce_trades(bootstrap: str, catalogue: Catalogue, trades: list[tuple[str, Trade]]) -> None:
+    codec = Codec(catalogue)
+    _produce(bootstrap, catalogue, [(key, codec.encode("md.trades", trade), []) for key, trade in trades])
+
+
+class TopicReader:
+    """Reads a whole topic, from the beginning to its current end, on every :meth:`poll`.
+
+    A fresh aiokafka consumer (no group) per read: a long-lived kafka-python consumer in the test
+    process was seen to stop fetching under load, which looked like a stuck worker."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.records: list[Any] = []
+
+    def poll(self) -> list[Any]:
+        self.records = asyncio.run(_read_topic(self.bootstrap, self.topic))
+        return self.records
+
+    def close(self) -> None:
+        pass
+
+
+async def _read_topic(bootstrap: str, topic: str) -> list[Any]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        records: list[Any] = []
+        async with asyncio.timeout(30):
+            while any(position < end[tp] for tp, position in [(tp, await consumer.position(tp)) for tp in tps]):
+                for batch in (await consumer.getmany(*tps, timeout_ms=500)).values():
+                    records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+def _decisions(reader: TopicReader, codec: Codec) -> list[dict[str, Any]]:
+    out = []
+    for record in reader.poll():
+        decision = codec.decode("risk.decisions", record.value)
+        out.append({"id": decision.intent_id, **decision.details, "headers": dict(record.headers or [])})
+    return out
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _changelog_state(bootstrap: str, app_id: str, table: str = "toy-sum-state") -> dict[str, dict[str, Any]]:
+    """The table's latest state per key, read from its changelog topic (what a restart recovers)."""
+    state: dict[str, dict[str, Any]] = {}
+    for record in asyncio.run(_read_topic(bootstrap, f"{app_id}-{table}-changelog")):
+        key = record.key.decode()
+        if record.value is None:
+            state.pop(key, None)
+        else:
+            state[key] = json.loads(record.value)
+    return state
+
+
+def _expected(trades: list[tuple[str, Trade]]) -> tuple[dict[str, Decimal], dict[str, set[str]]]:
+    sums: dict[str, Decimal] = defaultdict(Decimal)
+    ids: dict[str, set[str]] = defaultdict(set)
+    for key, trade in trades:
+        sums[key] += trade.quantity
+        ids[key].add(trade.trade_id)
+    return dict(sums), dict(ids)
+
+
+def _assert_exactly_once_effects(decisions: list[dict[str, Any]], trades: list[tuple[str, Trade]]) -> int:
+    """Every trade has an output; redelivered ones repeat the same output (no double effect). → duplicates."""
+    sums, ids = _expected(trades)
+    by_id: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+    for d in decisions:
+        by_id[d["id"]].append((d["key"], d["sum"], d["count"]))
+    assert set(by_id) == {trade.trade_id for _key, trade in trades}, "an input was lost"
+    for trade_id, outputs in by_id.items():
+        assert len(set(outputs)) == 1, f"{trade_id} had two different effects: {outputs}"
+    per_key: dict[str, list[int]] = defaultdict(list)
+    final: dict[str, Decimal] = {}
+    for key, total, count in (outputs[0] for outputs in by_id.values()):
+        per_key[key].append(count)
+        if count == len(ids[key]):
+            final[key] = Decimal(total)
+    for key in ids:
+        # each trade of a key was counted once: the counts after each are exactly 1..n
+        assert sorted(per_key[key]) == list(range(1, len(ids[key]) + 1)), key
+        assert final[key] == sums[key], key
+    return len(decisions) - len(by_id)
+
+
+def _assert_table(bootstrap: str, app_id: str, trades: list[tuple[str, Trade]]) -> None:
+    sums, ids = _expected(trades)
+
+    def complete() -> bool:
+        state = _changelog_state(bootstrap, app_id)
+        return all(key in state and len(state[key]["seen"]) == len(ids[key]) for key in ids)
+
+    _wait(complete, 30, "the table's changelog to hold the final state")
+    state = _changelog_state(bootstrap, app_id)
+    assert {key: Decimal(value["sum"]) for key, value in state.items()} == sums
+    assert {key: set(value["seen"]) for key, value in state.items()} == ids
+
+
+class Worker:
+    """``python -m streams.worker`` as a subprocess (stderr to a log file)."""
+
+    def __init__(self, config: Path, app_id: str, log: Path) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO), env.get("PYTHONPATH", "")])
+        self.log = log
+        self._log_file = log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streams.worker", "--config", str(config), "--app-id", app_id],
+            cwd=REPO,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._log_file.close()
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        if worker.process.poll() is None:  # a test failed with this worker alive: log its tasks' stacks
+            worker.process.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            print(f"--- worker {worker.pid} log tail ---\n{worker.output()[-20000:]}")
+        worker.close()
+
+
+def _config(tmp_path: Path, bootstrap: str, prefix: str, **params: Any) -> Path:
+    path = tmp_path / "worker.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "bootstrap": bootstrap,
+                "topic_prefix": prefix,
+                "factory": "live_worker_toy:factory",
+                "params": params,
+                "stats_interval": 1.0,
+            }
+        )
+    )
+    return path
+
+
+def _md_trades_assignment(records: list[dict[str, Any]], topic: str) -> dict[str, list[int]]:
+    return {
+        r["worker_id"]: r["assigned"].get(topic, [])
+        for r in records
+        if r.get("state") == "running" and r["assigned"].get(topic)
+    }
+
+
+# --- tests -------------------------------------------------------------------------------------------
+
+
+def test_dead_letters_trace_context_and_status(
+    kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str]
+) -> None:
+    from live_worker_toy import RunningSum
+
+    from meltica.cli.status_cmd import collect_status
+    from meltica.live import tracing
+    from streams.worker import build_worker_app, runtime_of
+
+    tracing.configure_tracing("memory")
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("lw") + "."
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    create_topics(bootstrap, catalogue)
+    app_id = unique_name("lw-inproc")
+    key = market_key("binance", "BTC/USDT")
+    good = [codec.encode("md.trades", _trade(key, i)) for i in range(3)]
+    envelope = json.loads(good[0])
+    del envelope["data"]["quantity"]
+    bad = [b"{not json", codec.encode("risk.decisions", _decision()), json.dumps(envelope).encode()]
+    traced = [("traceparent", TRACEPARENT)]
+    first = [
+        (key, good[0], traced),
+        (key, bad[0], traced),
+        (key, good[1], []),
+        (key, bad[1], []),
+        (key, bad[2], []),
+        (key, good[2], traced),
+    ]
+    _produce(bootstrap, catalogue, first)
+    # then a steady stream so a stats record sees a non-zero rate
+    later = [(key, _trade(key, i)) for i in range(3, 103)]
+
+    async def scenario() -> tuple[RunningSum, dict[str, Any], list[dict[str, Any]], float]:
+        processor = RunningSum(delay=0.01)
+        app = build_worker_app(app_id, bootstrap, [processor], catalogue, stats_interval=1.0)
+        runtime = runtime_of(app)
+        stats = runtime.stats.processors["toy-sum"]
+        await app.start()
+        try:
+            async with asyncio.timeout(60):
+                while len(processor.seen.get(key, ())) < 3 or sum(stats.dead_letters.values()) < 3:
+                    await asyncio.sleep(0.05)
+            await asyncio.to_thread(_produce_trades, bootstrap, catalogue, later)
+            rates: list[float] = []
+            lag_zero = None
+            t0 = time.monotonic()
+            async with asyncio.timeout(60):
+                while True:
+                    report = await asyncio.to_thread(collect_status, bootstrap, prefix, [app_id])
+                    (group,) = report["groups"]
+                    rates += [w["processors"]["toy-sum"]["rate_in"] for w in group["workers"] if w["processors"]]
+                    if len(processor.seen[key]) == 103 and group["lag"] == 0 and group["topics"]:
+                        lag_zero = report
+                        break
+                    await asyncio.sleep(0.3)
+            drained_in = time.monotonic() - t0
+            # the command itself, as an operator runs it, while the worker runs
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "meltica",
+                "status",
+                "--json",
+                "--prefix",
+                prefix,
+                "--group",
+                app_id,
+                "--bootstrap",
+                bootstrap,
+                stdout=asyncio.subprocess.PIPE,
+                cwd=REPO,
+            )
+            out, _ = await cli.communicate()
+            assert cli.returncode == 0
+            cli_report = json.loads(out)
+        finally:
+            await runtime.graceful_stop()
+        assert lag_zero is not None
+        return processor, cli_report, [{"rate": r} for r in rates], drained_in
+
+    processor, cli_report, rates, drained_in = asyncio.run(scenario())
+    print(f"100 trades drained and committed (lag 0 seen by status) in {drained_in:.1f}s")
+
+    # the agent kept going: every good trade counted once
+    assert processor.sums[key] == sum((_trade(key, i).quantity for i in range(103)), Decimal(0))
+
+    # dead letters with reasons
+    dlq = TopicReader(bootstrap, catalogue.topic_name("dlq"))
+    try:
+        _wait(lambda: len(dlq.poll()) >= 3, 20, "3 dead letters")
+        letters: list[DeadLetter] = sorted((codec.decode("dlq", r.value) for r in dlq.records), key=lambda d: d.offset)
+    finally:
+        dlq.close()
+    assert [(d.offset, d.error_type) for d in letters] == [
+        (1, "invalid_json"),
+        (3, "wrong_schema"),
+        (4, "validation_error"),
+    ]
+    assert "data.quantity: Field required" in letters[2].reason
+    assert [d.original_bytes() for d in letters] == bad
+
+    # trace context: traced inputs → outputs in the same trace, child of the handle span
+    outputs = TopicReader(bootstrap, catalogue.topic_name("risk.decisions"))
+    try:
+        _wait(lambda: len(outputs.poll()) >= 103, 20, "103 outputs")
+        decisions = _decisions(outputs, codec)
+    finally:
+        outputs.close()
+    by_id = {d["id"]: d for d in decisions}
+    for trade_id in ("t0", "t2"):
+        assert tracing.trace_id_of(by_id[trade_id]["headers"]) == TRACE_ID
+    untraced = tracing.trace_id_of(by_id["t1"]["headers"])
+    assert untraced is not None and untraced != TRACE_ID  # a new trace starts at an untraced input
+    spans = [s for s in tracing.finished_spans() if s.name == "toy-sum.handle md.trades"]
+    traced_spans = [s for s in spans if format(s.context.trace_id, "032x") == TRACE_ID]
+    assert len(traced_spans) == 2
+    assert {format(s.parent.span_id, "016x") for s in traced_spans} == {PARENT_SPAN}
+    out_span_ids = {by_id[t]["headers"]["traceparent"].decode().split("-")[2] for t in ("t0", "t2")}
+    assert out_span_ids == {format(s.context.span_id, "016x") for s in traced_spans}
+
+    # status: lag 0 on every input partition, the agent's counts and a measured rate
+    (group,) = cli_report["groups"]
+    assert group["group"] == app_id and group["lag"] == 0
+    trades_parts = group["topics"][catalogue.topic_name("md.trades")]
+    assert trades_parts and all(p["lag"] == 0 and p["committed"] == p["end"] for p in trades_parts)
+    agent = group["processors"]["toy-sum"]
+    assert agent["in"]["md.trades"] >= 106 and agent["dead_letters"] == {"md.trades": 3}
+    assert agent["out"]["risk.decisions"] == 103
+    assert any(r["rate"] > 0 for r in rates), rates
+    assert {w["state"] for w in group["workers"]} == {"running"}
+    assert {row["service"] for row in cli_report["infra"]} >= {"kafka", "postgres"}
+
+
+def test_sigkill_mid_stream_then_restart_loses_nothing_and_doubles_nothing(
+    kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str], tmp_path: Path, workers: list[Worker]
+) -> None:
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("lw") + "."
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    create_topics(bootstrap, catalogue)
+    app_id = unique_name("lw-restart")
+    keys = _keys_per_partition(catalogue.spec("md.trades").partitions, 1)
+    trades = [(keys[i % len(keys)], _trade(keys[i % len(keys)], i)) for i in range(1200)]
+    _produce_trades(bootstrap, catalogue, trades)
+    marker = tmp_path / "stopped.json"
+    config = _config(tmp_path, bootstrap, prefix, delay=0.004, stop_marker=str(marker))
+    outputs = TopicReader(bootstrap, catalogue.topic_name("risk.decisions"))
+    try:
+        first = Worker(config, app_id, tmp_path / "worker1.log")
+        workers.append(first)
+        _wait(lambda: len(outputs.poll()) >= 300, 90, "300 outputs from the first worker")
+        first.kill()
+        at_kill = len(outputs.poll())
+        assert at_kill < len(trades), "the worker finished before it was killed"
+        assert not marker.exists()  # SIGKILL: no graceful stop
+
+        second = Worker(config, app_id, tmp_path / "worker2.log")
+        workers.append(second)
+        t0 = time.monotonic()
+        _wait(
+            lambda: {d["id"] for d in _decisions(outputs, codec)} >= {t.trade_id for _k, t in trades},
+            90,
+            "every trade handled after the restart",
+        )
+        print(f"killed after {at_kill} outputs; restarted worker finished the rest in {time.monotonic() - t0:.1f}s")
+        assert second.terminate() == 0, second.output()[-3000:]
+        time.sleep(0.5)
+        decisions = _decisions(outputs, codec)
+    finally:
+        outputs.close()
+
+    duplicates = _assert_exactly_once_effects(decisions, trades)
+    print(f"{len(decisions)} outputs for {len(trades)} trades: {duplicates} duplicate(s) at the crash point")
+    _assert_table(bootstrap, app_id, trades)
+    log = second.output()
+    assert f"restored {len(keys)} key(s) from table toy-sum-state" in log, log[-3000:]
+    assert json.loads(marker.read_text())["pid"] == second.pid  # processor.stop() ran on SIGTERM
+
+    # graceful stop committed every offset: lag 0
+    from meltica.cli.status_cmd import collect_status
+
+    (group,) = collect_status(bootstrap, prefix, [app_id])["groups"]
+    assert group["lag"] == 0 and group["topics"][catalogue.topic_name("md.trades")]
+    stopped = [w for w in group["workers"] if w["state"] == "stopped"]
+    assert stopped and sum(stopped[0]["processors"]["toy-sum"]["out"].values()) > 0
+
+
+def test_two_workers_split_partitions_and_fail_over_without_loss(
+    kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str], tmp_path: Path, workers: list[Worker]
+) -> None:
+    from meltica.live.worker_stats import read_stats
+
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("lw") + "."
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    create_topics(bootstrap, catalogue)
+    topic = catalogue.topic_name("md.trades")
+    partitions = catalogue.spec("md.trades").partitions
+    app_id = unique_name("lw-pair")
+    keys = _keys_per_partition(partitions, 2)
+    config = _config(tmp_path, bootstrap, prefix, delay=0.003)
+    first = Worker(config, app_id, tmp_path / "a.log")
+    second = Worker(config, app_id, tmp_path / "b.log")
+    workers += [first, second]
+
+    def split() -> dict[str, list[int]]:
+        return _md_trades_assignment(read_stats(bootstrap, prefix), topic)
+
+    def both_assigned() -> bool:
+        running = {w: p for w, p in split().items() if w.endswith((f":{first.pid}", f":{second.pid}"))}
+        return len(running) == 2 and sorted(p for ps in running.values() for p in ps) == list(range(partitions))
+
+    _wait(both_assigned, 60, "both workers to hold a share of the partitions")
+    shares = {w: p for w, p in split().items() if w.endswith((f":{first.pid}", f":{second.pid}"))}
+    print(f"partitions split: {shares}")
+    assert all(shares.values()) and not set(next(iter(shares.values()))) & set(list(shares.values())[1])
+
+    batch1 = [(keys[i % len(keys)], _trade(keys[i % len(keys)], i)) for i in range(600)]
+    batch2 = [(keys[i % len(keys)], _trade(keys[i % len(keys)], i)) for i in range(600, 1400)]
+    outputs = TopicReader(bootstrap, catalogue.topic_name("risk.decisions"))
+    try:
+        _produce_trades(bootstrap, catalogue, batch1)
+        _wait(lambda: len(outputs.poll()) >= len(batch1), 60, "batch 1 handled by the pair")
+
+        def both_worked() -> bool:
+            counts = {
+                r["worker_id"]: r["processors"]["toy-sum"]["in"].get("md.trades", 0)
+                for r in read_stats(bootstrap, prefix)
+                if r["worker_id"].endswith((f":{first.pid}", f":{second.pid}"))
+            }
+            return len(counts) == 2 and all(counts.values())
+
+        _wait(both_worked, 20, "stats showing both workers handled messages")
+
+        _produce_trades(bootstrap, catalogue, batch2)
+        _wait(lambda: len(outputs.poll()) >= len(batch1) + 100, 60, "batch 2 under way")
+        first.kill()
+        killed_at = time.monotonic()
+        everything = {t.trade_id for _k, t in batch1 + batch2}
+        _wait(lambda: {d["id"] for d in _decisions(outputs, codec)} >= everything, 90, "every trade after failover")
+        print(f"failover: the survivor finished every input {time.monotonic() - killed_at:.1f}s after the SIGKILL")
+        _wait(lambda: sorted(split().get(f"{_host()}:{second.pid}", [])) == list(range(partitions)), 30, "takeover")
+        assert second.terminate() == 0, second.output()[-3000:]
+        time.sleep(0.5)
+        decisions = _decisions(outputs, codec)
+    finally:
+        outputs.close()
+
+    duplicates = _assert_exactly_once_effects(decisions, batch1 + batch2)
+    print(f"{len(decisions)} outputs for {len(batch1) + len(batch2)} trades: {duplicates} duplicate(s)")
+    _assert_table(bootstrap, app_id, batch1 + batch2)
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _decision() -> Any:
+    from meltica.messaging import RiskDecisionMessage
+
+    return RiskDecisionMessage(intent_id="x", approved=True, ts=TS)
