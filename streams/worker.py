@@ -10,6 +10,14 @@ processor's state is stored and the message is acknowledged — so a stored stat
 the messages it produced. Delivery is at least once: after a crash, messages since the last commit are
 handed over again and the processor drops what it already handled.
 
+Offsets (:class:`ConsumerGuard`): faust-streaming 0.15.3 drops fetched records (e.g. right after the
+seek to the committed offsets that ends a recovery), then books the jump in offsets as a "gap" it
+counts as acknowledged, so a commit ran past messages no agent had handled (lost after a SIGKILL
+restart or a failover). The worker's consumer never hands an input partition's record over past the
+next expected offset: it seeks back and reads the skipped range again (a non-compacted input has no
+real holes; a jump still there after :attr:`ConsumerGuard.HOLE_RETRIES` re-reads is accepted as one). Events
+of an older consumer generation, which Faust skips but acknowledges, add no offset to commit.
+
 State: a changelogged Faust table ``<name>-state`` (in-memory store, rebuilt from the changelog on start
 and after every rebalance). After each message ``table[key] = snapshot(key)`` (JSON bytes; deleted when
 the snapshot becomes ``None``, unchanged values are not rewritten). After each recovery and before the
@@ -246,6 +254,137 @@ def _where(event: EventT[Any]) -> str:
     return f"{message.topic}[{message.partition}]@{message.offset}"
 
 
+class ConsumerGuard:
+    """Keeps Faust's consumer from committing offsets of input messages no agent handled.
+
+    faust-streaming 0.15.3 loses messages in two places (seen as offsets committed past what was
+    handled, after a SIGKILL restart or a failover):
+
+    * fetched records never reach the streams: seen right after the seek to the committed offsets
+      that ends a recovery, the first records handed over were 10-110 offsets past it
+      (``Consumer.getmany`` drops a batch's records when the generation changes, the flow stops or
+      the partition is not active, while aiokafka's position has moved past them). The jump is
+      filed by ``_drain_messages`` as a "gap" (meant for compacted or transactional topics) and
+      ``_new_offset`` counts a gap as acknowledged: the commit runs over messages nobody handled;
+    * a stream skips events of an older consumer generation but still acknowledges them, so their
+      offsets can be committed before they are fetched again and handled.
+
+    The guard wraps ``getmany``: for a non-compacted input partition, a record past the next offset
+    expected (the one after the last record handed over, or where a seek put the consumer) is not
+    handed over; the partition is sought back to the expected offset and read again. Only if the
+    same jump is still there after :data:`HOLE_RETRIES` re-reads is it taken as a real hole in the log. And it
+    wraps ``ack``: acknowledging a message of an older generation only marks it acked, it adds no
+    offset to commit."""
+
+    HOLE_RETRIES = 3
+
+    def __init__(self, app: faust.App, guarded_topics: Iterable[str]) -> None:
+        self.app = app
+        self.guarded = set(guarded_topics)
+        self.expected: dict[Any, int] = {}  # TP → next offset to hand over
+        self.holes: dict[Any, tuple[int, int, int]] = {}  # TP → (expected, got, times seen)
+        self.rewinds = 0
+        self.stale_acks = 0
+
+    def install(self, consumer: Any) -> None:
+        if getattr(consumer, "_meltica_guard", None) is self:
+            return
+        consumer._meltica_guard = self
+        original_getmany = consumer.getmany
+        original_perform_seek = consumer.perform_seek
+        original_seek = consumer.seek
+        original_ack = consumer.ack
+
+        async def getmany(timeout: float) -> Any:
+            rewound: set[Any] = set()
+            async for tp, message in original_getmany(timeout):
+                if tp.topic in self.guarded:
+                    if tp in rewound:
+                        continue
+                    expected = self.expected.get(tp)
+                    if (
+                        expected is not None
+                        and message.offset > expected
+                        and not self._accept_hole(tp, expected, message.offset)
+                    ):
+                        rewound.add(tp)
+                        self.rewinds += 1
+                        log.warning(
+                            "%s[%d]: fetched offset %d but %d..%d were never handed over: reading them again",
+                            tp.topic,
+                            tp.partition,
+                            message.offset,
+                            expected,
+                            message.offset - 1,
+                        )
+                        await original_seek(tp, expected)
+                        continue
+                    # a record below the expected offset (a batch fetched before a seek) moves nothing back
+                    self.expected[tp] = max(message.offset + 1, expected or 0)
+                yield tp, message
+
+        async def perform_seek() -> None:
+            await original_perform_seek()
+            await self._reset_expected(consumer)
+
+        async def seek(partition: Any, offset: int) -> None:
+            await original_seek(partition, offset)
+            if partition.topic in self.guarded:
+                self.expected[partition] = offset
+
+        def ack(message: Any) -> bool:
+            generation = self.app.consumer_generation_id
+            if message.generation_id is not None and generation and message.generation_id != generation:
+                if not message.acked:
+                    message.acked = True  # no offset to commit: it is fetched and handled again
+                    consumer._unacked_messages.discard(message)
+                    self.stale_acks += 1
+                return False
+            return bool(original_ack(message))
+
+        consumer.getmany = getmany
+        consumer.perform_seek = perform_seek
+        consumer.seek = seek
+        consumer.ack = ack
+
+    async def _reset_expected(self, consumer: Any) -> None:
+        """After Faust sought every partition to its committed offset: expect exactly that offset
+        (nothing committed: the log start, as ``consumer_auto_offset_reset`` is ``earliest``)."""
+        assignment = consumer.assignment()
+        for tp in list(self.expected):
+            if tp not in assignment:
+                del self.expected[tp]
+        uncommitted = []
+        for tp, offset in list(consumer._read_offset.items()):
+            if tp.topic in self.guarded and tp in assignment:
+                if offset is None:
+                    uncommitted.append(tp)
+                else:
+                    self.expected[tp] = offset
+        for tp in uncommitted:
+            self.expected.pop(tp, None)  # unknown unless the log start is: any offset is taken
+        if uncommitted and self.app.conf.consumer_auto_offset_reset == "earliest":
+            try:
+                earliest = await consumer.earliest_offsets(*uncommitted)
+            except Exception as exc:
+                log.warning("could not read the log start offsets: %r", exc)
+            else:
+                for tp, offset in earliest.items():
+                    if offset is not None and offset >= 0:
+                        self.expected[tp] = offset
+        self.holes.clear()
+
+    def _accept_hole(self, tp: Any, expected: int, got: int) -> bool:
+        previous = self.holes.get(tp)
+        times = previous[2] + 1 if previous is not None and previous[:2] == (expected, got) else 1
+        self.holes[tp] = (expected, got, times)
+        if times > self.HOLE_RETRIES:
+            log.warning("%s[%d]: offsets %d..%d are not in the log: skipped", tp.topic, tp.partition, expected, got - 1)
+            del self.holes[tp]
+            return True
+        return False
+
+
 class WorkerRuntime:
     """What :func:`build_worker_app` wires around the Faust app: agents, stats, graceful stop."""
 
@@ -283,6 +422,7 @@ class WorkerRuntime:
             value_serializer="raw",
         )
         self._stats_ready: bool | None = None  # None: not checked yet; False: stats disabled
+        self.guard: ConsumerGuard | None = None
 
     def add(self, processor: Processor) -> ProcessorAgent:
         if processor.name in self.agents:
@@ -438,6 +578,14 @@ def build_worker_app(
         runtime.add(processor)
     if not runtime.agents:
         raise ValueError("a worker needs at least one processor")
+    guarded = {
+        physical
+        for agent in runtime.agents.values()
+        for physical, logical in agent.logical_of.items()
+        if not catalogue.spec(logical).compacted  # a compacted log has real holes
+    }
+    runtime.guard = ConsumerGuard(app, guarded)
+    runtime.guard.install(app.consumer)
 
     @app.timer(stats_interval)
     async def publish_worker_stats() -> None:
