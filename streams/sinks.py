@@ -177,3 +177,40 @@ def _sink_agent(
     agent.__name__ = f"sink_{name.replace('.', '_')}"
     agent.__qualname__ = agent.__name__
     return agent
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m streams.sinks --database-url URL [--app-id ID] [--bootstrap B]``: a sink worker.
+
+    Its own consumer group (sinks scale and lag apart from the trading agents); topic prefix from
+    ``MELTICA_TOPIC_PREFIX``. Faust's ``Worker`` handles SIGTERM/SIGINT: agents stop, the last partial
+    batches are written and acked, offsets committed.
+    """
+    import argparse
+    import os
+
+    from meltica.messaging.admin import default_bootstrap
+    from meltica.messaging.catalogue import Catalogue
+    from meltica.storage.engine import make_engine
+    from streams.app import make_app
+
+    parser = argparse.ArgumentParser(prog="python -m streams.sinks", description=main.__doc__)
+    parser.add_argument("--database-url", default=os.environ.get("MELTICA_DATABASE_URL"))
+    parser.add_argument("--app-id", default="meltica-sinks")
+    parser.add_argument("--bootstrap", default=os.environ.get("MELTICA_KAFKA_BOOTSTRAP"))
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--within", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    if not args.database_url:
+        parser.error("--database-url (or MELTICA_DATABASE_URL) is required")
+    bootstrap = args.bootstrap or default_bootstrap()
+    app = make_app(bootstrap, args.app_id)
+    topics = StreamTopics(app, Catalogue())
+    register_sinks(app, topics, make_engine(args.database_url), batch_size=args.batch_size, within=args.within)
+    worker = faust.Worker(app, loglevel="INFO", quiet=True)
+    worker.execute_from_commandline()  # exits the process when the worker stops
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,6 +16,7 @@ from meltica.cli import (
     keys_cmd,
     kill_cmd,
     optimize_cmd,
+    paper_cmd,
     status_cmd,
     streams_cmd,
 )
@@ -41,6 +42,9 @@ app.command("reconcile", help="Reconcile accounts with the exchanges; --now trig
 app.command("demo", help="The main job on embedded defaults.")(demo_cmd.demo)
 app.command("backtest", help="Backtest a strategy on recorded bars; write metrics, CSVs and a report.")(
     backtest_cmd.backtest
+)
+app.command("paper", help="Paper-trade a strategy through the live pipeline on a replayed candle file.")(
+    paper_cmd.paper
 )
 app.command("optimize", help="Parameter sweeps and walk-forward analysis.")(optimize_cmd.optimize)
 app.command("status", help="Live pipeline: consumer lag, per-agent rates, dead letters, infrastructure.")(

@@ -169,21 +169,35 @@ def run_paper(
     timeout: float = 3600.0,
     keep_topics: bool = False,
     state_root: Path | None = None,
+    database_url: str | None = None,
 ) -> PaperRun:
     """Run ``config``'s strategy through the live pipeline on ``data`` (a candle file); see the module
     docstring. ``venue``: ``paper`` (in-process paper venue in the worker) or ``emulator`` (the Binance
-    emulator, served from this process, through ccxt; the symbol must be a spot symbol it lists)."""
+    emulator, served from this process, through ccxt; the symbol must be a spot symbol it lists).
+    ``database_url``: also run a sink worker (``python -m streams.sinks``) writing market data, orders,
+    fills, positions and risk decisions there; the run returns once the database holds every order and
+    fill of the run. Orders and fills are keyed by client order id and (account, trade id), so a run that
+    stores them trades as account ``paper-<run>`` / instance ``<strategy>-<run>`` unless ``config`` names
+    its own (a paper venue's trade ids restart with every run)."""
     from meltica.messaging.admin import create_topics
 
     if venue not in ("paper", "emulator"):
         raise PaperRunError(f"venue {venue!r}: expected paper or emulator")
     if venue == "emulator":
-        config = _with_emulator_instrument(config)
+        config = with_emulator_instrument(config)
     series = BarSeries.from_file(data, exchange=config.exchange, symbol=config.symbol, timeframe=config.timeframe)
     bars = _bars_of(series, max_bars)
     if not bars:
         raise PaperRunError(f"{data}: no bars to replay")
     run = uuid.uuid4().hex[:10]
+    if database_url is not None:
+        fields = config.model_fields_set
+        update: dict[str, Any] = {}
+        if "account" not in fields:
+            update["account"] = f"paper-{run}"
+        if "instance_id" not in fields:
+            update["instance_id"] = f"{config.strategy}-{run}"
+        config = config.model_copy(update=update)
     prefix = f"paper.{run}."
     catalogue = Catalogue(prefix=prefix)
     codec = Codec(catalogue)
@@ -217,8 +231,17 @@ def run_paper(
             config_file = state_dir / "worker.json"
             config_file.write_text(json.dumps(settings, indent=2))
             env = {**os.environ, "MELTICA_TOPIC_PREFIX": prefix, EMULATOR_SECRET_ENV: api_secret}
-            with log_path.open("wb") as log:
+            with log_path.open("wb") as log, (state_dir / "sinks.log").open("wb") as sinks_log:
                 worker = subprocess.Popen(worker_command(config_file), stdout=log, stderr=subprocess.STDOUT, env=env)
+                sinks = None
+                if database_url is not None:
+                    # The URL (with its password) travels in the environment, not on the command line.
+                    sinks = subprocess.Popen(
+                        [sys.executable, "-m", "streams.sinks", "--app-id", f"meltica-paper-sinks-{run}"],
+                        stdout=sinks_log,
+                        stderr=subprocess.STDOUT,
+                        env={**env, "MELTICA_DATABASE_URL": database_url},
+                    )
                 try:
                     collecting = asyncio.create_task(
                         _collect(
@@ -235,9 +258,13 @@ def run_paper(
                         bootstrap, codec, bars, speed=speed, exchange=config.exchange, symbol=config.symbol
                     )
                     await collecting
+                    if sinks is not None:
+                        await _wait_stored(database_url or "", collector, sinks, timeout=min(timeout, 120.0))
                     return published
                 finally:
                     await asyncio.to_thread(_stop_worker, worker)
+                    if sinks is not None:
+                        await asyncio.to_thread(_stop_worker, sinks)
         finally:
             if emulator is not None:
                 await emulator.stop()
@@ -262,7 +289,41 @@ def run_paper(
     return PaperRun(result, collector, prefix, published, seconds, log_path)
 
 
-def _with_emulator_instrument(config: BacktestConfig) -> BacktestConfig:
+async def _wait_stored(
+    database_url: str, collector: PaperRunCollector, sinks: subprocess.Popen[bytes], *, timeout: float
+) -> None:
+    """Until the database holds every order and fill the run produced (the sinks lag a little)."""
+    from sqlalchemy import text
+
+    from meltica.storage.engine import make_engine
+
+    engine = make_engine(database_url)
+    want_orders, want_fills = len(collector.orders), len(collector.fills)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with engine.connect() as conn:
+                orders = conn.execute(
+                    text("SELECT count(*) FROM orders WHERE account = :a"), {"a": collector.account}
+                ).scalar_one()
+                fills = conn.execute(
+                    text("SELECT count(*) FROM fills WHERE account = :a"), {"a": collector.account}
+                ).scalar_one()
+            if orders >= want_orders and fills >= want_fills:
+                return
+            if sinks.poll() is not None:
+                raise PaperRunError(f"the sink worker exited with code {sinks.returncode}")
+            if time.monotonic() > deadline:
+                raise PaperRunError(
+                    f"the sinks stored {orders}/{want_orders} orders and {fills}/{want_fills} fills "
+                    f"within {timeout:.0f} s"
+                )
+            await asyncio.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
+def with_emulator_instrument(config: BacktestConfig) -> BacktestConfig:
     """The emulator lists its own spot instruments: trade exactly those filters in the paper run too."""
     from meltica.emulator.symbols import spec_for
 
@@ -316,6 +377,7 @@ def worker_settings(
         "topic_prefix": prefix,
         "factory": "streams.pipeline:build_processors",
         "params": params,
+        "confirm_outputs": os.environ.get("MELTICA_CONFIRM_OUTPUTS", "1") == "1",
     }
 
 
