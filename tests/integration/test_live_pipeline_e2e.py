@@ -38,7 +38,7 @@ SYMBOL = "BTC/USDT"  # the shipped perpetual's bars, traded as the emulator's sp
 def bars_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "slice.csv"
     with gzip.open(DATA, "rt") as src:
-        path.write_text("".join(itertools.islice(src, 361)))  # header + 6 hours of 1-minute bars
+        path.write_text("".join(itertools.islice(src, 241)))  # header + 4 hours of 1-minute bars
     return path
 
 
@@ -84,7 +84,7 @@ def test_replay_through_kafka_worker_emulator_and_sinks_equals_the_backtest(
     )
     backtest = run_backtest(config, BarSeries.from_file(bars_file, exchange="binance", symbol=SYMBOL, timeframe="1m"))
 
-    assert run.bars_published == 360
+    assert run.bars_published == 240
     assert len(backtest.fills) >= 10
     assert _fills(run.result.fills) == _fills(backtest.fills)
     want = [(o.client_order_id, o.status, o.filled_quantity) for o in backtest.orders]
@@ -110,7 +110,7 @@ def test_replay_through_kafka_worker_emulator_and_sinks_equals_the_backtest(
         (f.client_order_id, f.price, f.quantity, f.fee) for f in backtest.fills
     )
     assert stored_orders == {o.client_order_id: o.status for o in backtest.orders}
-    assert candles == 360
+    assert candles == 240
 
 
 def test_paper_venue_grid_matches_the_backtest(bars_file: Path, kafka_endpoint: KafkaEndpoint, tmp_path: Path) -> None:
@@ -120,13 +120,13 @@ def test_paper_venue_grid_matches_the_backtest(bars_file: Path, kafka_endpoint: 
         bars_file,
         bootstrap=kafka_endpoint.bootstrap_servers,
         venue="paper",
-        max_bars=240,
+        max_bars=180,
         say=lambda line: None,
         timeout=300,
         state_root=tmp_path,
     )
     series = BarSeries.from_file(bars_file, exchange="binance", symbol=SYMBOL, timeframe="1m")
-    backtest = run_backtest(config, list(series.bars())[:240])
+    backtest = run_backtest(config, list(series.bars())[:180])
     assert len(backtest.fills) >= 3
     assert _fills(run.result.fills) == _fills(backtest.fills)
     want = [(o.client_order_id, o.status, o.filled_quantity) for o in backtest.orders]

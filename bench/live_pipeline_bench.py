@@ -1,0 +1,902 @@
+"""Live pipeline benchmark (issue 6): market-data throughput per worker and market event → order latency.
+
+Everything runs on the real broker (``MELTICA_KAFKA_BOOTSTRAP`` or the dev broker 127.0.0.1:19092), on a
+fresh ``bench-<hex>.`` topic prefix per part, topics made by ``meltica.messaging.admin.create_topics``.
+None of the peers of ``backtest_bench.py`` (backtrader, NautilusTrader, vectorbt) has a Kafka path, so
+the baselines are in-repo: the same core objects without Kafka (codec decode only, the in-memory bus).
+
+1. **Throughput** — real trades (``/work/shared/data/market/freqtrade/XRP_ETH-trades.json.gz``, 12,477
+   Binance XRP/ETH trades) repeated, copy *k* shifted *k* x the file's span later with its own trade
+   ids, published to ``md.trades`` with ``streams.replay.ReplayPublisher`` *before* a worker starts;
+   then one worker (a subprocess of this script) consumes them all and the rate is messages / seconds
+   from its first handled message to its N-th (CPU seconds of the worker in the same window). Variants:
+
+   * ``generic``: ``streams.worker.build_worker_app`` + ``meltica.live.marketdata.CandleProcessor`` — one
+     message at a time, decode + handle + send (acks awaited) + per-message state snapshot into the
+     changelogged table;
+   * ``faust-agent``: ``streams.marketdata.register_candle_agents`` — also one message at a time (it does
+     not batch), snapshot per message, outputs not awaited;
+   * ``batched``: this file's agent, ``stream.take(1000, within=50 ms)`` feeding the core
+     ``CandleAggregator``; outputs awaited once per batch, one snapshot per touched market per batch.
+
+2. **Latency** — ``python -m streams.worker`` (a subprocess) with ``streams.pipeline.build_processors``
+   (stages strategies, risk, execution; ``PipelineConfig`` live, ``lockstep: false``; one paper
+   account) running the strategy ``bench_every_bar`` registered here: on every bar it sends one IOC
+   limit buy 1 % under the close (accepted, never filled, so nothing piles up). Real BTC 1m bars are
+   re-stamped over ``--symbols`` markets and published to ``md.candles.1m`` at a steady ``--rate`` per
+   second (one aiokafka ``send`` each, ``linger_ms=0``). Per bar: bench send time (wall clock, µs) →
+   the Kafka CreateTime (ms) of its ``SubmitRequest`` on ``orders.intents`` (set when the strategy agent
+   sends it), of the approved request on ``orders.approved``, and of the order's first ``OrderUpdate``
+   on ``orders.events`` (the submission). The worker's own stats (``handle`` + produce, acks included,
+   per processor) come from its last stats record.
+
+Usage: ``.venv/bin/python bench/live_pipeline_bench.py [--quick] [--trades N] [--seconds S] [--rate R]
+[--skip-throughput] [--skip-latency] [--json FILE]``. Not a test: nothing asserts on speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, ClassVar
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from meltica.domain import Bar, TimeInForce, Trade  # noqa: E402
+from meltica.strategies.base import Strategy, StrategyParams  # noqa: E402
+from meltica.strategies.registry import register_strategy  # noqa: E402
+
+TRADES_FILE = Path("/work/shared/data/market/freqtrade/XRP_ETH-trades.json.gz")
+BARS_FILE = REPO / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
+TRADES_TOPIC = "md.trades"
+CANDLES_TOPIC = "md.candles.1m"
+EXCHANGE = "binance"
+ACCOUNT = "bench"
+BATCH_TAKE = 1000
+BATCH_WITHIN = 0.05
+
+
+# --- the latency strategy (registered on import: the worker imports this module as its factory) ------
+
+
+class BenchEveryBarParams(StrategyParams):
+    quantity: Decimal = Decimal("0.001")
+    discount: Decimal = Decimal("0.99")  # limit price = close x discount: never crosses, IOC expires
+    every: int = 1  # one order per `every` bars (of all the instance's markets)
+
+
+@register_strategy
+class BenchEveryBar(Strategy[BenchEveryBarParams]):
+    """One IOC limit buy under the close on every bar: an intent per market event, no position."""
+
+    name: ClassVar[str] = "bench_every_bar"
+    Params: ClassVar[type[BenchEveryBarParams]] = BenchEveryBarParams
+
+    bars_seen = 0
+
+    def on_bar(self, bar: Bar) -> None:
+        self.bars_seen += 1
+        if self.bars_seen % self.params.every:
+            return
+        price = self.ctx.instrument(bar.symbol).round_price(bar.close * self.params.discount)
+        self.ctx.buy(bar.symbol, self.params.quantity, price=price, time_in_force=TimeInForce.IOC)
+
+
+def bench_processors(worker_config: Mapping[str, Any]) -> list[Any]:
+    """Worker factory (``live_pipeline_bench:bench_processors``): the pipeline's, with our strategy registered."""
+    from streams.pipeline import build_processors
+
+    fetch_wait = worker_config.get("params", {}).get("bench_fetch_max_wait_ms")
+    if fetch_wait is not None:
+        _patch_fetch_max_wait(int(fetch_wait))
+    return build_processors(worker_config)
+
+
+def _patch_fetch_max_wait(ms: int) -> None:
+    """faust-streaming 0.15.3 hard-codes ``fetch_max_wait_ms=1500`` for its consumer (no setting): while one
+    partition has nothing new, a fetch can sit at the broker that long before other partitions' new records
+    are fetched. The bench overrides it in its own worker process to show the effect."""
+    import aiokafka
+
+    original = aiokafka.AIOKafkaConsumer.__init__
+
+    def patched(self: Any, *topics: Any, **kwargs: Any) -> None:
+        if kwargs.get("fetch_max_wait_ms") == 1500:
+            kwargs["fetch_max_wait_ms"] = ms
+        original(self, *topics, **kwargs)
+
+    aiokafka.AIOKafkaConsumer.__init__ = patched  # type: ignore[method-assign]
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def recorded_trades(count: int) -> tuple[list[Trade], int]:
+    """``count`` real trades: the file repeated, each copy shifted past the previous one (own ids)."""
+    from meltica.marketdata.replay import load_trades
+
+    base = load_trades(TRADES_FILE, exchange=EXCHANGE, symbol="XRP/ETH")
+    span = base[-1].ts - base[0].ts + timedelta(minutes=1)
+    out: list[Trade] = []
+    copy = 0
+    while len(out) < count:
+        shift = span * copy
+        for t in base:
+            out.append(t.model_copy(update={"ts": t.ts + shift, "trade_id": f"{copy}-{t.trade_id}"}))
+            if len(out) == count:
+                break
+        copy += 1
+    return out, len(base)
+
+
+def bench_bars(count: int, symbols: int, start_minute: int = 0) -> list[Bar]:
+    """``count`` real BTC 1m bars dealt round-robin over ``symbols`` markets, each market's bars one
+    minute apart (bar ``j`` of market ``s`` opens ``start_minute + j`` minutes after 2022-01-01)."""
+    source = _source_bars()
+    origin = datetime(2022, 1, 1, tzinfo=UTC)
+    out = []
+    for i in range(count):
+        src = source[i % len(source)]
+        minute = start_minute + i // symbols
+        fields = src.model_dump() | {"symbol": symbol_name(i % symbols), "ts": origin + timedelta(minutes=minute)}
+        out.append(Bar.model_validate(fields))
+    return out
+
+
+@functools.cache
+def _source_bars() -> list[Bar]:
+    from meltica.marketdata.replay import load_bars
+
+    return load_bars(BARS_FILE, exchange=EXCHANGE, symbol="BTC/USDT")
+
+
+def symbol_name(i: int) -> str:
+    return f"B{i:03d}/USDT"
+
+
+# --- small helpers -----------------------------------------------------------------------------------
+
+
+def new_prefix(part: str) -> str:
+    return f"bench-{part}-{uuid.uuid4().hex[:8]}."
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, round(q / 100 * len(ordered) + 0.4999999))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def python() -> str:
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+# --- 1. throughput: the worker side (runs in a subprocess: --md-worker VARIANT) ----------------------
+
+
+@dataclass
+class BatchedCandles:
+    handled: int = 0
+    batches: int = 0
+    published: int = 0
+
+
+def register_batched_candles(app: Any, topics: Any, *, take: int, within: float) -> BatchedCandles:
+    """A batched md agent: ``take`` trades (or what came ``within`` seconds) → core aggregator → bars;
+    outputs acknowledged once per batch, then one snapshot per touched market into a changelogged table
+    (so the state never runs ahead of the published bars, as in the generic worker)."""
+    import faust
+
+    from meltica.live.marketdata import CandleAggregator
+    from meltica.messaging.catalogue import market_key
+
+    aggregator = CandleAggregator()
+    spec = topics.catalogue.spec(TRADES_TOPIC)
+    table = app.Table(
+        "bench-batched-open-window",
+        default=None,
+        partitions=spec.partitions,
+        schema=faust.Schema(key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"),
+        use_partitioner=True,
+    )
+    out_topic = topics[CANDLES_TOPIC]
+    codec = topics.codec
+    shell = BatchedCandles()
+
+    async def agent(stream: Any) -> None:
+        async for values in stream.take(take, within=within):
+            touched: set[str] = set()
+            pending = []
+            for raw in values:
+                trade = await topics.decode_or_dead_letter(TRADES_TOPIC, raw)
+                if trade is None:
+                    continue
+                key = market_key(trade.exchange, trade.symbol)
+                touched.add(key)
+                for bar in aggregator.add(trade):
+                    pending.append(await out_topic.send(key=key.encode(), value=codec.encode(CANDLES_TOPIC, bar)))
+            if pending:
+                await asyncio.gather(*pending)
+                shell.published += len(pending)
+            for key in touched:
+                state = aggregator.snapshot(key)
+                if state is not None:
+                    table[key] = json.dumps(state, separators=(",", ":")).encode()
+            shell.handled += len(values)
+            shell.batches += 1
+
+    app.agent(topics[TRADES_TOPIC], name="bench-batched-candles")(agent)
+    return shell
+
+
+async def aiokafka_batched(bootstrap: str, prefix: str, count: int, progress: BatchedCandles) -> None:
+    """No Faust: an aiokafka consumer group, ``getmany`` batches → decode → core aggregator → bars sent,
+    acks awaited and offsets committed once per batch. State snapshots are not stored (a Faust table
+    would add one changelog record per touched market per batch, as in ``batched``)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from meltica.live.marketdata import CandleAggregator
+    from meltica.messaging import Catalogue, Codec
+    from meltica.messaging.catalogue import market_key
+
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    consumer = AIOKafkaConsumer(
+        catalogue.topic_name(TRADES_TOPIC), bootstrap_servers=bootstrap, group_id=f"{prefix}md-aiokafka",
+        auto_offset_reset="earliest", enable_auto_commit=False, max_partition_fetch_bytes=4 * 1024 * 1024,
+    )  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    out_topic = catalogue.topic_name(CANDLES_TOPIC)
+    aggregator = CandleAggregator()
+    await consumer.start()
+    await producer.start()
+    try:
+        while progress.handled < count:
+            batch = await consumer.getmany(timeout_ms=100, max_records=BATCH_TAKE * 5)
+            pending = []
+            for records in batch.values():
+                for rec in records:
+                    trade = codec.decode(TRADES_TOPIC, rec.value)
+                    for bar in aggregator.add(trade):
+                        key = market_key(bar.exchange, bar.symbol).encode()
+                        pending.append(await producer.send(out_topic, codec.encode(CANDLES_TOPIC, bar), key=key))
+                    progress.handled += 1
+            if pending:
+                await asyncio.gather(*pending)
+            if batch:
+                await consumer.commit()
+                progress.batches += 1
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def md_worker(variant: str, bootstrap: str, prefix: str, count: int) -> dict[str, Any]:
+    from meltica.live.marketdata import CandleProcessor
+    from meltica.messaging import Catalogue, Codec
+    from streams.app import make_app
+    from streams.topics import StreamTopics
+
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    app_id = f"{prefix}md-{variant}"
+    stop: Any
+    if variant == "aiokafka-batched":
+        shell: Any = BatchedCandles()
+        task = asyncio.create_task(aiokafka_batched(bootstrap, prefix, count, shell))
+
+        def handled() -> int:
+            if task.done() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+            return shell.handled
+
+        class _NoApp:
+            async def start(self) -> None:
+                return None
+
+        async def stop_task() -> None:
+            await task
+
+        app: Any = _NoApp()
+        stop = stop_task
+    elif variant == "generic":
+        from streams.worker import build_worker_app, runtime_of
+
+        processor = CandleProcessor()
+        app = build_worker_app(app_id, bootstrap, [processor], catalogue, stats_interval=600.0)
+        runtime = runtime_of(app)
+        stats = runtime.stats.processors[processor.name]
+
+        def handled() -> int:
+            return stats.messages_in.get(TRADES_TOPIC, 0)
+
+        stop = runtime.graceful_stop
+    else:
+        app = make_app(bootstrap, app_id, table_standby_replicas=0)
+        topics = StreamTopics(app, catalogue=catalogue, codec=codec)
+        if variant == "faust-agent":
+            from streams.marketdata import register_candle_agents
+
+            shell = register_candle_agents(app, topics)
+        elif variant == "batched":
+            shell = register_batched_candles(app, topics, take=BATCH_TAKE, within=BATCH_WITHIN)
+        else:
+            raise ValueError(variant)
+
+        def handled() -> int:
+            return int(shell.handled)
+
+        stop = app.stop
+    started = time.perf_counter()
+    await app.start()
+    first_at = first_cpu = None
+    first_n = 0
+    async with asyncio.timeout(300):
+        while True:
+            n = handled()
+            if n and first_at is None:
+                first_at, first_cpu, first_n = time.perf_counter(), time.process_time(), n
+            if n >= count:
+                last_at, last_cpu = time.perf_counter(), time.process_time()
+                break
+            await asyncio.sleep(0.002)
+    assert first_at is not None
+    assert first_cpu is not None
+    seconds, cpu = last_at - first_at, last_cpu - first_cpu
+    result = {
+        "variant": variant,
+        "messages": count - first_n,
+        "seconds": seconds,
+        "rate": (count - first_n) / seconds if seconds > 0 else float("nan"),
+        "cpu_seconds": cpu,
+        "cpu_rate": (count - first_n) / cpu if cpu > 0 else float("nan"),
+        "startup_seconds": first_at - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if variant in ("batched", "aiokafka-batched"):
+        result["batches"] = shell.batches
+    try:
+        async with asyncio.timeout(20):
+            await stop()
+    except Exception as exc:  # the figures are in; a slow Faust stop must not lose them
+        result["stop_error"] = repr(exc)
+    return result
+
+
+# --- 1. throughput: the bench side -------------------------------------------------------------------
+
+
+def codec_and_bus_baselines(trades: list[Trade]) -> dict[str, float]:
+    """No Kafka: decode rate of the core codec, and the CandleProcessor over the in-memory bus."""
+    from meltica.live.bus import InMemoryBus
+    from meltica.live.marketdata import CandleProcessor
+    from meltica.messaging import Codec
+    from meltica.messaging.catalogue import market_key
+
+    codec = Codec()
+    raws = [codec.encode(TRADES_TOPIC, t) for t in trades]
+    t0 = time.perf_counter()
+    for raw in raws:
+        codec.decode(TRADES_TOPIC, raw)
+    decode_s = time.perf_counter() - t0
+
+    async def bus_run() -> float:
+        processor = CandleProcessor()
+        bus = InMemoryBus([processor])
+        await bus.start()
+        t = time.perf_counter()
+        for trade in trades:
+            await bus.publish(TRADES_TOPIC, market_key(trade.exchange, trade.symbol), trade)
+            await bus.run_until_idle()
+            processor.snapshot(market_key(trade.exchange, trade.symbol))
+        elapsed = time.perf_counter() - t
+        await bus.stop()
+        return elapsed
+
+    bus_s = asyncio.run(bus_run())
+    return {
+        "decode_rate": len(raws) / decode_s,
+        "bus_rate": len(trades) / bus_s,
+        "bytes": sum(map(len, raws)) / len(raws),
+    }
+
+
+def run_throughput(bootstrap: str, count: int, variants: Iterable[str]) -> dict[str, Any]:
+    from meltica.messaging import Catalogue
+    from meltica.messaging.admin import create_topics
+    from streams.replay import ReplayPublisher
+
+    trades, per_copy = recorded_trades(count)
+    print(f"\n== 1. market-data throughput per worker: {len(trades):,} real trades (XRP/ETH, {per_copy:,} per copy)")
+    baselines = codec_and_bus_baselines(trades[: min(len(trades), 30_000)])
+    prefix = new_prefix("md")
+    catalogue = Catalogue(prefix=prefix)
+    create_topics(bootstrap, catalogue)
+
+    async def publish() -> Any:
+        async with ReplayPublisher(bootstrap, catalogue) as pub:
+            return await pub.publish(trades)
+
+    pub_stats = asyncio.run(publish())
+    print(
+        f"   published to {catalogue.topic_name(TRADES_TOPIC)} in {pub_stats.seconds:.2f}s "
+        f"({pub_stats.rate:,.0f} msg/s)"
+    )
+    results = []
+    for variant in variants:
+        proc = subprocess.run(
+            [python(), str(Path(__file__).resolve()), "--md-worker", variant, "--prefix", prefix,
+             "--count", str(len(trades)), "--bootstrap", bootstrap],
+            capture_output=True, text=True, cwd=REPO, env=worker_env(), timeout=400,
+        )  # fmt: skip
+        line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"   {variant}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}")
+            results.append({"variant": variant, "failed": proc.returncode})
+            continue
+        results.append(json.loads(line[len("RESULT ") :]))
+    return {"trades": len(trades), "publish_rate": pub_stats.rate, "baselines": baselines, "workers": results}
+
+
+def print_throughput(report: Mapping[str, Any]) -> None:
+    b = report["baselines"]
+    rows = [
+        ("generic", "streams/worker.py + CandleProcessor: 1 msg at a time, acked output, snapshot/msg"),
+        ("faust-agent", "streams/marketdata.py register_candle_agents: 1 msg at a time, snapshot/msg"),
+        ("batched", f"bench agent: stream.take({BATCH_TAKE}, within={BATCH_WITHIN * 1000:.0f} ms) + CandleAggregator"),
+        ("aiokafka-batched", "no Faust: aiokafka getmany + CandleAggregator, acks+commit per batch, no table"),
+    ]
+    by_name = {r["variant"]: r for r in report["workers"]}
+    print(f"   {'path':<16} {'msg/s':>9} {'msg/CPU-s':>10} {'seconds':>8} {'start s':>8}  what")
+    for name, what in rows:
+        r = by_name.get(name)
+        if r is None:
+            continue
+        if "failed" in r:
+            print(f"   {name:<16} {'FAILED':>9}")
+            continue
+        print(f"   {name:<16} {r['rate']:>9,.0f} {r['cpu_rate']:>10,.0f} {r['seconds']:>8.2f} "
+              f"{r['startup_seconds']:>8.1f}  {what}")  # fmt: skip
+    print(f"   in-repo baselines, no Kafka: codec decode only {b['decode_rate']:,.0f} msg/s ({b['bytes']:.0f} B/msg); "
+          f"CandleProcessor on the in-memory bus (+ snapshot/msg) {b['bus_rate']:,.0f} msg/s")  # fmt: skip
+    batched, generic = by_name.get("batched"), by_name.get("generic")
+    if batched and generic and "rate" in batched and "rate" in generic:
+        print(f"   batched / generic = {batched['rate'] / generic['rate']:.1f}x; target >= 20,000 msg/s with batching: "
+              f"{'met' if batched['rate'] >= 20_000 else 'NOT met'}")  # fmt: skip
+
+
+# --- 2. latency ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencySetting:
+    name: str
+    every: int = 1  # the strategy's order frequency: one per `every` bars
+    confirm_outputs: bool = True
+    faust: tuple[tuple[str, Any], ...] = ()
+    fetch_max_wait_ms: int | None = None  # override Faust's hard-coded 1500 ms
+    note: str = ""
+
+
+SETTINGS = {
+    "default": LatencySetting(
+        "default", note="order on every bar; confirm_outputs on, Faust producer_linger 0, acks all"
+    ),
+    "every-10": LatencySetting("every-10", every=10, note="order on 1 bar in 10; otherwise default"),
+    "every-10-no-confirm": LatencySetting(
+        "every-10-no-confirm", every=10, confirm_outputs=False, note="order on 1 bar in 10; confirm_outputs off"
+    ),
+    "no-confirm": LatencySetting(
+        "no-confirm", confirm_outputs=False, note="outputs not awaited before the next message"
+    ),
+    "linger-5ms": LatencySetting("linger-5ms", faust=(("producer_linger", 0.005),), note="Faust producer_linger 5 ms"),
+    "fetch-10ms": LatencySetting(
+        "fetch-10ms", fetch_max_wait_ms=10, note="Faust consumer fetch_max_wait 10 ms instead of 1500 (patched)"
+    ),
+    "fetch-10ms-no-confirm": LatencySetting(
+        "fetch-10ms-no-confirm",
+        fetch_max_wait_ms=10,
+        confirm_outputs=False,
+        note="fetch wait 10 ms, confirm_outputs off",
+    ),
+    "acks-1": LatencySetting("acks-1", faust=(("producer_acks", 1),), note="leader ack only"),
+}
+
+
+def pipeline_config(symbols: int, every: int = 1) -> dict[str, Any]:
+    syms = [symbol_name(i) for i in range(symbols)]
+    return {
+        "lockstep": False,
+        "instances": [
+            {
+                "instance_id": "bench-every-bar",
+                "strategy": "bench_every_bar",
+                "params": {"every": every},
+                "account": ACCOUNT,
+                "exchange": EXCHANGE,
+                "symbols": syms,
+                "timeframe": "1m",
+            },
+        ],
+        "accounts": {ACCOUNT: {"exchange": EXCHANGE, "venue": "paper", "initial_balances": {"USDT": "1000000000"}}},
+    }
+
+
+async def drive_latency(
+    bootstrap: str,
+    prefix: str,
+    symbols: int,
+    rate: float,
+    seconds: float,
+    worker: subprocess.Popen[bytes],
+    drain_seconds: float = 10.0,
+) -> dict[str, Any]:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from meltica.messaging import Catalogue, Codec
+    from meltica.messaging.catalogue import market_key
+    from meltica.messaging.schemas import OrderUpdate, SubmitRequest
+
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    physical = {name: catalogue.topic_name(name) for name in ("orders.intents", "orders.approved", "orders.events")}
+    logical = {v: k for k, v in physical.items()}
+    consumer = AIOKafkaConsumer(
+        *physical.values(), bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
+        fetch_max_wait_ms=5, enable_auto_commit=False,
+    )  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await consumer.start()
+    await producer.start()
+    sent_at: dict[tuple[str, datetime], float] = {}  # (symbol, bar ts) → bench send wall time
+    intent_of: dict[str, tuple[str, datetime]] = {}  # request id → bar
+    coid_of: dict[str, str] = {}  # client order id → request id
+    intent_ts: dict[str, tuple[float, float]] = {}  # request id → (CreateTime, received wall time)
+    approved_ts: dict[str, float] = {}
+    submitted: dict[str, tuple[float, float, str]] = {}  # request id → (CreateTime, received, status)
+    counts = {"intents": 0, "updates": 0}
+
+    async def consume() -> None:
+        while True:
+            batch = await consumer.getmany(timeout_ms=50)
+            now = time.time()
+            for tp, records in batch.items():
+                name = logical[tp.topic]
+                for rec in records:
+                    value = codec.decode(name, rec.value)
+                    created = rec.timestamp / 1000.0
+                    if name == "orders.intents" and isinstance(value, SubmitRequest):
+                        counts["intents"] += 1
+                        bar_ts = value.ts - timedelta(minutes=1)
+                        intent_of[value.request_id] = (value.intent.symbol, bar_ts)
+                        coid_of[value.intent.client_order_id] = value.request_id
+                        intent_ts[value.request_id] = (created, now)
+                    elif name == "orders.approved" and isinstance(value, SubmitRequest):
+                        approved_ts.setdefault(value.request_id, created)
+                    elif name == "orders.events" and isinstance(value, OrderUpdate):
+                        counts["updates"] += 1
+                        rid = coid_of.get(value.order.client_order_id)
+                        if rid is not None and rid not in submitted:
+                            submitted[rid] = (created, now, str(value.order.status))
+
+    consumer_task = asyncio.create_task(consume())
+    achieved = 0.0
+    load_before = loadavg()
+    topic = catalogue.topic_name(CANDLES_TOPIC)
+
+    async def send_bars(bars: list[Bar], per_second: float, record: bool) -> None:
+        t0 = time.perf_counter()
+        futures = []
+        for i, bar in enumerate(bars):
+            delay = t0 + i / per_second - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            value = codec.encode(CANDLES_TOPIC, bar)
+            key = market_key(bar.exchange, bar.symbol).encode()
+            if record:
+                sent_at[(bar.symbol, bar.ts)] = time.time()
+            futures.append(await producer.send(topic, value=value, key=key))
+        await asyncio.gather(*futures)
+
+    try:
+        # warm-up: one bar every 0.2 s until the worker answers (group join, table recovery) — no backlog —
+        # then 1 s at the rate, then wait until its intents stop coming (the worker has caught up)
+        warm_minutes = 0
+        async with asyncio.timeout(90):
+            while counts["intents"] == 0:
+                if worker.poll() is not None:
+                    raise RuntimeError(f"worker exited with {worker.returncode}")
+                bar = bench_bars(1, 1, warm_minutes)
+                warm_minutes += 1
+                await send_bars(bar, 1000.0, record=False)
+                await asyncio.sleep(0.2)
+        warm = bench_bars(int(rate), symbols, warm_minutes)
+        await send_bars(warm, rate, record=False)
+        async with asyncio.timeout(60):
+            while True:
+                before = counts["intents"] + counts["updates"]
+                await asyncio.sleep(1.0)
+                if counts["intents"] + counts["updates"] == before:
+                    break
+        start_minute = warm_minutes + len(warm) // symbols + 1
+        measured = bench_bars(int(rate * seconds), symbols, start_minute)
+        load_before = loadavg()
+        t_start = time.perf_counter()
+        await send_bars(measured, rate, record=True)
+        achieved = len(measured) / (time.perf_counter() - t_start)
+        wanted = set(sent_at)
+        async with asyncio.timeout(drain_seconds):
+            while True:
+                done = {intent_of[r] for r in submitted if r in intent_of} & wanted
+                if len(done) >= len(wanted):
+                    break
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        pass
+    finally:
+        consumer_task.cancel()
+        await asyncio.gather(consumer_task, return_exceptions=True)
+        await consumer.stop()
+        await producer.stop()
+
+    to_intent, to_approved, to_submit, intent_to_submit, recv_submit = [], [], [], [], []
+    statuses: dict[str, int] = {}
+    for rid, bar in intent_of.items():
+        t_send = sent_at.get(bar)
+        if t_send is None:
+            continue
+        created, _received = intent_ts[rid]
+        to_intent.append((created - t_send) * 1000)
+        if rid in approved_ts:
+            to_approved.append((approved_ts[rid] - t_send) * 1000)
+        if rid in submitted:
+            sub_created, sub_received, status = submitted[rid]
+            to_submit.append((sub_created - t_send) * 1000)
+            intent_to_submit.append((sub_created - created) * 1000)
+            recv_submit.append((sub_received - t_send) * 1000)
+            statuses[status] = statuses.get(status, 0) + 1
+    return {
+        "bars": len(sent_at),
+        "rate_achieved": achieved,
+        "load_before": load_before,
+        "load_after": loadavg(),
+        "rate": rate,
+        "intents_seen": counts["intents"],
+        "updates_seen": counts["updates"],
+        "matched_intents": len(to_intent),
+        "matched_submissions": len(to_submit),
+        "first_update_status": statuses,
+        "event_to_intent_ms": to_intent,
+        "event_to_approved_ms": to_approved,
+        "event_to_submit_ms": to_submit,
+        "intent_to_submit_ms": intent_to_submit,
+        "event_to_submit_received_ms": recv_submit,
+    }
+
+
+def pipeline_bus_baseline(symbols: int, bars: int = 1000) -> float:
+    """No Kafka: the same three processors on the in-memory bus, an order on every bar; ms per bar
+    (bar → intent → approval → submission → order events back to the host and the gate)."""
+    from meltica.live.bus import InMemoryBus
+    from meltica.messaging.catalogue import market_key
+    from streams.pipeline import build_processors
+
+    processors = build_processors(
+        {"params": {"pipeline": pipeline_config(symbols), "stages": ["strategies", "risk", "execution"]}}
+    )
+    series = bench_bars(bars, symbols)
+
+    async def run() -> float:
+        bus = InMemoryBus(processors)
+        await bus.start()
+        t0 = time.perf_counter()
+        for bar in series:
+            await bus.publish(CANDLES_TOPIC, market_key(bar.exchange, bar.symbol), bar)
+            await bus.run_until_idle()
+        elapsed = time.perf_counter() - t0
+        await bus.stop()
+        return elapsed * 1000 / len(series)
+
+    return asyncio.run(run())
+
+
+def run_latency(bootstrap: str, setting: LatencySetting, symbols: int, rate: float, seconds: float) -> dict[str, Any]:
+    from meltica.live.worker_stats import read_stats
+    from meltica.messaging import Catalogue
+    from meltica.messaging.admin import create_topics
+
+    prefix = new_prefix("lat")
+    create_topics(bootstrap, Catalogue(prefix=prefix))
+    config = {
+        "app_id": f"{prefix}pipeline",
+        "bootstrap": bootstrap,
+        "topic_prefix": prefix,
+        "factory": "live_pipeline_bench:bench_processors",
+        "stats_interval": 2.0,
+        "confirm_outputs": setting.confirm_outputs,
+        "faust": dict(setting.faust),
+        "params": {
+            "pipeline": pipeline_config(symbols, setting.every),
+            "stages": ["strategies", "risk", "execution"],
+            "bench_fetch_max_wait_ms": setting.fetch_max_wait_ms,
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="meltica-bench-") as tmp:
+        config_path = Path(tmp) / "worker.json"
+        config_path.write_text(json.dumps(config), encoding="utf-8")
+        log_path = Path(tmp) / "worker.log"
+        with log_path.open("wb") as log_file:
+            worker = subprocess.Popen(
+                [python(), "-m", "streams.worker", "--config", str(config_path), "--log-level", "WARNING"],
+                cwd=tmp, env=worker_env(), stdout=log_file, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            try:
+                result = asyncio.run(drive_latency(bootstrap, prefix, symbols, rate, seconds, worker))
+            finally:
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGTERM)
+                    try:
+                        worker.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        worker.kill()
+                        worker.wait()
+        log_tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
+    records = read_stats(bootstrap, prefix)
+    result["worker_stats"] = {
+        name: proc.get("latency_ms") for rec in records for name, proc in (rec.get("processors") or {}).items()
+    }
+    result["worker_exit"] = worker.returncode
+    result["setting"] = setting.name
+    result["symbols"] = symbols
+    if not result["matched_submissions"]:
+        result["worker_log_tail"] = log_tail
+    return result
+
+
+def summary(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"{pct(values, 50):6.2f} {pct(values, 99):7.2f} {max(values):7.2f}"
+
+
+def print_latency(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        setting = SETTINGS[r["setting"]]
+        print(f"\n   [{r['setting']} @ {r['rate']:,.0f}/s] {setting.note}: {r['bars']:,} bars over "
+              f"{r['symbols']} markets sent at {r['rate_achieved']:,.0f}/s; matched intents "
+              f"{r['matched_intents']:,}, submissions {r['matched_submissions']:,} (seen {r['intents_seen']:,} "
+              f"intents, {r['updates_seen']:,} updates; first update status {r['first_update_status']}); "
+              f"load {r['load_before']} → {r['load_after']}; worker exit {r['worker_exit']}")  # fmt: skip
+        print(f"   {'leg (ms)':<48} {'p50':>6} {'p99':>7} {'max':>7}")
+        legs = [
+            ("bar sent → intent (CreateTime, orders.intents)", r["event_to_intent_ms"]),
+            ("bar sent → approved (CreateTime, orders.approved)", r["event_to_approved_ms"]),
+            ("bar sent → submission (CreateTime, orders.events)", r["event_to_submit_ms"]),
+            ("intent → submission (CreateTimes)", r["intent_to_submit_ms"]),
+            ("bar sent → submission received by the bench", r["event_to_submit_received_ms"]),
+        ]
+        for label, values in legs:
+            print(f"   {label:<48} {summary(values)}")
+        for name, lat in sorted((r.get("worker_stats") or {}).items()):
+            if lat:
+                print(f"   worker stats {name + ': handle+produce':<35} {lat['p50']:6.2f} {lat['p99']:7.2f} "
+                      f"{lat['max']:7.2f}  (last {lat['count']} msgs)")  # fmt: skip
+        if "worker_log_tail" in r:
+            print("   worker log tail:\n" + r["worker_log_tail"])
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10k trades, one 5 s latency run at 100/s (< 2 min)")
+    parser.add_argument("--trades", type=int, help="trades for the throughput part (default 100k; quick 30k)")
+    parser.add_argument("--variants", default="generic,faust-agent,batched,aiokafka-batched")
+    parser.add_argument("--seconds", type=float, help="measured seconds at the steady rate (default 30; quick 8)")
+    parser.add_argument("--rate", type=float, default=1000.0, help="market events per second")
+    parser.add_argument("--symbols", type=int, default=50, help="markets the bars are spread over")
+    parser.add_argument(
+        "--runs", help=f"latency runs SETTING@RATE,... (settings: {','.join(SETTINGS)}; rate default --rate)"
+    )
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--json", help="write all figures to this file")
+    parser.add_argument("--bootstrap")
+    # internal: one throughput worker
+    parser.add_argument("--md-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    from meltica.messaging.admin import default_bootstrap
+
+    bootstrap = args.bootstrap or default_bootstrap()
+    if args.md_worker:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        profile_to = os.environ.get("MELTICA_BENCH_PROFILE")  # cProfile the worker (where the time goes)
+        if profile_to:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            result = profiler.runcall(asyncio.run, md_worker(args.md_worker, bootstrap, args.prefix, args.count))
+            profiler.dump_stats(f"{profile_to}.{args.md_worker}")
+        else:
+            result = asyncio.run(md_worker(args.md_worker, bootstrap, args.prefix, args.count))
+        print("RESULT " + json.dumps(result), flush=True)
+        os._exit(0)  # Faust may leave non-daemon threads behind
+
+    trades = args.trades or (10_000 if args.quick else 100_000)
+    seconds = args.seconds or (5.0 if args.quick else 20.0)
+    default_runs = (
+        "default@100"
+        if args.quick
+        else "default,no-confirm,every-10,every-10-no-confirm,default@100,no-confirm@100,linger-5ms@100,acks-1@100"
+    )
+    runs = []
+    for item in (args.runs or default_runs).split(","):
+        name, _, rate = item.partition("@")
+        runs.append((SETTINGS[name], float(rate) if rate else args.rate))
+    print(f"live pipeline bench: broker {bootstrap}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"load {loadavg()}")  # fmt: skip
+    print("peers: none of backtrader / NautilusTrader / vectorbt has a Kafka path; baselines are in-repo")
+    report: dict[str, Any] = {}
+    if not args.skip_throughput:
+        report["throughput"] = run_throughput(bootstrap, trades, args.variants.split(","))
+        print_throughput(report["throughput"])
+    if not args.skip_latency:
+        print(f"\n== 2. latency at a steady rate of bars ({args.symbols} markets), one worker "
+              "(strategies + risk + execution, paper venue, live mode)")  # fmt: skip
+        per_bar = pipeline_bus_baseline(args.symbols)
+        print(f"   in-repo baseline, no Kafka: strategies + risk + execution on the in-memory bus, order on every bar: "
+              f"{per_bar:.3f} ms/bar ({1000 / per_bar:,.0f} bars/s on one core)")  # fmt: skip
+        report["pipeline_bus_ms_per_bar"] = per_bar
+        results = [run_latency(bootstrap, setting, args.symbols, rate, seconds) for setting, rate in runs]
+        print_latency(results)
+        report["latency"] = [
+            {k: v for k, v in r.items() if not k.endswith("_ms")}
+            | {k: {"p50": pct(v, 50), "p99": pct(v, 99), "max": max(v, default=float("nan")),
+                   "mean": statistics.fmean(v) if v else float("nan")} for k, v in r.items() if k.endswith("_ms")}
+            for r in results
+        ]  # fmt: skip
+    print(f"\nload at end {loadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
