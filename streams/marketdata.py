@@ -164,6 +164,9 @@ def register_candle_agents(
     trades = app.agent(topics[TRADES], name=f"{name}-trades")(trades_agent)
     control = app.agent(topics[CONTROL], name=f"{name}-control")(control_agent)
     shell = CandleAgents(processor, table, trades, control, topics)
+    from streams.worker import guard_inputs  # Faust drops fetched records after a recovery seek
+
+    guard_inputs(app, [trades_topic, topics.catalogue.topic_name(CONTROL)])
 
     async def revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
         # State of markets that may now belong to another worker: reload from the table when seen again.

@@ -101,6 +101,9 @@ def register_sinks(
         sinks.agents[name] = app.agent(topics[name], name=f"sink.{name}")(
             _sink_agent(app, topics, sinks, name, batch_size, within, retry_delay)
         )
+    from streams.worker import guard_inputs  # Faust drops fetched records after a recovery seek
+
+    guard_inputs(app, [topics.catalogue.topic_name(n) for n in names if not topics.catalogue.spec(n).compacted])
     return sinks
 
 

@@ -254,6 +254,19 @@ def _where(event: EventT[Any]) -> str:
     return f"{message.topic}[{message.partition}]@{message.offset}"
 
 
+def guard_inputs(app: faust.App, physical_topics: Iterable[str]) -> ConsumerGuard:
+    """Put ``physical_topics`` (non-compacted inputs) under the app's :class:`ConsumerGuard`, installing
+    one if the app has none yet: every Faust app of ours (workers, candle agents, sinks) needs it."""
+    consumer = app.consumer
+    guard: ConsumerGuard | None = getattr(consumer, "_meltica_guard", None)
+    if guard is None:
+        guard = ConsumerGuard(app, physical_topics)
+        guard.install(consumer)
+    else:
+        guard.guarded.update(physical_topics)
+    return guard
+
+
 class ConsumerGuard:
     """Keeps Faust's consumer from committing offsets of input messages no agent handled.
 
