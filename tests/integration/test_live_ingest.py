@@ -316,5 +316,7 @@ def test_candle_agent_restart_continues_the_open_minute_from_its_table(
 
     one, two, bars = asyncio.run(scenario())
     assert 0 < one.published < len(expected)
-    assert two.handled == len(rest)  # the new worker started after the first one's committed offset
+    # At least once: the new worker starts at the first one's last commit, so it may see a few of the first
+    # worker's trades again (dropped as redeliveries, by partition/offset); it must see every later one.
+    assert two.handled >= len(rest)
     assert [_ohlcv(b) for _, b in bars] == [_ohlcv(b) for b in expected]
