@@ -48,6 +48,9 @@ from meltica.matching import FeeSchedule
 
 log = logging.getLogger(__name__)
 
+REST_FALLBACK_AFTER = 2.0
+"""Seconds ``settle()`` waits for an order update on the stream before asking REST for that order."""
+
 UserEventHandler = Callable[[UserEvent], Awaitable[Any]]
 
 
@@ -109,6 +112,7 @@ class EmulatorDriver:
         self.on_user_event = on_user_event
         self.fees = fees
         self.settle_timeout = settle_timeout
+        self._symbols: set[str] = set()
         self.subscribe_timeout = subscribe_timeout
         self._market_time: datetime | None = None
         built = create_adapter(
@@ -189,7 +193,7 @@ class EmulatorDriver:
                 "volume": str(bar.volume),
             },
         )
-        self._stepped(answer)
+        self._stepped(answer, bar.symbol)
 
     async def path(self, bar: Bar) -> None:
         answer = await self._post(
@@ -205,7 +209,7 @@ class EmulatorDriver:
                 "volume": str(bar.volume),
             },
         )
-        self._stepped(answer)
+        self._stepped(answer, bar.symbol)
 
     async def settle(self) -> None:
         answer = await self._get("/_emulator/executions", account=self.account, after=str(self._settled_seq))
@@ -218,6 +222,7 @@ class EmulatorDriver:
             orders[e["client_order_id"]] = max(orders.get(e["client_order_id"], 0), int(e["seq"]))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settle_timeout
+        rest_tried = False
         while True:
             missing_trades = trades - self._seen_trades
             missing_orders = {c: s for c, s in orders.items() if self._seen_order_seq.get(c, 0) < s}
@@ -227,6 +232,17 @@ class EmulatorDriver:
                 raise EmulatorDriverError(
                     f"the user stream of {self.account} ended: {self._reader_error!r}", reason="user_stream_ended"
                 ) from self._reader_error
+            if (
+                missing_orders
+                and not missing_trades
+                and not rest_tried
+                and loop.time() >= deadline - self.settle_timeout + REST_FALLBACK_AFTER
+            ):
+                # ccxt.pro hands a watched update over only when a later message arrives while it is
+                # awaited: the last order update of a burst can sit in its cache. Ask REST instead.
+                rest_tried = True
+                await self._deliver_by_rest(missing_orders, executions)
+                continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise EmulatorSettleError(
@@ -238,12 +254,28 @@ class EmulatorDriver:
                 )
             self._progress.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), timeout=remaining)
+                await asyncio.wait_for(
+                    self._progress.wait(), timeout=min(remaining, REST_FALLBACK_AFTER) if not rest_tried else remaining
+                )
         self._settled_seq = max(self._settled_seq, max(int(e["seq"]) for e in executions))
+
+    async def _deliver_by_rest(self, missing: Mapping[str, int], executions: list[dict[str, Any]]) -> None:
+        handler = self.on_user_event
+        assert handler is not None
+        unified = {s.replace("/", ""): s for s in self._symbols}
+        for coid, seq in missing.items():
+            raw_symbol = next((str(e["symbol"]) for e in executions if e["client_order_id"] == coid), "")
+            symbol = unified.get(raw_symbol, raw_symbol)
+            order = await self._adapter.fetch_order(symbol, client_order_id=coid)
+            log.info("%s: order %s taken by REST (the stream held its update back)", self.account, coid)
+            await handler(UserEvent(kind=UserEventKind.ORDER, ts=self.now(), order=order))
+            self._seen_order_seq[coid] = max(self._seen_order_seq.get(coid, 0), seq)
 
     # --- internals -------------------------------------------------------------------------------
 
-    def _stepped(self, answer: Mapping[str, Any]) -> None:
+    def _stepped(self, answer: Mapping[str, Any], symbol: str | None = None) -> None:
+        if symbol is not None:
+            self._symbols.add(symbol)
         self._market_time = _ms_to_utc(int(answer["market_time_ms"]))
         self.last_step_executions = list(answer["executions"].get(self.account, []))
 
