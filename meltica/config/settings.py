@@ -182,6 +182,92 @@ class RiskLimits(AccountRiskLimits):
         return self.max_position_notional_by_symbol.get(symbol, self.max_position_notional)
 
 
+LiveStage = Literal["candles", "strategies", "risk", "execution"]
+IngestStream = Literal["trades", "klines", "ticker"]
+INGEST_STREAMS: tuple[IngestStream, ...] = ("trades", "klines", "ticker")
+LIVE_STAGES: tuple[str, ...] = ("candles", "strategies", "risk", "execution")
+
+
+class LiveInstance(_Section):
+    """One strategy instance trading live: a registered strategy with its parameters, on one configured
+    account (its exchange is the account's) and one or more of that venue's symbols."""
+
+    instance_id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^:]+$")]
+    strategy: Annotated[str, Field(min_length=1, description="registered strategy name, e.g. momentum")]
+    params: dict[str, object] = Field(default_factory=dict, description="the strategy's parameters")
+    account: Annotated[str, Field(min_length=1, description="a name from `accounts`")]
+    symbols: Annotated[list[str], Field(min_length=1, description="ccxt unified symbols, e.g. BTC/USDT")]
+    timeframe: str = Field(default="1m", description="bar timeframe the strategy's on_bar sees")
+
+    @field_validator("symbols")
+    @classmethod
+    def _symbols(cls, value: list[str]) -> list[str]:
+        for symbol in value:
+            if not _SYMBOL.match(symbol):
+                raise ValueError(f"{symbol!r} is not a ccxt unified symbol like BTC/USDT or BTC/USDT:USDT")
+        return value
+
+
+class LiveIngest(_Section):
+    """Market data from the venues' websockets onto the md.* topics (``meltica live ingest``)."""
+
+    streams: list[IngestStream] = Field(
+        default_factory=lambda: list(INGEST_STREAMS), description="what to subscribe per symbol"
+    )
+    stale_after_s: Annotated[float, Field(gt=0)] = Field(
+        default=30.0, description="a market silent this long is stale: new orders on it are refused"
+    )
+    refetch_gaps: bool = Field(default=True, description="fetch missing closed bars by REST and log the gap")
+
+
+class LiveWorker(_Section):
+    """One stream worker process (``meltica live worker --worker NAME``) and the stages it hosts."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    stages: Annotated[list[LiveStage], Field(min_length=1)]
+
+
+def _default_workers() -> list[LiveWorker]:
+    return [LiveWorker(name="pipeline", stages=["strategies", "risk", "execution"])]
+
+
+class LiveReconcile(_Section):
+    at_start: bool = Field(default=True, description="reconcile every account before the first order")
+    after_reconnect: bool = Field(default=True, description="reconcile after every user-stream reconnect")
+    interval_s: Annotated[float, Field(ge=0)] = Field(default=900.0, description="0: no periodic reconciliation")
+
+
+class LiveSettings(_Section):
+    """The live deployment (``meltica live start --config FILE``): which strategy instances trade, how the
+    stages are split into processes, and what runs beside them. Accounts, credentials and risk limits are
+    the file's top-level ``accounts`` and ``risk``."""
+
+    topic_prefix: str = Field(default="live.", description="Kafka topic prefix of this deployment")
+    instances: list[LiveInstance] = Field(default_factory=list)
+    ingest: LiveIngest = Field(default_factory=LiveIngest)
+    workers: list[LiveWorker] = Field(default_factory=_default_workers)
+    sinks: bool = Field(default=True, description="store market data, orders, fills and positions in the database")
+    reconcile: LiveReconcile = Field(default_factory=LiveReconcile)
+    cancel_all_on_stop: bool = Field(default=False, description="cancel every open order when `live start` stops")
+    state_dir: str | None = Field(default=None, description="logs and pid files; default <MELTICA_STATE_DIR>/live")
+
+    @field_validator("instances")
+    @classmethod
+    def _unique_instances(cls, value: list[LiveInstance]) -> list[LiveInstance]:
+        ids = [i.instance_id for i in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("instance ids must be unique")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _unique_workers(cls, value: list[LiveWorker]) -> list[LiveWorker]:
+        names = [w.name for w in value]
+        if len(set(names)) != len(names):
+            raise ValueError("worker names must be unique")
+        return value
+
+
 class MelticaSettings(BaseSettings):
     """Everything configurable. Sources, highest priority first: ``MELTICA_*`` environment variables
     (nested with ``__``: ``MELTICA_RISK__MAX_ORDER_NOTIONAL``), then the YAML file."""
@@ -206,6 +292,7 @@ class MelticaSettings(BaseSettings):
     risk: RiskLimits = Field(default_factory=RiskLimits)
     symbols: list[str] = Field(default_factory=list, description="ccxt unified symbols, e.g. BTC/USDT")
     log_level: LogLevel = "INFO"
+    live: LiveSettings = Field(default_factory=LiveSettings, description="live trading (`meltica live start`)")
 
     @field_validator("log_level", mode="before")
     @classmethod
