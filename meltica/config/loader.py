@@ -245,3 +245,46 @@ def _source_of(loc: Sequence[str | int], file_source: str) -> str:
         if _env_value(var) is not None:
             return f"environment variable {var}"
     return file_source
+
+
+# --- live trading ----------------------------------------------------------------------------------
+
+LIVE_RISK_FIELDS: tuple[str, ...] = (
+    "max_order_notional",
+    "max_position_notional",
+    "max_gross_exposure",
+    "daily_loss_limit",
+)
+"""Limits every live deployment outside ``dev`` must set (``live_problems``)."""
+
+
+def live_problems(settings: MelticaSettings) -> list[tuple[tuple[str | int, ...], str]]:
+    """What ``meltica live start`` and every live worker refuse before anything starts: no instance, an
+    instance on an unknown account, or — outside ``dev`` — risk limits missing (each one named)."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    live = settings.live
+    if not live.instances:
+        problems.append((("live", "instances"), "no strategy instance is configured: nothing would trade"))
+    known = {account.name for account in settings.accounts}
+    listed = ", ".join(sorted(known)) or "none"
+    for index, instance in enumerate(live.instances):
+        if instance.account not in known:
+            problems.append(
+                (
+                    ("live", "instances", index, "account"),
+                    f"no configured account is named {instance.account!r} (accounts: {listed})",
+                )
+            )
+    if settings.environment != "dev":
+        for name in LIVE_RISK_FIELDS:
+            if getattr(settings.risk, name) is None:
+                problems.append((("risk", name), f"required to trade live in {settings.environment} (no limit set)"))
+    return problems
+
+
+def check_live(settings: MelticaSettings, source: str = "configuration") -> MelticaSettings:
+    """``settings`` unchanged, or ``ConfigurationError`` listing every ``live_problems`` entry."""
+    problems = [(source, _dotted(loc), problem) for loc, problem in live_problems(settings)]
+    if problems:
+        raise _error(problems)
+    return settings
