@@ -8,6 +8,13 @@ the local dev broker when ``meltica infra`` runs one. A broker that is configure
 command makes the command fail (exit 1) after the database change, saying that the live pipeline was
 not notified. No broker configured, or no control topic on it (no live pipeline was ever set up there):
 nothing to notify, said on stderr, exit 0.
+
+``--config FILE`` names a live deployment's settings file (``meltica live start --config FILE``): its
+database, its Kafka (``kafka.bootstrap_servers``, also ``MELTICA_KAFKA__BOOTSTRAP_SERVERS``) and its topic
+prefix (``live.topic_prefix``) are used, a scope naming an account or strategy instance the file does not
+configure is refused, and a pipeline that could not be told is a failure (exit 1). Fail closed: when the
+database cannot be written, ``on`` still publishes the command to the live pipeline, then exits 1 saying
+the database was not updated (a worker started later would not see the halt).
 """
 
 from __future__ import annotations
@@ -15,14 +22,22 @@ from __future__ import annotations
 import os
 import uuid
 import warnings
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 import typer
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from meltica.cli._common import EXIT_BAD_INPUT, EXIT_FAILURE, console, database_engine, err_console, reports_errors
+from meltica.config.settings import MelticaSettings
+from meltica.errors import InfrastructureUnavailableError
 from meltica.risk import KillSwitch, KillSwitchMode, KillSwitchStore, default_actor
 from meltica.risk.kill_switch import validate_scope
+
+SETTINGS_BOOTSTRAP_ENV = "MELTICA_KAFKA__BOOTSTRAP_SERVERS"
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -31,16 +46,61 @@ _BOOTSTRAP_HELP = "Kafka host:port of the live pipeline (default: MELTICA_KAFKA_
 _TIMEOUT_HELP = "seconds to wait for the broker"
 
 
-def _switch() -> KillSwitch:
-    return KillSwitch(KillSwitchStore(database_engine()))
+_CONFIG_HELP = "a live deployment's settings file: its database, Kafka, topic prefix and accounts"
 
 
-def _scope(value: str) -> str:
+@dataclass(frozen=True)
+class _Target:
+    """Where a kill-switch change goes: the database engine factory, the broker, the topic prefix."""
+
+    settings: MelticaSettings | None
+    bootstrap: str | None
+    prefix: str | None
+
+    def engine(self) -> Engine:
+        if self.settings is not None and self.settings.database_url is not None:
+            from meltica.secrets import resolve_secret
+            from meltica.storage.engine import make_engine
+
+            return make_engine(resolve_secret(self.settings.database_url, allow_plaintext=True).get_secret_value())
+        return database_engine()
+
+
+def _target(config: Path | None, bootstrap: str | None) -> _Target:
+    if config is None:
+        return _Target(None, bootstrap, None)
+    from meltica.config import load_settings
+
+    settings = load_settings(config_file=config)
+    return _Target(settings, bootstrap or settings.kafka.bootstrap_servers, settings.live.topic_prefix)
+
+
+def _switch(target: _Target) -> KillSwitch:
+    return KillSwitch(KillSwitchStore(target.engine()))
+
+
+def _scope(value: str, settings: MelticaSettings | None = None) -> str:
     try:
-        return validate_scope(value)
+        scope = validate_scope(value)
     except ValueError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    if settings is None:
+        return scope
+    kind, _, name = scope.partition(":")
+    known = {
+        "account": {a.name for a in settings.accounts},
+        "strategy": {i.instance_id for i in settings.live.instances} | {i.strategy for i in settings.live.instances},
+    }.get(kind)
+    if known is not None and name not in known:
+        err_console.print(
+            f"[bold red]error:[/] scope {scope}: the configuration has no {kind} named {name!r} "
+            f"(known: {', '.join(sorted(known)) or 'none'})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_BAD_INPUT)
+    return scope
 
 
 @app.command("on")
@@ -52,26 +112,43 @@ def on(
     actor: str | None = typer.Option(None, "--actor", help="Who (default: the OS user)."),
     bootstrap: str | None = typer.Option(None, "--bootstrap", help=_BOOTSTRAP_HELP),
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, help=_TIMEOUT_HELP),
+    config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
     """Engage the kill switch (database, then the live pipeline's control topic)."""
     try:
-        target = KillSwitchMode.parse(mode)
+        target_mode = KillSwitchMode.parse(mode)
     except ValueError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    if target is KillSwitchMode.OFF:
+    if target_mode is KillSwitchMode.OFF:
         err_console.print("[bold red]error:[/] use `meltica kill off` to release the kill switch", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
-    where = _scope(scope)
-    switch = _switch()
-    before = switch.state_of(where).mode
-    state = switch.engage(target, reason, actor or default_actor(), scope=where)
+    target = _target(config, bootstrap)
+    where = _scope(scope, target.settings)
+    who = actor or default_actor()
+    engaged: Literal["halt", "reduce_only"] = "halt" if target_mode is KillSwitchMode.HALT else "reduce_only"
+    try:
+        switch = _switch(target)
+        before = switch.state_of(where).mode
+        state = switch.engage(target_mode, reason, who, scope=where)
+    except (OperationalError, InfrastructureUnavailableError) as exc:
+        # Fail closed: the running pipeline must halt even when the database cannot record it.
+        told = _notify_pipeline(where, engaged, reason, who, target, timeout, required=True)
+        err_console.print(
+            f"[bold red]error:[/] the database was NOT updated ({_db_reason(exc)}); "
+            + ("the live pipeline was told to " + engaged if told else "the live pipeline was NOT told either")
+            + ". A worker started later will not see this kill switch: run the command again once the "
+            "database is back.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_FAILURE) from None
     if before is state.mode:
         console.print(f"kill switch {where}: already {state.mode.value} (since {state.since.isoformat()})")
     else:
         console.print(f"kill switch {where}: {before.value} → {state.mode.value} by {state.actor}: {state.reason}")
-    engaged: Literal["halt", "reduce_only"] = "halt" if target is KillSwitchMode.HALT else "reduce_only"
-    _notify_pipeline(where, engaged, reason, actor or default_actor(), bootstrap, timeout)
+    if not _notify_pipeline(where, engaged, reason, who, target, timeout, required=target.settings is not None):
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command("off")
@@ -82,24 +159,30 @@ def off(
     actor: str | None = typer.Option(None, "--actor", help="Who (default: the OS user)."),
     bootstrap: str | None = typer.Option(None, "--bootstrap", help=_BOOTSTRAP_HELP),
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, help=_TIMEOUT_HELP),
+    config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
-    """Release the kill switch (an explicit, recorded action; database, then the control topic)."""
-    where = _scope(scope)
-    switch = _switch()
+    """Release the kill switch (an explicit, recorded action; database, then the control topic). The
+    database must take the change first: a release that cannot be recorded is not published."""
+    target = _target(config, bootstrap)
+    where = _scope(scope, target.settings)
+    switch = _switch(target)
     before = switch.state_of(where).mode
     state = switch.release(actor or default_actor(), reason, scope=where)
     if before is KillSwitchMode.OFF:
         console.print(f"kill switch {where}: already off")
     else:
         console.print(f"kill switch {where}: {before.value} → off by {state.actor}: {state.reason}")
-    _notify_pipeline(where, "off", reason, actor or default_actor(), bootstrap, timeout)
+    if not _notify_pipeline(
+        where, "off", reason, actor or default_actor(), target, timeout, required=target.settings is not None
+    ):
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command("status")
 @reports_errors
-def status() -> None:
+def status(config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP)) -> None:
     """Show the kill switch of every scope that has been set."""
-    states = _switch().states()
+    states = _switch(_target(config, None)).states()
     if not states:
         console.print("kill switch global: off (never engaged)")
         return
@@ -112,6 +195,12 @@ def status() -> None:
         )
 
 
+def _db_reason(exc: Exception) -> str:
+    if isinstance(exc, OperationalError) and exc.orig is not None:
+        return str(exc.orig).strip().splitlines()[0]
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 # --- the live pipeline ---------------------------------------------------------------------------
 
 
@@ -120,10 +209,14 @@ def _broker(option: str | None) -> tuple[str | None, str]:
     from meltica.messaging.admin import BOOTSTRAP_ENV
 
     if option:
-        return option, "--bootstrap"
+        return option, "--bootstrap or the configuration"
     configured = os.environ.get(BOOTSTRAP_ENV)
     if configured:
         return configured, BOOTSTRAP_ENV
+    # The settings' spelling (MELTICA_KAFKA__BOOTSTRAP_SERVERS, or kafka.bootstrap_servers in the file).
+    settings_value = os.environ.get(SETTINGS_BOOTSTRAP_ENV)
+    if settings_value:
+        return settings_value, SETTINGS_BOOTSTRAP_ENV
     from meltica.infra.kafka import kafka_status
 
     status = kafka_status()  # does not start anything
@@ -137,21 +230,25 @@ def _notify_pipeline(
     mode: Literal["off", "halt", "reduce_only"],
     reason: str,
     actor: str,
-    bootstrap_option: str | None,
+    target: _Target,
     timeout: float,
-) -> None:
-    """Publish the change as a ``KillSwitchCommand`` on ``control``; exit 1 when a configured broker
-    cannot take it (the database change stands)."""
+    *,
+    required: bool,
+) -> bool:
+    """Publish the change as a ``KillSwitchCommand`` on ``control``. False when the pipeline was not told
+    and had to be (``required``: a deployment is configured) or a configured broker could not take it."""
     from meltica.messaging.catalogue import Catalogue
     from meltica.messaging.codec import Codec
     from meltica.messaging.schemas import KillSwitchCommand
 
-    bootstrap, source = _broker(bootstrap_option)
-    catalogue = Catalogue()
+    bootstrap, source = _broker(target.bootstrap)
+    catalogue = Catalogue(prefix=target.prefix)
     topic = catalogue.topic_name("control")
     if bootstrap is None:
-        err_console.print(f"[yellow]live pipeline not notified:[/] {source}", highlight=False)
-        return
+        err_console.print(
+            f"[{'bold red' if required else 'yellow'}]live pipeline not notified:[/] {source}", highlight=False
+        )
+        return not required
     command = KillSwitchCommand(
         command_id=f"kill-{uuid.uuid4().hex}",
         actor=actor[:128],
@@ -164,20 +261,21 @@ def _notify_pipeline(
         where = _publish(bootstrap, topic, scope, Codec(catalogue).encode("control", command), timeout)
     except Exception as exc:
         err_console.print(
-            f"[bold red]error:[/] the database is changed, but the live pipeline was NOT notified: "
+            "[bold red]error:[/] the live pipeline was NOT notified: "
             f"cannot publish to {topic} on {bootstrap} ({source}): {type(exc).__name__}: {exc}",
             highlight=False,
             soft_wrap=True,
         )
-        raise typer.Exit(EXIT_FAILURE) from None
+        return False
     if where is None:
         err_console.print(
-            f"[yellow]live pipeline not notified:[/] no topic {topic} on {bootstrap} ({source}): no live pipeline "
-            "was set up there (`meltica streams topics create`)",
+            f"[{'bold red' if required else 'yellow'}]live pipeline not notified:[/] no topic {topic} on "
+            f"{bootstrap} ({source}): no live pipeline was set up there (`meltica streams topics create`)",
             highlight=False,
         )
-        return
+        return not required
     console.print(f"live pipeline notified: command {command.command_id} on {topic} {where}", highlight=False)
+    return True
 
 
 def _publish(bootstrap: str, topic: str, key: str, value: bytes, timeout: float) -> str | None:

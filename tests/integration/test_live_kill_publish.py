@@ -11,8 +11,10 @@ import sys
 import warnings
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+import yaml
 from sqlalchemy import Engine
 
 from meltica.config.settings import RiskLimits
@@ -171,3 +173,109 @@ def test_no_control_topic_means_no_pipeline_to_notify(
     finally:
         admin.close()
     assert KillSwitch(KillSwitchStore(fresh_database)).state.mode is KillSwitchMode.HALT
+
+
+def _deployment_file(tmp_path: Path, *, database_url: str, bootstrap: str, prefix: str) -> Path:
+    """A live deployment's settings: one account, one instance, the given database, broker and prefix."""
+    path = tmp_path / "live.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "environment": "dev",
+                "database_url": database_url,
+                "kafka": {"bootstrap_servers": bootstrap},
+                "accounts": [{"name": "main", "exchange": "binance"}],
+                "live": {
+                    "topic_prefix": prefix,
+                    "instances": [
+                        {"instance_id": "mom-1", "strategy": "momentum", "account": "main", "symbols": ["BTC/USDT"]}
+                    ],
+                },
+            }
+        )
+    )
+    return path
+
+
+def _kill_with_config(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MELTICA_KAFKA", "MELTICA_TOPIC_PREFIX"))}
+    env.pop("MELTICA_DATABASE_URL", None)
+    env["COLUMNS"] = "250"
+    return subprocess.run(
+        [sys.executable, "-m", "meltica", "kill", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_with_the_database_down_kill_on_still_halts_the_pipeline_and_fails_loudly(
+    kafka_endpoint: KafkaEndpoint, tmp_path: Path, unique_name: Callable[[str], str], free_port: Callable[[], int]
+) -> None:
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("killdbdown") + "."
+    catalogue = Catalogue(prefix=prefix)
+    create_topics(bootstrap, catalogue)
+    # Nothing listens on this port: every connection is refused, as with a stopped database server.
+    down = f"postgresql+psycopg://meltica:secret@127.0.0.1:{free_port()}/meltica"
+    config = _deployment_file(tmp_path, database_url=down, bootstrap=bootstrap, prefix=prefix)
+
+    result = _kill_with_config("on", "--config", str(config), "--reason", "db outage drill", "--timeout", "5")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "database was NOT updated" in result.stderr
+    assert "the live pipeline was told to halt" in result.stderr
+    assert "secret" not in result.stdout + result.stderr
+    ((key, command),) = read_control(bootstrap, catalogue, 1)
+    assert key == b"global" and (command.mode, command.reason) == ("halt", "db outage drill")
+
+
+def test_with_a_config_the_scope_must_exist_and_the_settings_broker_is_used(
+    kafka_endpoint: KafkaEndpoint, fresh_database: Engine, tmp_path: Path, unique_name: Callable[[str], str]
+) -> None:
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("killcfg") + "."
+    catalogue = Catalogue(prefix=prefix)
+    create_topics(bootstrap, catalogue)
+    url = fresh_database.url.render_as_string(hide_password=False)
+    config = _deployment_file(tmp_path, database_url=url, bootstrap=bootstrap, prefix=prefix)
+
+    typo = _kill_with_config("on", "--config", str(config), "--scope", "account:mian", "--reason", "x")
+    assert typo.returncode == 2
+    assert "no account named 'mian'" in typo.stderr and "main" in typo.stderr
+    assert KillSwitch(KillSwitchStore(fresh_database)).states() == {}  # nothing engaged by a refused command
+
+    on = _kill_with_config("on", "--config", str(config), "--scope", "strategy:mom-1", "--reason", "drill")
+    assert on.returncode == 0, on.stderr
+    assert KillSwitch(KillSwitchStore(fresh_database)).state_of("strategy:mom-1").mode is KillSwitchMode.HALT
+    ((key, command),) = read_control(bootstrap, catalogue, 1)
+    assert key == b"strategy:mom-1" and command.mode == "halt"
+
+    # a deployment whose pipeline cannot be told (no control topic under another prefix) is a failure
+    other = _deployment_file(tmp_path, database_url=url, bootstrap=bootstrap, prefix=unique_name("nothere") + ".")
+    untold = _kill_with_config("off", "--config", str(other), "--scope", "strategy:mom-1", "--reason", "x")
+    assert untold.returncode == 1 and "live pipeline not notified" in untold.stderr
+
+
+def test_the_settings_spelling_of_the_bootstrap_variable_is_honoured(
+    kafka_endpoint: KafkaEndpoint, fresh_database: Engine, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    prefix = unique_name("killenv") + "."
+    catalogue = Catalogue(prefix=prefix)
+    create_topics(kafka_endpoint.bootstrap_servers, catalogue)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MELTICA_KAFKA")}
+    env |= {
+        "MELTICA_DATABASE_URL": fresh_database.url.render_as_string(hide_password=False),
+        "MELTICA_TOPIC_PREFIX": prefix,
+        "MELTICA_KAFKA__BOOTSTRAP_SERVERS": kafka_endpoint.bootstrap_servers,
+        "MELTICA_STATE_DIR": str(tmp_path),  # no dev broker to fall back on: only the variable names one
+        "COLUMNS": "250",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "meltica", "kill", "on", "--reason", "env"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "live pipeline notified" in result.stdout
+    ((_, command),) = read_control(kafka_endpoint.bootstrap_servers, catalogue, 1)
+    assert command.reason == "env"
