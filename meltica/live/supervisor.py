@@ -48,7 +48,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from meltica.config.settings import MelticaSettings
 from meltica.errors import MelticaError
@@ -593,37 +593,6 @@ def traded_accounts(settings: MelticaSettings) -> list[str]:
     return sorted({instance.account for instance in settings.live.instances})
 
 
-def open_orders(engine: Engine, accounts: Sequence[str]) -> list[dict[str, Any]]:
-    """Orders of ``accounts`` the database holds as not finished (any non-terminal status)."""
-    from meltica.domain import TERMINAL_STATUSES, OrderStatus
-    from meltica.storage.tables import orders
-
-    open_statuses = [s.value for s in OrderStatus if s not in TERMINAL_STATUSES]
-    c = orders.c
-    query = (
-        select(
-            c.client_order_id,
-            c.account,
-            c.strategy,
-            c.exchange,
-            c.symbol,
-            c.side,
-            c.order_type,
-            c.quantity,
-            c.filled_quantity,
-            c.price,
-            c.status,
-            c.exchange_order_id,
-            c.emulated,
-            c.created_at,
-        )
-        .where(c.account.in_(list(accounts)), c.status.in_(open_statuses))
-        .order_by(c.account, c.created_at, c.client_order_id)
-    )
-    with engine.connect() as conn:
-        return [dict(row) for row in conn.execute(query).mappings()]
-
-
 def publish_control(bootstrap: str, topic: str, key: str, value: bytes, *, timeout_s: float = 10.0) -> str:
     """Send one record to ``topic`` (which must exist) and wait for the broker's acknowledgement."""
     with warnings.catch_warnings():
@@ -696,6 +665,7 @@ class CancelAllOnStop:
             yield scope, codec.encode("control", command)
 
     def __call__(self) -> bool:
+        from meltica.live.live_status import open_orders
         from meltica.messaging.catalogue import Catalogue
 
         if not self.accounts:
@@ -737,7 +707,6 @@ __all__ = [
     "database_url_of",
     "deployment_children",
     "kafka_bootstrap",
-    "open_orders",
     "prepare_deployment",
     "read_state",
     "state_dir_of",
