@@ -594,12 +594,22 @@ def traded_accounts(settings: MelticaSettings) -> list[str]:
 
 
 def publish_control(bootstrap: str, topic: str, key: str, value: bytes, *, timeout_s: float = 10.0) -> str:
-    """Send one record to ``topic`` (which must exist) and wait for the broker's acknowledgement."""
+    """Send one record to ``topic`` and wait for the broker's acknowledgement; ``InfrastructureError`` when
+    the topic does not exist (it is never auto-created here)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python 3 read_text on import
         from kafka import KafkaProducer
 
+    from meltica.errors import InfrastructureError
+    from meltica.messaging.admin import _admin
+
     timeout_ms = int(timeout_s * 1000)
+    admin = _admin(bootstrap, timeout_ms)
+    try:
+        if topic not in set(admin.list_topics()):
+            raise InfrastructureError(f"no topic {topic} on {bootstrap}", reason="topic_missing")
+    finally:
+        admin.close()
     producer = KafkaProducer(
         bootstrap_servers=bootstrap,
         client_id="meltica-live",
