@@ -43,21 +43,25 @@ def start(
         CancelAllOnStop,
         RestartPolicy,
         Supervisor,
+        SupervisorError,
         database_url_of,
         deployment_children,
         kafka_bootstrap,
         prepare_deployment,
         state_dir_of,
+        supervisor_running,
     )
     from meltica.storage.engine import make_engine
 
     settings = check_live(load_settings(config_file=config), str(config))
+    state_dir = state_dir_of(settings)
+    if supervisor_running(state_dir):  # refused again by the lock; said before touching database and broker
+        raise SupervisorError(f"a supervisor already runs this deployment ({state_dir}); stop it first")
     engine = make_engine(database_url_of(settings))
     bootstrap = kafka_bootstrap(settings)
     prepare_deployment(settings, source=str(config), engine=engine, bootstrap=bootstrap, say=_say)
     cancel = settings.live.cancel_all_on_stop if cancel_all_on_stop is None else cancel_all_on_stop
     before_stop = CancelAllOnStop(settings, engine, bootstrap, deadline_s=cancel_deadline, say=_say) if cancel else None
-    state_dir = state_dir_of(settings)
     supervisor = Supervisor(
         deployment_children(settings, config),
         state_dir=state_dir,
@@ -173,7 +177,7 @@ def _print(report: dict[str, Any]) -> None:
                 f"@ {position['avg_entry_price']} mark {position['mark_price']} ({position['mark_source']}) "
                 f"unrealized {position['unrealized_pnl']} (snapshot {position['snapshot_quantity']})"
             )
-        out(f"  open orders: {len(account['open_orders'])}")
+        out(f"  open order list ({len(account['open_orders'])}):")
         for order in account["open_orders"]:
             out(
                 f"    {order['symbol']} {order['side']} {order['quantity']} @ {order['price']} {order['status']} "
@@ -183,7 +187,8 @@ def _print(report: dict[str, Any]) -> None:
     for market in report["market_data"]:
         out(
             f"  {market['exchange']} {market['symbol']}: candle {market['last_candle_ts']} trade "
-            f"{market['last_trade_ts']} age {market['age_s']}s{' STALE' if market['stale'] else ''}"
+            f"{market['last_trade_ts']} age {'-' if market['age_s'] is None else str(market['age_s']) + 's'}"
+            f"{' STALE' if market['stale'] else ''}"
         )
     statuses = report.get("market_status")
     if isinstance(statuses, list):

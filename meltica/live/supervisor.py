@@ -59,6 +59,7 @@ LOG_DIR = "logs"
 STATE_VERSION = 1
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LOG_TAIL_LINES = 8
+_LOG_HEADER = "=== meltica live"
 
 Say = Callable[[str], None]
 
@@ -158,6 +159,7 @@ class _Child:
     spec: ChildSpec
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    last_pid: int | None = None
     started_at: float | None = None
     started_wall: datetime | None = None
     starts: int = 0
@@ -190,7 +192,8 @@ def describe_exit(code: int | None) -> str:
 
 
 def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> list[str]:
-    """The last ``lines`` lines of a log (empty when it cannot be read)."""
+    """The last ``lines`` lines the child's latest run wrote to its log (empty when it cannot be read);
+    the supervisor's header lines only when that run wrote nothing."""
     try:
         with path.open("rb") as handle:
             handle.seek(0, os.SEEK_END)
@@ -199,7 +202,10 @@ def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> list[str]:
             text = handle.read().decode("utf-8", errors="replace")
     except OSError:
         return []
-    return [line for line in text.splitlines() if line.strip()][-lines:]
+    written = [line for line in text.splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(written) if line.startswith(_LOG_HEADER)]
+    last_run = written[starts[-1] + 1 :] if starts else written
+    return (last_run or written)[-lines:]
 
 
 # --- the supervisor ------------------------------------------------------------------------------
@@ -331,7 +337,7 @@ class Supervisor:
         env = {**self._env, **child.spec.env}
         with child.log_path.open("ab") as log:
             stamp = _iso(self._clock())
-            log.write(f"=== meltica live {stamp}: start #{child.starts}: {' '.join(child.spec.argv)}\n".encode())
+            log.write(f"{_LOG_HEADER} {stamp}: start #{child.starts}: {' '.join(child.spec.argv)}\n".encode())
             log.flush()
             try:
                 child.proc = subprocess.Popen(
@@ -344,11 +350,12 @@ class Supervisor:
                     preexec_fn=_die_with_parent(os.getpid()),  # from the main loop only: see _die_with_parent
                 )
             except OSError as exc:
-                log.write(f"=== meltica live: cannot start: {exc}\n".encode())
+                log.write(f"{_LOG_HEADER}: cannot start: {exc}\n".encode())
                 child.proc = None
                 self._say(f"{child.name}: cannot start: {exc}")
                 self._on_exit(child, 127, self._monotonic())
                 return
+        child.last_pid = child.proc.pid
         child.started_at = self._monotonic()
         child.started_wall = self._clock()
         child.state = "running"
@@ -455,6 +462,7 @@ class Supervisor:
                     "name": c.name,
                     "argv": list(c.spec.argv),
                     "pid": None if c.proc is None else c.proc.pid,
+                    "last_pid": c.last_pid,
                     "state": c.state,
                     "starts": c.starts,
                     "restarts": max(c.starts - 1, 0),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -82,10 +82,19 @@ class ExecutionStandIn(threading.Thread):
 
 
 @pytest.fixture
-def topics(kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str]) -> Catalogue:
+def topics(kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str]) -> Iterator[Catalogue]:
     catalogue = Catalogue(prefix=unique_name("cancelall") + ".")
     create_topics(kafka_endpoint.bootstrap_servers, catalogue)
-    return catalogue
+    yield catalogue
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka_endpoint.bootstrap_servers)
+    try:
+        admin.delete_topics([n for n in admin.list_topics() if n.startswith(catalogue.prefix)])
+    finally:
+        admin.close()
 
 
 def test_cancel_all_halts_each_traded_account_and_waits_for_the_cancels(
