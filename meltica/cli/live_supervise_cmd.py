@@ -119,11 +119,14 @@ def collect(config: Path, *, timeout: float = 5.0) -> dict[str, Any]:
     except Exception as exc:  # a read-only view: the database part stands without the broker
         report["workers"] = {"error": f"{type(exc).__name__}: {exc}"}
     try:
-        report["market_status"] = market_status_messages(
-            bootstrap, Catalogue(prefix=prefix).topic_name("control"), timeout_s=timeout
-        )
+        statuses = market_status_messages(bootstrap, Catalogue(prefix=prefix).topic_name("control"), timeout_s=timeout)
     except Exception as exc:
         report["market_status"] = {"error": f"{type(exc).__name__}: {exc}"}
+        return report
+    report["market_status"] = statuses
+    by_market = {(str(m.get("exchange")), str(m.get("symbol"))): m for m in statuses}
+    for market in report["market_data"]:
+        market["status"] = by_market.get((market["exchange"], market["symbol"]))
     return report
 
 

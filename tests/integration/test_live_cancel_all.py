@@ -24,7 +24,7 @@ from meltica.messaging.admin import create_topics
 from meltica.messaging.catalogue import Catalogue
 from meltica.messaging.codec import Codec
 from meltica.messaging.schemas import KillSwitchCommand
-from tests.integration.test_live_status import T0, make_intent, stored_order
+from tests.integration.test_live_status import T0, delete_topics, make_intent, stored_order
 
 pytestmark = pytest.mark.integration
 
@@ -86,15 +86,7 @@ def topics(kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str]) -> 
     catalogue = Catalogue(prefix=unique_name("cancelall") + ".")
     create_topics(kafka_endpoint.bootstrap_servers, catalogue)
     yield catalogue
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=kafka_endpoint.bootstrap_servers)
-    try:
-        admin.delete_topics([n for n in admin.list_topics() if n.startswith(catalogue.prefix)])
-    finally:
-        admin.close()
+    delete_topics(kafka_endpoint.bootstrap_servers, catalogue.prefix)
 
 
 def test_cancel_all_halts_each_traded_account_and_waits_for_the_cancels(

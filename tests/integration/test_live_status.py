@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
@@ -21,6 +22,9 @@ from meltica.domain import Fill, Order, OrderIntent, OrderType, Side
 from meltica.domain.orders import OrderAccepted, OrderFilled, OrderSubmitted
 from meltica.execution import OrderStore
 from meltica.infra.kafka import KafkaEndpoint
+from meltica.live.supervisor import publish_control
+from meltica.messaging.admin import create_topics
+from meltica.messaging.catalogue import Catalogue
 from meltica.portfolio import Portfolio
 from meltica.portfolio.store import PortfolioStore
 from meltica.risk import KillSwitch, KillSwitchMode, KillSwitchStore
@@ -89,6 +93,18 @@ def filled_order(
         order = order.apply(event)
         store.append_event(order, event)
         portfolio.apply_fill(fill, account=intent.account, strategy=intent.strategy)
+
+
+def delete_topics(bootstrap: str, prefix: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.delete_topics([n for n in admin.list_topics() if n.startswith(prefix)])
+    finally:
+        admin.close()
 
 
 def write_config(path: Path, engine: Engine, prefix: str, **extra: Any) -> Path:
@@ -179,15 +195,29 @@ def test_status_shows_orders_positions_pnl_risk_kill_switch_and_market_data(
         )
     KillSwitch(KillSwitchStore(engine)).engage(KillSwitchMode.HALT, "drill", "tester", scope="account:acct-a")
 
-    config = write_config(tmp_path / "live.yaml", engine, unique_name("status") + ".")
+    prefix = unique_name("status") + "."
+    config = write_config(tmp_path / "live.yaml", engine, prefix)
     env = {**os.environ, "MELTICA_KAFKA_BOOTSTRAP": kafka_endpoint.bootstrap_servers}
-    run = subprocess.run(
-        [MELTICA, "live", "status", "--config", str(config), "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    # A market status message on the control topic (its schema belongs to the ingest stage; read loosely).
+    catalogue = Catalogue(prefix=prefix)
+    create_topics(kafka_endpoint.bootstrap_servers, catalogue)
+    status_message = {"exchange": "binance", "symbol": "BTC/USDT", "command": "market_status", "state": "stale"}
+    try:
+        publish_control(
+            kafka_endpoint.bootstrap_servers,
+            catalogue.topic_name("control"),
+            "binance:BTC/USDT",
+            json.dumps({"schema": "MarketStatus", "version": 1, "data": status_message}).encode(),
+        )
+        run = subprocess.run(
+            [MELTICA, "live", "status", "--config", str(config), "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    finally:
+        delete_topics(kafka_endpoint.bootstrap_servers, prefix)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
 
@@ -247,6 +277,7 @@ def test_status_shows_orders_positions_pnl_risk_kill_switch_and_market_data(
     assert markets["BTC/USDT"]["last_trade_ts"] == "2026-01-05T12:12:00Z"
     assert markets["BTC/USDT"]["stale"] is True  # recorded long ago
     assert markets["ETH/USDT"]["last_candle_ts"] is None and markets["ETH/USDT"]["stale"] is True
+    assert markets["BTC/USDT"]["status"] == status_message and markets["ETH/USDT"]["status"] is None
 
     assert report["supervisor"]["running"] is False and report["supervisor"]["state"] == "never started"
     assert report["workers"] == {"stats_topic": f"{report['topic_prefix']}meltica.worker-stats", "groups": []}

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from meltica.live.supervisor import pid_alive, read_state, supervised_view
+from meltica.live.supervisor import ChildSpec, Supervisor, pid_alive, read_state, supervised_view
 
 HERE = Path(__file__).resolve().parent
 CHILD = str(HERE / "live_standin_child.py")
@@ -191,3 +192,39 @@ def test_a_second_supervisor_of_the_same_deployment_is_refused(
     assert f"another supervisor (pid {first.pid}) runs this deployment" in err
     first.send_signal(signal.SIGTERM)
     assert first.wait(30) == 0
+
+
+@pytest.mark.parametrize(("hook_result", "exit_code"), [(True, 0), (False, 1)])
+def test_the_before_stop_step_runs_while_the_children_still_run(
+    tmp_path: Path, hook_result: bool, exit_code: int
+) -> None:
+    """The cancel-all step's slot: called once, before any child is signalled; its failure fails the exit code."""
+    calls: list[dict[str, bool]] = []
+    supervisor: Supervisor | None = None
+
+    def before_stop() -> bool:
+        calls.append({c["name"]: pid_alive(c["pid"]) for c in state_of(tmp_path)["children"]})
+        return hook_result
+
+    def stop_when_running() -> None:
+        wait_for(lambda: children_running(tmp_path, {"ingest", "worker-a"}), what="both children running")
+        assert supervisor is not None
+        supervisor.request_stop("test")
+
+    supervisor = Supervisor(
+        [
+            ChildSpec(c["name"], tuple(c["argv"]))
+            for c in (child("ingest", "serve", "ingest"), child("worker-a", "serve", "worker-a"))
+        ],
+        state_dir=tmp_path / "live",
+        before_stop=before_stop,
+        say=lambda _line: None,
+        poll_interval=0.05,
+    )
+    stopper = threading.Thread(target=stop_when_running, daemon=True)
+    stopper.start()
+    assert supervisor.run() == exit_code
+    stopper.join(10)
+    assert calls == [{"ingest": True, "worker-a": True}]
+    final = state_of(tmp_path)
+    assert all(not pid_alive(c["last_pid"]) for c in final["children"])
