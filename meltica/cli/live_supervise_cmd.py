@@ -171,6 +171,8 @@ def _print(report: dict[str, Any]) -> None:
                 f"    {strategy['strategy']}: realized {strategy['realized_pnl']} unrealized "
                 f"{strategy['unrealized_pnl']} fees {strategy['fees']}"
             )
+        for fill in account["unbooked_fills"]:
+            out(f"  UNBOOKED fill {fill['trade_id']}: {fill['reason']}")
         for name in ("gross_exposure", "net_exposure", "open_orders"):
             view = risk[name]
             out(f"  {name.replace('_', ' ')}: {view['used']} of {view['limit'] or 'no limit'} ({view['utilisation']})")

@@ -113,9 +113,11 @@ class Mark:
     at: datetime
 
 
-def portfolio_from_fills(engine: Engine, accounts: Sequence[str]) -> Portfolio:
-    """A portfolio with every stored fill of ``accounts`` applied in time order (no balances, no marks)."""
+def portfolio_from_fills(engine: Engine, accounts: Sequence[str]) -> tuple[Portfolio, list[dict[str, str]]]:
+    """A portfolio with every stored fill of ``accounts`` applied in time order (no balances, no marks), and
+    the fills the portfolio refuses (an inverse contract), each with the reason: listed, never dropped silently."""
     portfolio = Portfolio()
+    refused: list[dict[str, str]] = []
     f = fills.c
     query = select(fills).where(f.account.in_(list(accounts))).order_by(f.ts, f.exchange, f.account, f.trade_id)
     with engine.connect() as conn:
@@ -133,8 +135,11 @@ def portfolio_from_fills(engine: Engine, accounts: Sequence[str]) -> Portfolio:
                 fee_currency=row["fee_currency"],
                 ts=row["ts"],
             )
-            portfolio.apply_fill(fill, account=row["account"], strategy=row["strategy"] or UNATTRIBUTED)
-    return portfolio
+            try:
+                portfolio.apply_fill(fill, account=row["account"], strategy=row["strategy"] or UNATTRIBUTED)
+            except ValueError as exc:
+                refused.append({"account": row["account"], "trade_id": row["trade_id"], "reason": str(exc)})
+    return portfolio, refused
 
 
 def last_candle(engine: Engine, exchange: str, symbol: str) -> dict[str, Any] | None:
@@ -244,7 +249,13 @@ def kill_switch_view(states: dict[str, KillSwitchState]) -> dict[str, dict[str, 
 
 
 def account_status(
-    settings: MelticaSettings, engine: Engine, account: str, *, portfolio: Portfolio, switch: KillSwitch
+    settings: MelticaSettings,
+    engine: Engine,
+    account: str,
+    *,
+    portfolio: Portfolio,
+    switch: KillSwitch,
+    refused_fills: Sequence[dict[str, str]] = (),
 ) -> dict[str, Any]:
     """One account's part of ``meltica live status --json`` (see the module docstring)."""
     open_rows = open_orders(engine, [account])
@@ -256,8 +267,10 @@ def account_status(
         snapshot = snapshots.get((exchange, symbol))
         mark = choose_mark(last_candle(engine, exchange, symbol), None if snapshot is None else snapshot["mark"])
         marks[(exchange, symbol)] = mark
-        if mark is not None:
+        if mark is not None and mark.price > 0:
             portfolio.mark(exchange, symbol, mark.price)
+        elif mark is not None:
+            marks[(exchange, symbol)] = None
 
     limits = resolve_limits(settings.risk, account, "", "")
     positions = []
@@ -346,6 +359,7 @@ def account_status(
             "total": _dec(total.total),
         },
         "strategies": strategies,
+        "unbooked_fills": [f for f in refused_fills if f["account"] == account],
         "risk": {
             "gross_exposure": _limit_view(limits.max_gross_exposure, gross),
             "net_exposure": _limit_view(limits.max_net_exposure, abs(net)),
@@ -393,14 +407,15 @@ def deployment_status(settings: MelticaSettings, engine: Engine, *, now: datetim
     names = [a.name for a in settings.accounts]
     traded = sorted({i.account for i in settings.live.instances} - set(names))
     accounts = names + traded
-    portfolio = portfolio_from_fills(engine, accounts)
+    portfolio, refused = portfolio_from_fills(engine, accounts)
     switch = KillSwitch(KillSwitchStore(engine))
     return {
         "generated_at": _iso(now),
         "environment": settings.environment,
         "topic_prefix": settings.live.topic_prefix,
         "accounts": [
-            account_status(settings, engine, account, portfolio=portfolio, switch=switch) for account in accounts
+            account_status(settings, engine, account, portfolio=portfolio, switch=switch, refused_fills=refused)
+            for account in accounts
         ],
         "kill_switch": kill_switch_view(switch.states()),
         "market_data": market_data_status(settings, engine, now),

@@ -244,6 +244,7 @@ def test_status_shows_orders_positions_pnl_risk_kill_switch_and_market_data(
     assert strategies["mom-1"]["unrealized_pnl"] == "8.3"  # BTC 0.3 x (125 - 104) + ETH 1 x (12 - 10)
     assert strategies["mom-1"]["fees"] == "0.05"
     assert strategies["mm-1"]["realized_pnl"] == "-0.3"
+    assert a["unbooked_fills"] == []
     assert a["pnl"] == {"realized": "3.725", "unrealized": "7.475", "fees": "0.05", "total": "11.15"}
 
     risk = a["risk"]
