@@ -1,0 +1,25 @@
+"""Runs a ``meltica.live.supervisor.Supervisor`` over stand-in children, for ``test_live_supervisor.py``.
+
+    python live_supervisor_driver.py '{"state_dir": ..., "children": [{"name": ..., "argv": [...]}],
+                                       "policy": {...RestartPolicy fields...}}'
+
+Exits with the supervisor's exit code; its messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from meltica.live.supervisor import ChildSpec, RestartPolicy, Supervisor
+
+
+def main(spec: dict[str, object]) -> int:
+    children = [ChildSpec(c["name"], tuple(c["argv"])) for c in spec["children"]]  # type: ignore[attr-defined]
+    policy = RestartPolicy(**spec.get("policy", {}))  # type: ignore[arg-type]
+    return Supervisor(children, state_dir=Path(str(spec["state_dir"])), policy=policy, poll_interval=0.05).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(json.loads(sys.argv[1])))
