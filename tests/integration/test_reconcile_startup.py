@@ -224,6 +224,58 @@ def test_startup_finds_foreign_order_duplicate_client_id_and_deposit_halts_and_s
     asyncio.run(asyncio.wait_for(body(), 90))
 
 
+def test_a_request_sent_twice_and_filled_twice_is_a_duplicate_and_the_ledger_explains_the_balances(
+    fresh_database: Engine,
+) -> None:
+    db = fresh_database
+    store = OrderStore(db)
+
+    async def body() -> None:
+        emu = emulator()
+        await emu.start()
+        adapter = await meltica_adapter(emu)
+        other = behind_the_back(emu)
+        try:
+            await emu.step(20)
+            store_balances(db, "main", "binance", await adapter.fetch_balances(), now(), source=LOCAL_SOURCE)
+            oms = OrderManager(store, {"main": adapter}, clock=now)
+            market_sell = OrderIntent(
+                intent_id="startup-twice", account="main", strategy="s1", exchange="binance", symbol=BTC,
+                side=Side.SELL, type=OrderType.MARKET, quantity=Decimal("0.001"), created_at=now(),
+            )  # fmt: skip
+            sold = await oms.submit(market_sell)
+            assert sold.status is OrderStatus.FILLED, sold.reason
+            # the same request again under the same client order id (what a restart without a store did)
+            twice = await other.create_order(
+                BTC, "market", "sell", 0.001, None, {"newClientOrderId": sold.client_order_id}
+            )
+            assert twice["status"] == "closed"
+
+            hook = startup_hook(db, settings())
+            await hook("main", adapter, OrderManager(store, {"main": adapter}, clock=now), Portfolio())
+            report = hook.reports["main"]
+            assert report is not None
+            [dup] = report.of_case(Case.DUPLICATE_CLIENT_ORDER_ID)
+            assert dup.venue is not None
+            assert sorted(dup.venue["exchange_order_ids"]) == sorted([sold.exchange_order_id, str(twice["id"])])
+            [foreign] = report.of_case(Case.FILL_UNKNOWN_ORDER)
+            assert foreign.venue is not None and foreign.venue["exchange_order_id"] == str(twice["id"])
+            assert foreign.strategy == "s1"
+            assert report.halted_scopes == ["strategy:s1"]
+            # the second order's trade is not taken for the first's: Meltica's order keeps its one fill
+            mine = store.get(sold.client_order_id)
+            assert mine is not None and mine.filled_quantity == Decimal("0.001") and len(mine.fill_ids) == 1
+            # both sells (and their fees) are in the local ledger: no balance is left unexplained
+            assert report.of_case(Case.BALANCE_DRIFT) == []
+            assert report.balance_baseline is not None and report.balance_baseline.endswith("+ 2 fills since")
+        finally:
+            await other.close()
+            await adapter.close()
+            await emu.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 90))
+
+
 def test_self_trade_legs_are_two_fills_and_adopted_changes_reach_the_oms(fresh_database: Engine) -> None:
     db = fresh_database
     store = OrderStore(db)

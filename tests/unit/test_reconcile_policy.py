@@ -135,3 +135,26 @@ def test_reconcile_refuses_now_and_local_together() -> None:
     result = CliRunner().invoke(app, ["reconcile", "--now", "--local"])
     assert result.exit_code == 2
     assert "not both" in result.output
+
+
+def test_every_runs_on_its_interval_and_ends_with_a_failed_run() -> None:
+    import asyncio
+
+    from meltica.reconciliation.startup import every
+
+    slept: list[float] = []
+    runs: list[int] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def run() -> None:
+        runs.append(len(runs))
+        if len(runs) == 3:
+            raise RuntimeError("venue down")
+
+    with pytest.raises(RuntimeError, match="venue down"):
+        asyncio.run(every(900.0, run, sleep=sleep))
+    assert (slept, runs) == ([900.0, 900.0, 900.0], [0, 1, 2])
+    asyncio.run(every(0, run, sleep=sleep))  # 0: no periodic reconciliation
+    assert len(runs) == 3
