@@ -38,7 +38,7 @@ app.add_typer(kill_cmd.app, name="kill", help="Kill switch: halt or reduce-only,
 app.add_typer(flows_cmd.app, name="flows", help="Prefect deployments: deploy the flows, list them, run a server.")
 app.add_typer(streams_cmd.app, name="streams", help="Kafka topics and workers of the live pipeline.")
 app.add_typer(live_cmd.app, name="live", help="Trade live: start a deployment (one settings file), show its status.")
-app.command("reconcile", help="Reconcile accounts with the exchanges; --now triggers the on-demand deployment.")(
+app.command("reconcile", help="Reconcile accounts with the exchanges: --local in this process, --now via Prefect.")(
     flows_cmd.reconcile
 )
 app.command("demo", help="The main job on embedded defaults.")(demo_cmd.demo)

@@ -1,17 +1,21 @@
-"""`meltica flows` (deploy the Prefect flows, list them, run a local server) and `meltica reconcile --now`.
+"""`meltica flows` (deploy the Prefect flows, list them, run a local server) and `meltica reconcile`.
 
 Nothing here imports prefect (DESIGN.md §2): deploying runs the venv's ``prefect`` command from the
 repository root, and triggering or following a run is plain HTTP against ``PREFECT_API_URL``.
+``meltica reconcile --local`` needs no server: it reconciles in this process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from pathlib import Path
 
 import typer
 
-from meltica.cli._common import EXIT_FAILURE, console, err_console, reports_errors
+from meltica.cli._common import EXIT_BAD_INPUT, EXIT_FAILURE, console, err_console, reports_errors
+from meltica.errors import ConfigurationError
 from meltica.infra.prefect import (
     WORK_POOL,
     FlowRunInfo,
@@ -70,22 +74,81 @@ def _print_state(info: FlowRunInfo) -> None:
     console.print(f"flow run {info.name} ({info.id}): {info.state_name}", highlight=False)
 
 
+def _reconcile_local(account: list[str], config: str | None, as_json: bool) -> None:
+    from meltica.config import load_settings
+    from meltica.reconciliation.local import reconcilable_accounts, reconcile_accounts
+    from meltica.reconciliation.markdown import markdown
+    from meltica.secrets import resolve_secret
+    from meltica.secrets.database import DatabaseCredentialStore
+    from meltica.storage.engine import make_engine
+
+    settings = load_settings(config_file=config)
+    names = reconcilable_accounts(settings, account)
+    if not names:
+        err_console.print("[bold red]error:[/] no account to reconcile (paper accounts have no venue)")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if settings.database_url is not None:
+        url = resolve_secret(settings.database_url, allow_plaintext=True).get_secret_value()
+    else:
+        from meltica.infra.postgres import database_url
+
+        url = database_url()
+    engine = make_engine(url)
+    try:
+        outcomes = asyncio.run(
+            reconcile_accounts(engine, settings, names, credential_store=DatabaseCredentialStore(engine))
+        )
+    finally:
+        engine.dispose()
+    if as_json:
+        print(json.dumps([o.as_dict() for o in outcomes], indent=2))
+    else:
+        for outcome in outcomes:
+            if outcome.report is not None:
+                console.print(markdown(outcome.report), highlight=False, markup=False)
+    failed = [o for o in outcomes if o.error is not None]
+    halted = [o for o in outcomes if o.halted]
+    for o in failed:
+        err_console.print(f"[bold red]reconciliation failed:[/] {o.account}: {o.error}", highlight=False, markup=True)
+    for o in halted:
+        assert o.report is not None
+        err_console.print(
+            f"[bold red]halt needed:[/] {o.account}: kill switch engaged on {', '.join(o.report.halted_scopes)}",
+            highlight=False,
+        )
+    if failed or halted:
+        raise typer.Exit(EXIT_FAILURE)
+    dirty = sum(len(o.report.discrepancies) for o in outcomes if o.report is not None)
+    verdict = "clean" if dirty == 0 else f"{dirty} discrepancies adopted or reported, none needed a halt"
+    err_console.print(f"reconciliation of {', '.join(names)}: {verdict}", highlight=False)
+
+
 @reports_errors
 def reconcile(
     now: bool = typer.Option(False, "--now", help="Trigger the reconcile/on-demand deployment now."),
+    local: bool = typer.Option(
+        False, "--local", help="Reconcile in this process (no Prefect server) and print the report."
+    ),
     account: list[str] = typer.Option([], "--account", help="Reconcile only this account (repeatable)."),
     config: str | None = typer.Option(
-        None, "--config", help="Configuration file the flow run loads (a path the worker can read)."
+        None, "--config", help="Configuration file (with --now: a path the flow's worker can read)."
     ),
+    as_json: bool = typer.Option(False, "--json", help="With --local: the outcomes as JSON on stdout."),
     watch: bool = typer.Option(False, "--watch", help="Wait for the run to finish; exit 1 unless it completed."),
     timeout: float = typer.Option(600.0, "--timeout", help="With --watch: seconds to wait at most."),
 ) -> None:
-    """Reconcile accounts against the exchanges: runs every 15 minutes on schedule, or now with --now."""
+    """Reconcile accounts against the exchanges: every 15 minutes on schedule, now with --now (Prefect), or in
+    this process with --local (exit 0: no halt needed; 1: a halt was needed or a run failed)."""
+    if now and local:
+        raise ConfigurationError("use either --now (a Prefect flow run) or --local (this process), not both")
+    if local:
+        _reconcile_local(account, config, as_json)
+        return
     if not now:
         where = prefect_api_url() or "PREFECT_API_URL (unset)"
         console.print(
             f"reconcile/scheduled runs every 15 minutes on the Prefect server at {where}; "
-            "use `meltica reconcile --now` to trigger one",
+            "use `meltica reconcile --now` to trigger one, or `meltica reconcile --local` to run one here",
             highlight=False,
         )
         return

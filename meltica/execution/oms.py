@@ -233,6 +233,16 @@ class OrderManager:
             raise OrderNotFoundError(f"no order {client_order_id}", client_order_id=client_order_id)
         return order
 
+    def reload(self, client_order_id: str) -> Order | None:
+        """Re-read one order from the store, replacing the in-memory copy: another writer (reconciliation)
+        appended events to it, and acting on the stale copy would store events out of order."""
+        order = self.store.get(client_order_id)
+        if order is None:
+            self._orders.pop(client_order_id, None)
+        else:
+            self._orders[client_order_id] = order
+        return order
+
     def open_orders(
         self, account: str | None = None, strategy: str | None = None, symbol: str | None = None
     ) -> list[Order]:

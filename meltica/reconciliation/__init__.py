@@ -2,8 +2,9 @@
 
 ``reconcile_account(engine, adapter, account=..., policy=ReconcilePolicy(), kill_switch=..., trigger=...)``
 → ``ReconciliationReport`` (stored in ``reconciliation_runs`` / ``reconciliation_discrepancies``);
-``markdown(report)`` renders it. The Prefect shell is ``flows/reconcile.py``; stream workers call
-``reconcile_account(..., trigger="startup")`` before they start consuming.
+``markdown(report)`` renders it. The Prefect shell is ``flows/reconcile.py``; ``meltica reconcile --local``
+runs ``meltica.reconciliation.local`` in-process; the execution stage runs
+``meltica.reconciliation.startup.startup_hook(engine, settings)`` per account before its first order.
 """
 
 from meltica.reconciliation.markdown import markdown, markdown_all

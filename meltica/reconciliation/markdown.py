@@ -29,7 +29,8 @@ def markdown(report: ReconciliationReport) -> str:
         f"run `{report.run_id}` · trigger {report.trigger} · started {report.started_at.isoformat()}"
         + (f" · finished {report.finished_at.isoformat()}" if report.finished_at else ""),
         "",
-        f"orders checked {report.orders_checked} · venue trades checked {report.trades_checked} · "
+        f"orders checked {report.orders_checked} · venue open orders {report.open_orders_checked} · "
+        f"venue trades checked {report.trades_checked} · "
         f"symbols {', '.join(report.symbols) or '—'} · balances "
         + (f"compared with {report.balance_baseline}" if report.balances_compared else "not compared (no local view)"),
         "",

@@ -55,6 +55,8 @@ class Case(StrEnum):
     FILLS_UNEXPLAINED = "fills_unexplained"
     # Meltica believes more filled than the venue reports
     OVERFILLED_LOCALLY = "overfilled_locally"
+    # two or more venue orders carry one client order id (a request sent twice)
+    DUPLICATE_CLIENT_ORDER_ID = "duplicate_client_order_id"
     # an asset's total differs beyond the tolerance
     BALANCE_DRIFT = "balance_drift"
 
@@ -70,6 +72,7 @@ KIND_OF: Mapping[Case, DiscrepancyKind] = {
     Case.VENUE_OPEN_LOCAL_CLOSED: DiscrepancyKind.STATE_MISMATCH,
     Case.FILLS_UNEXPLAINED: DiscrepancyKind.QUANTITY_MISMATCH,
     Case.OVERFILLED_LOCALLY: DiscrepancyKind.QUANTITY_MISMATCH,
+    Case.DUPLICATE_CLIENT_ORDER_ID: DiscrepancyKind.MISSING_LOCALLY,  # the extra venue order has no row
     Case.BALANCE_DRIFT: DiscrepancyKind.BALANCE_DRIFT,
 }
 
@@ -89,6 +92,7 @@ DEFAULT_ACTIONS: Mapping[Case, Action] = {
     Case.VENUE_OPEN_LOCAL_CLOSED: Action.HALT,
     Case.FILLS_UNEXPLAINED: Action.HALT,
     Case.OVERFILLED_LOCALLY: Action.HALT,
+    Case.DUPLICATE_CLIENT_ORDER_ID: Action.HALT,
     Case.BALANCE_DRIFT: Action.REPORT,
 }
 
@@ -98,8 +102,9 @@ class ReconcilePolicy:
     """``actions`` overrides ``DEFAULT_ACTIONS`` case by case (keys: ``Case`` or its string value).
 
     ``balance_tolerance`` per asset (absolute, on the total), else ``default_balance_tolerance``.
-    ``symbols``: markets to check in addition to those of the account's stored orders (trades of a
-    symbol Meltica never ordered are only seen when it is listed here).
+    ``symbols``: markets to check in addition to those found (stored orders and fills, positions, the
+    venue's open orders, and — with ``balance_markets`` — every venue market whose base asset the account
+    holds).
     ``pending_grace_s``: an order stored as new / pending submit more recently than this is left alone
     (the OMS may be sending it right now).
     """
@@ -108,6 +113,7 @@ class ReconcilePolicy:
     balance_tolerance: Mapping[str, Decimal] = field(default_factory=dict)
     default_balance_tolerance: Decimal = Decimal("0.00000001")
     symbols: tuple[str, ...] = ()
+    balance_markets: bool = True
     pending_grace_s: float = 60.0
 
     def action_for(self, case: Case) -> Action:

@@ -2,17 +2,26 @@
 
 ``reconcile_account`` runs these checks, in this order, against a *connected* ``ExchangeAdapter``:
 
-1. trades — for every symbol of the account's stored orders (plus ``policy.symbols``), the venue's
-   trades whose ids are not in ``fills``: a trade of a known order is a missed fill (adopted: an
-   ``OrderFilled`` event appended through ``OrderStore``, with the OMS's own event id, so a later
-   replay by the OMS is a no-op); a trade of no known order is unexplained exposure (recorded as an
-   orphan fill — it is a venue fact — and the account halted);
+0. scope — the venue's balances and its open orders on *every* symbol (``fetch_open_orders(None)``;
+   per symbol where the venue insists on one) are fetched first; the symbols checked are those of the
+   account's stored orders and fills, its positions (the given ``Portfolio``, the latest position
+   snapshots), the venue's open orders, every venue market whose base asset the account holds, and
+   ``policy.symbols``;
+1. trades — per symbol, every venue trade *leg* (trade id and side: both legs of a self-trade are
+   fills, one per order) not known locally (neither in ``fills`` nor among its order's fill ids): a
+   leg of a known order is a missed fill (adopted: an ``OrderFilled`` event appended through
+   ``OrderStore``, with the OMS's own event id, so a later replay by the OMS is a no-op); a leg of no
+   known order — or of a second venue order that reuses a known client order id — is unexplained
+   exposure (recorded as an orphan fill, a venue fact, and halted);
 2. orders — every locally open order (non-emulated) is fetched by client order id: status and filled
    quantity are compared; the venue's open orders that Meltica has no record of (or thinks closed)
    are unexplained exposure;
-3. balances — the venue's balances against the given ``Portfolio`` or the account's latest
-   ``balance_snapshots`` row set with source ``local``; drift beyond the per-asset tolerance is
-   reported; the venue's balances are stored as a snapshot with source ``venue``.
+3. duplicate client order ids — two or more venue orders (open orders, trades, order lookups) under
+   one client order id, or a venue order whose id differs from the one Meltica stored: halted;
+4. balances — the venue's totals against the given ``Portfolio``, else the local ledger: the latest
+   ``balance_snapshots`` of source ``local`` rolled forward by the fills recorded since; drift beyond
+   the per-asset tolerance is reported; the venue's balances are stored as a snapshot with source
+   ``venue``.
 
 The run (``reconciliation_runs``) and its discrepancies (``reconciliation_discrepancies``, append-only)
 are stored; a failing venue or database fails the run (status ``failed``) with a taxonomy error.
@@ -22,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -51,9 +60,11 @@ from meltica.errors import (
     InfrastructureUnavailableError,
     MelticaError,
     OrderNotFoundError,
+    TerminalError,
 )
 from meltica.execution.store import OrderStore
 from meltica.portfolio import Portfolio
+from meltica.portfolio.portfolio import is_derivative, split_symbol
 from meltica.reconciliation.policy import KIND_OF, Action, Case, DiscrepancyKind, ReconcilePolicy
 from meltica.risk.kill_switch import KillSwitch, KillSwitchMode, system_clock
 from meltica.storage import tables as t
@@ -66,6 +77,10 @@ VENUE_SOURCE = "venue"
 LOCAL_SOURCE = "local"
 _OPEN = (OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED, OrderStatus.PENDING_CANCEL)
 _PENDING = (OrderStatus.NEW, OrderStatus.PENDING_SUBMIT)
+# Why a venue refuses open orders without a symbol (ccxt ArgumentsRequired / NotSupported).
+_NEEDS_SYMBOL = frozenset({"arguments_required", "not_supported"})
+
+LegKey = tuple[str, str]  # (trade id, side): the two legs of a self-trade share the trade id
 
 
 @dataclass(frozen=True)
@@ -99,7 +114,10 @@ class ReconciliationReport:
     halted_scopes: list[str] = field(default_factory=list)
     orders_checked: int = 0
     trades_checked: int = 0
+    open_orders_checked: int = 0
     symbols: list[str] = field(default_factory=list)
+    # client order ids whose events this run appended (an OMS holding them in memory reloads them)
+    adopted_orders: list[str] = field(default_factory=list)
     balances_compared: bool = False
     balance_baseline: str | None = None  # "portfolio", "snapshot <ts>" or None (nothing to compare)
     error: str | None = None
@@ -128,7 +146,9 @@ class ReconciliationReport:
             "halted_scopes": list(self.halted_scopes),
             "orders_checked": self.orders_checked,
             "trades_checked": self.trades_checked,
+            "open_orders_checked": self.open_orders_checked,
             "symbols": list(self.symbols),
+            "adopted_orders": list(self.adopted_orders),
             "balances_compared": self.balances_compared,
             "balance_baseline": self.balance_baseline,
             "error": self.error,
@@ -190,6 +210,48 @@ def _fill_view(fill: Fill) -> dict[str, Any]:
     }
 
 
+def _ledger_moves(fills: Iterable[Any]) -> dict[str, Decimal]:
+    """What spot fills did to each asset's total (base and quote moved, fee paid in its currency)."""
+    moved: dict[str, Decimal] = {}
+    for fill in fills:
+        if is_derivative(fill.symbol):
+            continue  # a position, not a balance: settled in PnL
+        try:
+            base, quote, _ = split_symbol(fill.symbol)
+        except ValueError:
+            continue
+        sign = Decimal(1) if fill.side == "buy" else Decimal(-1)
+        moved[base] = moved.get(base, Decimal(0)) + sign * fill.quantity
+        moved[quote] = moved.get(quote, Decimal(0)) - sign * fill.quantity * fill.price
+        if fill.fee and fill.fee_currency:
+            moved[fill.fee_currency] = moved.get(fill.fee_currency, Decimal(0)) - fill.fee
+    return moved
+
+
+def store_balances(
+    engine: Engine, account: str, exchange: str, balances: Mapping[str, Balance], ts: datetime, *, source: str
+) -> int:
+    """Store ``balances`` (non-zero totals) as one ``balance_snapshots`` row set of ``source``."""
+    rows = [
+        {
+            "account": account,
+            "exchange": exchange,
+            "asset": asset,
+            "ts": ts,
+            "free": bal.free,
+            "locked": bal.locked,
+            "total": bal.total,
+            "source": source,
+        }
+        for asset, bal in sorted(balances.items())
+        if bal.total != 0
+    ]
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(t.balance_snapshots.insert(), rows)
+    return len(rows)
+
+
 class _Run:
     """One reconciliation of one account: the state the checks share."""
 
@@ -213,6 +275,9 @@ class _Run:
         self.clock = clock
         self.report = report
         self.store = OrderStore(engine)
+        # client order id → the venue order ids seen under it (open orders, trades, order lookups)
+        self.venue_ids: dict[str, set[str]] = {}
+        self.duplicate_ids: set[str] = set()  # reported already (by a fill or an open order)
 
     # --- recording ----------------------------------------------------------------------------
 
@@ -276,67 +341,127 @@ class _Run:
         if new is not order:
             self.store.append_event(new, event)
             self._note(new, case, {"event": event.model_dump(mode="json")})
+            if new.client_order_id not in self.report.adopted_orders:
+                self.report.adopted_orders.append(new.client_order_id)
         return None
 
     # --- reads --------------------------------------------------------------------------------
 
-    def _symbols(self) -> list[str]:
-        with self.engine.connect() as conn:
-            stored = conn.execute(
-                select(t.orders.c.symbol)
-                .where(t.orders.c.account == self.account, t.orders.c.exchange == self.exchange)
-                .distinct()
-            ).scalars()
-            return sorted(set(stored) | set(self.policy.symbols))
+    async def venue_open_orders(self) -> list[VenueOrder] | None:
+        """Every open order of the account on the venue, all symbols; ``None`` when the venue needs a symbol."""
+        try:
+            return await self.adapter.fetch_open_orders(None)
+        except TerminalError as exc:
+            if exc.reason not in _NEEDS_SYMBOL:
+                raise
+            log.warning("%s needs a symbol for open orders: checked per symbol (%s)", self.exchange, exc)
+            return None
 
-    def _stored_trade_ids(self, symbol: str) -> set[str]:
+    async def symbols(
+        self, balances: Mapping[str, Balance], open_orders: list[VenueOrder], portfolio: Portfolio | None
+    ) -> list[str]:
+        """Every symbol that can carry exposure or history of the account (see the module docstring)."""
+        found: set[str] = set(self.policy.symbols) | {vo.symbol for vo in open_orders}
+        o, f, p = t.orders.c, t.fills.c, t.position_snapshots.c
         with self.engine.connect() as conn:
-            return set(
+            found |= set(
                 conn.execute(
-                    select(t.fills.c.trade_id).where(
-                        t.fills.c.exchange == self.exchange,
-                        t.fills.c.account == self.account,
-                        t.fills.c.symbol == symbol,
-                    )
+                    select(o.symbol).where(o.account == self.account, o.exchange == self.exchange).distinct()
                 ).scalars()
             )
+            found |= set(
+                conn.execute(
+                    select(f.symbol).where(f.account == self.account, f.exchange == self.exchange).distinct()
+                ).scalars()
+            )
+            latest = (
+                select(
+                    p.symbol, p.quantity, func.row_number().over(partition_by=p.symbol, order_by=p.ts.desc()).label("n")
+                )
+                .where(p.account == self.account, p.exchange == self.exchange, p.strategy == "")
+                .subquery()
+            )
+            found |= set(conn.execute(select(latest.c.symbol).where(latest.c.n == 1, latest.c.quantity != 0)).scalars())
+        if portfolio is not None:
+            found |= {
+                pos.symbol
+                for pos in portfolio.positions(account=self.account, exchange=self.exchange, include_flat=False)
+            }
+        if self.policy.balance_markets:
+            held = {asset for asset, bal in balances.items() if bal.total > self.policy.tolerance(asset)}
+            instruments = await self.adapter.load_instruments()
+            found |= {
+                symbol
+                for symbol, inst in instruments.items()
+                if inst.base in held and inst.active and not is_derivative(symbol)
+            }
+        return sorted(found)
 
-    def _order_for(self, client_order_id: str | None, exchange_order_id: str | None) -> Order | None:
+    def _known_legs(self, symbol: str) -> set[LegKey]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.fills.c.trade_id, t.fills.c.side).where(
+                    t.fills.c.exchange == self.exchange,
+                    t.fills.c.account == self.account,
+                    t.fills.c.symbol == symbol,
+                )
+            ).all()
+        return {(row.trade_id, row.side) for row in rows}
+
+    def _order_by_exchange_id(self, exchange_order_id: str) -> Order | None:
+        with self.engine.connect() as conn:
+            coid = conn.execute(
+                select(t.orders.c.client_order_id).where(
+                    t.orders.c.account == self.account,
+                    t.orders.c.exchange == self.exchange,
+                    t.orders.c.exchange_order_id == exchange_order_id,
+                )
+            ).scalar_one_or_none()
+        return None if coid is None else self.store.get(coid)
+
+    def _owner(self, client_order_id: str | None, exchange_order_id: str | None) -> tuple[Order | None, bool]:
+        """The stored order a venue order (or its trade) belongs to, and whether the venue order is a
+        *second* one under that order's client id (its venue order id differs from the stored one)."""
+        if exchange_order_id:
+            order = self._order_by_exchange_id(exchange_order_id)
+            if order is not None:
+                return order, False
         if client_order_id:
             order = self.store.get(client_order_id)
             if order is not None and order.account == self.account:
-                return order
-        if exchange_order_id:
-            with self.engine.connect() as conn:
-                coid = conn.execute(
-                    select(t.orders.c.client_order_id).where(
-                        t.orders.c.account == self.account,
-                        t.orders.c.exchange == self.exchange,
-                        t.orders.c.exchange_order_id == exchange_order_id,
-                    )
-                ).scalar_one_or_none()
-            if coid is not None:
-                return self.store.get(coid)
-        return None
+                duplicate = bool(
+                    exchange_order_id and order.exchange_order_id and order.exchange_order_id != exchange_order_id
+                )
+                return order, duplicate
+        return None, False
+
+    def _saw(self, client_order_id: str | None, exchange_order_id: str | None) -> None:
+        # A client id the adapter could not resolve comes back as "<exchange>:<order id>": not a client id.
+        if client_order_id and exchange_order_id and not client_order_id.startswith(f"{self.exchange}:"):
+            self.venue_ids.setdefault(client_order_id, set()).add(exchange_order_id)
 
     # --- checks -------------------------------------------------------------------------------
 
     async def trades(self, symbol: str) -> None:
         venue_trades = await self.adapter.fetch_my_trades(symbol)
         self.report.trades_checked += len(venue_trades)
-        known = self._stored_trade_ids(symbol)
-        for fill in sorted(venue_trades, key=lambda f: (f.ts, f.fill_id)):
-            if fill.fill_id in known:
+        known = self._known_legs(symbol)
+        for fill in sorted(venue_trades, key=lambda f: (f.ts, f.fill_id, f.side.value)):
+            self._saw(fill.client_order_id, fill.exchange_order_id)
+            if (fill.fill_id, fill.side.value) in known:
                 continue
-            order = self._order_for(fill.client_order_id, fill.exchange_order_id)
-            subject = f"fill:{fill.fill_id}"
-            if order is None:
+            order, duplicate = self._owner(fill.client_order_id, fill.exchange_order_id)
+            if order is not None and not duplicate and fill.fill_id in order.fill_ids:
+                continue  # on its order (the fills row of a self-trade's second leg may be missing)
+            subject = f"fill:{fill.fill_id}:{fill.side.value}"
+            if order is None or duplicate:
                 self.add(
                     Case.FILL_UNKNOWN_ORDER,
                     subject,
-                    local=None,
+                    local=None if order is None else _order_view(order),
                     venue=_fill_view(fill),
                     adopt=partial(self._record_orphan, fill),
+                    strategy=None if order is None else order.intent.strategy,
                     symbol=symbol,
                 )
                 continue
@@ -370,6 +495,8 @@ class _Run:
     async def orders(self) -> None:
         now = self.clock()
         for order in self.store.load_open(self.account, include_emulated=False):
+            if order.exchange != self.exchange:
+                continue
             self.report.orders_checked += 1
             subject = f"order:{order.client_order_id}"
             strategy = order.intent.strategy
@@ -405,6 +532,7 @@ class _Run:
                         symbol=order.symbol,
                     )
                 continue
+            self._saw(order.client_order_id, vo.exchange_order_id)
             self._compare_order(order, vo, subject)
 
     def _compare_order(self, order: Order, vo: VenueOrder, subject: str) -> None:
@@ -449,12 +577,16 @@ class _Run:
                 symbol=order.symbol,
             )
 
-    async def unknown_open_orders(self, symbol: str) -> None:
-        for vo in await self.adapter.fetch_open_orders(symbol):
-            order = self._order_for(vo.client_order_id, vo.exchange_order_id)
+    def unknown_open_orders(self, open_orders: list[VenueOrder]) -> None:
+        self.report.open_orders_checked += len(open_orders)
+        for vo in open_orders:
+            self._saw(vo.client_order_id, vo.exchange_order_id)
+            order, duplicate = self._owner(vo.client_order_id, vo.exchange_order_id)
             subject = f"order:{vo.client_order_id or vo.exchange_order_id}"
+            if duplicate:
+                continue  # a second venue order under a known client id: the duplicate check reports it
             if order is None:
-                self.add(Case.ORDER_UNKNOWN_LOCALLY, subject, local=None, venue=_venue_view(vo), symbol=symbol)
+                self.add(Case.ORDER_UNKNOWN_LOCALLY, subject, local=None, venue=_venue_view(vo), symbol=vo.symbol)
             elif order.is_terminal:
                 self.add(
                     Case.VENUE_OPEN_LOCAL_CLOSED,
@@ -462,11 +594,30 @@ class _Run:
                     local=_order_view(order),
                     venue=_venue_view(vo),
                     strategy=order.intent.strategy,
-                    symbol=symbol,
+                    symbol=vo.symbol,
                 )
 
-    async def balances(self, portfolio: Portfolio | None) -> None:
-        venue = await self.adapter.fetch_balances()
+    def duplicates(self) -> None:
+        """One discrepancy per client order id carried by more than one venue order."""
+        for coid, seen in sorted(self.venue_ids.items()):
+            order = self.store.get(coid)
+            if order is not None and order.account != self.account:
+                order = None
+            ids = set(seen)
+            if order is not None and order.exchange_order_id:
+                ids.add(order.exchange_order_id)
+            if len(ids) < 2:
+                continue
+            self.add(
+                Case.DUPLICATE_CLIENT_ORDER_ID,
+                f"order:{coid}",
+                local=None if order is None else _order_view(order),
+                venue={"client_order_id": coid, "exchange_order_ids": sorted(ids)},
+                strategy=None if order is None else order.intent.strategy,
+                symbol=None if order is None else order.symbol,
+            )
+
+    def balances(self, venue: Mapping[str, Balance], portfolio: Portfolio | None) -> None:
         ts = self.clock()
         local = self._local_balances(portfolio)
         if local is not None:
@@ -485,19 +636,19 @@ class _Run:
                     local=None
                     if mine is None
                     else {"free": str(mine[0]), "locked": str(mine[1]), "total": str(mine[2])},
-                    venue=None
-                    if theirs is None
-                    else {
-                        "free": str(theirs.free),
-                        "locked": str(theirs.locked),
-                        "total": str(theirs.total),
+                    venue={
+                        "free": str(Decimal(0) if theirs is None else theirs.free),
+                        "locked": str(Decimal(0) if theirs is None else theirs.locked),
+                        "total": str(venue_total),
                         "drift": str(drift),
                         "tolerance": str(self.policy.tolerance(asset)),
                     },
                 )
-        self._store_venue_balances(venue, ts)
+        store_balances(self.engine, self.account, self.exchange, venue, ts, source=VENUE_SOURCE)
 
     def _local_balances(self, portfolio: Portfolio | None) -> dict[str, tuple[Decimal, Decimal, Decimal]] | None:
+        """``{asset: (free, locked, total)}`` Meltica believes in: the portfolio's holdings, else the latest
+        local snapshot rolled forward by every fill recorded after it (``None``: no local view at all)."""
         if portfolio is not None:
             self.report.balance_baseline = "portfolio"
             return {
@@ -505,7 +656,7 @@ class _Run:
                 for (exchange, asset), h in portfolio.holdings(self.account, self.exchange).items()
                 if exchange == self.exchange
             }
-        b = t.balance_snapshots.c
+        b, f = t.balance_snapshots.c, t.fills.c
         with self.engine.connect() as conn:
             latest = conn.execute(
                 select(func.max(b.ts)).where(
@@ -519,27 +670,19 @@ class _Run:
                     b.account == self.account, b.exchange == self.exchange, b.source == LOCAL_SOURCE, b.ts == latest
                 )
             ).all()
-        self.report.balance_baseline = f"snapshot {latest.isoformat()}"
-        return {row.asset: (row.free, row.locked, row.total) for row in rows}
-
-    def _store_venue_balances(self, venue: Mapping[str, Balance], ts: datetime) -> None:
-        rows = [
-            {
-                "account": self.account,
-                "exchange": self.exchange,
-                "asset": asset,
-                "ts": ts,
-                "free": bal.free,
-                "locked": bal.locked,
-                "total": bal.total,
-                "source": VENUE_SOURCE,
-            }
-            for asset, bal in sorted(venue.items())
-            if bal.total != 0
-        ]
-        if rows:
-            with self.engine.begin() as conn:
-                conn.execute(t.balance_snapshots.insert(), rows)
+            # recorded_at, not the venue's trade time: what Meltica learned of after it took the snapshot
+            since = conn.execute(
+                select(f.symbol, f.side, f.price, f.quantity, f.fee, f.fee_currency).where(
+                    f.account == self.account, f.exchange == self.exchange, f.recorded_at > latest
+                )
+            ).all()
+        out = {row.asset: (row.free, row.locked, row.total) for row in rows}
+        moved = _ledger_moves(since)
+        for asset, delta in moved.items():
+            free, locked, total = out.get(asset, (Decimal(0), Decimal(0), Decimal(0)))
+            out[asset] = (free + delta, locked, total + delta)
+        self.report.balance_baseline = f"snapshot {latest.isoformat()} + {len(since)} fills since"
+        return out
 
     # --- storing the run ----------------------------------------------------------------------
 
@@ -599,7 +742,8 @@ async def reconcile_account(
     portfolio: Portfolio | None = None,
     clock: Callable[[], datetime] = system_clock,
 ) -> ReconciliationReport:
-    """Reconcile ``account`` (its orders, fills and balances) against ``adapter`` (already connected).
+    """Reconcile ``account`` (its orders, fills, open orders on every symbol, duplicate client order ids
+    and balances) against ``adapter`` (already connected); see the module docstring for what is compared.
 
     Returns the report, also stored. Raises the taxonomy's errors: a retryable one when the venue or the
     database cannot be reached (the run, when it could be stored, is marked ``failed``).
@@ -614,13 +758,17 @@ async def reconcile_account(
     except OperationalError as exc:
         raise _db_unavailable(exc) from exc
     try:
-        report.symbols = run._symbols()
+        venue_balances = await adapter.fetch_balances()
+        open_orders = await run.venue_open_orders()
+        report.symbols = await run.symbols(venue_balances, open_orders or [], portfolio)
+        if open_orders is None:  # the venue lists open orders per symbol only
+            open_orders = [vo for symbol in report.symbols for vo in await adapter.fetch_open_orders(symbol)]
         for symbol in report.symbols:
             await run.trades(symbol)
         await run.orders()
-        for symbol in report.symbols:
-            await run.unknown_open_orders(symbol)
-        await run.balances(portfolio)
+        run.unknown_open_orders(open_orders)
+        run.duplicates()
+        run.balances(venue_balances, portfolio)
         report.status = "completed"
     except (MelticaError, DBAPIError) as exc:
         report.status = "failed"

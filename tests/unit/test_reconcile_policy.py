@@ -80,3 +80,81 @@ def test_markdown_lists_discrepancies_and_halts() -> None:
     assert "`account:main`" in text
     assert report.summary()["by_kind"] == {"balance_drift": 1}
     assert report.discrepancies[0].stored_action == "reported (balance_drift)"
+
+
+def test_duplicate_client_order_id_is_halted_by_default_and_cannot_be_adopted() -> None:
+    assert KIND_OF[Case.DUPLICATE_CLIENT_ORDER_ID] is DiscrepancyKind.MISSING_LOCALLY
+    assert ReconcilePolicy().action_for(Case.DUPLICATE_CLIENT_ORDER_ID) is Action.HALT
+    with pytest.raises(ValueError, match="cannot be adopted"):
+        ReconcilePolicy(actions={"duplicate_client_order_id": "adopt"}).validate()
+
+
+def test_local_ledger_rolls_spot_fills_forward_per_leg_with_fees() -> None:
+    from types import SimpleNamespace
+
+    from meltica.reconciliation.reconcile import _ledger_moves
+
+    def leg(side: str, fee: str, fee_currency: str | None, symbol: str = "BTC/USDT") -> SimpleNamespace:
+        return SimpleNamespace(
+            symbol=symbol,
+            side=side,
+            price=Decimal(100),
+            quantity=Decimal(2),
+            fee=Decimal(fee),
+            fee_currency=fee_currency,
+        )
+
+    # a self-trade: both legs move the balances back, both pay their fee
+    moved = _ledger_moves([leg("buy", "0.002", "BTC"), leg("sell", "0.2", "USDT"), leg("buy", "1", "USDT", "X/Y:Y")])
+    assert moved == {"BTC": Decimal("-0.002"), "USDT": Decimal("-0.2")}
+
+
+def test_reconcilable_accounts_skip_paper_and_refuse_unknown_names() -> None:
+    from meltica.config.settings import MelticaSettings
+    from meltica.errors import ConfigurationError
+    from meltica.reconciliation.local import reconcilable_accounts
+
+    settings = MelticaSettings.model_validate(
+        {
+            "environment": "paper",
+            "trading_mode": "paper",
+            "accounts": [{"name": "sim", "exchange": "paper"}, {"name": "main", "exchange": "binance"}],
+        }
+    )
+    assert reconcilable_accounts(settings) == ["main"]
+    assert reconcilable_accounts(settings, ["sim", "sim"]) == ["sim"]
+    with pytest.raises(ConfigurationError, match="no account named 'nope'"):
+        reconcilable_accounts(settings, ["nope"])
+
+
+def test_reconcile_refuses_now_and_local_together() -> None:
+    from typer.testing import CliRunner
+
+    from meltica.cli import app
+
+    result = CliRunner().invoke(app, ["reconcile", "--now", "--local"])
+    assert result.exit_code == 2
+    assert "not both" in result.output
+
+
+def test_every_runs_on_its_interval_and_ends_with_a_failed_run() -> None:
+    import asyncio
+
+    from meltica.reconciliation.startup import every
+
+    slept: list[float] = []
+    runs: list[int] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def run() -> None:
+        runs.append(len(runs))
+        if len(runs) == 3:
+            raise RuntimeError("venue down")
+
+    with pytest.raises(RuntimeError, match="venue down"):
+        asyncio.run(every(900.0, run, sleep=sleep))
+    assert (slept, runs) == ([900.0, 900.0, 900.0], [0, 1, 2])
+    asyncio.run(every(0, run, sleep=sleep))  # 0: no periodic reconciliation
+    assert len(runs) == 3

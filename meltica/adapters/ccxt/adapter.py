@@ -557,6 +557,10 @@ class CcxtAdapter:
         return self._parse_order(raw, new_client_order_id)
 
     async def fetch_open_orders(self, symbol: str | None = None) -> list[VenueOrder]:
+        if symbol is None:
+            # Every symbol on purpose (reconciliation, cancel-all): acknowledge ccxt's heavier-weight warning
+            # (Binance raises without this); a venue that needs a symbol still raises ArgumentsRequired.
+            self.exchange.options["warnOnFetchOpenOrdersWithoutSymbol"] = False
         raw = await self._call("fetch_open_orders", lambda: self.exchange.fetch_open_orders(symbol), symbol=symbol)
         return [self._parse_order(o) for o in raw]
 
