@@ -383,3 +383,33 @@ def test_kill_on_reaches_both_execution_workers(
     for worker in workers:  # each process's execution stage engaged the halt (and cancelled its open orders)
         wait_for(lambda w=worker: w.has("kill switch global: off → halt (both must hear, by ops-2)"), 60, "halt")
     assert all(w.proc.poll() is None for w in workers)
+
+
+def test_a_worker_stuck_while_stopping_exits_on_its_own(
+    tmp_path: Path, kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str]
+) -> None:
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("stuck") + "."
+    create_topics(bootstrap, Catalogue(prefix=prefix))
+    config = tmp_path / "toy.yaml"
+    config.write_text(
+        f"app_id: {unique_name('stuck')}\nbootstrap: {bootstrap}\ntopic_prefix: {prefix}\n"
+        "factory: live_worker_toy:factory\nparams: {hang_on_stop: true}\nstop_deadline: 3\n"
+    )
+    log = tmp_path / "stuck.log"
+    with log.open("w") as out:
+        env = child_env()
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), env["PYTHONPATH"]])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.worker", "--config", str(config)], stdout=out, stderr=out, env=env
+        )
+        try:
+            wait_for(lambda: "processor toy-sum started" in log.read_text(), 90, "the toy processor to start")
+            proc.send_signal(signal.SIGTERM)  # its stop() never returns
+            wait_for(lambda: proc.poll() is not None, 60, "the watchdog to end the stuck worker")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode == 1
+    assert "still stopping after 3 s: exiting now (watchdog)" in log.read_text()
