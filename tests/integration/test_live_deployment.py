@@ -413,3 +413,46 @@ def test_a_worker_stuck_while_stopping_exits_on_its_own(
                 proc.wait(10)
     assert proc.returncode == 1
     assert "still stopping after 3 s: exiting now (watchdog)" in log.read_text()
+
+
+def test_an_execution_stage_started_under_halt_cancels_the_orders_it_recovers(fresh_database: Engine) -> None:
+    from meltica.domain import OrderStatus
+    from meltica.execution.store import OrderStore
+    from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceConfig
+    from meltica.live.execution import ExecutionService, PaperDriver
+    from meltica.risk import KillSwitchMode, KillSwitchState
+
+    config = PipelineConfig(
+        instances=(
+            StrategyInstanceConfig(
+                instance_id="mom-1", strategy="momentum", account="sim", exchange="paper", symbols=("BTC/USDT",)
+            ),
+        ),
+        accounts={"sim": AccountConfig(exchange="paper", initial_balances={"USDT": Decimal(100_000)})},
+    )
+    driver = PaperDriver.from_config(config, "sim")  # the venue outlives the first service: the orders rest
+    published: list[Any] = []
+
+    async def emit(out: Any) -> None:
+        published.append(out.value)
+
+    async def scenario() -> None:
+        first = ExecutionService(config, {"sim": driver}, store=OrderStore(fresh_database))
+        await first.start(emit)
+        await first.handle(Incoming("orders.approved", "sim", submit(intent("0.01", "90000"))))
+        await first.stop()
+        coid = intent("0.01", "90000").client_order_id
+        assert [o.client_order_id for o in await driver.adapter.fetch_open_orders("BTC/USDT")] == [coid]
+        halted = {"global": KillSwitchState(mode=KillSwitchMode.HALT, reason="while down", actor="ops", since=TS)}
+        second = ExecutionService(
+            config, {"sim": driver}, store=OrderStore(fresh_database), kill_switch_at_start=halted
+        )
+        await second.start(emit)  # recovers the open order, then obeys the halt
+        assert await driver.adapter.fetch_open_orders("BTC/USDT") == []
+        refused = await second.handle(Incoming("orders.approved", "sim", submit(intent("0.01", "90000", n=2))))
+        assert [u.value.order.status for u in refused] == [OrderStatus.REJECTED]
+        await second.stop()
+
+    asyncio.run(scenario())
+    cancelled = [u for u in published if isinstance(u, OrderUpdate) and u.order.status is OrderStatus.CANCELLED]
+    assert [u.order.client_order_id for u in cancelled] == [intent("0.01", "90000").client_order_id]
