@@ -603,8 +603,7 @@ class RiskGate:
             self.kill_switch.engage(command.mode, command.reason, command.actor, scope=scope, details=details)
 
     def _on_kill_switch_change(self, change: KillSwitchChange) -> None:
-        if change.scope in self._persisted_kill:
-            self._persisted_kill[change.scope] = change.current  # later than what the database said
+        self._persisted_kill[change.scope] = change.current  # a snapshot restored later must not undo it
         self._ks_counter += 1
         self._ks_seq[change.scope] = self._ks_counter
 

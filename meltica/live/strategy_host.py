@@ -261,7 +261,8 @@ class StrategyHost:
     """The strategy stage (module docstring). ``config``: the instances to host (and lock-step or not);
     ``instruments``: by exchange then symbol, default the config's instruments per account;
     ``kill_switch_at_start``: the persisted kill-switch modes by scope (``KillSwitchStore.load()``), read
-    when the worker starts: they govern every instance at once and win over restored snapshots."""
+    when the worker starts: they govern every instance at once; they and every later kill-switch command
+    win over restored snapshots."""
 
     name = "strategy-host"
     inputs: tuple[str, ...] = ("md.candles.1m", "orders.events", "control")
@@ -497,8 +498,8 @@ class StrategyHost:
             for inst in targets:
                 self._set_params(inst, command)
         elif isinstance(command, KillSwitchCommand):
-            if command.scope in self._persisted_kill:  # the latest word on the scope, for later restores
-                self._persisted_kill[command.scope] = command.mode
+            # The latest word on the scope: a snapshot restored later (a rebalance) must not undo it.
+            self._persisted_kill[command.scope] = command.mode
             for inst in self.instances.values():
                 if command.scope in self._scopes_of(inst):
                     if command.mode == "off":
@@ -674,7 +675,7 @@ class StrategyHost:
                 fees=Decimal(f),
             )
         ctx.kill_modes.update(state["kill"])
-        self._apply_persisted_kill(inst)  # what the database said at start is later than any snapshot
+        self._apply_persisted_kill(inst)  # the database at start, and commands since, are later than a snapshot
         inst.acked = {m: int(s) for m, s in state["acked"].items()}
         inst.last_bar = {s: datetime.fromisoformat(ts) for s, ts in state["last_bar"].items()}
         inst.pending_end = {m: EndOfReplayCommand.model_validate(c) for m, c in state["pending_end"].items()}
