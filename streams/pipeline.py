@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from meltica.domain.portfolio import Balance
 from meltica.errors import ConfigurationError
+from meltica.live import deployment
 from meltica.live.config import PipelineConfig
 from meltica.live.execution import ExecutionService, PaperDriver
 from meltica.live.marketdata import CandleProcessor
@@ -152,7 +153,6 @@ async def build_live_processors(settings: MelticaSettings, stages: Sequence[str]
     (``meltica.live.deployment.pipeline_config``), the persisted kill switch read first (every stage obeys
     it from its first message), the risk gate on ``settings.risk`` recording to the database, the execution
     stage on the OMS's PostgreSQL store with one venue driver per account."""
-    from meltica.live import deployment
     from meltica.risk import InMemoryKillSwitchStore, KillSwitch
     from meltica.risk.store import RiskRecorder
 
@@ -189,14 +189,25 @@ async def build_live_processors(settings: MelticaSettings, stages: Sequence[str]
 
         extra: dict[str, Any] = {}
         if settings.live.reconcile.at_start:
-            # Built beside this module (issue 11): reconciliation of each account before its first order.
-            from meltica.reconciliation.startup import startup_hook
-
-            extra["on_lane_start"] = startup_hook(engine, settings)
+            extra["on_lane_start"] = _reconcile_at_start(settings, engine)
         processors.append(
             ExecutionService(config, drivers, store=OrderStore(engine), kill_switch_at_start=kill_states, **extra)
         )
     return processors
+
+
+def _reconcile_at_start(settings: MelticaSettings, engine: Engine) -> Any:
+    """Each venue account reconciled before its first order (``meltica.reconciliation.startup``); a paper
+    account (an in-process venue, new in every process) has nothing to reconcile."""
+    from meltica.reconciliation.startup import startup_hook  # built beside this module (issue 11)
+
+    hook = startup_hook(engine, settings)
+
+    async def on_lane_start(account: str, adapter: Any, oms: Any, portfolio: Any) -> None:
+        if deployment.account_venue(settings, account) != "paper":
+            await hook(account, adapter, oms, portfolio)
+
+    return on_lane_start
 
 
 async def _live_drivers(
@@ -205,8 +216,6 @@ async def _live_drivers(
     """One driver per account: the paper venue for ``exchange: paper``, else the live driver over the
     account's adapter (credentials: references, else the credential store). The instruments of every
     venue account are the venue's own."""
-    from meltica.live import deployment
-
     store = deployment.credential_store(engine)
     drivers: dict[str, VenueDriver] = {}
     instruments: dict[str, list[Any]] = {}

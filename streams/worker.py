@@ -932,7 +932,6 @@ async def app_from_settings(
         processors,
         catalogue,
         stats_interval=stats_interval,
-        worker_id=f"{worker.name}@{os.getpid()}",
         control_broadcast=True,
         control_offsets=offsets,
         stop_deadline=stop_deadline,
