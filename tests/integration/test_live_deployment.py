@@ -456,3 +456,40 @@ def test_an_execution_stage_started_under_halt_cancels_the_orders_it_recovers(fr
     asyncio.run(scenario())
     cancelled = [u for u in published if isinstance(u, OrderUpdate) and u.order.status is OrderStatus.CANCELLED]
     assert [u.order.client_order_id for u in cancelled] == [intent("0.01", "90000").client_order_id]
+
+
+def test_the_sink_worker_takes_database_broker_and_prefix_from_the_settings(
+    deployment_on_broker: tuple[Path, Catalogue, Engine, list[Worker]], tmp_path: Path, kafka_endpoint: KafkaEndpoint
+) -> None:
+    from sqlalchemy import text
+
+    settings, catalogue, engine, _workers = deployment_on_broker
+    codec = Codec(catalogue)
+    payload = codec.encode("md.candles.1m", _bar())
+    asyncio.run(
+        _produce(kafka_endpoint.bootstrap_servers, catalogue.topic_name("md.candles.1m"), "paper:BTC/USDT", payload)
+    )
+    log = tmp_path / "sinks.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meltica", "live", "sinks", "--config", str(settings)],
+            stdout=out,
+            stderr=out,
+            env=child_env(),
+        )
+        try:
+
+            def stored() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"sinks exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+                with engine.connect() as conn:
+                    return bool(conn.execute(text("SELECT count(*) FROM candles WHERE exchange = 'paper'")).scalar())
+
+            wait_for(stored, 90, "the bar in the settings' database")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
