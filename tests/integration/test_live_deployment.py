@@ -91,7 +91,9 @@ def url_of(engine: Engine) -> str:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MELTICA_ENV", "MELTICA_ENVIRONMENT")}
+    # The settings file is the whole configuration: no MELTICA_* override from the test's environment.
+    overrides = ("MELTICA_ENV", "MELTICA_ENVIRONMENT", "MELTICA_DATABASE_URL", "MELTICA_TRADING_MODE")
+    env = {k: v for k, v in os.environ.items() if k not in overrides and not (k.startswith("MELTICA_") and "__" in k)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
