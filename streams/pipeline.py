@@ -10,15 +10,21 @@ Worker config ``params``::
 
 Every stage is a core object (``meltica.live``); this module only reads the config and builds them.
 The sinks are not processors (they batch): ``register_extras`` adds them when ``params.sinks`` is true.
+
+Live deployments (``python -m streams.worker --settings FILE --worker NAME``) are built by
+:func:`build_live_processors` from the settings file instead (``meltica.live.deployment``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from meltica.domain.portfolio import Balance
+from meltica.errors import ConfigurationError
+from meltica.live import deployment
 from meltica.live.config import PipelineConfig
 from meltica.live.execution import ExecutionService, PaperDriver
 from meltica.live.marketdata import CandleProcessor
@@ -28,6 +34,14 @@ from meltica.live.strategy_host import StrategyHost
 from meltica.live.venue import VenueDriver
 from meltica.portfolio import Portfolio
 from meltica.risk import RiskConfig
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from meltica.config.settings import MelticaSettings
+    from meltica.risk import KillSwitchState
+
+log = logging.getLogger(__name__)
 
 STAGES = ("candles", "strategies", "risk", "execution")
 
@@ -47,7 +61,7 @@ def _drivers(config: PipelineConfig, emulators: Mapping[str, Mapping[str, Any]])
             drivers[account] = EmulatorDriver(
                 str(where["url"]),
                 account=account,
-                api_key=str(where["api_key"]),
+                api_key=_resolve(str(where["api_key"]), f"params.emulators.{account}.api_key"),
                 api_secret=_resolve(str(where["api_secret"]), f"params.emulators.{account}.api_secret"),
                 fees=settings.fees(),
             )
@@ -110,3 +124,115 @@ def build_processors(worker_config: Mapping[str, Any]) -> list[Processor]:
     if "execution" in stages:
         processors.append(ExecutionService(config, _drivers(config, params.get("emulators") or {})))
     return processors
+
+
+# --- live deployments (the settings file) ----------------------------------------------------------------
+
+
+class StartRefusedError(RuntimeError):
+    """The worker cannot start safely (e.g. the persisted kill switch cannot be read): it does not start."""
+
+
+def persisted_kill_switch(engine: Engine) -> dict[str, KillSwitchState]:
+    """The kill switch as the database holds it; :class:`StartRefusedError` when it cannot be read (fail closed:
+    a worker that cannot know whether trading is halted does not trade)."""
+    from meltica.risk import KillSwitchStore
+
+    try:
+        states = KillSwitchStore(engine).load()
+    except Exception as exc:
+        raise StartRefusedError(f"cannot read the kill switch from the database ({exc}): refusing to start") from exc
+    for scope, state in sorted(states.items()):
+        if state.engaged:
+            log.warning("kill switch %s is %s (%s, by %s) at start", scope, state.mode, state.reason, state.actor)
+    return states
+
+
+async def build_live_processors(settings: MelticaSettings, stages: Sequence[str], engine: Engine) -> list[Processor]:
+    """The processors of one worker of a live deployment: ``stages`` of the pipeline built from ``settings``
+    (``meltica.live.deployment.pipeline_config``), the persisted kill switch read first (every stage obeys
+    it from its first message), the risk gate on ``settings.risk`` recording to the database, the execution
+    stage on the OMS's PostgreSQL store with one venue driver per account."""
+    from meltica.risk import InMemoryKillSwitchStore, KillSwitch
+    from meltica.risk.store import RiskRecorder
+
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"live.workers: unknown stages {unknown}; expected some of {list(STAGES)}")
+    kill_states = persisted_kill_switch(engine)
+    drivers: dict[str, VenueDriver] = {}
+    instruments: dict[str, list[Any]] = {}
+    config = deployment.pipeline_config(settings)
+    if "execution" in stages:
+        drivers, instruments = await _live_drivers(settings, config, engine)
+        config = deployment.pipeline_config(settings, instruments)
+    processors: list[Processor] = []
+    if "candles" in stages:
+        processors.append(CandleProcessor())
+    if "strategies" in stages:
+        processors.append(StrategyHost(config, kill_switch_at_start=kill_states))
+    if "risk" in stages:
+        markets = {(i.exchange, i.symbol): i for a in config.account_names() for i in config.instruments(a)}
+        processors.append(
+            RiskGate(
+                settings.risk,
+                markets,
+                lockstep=False,
+                recorder=RiskRecorder(engine),
+                kill_switch=KillSwitch(InMemoryKillSwitchStore()),
+                portfolio=Portfolio(),
+                kill_switch_at_start=kill_states,
+            )
+        )
+    if "execution" in stages:
+        from meltica.execution.store import OrderStore
+
+        extra: dict[str, Any] = {}
+        if settings.live.reconcile.at_start:
+            extra["on_lane_start"] = _reconcile_at_start(settings, engine)
+        processors.append(
+            ExecutionService(config, drivers, store=OrderStore(engine), kill_switch_at_start=kill_states, **extra)
+        )
+    return processors
+
+
+def _reconcile_at_start(settings: MelticaSettings, engine: Engine) -> Any:
+    """Each venue account reconciled before its first order (``meltica.reconciliation.startup``); a paper
+    account (an in-process venue, new in every process) has nothing to reconcile."""
+    from meltica.reconciliation.startup import startup_hook  # built beside this module (issue 11)
+
+    hook = startup_hook(engine, settings)
+
+    async def on_lane_start(account: str, adapter: Any, oms: Any, portfolio: Any) -> None:
+        if deployment.account_venue(settings, account) != "paper":
+            await hook(account, adapter, oms, portfolio)
+
+    return on_lane_start
+
+
+async def _live_drivers(
+    settings: MelticaSettings, config: PipelineConfig, engine: Engine
+) -> tuple[dict[str, VenueDriver], dict[str, list[Any]]]:
+    """One driver per account: the paper venue for ``exchange: paper``, else the live driver over the
+    account's adapter (credentials: references, else the credential store). The instruments of every
+    venue account are the venue's own."""
+    store = deployment.credential_store(engine)
+    drivers: dict[str, VenueDriver] = {}
+    instruments: dict[str, list[Any]] = {}
+    for account in config.account_names():
+        if deployment.account_venue(settings, account) == "paper":
+            drivers[account] = PaperDriver.from_config(config, account)
+            continue
+        from meltica.live.live_driver import LiveDriver  # the live venue driver (issue 11)
+
+        adapter = deployment.account_adapter(settings, account, store=store)
+        symbols = [i.symbol for i in config.instruments(account)]
+        try:
+            instruments[account] = await deployment.venue_instruments(adapter, symbols)
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # venue not reachable yet: the driver reconnects; precision from defaults
+            log.warning("account %s: instruments not loaded from %s (%r): built-in precision used",
+                        account, adapter.exchange_id, exc)  # fmt: skip
+        drivers[account] = LiveDriver(adapter, account=account)
+    return drivers, instruments

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -183,11 +184,12 @@ def _sink_agent(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m streams.sinks --database-url URL [--app-id ID] [--bootstrap B]``: a sink worker.
+    """``python -m streams.sinks --settings FILE`` (a live deployment: database, broker and topic prefix
+    from its settings) or ``python -m streams.sinks --database-url URL [--app-id ID] [--bootstrap B]``.
 
-    Its own consumer group (sinks scale and lag apart from the trading agents); topic prefix from
-    ``MELTICA_TOPIC_PREFIX``. Faust's ``Worker`` handles SIGTERM/SIGINT: agents stop, the last partial
-    batches are written and acked, offsets committed.
+    Its own consumer group (sinks scale and lag apart from the trading agents); without ``--settings`` the
+    topic prefix comes from ``MELTICA_TOPIC_PREFIX``. Faust's ``Worker`` handles SIGTERM/SIGINT: agents stop,
+    the last partial batches are written and acked, offsets committed.
     """
     import argparse
     import os
@@ -198,18 +200,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     from streams.app import make_app
 
     parser = argparse.ArgumentParser(prog="python -m streams.sinks", description=main.__doc__)
-    parser.add_argument("--database-url", default=os.environ.get("MELTICA_DATABASE_URL"))
-    parser.add_argument("--app-id", default="meltica-sinks")
-    parser.add_argument("--bootstrap", default=os.environ.get("MELTICA_KAFKA_BOOTSTRAP"))
+    parser.add_argument("--settings", help="live deployment settings file (database, Kafka, topic prefix)")
+    parser.add_argument("--database-url", default=None)
+    parser.add_argument("--app-id", default=None)
+    parser.add_argument("--bootstrap", default=None)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--within", type=float, default=0.5)
     args = parser.parse_args(argv)
-    if not args.database_url:
-        parser.error("--database-url (or MELTICA_DATABASE_URL) is required")
-    bootstrap = args.bootstrap or default_bootstrap()
-    app = make_app(bootstrap, args.app_id)
-    topics = StreamTopics(app, Catalogue())
-    register_sinks(app, topics, make_engine(args.database_url), batch_size=args.batch_size, within=args.within)
+    if args.settings:
+        from meltica.config import load_settings
+        from meltica.errors import ConfigurationError
+        from meltica.live import deployment
+        from meltica.secrets import install_log_redaction
+
+        install_log_redaction()
+        try:
+            settings = load_settings(config_file=args.settings)
+        except ConfigurationError as exc:
+            print(f"sinks: refusing to start: {exc}", file=sys.stderr)
+            return 2
+        database_url = args.database_url or deployment.database_url(settings)
+        bootstrap = args.bootstrap or deployment.kafka_bootstrap(settings)
+        app_id = args.app_id or deployment.app_id(settings, "sinks")
+        catalogue = Catalogue(prefix=deployment.topic_prefix(settings))
+    else:
+        database_url = args.database_url or os.environ.get("MELTICA_DATABASE_URL")
+        if not database_url:
+            parser.error("--settings, --database-url or MELTICA_DATABASE_URL is required")
+        bootstrap = args.bootstrap or os.environ.get("MELTICA_KAFKA_BOOTSTRAP") or default_bootstrap()
+        app_id = args.app_id or "meltica-sinks"
+        catalogue = Catalogue()
+    app = make_app(bootstrap, app_id)
+    topics = StreamTopics(app, catalogue)
+    register_sinks(app, topics, make_engine(database_url), batch_size=args.batch_size, within=args.within)
     worker = faust.Worker(app, loglevel="INFO", quiet=True)
     worker.execute_from_commandline()  # exits the process when the worker stops
     return 0

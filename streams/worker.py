@@ -35,7 +35,18 @@ is a bug or an outage: the message is not acknowledged, the worker shuts down th
 
 Stats: :mod:`meltica.live.worker_stats` (topic ``<prefix>meltica.worker-stats``, read by ``meltica status``).
 
-Run: ``python -m streams.worker --config FILE [--app-id ID] [--factory module:function]``. Config (YAML
+Control: by default ``control`` is one more input of the consumer group (one process hears a message).
+With ``control: broadcast`` (always for live deployments) every process reads every control message
+itself (:class:`ControlBroadcast`, from the end: durable state such as the kill switch is read from the
+database at start), so a kill switch reaches every worker.
+
+Stop watchdog: once a stop began (SIGTERM, SIGINT or a failure), a worker still stopping after
+``stop_deadline`` seconds (default 30) logs it and exits 1 at once.
+
+Run a live deployment's worker: ``python -m streams.worker --settings FILE --worker NAME`` (the settings
+file of ``meltica live start``: accounts, ``risk:``, ``live.workers``; refused with exit 2, naming every
+missing limit, when the settings fail ``check_live``). Or a free-standing worker:
+``python -m streams.worker --config FILE [--app-id ID] [--factory module:function]``. Config (YAML
 or JSON)::
 
     app_id: meltica-pipeline          # Faust app id = consumer group (--app-id overrides)
@@ -46,6 +57,8 @@ or JSON)::
     tracing: none                     # none | console | otlp
     stats_interval: 5.0               # seconds between stats records
     confirm_outputs: true
+    control: group                    # group | broadcast (every process hears every control message)
+    stop_deadline: 30                 # seconds a stop may take before the process exits 1 (0: no limit)
     faust: {}                         # extra Faust settings
 """
 
@@ -60,6 +73,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -81,6 +95,9 @@ from streams.topics import StreamTopics
 log = logging.getLogger(__name__)
 
 STATE_SUFFIX = "-state"
+CONTROL = "control"
+STOP_DEADLINE = 30.0
+"""Seconds a stopping worker may take before the watchdog ends the process (exit 1)."""
 
 
 def _state_json(state: Mapping[str, Any] | None) -> bytes | None:
@@ -105,7 +122,12 @@ class ProcessorAgent:
         catalogue = runtime.catalogue
         self.partitions_of: dict[str, int] = {}  # physical topic → partitions
         self.logical_of: dict[str, str] = {}  # physical → logical
+        # Broadcast control: every worker process reads ``control`` itself (ControlBroadcast), not
+        # through the consumer group, so the agent's Faust stream leaves it out.
+        self.hears_control = runtime.control is not None and CONTROL in processor.inputs
         for name in processor.inputs:
+            if self.hears_control and name == CONTROL:
+                continue
             spec = catalogue.spec(name)
             physical = catalogue.topic_name(spec.name)
             self.partitions_of[physical] = spec.partitions
@@ -125,14 +147,16 @@ class ProcessorAgent:
             )
             table.on_recover(self._restorer(table))
             self.tables[count] = table
-        self.topic = app.topic(
-            *self.partitions_of,
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-        )
-        self.agent = app.agent(self.topic, name=f"meltica.{self.name}")(self._run)
+        self.agent: Any = None
+        if self.partitions_of:
+            self.topic = app.topic(
+                *self.partitions_of,
+                key_type=bytes,
+                value_type=bytes,
+                key_serializer="raw",
+                value_serializer="raw",
+            )
+            self.agent = app.agent(self.topic, name=f"meltica.{self.name}")(self._run)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -214,24 +238,29 @@ class ProcessorAgent:
             offset=message.offset,
             timestamp=timestamp,
         )
+        await self.handle_incoming(incoming, physical, message.headers, _where(event))
+        if key is not None:
+            self._store(self.partitions_of[physical], key)
+
+    async def handle_incoming(self, incoming: Incoming, physical: str, headers: Any, where: str) -> None:
+        """``processor.handle`` in a tracing span, its outputs sent (and confirmed), stats counted."""
+        logical = incoming.topic
         attributes = {
             "messaging.system": "kafka",
             "messaging.destination.name": physical,
-            "messaging.kafka.partition": message.partition,
-            "messaging.kafka.offset": message.offset,
+            "messaging.kafka.partition": incoming.partition,
+            "messaging.kafka.offset": incoming.offset,
             "meltica.processor": self.name,
         }
-        if key is not None:
-            attributes["messaging.kafka.message.key"] = key
+        if incoming.key is not None:
+            attributes["messaging.kafka.message.key"] = incoming.key
         started = time.perf_counter()
-        self.doing = f"handling {_where(event)}"
-        with tracing.consume_span(f"{self.name}.handle {logical}", message.headers, attributes):
+        self.doing = f"handling {where}"
+        with tracing.consume_span(f"{self.name}.handle {logical}", headers, attributes):
             outputs = await self.processor.handle(incoming)
-            self.doing = f"sending {len(outputs)} output(s) of {_where(event)}"
+            self.doing = f"sending {len(outputs)} output(s) of {where}"
             await self.runtime.send_all(outputs, self.stats)
         self.stats.handled(logical, time.perf_counter() - started)
-        if key is not None:
-            self._store(self.partitions_of[physical], key)
 
     def _store(self, partitions: int, key: str) -> None:
         table = self.tables[partitions]
@@ -398,6 +427,130 @@ class ConsumerGuard:
         return False
 
 
+class ControlBroadcast:
+    """Every control message to every worker process: ``control`` read without a consumer group.
+
+    With one consumer group, a control partition is read by one process only: of several workers, one
+    would hear a kill switch. Here each process reads every partition of ``control`` itself (manual
+    assignment, no group, nothing committed), from ``start_offsets`` (taken before the processors read
+    the durable state — the persisted kill switch — at start, so nothing falls between the two) or else
+    from the end, and hands each message, in order, to every processor with ``control`` in its inputs.
+    A malformed message goes to the DLQ; a processor's exception stops the worker (exit 1)."""
+
+    def __init__(self, runtime: WorkerRuntime, start_offsets: Mapping[int, int] | None = None) -> None:
+        self.runtime = runtime
+        self.start_offsets = dict(start_offsets or {})
+        self.physical = runtime.catalogue.topic_name(CONTROL)
+        self.delivered = 0
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: Any = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _run(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        agents = [agent for agent in self.runtime.agents.values() if agent.hears_control]
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.runtime.bootstrap, group_id=None, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            partitions = await _partitions_of(consumer, self.physical)
+            tps = [TopicPartition(self.physical, p) for p in partitions]
+            consumer.assign(tps)
+            for tp in tps:
+                if tp.partition in self.start_offsets:
+                    consumer.seek(tp, self.start_offsets[tp.partition])
+                else:
+                    await consumer.seek_to_end(tp)
+            log.info("control: every message of %s goes to %s", self.physical, ", ".join(a.name for a in agents))
+            for agent in agents:
+                await agent.ensure_started()
+            while not self.runtime.stopping:
+                batches = await consumer.getmany(timeout_ms=500)
+                for tp in sorted(batches, key=lambda t: t.partition):
+                    for record in batches[tp]:
+                        if self.runtime.stopping:
+                            return
+                        await self._deliver(agents, record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("control: reading %s failed", self.physical, exc_info=exc)
+            self.runtime.fail(exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _deliver(self, agents: Sequence[ProcessorAgent], record: Any) -> None:
+        where = f"{record.topic}[{record.partition}]@{record.offset}"
+        key = None if record.key is None else bytes(record.key).decode("utf-8", "replace")
+        model = await self.runtime.topics.decode_or_dead_letter(
+            CONTROL,
+            record.value,
+            key=record.key,
+            partition=record.partition,
+            offset=record.offset,
+            physical_topic=record.topic,
+        )
+        if model is None:
+            for agent in agents:
+                agent.stats.dead_lettered(CONTROL)
+            return
+        timestamp = datetime.fromtimestamp(record.timestamp / 1000, UTC) if record.timestamp else None
+        incoming = Incoming(
+            topic=CONTROL,
+            key=key,
+            value=model,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp=timestamp,
+        )
+        for agent in agents:
+            async with agent.lock:
+                try:
+                    await agent.handle_incoming(incoming, record.topic, list(record.headers or ()), where)
+                except Exception as exc:
+                    agent.stats.errors += 1
+                    log.error("processor %s failed on %s", agent.name, where, exc_info=exc)
+                    self.runtime.fail(exc)
+                    return
+        self.delivered += 1
+
+
+async def _partitions_of(consumer: Any, topic: str) -> list[int]:
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise RuntimeError(f"no topic {topic}: create the topics first (meltica streams topics create)")
+    return sorted(partitions)
+
+
+async def control_end_offsets(bootstrap: str, physical_topic: str) -> dict[int, int]:
+    """The end offset of every partition of ``control`` now: where :class:`ControlBroadcast` starts when the
+    durable state is read after this call (nothing said in between is missed)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(physical_topic, p) for p in await _partitions_of(consumer, physical_topic)]
+        ends = await consumer.end_offsets(tps)
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
+    finally:
+        await consumer.stop()
+
+
 class WorkerRuntime:
     """What :func:`build_worker_app` wires around the Faust app: agents, stats, graceful stop."""
 
@@ -412,6 +565,9 @@ class WorkerRuntime:
         stats_interval: float,
         confirm_outputs: bool,
         worker_id: str | None = None,
+        control_broadcast: bool = False,
+        control_offsets: Mapping[int, int] | None = None,
+        stop_deadline: float = STOP_DEADLINE,
     ) -> None:
         self.app = app
         self.app_id = app_id
@@ -436,6 +592,9 @@ class WorkerRuntime:
         )
         self._stats_ready: bool | None = None  # None: not checked yet; False: stats disabled
         self.guard: ConsumerGuard | None = None
+        self.control: ControlBroadcast | None = ControlBroadcast(self, control_offsets) if control_broadcast else None
+        self.stop_deadline = stop_deadline
+        self._watchdog: threading.Timer | None = None
 
     def add(self, processor: Processor) -> ProcessorAgent:
         if processor.name in self.agents:
@@ -505,9 +664,34 @@ class WorkerRuntime:
                 consumer._meltica_frozen = True
 
     def request_stop(self) -> None:
-        """Start a graceful stop (idempotent; safe from a signal handler)."""
+        """Start a graceful stop (idempotent; safe from a signal handler), under the watchdog."""
         if self._stop_task is None:
+            self._arm_watchdog()
             self._stop_task = asyncio.ensure_future(self.graceful_stop())
+
+    def _arm_watchdog(self) -> None:
+        """A stop that has not finished after ``stop_deadline`` seconds ends the process (exit 1): a worker
+        stuck in "stopping" (a venue call that never returns, a wedged consumer) must not wait for SIGKILL.
+        A thread, so it fires even when the event loop is blocked."""
+        if self._watchdog is not None or self.stop_deadline <= 0:
+            return
+        deadline = self.stop_deadline
+        key = self.stats.key
+
+        def expire() -> None:
+            log.critical("worker %s still stopping after %.0f s: exiting now (watchdog)", key, deadline)
+            for handler in logging.getLogger().handlers:
+                with contextlib.suppress(Exception):
+                    handler.flush()
+            os._exit(1)
+
+        self._watchdog = threading.Timer(deadline, expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def disarm_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
     def fail(self, exc: BaseException) -> None:
         if self.failure is None:
@@ -525,6 +709,8 @@ class WorkerRuntime:
         for agent in self.agents.values():
             async with agent.lock:  # the in-flight message (if any) is handled and acked
                 pass
+        if self.control is not None:
+            await self.control.stop()
         for agent in self.agents.values():
             try:
                 await agent.stop()
@@ -561,13 +747,18 @@ def build_worker_app(
     stats_interval: float = 5.0,
     confirm_outputs: bool = True,
     worker_id: str | None = None,
+    control_broadcast: bool = False,
+    control_offsets: Mapping[int, int] | None = None,
+    stop_deadline: float = STOP_DEADLINE,
     **faust_settings: Any,
 ) -> faust.App:
     """A Faust app (consumer group ``app_id``) running ``processors`` as agents; see the module doc.
 
     ``catalogue`` defaults to ``Catalogue()`` (prefix from ``MELTICA_TOPIC_PREFIX``). Extra keyword
     arguments are Faust settings (they override :func:`streams.app.make_app`'s and ours). The runtime
-    (graceful stop, stats, failure) is :func:`runtime_of(app) <runtime_of>`."""
+    (graceful stop, stats, failure) is :func:`runtime_of(app) <runtime_of>`. ``control_broadcast``: this
+    process hears every ``control`` message (:class:`ControlBroadcast`, from ``control_offsets`` or the
+    end) instead of the partitions the group gives it. ``stop_deadline``: the stop watchdog (0: none)."""
     codec = codec or Codec(catalogue)
     catalogue = codec.catalogue
     settings: dict[str, Any] = {
@@ -584,6 +775,9 @@ def build_worker_app(
         stats_interval=stats_interval,
         confirm_outputs=confirm_outputs,
         worker_id=worker_id,
+        control_broadcast=control_broadcast,
+        control_offsets=control_offsets,
+        stop_deadline=stop_deadline,
     )
     for processor in processors:
         if not isinstance(processor, Processor):
@@ -591,6 +785,8 @@ def build_worker_app(
         runtime.add(processor)
     if not runtime.agents:
         raise ValueError("a worker needs at least one processor")
+    if runtime.control is not None and not any(a.hears_control for a in runtime.agents.values()):
+        runtime.control = None  # nobody to hand control messages to
     guarded = {
         physical
         for agent in runtime.agents.values()
@@ -618,8 +814,11 @@ async def run_worker(app: faust.App, *, install_signals: bool = True) -> int:
             loop.add_signal_handler(sig, runtime.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
     await app.start()
+    if runtime.control is not None:
+        runtime.control.start()
     log.info("worker %s running: %s", runtime.stats.key, ", ".join(runtime.agents))
     await runtime.done.wait()
+    runtime.disarm_watchdog()
     return 1 if runtime.failure is not None else 0
 
 
@@ -693,15 +892,66 @@ def app_from_config(config: Mapping[str, Any]) -> faust.App:
         Catalogue(prefix=str(config["topic_prefix"])),
         stats_interval=float(config.get("stats_interval", 5.0)),
         confirm_outputs=bool(config.get("confirm_outputs", True)),
+        control_broadcast=_control_mode(config) == "broadcast",
+        stop_deadline=float(config.get("stop_deadline", STOP_DEADLINE)),
         **dict(config.get("faust") or {}),
+    )
+
+
+def _control_mode(config: Mapping[str, Any]) -> str:
+    mode = str(config.get("control") or "group")
+    if mode not in ("group", "broadcast"):
+        raise ValueError(f"control: {mode!r}; use group or broadcast")
+    return mode
+
+
+async def app_from_settings(
+    settings: Any, worker_name: str, *, stop_deadline: float = STOP_DEADLINE, stats_interval: float = 5.0
+) -> faust.App:
+    """The worker ``worker_name`` of a live deployment (``settings`` already passed ``check_live``): app id
+    ``meltica-<prefix>-<worker>``, the deployment's broker and topic prefix, the worker's stages built by
+    :func:`streams.pipeline.build_live_processors`, every control message heard by this process.
+
+    The control topic's end offsets are taken *before* the processors read the persisted kill switch, and
+    control is read from there: a command published meanwhile is still heard."""
+    from meltica.live import deployment
+    from meltica.storage.engine import make_engine
+    from streams.pipeline import build_live_processors
+
+    worker = deployment.live_worker(settings, worker_name)
+    bootstrap = deployment.kafka_bootstrap(settings)
+    catalogue = Catalogue(prefix=deployment.topic_prefix(settings))
+    app_id = deployment.app_id(settings, worker.name)
+    tracing.configure_tracing("none", service_name=f"meltica-{app_id}")
+    offsets = await control_end_offsets(bootstrap, catalogue.topic_name(CONTROL))
+    engine = make_engine(deployment.database_url(settings))
+    processors = await build_live_processors(settings, list(worker.stages), engine)
+    return build_worker_app(
+        app_id,
+        bootstrap,
+        processors,
+        catalogue,
+        stats_interval=stats_interval,
+        control_broadcast=True,
+        control_offsets=offsets,
+        stop_deadline=stop_deadline,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streams.worker", description="Run Meltica processors on Kafka.")
-    parser.add_argument("--config", required=True, help="worker config file (YAML or JSON)")
-    parser.add_argument("--app-id", help="Faust app id = consumer group (overrides the config)")
-    parser.add_argument("--factory", help="processor factory module:function (overrides the config)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--settings", help="live deployment settings file (YAML); with --worker")
+    source.add_argument("--config", help="worker config file (YAML or JSON; see the module docstring)")
+    parser.add_argument("--worker", help="the worker of live.workers to run (with --settings)")
+    parser.add_argument("--app-id", help="Faust app id = consumer group (overrides the config; --config only)")
+    parser.add_argument("--factory", help="processor factory module:function (overrides the config; --config only)")
+    parser.add_argument(
+        "--stop-deadline",
+        type=float,
+        default=None,
+        help=f"seconds a stop may take before the process exits 1 (default {STOP_DEADLINE:.0f}; 0: no limit)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -711,10 +961,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.settings:
+        return _main_settings(parser, args)
     config = resolve_config(load_config(args.config), app_id=args.app_id, factory=args.factory)
+    if args.stop_deadline is not None:
+        config["stop_deadline"] = args.stop_deadline
 
     async def run() -> int:
         app = app_from_config(config)
+        return await run_worker(app)
+
+    return asyncio.run(run())
+
+
+REFUSED = 2
+"""Exit code of a worker that refuses to start (settings not fit for live trading, state unreadable)."""
+
+
+def _main_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from meltica.errors import ConfigurationError
+    from meltica.live.deployment import live_worker, load_live_settings
+    from meltica.secrets import install_log_redaction
+    from streams.pipeline import StartRefusedError
+
+    if not args.worker:
+        parser.error("--settings needs --worker NAME (a name from live.workers)")
+    install_log_redaction()  # every credential resolved from now on is scrubbed from the logs
+    try:
+        settings = load_live_settings(args.settings)
+        live_worker(settings, args.worker)
+    except ConfigurationError as exc:
+        print(f"worker {args.worker}: refusing to start: {exc}", file=sys.stderr)
+        return REFUSED
+    deadline = STOP_DEADLINE if args.stop_deadline is None else args.stop_deadline
+
+    async def run() -> int:
+        try:
+            app = await app_from_settings(settings, args.worker, stop_deadline=deadline)
+        except (ConfigurationError, StartRefusedError) as exc:
+            log.critical("worker %s: refusing to start: %s", args.worker, exc)
+            return REFUSED
         return await run_worker(app)
 
     return asyncio.run(run())

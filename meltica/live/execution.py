@@ -86,7 +86,7 @@ from meltica.messaging.schemas import (
     VenueProgress,
 )
 from meltica.portfolio import Portfolio
-from meltica.risk import InMemoryKillSwitchStore, KillSwitch
+from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode, KillSwitchState
 from meltica.strategies.intents import ManualClock
 
 log = logging.getLogger(__name__)
@@ -368,7 +368,9 @@ def _announced(intent: OrderIntent, ts: datetime) -> Order:
 class ExecutionService:
     """The execution stage (module docstring). ``drivers``: one per account; ``store``: the OMS store
     (default in memory; the PostgreSQL ``meltica.execution.store.OrderStore`` for restart safety — open
-    orders are then recovered from it on ``start``)."""
+    orders are then recovered from it on ``start``); ``kill_switch_at_start``: the persisted kill-switch
+    state (``KillSwitchStore.load()``) read when the worker starts — every lane obeys it at once, and a lane
+    under ``halt`` cancels its open orders on ``start`` (a command sent while no worker ran is not lost)."""
 
     name = "execution"
     inputs: tuple[str, ...] = ("orders.approved", "md.candles.1m", "control")
@@ -380,6 +382,7 @@ class ExecutionService:
         *,
         store: OrderStoreProtocol | None = None,
         logger: logging.Logger | None = None,
+        kill_switch_at_start: Mapping[str, KillSwitchState] | None = None,
     ) -> None:
         self.config = config
         self.lockstep = config.lockstep
@@ -401,6 +404,8 @@ class ExecutionService:
                     markets.setdefault(key, _Market(inst.exchange, symbol, set())).instances.add(inst.instance_id)
             latency = config.account(account).latency if account in config.account_names() else timedelta(0)
             lane = _Lane(account, driver, self.store, latency=latency, markets=markets, service=self)
+            for scope, state in (kill_switch_at_start or {}).items():
+                lane.kill_switch._set(scope, state)  # the durable state, as it was when the worker started
             if hasattr(driver, "on_user_event"):  # the driver owns the user stream (meltica.live.venue)
                 driver.on_user_event = self._user_event_handler(lane)
             self.lanes[account] = lane
@@ -433,6 +438,7 @@ class ExecutionService:
                     self._in_handle = False
                 for out in self._flush():
                     await emit(out)
+            await self._halt_at_start(lane, emit)
 
     async def stop(self) -> None:
         for lane in self.lanes.values():
@@ -753,6 +759,25 @@ class ExecutionService:
         return out
 
     # --- kill switch ---------------------------------------------------------------------------
+    async def _halt_at_start(self, lane: _Lane, emit: Emit) -> None:
+        """A lane halted by the persisted kill switch cancels the open orders of the halted scopes."""
+        for scope, mode in list(lane.kill_switch.active.items()):
+            kind, _, name = scope.partition(":")
+            if mode is not KillSwitchMode.HALT or (kind == "account" and name != lane.account):
+                continue
+            filters: dict[str, str] = {"account": lane.account}
+            if kind == "strategy" and name:
+                filters["strategy"] = name
+            self._log.warning("execution %s: kill switch %s is halt at start: cancelling", lane.account, scope)
+            self._in_handle = True
+            try:
+                await lane.oms.cancel_all(reason=f"kill switch halt ({scope})", **filters)
+                await lane.driver.settle()
+            finally:
+                self._in_handle = False
+            for out in self._flush():
+                await emit(out)
+
     async def _on_kill_switch(self, command: KillSwitchCommand) -> list[Outgoing]:
         kind, _, name = command.scope.partition(":")
         for lane in self.lanes.values():

@@ -238,7 +238,9 @@ class RiskGate:
     (``set_balances``) when drawdown limits must see the equity; ``reference_prices``: ``"progress"``
     (default in lock-step) or ``"candles"`` (default otherwise); ``publish_breaches``: publish a
     ``KillSwitchCommand`` on ``control`` when a breach trips the kill switch; ``dedupe_window``: how
-    many recent ids of each kind are remembered per account.
+    many recent ids of each kind are remembered per account; ``kill_switch_at_start``: the persisted
+    kill-switch state (``KillSwitchStore.load()``) read when the worker starts — applied at once, and a
+    restored snapshot older than it (by ``since``) does not undo it.
     """
 
     name = "risk-gate"
@@ -258,6 +260,7 @@ class RiskGate:
         publish_breaches: bool = True,
         dedupe_window: int = 1024,
         actor: str = "risk-gate",
+        kill_switch_at_start: Mapping[str, KillSwitchState] | None = None,
     ) -> None:
         if dedupe_window < 1:
             raise ValueError("dedupe_window must be >= 1")
@@ -286,6 +289,11 @@ class RiskGate:
         self._ks_seq: dict[str, int] = {}  # scope → order of its last change (restore merges by it)
         self._ks_counter = 0
         self.kill_switch.subscribe(self._on_kill_switch_change)
+        self._persisted_kill = dict(kill_switch_at_start or {})
+        for scope, persisted in self._persisted_kill.items():
+            self.kill_switch._set(scope, persisted)  # the durable state: no listener, nothing changed here
+            if persisted.engaged:
+                log.warning("risk gate: kill switch %s is %s at start (%s)", scope, persisted.mode, persisted.reason)
         self._prices: dict[tuple[str, str], datetime] = {}  # market → time of the price in use
         self._emit: Emit | None = None
 
@@ -595,6 +603,7 @@ class RiskGate:
             self.kill_switch.engage(command.mode, command.reason, command.actor, scope=scope, details=details)
 
     def _on_kill_switch_change(self, change: KillSwitchChange) -> None:
+        self._persisted_kill[change.scope] = change.current  # a snapshot restored later must not undo it
         self._ks_counter += 1
         self._ks_seq[change.scope] = self._ks_counter
 
@@ -702,6 +711,9 @@ class RiskGate:
             restored = KillSwitchState(
                 mode=KillSwitchMode(data["mode"]), reason=data["reason"], actor=data["actor"], since=_ts(data["since"])
             )
+            persisted = self._persisted_kill.get(scope)
+            if persisted is not None and persisted.since >= restored.since:
+                continue  # the database, read at start, has a later word on this scope
             self.kill_switch._set(scope, restored)  # no listener: nothing changed, it is remembered
             self._ks_seq[scope] = data["seq"]
         self._ks_counter = max(self._ks_counter, int(state["kill_seq"]))

@@ -259,7 +259,10 @@ class _Instance:
 
 class StrategyHost:
     """The strategy stage (module docstring). ``config``: the instances to host (and lock-step or not);
-    ``instruments``: by exchange then symbol, default the config's instruments per account."""
+    ``instruments``: by exchange then symbol, default the config's instruments per account;
+    ``kill_switch_at_start``: the persisted kill-switch modes by scope (``KillSwitchStore.load()``), read
+    when the worker starts: they govern every instance at once; they and every later kill-switch command
+    win over restored snapshots."""
 
     name = "strategy-host"
     inputs: tuple[str, ...] = ("md.candles.1m", "orders.events", "control")
@@ -270,8 +273,13 @@ class StrategyHost:
         *,
         instruments: Mapping[str, Mapping[str, Instrument]] | None = None,
         logger: logging.Logger | None = None,
+        kill_switch_at_start: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
+        # scope -> "off" | "halt" | "reduce_only" (a KillSwitchState's mode, or the mode itself)
+        self._persisted_kill = {
+            scope: str(getattr(state, "mode", state)) for scope, state in (kill_switch_at_start or {}).items()
+        }
         self.lockstep = config.lockstep
         self._log = logger or log
         self._instruments: dict[str, dict[str, Instrument]] = {}
@@ -290,7 +298,23 @@ class StrategyHost:
         self.errors: list[str] = []
 
     def _build(self, config: StrategyInstanceConfig) -> _Instance:
-        return _Instance(config, self._instruments.get(config.exchange, {}))
+        inst = _Instance(config, self._instruments.get(config.exchange, {}))
+        self._apply_persisted_kill(inst)
+        return inst
+
+    def _apply_persisted_kill(self, inst: _Instance) -> None:
+        for scope, mode in self._persisted_kill.items():
+            if scope not in self._scopes_of(inst):
+                continue
+            if mode == "off":
+                inst.ctx.kill_modes.pop(scope, None)
+            else:
+                inst.ctx.kill_modes[scope] = mode
+
+    @staticmethod
+    def _scopes_of(inst: _Instance) -> tuple[str, ...]:
+        config = inst.config
+        return ("global", f"account:{config.account}", f"strategy:{inst.instance_id}", f"strategy:{config.strategy}")
 
     # --- Processor ---------------------------------------------------------------------------
     async def start(self, emit: Emit) -> None:
@@ -474,13 +498,10 @@ class StrategyHost:
             for inst in targets:
                 self._set_params(inst, command)
         elif isinstance(command, KillSwitchCommand):
+            # The latest word on the scope: a snapshot restored later (a rebalance) must not undo it.
+            self._persisted_kill[command.scope] = command.mode
             for inst in self.instances.values():
-                if command.scope in (
-                    "global",
-                    f"account:{inst.config.account}",
-                    f"strategy:{inst.instance_id}",
-                    f"strategy:{inst.config.strategy}",
-                ):
+                if command.scope in self._scopes_of(inst):
                     if command.mode == "off":
                         inst.ctx.kill_modes.pop(command.scope, None)
                     else:
@@ -654,6 +675,7 @@ class StrategyHost:
                 fees=Decimal(f),
             )
         ctx.kill_modes.update(state["kill"])
+        self._apply_persisted_kill(inst)  # the database at start, and commands since, are later than a snapshot
         inst.acked = {m: int(s) for m, s in state["acked"].items()}
         inst.last_bar = {s: datetime.fromisoformat(ts) for s, ts in state["last_bar"].items()}
         inst.pending_end = {m: EndOfReplayCommand.model_validate(c) for m, c in state["pending_end"].items()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -29,8 +30,9 @@ class RunningSum:
     name = NAME
     inputs: tuple[str, ...] = ("md.trades",)
 
-    def __init__(self, delay: float = 0.0, stop_marker: str | None = None) -> None:
+    def __init__(self, delay: float = 0.0, stop_marker: str | None = None, hang_on_stop: bool = False) -> None:
         self.delay = delay
+        self.hang_on_stop = hang_on_stop  # a stop that never returns (blocks the event loop): the watchdog test
         self.stop_marker = stop_marker
         self.sums: dict[str, Decimal] = {}
         self.seen: dict[str, set[str]] = {}
@@ -41,6 +43,8 @@ class RunningSum:
         self.emit = emit
 
     async def stop(self) -> None:
+        if self.hang_on_stop:
+            time.sleep(3600)
         if self.stop_marker:  # proves stop() ran on a graceful shutdown
             Path(self.stop_marker).write_text(json.dumps({"pid": os.getpid(), "keys": len(self.sums)}))
 
@@ -76,4 +80,10 @@ class RunningSum:
 
 def factory(config: Mapping[str, Any]) -> list[RunningSum]:
     params = dict(config.get("params") or {})
-    return [RunningSum(delay=float(params.get("delay", 0.0)), stop_marker=params.get("stop_marker"))]
+    return [
+        RunningSum(
+            delay=float(params.get("delay", 0.0)),
+            stop_marker=params.get("stop_marker"),
+            hang_on_stop=bool(params.get("hang_on_stop", False)),
+        )
+    ]
