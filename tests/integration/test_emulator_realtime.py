@@ -4,7 +4,13 @@ trades along their path, tickers pushed — checked with ccxt's own binance clas
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import json
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -12,31 +18,45 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import ccxt
 import ccxt.async_support as ccxt_async
 import ccxt.pro as ccxt_pro
 import pytest
 
-from meltica.emulator import EmulatorConfig, EmulatorServer, ccxt_config
+from meltica.emulator import CCXT_OPTIONS, EmulatorConfig, EmulatorServer, EmulatorThread, ccxt_config, ccxt_urls_for
 
 pytestmark = pytest.mark.integration
 
-CANDLES = Path(__file__).resolve().parents[2] / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
+MONTH = Path(__file__).resolve().parents[2] / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
 FIRST_BAR = (Decimal("46319.0"), Decimal("46385.0"), Decimal("46319.0"), Decimal("46377.0"))  # the file's first row
 KEY, SECRET = "rt-key", "rt-secret"
 MINUTE_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def candles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The month's first 300 bars (a venue starts in a blink; at speed 60 they last 5 minutes)."""
+    path = tmp_path_factory.mktemp("realtime") / "btc-1m.csv"
+    with gzip.open(MONTH, "rt") as source:
+        path.write_text("".join(line for _, line in zip(range(301), source, strict=False)))
+    return path
 
 
 def run(body: Callable[[], Awaitable[None]], timeout: float = 40) -> None:
     asyncio.run(asyncio.wait_for(body(), timeout=timeout))
 
 
+def ccxt_config_for(url: str) -> dict[str, Any]:
+    return {"urls": {"api": ccxt_urls_for(url)}, "options": dict(CCXT_OPTIONS), "enableRateLimit": False}
+
+
 def wall_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
 
 
-def realtime(**kwargs: Any) -> EmulatorConfig:
+def realtime(data: Path, **kwargs: Any) -> EmulatorConfig:
     kwargs.setdefault("default_balances", {"USDT": Decimal(100_000), "BTC": Decimal(1)})
-    return EmulatorConfig.single(KEY, SECRET, data=[CANDLES], realtime=True, **kwargs)
+    return EmulatorConfig.single(KEY, SECRET, data=[data], realtime=True, **kwargs)
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -54,9 +74,9 @@ async def read_stream(emu: EmulatorServer, streams: list[str], sink: list[dict[s
             sink.append(json.loads(msg.data))
 
 
-def test_times_agree_with_the_wall_clock_at_speed_one() -> None:
+def test_times_agree_with_the_wall_clock_at_speed_one(candles: Path) -> None:
     async def body() -> None:
-        async with EmulatorServer(realtime()) as emu:
+        async with EmulatorServer(realtime(candles)) as emu:
             rest = ccxt_async.binance(ccxt_config(emu, KEY, SECRET))
             try:
                 await rest.load_markets()
@@ -73,30 +93,31 @@ def test_times_agree_with_the_wall_clock_at_speed_one() -> None:
                 assert fill["timestamp"] == order["timestamp"]
 
                 # the first recorded bar opened at now floored to the minute; its path is printing
-                candles = await rest.fetch_ohlcv("BTC/USDT", "1m", limit=5)
-                first = candles[0]
+                klines = await rest.fetch_ohlcv("BTC/USDT", "1m", limit=5)
+                first = klines[0]
                 assert first[0] % MINUTE_MS == 0 and before - MINUTE_MS < first[0] <= after
                 assert Decimal(str(first[1])) == FIRST_BAR[0]
                 public = await rest.fetch_trades("BTC/USDT", limit=10)
                 assert public[0]["timestamp"] == first[0] and Decimal(str(public[0]["price"])) == FIRST_BAR[0]
-                assert all(first[0] <= t["timestamp"] <= after for t in public)
+                assert all(first[0] <= t["timestamp"] <= wall_ms() for t in public)
                 assert any(t["id"] == str(fill["info"]["id"]) for t in public)  # our fill is a public trade
 
                 ticker = await rest.fetch_ticker("BTC/USDT")
                 assert before <= ticker["timestamp"] <= wall_ms()
-                assert ticker["last"] == public[-1]["price"]
+                later = await rest.fetch_trades("BTC/USDT", limit=10)
+                assert ticker["last"] in {t["price"] for t in later}
             finally:
                 await rest.close()
 
     run(body)
 
 
-def test_bars_become_trades_that_rebuild_the_klines() -> None:
+def test_bars_become_trades_that_rebuild_the_klines(candles: Path) -> None:
     """At speed 60 a 1m bar lasts a second: a trade-driven candle aggregator (trades by minute) and the
     venue's klines — REST and the closed ``@kline_1m`` events — agree to the last decimal."""
 
     async def body() -> None:
-        async with EmulatorServer(realtime(speed=60)) as emu:
+        async with EmulatorServer(realtime(candles, speed=60)) as emu:
             pro = ccxt_pro.binance(ccxt_config(emu))
             rest = ccxt_async.binance(ccxt_config(emu))
             raw: list[dict[str, Any]] = []
@@ -117,15 +138,17 @@ def test_bars_become_trades_that_rebuild_the_klines() -> None:
                 def closed_klines() -> list[dict[str, Any]]:
                     return [m["data"]["k"] for m in raw if m["stream"].endswith("kline_1m") and m["data"]["k"]["x"]]
 
-                # three bars whose every trade we saw: their open arrived after our subscription
-                await wait_for(lambda: len(closed_klines()) >= 5, timeout=20)
+                def complete() -> list[dict[str, Any]]:
+                    """Closed klines whose every trade we received: the open (at ``t``) to the close (at ``T``)."""
+                    times = {t["timestamp"] for t in trades}
+                    return [k for k in closed_klines() if k["t"] in times and k["T"] in times]
+
+                await wait_for(lambda: len(complete()) >= 3, timeout=20)
                 by_minute: dict[int, list[dict[str, Any]]] = {}
                 for t in sorted(trades, key=lambda t: int(t["id"])):
                     by_minute.setdefault(t["timestamp"] // MINUTE_MS * MINUTE_MS, []).append(t)
-                complete = [k for k in closed_klines() if by_minute.get(k["t"], [{}])[0].get("timestamp") == k["t"]]
-                assert len(complete) >= 3
                 venue = {row[0]: row for row in await rest.fetch_ohlcv("BTC/USDT", "1m", limit=1000)}
-                for k in complete:
+                for k in complete():
                     bucket = by_minute[k["t"]]
                     prices = [Decimal(t["info"]["p"]) for t in bucket]
                     volume = sum((Decimal(t["info"]["q"]) for t in bucket), Decimal(0))
@@ -155,9 +178,9 @@ MINI_KEYS = {"e", "E", "s", "c", "o", "h", "l", "v", "q"}
 TICKER_KEYS = MINI_KEYS | {"p", "P", "w", "x", "Q", "b", "B", "a", "A", "O", "C", "F", "L", "n"}
 
 
-def test_ticker_streams_through_ccxt_pro() -> None:
+def test_ticker_streams_through_ccxt_pro(candles: Path) -> None:
     async def body() -> None:
-        async with EmulatorServer(realtime(speed=60, ticker_interval_s=0.2)) as emu:
+        async with EmulatorServer(realtime(candles, speed=60, ticker_interval_s=0.2)) as emu:
             pro = ccxt_pro.binance(ccxt_config(emu))
             rest = ccxt_async.binance(ccxt_config(emu))
             raw: list[dict[str, Any]] = []
@@ -206,3 +229,62 @@ def test_ticker_streams_through_ccxt_pro() -> None:
                 await rest.close()
 
     run(body)
+
+
+def test_cli_runs_a_realtime_venue_by_default(free_port: Callable[[], int], tmp_path: Path, candles: Path) -> None:
+    port = free_port()
+    log = tmp_path / "emulator.log"
+    argv = [sys.executable, "-m", "meltica", "emulator", "binance", "--port", str(port)]
+    argv += ["--api-key", KEY, "--api-secret", SECRET, "--data", str(candles), "--order-limit", "2"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log.read_text()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline, f"emulator not listening after 30 s:\n{log.read_text()}"
+            time.sleep(0.1)
+        rest = ccxt.binance({**ccxt_config_for(f"http://127.0.0.1:{port}"), "apiKey": KEY, "secret": SECRET})
+        server_time = rest.fetch_time()
+        assert server_time is not None and abs(server_time - wall_ms()) < 5_000
+        klines = rest.fetch_ohlcv("BTC/USDT", "1m", limit=5)
+        assert 0 <= server_time - klines[0][0] < MINUTE_MS + 5_000  # the data starts now, not in 2022
+        assert Decimal(str(klines[0][1])) == FIRST_BAR[0]
+        assert int(rest.last_response_headers["X-MBX-USED-WEIGHT-1M"]) > 0
+        for _ in range(2):
+            rest.create_order("BTC/USDT", "limit", "buy", 0.001, 30_000)
+        with pytest.raises(ccxt.BaseError, match="-1015"):  # --order-limit 2
+            rest.create_order("BTC/USDT", "limit", "buy", 0.001, 30_000)
+        assert "real time x1" in log.read_text()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_help_documents_every_flag() -> None:
+    from typer.testing import CliRunner
+
+    from meltica.cli import app
+
+    result = CliRunner().invoke(app, ["emulator", "binance", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    flags = ["--port", "--host", "--api-key", "--api-secret", "--account", "--balance", "--data", "--symbols"]
+    flags += ["--data-symbol", "--timeframe", "--realtime", "--data-time", "--speed", "--price", "--maker-fee"]
+    flags += ["--taker-fee", "--weight-limit", "--weight-interval", "--order-limit", "--order-interval"]
+    flags += ["--daily-order-limit", "--ban-after", "--ban-seconds", "--limits", "--no-limits", "--ticker-interval"]
+    for flag in flags:
+        assert flag in result.output, flag
+
+
+def test_emulator_thread_serves_synchronous_clients(candles: Path) -> None:
+    with EmulatorThread(realtime(candles)) as emu:
+        rest = ccxt.binance(ccxt_config(emu, KEY, SECRET))
+        order = rest.create_order("BTC/USDT", "market", "sell", 0.01)
+        assert order["status"] == "closed" and abs(order["timestamp"] - wall_ms()) < 5_000
+        assert emu.call(emu.server.step(0)) == 0
