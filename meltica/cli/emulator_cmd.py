@@ -95,12 +95,24 @@ def binance(
         realtime=realtime,
         maker_fee=maker_fee,
         taker_fee=taker_fee,
-        initial_prices={s.upper(): p for s, p in parse_balances(price).items()},
+        initial_prices=_prices(price),
         rate_limits=rate_limits,
         ticker_interval_s=ticker_interval,
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(config))
+
+
+def _prices(text: str) -> dict[str, Decimal]:
+    """``"BTCUSDT=40000,ETHUSDT=2500"`` → starting prices; every price must be positive."""
+    try:
+        prices = parse_balances(text)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"--price: {exc}".replace("balance ", "")) from None
+    for symbol, value in prices.items():
+        if value <= 0:
+            raise ConfigurationError(f"--price {symbol}: the price must be positive")
+    return prices
 
 
 async def _serve(config: EmulatorConfig) -> None:

@@ -82,7 +82,10 @@ class EmulatorConfig:
             if self.speed is None:
                 self.speed = 1.0
             if self.speed == 0:
-                raise ConfigurationError("a real-time emulator needs a speed > 0 (0 replays in the data's own time)")
+                raise ConfigurationError(
+                    "a real-time emulator needs a speed > 0 "
+                    "(speed 0, as fast as possible, replays in the data's own time: --data-time)"
+                )
         if not self.ticker_interval_s > 0:
             raise ConfigurationError("ticker_interval_s must be > 0")
 

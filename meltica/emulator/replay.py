@@ -4,7 +4,8 @@ Sources: candle files (via ``meltica.marketdata.candle_files``), a trades parque
 ``timestamp, trade_id, price, quantity, buyer_maker``) and Binance depth CSVs (nautilus layout:
 ``symbol, timestamp, first_update_id, last_update_id, side, update_type, price, qty, pu``; rows with
 ``update_type == "snap"`` form a snapshot, the others diffs). A bar is an event at its *close* time:
-that is when it is known.
+that is when it is known. :func:`to_wall_clock` moves a replay to start now (the real-time venue), each
+bar preceded by the public trades of its path.
 """
 
 from __future__ import annotations

@@ -9,6 +9,18 @@ Binance's protocol around it. Two clocks:
   events), or the wall clock while nothing was replayed. The engine, order/trade timestamps and stream
   event times use market time.
 
+**Real time** (``config.realtime``, what ``meltica emulator binance`` runs): at start the data is shifted
+so its first bar opens at the wall clock floored to the bar's interval (trades/book data: the first event
+at now), and market time *is* the wall clock (at ``speed`` X ≠ 1 it runs X times faster from the start;
+server time stays the wall clock for signatures). Events already due at start are applied at once, the
+rest when market time reaches them, and market time never passes an event not yet applied. Each bar is
+printed as four public trades along its path (``replay.bar_path``: open, extremes, close, a quarter of
+the volume each) that feed the engine (``on_trade``) and build the klines, so ``@trade``/``@aggTrade``,
+``/trades``, ``/klines`` and ``@kline_*`` agree; the bar's close marks the kline closed and expires GTD
+orders. ``@ticker``/``@miniTicker``/``!miniTicker@arr``/``!ticker@arr``/``@bookTicker`` are pushed every
+``ticker_interval_s``. Request weight and order counts are limited as on Binance (``limits.py``) except
+while the market is driven.
+
 **Driven market** (``POST /_emulator/market/open`` and ``/_emulator/market/bar``): a client moves the
 market bar by bar, in lock-step, exactly as the backtester moves its paper venue
 (``meltica.backtest.engine``): ``open`` sets market time to the bar's open and prints the open to the
@@ -210,7 +222,7 @@ class EmulatorServer:
             return self._market_anchor
         elapsed = (self.config.clock() - self._wall_anchor) * speed
         moved = self._market_anchor + elapsed
-        if self.position < len(self.events):  # never run past the next recorded event
+        if self.position < len(self.events):  # never run past the next event not yet applied (a late replay)
             moved = min(moved, self.events[self.position].ts)
         return moved
 
