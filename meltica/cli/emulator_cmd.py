@@ -46,6 +46,9 @@ def binance(
         "timestamps run X times faster than the wall clock from the start (serverTime stays the wall clock). "
         "0 = as fast as possible (--data-time only).",
     ),
+    history_bars: int = typer.Option(
+        0, help="With --realtime: the first N bars lie before now, already closed (history for a warm-up)."
+    ),
     price: str = typer.Option(
         "", help="Starting prices for symbols without data, SYMBOL=PRICE,... (a synthetic book)."
     ),
@@ -93,6 +96,7 @@ def binance(
         candle_timeframe=timeframe,
         speed=speed,
         realtime=realtime,
+        history_bars=history_bars,
         maker_fee=maker_fee,
         taker_fee=taker_fee,
         initial_prices=_prices(price),

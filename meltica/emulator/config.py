@@ -50,6 +50,8 @@ class EmulatorConfig:
     # it runs at that speed from the start). Bars are played as trades along their path. ``speed``
     # None means 1 here; 0 is refused.
     realtime: bool = False
+    # Real time: the first N bars are placed before now (closed at start: klines to warm up on).
+    history_bars: int = 0
     # Request-weight and order-count limits (Binance spot's by default); not enforced while the market
     # is driven in lock-step (``/_emulator/market/*``), whose time is not the wall clock.
     rate_limits: RateLimits = field(default_factory=RateLimits)
@@ -86,6 +88,8 @@ class EmulatorConfig:
                     "a real-time emulator needs a speed > 0 "
                     "(speed 0, as fast as possible, replays in the data's own time: --data-time)"
                 )
+        if self.history_bars < 0:
+            raise ConfigurationError("history_bars must be >= 0")
         if not self.ticker_interval_s > 0:
             raise ConfigurationError("ticker_interval_s must be > 0")
 

@@ -224,16 +224,20 @@ def bar_path(bar: BarEvent) -> list[PathTradeEvent]:
     return out
 
 
-def to_wall_clock(events: list[ReplayEvent], now: datetime) -> list[ReplayEvent]:
+def to_wall_clock(events: list[ReplayEvent], now: datetime, history_bars: int = 0) -> list[ReplayEvent]:
     """The events shifted so the data starts at ``now`` — floored to the bar interval when there are
     bars, so klines keep Binance's boundaries — each bar preceded by its path's trades (:func:`bar_path`);
-    the bar itself stays, at its close, as the moment the bar is complete."""
+    the bar itself stays, at its close, as the moment the bar is complete. With ``history_bars`` = N the
+    N first bars lie before ``now`` (already closed: history for a strategy's warm-up) and bar N opens now."""
     if not events:
         return []
     starts = [e.open_time if isinstance(e, BarEvent) else e.ts for e in events]
     start = min(starts)
     bars = [e for e in events if isinstance(e, BarEvent)]
     origin = now
+    if bars and history_bars > 0:
+        opens = sorted({b.open_time for b in bars})
+        start = opens[min(history_bars, len(opens) - 1)]
     if bars:
         step_ms = bars[0].interval_s * 1000
         now_ms = (now - _EPOCH) // timedelta(milliseconds=1)

@@ -59,8 +59,8 @@ from meltica.emulator.config import AccountConfig, EmulatorConfig
 from meltica.emulator.errors import BinanceError
 from meltica.emulator.faults import Faults
 from meltica.emulator.limits import RateLimiter, request_weight
+from meltica.emulator.market import Kline, SymbolMarket, interval_ms, plain
 from meltica.emulator.market import PublicTrade as MarketTrade
-from meltica.emulator.market import SymbolMarket, interval_ms, plain
 from meltica.emulator.replay import (
     BarEvent,
     BookEvent,
@@ -144,6 +144,7 @@ class EmulatorServer:
         self._drop_task: asyncio.Task[None] | None = None
         self._ticker_task: asyncio.Task[None] | None = None
         self.limiter = RateLimiter(config.rate_limits)
+        self._kline_sent: dict[str, tuple[int, bool]] = {}  # kline stream → (open time, final) last sent
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port = 0
@@ -166,10 +167,11 @@ class EmulatorServer:
         if self.config.realtime:
             # market time := the wall clock from now on; the data is moved to start here (module docstring)
             now = self.config.clock()
-            self.events = to_wall_clock(self.events[self.position :], now)
+            self.events = to_wall_clock(self.events[self.position :], now, self.config.history_bars)
             self.position = 0
             self._market_anchor = now
             self._wall_anchor = now
+            self.catch_up()  # what is due already (history bars, the current bar's first points) is there at once
         if self.config.speed is not None and self.events:
             self._replay_task = loop.create_task(self._autoplay(self.config.speed))
         self._drop_task = loop.create_task(self._periodic_drops())
@@ -262,7 +264,22 @@ class EmulatorServer:
                 delay = (due - self.config.clock()).total_seconds()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                    continue  # look again: a request may have caught up meanwhile (``catch_up``)
             await self.step(1)
+
+    def catch_up(self) -> int:
+        """Real time: apply every event whose time has come, now — so a request never sees the market
+        behind the clock (the replay task may wake late). Returns how many were applied."""
+        if not self.config.realtime or self._driven or self._market_anchor is None or self._wall_anchor is None:
+            return 0
+        speed = self.config.speed or 1.0
+        now = self._market_anchor + (self.config.clock() - self._wall_anchor) * speed
+        done = 0
+        while self.position < len(self.events) and self.events[self.position].ts <= now:
+            self._apply(self.events[self.position])
+            self.position += 1
+            done += 1
+        return done
 
     def _apply(self, event: ReplayEvent) -> None:
         if not self.config.realtime:  # data time: market time jumps to each event
@@ -393,6 +410,8 @@ class EmulatorServer:
         )
 
     def _publish_klines(self, symbol: str) -> None:
+        """The current kline of every subscribed ``<symbol>@kline_<i>`` stream; a kline that ended since
+        the stream's last event is first sent once more, final (``x: true``), as Binance does."""
         low = symbol.lower()
         prefix = f"{low}@kline_"
         now = self.market_ms()
@@ -407,11 +426,35 @@ class EmulatorServer:
             if kline is None:
                 rows = self.markets[symbol].klines(interval, limit=1)
                 kline = rows[-1] if rows else None
-            if kline is not None:
-                kline.closed = kline.close_time < now  # a fresh copy: marks only what is published
-                self.hub.publish(
-                    stream, {"e": "kline", "E": now, "s": symbol, "k": kline.stream_payload(symbol, interval)}
-                )
+            if kline is None:
+                continue
+            sent = self._kline_sent.get(stream)
+            if sent is not None and not sent[1] and sent[0] < kline.open_time:
+                previous = self.markets[symbol].klines(interval, start_ms=sent[0], end_ms=sent[0], limit=1)
+                if previous:
+                    self._send_kline(stream, symbol, interval, previous[0], now)
+            self._send_kline(stream, symbol, interval, kline, now)
+
+    def _send_kline(self, stream: str, symbol: str, interval: str, kline: Kline, now: int) -> None:
+        kline.closed = kline.close_time < now  # a fresh copy: marks only what is published
+        if self._kline_sent.get(stream) == (kline.open_time, True):
+            return  # its final event went out already
+        self._kline_sent[stream] = (kline.open_time, kline.closed)
+        self.hub.publish(stream, {"e": "kline", "E": now, "s": symbol, "k": kline.stream_payload(symbol, interval)})
+
+    def _close_klines(self) -> None:
+        """Final events for klines whose interval ended with no later event (no trade since)."""
+        now = self.market_ms()
+        for stream, (open_ms, closed) in list(self._kline_sent.items()):
+            if closed or not self.hub.has_subscribers(stream):
+                continue
+            low, _, interval = stream.partition("@kline_")
+            symbol = low.upper()
+            if symbol not in self.markets or open_ms + interval_ms(interval) > now:
+                continue
+            rows = self.markets[symbol].klines(interval, start_ms=open_ms, end_ms=open_ms, limit=1)
+            if rows:
+                self._send_kline(stream, symbol, interval, rows[0], now)
 
     def _publish_result(self, result: MatchResult, cancel_client_ids: Mapping[int, str] | None = None) -> None:
         event_ms = self.market_ms()
@@ -506,7 +549,9 @@ class EmulatorServer:
         while True:
             await asyncio.sleep(self.config.ticker_interval_s)
             if self.config.realtime and not self._driven:
+                self.catch_up()
                 self._publish_result(self.engine.advance())
+            self._close_klines()
             self.publish_tickers()
 
     def publish_tickers(self) -> None:
@@ -688,6 +733,7 @@ class EmulatorServer:
 
     def _wrap(self, fn: Handler, security: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
+            self.catch_up()
             raw_query = request.rel_url.raw_query_string
             raw_body = await request.text() if request.can_read_body else ""
             params: Params = dict(parse_qsl(raw_query, keep_blank_values=True))

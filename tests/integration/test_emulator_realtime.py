@@ -275,7 +275,8 @@ def test_help_documents_every_flag() -> None:
     result = CliRunner().invoke(app, ["emulator", "binance", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     flags = ["--port", "--host", "--api-key", "--api-secret", "--account", "--balance", "--data", "--symbols"]
-    flags += ["--data-symbol", "--timeframe", "--realtime", "--data-time", "--speed", "--price", "--maker-fee"]
+    flags += ["--data-symbol", "--timeframe", "--realtime", "--data-time", "--speed", "--history-bars", "--price"]
+    flags += ["--maker-fee"]
     flags += ["--taker-fee", "--weight-limit", "--weight-interval", "--order-limit", "--order-interval"]
     flags += ["--daily-order-limit", "--ban-after", "--ban-seconds", "--limits", "--no-limits", "--ticker-interval"]
     for flag in flags:
@@ -288,3 +289,52 @@ def test_emulator_thread_serves_synchronous_clients(candles: Path) -> None:
         order = rest.create_order("BTC/USDT", "market", "sell", 0.01)
         assert order["status"] == "closed" and abs(order["timestamp"] - wall_ms()) < 5_000
         assert emu.call(emu.server.step(0)) == 0
+
+
+def test_history_bars_are_closed_klines_before_now(candles: Path) -> None:
+    rows = [line.split(",") for line in candles.read_text().splitlines()[1:6]]
+    recorded = [tuple(Decimal(v) for v in row[1:6]) for row in rows]
+
+    async def body() -> None:
+        started = wall_ms()
+        async with EmulatorServer(realtime(candles, history_bars=5)) as emu:
+            rest = ccxt_async.binance(ccxt_config(emu))
+            try:
+                klines = await rest.fetch_ohlcv("BTC/USDT", "1m", limit=10)
+                now = wall_ms()
+                assert len(klines) >= 6
+                opened = klines[5][0]  # the first bar after the history opened at the start, floored
+                assert started // MINUTE_MS * MINUTE_MS <= opened <= now // MINUTE_MS * MINUTE_MS
+                assert [k[0] for k in klines[:6]] == [opened - (5 - i) * MINUTE_MS for i in range(6)]
+                assert [tuple(Decimal(str(v)) for v in k[1:6]) for k in klines[:5]] == recorded
+            finally:
+                await rest.close()
+
+    run(body)
+
+
+TRADES = Path(__file__).resolve().parents[3] / "shared/data/market/nautilus/binance/btcusdt-trades.parquet"
+
+
+def test_recorded_trades_in_real_time_close_their_klines() -> None:
+    """Trade data (46 s of it) starts at now; at speed 60 the minute it falls in ends a second later and its
+    kline is sent final (``x: true``) though no later trade comes."""
+
+    async def body() -> None:
+        async with EmulatorServer(realtime(TRADES, speed=60, ticker_interval_s=0.1)) as emu:
+            raw: list[dict[str, Any]] = []
+            reader = asyncio.create_task(read_stream(emu, ["btcusdt@kline_1m"], raw))
+            try:
+
+                def final() -> list[dict[str, Any]]:
+                    return [m["data"]["k"] for m in raw if m["data"]["k"]["x"]]
+
+                await wait_for(lambda: sum(k["n"] for k in final()) >= 2001)  # the file's trades
+                assert sum(k["n"] for k in final()) == 2001
+                assert len({k["t"] for k in final()}) == len(final())  # one final event per kline
+                first = final()[0]
+                assert abs(first["t"] - wall_ms()) < 10 * MINUTE_MS and Decimal(first["o"]) == Decimal("39432.48")
+            finally:
+                reader.cancel()
+
+    run(body)
