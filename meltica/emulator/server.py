@@ -424,15 +424,14 @@ class EmulatorServer:
             except BinanceError:
                 continue
             if kline is None:
-                rows = self.markets[symbol].klines(interval, limit=1)
-                kline = rows[-1] if rows else None
+                kline = self.markets[symbol].latest_kline(interval)
             if kline is None:
                 continue
             sent = self._kline_sent.get(stream)
             if sent is not None and not sent[1] and sent[0] < kline.open_time:
-                previous = self.markets[symbol].klines(interval, start_ms=sent[0], end_ms=sent[0], limit=1)
-                if previous:
-                    self._send_kline(stream, symbol, interval, previous[0], now)
+                previous = self.markets[symbol].current_kline(interval, sent[0])
+                if previous is not None:
+                    self._send_kline(stream, symbol, interval, previous, now)
             self._send_kline(stream, symbol, interval, kline, now)
 
     def _send_kline(self, stream: str, symbol: str, interval: str, kline: Kline, now: int) -> None:
@@ -452,9 +451,9 @@ class EmulatorServer:
             symbol = low.upper()
             if symbol not in self.markets or open_ms + interval_ms(interval) > now:
                 continue
-            rows = self.markets[symbol].klines(interval, start_ms=open_ms, end_ms=open_ms, limit=1)
-            if rows:
-                self._send_kline(stream, symbol, interval, rows[0], now)
+            kline = self.markets[symbol].current_kline(interval, open_ms)
+            if kline is not None:
+                self._send_kline(stream, symbol, interval, kline, now)
 
     def _publish_result(self, result: MatchResult, cancel_client_ids: Mapping[int, str] | None = None) -> None:
         event_ms = self.market_ms()
