@@ -127,5 +127,11 @@ async def _serve(config: EmulatorConfig) -> None:
         )
         console.print(f"accounts: {', '.join(emu.accounts)}; symbols: {', '.join(emu.specs)}")
         console.print("ccxt: urls['api'] = emu.ccxt_urls(), options={'fetchMarkets': {'types': ['spot']}}")
+        lim = config.rate_limits
+        console.print(
+            f"limits{'' if lim.enabled else ' (reported, not enforced)'}: {lim.request_weight} weight per "
+            f"{lim.weight_interval_s} s per IP, {lim.orders} orders per {lim.orders_interval_s} s and "
+            f"{lim.orders_per_day} per day per account"
+        )
         console.print(f"faults: POST {emu.rest_url}/_emulator/faults (JSON); Ctrl-C stops")
         await asyncio.Event().wait()

@@ -1582,7 +1582,10 @@ class EmulatorServer:
     def _drive_to(self, ts_ms: int) -> datetime:
         """Market time := ``ts_ms`` (never backwards); the emulator is driven from now on."""
         if self._replay_task is not None and not self._replay_task.done():
-            raise _AdminConflictError("the emulator is replaying its recorded data (speed is set)")
+            raise _AdminConflictError(
+                "the emulator is replaying its recorded data (speed is set); "
+                "a driven emulator is started without data (or with speed=None)"
+            )
         ts = datetime.fromtimestamp(ts_ms / 1000, UTC)
         if self._driven and self._market_anchor is not None and ts < self._market_anchor:
             raise _AdminConflictError(
