@@ -1,7 +1,9 @@
 """A local Binance-spot-compatible exchange emulator around ``meltica.matching`` (README.md here).
 
-``async with EmulatorServer(config) as emu:`` starts it on 127.0.0.1; ``ccxt_config(emu, key, secret)``
-is the configuration that points ccxt's own ``binance`` / ``ccxt.pro.binance`` classes at it.
+``async with EmulatorServer(config) as emu:`` starts it on 127.0.0.1 (``with EmulatorThread(config) as emu:``
+from synchronous code); ``ccxt_config(emu, key, secret)`` is the configuration that points ccxt's own
+``binance`` / ``ccxt.pro.binance`` classes at it. ``EmulatorConfig(..., realtime=True)`` makes it a
+real-time venue (recorded data shifted to the wall clock), as ``meltica emulator binance`` runs by default.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from meltica.emulator.background import EmulatorThread
 from meltica.emulator.config import AccountConfig, EmulatorConfig, parse_account, parse_balances
 from meltica.emulator.errors import BinanceError
 from meltica.emulator.faults import Faults
+from meltica.emulator.limits import RateLimits
 from meltica.emulator.server import EmulatorServer, ccxt_urls_for
 
 # What ccxt 4.5.90's binance needs besides the URLs: spot markets only (the emulator serves no
@@ -22,7 +26,9 @@ CCXT_OPTIONS: dict[str, Any] = {"fetchMarkets": {"types": ["spot"]}}
 _HOST = re.compile(r"^(https?|wss?)://[^/]+")
 
 
-def ccxt_config(emu: EmulatorServer, api_key: str | None = None, secret: str | None = None) -> dict[str, Any]:
+def ccxt_config(
+    emu: EmulatorServer | EmulatorThread, api_key: str | None = None, secret: str | None = None
+) -> dict[str, Any]:
     """The constructor config for ``ccxt.async_support.binance(...)`` / ``ccxt.pro.binance(...)``."""
     config: dict[str, Any] = {
         "urls": {"api": emu.ccxt_urls()},
@@ -36,7 +42,7 @@ def ccxt_config(emu: EmulatorServer, api_key: str | None = None, secret: str | N
     return config
 
 
-def point_ccxt_at(exchange: Any, emu: EmulatorServer) -> None:
+def point_ccxt_at(exchange: Any, emu: EmulatorServer | EmulatorThread) -> None:
     """Rewrite the host of every ``exchange.urls['api']`` entry (REST and ws) to the emulator's."""
 
     def rewrite(value: Any) -> Any:
@@ -60,7 +66,9 @@ __all__ = [
     "BinanceError",
     "EmulatorConfig",
     "EmulatorServer",
+    "EmulatorThread",
     "Faults",
+    "RateLimits",
     "ccxt_config",
     "ccxt_urls_for",
     "parse_account",

@@ -1,4 +1,4 @@
-"""Emulator configuration: accounts (API key pairs), starting balances, symbols, data, speed."""
+"""Emulator configuration: accounts (API key pairs), starting balances, symbols, data, speed, limits."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
+from meltica.emulator.limits import RateLimits
 from meltica.errors import ConfigurationError
 from meltica.matching import FeeSchedule, FillModel
 
@@ -44,6 +45,18 @@ class EmulatorConfig:
     candle_timeframe: str = "1m"
     # Replay speed: X times real time; 0 = as fast as possible; None = manual (``await emu.step()``).
     speed: float | None = None
+    # Real-time venue: the data is shifted so its first bar opens at "now" floored to the bar's
+    # interval (first trade/book event: at now), and market time is the wall clock (at ``speed`` ≠ 1:
+    # it runs at that speed from the start). Bars are played as trades along their path. ``speed``
+    # None means 1 here; 0 is refused.
+    realtime: bool = False
+    # Real time: the first N bars are placed before now (closed at start: klines to warm up on).
+    history_bars: int = 0
+    # Request-weight and order-count limits (Binance spot's by default); not enforced while the market
+    # is driven in lock-step (``/_emulator/market/*``), whose time is not the wall clock.
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    # How often ``@ticker`` / ``@miniTicker`` / ``!miniTicker@arr`` / ``@bookTicker`` are pushed (Binance: 1 s).
+    ticker_interval_s: float = 1.0
     maker_fee: Decimal = Decimal("0.001")
     taker_fee: Decimal = Decimal("0.001")
     # How the engine turns market data into fills (a backtest's ``FillModel`` for paper parity).
@@ -67,6 +80,18 @@ class EmulatorConfig:
             raise ConfigurationError("the emulator needs at least one symbol")
         if self.speed is not None and self.speed < 0:
             raise ConfigurationError("speed must be >= 0")
+        if self.realtime:
+            if self.speed is None:
+                self.speed = 1.0
+            if self.speed == 0:
+                raise ConfigurationError(
+                    "a real-time emulator needs a speed > 0 "
+                    "(speed 0, as fast as possible, replays in the data's own time: --data-time)"
+                )
+        if self.history_bars < 0:
+            raise ConfigurationError("history_bars must be >= 0")
+        if not self.ticker_interval_s > 0:
+            raise ConfigurationError("ticker_interval_s must be > 0")
 
     @classmethod
     def single(cls, api_key: str, api_secret: str, **kwargs: object) -> EmulatorConfig:

@@ -18,6 +18,8 @@ class BinanceError(Exception):
         self.msg = msg
         self.status = status
         self.data = data
+        # extra HTTP headers of the answer (``Retry-After`` on 429/418)
+        self.headers: dict[str, str] = {}
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"code": self.code, "msg": self.msg}

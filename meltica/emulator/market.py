@@ -247,15 +247,45 @@ class SymbolMarket:
     def current_kline(self, interval: str, at_ms: int) -> Kline | None:
         step = interval_ms(interval)
         key = floor_ms(at_ms, step)
-        rows = self.klines(interval, start_ms=key, end_ms=key, limit=1)
-        return rows[0] if rows else None
+        if step < MINUTE_MS:
+            rows = self.klines(interval, start_ms=key, end_ms=key, limit=1)
+            return rows[0] if rows else None
+        # only the minutes inside this interval (a long replay stores many)
+        parts = [self.minutes[m] for m in range(key, key + step, MINUTE_MS) if m in self.minutes]
+        if not parts:
+            return None
+        first = parts[0]
+        out = Kline(
+            open_time=key,
+            close_time=key + step - 1,
+            open=first.open,
+            high=first.high,
+            low=first.low,
+            close=first.close,
+            volume=first.volume,
+            quote_volume=first.quote_volume,
+            trades=first.trades,
+            taker_buy_volume=first.taker_buy_volume,
+            taker_buy_quote=first.taker_buy_quote,
+            first_trade_id=first.first_trade_id,
+            last_trade_id=first.last_trade_id,
+            closed=first.closed,
+        )
+        for part in parts[1:]:
+            out.merge(part)
+        return out
+
+    def latest_kline(self, interval: str) -> Kline | None:
+        """The kline holding the latest stored minute."""
+        return self.current_kline(interval, max(self.minutes)) if self.minutes else None
 
     def stats_24h(
         self, now_ms: int
     ) -> tuple[Decimal | None, Decimal | None, Decimal | None, Decimal, Decimal, int, int]:
         """open, high, low, volume, quote volume, count, open time over the 24 h before ``now_ms``."""
         since = now_ms - 1440 * MINUTE_MS
-        rows = [self.minutes[k] for k in sorted(self.minutes) if k >= since]
+        first = floor_ms(since, MINUTE_MS) + (MINUTE_MS if since % MINUTE_MS else 0)  # the first minute >= since
+        rows = [self.minutes[k] for k in range(first, now_ms + 1, MINUTE_MS) if k in self.minutes]
         if not rows:
             return None, None, None, Decimal(0), Decimal(0), 0, since
         return (

@@ -4,14 +4,15 @@ Sources: candle files (via ``meltica.marketdata.candle_files``), a trades parque
 ``timestamp, trade_id, price, quantity, buyer_maker``) and Binance depth CSVs (nautilus layout:
 ``symbol, timestamp, first_update_id, last_update_id, side, update_type, price, qty, pu``; rows with
 ``update_type == "snap"`` form a snapshot, the others diffs). A bar is an event at its *close* time:
-that is when it is known.
+that is when it is known. :func:`to_wall_clock` moves a replay to start now (the real-time venue), each
+bar preceded by the public trades of its path.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -57,11 +58,25 @@ class BookEvent:
     asks: list[Level] = field(default_factory=list)
 
 
-ReplayEvent = BarEvent | TradeEvent | BookEvent
+@dataclass(frozen=True)
+class PathTradeEvent:
+    """A public trade on a bar's path (real-time mode): the venue gives it the next trade id."""
+
+    ts: datetime
+    symbol: str
+    price: Decimal
+    quantity: Decimal
+    buyer_maker: bool
+
+
+ReplayEvent = BarEvent | TradeEvent | BookEvent | PathTradeEvent
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _ms(value: int) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=value)
+    return _EPOCH + timedelta(milliseconds=value)
 
 
 def _open_text(path: Path) -> IO[str]:
@@ -182,3 +197,58 @@ def merge(*sources: list[ReplayEvent]) -> list[ReplayEvent]:
     events = [e for src in sources for e in src]
     events.sort(key=lambda e: e.ts)
     return events
+
+
+def bar_path(bar: BarEvent) -> list[PathTradeEvent]:
+    """A bar as four public trades: open (at the open), the nearer extreme, the other extreme (a third
+    and two thirds into the bar; ties: the low first, as ``MatchingEngine.on_bar``) and the close (1 ms
+    before the bar ends), each a quarter of the volume: trades aggregated per interval give the bar back."""
+    high_first = (bar.high - bar.open) < (bar.open - bar.low)
+    path = [bar.open, bar.high, bar.low, bar.close] if high_first else [bar.open, bar.low, bar.high, bar.close]
+    span_ms = bar.interval_s * 1000
+    offsets_ms = [0, span_ms // 3, 2 * span_ms // 3, span_ms - 1]
+    quantity = bar.volume / 4
+    out: list[PathTradeEvent] = []
+    previous = bar.open
+    for price, offset in zip(path, offsets_ms, strict=True):
+        out.append(
+            PathTradeEvent(
+                ts=bar.open_time + timedelta(milliseconds=offset),
+                symbol=bar.symbol,
+                price=price,
+                quantity=quantity,
+                buyer_maker=price < previous,  # a move down: a seller took the bid
+            )
+        )
+        previous = price
+    return out
+
+
+def to_wall_clock(events: list[ReplayEvent], now: datetime, history_bars: int = 0) -> list[ReplayEvent]:
+    """The events shifted so the data starts at ``now`` — floored to the bar interval when there are
+    bars, so klines keep Binance's boundaries — each bar preceded by its path's trades (:func:`bar_path`);
+    the bar itself stays, at its close, as the moment the bar is complete. With ``history_bars`` = N the
+    N first bars lie before ``now`` (already closed: history for a strategy's warm-up) and bar N opens now."""
+    if not events:
+        return []
+    starts = [e.open_time if isinstance(e, BarEvent) else e.ts for e in events]
+    start = min(starts)
+    bars = [e for e in events if isinstance(e, BarEvent)]
+    origin = now
+    if bars and history_bars > 0:
+        opens = sorted({b.open_time for b in bars})
+        start = opens[min(history_bars, len(opens) - 1)]
+    if bars:
+        step_ms = bars[0].interval_s * 1000
+        now_ms = (now - _EPOCH) // timedelta(milliseconds=1)
+        origin = _ms(now_ms // step_ms * step_ms)
+    offset = origin - start
+    out: list[ReplayEvent] = []
+    for event in events:
+        if isinstance(event, BarEvent):
+            shifted = replace(event, ts=event.ts + offset, open_time=event.open_time + offset)
+            out.extend(bar_path(shifted))
+            out.append(shifted)
+        else:
+            out.append(replace(event, ts=event.ts + offset))
+    return merge(out)

@@ -9,6 +9,18 @@ Binance's protocol around it. Two clocks:
   events), or the wall clock while nothing was replayed. The engine, order/trade timestamps and stream
   event times use market time.
 
+**Real time** (``config.realtime``, what ``meltica emulator binance`` runs): at start the data is shifted
+so its first bar opens at the wall clock floored to the bar's interval (trades/book data: the first event
+at now), and market time *is* the wall clock (at ``speed`` X ≠ 1 it runs X times faster from the start;
+server time stays the wall clock for signatures). Events already due at start are applied at once, the
+rest when market time reaches them, and market time never passes an event not yet applied. Each bar is
+printed as four public trades along its path (``replay.bar_path``: open, extremes, close, a quarter of
+the volume each) that feed the engine (``on_trade``) and build the klines, so ``@trade``/``@aggTrade``,
+``/trades``, ``/klines`` and ``@kline_*`` agree; the bar's close marks the kline closed and expires GTD
+orders. ``@ticker``/``@miniTicker``/``!miniTicker@arr``/``!ticker@arr``/``@bookTicker`` are pushed every
+``ticker_interval_s``. Request weight and order counts are limited as on Binance (``limits.py``) except
+while the market is driven.
+
 **Driven market** (``POST /_emulator/market/open`` and ``/_emulator/market/bar``): a client moves the
 market bar by bar, in lock-step, exactly as the backtester moves its paper venue
 (``meltica.backtest.engine``): ``open`` sets market time to the bar's open and prints the open to the
@@ -46,9 +58,19 @@ from meltica.emulator import auth, binance_format, errors
 from meltica.emulator.config import AccountConfig, EmulatorConfig
 from meltica.emulator.errors import BinanceError
 from meltica.emulator.faults import Faults
+from meltica.emulator.limits import RateLimiter, request_weight
+from meltica.emulator.market import Kline, SymbolMarket, interval_ms, plain
 from meltica.emulator.market import PublicTrade as MarketTrade
-from meltica.emulator.market import SymbolMarket, interval_ms, plain
-from meltica.emulator.replay import BarEvent, BookEvent, ReplayEvent, TradeEvent, load_file, merge
+from meltica.emulator.replay import (
+    BarEvent,
+    BookEvent,
+    PathTradeEvent,
+    ReplayEvent,
+    TradeEvent,
+    load_file,
+    merge,
+    to_wall_clock,
+)
 from meltica.emulator.streams import Connection, StreamHub
 from meltica.emulator.symbols import SymbolSpec, spec_for
 from meltica.matching import (
@@ -120,6 +142,9 @@ class EmulatorServer:
         self._wall_anchor: datetime | None = None
         self._replay_task: asyncio.Task[None] | None = None
         self._drop_task: asyncio.Task[None] | None = None
+        self._ticker_task: asyncio.Task[None] | None = None
+        self.limiter = RateLimiter(config.rate_limits)
+        self._kline_sent: dict[str, tuple[int, bool]] = {}  # kline stream → (open time, final) last sent
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port = 0
@@ -138,12 +163,22 @@ class EmulatorServer:
         server = self._site._server  # aiohttp keeps the asyncio server private
         sockets = getattr(server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else self.config.port
+        loop = asyncio.get_running_loop()
+        if self.config.realtime:
+            # market time := the wall clock from now on; the data is moved to start here (module docstring)
+            now = self.config.clock()
+            self.events = to_wall_clock(self.events[self.position :], now, self.config.history_bars)
+            self.position = 0
+            self._market_anchor = now
+            self._wall_anchor = now
+            self.catch_up()  # what is due already (history bars, the current bar's first points) is there at once
         if self.config.speed is not None and self.events:
-            self._replay_task = asyncio.get_running_loop().create_task(self._autoplay(self.config.speed))
-        self._drop_task = asyncio.get_running_loop().create_task(self._periodic_drops())
+            self._replay_task = loop.create_task(self._autoplay(self.config.speed))
+        self._drop_task = loop.create_task(self._periodic_drops())
+        self._ticker_task = loop.create_task(self._periodic_tickers())
 
     async def stop(self) -> None:
-        for task in (self._replay_task, self._drop_task):
+        for task in (self._replay_task, self._drop_task, self._ticker_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -189,7 +224,7 @@ class EmulatorServer:
             return self._market_anchor
         elapsed = (self.config.clock() - self._wall_anchor) * speed
         moved = self._market_anchor + elapsed
-        if self.position < len(self.events):  # never run past the next recorded event
+        if self.position < len(self.events):  # never run past the next event not yet applied (a late replay)
             moved = min(moved, self.events[self.position].ts)
         return moved
 
@@ -229,15 +264,42 @@ class EmulatorServer:
                 delay = (due - self.config.clock()).total_seconds()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                    continue  # look again: a request may have caught up meanwhile (``catch_up``)
             await self.step(1)
 
+    def catch_up(self) -> int:
+        """Real time: apply every event whose time has come, now — so a request never sees the market
+        behind the clock (the replay task may wake late). Returns how many were applied."""
+        if not self.config.realtime or self._driven or self._market_anchor is None or self._wall_anchor is None:
+            return 0
+        speed = self.config.speed or 1.0
+        now = self._market_anchor + (self.config.clock() - self._wall_anchor) * speed
+        done = 0
+        while self.position < len(self.events) and self.events[self.position].ts <= now:
+            self._apply(self.events[self.position])
+            self.position += 1
+            done += 1
+        return done
+
     def _apply(self, event: ReplayEvent) -> None:
-        self._market_anchor = event.ts
-        self._wall_anchor = self.config.clock()
+        if not self.config.realtime:  # data time: market time jumps to each event
+            self._market_anchor = event.ts
+            self._wall_anchor = self.config.clock()
         symbol = event.symbol
         if symbol not in self.specs:
             return
-        if isinstance(event, BarEvent):
+        if isinstance(event, PathTradeEvent):
+            # a bar's path as public trades (real time): resting orders fill as the price passes them
+            trade_id = self.engine._market(symbol).next_trade_id()  # one id sequence with the engine's fills
+            result = self.engine.on_trade(symbol, event.price, event.quantity)
+            self._publish_public_trade(
+                symbol,
+                MarketTrade(trade_id, event.price, event.quantity, utc_to_ms(event.ts), event.buyer_maker),
+            )
+        elif isinstance(event, BarEvent) and self.config.realtime:
+            # the bar is complete: its trades were printed and made the kline; time may expire GTD orders
+            result = self.engine.advance()
+        elif isinstance(event, BarEvent):
             result = self.engine.on_bar(symbol, event.open, event.high, event.low, event.close, event.volume)
             self.markets[symbol].on_bar(
                 utc_to_ms(event.open_time),
@@ -309,17 +371,7 @@ class EmulatorServer:
                 )
         book_ticker = f"{low}@bookTicker"
         if self.hub.has_subscribers(book_ticker) and view.bids and view.asks:
-            self.hub.publish(
-                book_ticker,
-                {
-                    "u": uid,
-                    "s": symbol,
-                    "b": plain(view.bids[0][0]),
-                    "B": plain(view.bids[0][1]),
-                    "a": plain(view.asks[0][0]),
-                    "A": plain(view.asks[0][1]),
-                },
-            )
+            self.hub.publish(book_ticker, _book_ticker_event(symbol, uid, view.bids[0], view.asks[0]))
         return uid
 
     def _publish_public_trade(self, symbol: str, trade: MarketTrade) -> None:
@@ -358,6 +410,8 @@ class EmulatorServer:
         )
 
     def _publish_klines(self, symbol: str) -> None:
+        """The current kline of every subscribed ``<symbol>@kline_<i>`` stream; a kline that ended since
+        the stream's last event is first sent once more, final (``x: true``), as Binance does."""
         low = symbol.lower()
         prefix = f"{low}@kline_"
         now = self.market_ms()
@@ -370,12 +424,36 @@ class EmulatorServer:
             except BinanceError:
                 continue
             if kline is None:
-                rows = self.markets[symbol].klines(interval, limit=1)
-                kline = rows[-1] if rows else None
+                kline = self.markets[symbol].latest_kline(interval)
+            if kline is None:
+                continue
+            sent = self._kline_sent.get(stream)
+            if sent is not None and not sent[1] and sent[0] < kline.open_time:
+                previous = self.markets[symbol].current_kline(interval, sent[0])
+                if previous is not None:
+                    self._send_kline(stream, symbol, interval, previous, now)
+            self._send_kline(stream, symbol, interval, kline, now)
+
+    def _send_kline(self, stream: str, symbol: str, interval: str, kline: Kline, now: int) -> None:
+        kline.closed = kline.close_time < now  # a fresh copy: marks only what is published
+        if self._kline_sent.get(stream) == (kline.open_time, True):
+            return  # its final event went out already
+        self._kline_sent[stream] = (kline.open_time, kline.closed)
+        self.hub.publish(stream, {"e": "kline", "E": now, "s": symbol, "k": kline.stream_payload(symbol, interval)})
+
+    def _close_klines(self) -> None:
+        """Final events for klines whose interval ended with no later event (no trade since)."""
+        now = self.market_ms()
+        for stream, (open_ms, closed) in list(self._kline_sent.items()):
+            if closed or not self.hub.has_subscribers(stream):
+                continue
+            low, _, interval = stream.partition("@kline_")
+            symbol = low.upper()
+            if symbol not in self.markets or open_ms + interval_ms(interval) > now:
+                continue
+            kline = self.markets[symbol].current_kline(interval, open_ms)
             if kline is not None:
-                self.hub.publish(
-                    stream, {"e": "kline", "E": now, "s": symbol, "k": kline.stream_payload(symbol, interval)}
-                )
+                self._send_kline(stream, symbol, interval, kline, now)
 
     def _publish_result(self, result: MatchResult, cancel_client_ids: Mapping[int, str] | None = None) -> None:
         event_ms = self.market_ms()
@@ -464,6 +542,83 @@ class EmulatorServer:
     async def drop_websockets(self) -> int:
         return await self.hub.drop_all()
 
+    async def _periodic_tickers(self) -> None:
+        """Every ``ticker_interval_s``: 24h tickers and the top of book to their subscribers (Binance
+        pushes them each second); in real time also GTD expiry, as time passes between events."""
+        while True:
+            await asyncio.sleep(self.config.ticker_interval_s)
+            if self.config.realtime and not self._driven:
+                self.catch_up()
+                self._publish_result(self.engine.advance())
+            self._close_klines()
+            self.publish_tickers()
+
+    def publish_tickers(self) -> None:
+        """``<symbol>@ticker``, ``@miniTicker``, ``@bookTicker``, ``!ticker@arr``, ``!miniTicker@arr`` now."""
+        streams = self.hub.subscribed()
+        if not streams:
+            return
+        want_all_full = "!ticker@arr" in streams
+        want_all_mini = "!miniTicker@arr" in streams
+        full_rows: list[dict[str, Any]] = []
+        mini_rows: list[dict[str, Any]] = []
+        for symbol in self.specs:
+            low = symbol.lower()
+            names = (f"{low}@ticker", f"{low}@miniTicker", f"{low}@bookTicker")
+            if not (want_all_full or want_all_mini or any(n in streams for n in names)):
+                continue
+            if self.engine.last_price(symbol) is None:
+                continue  # nothing traded yet: Binance lists no ticker either
+            full, mini = self._ticker_events(symbol)
+            if names[0] in streams:
+                self.hub.publish(names[0], full)
+            if names[1] in streams:
+                self.hub.publish(names[1], mini)
+            if names[2] in streams:
+                view = self.engine.book(symbol, depth=1)
+                if view.bids and view.asks:
+                    uid = self.sync_book(symbol)
+                    self.hub.publish(names[2], _book_ticker_event(symbol, uid, view.bids[0], view.asks[0]))
+            full_rows.append(full)
+            mini_rows.append(mini)
+        if want_all_full and full_rows:
+            self.hub.publish("!ticker@arr", full_rows)
+        if want_all_mini and mini_rows:
+            self.hub.publish("!miniTicker@arr", mini_rows)
+
+    def _ticker_events(self, symbol: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The ``24hrTicker`` and ``24hrMiniTicker`` stream events of ``symbol`` (web-socket-streams.md)."""
+        t = self._ticker(symbol)
+        now = int(t["closeTime"])
+        full = {
+            "e": "24hrTicker",
+            "E": now,
+            "s": symbol,
+            "p": t["priceChange"],
+            "P": t["priceChangePercent"],
+            "w": t["weightedAvgPrice"],
+            "x": t["prevClosePrice"],
+            "c": t["lastPrice"],
+            "Q": t["lastQty"],
+            "b": t["bidPrice"],
+            "B": t["bidQty"],
+            "a": t["askPrice"],
+            "A": t["askQty"],
+            "o": t["openPrice"],
+            "h": t["highPrice"],
+            "l": t["lowPrice"],
+            "v": t["volume"],
+            "q": t["quoteVolume"],
+            "O": t["openTime"],
+            "C": now,
+            "F": t["firstId"],
+            "L": t["lastId"],
+            "n": t["count"],
+        }
+        mini = {"e": "24hrMiniTicker", "E": now, "s": symbol}
+        mini |= {k: full[k] for k in ("c", "o", "h", "l", "v", "q")}
+        return full, mini
+
     async def _periodic_drops(self) -> None:
         while True:
             every = self.faults.drop_websockets_every_s
@@ -482,6 +637,19 @@ class EmulatorServer:
         if self.faults.latency_ms > 0:
             await asyncio.sleep(self.faults.latency_ms / 1000)
         is_ws = request.headers.get("Upgrade", "").lower() == "websocket"
+        if is_ws:
+            return await self._handle(request, handler)
+        response = await self._handle(request, handler)
+        if self.limiter.weight_header not in response.headers and not response.prepared:
+            # every REST answer says how much weight the IP used (also refusals that charged nothing)
+            used = self.limiter.used_weight(request.remote or "", self._wall_ms())
+            response.headers[self.limiter.weight_header] = str(used)
+        return response
+
+    async def _handle(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        is_ws = request.headers.get("Upgrade", "").lower() == "websocket"
         if not is_ws:
             if self.faults.take("ban_next"):
                 until = self.server_ms() + self.faults.retry_after_s * 1000
@@ -495,7 +663,7 @@ class EmulatorServer:
         try:
             return await handler(request)
         except BinanceError as exc:
-            return _error_response(exc)
+            return _error_response(exc, exc.headers)
         except web.HTTPNotFound:
             return _error_response(errors.unknown_endpoint())
         except web.HTTPMethodNotAllowed:
@@ -559,33 +727,50 @@ class EmulatorServer:
         r.add_post("/_emulator/market/bar", self.admin_market_bar)
         r.add_get("/_emulator/executions", self.admin_executions)
 
+    def _wall_ms(self) -> int:
+        return utc_to_ms(self.config.clock())
+
     def _wrap(self, fn: Handler, security: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
+            self.catch_up()
             raw_query = request.rel_url.raw_query_string
             raw_body = await request.text() if request.can_read_body else ""
             params: Params = dict(parse_qsl(raw_query, keep_blank_values=True))
             if raw_body:
                 params.update(dict(parse_qsl(raw_body, keep_blank_values=True)))
-            account: AccountConfig | None = None
-            if security in ("signed", "key"):
-                account = self._account_for_key(request.headers.get("X-MBX-APIKEY"))
-            if security == "signed":
-                assert account is not None
-                auth.check_timing(params.get("timestamp"), params.get("recvWindow"), self.server_ms())
-                payload, signature = auth.signed_payload(raw_query, raw_body)
-                auth.check_signature(payload, signature, account.api_secret)
-            lose = (
-                request.method == "POST"
-                and request.path in ORDER_PATHS
-                and self.faults.take("lose_next_order_response")
+            # Limits run on the wall clock; a lock-step driven market has its own time: not enforced there.
+            enforce = not self._driven
+            headers = self.limiter.admit(
+                request.remote or "",
+                request_weight(request.method, request.path, params),
+                self._wall_ms(),
+                enforce=enforce,
             )
-            body = await fn(request, params, account)
+            try:
+                account: AccountConfig | None = None
+                if security in ("signed", "key"):
+                    account = self._account_for_key(request.headers.get("X-MBX-APIKEY"))
+                if security == "signed":
+                    assert account is not None
+                    auth.check_timing(params.get("timestamp"), params.get("recvWindow"), self.server_ms())
+                    payload, signature = auth.signed_payload(raw_query, raw_body)
+                    auth.check_signature(payload, signature, account.api_secret)
+                if request.method == "POST" and request.path in ORDER_PATHS:
+                    assert account is not None
+                    headers |= self.limiter.count_order(account.name, self._wall_ms(), enforce=enforce)
+                lose = (
+                    request.method == "POST"
+                    and request.path in ORDER_PATHS
+                    and self.faults.take("lose_next_order_response")
+                )
+                body = await fn(request, params, account)
+            except BinanceError as exc:
+                exc.headers = {**headers, **exc.headers}
+                raise
             if lose:
                 await self._lose_response(request)
             return web.Response(
-                text=json.dumps(body, separators=(",", ":")),
-                content_type="application/json",
-                headers={"X-MBX-USED-WEIGHT-1M": "1"},
+                text=json.dumps(body, separators=(",", ":")), content_type="application/json", headers=headers
             )
 
         return handler
@@ -629,12 +814,7 @@ class EmulatorServer:
         return {
             "timezone": "UTC",
             "serverTime": self.server_ms(),
-            "rateLimits": [
-                {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
-                {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
-                {"rateLimitType": "ORDERS", "interval": "DAY", "intervalNum": 1, "limit": 200000},
-                {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 61000},
-            ],
+            "rateLimits": self.config.rate_limits.exchange_info(),
             "exchangeFilters": [],
             "symbols": [spec.exchange_info() for s, spec in self.specs.items() if wanted is None or s in wanted],
         }
@@ -741,7 +921,16 @@ class EmulatorServer:
 
     async def h_ticker_24hr(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
         symbols, single = self._symbols_param(params)
+        kind = (params.get("type") or "FULL").upper()
+        if kind not in ("FULL", "MINI"):
+            raise errors.invalid_parameter("type")
         rows = [self._ticker(s) for s in symbols]
+        if kind == "MINI":
+            mini = [
+                *("symbol", "openPrice", "highPrice", "lowPrice", "lastPrice", "volume", "quoteVolume"),
+                *("openTime", "closeTime", "firstId", "lastId", "count"),
+            ]
+            rows = [{k: row[k] for k in mini} for row in rows]
         return rows[0] if single else rows
 
     async def h_ticker_price(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
@@ -1339,6 +1528,8 @@ class EmulatorServer:
                 "accounts": list(self.accounts),
                 "market_time_ms": self.market_ms(),
                 "driven": self._driven,
+                "realtime": self.config.realtime,
+                "speed": self.config.speed,
                 "last_execution_seq": self.last_execution_seq,
                 "user_subscriptions": self._user_subscriptions(),
             }
@@ -1391,7 +1582,10 @@ class EmulatorServer:
     def _drive_to(self, ts_ms: int) -> datetime:
         """Market time := ``ts_ms`` (never backwards); the emulator is driven from now on."""
         if self._replay_task is not None and not self._replay_task.done():
-            raise _AdminConflictError("the emulator is replaying its recorded data (speed is set)")
+            raise _AdminConflictError(
+                "the emulator is replaying its recorded data (speed is set); "
+                "a driven emulator is started without data (or with speed=None)"
+            )
         ts = datetime.fromtimestamp(ts_ms / 1000, UTC)
         if self._driven and self._market_anchor is not None and ts < self._market_anchor:
             raise _AdminConflictError(
@@ -1513,6 +1707,13 @@ def _body_decimal(body: Mapping[str, Any], name: str) -> Decimal:
     if not value.is_finite():
         raise ValueError(f"{name} must be a finite number")
     return value
+
+
+def _book_ticker_event(
+    symbol: str, update_id: int, bid: tuple[Decimal, Decimal], ask: tuple[Decimal, Decimal]
+) -> dict[str, Any]:
+    """A ``<symbol>@bookTicker`` event (it has no event type on Binance)."""
+    return {"u": update_id, "s": symbol, "b": plain(bid[0]), "B": plain(bid[1]), "a": plain(ask[0]), "A": plain(ask[1])}
 
 
 def _diff(old: dict[Decimal, Decimal], new: dict[Decimal, Decimal]) -> list[tuple[Decimal, Decimal]]:
