@@ -174,3 +174,30 @@ def test_a_breach_that_cannot_be_recorded_still_engages_the_switch_and_is_stored
     # the breaker stays armed: the same breach is not acted on twice, and the switch is not loosened
     assert risk.evaluate("carol") == []
     assert switch.effective("carol", "s1")[0] is KillSwitchMode.HALT
+
+
+def test_a_halt_the_database_refuses_holds_in_the_process_and_a_release_is_refused(database: Engine) -> None:
+    """The kill switch's table is gone for a while: a halt still holds (and is retried until stored); a
+    release, which would loosen it without a record, is refused."""
+    switch = KillSwitch(KillSwitchStore(database))
+    heard: list[str] = []
+    switch.subscribe(lambda change: heard.append(f"{change.scope}:{change.current.mode}"))
+    with database.begin() as conn:
+        conn.execute(text("ALTER TABLE kill_switch_state RENAME TO kill_switch_state_away"))
+    try:
+        switch.engage("halt", "operator saw a runaway strategy", "ops", scope="account:dave")
+        assert switch.effective("dave", "s1") == (KillSwitchMode.HALT, "account:dave")
+        assert heard == ["account:dave:halt"]  # the OMS hears it and cancels
+        assert [c.scope for c in switch.unsaved] == ["account:dave"]
+        with pytest.raises(RuntimeError, match="not stored yet"):
+            switch.release("ops", "false alarm", scope="account:dave")
+        assert switch.effective("dave", "s1")[0] is KillSwitchMode.HALT
+        assert switch.retry_unsaved() == 1  # still failing
+    finally:
+        with database.begin() as conn:
+            conn.execute(text("ALTER TABLE kill_switch_state_away RENAME TO kill_switch_state"))
+
+    assert switch.retry_unsaved() == 0
+    assert KillSwitch(KillSwitchStore(database)).state_of("account:dave").mode is KillSwitchMode.HALT
+    switch.release("ops", "false alarm", scope="account:dave")  # now recorded, so allowed
+    assert KillSwitch(KillSwitchStore(database)).state_of("account:dave").mode is KillSwitchMode.OFF
