@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Protocol
 
+from meltica.errors import InfrastructureUnavailableError
+
 log = logging.getLogger(__name__)
 
 GLOBAL = "global"
@@ -267,7 +269,7 @@ class KillSwitch:
         current = KillSwitchState(mode=mode, reason=reason, actor=actor or default_actor(), since=self._clock())
         change = KillSwitchChange(scope, previous, current, dict(details or {}))
         if self.retry_unsaved() and mode.severity <= previous.mode.severity:
-            raise RuntimeError(
+            raise InfrastructureUnavailableError(
                 f"kill switch {scope}: earlier changes are not stored yet; refusing to loosen it to {mode}"
             )
         try:

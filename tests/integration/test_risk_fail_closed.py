@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text
 from meltica.adapters.paper import PaperVenue
 from meltica.config.settings import RiskLimits
 from meltica.domain import Fill, Instrument, OrderIntent, OrderStatus, OrderType, Side
+from meltica.errors import InfrastructureUnavailableError
 from meltica.execution import MemoryOrderStore, OrderManager, RetryPolicy
 from meltica.portfolio import Portfolio
 from meltica.risk import KillSwitch, KillSwitchMode, KillSwitchStore, RiskEngine, RiskRecorder, RiskStateStore
@@ -189,7 +190,7 @@ def test_a_halt_the_database_refuses_holds_in_the_process_and_a_release_is_refus
         assert switch.effective("dave", "s1") == (KillSwitchMode.HALT, "account:dave")
         assert heard == ["account:dave:halt"]  # the OMS hears it and cancels
         assert [c.scope for c in switch.unsaved] == ["account:dave"]
-        with pytest.raises(RuntimeError, match="not stored yet"):
+        with pytest.raises(InfrastructureUnavailableError, match="not stored yet"):
             switch.release("ops", "false alarm", scope="account:dave")
         assert switch.effective("dave", "s1")[0] is KillSwitchMode.HALT
         assert switch.retry_unsaved() == 1  # still failing
