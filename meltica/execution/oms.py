@@ -650,6 +650,8 @@ class OrderManager:
                     return self.order(coid)
                 self._orders[coid] = order
                 await self._risk_hook("risk on_order_open", intent.account, self.risk.on_order_open, coid, intent)
+                if self._halted(intent):
+                    return await self._refuse_unsent(coid)
                 await _maybe_await(self.emulator.add(intent, coid))
                 return self.order(coid)
         now = self.clock()
@@ -668,7 +670,18 @@ class OrderManager:
             return stored
         crash_point("after_store")
         await self._risk_hook("risk on_order_open", intent.account, self.risk.on_order_open, coid, intent)
+        if self._halted(intent):
+            return await self._refuse_unsent(coid)
         return await self._send(stored)
+
+    async def _refuse_unsent(self, client_order_id: str) -> Order:
+        """A halt arrived between the risk check and the send (a failing risk hook engages one): the
+        stored order is rejected and never sent."""
+        reason = f"kill switch halt: {NEVER_REACHED_VENUE}"
+        log.warning("order %s rejected before sending: %s", client_order_id, reason)
+        return await self._apply(
+            OrderRejected(event_id="rejected", client_order_id=client_order_id, ts=self.clock(), reason=reason)
+        )
 
     async def submit_native(self, intent: OrderIntent) -> Order:
         """The ``submit`` callback for ``LocalOrderEmulator``: its triggered children go to the venue,

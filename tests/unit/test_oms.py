@@ -673,3 +673,25 @@ def test_a_failing_hook_with_no_kill_switch_to_engage_is_raised() -> None:
             await oms.submit(intent(order_type=OrderType.MARKET, qty="0.3", strategy="*"))
 
     run(body)
+
+
+class FailingOpenRecorder(Recorder):
+    """A risk gate whose bookkeeping breaks after it approved: the failure must stop the send."""
+
+    def on_order_open(self, client_order_id: str, intent: OrderIntent) -> None:
+        raise RuntimeError("open-order book corrupted")
+
+
+def test_a_risk_hook_failing_between_approval_and_send_halts_and_nothing_is_sent() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        switch = KillSwitch(clock=clock)
+        oms, store = make_oms(venue, clock, risk=FailingOpenRecorder(), kill_switch=switch)
+        order = await oms.submit(intent(price=D("30000")))
+        assert order.status is OrderStatus.REJECTED and order.reason == "kill switch halt: never reached venue"
+        assert switch.effective("alice", "s1") == (KillSwitchMode.HALT, "account:alice")
+        assert await oms.venues["alice"].fetch_open_orders(SYMBOL) == []
+        assert_row_matches(store, oms, order.client_order_id)
+
+    run(body)
