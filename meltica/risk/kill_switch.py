@@ -268,22 +268,28 @@ class KillSwitch:
             return previous
         current = KillSwitchState(mode=mode, reason=reason, actor=actor or default_actor(), since=self._clock())
         change = KillSwitchChange(scope, previous, current, dict(details or {}))
-        if self.retry_unsaved() and mode.severity <= previous.mode.severity:
-            raise InfrastructureUnavailableError(
-                f"kill switch {scope}: earlier changes are not stored yet; refusing to loosen it to {mode}"
-            )
-        try:
-            self._store.save(change)  # persisted first: a crash after this line still remembers
-        except Exception:
-            if mode.severity <= previous.mode.severity:
-                raise  # loosening: refused when it cannot be recorded
-            # Tightening: hold it here anyway (fail closed) and keep retrying the write.
+        tightening = mode.severity > previous.mode.severity
+        if self.retry_unsaved():
+            if not tightening:
+                raise InfrastructureUnavailableError(
+                    f"kill switch {scope}: earlier changes are not stored yet; refusing to loosen it to {mode}"
+                )
+            # Queued behind the changes not stored yet: the store sees them in the order they were made.
             self.unsaved.append(change)
-            log.exception(
-                "kill switch %s: %s could NOT be stored; it holds in this process and the write is retried",
-                scope,
-                mode,
-            )
+            log.error("kill switch %s: %s holds in this process; stored after the earlier changes", scope, mode)
+        else:
+            try:
+                self._store.save(change)  # persisted first: a crash after this line still remembers
+            except Exception:
+                if not tightening:
+                    raise  # loosening: refused when it cannot be recorded
+                # Tightening: hold it here anyway (fail closed) and keep retrying the write.
+                self.unsaved.append(change)
+                log.exception(
+                    "kill switch %s: %s could NOT be stored; it holds in this process and the write is retried",
+                    scope,
+                    mode,
+                )
         self._set(scope, current)
         log.warning("kill switch %s: %s → %s (%s, by %s)", scope, previous.mode, mode, reason, current.actor)
         self._notify(change)
