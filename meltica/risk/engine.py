@@ -793,6 +793,7 @@ class RiskEngine:
     def _on_market(
         self, exchange: str, symbol: str, last: Decimal, bid: Decimal | None, ask: Decimal | None
     ) -> list[Breach]:
+        self._held_failure = None
         self.retry_pending()
         market = self._market(exchange, symbol)
         market.last = last
