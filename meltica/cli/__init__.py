@@ -54,10 +54,38 @@ app.command("status", help="Live pipeline: consumer lag, per-agent rates, dead l
 )
 
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+MELTICA_LOGGERS = ("meltica", "streams", "flows")
+
+
+def configure_logging() -> str:
+    """Log records to stderr: Meltica's own at ``log_level`` of the effective configuration
+    (``MELTICA_LOG_LEVEL`` overrides the file), other libraries' at WARNING. When the configuration
+    cannot be loaded the command reports that itself; ``MELTICA_LOG_LEVEL`` (else INFO) applies meanwhile.
+    Returns the level applied."""
+    import logging
+    import os
+
+    from meltica.config import load_settings
+    from meltica.errors import MelticaError
+
+    try:
+        level: str = load_settings().log_level
+    except MelticaError:
+        level = (os.environ.get("MELTICA_LOG_LEVEL") or "INFO").strip().upper()
+        if level not in logging.getLevelNamesMapping():
+            level = "INFO"
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    for name in MELTICA_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    return level
+
+
 def main() -> None:
     from meltica.secrets import install_log_redaction
 
+    configure_logging()
     # Secrets resolved anywhere in this process are scrubbed from every log record (messages,
-    # arguments, tracebacks) before a handler sees them.
+    # arguments, tracebacks) before a handler sees them (installed after the handler exists).
     install_log_redaction()
     app()

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from meltica.cli._common import console, database_engine, reports_errors
+from meltica.errors import DataValidationError
 from meltica.marketdata.candle_files import parse_time, read_candle_file
 from meltica.storage import candles, migrate
 
@@ -72,15 +73,9 @@ def show(
     output: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or csv."),
 ) -> None:
     """Print stored candles at TIMEFRAME (1m stored → 5m/1h/1d rolled up by the database)."""
+    first, until = _time_option("--start", start), _time_option("--end", end)
     engine = database_engine()
-    rows = candles.read_candles(
-        engine,
-        exchange=exchange,
-        symbol=symbol,
-        timeframe=timeframe,
-        start=parse_time(start) if start else None,
-        end=parse_time(end) if end else None,
-    )
+    rows = candles.read_candles(engine, exchange=exchange, symbol=symbol, timeframe=timeframe, start=first, end=until)
     if limit is not None:
         rows = rows[-limit:] if limit > 0 else []
     if output is OutputFormat.csv:
@@ -124,6 +119,16 @@ def summary_table(stats: list[dict[str, object]]) -> Table:
             _fmt(last if isinstance(last, datetime) else None),
         )
     return table
+
+
+def _time_option(option: str, value: str | None) -> datetime | None:
+    """A time option as aware UTC; a bad one is bad input (one line, exit 2), not a traceback."""
+    if not value:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise DataValidationError(f"{option}: {exc}", reason="invalid_time") from None
 
 
 def _fmt(ts: datetime | None) -> str:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
-from meltica.cli._common import console, database_engine, reports_errors
+from meltica.cli._common import EXIT_BAD_INPUT, console, database_engine, err_console, reports_errors
+from meltica.config import load_settings
 from meltica.storage import migrate
 from meltica.storage.engine import masked
 from meltica.storage.timeseries import detect_flavour
 
 app = typer.Typer(no_args_is_help=True)
+log = logging.getLogger(__name__)
 
 
 @app.command()
@@ -17,19 +21,58 @@ app = typer.Typer(no_args_is_help=True)
 def upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
     """Migrate the database up to REVISION (default: the newest)."""
     engine = database_engine()
+    log.info("migrating %s up to %s", masked(engine.url), revision)
     migrate.upgrade(engine, revision)
     with engine.connect() as conn:
         flavour = detect_flavour(conn)
     console.print(f"database {masked(engine.url)} at revision {migrate.current_revision(engine)} ({flavour})")
 
 
-@app.command()
+GUARDED_ENVIRONMENTS = ("staging", "prod")
+
+
+# ignore_unknown_options: `downgrade -1` is a revision, not an option.
+@app.command(context_settings={"ignore_unknown_options": True})
 @reports_errors
-def downgrade(revision: str = typer.Argument(..., help="Target revision, e.g. -1 or base.")) -> None:
-    """Migrate the database down to REVISION."""
+def downgrade(
+    revision: str = typer.Argument(..., help="Target revision: -1 (one step down), a revision id, or base."),
+    yes_destroy_data: bool = typer.Option(
+        False,
+        "--yes-destroy-data",
+        help="Required in staging and prod, where the downgrade is refused without it (after listing what it drops).",
+    ),
+) -> None:
+    """Migrate the database down to REVISION. A downgrade drops tables, columns and guards — with their data.
+    In staging and prod it first lists what it would drop, and is refused without --yes-destroy-data."""
+    environment = load_settings().environment
     engine = database_engine()
+    if environment in GUARDED_ENVIRONMENTS:
+        preview = migrate.downgrade_preview(engine, revision)
+        for line in describe_preview(preview):
+            console.print(line, highlight=False, soft_wrap=True)
+        if not yes_destroy_data:
+            err_console.print(
+                f"[bold red]error:[/] refusing to downgrade the {environment} database: it destroys what is "
+                "listed above; pass --yes-destroy-data to do it anyway",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(EXIT_BAD_INPUT)
+    log.info("migrating %s down to %s", masked(engine.url), revision)
     migrate.downgrade(engine, revision)
     console.print(f"database {masked(engine.url)} at revision {migrate.current_revision(engine) or 'base'}")
+
+
+def describe_preview(preview: migrate.DowngradePreview) -> list[str]:
+    """The lines ``meltica db downgrade`` prints before it acts in staging and prod."""
+    lines = [f"downgrade {preview.current or 'base'} → {preview.target or 'base'} would remove:"]
+    lines += [f"  revision {rev}: {doc}" for rev, doc in preview.revisions]
+    lines += [f"  table {table} ({rows} rows) — DROPPED with its data" for table, rows in preview.tables.items()]
+    lines += [f"  columns of {table}: {', '.join(cols)} — DROPPED" for table, cols in preview.columns.items()]
+    lines += [f"  view {view} — dropped" for view in preview.views]
+    if not (preview.tables or preview.columns or preview.views):
+        lines.append("  no table, column or view (triggers, indexes and constraints only)")
+    return lines
 
 
 @app.command()

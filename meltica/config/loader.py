@@ -118,28 +118,63 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def risk_problems(settings: MelticaSettings) -> list[tuple[tuple[str | int, ...], str]]:
-    """Risk overrides that cannot apply: limits for an account that is not configured (almost always a
-    typo that leaves the real account unprotected). Checked in every environment that lists accounts."""
+    """Risk overrides that cannot apply — almost always a typo that leaves the real scope unprotected,
+    refused like an unknown setting:
+
+    * ``risk.accounts.<a>``: ``a`` must be a configured account (checked when accounts are listed);
+    * ``risk.symbols.<s>`` (and ``max_position_notional_by_symbol``): ``s`` must be in ``symbols`` or
+      traded by a live instance (``live.instances[].symbols``);
+    * ``risk.strategies.<s>``: ``s`` must be a registered strategy name or a live instance id (the
+      strategy a live instance's orders carry).
+    """
+    from meltica.strategies.registry import list_strategies  # the registry imports configuration code
+
+    problems: list[tuple[tuple[str | int, ...], str]] = []
     known = {account.name for account in settings.accounts}
-    if not known:
-        return []
-    return [
-        (("risk", "accounts", name), f"no configured account is named {name!r} (accounts: {', '.join(sorted(known))})")
-        for name in settings.risk.accounts
-        if name not in known
-    ]
+    if known:
+        problems.extend(
+            (("risk", "accounts", name), f"no configured account is named {name!r} (accounts: {_listed(known)})")
+            for name in settings.risk.accounts
+            if name not in known
+        )
+    symbols = set(settings.symbols) | {s for instance in settings.live.instances for s in instance.symbols}
+    for field in ("symbols", "max_position_notional_by_symbol"):
+        problems.extend(
+            (
+                ("risk", field, symbol),
+                f"{symbol!r} is not a configured symbol (symbols and live instances trade: {_listed(symbols)})",
+            )
+            for symbol in getattr(settings.risk, field)
+            if symbol not in symbols
+        )
+    strategies = set(list_strategies())
+    instances = {instance.instance_id for instance in settings.live.instances}
+    problems.extend(
+        (
+            ("risk", "strategies", name),
+            f"no registered strategy or live instance is named {name!r} "
+            f"(strategies: {_listed(strategies)}; live instances: {_listed(instances)})",
+        )
+        for name in settings.risk.strategies
+        if name not in strategies and name not in instances
+    )
+    return problems
+
+
+def _listed(names: set[str]) -> str:
+    return ", ".join(sorted(names)) or "none"
 
 
 def unsafe_settings(settings: MelticaSettings) -> list[tuple[tuple[str | int, ...], str]]:
-    """What prod refuses: live trading without the core risk limits, plain-text credentials and
-    sandbox accounts. Other environments are not restricted here. Returns (location, problem)."""
+    """What prod refuses: missing core risk limits (whatever the trading mode: a paper deployment is
+    one setting away from live), plain-text credentials and sandbox accounts. Other environments are
+    not restricted here. Returns (location, problem)."""
     if settings.environment != "prod":
         return []
     problems: list[tuple[tuple[str | int, ...], str]] = []
-    if settings.trading_mode == "live":
-        for name in _PROD_RISK_FIELDS:
-            if getattr(settings.risk, name) is None:
-                problems.append((("risk", name), "required in prod when trading_mode is live"))
+    for name in _PROD_RISK_FIELDS:
+        if getattr(settings.risk, name) is None:
+            problems.append((("risk", name), "required in prod, whatever the trading mode"))
     for index, account in enumerate(settings.accounts):
         if account.sandbox:
             problems.append((("accounts", index, "sandbox"), "sandbox/testnet accounts are not allowed in prod"))

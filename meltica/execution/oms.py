@@ -25,6 +25,11 @@ Contract: ``meltica/execution/README.md``. The rules it keeps:
   order event) and then passed to the portfolio and the risk engine, exactly once.
 * **Kill switch.** ``halt`` → ``cancel_all()`` (subscribed when a kill switch is given, directly or as
   ``risk.kill_switch``); while halted, ``submit`` rejects.
+* **Fail closed.** The risk engine and the portfolio are called through typed protocols (``NoRisk`` /
+  ``NoPortfolio`` stand in when none is given). A hook that raises — a post-trade check, a fill the
+  portfolio cannot book — halts the account on the kill switch, is logged as critical and kept in
+  ``anomalies``; when the kill switch cannot be engaged (none given, or one without ``engage``) the
+  error is raised.
 
 Order types the venue lacks (``Capabilities``) go to the ``LocalOrderEmulator`` when one is given:
 stored with status ``new`` and ``emulated = true``, held locally, and its triggered child intents
@@ -47,7 +52,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from meltica.adapters.base import Capabilities, ExchangeAdapter, UserEvent, UserEventKind, VenueOrder
 from meltica.domain import (
@@ -91,6 +96,7 @@ Clock = Callable[[], datetime]
 Sleep = Callable[[float], Awaitable[None]]
 
 NEVER_REACHED_VENUE = "never reached venue"
+RISK_PATH_FAILURE = "risk_path_failure"
 
 # --- crash hook (tests) ----------------------------------------------------------------------
 
@@ -115,18 +121,78 @@ def crash_point(name: str) -> None:
 
 class RiskGate(Protocol):
     """``meltica.risk.RiskEngine`` as the OMS uses it. ``check`` returns a ``RiskDecision``
-    (``approved``, ``rule``, ``reason``). Optional hooks called when present: ``on_order_open``,
-    ``on_order_closed``, ``on_fill``, ``on_market``; ``kill_switch`` is subscribed to."""
+    (``approved``, ``rule``, ``reason``); the other hooks keep its open orders, positions and post-trade
+    checks. Every hook is called and may raise (see *Fail closed*). Its ``kill_switch``, when it has
+    one, is subscribed to."""
 
     def check(self, intent: OrderIntent) -> Any: ...
+
+    def on_order_open(self, client_order_id: str, intent: OrderIntent) -> Any: ...
+
+    def on_order_closed(self, client_order_id: str) -> Any: ...
+
+    def on_fill(self, fill: Fill, *, account: str, strategy: str) -> Any: ...
+
+    def on_market(self, exchange: str, symbol: str, last: Decimal) -> Any: ...
 
 
 class PortfolioSink(Protocol):
     def apply_fill(self, fill: Fill, *, account: str, strategy: str) -> Any: ...
 
 
+@dataclass(frozen=True)
+class _Approval:
+    approved: bool = True
+    rule: str | None = None
+    reason: str | None = None
+
+
+class NoRisk:
+    """The risk gate of an OMS without a risk engine: approves every intent, keeps nothing."""
+
+    def check(self, intent: OrderIntent) -> _Approval:
+        return _Approval()
+
+    def on_order_open(self, client_order_id: str, intent: OrderIntent) -> None:
+        return None
+
+    def on_order_closed(self, client_order_id: str) -> None:
+        return None
+
+    def on_fill(self, fill: Fill, *, account: str, strategy: str) -> None:
+        return None
+
+    def on_market(self, exchange: str, symbol: str, last: Decimal) -> None:
+        return None
+
+
+class NoPortfolio:
+    """The portfolio of an OMS without one: books nothing."""
+
+    def apply_fill(self, fill: Fill, *, account: str, strategy: str) -> None:
+        return None
+
+
 class KillSwitchSource(Protocol):
     def subscribe(self, callback: Callable[[Any], Any]) -> Any: ...
+
+
+@runtime_checkable
+class HaltingKillSwitch(Protocol):
+    """A kill switch the OMS can engage itself (``meltica.risk.KillSwitch``): used to halt when the
+    risk path fails."""
+
+    def subscribe(self, callback: Callable[[Any], Any]) -> Any: ...
+
+    def engage(
+        self,
+        mode: Any,
+        reason: str,
+        actor: str | None = None,
+        *,
+        scope: str = ...,
+        details: Mapping[str, object] | None = None,
+    ) -> Any: ...
 
 
 class OrderEmulator(Protocol):
@@ -146,7 +212,8 @@ async def _maybe_await(value: Any) -> Any:
 
 
 async def _call_optional(target: object | None, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Call ``target.method(...)`` when the collaborator has it; a failing hook is logged, not raised."""
+    """Call ``target.method(...)`` when the collaborator has it; a failing hook is logged, not raised.
+    Only for the local order emulator: the risk and portfolio hooks are typed and fail closed."""
     if target is None:
         return None
     fn = getattr(target, method, None)
@@ -200,8 +267,8 @@ class OrderManager:
         self.store = store
         self.venues = dict(venues)
         self.clock = clock
-        self.risk = risk
-        self.portfolio = portfolio
+        self.risk: RiskGate = risk if risk is not None else NoRisk()
+        self.portfolio: PortfolioSink = portfolio if portfolio is not None else NoPortfolio()
         self.emulator = emulator
         self.retry = retry or RetryPolicy()
         self.resend_unsent = resend_unsent
@@ -311,7 +378,9 @@ class OrderManager:
             await self._fill_out(event.fill, after.account, after.intent.strategy)
         if after.is_terminal and not before.is_terminal:
             self._deferred.pop(after.client_order_id, None)
-            await _call_optional(self.risk, "on_order_closed", after.client_order_id)
+            await self._risk_hook(
+                "risk on_order_closed", after.account, self.risk.on_order_closed, after.client_order_id
+            )
         if self.emulator is not None:
             await _call_optional(self.emulator, "on_order_event", after)
         deferred = self._deferred.get(after.client_order_id)
@@ -320,9 +389,42 @@ class OrderManager:
             await self._apply(deferred[0])
 
     async def _fill_out(self, fill: Fill, account: str, strategy: str) -> None:
-        if self.portfolio is not None:
-            await _call_optional(self.portfolio, "apply_fill", fill, account=account, strategy=strategy)
-        await _call_optional(self.risk, "on_fill", fill, account=account, strategy=strategy)
+        what = f"fill {fill.fill_id}"
+        await self._risk_hook(
+            f"portfolio apply_fill ({what})",
+            account,
+            self.portfolio.apply_fill,
+            fill,
+            account=account,
+            strategy=strategy,
+        )
+        await self._risk_hook(
+            f"risk post-trade check ({what})", account, self.risk.on_fill, fill, account=account, strategy=strategy
+        )
+
+    async def _risk_hook(
+        self, what: str, account: str | None, hook: Callable[..., Any], /, *args: Any, **kw: Any
+    ) -> None:
+        """Call a risk or portfolio hook; if it raises, halt (see *Fail closed* in the module docstring)."""
+        try:
+            await _maybe_await(hook(*args, **kw))
+        except Exception as exc:
+            self._risk_path_failed(what, account, exc)
+
+    def _risk_path_failed(self, what: str, account: str | None, exc: Exception) -> None:
+        """Halt the account (every account of this OMS when the failure is not one account's), loudly.
+        Raises ``exc`` when no kill switch can be engaged: the failure must not pass unnoticed."""
+        accounts = [account] if account is not None else sorted(self.venues)
+        scopes = [f"account:{a}" for a in accounts] or ["global"]
+        reason = f"{what} failed: {type(exc).__name__}: {exc}"
+        log.critical("OMS: %s; halting %s", reason, ", ".join(scopes), exc_info=exc)
+        self.anomalies.append(Anomaly(self.clock(), RISK_PATH_FAILURE, None, reason))
+        switch = self.kill_switch
+        if not isinstance(switch, HaltingKillSwitch):
+            log.critical("OMS: no kill switch to engage after %s: raising", what)
+            raise exc
+        for scope in scopes:
+            switch.engage("halt", reason, "oms", scope=scope, details={"failure": what, "error": type(exc).__name__})
 
     async def _orphan_fill(self, fill: Fill, account: str, strategy: str | None) -> None:
         """A fill the order cannot take (unknown order, terminal order): still a fact of the venue."""
@@ -440,7 +542,14 @@ class OrderManager:
         if self.emulator is not None:
             await _call_optional(self.emulator, "on_market", item)
         if isinstance(item, Trade):
-            await _call_optional(self.risk, "on_market", item.exchange, item.symbol, item.price)
+            await self._risk_hook(
+                f"risk post-trade check (market {item.exchange} {item.symbol})",
+                None,
+                self.risk.on_market,
+                item.exchange,
+                item.symbol,
+                item.price,
+            )
 
     async def start(self) -> None:
         """Consume every venue's user stream in the background (``stop()`` ends it)."""
@@ -523,7 +632,7 @@ class OrderManager:
         refusal: str | None = None
         if self._halted(intent):
             refusal = "kill switch halt"
-        elif self.risk is not None:
+        else:
             decision = await _maybe_await(self.risk.check(intent))
             if not decision.approved:
                 refusal = f"risk: {decision.rule}: {decision.reason}"
@@ -540,7 +649,9 @@ class OrderManager:
                 ):
                     return self.order(coid)
                 self._orders[coid] = order
-                await _call_optional(self.risk, "on_order_open", coid, intent)
+                await self._risk_hook("risk on_order_open", intent.account, self.risk.on_order_open, coid, intent)
+                if self._halted(intent):
+                    return await self._refuse_unsent(coid)
                 await _maybe_await(self.emulator.add(intent, coid))
                 return self.order(coid)
         now = self.clock()
@@ -558,8 +669,19 @@ class OrderManager:
             log.info("order %s rejected before sending: %s", coid, refusal)
             return stored
         crash_point("after_store")
-        await _call_optional(self.risk, "on_order_open", coid, intent)
+        await self._risk_hook("risk on_order_open", intent.account, self.risk.on_order_open, coid, intent)
+        if self._halted(intent):
+            return await self._refuse_unsent(coid)
         return await self._send(stored)
+
+    async def _refuse_unsent(self, client_order_id: str) -> Order:
+        """A halt arrived between the risk check and the send (a failing risk hook engages one): the
+        stored order is rejected and never sent."""
+        reason = f"kill switch halt: {NEVER_REACHED_VENUE}"
+        log.warning("order %s rejected before sending: %s", client_order_id, reason)
+        return await self._apply(
+            OrderRejected(event_id="rejected", client_order_id=client_order_id, ts=self.clock(), reason=reason)
+        )
 
     async def submit_native(self, intent: OrderIntent) -> Order:
         """The ``submit`` callback for ``LocalOrderEmulator``: its triggered children go to the venue,
@@ -846,7 +968,9 @@ class OrderManager:
                     reason=f"replaced by {rep_id}",
                 )
             )
-        await _call_optional(self.risk, "on_order_open", rep_id, replacement_intent)
+        await self._risk_hook(
+            "risk on_order_open", replacement_intent.account, self.risk.on_order_open, rep_id, replacement_intent
+        )
         result = await self._apply_venue_order(vo, sync_fills=True)
         return result if result is not None else self.order(rep_id)
 

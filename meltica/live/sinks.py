@@ -50,8 +50,8 @@ stored. Per batch:
 
 Decisions. ``risk_events.event_id`` is a UUID; :func:`decision_event_id` derives it from the decision's
 content, so redeliveries and the ``orders.rejected`` copy collapse into one row. ``RiskRecorder`` uses
-random ids: when the risk gate also records to PostgreSQL directly, its rows and the sink's are
-distinct — run one of the two (or give ``RiskRecorder`` this id).
+the same id (``meltica.risk.store.decision_event_id``): when the risk gate also records to PostgreSQL
+directly, each decision is still stored once.
 
 Candle roll-ups (``candles_1h``) are not refreshed per batch: TimescaleDB's continuous-aggregate
 policy does it there; on plain PostgreSQL call ``meltica.storage.candles.refresh`` when needed.
@@ -86,6 +86,7 @@ from meltica.domain.portfolio import Position
 from meltica.execution.store import CREATED, event_uuid, fill_row, order_row
 from meltica.live.processor import Incoming
 from meltica.messaging.schemas import AccountFill, OrderUpdate, RejectedIntent, RiskDecisionMessage, VenueProgress
+from meltica.risk.store import decision_event_id as risk_decision_event_id
 from meltica.risk.store import to_json
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,6 @@ SINK_TOPICS: tuple[str, ...] = (
 )
 """The logical topics the sinks consume (``streams/sinks.py`` runs one agent per topic)."""
 
-_DECISION_NAMESPACE = uuid.UUID("0f6d8f0e-2b7c-5a41-9c55-52a1d7f3b6e9")
-
 # Lifecycle order for the no-regression rule (terminal statuses are final and never compared).
 _STATUS_RANK = ("new", "pending_submit", "open", "partially_filled", "pending_cancel")
 _TERMINAL = tuple(sorted(s.value for s in OrderStatus if s.is_terminal))
@@ -111,9 +110,8 @@ _TERMINAL = tuple(sorted(s.value for s in OrderStatus if s.is_terminal))
 
 def decision_event_id(decision: RiskDecisionMessage) -> uuid.UUID:
     """The ``risk_events`` key of a decision: a UUID5 of its canonical JSON. The same decision (a
-    redelivery, or its copy inside a ``RejectedIntent``) always gets the same id."""
-    canonical = json.dumps(decision.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return uuid.uuid5(_DECISION_NAMESPACE, canonical)
+    redelivery, its copy inside a ``RejectedIntent``, or ``RiskRecorder``'s row) always gets the same id."""
+    return risk_decision_event_id(decision.to_decision())
 
 
 FailureKind = Literal["outage", "refused", "bug"]

@@ -28,8 +28,15 @@ over a limit (after a price move) can still be reduced.
 
 Post-trade (``on_fill``, ``on_market``, ``evaluate``): daily loss (realized + unrealized since the
 daily reset at ``risk.daily_reset_utc``), drawdown from the persisted equity peak, per-strategy daily
-loss. A breach is recorded and engages the kill switch in ``breach_action`` mode for its scope
-(``account:<a>`` or ``strategy:<s>``). It does not release itself: that is an explicit action.
+loss. A breach engages the kill switch in ``breach_action`` mode for its scope (``account:<a>`` or
+``strategy:<s>``), then is recorded. It does not release itself: that is an explicit action.
+
+Fail closed: the switch is engaged before the breach counts as acted on, so a failure never disarms
+the breaker. A breach the recorder cannot store halts its scope and is retried (``retry_pending``, also
+run by every post-trade call) until stored; a kill-switch change the database refuses holds in the
+process and is retried the same way (``KillSwitch.unsaved``). An exception inside a post-trade check
+halts the scope being checked (the account; the whole book for a market-wide failure) — when halt
+cannot be engaged, reduce-only — and is raised to the caller.
 
 The hot path does no pydantic work: limits are resolved once per (account, strategy, exchange, symbol)
 route and kept with direct references to the counters they are measured on.
@@ -352,6 +359,8 @@ class RiskEngine:
         self._anchors: dict[str, Decimal] = {}  # "account:<a>" / "strategy:<s>" → PnL at the day's start
         self._peaks: dict[str, Decimal] = {}
         self._tripped: set[tuple[str, str]] = set()  # (rule, scope) already acted on
+        self._unrecorded: list[Breach] = []  # breaches the recorder refused: retried until stored
+        self._held_failure: BaseException | None = None  # the last exception whose scope was halted
         self._accounts: set[str] = set()
         self._strategies: set[str] = set()
         self._post_limits: dict[tuple[str, str], ResolvedLimits] = {}
@@ -720,7 +729,16 @@ class RiskEngine:
 
     def on_fill(self, fill: Fill, *, account: str, strategy: str) -> list[Breach]:
         """Move the filled quantity from its open order into the position, then run the post-trade
-        checks. A redelivered fill (same exchange, account and fill id) is ignored."""
+        checks. A redelivered fill (same exchange, account and fill id) is ignored. An exception halts
+        the account (see the module docstring) and is raised."""
+        try:
+            return self._on_fill(fill, account, strategy)
+        except Exception as exc:
+            self._fail_closed(f"account:{account}", f"post-trade check of fill {fill.fill_id}", exc)
+            raise
+
+    def _on_fill(self, fill: Fill, account: str, strategy: str) -> list[Breach]:
+        self.retry_pending()
         dedupe = (fill.exchange, account, fill.fill_id)
         if dedupe in self._seen_fills:
             return []
@@ -763,7 +781,20 @@ class RiskEngine:
     ) -> list[Breach]:
         """New prices: the price-band reference (mid when bid and ask are known, else last) and the
         valuation of every position in the market. Runs the post-trade checks of the accounts that
-        hold the market (the portfolio should be marked first)."""
+        hold the market (the portfolio should be marked first). An exception halts the account being
+        checked (the whole book when it happens outside one account's check) and is raised."""
+        try:
+            return self._on_market(exchange, symbol, last, bid, ask)
+        except Exception as exc:
+            if exc is not self._held_failure:  # not already held by one account's check
+                self._fail_closed(GLOBAL, f"market update {exchange} {symbol}", exc)
+            raise
+
+    def _on_market(
+        self, exchange: str, symbol: str, last: Decimal, bid: Decimal | None, ask: Decimal | None
+    ) -> list[Breach]:
+        self._held_failure = None
+        self.retry_pending()
         market = self._market(exchange, symbol)
         market.last = last
         market.bid, market.ask = bid, ask
@@ -780,7 +811,12 @@ class RiskEngine:
             return breaches
         held = {(key[0], key[1]) for key, leg in self._strat_legs.items() if leg.market is market and leg.pos != 0}
         for account, strategy in sorted(held):
-            breaches.extend(self._evaluate(account, strategy, now))
+            try:
+                breaches.extend(self._evaluate(account, strategy, now))
+            except Exception as exc:
+                self._fail_closed(f"account:{account}", f"post-trade check after {exchange} {symbol} moved", exc)
+                self._held_failure = exc
+                raise
         return breaches
 
     def _set_value_price(self, market: _Market, px: Decimal) -> None:
@@ -812,13 +848,19 @@ class RiskEngine:
             self._anchor(f"strategy:{strategy}", ts)
 
     def evaluate(self, account: str, strategy: str | None = None) -> list[Breach]:
-        """Run the post-trade checks of ``account`` (and ``strategy``) now."""
-        now = self._clock()
-        if now >= self._next_reset:
-            self.new_day(now)
-        if strategy is None:
-            return self._evaluate_account(account, now)
-        return self._evaluate(account, strategy, now)
+        """Run the post-trade checks of ``account`` (and ``strategy``) now. An exception halts the
+        account and is raised."""
+        try:
+            self.retry_pending()
+            now = self._clock()
+            if now >= self._next_reset:
+                self.new_day(now)
+            if strategy is None:
+                return self._evaluate_account(account, now)
+            return self._evaluate(account, strategy, now)
+        except Exception as exc:
+            self._fail_closed(f"account:{account}", "post-trade check", exc)
+            raise
 
     def _evaluate(self, account: str, strategy: str, now: datetime) -> list[Breach]:
         if self.portfolio is None:
@@ -911,7 +953,6 @@ class RiskEngine:
     ) -> Breach | None:
         if (rule, scope) in self._tripped:
             return None
-        self._tripped.add((rule, scope))
         mode = KillSwitchMode.parse(action)
         breach = Breach(
             rule=rule,
@@ -926,17 +967,76 @@ class RiskEngine:
             strategy=strategy,
         )
         log.error("risk breach: %s", breach.reason)
-        if self.recorder is not None:
-            self.recorder.record_breach(breach)
-        if self.kill_switch.state_of(scope).mode.severity < mode.severity:
-            self.kill_switch.engage(
-                mode,
-                breach.reason,
-                _ACTOR,
-                scope=scope,
-                details={"rule": rule, "value": value, "limit": lim.value, "source": lim.source},
-            )
+        # Engaged first, tripped second: a failure in between leaves the breaker armed.
+        self._hold(scope, mode, breach.reason, {"rule": rule, "value": value, "limit": lim.value, "source": lim.source})
+        self._tripped.add((rule, scope))
+        self._record_breach(breach)
         return breach
+
+    def _hold(self, scope: str, mode: KillSwitchMode, reason: str, details: Mapping[str, object]) -> KillSwitchMode:
+        """Engage ``mode`` on ``scope`` (unless a mode at least as strict holds); when that fails, the
+        strictest mode that can be engaged. Raises only when no mode could be engaged."""
+        current = self.kill_switch.state_of(scope).mode
+        if current.severity >= mode.severity:
+            return current
+        candidates = [mode] + [m for m in (KillSwitchMode.HALT, KillSwitchMode.REDUCE_ONLY) if m is not mode]
+        errors: list[str] = []
+        for candidate in candidates:
+            if candidate.severity <= current.severity:
+                break
+            try:
+                self.kill_switch.engage(candidate, reason, _ACTOR, scope=scope, details=details)
+            except Exception as exc:
+                log.critical("kill switch %s could not be engaged on %s: %s", candidate.value, scope, exc)
+                errors.append(f"{candidate.value}: {exc}")
+                continue
+            return candidate
+        raise RuntimeError(f"kill switch could not be engaged on {scope} ({'; '.join(errors)}): {reason}")
+
+    def _fail_closed(self, scope: str, what: str, exc: BaseException) -> None:
+        """An exception in the risk path: halt ``scope`` (else reduce-only), loudly."""
+        reason = f"risk engine failure in {what}: {type(exc).__name__}: {exc}"
+        log.critical("%s; halting %s", reason, scope)
+        try:
+            self._hold(scope, KillSwitchMode.HALT, reason, {"error": type(exc).__name__, "failure": what})
+        except Exception:
+            log.critical("%s: the kill switch could not be engaged either", reason, exc_info=True)
+
+    def _record_breach(self, breach: Breach) -> None:
+        if self.recorder is None:
+            return
+        try:
+            self.recorder.record_breach(breach)
+        except Exception as exc:
+            self._unrecorded.append(breach)
+            log.critical("risk breach could not be recorded (%s); it is retried: %s", exc, breach.reason)
+            # An unrecorded breach is a failure in the risk path: the scope halts until it is stored.
+            self._hold(
+                breach.scope,
+                KillSwitchMode.HALT,
+                f"{breach.reason} (could not be recorded: {type(exc).__name__})",
+                {"rule": breach.rule, "error": type(exc).__name__},
+            )
+
+    @property
+    def unrecorded(self) -> list[Breach]:
+        """Breaches the recorder has not stored yet (retried by ``retry_pending``)."""
+        return list(self._unrecorded)
+
+    def retry_pending(self) -> int:
+        """Store what a failure left unstored: kill-switch changes, then breaches (oldest first).
+        Returns how many are still waiting. Every post-trade call runs it first."""
+        waiting = self.kill_switch.retry_unsaved() if self.kill_switch.unsaved else 0
+        while self._unrecorded and self.recorder is not None:
+            breach = self._unrecorded[0]
+            try:
+                self.recorder.record_breach(breach)
+            except Exception as exc:
+                log.error("risk breach still not recorded (%s): %s", exc, breach.reason)
+                break
+            self._unrecorded.pop(0)
+            log.warning("risk breach recorded after a failed write: %s", breach.reason)
+        return waiting + len(self._unrecorded)
 
     def _pnl(self, scope: str) -> Decimal:
         assert self.portfolio is not None

@@ -9,6 +9,12 @@ mode among the global scope, its account's and its strategy's (halt > reduce_onl
 Every change is written through the store (current state in ``kill_switch_state`` and one row in the
 append-only ``risk_events``) *before* listeners hear of it, so a restart never forgets a halt.
 Releasing is an explicit action with an actor and a reason, like engaging.
+
+Fail closed: a change that tightens a scope (off → reduce_only → halt) holds in this process even when
+the store cannot be written (a database blip). It is logged as an error, listeners hear of it, and
+the write is retried (``retry_unsaved``, also before every change and refresh) until it is stored;
+``unsaved`` lists what is still waiting. A change that loosens a scope is refused when it cannot be
+stored: the error is raised and nothing changes.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Protocol
+
+from meltica.errors import InfrastructureUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +145,8 @@ class KillSwitch:
         # Scopes not off, with their mode: the hot path only looks here, and it is usually empty.
         self.active: dict[str, KillSwitchMode] = {}
         self._listeners: list[Listener] = []
+        # Tightening changes that hold in memory but could not be stored yet, oldest first.
+        self.unsaved: list[KillSwitchChange] = []
         self._apply_loaded(self._store.load())
 
     # --- reading -------------------------------------------------------------------------------
@@ -213,8 +223,10 @@ class KillSwitch:
 
     def refresh(self) -> list[KillSwitchChange]:
         """Reload from the store (another process — ``meltica kill`` — may have changed it) and notify
-        listeners of every scope whose mode changed."""
-        loaded = self._store.load()
+        listeners of every scope whose mode changed. A scope with a change not yet stored keeps the
+        state of this process."""
+        self.retry_unsaved()
+        loaded = {s: st for s, st in self._store.load().items() if not any(c.scope == s for c in self.unsaved)}
         changes = []
         for scope, current in loaded.items():
             previous = self._states.get(scope, KillSwitchState())
@@ -224,6 +236,20 @@ class KillSwitch:
         for change in changes:
             self._notify(change)
         return changes
+
+    def retry_unsaved(self) -> int:
+        """Store the tightening changes that could not be stored when they were made, oldest first;
+        returns how many are still waiting (the first failure stops the round: order matters)."""
+        while self.unsaved:
+            change = self.unsaved[0]
+            try:
+                self._store.save(change)
+            except Exception as exc:
+                log.error("kill switch %s: %s still not stored (%s): retrying", change.scope, change.current.mode, exc)
+                return len(self.unsaved)
+            self.unsaved.pop(0)
+            log.warning("kill switch %s: %s stored after a failed write", change.scope, change.current.mode)
+        return 0
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -242,7 +268,28 @@ class KillSwitch:
             return previous
         current = KillSwitchState(mode=mode, reason=reason, actor=actor or default_actor(), since=self._clock())
         change = KillSwitchChange(scope, previous, current, dict(details or {}))
-        self._store.save(change)  # persisted first: a crash after this line still remembers
+        tightening = mode.severity > previous.mode.severity
+        if self.retry_unsaved():
+            if not tightening:
+                raise InfrastructureUnavailableError(
+                    f"kill switch {scope}: earlier changes are not stored yet; refusing to loosen it to {mode}"
+                )
+            # Queued behind the changes not stored yet: the store sees them in the order they were made.
+            self.unsaved.append(change)
+            log.error("kill switch %s: %s holds in this process; stored after the earlier changes", scope, mode)
+        else:
+            try:
+                self._store.save(change)  # persisted first: a crash after this line still remembers
+            except Exception:
+                if not tightening:
+                    raise  # loosening: refused when it cannot be recorded
+                # Tightening: hold it here anyway (fail closed) and keep retrying the write.
+                self.unsaved.append(change)
+                log.exception(
+                    "kill switch %s: %s could NOT be stored; it holds in this process and the write is retried",
+                    scope,
+                    mode,
+                )
         self._set(scope, current)
         log.warning("kill switch %s: %s → %s (%s, by %s)", scope, previous.mode, mode, reason, current.actor)
         self._notify(change)

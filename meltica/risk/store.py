@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Mapping
@@ -34,6 +35,37 @@ def to_json(value: object) -> Any:
     if isinstance(value, list | tuple | set | frozenset):
         return [to_json(v) for v in value]
     return value
+
+
+_DECISION_NAMESPACE = uuid.UUID("0f6d8f0e-2b7c-5a41-9c55-52a1d7f3b6e9")
+
+
+def decision_event_id(decision: RiskDecision | Breach) -> uuid.UUID:
+    """The ``risk_events`` key of a decision or breach: a UUID5 of its canonical JSON (every field, Decimals
+    as strings, times in ISO 8601). The same decision always gets the same id — recorded again after a
+    failed write, redelivered, or written both by ``RiskRecorder`` and by the ``risk.decisions`` sink
+    (``meltica.live.sinks``) — so it is stored once."""
+    row = decision.as_row()
+    if row["decision"] in ("approved", "rejected"):
+        # The decision's own fields (what the sink's RiskDecisionMessage carries), not the row layout.
+        details = dict(row["details"])
+        exchange = details.pop("exchange", None)
+        fields = {
+            "intent_id": row["intent_id"],
+            "approved": row["decision"] == "approved",
+            "rule": row["rule"],
+            "reason": row["reason"],
+            "ts": row["ts"],
+            "details": details,
+            "account": row["account"],
+            "strategy": row["strategy"],
+            "exchange": exchange,
+            "symbol": row["symbol"],
+        }
+    else:
+        fields = row
+    canonical = json.dumps(to_json(fields), sort_keys=True, separators=(",", ":"))
+    return uuid.uuid5(_DECISION_NAMESPACE, canonical)
 
 
 # --- kill switch ---------------------------------------------------------------------------------
@@ -100,7 +132,8 @@ class DecisionSink(Protocol):
 
 
 class RiskRecorder:
-    """Appends decisions and breaches to ``risk_events``.
+    """Appends decisions and breaches to ``risk_events``, each under :func:`decision_event_id`: a row
+    already there (a retry, or the ``risk.decisions`` sink's copy) is not written again.
 
     Rows are buffered and written in one multi-row insert when ``batch_size`` is reached, on
     ``flush()`` and on ``close()``; ``batch_size=1`` writes every decision immediately. Thread-safe.
@@ -139,18 +172,24 @@ class RiskRecorder:
         if not batch:
             return 0
         rows = [item.as_row() for item in batch]
-        for row in rows:
-            row["event_id"] = uuid.uuid4()
+        for item, row in zip(batch, rows, strict=True):
+            row["event_id"] = decision_event_id(item)
             row["details"] = to_json(row["details"])
+        stmt = (
+            pg_insert(risk_events)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=[risk_events.c.event_id])
+            .returning(risk_events.c.event_id)  # the rows actually new
+        )
         try:
             with self._engine.begin() as conn:
-                conn.execute(insert(risk_events), rows)
+                written = len(conn.execute(stmt).all())
         except Exception:
             with self._lock:  # keep them: a later flush retries, nothing is silently lost
                 self._pending[:0] = batch
             raise
-        self.written += len(rows)
-        return len(rows)
+        self.written += written
+        return written
 
     def close(self) -> None:
         self.flush()

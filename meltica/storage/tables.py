@@ -4,7 +4,7 @@ Rules (DESIGN.md §4, §6):
 * money and quantities are ``NUMERIC`` (unconstrained scale: venues differ), mapped to ``Decimal``;
 * time is ``TIMESTAMPTZ`` in UTC;
 * facts that have happened (order events, fills, risk decisions, discrepancies) are append-only —
-  a trigger installed by the migrations refuses ``UPDATE`` on them;
+  triggers installed by the migrations refuse ``UPDATE``, ``DELETE`` and ``TRUNCATE`` on them;
 * current state (orders, strategy state) is kept next to the facts as snapshots;
 * every unique key of a time-series table includes its time column, so the table can become a
   TimescaleDB hypertable unchanged (see ``meltica.storage.timeseries``).

@@ -132,8 +132,18 @@ def test_prod_live_requires_risk_limits(tmp_path: Path) -> None:
     err = error_of(path)
     assert err.field == "risk.max_gross_exposure" or err.field == "risk.daily_loss_limit"
     text = str(err)
-    assert f"{path}: risk.daily_loss_limit: required in prod when trading_mode is live" in text
-    assert f"{path}: risk.max_gross_exposure: required in prod when trading_mode is live" in text
+    assert f"{path}: risk.daily_loss_limit: required in prod, whatever the trading mode" in text
+    assert f"{path}: risk.max_gross_exposure: required in prod, whatever the trading mode" in text
+
+
+def test_prod_requires_risk_limits_whatever_the_trading_mode(tmp_path: Path) -> None:
+    """A paper prod deployment is one setting away from live: it needs its limits too."""
+    paper = LIVE_PROD.replace("trading_mode: live", "trading_mode: paper")
+    assert load_settings(config_file=write(tmp_path, paper)).trading_mode == "paper"
+    path = write(tmp_path, paper.replace("  daily_loss_limit: 500\n", ""), "p.yaml")
+    assert f"{path}: risk.daily_loss_limit: required in prod, whatever the trading mode" in str(error_of(path))
+    # outside prod, no such rule
+    assert load_settings(config_file=write(tmp_path, paper.replace("environment: prod", "environment: dev"), "d.yaml"))
 
 
 def test_prod_refuses_plain_secrets_and_sandbox(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -92,6 +93,54 @@ def test_limits_for_an_unknown_account_are_refused(tmp_path: Path) -> None:
 
 def test_environment_variables_reach_nested_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MELTICA_RISK__MAX_DRAWDOWN_PCT", "7.5")
-    settings = load_settings(config_file=write(tmp_path, "risk:\n  strategies:\n    mm: {max_open_orders: 3}\n"))
+    settings = load_settings(
+        config_file=write(tmp_path, "risk:\n  strategies:\n    market_making: {max_open_orders: 3}\n")
+    )
     assert settings.risk.max_drawdown_pct == Decimal("7.5")
-    assert settings.risk.strategies["mm"].max_open_orders == 3
+    assert settings.risk.strategies["market_making"].max_open_orders == 3
+
+
+SCOPED = """
+symbols: [BTC/USDT]
+accounts:
+  - {name: main, exchange: binance}
+risk:
+  max_order_notional: 1000
+  symbols:
+    %s: {max_order_quantity: 1}
+  strategies:
+    %s: {max_open_orders: 3}
+live:
+  instances:
+    - {instance_id: momo-eth, strategy: momentum, account: main, symbols: [ETH/USDT], timeframe: 1m}
+"""
+
+
+def test_typos_under_risk_symbols_and_strategies_are_refused(tmp_path: Path) -> None:
+    """An override for a symbol or strategy nothing trades is a typo that leaves the real one unprotected."""
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(config_file=write(tmp_path, SCOPED % ("BTC/USTD", "momentun")))
+    text = str(info.value)
+    assert "risk.symbols.BTC/USTD: 'BTC/USTD' is not a configured symbol" in text
+    assert "risk.strategies.momentun: no registered strategy or live instance is named 'momentun'" in text
+    with pytest.raises(ConfigurationError, match=re.escape("risk.max_position_notional_by_symbol.XRP/USDT: ")):
+        load_settings(
+            config_file=write(
+                tmp_path, "symbols: [BTC/USDT]\nrisk:\n  max_position_notional_by_symbol: {XRP/USDT: 5}\n"
+            )
+        )
+    # configured symbols, symbols of live instances, registered strategies and instance ids are all known
+    for symbol, strategy in (("BTC/USDT", "momentum"), ("ETH/USDT", "momo-eth")):
+        settings = load_settings(config_file=write(tmp_path, SCOPED % (symbol, strategy)))
+        assert settings.risk.symbols[symbol].max_order_quantity == 1
+        assert settings.risk.strategies[strategy].max_open_orders == 3
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[2] / "meltica" / "config").glob("*/*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_shipped_configuration_files_load(path: Path) -> None:
+    settings = load_settings(config_file=path)
+    assert settings.risk.max_order_notional is not None

@@ -4,6 +4,7 @@ amend, retries, risk and kill switch, recovery."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +32,8 @@ from meltica.errors import (
 )
 from meltica.execution import NEVER_REACHED_VENUE, MemoryOrderStore, OrderManager, RetryPolicy
 from meltica.execution.store import ILLEGAL_TRANSITION, RECOVERED
+from meltica.portfolio import Portfolio
+from meltica.risk import KillSwitch, KillSwitchMode
 
 T = TypeVar("T")
 SYMBOL = "BTC/USDT"
@@ -631,5 +634,64 @@ def test_recovery_resend_policy_places_exactly_one() -> None:
         await fresh.recover()
         assert await fresh.submit(it) == fresh.order(it.client_order_id)
         assert [o.client_order_id for o in await adapter.fetch_open_orders(SYMBOL)] == [it.client_order_id]
+
+    run(body)
+
+
+# --- fail closed ---------------------------------------------------------------------------------
+
+
+def test_a_portfolio_that_refuses_a_fill_halts_the_account_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """The portfolio refuses a fill for real ("*" names its account ledger, not a strategy): the OMS
+    engages the kill switch on the account instead of logging and going on."""
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        switch = KillSwitch(clock=clock)
+        oms, _store = make_oms(venue, clock, portfolio=Portfolio(clock=clock), kill_switch=switch)
+        await rest_ask(venue)
+        with caplog.at_level(logging.CRITICAL):
+            order = await oms.submit(intent(order_type=OrderType.MARKET, qty="0.3", strategy="*"))
+        assert order.status is OrderStatus.FILLED  # the venue filled it: a fact, stored
+        assert switch.effective("alice", "s1") == (KillSwitchMode.HALT, "account:alice")
+        assert switch.effective("bob", "s1")[0] is KillSwitchMode.OFF
+        assert [a.kind for a in oms.anomalies] == ["risk_path_failure"]
+        assert any("portfolio apply_fill" in r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL)
+        blocked = await oms.submit(intent())
+        assert blocked.status is OrderStatus.REJECTED and blocked.reason == "kill switch halt"
+
+    run(body)
+
+
+def test_a_failing_hook_with_no_kill_switch_to_engage_is_raised() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        oms, _store = make_oms(venue, clock, portfolio=Portfolio(clock=clock))
+        await rest_ask(venue)
+        with pytest.raises(ValueError, match="account ledger"):
+            await oms.submit(intent(order_type=OrderType.MARKET, qty="0.3", strategy="*"))
+
+    run(body)
+
+
+class FailingOpenRecorder(Recorder):
+    """A risk gate whose bookkeeping breaks after it approved: the failure must stop the send."""
+
+    def on_order_open(self, client_order_id: str, intent: OrderIntent) -> None:
+        raise RuntimeError("open-order book corrupted")
+
+
+def test_a_risk_hook_failing_between_approval_and_send_halts_and_nothing_is_sent() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        switch = KillSwitch(clock=clock)
+        oms, store = make_oms(venue, clock, risk=FailingOpenRecorder(), kill_switch=switch)
+        order = await oms.submit(intent(price=D("30000")))
+        assert order.status is OrderStatus.REJECTED and order.reason == "kill switch halt: never reached venue"
+        assert switch.effective("alice", "s1") == (KillSwitchMode.HALT, "account:alice")
+        assert await oms.venues["alice"].fetch_open_orders(SYMBOL) == []
+        assert_row_matches(store, oms, order.client_order_id)
 
     run(body)

@@ -46,6 +46,10 @@ def test_stepping_down_revision_by_revision(empty_database: Engine) -> None:
     tables_0004 = {"backtest_orders", "backtest_fills"}
     later_tables = tables_0004 | {"order_lists", "emulated_orders", "kill_switch_state", "risk_state"}
 
+    migrate.downgrade(empty_database, "-1")  # 0006: the erase guards only
+    assert migrate.current_revision(empty_database) == "0004"
+    assert _tables(empty_database) == set(metadata.tables)
+
     migrate.downgrade(empty_database, "-1")
     assert migrate.current_revision(empty_database) == "0003"
     assert _tables(empty_database) == set(metadata.tables) - tables_0004
@@ -112,3 +116,60 @@ def test_money_columns_are_numeric(empty_database: Engine) -> None:
         )
     assert types
     assert set(types.values()) == {"numeric"}, types
+
+
+def _insert_facts(engine: Engine, n: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO fills (exchange, account, trade_id, symbol, side, price, quantity, fee, ts) "
+                "VALUES ('binance', 'main', :t, 'BTC/USDT', 'buy', 42000.5, 0.01, 0.0001, :ts)"
+            ),
+            {"t": f"t{n}", "ts": datetime(2022, 1, 1, tzinfo=UTC)},
+        )
+        conn.execute(
+            text("INSERT INTO risk_events (event_id, ts, decision, reason) VALUES (:id, now(), 'rejected', 'x')"),
+            {"id": uuid.uuid4()},
+        )
+
+
+def test_facts_refuse_delete_and_truncate_and_downgrade_restores_the_update_guard(empty_database: Engine) -> None:
+    """A deleted fill could be re-inserted at another price: facts are never erased, by any statement."""
+    migrate.upgrade(empty_database)
+    _insert_facts(empty_database, 1)
+    for statement in (
+        "DELETE FROM fills WHERE trade_id = 't1'",
+        "DELETE FROM risk_events",
+        "TRUNCATE fills",
+        "TRUNCATE order_events",
+        "TRUNCATE risk_events",
+        "TRUNCATE reconciliation_discrepancies",
+        "TRUNCATE reconciliation_runs CASCADE",  # cascades to its discrepancies
+    ):
+        with pytest.raises(DBAPIError, match="append-only: facts are never erased"), empty_database.begin() as conn:
+            conn.execute(text(statement))
+    with empty_database.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM fills")).scalar_one() == 1
+        assert conn.execute(text("SELECT count(*) FROM risk_events")).scalar_one() == 1
+        guarded = {
+            (row.table, row.trigger)
+            for row in conn.execute(
+                text(
+                    "SELECT c.relname AS table, t.tgname AS trigger FROM pg_trigger t "
+                    "JOIN pg_class c ON c.oid = t.tgrelid WHERE NOT t.tgisinternal"
+                )
+            )
+        }
+    for table in APPEND_ONLY_TABLES:
+        assert {(table, f"{table}_{kind}") for kind in ("append_only", "no_delete", "no_truncate")} <= guarded
+
+    migrate.downgrade(empty_database, "0004")  # back to UPDATE-only guards
+    with empty_database.begin() as conn:
+        conn.execute(text("DELETE FROM fills WHERE trade_id = 't1'"))
+        conn.execute(text("TRUNCATE risk_events"))
+    _insert_facts(empty_database, 2)
+    with pytest.raises(DBAPIError, match="append-only"), empty_database.begin() as conn:
+        conn.execute(text("UPDATE fills SET price = 1"))
+    migrate.upgrade(empty_database)
+    with pytest.raises(DBAPIError, match="never erased"), empty_database.begin() as conn:
+        conn.execute(text("DELETE FROM fills"))
