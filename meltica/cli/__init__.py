@@ -15,6 +15,7 @@ from meltica.cli import (
     infra_cmd,
     keys_cmd,
     kill_cmd,
+    live_cmd,
     optimize_cmd,
     paper_cmd,
     status_cmd,
@@ -36,6 +37,7 @@ app.add_typer(emulator_cmd.app, name="emulator", help="Run a local Binance-compa
 app.add_typer(kill_cmd.app, name="kill", help="Kill switch: halt or reduce-only, by hand; show its state.")
 app.add_typer(flows_cmd.app, name="flows", help="Prefect deployments: deploy the flows, list them, run a server.")
 app.add_typer(streams_cmd.app, name="streams", help="Kafka topics and workers of the live pipeline.")
+app.add_typer(live_cmd.app, name="live", help="Live trading: one deployment = one settings file.")
 app.command("reconcile", help="Reconcile accounts with the exchanges; --now triggers the on-demand deployment.")(
     flows_cmd.reconcile
 )

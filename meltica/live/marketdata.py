@@ -809,85 +809,126 @@ class MarketDataIngest:
             if top is not None:
                 return self._tap(sub, top(sub.symbol))
             return self._tap(sub, _top_of_book(adapter.stream_order_book(sub.symbol, 1)))
-        return closed_bars(self._tap(sub, adapter.stream_bars(sub.symbol, "1m")))
+        return _closed_with_next(self._tap(sub, adapter.stream_bars(sub.symbol, "1m")))
 
     async def _run(self, sub: Subscription) -> None:
         try:
             adapter = await self.adapter(sub.exchange)
-            async for item in self._stream(adapter, sub):
-                items = await self._sequence(adapter, item) if sub.channel == "candles.1m" else [item]
-                for one in items:
-                    emit = self._emit
-                    if emit is None:
-                        return
-                    await emit(Outgoing(sub.topic, market_key(one.exchange, one.symbol), one))
-                    self.counts[sub.channel] += 1
+            await self._pump(adapter, sub)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a terminal venue error (unknown symbol, auth): this stream ends, others go on
             self.failures[sub] = f"{type(exc).__name__}: {exc}"
             log.exception("ingest %s: stream ended", sub)
 
+    async def _pump(self, adapter: ExchangeAdapter, sub: Subscription) -> None:
+        """The websocket reads only queue what arrives; a publisher task emits it (and refetches gaps in
+        bars by REST). A ccxt pro watch hands over only what arrives while it is awaited, and one kept
+        waiting for a fraction of a second by a slow broker or a REST call was seen to stall for good."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def publish() -> None:
+            while True:
+                item = await queue.get()
+                if sub.channel == "candles.1m":
+                    closed, next_open = item
+                    items: list[Any] = await self._sequence(adapter, closed, next_open - ONE_MINUTE)
+                else:
+                    items = [item]
+                for one in items:
+                    emit = self._emit
+                    if emit is None:
+                        return
+                    await emit(Outgoing(sub.topic, market_key(one.exchange, one.symbol), one))
+                    self.counts[sub.channel] += 1
+
+        publisher = asyncio.get_running_loop().create_task(publish(), name=f"ingest {sub} publisher")
+        try:
+            async for item in self._stream(adapter, sub):
+                if publisher.done():
+                    break
+                queue.put_nowait(item)
+            if publisher.done() and not publisher.cancelled():
+                publisher.result()  # an emit failure ends the stream loudly
+        finally:
+            await _cancel([publisher])
+
     # --- closed bars: gaps and duplicates --------------------------------------------------------
 
-    async def _sequence(self, adapter: ExchangeAdapter, bar: Bar) -> list[Bar]:
-        """The bars to publish for a closed kline: none if already published; the missing bars before
-        it (from REST) when it is more than one bar after the last published one; itself from REST when
-        the stream was interrupted since (its last update may be lost)."""
+    async def _sequence(self, adapter: ExchangeAdapter, bar: Bar, closed_through: datetime) -> list[Bar]:
+        """The bars to publish when the stream closed ``bar`` (a kline opening at ``closed_through`` + 1m
+        arrived): every bar after the last published one up to ``closed_through``, in order — ``bar``
+        from the stream, the others (and ``bar`` too after an interruption: its final update may be
+        lost, as when the stream skipped klines after it) from REST. Nothing that was published already."""
         key = market_key(bar.exchange, bar.symbol)
         track = self._bar_track(key)
         last = track.last_published
-        if last is not None and bar.ts <= last:
+        if last is not None and closed_through <= last:
             self.duplicate_bars += 1
             log.debug("ingest %s: bar %s already published", key, bar.ts.isoformat())
             return []
         disrupted, track.disrupted = track.disrupted, False
+        # the stream skipped klines after this bar: it may have missed this bar's last update as well
+        suspect = disrupted or closed_through > bar.ts
         expected = bar.ts if last is None else last + ONE_MINUTE
-        missing = int((bar.ts - expected) / ONE_MINUTE)
-        if missing == 0 and not disrupted:
+        from_stream = bar if bar.ts >= expected and not suspect else None
+        wanted = int((closed_through - expected) / ONE_MINUTE) + 1
+        missing = [expected + i * ONE_MINUTE for i in range(wanted)]
+        if from_stream is not None:
+            missing.remove(bar.ts)
+        if not missing:
             track.last_published = bar.ts
             return [bar]
-        start = max(expected, bar.ts - self.max_refetch_bars * ONE_MINUTE)
-        fetched: list[Bar] = []
+        start = max(missing[0], closed_through - (self.max_refetch_bars - 1) * ONE_MINUTE)
+        fetched: dict[datetime, Bar] = {}
         error: str | None = None
         if self.refetch_gaps:
             try:
-                fetched = await self._fetch_closed(adapter, bar.symbol, start, bar.ts)
+                rows = await self._fetch_closed(adapter, bar.symbol, start, closed_through)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the gap stays; the stream goes on (logged loudly below)
                 error = f"{type(exc).__name__}: {exc}"
-        by_time = {b.ts: b for b in fetched if expected <= b.ts <= bar.ts}
-        if not disrupted or bar.ts not in by_time:
-            by_time[bar.ts] = bar  # the stream's own bar unless REST had a complete one after a reconnect
+            else:
+                fetched = {b.ts: b for b in rows if b.ts in set(missing)}
+        by_time = dict(fetched)
+        if from_stream is not None:
+            by_time[bar.ts] = from_stream
+        elif bar.ts not in by_time and bar.ts >= expected:
+            by_time[bar.ts] = bar  # REST did not have it: the stream's version is the best there is
         out = [by_time[ts] for ts in sorted(by_time)]
-        if missing or error:
+        gap_missing = [ts for ts in missing if ts != bar.ts]
+        if gap_missing or error:
+            first, end = (gap_missing[0], gap_missing[-1] + ONE_MINUTE) if gap_missing else (bar.ts, bar.ts)
+            filled = sum(1 for ts in gap_missing if ts in fetched)
             gap = BarGap(
                 exchange=bar.exchange,
                 symbol=bar.symbol,
-                start=expected,
-                end=bar.ts,
-                missing=missing,
-                fetched=len(out) - 1,
+                start=first,
+                end=end,
+                missing=len(gap_missing),
+                fetched=filled,
                 reconnect=disrupted,
                 error=error,
             )
             self.gaps.append(gap)
-            level = logging.ERROR if error or gap.fetched < missing else logging.WARNING
+            why = "" if self.refetch_gaps else "; refetching is off"
             log.log(
-                level,
-                "ingest %s: gap in 1m bars from %s to %s: %d missing, %d fetched by REST%s%s",
+                logging.ERROR if error or filled < len(gap_missing) else logging.WARNING,
+                "ingest %s: gap in 1m bars from %s to %s: %d missing, %d fetched by REST%s%s%s",
                 key,
-                expected.isoformat(),
-                bar.ts.isoformat(),
-                missing,
-                gap.fetched,
+                first.isoformat(),
+                end.isoformat(),
+                len(gap_missing),
+                filled,
                 " (after a reconnect)" if disrupted else "",
-                f"; REST failed: {error}" if error else "" if self.refetch_gaps else "; refetching is off",
+                f"; REST failed: {error}" if error else "",
+                why,
             )
-        elif disrupted:
+        elif suspect:
             log.info("ingest %s: bar %s taken from REST after a reconnect", key, bar.ts.isoformat())
-        track.last_published = bar.ts
+        # the gap is reported once: what could not be fetched now is not asked for again
+        track.last_published = max(closed_through, *(b.ts for b in out)) if out else closed_through
         return out
 
     async def _fetch_closed(self, adapter: ExchangeAdapter, symbol: str, start: datetime, until: datetime) -> list[Bar]:
@@ -975,6 +1016,17 @@ class MarketDataIngest:
             }
             for sub, live in sorted(self._liveness.items())
         }
+
+
+async def _closed_with_next(updates: AsyncIterator[Bar]) -> AsyncIterator[tuple[Bar, datetime]]:
+    """:func:`closed_bars` with the open time of the kline that closed each bar: every bar before that
+    one is closed too (those the stream skipped are a gap)."""
+    held: Bar | None = None
+    async for bar in updates:
+        if held is not None and bar.ts > held.ts:
+            yield held, bar.ts
+        if held is None or bar.ts >= held.ts:
+            held = bar
 
 
 async def _top_of_book(books: AsyncIterator[OrderBookSnapshot]) -> AsyncIterator[TopOfBook]:
