@@ -967,8 +967,12 @@ class MarketDataIngest:
                             sub,
                             f"stale: nothing for {self.stale_after:g}s" if stale else "data flows again",
                         )
-                    live.stale = stale
-                    await self._publish_status(sub, live, now=now)
+                    previous, live.stale = live.stale, stale
+                    try:
+                        await self._publish_status(sub, live, now=now)
+                    except Exception:  # the broker is away: try again next round (the gate expires silence)
+                        live.stale = previous
+                        log.exception("ingest %s: could not publish its status", sub)
             await asyncio.sleep(check)
 
     def is_stale(self, sub: Subscription, now: datetime | None = None) -> bool:
