@@ -198,3 +198,35 @@ def test_klines_and_a_candles_stage_together_are_refused() -> None:
     assert (
         ingest_problems(_settings(workers=[{"name": "w", "stages": ["candles"]}], ingest={"streams": ["trades"]})) == []
     )
+
+
+def test_meltica_live_ingest_check_prints_the_subscriptions(tmp_path: Any) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from meltica.cli import app
+
+    config = tmp_path / "live.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "accounts": [{"name": "emu", "exchange": "binance", "emulator_url": "http://127.0.0.1:8090"}],
+                "live": {
+                    "topic_prefix": "t.",
+                    "instances": [
+                        {"instance_id": "a", "strategy": "momentum", "account": "emu", "symbols": ["BTC/USDT"]}
+                    ],
+                    "ingest": {"streams": ["klines", "ticker"], "stale_after_s": 12},
+                },
+            }
+        )
+    )
+    result = CliRunner().invoke(app, ["live", "ingest", "--config", str(config), "--check"])
+    assert result.exit_code == 0, result.output
+    assert "binance:BTC/USDT  candles.1m → md.candles.1m  (http://127.0.0.1:8090)" in result.output
+    assert "binance:BTC/USDT  ticker     → md.ticker" in result.output
+    assert "stale after 12s" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"live": {"instances": []}}))
+    refused = CliRunner().invoke(app, ["live", "ingest", "--config", str(bad), "--check"])
+    assert refused.exit_code != 0 and "no strategy instance" in refused.output
