@@ -55,10 +55,11 @@ def app_id_of(settings: MelticaSettings) -> str:
 
 
 async def last_bars_on_topic(
-    bootstrap: str, catalogue: Catalogue, markets: Iterable[str], *, scan: int = 20_000
+    bootstrap: str, catalogue: Catalogue, markets: Iterable[str], *, scan: int = 20_000, timeout: float = 60.0
 ) -> dict[str, datetime]:
     """Open time of the newest bar of each of ``markets`` (``exchange:symbol``) on ``md.candles.1m``,
-    reading at most the last ``scan`` messages of each partition (a market not found there: none)."""
+    reading at most the last ``scan`` messages of each partition (a market not found there: none), for at
+    most ``timeout`` seconds."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     wanted = set(markets)
@@ -76,7 +77,17 @@ async def last_bars_on_topic(
         todo = {tp for tp in tps if end[tp] > begin[tp]}
         for tp in todo:
             consumer.seek(tp, max(begin[tp], end[tp] - scan))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while todo:
+            if loop.time() > deadline:
+                log.warning(
+                    "ingest: %s not read to its end within %gs: a bar may be published again after this restart "
+                    "(the strategy host drops bars it already has)",
+                    ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(todo)),
+                    timeout,
+                )
+                break
             batch = await consumer.getmany(*todo, timeout_ms=1000)
             for messages in batch.values():
                 for message in messages:
