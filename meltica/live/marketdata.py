@@ -51,7 +51,7 @@ host also drops bars by time per symbol).
 Staleness: a subscribed stream silent for ``stale_after`` seconds is stale. The ingest publishes a
 ``MarketStatus`` on ``control`` (key ``market:<exchange>:<symbol>``) when a stream goes stale and when it
 recovers, and one per stream every ``heartbeat`` seconds; the risk gate refuses new orders on a market
-while one of its streams is stale (rule ``stale_market_data``).
+while its trades or bars stream is stale (rule ``stale_market_data``).
 """
 
 from __future__ import annotations

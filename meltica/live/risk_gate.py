@@ -25,7 +25,9 @@ Inputs and outputs (logical topics, all keyed by account unless said otherwise):
 * ``control`` (key: scope) — ``KillSwitchCommand`` engages / releases the engine's ``KillSwitch``
   (``halt`` | ``reduce_only`` | ``off``; ``global``, ``account:<a>``, ``strategy:<s>``).
 * ``control`` — ``MarketStatus`` (from the ingest, key ``market:<exchange>:<symbol>``): while the latest
-  status of any of a market's streams says ``stale``, or when the market's newest status is older than
+  status of a market's ``trades`` or ``candles.1m`` stream says ``stale`` (``blocking_streams``: the data
+  strategies and reference prices come from; ``ticker``/``book`` staleness is shown, not acted on, as no
+  stage reads those topics yet), or when the market's newest status is older than
   three of its heartbeats plus ``status_grace`` at the request's time (the ingest stopped talking), every
   submit and order list on that market is refused, rule ``stale_market_data`` (recorded and published
   like any decision; cancels, amends and progress markers pass). A market the gate never heard a status
@@ -248,7 +250,8 @@ class RiskGate:
     (default in lock-step) or ``"candles"`` (default otherwise); ``publish_breaches``: publish a
     ``KillSwitchCommand`` on ``control`` when a breach trips the kill switch; ``dedupe_window``: how
     many recent ids of each kind are remembered per account; ``status_grace``: added to three heartbeats
-    before a market whose ingest fell silent counts as stale (clock offsets and lag between processes).
+    before a market whose ingest fell silent counts as stale (clock offsets and lag between processes);
+    ``blocking_streams``: the market-data streams whose staleness refuses new orders.
     """
 
     name = "risk-gate"
@@ -269,6 +272,7 @@ class RiskGate:
         dedupe_window: int = 1024,
         actor: str = "risk-gate",
         status_grace: timedelta = timedelta(seconds=15),
+        blocking_streams: Iterable[str] = ("trades", "candles.1m"),
     ) -> None:
         if dedupe_window < 1:
             raise ValueError("dedupe_window must be >= 1")
@@ -299,6 +303,7 @@ class RiskGate:
         self.kill_switch.subscribe(self._on_kill_switch_change)
         self._prices: dict[tuple[str, str], datetime] = {}  # market → time of the price in use
         self.status_grace = status_grace
+        self.blocking_streams = frozenset(blocking_streams)
         self._status: dict[tuple[str, str], dict[str, MarketStatus]] = {}  # market → stream → latest status
         self._emit: Emit | None = None
 
@@ -624,7 +629,7 @@ class RiskGate:
         if not streams:
             return None
         for name, status in sorted(streams.items()):
-            if status.stale:
+            if status.stale and name in self.blocking_streams:
                 heard = status.last_received_ts
                 return (
                     f"market data {exchange}:{symbol} {name} is stale: nothing for {status.stale_after_s:g}s "

@@ -83,8 +83,8 @@ class MarketStatus(ControlMessage):
     heartbeat every ``heartbeat_s`` seconds. ``stream`` is ``trades``, ``candles.1m``, ``ticker`` or
     ``book``. ``last_event_ts``: the venue's time of the newest item received (``None``: nothing yet);
     ``last_received_ts``: when the ingest received it (its clock; staleness is measured on this);
-    ``ts``: when this status was made. The risk gate refuses new orders on a market while any of its
-    streams is stale, and also when the market's statuses stop (``ts`` older than three heartbeats)."""
+    ``ts``: when this status was made. The risk gate refuses new orders on a market while its trades or
+    1-minute bars stream is stale, and also when the market's statuses stop (older than three heartbeats)."""
 
     command: Literal["market_status"] = "market_status"
     exchange: Name

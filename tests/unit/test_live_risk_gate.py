@@ -609,7 +609,9 @@ def test_an_older_status_does_not_override_a_newer_one_and_unsubscribed_streams_
     assert "trades is stale" in (g.stale_reason(EX, SYM, T0 + timedelta(seconds=12)) or "")
     feed(g, status(False, T0 + timedelta(seconds=13), stream="trades", subscribed=False))
     assert g.stale_reason(EX, SYM, T0 + timedelta(seconds=13)) is None
-    assert set(g.market_status(EX, SYM)) == {"candles.1m"}
+    feed(g, status(True, T0 + timedelta(seconds=14), stream="ticker"))  # shown, but nothing reads md.ticker yet
+    assert g.stale_reason(EX, SYM, T0 + timedelta(seconds=14)) is None
+    assert set(g.market_status(EX, SYM)) == {"candles.1m", "ticker"}
 
 
 def test_a_market_whose_statuses_stop_is_stale() -> None:
