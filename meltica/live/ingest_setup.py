@@ -8,7 +8,9 @@
   first account on that exchange (so its ``emulator_url`` and ``sandbox`` apply) **without credentials**:
   market data is public, and the ingest process needs no keys.
 * ``stale_after_s`` marks a silent stream stale (``MarketStatus`` on ``control``); the adapter itself
-  recycles a websocket silent for twice that (at least a minute), so a dead connection is reopened.
+  reconnects a stream silent for twice that: a dead connection, or a ccxt pro watch that stopped
+  answering after a reconnect (seen with the emulator, reported for real venues: ccxt issue 25092),
+  is reopened and resubscribed, and the bars it missed are refetched.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def ingest_from_settings(
     if problems:
         raise ConfigurationError("; ".join(problems), field="live.ingest")
     ingest = settings.live.ingest
-    kwargs: dict[str, Any] = {"streams": StreamPolicy(stale_after=max(60.0, 2 * ingest.stale_after_s))}
+    kwargs: dict[str, Any] = {"streams": StreamPolicy(stale_after=2 * ingest.stale_after_s)}
     kwargs.update(adapter_kwargs or {})
     extra: dict[str, Any] = {} if clock is None else {"clock": clock}
     return MarketDataIngest(

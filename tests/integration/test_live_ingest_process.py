@@ -162,6 +162,10 @@ class IngestProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    async def running(self) -> None:
+        """The worker finished starting (a SIGTERM while streams.worker is still starting can hang it)."""
+        await _wait(lambda: "running: ingest" in self.output(), "the ingest worker to run", timeout=60)
+
 
 def _gate() -> Any:
     from meltica.config.settings import RiskLimits
@@ -248,12 +252,22 @@ def test_ingest_process_gaps_staleness_and_restart(
         async def replay(first_minute: int, last_minute: int) -> None:
             """Step the trades of these minutes one by one, paced by md.trades. A ccxt pro watch resolves
             only for a message that arrives while it is awaited; one that arrives while the ingest is still
-            publishing the previous one is handed over with the next message. So: one trade of lag."""
+            publishing the previous one is handed over with the next message: one trade of lag. And a watch
+            may stop answering after a reconnect (ccxt issue 25092): the ingest's adapter reconnects a
+            stream silent for twice ``stale_after_s``; what was stepped meanwhile is lost (trades are not
+            refetched; bars are)."""
             for minute in minutes[first_minute : last_minute + 1]:
                 for row in minute:
+                    before = listeners("xrpeth@trade")
                     await emulator.step(1)
                     delivered.append(str(row[1]))
-                    await _wait(lambda: len(topics.got["md.trades"]) >= len(delivered) - 1, f"trade {row[1]}")
+                    await _wait(
+                        lambda before=before: (
+                            len(topics.got["md.trades"]) >= len(delivered) - 1
+                            or (bool(listeners("xrpeth@trade")) and not listeners("xrpeth@trade") & before)
+                        ),
+                        f"trade {row[1]} on md.trades (or a reconnect)",
+                    )
 
         def both(stale: bool, after: datetime) -> int | None:
             """Index into the statuses where both streams' latest status (made after ``after``) is ``stale``."""
@@ -268,6 +282,7 @@ def test_ingest_process_gaps_staleness_and_restart(
         try:
             await first.start()
             await subscribed()
+            await first.running()
             # 1. minutes 0-9 through the live streams
             await replay(0, 9)
             # 2. every websocket dropped; minutes 10-13 happen while nobody listens
@@ -300,6 +315,7 @@ def test_ingest_process_gaps_staleness_and_restart(
             stopped = set(emulator.hub.connections)
             await second.start()
             await subscribed(old=stopped)
+            await second.running()
             await replay(35, 39)
             await _wait(lambda: len(topics.got["md.candles.1m"]) == 39, "bars 0-38", timeout=30)
             code2 = await second.terminate()
@@ -326,13 +342,15 @@ def test_ingest_process_gaps_staleness_and_restart(
     log1, log2 = got["logs"]
     assert got["codes"] == (0, 0), log1[-3000:] + log2[-3000:]
 
-    # trades: those stepped while the ingest listened, in order, once (the last of a phase may wait for a
-    # next message that comes only after a reconnect or not at all)
+    # trades: those stepped while the ingest listened, in order, once. Phase 1 completely (its last trade
+    # may wait for a next message); later a trade stepped while a stream reconnects can be lost.
     trades: list[Trade] = topics.got["md.trades"]
     ids = [t.trade_id for t in trades]
     delivered: list[str] = got["delivered"]
     assert len(delivered) == sum(len(m) for i, m in enumerate(_minutes()) if not (10 <= i <= 13 or 32 <= i <= 34))
-    assert len(set(ids)) == len(ids) >= len(delivered) - 4
+    first_phase = sum(len(m) for m in _minutes()[:10])
+    assert ids[: first_phase - 1] == delivered[: first_phase - 1]
+    assert len(set(ids)) == len(ids) >= 0.8 * len(delivered)
     assert ids == [i for i in delivered if i in set(ids)]
 
     # bars: the emulator's closed klines of all 39 closed minutes, contiguous and unique

@@ -185,7 +185,7 @@ def test_subscriptions_come_from_the_instances_and_the_streams_setting() -> None
     adapter = ingest._factory("binance") if ingest._factory else None  # built, not connected
     assert adapter is not None and adapter.exchange_id == "binance"
     assert not getattr(adapter, "exchange").apiKey  # public data: no credentials in the ingest  # noqa: B009
-    assert getattr(adapter, "streams").stale_after == 60  # noqa: B009
+    assert getattr(adapter, "streams").stale_after == 40  # noqa: B009  (twice stale_after_s)
     with pytest.raises(ConfigurationError, match="no configured account on exchange 'kraken'"):
         ingest._factory("kraken") if ingest._factory else None
 
