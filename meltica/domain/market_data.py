@@ -60,6 +60,25 @@ class Bar(DomainModel):
         return self.ts + self.tf.delta
 
 
+class TopOfBook(DomainModel):
+    """Best bid and ask of a market (Binance ``bookTicker``, a venue ticker, or the top of a maintained
+    book). ``ts`` is the venue's time when it gives one, else when the quote was received."""
+
+    exchange: Name
+    symbol: Name
+    bid: PositiveDecimal | None = None
+    bid_quantity: NonNegativeDecimal | None = None
+    ask: PositiveDecimal | None = None
+    ask_quantity: NonNegativeDecimal | None = None
+    ts: UtcDatetime
+
+    @property
+    def mid(self) -> Decimal | None:
+        if self.bid is None or self.ask is None:
+            return None
+        return (self.bid + self.ask) / 2
+
+
 class BookLevel(DomainModel):
     """A price level. In a delta, quantity 0 removes the level."""
 

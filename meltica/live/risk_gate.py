@@ -24,6 +24,15 @@ Inputs and outputs (logical topics, all keyed by account unless said otherwise):
 * ``md.candles.1m`` — the reference price outside lock-step (see "Reference prices").
 * ``control`` (key: scope) — ``KillSwitchCommand`` engages / releases the engine's ``KillSwitch``
   (``halt`` | ``reduce_only`` | ``off``; ``global``, ``account:<a>``, ``strategy:<s>``).
+* ``control`` — ``MarketStatus`` (from the ingest, key ``market:<exchange>:<symbol>``): while the latest
+  status of a market's ``trades`` or ``candles.1m`` stream says ``stale`` (``blocking_streams``: the data
+  strategies and reference prices come from; ``ticker``/``book`` staleness is shown, not acted on, as no
+  stage reads those topics yet), or when the market's newest status is older than
+  three of its heartbeats plus ``status_grace`` at the request's time (the ingest stopped talking), every
+  submit and order list on that market is refused, rule ``stale_market_data`` (recorded and published
+  like any decision; cancels, amends and progress markers pass). A market the gate never heard a status
+  about is fresh: paper replays have no ingest, and a live ingest publishes a status for every stream
+  it runs (at its first heartbeat, then every few seconds), so a silent feed is always announced.
 * output ``control`` — when a post-trade breach trips the kill switch, the gate publishes the matching
   ``KillSwitchCommand`` (deterministic command id) so execution cancels and strategies stop, as the OMS
   does on a breach in a backtest (``publish_breaches``).
@@ -81,6 +90,7 @@ from meltica.messaging.schemas import (
     AmendRequest,
     CancelRequest,
     KillSwitchCommand,
+    MarketStatus,
     OrderListRequest,
     OrderUpdate,
     PipelineRequest,
@@ -125,6 +135,7 @@ _MICROSECOND = timedelta(microseconds=1)  # order-rate stamps are kept as intege
 _CHILD = re.compile(r"^(?P<parent>.+)\.c\d+$")  # LocalOrderEmulator child intent id: <parent coid>.c<n>
 _REQUEST = TypeAdapter[Any](StrategyMessage)
 ReferencePrices = Literal["progress", "candles"]
+STALE_MARKET_DATA = "stale_market_data"
 
 
 # --- small helpers -------------------------------------------------------------------------------
@@ -240,7 +251,9 @@ class RiskGate:
     ``KillSwitchCommand`` on ``control`` when a breach trips the kill switch; ``dedupe_window``: how
     many recent ids of each kind are remembered per account; ``kill_switch_at_start``: the persisted
     kill-switch state (``KillSwitchStore.load()``) read when the worker starts — applied at once, and a
-    restored snapshot older than it (by ``since``) does not undo it.
+    restored snapshot older than it (by ``since``) does not undo it; ``status_grace``: added to three
+    heartbeats before a market whose ingest fell silent counts as stale (clock offsets and lag between
+    processes); ``blocking_streams``: the market-data streams whose staleness refuses new orders.
     """
 
     name = "risk-gate"
@@ -261,6 +274,8 @@ class RiskGate:
         dedupe_window: int = 1024,
         actor: str = "risk-gate",
         kill_switch_at_start: Mapping[str, KillSwitchState] | None = None,
+        status_grace: timedelta = timedelta(seconds=15),
+        blocking_streams: Iterable[str] = ("trades", "candles.1m"),
     ) -> None:
         if dedupe_window < 1:
             raise ValueError("dedupe_window must be >= 1")
@@ -295,6 +310,9 @@ class RiskGate:
             if persisted.engaged:
                 log.warning("risk gate: kill switch %s is %s at start (%s)", scope, persisted.mode, persisted.reason)
         self._prices: dict[tuple[str, str], datetime] = {}  # market → time of the price in use
+        self.status_grace = status_grace
+        self.blocking_streams = frozenset(blocking_streams)
+        self._status: dict[tuple[str, str], dict[str, MarketStatus]] = {}  # market → stream → latest status
         self._emit: Emit | None = None
 
     def _clock(self) -> datetime:
@@ -321,6 +339,8 @@ class RiskGate:
             out = self._on_venue_progress(value)
         elif isinstance(value, KillSwitchCommand):
             self._on_kill_switch_command(value)
+        elif isinstance(value, MarketStatus):
+            self._on_market_status(value)
         elif isinstance(value, Bar):
             self._on_candle(value)
         # other control commands and unknown values: not the gate's business
@@ -383,12 +403,15 @@ class RiskGate:
         decisions: list[RiskDecision] = []
         approved: list[OrderIntent] = []
         for intent in intents:
+            stale = self.stale_reason(intent.exchange, intent.symbol, self._now)
             if intent.account != request.account:
                 decision = self._refusal(
                     intent,
                     "request",
                     f"intent account {intent.account} differs from the request's {request.account}",
                 )
+            elif stale is not None:
+                decision = self._refusal(intent, STALE_MARKET_DATA, stale)
             else:
                 decision = engine.check(intent)
             decisions.append(decision)
@@ -584,6 +607,55 @@ class RiskGate:
         self.portfolio.mark(exchange, symbol, price)
         self.engine.on_market(exchange, symbol, price)
 
+    # --- market-data status ------------------------------------------------------------------------
+
+    def _on_market_status(self, status: MarketStatus) -> None:
+        market = (status.exchange, status.symbol)
+        streams = self._status.setdefault(market, {})
+        known = streams.get(status.stream)
+        if known is not None and status.ts < known.ts:
+            return  # an older status (redelivered, or overtaken)
+        if not status.subscribed:
+            streams.pop(status.stream, None)
+            if not streams:
+                del self._status[market]
+            return
+        if known is None or known.stale != status.stale:
+            log.log(
+                logging.WARNING if status.stale else logging.INFO,
+                "risk gate: market data %s:%s %s is %s",
+                status.exchange,
+                status.symbol,
+                status.stream,
+                "STALE: new orders refused" if status.stale else "fresh",
+            )
+        streams[status.stream] = status
+
+    def stale_reason(self, exchange: str, symbol: str, now: datetime) -> str | None:
+        """Why new orders on the market are refused now (``None``: its market data is fresh or unknown)."""
+        streams = self._status.get((exchange, symbol))
+        if not streams:
+            return None
+        for name, status in sorted(streams.items()):
+            if status.stale and name in self.blocking_streams:
+                heard = status.last_received_ts
+                return (
+                    f"market data {exchange}:{symbol} {name} is stale: nothing for {status.stale_after_s:g}s "
+                    f"(last received {heard.isoformat() if heard else 'never'})"
+                )
+        newest = max(streams.values(), key=lambda s: s.ts)
+        expires = newest.ts + timedelta(seconds=3 * newest.heartbeat_s) + self.status_grace
+        if now > expires:
+            return (
+                f"market data {exchange}:{symbol}: no status from the ingest since {newest.ts.isoformat()} "
+                f"(expected every {newest.heartbeat_s:g}s)"
+            )
+        return None
+
+    def market_status(self, exchange: str, symbol: str) -> dict[str, MarketStatus]:
+        """The latest status per stream of a market (empty: never heard of)."""
+        return dict(self._status.get((exchange, symbol), {}))
+
     # --- kill switch -----------------------------------------------------------------------------
 
     def _on_kill_switch_command(self, command: KillSwitchCommand) -> None:
@@ -633,6 +705,8 @@ class RiskGate:
         """The state of one account (``key`` = account), one kill-switch scope or one market."""
         if key == GLOBAL or key.startswith(("account:", "strategy:")):
             return {"v": SNAPSHOT_VERSION, **self._kill_state([key])}
+        if key.startswith("market:"):
+            return self._status_state(key)
         if ":" in key:
             exchange, _, symbol = key.partition(":")
             return {"v": SNAPSHOT_VERSION, "markets": self._market_state([(exchange, symbol)])}
@@ -666,6 +740,7 @@ class RiskGate:
         if state.get("v") != SNAPSHOT_VERSION:
             raise ValueError(f"risk gate snapshot version {state.get('v')!r} is not {SNAPSHOT_VERSION}")
         self._restore_markets(state.get("markets", {}))
+        self._restore_status(state.get("market_status", {}))
         if "kill_switch" in state:
             self._restore_kill(state)
         account = state.get("account")
@@ -740,6 +815,40 @@ class RiskGate:
                 "mark": _opt_str(mark),
             }
         return out
+
+    def _status_state(self, key: str) -> dict[str, Any] | None:
+        """The stale streams of a market (key ``market:<exchange>:<symbol>``): a stale market stays
+        blocked across a restart until a fresh status arrives. Fresh ones are not kept (a heartbeat would
+        rewrite the state every few seconds; unknown is fresh, and the next heartbeat follows)."""
+        exchange, _, symbol = key.removeprefix("market:").partition(":")
+        stale = [status for _, status in sorted(self._status.get((exchange, symbol), {}).items()) if status.stale]
+        if not stale:
+            return None
+        return {
+            "v": SNAPSHOT_VERSION,
+            "market_status": [
+                status.model_dump(
+                    mode="json",
+                    include={"exchange", "symbol", "stream", "last_received_ts", "stale_after_s", "heartbeat_s"},
+                )
+                for status in stale
+            ],
+        }
+
+    def _restore_status(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        for entry in entries:
+            market = (entry["exchange"], entry["symbol"])
+            if entry["stream"] in self._status.get(market, {}):
+                continue  # a status heard since is newer than any stored one
+            self._status.setdefault(market, {})[entry["stream"]] = MarketStatus.model_validate(
+                {
+                    **entry,
+                    "command_id": "restored",
+                    "actor": self.actor,
+                    "stale": True,
+                    "ts": entry.get("last_received_ts") or _EPOCH,  # older than any status still to come
+                }
+            )
 
     def _restore_markets(self, markets: Mapping[str, Any]) -> None:
         engine = self.engine

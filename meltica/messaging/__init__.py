@@ -14,6 +14,7 @@ from meltica.messaging.catalogue import (
     account_key,
     default_catalogue,
     market_key,
+    market_status_key,
     position_key,
 )
 from meltica.messaging.codec import Codec, MessageRejected, SchemaMismatchError, decode, default_codec, encode
@@ -30,6 +31,7 @@ from meltica.messaging.schemas import (
     ExecutionEvent,
     ExecutionMessage,
     KillSwitchCommand,
+    MarketStatus,
     OrderListRequest,
     OrderUpdate,
     PipelineRequest,
@@ -64,6 +66,7 @@ __all__ = [
     "ExecutionMessage",
     "KeyKind",
     "KillSwitchCommand",
+    "MarketStatus",
     "MessageRejected",
     "OrderListRequest",
     "OrderUpdate",
@@ -86,5 +89,6 @@ __all__ = [
     "default_codec",
     "encode",
     "market_key",
+    "market_status_key",
     "position_key",
 ]

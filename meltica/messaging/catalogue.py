@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
-from meltica.domain.market_data import Bar, OrderBookSnapshot, Trade
+from meltica.domain.market_data import Bar, OrderBookSnapshot, TopOfBook, Trade
 from meltica.domain.portfolio import Position
 from meltica.messaging.schemas import (
     AccountFill,
@@ -101,6 +101,14 @@ SPECS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec("md.candles.1m", "exchange:symbol", 6, Bar, retention_ms=30 * DAY_MS, description="closed 1-minute bars"),
     TopicSpec(
+        "md.ticker",
+        "exchange:symbol",
+        6,
+        TopOfBook,
+        retention_ms=1 * DAY_MS,
+        description="top of book (best bid/ask, Binance bookTicker)",
+    ),
+    TopicSpec(
         "orders.intents",
         "account",
         6,
@@ -159,7 +167,7 @@ SPECS: tuple[TopicSpec, ...] = (
         ControlMessage,
         value_type=ControlCommand,
         retention_ms=30 * DAY_MS,
-        description="kill switch, subscriptions, strategy parameters (one partition: total order)",
+        description="kill switch, subscriptions, strategy parameters, market-data status (one partition: total order)",
     ),
     TopicSpec(
         "dlq",
@@ -185,6 +193,12 @@ def _part(value: str, what: str) -> str:
 def market_key(exchange: str, symbol: str) -> str:
     """``binance:BTC/USDT`` — market data is keyed by ``exchange:symbol``."""
     return f"{_part(exchange, 'exchange')}:{_part(symbol, 'symbol')}"
+
+
+def market_status_key(exchange: str, symbol: str) -> str:
+    """``market:binance:BTC/USDT`` — the ``control`` key of a ``MarketStatus``: a scope of its own, never
+    the bare market key (stages that also read market-keyed topics keep per-market state under that)."""
+    return f"market:{market_key(exchange, symbol)}"
 
 
 def account_key(account: str) -> str:

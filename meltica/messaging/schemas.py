@@ -45,7 +45,7 @@ class SubscribeCommand(ControlMessage):
     command: Literal["subscribe"] = "subscribe"
     exchange: Name
     symbol: Name
-    channels: tuple[Literal["trades", "book", "candles.1m"], ...] = ("trades",)
+    channels: tuple[Literal["trades", "book", "candles.1m", "ticker"], ...] = ("trades",)
     subscribe: bool = True
 
 
@@ -77,8 +77,29 @@ class EndOfReplayCommand(ControlMessage):
     count: int = Field(ge=0)
 
 
+class MarketStatus(ControlMessage):
+    """Health of one market-data stream, published by the ingest (key ``market:<exchange>:<symbol>``):
+    at once when the stream goes stale (silent for the ingest's ``stale_after_s``) or recovers, and as a
+    heartbeat every ``heartbeat_s`` seconds. ``stream`` is ``trades``, ``candles.1m``, ``ticker`` or
+    ``book``. ``last_event_ts``: the venue's time of the newest item received (``None``: nothing yet);
+    ``last_received_ts``: when the ingest received it (its clock; staleness is measured on this);
+    ``ts``: when this status was made. The risk gate refuses new orders on a market while its trades or
+    1-minute bars stream is stale, and also when the market's statuses stop (older than three heartbeats)."""
+
+    command: Literal["market_status"] = "market_status"
+    exchange: Name
+    symbol: Name
+    stream: Literal["trades", "book", "candles.1m", "ticker"]
+    stale: bool
+    subscribed: bool = True  # False: the stream was unsubscribed (its last status; forget it)
+    last_event_ts: UtcDatetime | None = None
+    last_received_ts: UtcDatetime | None = None
+    stale_after_s: float = Field(gt=0)
+    heartbeat_s: float = Field(gt=0)
+
+
 ControlCommand = Annotated[
-    KillSwitchCommand | SubscribeCommand | SetParamsCommand | StrategyCommand | EndOfReplayCommand,
+    KillSwitchCommand | SubscribeCommand | SetParamsCommand | StrategyCommand | EndOfReplayCommand | MarketStatus,
     Field(discriminator="command"),
 ]
 

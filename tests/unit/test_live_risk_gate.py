@@ -23,6 +23,7 @@ from meltica.messaging.schemas import (
     AmendRequest,
     CancelRequest,
     KillSwitchCommand,
+    MarketStatus,
     OrderListRequest,
     OrderUpdate,
     RejectedIntent,
@@ -156,6 +157,7 @@ TOPIC = {
     OrderUpdate: "orders.events",
     VenueProgress: "orders.events",
     KillSwitchCommand: "control",
+    MarketStatus: "control",
     Bar: "md.candles.1m",
 }
 
@@ -164,6 +166,8 @@ def feed(g: RiskGate, *values: BaseModel) -> list[Outgoing]:
     out: list[Outgoing] = []
     for value in values:
         key = getattr(value, "account", None) or getattr(value, "scope", None) or f"{EX}:{SYM}"
+        if isinstance(value, MarketStatus):
+            key = f"market:{value.exchange}:{value.symbol}"
         out.extend(asyncio.run(g.handle(Incoming(TOPIC[type(value)], key, value))))
     return out
 
@@ -545,3 +549,94 @@ def test_redelivery_after_a_restore_is_recognised() -> None:
 
 def test_snapshot_of_an_unknown_account_is_none() -> None:
     assert gate().snapshot("nobody") is None
+
+
+# --- stale market data -------------------------------------------------------------------------------
+
+
+def status(
+    stale: bool, ts: datetime = T0, stream: Literal["trades", "candles.1m", "ticker"] = "candles.1m", **kw: Any
+) -> MarketStatus:
+    return MarketStatus(
+        command_id=f"status-{next(_ids)}",
+        actor="ingest",
+        ts=ts,
+        exchange=kw.pop("exchange", EX),
+        symbol=kw.pop("symbol", SYM),
+        stream=stream,
+        stale=stale,
+        last_received_ts=kw.pop("last_received_ts", ts - timedelta(seconds=31) if stale else ts),
+        stale_after_s=30,
+        heartbeat_s=5,
+        **kw,
+    )
+
+
+def test_a_stale_market_refuses_submits_and_lists_not_cancels_and_accepts_again_when_fresh() -> None:
+    recorder = InMemoryRecorder()
+    g = gate(recorder=recorder)
+    assert on(feed(g, submit(intent())), "orders.approved")[0].kind == "submit"  # never heard: fresh
+    feed(g, status(False, stream="trades"), status(True, T0 + timedelta(seconds=1)))
+    request = submit(intent(), ts=T0 + timedelta(seconds=2))
+    out = feed(g, request)
+    notice = on(out, "orders.approved")[0]
+    assert isinstance(notice, RejectionNotice) and notice.decision.rule == "stale_market_data"
+    assert "candles.1m is stale" in (notice.decision.reason or "")
+    assert [(d.approved, d.rule) for d in recorder.decisions][-1] == (False, "stale_market_data")
+    assert not on(out, "risk.decisions")[0].approved
+    legs = (intent("0.01", "21000", Side.SELL), intent("0.01", "19000", Side.SELL))
+    order_list = OrderListRequest(
+        request_id="list-stale", account=ACCT, strategy=STRAT, ts=T0 + timedelta(seconds=2),
+        list_kind="oco", list_id="l-stale", legs=legs,
+    )  # fmt: skip
+    assert isinstance(on(feed(g, order_list), "orders.approved")[0], RejectionNotice)
+    cancel = CancelRequest(request_id="c-stale", account=ACCT, strategy=STRAT, ts=T0, client_order_id="x")
+    assert on(feed(g, cancel), "orders.approved") == [cancel]
+    # another market is not affected
+    assert g.stale_reason(EX, "ETH/USDT", T0) is None
+    # fresh again: accepted
+    feed(g, status(False, T0 + timedelta(seconds=3)))
+    again = submit(intent(), ts=T0 + timedelta(seconds=4))
+    assert on(feed(g, again), "orders.approved") == [again]
+    assert recorder.decisions[-1].approved
+
+
+def test_an_older_status_does_not_override_a_newer_one_and_unsubscribed_streams_are_forgotten() -> None:
+    g = gate()
+    feed(g, status(False, T0 + timedelta(seconds=10)), status(True, T0 + timedelta(seconds=5)))
+    assert g.stale_reason(EX, SYM, T0 + timedelta(seconds=11)) is None
+    feed(g, status(True, T0 + timedelta(seconds=12), stream="trades"))
+    assert "trades is stale" in (g.stale_reason(EX, SYM, T0 + timedelta(seconds=12)) or "")
+    feed(g, status(False, T0 + timedelta(seconds=13), stream="trades", subscribed=False))
+    assert g.stale_reason(EX, SYM, T0 + timedelta(seconds=13)) is None
+    feed(g, status(True, T0 + timedelta(seconds=14), stream="ticker"))  # shown, but nothing reads md.ticker yet
+    assert g.stale_reason(EX, SYM, T0 + timedelta(seconds=14)) is None
+    assert set(g.market_status(EX, SYM)) == {"candles.1m", "ticker"}
+
+
+def test_a_market_whose_statuses_stop_is_stale() -> None:
+    g = gate()
+    feed(g, status(False, T0))
+    # three heartbeats (5 s) plus the grace (15 s) later, nothing heard: the ingest is gone
+    assert g.stale_reason(EX, SYM, T0 + timedelta(seconds=30)) is None
+    late = submit(intent(), ts=T0 + timedelta(seconds=31))
+    notice = on(feed(g, late), "orders.approved")[0]
+    assert isinstance(notice, RejectionNotice) and notice.decision.rule == "stale_market_data"
+    assert "no status from the ingest" in (notice.decision.reason or "")
+
+
+def test_a_stale_market_stays_stale_across_a_restore() -> None:
+    g = gate()
+    feed(g, status(True, T0))
+    key = f"market:{EX}:{SYM}"
+    state = g.snapshot(key)
+    assert state is not None
+    assert g.snapshot(key) == state  # a heartbeat while stale rewrites nothing
+    feed(g, status(True, T0 + timedelta(seconds=5), last_received_ts=T0 - timedelta(seconds=31)))
+    assert g.snapshot(key) == state
+    restored = gate()
+    restored.restore(key, json.loads(json.dumps(state)))
+    assert restored.stale_reason(EX, SYM, T0 + timedelta(seconds=6)) is not None
+    feed(restored, status(False, T0 + timedelta(seconds=7)))
+    assert restored.stale_reason(EX, SYM, T0 + timedelta(seconds=8)) is None
+    assert restored.snapshot(key) is None  # nothing stale: nothing to keep

@@ -26,6 +26,7 @@ from meltica.domain import (
     OrderIntent,
     Position,
     Side,
+    TopOfBook,
     Trade,
 )
 from meltica.messaging import (
@@ -39,6 +40,7 @@ from meltica.messaging import (
     DeadLetterRouter,
     EndOfReplayCommand,
     KillSwitchCommand,
+    MarketStatus,
     MessageRejected,
     OrderListRequest,
     OrderUpdate,
@@ -149,6 +151,18 @@ SAMPLES: dict[str, list[BaseModel]] = {
             volume="0",
         )
     ],
+    "md.ticker": [
+        TopOfBook(
+            exchange="binance",
+            symbol="BTC/USDT",
+            bid="100.10",
+            bid_quantity="1",
+            ask="100.20",
+            ask_quantity="0.5",
+            ts=TS,
+        ),
+        TopOfBook(exchange="binance", symbol="BTC/USDT", bid="100.10", ts=TS),
+    ],
     "orders.intents": [
         SubmitRequest(request_id="s1:1", account="acc1", strategy="s1", ts=TS, intent=_intent()),
         CancelRequest(request_id="s1:c1", account="acc1", strategy="s1", ts=TS, client_order_id="mlt-i-1"),
@@ -219,6 +233,19 @@ SAMPLES: dict[str, list[BaseModel]] = {
         SetParamsCommand(command_id="c3", actor="ops", ts=TS, strategy="sma", params={"fast": 10, "mode": "x"}),
         StrategyCommand(command_id="c4", actor="ops", ts=TS, instance="sma", action="pause"),
         EndOfReplayCommand(command_id="c5", actor="replay", ts=TS, exchange="binance", symbol="BTC/USDT", count=3),
+        MarketStatus(
+            command_id="c6",
+            actor="ingest",
+            ts=TS,
+            exchange="binance",
+            symbol="BTC/USDT",
+            stream="candles.1m",
+            stale=True,
+            last_event_ts=TS,
+            last_received_ts=TS,
+            stale_after_s=30,
+            heartbeat_s=5,
+        ),
     ],
     "dlq": [
         DeadLetter.build(

@@ -39,6 +39,7 @@ from meltica.adapters.ccxt.parsing import (
     parse_order,
     parse_order_book,
     parse_ticker,
+    parse_top_of_book,
     parse_trade,
 )
 from meltica.adapters.ccxt.venues import VenueProfile, profile_for
@@ -52,6 +53,7 @@ from meltica.domain import (
     OrderBookSnapshot,
     OrderIntent,
     OrderStatus,
+    TopOfBook,
     Trade,
     utc_to_ms,
 )
@@ -374,6 +376,32 @@ class CcxtAdapter:
                     continue
                 last = list(row)
                 yield parse_ohlcv(self.exchange_id, symbol, timeframe, row)
+
+    async def stream_top_of_book(self, symbol: str) -> AsyncIterator[TopOfBook]:
+        """Best bid/ask as it changes: ccxt ``watch_bids_asks`` (Binance ``<symbol>@bookTicker``) where the
+        venue has it, else ``watch_ticker``, else REST ``fetch_ticker`` polled. Each quote is complete (no
+        book to keep in sync), so a reconnect needs no re-snapshot."""
+        has = self.exchange.has
+        if has.get("watchBidsAsks"):
+            source: AsyncIterator[Any] = self._watch(
+                "watch_bids_asks", lambda: self.exchange.watch_bids_asks([symbol]), symbol=symbol
+            )
+        elif has.get("watchTicker"):
+            source = self._watch("watch_ticker", lambda: self.exchange.watch_ticker(symbol), symbol=symbol)
+        else:
+            source = self._poll("fetch_ticker", lambda: self.exchange.fetch_ticker(symbol), symbol=symbol)
+        last: tuple[Any, ...] | None = None
+        async for answer in source:
+            # watch_bids_asks answers {symbol: ticker}; the others one ticker
+            raw = answer.get(symbol) if isinstance(answer, Mapping) and "symbol" not in answer else answer
+            if not isinstance(raw, Mapping):
+                continue
+            quote = parse_top_of_book(self.exchange_id, {**raw, "symbol": symbol}, self._now)
+            top = (quote.bid, quote.bid_quantity, quote.ask, quote.ask_quantity)
+            if top == last:
+                continue  # an unchanged quote repeated (polling, a ccxt cache after a reconnect)
+            last = top
+            yield quote
 
     # --- orders ----------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from meltica.domain import (
     OrderType,
     Side,
     TimeInForce,
+    TopOfBook,
     Trade,
     ms_to_utc,
     to_decimal,
@@ -211,6 +212,19 @@ def parse_ticker(exchange_id: str, ticker: Mapping[str, Any], now: Now = _utc_no
         last=dec(ticker.get("last")),
         base_volume=dec(ticker.get("baseVolume")),
         quote_volume=dec(ticker.get("quoteVolume")),
+    )
+
+
+def parse_top_of_book(exchange_id: str, ticker: Mapping[str, Any], now: Now = _utc_now) -> TopOfBook:
+    """A ccxt ticker (``watch_bids_asks``/``watch_ticker``/``fetch_ticker``) as best bid and ask."""
+    return TopOfBook(
+        exchange=exchange_id,
+        symbol=str(ticker.get("symbol")),
+        bid=dec(ticker.get("bid")) or None,
+        bid_quantity=dec(ticker.get("bidVolume")),
+        ask=dec(ticker.get("ask")) or None,
+        ask_quantity=dec(ticker.get("askVolume")),
+        ts=ts_of(ticker, now),
     )
 
 
