@@ -20,10 +20,12 @@ message (topic)               table                key / conflict rule
                               (+ ``fills`` for an
                               ``OrderFilled``)
 ``VenueProgress``             —                    ignored (a lock-step watermark, not a fact)
-``AccountFill`` (fills)       ``fills``            ``(exchange, account, trade_id)``: DO NOTHING
+``AccountFill`` (fills)       ``fills``            ``(exchange, account, trade_id, side)``: DO NOTHING (a
+                                                   self-trade has both legs under one trade id)
 ``Position`` (positions)      ``position_          ``(account, exchange, symbol, strategy, ts)`` with ``ts``
                               snapshots``          the broker timestamp of the record: DO UPDATE (latest
-                                                   wins), only when something differs
+                                                   wins), only when something differs (a new mark price
+                                                   is a difference: live positions carry one)
 ``RiskDecisionMessage``       ``risk_events``      ``event_id`` = :func:`decision_event_id`: DO NOTHING
 (risk.decisions)
 ``RejectedIntent``            ``risk_events``      the same row as its decision (same id), so a rejection
@@ -210,6 +212,8 @@ _POSITION_COLUMNS = (
     "average_entry_price",
     "realized_pnl",
     "fees",
+    "mark_price",
+    "unrealized_pnl",
 )
 _POSITION_KEY = ("account", "exchange", "symbol", "strategy", "ts")
 _RISK_COLUMNS = (
@@ -324,13 +328,26 @@ def _write_fills(conn: Connection, fill_rows: Sequence[dict[str, Any]]) -> int:
     copy_into_stage(conn, "sink_fills", "LIKE fills INCLUDING DEFAULTS", _FILL_COLUMNS, rows)
     return conn.exec_driver_sql(
         f"INSERT INTO fills ({', '.join(_FILL_COLUMNS)}) SELECT {', '.join(_FILL_COLUMNS)} FROM sink_fills "
-        "ON CONFLICT DO NOTHING"
+        "ON CONFLICT (exchange, account, trade_id, side) DO NOTHING"
     ).rowcount
 
 
 def _write_positions(conn: Connection, positions: Sequence[tuple[int, datetime, Position]]) -> int:
     rows = (
-        (pos, p.account, p.exchange, p.symbol, p.strategy, ts, p.quantity, p.avg_entry_price, p.realized_pnl, p.fees)
+        (
+            pos,
+            p.account,
+            p.exchange,
+            p.symbol,
+            p.strategy,
+            ts,
+            p.quantity,
+            p.avg_entry_price,
+            p.realized_pnl,
+            p.fees,
+            p.mark_price,
+            p.unrealized_pnl_at_mark,
+        )
         for pos, ts, p in positions
     )
     copy_into_stage(

@@ -341,7 +341,7 @@ class RiskEngine:
         self._counters: dict[tuple[str, ...], _Counter] = {}
         self._open: dict[str, _Open] = {}  # by client order id
         self._open_by_intent: dict[str, _Open] = {}
-        self._seen_fills: dict[tuple[str, str, str], None] = {}
+        self._seen_fills: dict[tuple[str, str, str, str], None] = {}
         self._rate_scopes = _rate_scopes(limits)
 
         # post-trade
@@ -720,8 +720,8 @@ class RiskEngine:
 
     def on_fill(self, fill: Fill, *, account: str, strategy: str) -> list[Breach]:
         """Move the filled quantity from its open order into the position, then run the post-trade
-        checks. A redelivered fill (same exchange, account and fill id) is ignored."""
-        dedupe = (fill.exchange, account, fill.fill_id)
+        checks. A redelivered fill (same exchange, account, fill id and side) is ignored."""
+        dedupe = (fill.exchange, account, fill.fill_id, fill.side.value)
         if dedupe in self._seen_fills:
             return []
         self._seen_fills[dedupe] = None
