@@ -94,6 +94,7 @@ class LiveDriver:
         self._fault_pending = False  # a stream fault not yet covered by a poll
         self._reconnect_pending = False  # a reconnect whose hook has not run yet
         self._reconnects = 0
+        self._messages = 0
         self._polls = 0
         self._poll_failures = 0
         self._polled_events = 0
@@ -172,6 +173,7 @@ class LiveDriver:
             "stream_up": self._stream_up,
             "stale": self._stale(),
             "last_message_at": _iso(self._last_message),
+            "messages": self._messages,
             "last_poll_at": _iso(self._last_poll),
             "reconnects": self._reconnects,
             "polls": self._polls,
@@ -190,6 +192,7 @@ class LiveDriver:
             try:
                 async for event in self._adapter.stream_user_events():
                     self._last_message = self.clock()
+                    self._messages += 1
                     if not self._stream_up:
                         self._stream_up = True
                     await self._deliver(handler, event)

@@ -24,6 +24,10 @@ def _views(engine: Engine) -> set[str]:
         return set(conn.execute(text("SELECT matviewname FROM pg_matviews")).scalars())
 
 
+def _primary_key(engine: Engine, table: str) -> list[str]:
+    return list(inspect(engine).get_pk_constraint(table)["constrained_columns"])
+
+
 def test_upgrade_creates_every_table_and_downgrade_removes_them(empty_database: Engine) -> None:
     assert migrate.current_revision(empty_database) is None
 
@@ -45,6 +49,12 @@ def test_stepping_down_revision_by_revision(empty_database: Engine) -> None:
     migrate.upgrade(empty_database)
     tables_0004 = {"backtest_orders", "backtest_fills"}
     later_tables = tables_0004 | {"order_lists", "emulated_orders", "kill_switch_state", "risk_state"}
+
+    assert _primary_key(empty_database, "fills") == ["exchange", "account", "trade_id", "side"]
+    migrate.downgrade(empty_database, "-1")
+    assert migrate.current_revision(empty_database) == "0004"
+    assert _primary_key(empty_database, "fills") == ["exchange", "account", "trade_id"]
+    assert _tables(empty_database) == set(metadata.tables)
 
     migrate.downgrade(empty_database, "-1")
     assert migrate.current_revision(empty_database) == "0003"
