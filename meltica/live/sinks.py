@@ -364,19 +364,21 @@ def _write_positions(conn: Connection, positions: Sequence[tuple[int, datetime, 
     row = ", ".join(values)
     # Per key and timestamp the later record (partition order) wins; a snapshot equal to the one before
     # it (in the batch, or else the latest stored one) is not a change and adds no row, so a position
-    # re-published with a new timestamp writes nothing either.
+    # re-published with a new timestamp writes nothing either. (Whether there is a row before it is
+    # asked of its ts: a ROW with a NULL field — a flat position, no mark — is not "NOT NULL".)
     return conn.exec_driver_sql(
         f"""
         WITH latest AS (
             SELECT DISTINCT ON ({key}) {cols} FROM sink_positions ORDER BY {key}, pos DESC
         ),
         sequenced AS (
-            SELECT l.*, lag(ROW({row})) OVER (PARTITION BY {series} ORDER BY ts) AS previous
+            SELECT l.*, lag(ROW({row})) OVER (PARTITION BY {series} ORDER BY ts) AS previous,
+                   lag(ts) OVER (PARTITION BY {series} ORDER BY ts) AS previous_ts
             FROM latest l
         )
         INSERT INTO position_snapshots ({cols})
         SELECT {cols} FROM sequenced s
-        WHERE CASE WHEN s.previous IS NOT NULL THEN s.previous IS DISTINCT FROM ROW({row})
+        WHERE CASE WHEN s.previous_ts IS NOT NULL THEN s.previous IS DISTINCT FROM ROW({row})
                    ELSE NOT EXISTS (
                        SELECT 1 FROM (
                            SELECT {row} FROM position_snapshots p
