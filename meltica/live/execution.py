@@ -471,6 +471,14 @@ class ExecutionService:
             await self._flush_task
         self._emit = None
 
+    def health(self) -> dict[str, Any]:
+        """Per account, the driver's health (a ``LiveDriver``'s: connection, stream, polls, last error)."""
+        out: dict[str, Any] = {}
+        for account, lane in self.lanes.items():
+            report = getattr(lane.driver, "health", None)
+            out[account] = report() if callable(report) else {"driver": type(lane.driver).__name__}
+        return out
+
     def _user_event_handler(self, lane: _Lane) -> UserEventHandler:
         async def handle(event: UserEvent) -> None:
             await lane.oms.on_user_event(event, account=lane.account)

@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from meltica.adapters.base import ExchangeAdapter, UserEvent, UserEventKind
-from meltica.domain import Bar, Order
+from meltica.domain import Bar, Order, OrderStatus
 from meltica.errors import MelticaError, OrderNotFoundError, StaleStreamError
 
 log = logging.getLogger(__name__)
@@ -310,8 +310,8 @@ class LiveDriver:
                 self._error(f"poll {symbol}: {exc}")
                 log.warning("%s: REST poll of %s failed: %s", self.account, symbol, exc)
         for order in open_orders:
-            if order.client_order_id in on_venue:
-                continue
+            if order.client_order_id in on_venue or order.status is OrderStatus.NEW:
+                continue  # listed open; or held locally (emulated), never on the venue
             try:  # closed on the venue since (filled, cancelled, expired) or not arrived there yet
                 vo = await self._adapter.fetch_order(order.symbol, client_order_id=order.client_order_id)
             except OrderNotFoundError:
