@@ -835,6 +835,7 @@ class ExecutionService:
             if kind == "strategy" and name:
                 filters["strategy"] = name
             reason = f"kill switch halt ({command.scope})"
+            self._log.warning("execution %s: %s by %s: cancelling every open order", lane.account, reason, command.actor)
             await lane.oms.cancel_all(reason=reason, **filters)
             if isinstance(lane.driver, LiveDriver):
                 await self._sweep_venue(lane, reason, strategy=filters.get("strategy"))

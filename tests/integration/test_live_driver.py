@@ -26,7 +26,8 @@ from sqlalchemy import Engine, text
 
 from meltica.adapters.ccxt import CcxtAdapter, RetryPolicy
 from meltica.adapters.registry import create_adapter
-from meltica.domain import OrderIntent, OrderStatus, OrderType, Side
+from meltica.domain import Bar, OrderIntent, OrderStatus, OrderType, Side
+from meltica.domain.portfolio import Position
 from meltica.emulator import CCXT_OPTIONS, EmulatorConfig, EmulatorServer, ccxt_urls_for
 from meltica.errors import MelticaError
 from meltica.execution import OrderStore
@@ -100,6 +101,7 @@ class Live:
         self.venue = adapter_for(emu)
         self.published: list[Outgoing] = []
         self.reconnect_hooks = 0
+        self.lane_starts: list[tuple[str, list[str]]] = []
 
     async def start(self) -> None:
         async def emit(out: Outgoing) -> None:
@@ -108,7 +110,12 @@ class Live:
         async def on_reconnect() -> None:
             self.reconnect_hooks += 1
 
+        async def on_lane_start(account: str, adapter: Any, oms: Any, portfolio: Any) -> None:
+            assert adapter is self.driver.adapter and portfolio is self.service.lanes[account].portfolio
+            self.lane_starts.append((account, [o.client_order_id for o in oms.open_orders()]))
+
         self.driver.on_reconnect = on_reconnect
+        self.service.on_lane_start = on_lane_start
         await self.service.start(emit)
         await self.venue.connect()
 
@@ -251,6 +258,24 @@ def test_fills_while_the_user_stream_is_down_or_late_are_taken_once(fresh_databa
             health = live.driver.health()
             assert health["reconnects"] >= 1 and health["polls"] >= 1 and health["connected"]
             assert live.service.lanes["main"].oms.anomalies == []
+            assert live.lane_starts == [("main", [])]
+
+            # a bar marks the position: published with its mark price and the unrealized PnL at it
+            close = bid + 100
+            bar = Bar(
+                exchange="binance",
+                symbol=SYMBOL,
+                timeframe="1m",
+                ts=datetime(2024, 1, 1, tzinfo=UTC),
+                open=close,
+                high=close,
+                low=close,
+                close=close,
+                volume=Decimal(1),
+            )
+            out = await live.service.handle(Incoming("md.candles.1m", "binance:BTC/USDT", bar))
+            (marked,) = [o.value for o in out if isinstance(o.value, Position)]
+            assert marked.mark_price == close and marked.unrealized_pnl_at_mark == 0 and marked.fill_count == 4
         finally:
             await live.stop()
             await live.emu.stop()
@@ -311,5 +336,31 @@ def test_a_venue_that_cannot_be_reached_stops_the_stage_from_starting(
             await service.start(emit)
         assert driver.health()["connected"] is False
         await service.stop()
+
+    run(body)
+
+
+def test_a_failing_lane_start_hook_stops_the_stage_before_any_request(fresh_database: Engine) -> None:
+    async def body() -> None:
+        emu = EmulatorServer(EmulatorConfig.single(KEY, SECRET, data=[TRADES]))
+        await emu.start()
+        try:
+            driver = LiveDriver(adapter_for(emu), account="main")
+
+            async def refuse(account: str, adapter: Any, oms: Any, portfolio: Any) -> None:
+                raise MelticaError(f"reconciliation of {account} found unexplained exposure")
+
+            service = ExecutionService(
+                config(), {"main": driver}, store=OrderStore(fresh_database), on_lane_start=refuse
+            )
+
+            async def emit(out: Outgoing) -> None:
+                return None
+
+            with pytest.raises(MelticaError, match="unexplained exposure"):
+                await service.start(emit)
+            await service.stop()
+        finally:
+            await emu.stop()
 
     run(body)

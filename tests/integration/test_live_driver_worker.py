@@ -72,6 +72,16 @@ class Worker:
             stderr=subprocess.STDOUT,
         )
 
+    async def running(self, timeout: float = 90) -> None:
+        """Until the worker says it runs (its partitions assigned and sought): what is produced from
+        then on is read (a record produced while a restarted worker of the group joins was seen to be
+        skipped by faust-streaming)."""
+        deadline = time.monotonic() + timeout
+        while " running: " not in self.log.read_text(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the worker is not running:\n{self.log.read_text()[-5000:]}")
+            await asyncio.sleep(0.1)
+
     async def exit_code(self, timeout: float = 90) -> int:
         deadline = time.monotonic() + timeout
         while self.process.poll() is None:
@@ -156,7 +166,9 @@ def test_worker_sigkilled_mid_request_then_restarted(
             return started
 
         async def send(topic: str, key: str, value: Any) -> None:
-            await producer.send_and_wait(catalogue.topic_name(topic), key=key.encode(), value=codec.encode(topic, value))
+            await producer.send_and_wait(
+                catalogue.topic_name(topic), key=key.encode(), value=codec.encode(topic, value)
+            )
 
         try:
             await venue.connect()
@@ -176,6 +188,7 @@ def test_worker_sigkilled_mid_request_then_restarted(
             # 2. restarted: recovered on start; the request handed over again sends nothing; then the
             #    cancel kills it after the venue cancelled and before the answer was stored
             second = worker("after_cancel_send")
+            await second.running()
             await eventually(lambda: db_status(engine, coid) == "open", "the recovery of the order")
             await send("orders.approved", "main", cancel_of(submit))
             assert await second.exit_code() == 137
@@ -185,6 +198,7 @@ def test_worker_sigkilled_mid_request_then_restarted(
 
             # 3. restarted: the cancel is settled by the recovery; three resting orders, then SIGKILL
             third = worker()
+            await third.running()
             await eventually(lambda: db_status(engine, coid) == "cancelled", "the recovery of the cancel")
             resting = [resting_buy(price - i - 1) for i in range(3)]
             for request in resting:
@@ -196,8 +210,13 @@ def test_worker_sigkilled_mid_request_then_restarted(
 
             # 4. restarted: the kill switch on the control topic cancels every resting order on the venue
             fourth = worker()
+            await fourth.running()
             kill = KillSwitchCommand(
-                command_id=f"kill-{uuid.uuid4().hex[:8]}", actor="test", ts=datetime.now(UTC), mode="halt", reason="drill"
+                command_id=f"kill-{uuid.uuid4().hex[:8]}",
+                actor="test",
+                ts=datetime.now(UTC),
+                mode="halt",
+                reason="drill",
             )
             await send("control", "global", kill)
 
