@@ -24,8 +24,11 @@ delivered, held new orders and amendments end ``cancelled`` / ``END_OF_DATA``) a
 stored ``rejected`` (reason from the decision) and reported.
 
 Live (``lockstep=False``): requests go to the OMS on arrival; a :class:`PaperDriver` is moved by every
-bar; the driver's user stream (a real venue's, the emulator's in its own time) changes orders in the
-background and those updates are published through ``emit``.
+bar; a ``LiveDriver`` (``meltica.live.live_driver``: a real venue, the emulator in its own time) feeds
+the venue's user stream (and its REST poll when the stream is stale) to the OMS in the background, and
+those updates are published through ``emit``. Every bar marks the portfolio (its close): positions are
+published with ``mark_price`` and ``unrealized_pnl_at_mark``. With a store, ``start()`` recovers every
+order in flight and runs ``on_lane_start`` before any request is taken.
 
 Kill switch ``halt``: the OMS cancels every open order of the scope (updates published) and refuses new
 ones while halted. At least once: a request id handled before is dropped, bars by time per market,
@@ -578,7 +581,7 @@ class ExecutionService:
         return position.model_copy(update={"mark_price": mark, "unrealized_pnl_at_mark": position.unrealized_pnl(mark)})
 
     def _marked(self, lane: _Lane, bar: Bar) -> list[Outgoing]:
-        """Live: mark the lane's portfolio with ``bar``'s close; every open position of that market is
+        """Live: mark the lane's portfolio with ``bar``'s close; every traded position of that market is
         published again with its new mark."""
         if lane.portfolio.mark_price(bar.exchange, bar.symbol) == bar.close:
             return []
@@ -835,7 +838,9 @@ class ExecutionService:
             if kind == "strategy" and name:
                 filters["strategy"] = name
             reason = f"kill switch halt ({command.scope})"
-            self._log.warning("execution %s: %s by %s: cancelling every open order", lane.account, reason, command.actor)
+            self._log.warning(
+                "execution %s: %s by %s: cancelling every open order", lane.account, reason, command.actor
+            )
             await lane.oms.cancel_all(reason=reason, **filters)
             if isinstance(lane.driver, LiveDriver):
                 await self._sweep_venue(lane, reason, strategy=filters.get("strategy"))

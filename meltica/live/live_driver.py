@@ -266,8 +266,16 @@ class LiveDriver:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
             self._wake.clear()
-            if not self._stale():
-                continue
+            try:
+                await self._check()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the safety net must not die quietly: say it, and keep watching
+                self._error(f"watch failed: {exc!r}")
+                log.exception("%s: the user-stream watch failed; retrying", self.account)
+
+    async def _check(self) -> None:
+        if self._stale():
             reconnect = self._reconnect_pending
             if await self.poll():
                 self._fault_pending = False

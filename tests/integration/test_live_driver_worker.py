@@ -102,12 +102,16 @@ def workers() -> Iterator[list[Worker]]:
     started: list[Worker] = []
     yield started
     for worker in started:
-        if worker.process.poll() is None:
+        if worker.process.poll() is None:  # a test failed with this worker alive: log its tasks' stacks
+            worker.process.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
             print(f"--- worker log tail ---\n{worker.log.read_text(errors='replace')[-10000:]}")
         worker.close()
 
 
-async def eventually(check: Callable[[], Any], what: str, timeout: float = 90) -> None:
+async def eventually(
+    check: Callable[[], Any], what: str, timeout: float = 90, state: Callable[[], Any] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         result = check()
@@ -116,7 +120,7 @@ async def eventually(check: Callable[[], Any], what: str, timeout: float = 90) -
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
+            raise AssertionError(f"not within {timeout:g} s: {what}" + ("" if state is None else f": {state()}"))
         await asyncio.sleep(0.2)
 
 
@@ -204,7 +208,11 @@ def test_worker_sigkilled_mid_request_then_restarted(
             for request in resting:
                 await send("orders.approved", "main", request)
             coids = sorted(r.intent.client_order_id for r in resting)
-            await eventually(lambda: [db_status(engine, c) for c in coids] == ["open"] * 3, "three open orders")
+            await eventually(
+                lambda: [db_status(engine, c) for c in coids] == ["open"] * 3,
+                "three open orders",
+                state=lambda: [db_status(engine, c) for c in coids],
+            )
             third.process.send_signal(signal.SIGKILL)
             assert await third.exit_code() == -signal.SIGKILL
 
