@@ -35,7 +35,7 @@ from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceC
 from meltica.live.execution import ExecutionService
 from meltica.live.live_driver import LiveDriver
 from meltica.live.processor import Incoming, Outgoing
-from meltica.messaging.schemas import CancelRequest, PipelineRequest, SubmitRequest
+from meltica.messaging.schemas import AmendRequest, CancelRequest, PipelineRequest, SubmitRequest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -157,6 +157,13 @@ class Live:
         await self.send(
             CancelRequest(request_id=f"cancel-{coid}", account="main", strategy="s", ts=now, client_order_id=coid)
         )
+
+    def children_of(self, coid: str) -> list[str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT client_order_id FROM orders WHERE parent_client_order_id = :p"), {"p": coid}
+            ).all()
+        return [str(r[0]) for r in rows]
 
     def status(self, coid: str) -> OrderStatus:
         status: OrderStatus = self.oms.order(coid).status
@@ -297,13 +304,29 @@ def test_rest_faults_and_a_lost_order_response_never_duplicate_an_order(fresh_da
             faults.lose_next_order_response = 1  # executed, the answer lost (connection closed)
             c = await live.submit(Side.BUY, bid - 2)
             assert [live.status(x) for x in (a, b, c)] == [OrderStatus.OPEN] * 3
+            assert (faults.fail_next, faults.rate_limit_next, faults.lose_next_order_response) == (0, 0, 0)
             faults.fail_next = 1  # the cancel answered 503 (not executed): asked, then sent again
             await live.cancel(a)
             faults.lose_next_order_response = 1  # a taker order whose answer is lost: its fill comes anyway
             d = await live.submit(Side.BUY, (bid * Decimal("1.1")).quantize(Decimal("0.01")))
             await eventually(lambda: live.status(d) is OrderStatus.FILLED, "the taker order's fill")
             assert live.status(a) is OrderStatus.CANCELLED
-            assert await live.venue_order_counts() == Counter({a: 1, b: 1, c: 1, d: 1})
+            faults.lose_next_order_response = 1  # an amendment (cancel-replace) whose answer is lost
+            await live.send(
+                AmendRequest(
+                    request_id=f"amend-{b}",
+                    account="main",
+                    strategy="s",
+                    ts=datetime.now(UTC),
+                    client_order_id=b,
+                    price=bid - 3,
+                )
+            )
+            assert faults.lose_next_order_response == 0  # the fault was hit
+            (replacement,) = live.children_of(b)
+            assert live.status(b) is OrderStatus.CANCELLED
+            assert live.status(replacement) is OrderStatus.OPEN
+            assert await live.venue_order_counts() == Counter({a: 1, b: 1, c: 1, d: 1, replacement: 1})
             assert live.db_statuses() == await live.venue_statuses()
             assert live.db_fills() == await live.venue_fills() != set()
             assert live.driver.health()["connected"]
