@@ -40,6 +40,9 @@ class Position(DomainModel):
     fees: Amount = Decimal(0)
     other_fees: tuple[tuple[str, Decimal], ...] = ()
     fill_count: int = 0
+    # Set by a live publisher (the execution stage marks with the last bar's close); None: not marked.
+    mark_price: Amount | None = None
+    unrealized_pnl_at_mark: Amount | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Position:

@@ -109,7 +109,9 @@ def crash_point(name: str) -> None:
 
     Then the process dies on the spot with ``os._exit(137)`` — no cleanup, no flushing, no
     ``finally`` — as a ``kill -9`` would. Points: ``after_store`` (the order is committed, nothing was
-    sent), ``after_send`` (the venue accepted the order, its answer is not stored yet). Used by
+    sent), ``after_send`` (the venue accepted the order, its answer is not stored yet),
+    ``after_cancel_request`` (``pending_cancel`` is committed, the cancel was not sent),
+    ``after_cancel_send`` (the venue cancelled the order, its answer is not stored yet). Used by
     ``tests/integration/crash_worker.py``; never set the variable in production.
     """
     if os.environ.get(CRASH_POINT_ENV) == name:
@@ -804,12 +806,14 @@ class OrderManager:
             OrderCancelRequested(event_id=_new_event_id(), client_order_id=client_order_id, ts=now),
             raise_illegal=True,
         )
+        crash_point("after_cancel_request")
         venue = self._venue(order.account)
         attempt = 0
         while True:
             attempt += 1
             try:
                 vo: VenueOrder | None = await venue.cancel_order(order.symbol, client_order_id=client_order_id)
+                crash_point("after_cancel_send")
                 break
             except TerminalError as exc:
                 # Unknown order (already done, or never arrived) or refused: what does the venue have?
@@ -834,6 +838,15 @@ class OrderManager:
                     )
                 break
             except RetryableError as exc:
+                if not isinstance(exc, RateLimitError):
+                    # The venue may have cancelled it (the answer was lost): ask before cancelling again.
+                    try:
+                        found = await self._resolve(self.order(client_order_id))
+                    except RetryableError:
+                        found = None
+                    if found is not None and found.status.is_terminal:
+                        vo = found
+                        break
                 wait = self.retry.wait_for(exc, attempt, self._rng)
                 if wait is None:
                     raise  # stays pending_cancel; the user stream or recover() settles it

@@ -7,12 +7,16 @@ asked by client order id (``fetch_order``; transient failures retried per ``Retr
 venue answer                      action (each change is an order event; a ``recovered`` row too)
 ================================  ==============================================================
 found, still open                 acknowledged if it was pending; missing fills recorded → ``open``
+found open, was ``pending_cancel`` the cancel is sent again (it was requested before the restart) →
+                                  ``cancelled`` (or what the venue answers)
 found, filled meanwhile           ``fetch_my_trades`` → missing fills recorded → ``filled``
 found, cancelled / expired        missing fills first, then the terminal event → ``cancelled``…
 found, rejected                   ``rejected`` with the venue's reason
 unknown, order was pending        policy ``resend_unsent=False`` (default): ``rejected`` with reason
 (``new`` / ``pending_submit``)    "never reached venue"; ``resend_unsent=True``: sent again under the
-                                  same client order id (exactly one order on the venue either way)
+                                  same client order id (exactly one order on the venue either way) —
+                                  except an amendment's replacement (its original may still rest on
+                                  the venue): always ``rejected``
 unknown, order was open           left as is, reported ``missing_on_venue`` (a reconciliation matter)
 venue cannot be asked             left as is, reported ``unresolved``
 ================================  ==============================================================
@@ -109,6 +113,13 @@ _OUTCOME_BY_STATUS = {
 }
 
 
+def _is_replacement(oms: OrderManager, client_order_id: str) -> bool:
+    """An amendment's replacement: a child of a venue order (an emulated parent's children are not)."""
+    row = oms.store.order_row(client_order_id)
+    parent = None if row is None else row.get("parent_client_order_id")
+    return bool(parent) and not oms.store.is_emulated(str(parent))
+
+
 async def recover_orders(oms: OrderManager, *, resend_unsent: bool) -> RecoveryReport:
     report = RecoveryReport(started_at=oms.clock())
     for account, venue in oms.venues.items():
@@ -131,7 +142,7 @@ async def recover_orders(oms: OrderManager, *, resend_unsent: bool) -> RecoveryR
                 continue
             if vo is None:
                 if before in (OrderStatus.NEW, OrderStatus.PENDING_SUBMIT):
-                    if resend_unsent:
+                    if resend_unsent and not _is_replacement(oms, coid):
                         outcome = RESENT
                         try:
                             await oms._send(order)
@@ -151,6 +162,13 @@ async def recover_orders(oms: OrderManager, *, resend_unsent: bool) -> RecoveryR
                     report.errors.append(f"{coid}: {detail}")
             else:
                 await oms._apply_venue_order(vo, sync_fills=True)
+                if before is OrderStatus.PENDING_CANCEL and not oms.order(coid).is_terminal:
+                    # A cancel requested before the restart that the venue has not carried out: send it.
+                    try:
+                        await oms.cancel(coid, reason="cancel requested before restart")
+                    except MelticaError as exc:
+                        detail = f"cancel re-send failed: {exc}"
+                        report.errors.append(f"{coid}: {detail}")
                 after_order = oms.order(coid)
                 outcome = _OUTCOME_BY_STATUS.get(after_order.status, OPEN)
             after = oms.order(coid)

@@ -1,5 +1,6 @@
 """Persistence of the order manager: ``orders`` (current snapshot), ``order_events`` (append-only
-facts), ``fills`` (append-only, idempotent by venue trade id) — DESIGN.md §4, §6.
+facts), ``fills`` (append-only, idempotent by venue trade id and side: a self-trade's two legs share
+one trade id) — DESIGN.md §4, §6.
 
 Rules the OMS relies on:
 
@@ -423,7 +424,7 @@ class MemoryOrderStore:
         self.orders: dict[str, dict[str, Any]] = {}
         self.events: dict[str, list[dict[str, Any]]] = {}
         self.event_ids: set[uuid.UUID] = set()
-        self.fills: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.fills: dict[tuple[str, str, str, str], dict[str, Any]] = {}
 
     def insert_order(
         self,
@@ -479,7 +480,7 @@ class MemoryOrderStore:
         return seq
 
     def record_fill(self, fill: Fill, account: str, strategy: str | None) -> bool:
-        key = (fill.exchange, account, fill.fill_id)
+        key = (fill.exchange, account, fill.fill_id, fill.side.value)
         if key in self.fills:
             return False
         self.fills[key] = fill_row(fill, account=account, strategy=strategy)

@@ -24,8 +24,11 @@ delivered, held new orders and amendments end ``cancelled`` / ``END_OF_DATA``) a
 stored ``rejected`` (reason from the decision) and reported.
 
 Live (``lockstep=False``): requests go to the OMS on arrival; a :class:`PaperDriver` is moved by every
-bar; the driver's user stream (a real venue's, the emulator's in its own time) changes orders in the
-background and those updates are published through ``emit``.
+bar; a ``LiveDriver`` (``meltica.live.live_driver``: a real venue, the emulator in its own time) feeds
+the venue's user stream (and its REST poll when the stream is stale) to the OMS in the background, and
+those updates are published through ``emit``. Every bar marks the portfolio (its close): positions are
+published with ``mark_price`` and ``unrealized_pnl_at_mark``. With a store, ``start()`` recovers every
+order in flight and runs ``on_lane_start`` before any request is taken.
 
 Kill switch ``halt``: the OMS cancels every open order of the scope (updates published) and refuses new
 ones while halted. At least once: a request id handled before is dropped, bars by time per market,
@@ -60,11 +63,14 @@ from meltica.domain import (
     OrderRejected,
     OrderSubmitted,
 )
-from meltica.errors import OrderNotFoundError
+from meltica.domain.orders import CLIENT_ORDER_ID_PREFIX
+from meltica.domain.portfolio import Position
+from meltica.errors import MelticaError, OrderNotFoundError
 from meltica.execution import OrderManager
 from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
 from meltica.execution.store import OrderStoreProtocol
 from meltica.live.config import PipelineConfig
+from meltica.live.live_driver import LiveDriver
 from meltica.live.processor import Emit, Incoming, Outgoing
 from meltica.live.venue import VenueDriver
 from meltica.matching import FeeSchedule, FillModel
@@ -94,6 +100,9 @@ log = logging.getLogger(__name__)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EVENTS, FILLS, POSITIONS = "orders.events", "fills", "positions"
 UserEventHandler = Callable[[UserEvent], Awaitable[Any]]
+LaneStartHook = Callable[[str, ExchangeAdapter, OrderManager, Portfolio], Awaitable[None]]
+"""``hook(account, adapter, oms, portfolio)``: run per account after the driver started and the OMS
+recovered its orders, before any request is accepted (e.g. a start-up reconciliation)."""
 _KEEP_IDS = 20_000  # request ids remembered (and snapshotted) for dropping redeliveries
 _APPROVED: TypeAdapter[Any] = TypeAdapter(ApprovedMessage)
 
@@ -251,13 +260,25 @@ class ListeningStore:
 
 class _KillSwitchView:
     """What the OMS reads of the kill switch (``effective``); its halt cancellations are ours, awaited
-    in ``handle`` (the OMS would run them in the background), so ``subscribe`` is a no-op."""
+    in ``handle`` (the OMS would run them in the background), so ``subscribe`` is a no-op. ``engage``
+    is the OMS's fail-closed path (a risk or portfolio hook raised): the lane halts at once."""
 
     def __init__(self, switch: KillSwitch) -> None:
         self.switch = switch
 
     def effective(self, account: str, strategy: str) -> tuple[Any, str]:
         return self.switch.effective(account, strategy)
+
+    def engage(
+        self,
+        mode: Any,
+        reason: str,
+        actor: str | None = None,
+        *,
+        scope: str = "global",
+        details: Mapping[str, object] | None = None,
+    ) -> Any:
+        return self.switch.engage(mode, reason, actor, scope=scope, details=details)
 
     def subscribe(self, callback: Callable[[Any], Any]) -> Callable[[], None]:
         return lambda: None
@@ -381,10 +402,12 @@ class ExecutionService:
         drivers: Mapping[str, VenueDriver],
         *,
         store: OrderStoreProtocol | None = None,
+        on_lane_start: LaneStartHook | None = None,
         logger: logging.Logger | None = None,
         kill_switch_at_start: Mapping[str, KillSwitchState] | None = None,
     ) -> None:
         self.config = config
+        self.on_lane_start = on_lane_start
         self.lockstep = config.lockstep
         self._log = logger or log
         self._changes: list[tuple[Order, OrderEvent | None]] = []
@@ -408,6 +431,9 @@ class ExecutionService:
                 lane.kill_switch._set(scope, state)  # the durable state, as it was when the worker started
             if hasattr(driver, "on_user_event"):  # the driver owns the user stream (meltica.live.venue)
                 driver.on_user_event = self._user_event_handler(lane)
+            if isinstance(driver, LiveDriver):  # its REST poll looks up the orders the OMS holds open
+                driver.open_orders = lane.oms.open_orders
+                driver.watch(m.symbol for m in markets.values())
             self.lanes[account] = lane
         self._handled: deque[str] = deque(maxlen=_KEEP_IDS)
         self._handled_set: set[str] = set()
@@ -427,13 +453,32 @@ class ExecutionService:
 
     # --- Processor ---------------------------------------------------------------------------
     async def start(self, emit: Emit) -> None:
+        """Per account: start the driver (an unreachable venue raises: the stage does not run), recover
+        every order in flight from the store against the venue, run ``on_lane_start``; only then are
+        requests taken. Any failure raises (fail closed)."""
         self._emit = emit
         for lane in self.lanes.values():
             await lane.driver.start()
             if self._recover:
                 self._in_handle = True
                 try:
-                    await lane.oms.recover()
+                    report = await lane.oms.recover()
+                finally:
+                    self._in_handle = False
+                for out in self._flush():
+                    await emit(out)
+                self._log.info("execution %s: recovery %s", lane.account, report.summary())
+                unresolved = report.outcome("unresolved")
+                if unresolved:
+                    raise MelticaError(
+                        f"execution {lane.account}: {len(unresolved)} order(s) in flight could not be checked "
+                        f"against the venue ({', '.join(o.client_order_id for o in unresolved)}): not starting",
+                        reason="recovery_incomplete",
+                    )
+            if self.on_lane_start is not None:
+                self._in_handle = True
+                try:
+                    await self.on_lane_start(lane.account, lane.driver.adapter, lane.oms, lane.portfolio)
                 finally:
                     self._in_handle = False
                 for out in self._flush():
@@ -446,6 +491,14 @@ class ExecutionService:
         if self._flush_task is not None:
             await self._flush_task
         self._emit = None
+
+    def health(self) -> dict[str, Any]:
+        """Per account, the driver's health (a ``LiveDriver``'s: connection, stream, polls, last error)."""
+        out: dict[str, Any] = {}
+        for account, lane in self.lanes.items():
+            report = getattr(lane.driver, "health", None)
+            out[account] = report() if callable(report) else {"driver": type(lane.driver).__name__}
+        return out
 
     def _user_event_handler(self, lane: _Lane) -> UserEventHandler:
         async def handle(event: UserEvent) -> None:
@@ -534,8 +587,30 @@ class ExecutionService:
         for pkey, (account, exchange, symbol, strategy) in touched.items():
             lane = self.lanes.get(account)
             if lane is not None:
-                position = lane.portfolio.position(account, exchange, symbol, strategy=strategy)
-                out.append(Outgoing(POSITIONS, pkey, position))
+                out.append(Outgoing(POSITIONS, pkey, self._position(lane, exchange, symbol, strategy)))
+        return out
+
+    def _position(self, lane: _Lane, exchange: str, symbol: str, strategy: str) -> Position:
+        """The strategy's position; live, with the mark price and the unrealized PnL at it."""
+        position = lane.portfolio.position(lane.account, exchange, symbol, strategy=strategy)
+        mark = None if self.lockstep else lane.portfolio.mark_price(exchange, symbol)
+        if mark is None:
+            return position
+        return position.model_copy(update={"mark_price": mark, "unrealized_pnl_at_mark": position.unrealized_pnl(mark)})
+
+    def _marked(self, lane: _Lane, bar: Bar) -> list[Outgoing]:
+        """Live: mark the lane's portfolio with ``bar``'s close; every traded position of that market is
+        published again with its new mark."""
+        if lane.portfolio.mark_price(bar.exchange, bar.symbol) == bar.close:
+            return []
+        lane.portfolio.mark(bar.exchange, bar.symbol, bar.close)
+        out: list[Outgoing] = []
+        for strategy in lane.portfolio.strategies(lane.account):
+            position = lane.portfolio.position(lane.account, bar.exchange, bar.symbol, strategy=strategy)
+            if position.fill_count == 0:
+                continue
+            pkey = position_key(lane.account, bar.exchange, bar.symbol, strategy)
+            out.append(Outgoing(POSITIONS, pkey, self._position(lane, bar.exchange, bar.symbol, strategy)))
         return out
 
     def _venue_progress(
@@ -665,10 +740,17 @@ class ExecutionService:
             if self.lockstep:
                 market.bars.append(bar)
                 out += await self._advance(lane, market)
-            elif isinstance(lane.driver, PaperDriver):
-                await lane.driver.open(bar)
-                await self._close(lane, bar)
-                out += self._flush()
+            else:
+                if isinstance(lane.driver, PaperDriver):
+                    await lane.driver.open(bar)
+                    await self._close(lane, bar)
+                    out += self._flush()
+                elif lane.emulated_active:  # locally held orders (stops, trailing …) watch the market
+                    await lane.oms.on_market_data(bar)
+                    await lane.driver.settle()
+                    lane.emulated_active = bool(lane.emulator.orders())
+                    out += self._flush()
+                out += self._marked(lane, bar)
         return out
 
     def _releasable(self, lane: _Lane, market: _Market, ts: datetime) -> bool:
@@ -792,9 +874,44 @@ class ExecutionService:
             filters: dict[str, str] = {"account": lane.account}
             if kind == "strategy" and name:
                 filters["strategy"] = name
-            await lane.oms.cancel_all(reason=f"kill switch halt ({command.scope})", **filters)
+            reason = f"kill switch halt ({command.scope})"
+            self._log.warning(
+                "execution %s: %s by %s: cancelling every open order", lane.account, reason, command.actor
+            )
+            await lane.oms.cancel_all(reason=reason, **filters)
+            if isinstance(lane.driver, LiveDriver):
+                await self._sweep_venue(lane, reason, strategy=filters.get("strategy"))
             await lane.driver.settle()
         return self._flush()
+
+    async def _sweep_venue(self, lane: _Lane, reason: str, *, strategy: str | None) -> None:
+        """A halt on a live venue: every resting order of ours the venue still lists is cancelled too —
+        one the OMS did not hold (stored by an earlier process, or its update lost) through the OMS, one
+        with our client order id prefix but no row directly on the venue."""
+        assert isinstance(lane.driver, LiveDriver)
+        for symbol in sorted(lane.driver.symbols):
+            try:
+                resting = await lane.driver.adapter.fetch_open_orders(symbol)
+            except MelticaError as exc:
+                self._log.error("execution %s: kill switch: open orders of %s unknown: %s", lane.account, symbol, exc)
+                continue
+            for vo in resting:
+                coid = vo.client_order_id
+                if not coid or not coid.startswith(CLIENT_ORDER_ID_PREFIX):
+                    continue
+                known = lane.oms.store.get(coid)
+                if strategy is not None and (known is None or known.intent.strategy != strategy):
+                    continue
+                try:
+                    if known is not None:
+                        await lane.oms.sync_order(coid)
+                        if not lane.oms.order(coid).is_terminal:
+                            await lane.oms.cancel(coid, reason=reason)
+                    else:
+                        await lane.driver.adapter.cancel_order(vo.symbol, client_order_id=coid)
+                        self._log.warning("execution %s: kill switch cancelled unknown order %s", lane.account, coid)
+                except MelticaError as exc:
+                    self._log.error("execution %s: kill switch could not cancel %s: %s", lane.account, coid, exc)
 
     # --- state ---------------------------------------------------------------------------------
     def snapshot(self, key: str) -> dict[str, Any] | None:

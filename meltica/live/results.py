@@ -66,8 +66,9 @@ class PaperRunCollector:
         if current is None or order.updated_at >= current.updated_at:
             self.orders[order.client_order_id] = order
         event = update.event
-        if isinstance(event, OrderFilled) and event.fill.fill_id not in self._fill_ids:
-            self._fill_ids.add(event.fill.fill_id)
+        leg = f"{event.fill.fill_id}|{event.fill.side.value}" if isinstance(event, OrderFilled) else ""
+        if isinstance(event, OrderFilled) and leg not in self._fill_ids:
+            self._fill_ids.add(leg)
             self.fills.append(event.fill)
             self._apply_fill(event.fill)
 

@@ -568,7 +568,7 @@ class RiskGate:
                 self.engine.on_order_open(child, tracked.intent.model_copy(update={"quantity": remaining}))
 
     def _book_fill(self, acct: _Account, fill: Fill, strategy: str) -> None:
-        seen = f"{fill.exchange}|{fill.symbol}|{fill.fill_id}"
+        seen = f"{fill.exchange}|{fill.symbol}|{fill.fill_id}|{fill.side.value}"  # a self-trade has two legs
         if seen in acct.fills:
             return
         acct.fills.add(seen)

@@ -20,10 +20,12 @@ message (topic)               table                key / conflict rule
                               (+ ``fills`` for an
                               ``OrderFilled``)
 ``VenueProgress``             —                    ignored (a lock-step watermark, not a fact)
-``AccountFill`` (fills)       ``fills``            ``(exchange, account, trade_id)``: DO NOTHING
+``AccountFill`` (fills)       ``fills``            ``(exchange, account, trade_id, side)``: DO NOTHING (a
+                                                   self-trade has both legs under one trade id)
 ``Position`` (positions)      ``position_          ``(account, exchange, symbol, strategy, ts)`` with ``ts``
                               snapshots``          the broker timestamp of the record: DO UPDATE (latest
-                                                   wins), only when something differs
+                                                   wins), only when something differs (a new mark price
+                                                   is a difference: live positions carry one)
 ``RiskDecisionMessage``       ``risk_events``      ``event_id`` = :func:`decision_event_id`: DO NOTHING
 (risk.decisions)
 ``RejectedIntent``            ``risk_events``      the same row as its decision (same id), so a rejection
@@ -208,6 +210,8 @@ _POSITION_COLUMNS = (
     "average_entry_price",
     "realized_pnl",
     "fees",
+    "mark_price",
+    "unrealized_pnl",
 )
 _POSITION_KEY = ("account", "exchange", "symbol", "strategy", "ts")
 _RISK_COLUMNS = (
@@ -322,13 +326,26 @@ def _write_fills(conn: Connection, fill_rows: Sequence[dict[str, Any]]) -> int:
     copy_into_stage(conn, "sink_fills", "LIKE fills INCLUDING DEFAULTS", _FILL_COLUMNS, rows)
     return conn.exec_driver_sql(
         f"INSERT INTO fills ({', '.join(_FILL_COLUMNS)}) SELECT {', '.join(_FILL_COLUMNS)} FROM sink_fills "
-        "ON CONFLICT DO NOTHING"
+        "ON CONFLICT (exchange, account, trade_id, side) DO NOTHING"
     ).rowcount
 
 
 def _write_positions(conn: Connection, positions: Sequence[tuple[int, datetime, Position]]) -> int:
     rows = (
-        (pos, p.account, p.exchange, p.symbol, p.strategy, ts, p.quantity, p.avg_entry_price, p.realized_pnl, p.fees)
+        (
+            pos,
+            p.account,
+            p.exchange,
+            p.symbol,
+            p.strategy,
+            ts,
+            p.quantity,
+            p.avg_entry_price,
+            p.realized_pnl,
+            p.fees,
+            p.mark_price,
+            p.unrealized_pnl_at_mark,
+        )
         for pos, ts, p in positions
     )
     copy_into_stage(
@@ -345,19 +362,21 @@ def _write_positions(conn: Connection, positions: Sequence[tuple[int, datetime, 
     row = ", ".join(values)
     # Per key and timestamp the later record (partition order) wins; a snapshot equal to the one before
     # it (in the batch, or else the latest stored one) is not a change and adds no row, so a position
-    # re-published with a new timestamp writes nothing either.
+    # re-published with a new timestamp writes nothing either. (Whether there is a row before it is
+    # asked of its ts: a ROW with a NULL field — a flat position, no mark — is not "NOT NULL".)
     return conn.exec_driver_sql(
         f"""
         WITH latest AS (
             SELECT DISTINCT ON ({key}) {cols} FROM sink_positions ORDER BY {key}, pos DESC
         ),
         sequenced AS (
-            SELECT l.*, lag(ROW({row})) OVER (PARTITION BY {series} ORDER BY ts) AS previous
+            SELECT l.*, lag(ROW({row})) OVER (PARTITION BY {series} ORDER BY ts) AS previous,
+                   lag(ts) OVER (PARTITION BY {series} ORDER BY ts) AS previous_ts
             FROM latest l
         )
         INSERT INTO position_snapshots ({cols})
         SELECT {cols} FROM sequenced s
-        WHERE CASE WHEN s.previous IS NOT NULL THEN s.previous IS DISTINCT FROM ROW({row})
+        WHERE CASE WHEN s.previous_ts IS NOT NULL THEN s.previous IS DISTINCT FROM ROW({row})
                    ELSE NOT EXISTS (
                        SELECT 1 FROM (
                            SELECT {row} FROM position_snapshots p

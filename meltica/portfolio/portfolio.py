@@ -300,7 +300,7 @@ class Portfolio:
         self._marks: dict[tuple[str, str], Decimal] = {}
         self._holdings: dict[HoldingKey, Holding] = {}
         self._reservations: dict[str, _Reservation] = {}
-        self._seen_fills: set[tuple[str, str, str, str]] = set()
+        self._seen_fills: set[tuple[str, str, str, str, str]] = set()
         self.updated_at: datetime | None = None
 
     @property
@@ -316,8 +316,8 @@ class Portfolio:
     def apply_fill(self, fill: Fill, *, account: str, strategy: str) -> Position:
         """Book ``fill`` on the strategy's sub-ledger, the account ledger and the balances.
 
-        Returns the sub-ledger's new position. A fill seen before (same account, exchange, symbol
-        and fill id) changes nothing and returns the current position.
+        Returns the sub-ledger's new position. A fill seen before (same account, exchange, symbol,
+        fill id and side) changes nothing and returns the current position.
         """
         if not account or not strategy:
             raise ValueError("account and strategy must not be empty")
@@ -326,7 +326,7 @@ class Portfolio:
         base, quote, settle = split_symbol(fill.symbol)
         if settle is not None and settle != quote:
             raise ValueError(f"{fill.symbol}: inverse contracts (settled in {settle}) are not supported")
-        seen = (account, fill.exchange, fill.symbol, fill.fill_id)
+        seen = (account, fill.exchange, fill.symbol, fill.fill_id, fill.side.value)  # a self-trade: two legs
         sub = self._ledger(account, fill.exchange, fill.symbol, strategy)
         if seen in self._seen_fills:
             return sub.position()

@@ -348,7 +348,7 @@ class RiskEngine:
         self._counters: dict[tuple[str, ...], _Counter] = {}
         self._open: dict[str, _Open] = {}  # by client order id
         self._open_by_intent: dict[str, _Open] = {}
-        self._seen_fills: dict[tuple[str, str, str], None] = {}
+        self._seen_fills: dict[tuple[str, str, str, str], None] = {}
         self._rate_scopes = _rate_scopes(limits)
 
         # post-trade
@@ -729,8 +729,8 @@ class RiskEngine:
 
     def on_fill(self, fill: Fill, *, account: str, strategy: str) -> list[Breach]:
         """Move the filled quantity from its open order into the position, then run the post-trade
-        checks. A redelivered fill (same exchange, account and fill id) is ignored. An exception halts
-        the account (see the module docstring) and is raised."""
+        checks. A redelivered fill (same exchange, account, fill id and side) is ignored. An exception
+        halts the account (see the module docstring) and is raised."""
         try:
             return self._on_fill(fill, account, strategy)
         except Exception as exc:
@@ -739,7 +739,7 @@ class RiskEngine:
 
     def _on_fill(self, fill: Fill, account: str, strategy: str) -> list[Breach]:
         self.retry_pending()
-        dedupe = (fill.exchange, account, fill.fill_id)
+        dedupe = (fill.exchange, account, fill.fill_id, fill.side.value)
         if dedupe in self._seen_fills:
             return []
         self._seen_fills[dedupe] = None

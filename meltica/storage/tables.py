@@ -229,8 +229,9 @@ fills = Table(
     Column("liquidity", Text, nullable=True),
     _ts(),
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    # A redelivered fill writes nothing twice.
-    PrimaryKeyConstraint("exchange", "account", "trade_id"),
+    # A redelivered fill writes nothing twice. The side is part of a fill's identity: two orders of one
+    # account that trade with each other make one venue trade (one trade id) with a buy and a sell leg.
+    PrimaryKeyConstraint("exchange", "account", "trade_id", "side"),
     CheckConstraint("side IN ('buy', 'sell')", name="side_known"),
     CheckConstraint("liquidity IS NULL OR liquidity IN ('maker', 'taker')", name="liquidity_known"),
     CheckConstraint("price > 0 AND quantity > 0", name="positive"),

@@ -436,6 +436,41 @@ def test_position_snapshots_store_changes_and_the_latest_record_wins(fresh_datab
     assert stored() == [(D("0.5"), 0), (D("0.2"), 1), (D("0.5"), 2), (D("0.9"), 5)]
 
 
+def test_a_self_trade_stores_both_legs_and_a_marked_position_its_mark(fresh_database: Engine) -> None:
+    writer = SinkWriter(fresh_database)
+    buy_leg = Fill(
+        fill_id="77",
+        client_order_id="mlt-buy",
+        exchange_order_id="1",
+        exchange="binance",
+        symbol=SYMBOL,
+        side=Side.BUY,
+        price=D("64000.01"),
+        quantity=D("0.01"),
+        fee=D("0.00001"),
+        fee_currency="BTC",
+        liquidity=LiquiditySide.MAKER,
+        ts=T0,
+    )
+    sell_leg = buy_leg.model_copy(update={"client_order_id": "mlt-sell", "exchange_order_id": "2", "side": Side.SELL})
+    legs = [incoming("fills", AccountFill(account="alice", strategy="sma", fill=f)) for f in (buy_leg, sell_leg)]
+    assert writer.write(legs).written == {"fills": 2}
+    assert writer.write(legs).total_written == 0  # redelivered: nothing
+    marked = position("0.5", fills=1).model_copy(
+        update={"mark_price": D("65000"), "unrealized_pnl_at_mark": D("494.995")}
+    )
+    assert writer.write([incoming("positions", marked, ts=T0)]).written == {"position_snapshots": 1}
+    remarked = marked.model_copy(update={"mark_price": D("65001"), "unrealized_pnl_at_mark": D("495.495")})
+    assert writer.write([incoming("positions", remarked, ts=T0 + timedelta(seconds=60))]).written == {
+        "position_snapshots": 1
+    }
+    with fresh_database.connect() as conn:
+        rows = conn.execute(text("SELECT mark_price, unrealized_pnl FROM position_snapshots ORDER BY ts")).all()
+        sides = conn.execute(text("SELECT side, client_order_id FROM fills WHERE trade_id = '77' ORDER BY side")).all()
+    assert [tuple(r) for r in rows] == [(D("65000"), D("494.995")), (D("65001"), D("495.495"))]
+    assert [tuple(r) for r in sides] == [("buy", "mlt-buy"), ("sell", "mlt-sell")]
+
+
 def test_failures_are_classified_for_the_shell(fresh_database: Engine, free_port: Callable[[], int]) -> None:
     from meltica.live.sinks import failure_kind
     from meltica.storage.engine import make_engine

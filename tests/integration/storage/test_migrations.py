@@ -24,6 +24,10 @@ def _views(engine: Engine) -> set[str]:
         return set(conn.execute(text("SELECT matviewname FROM pg_matviews")).scalars())
 
 
+def _primary_key(engine: Engine, table: str) -> list[str]:
+    return list(inspect(engine).get_pk_constraint(table)["constrained_columns"])
+
+
 def test_upgrade_creates_every_table_and_downgrade_removes_them(empty_database: Engine) -> None:
     assert migrate.current_revision(empty_database) is None
 
@@ -47,7 +51,11 @@ def test_stepping_down_revision_by_revision(empty_database: Engine) -> None:
     later_tables = tables_0004 | {"order_lists", "emulated_orders", "kill_switch_state", "risk_state"}
 
     migrate.downgrade(empty_database, "-1")  # 0006: the erase guards only
+    assert migrate.current_revision(empty_database) == "0005"
+    assert _primary_key(empty_database, "fills") == ["exchange", "account", "trade_id", "side"]
+    migrate.downgrade(empty_database, "-1")  # 0005: the fills key
     assert migrate.current_revision(empty_database) == "0004"
+    assert _primary_key(empty_database, "fills") == ["exchange", "account", "trade_id"]
     assert _tables(empty_database) == set(metadata.tables)
 
     migrate.downgrade(empty_database, "-1")

@@ -17,7 +17,7 @@ hypertable; a retention policy on it would still work and would be the one way f
 Downgrade drops the new triggers and their function: the 0002 ``UPDATE`` guards stay as they were.
 
 Revision ID: 0006
-Revises: 0004 (the head when this was written; the merge chains it after 0005)
+Revises: 0005
 Create Date: 2026-12-06
 """
 
@@ -30,7 +30,7 @@ from alembic import op
 from meltica.storage.tables import APPEND_ONLY_TABLES
 
 revision: str = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
