@@ -17,9 +17,11 @@ Live deployments (``python -m streams.worker --settings FILE --worker NAME``) ar
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from meltica.domain.portfolio import Balance
@@ -27,6 +29,7 @@ from meltica.errors import ConfigurationError
 from meltica.live import deployment
 from meltica.live.config import PipelineConfig
 from meltica.live.execution import ExecutionService, PaperDriver
+from meltica.live.live_driver import LiveDriver
 from meltica.live.marketdata import CandleProcessor
 from meltica.live.processor import Processor
 from meltica.live.risk_gate import RiskGate
@@ -170,7 +173,9 @@ async def build_live_processors(settings: MelticaSettings, stages: Sequence[str]
     if "candles" in stages:
         processors.append(CandleProcessor())
     if "strategies" in stages:
-        processors.append(StrategyHost(config, kill_switch_at_start=kill_states))
+        # A new namespace for the ids of instances that start without state (see StrategyHost).
+        epoch = format(int(_wall_clock().timestamp() * 1000), "x")
+        processors.append(StrategyHost(config, kill_switch_at_start=kill_states, id_epoch=epoch))
     if "risk" in stages:
         markets = {(i.exchange, i.symbol): i for a in config.account_names() for i in config.instruments(a)}
         processors.append(
@@ -182,30 +187,62 @@ async def build_live_processors(settings: MelticaSettings, stages: Sequence[str]
                 kill_switch=KillSwitch(InMemoryKillSwitchStore()),
                 portfolio=Portfolio(),
                 kill_switch_at_start=kill_states,
+                wall_clock=_wall_clock,
             )
         )
     if "execution" in stages:
         from meltica.execution.store import OrderStore
 
-        extra: dict[str, Any] = {}
-        if settings.live.reconcile.at_start:
-            extra["on_lane_start"] = _reconcile_at_start(settings, engine)
+        extra: dict[str, Any] = {"on_lane_start": _reconcile_lanes(settings, engine, drivers)}
         processors.append(
             ExecutionService(config, drivers, store=OrderStore(engine), kill_switch_at_start=kill_states, **extra)
         )
     return processors
 
 
-def _reconcile_at_start(settings: MelticaSettings, engine: Engine) -> Any:
-    """Each venue account reconciled before its first order (``meltica.reconciliation.startup``); a paper
-    account (an in-process venue, new in every process) has nothing to reconcile."""
-    from meltica.reconciliation.startup import startup_hook  # built beside this module (issue 11)
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
 
-    hook = startup_hook(engine, settings)
+
+def _reconcile_lanes(settings: MelticaSettings, engine: Engine, drivers: Mapping[str, VenueDriver]) -> Any:
+    """The execution stage's per-account start hook (``meltica.reconciliation.startup``): a venue account is
+    reconciled before its first order (``live.reconcile.at_start``; its balances seed the portfolio either
+    way), again after every user-stream reconnect (``after_reconnect``) and every ``interval_s`` seconds. A
+    paper account (an in-process venue, new in every process) has nothing to reconcile. Fail closed: a
+    reconciliation that cannot run after start halts the account in this stage and says so."""
+    from meltica.reconciliation.startup import bind, every, startup_hook
+
+    policy = settings.live.reconcile
+    at_start = startup_hook(engine, settings)
+    tasks: list[asyncio.Task[None]] = []
+
+    def halting(
+        account: str, oms: Any, trigger: str, run: Callable[[], Awaitable[None]]
+    ) -> Callable[[], Awaitable[None]]:
+        async def guarded() -> None:
+            try:
+                await run()
+            except Exception as exc:
+                log.critical("account %s: %s reconciliation failed (%r): account halted", account, trigger, exc)
+                oms.kill_switch.engage(
+                    "halt", f"{trigger} reconciliation failed: {exc!r}", "reconciliation", scope=f"account:{account}"
+                )
+                # No re-raise: the account stays halted here; the next run (schedule) tries again.
+
+        return guarded
 
     async def on_lane_start(account: str, adapter: Any, oms: Any, portfolio: Any) -> None:
-        if deployment.account_venue(settings, account) != "paper":
-            await hook(account, adapter, oms, portfolio)
+        if deployment.account_venue(settings, account) == "paper":
+            return
+        await at_start(account, adapter, oms, portfolio)
+        driver = drivers.get(account)
+        if policy.after_reconnect and isinstance(driver, LiveDriver):
+            hook = startup_hook(engine, settings, trigger="reconnect")
+            driver.on_reconnect = halting(account, oms, "reconnect", bind(hook, account, adapter, oms, portfolio))
+        if policy.interval_s > 0:
+            hook = startup_hook(engine, settings, trigger="schedule")
+            run = halting(account, oms, "scheduled", bind(hook, account, adapter, oms, portfolio))
+            tasks.append(asyncio.get_running_loop().create_task(every(policy.interval_s, run)))
 
     return on_lane_start
 
@@ -223,8 +260,6 @@ async def _live_drivers(
         if deployment.account_venue(settings, account) == "paper":
             drivers[account] = PaperDriver.from_config(config, account)
             continue
-        from meltica.live.live_driver import LiveDriver  # the live venue driver (issue 11)
-
         adapter = deployment.account_adapter(settings, account, store=store)
         symbols = [i.symbol for i in config.instruments(account)]
         try:

@@ -73,7 +73,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -253,7 +253,9 @@ class RiskGate:
     kill-switch state (``KillSwitchStore.load()``) read when the worker starts — applied at once, and a
     restored snapshot older than it (by ``since``) does not undo it; ``status_grace``: added to three
     heartbeats before a market whose ingest fell silent counts as stale (clock offsets and lag between
-    processes); ``blocking_streams``: the market-data streams whose staleness refuses new orders.
+    processes); ``blocking_streams``: the market-data streams whose staleness refuses new orders;
+    ``wall_clock``: when given (live deployments), the ingest's heartbeats expire on it rather than on
+    event time.
     """
 
     name = "risk-gate"
@@ -276,6 +278,7 @@ class RiskGate:
         kill_switch_at_start: Mapping[str, KillSwitchState] | None = None,
         status_grace: timedelta = timedelta(seconds=15),
         blocking_streams: Iterable[str] = ("trades", "candles.1m"),
+        wall_clock: Callable[[], datetime] | None = None,
     ) -> None:
         if dedupe_window < 1:
             raise ValueError("dedupe_window must be >= 1")
@@ -312,6 +315,7 @@ class RiskGate:
         self._prices: dict[tuple[str, str], datetime] = {}  # market → time of the price in use
         self.status_grace = status_grace
         self.blocking_streams = frozenset(blocking_streams)
+        self.wall_clock = wall_clock
         self._status: dict[tuple[str, str], dict[str, MarketStatus]] = {}  # market → stream → latest status
         self._emit: Emit | None = None
 
@@ -645,7 +649,10 @@ class RiskGate:
                 )
         newest = max(streams.values(), key=lambda s: s.ts)
         expires = newest.ts + timedelta(seconds=3 * newest.heartbeat_s) + self.status_grace
-        if now > expires:
+        # Heartbeats are stamped with the ingest's wall clock: in a live deployment they are compared with
+        # this process's wall clock, not with the event time of the request (a replay or a venue whose
+        # market time runs faster than the wall clock would expire them at once).
+        if (now if self.wall_clock is None else self.wall_clock()) > expires:
             return (
                 f"market data {exchange}:{symbol}: no status from the ingest since {newest.ts.isoformat()} "
                 f"(expected every {newest.heartbeat_s:g}s)"

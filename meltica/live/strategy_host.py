@@ -155,6 +155,8 @@ class LiveStrategyContext(OrderTrackingContext):
 
     def _next_request_id(self) -> str:
         self.request_seq += 1
+        if self._id_epoch:
+            return f"{self._instance_id}:{self._id_epoch}:r{self.request_seq}"
         return f"{self._instance_id}:r{self.request_seq}"
 
     def _send_intent(self, intent: OrderIntent) -> str:
@@ -262,7 +264,10 @@ class StrategyHost:
     ``instruments``: by exchange then symbol, default the config's instruments per account;
     ``kill_switch_at_start``: the persisted kill-switch modes by scope (``KillSwitchStore.load()``), read
     when the worker starts: they govern every instance at once; they and every later kill-switch command
-    win over restored snapshots."""
+    win over restored snapshots. ``id_epoch`` (live deployments): intent and request ids of an instance
+    that starts without a snapshot are ``<instance>:<epoch>:<seq>``, so a new deployment, or one whose
+    Kafka state was lost, never reuses a client order id the venue or the database already holds (the
+    OMS would take the old order for the new one); a restored instance keeps the epoch it had."""
 
     name = "strategy-host"
     inputs: tuple[str, ...] = ("md.candles.1m", "orders.events", "control")
@@ -274,8 +279,10 @@ class StrategyHost:
         instruments: Mapping[str, Mapping[str, Instrument]] | None = None,
         logger: logging.Logger | None = None,
         kill_switch_at_start: Mapping[str, Any] | None = None,
+        id_epoch: str = "",
     ) -> None:
         self.config = config
+        self.id_epoch = id_epoch
         # scope -> "off" | "halt" | "reduce_only" (a KillSwitchState's mode, or the mode itself)
         self._persisted_kill = {
             scope: str(getattr(state, "mode", state)) for scope, state in (kill_switch_at_start or {}).items()
@@ -299,6 +306,7 @@ class StrategyHost:
 
     def _build(self, config: StrategyInstanceConfig) -> _Instance:
         inst = _Instance(config, self._instruments.get(config.exchange, {}))
+        inst.ctx._id_epoch = self.id_epoch
         self._apply_persisted_kill(inst)
         return inst
 
@@ -620,6 +628,7 @@ class StrategyHost:
             "paused": inst.paused,
             "clock": ctx.clock.now.isoformat(),
             "seq": ctx._seq,
+            "id_epoch": ctx._id_epoch,
             "request_seq": ctx.request_seq,
             "timers": {
                 n: [t.due.isoformat(), None if t.every is None else t.every.total_seconds()]
@@ -654,6 +663,7 @@ class StrategyHost:
         inst.paused = bool(state["paused"])
         ctx.clock.now = datetime.fromisoformat(state["clock"])
         ctx._seq = int(state["seq"])
+        ctx._id_epoch = str(state.get("id_epoch", ""))
         ctx.request_seq = int(state["request_seq"])
         for name, (due, every) in state["timers"].items():
             ctx._timers[name] = _Timer(

@@ -56,6 +56,7 @@ class IntentingContext:
     _state: dict[str, Any]
     _strategy: Strategy[Any] | None
     _seq: int
+    _id_epoch: str = ""  # live: a per-incarnation namespace of intent ids (StrategyHost ``id_epoch``)
     _timers: dict[str, _Timer]
     _pending: deque[Callable[[], None]]
 
@@ -141,6 +142,8 @@ class IntentingContext:
     # --- intents -----------------------------------------------------------------------------------
     def _next_intent_id(self) -> str:
         self._seq += 1
+        if self._id_epoch:
+            return f"{self._instance_id}:{self._id_epoch}:{self._seq}"
         return f"{self._instance_id}:{self._seq}"
 
     def _intent(

@@ -214,6 +214,13 @@ def _scalar(engine: Engine, sql: str, **params: Any) -> Any:
         return conn.execute(text(sql), params).scalar()
 
 
+def _orders_and_decisions(engine: Engine) -> str:
+    with engine.connect() as conn:
+        orders = conn.execute(text("SELECT client_order_id, strategy, side, status FROM orders")).all()
+        decisions = conn.execute(text("SELECT decision, rule, reason FROM risk_events ORDER BY ts")).all()
+    return "orders: " + repr(orders) + "\nrisk decisions: " + repr(decisions[-10:])
+
+
 # --- the venue, through ccxt's own class ---------------------------------------------------------
 
 
@@ -302,7 +309,10 @@ def test_a_deployment_trades_live_and_the_database_equals_the_venue(deployment: 
             assert supervisor.poll() is None, f"live start ended ({supervisor.returncode}):\n{_logs(d.logs)}"
             return fills() >= 4 and time.monotonic() - started >= TRADING_SECONDS
 
-        _wait_until(trading, TRADING_SECONDS + 180, "four stored fills after two minutes of trading", every=1.0)
+        try:
+            _wait_until(trading, TRADING_SECONDS + 180, "four stored fills after two minutes of trading", every=1.0)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_orders_and_decisions(d.database)}\n{_logs(d.logs)}") from None
 
         # Resting grid orders on the venue, then the kill switch: none left, nothing sent after.
         _wait_until(lambda: len(_venue_open(d.emulator_url)) >= 1, 60, "a resting order on the venue")

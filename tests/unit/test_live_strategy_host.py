@@ -192,3 +192,23 @@ def test_snapshot_restore_continues_with_the_same_ids_and_orders() -> None:
         inst.ctx.cancel(next(iter(inst.ctx._open)))
     assert a.ctx.take_requests()[0].request_id == b.ctx.take_requests()[0].request_id == "grid-1:r1"
     assert b.strategy.snapshot_state() == a.strategy.snapshot_state()
+
+
+def test_an_id_epoch_keeps_a_fresh_host_off_the_ids_an_earlier_one_used_and_a_restore_keeps_it() -> None:
+    # Two deployments of the same instance on one venue account: without an epoch both would send
+    # intent "grid-1:1" (one client order id), and the OMS would take the old order for the new one.
+    first, second = StrategyHost(config(), id_epoch="e1"), StrategyHost(config(), id_epoch="e2")
+    ids_first = [
+        v.intent.client_order_id for v in values(handle(first, "md.candles.1m", bar(0))) if isinstance(v, SubmitRequest)
+    ]
+    out_second = [v for v in values(handle(second, "md.candles.1m", bar(0))) if isinstance(v, SubmitRequest)]
+    assert [s.intent.intent_id for s in out_second] == ["grid-1:e2:1", "grid-1:e2:2", "grid-1:e2:3"]
+    assert [s.request_id for s in out_second] == [s.intent.intent_id for s in out_second]
+    assert not set(ids_first) & {s.intent.client_order_id for s in out_second}
+
+    # A restart that restores its snapshot keeps its own epoch (redeliveries keep their ids), whatever
+    # epoch the new process was given.
+    state = json.loads(json.dumps(first.snapshot("grid-1")))
+    restarted = StrategyHost(config(), id_epoch="e3")
+    restarted.restore("grid-1", state)
+    assert restarted.instances["grid-1"].ctx._next_intent_id() == "grid-1:e1:4"
