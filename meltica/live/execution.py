@@ -441,6 +441,7 @@ class ExecutionService:
         self._emit: Emit | None = None
         self._in_handle = False
         self._flush_task: asyncio.Task[None] | None = None
+        self._halt_retries: dict[tuple[str, str], asyncio.Task[None]] = {}  # (account, scope) -> retry loop
 
     @classmethod
     def paper(cls, config: PipelineConfig, *, store: OrderStoreProtocol | None = None) -> ExecutionService:
@@ -486,6 +487,10 @@ class ExecutionService:
             await self._halt_at_start(lane, emit)
 
     async def stop(self) -> None:
+        for task in self._halt_retries.values():
+            task.cancel()
+        await asyncio.gather(*self._halt_retries.values(), return_exceptions=True)
+        self._halt_retries.clear()
         for lane in self.lanes.values():
             await lane.driver.stop()
         if self._flush_task is not None:
@@ -878,11 +883,51 @@ class ExecutionService:
             self._log.warning(
                 "execution %s: %s by %s: cancelling every open order", lane.account, reason, command.actor
             )
-            await lane.oms.cancel_all(reason=reason, **filters)
-            if isinstance(lane.driver, LiveDriver):
-                await self._sweep_venue(lane, reason, strategy=filters.get("strategy"))
-            await lane.driver.settle()
+            await self._cancel_scope(lane, reason, filters)
+            if self._still_open(lane, filters):
+                self._retry_halt(lane, command.scope, reason, filters)
         return self._flush()
+
+    async def _cancel_scope(self, lane: _Lane, reason: str, filters: Mapping[str, str]) -> None:
+        await lane.oms.cancel_all(reason=reason, **filters)
+        if isinstance(lane.driver, LiveDriver):
+            await self._sweep_venue(lane, reason, strategy=filters.get("strategy"))
+        await lane.driver.settle()
+
+    @staticmethod
+    def _still_open(lane: _Lane, filters: Mapping[str, str]) -> list[Order]:
+        return [o for o in lane.oms.open_orders(**filters) if not lane.oms.store.is_emulated(o.client_order_id)]
+
+    def _retry_halt(self, lane: _Lane, scope: str, reason: str, filters: Mapping[str, str]) -> None:
+        """Fail closed: a halt whose cancels did not all go through (rate limit, venue outage) is retried with
+        back-off until nothing of the scope is open or the halt is released; loudly, every round."""
+        key = (lane.account, scope)
+        running = self._halt_retries.get(key)
+        if running is not None and not running.done():
+            return
+
+        async def retry() -> None:
+            delay = 0.5
+            while True:
+                left = self._still_open(lane, filters)
+                if not left:
+                    self._log.warning("execution %s: %s: every order cancelled", lane.account, reason)
+                    return
+                mode, _ = lane.kill_switch.effective(lane.account, filters.get("strategy", ""))
+                if str(getattr(mode, "value", mode)) != "halt":
+                    return
+                self._log.critical(
+                    "execution %s: %s: %d order(s) still open (%s); cancelling again in %.1f s",
+                    lane.account, reason, len(left), ", ".join(o.client_order_id for o in left[:5]), delay,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                try:
+                    await self._cancel_scope(lane, reason, filters)
+                except Exception:
+                    self._log.exception("execution %s: %s: cancel round failed", lane.account, reason)
+
+        self._halt_retries[key] = asyncio.get_running_loop().create_task(retry())
 
     async def _sweep_venue(self, lane: _Lane, reason: str, *, strategy: str | None) -> None:
         """A halt on a live venue: every resting order of ours the venue still lists is cancelled too —

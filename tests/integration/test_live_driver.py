@@ -387,3 +387,39 @@ def test_a_failing_lane_start_hook_stops_the_stage_before_any_request(fresh_data
             await emu.stop()
 
     run(body)
+
+
+def test_a_halt_whose_cancels_fail_keeps_cancelling_until_nothing_rests(fresh_database: Engine) -> None:
+    """Fail closed: the venue answers 503 to everything while the kill switch fires, so every cancel of
+    the halt fails (after the adapter's own retries); once the venue answers again the stage, which kept
+    cancelling with back-off, clears it — a halt is not a single attempt."""
+    from meltica.messaging.schemas import KillSwitchCommand
+
+    async def body() -> None:
+        live = await started(fresh_database)
+        try:
+            price = await live.last_price()
+            resting = [await live.submit(Side.BUY, price * Decimal("0.9") - i) for i in range(3)]
+            await eventually(lambda: all(live.status(c) is OrderStatus.OPEN for c in resting), "three orders resting")
+            live.emu.faults.fail_next = 100_000  # an outage: every request fails
+            kill = KillSwitchCommand(
+                command_id="kill-retry", actor="test", ts=datetime.now(UTC), mode="halt", reason="drill"
+            )
+            await live.service.handle(Incoming("control", "global", kill))
+            assert live.emu.faults.fail_next < 100_000  # the outage was hit
+            assert not any(live.status(c) is OrderStatus.CANCELLED for c in resting)
+            live.emu.faults.fail_next = 0  # the venue is back
+
+            async def venue_clear() -> bool:
+                return await live.venue.fetch_open_orders(SYMBOL) == []
+
+            await eventually(venue_clear, "no order of ours resting on the venue", timeout=60)
+            await eventually(
+                lambda: all(live.status(c) is OrderStatus.CANCELLED for c in resting), "every order cancelled"
+            )
+            assert set((await live.venue_statuses()).values()) == {"cancelled"}
+        finally:
+            await live.stop()
+            await live.emu.stop()
+
+    run(body)
