@@ -367,7 +367,12 @@ def test_ingest_process_gaps_staleness_and_restart(
     t = [b.ts.isoformat() for b in bars]
     assert f"gap in 1m bars from {t[10]} to {t[14]}: 4 missing, 4 fetched by REST" in log1
     assert f"last bar on md.candles.1m: {t[30]}" in log2
-    assert f"gap in 1m bars from {t[31]} to {t[35]}: 4 missing, 4 fetched by REST" in log2
+    # The bar that closed while the ingest was down may come as the venue's final kline event on
+    # resubscribing (the emulator, like Binance, sends one per kline) or from REST with the others.
+    assert (
+        f"gap in 1m bars from {t[31]} to {t[35]}: 4 missing, 4 fetched by REST" in log2
+        or f"gap in 1m bars from {t[32]} to {t[35]}: 3 missing, 3 fetched by REST" in log2
+    ), log2[-3000:]
 
     # staleness: statuses keyed by market, the gate refused on stale and accepted when fresh
     stale = got["stale"][-1]
