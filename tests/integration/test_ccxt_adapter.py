@@ -139,6 +139,10 @@ def test_full_cycle_through_the_adapter() -> None:
 
             cancelled = await adapter.cancel_order("BTC/USDT", client_order_id=new_cid)
             assert cancelled.status is OrderStatus.CANCELLED
+            # Binance's answer names the cancel request in clientOrderId; the order is ours, not a stranger
+            assert cancelled.client_order_id == new_cid
+            by_exchange_id = await adapter.cancel_order("BTC/USDT", exchange_order_id=s.exchange_order_id)
+            assert by_exchange_id.client_order_id == stop.client_order_id
             await adapter.cancel_all_orders("BTC/USDT")
             assert await adapter.fetch_open_orders("BTC/USDT") == []
             with pytest.raises(OrderNotFoundError):

@@ -417,6 +417,10 @@ class CcxtAdapter:
 
     def _parse_order(self, raw: Mapping[str, Any], client_order_id: str | None = None) -> VenueOrder:
         order = parse_order(self.exchange_id, raw, self._now)
+        info = raw.get("info")
+        original = info.get("origClientOrderId") if isinstance(info, Mapping) else None
+        if original:  # a cancel's answer: clientOrderId is the cancel request's id, this is the order's
+            order = VenueOrder(**{**order.__dict__, "client_order_id": str(original)})
         if order.client_order_id is None and client_order_id is not None:
             order = VenueOrder(**{**order.__dict__, "client_order_id": client_order_id})
         return self._remember(order)
@@ -504,6 +508,10 @@ class CcxtAdapter:
             exchange_order_id=exchange_order_id,
         )
         order = self._parse_order(raw, client_order_id)
+        if client_order_id is not None and order.client_order_id != client_order_id:
+            # Binance answers a cancel with the cancel request's own id in clientOrderId (the order's is
+            # origClientOrderId), which ccxt reports: the answer is about the order we asked for.
+            order = self._remember(VenueOrder(**{**order.__dict__, "client_order_id": client_order_id}))
         if order.status in (OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED):
             # Some venues answer a cancel with the pre-cancel state: the cancel was accepted.
             order = VenueOrder(**{**order.__dict__, "status": OrderStatus.CANCELLED})
