@@ -123,7 +123,10 @@ _install_lock = threading.Lock()
 _installed_factory: Callable[..., logging.LogRecord] | None = None
 
 
-def _redacting_excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+def print_exception_redacted(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None = None
+) -> None:
+    """Print ``exc``'s traceback to stderr, as Python does for an uncaught one, without registered secrets."""
     text = "".join(traceback.format_exception(exc_type, exc, tb))  # causes and contexts included
     sys.stderr.write(registry.redact(text))
     sys.stderr.flush()
@@ -147,7 +150,7 @@ def install_log_redaction(*handlers: logging.Handler) -> None:
     included — never shows a registered value either.
     """
     global _installed_factory
-    sys.excepthook = _redacting_excepthook
+    sys.excepthook = print_exception_redacted
     threading.excepthook = _redacting_thread_excepthook
     with _install_lock:
         current = logging.getLogRecordFactory()
