@@ -9,7 +9,9 @@ import subprocess
 import sys
 import textwrap
 
-from meltica.secrets.redaction import SecretRegistry, redact_record
+import pytest
+
+from meltica.secrets.redaction import RedactingFilter, SecretRegistry, redact_record
 
 SECRET = "uncaught-secret-value-4242"
 
@@ -73,3 +75,25 @@ def test_a_scrubbed_traceback_drops_exc_info() -> None:
     assert record.exc_text is not None
     assert SECRET not in logging.Formatter().format(record)
     assert "KeyError: '****'" in record.exc_text
+
+
+def test_ccxt_verbose_echo_goes_through_logging_and_is_scrubbed(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from meltica.adapters.registry import create_adapter
+    from meltica.secrets.redaction import registry
+
+    key = "verbose-echo-api-key-5555"
+    adapter = create_adapter("binance", account="a", credentials={"apiKey": key, "secret": SECRET})
+    registry.add(key)
+    caplog.handler.addFilter(RedactingFilter())
+    try:
+        with caplog.at_level(logging.INFO, logger="ccxt.verbose"):
+            # ccxt's verbose mode calls exchange.log(...) with the request's headers
+            adapter.exchange.log("\nfetch Request:", "binance", "GET", {"X-MBX-APIKEY": key})  # type: ignore[attr-defined]
+    finally:
+        registry.discard(key)
+        asyncio.run(adapter.close())
+    assert "fetch Request:" in caplog.text
+    assert "X-MBX-APIKEY" in caplog.text
+    assert key not in caplog.text
