@@ -39,6 +39,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import scrub_secrets_in_logs
 from flows._retry import retry_only_retryable
 from meltica.backtest.config import BacktestConfig
 from meltica.backtest.data import BarSeries
@@ -256,6 +257,7 @@ def backtest(
     ``slippage_bps``, ``latency_ms``, ``bar_volume_share``, ``fill_on_touch``, ``initial_balances``…).
     ``data_file``: a candle file (else the stored candles of ``exchange``/``symbol``/``timeframe``).
     ``start``/``end``: the bar range (end exclusive). Returns the summary (run id, metrics, file URLs)."""
+    scrub_secrets_in_logs()
     config = _config(strategy, params or {}, exchange, symbol, timeframe, start, end, fill_model)
     fingerprint = data_fingerprint(data_file, exchange, symbol, timeframe, start, end)
     summary = run_backtest_task(
@@ -304,6 +306,7 @@ def sweep(
 ) -> dict[str, Any]:
     """Backtest every valid point of ``grid_space`` (over ``base_params``) as concurrent tasks (at most
     ``workers`` at once), store them under one ``sweep_id`` and rank them by ``objective``."""
+    scrub_secrets_in_logs()
     if objective not in METRIC_NAMES:
         raise ConfigurationError(f"unknown objective {objective!r}", field="objective")
     maximize = (objective not in LOWER_IS_BETTER) if maximize is None else maximize

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows import scrub_secrets_in_logs
 from flows._retry import retry_only_retryable
 from meltica.infra.postgres import database_url
 from meltica.marketdata.candle_files import read_candle_file
@@ -43,6 +44,7 @@ def import_candle_file(
     path: str, exchange: str, symbol: str, timeframe: str, database: str | None = None
 ) -> dict[str, Any]:
     """Load one candle file (CSV, Feather, Parquet); reloading adds nothing."""
+    scrub_secrets_in_logs()
     summary = load_file(path, exchange, symbol, timeframe, database or database_url())
     create_markdown_artifact(
         key="candle-import",

@@ -18,6 +18,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows import scrub_secrets_in_logs
 from flows._retry import retry_only_retryable
 from meltica.adapters.base import ExchangeAdapter
 from meltica.errors import ConfigurationError
@@ -178,6 +179,7 @@ def ingest(
 ) -> list[dict[str, Any]]:
     """Ingest OHLCV bars (and with ``trades`` public trades) of ``symbols`` × ``timeframes`` from
     ``start`` (ISO; None resumes after the stored data, or starts at the venue's first bar)."""
+    scrub_secrets_in_logs()
     db_url = database or database_url()
     series_task = ingest_series.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     jobs: list[tuple[str, str, str | None]] = [("ohlcv", s, tf) for s in symbols for tf in timeframes]

@@ -15,6 +15,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from sqlalchemy.exc import OperationalError
 
+from flows import scrub_secrets_in_logs
 from flows._retry import retry_only_retryable
 from meltica.adapters.factory import adapter_for_account
 from meltica.config import load_settings
@@ -79,6 +80,7 @@ def reconcile(
 ) -> list[dict[str, Any]]:
     """Reconcile ``accounts`` (default: every configured account); one markdown artifact lists the
     discrepancies of all of them. Fails (after storing what it could) if any account failed."""
+    scrub_secrets_in_logs()
     settings = load_settings(config_file=config_file)
     names = accounts or [a.name for a in settings.accounts]
     db_url = database or database_url()

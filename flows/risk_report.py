@@ -17,6 +17,7 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows import scrub_secrets_in_logs
 from flows._retry import retry_only_retryable
 from meltica.errors import ConfigurationError
 from meltica.infra.postgres import database_url
@@ -77,6 +78,7 @@ def daily_risk_report(
 ) -> dict[str, Any]:
     """The risk report of the UTC ``day`` (default: the day before the scheduled start). ``limits``: a
     ``risk`` configuration section (``RiskConfig``); ``marks``: day-end prices by symbol."""
+    scrub_secrets_in_logs()
     the_day = _report_day(day)
     summary = compute_report(the_day, database or database_url(), output_dir, limits, marks)
     create_markdown_artifact(

@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the deployment's settings YAML (live: section)")
     parser.add_argument("--log-level", default=None, help="default: the settings' log_level")
     args = parser.parse_args(argv)
+    from meltica.secrets import install_log_redaction
+
+    install_log_redaction()  # secrets resolved in this process never reach its logs or tracebacks
     try:
         settings = load(args.config)
     except ConfigurationError as exc:
@@ -165,9 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("aiokafka", "kafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    from meltica.secrets import install_log_redaction
-
-    install_log_redaction()
+    install_log_redaction()  # again: the root logger's handlers exist now
     return asyncio.run(run(settings))
 
 

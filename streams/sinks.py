@@ -207,13 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--within", type=float, default=0.5)
     args = parser.parse_args(argv)
+    from meltica.live import deployment
+    from meltica.secrets import install_log_redaction
+
+    install_log_redaction()  # secrets resolved in this process never reach its logs or tracebacks
     if args.settings:
         from meltica.config import load_settings
         from meltica.errors import ConfigurationError
-        from meltica.live import deployment
-        from meltica.secrets import install_log_redaction
 
-        install_log_redaction()
         try:
             settings = load_settings(config_file=args.settings)
         except ConfigurationError as exc:
@@ -230,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bootstrap = args.bootstrap or os.environ.get("MELTICA_KAFKA_BOOTSTRAP") or default_bootstrap()
         app_id = args.app_id or "meltica-sinks"
         catalogue = Catalogue()
+    deployment.register_url_password(database_url)
     app = make_app(bootstrap, app_id)
     topics = StreamTopics(app, catalogue)
     register_sinks(app, topics, make_engine(database_url), batch_size=args.batch_size, within=args.within)

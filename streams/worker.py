@@ -954,6 +954,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    from meltica.secrets import install_log_redaction
+
+    # Every secret resolved in this process (credentials, database password) is scrubbed from its log
+    # records and from uncaught tracebacks, whichever mode it runs in.
+    install_log_redaction()
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -981,12 +986,10 @@ REFUSED = 2
 def _main_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from meltica.errors import ConfigurationError
     from meltica.live.deployment import live_worker, load_live_settings
-    from meltica.secrets import install_log_redaction
     from streams.pipeline import StartRefusedError
 
     if not args.worker:
         parser.error("--settings needs --worker NAME (a name from live.workers)")
-    install_log_redaction()  # every credential resolved from now on is scrubbed from the logs
     try:
         settings = load_live_settings(args.settings)
         live_worker(settings, args.worker)

@@ -8,6 +8,7 @@ has a pro class for it, else from ``ccxt.async_support`` (REST only; streams the
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,13 @@ def _ccxt_class(exchange_id: str) -> Any:
     if exchange_id in ccxt_async.exchanges:
         return getattr(ccxt_async, exchange_id)
     raise ConfigurationError(f"unknown exchange {exchange_id!r}: not a ccxt exchange id", field="exchange")
+
+
+_ccxt_verbose_log = logging.getLogger("ccxt.verbose")
+
+
+def _verbose_echo(*args: Any) -> None:
+    _ccxt_verbose_log.info(" ".join(str(arg) for arg in args))
 
 
 def _replace_urls(current: Any, urls: Mapping[str, Any]) -> Any:
@@ -74,6 +82,8 @@ def create_adapter(
     cls = _ccxt_class(exchange_id)
     config: dict[str, Any] = {"enableRateLimit": True, **dict(credentials or {})}
     exchange = cls(config)
+    # ccxt's verbose request/response echo goes to print(); through logging it is scrubbed of secrets.
+    exchange.log = _verbose_echo
     if options:
         exchange.options = {**exchange.options, **dict(options)}
     if sandbox:

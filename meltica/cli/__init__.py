@@ -83,9 +83,14 @@ def configure_logging() -> str:
 
 def main() -> None:
     from meltica.secrets import install_log_redaction
+    from meltica.secrets.redaction import print_exception_redacted
 
     configure_logging()
     # Secrets resolved anywhere in this process are scrubbed from every log record (messages,
     # arguments, tracebacks) before a handler sees them (installed after the handler exists).
     install_log_redaction()
-    app()
+    try:
+        app()
+    except Exception as exc:  # Typer's own hook would print it unscrubbed (it replaces sys.excepthook)
+        print_exception_redacted(type(exc), exc, exc.__traceback__)
+        raise SystemExit(1) from None

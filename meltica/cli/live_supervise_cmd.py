@@ -44,6 +44,7 @@ def start(
         RestartPolicy,
         Supervisor,
         SupervisorError,
+        child_environment,
         database_url_of,
         deployment_children,
         kafka_bootstrap,
@@ -69,6 +70,7 @@ def start(
         before_stop=before_stop,
         say=_say,
         config_file=str(config.resolve()),
+        env=child_environment(settings, config),
     )
     _say(f"state and logs in {state_dir}; cancel all on stop: {'yes' if cancel else 'no'}")
     code = supervisor.run()

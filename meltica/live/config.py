@@ -27,7 +27,7 @@ _BPS = Decimal(10_000)
 class StrategyInstanceConfig(BaseModel):
     """One strategy instance: which strategy, its parameters, where it trades."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     instance_id: str = Field(min_length=1, max_length=128, pattern=r"^[^:]+$")
     strategy: str = Field(min_length=1, description="registered strategy name")
@@ -48,7 +48,7 @@ class AccountConfig(BaseModel):
     """The venue of one account. ``venue="paper"``: an in-process ``PaperVenue`` with these settings;
     ``"emulator"`` / ``"exchange"``: the settings that apply (instruments, latency) and the rest ignored."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True, hide_input_in_errors=True)
 
     exchange: str = Field(min_length=1)
     venue: Literal["paper", "emulator", "exchange"] = "paper"
@@ -85,7 +85,7 @@ class AccountConfig(BaseModel):
 class PipelineConfig(BaseModel):
     """The strategy instances, the accounts' venues, lock-step or live, and the risk limits."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True, hide_input_in_errors=True)
 
     instances: tuple[StrategyInstanceConfig, ...] = ()
     accounts: dict[str, AccountConfig] = Field(default_factory=dict)

@@ -131,14 +131,15 @@ def database_url(settings: MelticaSettings) -> str:
     PostgreSQL (``meltica infra``)."""
     if settings.database_url is not None:
         value = resolve_secret(settings.database_url, allow_plaintext=True).get_secret_value()
-        _register_url_password(value)
+        register_url_password(value)
         return value
     from meltica.infra.postgres import ensure_postgres
 
     return ensure_postgres().url
 
 
-def _register_url_password(url: str) -> None:
+def register_url_password(url: str) -> None:
+    """Scrub the password of a ``scheme://user:password@host/...`` URL from the logs (no-op without one)."""
     match = re.match(r"^[^:/]+(?:\+[^:/]+)?://[^:@/]*:([^@/]+)@", url)
     if match:
         register_secret(match.group(1))
@@ -192,6 +193,7 @@ __all__ = [
     "live_worker",
     "load_live_settings",
     "pipeline_config",
+    "register_url_password",
     "topic_prefix",
     "venue_instruments",
 ]

@@ -34,6 +34,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from sqlalchemy import Engine
 
 from meltica.config.settings import MelticaSettings
 from meltica.errors import MelticaError
+from meltica.secrets.master_key import MASTER_KEY_ENV, MASTER_KEY_FILE_ENV, NEW_MASTER_KEY_ENV
 
 STATE_FILE = "supervisor.json"
 LOCK_FILE = "supervisor.lock"
@@ -116,6 +118,55 @@ def state_dir_of(settings: MelticaSettings) -> Path:
     if settings.live.state_dir:
         return Path(settings.live.state_dir)
     return Path(os.environ.get("MELTICA_STATE_DIR") or ".meltica") / "live"
+
+
+# --- the children's environment --------------------------------------------------------------------
+
+_CHILD_ENV_NAMES = frozenset(
+    {
+        "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "TERM",
+        "VIRTUAL_ENV", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+        "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    }
+)  # fmt: skip
+# Locale, the interpreter, Meltica's own settings and libpq's (the database when the URL leaves parts out).
+_CHILD_ENV_PREFIXES = ("LC_", "PYTHON", "MELTICA_", "PG")
+_ENV_REFERENCE = re.compile(r"env:([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def child_environment(
+    settings: MelticaSettings, config_file: Path | str, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment the deployment's processes get: only what they need, not all the supervisor has.
+
+    Passed: the variables the settings file (or a passed ``MELTICA_*`` value) references as ``env:NAME``;
+    ``MELTICA_*`` (settings, state dir, database, Kafka); ``PG*``; ``PYTHON*``, ``LC_*``, ``PATH``, ``HOME``,
+    ``LANG``, ``TZ``, temp dirs, CA bundles and proxies. The master key (``MELTICA_MASTER_KEY``,
+    ``MELTICA_MASTER_KEY_FILE``) only when the deployment decrypts something: an ``encrypted:`` reference,
+    or a venue account without ``api_key`` (its credentials come from the store ``meltica keys add``
+    writes); ``MELTICA_NEW_MASTER_KEY`` (rotation) never. Everything else — other exchanges' keys, cloud
+    credentials — is dropped. A variable the file names as ``env:NAME`` is always passed."""
+    source = dict(os.environ if environ is None else environ)
+    kept = {
+        name: value
+        for name, value in source.items()
+        if name in _CHILD_ENV_NAMES or name.startswith(_CHILD_ENV_PREFIXES)
+    }
+    text = Path(config_file).read_text(encoding="utf-8")
+    referenced = set(_ENV_REFERENCE.findall(text))
+    for value in kept.values():
+        referenced.update(_ENV_REFERENCE.findall(value))
+    kept.update({name: source[name] for name in referenced if name in source})
+    needs_master_key = (
+        "encrypted:" in text
+        or any(value.startswith("encrypted:") for value in kept.values())
+        or any(a.exchange != "paper" and a.api_key is None for a in settings.accounts)
+    )
+    dropped = (NEW_MASTER_KEY_ENV,) if needs_master_key else (MASTER_KEY_ENV, MASTER_KEY_FILE_ENV, NEW_MASTER_KEY_ENV)
+    for name in dropped:
+        if name not in referenced:
+            kept.pop(name, None)
+    return kept
 
 
 def deployment_children(
@@ -722,6 +773,7 @@ __all__ = [
     "RestartPolicy",
     "Supervisor",
     "SupervisorError",
+    "child_environment",
     "database_url_of",
     "deployment_children",
     "kafka_bootstrap",

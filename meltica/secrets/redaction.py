@@ -9,8 +9,11 @@ a registered value, in its message, its arguments and its formatted exception an
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterable
+from types import TracebackType
 from typing import Any
 
 from pydantic import SecretStr
@@ -94,7 +97,11 @@ def redact_record(record: logging.LogRecord, secrets: SecretRegistry | None = No
     if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
         record.exc_text = logging.Formatter().formatException(record.exc_info)
     if record.exc_text:
-        record.exc_text = reg.redact(record.exc_text)
+        cleaned_exc = reg.redact(record.exc_text)
+        if cleaned_exc != record.exc_text:
+            record.exc_text = cleaned_exc
+            # A formatter that formats exc_info itself (instead of reusing exc_text) would print the secret.
+            record.exc_info = None
     if record.stack_info:
         record.stack_info = reg.redact(record.stack_info)
     return record
@@ -116,13 +123,35 @@ _install_lock = threading.Lock()
 _installed_factory: Callable[..., logging.LogRecord] | None = None
 
 
+def print_exception_redacted(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None = None
+) -> None:
+    """Print ``exc``'s traceback to stderr, as Python does for an uncaught one, without registered secrets."""
+    text = "".join(traceback.format_exception(exc_type, exc, tb))  # causes and contexts included
+    sys.stderr.write(registry.redact(text))
+    sys.stderr.flush()
+
+
+def _redacting_thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    sys.stderr.write(registry.redact(f"Exception in thread {name}:\n{text}"))
+    sys.stderr.flush()
+
+
 def install_log_redaction(*handlers: logging.Handler) -> None:
     """Scrub registered secrets from every log record, process-wide. Idempotent.
 
-    Wraps the log record factory (so records of every logger are clean before any handler sees them) and
-    adds a :class:`RedactingFilter` to the root logger's handlers and to ``handlers``.
+    Wraps the log record factory (so records of every logger are clean before any handler sees them), adds a
+    :class:`RedactingFilter` to the root logger's handlers and to ``handlers``, and replaces the hooks that
+    print uncaught exceptions (main thread and other threads), so a traceback — its causes and contexts
+    included — never shows a registered value either.
     """
     global _installed_factory
+    sys.excepthook = print_exception_redacted
+    threading.excepthook = _redacting_thread_excepthook
     with _install_lock:
         current = logging.getLogRecordFactory()
         if current is not _installed_factory:

@@ -38,7 +38,7 @@ OrderListKind = Literal["oco", "bracket"]
 class StrategyParams(BaseModel):
     """Base of every strategy's parameter model: immutable, unknown keys refused (typos fail early)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 P = TypeVar("P", bound=BaseModel)

@@ -4,10 +4,12 @@ python live_standin_child.py serve NAME                 # runs until SIGTERM, th
 python live_standin_child.py crash NAME CODE            # exits CODE at once
 python live_standin_child.py crash-times NAME FILE N    # the first N starts exit 3, later ones serve
 python live_standin_child.py stubborn NAME              # ignores SIGTERM (only SIGKILL ends it)
+python live_standin_child.py print-env NAME             # prints its environment (one JSON line), then serves
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -28,6 +30,9 @@ def _serve(name: str) -> None:
 def main(argv: list[str]) -> None:
     mode, name = argv[0], argv[1]
     if mode == "serve":
+        _serve(name)
+    elif mode == "print-env":
+        print("ENV " + json.dumps(dict(os.environ), sort_keys=True), flush=True)
         _serve(name)
     elif mode == "crash":
         print(f"{name} crashing on purpose", flush=True)
