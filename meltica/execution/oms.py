@@ -111,7 +111,11 @@ def crash_point(name: str) -> None:
     ``finally`` — as a ``kill -9`` would. Points: ``after_store`` (the order is committed, nothing was
     sent), ``after_send`` (the venue accepted the order, its answer is not stored yet),
     ``after_cancel_request`` (``pending_cancel`` is committed, the cancel was not sent),
-    ``after_cancel_send`` (the venue cancelled the order, its answer is not stored yet). Used by
+    ``after_cancel_send`` (the venue cancelled the order, its answer is not stored yet),
+    ``after_amend_request`` (the replacement order and ``amend_requested`` are committed, the amend was
+    not sent), ``after_amend_send`` (the venue amended, its answer is not stored yet),
+    ``cancel_all_midway`` (one cancel of ``cancel_all`` answered and stored, the others requested —
+    ``pending_cancel`` — and perhaps sent). Used by
     ``tests/integration/crash_worker.py``; never set the variable in production.
     """
     if os.environ.get(CRASH_POINT_ENV) == name:
@@ -866,9 +870,13 @@ class OrderManager:
         """Cancel every open order matching the filters (all of them without filters). Failures of
         single cancels are logged and recorded; the returned list holds each order's current state."""
         targets = self.open_orders(account=account, strategy=strategy, symbol=symbol)
-        results = await asyncio.gather(
-            *(self.cancel(o.client_order_id, reason=reason) for o in targets), return_exceptions=True
-        )
+
+        async def cancel_one(client_order_id: str) -> Order:
+            cancelled = await self.cancel(client_order_id, reason=reason)
+            crash_point("cancel_all_midway")
+            return cancelled
+
+        results = await asyncio.gather(*(cancel_one(o.client_order_id) for o in targets), return_exceptions=True)
         out: list[Order] = []
         for order, result in zip(targets, results, strict=True):
             if isinstance(result, BaseException):
@@ -927,6 +935,7 @@ class OrderManager:
             now,
             {"replacement": rep_id, "price": None if price is None else str(price), "quantity": str(total)},
         )
+        crash_point("after_amend_request")
         venue = self._venue(order.account)
         try:
             vo = await venue.amend_order(
@@ -936,6 +945,7 @@ class OrderManager:
                 quantity=quantity,
                 price=price,
             )
+            crash_point("after_amend_send")
         except TerminalError as exc:
             await self._drop_replacement(rep_id, f"amend refused: {exc.reason}: {exc}")
             original = await self._resolve(self.order(client_order_id))

@@ -9,6 +9,8 @@ venue answer                      action (each change is an order event; a ``rec
 found, still open                 acknowledged if it was pending; missing fills recorded → ``open``
 found open, was ``pending_cancel`` the cancel is sent again (it was requested before the restart) →
                                   ``cancelled`` (or what the venue answers)
+found open, amendment pending     if the venue's price/quantity differ from the stored ones, the venue
+(a stored, unsettled replacement) amended in place before the crash: ``amended`` to the venue's terms
 found, filled meanwhile           ``fetch_my_trades`` → missing fills recorded → ``filled``
 found, cancelled / expired        missing fills first, then the terminal event → ``cancelled``…
 found, rejected                   ``rejected`` with the venue's reason
@@ -24,7 +26,10 @@ venue cannot be asked             left as is, reported ``unresolved``
 Why reject by default: the intent was decided on a market that has moved for as long as the process
 was down; a strategy that still wants the trade sends a new intent. ``resend_unsent=True`` suits
 callers that restart within seconds (and a ``RiskEngine`` re-checks nothing on re-send: the intent
-was approved when first submitted).
+was approved when first submitted). An amendment interrupted by a crash thus ends with one live
+order: the replacement (the venue cancel-replaced: the original is found cancelled, the replacement
+open), the original at the new terms (amended in place), or the original as it was (the venue never
+saw the amend: the replacement is rejected and the amend is not re-sent, for the same reason).
 
 Afterwards the venue's open orders on the recovered symbols whose client order id has Meltica's
 prefix but no row are reported (``unknown_on_venue``), the local emulator restores its held orders,
@@ -39,8 +44,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from meltica.adapters.base import VenueOrder
-from meltica.domain import OrderRejected, OrderStatus
-from meltica.domain.orders import CLIENT_ORDER_ID_PREFIX
+from meltica.domain import OrderAmended, OrderRejected, OrderStatus
+from meltica.domain.orders import CLIENT_ORDER_ID_PREFIX, Order
 from meltica.errors import MelticaError, RetryableError
 from meltica.execution.oms import NEVER_REACHED_VENUE, _maybe_await
 from meltica.execution.store import RECOVERED
@@ -120,6 +125,36 @@ def _is_replacement(oms: OrderManager, client_order_id: str) -> bool:
     return bool(parent) and not oms.store.is_emulated(str(parent))
 
 
+def _pending_amendments(oms: OrderManager, orders: list[Order]) -> dict[str, str]:
+    """Original → replacement, for each amendment a crash interrupted (its replacement is unsettled)."""
+    pending: dict[str, str] = {}
+    for order in orders:
+        if order.status in (OrderStatus.NEW, OrderStatus.PENDING_SUBMIT) and _is_replacement(
+            oms, order.client_order_id
+        ):
+            row = oms.store.order_row(order.client_order_id)
+            assert row is not None
+            pending[str(row["parent_client_order_id"])] = order.client_order_id
+    return pending
+
+
+async def _adopt_terms_amended_in_place(oms: OrderManager, coid: str, replacement: str, vo: VenueOrder) -> str | None:
+    """The venue amended the order in place (same client order id) before the crash stored its answer:
+    the venue's price and quantity become the order's. Returns a note for the report, or ``None``."""
+    order = oms.order(coid)
+    if order.status not in (OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED) or vo.status.is_terminal:
+        return None
+    price = vo.price if vo.price is not None and order.price is not None and vo.price != order.price else None
+    quantity = vo.quantity if vo.quantity != order.quantity else None
+    if price is None and quantity is None:
+        return None
+    event = OrderAmended(
+        event_id=f"amended:{replacement}", client_order_id=coid, ts=oms.clock(), price=price, quantity=quantity
+    )
+    await oms._apply(event)
+    return f"amended in place on the venue before the restart (replacement {replacement} unused)"
+
+
 async def recover_orders(oms: OrderManager, *, resend_unsent: bool) -> RecoveryReport:
     report = RecoveryReport(started_at=oms.clock())
     for account, venue in oms.venues.items():
@@ -127,6 +162,7 @@ async def recover_orders(oms: OrderManager, *, resend_unsent: bool) -> RecoveryR
         for order in orders:
             oms._orders[order.client_order_id] = order
         symbols = sorted({o.symbol for o in orders})
+        amending = _pending_amendments(oms, orders)
         for order in orders:
             coid = order.client_order_id
             before = order.status
@@ -162,6 +198,8 @@ async def recover_orders(oms: OrderManager, *, resend_unsent: bool) -> RecoveryR
                     report.errors.append(f"{coid}: {detail}")
             else:
                 await oms._apply_venue_order(vo, sync_fills=True)
+                if coid in amending:
+                    detail = await _adopt_terms_amended_in_place(oms, coid, amending[coid], vo)
                 if before is OrderStatus.PENDING_CANCEL and not oms.order(coid).is_terminal:
                     # A cancel requested before the restart that the venue has not carried out: send it.
                     try:

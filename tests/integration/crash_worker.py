@@ -1,11 +1,14 @@
 """A separate OMS process for the crash-safety tests (``tests/integration/test_oms_crash.py``).
 
     python crash_worker.py submit  '<json args>'   # submit one intent (MELTICA_CRASH_POINT may kill it)
+    python crash_worker.py amend   '<json args>'   # amend the stored order of ``intent`` to ``price``/``quantity``
+    python crash_worker.py cancel_all '<json args>'  # cancel every open order
     python crash_worker.py recover '<json args>'   # a fresh process: OrderManager.recover()
 
 json args: ``db_url``, ``emulator_url``, ``api_key``, ``secret``, ``intent`` (OrderIntent as JSON),
-``resend_unsent`` (bool). Prints one JSON line with the result on stdout and exits 0; a crash point
-ends it with exit code 137 and prints nothing.
+``resend_unsent`` (bool); for ``amend``: ``price`` / ``quantity`` (strings). Prints one JSON line with
+the result on stdout and exits 0; a crash point ends it with exit code 137 and prints nothing.
+``amend`` and ``cancel_all`` run ``recover()`` first, as a restarted process does, to load the open orders.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import json
 import sys
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from meltica.adapters.ccxt import RetryPolicy as AdapterRetry
@@ -51,6 +55,21 @@ async def main(mode: str, args: dict[str, Any]) -> dict[str, Any]:
         if mode == "submit":
             order = await oms.submit(OrderIntent.model_validate(args["intent"]))
             return {"status": order.status.value, "filled": str(order.filled_quantity)}
+        if mode in ("amend", "cancel_all"):
+            await oms.recover()  # a fresh process loads its open orders on start, as a restart does
+        if mode == "amend":
+            intent = OrderIntent.model_validate(args["intent"])
+            price = args.get("price")
+            quantity = args.get("quantity")
+            order = await oms.amend(
+                intent.client_order_id,
+                price=None if price is None else Decimal(price),
+                quantity=None if quantity is None else Decimal(quantity),
+            )
+            return {"client_order_id": order.client_order_id, "status": order.status.value}
+        if mode == "cancel_all":
+            orders = await oms.cancel_all(reason="crash test")
+            return {"statuses": [o.status.value for o in orders]}
         report = await oms.recover()
         return report.summary()
     finally:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -103,7 +104,14 @@ def adapter_for(emu: EmulatorServer) -> CcxtAdapter:
 
 
 async def worker(
-    mode: str, emu: EmulatorServer, db_url: str, intent: OrderIntent, *, crash: str | None = None, resend: bool = False
+    mode: str,
+    emu: EmulatorServer,
+    db_url: str,
+    intent: OrderIntent,
+    *,
+    crash: str | None = None,
+    resend: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[int, dict[str, Any] | None]:
     env = dict(os.environ)
     env.pop(CRASH_POINT_ENV, None)
@@ -116,6 +124,7 @@ async def worker(
         "secret": SECRET,
         "intent": intent.model_dump(mode="json"),
         "resend_unsent": resend,
+        **(extra or {}),
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -309,6 +318,138 @@ def test_lost_order_response_is_resolved_by_client_order_id_without_duplicate(da
                 await assert_agree(engine, adapter, intent.client_order_id)
                 events = [e["event_type"] for e in OrderStore(engine).events_of(intent.client_order_id)]
                 assert events[:2] == ["created", "submitted"] and "accepted" in events
+        finally:
+            await adapter.close()
+            await emu.stop()
+
+    run(body)
+
+
+# --- crashes inside amend and cancel_all --------------------------------------------------------
+
+
+async def venue_statuses(adapter: CcxtAdapter) -> dict[str, str]:
+    """client order id → status of every order on the venue (open or not), from ccxt's ``fetch_orders``."""
+    raw = await adapter.exchange.fetch_orders("BTC/USDT")
+    return {o["clientOrderId"]: o["status"] for o in raw}
+
+
+def children(engine: Engine, parent: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT client_order_id, status FROM orders WHERE parent_client_order_id = :p"), {"p": parent}
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+def test_crash_before_the_amend_is_sent_leaves_the_original_the_one_live_order(database: tuple[Engine, str]) -> None:
+    """The venue never saw the amend: recover() rejects the stored replacement and the original stands
+    (at its old price), as an unsent submit is rejected by default — never two live orders."""
+    engine, url = database
+
+    async def body() -> None:
+        emu = await started()
+        adapter = adapter_for(emu)
+        try:
+            await adapter.connect()
+            intent = make_intent()
+            code, placed = await worker("submit", emu, url, intent)
+            assert placed == {"status": "open", "filled": "0"}
+            code, _ = await worker("amend", emu, url, intent, crash="after_amend_request", extra={"price": "29000"})
+            assert code == 137
+            [replacement] = children(engine, intent.client_order_id)
+            assert replacement["status"] == "pending_submit"
+            events = [e["event_type"] for e in OrderStore(engine).events_of(intent.client_order_id)]
+            assert "amend_requested" in events
+
+            code, report = await worker("recover", emu, url, intent)
+            assert code == 0 and report is not None
+            assert report["outcomes"] == {"open": 1, "never_reached_venue": 1}
+            assert await venue_statuses(adapter) == {intent.client_order_id: "open"}
+            open_orders = await adapter.fetch_open_orders("BTC/USDT")
+            assert [(o.client_order_id, o.price) for o in open_orders] == [(intent.client_order_id, Decimal(30_000))]
+            await assert_agree(engine, adapter, intent.client_order_id)
+            assert db_order(engine, replacement["client_order_id"])["status"] == "rejected"  # type: ignore[index]
+            assert await venue_orders(adapter, replacement["client_order_id"]) == []
+        finally:
+            await adapter.close()
+            await emu.stop()
+
+    run(body)
+
+
+def test_crash_after_the_amend_was_sent_recovers_one_live_order_at_the_new_price(database: tuple[Engine, str]) -> None:
+    engine, url = database
+
+    async def body() -> None:
+        emu = await started()
+        adapter = adapter_for(emu)
+        try:
+            await adapter.connect()
+            intent = make_intent()
+            await worker("submit", emu, url, intent)
+            code, _ = await worker(
+                "amend", emu, url, intent, crash="after_amend_send", extra={"price": "29000", "quantity": "0.02"}
+            )
+            assert code == 137
+            [replacement] = children(engine, intent.client_order_id)
+            rep_id = replacement["client_order_id"]
+            assert replacement["status"] == "pending_submit"  # the venue's answer was never stored
+            assert db_order(engine, intent.client_order_id)["status"] == "open"  # type: ignore[index]
+
+            code, report = await worker("recover", emu, url, intent)
+            assert code == 0 and report is not None, report
+            # the venue cancel-replaced: the original cancelled, the replacement the one open order
+            assert await venue_statuses(adapter) == {intent.client_order_id: "canceled", rep_id: "open"}
+            # exactly one live order on the venue, at the new price and quantity, and the database agrees
+            open_orders = await adapter.fetch_open_orders("BTC/USDT")
+            assert len(open_orders) == 1
+            live = open_orders[0]
+            assert (live.price, live.quantity) == (Decimal(29_000), Decimal("0.02"))
+            live_row = db_order(engine, live.client_order_id or "")
+            assert live_row is not None and live_row["status"] == "open"
+            assert live_row["price"] == Decimal(29_000) and live_row["quantity"] == Decimal("0.02")
+            assert live.client_order_id == rep_id
+            for coid in (intent.client_order_id, rep_id):
+                await assert_agree(engine, adapter, coid)
+            # a second recovery changes nothing
+            code, report = await worker("recover", emu, url, intent)
+            assert report is not None and report["outcomes"] == {"open": 1}
+        finally:
+            await adapter.close()
+            await emu.stop()
+
+    run(body)
+
+
+def test_crash_midway_through_cancel_all_then_recover_leaves_nothing_resting(database: tuple[Engine, str]) -> None:
+    engine, url = database
+
+    async def body() -> None:
+        emu = await started()
+        adapter = adapter_for(emu)
+        try:
+            await adapter.connect()
+            intents = [make_intent(price=Decimal(30_000 - i * 100)) for i in range(4)]
+            for intent in intents:
+                await worker("submit", emu, url, intent)
+            assert len(await adapter.fetch_open_orders("BTC/USDT")) == 4
+            code, _ = await worker("cancel_all", emu, url, intents[0], crash="cancel_all_midway")
+            assert code == 137
+            statuses = Counter(db_order(engine, i.client_order_id)["status"] for i in intents)  # type: ignore[index]
+            # some cancels were answered and stored, the others only requested (sent or not: the venue's
+            # answer was never stored)
+            assert statuses["cancelled"] >= 1 and statuses["pending_cancel"] >= 1, statuses
+            assert statuses["cancelled"] + statuses["pending_cancel"] == 4, statuses
+
+            code, report = await worker("recover", emu, url, intents[0])
+            assert code == 0 and report is not None
+            assert report["outcomes"] == {"cancelled": statuses["pending_cancel"]}
+            assert await adapter.fetch_open_orders("BTC/USDT") == []
+            assert await venue_statuses(adapter) == {i.client_order_id: "canceled" for i in intents}
+            for intent in intents:
+                assert db_order(engine, intent.client_order_id)["status"] == "cancelled"  # type: ignore[index]
+                await assert_agree(engine, adapter, intent.client_order_id)
         finally:
             await adapter.close()
             await emu.stop()

@@ -620,6 +620,53 @@ def test_recovery_settles_pending_filled_and_cancelled_orders() -> None:
     run(body)
 
 
+class _ProcessDied(BaseException):
+    """Stands for a crash: no ``except Exception`` in the OMS catches it, nothing after it runs."""
+
+
+class DiesAfterAmend:
+    """Wraps a paper adapter: the venue carries out the amend, then the process dies before the answer."""
+
+    def __init__(self, inner: PaperAdapter) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def amend_order(self, symbol: str, **kw: Any) -> VenueOrder:
+        await self.inner.amend_order(symbol, **kw)
+        raise _ProcessDied
+
+
+def test_recovery_adopts_an_amend_the_venue_made_in_place_before_the_crash() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        adapter = venue.adapter("alice")
+        oms, store = make_oms(venue, clock, venues={"alice": DiesAfterAmend(adapter)})
+        order = await oms.submit(intent(qty="0.5", price=D("39000")))
+        with pytest.raises(_ProcessDied):
+            await oms.amend(order.client_order_id, quantity=D("0.3"))  # the paper venue amends this in place
+        [replacement] = [c for c, r in store.orders.items() if r["parent_client_order_id"] == order.client_order_id]
+        assert store.order_row(order.client_order_id)["quantity"] == D("0.5")  # type: ignore[index]
+
+        fresh, _ = make_oms(venue, clock, store, venues={"alice": adapter})
+        report = await fresh.recover()
+        assert {o.client_order_id: o.outcome for o in report.orders} == {
+            order.client_order_id: "open",
+            replacement: "never_reached_venue",
+        }
+        recovered = fresh.order(order.client_order_id)
+        assert recovered.status is OrderStatus.OPEN and recovered.quantity == D("0.3")
+        on_venue = await adapter.fetch_open_orders(SYMBOL)
+        assert [(o.client_order_id, o.quantity) for o in on_venue] == [(order.client_order_id, D("0.3"))]
+        for coid in (order.client_order_id, replacement):
+            assert_row_matches(store, fresh, coid)
+        assert (await fresh.recover()).counts == {"open": 1}  # idempotent
+
+    run(body)
+
+
 def test_recovery_resend_policy_places_exactly_one() -> None:
     venue, clock = make_venue()
 
