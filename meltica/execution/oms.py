@@ -217,21 +217,6 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
-async def _call_optional(target: object | None, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Call ``target.method(...)`` when the collaborator has it; a failing hook is logged, not raised.
-    Only for the local order emulator: the risk and portfolio hooks are typed and fail closed."""
-    if target is None:
-        return None
-    fn = getattr(target, method, None)
-    if not callable(fn):
-        return None
-    try:
-        return await _maybe_await(fn(*args, **kwargs))
-    except Exception:
-        log.exception("%s.%s failed", type(target).__name__, method)
-        return None
-
-
 def needs_emulation(intent: OrderIntent, capabilities: Capabilities) -> bool:
     """True when the venue cannot take ``intent`` as it is and it must be held locally
     (``meltica.execution.emulation.route``: missing trigger types, absolute trailing, iceberg, GTD …)."""
@@ -388,7 +373,7 @@ class OrderManager:
                 "risk on_order_closed", after.account, self.risk.on_order_closed, after.client_order_id
             )
         if self.emulator is not None:
-            await _call_optional(self.emulator, "on_order_event", after)
+            await self._emulator_hook("on_order_event", after, account=after.account, raise_after=False)
         deferred = self._deferred.get(after.client_order_id)
         if deferred is not None and after.filled_quantity >= deferred[1]:
             del self._deferred[after.client_order_id]
@@ -416,6 +401,23 @@ class OrderManager:
             await _maybe_await(hook(*args, **kw))
         except Exception as exc:
             self._risk_path_failed(what, account, exc)
+
+    async def _emulator_hook(
+        self, method: str, *args: Any, account: str | None = None, raise_after: bool = True
+    ) -> Any:
+        """Call the local order emulator (methods may be async; a missing one is skipped). A failure
+        fails closed: the account is halted and the failure recorded (``_risk_path_failed``), then it
+        is raised — except while a venue event is applied (``raise_after=False``), which must go on."""
+        fn = getattr(self.emulator, method, None) if self.emulator is not None else None
+        if not callable(fn):
+            return None
+        try:
+            return await _maybe_await(fn(*args))
+        except Exception as exc:
+            self._risk_path_failed(f"order emulator {method}", account, exc)
+            if raise_after:
+                raise
+            return None
 
     def _risk_path_failed(self, what: str, account: str | None, exc: Exception) -> None:
         """Halt the account (every account of this OMS when the failure is not one account's), loudly.
@@ -546,7 +548,7 @@ class OrderManager:
 
     async def on_market_data(self, item: Any) -> None:
         if self.emulator is not None:
-            await _call_optional(self.emulator, "on_market", item)
+            await self._emulator_hook("on_market", item)
         if isinstance(item, Trade):
             await self._risk_hook(
                 f"risk post-trade check (market {item.exchange} {item.symbol})",
@@ -583,8 +585,10 @@ class OrderManager:
         async for event in venue.stream_user_events():
             try:
                 await self.on_user_event(event, account=account)
-            except Exception:
-                log.exception("user event of %s could not be applied", account)
+            except Exception as exc:
+                # on_user_event records what the venue says and never raises for it: this is a bug. The
+                # account halts and it is recorded; later events are still applied (they are facts).
+                self._risk_path_failed("applying a user event", account, exc)
 
     def _on_kill_switch(self, change: Any) -> None:
         """A kill-switch change (``meltica.risk.KillSwitchChange``, or a bare state): on halt, cancel every
@@ -801,7 +805,7 @@ class OrderManager:
         now = self.clock()
         if order.status is OrderStatus.NEW:  # held locally (emulated): nothing on the venue
             if self.emulator is not None:
-                await _call_optional(self.emulator, "cancel", client_order_id, reason or "cancelled")
+                await self._emulator_hook("cancel", client_order_id, reason or "cancelled", account=order.account)
             return await self._apply(
                 OrderCancelled(event_id="cancelled", client_order_id=client_order_id, ts=now, reason=reason),
                 raise_illegal=True,

@@ -507,7 +507,15 @@ class ExecutionService:
 
     def _user_event_handler(self, lane: _Lane) -> UserEventHandler:
         async def handle(event: UserEvent) -> None:
-            await lane.oms.on_user_event(event, account=lane.account)
+            try:
+                await lane.oms.on_user_event(event, account=lane.account)
+            except Exception as exc:
+                # A venue fact we could not apply (e.g. the database is away): no new order for the
+                # account until an operator releases it; the driver records it and delivers it again.
+                reason = f"user event could not be applied: {type(exc).__name__}: {exc}"
+                self._log.critical("execution %s: %s: account halted", lane.account, reason)
+                lane.kill_switch.engage("halt", reason, "execution", scope=f"account:{lane.account}")
+                raise
 
         return handle
 

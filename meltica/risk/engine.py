@@ -1032,7 +1032,9 @@ class RiskEngine:
             try:
                 self.recorder.record_breach(breach)
             except Exception as exc:
-                log.error("risk breach still not recorded (%s): %s", exc, breach.reason)
+                # Fail closed: the breach's kill switch was engaged before it was queued (nothing is marked
+                # tripped before that); only its record is late. It stays queued and is retried.
+                log.critical("risk breach still not recorded (%s), its halt holds: %s", exc, breach.reason)
                 break
             self._unrecorded.pop(0)
             log.warning("risk breach recorded after a failed write: %s", breach.reason)

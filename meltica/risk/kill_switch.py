@@ -245,7 +245,10 @@ class KillSwitch:
             try:
                 self._store.save(change)
             except Exception as exc:
-                log.error("kill switch %s: %s still not stored (%s): retrying", change.scope, change.current.mode, exc)
+                # Fail closed: the change already holds in this process (a halt stays engaged); only its
+                # record is late. It stays queued, in order, and is retried by the next call.
+                log.critical("kill switch %s: %s still not stored (%s): holding it, retrying", change.scope,
+                             change.current.mode, exc)  # fmt: skip
                 return len(self.unsaved)
             self.unsaved.pop(0)
             log.warning("kill switch %s: %s stored after a failed write", change.scope, change.current.mode)
@@ -307,8 +310,14 @@ class KillSwitch:
             self.active[scope] = state.mode
 
     def _notify(self, change: KillSwitchChange) -> None:
+        """Every listener hears the change even when one fails (a listener's bug must not keep the halt
+        from the others); the change stands, and the first failure is then raised to the caller."""
+        failures: list[Exception] = []
         for listener in list(self._listeners):
             try:
                 listener(change)
-            except Exception:  # a listener's bug must not undo or hide a halt
-                log.exception("kill-switch listener %r failed", listener)
+            except Exception as exc:
+                log.critical("kill-switch listener %r failed on %s → %s", listener, change.scope, change.current.mode)
+                failures.append(exc)
+        if failures:
+            raise failures[0]
