@@ -88,8 +88,8 @@ def test_docker_image_installs_the_lock_with_hash_checking() -> None:
     runs = [line for line in shell_lines(ROOT / "infra" / "Dockerfile") if line.startswith("RUN pip install")]
     locked = [shlex.split(line) for line in runs if "requirements.lock" in line]
     assert len(locked) == 1
-    assert "--require-hashes" in locked[0]
-    assert "--only-binary" in locked[0]
+    assert {"--require-hashes", "--no-deps", "--only-binary"} <= set(locked[0])
+    assert "pip check" in " ".join(locked[0])
     project = [shlex.split(line) for line in runs if "requirements.lock" not in line]
     assert project
     assert all({"--no-deps", "--no-build-isolation"} <= set(words) for words in project)
