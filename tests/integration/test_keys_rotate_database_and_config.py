@@ -61,8 +61,8 @@ def ciphertexts(engine: Engine) -> list[tuple[str, bytes]]:
     return [(account, bytes(cipher)) for account, cipher in rows]
 
 
-def invoke(config: Path, env: dict[str, str]):  # type: ignore[no-untyped-def]
-    result = CliRunner().invoke(app, ["keys", "rotate-master", "--config", str(config)], env=env)
+def invoke(config: Path, env: dict[str, str], *more: str):  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(app, ["keys", "rotate-master", "--config", str(config), *more], env=env)
     for plain in PLAINS:
         assert plain not in result.output
     return result
@@ -75,6 +75,12 @@ def test_database_and_configuration_move_to_the_new_key_together(fresh_database:
     )
     config = tmp_path / "paper.yaml"
     config.write_text(CONFIG.format(token=encrypt_secret(FILE_SECRET, key=old)))
+    before = ciphertexts(fresh_database), config.read_bytes()
+
+    dry = invoke(config, cli_env(fresh_database, old, new), "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "would re-encrypt 1 credential(s) in the database" in dry.stdout
+    assert (ciphertexts(fresh_database), config.read_bytes()) == before
 
     result = invoke(config, cli_env(fresh_database, old, new))
 

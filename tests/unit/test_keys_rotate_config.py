@@ -194,3 +194,17 @@ def test_plan_names_fields_in_sequences_and_skips_aliases(tmp_path: Path, keys: 
     assert rewritten.count("&secret encrypted:") == 1
     assert rewritten.endswith("again: *secret\n")
     assert '{password: "encrypted:' in rewritten
+
+
+def test_tokens_in_environment_variables_are_named_not_shown(tmp_path: Path, keys: tuple[str, str]) -> None:
+    old, new = keys
+    path = tmp_path / "settings.yaml"
+    write_config(path, old)
+    token = encrypt_secret(OTHER_SECRET, key=old)
+    env = {**env_for(old, new), "MELTICA_ACCOUNTS__0__API_SECRET": token}
+
+    result = rotate("--config", str(path), "--dry-run", env=env)
+
+    assert result.exit_code == 0, result.output
+    assert "environment variable MELTICA_ACCOUNTS__0__API_SECRET holds an encrypted: token" in result.stderr
+    assert token not in result.output
