@@ -30,9 +30,12 @@ infra-down: bootstrap
 infra-status: bootstrap
 	$(VENV)/meltica infra status
 
-# Re-resolve the pinned set after changing dependencies in pyproject.toml.
+# Re-resolve the pinned set after changing dependencies in pyproject.toml. Versions already pinned in
+# requirements.lock are kept; `make lock UPGRADE=NAME` moves one package. Every file of each pinned release
+# gets its sha256, so bootstrap installs with hash checking on any platform.
 lock:
-	uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	uv pip compile pyproject.toml requirements-build.in --extra dev --python-version 3.11 --generate-hashes \
+		$(if $(UPGRADE),--upgrade-package $(UPGRADE)) -o requirements.lock
 
 clean: infra-down
 	rm -rf .meltica

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Meltica needs on a fresh machine, idempotently: a virtualenv in .venv with the locked
-# Python packages (requirements.lock) and the project itself (editable). System packages the broker
-# needs (Java 17, Maven) are installed by `meltica infra up` only when missing.
+# Python packages (requirements.lock, every file checked against its sha256) and the project itself
+# (editable). System packages the broker needs (Java 17, Maven) are installed by `meltica infra up` only
+# when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,8 +25,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/meltica 
   exit 0
 fi
 [ -x .venv/bin/python ] || "${UV[@]}" venv --quiet --python "$PYTHON" .venv
+# Hash checking: every locked package must match a sha256 in requirements.lock (`make lock` writes them).
+# --no-build: wheels only, because building an sdist would fetch its build backend unchecked; the
+# project's own backend (setuptools, wheel) is in the lock, hence --no-build-isolation below.
 # PYTHONDONTWRITEBYTECODE is set on these machines: compile once at install, or every start pays ~2 s.
-"${UV[@]}" pip sync --quiet --python .venv/bin/python --compile-bytecode requirements.lock
-"${UV[@]}" pip install --quiet --python .venv/bin/python --no-deps -e .
+"${UV[@]}" pip sync --quiet --python .venv/bin/python --require-hashes --no-build --compile-bytecode requirements.lock
+"${UV[@]}" pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"
 echo "bootstrap: .venv ready ($(.venv/bin/python --version))"

@@ -1,4 +1,5 @@
-"""`meltica keys` commands: encrypted exchange API credentials (add, list, remove, rotate the master key).
+"""`meltica keys` commands: encrypted exchange API credentials (add, list, remove, rotate the master key, which
+also re-encrypts the ``encrypted:`` tokens of configuration files).
 
 Credentials are read from standard input (one per line: API key, API secret, optional passphrase) or from
 hidden prompts, never from the command line, where they would land in shell history and ``ps`` output.
@@ -14,10 +15,11 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
-from meltica.cli._common import console, database_engine, reports_errors
+from meltica.cli._common import console, database_engine, err_console, reports_errors
 from meltica.errors import ConfigurationError, SecretError
-from meltica.secrets import NEW_MASTER_KEY_ENV, Credentials, CredentialStore, MasterKey
+from meltica.secrets import ENCRYPTED_PREFIX, NEW_MASTER_KEY_ENV, Credentials, CredentialStore, MasterKey
 from meltica.secrets.redaction import register_secret
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -121,12 +123,40 @@ def rotate_master(
         Path | None,
         typer.Option("--new-key-file", help=f"File (mode 0600) with the new master key; else ${NEW_MASTER_KEY_ENV}."),
     ] = None,
+    config: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Configuration file whose encrypted: tokens to re-encrypt, or a directory (its *.yaml/*.yml, "
+            "recursively); repeatable. Default: the packaged configuration directory.",
+        ),
+    ] = None,
+    no_database: Annotated[
+        bool,
+        typer.Option("--no-database", help="Leave the database's credentials alone; rotate only the files' tokens."),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Decrypt everything with the current key and say what would change; write nothing."
+        ),
+    ] = False,
 ) -> None:
-    """Re-encrypt every stored credential under a new master key, in one transaction.
+    """Re-encrypt the stored credentials and the encrypted: tokens of configuration files under a new master key.
 
-    The current key comes from the usual place (MELTICA_MASTER_KEY, MELTICA_MASTER_KEY_FILE or the keyring).
-    Afterwards, replace the current key with the new one there.
+    The current key comes from MELTICA_MASTER_KEY, MELTICA_MASTER_KEY_FILE or the keyring, as usual.
+
+    Database credentials are re-encrypted in one transaction.
+
+    In configuration files only the tokens change; each file is replaced atomically after the database commits.
+
+    A token the current key cannot decrypt is named by file, line and field (never its value); nothing changes, exit 1.
+
+    A token the new key already decrypts is left as it is. Afterwards, replace the current key where it is kept.
     """
+    from meltica.config.loader import ENVIRONMENTS_DIR
+    from meltica.secrets.config_tokens import config_files, plan_config_rotation
     from meltica.secrets.database import rotate_master_key
 
     if new_key_file is not None:
@@ -137,12 +167,71 @@ def rotate_master(
             raise ConfigurationError(f"give the new master key with --new-key-file or ${NEW_MASTER_KEY_ENV}")
         new_key = MasterKey(text, source=NEW_MASTER_KEY_ENV)
     old_key = MasterKey.load()
+    if new_key.same_as(old_key):
+        raise SecretError("the new master key is the same as the current one", reason="master_key_unchanged")
+
+    files = config_files(config or [ENVIRONMENTS_DIR.parent])
+    plan = plan_config_rotation(files, old_key, new_key)
+    for site in plan.undecryptable:
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(site))}: encrypted token cannot be decrypted with the current master key "
+            f"({escape(old_key.source)}) nor the new one",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if plan.undecryptable:
+        raise SecretError(
+            f"{len(plan.undecryptable)} encrypted token(s) in configuration files cannot be decrypted with the "
+            "current master key; nothing was changed",
+            reason="secret_undecryptable",
+        )
+    _warn_about_environment_tokens()
+
+    staged = None if dry_run else plan.stage()
+    count: int | None = None
     try:
-        count = rotate_master_key(database_engine(), old_key, new_key)
-    except SecretError as exc:
-        raise SecretError(f"{exc}; nothing was changed", reason=exc.reason) from None
+        if not no_database:
+            count = rotate_master_key(database_engine(), old_key, new_key, dry_run=dry_run)
+    except BaseException as exc:
+        if staged is not None:
+            staged.discard()  # the database did not rotate: the files must not either
+        if isinstance(exc, SecretError):
+            raise SecretError(f"{exc}; nothing was changed", reason=exc.reason) from None
+        raise
+    if staged is not None:
+        staged.publish()
+
+    verb = "would re-encrypt" if dry_run else "re-encrypted"
+    for site in plan.reencrypted:
+        console.print(f"{site}: {verb}", highlight=False, markup=False, soft_wrap=True)
+    for site in plan.already_new:
+        console.print(
+            f"{site}: already under the new key, left as it is", highlight=False, markup=False, soft_wrap=True
+        )
+    if count is not None:
+        console.print(f"{verb} {count} credential(s) in the database", highlight=False, markup=False, soft_wrap=True)
     console.print(
-        f"re-encrypted {count} credential(s) with the new master key; now replace the master key "
-        f"({old_key.source}) with the new one",
+        f"{verb} {len(plan.reencrypted)} token(s) in {len(plan.changed_files)} of {len(files)} configuration file(s)",
         highlight=False,
+        markup=False,
+        soft_wrap=True,
     )
+    if not dry_run:
+        console.print(
+            f"now replace the master key ({old_key.source}) with the new one",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+def _warn_about_environment_tokens() -> None:
+    """Tokens held in MELTICA_* variables cannot be rewritten from here; say which variables hold one."""
+    for name, value in sorted(os.environ.items()):
+        if name.upper().startswith("MELTICA_") and value.strip().startswith(ENCRYPTED_PREFIX):
+            err_console.print(
+                f"[yellow]warning:[/] environment variable {name} holds an encrypted: token, which this command "
+                "cannot rewrite; replace it with one made under the new key (meltica config encrypt)",
+                highlight=False,
+                soft_wrap=True,
+            )

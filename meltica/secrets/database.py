@@ -106,25 +106,27 @@ def _decrypt_row(key: MasterKey, row: RowMapping) -> dict[str, str | None]:
     return plain
 
 
-def rotate_master_key(engine: Engine, old_key: MasterKey, new_key: MasterKey) -> int:
+def rotate_master_key(engine: Engine, old_key: MasterKey, new_key: MasterKey, *, dry_run: bool = False) -> int:
     """Re-encrypt every stored credential from ``old_key`` to ``new_key`` in ONE transaction.
 
     Every row is locked, decrypted with the old key and written back under the new one; when any row
     cannot be decrypted (or anything else fails) the transaction rolls back and no row has changed.
-    Returns how many accounts were re-encrypted.
+    Returns how many accounts were re-encrypted. ``dry_run`` decrypts every row and writes nothing.
     """
-    probe = "meltica-master-key-probe"
-    if old_key.fits(new_key.encrypt(probe)):
+    if new_key.same_as(old_key):
         raise SecretError("the new master key is the same as the current one", reason="master_key_unchanged")
     with engine.begin() as conn:
-        return _reencrypt_all(conn, old_key, new_key)
+        return _reencrypt_all(conn, old_key, new_key, dry_run=dry_run)
 
 
-def _reencrypt_all(conn: Connection, old_key: MasterKey, new_key: MasterKey) -> int:
+def _reencrypt_all(conn: Connection, old_key: MasterKey, new_key: MasterKey, *, dry_run: bool = False) -> int:
     table = credentials_table
-    rows = conn.execute(select(table).order_by(table.c.account).with_for_update()).mappings().all()
+    query = select(table).order_by(table.c.account)
+    rows = conn.execute(query if dry_run else query.with_for_update()).mappings().all()
     for row in rows:
         plain = _decrypt_row(old_key, row)
+        if dry_run:
+            continue
         conn.execute(
             update(table)
             .where(table.c.account == row["account"])
@@ -136,5 +138,6 @@ def _reencrypt_all(conn: Connection, old_key: MasterKey, new_key: MasterKey) -> 
                 | {"rotated_at": func.now()}
             )
         )
-    logger.info("re-encrypted %d credential row(s) under a new master key", len(rows))
+    if not dry_run:
+        logger.info("re-encrypted %d credential row(s) under a new master key", len(rows))
     return len(rows)

@@ -92,6 +92,10 @@ class MasterKey:
             return False
         return True
 
+    def same_as(self, other: MasterKey) -> bool:
+        """True when ``other`` is this very key (it decrypts what this one encrypts)."""
+        return other.fits(self.encrypt("meltica-master-key-probe"))
+
     def __repr__(self) -> str:
         return f"MasterKey(source={self.source!r})"
 
