@@ -183,6 +183,13 @@ class InfrastructureError(TerminalError):
     default_reason = "infrastructure"
 
 
+class StorageError(TerminalError):
+    """The database refused a statement (missing table, permission, a failing TimescaleDB call): repeating it
+    unchanged cannot succeed. The message is one line naming what was being done and the server's reason."""
+
+    default_reason = "storage"
+
+
 class SecretError(TerminalError):
     """A secret cannot be decrypted or is missing. Never includes the secret itself."""
 

@@ -10,7 +10,7 @@ from typing import ParamSpec, TypeVar
 import typer
 from rich.console import Console
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from meltica.errors import ConfigurationError, DataValidationError, MelticaError
 
@@ -46,6 +46,17 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else "unreachable"
             err_console.print(
                 f"[bold red]error:[/] the database is unavailable: {reason}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(EXIT_FAILURE) from None
+        except DBAPIError as exc:
+            # Anything else the server refused (a missing table, a permission): its first line, never the
+            # statement or its parameters.
+            from meltica.storage.errors import server_reason
+
+            err_console.print(
+                f"[bold red]error:[/] the database refused the request: {server_reason(exc)}",
+                highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(EXIT_FAILURE) from None
 

@@ -10,7 +10,7 @@ from meltica.cli._common import EXIT_BAD_INPUT, console, database_engine, err_co
 from meltica.config import load_settings
 from meltica.storage import migrate
 from meltica.storage.engine import masked
-from meltica.storage.timeseries import detect_flavour
+from meltica.storage.timeseries import apply_retention, detect_flavour
 
 app = typer.Typer(no_args_is_help=True)
 log = logging.getLogger(__name__)
@@ -19,12 +19,17 @@ log = logging.getLogger(__name__)
 @app.command()
 @reports_errors
 def upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
-    """Migrate the database up to REVISION (default: the newest)."""
+    """Migrate the database up to REVISION (default: the newest), then set the retention policies to exactly
+    what `storage.retention` configures (TimescaleDB; none by default: history is kept)."""
+    settings = load_settings()
     engine = database_engine()
     log.info("migrating %s up to %s", masked(engine.url), revision)
     migrate.upgrade(engine, revision)
-    with engine.connect() as conn:
+    with engine.begin() as conn:
         flavour = detect_flavour(conn)
+        if migrate.current_revision(engine) == migrate.head_revision(engine):
+            for line in apply_retention(conn, settings.storage.retention):
+                console.print(line, highlight=False, soft_wrap=True)
     console.print(f"database {masked(engine.url)} at revision {migrate.current_revision(engine)} ({flavour})")
 
 

@@ -32,6 +32,32 @@ class KafkaSettings(_Section):
     )
 
 
+_RETENTION_INTERVAL = re.compile(r"^[1-9][0-9]* (day|days|week|weeks|month|months|year|years)$")
+
+
+class StorageSettings(_Section):
+    retention: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "opt-in retention per time-series table, e.g. {trades: '365 days'}: on TimescaleDB, chunks older than "
+            "that (counted from now) are dropped by a policy that `meltica db upgrade` sets; nothing is ever "
+            "dropped for a table not listed (backfilled history is kept). Plain PostgreSQL keeps every row."
+        ),
+    )
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: dict[str, str]) -> dict[str, str]:
+        from meltica.storage.timeseries import RETENTION_TABLES
+
+        for table, keep in value.items():
+            if table not in RETENTION_TABLES:
+                raise ValueError(f"{table!r} is not a time-series table (one of {', '.join(RETENTION_TABLES)})")
+            if not _RETENTION_INTERVAL.match(keep):
+                raise ValueError(f"retention of {table} must look like '365 days', '12 weeks', '6 months' or '1 year'")
+        return value
+
+
 class AccountConfig(_Section):
     """One trading account on one venue. Credentials are references: ``env:NAME`` or
     ``encrypted:<token>``; plain text is tolerated outside prod for testnet keys."""
@@ -287,6 +313,7 @@ class MelticaSettings(BaseSettings):
         default=None, description="PostgreSQL URL; None means the local infrastructure (`meltica infra`)"
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings, description="time-series storage")
     prefect_api_url: str | None = Field(default=None, description="None means Prefect's ephemeral API")
     accounts: list[AccountConfig] = Field(default_factory=list)
     risk: RiskLimits = Field(default_factory=RiskLimits)

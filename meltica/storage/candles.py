@@ -14,6 +14,7 @@ from meltica.domain.timeframe import Timeframe
 from meltica.errors import DataValidationError
 from meltica.marketdata.candle_files import CandleRow, parse_timeframe
 from meltica.storage import timeseries
+from meltica.storage.errors import storage_errors
 
 COPY_CHUNK = 5_000
 
@@ -64,7 +65,7 @@ def load_candles(
     parse_timeframe(timeframe)  # validates
     if not exchange or not symbol:
         raise DataValidationError("exchange and symbol are required to load candles")
-    with engine.begin() as conn:
+    with storage_errors(engine, f"storing {exchange} {symbol} {timeframe} candles"), engine.begin() as conn:
         conn.exec_driver_sql("CREATE TEMP TABLE candles_stage (LIKE candles INCLUDING DEFAULTS) ON COMMIT DROP")
         raw = conn.connection.driver_connection
         assert raw is not None
@@ -87,14 +88,41 @@ def load_candles(
         start=min((r.ts for r in rows), default=None),
         end=max((r.ts for r in rows), default=None),
     )
-    if refresh_rollups and inserted:
+    behind = refresh_rollups and not inserted and timeframe == "1m" and bool(rows)
+    if refresh_rollups and (inserted or (behind and _rollup_behind(engine, exchange, symbol, result))):
         refresh(engine, start=result.start, end=result.end)
     return result
 
 
+def _rollup_behind(engine: Engine, exchange: str, symbol: str, loaded: LoadResult) -> bool:
+    """True when ``candles_1h`` does not account for every stored 1m bar of the hours a load touched — a
+    refresh that failed after an earlier load committed its rows (a reload then stores nothing new)."""
+    start, end = timeseries.hour_window(loaded.start, loaded.end)
+    params = {"exchange": exchange, "symbol": symbol, "start": start, "end": end}
+    with storage_errors(engine, "checking the candles_1h roll-up"), engine.connect() as conn:
+        stored = conn.execute(
+            text(
+                "SELECT count(*) FROM candles WHERE exchange = :exchange AND symbol = :symbol AND timeframe = '1m' "
+                "AND ts >= :start AND ts < :end"
+            ),
+            params,
+        ).scalar_one()
+        rolled = conn.execute(
+            text(
+                f"SELECT coalesce(sum(bar_count), 0) FROM {timeseries.CANDLES_1H_VIEW} "
+                "WHERE exchange = :exchange AND symbol = :symbol AND ts >= :start AND ts < :end"
+            ),
+            params,
+        ).scalar_one()
+    return bool(int(stored) != int(rolled))
+
+
 def refresh(engine: Engine, *, start: datetime | None = None, end: datetime | None = None) -> None:
     """Refresh the maintained roll-ups; autocommit because TimescaleDB refuses a transaction here."""
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with (
+        storage_errors(engine, "refreshing the candles_1h roll-up"),
+        engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn,
+    ):
         timeseries.refresh_candle_rollups(conn, start=start, end=end)
 
 

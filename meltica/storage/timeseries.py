@@ -1,11 +1,18 @@
 """Time-series SQL for both database flavours, in one module (DESIGN.md §6).
 
-TimescaleDB is detected at runtime:
+At migration time (:func:`install`) TimescaleDB is used when the server can really run it (the extension
+is available *and* preloaded through ``shared_preload_libraries``):
 
-* present  -> time-series tables become hypertables with compression and retention policies, and
-  ``candles_1h`` is a continuous aggregate refreshed by a policy;
-* absent   -> plain PostgreSQL: the same tables stay ordinary tables, ``candles_1h`` is a
-  materialized view (refreshed after loads), and roll-ups use ``date_bin``.
+* TimescaleDB -> time-series tables become hypertables with compression policies (retention only where
+  configured: :func:`apply_retention`), and ``candles_1h`` is a continuous aggregate with real-time
+  aggregation, refreshed after loads and by a policy;
+* plain PostgreSQL -> the same tables stay ordinary tables, ``candles_1h`` is a materialized view
+  (refreshed after loads), and roll-ups use ``date_bin``.
+
+Afterwards the flavour is what the database's objects *are* (:func:`detect_flavour`): a database
+migrated on plain PostgreSQL that later gets ``CREATE EXTENSION timescaledb`` stays on the plain path
+(its ``candles_1h`` is a materialized view, not a continuous aggregate). A TimescaleDB older than
+:data:`TIMESCALEDB_MINIMUM` is refused (:func:`check_timescaledb_version`).
 
 Queries above this module never branch on the flavour: they call :func:`rollup_candles_sql` and
 :func:`refresh_candle_rollups`, which pick the right SQL.
@@ -14,12 +21,22 @@ Queries above this module never branch on the flavour: they call :func:`rollup_c
 from __future__ import annotations
 
 import enum
+import logging
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, text
 
-from meltica.errors import DataValidationError
+from meltica.errors import DataValidationError, InfrastructureError
+
+log = logging.getLogger(__name__)
+
+TIMESCALEDB_MINIMUM: tuple[int, int, int] = (2, 18, 1)
+"""Oldest TimescaleDB Meltica runs on. Below 2.18.1, ``INSERT … SELECT … ON CONFLICT DO NOTHING`` (the load
+statement) into compressed chunks silently drops rows (fixed upstream in 2.18.1). The tested production pin
+is 2.28.3 (``infra/compose.yaml``)."""
 
 
 class Flavour(enum.StrEnum):
@@ -34,17 +51,18 @@ class HypertableSpec:
     segment_by: tuple[str, ...]
     order_by: str
     compress_after: str
-    # None keeps data forever (candles are small and are the backtests' input).
-    retain_for: str | None
 
 
+# No retention here: TimescaleDB's retention counts from *now*, so a default window would delete backfilled
+# history on the first policy run. Retention is opt-in per table (``storage.retention``, apply_retention).
 HYPERTABLES: tuple[HypertableSpec, ...] = (
-    HypertableSpec("candles", "7 days", ("exchange", "symbol", "timeframe"), "ts DESC", "30 days", None),
-    HypertableSpec("trades", "1 day", ("exchange", "symbol"), "ts DESC", "7 days", "365 days"),
-    HypertableSpec("order_book_snapshots", "1 day", ("exchange", "symbol"), "ts DESC", "3 days", "90 days"),
-    HypertableSpec("position_snapshots", "7 days", ("account", "exchange"), "ts DESC", "30 days", None),
-    HypertableSpec("balance_snapshots", "7 days", ("account", "exchange"), "ts DESC", "30 days", None),
+    HypertableSpec("candles", "7 days", ("exchange", "symbol", "timeframe"), "ts DESC", "30 days"),
+    HypertableSpec("trades", "1 day", ("exchange", "symbol"), "ts DESC", "7 days"),
+    HypertableSpec("order_book_snapshots", "1 day", ("exchange", "symbol"), "ts DESC", "3 days"),
+    HypertableSpec("position_snapshots", "7 days", ("account", "exchange"), "ts DESC", "30 days"),
+    HypertableSpec("balance_snapshots", "7 days", ("account", "exchange"), "ts DESC", "30 days"),
 )
+RETENTION_TABLES: tuple[str, ...] = tuple(spec.table for spec in HYPERTABLES)
 
 # date_bin needs an origin. TimescaleDB's time_bucket uses Monday 2000-01-03 00:00 UTC; using the same one
 # gives both paths identical buckets: days start at midnight, weeks on Monday (as venues' weekly candles).
@@ -53,17 +71,88 @@ BUCKET_ORIGIN = "TIMESTAMPTZ '2000-01-03 00:00:00+00'"
 CANDLES_1H_VIEW = "candles_1h"
 
 
-def timescaledb_available(conn: Connection) -> bool:
-    """True when the server can load TimescaleDB (installed or installable in this database)."""
+def timescaledb_packaged(conn: Connection) -> bool:
+    """True when the server has TimescaleDB's extension files (installed or installable here)."""
     return bool(
         conn.execute(text("SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')")).scalar()
     )
 
 
+def preload_list_has_timescaledb(shared_preload_libraries: str) -> bool:
+    """Whether a ``shared_preload_libraries`` value loads TimescaleDB (``timescaledb``, ``$libdir/timescaledb``,
+    quoted or not, among others)."""
+    for entry in shared_preload_libraries.split(","):
+        name = entry.strip().strip('"').rsplit("/", 1)[-1]
+        if name == "timescaledb" or name.startswith("timescaledb-"):
+            return True
+    return False
+
+
+def timescaledb_preloaded(conn: Connection) -> bool:
+    """True when the server preloads TimescaleDB (without it ``CREATE EXTENSION timescaledb`` fails).
+
+    ``shared_preload_libraries`` is hidden from roles without ``pg_read_all_settings``; then the loader's own
+    setting ``timescaledb.max_background_workers`` (defined only when the library is preloaded) decides."""
+    rows: dict[str, str | None] = {
+        str(name): setting
+        for name, setting in conn.execute(
+            text(
+                "SELECT name, setting FROM pg_settings "
+                "WHERE name IN ('shared_preload_libraries', 'timescaledb.max_background_workers')"
+            )
+        ).all()
+    }
+    if "shared_preload_libraries" in rows:
+        return preload_list_has_timescaledb(str(rows["shared_preload_libraries"] or ""))
+    return "timescaledb.max_background_workers" in rows
+
+
+def timescaledb_available(conn: Connection) -> bool:
+    """True when the server can run TimescaleDB: the extension is packaged *and* preloaded."""
+    return timescaledb_packaged(conn) and timescaledb_preloaded(conn)
+
+
+def parse_version(version: str) -> tuple[int, ...]:
+    """``"2.17.2"`` → ``(2, 17, 2)``; a suffix such as ``-dev`` is ignored; no leading number → ``()``."""
+    match = re.match(r"\d+(?:\.\d+)*", version.strip())
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def check_timescaledb_version(version: str) -> None:
+    """Refuse a TimescaleDB older than :data:`TIMESCALEDB_MINIMUM` (one line, no data touched)."""
+    if parse_version(version) < TIMESCALEDB_MINIMUM:
+        minimum = ".".join(map(str, TIMESCALEDB_MINIMUM))
+        raise InfrastructureError(
+            f"TimescaleDB {version} is older than {minimum}, the oldest Meltica runs on (below it, reloads into "
+            f"compressed chunks silently lose rows): upgrade the server's package, then run "
+            f"ALTER EXTENSION timescaledb UPDATE in this database"
+        )
+
+
+def decide_flavour(extension_version: str | None, candles_1h_is_continuous: bool) -> Flavour:
+    """The flavour of a database from what it holds: TimescaleDB only when the extension is installed *and*
+    ``candles_1h`` is its continuous aggregate (the objects were made by the TimescaleDB path)."""
+    if extension_version is None or not candles_1h_is_continuous:
+        return Flavour.POSTGRES
+    check_timescaledb_version(extension_version)
+    return Flavour.TIMESCALEDB
+
+
 def detect_flavour(conn: Connection) -> Flavour:
-    """TimescaleDB when its extension is installed in this database, plain PostgreSQL otherwise."""
-    installed = conn.execute(text("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")).scalar()
-    return Flavour.TIMESCALEDB if installed else Flavour.POSTGRES
+    """The flavour the database's time-series objects were created for (see :func:`decide_flavour`)."""
+    version = conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")).scalar()
+    if version is None:
+        return Flavour.POSTGRES
+    continuous = bool(
+        conn.execute(
+            text(
+                "SELECT EXISTS (SELECT 1 FROM timescaledb_information.continuous_aggregates "
+                "WHERE view_name = :v AND view_schema = current_schema())"
+            ),
+            {"v": CANDLES_1H_VIEW},
+        ).scalar()
+    )
+    return decide_flavour(str(version), continuous)
 
 
 def bucket_expression(flavour: Flavour, width: timedelta, column: str = "ts") -> str:
@@ -109,8 +198,15 @@ def install(conn: Connection, *, use_timescaledb: bool | None = None) -> Flavour
     """
     if use_timescaledb is None:
         use_timescaledb = timescaledb_available(conn)
+        if not use_timescaledb and timescaledb_packaged(conn):
+            log.warning(
+                "TimescaleDB is installed on this server but not preloaded (shared_preload_libraries): "
+                "the time-series tables are created for plain PostgreSQL"
+            )
     if use_timescaledb:
         conn.execute(text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
+        version = conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")).scalar()
+        check_timescaledb_version(str(version))
         _install_timescaledb(conn)
         return Flavour.TIMESCALEDB
     _install_postgres(conn)
@@ -167,16 +263,12 @@ def _install_timescaledb(conn: Connection) -> None:
             ),
             {"t": spec.table, "after": spec.compress_after},
         )
-        if spec.retain_for is not None:
-            conn.execute(
-                text(
-                    "SELECT add_retention_policy(CAST(:t AS regclass), CAST(:keep AS interval), if_not_exists => true)"
-                ),
-                {"t": spec.table, "keep": spec.retain_for},
-            )
+    # materialized_only = false: real-time aggregation, so the newest (not yet materialised) hour is read
+    # from the 1m rows instead of missing until the next refresh.
     conn.execute(
         text(
-            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {CANDLES_1H_VIEW} WITH (timescaledb.continuous) AS "
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {CANDLES_1H_VIEW} "
+            "WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS "
             + _rollup_select(Flavour.TIMESCALEDB, timedelta(hours=1), "timeframe = '1m'")
             + " WITH NO DATA"
         )
@@ -192,17 +284,45 @@ def _install_timescaledb(conn: Connection) -> None:
 # --- reading and refreshing ------------------------------------------------------------------
 
 
+def set_realtime_aggregation(conn: Connection) -> None:
+    """Turn on real-time aggregation of ``candles_1h`` (TimescaleDB path only; a no-op elsewhere)."""
+    if detect_flavour(conn) is Flavour.TIMESCALEDB:
+        conn.execute(text(f"ALTER MATERIALIZED VIEW {CANDLES_1H_VIEW} SET (timescaledb.materialized_only = false)"))
+
+
+def hour_window(start: datetime | None, end: datetime | None) -> tuple[datetime | None, datetime | None]:
+    """The refresh window covering every hour a load touched: from the hour of its first bar to the end of the
+    hour of its last (a continuous-aggregate refresh materialises only buckets wholly inside its window, and
+    refuses a window smaller than one bucket). ``None`` stays open-ended."""
+    hour = timedelta(hours=1)
+
+    def floor(ts: datetime) -> datetime:
+        aware = ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+        return aware.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+    return (
+        floor(start) if start is not None else None,
+        floor(end) + hour if end is not None else None,
+    )
+
+
 def refresh_candle_rollups(conn: Connection, *, start: datetime | None = None, end: datetime | None = None) -> None:
-    """Bring ``candles_1h`` up to date after a load.
+    """Bring ``candles_1h`` up to date after a load of bars from ``start`` to ``end`` (the first and last bar
+    times; ``None``: open-ended).
 
     On TimescaleDB ``refresh_continuous_aggregate`` cannot run inside a transaction block, so
     ``conn`` must be in autocommit mode there.
     """
     flavour = detect_flavour(conn)
     if flavour is Flavour.TIMESCALEDB:
+        window_start, window_end = hour_window(start, end)
+        # Typed bounds: with an untyped NULL the server cannot infer the parameter's type.
         conn.execute(
-            text(f"CALL refresh_continuous_aggregate('{CANDLES_1H_VIEW}', :start, :end)"),
-            {"start": start, "end": end},
+            text(
+                f"CALL refresh_continuous_aggregate('{CANDLES_1H_VIEW}', "
+                "CAST(:start AS timestamptz), CAST(:end AS timestamptz))"
+            ),
+            {"start": window_start, "end": window_end},
         )
     else:
         populated = conn.execute(
@@ -234,3 +354,65 @@ def candles_1h_view_sql() -> str:
         "AND (CAST(:start AS timestamptz) IS NULL OR ts >= :start) "
         "AND (CAST(:end AS timestamptz) IS NULL OR ts < :end) ORDER BY ts"
     )
+
+
+# --- retention (opt-in) ----------------------------------------------------------------------
+
+
+def retention_problems(retention: Mapping[str, str]) -> list[str]:
+    """What is wrong with a ``storage.retention`` mapping (table → interval), each naming the table."""
+    problems = []
+    for table in retention:
+        if table not in RETENTION_TABLES:
+            tables = ", ".join(RETENTION_TABLES)
+            problems.append(f"storage.retention.{table}: not a time-series table (one of {tables})")
+    return problems
+
+
+def apply_retention(conn: Connection, retention: Mapping[str, str]) -> list[str]:
+    """Make TimescaleDB's retention policies exactly ``retention`` (table → interval such as ``"365 days"``):
+    a policy is added or replaced for each listed table and removed from every other one. Returns one line
+    per action (for the operator). On plain PostgreSQL nothing is deleted, ever: a configured retention is
+    reported as not enforced."""
+    problems = retention_problems(retention)
+    if problems:
+        raise DataValidationError("; ".join(problems), reason="bad_retention")
+    if detect_flavour(conn) is not Flavour.TIMESCALEDB:
+        return [
+            f"retention of {table} ({keep}) is not enforced: plain PostgreSQL keeps every row"
+            for table, keep in sorted(retention.items())
+        ]
+    actions = []
+    current: dict[str, str] = {
+        str(table): str(drop_after)
+        for table, drop_after in conn.execute(
+            text(
+                "SELECT hypertable_name, config ->> 'drop_after' FROM timescaledb_information.jobs "
+                "WHERE proc_name = 'policy_retention' AND hypertable_schema = current_schema()"
+            )
+        ).all()
+    }
+    remove = text("SELECT remove_retention_policy(CAST(:t AS regclass), if_exists => true)")
+    for table in RETENTION_TABLES:
+        wanted = retention.get(table)
+        existing = current.get(table)
+        if wanted is None:
+            if existing is not None:
+                conn.execute(remove, {"t": table})
+                actions.append(f"retention of {table} removed (was {existing})")
+            continue
+        same = existing is not None and bool(
+            conn.execute(
+                text("SELECT CAST(:a AS interval) = CAST(:b AS interval)"), {"a": existing, "b": wanted}
+            ).scalar()
+        )
+        if same:
+            continue
+        if existing is not None:
+            conn.execute(remove, {"t": table})
+        conn.execute(
+            text("SELECT add_retention_policy(CAST(:t AS regclass), CAST(:keep AS interval))"),
+            {"t": table, "keep": wanted},
+        )
+        actions.append(f"retention of {table}: chunks older than {wanted} are dropped")
+    return actions

@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 
 from meltica.infra.kafka import KafkaEndpoint, ensure_kafka
 from meltica.infra.postgres import PostgresEndpoint, ensure_postgres
+from tests.integration.databases import drop_test_database
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +71,7 @@ def temporary_database(endpoint: PostgresEndpoint, *, migrated: bool = True) -> 
     finally:
         engine.dispose()
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            drop_test_database(conn, name)
         admin.dispose()
 
 

@@ -26,6 +26,7 @@ from meltica.execution.emulation_store import SqlEmulationStore
 from meltica.storage import migrate
 from meltica.storage import tables as t
 from meltica.storage.engine import make_engine
+from tests.integration.databases import drop_test_database
 
 pytestmark = pytest.mark.integration
 
@@ -234,7 +235,7 @@ def database(postgres_endpoint: Any) -> Iterator[Engine]:
     finally:
         engine.dispose()
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            drop_test_database(conn, name)
         admin.dispose()
 
 

@@ -18,6 +18,7 @@ from meltica.domain.orders import Order, OrderIntent
 from meltica.errors import DataValidationError
 from meltica.storage import migrate
 from meltica.storage.engine import make_engine
+from tests.integration.databases import drop_test_database
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ def _create_database(admin_url: str) -> str:
 def _drop_database(admin_url: str, name: str) -> None:
     admin = make_engine(admin_url)
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        drop_test_database(conn, name)
     admin.dispose()
 
 

@@ -35,6 +35,7 @@ from meltica.secrets import (
 )
 from meltica.storage import migrate
 from meltica.storage.engine import make_engine
+from tests.integration.databases import drop_test_database
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +69,10 @@ def database(postgres_endpoint) -> Iterator[tuple[Engine, str]]:  # type: ignore
         yield engine, url
     finally:
         engine.dispose()
-        _admin(postgres_endpoint.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin = make_engine(postgres_endpoint.url)
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            drop_test_database(conn, name)
+        admin.dispose()
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from meltica.execution import CRASH_POINT_ENV
 from meltica.messaging.schemas import CancelRequest, SubmitRequest
 from meltica.storage import migrate
 from meltica.storage.engine import make_engine
+from tests.integration.databases import drop_test_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -60,7 +61,7 @@ def database(postgres_endpoint: Any) -> Iterator[tuple[Engine, str]]:
     finally:
         engine.dispose()
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            drop_test_database(conn, name)
         admin.dispose()
 
 

@@ -183,11 +183,16 @@ def test_timescaledb_path(loaded: Engine) -> None:
         hypertables = set(
             conn.execute(text("SELECT hypertable_name FROM timescaledb_information.hypertables")).scalars()
         )
-        caggs = set(conn.execute(text("SELECT view_name FROM timescaledb_information.continuous_aggregates")).scalars())
+        caggs = dict(
+            conn.execute(
+                text("SELECT view_name, materialized_only FROM timescaledb_information.continuous_aggregates")
+            ).all()
+        )
         jobs = set(conn.execute(text("SELECT proc_name FROM timescaledb_information.jobs")).scalars())
     assert {spec.table for spec in timeseries.HYPERTABLES} <= hypertables
-    assert "candles_1h" in caggs
-    assert {"policy_compression", "policy_retention", "policy_refresh_continuous_aggregate"} <= jobs
+    assert caggs.get("candles_1h") is False  # real-time aggregation: the newest hour is read too
+    assert {"policy_compression", "policy_refresh_continuous_aggregate"} <= jobs
+    assert "policy_retention" not in jobs  # opt-in (storage.retention): backfilled history is kept
 
 
 def test_weekly_rollup_starts_on_monday_and_covers_every_bar(loaded: Engine) -> None:

@@ -78,3 +78,32 @@ def _task_run_counts(flow_run_id: object) -> list[int]:
             return [run.run_count for run in runs]
 
     return asyncio.run(fetch())
+
+
+def test_import_flow_names_a_database_refusal_in_one_line_without_retrying(
+    prefect_api: None, fresh_database: Engine, tmp_path: Path
+) -> None:
+    """A refusal by the server (here: the candles table is gone) is terminal and said in one line."""
+    from prefect.client.schemas.objects import StateType
+
+    from flows.candles import import_candle_file
+    from meltica.errors import StorageError
+
+    data = tmp_path / "two.csv"
+    data.write_text(
+        "timestamp,open,high,low,close,volume\n"
+        "2022-01-01T11:05:00Z,3676.0,3680.5,3670.1,3675.2,12.5\n"
+        "2022-01-01T11:06:00Z,3675.2,3690.0,3675.0,3689.9,7.25\n"
+    )
+    with fresh_database.begin() as conn:
+        conn.execute(text("ALTER TABLE candles RENAME TO candles_elsewhere"))
+    url = fresh_database.url.render_as_string(hide_password=False)
+    state = import_candle_file(str(data), "binance", "ETH/USDT", "1m", database=url, return_state=True)
+    assert state.type == StateType.FAILED
+    with pytest.raises(StorageError) as info:
+        state.result()
+    assert str(info.value) == (
+        'storing binance ETH/USDT 1m candles: the database refused it: relation "candles" does not exist'
+    )
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no SQL chain behind it
+    assert _task_run_counts(state.state_details.flow_run_id) == [1]
