@@ -5,7 +5,7 @@ Worker config ``params``::
     pipeline: {...}            # meltica.live.config.PipelineConfig (instances, accounts, lockstep, risk)
     stages: [candles, strategies, risk, execution]   # default: all four; split them over workers if you like
     emulators:                 # accounts whose venue is "emulator": where the emulator is, which key
-      paper: {url: "http://127.0.0.1:8090", api_key: "...", api_secret: "..."}
+      paper: {url: "http://127.0.0.1:8090", api_key: "...", api_secret: env:NAME, admin_token: env:NAME}
     database_url: postgresql+psycopg://...   # optional: risk decisions recorded to risk_events
 
 Every stage is a core object (``meltica.live``); this module only reads the config and builds them.
@@ -66,11 +66,22 @@ def _drivers(config: PipelineConfig, emulators: Mapping[str, Mapping[str, Any]])
                 account=account,
                 api_key=_resolve(str(where["api_key"]), f"params.emulators.{account}.api_key"),
                 api_secret=_resolve(str(where["api_secret"]), f"params.emulators.{account}.api_secret"),
+                admin_token=_resolve(
+                    _required(where, "admin_token", account), f"params.emulators.{account}.admin_token"
+                ),
                 fees=settings.fees(),
             )
         else:
             raise ValueError(f"pipeline.accounts.{account}.venue: {settings.venue!r} is not wired into workers yet")
     return drivers
+
+
+def _required(where: Mapping[str, Any], key: str, account: str) -> str:
+    if not where.get(key):
+        raise ValueError(
+            f"params.emulators.{account}.{key} is missing (the emulator's; env:NAME keeps it out of the file)"
+        )
+    return str(where[key])
 
 
 def _resolve(value: str, where: str) -> str:

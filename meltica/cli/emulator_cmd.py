@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from decimal import Decimal
 from pathlib import Path
 
@@ -11,8 +12,13 @@ import typer
 
 from meltica.cli._common import console, reports_errors
 from meltica.emulator import AccountConfig, EmulatorConfig, EmulatorServer, parse_account, parse_balances
+from meltica.emulator.config import ADMIN_TOKEN_HEADER, generate_admin_token
 from meltica.emulator.limits import RateLimits
 from meltica.errors import ConfigurationError
+from meltica.secrets import register_secret
+
+API_SECRET_ENV = "MELTICA_EMULATOR_API_SECRET"  # noqa: S105 — a variable name, not a secret
+ADMIN_TOKEN_ENV = "MELTICA_EMULATOR_ADMIN_TOKEN"  # noqa: S105 — a variable name, not a secret
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -21,10 +27,34 @@ app = typer.Typer(no_args_is_help=True)
 @reports_errors
 def binance(
     port: int = typer.Option(8090, help="TCP port (0: any free port)."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
-    api_key: str = typer.Option(..., help="API key of the main account."),
-    api_secret: str = typer.Option(..., help="API secret (HMAC) of the main account."),
-    account: list[str] = typer.Option([], help="More accounts, NAME:API_KEY:SECRET (repeatable)."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to listen on. Anything but loopback (0.0.0.0: every interface) needs --allow-remote."
+    ),
+    allow_remote: bool = typer.Option(
+        False,
+        "--allow-remote",
+        help="Allow a non-loopback --host: anyone who reaches the port can trade the accounts (the admin API "
+        "still needs its token).",
+    ),
+    api_key: str = typer.Option(..., help="API key of the main account (not a secret)."),
+    api_secret_file: Path | None = typer.Option(
+        None,
+        help=f"File holding the main account's API secret (HMAC). Default: the {API_SECRET_ENV} environment "
+        "variable. There is no --api-secret: a command line is visible to every user (ps).",
+    ),
+    accounts_file: Path | None = typer.Option(
+        None, help="More accounts: a file with one NAME:API_KEY:SECRET per line (blank lines and # comments skipped)."
+    ),
+    admin_token_file: Path | None = typer.Option(
+        None,
+        help=f"File holding the admin token every /_emulator/... request must send in the {ADMIN_TOKEN_HEADER} "
+        f"header. Default: the {ADMIN_TOKEN_ENV} environment variable; neither: a random token, printed once.",
+    ),
+    write_admin_token: Path | None = typer.Option(
+        None, help="With a generated admin token: also write it to this file (created with mode 0600)."
+    ),
+    api_secret: str | None = typer.Option(None, "--api-secret", hidden=True),
+    account: list[str] = typer.Option([], "--account", hidden=True),
     balance: str = typer.Option("USDT=10000,BTC=1", help="Starting balance of every account, ASSET=AMOUNT,..."),
     data: list[Path] = typer.Option(
         [],
@@ -69,8 +99,41 @@ def binance(
     """Serve Binance spot REST /api/v3, market streams and the user data stream.
 
     By default a real-time venue: recorded data replayed shifted to the wall clock at --speed 1.
+
+    A local test venue: it listens on loopback only (another address needs --allow-remote).
+
+    The main account's secret: --api-secret-file or MELTICA_EMULATOR_API_SECRET (never the command line).
+
+    Admin API (/_emulator/...): the header X-Emulator-Admin-Token, see --admin-token-file (else printed at start).
     """
-    accounts = [AccountConfig("main", api_key, api_secret), *(parse_account(a) for a in account)]
+    if api_secret is not None:
+        raise ConfigurationError(
+            f"--api-secret puts the secret on the command line, where ps shows it to every user: "
+            f"use --api-secret-file PATH or the {API_SECRET_ENV} environment variable",
+            field="api_secret",
+        )
+    if account:
+        raise ConfigurationError(
+            "--account NAME:KEY:SECRET puts a secret on the command line, where ps shows it to every user: "
+            "use --accounts-file PATH (one NAME:KEY:SECRET per line)",
+            field="account",
+        )
+    secret = _secret(api_secret_file, API_SECRET_ENV, "--api-secret-file", "the main account's API secret")
+    if secret is None:
+        raise ConfigurationError(
+            f"the main account's API secret is missing: --api-secret-file PATH or {API_SECRET_ENV}",
+            field="api_secret",
+        )
+    admin_token = _secret(admin_token_file, ADMIN_TOKEN_ENV, "--admin-token-file", "the admin token")
+    generated = admin_token is None
+    if not generated and write_admin_token is not None:
+        raise ConfigurationError(
+            "--write-admin-token only writes a generated token (one is given)", field="admin_token"
+        )
+    if admin_token is None:
+        admin_token = generate_admin_token()
+    accounts = [AccountConfig("main", api_key, secret), *_accounts(accounts_file)]
+    register_secret(admin_token, *(a.api_secret for a in accounts))
     try:
         rate_limits = RateLimits(
             request_weight=weight_limit,
@@ -91,6 +154,8 @@ def binance(
         symbols=[s.strip() for s in symbols.split(",") if s.strip()],
         host=host,
         port=port,
+        allow_remote=allow_remote,
+        admin_token=admin_token,
         data=list(data),
         data_symbol=data_symbol,
         candle_timeframe=timeframe,
@@ -103,8 +168,55 @@ def binance(
         rate_limits=rate_limits,
         ticker_interval_s=ticker_interval,
     )
+    if write_admin_token is not None:
+        _write_private(write_admin_token, admin_token)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, show_token=generated))
+
+
+def _secret(path: Path | None, env: str, flag: str, what: str) -> str | None:
+    """A secret from ``path`` (first line, surrounding white space dropped), else from ``env``; ``None``: neither."""
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"{flag} {path}: cannot read {what}: {exc.__class__.__name__}") from None
+        value = text.strip().splitlines()[0].strip() if text.strip() else ""
+        if not value:
+            raise ConfigurationError(f"{flag} {path}: the file is empty")
+        return value
+    value = os.environ.get(env, "").strip()
+    return value or None
+
+
+def _accounts(path: Path | None) -> list[AccountConfig]:
+    if path is None:
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"--accounts-file {path}: cannot read it: {exc.__class__.__name__}") from None
+    out = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            out.append(parse_account(line))
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"--accounts-file {path}, line {number}: {exc}") from None
+    return out
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (never widened, even for a moment)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text + "\n")
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise ConfigurationError(f"--write-admin-token {path}: cannot write it: {exc.strerror}") from None
 
 
 def _prices(text: str) -> dict[str, Decimal]:
@@ -119,7 +231,7 @@ def _prices(text: str) -> dict[str, Decimal]:
     return prices
 
 
-async def _serve(config: EmulatorConfig) -> None:
+async def _serve(config: EmulatorConfig, *, show_token: bool) -> None:
     async with EmulatorServer(config) as emu:
         mode = f"real time x{config.speed:g}" if config.realtime else f"data time x{config.speed:g}"
         console.print(
@@ -133,5 +245,14 @@ async def _serve(config: EmulatorConfig) -> None:
             f"{lim.weight_interval_s} s per IP, {lim.orders} orders per {lim.orders_interval_s} s and "
             f"{lim.orders_per_day} per day per account"
         )
-        console.print(f"faults: POST {emu.rest_url}/_emulator/faults (JSON); Ctrl-C stops")
+        if config.allow_remote:
+            console.print(f"[bold yellow]warning:[/] listening on {config.host}, reachable from other machines")
+        if show_token:
+            # printed once, here only: the generated token is not stored anywhere unless asked
+            console.print(
+                f"admin token ({ADMIN_TOKEN_HEADER} header): {emu.admin_token}", highlight=False, soft_wrap=True
+            )
+        console.print(
+            f"admin: {emu.rest_url}/_emulator/faults (JSON, header {ADMIN_TOKEN_HEADER}) and others; Ctrl-C stops"
+        )
         await asyncio.Event().wait()

@@ -4,6 +4,10 @@
 from synchronous code); ``ccxt_config(emu, key, secret)`` is the configuration that points ccxt's own
 ``binance`` / ``ccxt.pro.binance`` classes at it. ``EmulatorConfig(..., realtime=True)`` makes it a
 real-time venue (recorded data shifted to the wall clock), as ``meltica emulator binance`` runs by default.
+
+It is a local test venue: it listens on loopback only unless ``EmulatorConfig(allow_remote=True)``, and its
+admin API (``/_emulator/...``) answers only requests carrying ``emu.admin_token`` in the
+``X-Emulator-Admin-Token`` header (``emu.admin_headers()``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,14 @@ import re
 from typing import Any
 
 from meltica.emulator.background import EmulatorThread
-from meltica.emulator.config import AccountConfig, EmulatorConfig, parse_account, parse_balances
+from meltica.emulator.config import (
+    ADMIN_TOKEN_HEADER,
+    AccountConfig,
+    EmulatorConfig,
+    is_loopback_host,
+    parse_account,
+    parse_balances,
+)
 from meltica.emulator.errors import BinanceError
 from meltica.emulator.faults import Faults
 from meltica.emulator.limits import RateLimits
@@ -61,6 +72,7 @@ def point_ccxt_at(exchange: Any, emu: EmulatorServer | EmulatorThread) -> None:
 
 
 __all__ = [
+    "ADMIN_TOKEN_HEADER",
     "CCXT_OPTIONS",
     "AccountConfig",
     "BinanceError",
@@ -71,6 +83,7 @@ __all__ = [
     "RateLimits",
     "ccxt_config",
     "ccxt_urls_for",
+    "is_loopback_host",
     "parse_account",
     "parse_balances",
     "point_ccxt_at",

@@ -16,8 +16,9 @@ T = TypeVar("T")
 class EmulatorThread:
     """``with EmulatorThread(config) as emu:`` — an :class:`EmulatorServer` running on a daemon thread.
 
-    ``emu.rest_url`` / ``emu.ws_url`` / ``emu.ccxt_urls()`` as on the server; ``emu.call(coro)`` runs a
-    coroutine on the emulator's loop (``emu.call(emu.server.step(5))``) and returns its result.
+    ``emu.rest_url`` / ``emu.ws_url`` / ``emu.ccxt_urls()`` / ``emu.admin_token`` / ``emu.admin_headers()`` as
+    on the server; ``emu.call(coro)`` runs a coroutine on the emulator's loop (``emu.call(emu.server.step(5))``)
+    and returns its result.
     """
 
     def __init__(self, config: EmulatorConfig, *, start_timeout: float = 60.0) -> None:
@@ -53,6 +54,13 @@ class EmulatorThread:
 
     def ccxt_urls(self) -> dict[str, Any]:
         return self.server.ccxt_urls()
+
+    @property
+    def admin_token(self) -> str:
+        return self.server.admin_token
+
+    def admin_headers(self) -> dict[str, str]:
+        return self.server.admin_headers()
 
     def __enter__(self) -> EmulatorThread:
         return self.start()

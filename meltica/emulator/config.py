@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,17 +14,34 @@ from meltica.emulator.limits import RateLimits
 from meltica.errors import ConfigurationError
 from meltica.matching import FeeSchedule, FillModel
 
+ADMIN_TOKEN_HEADER = "X-Emulator-Admin-Token"  # noqa: S105 — a header name, not a secret
+MIN_ADMIN_TOKEN_LENGTH = 16
+
 
 def system_clock() -> datetime:
     """Wall-clock time, aware UTC: the server clock Binance checks ``timestamp``/``recvWindow`` against."""
     return datetime.now(UTC)
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` only listens on this machine: ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another host name (may resolve anywhere) or "" (every interface)
+        return False
+
+
+def generate_admin_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
 @dataclass(frozen=True)
 class AccountConfig:
     name: str
     api_key: str
-    api_secret: str
+    api_secret: str = field(repr=False)
     # Starting balances for this account; ``None``: the emulator's ``default_balances``.
     balances: dict[str, Decimal] | None = None
     # This account's fee schedule (a backtest's ``FeeSchedule`` for paper parity); ``None``: the
@@ -37,6 +56,12 @@ class EmulatorConfig:
     symbols: list[str] = field(default_factory=lambda: ["BTCUSDT"])
     host: str = "127.0.0.1"
     port: int = 0  # 0: the OS picks a free port (``emu.port`` tells which)
+    # Listening on anything but loopback exposes every account (and the admin API, behind its token) to
+    # the network: refused unless asked for explicitly.
+    allow_remote: bool = False
+    # Every ``/_emulator/...`` request must carry it in the ``X-Emulator-Admin-Token`` header; ``None``:
+    # a random one is generated (``emu.admin_token``).
+    admin_token: str | None = field(default=None, repr=False)
     # Recorded market data to replay: candle files (.csv[.gz], .feather, .parquet with OHLCV), a trades
     # parquet (columns timestamp, trade_id, price, quantity, buyer_maker) or a Binance depth CSV
     # (snapshot or update rows). ``data_symbol`` is the symbol they are replayed as (default: first).
@@ -67,6 +92,22 @@ class EmulatorConfig:
     initial_prices: dict[str, Decimal] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not self.allow_remote and not is_loopback_host(self.host):
+            raise ConfigurationError(
+                f"the emulator would listen on {self.host or 'every interface'!r}, not only on this machine: "
+                "anyone who can reach it could trade its accounts. Use 127.0.0.1, or allow it explicitly "
+                "(allow_remote=True; CLI: --allow-remote)",
+                field="host",
+            )
+        if self.admin_token is None:
+            self.admin_token = generate_admin_token()
+        elif len(self.admin_token) < MIN_ADMIN_TOKEN_LENGTH or not _header_safe(self.admin_token):
+            # the value itself is never echoed: it is a secret
+            raise ConfigurationError(
+                f"the emulator's admin token must be at least {MIN_ADMIN_TOKEN_LENGTH} printable ASCII "
+                "characters without spaces",
+                field="admin_token",
+            )
         if not self.accounts:
             raise ConfigurationError("the emulator needs at least one account (API key pair)")
         keys = [a.api_key for a in self.accounts]
@@ -97,6 +138,10 @@ class EmulatorConfig:
     def single(cls, api_key: str, api_secret: str, **kwargs: object) -> EmulatorConfig:
         """One account named ``main``: the common test setup."""
         return cls(accounts=[AccountConfig("main", api_key, api_secret)], **kwargs)  # type: ignore[arg-type]
+
+
+def _header_safe(token: str) -> bool:
+    return all(33 <= ord(c) <= 126 for c in token)
 
 
 def parse_balances(text: str) -> dict[str, Decimal]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import json
 import re
@@ -55,7 +56,7 @@ from aiohttp import WSMsgType, web
 from meltica.domain.enums import Side
 from meltica.domain.values import utc_to_ms
 from meltica.emulator import auth, binance_format, errors
-from meltica.emulator.config import AccountConfig, EmulatorConfig
+from meltica.emulator.config import ADMIN_TOKEN_HEADER, AccountConfig, EmulatorConfig
 from meltica.emulator.errors import BinanceError
 from meltica.emulator.faults import Faults
 from meltica.emulator.limits import RateLimiter, request_weight
@@ -210,6 +211,16 @@ class EmulatorServer:
     def ccxt_urls(self) -> dict[str, Any]:
         """The dict for ``exchange.urls['api']`` (ccxt binance / ccxt.pro binance): every entry here."""
         return ccxt_urls_for(self.rest_url)
+
+    @property
+    def admin_token(self) -> str:
+        """The token every ``/_emulator/...`` request must carry (header ``X-Emulator-Admin-Token``)."""
+        assert self.config.admin_token is not None  # EmulatorConfig generates one when none is given
+        return self.config.admin_token
+
+    def admin_headers(self) -> dict[str, str]:
+        """Headers for an admin request: ``http.post(emu.rest_url + "/_emulator/...", json=..., headers=...)``."""
+        return {ADMIN_TOKEN_HEADER: self.admin_token}
 
     # --- clocks -----------------------------------------------------------------------------------
 
@@ -633,6 +644,9 @@ class EmulatorServer:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if request.path.startswith("/_emulator"):
+            refusal = self._admin_refusal(request)
+            if refusal is not None:
+                return refusal
             return await handler(request)
         if self.faults.latency_ms > 0:
             await asyncio.sleep(self.faults.latency_ms / 1000)
@@ -645,6 +659,25 @@ class EmulatorServer:
             used = self.limiter.used_weight(request.remote or "", self._wall_ms())
             response.headers[self.limiter.weight_header] = str(used)
         return response
+
+    def _admin_refusal(self, request: web.Request) -> web.Response | None:
+        """Why an admin request is refused (``None``: it may run). Nothing is read or applied before this.
+
+        The token header also stops cross-site requests: a browser sends a custom header only after a CORS
+        preflight, which the emulator never grants. A POST must be JSON (a form or ``text/plain`` body is
+        what a page can send without a preflight)."""
+        given = request.headers.get(ADMIN_TOKEN_HEADER)
+        if not given:
+            return _admin_error(401, "admin_token_missing", f"the {ADMIN_TOKEN_HEADER} header is required")
+        if not hmac.compare_digest(
+            given.encode("utf-8", "surrogateescape"), self.admin_token.encode("utf-8", "surrogateescape")
+        ):
+            return _admin_error(403, "admin_token_invalid", f"the {ADMIN_TOKEN_HEADER} header is not this emulator's")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and request.content_type != "application/json":
+            return _admin_error(
+                415, "admin_body_not_json", "admin requests send a JSON body (Content-Type: application/json)"
+            )
+        return None
 
     async def _handle(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -1358,15 +1391,21 @@ class EmulatorServer:
         return {"listenKey": key}
 
     async def h_listen_key_keepalive(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
-        key = _required(params, "listenKey")
-        if key not in self._listen_keys:
-            raise errors.invalid_listen_key()
+        self._own_listen_key(params, account)
         return {}
 
     async def h_listen_key_close(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
-        key = _required(params, "listenKey")
-        self._listen_keys.pop(key, None)
+        self._listen_keys.pop(self._own_listen_key(params, account))
         return {}
+
+    def _own_listen_key(self, params: Params, account: AccountConfig | None) -> str:
+        """The request's listenKey if it belongs to the calling account. Another account's key is answered
+        as Binance answers it, as if it did not exist (-1125): nothing tells a caller whose it is."""
+        assert account is not None
+        key = _required(params, "listenKey")
+        if self._listen_keys.get(key) != account.name:
+            raise errors.invalid_listen_key()
+        return key
 
     # --- WebSocket: market streams -------------------------------------------------------------------
 
@@ -1720,6 +1759,10 @@ def _diff(old: dict[Decimal, Decimal], new: dict[Decimal, Decimal]) -> list[tupl
     out = [(p, q) for p, q in new.items() if old.get(p) != q]
     out += [(p, Decimal(0)) for p in old if p not in new]
     return sorted(out)
+
+
+def _admin_error(status: int, reason: str, message: str) -> web.Response:
+    return web.json_response({"error": message, "reason": reason}, status=status)
 
 
 def _error_response(err: BinanceError, headers: dict[str, str] | None = None) -> web.Response:

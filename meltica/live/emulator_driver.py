@@ -42,9 +42,10 @@ from meltica.adapters.ccxt import CcxtAdapter
 from meltica.adapters.ccxt.orders import OrderRequest
 from meltica.adapters.registry import create_adapter
 from meltica.domain import Bar, OrderIntent, TimeInForce, utc_to_ms
-from meltica.emulator import CCXT_OPTIONS, ccxt_urls_for
+from meltica.emulator import ADMIN_TOKEN_HEADER, CCXT_OPTIONS, ccxt_urls_for
 from meltica.errors import MelticaError
 from meltica.matching import FeeSchedule
+from meltica.secrets import register_secret
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,9 @@ class EmulatorDriver:
     """A lock-step ``VenueDriver`` over the Binance emulator at ``emulator_url`` (module docstring).
 
     ``account``: the OMS account and the emulator account (its name in ``EmulatorConfig.accounts``);
-    ``api_key`` / ``api_secret``: that emulator account's key pair; ``on_user_event``: where the user
-    stream goes (settable later, before ``start()``: the OMS is usually built on ``driver.adapter``);
+    ``api_key`` / ``api_secret``: that emulator account's key pair; ``admin_token``: the emulator's admin
+    token (``emu.admin_token``; sent with every ``/_emulator/...`` request, never logged); ``on_user_event``:
+    where the user stream goes (settable later, before ``start()``: the OMS is usually built on ``driver.adapter``);
     ``fees``: set on the emulator account at ``start()`` (a backtest's ``FeeSchedule``; ``None``: keep
     the emulator's); ``settle_timeout``: seconds ``settle()`` waits for the stream.
     """
@@ -101,6 +103,7 @@ class EmulatorDriver:
         account: str,
         api_key: str,
         api_secret: str,
+        admin_token: str,
         on_user_event: UserEventHandler | None = None,
         fees: FeeSchedule | None = None,
         settle_timeout: float = 10.0,
@@ -109,6 +112,8 @@ class EmulatorDriver:
     ) -> None:
         self.emulator_url = emulator_url.rstrip("/")
         self.account = account
+        register_secret(api_secret, admin_token)
+        self._admin_headers = {ADMIN_TOKEN_HEADER: admin_token}
         self.on_user_event = on_user_event
         self.fees = fees
         self.settle_timeout = settle_timeout
@@ -327,7 +332,9 @@ class EmulatorDriver:
 
     async def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            async with self._http().post(self.emulator_url + path, json=dict(body)) as resp:
+            async with self._http().post(
+                self.emulator_url + path, json=dict(body), headers=self._admin_headers
+            ) as resp:
                 answer = await resp.json()
                 status = resp.status
         except aiohttp.ClientError as exc:
@@ -338,7 +345,7 @@ class EmulatorDriver:
 
     async def _get(self, path: str, **query: str) -> dict[str, Any]:
         try:
-            async with self._http().get(self.emulator_url + path, params=query) as resp:
+            async with self._http().get(self.emulator_url + path, params=query, headers=self._admin_headers) as resp:
                 answer = await resp.json()
                 status = resp.status
         except aiohttp.ClientError as exc:

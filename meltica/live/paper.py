@@ -153,6 +153,8 @@ def worker_command(config_file: Path) -> list[str]:
 
 EMULATOR_SECRET_ENV = "MELTICA_PAPER_EMULATOR_SECRET"  # noqa: S105 — a variable name, not a secret
 """The run's emulator secret reaches the worker through its environment, never a file."""
+EMULATOR_ADMIN_TOKEN_ENV = "MELTICA_PAPER_EMULATOR_ADMIN_TOKEN"  # noqa: S105 — a variable name, not a secret
+"""So does the emulator's admin token (the worker's driver moves the market over the admin API)."""
 
 
 def run_paper(
@@ -231,6 +233,8 @@ def run_paper(
             config_file = state_dir / "worker.json"
             config_file.write_text(json.dumps(settings, indent=2))
             env = {**os.environ, "MELTICA_TOPIC_PREFIX": prefix, EMULATOR_SECRET_ENV: api_secret}
+            if emulator is not None:
+                env[EMULATOR_ADMIN_TOKEN_ENV] = emulator.admin_token
             with log_path.open("wb") as log, (state_dir / "sinks.log").open("wb") as sinks_log:
                 worker = subprocess.Popen(worker_command(config_file), stdout=log, stderr=subprocess.STDOUT, env=env)
                 sinks = None
@@ -369,7 +373,12 @@ def worker_settings(
         )
         params["pipeline"] = json.loads(pipeline.model_dump_json())
         params["emulators"] = {
-            config.account: {"url": emulator_url, "api_key": emulator_key, "api_secret": f"env:{EMULATOR_SECRET_ENV}"}
+            config.account: {
+                "url": emulator_url,
+                "api_key": emulator_key,
+                "api_secret": f"env:{EMULATOR_SECRET_ENV}",
+                "admin_token": f"env:{EMULATOR_ADMIN_TOKEN_ENV}",
+            }
         }
     return {
         "app_id": app_id,

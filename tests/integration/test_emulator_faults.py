@@ -51,13 +51,17 @@ def test_retry_after_header_and_admin_endpoint() -> None:
     async def body() -> None:
         async with EmulatorServer(EmulatorConfig.single(KEY, SECRET)) as emu, aiohttp.ClientSession() as http:
             async with http.post(
-                emu.rest_url + "/_emulator/faults", json={"rate_limit_next": 1, "retry_after_s": 7}
+                emu.rest_url + "/_emulator/faults",
+                json={"rate_limit_next": 1, "retry_after_s": 7},
+                headers=emu.admin_headers(),
             ) as r:
                 assert r.status == 200
             async with http.get(emu.rest_url + "/api/v3/ping") as r:
                 assert r.status == 429 and r.headers["Retry-After"] == "7"
                 assert (await r.json())["code"] == -1003
-            async with http.post(emu.rest_url + "/_emulator/faults", json={"nope": 1}) as r:
+            async with http.post(
+                emu.rest_url + "/_emulator/faults", json={"nope": 1}, headers=emu.admin_headers()
+            ) as r:
                 assert r.status == 400
 
     run(body)

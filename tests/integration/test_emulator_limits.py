@@ -204,7 +204,7 @@ def test_limits_are_off_while_driven_in_lock_step() -> None:
     async def body() -> None:
         async with emulator(RateLimits(request_weight=5)) as emu, aiohttp.ClientSession() as http:
             bar = {"symbol": "BTCUSDT", "ts_ms": 1_700_000_000_000, "price": "40000"}
-            async with http.post(emu.rest_url + "/_emulator/market/open", json=bar) as r:
+            async with http.post(emu.rest_url + "/_emulator/market/open", json=bar, headers=emu.admin_headers()) as r:
                 assert r.status == 200
             for _ in range(10):  # twice the limit: a driven market's time is not the wall clock
                 async with http.get(emu.rest_url + "/api/v3/ping") as r:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -235,9 +236,11 @@ def test_cli_runs_a_realtime_venue_by_default(free_port: Callable[[], int], tmp_
     port = free_port()
     log = tmp_path / "emulator.log"
     argv = [sys.executable, "-m", "meltica", "emulator", "binance", "--port", str(port)]
-    argv += ["--api-key", KEY, "--api-secret", SECRET, "--data", str(candles), "--order-limit", "2"]
+    argv += ["--api-key", KEY, "--data", str(candles), "--order-limit", "2"]
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "MELTICA_EMULATOR_API_SECRET": SECRET}
+        )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -274,7 +277,8 @@ def test_help_documents_every_flag() -> None:
 
     result = CliRunner().invoke(app, ["emulator", "binance", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    flags = ["--port", "--host", "--api-key", "--api-secret", "--account", "--balance", "--data", "--symbols"]
+    flags = ["--port", "--host", "--allow-remote", "--api-key", "--api-secret-file", "--accounts-file", "--balance"]
+    flags += ["--admin-token-file", "--write-admin-token", "--data", "--symbols"]
     flags += ["--data-symbol", "--timeframe", "--realtime", "--data-time", "--speed", "--history-bars", "--price"]
     flags += ["--maker-fee"]
     flags += ["--taker-fee", "--weight-limit", "--weight-interval", "--order-limit", "--order-interval"]

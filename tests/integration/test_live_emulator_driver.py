@@ -289,7 +289,9 @@ def test_emulator_driven_in_lock_step_matches_the_paper_venue() -> None:
 
     async def body() -> tuple[Outcome, Outcome, list[dict[str, Any]]]:
         async with EmulatorServer(emulator_config()) as emu:
-            driver = EmulatorDriver(emu.rest_url, account=ACCOUNT, api_key=KEY, api_secret=SECRET, fees=FEES)
+            driver = EmulatorDriver(
+                emu.rest_url, account=ACCOUNT, api_key=KEY, api_secret=SECRET, admin_token=emu.admin_token, fees=FEES
+            )
 
             def set_emulator_handler(handler: Any) -> None:
                 driver.on_user_event = handler
@@ -380,7 +382,14 @@ def test_driven_market_refuses_going_back_and_unknown_symbols_and_settle_names_w
 
     async def body() -> None:
         async with EmulatorServer(emulator_config()) as emu:
-            driver = EmulatorDriver(emu.rest_url, account=ACCOUNT, api_key=KEY, api_secret=SECRET, settle_timeout=0.5)
+            driver = EmulatorDriver(
+                emu.rest_url,
+                account=ACCOUNT,
+                api_key=KEY,
+                api_secret=SECRET,
+                admin_token=emu.admin_token,
+                settle_timeout=0.5,
+            )
             stuck = asyncio.Event()  # set: the handler never returns (an OMS that hangs)
 
             async def handler(_event: UserEvent) -> None:

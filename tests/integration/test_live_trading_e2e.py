@@ -97,8 +97,6 @@ def emulator(free_port: Callable[[], int], tmp_path: Path) -> Iterator[str]:
             str(port),
             "--api-key",
             KEY,
-            "--api-secret",
-            SECRET,
             "--balance",
             f"USDT={START_USDT},BTC={START_BTC}",
             "--data",
@@ -110,6 +108,7 @@ def emulator(free_port: Callable[[], int], tmp_path: Path) -> Iterator[str]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, "MELTICA_EMULATOR_API_SECRET": SECRET},
     )
     url = f"http://127.0.0.1:{port}"
     try:

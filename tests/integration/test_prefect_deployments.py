@@ -133,8 +133,8 @@ def emulator_config(prefect_env: dict[str, str], free_port: Callable[[], int], t
     log = tmp_path / "emulator.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*emulator, "--api-key", key, "--api-secret", secret],
-            env=prefect_env,
+            [*emulator, "--api-key", key],
+            env={**prefect_env, "MELTICA_EMULATOR_API_SECRET": secret},
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -228,7 +228,9 @@ def test_deposit_is_reported_as_balance_drift_and_the_venue_snapshot_stored(fres
             PortfolioStore(db).save_snapshot(portfolio, ts=now())
             async with aiohttp.ClientSession() as http:
                 response = await http.post(
-                    f"{emu.rest_url}/_emulator/deposit", json={"account": "main", "asset": "USDT", "amount": "250.5"}
+                    f"{emu.rest_url}/_emulator/deposit",
+                    json={"account": "main", "asset": "USDT", "amount": "250.5"},
+                    headers=emu.admin_headers(),
                 )
                 assert response.status == 200
             policy = ReconcilePolicy(balance_tolerance={"BTC": Decimal("0.01")})

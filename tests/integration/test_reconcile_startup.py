@@ -109,7 +109,9 @@ def settings() -> MelticaSettings:
 async def deposit(emu: EmulatorServer, asset: str, amount: str) -> None:
     async with aiohttp.ClientSession() as http:
         response = await http.post(
-            f"{emu.rest_url}/_emulator/deposit", json={"account": "main", "asset": asset, "amount": amount}
+            f"{emu.rest_url}/_emulator/deposit",
+            json={"account": "main", "asset": asset, "amount": amount},
+            headers=emu.admin_headers(),
         )
         assert response.status == 200, await response.text()
 
