@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, text
 
-from meltica.errors import DataValidationError
+from meltica.errors import ConfigurationError, DataValidationError
 
 
 class Flavour(enum.StrEnum):
@@ -51,6 +51,8 @@ HYPERTABLES: tuple[HypertableSpec, ...] = (
 BUCKET_ORIGIN = "TIMESTAMPTZ '2000-01-03 00:00:00+00'"
 
 CANDLES_1H_VIEW = "candles_1h"
+# The owner's function that refreshes CANDLES_1H_VIEW on plain PostgreSQL (migration 0007).
+REFRESH_CANDLES_FUNCTION = "meltica_refresh_candles_1h"
 
 
 def timescaledb_available(conn: Connection) -> bool:
@@ -110,7 +112,8 @@ def install(conn: Connection, *, use_timescaledb: bool | None = None) -> Flavour
     if use_timescaledb is None:
         use_timescaledb = timescaledb_available(conn)
     if use_timescaledb:
-        conn.execute(text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
+        if detect_flavour(conn) is not Flavour.TIMESCALEDB:
+            _create_timescaledb_extension(conn)
         _install_timescaledb(conn)
         return Flavour.TIMESCALEDB
     _install_postgres(conn)
@@ -127,6 +130,22 @@ def uninstall(conn: Connection) -> None:
             conn.execute(text("SELECT remove_compression_policy(:t, if_exists => true)"), {"t": spec.table})
     else:
         conn.execute(text(f"DROP MATERIALIZED VIEW IF EXISTS {CANDLES_1H_VIEW}"))
+
+
+def _create_timescaledb_extension(conn: Connection) -> None:
+    """Only a superuser may create the (untrusted) extension; the owner role that runs the migrations is not
+    one (meltica.storage.privileges): an administrator installs it first, as ``meltica infra up`` does
+    locally (in ``template1`` too, so every new database has it)."""
+    superuser = conn.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar()
+    if not superuser:
+        database = conn.execute(text("SELECT current_database()")).scalar()
+        raise ConfigurationError(
+            f"TimescaleDB is available on this server but not installed in database {database!r}, and the "
+            "migrating role may not install it: as a superuser run CREATE EXTENSION timescaledb in that "
+            "database (and in template1 for databases created later), then migrate again",
+            field="database_migration_url",
+        )
+    conn.execute(text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
 
 
 def _install_postgres(conn: Connection) -> None:
@@ -200,10 +219,19 @@ def refresh_candle_rollups(conn: Connection, *, start: datetime | None = None, e
     """
     flavour = detect_flavour(conn)
     if flavour is Flavour.TIMESCALEDB:
-        conn.execute(
-            text(f"CALL refresh_continuous_aggregate('{CANDLES_1H_VIEW}', :start, :end)"),
-            {"start": start, "end": end},
-        )
+        # Only the aggregate's owner may refresh it. The runtime role (meltica.storage.privileges) leaves it
+        # to the refresh policy; reads aggregate in real time what is not materialized yet (0007).
+        if conn.execute(
+            text("SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class WHERE oid = CAST(:v AS regclass)"),
+            {"v": CANDLES_1H_VIEW},
+        ).scalar():
+            conn.execute(
+                text(f"CALL refresh_continuous_aggregate('{CANDLES_1H_VIEW}', :start, :end)"),
+                {"start": start, "end": end},
+            )
+    elif conn.execute(text(f"SELECT to_regprocedure('{REFRESH_CANDLES_FUNCTION}()') IS NOT NULL")).scalar():
+        # The owner's SECURITY DEFINER function (0007): REFRESH needs the owner, the runtime role calls this.
+        conn.execute(text(f"SELECT {REFRESH_CANDLES_FUNCTION}()"))
     else:
         populated = conn.execute(
             text("SELECT ispopulated FROM pg_matviews WHERE matviewname = :v"), {"v": CANDLES_1H_VIEW}
