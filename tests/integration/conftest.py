@@ -117,3 +117,14 @@ def module_database(postgres_endpoint: PostgresEndpoint) -> Iterator[Engine]:
     """A new database migrated to head, shared by the tests of one module."""
     with temporary_database(postgres_endpoint) as engine:
         yield engine
+
+
+@pytest.fixture(scope="module")
+def module_runtime_database(module_database: Engine) -> Iterator[Engine]:
+    """``module_database`` as the runtime role: for tests of the application's runtime path, which in
+    production has only the rights the migrations grant that role."""
+    from meltica.storage.engine import make_engine
+
+    engine = make_engine(runtime_url_of(module_database))
+    yield engine
+    engine.dispose()

@@ -49,7 +49,10 @@ def owner(module_database: Engine) -> Engine:
 
 @pytest.fixture
 def runtime(owner: Engine, runtime_engine: Callable[[Engine], Engine]) -> Engine:
-    return runtime_engine(owner)
+    engine = runtime_engine(owner)
+    if engine.url.username == owner.url.username:
+        pytest.skip("MELTICA_DATABASE_URL without MELTICA_DATABASE_MIGRATION_URL: one role for both")
+    return engine
 
 
 def _refused(engine: Engine, sql: str) -> str:
