@@ -220,6 +220,16 @@ def test_migrating_needs_the_runtime_role_to_exist(database_factory: Callable[..
         assert migrate.current_revision(engine) is None  # one transaction: nothing half-applied
 
 
+def test_one_role_for_both_migrates_up_and_down(database_factory: Callable[..., object]) -> None:
+    """A development database reached through one URL only: the owner is also the runtime role."""
+    with database_factory(migrated=False) as engine:  # type: ignore[attr-defined]
+        role = str(engine.url.username)
+        migrate.upgrade(engine, runtime_role=role)
+        migrate.downgrade(engine, "base", runtime_role=role)
+        migrate.upgrade(engine, runtime_role=role)  # the owner kept every right on alembic_version
+        assert migrate.current_revision(engine) == migrate.head_revision(engine)
+
+
 ROOT = Path(__file__).resolve().parents[3]
 CANDLE_FILE = "timestamp,open,high,low,close,volume\n2024-01-10 00:00:00.000000,1,2,0.5,1.5,10\n"
 

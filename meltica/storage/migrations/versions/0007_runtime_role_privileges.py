@@ -5,7 +5,8 @@ value ``meltica db upgrade`` hands it, else ``MELTICA_DATABASE_RUNTIME_ROLE``) `
 on every table, ``UPDATE``/``DELETE`` on the state tables of ``meltica.storage.privileges`` only, the
 sequences, and default privileges for the tables later migrations create. It owns nothing, so it can
 neither change the schema nor disable the facts' triggers. The role must exist (an operator creates it
-in production; ``meltica infra up`` does locally): the migration refuses otherwise.
+in production; ``meltica infra up`` does locally): the migration refuses otherwise. When it is the
+migrating role itself (one role for both, a development setup) nothing is granted: it owns everything.
 
 Roll-ups: plain PostgreSQL gets ``meltica_refresh_candles_1h()``, a ``SECURITY DEFINER`` function of the
 owner that refreshes ``candles_1h`` (refreshing needs the owner); on TimescaleDB ``candles_1h`` switches
@@ -42,6 +43,9 @@ def upgrade() -> None:
     conn = op.get_bind()
     role = _role()
     privileges.require_role(conn, role)
+    # One role for both (a development database configured by MELTICA_DATABASE_URL alone): it owns
+    # everything already, and revoking from it would take away what the migrations themselves need.
+    same_role = conn.execute(text("SELECT current_user = :r"), {"r": role}).scalar()
     view = timeseries.CANDLES_1H_VIEW
     if timeseries.detect_flavour(conn) is timeseries.Flavour.TIMESCALEDB:
         op.execute(f"ALTER MATERIALIZED VIEW {view} SET (timescaledb.materialized_only = false)")
@@ -49,14 +53,15 @@ def upgrade() -> None:
         op.execute(privileges.refresh_function_sql(view))
         op.execute(f"REVOKE ALL ON FUNCTION {privileges.REFRESH_CANDLES_FUNCTION}() FROM PUBLIC")
         op.execute(f'GRANT EXECUTE ON FUNCTION {privileges.REFRESH_CANDLES_FUNCTION}() TO "{role}"')
-    privileges.grant_runtime(conn, role)
+    if not same_role:
+        privileges.grant_runtime(conn, role)
 
 
 def downgrade() -> None:
     conn = op.get_bind()
     role = _role()
-    exists = conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).first()
-    if exists:
+    exists = conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r AND rolname <> current_user"), {"r": role})
+    if exists.first():
         privileges.revoke_runtime(conn, role)
     op.execute(f"DROP FUNCTION IF EXISTS {privileges.REFRESH_CANDLES_FUNCTION}()")
     if timeseries.detect_flavour(conn) is timeseries.Flavour.TIMESCALEDB:
