@@ -737,7 +737,10 @@ def postgres_status() -> ServiceStatus:
     if password_known:
         try:
             version = _query_version(_sqlalchemy_url(port, _password()), timeout=3)
-            detail += _roles_warning(_sqlalchemy_url(port, _password()))
+            detail += _roles_warning(
+                _sqlalchemy_url(port, _password()),
+                f"it is this server's bootstrap superuser; `meltica infra down`, remove {pgdata}, `meltica infra up`",
+            )
         except psycopg.Error as exc:
             detail += f"; query failed: {exc}"
     return ServiceStatus(
@@ -751,7 +754,7 @@ def postgres_status() -> ServiceStatus:
     )
 
 
-def _roles_warning(url: str) -> str:
+def _roles_warning(url: str, remedy: str = "run `meltica infra up`") -> str:
     """A note for ``infra status`` when the owner role is still a superuser (an older provisioning)."""
     import psycopg
 
@@ -761,7 +764,7 @@ def _roles_warning(url: str) -> str:
     except psycopg.Error:
         return ""
     if row is not None and row[0]:
-        return f"; the {ROLE} role is a superuser (provisioned by an older Meltica): run `meltica infra up`"
+        return f"; the {ROLE} role is a superuser (provisioned by an older Meltica): {remedy}"
     return ""
 
 
