@@ -15,17 +15,20 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import scrub_secrets_in_logs
 from flows._retry import retry_only_retryable
-from meltica.infra.postgres import database_url
+from meltica.infra.postgres import database_url, ensure_schema_at_head
 from meltica.marketdata.candle_files import read_candle_file
-from meltica.storage import candles, migrate
+from meltica.storage import candles
 from meltica.storage.engine import make_engine
 
 
 @task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=retry_only_retryable)
-def load_file(path: str, exchange: str, symbol: str, timeframe: str, db_url: str) -> dict[str, Any]:
+def load_file(
+    path: str, exchange: str, symbol: str, timeframe: str, db_url: str, *, given: bool = True
+) -> dict[str, Any]:
     engine = make_engine(db_url)
     try:
-        migrate.upgrade(engine)
+        # staging/prod: refused unless at head; dev: migrated as the owner (or through a URL handed in)
+        ensure_schema_at_head(engine, migrate_through_engine=given)
         parsed = read_candle_file(Path(path), timeframe)
         result = candles.load_candles(engine, parsed.rows, exchange=exchange, symbol=symbol, timeframe=timeframe)
     finally:
@@ -45,7 +48,7 @@ def import_candle_file(
 ) -> dict[str, Any]:
     """Load one candle file (CSV, Feather, Parquet); reloading adds nothing."""
     scrub_secrets_in_logs()
-    summary = load_file(path, exchange, symbol, timeframe, database or database_url())
+    summary = load_file(path, exchange, symbol, timeframe, database or database_url(), given=database is not None)
     create_markdown_artifact(
         key="candle-import",
         markdown=(

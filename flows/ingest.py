@@ -22,9 +22,8 @@ from flows import scrub_secrets_in_logs
 from flows._retry import retry_only_retryable
 from meltica.adapters.base import ExchangeAdapter
 from meltica.errors import ConfigurationError
-from meltica.infra.postgres import database_url
+from meltica.infra.postgres import database_url, ensure_schema_at_head
 from meltica.marketdata import ingest as core
-from meltica.storage import migrate
 from meltica.storage.engine import make_engine
 
 
@@ -79,12 +78,14 @@ async def _ingest(
     emulator_url: str | None,
     db_url: str,
     page_limit: int,
+    given: bool,
 ) -> core.IngestReport:
     engine = make_engine(db_url)
     adapter = _adapter(exchange, account, emulator_url)
     try:
         with core.database_errors(engine):
-            migrate.upgrade(engine)
+            # staging/prod: refused unless at head; dev: migrated as the owner (or through a URL handed in)
+            ensure_schema_at_head(engine, migrate_through_engine=given)
         instruments = await adapter.load_instruments()
         if symbol not in instruments:
             raise ConfigurationError(f"{exchange} has no symbol {symbol!r}", field="symbols")
@@ -114,6 +115,7 @@ def ingest_series(
     emulator_url: str | None,
     db_url: str,
     page_limit: int,
+    given: bool = True,
 ) -> dict[str, Any]:
     report = asyncio.run(
         _ingest(
@@ -127,6 +129,7 @@ def ingest_series(
             emulator_url,
             db_url,
             page_limit,
+            given,
         )
     )
     return {
@@ -190,7 +193,18 @@ def ingest(
     failed_states: list[Any] = []
     for kind, symbol, timeframe in jobs:
         state = series_task(
-            kind, exchange, symbol, timeframe, start, end, account, emulator_url, db_url, page_limit, return_state=True
+            kind,
+            exchange,
+            symbol,
+            timeframe,
+            start,
+            end,
+            account,
+            emulator_url,
+            db_url,
+            page_limit,
+            database is not None,
+            return_state=True,
         )
         if state.is_completed():
             rows.append(state.result())

@@ -29,7 +29,11 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals may hold secrets
 )
 app.add_typer(infra_cmd.app, name="infra", help="Start, stop and inspect the local infrastructure.")
-app.add_typer(db_cmd.app, name="db", help="Database migrations.")
+app.add_typer(
+    db_cmd.app,
+    name="db",
+    help="Database migrations, as the owner role (database_migration_url / MELTICA_DATABASE_MIGRATION_URL).",
+)
 app.add_typer(data_cmd.app, name="data", help="Load and show market data.")
 app.add_typer(config_cmd.app, name="config", help="Show and validate configuration.")
 app.add_typer(keys_cmd.app, name="keys", help="Manage encrypted exchange API credentials.")

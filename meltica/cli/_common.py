@@ -64,11 +64,28 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
 
 
 def database_engine() -> Engine:
-    """The engine for the configured database (see :func:`meltica.infra.postgres.database_url`)."""
+    """The runtime role's engine for the configured database (see :func:`meltica.infra.postgres.database_url`)."""
     from meltica.infra.postgres import database_url
     from meltica.storage.engine import make_engine
 
     return make_engine(database_url())
+
+
+def migration_engine() -> Engine:
+    """The owner (migration) role's engine, for ``meltica db`` (see
+    :func:`meltica.infra.postgres.migration_database_url`)."""
+    from meltica.infra.postgres import migration_database_url
+    from meltica.storage.engine import make_engine
+
+    return make_engine(migration_database_url())
+
+
+def schema_at_head(engine: Engine, *, migrate_through_engine: bool = False) -> None:
+    """Before a runtime command uses the database: refused in staging/prod unless at head, else migrated
+    (dev, paper) as the owner role (see :func:`meltica.infra.postgres.ensure_schema_at_head`)."""
+    from meltica.infra.postgres import ensure_schema_at_head
+
+    ensure_schema_at_head(engine, migrate_through_engine=migrate_through_engine)
 
 
 def is_interactive() -> bool:

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from meltica.cli._common import console, database_engine, reports_errors
+from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
 from meltica.errors import ConfigurationError
 
 
@@ -182,10 +182,8 @@ def backtest(
         console.print(f"order book: {book_series.gaps} sequence gap(s), {book_series.dropped} diff(s) dropped")
     console.print(summary_table(result))
     if store:
-        from meltica.storage import migrate
-
         database = database or database_engine()
-        migrate.upgrade(database)
+        schema_at_head(database)
         result.save(database)
         console.print(f"stored as run {result.run_id}")
     console.print(f"results in {output}/ (metrics.json, orders.csv, fills.csv, equity.csv, trades.csv, report.html)")

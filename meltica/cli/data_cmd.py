@@ -12,10 +12,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from meltica.cli._common import console, database_engine, reports_errors
+from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
 from meltica.errors import DataValidationError
 from meltica.marketdata.candle_files import parse_time, read_candle_file
-from meltica.storage import candles, migrate
+from meltica.storage import candles
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -35,7 +35,7 @@ def load(
 ) -> None:
     """Load a candle file. Reloading the same bars adds nothing; a malformed row loads nothing."""
     engine = database_engine()
-    migrate.upgrade(engine)
+    schema_at_head(engine)
     parsed = read_candle_file(file, timeframe)
     with Progress(
         TextColumn("[bold]loading {task.fields[name]}"),

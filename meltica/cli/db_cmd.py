@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from meltica.cli._common import EXIT_BAD_INPUT, console, database_engine, err_console, reports_errors
+from meltica.cli._common import EXIT_BAD_INPUT, console, err_console, migration_engine, reports_errors
 from meltica.config import load_settings
 from meltica.storage import migrate
 from meltica.storage.engine import masked
@@ -19,12 +19,14 @@ log = logging.getLogger(__name__)
 @app.command()
 @reports_errors
 def upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
-    """Migrate the database up to REVISION (default: the newest), then set the retention policies to exactly
-    what `storage.retention` configures (TimescaleDB; none by default: history is kept)."""
+    """Migrate the database up to REVISION (default: the newest), as the owner role
+    (database_migration_url), granting the runtime role (database_runtime_role) its rights; then set the
+    retention policies to exactly what `storage.retention` configures (TimescaleDB; none by default: history
+    is kept)."""
     settings = load_settings()
-    engine = database_engine()
+    engine = migration_engine()
     log.info("migrating %s up to %s", masked(engine.url), revision)
-    migrate.upgrade(engine, revision)
+    migrate.upgrade(engine, revision, runtime_role=settings.database_runtime_role)
     with engine.begin() as conn:
         flavour = detect_flavour(conn)
         if migrate.current_revision(engine) == migrate.head_revision(engine):
@@ -47,12 +49,14 @@ def downgrade(
         help="Required in staging and prod, where the downgrade is refused without it (after listing what it drops).",
     ),
 ) -> None:
-    """Migrate the database down to REVISION. A downgrade drops tables, columns and guards — with their data.
-    In staging and prod it first lists what it would drop, and is refused without --yes-destroy-data."""
-    environment = load_settings().environment
-    engine = database_engine()
+    """Migrate the database down to REVISION, as the owner role. A downgrade drops tables, columns and
+    guards — with their data. In staging and prod it first lists what it would drop, and is refused
+    without --yes-destroy-data."""
+    settings = load_settings()
+    environment = settings.environment
+    engine = migration_engine()
     if environment in GUARDED_ENVIRONMENTS:
-        preview = migrate.downgrade_preview(engine, revision)
+        preview = migrate.downgrade_preview(engine, revision, runtime_role=settings.database_runtime_role)
         for line in describe_preview(preview):
             console.print(line, highlight=False, soft_wrap=True)
         if not yes_destroy_data:
@@ -64,7 +68,7 @@ def downgrade(
             )
             raise typer.Exit(EXIT_BAD_INPUT)
     log.info("migrating %s down to %s", masked(engine.url), revision)
-    migrate.downgrade(engine, revision)
+    migrate.downgrade(engine, revision, runtime_role=settings.database_runtime_role)
     console.print(f"database {masked(engine.url)} at revision {migrate.current_revision(engine) or 'base'}")
 
 
@@ -84,5 +88,5 @@ def describe_preview(preview: migrate.DowngradePreview) -> list[str]:
 @reports_errors
 def current() -> None:
     """Show the database's revision and the newest one this code knows."""
-    engine = database_engine()
+    engine = migration_engine()
     console.print(f"current: {migrate.current_revision(engine) or 'base'}  head: {migrate.head_revision(engine)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 from sqlalchemy import Engine
 
-from meltica.cli._common import console, database_engine, reports_errors
+from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
 from meltica.cli.data_cmd import candle_table, summary_table
 from meltica.marketdata.candle_files import read_candle_file
 from meltica.storage import candles, migrate
@@ -48,7 +48,7 @@ def demo(
 
     console.rule("[bold]2. database schema")
     engine = database_engine()
-    migrate.upgrade(engine)
+    schema_at_head(engine)
     with engine.connect() as conn:
         flavour = detect_flavour(conn)
     console.print(f"{masked(engine.url)} at revision {migrate.current_revision(engine)} ({flavour})")

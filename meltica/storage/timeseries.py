@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, text
 
-from meltica.errors import DataValidationError, InfrastructureError
+from meltica.errors import ConfigurationError, DataValidationError, InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ RETENTION_TABLES: tuple[str, ...] = tuple(spec.table for spec in HYPERTABLES)
 BUCKET_ORIGIN = "TIMESTAMPTZ '2000-01-03 00:00:00+00'"
 
 CANDLES_1H_VIEW = "candles_1h"
+# The refresh policy covers the whole history (start_offset NULL): a refresh only recomputes invalidated
+# hours, so a backfill by a role that may not refresh the aggregate itself is materialised at the next run.
+CANDLES_1H_POLICY = "start_offset => NULL, end_offset => INTERVAL '1 hour', schedule_interval => INTERVAL '15 minutes'"
+# The owner's function that refreshes CANDLES_1H_VIEW on plain PostgreSQL (migration 0007).
+REFRESH_CANDLES_FUNCTION = "meltica_refresh_candles_1h"
 
 
 def timescaledb_packaged(conn: Connection) -> bool:
@@ -138,6 +143,11 @@ def decide_flavour(extension_version: str | None, candles_1h_is_continuous: bool
     return Flavour.TIMESCALEDB
 
 
+def _installed_version(conn: Connection) -> str | None:
+    version = conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")).scalar()
+    return None if version is None else str(version)
+
+
 def detect_flavour(conn: Connection) -> Flavour:
     """The flavour the database's time-series objects were created for (see :func:`decide_flavour`)."""
     version = conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")).scalar()
@@ -204,8 +214,10 @@ def install(conn: Connection, *, use_timescaledb: bool | None = None) -> Flavour
                 "the time-series tables are created for plain PostgreSQL"
             )
     if use_timescaledb:
-        conn.execute(text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
-        version = conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")).scalar()
+        version = _installed_version(conn)
+        if version is None:
+            _create_timescaledb_extension(conn)
+            version = _installed_version(conn)
         check_timescaledb_version(str(version))
         _install_timescaledb(conn)
         return Flavour.TIMESCALEDB
@@ -223,6 +235,22 @@ def uninstall(conn: Connection) -> None:
             conn.execute(text("SELECT remove_compression_policy(:t, if_exists => true)"), {"t": spec.table})
     else:
         conn.execute(text(f"DROP MATERIALIZED VIEW IF EXISTS {CANDLES_1H_VIEW}"))
+
+
+def _create_timescaledb_extension(conn: Connection) -> None:
+    """Only a superuser may create the (untrusted) extension; the owner role that runs the migrations is not
+    one (meltica.storage.privileges): an administrator installs it first, as ``meltica infra up`` does
+    locally (in ``template1`` too, so every new database has it)."""
+    superuser = conn.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar()
+    if not superuser:
+        database = conn.execute(text("SELECT current_database()")).scalar()
+        raise ConfigurationError(
+            f"TimescaleDB is available on this server but not installed in database {database!r}, and the "
+            "migrating role may not install it: as a superuser run CREATE EXTENSION timescaledb in that "
+            "database (and in template1 for databases created later), then migrate again",
+            field="database_migration_url",
+        )
+    conn.execute(text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
 
 
 def _install_postgres(conn: Connection) -> None:
@@ -274,10 +302,7 @@ def _install_timescaledb(conn: Connection) -> None:
         )
     )
     conn.execute(
-        text(
-            f"SELECT add_continuous_aggregate_policy('{CANDLES_1H_VIEW}', start_offset => INTERVAL '3 days', "
-            "end_offset => INTERVAL '1 hour', schedule_interval => INTERVAL '15 minutes', if_not_exists => true)"
-        )
+        text(f"SELECT add_continuous_aggregate_policy('{CANDLES_1H_VIEW}', {CANDLES_1H_POLICY}, if_not_exists => true)")
     )
 
 
@@ -306,15 +331,24 @@ def hour_window(start: datetime | None, end: datetime | None) -> tuple[datetime 
     )
 
 
-def refresh_candle_rollups(conn: Connection, *, start: datetime | None = None, end: datetime | None = None) -> None:
+def refresh_candle_rollups(conn: Connection, *, start: datetime | None = None, end: datetime | None = None) -> bool:
     """Bring ``candles_1h`` up to date after a load of bars from ``start`` to ``end`` (the first and last bar
-    times; ``None``: open-ended).
+    times; ``None``: open-ended). False when this role may not refresh it (TimescaleDB, not the owner): the
+    policy will.
 
     On TimescaleDB ``refresh_continuous_aggregate`` cannot run inside a transaction block, so
     ``conn`` must be in autocommit mode there.
     """
     flavour = detect_flavour(conn)
     if flavour is Flavour.TIMESCALEDB:
+        # Only the aggregate's owner may refresh it (and not from inside a function). Another role (the
+        # runtime role, meltica.storage.privileges) leaves it to the refresh policy, which materialises every
+        # invalidated hour, while reads aggregate in real time what is newer than the materialised part.
+        if not conn.execute(
+            text("SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class WHERE oid = CAST(:v AS regclass)"),
+            {"v": CANDLES_1H_VIEW},
+        ).scalar():
+            return False
         window_start, window_end = hour_window(start, end)
         # Typed bounds: with an untyped NULL the server cannot infer the parameter's type.
         conn.execute(
@@ -324,12 +358,16 @@ def refresh_candle_rollups(conn: Connection, *, start: datetime | None = None, e
             ),
             {"start": window_start, "end": window_end},
         )
+    elif conn.execute(text(f"SELECT to_regprocedure('{REFRESH_CANDLES_FUNCTION}()') IS NOT NULL")).scalar():
+        # The owner's SECURITY DEFINER function (0007): REFRESH needs the owner, the runtime role calls this.
+        conn.execute(text(f"SELECT {REFRESH_CANDLES_FUNCTION}()"))
     else:
         populated = conn.execute(
             text("SELECT ispopulated FROM pg_matviews WHERE matviewname = :v"), {"v": CANDLES_1H_VIEW}
         ).scalar()
         concurrently = "CONCURRENTLY " if populated else ""
         conn.execute(text(f"REFRESH MATERIALIZED VIEW {concurrently}{CANDLES_1H_VIEW}"))
+    return True
 
 
 def rollup_candles_sql(flavour: Flavour, width: timedelta) -> str:

@@ -1,7 +1,9 @@
 """Real servers for integration tests: the dev Kafka broker and PostgreSQL, started once per session.
 
 Both fixtures go through the same code as `meltica infra up`, so a broker or database that is already
-running is reused (and left running afterwards, like `up`).
+running is reused (and left running afterwards, like `up`). Database fixtures create, migrate and yield
+engines as the owner role (``PostgresEndpoint.url``); ``runtime_url_of``/``runtime_engine`` give the same
+database as the runtime role, which is what runtime commands connect as in production.
 """
 
 from __future__ import annotations
@@ -51,6 +53,27 @@ def free_port() -> Callable[[], int]:
     return pick
 
 
+def runtime_url_of(engine: Engine) -> str:
+    """``engine``'s database as the runtime role (``meltica_app`` locally): the rights the migrations grant."""
+    return ensure_postgres().runtime_url_for(str(engine.url.database))
+
+
+@pytest.fixture
+def runtime_engine() -> Iterator[Callable[[Engine], Engine]]:
+    """``runtime_engine(owner_engine)`` → an engine on the same database as the runtime role (disposed after)."""
+    from meltica.storage.engine import make_engine
+
+    made: list[Engine] = []
+
+    def make(engine: Engine) -> Engine:
+        made.append(make_engine(runtime_url_of(engine)))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.dispose()
+
+
 @contextlib.contextmanager
 def temporary_database(endpoint: PostgresEndpoint, *, migrated: bool = True) -> Iterator[Engine]:
     """A new database on the real server (migrated to head unless ``migrated=False``), dropped afterwards."""
@@ -95,3 +118,14 @@ def module_database(postgres_endpoint: PostgresEndpoint) -> Iterator[Engine]:
     """A new database migrated to head, shared by the tests of one module."""
     with temporary_database(postgres_endpoint) as engine:
         yield engine
+
+
+@pytest.fixture(scope="module")
+def module_runtime_database(module_database: Engine) -> Iterator[Engine]:
+    """``module_database`` as the runtime role: for tests of the application's runtime path, which in
+    production has only the rights the migrations grant that role."""
+    from meltica.storage.engine import make_engine
+
+    engine = make_engine(runtime_url_of(module_database))
+    yield engine
+    engine.dispose()

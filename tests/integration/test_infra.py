@@ -54,7 +54,10 @@ def test_up_is_idempotent_and_status_reports_real_servers(
     with psycopg.connect(_libpq(postgres_endpoint.url), connect_timeout=5) as conn:
         assert conn.execute("SELECT current_user, current_database()").fetchone() == ("meltica", "meltica")
     assert postgres_endpoint.url_for("other").endswith("/other")
-    assert infra_postgres.database_url() in {postgres_endpoint.url, os.environ.get("MELTICA_DATABASE_URL")}
+    # runtime commands connect as the runtime role, `meltica db` as the owner
+    assert infra_postgres.database_url() in {postgres_endpoint.runtime_url, os.environ.get("MELTICA_DATABASE_URL")}
+    if postgres_endpoint.kind != "external":
+        assert infra_postgres.migration_database_url() == postgres_endpoint.url
 
 
 def test_cli_up_and_status_json_never_print_the_password(postgres_endpoint: infra.PostgresEndpoint) -> None:
@@ -107,6 +110,14 @@ def test_embedded_postgres_starts_answers_and_stops(
         with psycopg.connect(_libpq(endpoint.url), connect_timeout=5, autocommit=True) as conn:
             assert conn.execute("SELECT 20 + 22").fetchone() == (42,)
             conn.execute("CREATE DATABASE scratch")  # the role can create databases (tests need it)
+            roles = dict(
+                conn.execute("SELECT rolname, rolsuper FROM pg_roles WHERE rolname LIKE 'meltica%'").fetchall()
+            )
+        assert roles == {"meltica": False, "meltica_app": False}  # the superuser is `postgres`, unused
+        with psycopg.connect(_libpq(endpoint.runtime_url), connect_timeout=5) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("meltica_app",)
+        for name in ("password", "meltica_app.password", "postgres.password"):
+            assert (tmp_path / "state" / "postgres" / name).stat().st_mode & 0o777 == 0o600
         with psycopg.connect(_libpq(endpoint.url_for("scratch")), connect_timeout=5) as conn:
             assert conn.execute("SELECT current_database()").fetchone() == ("scratch",)
 

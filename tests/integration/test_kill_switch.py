@@ -15,9 +15,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def database(module_database: Engine) -> Engine:
-    """A fresh database migrated to head, shared by this module's tests (tests/integration/conftest.py)."""
-    return module_database
+def database(module_runtime_database: Engine) -> Engine:
+    """A fresh database migrated to head, shared by this module's tests, as the runtime role (the rights the
+    application has in production; tests/integration/conftest.py)."""
+    return module_runtime_database
 
 
 def events(engine: Engine, scope: str) -> list[dict[str, object]]:

@@ -43,6 +43,7 @@ from meltica.infra.kafka import KafkaEndpoint
 from meltica.messaging.catalogue import Catalogue
 from meltica.messaging.codec import Codec
 from meltica.messaging.schemas import AccountFill, OrderUpdate
+from tests.integration.conftest import runtime_url_of
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +138,8 @@ def deployment(
         "environment": "staging",  # outside dev: the limits below are required, and checked
         "trading_mode": "live",
         "log_level": "INFO",
-        "database_url": fresh_database.url.render_as_string(hide_password=False),
+        # as production runs: every process connects as the runtime role (the owner migrated the database)
+        "database_url": runtime_url_of(fresh_database),
         "kafka": {"bootstrap_servers": kafka_endpoint.bootstrap_servers},
         "symbols": [SYMBOL],
         "accounts": [

@@ -28,9 +28,10 @@ T0 = datetime(2024, 1, 10, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
-def engine(module_database: Engine) -> Engine:
-    """A fresh database migrated to head, shared by this module's tests (tests/integration/conftest.py)."""
-    return module_database
+def engine(module_runtime_database: Engine) -> Engine:
+    """A fresh database migrated to head, shared by this module's tests, as the runtime role (the rights the
+    application has in production; tests/integration/conftest.py)."""
+    return module_runtime_database
 
 
 def make_venue() -> PaperVenue:

@@ -11,15 +11,21 @@ import pytest
 from sqlalchemy import Engine, text
 
 from meltica.storage import migrate
+from tests.integration.conftest import runtime_url_of
 
 pytestmark = pytest.mark.integration
 
 
 def meltica(engine: Engine, *args: str, env: str = "dev", **extra: str) -> subprocess.CompletedProcess[str]:
+    """``meltica ARGS`` as production runs it: runtime commands as the runtime role, `db` as the owner."""
     environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("MELTICA_") or k == "MELTICA_STATE_DIR"}
     environ.update(
-        MELTICA_DATABASE_URL=engine.url.render_as_string(hide_password=False), MELTICA_ENV=env, COLUMNS="200", **extra
+        MELTICA_DATABASE_URL=runtime_url_of(engine),
+        MELTICA_DATABASE_MIGRATION_URL=engine.url.render_as_string(hide_password=False),
+        MELTICA_ENV=env,
+        COLUMNS="200",
     )
+    environ.update(extra)
     return subprocess.run(
         [sys.executable, "-m", "meltica", *args], capture_output=True, text=True, env=environ, timeout=300, check=False
     )

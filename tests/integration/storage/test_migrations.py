@@ -56,9 +56,17 @@ def test_stepping_down_revision_by_revision(empty_database: Engine) -> None:
     tables_0004 = {"backtest_orders", "backtest_fills"}
     later_tables = tables_0004 | {"order_lists", "emulated_orders", "kill_switch_state", "risk_state"}
 
-    migrate.downgrade(empty_database, "-1")  # 0007: time-series policies only (no table change)
-    assert migrate.current_revision(empty_database) == "0006"
+    migrate.downgrade(empty_database, "-1")  # 0008: time-series policies only (no table change)
+    assert migrate.current_revision(empty_database) == "0007"
     assert _tables(empty_database) == set(metadata.tables)
+    migrate.downgrade(empty_database, "-1")  # 0007: the runtime role's rights and the refresh function
+    assert migrate.current_revision(empty_database) == "0006"
+    with empty_database.connect() as conn:
+        granted = conn.execute(
+            text("SELECT count(*) FROM information_schema.role_table_grants WHERE grantee = 'meltica_app'")
+        ).scalar_one()
+        refresh = conn.execute(text("SELECT to_regprocedure('meltica_refresh_candles_1h()')")).scalar()
+    assert (granted, refresh) == (0, None)
     migrate.downgrade(empty_database, "-1")  # 0006: the erase guards only
     assert migrate.current_revision(empty_database) == "0005"
     assert _primary_key(empty_database, "fills") == ["exchange", "account", "trade_id", "side"]
