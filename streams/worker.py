@@ -57,6 +57,8 @@ or JSON)::
     tracing: none                     # none | console | otlp
     stats_interval: 5.0               # seconds between stats records
     confirm_outputs: true
+    batch_inputs: true                # a fetched batch at a time (streams/lanes.py); false: one Faust event at a time
+    fetch_max_wait_ms: 5              # the consumer's fetch wait (null: Faust's 1500)
     control: group                    # group | broadcast (every process hears every control message)
     stop_deadline: 30                 # seconds a stop may take before the process exits 1 (0: no limit)
     faust: {}                         # extra Faust settings
@@ -90,6 +92,7 @@ from meltica.live.worker_stats import ProcessorStats, WorkerStats, ensure_stats_
 from meltica.messaging.catalogue import PREFIX_ENV, Catalogue
 from meltica.messaging.codec import Codec
 from streams.app import make_app
+from streams.lanes import FETCH_MAX_WAIT_MS, BatchLanes, set_fetch_max_wait
 from streams.topics import StreamTopics
 
 log = logging.getLogger(__name__)
@@ -327,6 +330,7 @@ class ConsumerGuard:
         self.holes: dict[Any, tuple[int, int, int]] = {}  # TP → (expected, got, times seen)
         self.rewinds = 0
         self.stale_acks = 0
+        self.lanes: BatchLanes | None = None  # inputs handled a batch at a time (streams/lanes.py)
 
     def install(self, consumer: Any) -> None:
         if getattr(consumer, "_meltica_guard", None) is self:
@@ -339,6 +343,8 @@ class ConsumerGuard:
 
         async def getmany(timeout: float) -> Any:
             rewound: set[Any] = set()
+            diverted: dict[str, list[Any]] = {}
+            lanes = self.lanes
             async for tp, message in original_getmany(timeout):
                 if tp.topic in self.guarded:
                     if tp in rewound:
@@ -363,7 +369,12 @@ class ConsumerGuard:
                         continue
                     # a record below the expected offset (a batch fetched before a seek) moves nothing back
                     self.expected[tp] = max(message.offset + 1, expected or 0)
+                if lanes is not None and lanes.takes(tp.topic):
+                    diverted.setdefault(tp.topic, []).append(message)
+                    continue
                 yield tp, message
+            if diverted and lanes is not None:
+                await lanes.deliver(diverted)
 
         async def perform_seek() -> None:
             await original_perform_seek()
@@ -604,6 +615,12 @@ class WorkerRuntime:
 
     async def send_all(self, outputs: Sequence[Outgoing], stats: ProcessorStats) -> None:
         """Encode and send in order; wait for the broker's acks when ``confirm_outputs``."""
+        pending = await self.send_outputs(outputs, stats)
+        if pending and self.confirm_outputs:
+            await asyncio.gather(*pending)
+
+    async def send_outputs(self, outputs: Sequence[Outgoing], stats: ProcessorStats) -> list[Any]:
+        """Encode and send in order; the futures of the broker's acks (not awaited here)."""
         pending = []
         for out in outputs:
             headers = dict(out.headers)
@@ -616,8 +633,7 @@ class WorkerRuntime:
             )
             pending.append(fut)
             stats.sent(out.topic)
-        if pending and self.confirm_outputs:
-            await asyncio.gather(*pending)
+        return pending
 
     # --- stats -----------------------------------------------------------------------------------
 
@@ -750,6 +766,8 @@ def build_worker_app(
     control_broadcast: bool = False,
     control_offsets: Mapping[int, int] | None = None,
     stop_deadline: float = STOP_DEADLINE,
+    batch_inputs: bool = True,
+    fetch_max_wait_ms: int | None = FETCH_MAX_WAIT_MS,
     **faust_settings: Any,
 ) -> faust.App:
     """A Faust app (consumer group ``app_id``) running ``processors`` as agents; see the module doc.
@@ -758,7 +776,9 @@ def build_worker_app(
     arguments are Faust settings (they override :func:`streams.app.make_app`'s and ours). The runtime
     (graceful stop, stats, failure) is :func:`runtime_of(app) <runtime_of>`. ``control_broadcast``: this
     process hears every ``control`` message (:class:`ControlBroadcast`, from ``control_offsets`` or the
-    end) instead of the partitions the group gives it. ``stop_deadline``: the stop watchdog (0: none)."""
+    end) instead of the partitions the group gives it. ``stop_deadline``: the stop watchdog (0: none).
+    ``batch_inputs``: inputs handled a fetched batch at a time (:mod:`streams.lanes`; else one Faust event at a
+    time). ``fetch_max_wait_ms``: the consumer's fetch wait (None: Faust's 1500 ms)."""
     codec = codec or Codec(catalogue)
     catalogue = codec.catalogue
     settings: dict[str, Any] = {
@@ -795,6 +815,13 @@ def build_worker_app(
     }
     runtime.guard = ConsumerGuard(app, guarded)
     runtime.guard.install(app.consumer)
+    if batch_inputs:
+        lanes = BatchLanes(runtime)
+        for agent in runtime.agents.values():
+            lanes.add(agent)
+        runtime.guard.lanes = lanes
+    if fetch_max_wait_ms is not None:
+        set_fetch_max_wait(app, fetch_max_wait_ms)
 
     @app.timer(stats_interval)
     async def publish_worker_stats() -> None:
@@ -894,8 +921,15 @@ def app_from_config(config: Mapping[str, Any]) -> faust.App:
         confirm_outputs=bool(config.get("confirm_outputs", True)),
         control_broadcast=_control_mode(config) == "broadcast",
         stop_deadline=float(config.get("stop_deadline", STOP_DEADLINE)),
+        batch_inputs=bool(config.get("batch_inputs", True)),
+        fetch_max_wait_ms=_fetch_max_wait(config),
         **dict(config.get("faust") or {}),
     )
+
+
+def _fetch_max_wait(config: Mapping[str, Any]) -> int | None:
+    value = config.get("fetch_max_wait_ms", FETCH_MAX_WAIT_MS)
+    return None if value is None else int(value)
 
 
 def _control_mode(config: Mapping[str, Any]) -> str:

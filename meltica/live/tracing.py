@@ -83,8 +83,16 @@ def trace_id_of(headers: HeadersIn) -> str | None:
     return format(span_context.trace_id, "032x") if span_context.is_valid else None
 
 
+_tracer: trace.Tracer | None = None
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    """The pipeline's tracer, looked up once: a proxy until a provider is installed, then that provider's
+    (``get_tracer`` per message cost as much as the rest of a span)."""
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer(TRACER_NAME)
+    return _tracer
 
 
 @contextmanager

@@ -1,0 +1,270 @@
+"""Batch lanes: a worker's inputs handled one fetched batch at a time, beside Faust's per-event streams.
+
+Why: faust-streaming moves every record through its conductor, a channel, a stream and a per-message
+``wait_first`` (≈150-200 µs of CPU per record on these machines, measured in ``bench/live_pipeline_bench.py``),
+and agents sharing one consumer queue behind each other. A lane takes the records of its processor's input
+partitions straight from the consumer's ``getmany`` (through :class:`streams.worker.ConsumerGuard`, which
+still checks every offset), hands each to ``processor.handle`` in fetch order, sends the outputs at once
+(the producer does not wait for the batch), waits for the broker's acks once per batch (``confirm_outputs``),
+stores each touched key's state once per batch in the changelogged table, and only then acknowledges the
+batch's messages to Faust, whose commit machinery commits them as before. Delivery stays at least once: a
+batch that fails or arrives while the worker is stopping is not acknowledged, so it is fetched again after
+the restart, and a batch of an older consumer generation adds no offset to commit (the guard's ``ack``).
+
+What stays Faust's: the app and its consumer group, rebalancing, flow control (a paused partition is not
+fetched), table recovery from the changelog (``processor.restore`` runs under the agent's lock, so it never
+interleaves with a batch), offset commits, the producer and the worker CLI.
+
+The consumer's fetch wait (``fetch_max_wait_ms``) is what a record produced by one stage waits before the
+next stage's fetch can ask for it when the broker holds another fetch for idle partitions: faust-streaming
+hard-codes 1500 ms; workers set it (:func:`set_fetch_max_wait`, worker config ``fetch_max_wait_ms``, default
+:data:`FETCH_MAX_WAIT_MS`). An upstream fix would be a Faust setting passed to ``AIOKafkaConsumer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from faust.streams import _current_event  # the context Faust's tables read the source partition from
+
+from meltica.live import tracing
+from meltica.live.processor import Incoming
+
+if TYPE_CHECKING:
+    from streams.worker import ProcessorAgent, WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+FETCH_MAX_WAIT_MS = 5
+"""Default for workers: an idle fetch returns after 5 ms, so a partition whose records were just taken is
+asked for again within that (≈200 empty fetches/s on an idle worker: negligible CPU)."""
+
+CHUNK_RECORDS = 1000
+CHUNK_SECONDS = 0.05
+"""A batch is finished (outputs confirmed, state stored, offsets acknowledged) in chunks of at most this many
+records or seconds: what a crash makes the worker redo stays small, and state is never far behind."""
+
+_FETCH_WAIT_BY_APP: dict[str, int] = {}
+_PATCHED = False
+
+
+def set_fetch_max_wait(app: Any, milliseconds: int) -> None:
+    """Use ``milliseconds`` as the fetch wait of ``app``'s consumer (installed before the app starts)."""
+    if milliseconds < 0:
+        raise ValueError("fetch_max_wait_ms must be >= 0")
+    _FETCH_WAIT_BY_APP[str(app.conf.id)] = milliseconds
+    _patch_consumer_factory()
+
+
+def _patch_consumer_factory() -> None:
+    global _PATCHED
+    if _PATCHED:
+        return
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    original = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
+
+    def create_worker_consumer(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        wait = _FETCH_WAIT_BY_APP.get(str(self.app.conf.id))
+        if wait is not None:
+            consumer._fetch_max_wait_ms = wait  # read when the consumer starts its fetcher
+        return consumer
+
+    faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+    _PATCHED = True
+
+
+class _ChangelogSource:
+    """Stands in for the Faust event a table write reads its source partition from."""
+
+    __slots__ = ("__weakref__", "message")
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+
+
+class BatchLanes:
+    """The worker's lanes: physical input topic → the agent whose processor takes it."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self.agents_of: dict[str, list[ProcessorAgent]] = {}
+        self.batches = 0
+        self.records = 0
+
+    def add(self, agent: ProcessorAgent) -> None:
+        for physical in agent.partitions_of:
+            self.agents_of.setdefault(physical, []).append(agent)
+
+    def takes(self, topic: str) -> bool:
+        return topic in self.agents_of
+
+    def _sole_reader(self, topic: str) -> bool:
+        return len(self.agents_of[topic]) == 1
+
+    async def deliver(self, diverted: Mapping[str, list[Any]]) -> None:
+        """Hand each agent the messages of its topics from one fetch (called by the guard's ``getmany``). A
+        message of a topic only one agent reads is acknowledged with its chunk; one read by several agents
+        once every one of them handled it."""
+        runtime = self.runtime
+        if runtime.stopping or runtime.failure is not None:
+            runtime.freeze_commits()  # neither handled nor acknowledged: fetched again after the restart
+            return
+        consumer = runtime.app.consumer
+        by_agent: dict[ProcessorAgent, list[Any]] = {}
+        shared: list[Any] = []
+        for topic, messages in diverted.items():
+            fresh = await self._unread(consumer, messages)
+            for agent in self.agents_of[topic]:
+                by_agent.setdefault(agent, []).extend(fresh)
+            if not self._sole_reader(topic):
+                shared.extend(fresh)
+        for agent, messages in by_agent.items():
+            if not await self.handle_batch(agent, messages):
+                return
+        for message in shared:
+            consumer.ack(message)
+
+    async def handle_batch(self, agent: ProcessorAgent, messages: list[Any]) -> bool:
+        """Handle ``messages`` with ``agent``; False when it failed (the worker is then stopping)."""
+        runtime = self.runtime
+        if not messages:
+            return True
+        await agent.ensure_started()
+        failure: BaseException | None = None
+        async with agent.lock:
+            if runtime.stopping or runtime.failure is not None:
+                runtime.freeze_commits()  # a stop began meanwhile: not handled, fetched again after the restart
+                return False
+            agent.doing = f"handling a batch of {len(messages)}"
+            try:
+                await self._handle(agent, messages)
+            except Exception as exc:
+                failure = exc
+            agent.doing = "waiting for a batch"
+        if failure is not None:
+            runtime.freeze_commits()  # the rest of the batch is handed over again after a restart
+            agent.stats.errors += 1
+            first = messages[0]
+            log.error(
+                "processor %s failed on a batch from %s[%d]@%d",
+                agent.name,
+                first.topic,
+                first.partition,
+                first.offset,
+                exc_info=failure,
+            )
+            runtime.fail(failure)
+            return False
+        self.batches += 1
+        return True
+
+    async def _unread(self, consumer: Any, messages: list[Any]) -> list[Any]:
+        """What Faust's own fetch loop would hand over: nothing below the partition's read offset (a batch
+        fetched before a seek), and each taken offset becomes the read offset. A jump in offsets on a
+        partition the guard does not check (a compacted input) is a real hole: booked as Faust books it, so
+        commits can pass it."""
+        read_offset = consumer._read_offset
+        guarded = self.runtime.guard.guarded if self.runtime.guard is not None else set()
+        fresh = []
+        for message in messages:
+            tp = message.tp
+            last = read_offset.get(tp)
+            if last is None or message.offset >= last:
+                if last and message.offset - last > 1 and tp.topic not in guarded:
+                    await consumer._add_gap(tp, last + 1, message.offset)
+                read_offset[tp] = message.offset
+                fresh.append(message)
+        return fresh
+
+    async def _handle(self, agent: ProcessorAgent, messages: list[Any]) -> None:
+        """Handle ``messages`` in order, finishing a chunk (outputs confirmed, state stored, messages
+        acknowledged) every :data:`CHUNK_RECORDS` records or :data:`CHUNK_SECONDS`, so a slow batch still
+        stores its progress as it goes."""
+        runtime = self.runtime
+        topics = runtime.topics
+        processor = agent.processor
+        stats = agent.stats
+        chunk = _Chunk()
+        for message in messages:
+            physical = message.topic
+            logical = agent.logical_of[physical]
+            raw_key = message.key
+            chunk.messages.append(message)
+            model = await topics.dead_letters.decode_or_dead_letter(
+                logical,
+                message.value,
+                key=raw_key,
+                partition=message.partition,
+                offset=message.offset,
+                physical_topic=physical,
+            )
+            if model is None:
+                stats.dead_lettered(logical)
+                continue
+            key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes | bytearray) else raw_key
+            timestamp = (
+                datetime.fromtimestamp(message.timestamp, UTC) if message.timestamp and message.timestamp > 0 else None
+            )
+            incoming = Incoming(
+                topic=logical,
+                key=key,
+                value=model,
+                partition=message.partition,
+                offset=message.offset,
+                timestamp=timestamp,
+            )
+            started = time.perf_counter()
+            attributes: dict[str, Any] = {
+                "messaging.system": "kafka",
+                "messaging.destination.name": physical,
+                "messaging.kafka.partition": message.partition,
+                "messaging.kafka.offset": message.offset,
+                "meltica.processor": agent.name,
+            }
+            if key is not None:
+                attributes["messaging.kafka.message.key"] = key
+            with tracing.consume_span(f"{agent.name}.handle {logical}", message.headers, attributes):
+                outputs = await processor.handle(incoming)
+                if outputs:
+                    chunk.pending.extend(await runtime.send_outputs(outputs, stats))
+            stats.handled(logical, time.perf_counter() - started)
+            if key is not None:
+                chunk.touched[key] = (agent.partitions_of[physical], message)
+            if len(chunk.messages) >= CHUNK_RECORDS or time.perf_counter() - chunk.started >= CHUNK_SECONDS:
+                await self._finish(agent, chunk)
+                chunk = _Chunk()
+        await self._finish(agent, chunk)
+
+    async def _finish(self, agent: ProcessorAgent, chunk: _Chunk) -> None:
+        if chunk.pending and self.runtime.confirm_outputs:
+            await asyncio.gather(*chunk.pending)  # outputs confirmed before the state and the offsets move on
+        for key, (partitions, message) in chunk.touched.items():
+            source = _ChangelogSource(message)
+            token = _current_event.set(weakref.ref(source))  # type: ignore[arg-type]
+            try:
+                agent._store(partitions, key)
+            finally:
+                _current_event.reset(token)
+        consumer = self.runtime.app.consumer
+        for message in chunk.messages:
+            if self._sole_reader(message.topic):
+                consumer.ack(message)
+        self.records += len(chunk.messages)
+
+
+class _Chunk:
+    __slots__ = ("messages", "pending", "started", "touched")
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self.pending: list[Any] = []
+        self.touched: dict[str, tuple[int, Any]] = {}
+        self.started = time.perf_counter()
