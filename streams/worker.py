@@ -652,7 +652,13 @@ class WorkerRuntime:
         await asyncio.Future()
 
     def freeze_commits(self) -> None:
-        """No offset commit from now on (Faust would commit events acked while cancelling agents)."""
+        """No offset commit from now on (Faust would commit events acked while cancelling agents).
+
+        Faust's stop also waits until every event an agent took is acknowledged (``stream_wait_empty``),
+        but an event taken after the stop began is parked unacknowledged on purpose (it must not be
+        committed) and is only cancelled by that same stop: the wait never ended and the worker hung until
+        the stop watchdog killed it (exit 1). With commits frozen there is nothing left to wait for (the
+        in-flight messages were finished under the agents' locks), so that wait is skipped."""
         with contextlib.suppress(Exception):
             consumer = self.app.consumer
             if not getattr(consumer, "_meltica_frozen", False):
@@ -660,7 +666,11 @@ class WorkerRuntime:
                 async def no_commit(*_args: Any, **_kwargs: Any) -> bool:
                     return False
 
+                async def nothing_to_wait_for() -> None:
+                    return None
+
                 consumer.commit = no_commit
+                consumer.wait_empty = nothing_to_wait_for
                 consumer._meltica_frozen = True
 
     def request_stop(self) -> None:
