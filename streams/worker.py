@@ -43,6 +43,13 @@ database at start), so a kill switch reaches every worker.
 Stop watchdog: once a stop began (SIGTERM, SIGINT or a failure), a worker still stopping after
 ``stop_deadline`` seconds (default 30) logs it and exits 1 at once.
 
+Stall watchdog (:class:`StallWatchdog`): a worker that holds input partitions with unhandled messages
+(their log end is past the last message an agent finished) and hands no message to any agent for
+``stall_deadline`` seconds (default 120; not counting rebalances) — or whose event loop stops turning for
+that long — logs where every agent and task waits (as SIGUSR1 does) and exits 3 (:data:`STALLED`), so its
+supervisor restarts it and the group gives its partitions to a live consumer: a worker that keeps its
+partitions and does nothing loses no message but stops the pipeline without a word.
+
 Run a live deployment's worker: ``python -m streams.worker --settings FILE --worker NAME`` (the settings
 file of ``meltica live start``: accounts, ``risk:``, ``live.workers``; refused with exit 2, naming every
 missing limit, when the settings fail ``check_live``). Or a free-standing worker:
@@ -59,6 +66,7 @@ or JSON)::
     confirm_outputs: true
     control: group                    # group | broadcast (every process hears every control message)
     stop_deadline: 30                 # seconds a stop may take before the process exits 1 (0: no limit)
+    stall_deadline: 120               # seconds without progress while input waits before it exits 3 (0: never)
     faust: {}                         # extra Faust settings
 """
 
@@ -98,6 +106,10 @@ STATE_SUFFIX = "-state"
 CONTROL = "control"
 STOP_DEADLINE = 30.0
 """Seconds a stopping worker may take before the watchdog ends the process (exit 1)."""
+STALL_DEADLINE = 120.0
+"""Seconds a worker may hand over no message while its partitions hold unread input (exit :data:`STALLED`)."""
+STALLED = 3
+"""Exit code of a worker the stall watchdog ended."""
 
 
 def _state_json(state: Mapping[str, Any] | None) -> bytes | None:
@@ -148,6 +160,7 @@ class ProcessorAgent:
             table.on_recover(self._restorer(table))
             self.tables[count] = table
         self.agent: Any = None
+        self.coroutine: Any = None
         if self.partitions_of:
             self.topic = app.topic(
                 *self.partitions_of,
@@ -193,12 +206,18 @@ class ProcessorAgent:
     # --- the agent -------------------------------------------------------------------------------
 
     async def _run(self, stream: Any) -> None:
+        # The consuming coroutine is kept so SIGUSR1 can show where it waits (a Faust actor's task hides it).
+        self.coroutine = self._consume(stream)
+        await self.coroutine
+
+    async def _consume(self, stream: Any) -> None:
         await self.ensure_started()
         self.doing = "waiting for a message"
         # Faust acks an event when the loop asks for the next one, and also when the loop is left
         # (cancelled at shutdown): an event we must not handle is parked here with commits frozen, so
         # its ack never reaches the broker.
         async for event in stream.events():
+            self.runtime.progress += 1
             self.doing = f"took {_where(event)}"
             if self.runtime.stopping:
                 self.runtime.freeze_commits()
@@ -209,6 +228,9 @@ class ProcessorAgent:
                     await self.process(event)
                 except Exception as exc:
                     failure = exc
+            self.runtime.progress += 1
+            message = event.message
+            self.runtime.handled[message.tp] = max(self.runtime.handled.get(message.tp, 0), message.offset + 1)
             self.doing = f"waiting for a message (last {_where(event)})"
             if failure is not None:
                 self.runtime.freeze_commits()  # the failed message is handed over again after a restart
@@ -327,6 +349,7 @@ class ConsumerGuard:
         self.holes: dict[Any, tuple[int, int, int]] = {}  # TP → (expected, got, times seen)
         self.rewinds = 0
         self.stale_acks = 0
+        self.start: dict[Any, int] = {}  # TP → where the consumer started at the last assignment (known ones)
 
     def install(self, consumer: Any) -> None:
         if getattr(consumer, "_meltica_guard", None) is self:
@@ -415,6 +438,7 @@ class ConsumerGuard:
                     if offset is not None and offset >= 0:
                         self.expected[tp] = offset
         self.holes.clear()
+        self.start = dict(self.expected)
 
     def _accept_hole(self, tp: Any, expected: int, got: int) -> bool:
         previous = self.holes.get(tp)
@@ -551,6 +575,121 @@ async def control_end_offsets(bootstrap: str, physical_topic: str) -> dict[int, 
         await consumer.stop()
 
 
+class StallWatchdog:
+    """Ends a worker that holds input partitions with unread messages but hands none over (module doc).
+
+    Every ``deadline / 4`` seconds (a task on the worker's loop) it compares the agents' progress counter
+    with the last check and asks the broker, on a connection of its own, for the log end of every input
+    partition assigned to the worker; input is waiting when an end is past the last message an agent
+    finished (or where the consumer started). No progress for ``deadline`` seconds while input waits: the worker logs
+    its agents' and tasks' stacks and exits :data:`STALLED`. Time spent rebalancing, stopping or unable to
+    ask the broker does not count (a broker outage is not this worker's fault; a restart would not help).
+    A thread checks that the loop itself still turns: a task that blocks it for ``deadline`` seconds ends
+    the worker the same way."""
+
+    def __init__(self, runtime: WorkerRuntime, inputs: Iterable[str], deadline: float) -> None:
+        self.runtime = runtime
+        self.inputs = set(inputs)
+        self.deadline = deadline
+        self.interval = max(deadline / 4, 0.25)
+        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._tick = time.monotonic()  # last time the loop ran a check
+        self._consumer: Any = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+            self._thread = threading.Thread(target=self._watch_loop, name="stall-watchdog", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopped.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+
+    async def _run(self) -> None:
+        progress, since = self.runtime.progress, time.monotonic()
+        while not self._stopped.is_set():
+            await asyncio.sleep(self.interval)
+            now = self._tick = time.monotonic()
+            runtime = self.runtime
+            if runtime.stopping:
+                return  # the stop watchdog takes over
+            if runtime.progress != progress or getattr(runtime.app, "rebalancing", False):
+                progress, since = runtime.progress, now
+                continue
+            waiting = await self._waiting_input()
+            if not waiting:
+                since = now  # nothing to do (or the broker cannot tell): not a stall
+                continue
+            if now - since >= self.deadline:
+                self._expire(f"no message handed over for {now - since:.0f} s while input waits: {waiting}")
+
+    async def _waiting_input(self) -> str:
+        """The assigned input partitions whose log end is past the last message handled ("" if none, or if
+        the broker cannot be asked)."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        runtime = self.runtime
+        start = runtime.guard.start if runtime.guard is not None else {}
+        try:
+            assignment = [tp for tp in runtime.app.consumer.assignment() if tp.topic in self.inputs]
+            # where each partition's handling stands: after the last message an agent finished, else where
+            # the consumer started (a fetched but unhandled message is still waiting)
+            known = {
+                tp: max(runtime.handled.get(tp, 0), start[tp]) if tp in start else runtime.handled[tp]
+                for tp in assignment
+                if tp in start or tp in runtime.handled
+            }
+            if not known:
+                return ""
+            if self._consumer is None:
+                self._consumer = AIOKafkaConsumer(
+                    bootstrap_servers=runtime.bootstrap, group_id=None, enable_auto_commit=False
+                )
+                await self._consumer.start()
+            ends = await asyncio.wait_for(
+                self._consumer.end_offsets([TopicPartition(tp.topic, tp.partition) for tp in known]),
+                timeout=self.interval * 2,
+            )
+        except Exception as exc:
+            log.warning("stall watchdog: cannot read the input's log end offsets: %r", exc)
+            return ""
+        behind = [
+            f"{tp.topic}[{tp.partition}] {known[tp]}..{ends[TopicPartition(tp.topic, tp.partition)] - 1}"
+            for tp in sorted(known, key=lambda t: (t.topic, t.partition))
+            if ends.get(TopicPartition(tp.topic, tp.partition), 0) > known[tp]
+        ]
+        return ", ".join(behind)
+
+    def _watch_loop(self) -> None:
+        while not self._stopped.wait(self.interval):
+            if self.runtime.stopping:
+                return
+            silent = time.monotonic() - self._tick
+            if silent >= self.deadline + self.interval:
+                self._expire(f"the event loop has not turned for {silent:.0f} s")
+
+    def _expire(self, why: str) -> None:
+        key = self.runtime.stats.key
+        log.critical("worker %s stalled: %s: exiting %d so it is restarted (stall watchdog)", key, why, STALLED)
+        with contextlib.suppress(Exception):
+            if threading.current_thread() is threading.main_thread():
+                _dump_tasks()
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(STALLED)
+
+
 class WorkerRuntime:
     """What :func:`build_worker_app` wires around the Faust app: agents, stats, graceful stop."""
 
@@ -595,6 +734,9 @@ class WorkerRuntime:
         self.control: ControlBroadcast | None = ControlBroadcast(self, control_offsets) if control_broadcast else None
         self.stop_deadline = stop_deadline
         self._watchdog: threading.Timer | None = None
+        self.progress = 0  # messages taken and finished by the agents (the stall watchdog's measure)
+        self.handled: dict[Any, int] = {}  # TP → the offset after the last message an agent finished
+        self.stall: StallWatchdog | None = None
 
     def add(self, processor: Processor) -> ProcessorAgent:
         if processor.name in self.agents:
@@ -760,6 +902,7 @@ def build_worker_app(
     control_broadcast: bool = False,
     control_offsets: Mapping[int, int] | None = None,
     stop_deadline: float = STOP_DEADLINE,
+    stall_deadline: float = STALL_DEADLINE,
     **faust_settings: Any,
 ) -> faust.App:
     """A Faust app (consumer group ``app_id``) running ``processors`` as agents; see the module doc.
@@ -768,7 +911,8 @@ def build_worker_app(
     arguments are Faust settings (they override :func:`streams.app.make_app`'s and ours). The runtime
     (graceful stop, stats, failure) is :func:`runtime_of(app) <runtime_of>`. ``control_broadcast``: this
     process hears every ``control`` message (:class:`ControlBroadcast`, from ``control_offsets`` or the
-    end) instead of the partitions the group gives it. ``stop_deadline``: the stop watchdog (0: none)."""
+    end) instead of the partitions the group gives it. ``stop_deadline``: the stop watchdog (0: none);
+    ``stall_deadline``: the stall watchdog (0: none)."""
     codec = codec or Codec(catalogue)
     catalogue = codec.catalogue
     settings: dict[str, Any] = {
@@ -805,6 +949,9 @@ def build_worker_app(
     }
     runtime.guard = ConsumerGuard(app, guarded)
     runtime.guard.install(app.consumer)
+    if stall_deadline > 0:
+        inputs = {physical for agent in runtime.agents.values() for physical in agent.logical_of}
+        runtime.stall = StallWatchdog(runtime, inputs, stall_deadline)
 
     @app.timer(stats_interval)
     async def publish_worker_stats() -> None:
@@ -826,32 +973,68 @@ async def run_worker(app: faust.App, *, install_signals: bool = True) -> int:
     await app.start()
     if runtime.control is not None:
         runtime.control.start()
+    if runtime.stall is not None:
+        runtime.stall.start()
     log.info("worker %s running: %s", runtime.stats.key, ", ".join(runtime.agents))
     await runtime.done.wait()
     runtime.disarm_watchdog()
+    if runtime.stall is not None:
+        await runtime.stall.stop()
     return 1 if runtime.failure is not None else 0
+
+
+def _producer_state(app: faust.App) -> str:
+    """What the app's Kafka producer holds back and why (batches per partition, leader, in flight)."""
+    producer = app.producer._producer  # the aiokafka producer under Faust's
+    if producer is None:
+        return "not started"
+    accumulator = producer._message_accumulator
+    sender = producer._sender
+    cluster = producer.client.cluster
+    batches = {
+        f"{tp.topic}[{tp.partition}]": (len(queue), cluster.leader_for_partition(tp), queue[0].remaining_linger())
+        for tp, queue in accumulator._batches.items()
+        if queue
+    }
+    task = sender._sender_task
+    return (
+        f"batches (count, leader, linger) {batches}; pending {len(accumulator._pending_batches)}; "
+        f"in flight nodes {sorted(sender._in_flight)}; muted {sorted(str(tp) for tp in sender._muted_partitions)}; "
+        f"sender {'done: ' + repr(task.exception()) if task is not None and task.done() else 'running'}"
+    )
 
 
 def _dump_tasks() -> None:
     """SIGUSR1: log what each agent does and every asyncio task's await chain (why is a worker stuck?)."""
     for runtime in _RUNTIMES.values():
         for agent in runtime.agents.values():
-            log.warning("agent %s: %s (lock %s)", agent.name, agent.doing, "held" if agent.lock.locked() else "free")
-    for task in asyncio.all_tasks():
-        frames = []
-        awaitable: Any = task.get_coro()
-        while awaitable is not None and len(frames) < 40:
-            frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
-            frame = frame or getattr(awaitable, "gi_frame", None)
-            if frame is not None:
-                frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
-            awaitable = (
-                getattr(awaitable, "cr_await", None)
-                or getattr(awaitable, "ag_await", None)
-                or getattr(awaitable, "gi_yieldfrom", None)
-                or getattr(awaitable, "it", None)  # a Faust actor wraps the agent's coroutine
+            log.warning(
+                "agent %s: %s (lock %s):\n  %s",
+                agent.name,
+                agent.doing,
+                "held" if agent.lock.locked() else "free",
+                "\n  ".join(_await_chain(agent.coroutine)),
             )
-        log.warning("task %s:\n  %s", task.get_name(), "\n  ".join(frames))
+        with contextlib.suppress(Exception):
+            log.warning("producer: %s", _producer_state(runtime.app))
+    for task in asyncio.all_tasks():
+        log.warning("task %s:\n  %s", task.get_name(), "\n  ".join(_await_chain(task.get_coro())))
+
+
+def _await_chain(awaitable: Any) -> list[str]:
+    frames = []
+    while awaitable is not None and len(frames) < 40:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
+        frame = frame or getattr(awaitable, "gi_frame", None)
+        if frame is not None:
+            frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        awaitable = (
+            getattr(awaitable, "cr_await", None)
+            or getattr(awaitable, "ag_await", None)
+            or getattr(awaitable, "gi_yieldfrom", None)
+            or getattr(awaitable, "it", None)  # a Faust actor wraps the agent's coroutine
+        )
+    return frames
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -904,6 +1087,7 @@ def app_from_config(config: Mapping[str, Any]) -> faust.App:
         confirm_outputs=bool(config.get("confirm_outputs", True)),
         control_broadcast=_control_mode(config) == "broadcast",
         stop_deadline=float(config.get("stop_deadline", STOP_DEADLINE)),
+        stall_deadline=float(config.get("stall_deadline", STALL_DEADLINE)),
         **dict(config.get("faust") or {}),
     )
 
@@ -916,7 +1100,12 @@ def _control_mode(config: Mapping[str, Any]) -> str:
 
 
 async def app_from_settings(
-    settings: Any, worker_name: str, *, stop_deadline: float = STOP_DEADLINE, stats_interval: float = 5.0
+    settings: Any,
+    worker_name: str,
+    *,
+    stop_deadline: float = STOP_DEADLINE,
+    stats_interval: float = 5.0,
+    stall_deadline: float = STALL_DEADLINE,
 ) -> faust.App:
     """The worker ``worker_name`` of a live deployment (``settings`` already passed ``check_live``): app id
     ``meltica-<prefix>-<worker>``, the deployment's broker and topic prefix, the worker's stages built by
@@ -945,6 +1134,7 @@ async def app_from_settings(
         control_broadcast=True,
         control_offsets=offsets,
         stop_deadline=stop_deadline,
+        stall_deadline=stall_deadline,
     )
 
 
@@ -961,6 +1151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=None,
         help=f"seconds a stop may take before the process exits 1 (default {STOP_DEADLINE:.0f}; 0: no limit)",
+    )
+    parser.add_argument(
+        "--stall-deadline",
+        type=float,
+        default=None,
+        help=f"seconds without progress while input waits before the process exits {STALLED} to be restarted "
+        f"(default {STALL_DEADLINE:.0f}; 0: never)",
     )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -981,6 +1178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = resolve_config(load_config(args.config), app_id=args.app_id, factory=args.factory)
     if args.stop_deadline is not None:
         config["stop_deadline"] = args.stop_deadline
+    if args.stall_deadline is not None:
+        config["stall_deadline"] = args.stall_deadline
 
     async def run() -> int:
         app = app_from_config(config)
@@ -1010,7 +1209,12 @@ def _main_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
     async def run() -> int:
         try:
-            app = await app_from_settings(settings, args.worker, stop_deadline=deadline)
+            app = await app_from_settings(
+                settings,
+                args.worker,
+                stop_deadline=deadline,
+                stall_deadline=STALL_DEADLINE if args.stall_deadline is None else args.stall_deadline,
+            )
         except (ConfigurationError, StartRefusedError) as exc:
             log.critical("worker %s: refusing to start: %s", args.worker, exc)
             return REFUSED

@@ -534,6 +534,44 @@ def test_sigterm_with_messages_queued_stops_at_once_and_loses_nothing(
     _assert_exactly_once_effects(_decisions(outputs, codec), trades)
 
 
+def test_a_worker_that_stops_handling_while_input_waits_exits_to_be_restarted(
+    kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str], tmp_path: Path, workers: list[Worker]
+) -> None:
+    # A worker that keeps its partitions but handles nothing more (here: a handle that never returns, as
+    # an output whose acknowledgement never comes) would stop the pipeline silently: the stall watchdog
+    # ends it with exit 3 so a supervisor restarts it; the restarted worker loses nothing.
+    from streams.worker import STALLED
+
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("lw") + "."
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    create_topics(bootstrap, catalogue)
+    app_id = unique_name("lw-stall")
+    keys = _keys_per_partition(catalogue.spec("md.trades").partitions, 1)
+    trades = [(keys[i % len(keys)], _trade(keys[i % len(keys)], i)) for i in range(300)]
+    _produce_trades(bootstrap, catalogue, trades)
+    stalling = _config_with(_config(tmp_path, bootstrap, prefix, stall_after=50), stall_deadline=4)
+    outputs = TopicReader(bootstrap, catalogue.topic_name("risk.decisions"))
+    first = Worker(stalling, app_id, tmp_path / "worker1.log")
+    workers.append(first)
+    code = first.process.wait(timeout=120)
+    assert code == STALLED, first.output()[-3000:]
+    assert "stalled: no message handed over" in first.output()
+    assert "stall_after" not in first.output()  # (the config is not echoed)
+    handled_before = {d["id"] for d in _decisions(outputs, codec)}
+    assert 0 < len(handled_before) <= 50
+
+    healthy = tmp_path / "healthy"
+    healthy.mkdir()
+    second = Worker(_config(healthy, bootstrap, prefix), app_id, tmp_path / "worker2.log")
+    workers.append(second)
+    everything = {t.trade_id for _k, t in trades}
+    _wait(lambda: {d["id"] for d in _decisions(outputs, codec)} >= everything, 90, "every trade after the restart")
+    assert second.terminate() == 0, second.output()[-3000:]
+    _assert_exactly_once_effects(_decisions(outputs, codec), trades)
+
+
 def test_two_workers_split_partitions_and_fail_over_without_loss(
     kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str], tmp_path: Path, workers: list[Worker]
 ) -> None:
