@@ -333,12 +333,22 @@ class ConsumerGuard:
     * a stream skips events of an older consumer generation but still acknowledges them, so their
       offsets can be committed before they are fetched again and handled.
 
+    * at the end of a recovery Faust resumes the stream partitions, seeks them to the committed offsets and
+      only then calls ``flow_control.resume()`` — which clears every agent's queue even though the flow
+      was already active (resumed when the changelogs were read). A record fetched in that window is
+      dropped unhandled and unacknowledged; and ``_new_offset`` only holds a commit back when the first
+      acknowledged offset is *more than one* past the committed one, so a single dropped record is
+      committed over as soon as the next is acknowledged: lost. Seen as a worker that took over partitions
+      (failover, restart), logged "Worker ready" and then never handled one message of them.
+
     The guard wraps ``getmany``: for a non-compacted input partition, a record past the next offset
     expected (the one after the last record handed over, or where a seek put the consumer) is not
     handed over; the partition is sought back to the expected offset and read again. Only if the
     same jump is still there after :data:`HOLE_RETRIES` re-reads is it taken as a real hole in the log. And it
     wraps ``ack``: acknowledging a message of an older generation only marks it acked, it adds no
-    offset to commit."""
+    offset to commit. ``flow_control.resume()`` of a flow that is already active clears nothing, and
+    ``_new_offset`` commits nothing on an input partition whose first acknowledged offset is past the
+    committed one (a record at the head not acknowledged yet)."""
 
     HOLE_RETRIES = 3
 
@@ -407,10 +417,39 @@ class ConsumerGuard:
                 return False
             return bool(original_ack(message))
 
+        original_new_offset = consumer._new_offset
+
+        def new_offset(tp: Any) -> int | None:
+            if tp.topic in self.guarded:
+                acked = consumer._acked[tp]
+                committed = consumer._committed_offset.get(tp)
+                if acked and committed is not None and min(acked) > committed:
+                    return None  # the record at ``committed`` is not acknowledged yet: nothing to commit
+            result: int | None = original_new_offset(tp)
+            return result
+
         consumer.getmany = getmany
         consumer.perform_seek = perform_seek
         consumer.seek = seek
         consumer.ack = ack
+        consumer._new_offset = new_offset
+        self._keep_queues_on_resume(self.app.flow_control)
+
+    @staticmethod
+    def _keep_queues_on_resume(flow: Any) -> None:
+        """``resume()`` clears the agents' queues only when the flow was suspended (the rebalance's events,
+        sought again afterwards); resuming an active flow drops nothing fetched meanwhile."""
+        if getattr(flow, "_meltica_guarded", False):
+            return
+        original_resume = flow.resume
+
+        def resume() -> None:
+            if flow.is_active():
+                return
+            original_resume()
+
+        flow.resume = resume
+        flow._meltica_guarded = True
 
     async def _reset_expected(self, consumer: Any) -> None:
         """After Faust sought every partition to its committed offset: expect exactly that offset
