@@ -253,10 +253,15 @@ class BatchLanes:
                 agent._store(partitions, key)
             finally:
                 _current_event.reset(token)
-        consumer = self.runtime.app.consumer
+        runtime = self.runtime
+        consumer = runtime.app.consumer
+        handled = runtime.handled
         for message in chunk.messages:
             if self._sole_reader(message.topic):
                 consumer.ack(message)
+            tp = message.tp
+            handled[tp] = max(handled.get(tp, 0), message.offset + 1)  # the stall watchdog's measure
+        runtime.progress += len(chunk.messages)
         self.records += len(chunk.messages)
 
 

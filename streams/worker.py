@@ -43,6 +43,13 @@ database at start), so a kill switch reaches every worker.
 Stop watchdog: once a stop began (SIGTERM, SIGINT or a failure), a worker still stopping after
 ``stop_deadline`` seconds (default 30) logs it and exits 1 at once.
 
+Stall watchdog (:class:`StallWatchdog`): a worker that holds input partitions with unhandled messages
+(their log end is past the last message an agent finished) and hands no message to any agent for
+``stall_deadline`` seconds (default 120; not counting rebalances) — or whose event loop stops turning for
+that long — logs where every agent and task waits (as SIGUSR1 does) and exits 3 (:data:`STALLED`), so its
+supervisor restarts it and the group gives its partitions to a live consumer: a worker that keeps its
+partitions and does nothing loses no message but stops the pipeline without a word.
+
 Run a live deployment's worker: ``python -m streams.worker --settings FILE --worker NAME`` (the settings
 file of ``meltica live start``: accounts, ``risk:``, ``live.workers``; refused with exit 2, naming every
 missing limit, when the settings fail ``check_live``). Or a free-standing worker:
@@ -61,6 +68,7 @@ or JSON)::
     fetch_max_wait_ms: 5              # the consumer's fetch wait (null: Faust's 1500)
     control: group                    # group | broadcast (every process hears every control message)
     stop_deadline: 30                 # seconds a stop may take before the process exits 1 (0: no limit)
+    stall_deadline: 120               # seconds without progress while input waits before it exits 3 (0: never)
     faust: {}                         # extra Faust settings
 """
 
@@ -101,6 +109,10 @@ STATE_SUFFIX = "-state"
 CONTROL = "control"
 STOP_DEADLINE = 30.0
 """Seconds a stopping worker may take before the watchdog ends the process (exit 1)."""
+STALL_DEADLINE = 120.0
+"""Seconds a worker may hand over no message while its partitions hold unread input (exit :data:`STALLED`)."""
+STALLED = 3
+"""Exit code of a worker the stall watchdog ended."""
 
 
 def _state_json(state: Mapping[str, Any] | None) -> bytes | None:
@@ -151,6 +163,7 @@ class ProcessorAgent:
             table.on_recover(self._restorer(table))
             self.tables[count] = table
         self.agent: Any = None
+        self.coroutine: Any = None
         if self.partitions_of:
             self.topic = app.topic(
                 *self.partitions_of,
@@ -196,12 +209,18 @@ class ProcessorAgent:
     # --- the agent -------------------------------------------------------------------------------
 
     async def _run(self, stream: Any) -> None:
+        # The consuming coroutine is kept so SIGUSR1 can show where it waits (a Faust actor's task hides it).
+        self.coroutine = self._consume(stream)
+        await self.coroutine
+
+    async def _consume(self, stream: Any) -> None:
         await self.ensure_started()
         self.doing = "waiting for a message"
         # Faust acks an event when the loop asks for the next one, and also when the loop is left
         # (cancelled at shutdown): an event we must not handle is parked here with commits frozen, so
         # its ack never reaches the broker.
         async for event in stream.events():
+            self.runtime.progress += 1
             self.doing = f"took {_where(event)}"
             if self.runtime.stopping:
                 self.runtime.freeze_commits()
@@ -212,6 +231,9 @@ class ProcessorAgent:
                     await self.process(event)
                 except Exception as exc:
                     failure = exc
+            self.runtime.progress += 1
+            message = event.message
+            self.runtime.handled[message.tp] = max(self.runtime.handled.get(message.tp, 0), message.offset + 1)
             self.doing = f"waiting for a message (last {_where(event)})"
             if failure is not None:
                 self.runtime.freeze_commits()  # the failed message is handed over again after a restart
@@ -314,12 +336,22 @@ class ConsumerGuard:
     * a stream skips events of an older consumer generation but still acknowledges them, so their
       offsets can be committed before they are fetched again and handled.
 
+    * at the end of a recovery Faust resumes the stream partitions, seeks them to the committed offsets and
+      only then calls ``flow_control.resume()`` — which clears every agent's queue even though the flow
+      was already active (resumed when the changelogs were read). A record fetched in that window is
+      dropped unhandled and unacknowledged; and ``_new_offset`` only holds a commit back when the first
+      acknowledged offset is *more than one* past the committed one, so a single dropped record is
+      committed over as soon as the next is acknowledged: lost. Seen as a worker that took over partitions
+      (failover, restart), logged "Worker ready" and then never handled one message of them.
+
     The guard wraps ``getmany``: for a non-compacted input partition, a record past the next offset
     expected (the one after the last record handed over, or where a seek put the consumer) is not
     handed over; the partition is sought back to the expected offset and read again. Only if the
     same jump is still there after :data:`HOLE_RETRIES` re-reads is it taken as a real hole in the log. And it
     wraps ``ack``: acknowledging a message of an older generation only marks it acked, it adds no
-    offset to commit."""
+    offset to commit. ``flow_control.resume()`` of a flow that is already active clears nothing, and
+    ``_new_offset`` commits nothing on an input partition whose first acknowledged offset is past the
+    committed one (a record at the head not acknowledged yet)."""
 
     HOLE_RETRIES = 3
 
@@ -331,6 +363,7 @@ class ConsumerGuard:
         self.rewinds = 0
         self.stale_acks = 0
         self.lanes: BatchLanes | None = None  # inputs handled a batch at a time (streams/lanes.py)
+        self.start: dict[Any, int] = {}  # TP → where the consumer started at the last assignment (known ones)
 
     def install(self, consumer: Any) -> None:
         if getattr(consumer, "_meltica_guard", None) is self:
@@ -395,10 +428,39 @@ class ConsumerGuard:
                 return False
             return bool(original_ack(message))
 
+        original_new_offset = consumer._new_offset
+
+        def new_offset(tp: Any) -> int | None:
+            if tp.topic in self.guarded:
+                acked = consumer._acked[tp]
+                committed = consumer._committed_offset.get(tp)
+                if acked and committed is not None and min(acked) > committed:
+                    return None  # the record at ``committed`` is not acknowledged yet: nothing to commit
+            result: int | None = original_new_offset(tp)
+            return result
+
         consumer.getmany = getmany
         consumer.perform_seek = perform_seek
         consumer.seek = seek
         consumer.ack = ack
+        consumer._new_offset = new_offset
+        self._keep_queues_on_resume(self.app.flow_control)
+
+    @staticmethod
+    def _keep_queues_on_resume(flow: Any) -> None:
+        """``resume()`` clears the agents' queues only when the flow was suspended (the rebalance's events,
+        sought again afterwards); resuming an active flow drops nothing fetched meanwhile."""
+        if getattr(flow, "_meltica_guarded", False):
+            return
+        original_resume = flow.resume
+
+        def resume() -> None:
+            if flow.is_active():
+                return
+            original_resume()
+
+        flow.resume = resume
+        flow._meltica_guarded = True
 
     async def _reset_expected(self, consumer: Any) -> None:
         """After Faust sought every partition to its committed offset: expect exactly that offset
@@ -426,6 +488,7 @@ class ConsumerGuard:
                     if offset is not None and offset >= 0:
                         self.expected[tp] = offset
         self.holes.clear()
+        self.start = dict(self.expected)
 
     def _accept_hole(self, tp: Any, expected: int, got: int) -> bool:
         previous = self.holes.get(tp)
@@ -562,6 +625,121 @@ async def control_end_offsets(bootstrap: str, physical_topic: str) -> dict[int, 
         await consumer.stop()
 
 
+class StallWatchdog:
+    """Ends a worker that holds input partitions with unread messages but hands none over (module doc).
+
+    Every ``deadline / 4`` seconds (a task on the worker's loop) it compares the agents' progress counter
+    with the last check and asks the broker, on a connection of its own, for the log end of every input
+    partition assigned to the worker; input is waiting when an end is past the last message an agent
+    finished (or where the consumer started). No progress for ``deadline`` seconds while input waits: the worker logs
+    its agents' and tasks' stacks and exits :data:`STALLED`. Time spent rebalancing, stopping or unable to
+    ask the broker does not count (a broker outage is not this worker's fault; a restart would not help).
+    A thread checks that the loop itself still turns: a task that blocks it for ``deadline`` seconds ends
+    the worker the same way."""
+
+    def __init__(self, runtime: WorkerRuntime, inputs: Iterable[str], deadline: float) -> None:
+        self.runtime = runtime
+        self.inputs = set(inputs)
+        self.deadline = deadline
+        self.interval = max(deadline / 4, 0.25)
+        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._tick = time.monotonic()  # last time the loop ran a check
+        self._consumer: Any = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+            self._thread = threading.Thread(target=self._watch_loop, name="stall-watchdog", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopped.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+
+    async def _run(self) -> None:
+        progress, since = self.runtime.progress, time.monotonic()
+        while not self._stopped.is_set():
+            await asyncio.sleep(self.interval)
+            now = self._tick = time.monotonic()
+            runtime = self.runtime
+            if runtime.stopping:
+                return  # the stop watchdog takes over
+            if runtime.progress != progress or getattr(runtime.app, "rebalancing", False):
+                progress, since = runtime.progress, now
+                continue
+            waiting = await self._waiting_input()
+            if not waiting:
+                since = now  # nothing to do (or the broker cannot tell): not a stall
+                continue
+            if now - since >= self.deadline:
+                self._expire(f"no message handed over for {now - since:.0f} s while input waits: {waiting}")
+
+    async def _waiting_input(self) -> str:
+        """The assigned input partitions whose log end is past the last message handled ("" if none, or if
+        the broker cannot be asked)."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        runtime = self.runtime
+        start = runtime.guard.start if runtime.guard is not None else {}
+        try:
+            assignment = [tp for tp in runtime.app.consumer.assignment() if tp.topic in self.inputs]
+            # where each partition's handling stands: after the last message an agent finished, else where
+            # the consumer started (a fetched but unhandled message is still waiting)
+            known = {
+                tp: max(runtime.handled.get(tp, 0), start[tp]) if tp in start else runtime.handled[tp]
+                for tp in assignment
+                if tp in start or tp in runtime.handled
+            }
+            if not known:
+                return ""
+            if self._consumer is None:
+                self._consumer = AIOKafkaConsumer(
+                    bootstrap_servers=runtime.bootstrap, group_id=None, enable_auto_commit=False
+                )
+                await self._consumer.start()
+            ends = await asyncio.wait_for(
+                self._consumer.end_offsets([TopicPartition(tp.topic, tp.partition) for tp in known]),
+                timeout=self.interval * 2,
+            )
+        except Exception as exc:
+            log.warning("stall watchdog: cannot read the input's log end offsets: %r", exc)
+            return ""
+        behind = [
+            f"{tp.topic}[{tp.partition}] {known[tp]}..{ends[TopicPartition(tp.topic, tp.partition)] - 1}"
+            for tp in sorted(known, key=lambda t: (t.topic, t.partition))
+            if ends.get(TopicPartition(tp.topic, tp.partition), 0) > known[tp]
+        ]
+        return ", ".join(behind)
+
+    def _watch_loop(self) -> None:
+        while not self._stopped.wait(self.interval):
+            if self.runtime.stopping:
+                return
+            silent = time.monotonic() - self._tick
+            if silent >= self.deadline + self.interval:
+                self._expire(f"the event loop has not turned for {silent:.0f} s")
+
+    def _expire(self, why: str) -> None:
+        key = self.runtime.stats.key
+        log.critical("worker %s stalled: %s: exiting %d so it is restarted (stall watchdog)", key, why, STALLED)
+        with contextlib.suppress(Exception):
+            if threading.current_thread() is threading.main_thread():
+                _dump_tasks()
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(STALLED)
+
+
 class WorkerRuntime:
     """What :func:`build_worker_app` wires around the Faust app: agents, stats, graceful stop."""
 
@@ -606,6 +784,9 @@ class WorkerRuntime:
         self.control: ControlBroadcast | None = ControlBroadcast(self, control_offsets) if control_broadcast else None
         self.stop_deadline = stop_deadline
         self._watchdog: threading.Timer | None = None
+        self.progress = 0  # messages taken and finished by the agents (the stall watchdog's measure)
+        self.handled: dict[Any, int] = {}  # TP → the offset after the last message an agent finished
+        self.stall: StallWatchdog | None = None
 
     def add(self, processor: Processor) -> ProcessorAgent:
         if processor.name in self.agents:
@@ -668,7 +849,13 @@ class WorkerRuntime:
         await asyncio.Future()
 
     def freeze_commits(self) -> None:
-        """No offset commit from now on (Faust would commit events acked while cancelling agents)."""
+        """No offset commit from now on (Faust would commit events acked while cancelling agents).
+
+        Faust's stop also waits until every event an agent took is acknowledged (``stream_wait_empty``),
+        but an event taken after the stop began is parked unacknowledged on purpose (it must not be
+        committed) and is only cancelled by that same stop: the wait never ended and the worker hung until
+        the stop watchdog killed it (exit 1). With commits frozen there is nothing left to wait for (the
+        in-flight messages were finished under the agents' locks), so that wait is skipped."""
         with contextlib.suppress(Exception):
             consumer = self.app.consumer
             if not getattr(consumer, "_meltica_frozen", False):
@@ -676,7 +863,11 @@ class WorkerRuntime:
                 async def no_commit(*_args: Any, **_kwargs: Any) -> bool:
                     return False
 
+                async def nothing_to_wait_for() -> None:
+                    return None
+
                 consumer.commit = no_commit
+                consumer.wait_empty = nothing_to_wait_for
                 consumer._meltica_frozen = True
 
     def request_stop(self) -> None:
@@ -768,6 +959,7 @@ def build_worker_app(
     stop_deadline: float = STOP_DEADLINE,
     batch_inputs: bool = True,
     fetch_max_wait_ms: int | None = FETCH_MAX_WAIT_MS,
+    stall_deadline: float = STALL_DEADLINE,
     **faust_settings: Any,
 ) -> faust.App:
     """A Faust app (consumer group ``app_id``) running ``processors`` as agents; see the module doc.
@@ -776,9 +968,10 @@ def build_worker_app(
     arguments are Faust settings (they override :func:`streams.app.make_app`'s and ours). The runtime
     (graceful stop, stats, failure) is :func:`runtime_of(app) <runtime_of>`. ``control_broadcast``: this
     process hears every ``control`` message (:class:`ControlBroadcast`, from ``control_offsets`` or the
-    end) instead of the partitions the group gives it. ``stop_deadline``: the stop watchdog (0: none).
-    ``batch_inputs``: inputs handled a fetched batch at a time (:mod:`streams.lanes`; else one Faust event at a
-    time). ``fetch_max_wait_ms``: the consumer's fetch wait (None: Faust's 1500 ms)."""
+    end) instead of the partitions the group gives it. ``stop_deadline``: the stop watchdog (0: none);
+    ``stall_deadline``: the stall watchdog (0: none). ``batch_inputs``: inputs handled a fetched batch at a
+    time (:mod:`streams.lanes`; else one Faust event at a time). ``fetch_max_wait_ms``: the consumer's fetch
+    wait (None: Faust's 1500 ms)."""
     codec = codec or Codec(catalogue)
     catalogue = codec.catalogue
     settings: dict[str, Any] = {
@@ -822,6 +1015,9 @@ def build_worker_app(
         runtime.guard.lanes = lanes
     if fetch_max_wait_ms is not None:
         set_fetch_max_wait(app, fetch_max_wait_ms)
+    if stall_deadline > 0:
+        inputs = {physical for agent in runtime.agents.values() for physical in agent.logical_of}
+        runtime.stall = StallWatchdog(runtime, inputs, stall_deadline)
 
     @app.timer(stats_interval)
     async def publish_worker_stats() -> None:
@@ -843,32 +1039,68 @@ async def run_worker(app: faust.App, *, install_signals: bool = True) -> int:
     await app.start()
     if runtime.control is not None:
         runtime.control.start()
+    if runtime.stall is not None:
+        runtime.stall.start()
     log.info("worker %s running: %s", runtime.stats.key, ", ".join(runtime.agents))
     await runtime.done.wait()
     runtime.disarm_watchdog()
+    if runtime.stall is not None:
+        await runtime.stall.stop()
     return 1 if runtime.failure is not None else 0
+
+
+def _producer_state(app: faust.App) -> str:
+    """What the app's Kafka producer holds back and why (batches per partition, leader, in flight)."""
+    producer = app.producer._producer  # the aiokafka producer under Faust's
+    if producer is None:
+        return "not started"
+    accumulator = producer._message_accumulator
+    sender = producer._sender
+    cluster = producer.client.cluster
+    batches = {
+        f"{tp.topic}[{tp.partition}]": (len(queue), cluster.leader_for_partition(tp), queue[0].remaining_linger())
+        for tp, queue in accumulator._batches.items()
+        if queue
+    }
+    task = sender._sender_task
+    return (
+        f"batches (count, leader, linger) {batches}; pending {len(accumulator._pending_batches)}; "
+        f"in flight nodes {sorted(sender._in_flight)}; muted {sorted(str(tp) for tp in sender._muted_partitions)}; "
+        f"sender {'done: ' + repr(task.exception()) if task is not None and task.done() else 'running'}"
+    )
 
 
 def _dump_tasks() -> None:
     """SIGUSR1: log what each agent does and every asyncio task's await chain (why is a worker stuck?)."""
     for runtime in _RUNTIMES.values():
         for agent in runtime.agents.values():
-            log.warning("agent %s: %s (lock %s)", agent.name, agent.doing, "held" if agent.lock.locked() else "free")
-    for task in asyncio.all_tasks():
-        frames = []
-        awaitable: Any = task.get_coro()
-        while awaitable is not None and len(frames) < 40:
-            frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
-            frame = frame or getattr(awaitable, "gi_frame", None)
-            if frame is not None:
-                frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
-            awaitable = (
-                getattr(awaitable, "cr_await", None)
-                or getattr(awaitable, "ag_await", None)
-                or getattr(awaitable, "gi_yieldfrom", None)
-                or getattr(awaitable, "it", None)  # a Faust actor wraps the agent's coroutine
+            log.warning(
+                "agent %s: %s (lock %s):\n  %s",
+                agent.name,
+                agent.doing,
+                "held" if agent.lock.locked() else "free",
+                "\n  ".join(_await_chain(agent.coroutine)),
             )
-        log.warning("task %s:\n  %s", task.get_name(), "\n  ".join(frames))
+        with contextlib.suppress(Exception):
+            log.warning("producer: %s", _producer_state(runtime.app))
+    for task in asyncio.all_tasks():
+        log.warning("task %s:\n  %s", task.get_name(), "\n  ".join(_await_chain(task.get_coro())))
+
+
+def _await_chain(awaitable: Any) -> list[str]:
+    frames = []
+    while awaitable is not None and len(frames) < 40:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
+        frame = frame or getattr(awaitable, "gi_frame", None)
+        if frame is not None:
+            frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        awaitable = (
+            getattr(awaitable, "cr_await", None)
+            or getattr(awaitable, "ag_await", None)
+            or getattr(awaitable, "gi_yieldfrom", None)
+            or getattr(awaitable, "it", None)  # a Faust actor wraps the agent's coroutine
+        )
+    return frames
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -923,6 +1155,7 @@ def app_from_config(config: Mapping[str, Any]) -> faust.App:
         stop_deadline=float(config.get("stop_deadline", STOP_DEADLINE)),
         batch_inputs=bool(config.get("batch_inputs", True)),
         fetch_max_wait_ms=_fetch_max_wait(config),
+        stall_deadline=float(config.get("stall_deadline", STALL_DEADLINE)),
         **dict(config.get("faust") or {}),
     )
 
@@ -940,7 +1173,12 @@ def _control_mode(config: Mapping[str, Any]) -> str:
 
 
 async def app_from_settings(
-    settings: Any, worker_name: str, *, stop_deadline: float = STOP_DEADLINE, stats_interval: float = 5.0
+    settings: Any,
+    worker_name: str,
+    *,
+    stop_deadline: float = STOP_DEADLINE,
+    stats_interval: float = 5.0,
+    stall_deadline: float = STALL_DEADLINE,
 ) -> faust.App:
     """The worker ``worker_name`` of a live deployment (``settings`` already passed ``check_live``): app id
     ``meltica-<prefix>-<worker>``, the deployment's broker and topic prefix, the worker's stages built by
@@ -969,6 +1207,7 @@ async def app_from_settings(
         control_broadcast=True,
         control_offsets=offsets,
         stop_deadline=stop_deadline,
+        stall_deadline=stall_deadline,
     )
 
 
@@ -985,6 +1224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=None,
         help=f"seconds a stop may take before the process exits 1 (default {STOP_DEADLINE:.0f}; 0: no limit)",
+    )
+    parser.add_argument(
+        "--stall-deadline",
+        type=float,
+        default=None,
+        help=f"seconds without progress while input waits before the process exits {STALLED} to be restarted "
+        f"(default {STALL_DEADLINE:.0f}; 0: never)",
     )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -1005,6 +1251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = resolve_config(load_config(args.config), app_id=args.app_id, factory=args.factory)
     if args.stop_deadline is not None:
         config["stop_deadline"] = args.stop_deadline
+    if args.stall_deadline is not None:
+        config["stall_deadline"] = args.stall_deadline
 
     async def run() -> int:
         app = app_from_config(config)
@@ -1034,7 +1282,12 @@ def _main_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
     async def run() -> int:
         try:
-            app = await app_from_settings(settings, args.worker, stop_deadline=deadline)
+            app = await app_from_settings(
+                settings,
+                args.worker,
+                stop_deadline=deadline,
+                stall_deadline=STALL_DEADLINE if args.stall_deadline is None else args.stall_deadline,
+            )
         except (ConfigurationError, StartRefusedError) as exc:
             log.critical("worker %s: refusing to start: %s", args.worker, exc)
             return REFUSED

@@ -910,6 +910,33 @@ class OrderManager:
         except ValueError as exc:
             raise InvalidOrderError(f"amendment of {order.client_order_id} is not a valid order: {exc}") from None
 
+    def refuse_amend(
+        self,
+        client_order_id: str,
+        *,
+        price: Decimal | None = None,
+        quantity: Decimal | None = None,
+        reason: str,
+    ) -> Order:
+        """An amendment refused before it reached the venue (e.g. by the risk gate): its replacement —
+        the ``<intent_id>~a<n>`` order :meth:`amend` would have made, the id a requester is told will
+        carry it — is stored ``rejected`` with ``reason`` as a child of the order, which is not touched.
+        So a refused amend is reported like a refused submit, and the next amendment of the order gets
+        the next replacement id. ``InvalidOrderError`` when the amendment is not a valid order at all."""
+        order = self.order(client_order_id)
+        total = quantity if quantity is not None else order.quantity
+        if total <= order.filled_quantity:
+            raise InvalidOrderError(f"new quantity {total} must exceed the filled {order.filled_quantity}")
+        intent = self._replacement_intent(order, price, total - order.filled_quantity)
+        coid = intent.client_order_id
+        event = OrderRejected(event_id="rejected", client_order_id=coid, ts=self.clock(), reason=reason)
+        rejected = Order.from_intent(intent).apply(event)
+        if not self.store.insert_order(rejected, event, parent_client_order_id=client_order_id):
+            return self.order(coid)  # recorded before (a redelivered refusal)
+        self._orders[coid] = rejected
+        log.warning("amend of %s refused: %s (replacement %s rejected)", client_order_id, reason, coid)
+        return rejected
+
     async def amend(
         self, client_order_id: str, *, price: Decimal | None = None, quantity: Decimal | None = None
     ) -> Order:
@@ -951,7 +978,13 @@ class OrderManager:
             )
             crash_point("after_amend_send")
         except TerminalError as exc:
-            await self._drop_replacement(rep_id, f"amend refused: {exc.reason}: {exc}")
+            # The venue refused the amendment: its replacement ends ``rejected`` with the venue's reason,
+            # as a refused submit does, so the requester learns of it (the original is settled below).
+            await self._apply(
+                OrderRejected(
+                    event_id="rejected", client_order_id=rep_id, ts=self.clock(), reason=f"{exc.reason}: {exc}"
+                )
+            )
             original = await self._resolve(self.order(client_order_id))
             if original is not None:
                 await self._apply_venue_order(original, sync_fills=True)

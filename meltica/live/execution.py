@@ -21,7 +21,9 @@ driver ``path(bar)`` (path, clock to the close, GTD expiry), the emulator sees t
 awaited (the strategies' ``on_stop``), then the end of the data as in a backtest (held cancels are
 delivered, held new orders and amendments end ``cancelled`` / ``END_OF_DATA``) and
 ``VenueProgress(end)``. A ``RejectionNotice`` is carried out in its place in the queue: the order is
-stored ``rejected`` (reason from the decision) and reported.
+stored ``rejected`` (reason from the decision) and reported; for a refused amend, its replacement (the
+``replacement_client_order_id`` the strategy was told) is stored ``rejected`` as a child of the order,
+which stays as it was — as when the venue refuses an amendment.
 
 Live (``lockstep=False``): requests go to the OMS on arrival; a :class:`PaperDriver` is moved by every
 bar; a ``LiveDriver`` (``meltica.live.live_driver``: a real venue, the emulator in its own time) feeds
@@ -647,13 +649,15 @@ class ExecutionService:
             symbol = request.intent.symbol
         elif isinstance(request, OrderListRequest):
             symbol = request.legs[0].symbol
-        elif isinstance(request, RejectionNotice):
+        elif isinstance(request, RejectionNotice) and not isinstance(request.request, AmendRequest):
             inner = request.request
             symbol = inner.intent.symbol if isinstance(inner, SubmitRequest) else inner.legs[0].symbol
-        elif isinstance(request, (CancelRequest, AmendRequest)):
-            symbol = lane.symbol_of.get(request.client_order_id)
+        elif isinstance(request, (CancelRequest, AmendRequest, RejectionNotice)):
+            target = request.request if isinstance(request, RejectionNotice) else request
+            assert isinstance(target, CancelRequest | AmendRequest)
+            symbol = lane.symbol_of.get(target.client_order_id)
             if symbol is None:
-                order = lane.known(request.client_order_id)
+                order = lane.known(target.client_order_id)
                 symbol = None if order is None else order.intent.symbol
         for market in lane.markets.values():
             if market.symbol == symbol:
@@ -713,15 +717,43 @@ class ExecutionService:
 
     def _reject(self, lane: _Lane, notice: RejectionNotice) -> None:
         inner = notice.request
-        intents = (inner.intent,) if isinstance(inner, SubmitRequest) else inner.legs
         decision = notice.decision
         reason = f"risk: {decision.rule}: {decision.reason}"
+        if isinstance(inner, AmendRequest):
+            self._reject_amend(lane, inner, reason)
+            return
+        intents = (inner.intent,) if isinstance(inner, SubmitRequest) else inner.legs
         for intent in intents:
             coid = intent.client_order_id
             if lane.oms.store.get(coid) is not None:
                 continue
             event = OrderRejected(event_id="rejected", client_order_id=coid, ts=lane.driver.now(), reason=reason)
             self.store.insert_order(Order.from_intent(intent).apply(event), event)
+
+    def _reject_amend(self, lane: _Lane, amend: AmendRequest, reason: str) -> None:
+        """A refused amend reaches the strategy as its replacement order ``rejected`` (the OMS records it as
+        a child of the order, so the next amend gets the next replacement id); the order is unchanged."""
+        coid = amend.client_order_id
+        carrier = amend.replacement_client_order_id
+        order = lane.oms.store.get(coid)
+        if carrier is not None and lane.oms.store.get(carrier) is not None:
+            return  # recorded before: a redelivered notice
+        if order is None or carrier is None or carrier == coid:
+            # nothing the strategy was told to wait for: it still must not be silent
+            self._log.warning("amend of %s refused (%s); no replacement to report", coid, reason)
+            return
+        try:
+            rejected = lane.oms.refuse_amend(coid, price=amend.price, quantity=amend.quantity, reason=reason)
+        except MelticaError as exc:
+            self._log.warning("amend of %s refused (%s); its replacement cannot be recorded: %s", coid, reason, exc)
+            return
+        if rejected.client_order_id != carrier:
+            self._log.warning(
+                "amend of %s refused: the strategy expects replacement %s, recorded as %s",
+                coid,
+                carrier,
+                rejected.client_order_id,
+            )
 
     # --- lock-step -----------------------------------------------------------------------------
     async def _on_progress(self, progress: StrategyProgress) -> list[Outgoing]:

@@ -11,9 +11,10 @@ Inputs and outputs (logical topics, all keyed by account unless said otherwise):
   ``CancelRequest`` and ``StrategyProgress`` pass unchanged. ``AmendRequest``: an amend that raises the
   quantity or the notional (remaining quantity x price) is checked like a new order for the amended
   remaining quantity at the amended price, with the order's own reservation set aside for the check;
-  approved, the order's reservation becomes the amended one. A refused amend is not forwarded (the
-  wire's ``RejectionNotice`` cannot carry an amend): its decision goes to ``risk.decisions`` and
-  ``orders.rejected``. Decreasing amends, and amends of orders the gate does not track, pass.
+  approved, the order's reservation becomes the amended one. A refused amend becomes a
+  ``RejectionNotice`` on ``orders.approved`` like a refused submit (execution reports its replacement
+  rejected, the order unchanged); its decision goes to ``risk.decisions`` and ``orders.rejected``.
+  Decreasing amends, and amends of orders the gate does not track, pass.
 * ``orders.events`` — ``OrderUpdate``: fills go to the gate's ``Portfolio`` and to ``RiskEngine.on_fill``
   (post-trade checks: daily loss, drawdown, strategy loss → kill switch, as the engine does); an order
   that ends releases its worst-case reservation (``on_order_closed``); an open order the gate did not
@@ -517,8 +518,17 @@ class RiskGate:
         if decision.approved:
             out.append(Outgoing(APPROVED, key, request))
         else:
-            rejected = RejectedIntent(intent=replacement, decision=RiskDecisionMessage.from_decision(decision))
-            out.append(Outgoing(REJECTED, key, rejected))
+            refusal = RiskDecisionMessage.from_decision(decision)
+            notice = RejectionNotice(
+                request_id=request.request_id,
+                account=request.account,
+                strategy=request.strategy,
+                ts=request.ts,
+                request=request,
+                decision=refusal,
+            )
+            out.append(Outgoing(APPROVED, key, notice))
+            out.append(Outgoing(REJECTED, key, RejectedIntent(intent=replacement, decision=refusal)))
         out.extend(self._decision_out(key, [decision]))
         return out
 

@@ -161,11 +161,13 @@ class StrategyProgress(PipelineRequest):
 
 
 class RejectionNotice(PipelineRequest):
-    """The risk gate refused a submit or order list; forwarded on ``orders.approved`` in order so the
-    execution agent reports the order as rejected to the strategy (``orders.events``)."""
+    """The risk gate refused a submit, an order list or an amend; forwarded on ``orders.approved`` in order
+    so the execution agent reports the refusal to the strategy (``orders.events``): the orders of a submit
+    or list as rejected; for an amend, its replacement (``replacement_client_order_id``, the id the
+    strategy was told) as rejected, the order itself unchanged."""
 
     kind: Literal["risk_rejected"] = "risk_rejected"
-    request: SubmitRequest | OrderListRequest
+    request: SubmitRequest | OrderListRequest | AmendRequest
     decision: RiskDecisionMessage
 
 

@@ -30,8 +30,16 @@ class RunningSum:
     name = NAME
     inputs: tuple[str, ...] = ("md.trades",)
 
-    def __init__(self, delay: float = 0.0, stop_marker: str | None = None, hang_on_stop: bool = False) -> None:
+    def __init__(
+        self,
+        delay: float = 0.0,
+        stop_marker: str | None = None,
+        hang_on_stop: bool = False,
+        stall_after: int = 0,
+    ) -> None:
         self.delay = delay
+        self.stall_after = stall_after  # > 0: the handle after that many new trades never returns (stall test)
+        self.handled = 0
         self.hang_on_stop = hang_on_stop  # a stop that never returns (blocks the event loop): the watchdog test
         self.stop_marker = stop_marker
         self.sums: dict[str, Decimal] = {}
@@ -57,6 +65,9 @@ class RunningSum:
             return []
         if self.delay:
             await asyncio.sleep(self.delay)
+        self.handled += 1
+        if self.stall_after and self.handled > self.stall_after:
+            await asyncio.Event().wait()  # like an output send whose acknowledgement never comes
         seen.add(trade.trade_id)
         total = self.sums[key] = self.sums.get(key, Decimal(0)) + trade.quantity
         decision = RiskDecisionMessage(
@@ -85,5 +96,6 @@ def factory(config: Mapping[str, Any]) -> list[RunningSum]:
             delay=float(params.get("delay", 0.0)),
             stop_marker=params.get("stop_marker"),
             hang_on_stop=bool(params.get("hang_on_stop", False)),
+            stall_after=int(params.get("stall_after", 0)),
         )
     ]

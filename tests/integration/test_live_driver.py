@@ -423,3 +423,111 @@ def test_a_halt_whose_cancels_fail_keeps_cancelling_until_nothing_rests(fresh_da
             await live.emu.stop()
 
     run(body)
+
+
+async def _handled(live: Live, request: PipelineRequest) -> None:
+    """``request`` handled by the stage; what it returns to publish is kept with what it emitted."""
+    live.published.extend(await live.service.handle(Incoming("orders.approved", "main", request)))
+
+
+def _published_update(live: Live, coid: str) -> Any:
+    """The last ``OrderUpdate`` the stage published for ``coid`` (``orders.events``), or ``None``."""
+    from meltica.messaging.schemas import OrderUpdate
+
+    updates = [
+        o.value
+        for o in live.published
+        if o.topic == "orders.events" and isinstance(o.value, OrderUpdate) and o.value.order.client_order_id == coid
+    ]
+    return updates[-1] if updates else None
+
+
+def _amend(coid: str, n: int, **change: Any) -> AmendRequest:
+    return AmendRequest(
+        request_id=f"amend-{n}-{coid}",
+        account="main",
+        strategy="s",
+        ts=datetime.now(UTC),
+        client_order_id=coid,
+        **change,
+    )
+
+
+def test_an_amend_the_venue_refuses_reaches_the_strategy_as_a_rejected_replacement(fresh_database: Engine) -> None:
+    """The emulator (ccxt's binance, cancelReplace) refuses an amendment past its NOTIONAL filter: the
+    replacement the strategy was told about ends ``rejected`` with the venue's reason, stored and published
+    on ``orders.events`` like a refused submit — not silently ``cancelled``."""
+    from meltica.domain import OrderRejected, client_order_id_for
+
+    async def body() -> None:
+        live = await started(fresh_database)
+        try:
+            price = (await live.last_price() * Decimal("0.9")).quantize(Decimal("0.01"))
+            coid = await live.submit(Side.BUY, price)
+            assert live.status(coid) is OrderStatus.OPEN
+            carrier = client_order_id_for(f"{live.oms.order(coid).intent.intent_id}~a1")
+            await _handled(live, _amend(coid, 1, quantity=Decimal(500), replacement_client_order_id=carrier))
+            assert live.children_of(coid) == [carrier]
+            assert live.status(carrier) is OrderStatus.REJECTED
+            update = _published_update(live, carrier)
+            assert update is not None and update.order.status is OrderStatus.REJECTED
+            assert isinstance(update.event, OrderRejected)
+            assert '"code":-1013' in (update.event.reason or "")  # the venue's own refusal (a NOTIONAL filter)
+            assert live.db_statuses()[carrier] == "rejected"
+            assert {k: v for k, v in live.db_statuses().items() if k != carrier} == await live.venue_statuses()
+        finally:
+            await live.stop()
+            await live.emu.stop()
+
+    run(body)
+
+
+def test_an_amend_refused_by_risk_reaches_the_strategy_as_a_rejected_replacement(fresh_database: Engine) -> None:
+    """The risk gate's ``RejectionNotice`` for an amend: the replacement the strategy was told about is
+    stored ``rejected`` with the risk reason and published; the order rests unchanged on the venue; the
+    next amendment gets the next replacement id (as the strategy's context counts them)."""
+    from meltica.domain import OrderRejected, client_order_id_for
+    from meltica.messaging.schemas import RejectionNotice, RiskDecisionMessage
+
+    async def body() -> None:
+        live = await started(fresh_database)
+        try:
+            price = (await live.last_price() * Decimal("0.9")).quantize(Decimal("0.01"))
+            coid = await live.submit(Side.BUY, price)
+            intent_id = live.oms.order(coid).intent.intent_id
+            first = client_order_id_for(f"{intent_id}~a1")
+            refused = _amend(coid, 1, quantity=Decimal("0.5"), replacement_client_order_id=first)
+            decision = RiskDecisionMessage(
+                intent_id=refused.request_id,
+                approved=False,
+                rule="max_position_notional",
+                reason="position notional 45000 > limit 10000",
+                ts=refused.ts,
+            )
+            notice = RejectionNotice(
+                request_id=refused.request_id,
+                account="main",
+                strategy="s",
+                ts=refused.ts,
+                request=refused,
+                decision=decision,
+            )
+            await _handled(live, notice)
+            await _handled(live, notice)  # redelivered: recorded once
+            assert live.children_of(coid) == [first]
+            update = _published_update(live, first)
+            assert update is not None and update.order.status is OrderStatus.REJECTED and update.strategy == "s"
+            assert isinstance(update.event, OrderRejected)
+            assert update.event.reason == "risk: max_position_notional: position notional 45000 > limit 10000"
+            assert live.status(coid) is OrderStatus.OPEN
+            assert (await live.venue_statuses())[coid] == "open"  # never sent
+
+            second = client_order_id_for(f"{intent_id}~a2")
+            await _handled(live, _amend(coid, 2, price=price - 1, replacement_client_order_id=second))
+            assert sorted(live.children_of(coid)) == sorted([first, second])
+            assert live.status(second) is OrderStatus.OPEN
+        finally:
+            await live.stop()
+            await live.emu.stop()
+
+    run(body)

@@ -234,13 +234,7 @@ async def _drive_kill_switch(bootstrap: str, codec: Codec, config: BacktestConfi
 def test_kill_switch_cancels_everything_and_bad_messages_are_dead_lettered(
     bars_file: Path, kafka_endpoint: KafkaEndpoint, tmp_path: Path
 ) -> None:
-    # One retry on a fresh worker and topics: in about 1 CI run in 6 this scenario failed seconds after the
-    # worker came up, cause not established yet (issue 6 note); the first failure is printed, not hidden.
-    try:
-        _kill_switch_scenario(bars_file, kafka_endpoint, tmp_path / "first")
-    except Exception as exc:
-        print(f"kill-switch scenario, first attempt failed: {exc!r}; retrying on fresh topics")
-        _kill_switch_scenario(bars_file, kafka_endpoint, tmp_path / "second")
+    _kill_switch_scenario(bars_file, kafka_endpoint, tmp_path)
 
 
 def _kill_switch_scenario(bars_file: Path, kafka_endpoint: KafkaEndpoint, tmp_path: Path) -> None:

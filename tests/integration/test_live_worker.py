@@ -283,6 +283,14 @@ def _config(tmp_path: Path, bootstrap: str, prefix: str, **params: Any) -> Path:
     return path
 
 
+def _config_with(path: Path, **top: Any) -> Path:
+    """``path``'s worker config with top-level keys added (e.g. ``stop_deadline``)."""
+    config = json.loads(path.read_text())
+    config.update(top)
+    path.write_text(json.dumps(config))
+    return path
+
+
 def _md_trades_assignment(records: list[dict[str, Any]], topic: str) -> dict[str, list[int]]:
     return {
         r["worker_id"]: r["assigned"].get(topic, [])
@@ -483,6 +491,85 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_doubles_nothing(
     assert group["lag"] == 0 and group["topics"][catalogue.topic_name("md.trades")]
     stopped = [w for w in group["workers"] if w["state"] == "stopped"]
     assert stopped and sum(stopped[0]["processors"]["toy-sum"]["out"].values()) > 0
+
+
+def test_sigterm_with_messages_queued_stops_at_once_and_loses_nothing(
+    kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str], tmp_path: Path, workers: list[Worker]
+) -> None:
+    # A SIGTERM while the agent's stream still holds fetched messages: the agent takes one more after the
+    # stop began and parks it unacknowledged (it must not be committed). Faust's own stop used to wait for
+    # that message's acknowledgement forever, so the worker hung until its stop watchdog exited 1 (the
+    # kill-switch end-to-end test's occasional failure).
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("lw") + "."
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    create_topics(bootstrap, catalogue)
+    app_id = unique_name("lw-term")
+    keys = _keys_per_partition(catalogue.spec("md.trades").partitions, 1)
+    trades = [(keys[i % len(keys)], _trade(keys[i % len(keys)], i)) for i in range(1000)]
+    _produce_trades(bootstrap, catalogue, trades)
+    marker = tmp_path / "stopped.json"
+    deadline = 20.0
+    config = _config_with(
+        _config(tmp_path, bootstrap, prefix, delay=0.004, stop_marker=str(marker)), stop_deadline=deadline
+    )
+    outputs = TopicReader(bootstrap, catalogue.topic_name("risk.decisions"))
+    first = Worker(config, app_id, tmp_path / "worker1.log")
+    workers.append(first)
+    _wait(lambda: len(outputs.poll()) >= 100, 90, "100 outputs")
+    # the watchdog would end a stuck stop with exit 1 after `deadline` seconds: exit 0 means it never hung
+    assert first.terminate(timeout=deadline + 30) == 0, first.output()[-3000:]
+    assert "exiting now (watchdog)" not in first.output()
+    assert json.loads(marker.read_text())["pid"] == first.pid  # processor.stop() ran
+    at_stop = {d["id"] for d in _decisions(outputs, codec)}
+    assert len(at_stop) < len(trades), "the worker finished before it was stopped"
+
+    # Nothing taken after the stop was committed: a new worker handles every remaining trade.
+    second = Worker(config, app_id, tmp_path / "worker2.log")
+    workers.append(second)
+    everything = {t.trade_id for _k, t in trades}
+    _wait(lambda: {d["id"] for d in _decisions(outputs, codec)} >= everything, 90, "every trade after the restart")
+    assert second.terminate(timeout=deadline + 30) == 0, second.output()[-3000:]
+    _assert_exactly_once_effects(_decisions(outputs, codec), trades)
+
+
+def test_a_worker_that_stops_handling_while_input_waits_exits_to_be_restarted(
+    kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str], tmp_path: Path, workers: list[Worker]
+) -> None:
+    # A worker that keeps its partitions but handles nothing more (here: a handle that never returns, as
+    # an output whose acknowledgement never comes) would stop the pipeline silently: the stall watchdog
+    # ends it with exit 3 so a supervisor restarts it; the restarted worker loses nothing.
+    from streams.worker import STALLED
+
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("lw") + "."
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    create_topics(bootstrap, catalogue)
+    app_id = unique_name("lw-stall")
+    keys = _keys_per_partition(catalogue.spec("md.trades").partitions, 1)
+    trades = [(keys[i % len(keys)], _trade(keys[i % len(keys)], i)) for i in range(300)]
+    _produce_trades(bootstrap, catalogue, trades)
+    stalling = _config_with(_config(tmp_path, bootstrap, prefix, stall_after=50), stall_deadline=4)
+    outputs = TopicReader(bootstrap, catalogue.topic_name("risk.decisions"))
+    first = Worker(stalling, app_id, tmp_path / "worker1.log")
+    workers.append(first)
+    code = first.process.wait(timeout=120)
+    assert code == STALLED, first.output()[-3000:]
+    assert "stalled: no message handed over" in first.output()
+    assert "stall_after" not in first.output()  # (the config is not echoed)
+    handled_before = {d["id"] for d in _decisions(outputs, codec)}
+    assert 0 < len(handled_before) <= 50
+
+    healthy = tmp_path / "healthy"
+    healthy.mkdir()
+    second = Worker(_config(healthy, bootstrap, prefix), app_id, tmp_path / "worker2.log")
+    workers.append(second)
+    everything = {t.trade_id for _k, t in trades}
+    _wait(lambda: {d["id"] for d in _decisions(outputs, codec)} >= everything, 90, "every trade after the restart")
+    assert second.terminate() == 0, second.output()[-3000:]
+    _assert_exactly_once_effects(_decisions(outputs, codec), trades)
 
 
 def test_two_workers_split_partitions_and_fail_over_without_loss(

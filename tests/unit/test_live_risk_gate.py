@@ -285,7 +285,10 @@ def test_an_amend_that_grows_is_checked_with_the_orders_own_reservation_set_asid
         request_id="a-1", account=ACCT, strategy=STRAT, ts=T0, client_order_id=coid, quantity=D("0.55")
     )
     out = feed(g, too_big)
-    assert on(out, "orders.approved") == []  # not forwarded
+    # forwarded as a rejection notice in its place, so execution tells the strategy
+    (notice,) = on(out, "orders.approved")
+    assert isinstance(notice, RejectionNotice) and notice.request == too_big
+    assert (notice.decision.approved, notice.decision.rule) == (False, "max_position_notional")
     (decision,) = on(out, "risk.decisions")
     assert (decision.approved, decision.rule, decision.intent_id) == (False, "max_position_notional", "a-1")
     assert "risk.max_position_notional" in decision.reason
@@ -305,7 +308,8 @@ def test_an_amend_that_grows_is_checked_with_the_orders_own_reservation_set_asid
         request_id="a-3", account=ACCT, strategy=STRAT, ts=T0, client_order_id=coid, price=D("30000")
     )
     out = feed(g, price_up)  # 0.45 x 30,000 = 13,500: the notional grows, checked, refused
-    assert on(out, "orders.approved") == [] and on(out, "risk.decisions")[0].rule == "max_order_notional"
+    assert [type(m) for m in on(out, "orders.approved")] == [RejectionNotice]
+    assert on(out, "risk.decisions")[0].rule == "max_order_notional"
 
     shrink = AmendRequest(
         request_id="a-4", account=ACCT, strategy=STRAT, ts=T0, client_order_id=coid, quantity=D("0.1")
