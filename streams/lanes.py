@@ -8,8 +8,9 @@ still checks every offset), hands each to ``processor.handle`` in fetch order, s
 (the producer does not wait for the batch), waits for the broker's acks once per batch (``confirm_outputs``),
 stores each touched key's state once per batch in the changelogged table, and only then acknowledges the
 batch's messages to Faust, whose commit machinery commits them as before. Delivery stays at least once: a
-batch that fails or arrives while the worker is stopping is not acknowledged, so it is fetched again after
-the restart, and a batch of an older consumer generation adds no offset to commit (the guard's ``ack``).
+batch that fails is not acknowledged (and commits are frozen), and a stop ends a batch after the chunk in
+hand: what was not handled is not acknowledged, so it is never committed and is fetched again after the
+restart, and a batch of an older consumer generation adds no offset to commit (the guard's ``ack``).
 
 What stays Faust's: the app and its consumer group, rebalancing, flow control (a paused partition is not
 fetched), table recovery from the changelog (``processor.restore`` runs under the agent's lock, so it never
@@ -115,8 +116,7 @@ class BatchLanes:
         once every one of them handled it."""
         runtime = self.runtime
         if runtime.stopping or runtime.failure is not None:
-            runtime.freeze_commits()  # neither handled nor acknowledged: fetched again after the restart
-            return
+            return  # neither handled nor acknowledged, so never committed: fetched again after the restart
         consumer = runtime.app.consumer
         by_agent: dict[ProcessorAgent, list[Any]] = {}
         shared: list[Any] = []
@@ -141,11 +141,11 @@ class BatchLanes:
         failure: BaseException | None = None
         async with agent.lock:
             if runtime.stopping or runtime.failure is not None:
-                runtime.freeze_commits()  # a stop began meanwhile: not handled, fetched again after the restart
-                return False
+                return False  # a stop began meanwhile: not handled nor acknowledged, fetched again after it
             agent.doing = f"handling a batch of {len(messages)}"
+            completed = False
             try:
-                await self._handle(agent, messages)
+                completed = await self._handle(agent, messages)
             except Exception as exc:
                 failure = exc
             agent.doing = "waiting for a batch"
@@ -164,7 +164,7 @@ class BatchLanes:
             runtime.fail(failure)
             return False
         self.batches += 1
-        return True
+        return completed
 
     async def _unread(self, consumer: Any, messages: list[Any]) -> list[Any]:
         """What Faust's own fetch loop would hand over: nothing below the partition's read offset (a batch
@@ -184,16 +184,20 @@ class BatchLanes:
                 fresh.append(message)
         return fresh
 
-    async def _handle(self, agent: ProcessorAgent, messages: list[Any]) -> None:
+    async def _handle(self, agent: ProcessorAgent, messages: list[Any]) -> bool:
         """Handle ``messages`` in order, finishing a chunk (outputs confirmed, state stored, messages
         acknowledged) every :data:`CHUNK_RECORDS` records or :data:`CHUNK_SECONDS`, so a slow batch still
-        stores its progress as it goes."""
+        stores its progress as it goes. A stop that begins meanwhile ends the batch after the chunk in hand
+        (False): the rest is neither handled nor acknowledged, so it is not committed."""
         runtime = self.runtime
         topics = runtime.topics
         processor = agent.processor
         stats = agent.stats
         chunk = _Chunk()
         for message in messages:
+            if runtime.stopping:
+                await self._finish(agent, chunk)
+                return False
             physical = message.topic
             logical = agent.logical_of[physical]
             raw_key = message.key
@@ -242,6 +246,7 @@ class BatchLanes:
                 await self._finish(agent, chunk)
                 chunk = _Chunk()
         await self._finish(agent, chunk)
+        return True
 
     async def _finish(self, agent: ProcessorAgent, chunk: _Chunk) -> None:
         if chunk.pending and self.runtime.confirm_outputs:
