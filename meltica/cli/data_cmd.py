@@ -59,6 +59,29 @@ def load(
         f"{result.already_stored} already stored ({exchange} {symbol} {timeframe}, "
         f"{_fmt(result.start)} → {_fmt(result.end)})"
     )
+    if not result.rollup_refreshed:
+        _refresh_as_owner(result)
+
+
+def _refresh_as_owner(result: candles.LoadResult) -> None:
+    """TimescaleDB lets only the aggregate's owner refresh it: the load ran as the runtime role, so the
+    refresh runs as the owner (the migration role) when this configuration has it, else the policy does it."""
+    from meltica.cli._common import migration_engine
+    from meltica.errors import ConfigurationError
+
+    try:
+        owner = migration_engine()
+    except ConfigurationError:
+        console.print(
+            "the 1h roll-up of these bars is refreshed by TimescaleDB's policy within 15 minutes "
+            "(no database_migration_url here to refresh it now)"
+        )
+        return
+    try:
+        if not candles.refresh(owner, start=result.start, end=result.end):
+            console.print("the 1h roll-up of these bars is refreshed by TimescaleDB's policy within 15 minutes")
+    finally:
+        owner.dispose()
 
 
 @app.command()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -27,6 +27,8 @@ class LoadResult:
     inserted: int
     start: datetime | None
     end: datetime | None
+    # False when the roll-up needed a refresh this role may not run (TimescaleDB, not the aggregate's owner)
+    rollup_refreshed: bool = True
 
     @property
     def already_stored(self) -> int:
@@ -89,8 +91,9 @@ def load_candles(
         end=max((r.ts for r in rows), default=None),
     )
     behind = refresh_rollups and not inserted and timeframe == "1m" and bool(rows)
-    if refresh_rollups and (inserted or (behind and _rollup_behind(engine, exchange, symbol, result))):
-        refresh(engine, start=result.start, end=result.end)
+    needs_refresh = refresh_rollups and (inserted or (behind and _rollup_behind(engine, exchange, symbol, result)))
+    if needs_refresh and not refresh(engine, start=result.start, end=result.end):
+        result = replace(result, rollup_refreshed=False)
     return result
 
 
@@ -117,13 +120,14 @@ def _rollup_behind(engine: Engine, exchange: str, symbol: str, loaded: LoadResul
     return bool(int(stored) != int(rolled))
 
 
-def refresh(engine: Engine, *, start: datetime | None = None, end: datetime | None = None) -> None:
-    """Refresh the maintained roll-ups; autocommit because TimescaleDB refuses a transaction here."""
+def refresh(engine: Engine, *, start: datetime | None = None, end: datetime | None = None) -> bool:
+    """Refresh the maintained roll-ups; autocommit because TimescaleDB refuses a transaction here. False when
+    ``engine``'s role may not (TimescaleDB, not the aggregate's owner: its policy will)."""
     with (
         storage_errors(engine, "refreshing the candles_1h roll-up"),
         engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn,
     ):
-        timeseries.refresh_candle_rollups(conn, start=start, end=end)
+        return timeseries.refresh_candle_rollups(conn, start=start, end=end)
 
 
 def stored_timeframes(conn: Connection, exchange: str, symbol: str) -> list[str]:
