@@ -437,8 +437,13 @@ def test_dead_letters_trace_context_and_status(
     assert {row["service"] for row in cli_report["infra"]} >= {"kafka", "postgres"}
 
 
+@pytest.mark.parametrize("batch_inputs", [True, False], ids=["batch-lanes", "per-event"])
 def test_sigkill_mid_stream_then_restart_loses_nothing_and_doubles_nothing(
-    kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str], tmp_path: Path, workers: list[Worker]
+    kafka_endpoint: KafkaEndpoint,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: list[Worker],
+    batch_inputs: bool,
 ) -> None:
     bootstrap = kafka_endpoint.bootstrap_servers
     prefix = unique_name("lw") + "."
@@ -450,7 +455,9 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_doubles_nothing(
     trades = [(keys[i % len(keys)], _trade(keys[i % len(keys)], i)) for i in range(1200)]
     _produce_trades(bootstrap, catalogue, trades)
     marker = tmp_path / "stopped.json"
-    config = _config(tmp_path, bootstrap, prefix, delay=0.004, stop_marker=str(marker))
+    config = _config_with(
+        _config(tmp_path, bootstrap, prefix, delay=0.004, stop_marker=str(marker)), batch_inputs=batch_inputs
+    )
     outputs = TopicReader(bootstrap, catalogue.topic_name("risk.decisions"))
     try:
         first = Worker(config, app_id, tmp_path / "worker1.log")
