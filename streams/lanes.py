@@ -29,13 +29,12 @@ import logging
 import time
 import weakref
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from faust.streams import _current_event  # the context Faust's tables read the source partition from
 
 from meltica.live import tracing
-from meltica.live.processor import Incoming
+from streams.topics import incoming_of
 
 if TYPE_CHECKING:
     from streams.worker import ProcessorAgent, WorkerRuntime
@@ -213,28 +212,10 @@ class BatchLanes:
             if model is None:
                 stats.dead_lettered(logical)
                 continue
-            key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes | bytearray) else raw_key
-            timestamp = (
-                datetime.fromtimestamp(message.timestamp, UTC) if message.timestamp and message.timestamp > 0 else None
-            )
-            incoming = Incoming(
-                topic=logical,
-                key=key,
-                value=model,
-                partition=message.partition,
-                offset=message.offset,
-                timestamp=timestamp,
-            )
+            incoming = incoming_of(message, logical, model)
+            key = incoming.key
             started = time.perf_counter()
-            attributes: dict[str, Any] = {
-                "messaging.system": "kafka",
-                "messaging.destination.name": physical,
-                "messaging.kafka.partition": message.partition,
-                "messaging.kafka.offset": message.offset,
-                "meltica.processor": agent.name,
-            }
-            if key is not None:
-                attributes["messaging.kafka.message.key"] = key
+            attributes = agent.span_attributes(incoming, physical)
             with tracing.consume_span(f"{agent.name}.handle {logical}", message.headers, attributes):
                 outputs = await processor.handle(incoming)
                 if outputs:

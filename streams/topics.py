@@ -7,11 +7,13 @@ failing inside Faust's serializer) and can be dead-lettered while the agent keep
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
 from faust.types import EventT
 
+from meltica.live.processor import Incoming
 from meltica.messaging.catalogue import Catalogue, TopicSpec
 from meltica.messaging.codec import Codec
 from meltica.messaging.dlq import DeadLetterRouter
@@ -84,3 +86,18 @@ async def decode_or_dead_letter(
 ) -> Any | None:
     """Module-level form of :meth:`StreamTopics.decode_or_dead_letter`."""
     return await topics.decode_or_dead_letter(topic, raw, **where)
+
+
+def incoming_of(message: Any, logical: str, model: Any) -> Incoming:
+    """A fetched Kafka message (Faust's) with its decoded value, as a processor takes it."""
+    raw_key = message.key
+    key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes | bytearray) else raw_key
+    timestamp = datetime.fromtimestamp(message.timestamp, UTC) if message.timestamp and message.timestamp > 0 else None
+    return Incoming(
+        topic=logical,
+        key=key,
+        value=model,
+        partition=message.partition,
+        offset=message.offset,
+        timestamp=timestamp,
+    )

@@ -101,7 +101,7 @@ from meltica.messaging.catalogue import PREFIX_ENV, Catalogue
 from meltica.messaging.codec import Codec
 from streams.app import make_app
 from streams.lanes import FETCH_MAX_WAIT_MS, BatchLanes, set_fetch_max_wait
-from streams.topics import StreamTopics
+from streams.topics import StreamTopics, incoming_of
 
 log = logging.getLogger(__name__)
 
@@ -250,27 +250,14 @@ class ProcessorAgent:
         if model is None:
             self.stats.dead_lettered(logical)
             return
-        raw_key = message.key
-        key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes | bytearray) else raw_key
-        timestamp = (
-            datetime.fromtimestamp(message.timestamp, UTC) if message.timestamp and message.timestamp > 0 else None
-        )
-        incoming = Incoming(
-            topic=logical,
-            key=key,
-            value=model,
-            partition=message.partition,
-            offset=message.offset,
-            timestamp=timestamp,
-        )
+        incoming = incoming_of(message, logical, model)
         await self.handle_incoming(incoming, physical, message.headers, _where(event))
-        if key is not None:
-            self._store(self.partitions_of[physical], key)
+        if incoming.key is not None:
+            self._store(self.partitions_of[physical], incoming.key)
 
-    async def handle_incoming(self, incoming: Incoming, physical: str, headers: Any, where: str) -> None:
-        """``processor.handle`` in a tracing span, its outputs sent (and confirmed), stats counted."""
-        logical = incoming.topic
-        attributes = {
+    def span_attributes(self, incoming: Incoming, physical: str) -> dict[str, Any]:
+        """The attributes of the span around ``processor.handle`` (also the batch lanes')."""
+        attributes: dict[str, Any] = {
             "messaging.system": "kafka",
             "messaging.destination.name": physical,
             "messaging.kafka.partition": incoming.partition,
@@ -279,6 +266,12 @@ class ProcessorAgent:
         }
         if incoming.key is not None:
             attributes["messaging.kafka.message.key"] = incoming.key
+        return attributes
+
+    async def handle_incoming(self, incoming: Incoming, physical: str, headers: Any, where: str) -> None:
+        """``processor.handle`` in a tracing span, its outputs sent (and confirmed), stats counted."""
+        logical = incoming.topic
+        attributes = self.span_attributes(incoming, physical)
         started = time.perf_counter()
         self.doing = f"handling {where}"
         with tracing.consume_span(f"{self.name}.handle {logical}", headers, attributes):

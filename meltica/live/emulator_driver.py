@@ -304,6 +304,7 @@ class EmulatorDriver:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
+            # Fails closed: the next call on this driver raises EmulatorDriverError with this cause.
             log.exception("user stream of %s ended", self.account)
             self._reader_error = exc
             self._progress.set()

@@ -219,7 +219,8 @@ class LiveDriver:
         try:
             await handler(event)
         except Exception as exc:
-            # The OMS could not apply it (e.g. the database is away): the poll delivers it again.
+            # The OMS could not apply it (e.g. the database is away). The handler already halted the account
+            # and re-raised (ExecutionService._user_event_handler); here the poll is set to deliver it again.
             self._error(f"user event could not be applied: {exc!r}")
             log.exception("%s: user event could not be applied; the REST poll will deliver it again", self.account)
             self._fault_pending = True
@@ -271,6 +272,10 @@ class LiveDriver:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the safety net must not die quietly: say it, and keep watching
+                # poll() records its own failures and the after-reconnect hook halts the account on failure
+                # (streams/pipeline.py, halting()): what lands here is a bug in the watch itself. It is recorded
+                # in health() (`meltica live status`) and the watch goes on, since stopping it would leave
+                # open orders with no REST safety net at all.
                 self._error(f"watch failed: {exc!r}")
                 log.exception("%s: the user-stream watch failed; retrying", self.account)
 

@@ -818,6 +818,8 @@ class MarketDataIngest:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a terminal venue error (unknown symbol, auth): this stream ends, others go on
+            # Fails closed downstream: the failure is published with the stream's status, and the risk gate
+            # refuses orders on a market whose data stopped (rule stale_market_data).
             self.failures[sub] = f"{type(exc).__name__}: {exc}"
             log.exception("ingest %s: stream ended", sub)
 
