@@ -503,19 +503,24 @@ class LatencySetting:
     faust: tuple[tuple[str, Any], ...] = ()
     fetch_max_wait_ms: int | None = 5  # the worker's default (None: Faust's hard-coded 1500 ms)
     batch_inputs: bool = True  # the worker's batch lanes (streams/lanes.py); False: one Faust event at a time
+    hand_over: bool = True  # the lanes hand confirmed outputs to the next stage in-process (streams/lanes.py)
     note: str = ""
 
 
 SETTINGS = {
     "default": LatencySetting(
         "default",
-        note="order on every bar; batch lanes, fetch wait 5 ms, confirm_outputs on, producer_linger 0, acks all",
+        note="order on every bar; batch lanes + in-process hand-over, fetch wait 5 ms, confirm_outputs on, "
+        "producer_linger 0, acks all",
     ),
     "per-event": LatencySetting(
         "per-event",
         batch_inputs=False,
         fetch_max_wait_ms=None,
         note="the worker before batch lanes: one Faust event at a time, Faust's 1500 ms fetch wait",
+    ),
+    "no-hand-over": LatencySetting(
+        "no-hand-over", hand_over=False, note="batch lanes without the in-process hand-over: every hop is fetched"
     ),
     "every-10": LatencySetting("every-10", every=10, note="order on 1 bar in 10; otherwise default"),
     "every-10-no-confirm": LatencySetting(
@@ -747,6 +752,7 @@ def run_latency(bootstrap: str, setting: LatencySetting, symbols: int, rate: flo
         "stats_interval": 2.0,
         "confirm_outputs": setting.confirm_outputs,
         "batch_inputs": setting.batch_inputs,
+        "hand_over": setting.hand_over,
         "fetch_max_wait_ms": setting.fetch_max_wait_ms,
         "faust": dict(setting.faust),
         "params": {
@@ -781,6 +787,7 @@ def run_latency(bootstrap: str, setting: LatencySetting, symbols: int, rate: flo
     result["worker_stats"] = {
         name: proc.get("latency_ms") for rec in records for name, proc in (rec.get("processors") or {}).items()
     }
+    result["lanes"] = next((rec["lanes"] for rec in records if rec.get("lanes")), None)
     result["worker_exit"] = worker.returncode
     result["setting"] = setting.name
     result["symbols"] = symbols
@@ -817,6 +824,10 @@ def print_latency(results: list[dict[str, Any]]) -> None:
             if lat:
                 print(f"   worker stats {name + ': handle+produce':<35} {lat['p50']:6.2f} {lat['p99']:7.2f} "
                       f"{lat['max']:7.2f}  (last {lat['count']} msgs)")  # fmt: skip
+        if r.get("lanes"):
+            lanes = r["lanes"]
+            print(f"   worker lanes: {lanes['records']:,} records in {lanes['batches']:,} batches, "
+                  f"{lanes['handed_over']:,} handed over in-process")  # fmt: skip
         if "worker_log_tail" in r:
             print("   worker log tail:\n" + r["worker_log_tail"])
 

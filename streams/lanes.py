@@ -16,6 +16,17 @@ What stays Faust's: the app and its consumer group, rebalancing, flow control (a
 fetched), table recovery from the changelog (``processor.restore`` runs under the agent's lock, so it never
 interleaves with a batch), offset commits, the producer and the worker CLI.
 
+In-process hand-over (``hand_over``, on by default): a stage's output for a topic another lane of the same
+worker reads is handed to that lane as soon as the broker acknowledged it (its partition and offset are then
+known), instead of waiting for the consumer to fetch it back: the hop between stages costs one produce round
+trip, not a fetch cycle. It is the same record at the same offset, so nothing changes for delivery: it is
+handed over only when the reading lane has handled every earlier record of that partition (order per
+partition holds; a lane that has fetched nothing of a partition yet is handed nothing of it) and the partition
+is assigned to this worker, and handled once every lane handled the fetch it came from (a stage sees it after
+what was fetched with its cause, as when it is fetched). It is acknowledged — and so committed — only when
+the consumer fetches it (then skipped, as handled), so a crash in between makes the worker handle it again
+after the restart, as for any record handled but not committed.
+
 The consumer's fetch wait (``fetch_max_wait_ms``) is what a record produced by one stage waits before the
 next stage's fetch can ask for it when the broker holds another fetch for idle partitions: faust-streaming
 hard-codes 1500 ms; workers set it (:func:`set_fetch_max_wait`, worker config ``fetch_max_wait_ms``, default
@@ -29,7 +40,7 @@ import logging
 import time
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from faust.streams import _current_event  # the context Faust's tables read the source partition from
 
@@ -81,6 +92,32 @@ def _patch_consumer_factory() -> None:
     _PATCHED = True
 
 
+class SentRecord(NamedTuple):
+    """An output as it was sent (logical topic, encoded key and value, headers)."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, Any]]
+
+
+class LocalRecord:
+    """A record this worker sent and the broker acknowledged, handed to a lane in-process: what a lane reads
+    of a fetched message."""
+
+    __slots__ = ("headers", "key", "offset", "partition", "timestamp", "topic", "tp", "value")
+
+    def __init__(self, tp: Any, offset: int, timestamp: float, sent: SentRecord) -> None:
+        self.tp = tp
+        self.topic: str = tp.topic
+        self.partition: int = tp.partition
+        self.offset = offset
+        self.timestamp = timestamp
+        self.key = sent.key
+        self.value = sent.value
+        self.headers = sent.headers
+
+
 class _ChangelogSource:
     """Stands in for the Faust event a table write reads its source partition from."""
 
@@ -93,11 +130,24 @@ class _ChangelogSource:
 class BatchLanes:
     """The worker's lanes: physical input topic → the agent whose processor takes it."""
 
-    def __init__(self, runtime: WorkerRuntime) -> None:
+    def __init__(self, runtime: WorkerRuntime, *, hand_over: bool = True) -> None:
         self.runtime = runtime
         self.agents_of: dict[str, list[ProcessorAgent]] = {}
         self.batches = 0
         self.records = 0
+        self.hand_over = hand_over and runtime.confirm_outputs  # offsets are known only from the acks
+        self.handed_over = 0
+        # (agent, partition) → the offset after the last record the agent handled from it (fetched or handed
+        # over); records below it that the consumer fetches later are skipped as handled
+        self.next_offset: dict[tuple[ProcessorAgent, Any], int] = {}
+        self._local: dict[ProcessorAgent, list[LocalRecord]] = {}  # handed over, not handled yet
+        self._queued: dict[tuple[ProcessorAgent, Any], int] = {}  # the offset after the last one queued
+
+    def forget(self) -> None:
+        """Drop what was handed over (a new assignment): from now on every record is fetched first."""
+        self.next_offset.clear()
+        self._local.clear()
+        self._queued.clear()
 
     def add(self, agent: ProcessorAgent) -> None:
         for physical in agent.partitions_of:
@@ -119,17 +169,80 @@ class BatchLanes:
         consumer = runtime.app.consumer
         by_agent: dict[ProcessorAgent, list[Any]] = {}
         shared: list[Any] = []
+        next_offset = self.next_offset
         for topic, messages in diverted.items():
             fresh = await self._unread(consumer, messages)
+            sole = self._sole_reader(topic)
             for agent in self.agents_of[topic]:
-                by_agent.setdefault(agent, []).extend(fresh)
-            if not self._sole_reader(topic):
+                if next_offset:
+                    taken = []
+                    for message in fresh:
+                        if message.offset < next_offset.get((agent, message.tp), -1):
+                            if sole:  # handed over in-process before: handled, now acknowledged
+                                self._acknowledged(consumer, message)
+                        else:
+                            taken.append(message)
+                    by_agent.setdefault(agent, []).extend(taken)
+                else:
+                    by_agent.setdefault(agent, []).extend(fresh)
+            if not sole:
                 shared.extend(fresh)
         for agent, messages in by_agent.items():
             if not await self.handle_batch(agent, messages):
+                self.forget()
                 return
+        # what the lanes handed each other waits until every lane handled this fetch: a stage never sees an
+        # output before the inputs fetched with what caused it (the risk gate has the bar's price when the
+        # strategy's intent on that bar reaches it), as when the output is fetched
+        if self._local and not await self._handle_handed_over():
+            return
         for message in shared:
             consumer.ack(message)
+
+    def _acknowledged(self, consumer: Any, message: Any) -> None:
+        consumer.ack(message)
+        handled = self.runtime.handled
+        handled[message.tp] = max(handled.get(message.tp, 0), message.offset + 1)
+
+    async def _handle_handed_over(self) -> bool:
+        """Handle what was handed over in-process, and what that hands over in turn; False when a lane failed
+        or a stop began (what was not handled is fetched, and handled, after the restart)."""
+        while self._local:
+            agent = next(iter(self._local))
+            records = self._local.pop(agent)
+            for key in [k for k in self._queued if k[0] is agent]:
+                del self._queued[key]
+            if not await self.handle_batch(agent, records):
+                self.forget()
+                return False
+        return True
+
+    def _hand_over(self, results: list[Any], sent: list[SentRecord]) -> None:
+        """Queue each acknowledged output for the lanes of this worker that read its topic and have handled
+        everything before it on its partition."""
+        assignment: set[Any] | None = None
+        for metadata, record in zip(results, sent, strict=True):
+            agents = self.agents_of.get(metadata.topic)
+            if not agents:
+                continue
+            if assignment is None:
+                assignment = set(self.runtime.app.consumer.assignment())
+            tp = metadata.topic_partition
+            if tp not in assignment:
+                continue
+            offset = metadata.offset
+            local: LocalRecord | None = None
+            for agent in agents:
+                key = (agent, tp)
+                expected = self._queued.get(key, self.next_offset.get(key))
+                if expected != offset:
+                    continue  # an earlier record of the partition is not handled yet: it is fetched in order
+                if local is None:
+                    created = metadata.timestamp  # CreateTime in ms (None from old brokers)
+                    local = LocalRecord(tp, offset, created / 1000.0 if created else time.time(), record)
+                self._local.setdefault(agent, []).append(local)
+                self._queued[key] = offset + 1
+                self.handed_over += 1
 
     async def handle_batch(self, agent: ProcessorAgent, messages: list[Any]) -> bool:
         """Handle ``messages`` with ``agent``; False when it failed (the worker is then stopping)."""
@@ -192,6 +305,7 @@ class BatchLanes:
         topics = runtime.topics
         processor = agent.processor
         stats = agent.stats
+        next_offset = self.next_offset
         chunk = _Chunk()
         for message in messages:
             if runtime.stopping:
@@ -201,6 +315,7 @@ class BatchLanes:
             logical = agent.logical_of[physical]
             raw_key = message.key
             chunk.messages.append(message)
+            next_offset[(agent, message.tp)] = message.offset + 1
             model = await topics.dead_letters.decode_or_dead_letter(
                 logical,
                 message.value,
@@ -219,7 +334,7 @@ class BatchLanes:
             with tracing.consume_span(f"{agent.name}.handle {logical}", message.headers, attributes):
                 outputs = await processor.handle(incoming)
                 if outputs:
-                    chunk.pending.extend(await runtime.send_outputs(outputs, stats))
+                    chunk.pending.extend(await runtime.send_outputs(outputs, stats, chunk.sent))
             stats.handled(logical, time.perf_counter() - started)
             if key is not None:
                 chunk.touched[key] = (agent.partitions_of[physical], message)
@@ -231,7 +346,9 @@ class BatchLanes:
 
     async def _finish(self, agent: ProcessorAgent, chunk: _Chunk) -> None:
         if chunk.pending and self.runtime.confirm_outputs:
-            await asyncio.gather(*chunk.pending)  # outputs confirmed before the state and the offsets move on
+            results = await asyncio.gather(*chunk.pending)  # outputs confirmed before state and offsets move on
+            if self.hand_over:
+                self._hand_over(results, chunk.sent)
         for key, (partitions, message) in chunk.touched.items():
             source = _ChangelogSource(message)
             token = _current_event.set(weakref.ref(source))  # type: ignore[arg-type]
@@ -243,6 +360,8 @@ class BatchLanes:
         consumer = runtime.app.consumer
         handled = runtime.handled
         for message in chunk.messages:
+            if type(message) is LocalRecord:
+                continue  # acknowledged when the consumer fetches it (see the module doc)
             if self._sole_reader(message.topic):
                 consumer.ack(message)
             tp = message.tp
@@ -252,10 +371,11 @@ class BatchLanes:
 
 
 class _Chunk:
-    __slots__ = ("messages", "pending", "started", "touched")
+    __slots__ = ("messages", "pending", "sent", "started", "touched")
 
     def __init__(self) -> None:
         self.messages: list[Any] = []
         self.pending: list[Any] = []
+        self.sent: list[SentRecord] = []
         self.touched: dict[str, tuple[int, Any]] = {}
         self.started = time.perf_counter()

@@ -65,6 +65,7 @@ or JSON)::
     stats_interval: 5.0               # seconds between stats records
     confirm_outputs: true
     batch_inputs: true                # a fetched batch at a time (streams/lanes.py); false: one Faust event at a time
+    hand_over: true                   # with batch_inputs: outputs read by a lane of this worker handed over in-process
     fetch_max_wait_ms: 5              # the consumer's fetch wait (null: Faust's 1500)
     control: group                    # group | broadcast (every process hears every control message)
     stop_deadline: 30                 # seconds a stop may take before the process exits 1 (0: no limit)
@@ -100,7 +101,7 @@ from meltica.live.worker_stats import ProcessorStats, WorkerStats, ensure_stats_
 from meltica.messaging.catalogue import PREFIX_ENV, Catalogue
 from meltica.messaging.codec import Codec
 from streams.app import make_app
-from streams.lanes import FETCH_MAX_WAIT_MS, BatchLanes, set_fetch_max_wait
+from streams.lanes import FETCH_MAX_WAIT_MS, BatchLanes, SentRecord, set_fetch_max_wait
 from streams.topics import StreamTopics, incoming_of
 
 log = logging.getLogger(__name__)
@@ -405,6 +406,8 @@ class ConsumerGuard:
         async def perform_seek() -> None:
             await original_perform_seek()
             await self._reset_expected(consumer)
+            if self.lanes is not None:
+                self.lanes.forget()  # a new assignment: what was handed over in-process says nothing now
 
         async def seek(partition: Any, offset: int) -> None:
             await original_seek(partition, offset)
@@ -793,19 +796,23 @@ class WorkerRuntime:
         if pending and self.confirm_outputs:
             await asyncio.gather(*pending)
 
-    async def send_outputs(self, outputs: Sequence[Outgoing], stats: ProcessorStats) -> list[Any]:
-        """Encode and send in order; the futures of the broker's acks (not awaited here)."""
+    async def send_outputs(
+        self, outputs: Sequence[Outgoing], stats: ProcessorStats, sent: list[SentRecord] | None = None
+    ) -> list[Any]:
+        """Encode and send in order; the futures of the broker's acks (not awaited here). ``sent`` gets
+        each record as sent, in the same order (the batch lanes hand them over in-process)."""
         pending = []
         for out in outputs:
             headers = dict(out.headers)
             if tracing.TRACEPARENT not in headers:
                 tracing.inject(headers)
-            fut = await self.topics[out.topic].send(
-                key=out.key.encode(),
-                value=self.codec.encode(out.topic, out.value),
-                headers=list(headers.items()),
-            )
+            key = out.key.encode()
+            value = self.codec.encode(out.topic, out.value)
+            header_list = list(headers.items())
+            fut = await self.topics[out.topic].send(key=key, value=value, headers=header_list)
             pending.append(fut)
+            if sent is not None:
+                sent.append(SentRecord(out.topic, key, value, header_list))
             stats.sent(out.topic)
         return pending
 
@@ -823,6 +830,9 @@ class WorkerRuntime:
 
     async def publish_stats(self, state: str = "running") -> None:
         record = self.stats.record(state=state, interval=self.stats_interval, assigned=self.assigned())
+        lanes = self.guard.lanes if self.guard is not None else None
+        if lanes is not None:
+            record["lanes"] = {"batches": lanes.batches, "records": lanes.records, "handed_over": lanes.handed_over}
         key, value = self.stats.encode(record)
         try:
             if self._stats_ready is None:
@@ -951,6 +961,7 @@ def build_worker_app(
     control_offsets: Mapping[int, int] | None = None,
     stop_deadline: float = STOP_DEADLINE,
     batch_inputs: bool = True,
+    hand_over: bool = True,
     fetch_max_wait_ms: int | None = FETCH_MAX_WAIT_MS,
     stall_deadline: float = STALL_DEADLINE,
     **faust_settings: Any,
@@ -963,7 +974,8 @@ def build_worker_app(
     process hears every ``control`` message (:class:`ControlBroadcast`, from ``control_offsets`` or the
     end) instead of the partitions the group gives it. ``stop_deadline``: the stop watchdog (0: none);
     ``stall_deadline``: the stall watchdog (0: none). ``batch_inputs``: inputs handled a fetched batch at a
-    time (:mod:`streams.lanes`; else one Faust event at a time). ``fetch_max_wait_ms``: the consumer's fetch
+    time (:mod:`streams.lanes`; else one Faust event at a time); ``hand_over``: the lanes hand a confirmed output
+    to a lane of this worker that reads it without waiting for the fetch. ``fetch_max_wait_ms``: the consumer's fetch
     wait (None: Faust's 1500 ms)."""
     codec = codec or Codec(catalogue)
     catalogue = codec.catalogue
@@ -1002,7 +1014,7 @@ def build_worker_app(
     runtime.guard = ConsumerGuard(app, guarded)
     runtime.guard.install(app.consumer)
     if batch_inputs:
-        lanes = BatchLanes(runtime)
+        lanes = BatchLanes(runtime, hand_over=hand_over)
         for agent in runtime.agents.values():
             lanes.add(agent)
         runtime.guard.lanes = lanes
@@ -1147,6 +1159,7 @@ def app_from_config(config: Mapping[str, Any]) -> faust.App:
         control_broadcast=_control_mode(config) == "broadcast",
         stop_deadline=float(config.get("stop_deadline", STOP_DEADLINE)),
         batch_inputs=bool(config.get("batch_inputs", True)),
+        hand_over=bool(config.get("hand_over", True)),
         fetch_max_wait_ms=_fetch_max_wait(config),
         stall_deadline=float(config.get("stall_deadline", STALL_DEADLINE)),
         **dict(config.get("faust") or {}),

@@ -10,6 +10,7 @@ from meltica.domain.values import require_utc
 
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _PATTERN = re.compile(r"^([1-9][0-9]*)([smhdw])$")
+_PARSED: dict[str, Timeframe] = {}  # text → its (immutable) Timeframe
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MONDAY = datetime(1970, 1, 5, tzinfo=UTC)
 
@@ -23,13 +24,19 @@ class Timeframe:
 
     @classmethod
     def parse(cls, text: str) -> Timeframe:
+        known = _PARSED.get(text) if isinstance(text, str) else None
+        if known is not None:
+            return known  # parsed on every bar in the live path: a regex each time showed in the profile
         match = _PATTERN.match(text.strip()) if isinstance(text, str) else None
         if match is None:
             raise ValueError(
                 f"invalid timeframe {text!r}: expected <count><unit> with unit s, m, h, d or w (e.g. '5m')"
             )
         count, unit = int(match.group(1)), match.group(2)
-        return cls(value=f"{count}{unit}", seconds=count * _UNIT_SECONDS[unit])
+        parsed = cls(value=f"{count}{unit}", seconds=count * _UNIT_SECONDS[unit])
+        if cls is Timeframe and len(_PARSED) < 256:
+            _PARSED[text] = parsed
+        return parsed
 
     @property
     def delta(self) -> timedelta:

@@ -254,8 +254,10 @@ class _Instance:
         seen.add(event_id)
         if update.order.is_terminal:
             self.seen.pop(coid, None)
+            if len(self.done) == self.done.maxlen:
+                self.done_set.discard(self.done[0])  # the oldest falls out of the bounded memory
             self.done.append(coid)
-            self.done_set = set(self.done)
+            self.done_set.add(coid)
         return False
 
 

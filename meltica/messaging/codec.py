@@ -113,6 +113,14 @@ class Codec:
             raise MessageRejected(
                 f"not UTF-8: {exc.reason} at byte {exc.start}", error_type="not_utf8", topic=name
             ) from None
+        # 0. the well-formed message, parsed once (the steps below parse it twice to say what is wrong)
+        try:
+            envelope = self._envelopes[name].validate_json(data)
+        except ValidationError:
+            pass
+        else:
+            if envelope.schema_name == spec.schema_name and envelope.version == spec.schema_version:
+                return envelope.data
         # 1. JSON object with a schema/version header
         try:
             parsed = json.loads(data)

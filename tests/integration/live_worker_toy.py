@@ -11,15 +11,17 @@ The worker subprocess imports it as ``live_worker_toy:factory`` (``PYTHONPATH=te
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from meltica.domain import Trade
+from meltica.domain import TopOfBook, Trade
 from meltica.live.processor import Emit, Incoming, Outgoing
 from meltica.messaging import RiskDecisionMessage
 
@@ -99,3 +101,71 @@ def factory(config: Mapping[str, Any]) -> list[RunningSum]:
             stall_after=int(params.get("stall_after", 0)),
         )
     ]
+
+
+# --- two stages in one worker (the batch lanes' in-process hand-over) ---------------------------------
+
+RELAY_EPOCH = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def relayed_trade_id(ts: datetime) -> str:
+    """The relay keeps a trade's identity in its ticker's time: trade ``t<i>`` is stamped epoch + i µs."""
+    return f"t{(ts - RELAY_EPOCH) // timedelta(microseconds=1)}"
+
+
+class TickerRelay:
+    """Stage one: each trade becomes a ``TopOfBook`` on ``md.ticker`` (same key: same partition count)."""
+
+    name = "toy-relay"
+    inputs: tuple[str, ...] = ("md.trades",)
+
+    async def start(self, emit: Emit) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def handle(self, message: Incoming) -> Sequence[Outgoing]:
+        trade = message.value
+        assert isinstance(trade, Trade)
+        top = TopOfBook(
+            exchange=trade.exchange,
+            symbol=trade.symbol,
+            bid=trade.price,
+            bid_quantity=trade.quantity,
+            ask=trade.price,
+            ask_quantity=trade.quantity,
+            ts=trade.ts,
+        )
+        return [Outgoing("md.ticker", message.key or "", top)]
+
+    def snapshot(self, key: str) -> dict[str, Any] | None:
+        return None  # stateless
+
+    def restore(self, key: str, state: Mapping[str, Any]) -> None:
+        return None
+
+
+class TickerSum(RunningSum):
+    """Stage two: :class:`RunningSum` over the relayed tickers (trade id and quantity carried through)."""
+
+    name = "toy-ticker-sum"
+    inputs: tuple[str, ...] = ("md.ticker",)
+
+    async def handle(self, message: Incoming) -> Sequence[Outgoing]:
+        top = message.value
+        assert isinstance(top, TopOfBook)
+        trade = Trade(
+            exchange=top.exchange,
+            symbol=top.symbol,
+            trade_id=relayed_trade_id(top.ts),
+            price=top.bid,
+            quantity=top.bid_quantity,
+            ts=top.ts,
+        )
+        return await super().handle(dataclasses.replace(message, value=trade))
+
+
+def two_stage_factory(config: Mapping[str, Any]) -> list[Any]:
+    params = dict(config.get("params") or {})
+    return [TickerRelay(), TickerSum(delay=float(params.get("delay", 0.0)))]

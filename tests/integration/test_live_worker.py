@@ -22,7 +22,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -662,3 +662,122 @@ def _decision() -> Any:
     from meltica.messaging import RiskDecisionMessage
 
     return RiskDecisionMessage(intent_id="x", approved=True, ts=TS)
+
+
+# --- two stages in one worker: the batch lanes' in-process hand-over (streams/lanes.py) ---------------
+
+
+def _relayed_trades(keys: list[str], count: int) -> list[tuple[str, Trade]]:
+    """Trades whose identity survives the relay to ``md.ticker`` (``live_worker_toy.relayed_trade_id``)."""
+    from live_worker_toy import RELAY_EPOCH
+
+    out = []
+    for i in range(count):
+        key = keys[i % len(keys)]
+        trade = _trade(key, i).model_copy(update={"ts": RELAY_EPOCH + timedelta(microseconds=i)})
+        out.append((key, trade))
+    return out
+
+
+def _assert_in_trade_order(decisions: list[dict[str, Any]]) -> None:
+    """Per key, the running count grows with the trade index: stage two saw each key's trades in order."""
+    first: dict[str, tuple[str, int]] = {}
+    for d in decisions:
+        first.setdefault(d["id"], (d["key"], d["count"]))
+    per_key: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for trade_id, (key, count) in first.items():
+        per_key[key].append((int(trade_id[1:]), count))
+    for key, pairs in per_key.items():
+        counts = [count for _index, count in sorted(pairs)]
+        assert counts == list(range(1, len(counts) + 1)), f"{key}: out of order {counts[:20]}"
+
+
+def _lanes_stats(bootstrap: str, prefix: str) -> dict[str, int]:
+    from meltica.live.worker_stats import read_stats
+
+    (record,) = [r for r in read_stats(bootstrap, prefix) if r.get("state") == "stopped"]
+    lanes: dict[str, int] = record["lanes"]
+    return lanes
+
+
+@pytest.mark.parametrize("hand_over", [True, False], ids=["hand-over", "fetched"])
+def test_two_stages_in_one_worker_hand_records_over_in_order(
+    kafka_endpoint: KafkaEndpoint,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: list[Worker],
+    hand_over: bool,
+) -> None:
+    """Stage one's outputs reach stage two of the same worker in-process (once the broker acknowledged
+    them), in partition order, each once; with ``hand_over: false`` every one is fetched back."""
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("lh") + "."
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    create_topics(bootstrap, catalogue)
+    keys = _keys_per_partition(catalogue.spec("md.trades").partitions, 2)
+    trades = _relayed_trades(keys, 600)
+    primers, rest = trades[: len(keys)], trades[len(keys) :]
+    config = _config_with(
+        _config(tmp_path, bootstrap, prefix), factory="live_worker_toy:two_stage_factory", hand_over=hand_over
+    )
+    outputs = TopicReader(bootstrap, catalogue.topic_name("risk.decisions"))
+    worker = Worker(config, unique_name("lh-app"), tmp_path / "worker.log")
+    workers.append(worker)
+    # one trade per key first: stage two fetches a first ticker on every partition, so it is known to have
+    # handled everything before what stage one sends next (a lane that has fetched nothing from a partition
+    # is never handed a record of it)
+    _produce_trades(bootstrap, catalogue, primers)
+    _wait(lambda: len(outputs.poll()) >= len(primers), 90, "an output for every primer")
+    _produce_trades(bootstrap, catalogue, rest)
+    _wait(lambda: len(outputs.poll()) >= len(trades), 90, "an output for every trade")
+    assert worker.terminate() == 0, worker.output()[-3000:]
+    decisions = _decisions(outputs, codec)
+
+    assert _assert_exactly_once_effects(decisions, trades) == 0
+    _assert_in_trade_order(decisions)
+    lanes = _lanes_stats(bootstrap, prefix)
+    assert lanes["records"] >= 2 * len(trades)  # both stages handled every record
+    if hand_over:
+        assert lanes["handed_over"] == len(rest), lanes  # each after the primers, not fetched
+    else:
+        assert lanes["handed_over"] == 0, lanes
+
+
+def test_sigkill_between_handed_over_stages_then_restart_loses_nothing(
+    kafka_endpoint: KafkaEndpoint,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: list[Worker],
+) -> None:
+    """A record handed over in-process is committed only when fetched: SIGKILL while the stages hand over,
+    restart, and every trade has exactly one effect (stage two's dedupe state restored from its table)."""
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("lk") + "."
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    create_topics(bootstrap, catalogue)
+    app_id = unique_name("lk-app")
+    keys = _keys_per_partition(catalogue.spec("md.trades").partitions, 1)
+    trades = _relayed_trades(keys, 1200)
+    _produce_trades(bootstrap, catalogue, trades)
+    factory = "live_worker_toy:two_stage_factory"
+    config = _config_with(_config(tmp_path, bootstrap, prefix, delay=0.004), factory=factory)
+    outputs = TopicReader(bootstrap, catalogue.topic_name("risk.decisions"))
+    first = Worker(config, app_id, tmp_path / "worker1.log")
+    workers.append(first)
+    _wait(lambda: len(outputs.poll()) >= 300, 90, "300 outputs from the first worker")
+    first.kill()
+    assert len(outputs.poll()) < len(trades), "the worker finished before it was killed"
+    second = Worker(config, app_id, tmp_path / "worker2.log")
+    workers.append(second)
+    _wait(
+        lambda: {d["id"] for d in _decisions(outputs, codec)} >= {t.trade_id for _k, t in trades},
+        90,
+        "every trade handled after the restart",
+    )
+    assert second.terminate() == 0, second.output()[-3000:]
+    decisions = _decisions(outputs, codec)
+    duplicates = _assert_exactly_once_effects(decisions, trades)
+    _assert_in_trade_order(decisions)
+    print(f"{len(decisions)} outputs for {len(trades)} trades: {duplicates} duplicate(s) at the crash point")
