@@ -139,7 +139,7 @@ class BarSeries:
 
         parsed = read_candle_file(path, timeframe)
         rows = parsed.rows
-        if not rows or parsed.timeframe is None:
+        if not rows:
             raise DataValidationError(f"{path}: no bars", reason="no_data")
         return cls(
             exchange,

@@ -170,7 +170,7 @@ def load_bars(path: str | Path, timeframe: str | None = None) -> Bars:
         low=np.fromiter((float(r.low) for r in rows), dtype=np.float64, count=len(rows)),
         close=np.fromiter((float(r.close) for r in rows), dtype=np.float64, count=len(rows)),
         volume=np.fromiter((float(r.volume) for r in rows), dtype=np.float64, count=len(rows)),
-        timeframe_ns=parsed.timeframe.seconds * 1_000_000_000 if parsed.timeframe is not None else 0,
+        timeframe_ns=parsed.timeframe.seconds * 1_000_000_000,
     )
 
 

@@ -37,11 +37,10 @@ def load(
 ) -> None:
     """Load a bar file. Reloading the same bars adds nothing; a malformed row loads nothing. Gaps and
     unsorted rows are reported as warnings."""
-    parsed = read_candle_file(file, timeframe)
-    assert parsed.timeframe is not None  # read_candle_file checks or infers it
-    timeframe = parsed.timeframe.value
     engine = database_engine()
     schema_at_head(engine)
+    parsed = read_candle_file(file, timeframe)
+    timeframe = parsed.timeframe.value
     with Progress(
         TextColumn("[bold]loading {task.fields[name]}"),
         BarColumn(),

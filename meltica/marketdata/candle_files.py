@@ -82,7 +82,7 @@ class CandleFile:
 
     path: Path
     rows: list[CandleRow]
-    timeframe: Timeframe | None = None
+    timeframe: Timeframe
     unsorted: int = 0
     gaps: int = 0
     missing_bars: int = 0
