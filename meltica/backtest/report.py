@@ -8,7 +8,7 @@
 ``report.html`` shows the same four charts as one interactive plotly figure (zoom and pan on a shared
 time axis, hover on every marked entry and exit for its trade's times, prices, quantity and PnL). The
 plotly.js library is inlined, so the page is one self-contained file that opens offline (no CDN, no
-network); it weighs about 5 MB, most of it the library. The PNGs are written next to it for documents
+network); it weighs about 5-6 MB, 4.8 MB of it the library. The PNGs are written next to it for documents
 and e-mails, drawn with matplotlib's object API onto Agg canvases (the report never changes the process's
 pyplot backend and can be written from any thread). Long series are decimated for plotting (min/max per
 bucket, so peaks and troughs survive); the numbers in the tables always come from the full data.
