@@ -49,12 +49,13 @@ TIME_COLUMNS = ("timestamp", "date", "time", "ts", "open_time", "datetime")
 PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FORMAT_HELP = (
-    "Bar files: .csv/.csv.gz (header line; UTF-8, BOM accepted), .feather, .parquet, or .json/.json.gz "
-    "(freqtrade [[ms,o,h,l,c,v],...] or pandas to_json: split/records/columns/index/values/table). "
-    "Columns: a time column (timestamp, date, time, ts, open_time or datetime) and open, high, low, close, "
-    "volume. Times: ISO-8601 (no offset = UTC) or epoch seconds/ms/µs/ns, told apart by magnitude. "
-    "The bars' spacing must match --timeframe (inferred from the spacing when not given); "
-    "unsorted rows and gaps are reported as warnings."
+    "Accepted: .csv or .csv.gz with a header line (UTF-8, a BOM is fine), .feather, .parquet, "
+    ".json or .json.gz (freqtrade candles: rows of ms, open, high, low, close, volume; or pandas to_json "
+    "in orient split, records, columns, index, values or table). "
+    "Columns: a time column (timestamp, date, time, ts, open_time or datetime: the bar's open time) and "
+    "open, high, low, close, volume. Times: ISO-8601 (no offset = UTC) or epoch seconds, ms, µs or ns, "
+    "told apart by magnitude. The bars' spacing must match the timeframe (inferred from it when not "
+    "given); rows out of order and gaps are reported as warnings."
 )
 """What ``--help`` says about the accepted bar files."""
 

@@ -170,3 +170,16 @@ def test_pandas_to_json_candles_load(tmp_path: Path, orient: str, time_as: str, 
     parsed = read_candle_file(path, "15m")
     assert [r.ts for r in parsed.rows] == [t for t, *_ in bars], path.read_text()[:300]
     assert parsed.rows[2].high == Decimal("101.2")
+
+
+@pytest.mark.parametrize("command", [["backtest"], ["optimize"], ["data", "load"]])
+def test_help_documents_the_bar_file_format(command: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from meltica.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.replace("│", " ").split())
+    for phrase in ("BOM is fine", "freqtrade candles", "epoch seconds, ms, µs or ns", "open_time", "spacing"):
+        assert phrase in text, (phrase, text)
