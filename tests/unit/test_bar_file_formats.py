@@ -144,6 +144,27 @@ def test_freqtrade_json_candles_load(tmp_path: Path) -> None:
     assert series.close[-1] == Decimal("101.0")
 
 
+def test_optimize_reads_the_same_files_and_refuses_the_same_timeframe_mismatch(tmp_path: Path) -> None:
+    bars = _bars(200, timedelta(minutes=5))
+    rows = [[int(t.timestamp() * 1000), *(float(x) for x in prices)] for t, *prices in bars]
+    path = tmp_path / "BTC_USDT-5m.json"
+    path.write_text(json.dumps(rows))
+
+    def optimize(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meltica", "optimize", "--grid", "fast=5", "--grid", "slow=20", "--workers", "1",
+             "--data", str(path), *extra],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+
+    ok = optimize()
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    assert "1 runs, 0 failed" in ok.stdout
+    refused = optimize("--timeframe", "1m")
+    assert refused.returncode == 2
+    assert "give --timeframe 5m" in refused.stderr
+
+
 @pytest.mark.parametrize("orient", ["split", "records", "columns", "index", "values", "table"])
 @pytest.mark.parametrize("time_as", ["column", "index"])
 @pytest.mark.parametrize("date_format", ["epoch", "iso"])
