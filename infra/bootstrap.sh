@@ -19,6 +19,18 @@ fi
 UV=(uv)
 command -v uv >/dev/null 2>&1 || UV=("$PYTHON" -m uv)
 
+# The report test opens report.html in the system's headless Chromium (Playwright drives it; Playwright's
+# own browser download is not used). Installed from the distribution's packages when missing.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing chromium (for the report's browser test)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+  else
+    echo "bootstrap: chromium not found; tests/unit/test_report_browser.py will be skipped (apt-get install chromium)" >&2
+  fi
+fi
+
 stamp=.venv/.meltica-installed
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/meltica ]; then

@@ -70,6 +70,8 @@ class BarSeries:
     low: Sequence[Decimal]
     close: Sequence[Decimal]
     volume: Sequence[Decimal]
+    warnings: tuple[str, ...] = ()
+    """What loading found but did not refuse (rows out of order, gaps), in words for the user."""
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -130,23 +132,26 @@ class BarSeries:
         ).validate()
 
     @classmethod
-    def from_file(cls, path: str | Path, *, exchange: str, symbol: str, timeframe: str) -> BarSeries:
-        """A candle file (``.csv``/``.csv.gz``/``.feather``/``.parquet``), validated by ``read_candle_file``."""
+    def from_file(cls, path: str | Path, *, exchange: str, symbol: str, timeframe: str | None) -> BarSeries:
+        """A bar file (CSV, Feather, Parquet, freqtrade/pandas JSON), validated by ``read_candle_file``;
+        ``timeframe=None`` infers it from the bars' spacing. Gaps and unsorted rows are in ``warnings``."""
         from meltica.marketdata.candle_files import read_candle_file
 
-        rows = read_candle_file(path, timeframe).rows
+        parsed = read_candle_file(path, timeframe)
+        rows = parsed.rows
         if not rows:
             raise DataValidationError(f"{path}: no bars", reason="no_data")
         return cls(
             exchange,
             symbol,
-            timeframe,
+            parsed.timeframe.value,
             [r.ts for r in rows],
             [r.open for r in rows],
             [r.high for r in rows],
             [r.low for r in rows],
             [r.close for r in rows],
             [r.volume for r in rows],
+            parsed.warnings,
         )
 
     @classmethod

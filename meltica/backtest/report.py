@@ -1,15 +1,17 @@
-"""The report of one backtest run: ``report.html`` and three PNG charts.
+"""The report of one backtest run: ``report.html`` with interactive charts, and three PNG charts.
 
 * ``equity.png``: the equity curve;
 * ``drawdown.png``: the drawdown from the running peak, in percent;
 * ``positions.png``: per symbol, the price with round-trip entries and exits marked, and the net position
   (rebuilt from the fills) as a step plot underneath.
 
-``report.html`` needs nothing but the PNGs next to it (referenced by relative path): inline CSS, no
-scripts, no network. Charts are drawn with matplotlib's object API onto Agg canvases, so the report
-never changes the process's pyplot backend and can be written from any thread. Long series are
-decimated for plotting (min/max per bucket, so peaks and troughs survive); the numbers in the tables
-always come from the full data.
+``report.html`` shows the same four charts as one interactive plotly figure (zoom and pan on a shared
+time axis, hover on every marked entry and exit for its trade's times, prices, quantity and PnL). The
+plotly.js library is inlined, so the page is one self-contained file that opens offline (no CDN, no
+network); it weighs about 5-6 MB, 4.8 MB of it the library. The PNGs are written next to it for documents
+and e-mails, drawn with matplotlib's object API onto Agg canvases (the report never changes the process's
+pyplot backend and can be written from any thread). Long series are decimated for plotting (min/max per
+bucket, so peaks and troughs survive); the numbers in the tables always come from the full data.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ TimeArray = npt.NDArray[np.datetime64]
 MAX_PLOT_POINTS = 4000
 """Points per plotted line after decimation."""
 MAX_MARKERS = 400
-"""Entry (and exit) markers per symbol; more are thinned evenly."""
+"""Entry (and exit) markers per symbol in ``positions.png``; more are thinned evenly."""
+MAX_INTERACTIVE_MARKERS = 2000
+"""Entry (and exit) markers per symbol in report.html's interactive chart (each carries its hover text)."""
 MAX_SYMBOL_PANELS = 4
 """``positions.png`` shows at most this many symbols (the first ones of ``result.symbols``)."""
 DEFAULT_MAX_TRADES = 200
@@ -104,7 +108,10 @@ def write_report(
     for name, figure in charts.items():
         figure.savefig(out / name, dpi=110)
     report = out / "report.html"
-    report.write_text(render_html(result, charts=list(charts), max_trades=max_trades), encoding="utf-8")
+    page = render_html(
+        result, charts=list(charts), max_trades=max_trades, interactive=interactive_charts(result, prices=prices)
+    )
+    report.write_text(page, encoding="utf-8")
     return report
 
 
@@ -218,10 +225,10 @@ def _position_steps(
     return ts, qty
 
 
-def _thin(trips: list[RoundTrip]) -> tuple[list[RoundTrip], int]:
-    if len(trips) <= MAX_MARKERS:
+def _thin(trips: list[RoundTrip], limit: int = MAX_MARKERS) -> tuple[list[RoundTrip], int]:
+    if len(trips) <= limit:
         return trips, 1
-    step = -(-len(trips) // MAX_MARKERS)
+    step = -(-len(trips) // limit)
     return trips[::step], step
 
 
@@ -300,6 +307,155 @@ def plot_positions(result: BacktestResult, *, prices: Mapping[str, PriceSeries] 
         price_ax.tick_params(labelbottom=False)
     axes[-1].set_xlabel("time (UTC)")
     return fig
+
+
+# --- interactive chart (report.html) ---------------------------------------------------------------
+
+
+def _trip_hover(trip: RoundTrip) -> str:
+    exit_text = (
+        f"{trip.exit_ts:%Y-%m-%d %H:%M:%S} @ {_money(trip.exit_price)}"
+        if trip.exit_ts is not None and trip.exit_price is not None
+        else "open at the end of the data"
+    )
+    pnl = "—" if trip.pnl is None else _money(trip.pnl)
+    ret = "—" if trip.return_pct is None else _pct(trip.return_pct)
+    return (
+        f"<b>{html.escape(trip.symbol)} {trip.direction}</b><br>"
+        f"entry {trip.entry_ts:%Y-%m-%d %H:%M:%S} @ {_money(trip.entry_price)}<br>"
+        f"exit {exit_text}<br>quantity {_money(trip.quantity)} · fees {_money(trip.fees)}<br>"
+        f"PnL {pnl} ({ret})"
+    )
+
+
+def interactive_charts(result: BacktestResult, *, prices: Mapping[str, PriceSeries] | None = None) -> str:
+    """The report's charts as one plotly figure (an HTML ``<div>`` with plotly.js inlined): equity,
+    drawdown, and per symbol the price with trade markers (hover: the round trip) and the net position,
+    all on one time axis so zooming or panning one pans all."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    symbols = list(result.symbols)[:MAX_SYMBOL_PANELS] or sorted({f.symbol for f in result.fills})[:MAX_SYMBOL_PANELS]
+    m = result.metrics
+    titles = [
+        f"equity (total return {_pct(m.total_return)})",
+        f"drawdown (max {_pct(m.max_drawdown)}, {_duration(m.max_drawdown_duration)})",
+    ]
+    heights = [3.0, 1.5]
+    trips_by_symbol = {s: [t for t in result.round_trips if t.symbol == s] for s in symbols}
+    for symbol in symbols:
+        shown, step = _thin(trips_by_symbol[symbol], MAX_INTERACTIVE_MARKERS)
+        thinned = f", 1 in {step} marked" if step > 1 else ""
+        titles += [f"{symbol}: price and {len(trips_by_symbol[symbol])} round trips{thinned}", f"{symbol}: position"]
+        heights += [3.0, 1.2]
+    fig = make_subplots(
+        rows=len(heights),
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.05,
+        row_heights=heights,
+        subplot_titles=titles,
+    )
+    if result.equity:
+        x = _times([p.ts for p in result.equity])
+        y = _floats([p.equity for p in result.equity])
+        idx = decimate(y)
+        fig.add_trace(go.Scatter(x=x[idx], y=y[idx], name="equity", line={"color": "#1f77b4", "width": 1.4}), 1, 1)
+        dd = drawdown_series(y) * 100.0
+        idx = decimate(dd)
+        fig.add_trace(
+            go.Scatter(
+                x=x[idx],
+                y=dd[idx],
+                name="drawdown (%)",
+                fill="tozeroy",
+                line={"color": "#d62728", "width": 1.0},
+            ),
+            2,
+            1,
+        )
+    start = result.equity[0].ts if result.equity else None
+    end = result.equity[-1].ts if result.equity else None
+    fills = sorted(result.fills, key=lambda f: f.ts)
+    for i, symbol in enumerate(symbols):
+        price_row, pos_row = 3 + 2 * i, 4 + 2 * i
+        series = (prices or {}).get(symbol)
+        symbol_fills = [f for f in fills if f.symbol == symbol]
+        if series:
+            px, py = _times([t for t, _ in series]), _floats([p for _, p in series])
+        else:
+            px, py = _times([f.ts for f in symbol_fills]), _floats([f.price for f in symbol_fills])
+        if py.size:
+            idx = decimate(py)
+            fig.add_trace(
+                go.Scatter(x=px[idx], y=py[idx], name=f"{symbol} price", line={"color": "#555555", "width": 1.0}),
+                price_row,
+                1,
+            )
+        shown, _ = _thin(trips_by_symbol[symbol], MAX_INTERACTIVE_MARKERS)
+        for direction, shape, colour in (("long", "triangle-up", "#2ca02c"), ("short", "triangle-down", "#d62728")):
+            entries = [t for t in shown if t.direction == direction]
+            if entries:
+                fig.add_trace(
+                    go.Scatter(
+                        x=_times([t.entry_ts for t in entries]),
+                        y=_floats([t.entry_price for t in entries]),
+                        mode="markers",
+                        name=f"{symbol} {direction} entry",
+                        marker={"symbol": shape, "size": 10, "color": colour},
+                        hovertext=[_trip_hover(t) for t in entries],
+                        hoverinfo="text",
+                    ),
+                    price_row,
+                    1,
+                )
+        exits = [t for t in shown if t.exit_ts is not None and t.exit_price is not None]
+        if exits:
+            fig.add_trace(
+                go.Scatter(
+                    x=_times([t.exit_ts for t in exits if t.exit_ts is not None]),
+                    y=_floats([t.exit_price for t in exits if t.exit_price is not None]),
+                    mode="markers",
+                    name=f"{symbol} exit",
+                    marker={"symbol": "x", "size": 9, "color": "black"},
+                    hovertext=[_trip_hover(t) for t in exits],
+                    hoverinfo="text",
+                ),
+                price_row,
+                1,
+            )
+        steps_ts, steps_qty = _position_steps(symbol_fills, start, end)
+        if steps_ts:
+            sy = _floats(steps_qty)
+            idx = decimate(sy)
+            fig.add_trace(
+                go.Scatter(
+                    x=_times(steps_ts)[idx],
+                    y=sy[idx],
+                    name=f"{symbol} position",
+                    line={"shape": "hv", "color": "#9467bd", "width": 1.0},
+                    fill="tozeroy",
+                ),
+                pos_row,
+                1,
+            )
+    fig.update_layout(
+        height=int(150 * sum(heights)) + 120,
+        margin={"l": 60, "r": 20, "t": 60, "b": 40},
+        hovermode="closest",
+        dragmode="zoom",
+        legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
+        template="plotly_white",
+    )
+    fig.update_xaxes(showspikes=True, spikemode="across", spikethickness=1)
+    fig.update_xaxes(title_text="time (UTC)", row=len(heights), col=1)
+    chart: str = fig.to_html(
+        full_html=False,
+        include_plotlyjs=True,  # inlined: the page must open offline
+        div_id="meltica-charts",
+        config={"displaylogo": False, "scrollZoom": True, "responsive": True},
+    )
+    return chart
 
 
 # --- HTML ------------------------------------------------------------------------------------
@@ -413,8 +569,15 @@ def _trade_rows(trips: Sequence[RoundTrip], limit: int) -> str:
     return "\n".join(rows)
 
 
-def render_html(result: BacktestResult, *, charts: Sequence[str], max_trades: int = DEFAULT_MAX_TRADES) -> str:
-    """The report page; ``charts`` are the PNG file names, referenced relative to the page."""
+def render_html(
+    result: BacktestResult,
+    *,
+    charts: Sequence[str],
+    max_trades: int = DEFAULT_MAX_TRADES,
+    interactive: str | None = None,
+) -> str:
+    """The report page; ``charts`` are the PNG file names, referenced relative to the page; ``interactive``
+    the chart block from ``interactive_charts`` (shown instead of the PNGs, which are then linked)."""
     title = f"Backtest {result.strategy} — {result.run_id}"
     shown = min(len(result.round_trips), max(max_trades, 0))
     more = (
@@ -422,7 +585,14 @@ def render_html(result: BacktestResult, *, charts: Sequence[str], max_trades: in
         if len(result.round_trips) > shown
         else ""
     )
-    images = "\n".join(f'<img src="{html.escape(name)}" alt="{html.escape(name[:-4])} chart">' for name in charts)
+    if interactive is None:
+        images = "\n".join(f'<img src="{html.escape(name)}" alt="{html.escape(name[:-4])} chart">' for name in charts)
+    else:
+        links = " · ".join(f'<a href="{html.escape(name)}">{html.escape(name)}</a>' for name in charts)
+        images = (
+            "<p class='sub'>Drag to zoom, double-click to reset, hover a marker for its trade. "
+            f"Static images: {links}</p>\n{interactive}"
+        )
     header = "".join(
         f"<th>{h}</th>"
         for h in (

@@ -149,35 +149,29 @@ def datetime_to_ns(ts: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
 
 
-def load_bars(path: str | Path) -> Bars:
-    """Bars from ``.npz`` (columns ``ts``, ``open`` … ``volume``),
-    ``.csv`` / ``.csv.gz`` (a time column, ISO-8601 without offset = UTC, or epoch ms) or ``.parquet``."""
+def load_bars(path: str | Path, timeframe: str | None = None) -> Bars:
+    """Bars from ``.npz`` (columns ``ts``, ``open`` … ``volume``) or any bar file ``read_candle_file``
+    accepts (CSV, Feather, Parquet, freqtrade/pandas JSON: the same loader and checks as ``backtest``);
+    ``timeframe`` is checked against the bars' spacing, or inferred from it when ``None``."""
     p = Path(path)
     if not p.is_file():
         raise DataValidationError(f"{p}: no such file", source=str(p))
-    suffixes = [s.lower() for s in p.suffixes]
-    if suffixes[-1:] == [".npz"]:
+    if [s.lower() for s in p.suffixes][-1:] == [".npz"]:
         with np.load(p) as z:
             return Bars.from_mapping({k: z[k] for k in z.files})
-    import pandas as pd
+    from meltica.marketdata.candle_files import read_candle_file
 
-    if suffixes[-1:] == [".parquet"]:
-        frame = pd.read_parquet(p)
-    elif ".csv" in suffixes:
-        frame = pd.read_csv(p)
-    else:
-        raise DataValidationError(f"{p}: unknown bar file type (expected .npz, .csv, .csv.gz or .parquet)")
-    frame.columns = [str(c).strip().lower() for c in frame.columns]
-    time_key = next((k for k in _TIME_COLUMNS if k in frame.columns), None)
-    if time_key is None:
-        raise DataValidationError(f"{p}: no time column (one of {', '.join(_TIME_COLUMNS)})", source=str(p))
-    raw = frame[time_key]
-    if pd.api.types.is_integer_dtype(raw.dtype):
-        ts = raw.to_numpy(dtype=np.int64) * 1_000_000
-    else:
-        parsed = pd.to_datetime(raw, utc=True)
-        ts = parsed.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy().astype("datetime64[ns]").astype(np.int64)
-    return Bars.from_mapping({"ts": ts, **{c: frame[c].to_numpy() for c in _BAR_COLUMNS}})
+    parsed = read_candle_file(p, timeframe)
+    rows = parsed.rows
+    return Bars(
+        ts=np.fromiter((datetime_to_ns(r.ts) for r in rows), dtype=np.int64, count=len(rows)),
+        open=np.fromiter((float(r.open) for r in rows), dtype=np.float64, count=len(rows)),
+        high=np.fromiter((float(r.high) for r in rows), dtype=np.float64, count=len(rows)),
+        low=np.fromiter((float(r.low) for r in rows), dtype=np.float64, count=len(rows)),
+        close=np.fromiter((float(r.close) for r in rows), dtype=np.float64, count=len(rows)),
+        volume=np.fromiter((float(r.volume) for r in rows), dtype=np.float64, count=len(rows)),
+        timeframe_ns=parsed.timeframe.seconds * 1_000_000_000,
+    )
 
 
 # --- EMAs ------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
 from meltica.errors import ConfigurationError
+from meltica.marketdata.candle_files import FORMAT_HELP
 
 
 def parse_param(item: str) -> tuple[str, Any]:
@@ -54,7 +55,7 @@ def _decimal(value: str | None, name: str) -> Decimal | None:
 def backtest(
     strategy: str = typer.Option(..., "--strategy", help="Registered strategy name, e.g. momentum."),
     param: list[str] = typer.Option([], "--param", help="Strategy parameter key=value (repeatable)."),
-    data: Path | None = typer.Option(None, "--data", help="Candle file (.csv, .csv.gz, .feather, .parquet)."),
+    data: Path | None = typer.Option(None, "--data", help=f"Bar file. {FORMAT_HELP}"),
     trades: Path | None = typer.Option(
         None, "--trades", help="Recorded trades to replay (.parquet, .csv[.gz], .json[.gz]); with or instead of --data."
     ),
@@ -69,7 +70,11 @@ def backtest(
     ),
     exchange: str = typer.Option("binance", help="Exchange id (and of the stored candles)."),
     symbol: str = typer.Option("BTC/USDT", help="Unified symbol traded."),
-    timeframe: str = typer.Option("1m", help="Bar timeframe (of the file, or rolled up from the database)."),
+    timeframe: str | None = typer.Option(
+        None,
+        help="Bar timeframe: of --data (must match the bars' spacing; inferred from it when not given), "
+        "or rolled up from the database (default 1m).",
+    ),
     start: str | None = typer.Option(None, help="First bar (inclusive, ISO-8601 UTC) from the database."),
     end: str | None = typer.Option(None, help="End (exclusive, ISO-8601 UTC) from the database."),
     fees_bps: str = typer.Option("10", "--fees-bps", help="Taker (and default maker) fee in bps."),
@@ -92,6 +97,11 @@ def backtest(
     if book_gaps not in ("drop", "apply", "raise"):
         raise ConfigurationError(f"--book-gaps {book_gaps!r}: expected drop, apply or raise", field="book-gaps")
 
+    file_bars: BarSeries | None = None
+    if data is not None:  # first: a file's timeframe is checked against (or inferred from) its bars
+        file_bars = BarSeries.from_file(data, exchange=exchange, symbol=symbol, timeframe=timeframe)
+        timeframe = file_bars.timeframe
+    timeframe = timeframe or "1m"
     balances: dict[str, str] = {}
     for item in balance:
         asset, sep, amount = item.partition("=")
@@ -130,8 +140,8 @@ def backtest(
     bars: BarSeries | None
     if replay and data is None:
         bars = None
-    elif data is not None:
-        bars = BarSeries.from_file(data, exchange=exchange, symbol=symbol, timeframe=timeframe)
+    elif file_bars is not None:
+        bars = file_bars
         if config.start is not None or config.end is not None:
             keep = [
                 i

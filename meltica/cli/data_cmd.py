@@ -14,7 +14,7 @@ from rich.table import Table
 
 from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
 from meltica.errors import DataValidationError
-from meltica.marketdata.candle_files import parse_time, read_candle_file
+from meltica.marketdata.candle_files import FORMAT_HELP, parse_time, read_candle_file
 from meltica.storage import candles
 
 app = typer.Typer(no_args_is_help=True)
@@ -28,15 +28,19 @@ class OutputFormat(enum.StrEnum):
 @app.command()
 @reports_errors
 def load(
-    file: Path = typer.Argument(..., help="Candle file: .csv, .csv.gz, .feather or .parquet."),
+    file: Path = typer.Argument(..., help=f"Bar file. {FORMAT_HELP}"),
     exchange: str = typer.Option(..., help="Exchange id (ccxt), e.g. binance."),
     symbol: str = typer.Option(..., help="Unified symbol, e.g. BTC/USDT."),
-    timeframe: str = typer.Option(..., help="Timeframe of the bars in the file, e.g. 1m."),
+    timeframe: str | None = typer.Option(
+        None, help="Timeframe of the bars in the file, e.g. 1m (checked against their spacing; inferred if not given)."
+    ),
 ) -> None:
-    """Load a candle file. Reloading the same bars adds nothing; a malformed row loads nothing."""
+    """Load a bar file. Reloading the same bars adds nothing; a malformed row loads nothing. Gaps and
+    unsorted rows are reported as warnings."""
     engine = database_engine()
     schema_at_head(engine)
     parsed = read_candle_file(file, timeframe)
+    timeframe = parsed.timeframe.value
     with Progress(
         TextColumn("[bold]loading {task.fields[name]}"),
         BarColumn(),

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from meltica.cli._common import console, database_engine, reports_errors
 from meltica.errors import ConfigurationError
+from meltica.marketdata.candle_files import FORMAT_HELP, duration_text
 
 _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 
@@ -92,10 +93,18 @@ def parse_walk_forward(text: str) -> dict[str, int | timedelta]:
     return parts
 
 
-def _bars_file(data: Path | None, exchange: str | None, symbol: str, timeframe: str, workdir: Path) -> Path:
-    """The bars as a file the workers can load by path: ``--data`` as given, or read from the database."""
+def _bars_file(
+    data: Path | None, exchange: str | None, symbol: str, timeframe: str | None, workdir: Path
+) -> tuple[Path, str]:
+    """The bars as a ``.npz`` the workers load by path, and their timeframe: ``--data`` read and checked
+    once by the loader ``backtest`` uses (timeframe checked or inferred), or the database's bars."""
+    from meltica.backtest.vector import load_bars
+
     if data is not None:
-        return data
+        bars = load_bars(data, timeframe)
+        inferred = duration_text(timedelta(microseconds=bars.timeframe_ns // 1000))
+        return bars.save_npz(workdir / "bars.npz"), timeframe or inferred
+    timeframe = timeframe or "1m"
     if exchange is None:
         raise ConfigurationError("give --data FILE or --exchange (with --symbol, --timeframe)", field="data")
     import numpy as np
@@ -112,7 +121,7 @@ def _bars_file(data: Path | None, exchange: str | None, symbol: str, timeframe: 
         close=np.array([float(r.close) for r in rows]),
         volume=np.array([float(r.volume) for r in rows]),
     )
-    return bars.save_npz(workdir / "bars.npz")
+    return bars.save_npz(workdir / "bars.npz"), timeframe
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str], title: str) -> Table:
@@ -139,10 +148,12 @@ def optimize(
     walk_forward_spec: Annotated[
         str | None, typer.Option("--walk-forward", help="in=SPAN,out=SPAN[,step=SPAN]: 30d, 12h, or bars")
     ] = None,
-    data: Annotated[Path | None, typer.Option(help="bars file (.csv, .csv.gz, .parquet, .npz)")] = None,
+    data: Annotated[Path | None, typer.Option(help=f"bar file (or .npz). {FORMAT_HELP}")] = None,
     exchange: Annotated[str | None, typer.Option(help="read bars from the database for this exchange")] = None,
     symbol: Annotated[str, typer.Option(help="symbol (database bars and reports)")] = "BTC/USDT:USDT",
-    timeframe: Annotated[str, typer.Option(help="timeframe (database bars)")] = "1m",
+    timeframe: Annotated[
+        str | None, typer.Option(help="bar timeframe: of --data (checked; inferred if not given) or database (1m)")
+    ] = None,
     objective: Annotated[str, typer.Option(help="Metrics field to rank by")] = "sharpe",
     workers: Annotated[int, typer.Option(help="worker processes (default: every core)")] = 0,
     path: Annotated[str, typer.Option(help="vector (fast, EMA crossover) or engine (event-driven)")] = "vector",
@@ -170,7 +181,7 @@ def optimize(
     console.print(f"{len(sets)} parameter sets ({sets.invalid} invalid and {sets.duplicates} duplicate skipped)")
     n_workers = workers or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="meltica-optimize-") as tmp:
-        bars_path = _bars_file(data, exchange, symbol, timeframe, Path(tmp))
+        bars_path, timeframe = _bars_file(data, exchange, symbol, timeframe, Path(tmp))
         if path == "engine":
             from meltica.backtest.optimize import EngineEvaluator
 

@@ -92,10 +92,13 @@ def test_write_report_writes_html_and_charts(
         width, height = _png_size(tmp_path / "run" / name)
         assert width >= 800 and height >= 300
     html = page.read_text(encoding="utf-8")
-    # Charts by relative path, so the folder can be moved or zipped as a whole.
+    # PNGs linked by relative path, so the folder can be moved or zipped as a whole.
     for name in ("equity.png", "drawdown.png", "positions.png"):
-        assert f'<img src="{name}"' in html
-    assert "http" not in html and "<script" not in html  # self-contained, no scripts
+        assert f'<a href="{name}"' in html
+    # One self-contained file: plotly.js inlined, nothing loaded from elsewhere (tests/unit/test_report_browser.py
+    # opens it in Chromium with the network blocked).
+    assert 'id="meltica-charts"' in html
+    assert "<script src" not in html and 'src="http' not in html
     assert "Sharpe ratio" in html and "Max drawdown" in html and "Profit factor" in html
     assert str(result.run_id) in html
     assert "v0.1.0-3-gabc1234" in html
@@ -115,8 +118,8 @@ def test_round_trip_table_is_limited(simulated: tuple[BacktestResult, list[tuple
 def test_report_escapes_the_strategy_name(tmp_path: Path) -> None:
     result, _ = _simulated(400, strategy="<script>alert(1)</script>")
     html = write_report(result, tmp_path).read_text(encoding="utf-8")
-    assert "<script>" not in html
-    assert "&lt;script&gt;" in html
+    assert "<script>alert(1)" not in html
+    assert "&lt;script&gt;alert(1)" in html
 
 
 def test_report_without_prices_or_data(tmp_path: Path) -> None:
