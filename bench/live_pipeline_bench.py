@@ -71,6 +71,7 @@ TRADES_TOPIC = "md.trades"
 CANDLES_TOPIC = "md.candles.1m"
 EXCHANGE = "binance"
 ACCOUNT = "bench"
+GENERIC_VARIANTS = ("generic", "generic-per-event", "generic-linger-2ms")
 BATCH_TAKE = 1000
 BATCH_WITHIN = 0.05
 
@@ -127,6 +128,27 @@ def recorded_trades(count: int) -> tuple[list[Trade], int]:
                 break
         copy += 1
     return out, len(base)
+
+
+def spread_over_markets(trades: list[Trade], partitions: int, per_partition: int = 2) -> list[Trade]:
+    """The trades dealt round-robin over markets chosen so each of the topic's ``partitions`` holds
+    ``per_partition`` of them (the producer's key hash): a group of workers can split the load evenly."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from meltica.messaging.catalogue import market_key
+
+    partitioner = DefaultPartitioner()
+    parts = list(range(partitions))
+    chosen: dict[int, list[str]] = {p: [] for p in parts}
+    i = 0
+    while any(len(names) < per_partition for names in chosen.values()):
+        symbol = f"X{i:02d}/ETH"
+        partition = int(partitioner(market_key(EXCHANGE, symbol).encode(), parts, parts))
+        if len(chosen[partition]) < per_partition:
+            chosen[partition].append(symbol)
+        i += 1
+    symbols = [name for p in parts for name in chosen[p]]
+    return [t.model_copy(update={"symbol": symbols[i % len(symbols)]}) for i, t in enumerate(trades)]
 
 
 def bench_bars(count: int, symbols: int, start_minute: int = 0) -> list[Bar]:
@@ -284,7 +306,12 @@ async def aiokafka_batched(bootstrap: str, prefix: str, count: int, progress: Ba
         await producer.stop()
 
 
-async def md_worker(variant: str, bootstrap: str, prefix: str, count: int) -> dict[str, Any]:
+async def md_worker(
+    variant: str, bootstrap: str, prefix: str, count: int, group: str = "", series_path: str | None = None
+) -> dict[str, Any]:
+    """One throughput worker. ``count``: stop once that many were handled; with ``series_path`` (a worker of
+    a group sharing the topic) stop instead after 3 s without a new message, and write the progress series
+    ``[(wall time, handled, CPU seconds), ...]`` there."""
     from meltica.live.marketdata import CandleProcessor
     from meltica.messaging import Catalogue, Codec
     from streams.app import make_app
@@ -292,7 +319,8 @@ async def md_worker(variant: str, bootstrap: str, prefix: str, count: int) -> di
 
     catalogue = Catalogue(prefix=prefix)
     codec = Codec(catalogue)
-    app_id = f"{prefix}md-{variant}"
+    app_id = f"{prefix}md-{variant}{group}"
+    runtime: Any = None
     stop: Any
     if variant == "aiokafka-batched":
         shell: Any = BatchedCandles()
@@ -312,11 +340,12 @@ async def md_worker(variant: str, bootstrap: str, prefix: str, count: int) -> di
 
         app: Any = _NoApp()
         stop = stop_task
-    elif variant in ("generic", "generic-per-event"):
+    elif variant in GENERIC_VARIANTS:
         from streams.worker import build_worker_app, runtime_of
 
         processor = CandleProcessor()
         per_event = variant == "generic-per-event"
+        extra = {"producer_linger": 0.002} if variant == "generic-linger-2ms" else {}
         app = build_worker_app(
             app_id,
             bootstrap,
@@ -325,6 +354,7 @@ async def md_worker(variant: str, bootstrap: str, prefix: str, count: int) -> di
             stats_interval=600.0,
             batch_inputs=not per_event,
             fetch_max_wait_ms=None if per_event else 5,
+            **extra,
         )
         runtime = runtime_of(app)
         stats = runtime.stats.processors[processor.name]
@@ -349,21 +379,38 @@ async def md_worker(variant: str, bootstrap: str, prefix: str, count: int) -> di
             return int(shell.handled)
 
         stop = app.stop
+    runtime_of_app = runtime if variant in GENERIC_VARIANTS else None
     started = time.perf_counter()
     await app.start()
     first_at = first_cpu = None
     first_n = 0
+    series: list[tuple[float, int, float]] = []
+    last_change, last_n = time.perf_counter(), 0
     async with asyncio.timeout(300):
         while True:
             n = handled()
+            now = time.perf_counter()
             if n and first_at is None:
-                first_at, first_cpu, first_n = time.perf_counter(), time.process_time(), n
-            if n >= count:
-                last_at, last_cpu = time.perf_counter(), time.process_time()
+                first_at, first_cpu, first_n = now, time.process_time(), n
+            if series_path is not None:
+                if not n and runtime_of_app is not None:  # tell the bench which partitions it holds
+                    assigned = runtime_of_app.assigned().get(catalogue.topic_name(TRADES_TOPIC), [])
+                    Path(series_path + ".assigned").write_text(json.dumps(assigned), encoding="utf-8")
+                if n != last_n or not series:
+                    series.append((time.time(), n, time.process_time()))
+                    last_change, last_n = now, n
+                if n and now - last_change > 3.0:
+                    last_at, last_cpu = last_change, series[-1][2]
+                    break
+            elif n >= count:
+                last_at, last_cpu = now, time.process_time()
                 break
             await asyncio.sleep(0.002)
     assert first_at is not None
     assert first_cpu is not None
+    if series_path is not None:
+        Path(series_path).write_text(json.dumps(series), encoding="utf-8")
+        count = last_n
     seconds, cpu = last_at - first_at, last_cpu - first_cpu
     result = {
         "variant": variant,
@@ -377,6 +424,10 @@ async def md_worker(variant: str, bootstrap: str, prefix: str, count: int) -> di
     }
     if variant in ("batched", "aiokafka-batched"):
         result["batches"] = shell.batches
+    elif runtime_of_app is not None and runtime_of_app.guard is not None:
+        lanes = runtime_of_app.guard.lanes
+        result["batches"] = lanes.batches if lanes is not None else None
+        result["guard_rewinds"] = runtime_of_app.guard.rewinds
     try:
         async with asyncio.timeout(20):
             await stop()
@@ -460,11 +511,125 @@ def run_throughput(bootstrap: str, count: int, variants: Iterable[str]) -> dict[
     return {"trades": len(trades), "publish_rate": pub_stats.rate, "baselines": baselines, "workers": results}
 
 
+def _series_worker(bootstrap: str, prefix: str, group: str, series: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [python(), str(Path(__file__).resolve()), "--md-worker", "generic", "--prefix", prefix, "--count", "0",
+         "--bootstrap", bootstrap, f"--group={group}", "--series", str(series)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=worker_env(),
+    )  # fmt: skip
+
+
+def _wait_for_assignment(paths: list[Path], partitions: int, procs: list[subprocess.Popen[str]]) -> None:
+    """Until every worker holds some partitions of the trades topic and together all of them, for 1 s."""
+    deadline = time.monotonic() + 120
+    stable_since = None
+    while time.monotonic() < deadline:
+        if any(proc.poll() is not None for proc in procs):
+            raise RuntimeError(f"a scaling worker exited: {[proc.poll() for proc in procs]}")
+        held = []
+        for path in paths:
+            marker = Path(str(path) + ".assigned")
+            try:
+                held.append(json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else [])
+            except ValueError:
+                held.append([])
+        complete = all(held) and sorted(p for h in held for p in h) == list(range(partitions))
+        if complete:
+            stable_since = stable_since or time.monotonic()
+            if time.monotonic() - stable_since >= 1.0:
+                return
+        else:
+            stable_since = None
+        time.sleep(0.1)
+    raise RuntimeError("the scaling workers never shared the partitions")
+
+
+def _cumulative(series: list[list[float]], at: float) -> int:
+    """Messages a worker had handled at wall time ``at`` (its series: (time, handled, cpu))."""
+    done = 0
+    for t, n, _cpu in series:
+        if t > at:
+            break
+        done = int(n)
+    return done
+
+
+def run_scaling(bootstrap: str, count: int, workers: int = 2) -> dict[str, Any]:
+    """Horizontal scaling: the same trades spread over 12 markets (2 per partition of ``md.trades``) read by
+    one generic worker, then by ``workers`` generic workers in one consumer group (each its own process,
+    on this machine's cores). Rates from the workers' progress series: all messages over first handled →
+    last handled, and the part handled while every worker was running (the group's start-up rebalance
+    excluded)."""
+    from meltica.messaging import Catalogue
+    from meltica.messaging.admin import create_topics
+    from streams.replay import ReplayPublisher
+
+    trades, _per_copy = recorded_trades(count)
+    partitions = Catalogue().spec(TRADES_TOPIC).partitions
+    trades = spread_over_markets(trades, partitions)
+    out: dict[str, Any] = {"trades": len(trades), "markets": len({t.symbol for t in trades})}
+    with tempfile.TemporaryDirectory(prefix="meltica-scale-") as tmp:
+        for n_workers in (1, workers):
+            # a fresh topic per group size; the workers join first (no start-up rebalance in the figures),
+            # then the trades are published as fast as the broker takes them
+            prefix = new_prefix("scale")
+            catalogue = Catalogue(prefix=prefix)
+            create_topics(bootstrap, catalogue)
+            paths = [Path(tmp) / f"w{n_workers}-{i}.json" for i in range(n_workers)]
+            procs = [_series_worker(bootstrap, prefix, f"-g{n_workers}", path) for path in paths]
+            _wait_for_assignment(paths, partitions, procs)
+
+            async def publish(catalogue: Catalogue = catalogue) -> Any:
+                async with ReplayPublisher(bootstrap, catalogue) as pub:
+                    return await pub.publish(trades)
+
+            asyncio.run(publish())
+            for proc in procs:
+                proc.wait(timeout=400)
+            if any(proc.returncode or not path.exists() for proc, path in zip(procs, paths, strict=True)):
+                out[f"workers_{n_workers}"] = {"failed": [proc.returncode for proc in procs]}
+                continue
+            series = [json.loads(path.read_text()) for path in paths]
+            firsts = [next(t for t, n, _c in s if n) for s in series]
+            lasts = [s[-1][0] for s in series]
+            start, both, end = min(firsts), max(firsts), max(lasts)
+            total = sum(int(s[-1][1]) for s in series)  # == len(trades): no rebalance, nothing handled twice
+            cpu = sum(s[-1][2] - next(c for _t, n, c in s if n) for s in series)
+            in_window = total - sum(_cumulative(s, both) for s in series)
+            out[f"workers_{n_workers}"] = {
+                "handled": total,
+                "rate": total / (end - start),
+                "rate_all_running": in_window / (end - both) if end > both else float("nan"),
+                "cpu_rate": total / cpu if cpu > 0 else float("nan"),
+                "per_worker": [int(s[-1][1]) for s in series],
+                "startup_skew_s": both - start,
+            }
+    return out
+
+
+def print_scaling(report: Mapping[str, Any], workers: int = 2) -> None:
+    print(f"\n== 1b. horizontal scaling: {report['trades']:,} trades over {report['markets']} markets "
+          f"(2 per partition), generic workers in one consumer group, one process each")  # fmt: skip
+    one, many = report.get("workers_1", {}), report.get(f"workers_{workers}", {})
+    for label, r in (("1 worker", one), (f"{workers} workers", many)):
+        if "rate" not in r:
+            print(f"   {label}: FAILED {r}")
+            continue
+        print(f"   {label:<10} {r['rate']:>9,.0f} msg/s first→last ({r['rate_all_running']:,.0f} msg/s while all "
+              f"ran), {r['cpu_rate']:,.0f} msg/CPU-s, handled {r['per_worker']}, start skew "
+              f"{r['startup_skew_s']:.1f} s")  # fmt: skip
+    if "rate" in one and "rate" in many:
+        print(f"   {workers} workers / 1 = {many['rate'] / one['rate']:.2f}x (first→last), "
+              f"{many['rate_all_running'] / one['rate_all_running']:.2f}x (while all ran) on "
+              f"{os.cpu_count()} cores")  # fmt: skip
+
+
 def print_throughput(report: Mapping[str, Any]) -> None:
     b = report["baselines"]
     rows = [
         ("generic", "streams/worker.py + CandleProcessor (batch lanes: a fetch at a time, acks+snapshots per chunk)"),
         ("generic-per-event", "streams/worker.py, batch_inputs off: 1 Faust event at a time, snapshot/msg"),
+        ("generic-linger-2ms", "generic with the Faust producer's linger at 2 ms (fewer, larger produce requests)"),
         ("faust-agent", "streams/marketdata.py register_candle_agents: 1 msg at a time, snapshot/msg"),
         ("batched", f"bench agent: stream.take({BATCH_TAKE}, within={BATCH_WITHIN * 1000:.0f} ms) + CandleAggregator"),
         ("aiokafka-batched", "no Faust: aiokafka getmany + CandleAggregator, acks+commit per batch, no table"),
@@ -832,6 +997,29 @@ def print_latency(results: list[dict[str, Any]]) -> None:
             print("   worker log tail:\n" + r["worker_log_tail"])
 
 
+def print_latency_goals(results: list[dict[str, Any]]) -> None:
+    """The curve (bar sent → submission per setting and rate) and the issue's goals, met or not."""
+    print("\n   curve: bar sent → submission (CreateTime), ms; 'answered' = measured bars submitted within the drain")
+    print(f"   {'setting':<22} {'rate/s':>7} {'achieved':>9} {'answered':>9} {'p50':>8} {'p99':>8} {'max':>8}")
+    for r in results:
+        values = r["event_to_submit_ms"]
+        answered = f"{len(values)}/{r['bars']}"
+        print(f"   {r['setting']:<22} {r['rate']:>7,.0f} {r['rate_achieved']:>9,.0f} {answered:>9} "
+              f"{pct(values, 50):>8.2f} {pct(values, 99):>8.2f} {max(values, default=float('nan')):>8.2f}")  # fmt: skip
+    for rate in (100.0, 1000.0):
+        runs = [r for r in results if r["setting"] == "default" and r["rate"] == rate]
+        if not runs:
+            continue
+        r = runs[-1]
+        values = r["event_to_submit_ms"]
+        complete = len(values) == r["bars"] and r["bars"] > 0
+        p50, p99 = pct(values, 50), pct(values, 99)
+        met = complete and p50 < 5.0 and p99 < 25.0
+        verdict, bars = ("MET" if met else "NOT met"), r["bars"]
+        print(f"   goal at {rate:,.0f} events/s (order on every bar): p50 < 5 ms and p99 < 25 ms, every bar "
+              f"answered: {verdict} (p50 {p50:.2f} ms, p99 {p99:.2f} ms, {len(values)}/{bars})")  # fmt: skip
+
+
 # --- main ----------------------------------------------------------------------------------------------
 
 
@@ -839,7 +1027,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10k trades, one 5 s latency run at 100/s (< 2 min)")
     parser.add_argument("--trades", type=int, help="trades for the throughput part (default 100k; quick 30k)")
-    parser.add_argument("--variants", default="generic,generic-per-event,faust-agent,batched,aiokafka-batched")
+    parser.add_argument(
+        "--variants", default="generic,generic-linger-2ms,generic-per-event,faust-agent,batched,aiokafka-batched"
+    )
     parser.add_argument("--seconds", type=float, help="measured seconds at the steady rate (default 30; quick 8)")
     parser.add_argument("--rate", type=float, default=1000.0, help="market events per second")
     parser.add_argument("--symbols", type=int, default=50, help="markets the bars are spread over")
@@ -848,12 +1038,15 @@ def main() -> None:
     )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true", help="skip the one vs two workers part")
     parser.add_argument("--json", help="write all figures to this file")
     parser.add_argument("--bootstrap")
     # internal: one throughput worker
     parser.add_argument("--md-worker", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--group", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--series", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     from meltica.messaging.admin import default_bootstrap
@@ -868,10 +1061,12 @@ def main() -> None:
             import cProfile
 
             profiler = cProfile.Profile()
-            result = profiler.runcall(asyncio.run, md_worker(args.md_worker, bootstrap, args.prefix, args.count))
+            result = profiler.runcall(
+                asyncio.run, md_worker(args.md_worker, bootstrap, args.prefix, args.count, args.group, args.series)
+            )
             profiler.dump_stats(f"{profile_to}.{args.md_worker}")
         else:
-            result = asyncio.run(md_worker(args.md_worker, bootstrap, args.prefix, args.count))
+            result = asyncio.run(md_worker(args.md_worker, bootstrap, args.prefix, args.count, args.group, args.series))
         print("RESULT " + json.dumps(result), flush=True)
         os._exit(0)  # Faust may leave non-daemon threads behind
 
@@ -893,6 +1088,9 @@ def main() -> None:
     if not args.skip_throughput:
         report["throughput"] = run_throughput(bootstrap, trades, args.variants.split(","))
         print_throughput(report["throughput"])
+        if not args.skip_scaling:
+            report["scaling"] = run_scaling(bootstrap, trades)
+            print_scaling(report["scaling"])
     if not args.skip_latency:
         print(f"\n== 2. latency at a steady rate of bars ({args.symbols} markets), one worker "
               "(strategies + risk + execution, paper venue, live mode)")  # fmt: skip
@@ -902,6 +1100,7 @@ def main() -> None:
         report["pipeline_bus_ms_per_bar"] = per_bar
         results = [run_latency(bootstrap, setting, args.symbols, rate, seconds) for setting, rate in runs]
         print_latency(results)
+        print_latency_goals(results)
         report["latency"] = [
             {k: v for k, v in r.items() if not k.endswith("_ms")}
             | {k: {"p50": pct(v, 50), "p99": pct(v, 99), "max": max(v, default=float("nan")),
