@@ -19,6 +19,7 @@ from meltica.cli import (
     optimize_cmd,
     paper_cmd,
     status_cmd,
+    strategies_cmd,
     streams_cmd,
 )
 
@@ -41,6 +42,12 @@ app.add_typer(emulator_cmd.app, name="emulator", help="Run a local Binance-compa
 app.add_typer(kill_cmd.app, name="kill", help="Kill switch: halt or reduce-only, by hand; show its state.")
 app.add_typer(flows_cmd.app, name="flows", help="Prefect deployments: deploy the flows, list them, run a server.")
 app.add_typer(streams_cmd.app, name="streams", help="Kafka topics and workers of the live pipeline.")
+app.add_typer(
+    strategies_cmd.app,
+    name="strategies",
+    help="The registered strategies and where they come from (your own: file.py:Class, module:Class, "
+    "strategy_paths, entry points).",
+)
 app.add_typer(live_cmd.app, name="live", help="Trade live: start a deployment (one settings file), show its status.")
 app.command("reconcile", help="Reconcile accounts with the exchanges: --local in this process, --now via Prefect.")(
     flows_cmd.reconcile

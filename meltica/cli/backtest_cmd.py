@@ -52,7 +52,9 @@ def _decimal(value: str | None, name: str) -> Decimal | None:
 
 @reports_errors
 def backtest(
-    strategy: str = typer.Option(..., "--strategy", help="Registered strategy name, e.g. momentum."),
+    strategy: str = typer.Option(
+        ..., "--strategy", help="A registered name (e.g. momentum), path/to/file.py:Class or module:Class."
+    ),
     param: list[str] = typer.Option([], "--param", help="Strategy parameter key=value (repeatable)."),
     data: Path | None = typer.Option(None, "--data", help="Candle file (.csv, .csv.gz, .feather, .parquet)."),
     trades: Path | None = typer.Option(

@@ -198,7 +198,7 @@ def run_paper(
         if "account" not in fields:
             update["account"] = f"paper-{run}"
         if "instance_id" not in fields:
-            update["instance_id"] = f"{config.strategy}-{run}"
+            update["instance_id"] = f"{config.strategy_instance}-{run}"
         config = config.model_copy(update=update)
     prefix = f"paper.{run}."
     catalogue = Catalogue(prefix=prefix)
