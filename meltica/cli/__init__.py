@@ -25,7 +25,10 @@ from meltica.cli import (
 
 app = typer.Typer(
     name="meltica",
-    help="Meltica: crypto auto-trading — infrastructure, database, market data, configuration.",
+    help="Meltica: crypto auto-trading — local infrastructure, database, market data, configuration and API "
+    "keys; strategies, backtests, parameter sweeps and paper runs; the live pipeline (Kafka workers, live "
+    "deployments, kill switch, status); Prefect flows and reconciliation; a local exchange emulator. "
+    "Start with `meltica demo`.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals may hold secrets
 )

@@ -33,7 +33,7 @@ def list_command(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="A configuration file whose strategy_paths to load.", exists=True),
+        typer.Option("--config", "-c", help="A configuration file whose strategy_paths to load."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object: name -> source and parameters.")] = False,
 ) -> None:
