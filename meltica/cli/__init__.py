@@ -90,6 +90,9 @@ def configure_logging() -> str:
         if level not in logging.getLevelNamesMapping():
             level = "INFO"
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    # kafka-python's admin client warns whenever its internal poll takes > 100 ms (any loaded machine): a
+    # timing note about its own loop, not a problem of the command. Its errors still show.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     for name in MELTICA_LOGGERS:
         logging.getLogger(name).setLevel(level)
     return level

@@ -212,7 +212,8 @@ def summary_table(result: Any) -> Table:
     from meltica.backtest.report import format_metric
 
     m = result.metrics
-    table = Table(title=f"{result.strategy} {', '.join(result.symbols)} {result.timeframe} — run {result.run_id}")
+    title = f"{result.strategy} {', '.join(result.symbols)} {result.timeframe} — run {result.run_id}"
+    table = Table(title=title, min_width=len(title))  # as wide as its title: a run id never wraps
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name in (

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import signal
@@ -116,6 +117,9 @@ async def _collect(
 
     topic = codec.catalogue.topic_name("orders.events")
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    startup = _LeaderElectionNoise(topic)
+    fetcher_log = logging.getLogger("aiokafka.consumer.fetcher")
+    fetcher_log.addFilter(startup)
     await consumer.start()
     deadline = time.monotonic() + timeout
     try:
@@ -128,12 +132,31 @@ async def _collect(
             batches = await consumer.getmany(timeout_ms=200, max_records=2000)
             for records in batches.values():
                 for record in records:
+                    startup.over = True  # offsets were fetched: from now on every broker error is reported
                     collector.on_message(codec.decode("orders.events", record.value))
             if collector.bars - last_report >= report_every:
                 last_report = collector.bars
                 say(_live_line(collector))
     finally:
+        fetcher_log.removeFilter(startup)
         await consumer.stop()
+
+
+class _LeaderElectionNoise(logging.Filter):
+    """Drops the consumer's "NotLeaderForPartitionError" for this run's brand-new topic until its first record
+    arrives: the broker is still electing the new partitions' leaders and the consumer retries by itself. Any
+    other record, and that error once the topic has delivered, is logged as usual."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__()
+        self.topic = topic
+        self.over = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.over:
+            return True
+        message = record.getMessage()
+        return not ("NotLeaderForPartitionError" in message and self.topic in message)
 
 
 def _live_line(c: PaperRunCollector) -> str:
@@ -215,6 +238,14 @@ def run_paper(
         quote=instrument.quote,
         initial_balances=config.balances(),
     )
+    printed: list[str] = []
+
+    def progress(line: str) -> None:
+        # the final line after the replay repeats the last periodic one when nothing changed since: say it once
+        if not printed or printed[-1] != line:
+            printed.append(line)
+            say(line)
+
     log_path = state_dir / "worker.log"
     api_key, api_secret = f"paper-{run}", secrets.token_hex(24)  # a throwaway key pair for this run's emulator
     t0 = time.monotonic()
@@ -252,7 +283,7 @@ def run_paper(
                             bootstrap,
                             codec,
                             collector,
-                            say=say,
+                            say=progress,
                             report_every=report_every,
                             worker=worker,
                             timeout=timeout,
@@ -276,7 +307,7 @@ def run_paper(
     published = asyncio.run(main())
     seconds = time.monotonic() - t0
     if collector.equity:
-        say(_live_line(collector))
+        progress(_live_line(collector))
     result = collector.result(
         strategy=config.strategy,
         params=dict(config.params),

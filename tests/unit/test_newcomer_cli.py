@@ -3,6 +3,7 @@ and Prefect server hints that name the port actually configured."""
 
 from __future__ import annotations
 
+import io
 import socket
 from pathlib import Path
 
@@ -56,3 +57,25 @@ def test_an_unreachable_server_hint_names_the_configured_port(monkeypatch: pytes
     assert f"meltica flows server --port {port}" in message
     assert f"export PREFECT_API_URL=http://127.0.0.1:{port}/api" in message
     assert "4200" not in message
+
+
+class _ZeroMetrics:
+    def __getattr__(self, name: str) -> int:
+        return 0
+
+
+def test_a_result_tables_title_keeps_the_run_id_on_one_line() -> None:
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from meltica.cli.backtest_cmd import summary_table
+
+    run_id = "0f0e4a52-6c3b-4c50-9a5e-0123456789ab"
+    result = SimpleNamespace(
+        strategy="./breakout.py:Breakout", symbols=["BTC/USDT:USDT"], timeframe="1m", run_id=run_id,
+        metrics=_ZeroMetrics(), fills=[], orders=[],
+    )  # fmt: skip
+    console = Console(width=160, file=io.StringIO())
+    console.print(summary_table(result))
+    assert any(run_id in line for line in console.file.getvalue().splitlines())  # type: ignore[attr-defined]
