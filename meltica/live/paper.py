@@ -72,6 +72,12 @@ async def _publish(
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    # The run's topics are brand new: the first sends may meet a partition whose leader is still being
+    # elected. The producer retries them itself, and a send that finally fails raises here (the run fails),
+    # so its warning about that retry is dropped for this run's sends.
+    startup = _LeaderElectionNoise(codec.catalogue.prefix)
+    sender_log = logging.getLogger("aiokafka.producer.sender")
+    sender_log.addFilter(startup)
     await producer.start()
     try:
         key = market_key(exchange, symbol).encode()
@@ -100,6 +106,7 @@ async def _publish(
         )
         return len(bars)
     finally:
+        sender_log.removeFilter(startup)
         await producer.stop()
 
 
@@ -143,9 +150,9 @@ async def _collect(
 
 
 class _LeaderElectionNoise(logging.Filter):
-    """Drops the consumer's "NotLeaderForPartitionError" for this run's brand-new topic until its first record
-    arrives: the broker is still electing the new partitions' leaders and the consumer retries by itself. Any
-    other record, and that error once the topic has delivered, is logged as usual."""
+    """Drops "NotLeaderForPartitionError" records about this run's brand-new topics (``topic``: a name or the
+    run's prefix) until ``over``: the broker is still electing the new partitions' leaders and the client
+    retries by itself. Any other record, and that error once ``over`` is set, is logged as usual."""
 
     def __init__(self, topic: str) -> None:
         super().__init__()
@@ -156,7 +163,12 @@ class _LeaderElectionNoise(logging.Filter):
         if self.over:
             return True
         message = record.getMessage()
-        return not ("NotLeaderForPartitionError" in message and self.topic in message)
+        if "NotLeaderForPartitionError" not in message:
+            return True
+        # ours when it names one of this run's topics, or no topic at all (the producer's "Got error produce
+        # response: <class ...NotLeaderForPartitionError>"); an error about any other topic is kept
+        names_no_topic = "TopicPartition" not in message and "topic=" not in message
+        return not (self.topic in message or names_no_topic)
 
 
 def _live_line(c: PaperRunCollector) -> str:

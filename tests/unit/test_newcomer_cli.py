@@ -79,3 +79,23 @@ def test_a_result_tables_title_keeps_the_run_id_on_one_line() -> None:
     console = Console(width=160, file=io.StringIO())
     console.print(summary_table(result))
     assert any(run_id in line for line in console.file.getvalue().splitlines())  # type: ignore[attr-defined]
+
+
+def test_leader_election_noise_of_the_runs_new_topics_only_until_it_is_over() -> None:
+    import logging
+
+    from meltica.live.paper import _LeaderElectionNoise
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("aiokafka", logging.WARNING, __file__, 1, message, None, None)
+
+    noise = _LeaderElectionNoise("paper.abc.")
+    ours = "Failed fetch offsets: NotLeaderForPartitionError: TopicPartition(topic='paper.abc.orders', partition=3)"
+    theirs = "Failed fetch offsets: NotLeaderForPartitionError: TopicPartition(topic='live.orders', partition=0)"
+    producer = "Got error produce response: <class 'aiokafka.errors.NotLeaderForPartitionError'>"
+    assert not noise.filter(record(ours))
+    assert not noise.filter(record(producer))
+    assert noise.filter(record(theirs))
+    assert noise.filter(record("Unable to connect to node 1"))
+    noise.over = True
+    assert noise.filter(record(ours))
