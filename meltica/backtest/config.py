@@ -154,7 +154,12 @@ class BacktestConfig(BaseModel):
 
     @property
     def strategy_instance(self) -> str:
-        return self.instance_id or self.strategy
+        if self.instance_id or ":" not in self.strategy:
+            return self.instance_id or self.strategy
+        from meltica.strategies import get_strategy
+
+        # the registered name of a ``file.py:Class`` reference: instance ids carry no ':' or path
+        return get_strategy(self.strategy).name
 
     def market(self) -> Instrument:
         return self.instrument if self.instrument is not None else default_instrument(self.exchange, self.symbol)

@@ -19,12 +19,16 @@ from meltica.cli import (
     optimize_cmd,
     paper_cmd,
     status_cmd,
+    strategies_cmd,
     streams_cmd,
 )
 
 app = typer.Typer(
     name="meltica",
-    help="Meltica: crypto auto-trading — infrastructure, database, market data, configuration.",
+    help="Meltica: crypto auto-trading — local infrastructure, database, market data, configuration and API "
+    "keys; strategies, backtests, parameter sweeps and paper runs; the live pipeline (Kafka workers, live "
+    "deployments, kill switch, status); Prefect flows and reconciliation; a local exchange emulator. "
+    "Start with `meltica demo`.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals may hold secrets
 )
@@ -41,6 +45,12 @@ app.add_typer(emulator_cmd.app, name="emulator", help="Run a local Binance-compa
 app.add_typer(kill_cmd.app, name="kill", help="Kill switch: halt or reduce-only, by hand; show its state.")
 app.add_typer(flows_cmd.app, name="flows", help="Prefect deployments: deploy the flows, list them, run a server.")
 app.add_typer(streams_cmd.app, name="streams", help="Kafka topics and workers of the live pipeline.")
+app.add_typer(
+    strategies_cmd.app,
+    name="strategies",
+    help="The registered strategies and where they come from (your own: file.py:Class, module:Class, "
+    "strategy_paths, entry points).",
+)
 app.add_typer(live_cmd.app, name="live", help="Trade live: start a deployment (one settings file), show its status.")
 app.command("reconcile", help="Reconcile accounts with the exchanges: --local in this process, --now via Prefect.")(
     flows_cmd.reconcile
@@ -80,6 +90,9 @@ def configure_logging() -> str:
         if level not in logging.getLevelNamesMapping():
             level = "INFO"
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    # kafka-python's admin client warns whenever its internal poll takes > 100 ms (any loaded machine): a
+    # timing note about its own loop, not a problem of the command. Its errors still show.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     for name in MELTICA_LOGGERS:
         logging.getLogger(name).setLevel(level)
     return level

@@ -53,7 +53,9 @@ def _decimal(value: str | None, name: str) -> Decimal | None:
 
 @reports_errors
 def backtest(
-    strategy: str = typer.Option(..., "--strategy", help="Registered strategy name, e.g. momentum."),
+    strategy: str = typer.Option(
+        ..., "--strategy", help="A registered name (e.g. momentum), path/to/file.py:Class or module:Class."
+    ),
     param: list[str] = typer.Option([], "--param", help="Strategy parameter key=value (repeatable)."),
     data: Path | None = typer.Option(None, "--data", help=f"Bar file. {FORMAT_HELP}"),
     trades: Path | None = typer.Option(
@@ -220,7 +222,8 @@ def summary_table(result: Any) -> Table:
     from meltica.backtest.report import format_metric
 
     m = result.metrics
-    table = Table(title=f"{result.strategy} {', '.join(result.symbols)} {result.timeframe} — run {result.run_id}")
+    title = f"{result.strategy} {', '.join(result.symbols)} {result.timeframe} — run {result.run_id}"
+    table = Table(title=title, min_width=len(title))  # as wide as its title: a run id never wraps
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name in (

@@ -19,9 +19,12 @@ the database was not updated (a worker started later would not see the halt).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +38,7 @@ from meltica.cli._common import EXIT_BAD_INPUT, EXIT_FAILURE, console, database_
 from meltica.config.settings import MelticaSettings
 from meltica.errors import InfrastructureUnavailableError
 from meltica.risk import KillSwitch, KillSwitchMode, KillSwitchStore, default_actor
-from meltica.risk.kill_switch import validate_scope
+from meltica.risk.kill_switch import CHANGE_LOG_FORMAT, validate_scope
 
 SETTINGS_BOOTSTRAP_ENV = "MELTICA_KAFKA__BOOTSTRAP_SERVERS"
 
@@ -130,7 +133,8 @@ def on(
     try:
         switch = _switch(target)
         before = switch.state_of(where).mode
-        state = switch.engage(target_mode, reason, who, scope=where)
+        with _printed_here():
+            state = switch.engage(target_mode, reason, who, scope=where)
     except (OperationalError, InfrastructureUnavailableError) as exc:
         # Fail closed: the running pipeline must halt even when the database cannot record it.
         told = _notify_pipeline(where, engaged, reason, who, target, timeout, required=True)
@@ -151,6 +155,25 @@ def on(
         raise typer.Exit(EXIT_FAILURE)
 
 
+class _ChangePrintedHere(logging.Filter):
+    """Drops the kill switch's own log line of a change: the command prints that change on stdout already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != CHANGE_LOG_FORMAT
+
+
+@contextmanager
+def _printed_here() -> Iterator[None]:
+    # Only the change line: a failure to store it (logged at error level) still reaches stderr.
+    logger = logging.getLogger("meltica.risk.kill_switch")
+    quiet = _ChangePrintedHere()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 @app.command("off")
 @reports_errors
 def off(
@@ -167,7 +190,8 @@ def off(
     where = _scope(scope, target.settings)
     switch = _switch(target)
     before = switch.state_of(where).mode
-    state = switch.release(actor or default_actor(), reason, scope=where)
+    with _printed_here():
+        state = switch.release(actor or default_actor(), reason, scope=where)
     if before is KillSwitchMode.OFF:
         console.print(f"kill switch {where}: already off")
     else:

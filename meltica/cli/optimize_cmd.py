@@ -139,7 +139,9 @@ def _table(rows: list[dict[str, Any]], columns: list[str], title: str) -> Table:
 
 @reports_errors
 def optimize(
-    strategy: Annotated[str, typer.Option(help="registered strategy name")] = "momentum",
+    strategy: Annotated[
+        str, typer.Option(help="a registered name, path/to/file.py:Class or module:Class")
+    ] = "momentum",
     grid_spec: Annotated[list[str] | None, typer.Option("--grid", help="NAME=V1,V2,... (repeatable)")] = None,
     random_n: Annotated[int | None, typer.Option("--random", help="draw N random parameter sets")] = None,
     range_spec: Annotated[list[str] | None, typer.Option("--range", help="NAME=LOW:HIGH for --random")] = None,

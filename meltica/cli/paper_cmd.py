@@ -15,7 +15,9 @@ from meltica.errors import ConfigurationError
 
 @reports_errors
 def paper(
-    strategy: str = typer.Option(..., "--strategy", help="Registered strategy name, e.g. momentum."),
+    strategy: str = typer.Option(
+        ..., "--strategy", help="A registered name (e.g. momentum), path/to/file.py:Class or module:Class."
+    ),
     param: list[str] = typer.Option([], "--param", help="Strategy parameter key=value (repeatable)."),
     data: Path = typer.Option(..., "--data", help="Candle file to replay (.csv, .csv.gz, .feather, .parquet)."),
     speed: float = typer.Option(0.0, "--speed", help="Replay speed: X times real time; 0 = as fast as it goes."),

@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from meltica.cli._common import console, reports_errors
+from meltica.cli._common import EXIT_BAD_INPUT, console, err_console, reports_errors
 
 app = typer.Typer(no_args_is_help=True)
 topics_app = typer.Typer(no_args_is_help=True)
@@ -100,7 +100,15 @@ def worker(
     import signal
     import subprocess
     import sys
+    from pathlib import Path
 
+    if not Path(config).is_file():
+        err_console.print(
+            f"[bold red]error:[/] worker config file {config!r} not found (an example: infra/examples/worker.yaml)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_BAD_INPUT)
     argv = [sys.executable, "-m", "streams.worker", "--config", config, "--log-level", log_level]
     if app_id:
         argv += ["--app-id", app_id]

@@ -73,6 +73,10 @@ def load_settings(env: str | None = None, config_file: Path | str | None = None)
             [(_source_of(err["loc"], source), _dotted(err["loc"]), _problem(err)) for err in exc.errors()]
         ) from None
 
+    from meltica.strategies.registry import use_strategy_directories
+
+    # registered before the checks below, which look strategies up by name
+    use_strategy_directories(settings.strategy_paths)
     found = [*risk_problems(settings), *unsafe_settings(settings)]
     problems = [(_source_of(loc, source), _dotted(loc), problem) for loc, problem in found]
     if problems:
@@ -147,7 +151,7 @@ def risk_problems(settings: MelticaSettings) -> list[tuple[tuple[str | int, ...]
             for symbol in getattr(settings.risk, field)
             if symbol not in symbols
         )
-    strategies = set(list_strategies())
+    strategies = set(list_strategies()) if settings.risk.strategies else set()
     instances = {instance.instance_id for instance in settings.live.instances}
     problems.extend(
         (
@@ -296,7 +300,8 @@ LIVE_RISK_FIELDS: tuple[str, ...] = (
 
 def live_problems(settings: MelticaSettings) -> list[tuple[tuple[str | int, ...], str]]:
     """What ``meltica live start`` and every live worker refuse before anything starts: no instance, an
-    instance on an unknown account, or — outside ``dev`` — risk limits missing (each one named)."""
+    instance on an unknown account or with a strategy that cannot be loaded (or refuses its parameters),
+    or — outside ``dev`` — risk limits missing (each one named)."""
     problems: list[tuple[tuple[str | int, ...], str]] = []
     live = settings.live
     if not live.instances:
@@ -311,6 +316,14 @@ def live_problems(settings: MelticaSettings) -> list[tuple[tuple[str | int, ...]
                     f"no configured account is named {instance.account!r} (accounts: {listed})",
                 )
             )
+    from meltica.strategies.registry import validate_params  # the registry imports configuration code
+
+    for index, instance in enumerate(live.instances):
+        # a strategy the workers could not load, or parameters it refuses, stop the deployment before it starts
+        try:
+            validate_params(instance.strategy, instance.params)
+        except ConfigurationError as exc:
+            problems.append((("live", "instances", index, "strategy"), str(exc)))
     if settings.environment != "dev":
         for name in LIVE_RISK_FIELDS:
             if getattr(settings.risk, name) is None:

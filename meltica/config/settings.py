@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -222,7 +223,13 @@ class LiveInstance(_Section):
     account (its exchange is the account's) and one or more of that venue's symbols."""
 
     instance_id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^:]+$")]
-    strategy: Annotated[str, Field(min_length=1, description="registered strategy name, e.g. momentum")]
+    strategy: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description="a registered strategy name (e.g. momentum), path/to/file.py:Class or module:Class",
+        ),
+    ]
     params: dict[str, object] = Field(default_factory=dict, description="the strategy's parameters")
     account: Annotated[str, Field(min_length=1, description="a name from `accounts`")]
     symbols: Annotated[list[str], Field(min_length=1, description="ccxt unified symbols, e.g. BTC/USDT")]
@@ -334,6 +341,11 @@ class MelticaSettings(BaseSettings):
     symbols: list[str] = Field(default_factory=list, description="ccxt unified symbols, e.g. BTC/USDT")
     log_level: LogLevel = "INFO"
     live: LiveSettings = Field(default_factory=LiveSettings, description="live trading (`meltica live start`)")
+    strategy_paths: list[Path] = Field(
+        default_factory=list,
+        description="directories of your own strategies: each *.py file is imported and its @register_strategy "
+        "classes are usable by name (relative paths from the current directory)",
+    )
 
     @field_validator("database_runtime_role")
     @classmethod

@@ -79,10 +79,22 @@ WORK_POOL_TYPE = "process"
 # Flow-run state types after which nothing more happens to the run.
 TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 
-_START_HINT = (
-    "start the server: `prefect server start --host 127.0.0.1 --port 4200` (or `meltica flows server`), "
-    "then `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
-)
+DEFAULT_SERVER_PORT = 4200
+
+
+def start_hint(url: str | None = None) -> str:
+    """How to start a server on loopback, on the port ``url`` (``PREFECT_API_URL``) names, else 4200."""
+    port = DEFAULT_SERVER_PORT
+    if url is not None:
+        parsed = urllib.parse.urlsplit(url)
+        try:
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        except ValueError:  # a malformed port: the hint falls back to the default one
+            port = DEFAULT_SERVER_PORT
+    return (
+        f"start the server: `meltica flows server --port {port}` (or `prefect server start --host 127.0.0.1 "
+        f"--port {port}`), then `export PREFECT_API_URL=http://127.0.0.1:{port}/api`"
+    )
 
 
 @dataclass(frozen=True)
@@ -119,12 +131,12 @@ def require_server_url(timeout: float = 5.0) -> str:
     url = prefect_api_url()
     if url is None:
         raise InfrastructureUnavailableError(
-            f"PREFECT_API_URL is not set; deployments need a Prefect server: {_START_HINT}"
+            f"PREFECT_API_URL is not set; deployments need a Prefect server: {start_hint()}"
         )
     status = prefect_status(timeout=timeout)
     if not status.running:
         raise InfrastructureUnavailableError(
-            f"the Prefect server at {mask_url(url)} is unreachable ({status.detail}); {_START_HINT}"
+            f"the Prefect server at {mask_url(url)} is unreachable ({status.detail}); {start_hint(url)}"
         )
     return url.rstrip("/")
 
@@ -152,7 +164,7 @@ class PrefectApi:
         except (urllib.error.URLError, OSError) as exc:
             raise InfrastructureUnavailableError(
                 f"the Prefect server at {mask_url(self.url)} is unreachable ({getattr(exc, 'reason', exc)}); "
-                f"{_START_HINT}"
+                f"{start_hint(self.url)}"
             ) from None
         return json.loads(raw) if raw else None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import signal
@@ -71,6 +72,12 @@ async def _publish(
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    # The run's topics are brand new: the first sends may meet a partition whose leader is still being
+    # elected. The producer retries them itself, and a send that finally fails raises here (the run fails),
+    # so its warning about that retry is dropped for this run's sends.
+    startup = _LeaderElectionNoise(codec.catalogue.prefix)
+    sender_log = logging.getLogger("aiokafka.producer.sender")
+    sender_log.addFilter(startup)
     await producer.start()
     try:
         key = market_key(exchange, symbol).encode()
@@ -99,6 +106,7 @@ async def _publish(
         )
         return len(bars)
     finally:
+        sender_log.removeFilter(startup)
         await producer.stop()
 
 
@@ -116,6 +124,9 @@ async def _collect(
 
     topic = codec.catalogue.topic_name("orders.events")
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    startup = _LeaderElectionNoise(topic)
+    fetcher_log = logging.getLogger("aiokafka.consumer.fetcher")
+    fetcher_log.addFilter(startup)
     await consumer.start()
     deadline = time.monotonic() + timeout
     try:
@@ -128,12 +139,36 @@ async def _collect(
             batches = await consumer.getmany(timeout_ms=200, max_records=2000)
             for records in batches.values():
                 for record in records:
+                    startup.over = True  # offsets were fetched: from now on every broker error is reported
                     collector.on_message(codec.decode("orders.events", record.value))
             if collector.bars - last_report >= report_every:
                 last_report = collector.bars
                 say(_live_line(collector))
     finally:
+        fetcher_log.removeFilter(startup)
         await consumer.stop()
+
+
+class _LeaderElectionNoise(logging.Filter):
+    """Drops "NotLeaderForPartitionError" records about this run's brand-new topics (``topic``: a name or the
+    run's prefix) until ``over``: the broker is still electing the new partitions' leaders and the client
+    retries by itself. Any other record, and that error once ``over`` is set, is logged as usual."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__()
+        self.topic = topic
+        self.over = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.over:
+            return True
+        message = record.getMessage()
+        if "NotLeaderForPartitionError" not in message:
+            return True
+        # ours when it names one of this run's topics, or no topic at all (the producer's "Got error produce
+        # response: <class ...NotLeaderForPartitionError>"); an error about any other topic is kept
+        names_no_topic = "TopicPartition" not in message and "topic=" not in message
+        return not (self.topic in message or names_no_topic)
 
 
 def _live_line(c: PaperRunCollector) -> str:
@@ -198,7 +233,7 @@ def run_paper(
         if "account" not in fields:
             update["account"] = f"paper-{run}"
         if "instance_id" not in fields:
-            update["instance_id"] = f"{config.strategy}-{run}"
+            update["instance_id"] = f"{config.strategy_instance}-{run}"
         config = config.model_copy(update=update)
     prefix = f"paper.{run}."
     catalogue = Catalogue(prefix=prefix)
@@ -215,6 +250,14 @@ def run_paper(
         quote=instrument.quote,
         initial_balances=config.balances(),
     )
+    printed: list[str] = []
+
+    def progress(line: str) -> None:
+        # the final line after the replay repeats the last periodic one when nothing changed since: say it once
+        if not printed or printed[-1] != line:
+            printed.append(line)
+            say(line)
+
     log_path = state_dir / "worker.log"
     api_key, api_secret = f"paper-{run}", secrets.token_hex(24)  # a throwaway key pair for this run's emulator
     t0 = time.monotonic()
@@ -252,7 +295,7 @@ def run_paper(
                             bootstrap,
                             codec,
                             collector,
-                            say=say,
+                            say=progress,
                             report_every=report_every,
                             worker=worker,
                             timeout=timeout,
@@ -276,7 +319,7 @@ def run_paper(
     published = asyncio.run(main())
     seconds = time.monotonic() - t0
     if collector.equity:
-        say(_live_line(collector))
+        progress(_live_line(collector))
     result = collector.result(
         strategy=config.strategy,
         params=dict(config.params),

@@ -30,6 +30,8 @@ from typing import Protocol
 from meltica.errors import InfrastructureUnavailableError
 
 log = logging.getLogger(__name__)
+# The log line of every change (a command that prints the change itself filters it out: see `meltica kill`).
+CHANGE_LOG_FORMAT = "kill switch %s: %s → %s (%s, by %s)"
 
 GLOBAL = "global"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -294,7 +296,7 @@ class KillSwitch:
                     mode,
                 )
         self._set(scope, current)
-        log.warning("kill switch %s: %s → %s (%s, by %s)", scope, previous.mode, mode, reason, current.actor)
+        log.warning(CHANGE_LOG_FORMAT, scope, previous.mode, mode, reason, current.actor)
         self._notify(change)
         return current
 

@@ -21,6 +21,9 @@ from meltica.strategies.registry import (
     list_strategies,
     param_space,
     register_strategy,
+    resolve_strategy,
+    strategy_sources,
+    use_strategy_directories,
     validate_params,
 )
 
@@ -39,5 +42,8 @@ __all__ = [
     "list_strategies",
     "param_space",
     "register_strategy",
+    "resolve_strategy",
+    "strategy_sources",
+    "use_strategy_directories",
     "validate_params",
 ]

@@ -19,7 +19,7 @@ from meltica.secrets import install_log_redaction
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "market" / "nautilus" / "binance"
+DATA = Path(__file__).resolve().parents[1] / "data" / "binance"
 KEY, SECRET = "cfg-key-0123456789", "cfg-secret-KNOWN-abcdef-987654"
 
 

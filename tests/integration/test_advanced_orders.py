@@ -30,15 +30,7 @@ from tests.integration.databases import drop_test_database
 
 pytestmark = pytest.mark.integration
 
-TRADES = (
-    Path(__file__).resolve().parents[3]
-    / "shared"
-    / "data"
-    / "market"
-    / "nautilus"
-    / "binance"
-    / "btcusdt-trades.parquet"
-)
+TRADES = Path(__file__).resolve().parents[1] / "data" / "binance" / "btcusdt-trades.parquet"
 KEY, SECRET = "adv-key", "adv-secret"
 SYMBOL = "BTC/USDT"
 WARMUP = 200

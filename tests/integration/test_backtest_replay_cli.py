@@ -7,10 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-BINANCE = Path("/work/shared/data/market/nautilus/binance")
-pytestmark = pytest.mark.skipif(not BINANCE.exists(), reason="recorded market data not available")
+BINANCE = Path(__file__).resolve().parents[1] / "data" / "binance"
 
 
 def meltica(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,16 +6,13 @@ from decimal import Decimal as D
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pytest
-
 from meltica.backtest import BacktestConfig, run_backtest
 from meltica.backtest.data import BookSeries, TradeSeries
 from meltica.domain import LiquiditySide, OrderBookSnapshot, Trade
 from meltica.strategies import Strategy, StrategyParams
 
-DATA = Path("/work/shared/data/market")
-BINANCE = DATA / "nautilus" / "binance"
-pytestmark = pytest.mark.skipif(not BINANCE.exists(), reason="recorded market data not available")
+DATA = Path(__file__).resolve().parents[1] / "data"
+BINANCE = DATA / "binance"
 
 
 class P(StrategyParams):

@@ -20,7 +20,7 @@ from meltica.errors import ClockSkewError, ExchangeUnavailableError, OrderNotFou
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "market" / "nautilus" / "binance"
+DATA = Path(__file__).resolve().parents[1] / "data" / "binance"
 TRADES = DATA / "btcusdt-trades.parquet"
 KEY, SECRET = "adapter-key", "adapter-secret"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -21,7 +21,7 @@ from meltica.emulator import EmulatorConfig, EmulatorServer, ccxt_config
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "market" / "nautilus" / "binance"
+DATA = Path(__file__).resolve().parents[1] / "data" / "binance"
 TRADES = DATA / "btcusdt-trades.parquet"
 DEPTH_SNAP = DATA / "btcusdt-depth-snap.csv"
 DEPTH_UPDATE = DATA / "btcusdt-depth-update.csv"

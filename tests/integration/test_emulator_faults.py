@@ -16,7 +16,7 @@ from meltica.emulator import EmulatorConfig, EmulatorServer, ccxt_config
 
 pytestmark = pytest.mark.integration
 
-TRADES = Path(__file__).resolve().parents[3] / "shared/data/market/nautilus/binance/btcusdt-trades.parquet"
+TRADES = Path(__file__).resolve().parents[1] / "data" / "binance" / "btcusdt-trades.parquet"
 KEY, SECRET = "fault-key", "fault-secret"
 
 

@@ -317,7 +317,7 @@ def test_history_bars_are_closed_klines_before_now(candles: Path) -> None:
     run(body)
 
 
-TRADES = Path(__file__).resolve().parents[3] / "shared/data/market/nautilus/binance/btcusdt-trades.parquet"
+TRADES = Path(__file__).resolve().parents[1] / "data" / "binance" / "btcusdt-trades.parquet"
 
 
 def test_recorded_trades_in_real_time_close_their_klines() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 from meltica import infra
 from meltica.errors import InfrastructureUnavailableError
@@ -52,7 +53,9 @@ def test_up_is_idempotent_and_status_reports_real_servers(
     assert rows["prefect"].kind.startswith("Prefect")
 
     with psycopg.connect(_libpq(postgres_endpoint.url), connect_timeout=5) as conn:
-        assert conn.execute("SELECT current_user, current_database()").fetchone() == ("meltica", "meltica")
+        # the names the endpoint's URL gives (MELTICA_DATABASE_URL may name another database or role)
+        named = make_url(postgres_endpoint.url)
+        assert conn.execute("SELECT current_user, current_database()").fetchone() == (named.username, named.database)
     assert postgres_endpoint.url_for("other").endswith("/other")
     # runtime commands connect as the runtime role, `meltica db` as the owner
     assert infra_postgres.database_url() in {postgres_endpoint.runtime_url, os.environ.get("MELTICA_DATABASE_URL")}

@@ -16,15 +16,7 @@ from meltica.marketdata.ingest import ingest_trades
 
 pytestmark = pytest.mark.integration
 
-TRADES = (
-    Path(__file__).resolve().parents[3]
-    / "shared"
-    / "data"
-    / "market"
-    / "nautilus"
-    / "binance"
-    / "btcusdt-trades.parquet"
-)
+TRADES = Path(__file__).resolve().parents[1] / "data" / "binance" / "btcusdt-trades.parquet"
 
 
 def stored(engine: Engine) -> list[tuple[str, object, object]]:

@@ -39,7 +39,7 @@ from meltica.messaging.schemas import AmendRequest, CancelRequest, PipelineReque
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "market" / "nautilus" / "binance"
+DATA = Path(__file__).resolve().parents[1] / "data" / "binance"
 TRADES = DATA / "btcusdt-trades.parquet"
 KEY, SECRET = "live-key", "live-secret"
 SYMBOL = "BTC/USDT"

@@ -40,7 +40,7 @@ from tests.integration.databases import drop_test_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "market" / "nautilus" / "binance"
+DATA = Path(__file__).resolve().parents[1] / "data" / "binance"
 TRADES = DATA / "btcusdt-trades.parquet"
 KEY, SECRET = "restart-key", "restart-secret"
 PROCESS = Path(__file__).with_name("live_exec_process.py")

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+from meltica.cli.demo_cmd import DEMO_DATASET
 from meltica.domain import Bar, Trade
 from meltica.infra.kafka import KafkaEndpoint
 from meltica.live.marketdata import MarketDataIngest, aggregate
@@ -28,9 +29,8 @@ from meltica.messaging.schemas import EndOfReplayCommand, SubscribeCommand
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "market"
-XRP_TRADES = SHARED / "freqtrade" / "XRP_ETH-trades.json.gz"
-BTC_PERP = SHARED / "nautilus" / "btc-perp-20211231-20220201_1m.csv.gz"
+XRP_TRADES = Path(__file__).resolve().parents[1] / "data" / "freqtrade" / "XRP_ETH-trades.json.gz"
+BTC_PERP = DEMO_DATASET  # the demo dataset that ships inside the package
 N = 600  # recorded trades streamed while subscribed (about 2h50 of XRP/ETH: ~150 minutes with trades)
 AFTER = 150  # replayed after the unsubscribe: must not reach Kafka
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

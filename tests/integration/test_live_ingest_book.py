@@ -20,7 +20,7 @@ from meltica.live.processor import Outgoing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-DEPTH_SNAP = Path(__file__).resolve().parents[3] / "shared" / "data" / "market" / "nautilus" / "binance"
+DEPTH_SNAP = Path(__file__).resolve().parents[1] / "data" / "binance"
 DEPTH_SNAP = DEPTH_SNAP / "btcusdt-depth-snap.csv"
 
 

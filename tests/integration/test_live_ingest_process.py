@@ -43,7 +43,7 @@ from meltica.messaging.schemas import MarketStatus, RejectionNotice, SubmitReque
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parents[2]
-XRP_TRADES = Path(__file__).resolve().parents[3] / "shared" / "data" / "market" / "freqtrade" / "XRP_ETH-trades.json.gz"
+XRP_TRADES = Path(__file__).resolve().parents[1] / "data" / "freqtrade" / "XRP_ETH-trades.json.gz"
 FIRST, LAST = 1432, 2093  # rows of the recording's longest run of minutes that all have trades (40 minutes)
 PER_MINUTE = 4  # trades replayed per minute (the bars are the emulator's klines of what was replayed)
 STALE_AFTER = 1.5

@@ -36,7 +36,7 @@ from tests.integration.databases import drop_test_database
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "market" / "nautilus" / "binance"
+DATA = Path(__file__).resolve().parents[1] / "data" / "binance"
 TRADES = DATA / "btcusdt-trades.parquet"
 KEY, SECRET = "crash-key", "crash-secret"
 WORKER = Path(__file__).with_name("crash_worker.py")

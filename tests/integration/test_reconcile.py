@@ -29,16 +29,7 @@ from meltica.storage import tables as t
 pytestmark = pytest.mark.integration
 
 
-def _market_data() -> Path:
-    """The recorded Binance data beside the checkout (``<parent>/shared/data``), also from a git worktree."""
-    tail = Path("shared", "data", "market", "nautilus", "binance")
-    for parent in Path(__file__).resolve().parents:
-        if (parent / tail).is_dir():
-            return parent / tail
-    return Path(__file__).resolve().parents[3] / tail
-
-
-DATA = _market_data()
+DATA = Path(__file__).resolve().parents[1] / "data" / "binance"
 KEY, SECRET = "rec-key-0123456789", "rec-secret-abcdef-987654"
 MM_KEY, MM_SECRET = "rec-mm-key-0123456789", "rec-mm-secret-abcdef"
 SYMBOL, VENUE_SYMBOL = "BTC/USDT", "BTCUSDT"

@@ -45,12 +45,7 @@ BTC, ETH = "BTC/USDT", "ETH/USDT"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _market_data() -> Path:
-    tail = Path("shared", "data", "market", "nautilus", "binance", "btcusdt-trades.parquet")
-    for parent in Path(__file__).resolve().parents:
-        if (parent / tail).is_file():
-            return parent / tail
-    return Path(__file__).resolve().parents[3] / tail
+TRADES = Path(__file__).resolve().parents[1] / "data" / "binance" / "btcusdt-trades.parquet"
 
 
 def now() -> datetime:
@@ -63,7 +58,7 @@ def emulator() -> EmulatorServer:
             accounts=[AccountConfig("main", KEY, SECRET)],
             symbols=["BTCUSDT", "ETHUSDT"],
             initial_prices={"ETHUSDT": Decimal(2000)},
-            data=[_market_data()],
+            data=[TRADES],
             data_symbol="BTCUSDT",
         )
     )

@@ -12,17 +12,12 @@ from hypothesis import strategies as st
 from meltica.domain import Instrument, MarketType, PriceRounding, Side
 from meltica.errors import DataValidationError, InvalidOrderError
 
-RESPONSES = (
-    Path(__file__).resolve().parents[3]
-    / "shared/data/protocol/nautilus/tests/integration_tests/adapters/binance/resources/http_responses"
-)
+RESPONSES = Path(__file__).resolve().parents[1] / "data" / "nautilus-binance-http"
 
 
 def _ccxt_markets(exchange_class: str, filename: str) -> list[dict[str, Any]]:
     """Real Binance exchangeInfo, parsed offline by ccxt's own binance class."""
     path = RESPONSES / filename
-    if not path.exists():
-        pytest.skip(f"{path} not available")
     ccxt = pytest.importorskip("ccxt")
     exchange = getattr(ccxt, exchange_class)()
     # load_markets() would fetch these margin lists over the network; parse_market only reads them.

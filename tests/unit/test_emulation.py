@@ -44,15 +44,7 @@ from meltica.matching import MatchResult
 T = TypeVar("T")
 SYMBOL = "BTC/USDT"
 T0 = datetime(2021, 1, 8, tzinfo=UTC)
-TRADES = (
-    Path(__file__).resolve().parents[3]
-    / "shared"
-    / "data"
-    / "market"
-    / "nautilus"
-    / "binance"
-    / "btcusdt-trades.parquet"
-)
+TRADES = Path(__file__).resolve().parents[1] / "data" / "binance" / "btcusdt-trades.parquet"
 INSTRUMENT = Instrument(
     exchange="paper",
     symbol=SYMBOL,

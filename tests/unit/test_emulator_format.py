@@ -16,7 +16,7 @@ from meltica.emulator.market import Kline
 from meltica.emulator.symbols import spec_for
 from meltica.matching import EngineOrderType, FeeSchedule, MatchingEngine, NewOrder
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared/data/protocol/binance-docs/samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "binance-docs-samples"
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 
 

@@ -27,7 +27,7 @@ from meltica.live.processor import Incoming, Processor
 from meltica.marketdata.replay import ReplayTally, replay_speed
 from meltica.messaging.schemas import EndOfReplayCommand, KillSwitchCommand, SubscribeCommand
 
-FREQTRADE = Path(__file__).resolve().parents[3] / "shared" / "data" / "market" / "freqtrade"
+FREQTRADE = Path(__file__).resolve().parents[1] / "data" / "freqtrade"
 XRP_TRADES = FREQTRADE / "XRP_ETH-trades.json.gz"
 XRP_KLINES = FREQTRADE / "XRP_ETH-1m.feather"
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

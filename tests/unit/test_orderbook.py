@@ -14,11 +14,9 @@ from meltica.domain import Side
 from meltica.errors import BookGapError
 from meltica.marketdata.orderbook import DepthDiff, DepthSynchronizer, L2Book
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "market" / "nautilus"
+DATA = Path(__file__).resolve().parents[1] / "data"
 BINANCE = DATA / "binance"
 TARDIS = DATA / "tardis"
-
-needs_data = pytest.mark.skipif(not BINANCE.exists(), reason="shared market data not available")
 
 
 def _rows(name: str) -> list[dict[str, str]]:
@@ -97,7 +95,6 @@ def test_book_basics_with_decimal_api() -> None:
     assert not book.is_crossed()
 
 
-@needs_data
 def test_recorded_snapshot_loads() -> None:
     bids, asks, last_id = _snapshot()
     book = L2Book("binance", "BTC/USDT:USDT")
@@ -108,7 +105,6 @@ def test_recorded_snapshot_loads() -> None:
     assert book.bids(3)[-1] == (Decimal("20376.80"), Decimal("0.009"))
 
 
-@needs_data
 def test_recorded_diff_ten_minutes_after_the_snapshot_is_a_gap() -> None:
     # The recording's diff (U=2098041693435) is 20 M ids after the snapshot (2098021528332): applying
     # it would corrupt the book, and the straddle rule says so.
@@ -122,7 +118,6 @@ def test_recorded_diff_ten_minutes_after_the_snapshot_is_a_gap() -> None:
     assert sync.gaps == 1
 
 
-@needs_data
 def test_recorded_diff_applies_to_a_straddling_snapshot() -> None:
     bids, asks, _ = _snapshot()
     diff = _recorded_diff()
@@ -144,7 +139,6 @@ def test_recorded_diff_applies_to_a_straddling_snapshot() -> None:
     assert book.as_dicts()[0] == expected_bids
 
 
-@needs_data
 def test_buffered_diffs_replayed_and_stale_ones_dropped() -> None:
     bids, asks, _ = _snapshot()
     chain = _split_chain(_recorded_diff(), 10)
@@ -161,7 +155,6 @@ def test_buffered_diffs_replayed_and_stale_ones_dropped() -> None:
     assert book.sequence == chain[-1].last_id
 
 
-@needs_data
 def test_dropped_diff_detected_then_resnapshot_equals_book_from_scratch() -> None:
     bids, asks, _ = _snapshot()
     chain = _split_chain(_recorded_diff(), 10)
@@ -228,7 +221,6 @@ def test_futures_continuity_uses_pu_not_u_plus_one() -> None:
         sync.on_diff(DepthDiff(140, 150, [], [], prev_last_id=131))
 
 
-@pytest.mark.skipif(not TARDIS.exists(), reason="shared market data not available")
 def test_tardis_snapshots_load_uncrossed() -> None:
     path = TARDIS / "binance-futures_book_snapshot_25_BTCUSDT.csv"
     with path.open(newline="") as handle:

@@ -18,7 +18,7 @@ from meltica.storage import candles, timeseries
 pytestmark = pytest.mark.integration
 
 EXCHANGE, SYMBOL = "binance", "BTC/USDT:USDT"
-SHARED_FEATHER = Path(__file__).resolve().parents[4] / "shared" / "data" / "market" / "freqtrade" / "XRP_ETH-5m.feather"
+XRP_FEATHER = Path(__file__).resolve().parents[2] / "data" / "freqtrade" / "XRP_ETH-5m.feather"
 
 
 def _count(engine: Engine, **where: str) -> int:
@@ -158,9 +158,8 @@ def test_database_refuses_what_the_reader_would(loaded: Engine) -> None:
         )
 
 
-@pytest.mark.skipif(not SHARED_FEATHER.exists(), reason="shared/data feather sample not present beside the repo")
 def test_feather_candles_load_and_roll_up(loaded: Engine) -> None:
-    parsed = read_candle_file(SHARED_FEATHER, "5m")
+    parsed = read_candle_file(XRP_FEATHER, "5m")
     result = candles.load_candles(loaded, parsed.rows, exchange="binance", symbol="XRP/ETH", timeframe="5m")
     assert result.inserted == len(parsed.rows) > 0
     hourly = candles.read_candles(loaded, exchange="binance", symbol="XRP/ETH", timeframe="1h")
