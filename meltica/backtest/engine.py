@@ -175,7 +175,10 @@ def run_backtest(
         timeframe=config.timeframe,
         data_start=series.ts[0],
         data_end=series.ts[-1] + series.delta,
-        fill_model=config.fill_model_info(),
+        fill_model=config.fill_model_info(bar=series.delta),
+        effective_params=ctx.strategy.params.model_dump(mode="json"),
+        data_fingerprint={"bars": len(series), "first": series.ts[0], "last": series.ts[-1]},
+        invalid_orders=[dataclasses.asdict(i) for i in ctx.invalid_intents],
         sweep_id=sweep_id,
     )
 
@@ -205,6 +208,15 @@ def _run_replay(
         start = min(start, series.ts[0])
     info = config.fill_model_info()
     info["release"] = "next event at or after decision + latency"
+    info["description"] = (
+        "a decision reaches the venue at the first market-data event at or after decision + latency "
+        f"({config.latency_ms} ms)"
+    )
+    fingerprint: dict[str, Any] = {"events": len(events), "first": events[0][0], "last": events[-1][0]}
+    if series is not None:
+        fingerprint["bars"] = len(series)
+    if trade_series is not None:
+        fingerprint["trades"] = len(trade_series.ts)
     return BacktestResult.from_run(
         strategy=config.strategy,
         symbols=[config.symbol],
@@ -217,6 +229,9 @@ def _run_replay(
         data_start=start,
         data_end=events[-1][0],
         fill_model=info,
+        effective_params=ctx.strategy.params.model_dump(mode="json"),
+        data_fingerprint=fingerprint,
+        invalid_orders=[dataclasses.asdict(i) for i in ctx.invalid_intents],
         sweep_id=sweep_id,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -86,6 +88,7 @@ def backtest(
     (--trades) and L2 book (--book-snapshot [--book-updates]); write results into --output."""
     from meltica.backtest import BacktestConfig, BarSeries, run_backtest, write_report
     from meltica.backtest.data import BookSeries, TradeSeries
+    from meltica.backtest.provenance import file_sha256, series_sha256
 
     if book_updates is not None and book_snapshot is None:
         raise ConfigurationError("--book-updates needs --book-snapshot", field="book-snapshot")
@@ -171,6 +174,20 @@ def backtest(
             trades=trade_series,
             book=book_series,
         )
+    fingerprint: dict[str, Any] = dict(result.data_fingerprint)
+    for role, path in (
+        ("data", data),
+        ("trades", trades),
+        ("book_snapshot", book_snapshot),
+        ("book_updates", book_updates),
+    ):
+        if path is not None:
+            fingerprint[f"{role}_file"] = str(path)
+            fingerprint[f"{role}_sha256"] = file_sha256(path)
+    if data is None and bars is not None:
+        fingerprint["source"] = "database"
+        fingerprint["sha256"] = series_sha256((bars.ts, bars.open, bars.high, bars.low, bars.close, bars.volume))
+    result = dataclasses.replace(result, data_fingerprint=fingerprint)
     result.write_files(output)
     prices: list[tuple[datetime, Decimal]] = []
     if bars is not None:
@@ -181,6 +198,8 @@ def backtest(
     if book_series is not None and book_series.gaps:
         console.print(f"order book: {book_series.gaps} sequence gap(s), {book_series.dropped} diff(s) dropped")
     console.print(summary_table(result))
+    console.print(f"fill model: {result.fill_model.get('description', '—')}")
+    print_warnings(result.warnings)
     if store:
         database = database or database_engine()
         schema_at_head(database)
@@ -230,4 +249,17 @@ def summary_table(result: Any) -> Table:
         table.add_row(name, format_metric(name, getattr(m, name)))
     table.add_row("fills", str(len(result.fills)))
     table.add_row("orders", str(len(result.orders)))
+    rejections = result.rejections
+    table.add_row("rejected", str(sum(rejections.values())))
+    for code, count in rejections.items():
+        table.add_row(f"  {code}", str(count))
+    open_at_end = sum(1 for o in result.orders if o.status == "open_at_end")
+    if open_at_end:
+        table.add_row("open at end", str(open_at_end))
     return table
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """Each warning on its own loud line (they are also in metrics.json and the report)."""
+    for warning in warnings:
+        console.print(f"[bold red]WARNING[/] {escape(warning)}")
