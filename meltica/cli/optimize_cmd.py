@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import replace
 from datetime import timedelta
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from meltica.cli._common import console, database_engine, reports_errors
@@ -135,30 +138,54 @@ def optimize(
     random_n: Annotated[int | None, typer.Option("--random", help="draw N random parameter sets")] = None,
     range_spec: Annotated[list[str] | None, typer.Option("--range", help="NAME=LOW:HIGH for --random")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    param: Annotated[list[str] | None, typer.Option("--param", help="NAME=VALUE fixed for every run")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help="NAME=VALUE fixed for every run (walk-forward too)")
+    ] = None,
     walk_forward_spec: Annotated[
         str | None, typer.Option("--walk-forward", help="in=SPAN,out=SPAN[,step=SPAN]: 30d, 12h, or bars")
     ] = None,
     data: Annotated[Path | None, typer.Option(help="bars file (.csv, .csv.gz, .parquet, .npz)")] = None,
     exchange: Annotated[str | None, typer.Option(help="read bars from the database for this exchange")] = None,
-    symbol: Annotated[str, typer.Option(help="symbol (database bars and reports)")] = "BTC/USDT:USDT",
-    timeframe: Annotated[str, typer.Option(help="timeframe (database bars)")] = "1m",
+    symbol: Annotated[str, typer.Option(help="unified symbol traded (as backtest's --symbol)")] = "BTC/USDT",
+    timeframe: Annotated[str, typer.Option(help="timeframe of the bars")] = "1m",
     objective: Annotated[str, typer.Option(help="Metrics field to rank by")] = "sharpe",
     workers: Annotated[int, typer.Option(help="worker processes (default: every core)")] = 0,
-    path: Annotated[str, typer.Option(help="vector (fast, EMA crossover) or engine (event-driven)")] = "vector",
-    fee_rate: Annotated[float, typer.Option(help="fee per fill, fraction of notional (vector path)")] = 0.001,
-    initial_cash: Annotated[float, typer.Option(help="starting cash (vector path)")] = 1_000_000.0,
+    path: Annotated[
+        str,
+        typer.Option(
+            help="engine (every strategy; the numbers `meltica backtest` gives) or vector (momentum only, fast; "
+            "labelled inexact unless stop=none and no slippage)"
+        ),
+    ] = "engine",
+    fees_bps: Annotated[str, typer.Option("--fees-bps", help="fee per fill in bps of notional (as backtest)")] = "10",
+    slippage_bps: Annotated[str, typer.Option("--slippage-bps", help="taker slippage in bps (as backtest)")] = "0",
+    initial_cash: Annotated[str, typer.Option(help="starting cash in the quote currency (as backtest)")] = "10000",
     top: Annotated[int, typer.Option(help="rows to print")] = 10,
     store: Annotated[bool, typer.Option(help="store every run in the database under one sweep id")] = False,
     output: Annotated[Path | None, typer.Option(help="directory for sweep.csv / sweep.json")] = None,
 ) -> None:
-    """Sweep a strategy's parameters (grid or random) or run a walk-forward analysis; rank by an objective."""
+    """Sweep a strategy's parameters (grid or random) or run a walk-forward analysis; rank by an objective.
+    Defaults (symbol, cash, fees, the strategy's own parameter defaults) are `meltica backtest`'s: one
+    parameter set gives the same metrics here (engine path) as there."""
+    from meltica.backtest.config import default_instrument
     from meltica.backtest.optimize import VectorEvaluator, grid, random_search, run_sweep
+    from meltica.strategies import validate_params
 
     if path not in ("vector", "engine"):
         raise ConfigurationError("--path must be vector or engine", field="path")
-    fixed = {k: v for k, v in (item.partition("=")[::2] for item in (param or []))}
-    base = {k: _value(v) for k, v in fixed.items()}
+    fees, slippage, cash = (
+        _decimal_option(fees_bps, "fees-bps"),
+        _decimal_option(slippage_bps, "slippage-bps"),
+        _decimal_option(initial_cash, "initial-cash"),
+    )
+    base: dict[str, Any] = {}
+    for item in param or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigurationError(f"--param {item!r}: expected NAME=VALUE", field="param")
+        base[key.strip()] = _value(raw.strip())
+    if _has_symbol(strategy):
+        base.setdefault("symbol", symbol)  # as backtest binds it: the strategy trades the run's symbol
     if random_n is not None:
         sets = random_search(strategy, random_n, seed=seed, ranges=parse_ranges(range_spec or []) or None, base=base)
     elif grid_spec:
@@ -169,39 +196,61 @@ def optimize(
         raise ConfigurationError(f"no valid parameter set ({sets.invalid} invalid: {'; '.join(sets.reasons[:2])})")
     console.print(f"{len(sets)} parameter sets ({sets.invalid} invalid and {sets.duplicates} duplicate skipped)")
     n_workers = workers or os.cpu_count() or 1
+    quote = default_instrument(exchange or "binance", symbol).quote
+    inexact: str | None = None
     with tempfile.TemporaryDirectory(prefix="meltica-optimize-") as tmp:
         bars_path = _bars_file(data, exchange, symbol, timeframe, Path(tmp))
+        config: dict[str, Any] = {
+            "strategy": strategy,
+            "exchange": exchange or "binance",
+            "symbol": symbol,
+            "timeframe": timeframe,
+            "maker_fee_bps": str(fees),
+            "taker_fee_bps": str(fees),
+            "slippage_bps": str(slippage),
+            "initial_balances": {quote: str(cash)},
+        }
         if path == "engine":
             from meltica.backtest.optimize import EngineEvaluator
 
-            bps = str(fee_rate * 10_000)
-            evaluate: Any = EngineEvaluator(
-                str(bars_path),
-                config={
-                    "strategy": strategy,
-                    "exchange": exchange or "binance",
-                    "symbol": symbol,
-                    "timeframe": timeframe,
-                    "maker_fee_bps": bps,
-                    "taker_fee_bps": bps,
-                },
-            )
+            evaluate: Any = EngineEvaluator(str(bars_path), config=config)
         else:
             if strategy != "momentum":
                 raise ConfigurationError(
                     f"the vector path covers momentum only; use --path engine for {strategy!r}", field="path"
                 )
+            effective = [validate_params(strategy, p) for p in sets.params]
+            reasons = []
+            if any(getattr(p, "stop", "none") != "none" for p in effective):
+                reasons.append("it places no stop orders (the engine does: --param stop=none to match)")
+            if slippage:
+                reasons.append("it has no slippage model")
+            if reasons:
+                inexact = "the vector path differs from `meltica backtest`: " + "; ".join(reasons)
+                console.print(
+                    f"[bold yellow]vector path: INEXACT[/] — {escape(inexact)}; rerun the best sets with --path engine"
+                )
             evaluate = VectorEvaluator(
                 str(bars_path),
-                fee_rate=fee_rate,
-                initial_cash=initial_cash,
+                fee_rate=float(fees / 10_000),
+                initial_cash=float(cash),
                 mode="cross",
                 symbol=symbol,
                 timeframe=timeframe,
-                quantity=float(base.get("quantity", 1.0)),
+                quantity=float(getattr(effective[0], "quantity", 1)),
             )
         if walk_forward_spec is not None:
-            _walk_forward(evaluate, sets.params, bars_path, parse_walk_forward(walk_forward_spec), objective, output)
+            _walk_forward(
+                evaluate,
+                sets.params,
+                bars_path,
+                parse_walk_forward(walk_forward_spec),
+                objective,
+                output,
+                config=config,
+                workers=n_workers,
+                inexact=inexact,
+            )
             return
         result = run_sweep(
             evaluate,
@@ -210,6 +259,7 @@ def optimize(
             objective=objective,
             store=database_engine() if store else None,
         )
+    result = replace(result, path=path, inexact=inexact)
     names = sorted({k for r in result.runs for k in r.params if k not in base})
     metric_cols = [objective] + [c for c in ("total_return", "sharpe", "max_drawdown", "trades") if c != objective]
     rows = result.rows(metric_cols)
@@ -217,7 +267,7 @@ def optimize(
         _table(
             rows[:top],
             ["rank", *(f"param.{n}" for n in names), *metric_cols],
-            f"sweep {result.sweep_id} — by {objective}",
+            f"sweep {result.sweep_id} — by {objective}, {path} path" + (" (INEXACT)" if inexact else ""),
         )
     )
     console.print(
@@ -231,6 +281,22 @@ def optimize(
             console.print(f"wrote {written}")
 
 
+def _decimal_option(value: str, name: str) -> Decimal:
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise ConfigurationError(f"--{name} {value!r} is not a number", field=name) from None
+    if not number.is_finite() or number < 0:
+        raise ConfigurationError(f"--{name} {value!r} must be a finite number >= 0", field=name)
+    return number
+
+
+def _has_symbol(strategy: str) -> bool:
+    from meltica.strategies import get_strategy
+
+    return "symbol" in get_strategy(strategy).Params.model_fields
+
+
 def _walk_forward(
     evaluate: Any,
     param_sets: list[dict[str, Any]],
@@ -238,45 +304,77 @@ def _walk_forward(
     spans: dict[str, int | timedelta],
     objective: str,
     output: Path | None,
+    *,
+    config: dict[str, Any],
+    workers: int,
+    inexact: str | None,
 ) -> None:
     from meltica.backtest.optimize import LOWER_IS_BETTER
     from meltica.backtest.vector import Bars, load_bars
-    from meltica.backtest.walkforward import vector_evaluator, vector_optimiser, walk_forward
+    from meltica.backtest.walkforward import (
+        engine_walk_forward_functions,
+        vector_evaluator,
+        vector_optimiser,
+        walk_forward,
+    )
 
-    if not hasattr(evaluate, "mode"):
-        raise ConfigurationError("--walk-forward runs on the vector path", field="path")
     bars = load_bars(bars_path)
-    pairs = [(int(p["fast"]), int(p["slow"])) for p in param_sets]
-    sim = {"fee_rate": evaluate.fee_rate, "initial_cash": evaluate.initial_cash, "mode": evaluate.mode}
-    warmup = max(s for _, s in pairs)
+    maximize = objective not in LOWER_IS_BETTER
+    if hasattr(evaluate, "mode"):  # the vector path
+        pairs = [(int(p["fast"]), int(p["slow"])) for p in param_sets]
+        sim = {
+            "fee_rate": evaluate.fee_rate,
+            "initial_cash": evaluate.initial_cash,
+            "mode": evaluate.mode,
+            "quantity": float(param_sets[0].get("quantity", evaluate.quantity)),
+            "allow_short": bool(param_sets[0].get("allow_short", evaluate.allow_short)),
+        }
+        warmup = max(s for _, s in pairs)
 
-    def optimise(is_bars: Bars) -> dict[str, Any]:
-        best = vector_optimiser(pairs, objective=objective, maximize=objective not in LOWER_IS_BETTER, **sim)(is_bars)
-        return {**{k: v for k, v in param_sets[0].items() if k not in ("fast", "slow")}, **best}
+        def vector_optimise(is_bars: Bars) -> dict[str, Any]:
+            best = vector_optimiser(pairs, objective=objective, maximize=maximize, **sim)(is_bars)
+            return {**{k: v for k, v in param_sets[0].items() if k not in ("fast", "slow")}, **best}
 
+        optimise: Any = vector_optimise
+        window_evaluate: Any = vector_evaluator(warmup=warmup, **sim)
+    else:  # the engine path: any strategy, each window exactly a backtest of its bars
+        warmup = 0
+        optimise, window_evaluate = engine_walk_forward_functions(
+            str(bars_path), config, param_sets, objective=objective, maximize=maximize, workers=workers
+        )
     result = walk_forward(
         bars,
         in_sample=spans["in"],
         out_of_sample=spans["out"],
         step=spans.get("step"),
         optimise=optimise,
-        evaluate=vector_evaluator(warmup=warmup, **sim),
+        evaluate=window_evaluate,
         warmup=warmup,
         stitch="add",
     )
     rows = result.rows()
     columns = list(rows[0]) if rows else ["window"]
-    console.print(_table(rows, columns, f"walk-forward by {objective}"))
+    path = "vector" if hasattr(evaluate, "mode") else "engine"
+    console.print(
+        _table(rows, columns, f"walk-forward by {objective}, {path} path" + (" (INEXACT)" if inexact else ""))
+    )
     m = result.metrics
     console.print(
         f"stitched out-of-sample: total return {m.total_return:.4%}, sharpe {m.sharpe:.3f}, "
-        f"max drawdown {m.max_drawdown:.2%}, final equity {m.final_equity}"
+        f"max drawdown {m.max_drawdown:.2%}, trades {m.trades}, final equity {m.final_equity}"
     )
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         (output / "walkforward.json").write_text(
             json.dumps(
-                {"windows": rows, "equity": result.equity, "metrics": {k: str(v) for k, v in m.as_dict().items()}},
+                {
+                    "path": path,
+                    "exact": inexact is None,
+                    "inexact": inexact,
+                    "windows": rows,
+                    "equity": result.equity,
+                    "metrics": {k: str(v) for k, v in m.as_dict().items()},
+                },
                 indent=2,
             )
             + "\n",
