@@ -17,6 +17,16 @@ from rich.table import Table
 from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
 from meltica.errors import ConfigurationError
 
+BACKTEST_EPILOG = (
+    "The summary, metrics.json and report.html show rejected orders by reason, the effective parameters "
+    "(defaults included), the data's fingerprint (bars, first/last time, file SHA-256), the fill model and the "
+    "code version. An order the strategy asks for that cannot exist (e.g. a stop at or below zero) is rejected "
+    "as INVALID_INTENT with its time, field and value, and the run goes on. A WARNING line (also in "
+    "metrics.json 'warnings' and the report) says when nothing traded, most orders were rejected or impossible "
+    "orders were asked for; the exit code stays 0. Parameters that can only produce invalid orders are refused "
+    "up front (exit 2, naming the parameter). Orders still working when the data ends are 'open_at_end'."
+)
+
 
 def parse_param(item: str) -> tuple[str, Any]:
     """``key=value``; the value as JSON when it parses (numbers, true/false, lists), else the string."""
@@ -77,7 +87,9 @@ def backtest(
     fees_bps: str = typer.Option("10", "--fees-bps", help="Taker (and default maker) fee in bps."),
     maker_fees_bps: str | None = typer.Option(None, "--maker-fees-bps", help="Maker fee in bps (default: --fees-bps)."),
     slippage_bps: str = typer.Option("0", "--slippage-bps", help="Taker slippage in bps."),
-    latency_ms: int = typer.Option(0, "--latency-ms", help="Decision to venue arrival, in ms."),
+    latency_ms: int = typer.Option(
+        0, "--latency-ms", help="Decision to venue arrival, in ms (up to one bar: every fill a whole bar later)."
+    ),
     volume_share: str | None = typer.Option(None, "--volume-share", help="Partial-fill cap: share of a bar's volume."),
     balance: list[str] = typer.Option([], "--balance", help="Initial balance ASSET=AMOUNT (repeatable)."),
     output: Path = typer.Option(..., "--output", help="Directory for metrics.json, CSVs, report.html, PNGs."),
@@ -85,7 +97,8 @@ def backtest(
     progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Backtest STRATEGY on a candle file (--data) or stored candles, and/or replayed recorded trades
-    (--trades) and L2 book (--book-snapshot [--book-updates]); write results into --output."""
+    (--trades) and L2 book (--book-snapshot [--book-updates]); write results into --output
+    (``BACKTEST_EPILOG`` says what they show)."""
     from meltica.backtest import BacktestConfig, BarSeries, run_backtest, write_report
     from meltica.backtest.data import BookSeries, TradeSeries
     from meltica.backtest.provenance import file_sha256, series_sha256

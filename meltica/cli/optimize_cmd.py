@@ -8,9 +8,14 @@ Examples::
     meltica optimize --strategy momentum --grid fast=5,10,20 --grid slow=50,100 \\
         --walk-forward in=7d,out=2d,step=2d --data bars.csv.gz
 
-``--path vector`` (the default for ``momentum``) evaluates with the vectorised EMA crossover
-(``meltica.backtest.vector``: next-bar-open fills, no stop orders); ``--path engine`` runs every
-parameter set through the event-driven engine (``meltica.backtest.engine``).
+``--path engine`` (the default) runs every parameter set through the event-driven engine
+(``meltica.backtest.engine``) with ``meltica backtest``'s defaults (symbol, cash, fees, the strategy's own
+parameter defaults): a set's metrics here are the ones ``meltica backtest`` prints for it, and each
+walk-forward window's are those of a backtest of that window's bars. ``--path vector`` (``momentum``
+only) evaluates with the vectorised EMA crossover (``meltica.backtest.vector``: next-bar-open fills, no
+stop orders, no slippage, no venue filters) — fast, and labelled INEXACT in the output (``"exact": false``
+in sweep.json / walkforward.json) unless the stop is switched off (``--param stop=none``) and there is
+no slippage.
 """
 
 from __future__ import annotations
@@ -30,6 +35,14 @@ from rich.table import Table
 
 from meltica.cli._common import console, database_engine, reports_errors
 from meltica.errors import ConfigurationError
+
+OPTIMIZE_EPILOG = (
+    "Defaults are backtest's (symbol, cash, fees, the strategy's parameter defaults); the default --path engine "
+    "gives for each set the metrics 'meltica backtest' gives, and each walk-forward window those of a backtest "
+    "of its bars (any strategy; --param applies to every run). --path vector (momentum only, fast) has no stop "
+    'orders, slippage or venue filters: labelled INEXACT ("exact": false in sweep.json / walkforward.json) '
+    "unless --param stop=none and no slippage."
+)
 
 _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 
