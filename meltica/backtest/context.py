@@ -484,6 +484,10 @@ class BacktestContext(OrderTrackingContext):
         self.init_tracking(portfolio)
         self._emulated_active = False
         self._invalid: dict[str, InvalidIntent] = {}  # client order id -> why its intent is impossible
+        # Where in the simulation fills happen now (the engine sets it): a fill at a bar's open and one on
+        # the previous bar's path share a timestamp (that bar's close is this one's open).
+        self.fill_phase = "event"
+        self.fill_phases: dict[str, str] = {}  # fill id -> the phase it happened in
         self._executor = RequestExecutor(
             self.oms,
             self.emulator,
@@ -561,6 +565,8 @@ class BacktestContext(OrderTrackingContext):
         """Every order change the OMS stores: keep our view, queue the strategy's callbacks."""
         if order.intent.strategy != self._instance_id:
             return
+        if isinstance(event, OrderFilled):
+            self.fill_phases[event.fill.fill_id] = self.fill_phase
         self.on_order_change(order, event)
 
     async def pump(self) -> None:

@@ -224,6 +224,7 @@ class BacktestResult:
     effective_params: Mapping[str, Any] = field(default_factory=dict)  # every parameter, defaults included
     data_fingerprint: Mapping[str, Any] = field(default_factory=dict)  # bars, first/last time, sha256, file
     invalid_orders: Sequence[Mapping[str, Any]] = ()  # the strategy's impossible orders (ts, field, value)
+    fill_phases: Mapping[str, str] = field(default_factory=dict)  # fill id -> bar_open / bar_path / event
     run_id: uuid.UUID = field(default_factory=uuid.uuid4)
     sweep_id: uuid.UUID | None = None
     started_at: datetime | None = None
@@ -236,6 +237,7 @@ class BacktestResult:
         object.__setattr__(self, "fill_model", dict(self.fill_model))
         object.__setattr__(self, "effective_params", dict(self.effective_params))
         object.__setattr__(self, "data_fingerprint", dict(self.data_fingerprint))
+        object.__setattr__(self, "fill_phases", dict(self.fill_phases))
         previous: datetime | None = None
         for point in self.equity:
             if point.ts.tzinfo is None:
@@ -266,6 +268,7 @@ class BacktestResult:
         effective_params: Mapping[str, Any] | None = None,
         data_fingerprint: Mapping[str, Any] | None = None,
         invalid_orders: Sequence[Mapping[str, Any]] = (),
+        fill_phases: Mapping[str, str] | None = None,
         run_id: uuid.UUID | None = None,
         sweep_id: uuid.UUID | None = None,
         started_at: datetime | None = None,
@@ -302,6 +305,7 @@ class BacktestResult:
             effective_params=dict(effective_params if effective_params is not None else params or {}),
             data_fingerprint=dict(data_fingerprint or {}),
             invalid_orders=tuple(invalid_orders),
+            fill_phases=dict(fill_phases or {}),
             run_id=run_id or uuid.uuid4(),
             sweep_id=sweep_id,
             started_at=started_at,
@@ -554,11 +558,12 @@ class BacktestResult:
                 ([getattr(o, f.name) for f in fields(OrderRecord)] for o in self.orders),
             )
         )
+        phases = self.fill_phases
         written.append(
             _write_csv(
                 out / "fills.csv",
-                list(FILL_COLUMNS),
-                ([getattr(f, c) for c in FILL_COLUMNS] for f in self.fills),
+                ["ts", "at", *FILL_COLUMNS[1:]],
+                ([f.ts, phases.get(f.fill_id, ""), *(getattr(f, c) for c in FILL_COLUMNS[1:])] for f in self.fills),
             )
         )
         written.append(

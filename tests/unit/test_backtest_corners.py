@@ -1,4 +1,5 @@
-"""A strategy's impossible order is rejected and reported, never fatal to the run — also after the last bar."""
+"""Backtest corners: an impossible order is rejected and reported, never fatal (also after the last bar);
+parameters that can only fail are refused up front; the fill model and fills say when fills happen."""
 
 from __future__ import annotations
 
@@ -110,3 +111,55 @@ def test_a_latency_below_one_bar_says_it_moves_fills_a_bar_later() -> None:
     assert "whole bar later" not in BacktestConfig.create(strategy="momentum").fill_model_description(
         timedelta(minutes=1)
     )
+
+
+class BuyProtectBuy(Strategy[StrategyParams]):
+    """Buys on bar 0 and bar 2; protects the first entry with a stop at 95 (bar 2's path goes through it)."""
+
+    name: ClassVar[str] = "buy_protect_buy"
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+
+    def __init__(self, params: StrategyParams, ctx: Any) -> None:
+        super().__init__(params, ctx)
+        self.i = -1
+        self.protected = False
+
+    def on_bar(self, bar: Bar) -> None:
+        self.i += 1
+        if self.i in (0, 2):
+            self.ctx.buy(SYMBOL, D(1))
+
+    def on_fill(self, fill: Any) -> None:
+        if not self.protected:
+            self.protected = True
+            self.ctx.submit(
+                symbol=SYMBOL, side=Side.SELL, type=OrderType.STOP_MARKET, quantity=D(1), trigger_price=D(95)
+            )
+
+
+def test_a_next_open_fill_and_an_intrabar_stop_at_the_same_timestamp_say_where_they_happened(tmp_path: Any) -> None:
+    rows = [
+        ("100", "101", "99", "100"),
+        ("100", "101", "99", "100"),
+        ("100", "101", "90", "96"),
+        ("96", "97", "95.5", "96"),
+    ]
+    series = BarSeries.from_bars(
+        Bar(exchange="binance", symbol=SYMBOL, timeframe="1m", ts=T0 + timedelta(minutes=i), open=D(o), high=D(h),
+            low=D(lo), close=D(c), volume=D(50))
+        for i, (o, h, lo, c) in enumerate(rows)
+    )  # fmt: skip
+    config = BacktestConfig.model_validate(
+        {"strategy": "buy_protect_buy", "symbol": SYMBOL, "initial_balances": {"USDT": D(100_000)}}
+    )
+    result = run_backtest(config, series, strategy=BuyProtectBuy)
+    got = [(f.ts - T0, result.fill_phases[f.fill_id], f.side.value) for f in result.fills]
+    minute = timedelta(minutes=1)
+    assert got == [(minute, "bar_open", "buy"), (3 * minute, "bar_path", "sell"), (3 * minute, "bar_open", "buy")]
+    result.write_files(tmp_path)
+    header, *lines = (tmp_path / "fills.csv").read_text().splitlines()
+    assert header.startswith("ts,at,") and [line.split(",")[1] for line in lines] == [
+        "bar_open",
+        "bar_path",
+        "bar_open",
+    ]
