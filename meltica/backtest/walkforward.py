@@ -32,7 +32,7 @@ import numpy as np
 
 from meltica.backtest.metrics import Metrics, RoundTrip, compute_metrics
 from meltica.backtest.results import BacktestResult
-from meltica.backtest.vector import Bars, VectorRun, datetime_to_ns, ns_to_datetime
+from meltica.backtest.vector import Bars, VectorRun, datetime_to_ns, ns_to_datetime, run_to_result
 from meltica.errors import ConfigurationError
 
 Span = int | timedelta
@@ -192,13 +192,15 @@ def walk_forward(
         stitched.extend(rebased)
         level = rebased[-1][1]
         own = [(ns_to_datetime(t), Decimal(repr(e))) for t, e in curve[anchor_idx:]]
-        window_metrics = compute_metrics(own, ())
-        if isinstance(output, BacktestResult):
-            # An engine run of exactly the window (no warm-up): its own metrics, trades included — the
-            # numbers `meltica backtest` gives on the same bars.
-            trips.extend(output.round_trips)
-            if lead == 0:
-                window_metrics = output.metrics
+        if isinstance(output, VectorRun):  # its round trips, so the metrics count the window's trades
+            output = run_to_result(output, oos_bars, code_version="")
+        own_trips = list(output.round_trips) if isinstance(output, BacktestResult) else []
+        trips.extend(own_trips)
+        window_metrics = compute_metrics(own, own_trips)
+        if isinstance(output, BacktestResult) and lead == 0 and output.fill_model.get("kind") != "vector":
+            # An engine run of exactly the window: its own metrics — what `meltica backtest` gives on the
+            # same bars.
+            window_metrics = output.metrics
         results.append(
             WindowResult(
                 window=w,

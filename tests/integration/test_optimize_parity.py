@@ -102,9 +102,10 @@ def walk_forward(data: Path, out: Path, *args: str) -> dict[str, Any]:
     return loaded
 
 
-def test_walk_forward_with_param_quantity_scales_pnl(slice_file: Path, tmp_path: Path) -> None:
-    small = walk_forward(slice_file, tmp_path / "small", "--param", "quantity=0.01")
-    large = walk_forward(slice_file, tmp_path / "large", "--param", "quantity=0.02")
+@pytest.mark.parametrize("path", ["engine", "vector"])
+def test_walk_forward_with_param_quantity_scales_pnl(path: str, slice_file: Path, tmp_path: Path) -> None:
+    small = walk_forward(slice_file, tmp_path / "small", "--param", "quantity=0.01", "--path", path)
+    large = walk_forward(slice_file, tmp_path / "large", "--param", "quantity=0.02", "--path", path)
     assert int(small["metrics"]["trades"]) > 5  # the stitched metrics count the windows' trades
     pnl_small = float(small["metrics"]["final_equity"]) - float(small["metrics"]["initial_equity"])
     pnl_large = float(large["metrics"]["final_equity"]) - float(large["metrics"]["initial_equity"])
