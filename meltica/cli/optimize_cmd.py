@@ -14,8 +14,8 @@ parameter defaults): a set's metrics here are the ones ``meltica backtest`` prin
 walk-forward window's are those of a backtest of that window's bars. ``--path vector`` (``momentum``
 only) evaluates with the vectorised EMA crossover (``meltica.backtest.vector``: next-bar-open fills, no
 stop orders, no slippage, no venue filters) — fast, and labelled INEXACT in the output (``"exact": false``
-in sweep.json / walkforward.json) unless the stop is switched off (``--param stop=none``) and there is
-no slippage.
+in sweep.json / walkforward.json) unless the stop is switched off (``--param stop=none``), there is
+no slippage and every order is within the venue's min notional and the cash.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ OPTIMIZE_EPILOG = (
     "gives for each set the metrics 'meltica backtest' gives, and each walk-forward window those of a backtest "
     "of its bars (any strategy; --param applies to every run). --path vector (momentum only, fast) has no stop "
     'orders, slippage or venue filters: labelled INEXACT ("exact": false in sweep.json / walkforward.json) '
-    "unless --param stop=none and no slippage."
+    "unless --param stop=none, no slippage and every order within the venue's min notional and the cash."
 )
 
 _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
@@ -167,7 +167,7 @@ def optimize(
         str,
         typer.Option(
             help="engine (every strategy; the numbers `meltica backtest` gives) or vector (momentum only, fast; "
-            "labelled inexact unless stop=none and no slippage)"
+            "labelled INEXACT where it can differ)"
         ),
     ] = "engine",
     fees_bps: Annotated[str, typer.Option("--fees-bps", help="fee per fill in bps of notional (as backtest)")] = "10",
@@ -181,7 +181,7 @@ def optimize(
     Defaults (symbol, cash, fees, the strategy's own parameter defaults) are `meltica backtest`'s: one
     parameter set gives the same metrics here (engine path) as there."""
     from meltica.backtest.config import default_instrument
-    from meltica.backtest.optimize import VectorEvaluator, grid, random_search, run_sweep
+    from meltica.backtest.optimize import VectorEvaluator, grid, random_search, run_sweep, shared_bars
     from meltica.strategies import validate_params
 
     if path not in ("vector", "engine"):
@@ -238,6 +238,12 @@ def optimize(
                 reasons.append("it places no stop orders (the engine does: --param stop=none to match)")
             if slippage:
                 reasons.append("it has no slippage model")
+            closes = shared_bars(bars_path).close
+            market = default_instrument(exchange or "binance", symbol)
+            sizes = [Decimal(str(getattr(p, "quantity", 1))) for p in effective]
+            low, high = Decimal(repr(float(closes.min()))), Decimal(repr(float(closes.max())))
+            if any(q * low < (market.min_notional or 0) or q * high * (1 + fees / 10_000) > cash for q in sizes):
+                reasons.append("some orders would be refused by the venue (below its min notional, or beyond the cash)")
             if reasons:
                 inexact = "the vector path differs from `meltica backtest`: " + "; ".join(reasons)
                 console.print(
