@@ -194,11 +194,13 @@ class IntentingContext:
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"]) or "intent"
+            value = first.get("input") if first["loc"] else None  # a rule across fields has no one value
             why = str(first["msg"]).removeprefix("Value error, ")
+            shown = f"{loc}={value}" if first["loc"] else loc
             return self._invalid_intent(
-                f"invalid order for {symbol} at {self.now().isoformat()}: {loc}={first.get('input')}: {why}",
+                f"invalid order for {symbol} at {self.now().isoformat()}: {shown}: {why}",
                 field=loc,
-                value=first.get("input"),
+                value=value,
                 values={
                     "intent_id": intent_id,
                     "account": self._account,
