@@ -8,7 +8,7 @@ described in ``meltica/backtest/engine.py``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from meltica.matching import FeeSchedule, FillModel
 from meltica.risk import RiskConfig
 
 _BPS = Decimal(10_000)
+_ZERO = Decimal(0)
 
 # Precision of the markets the shipped data and the examples use (Binance, early 2022). Anything else
 # needs ``instrument=`` (or ``--tick-size`` / ``--step-size`` on the CLI).
@@ -137,8 +138,24 @@ class BacktestConfig(BaseModel):
             raise ConfigurationError(
                 f"invalid backtest configuration: {problems}", field=field, source="backtest"
             ) from None
-        config.validated_params()
+        config._refuse_impossible_quantity(config.validated_params())
         return config
+
+    def _refuse_impossible_quantity(self, params: BaseModel) -> None:
+        """A ``quantity`` parameter below the market's lot size makes every order invalid: refused up front."""
+        quantity = getattr(params, "quantity", None)
+        if not isinstance(quantity, Decimal):
+            return
+        market = self.market()
+        rounded = market.round_quantity(quantity)
+        floor = max(market.min_quantity or _ZERO, market.step_size or _ZERO)
+        if rounded <= 0 or (market.min_quantity is not None and rounded < market.min_quantity):
+            raise ConfigurationError(
+                f"params.quantity {quantity} is below {self.symbol}'s smallest order ({floor}): every order "
+                "would be refused",
+                field="params.quantity",
+                source="backtest",
+            )
 
     def validated_params(self) -> BaseModel:
         """The strategy's parameters checked against its model (registered strategies only)."""
@@ -185,9 +202,16 @@ class BacktestConfig(BaseModel):
             bar_volume_share=self.bar_volume_share,
         )
 
-    def fill_model_info(self) -> dict[str, Any]:
-        """The fill model as stored with the result (``BacktestResult.fill_model``)."""
+    def effective_params(self) -> dict[str, Any]:
+        """Every strategy parameter the run used, defaults included (JSON data)."""
+        dumped: dict[str, Any] = self.validated_params().model_dump(mode="json")
+        return dumped
+
+    def fill_model_info(self, bar: timedelta | None = None) -> dict[str, Any]:
+        """The fill model as stored with the result (``BacktestResult.fill_model``); ``bar`` (the bar
+        length) lets the description say when a latency moves fills a whole bar later."""
         return {
+            "description": self.fill_model_description(bar),
             "maker_fee_bps": self.maker_fee_bps,
             "taker_fee_bps": self.taker_fee_bps,
             "fee_asset": self.fee_asset,
@@ -197,6 +221,27 @@ class BacktestConfig(BaseModel):
             "fill_on_touch": self.fill_on_touch,
             "release": "next bar open after decision + latency",
         }
+
+    def fill_model_description(self, bar: timedelta | None = None) -> str:
+        """The fill model in one sentence, for the summary and the report."""
+        parts = [
+            f"taker {self.taker_fee_bps} bps / maker {self.maker_fee_bps} bps fees",
+            f"{self.slippage_bps} bps slippage",
+        ]
+        if self.bar_volume_share is not None:
+            parts.append(f"at most {self.bar_volume_share} of a bar's volume")
+        latency = timedelta(milliseconds=self.latency_ms)
+        if self.latency_ms == 0:
+            parts.append("a decision on a bar's close fills from the next bar's open")
+        elif bar is not None and latency <= bar:
+            parts.append(
+                f"latency {self.latency_ms} ms (up to one {bar} bar) moves every fill a whole bar later: a "
+                "decision on a bar's close fills from the open of the bar after next"
+            )
+        else:
+            parts.append(f"latency {self.latency_ms} ms: a decision fills from the first bar open after it arrives")
+        parts.append("stops trigger on the conservative intrabar path")
+        return "; ".join(parts)
 
 
 def _bind_symbol(strategy: Any, params: Mapping[str, Any], symbol: Any) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from meltica.domain import (
     OrderEvent,
     OrderFilled,
     OrderIntent,
+    OrderRejected,
     OrderStatus,
     OrderSubmitted,
     OrderType,
@@ -172,6 +173,20 @@ class HeldRequest:
 
 
 _Request = HeldRequest
+
+INVALID_INTENT = "INVALID_INTENT"
+"""The rejection reason of an order the strategy asked for that cannot exist (``BacktestContext``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidIntent:
+    """An order a strategy asked for that failed validation: when, which field, which value, why."""
+
+    ts: datetime
+    client_order_id: str
+    field: str
+    value: Any
+    message: str
 
 
 class RequestExecutor:
@@ -468,6 +483,11 @@ class BacktestContext(OrderTrackingContext):
         self._outbox: deque[HeldRequest] = deque()
         self.init_tracking(portfolio)
         self._emulated_active = False
+        self._invalid: dict[str, InvalidIntent] = {}  # client order id -> why its intent is impossible
+        # Where in the simulation fills happen now (the engine sets it): a fill at a bar's open and one on
+        # the previous bar's path share a timestamp (that bar's close is this one's open).
+        self.fill_phase = "event"
+        self.fill_phases: dict[str, str] = {}  # fill id -> the phase it happened in
         self._executor = RequestExecutor(
             self.oms,
             self.emulator,
@@ -486,14 +506,47 @@ class BacktestContext(OrderTrackingContext):
     def _arrival(self) -> datetime:
         return self.clock.now + self.latency
 
+    def _invalid_intent(self, message: str, *, field: str, value: Any, values: dict[str, Any]) -> OrderIntent:
+        # Fails closed for the order (it never reaches the OMS: ``_send_intent`` rejects it) but not for
+        # the run: one impossible order on real data must not throw the whole backtest away.
+        intent = OrderIntent.model_construct(**values)
+        self._invalid[intent.client_order_id] = InvalidIntent(
+            ts=self.clock.now, client_order_id=intent.client_order_id, field=field, value=value, message=message
+        )
+        return intent
+
+    def _reject_invalid(self, intent: OrderIntent, why: str) -> None:
+        """Report ``intent`` rejected at once (``INVALID_INTENT``), as a venue rejection is reported."""
+        coid = intent.client_order_id
+        now = self.clock.now
+        order = (
+            Order.from_intent(intent)
+            .apply(OrderSubmitted(event_id="submitted", client_order_id=coid, ts=now))
+            .apply(OrderRejected(event_id="rejected", client_order_id=coid, ts=now, reason=f"{INVALID_INTENT}: {why}"))
+        )
+        self._log.warning("order %s rejected: %s", coid, why)
+        self._track(order)
+        self.rejections.append(order)
+        self._pending.append(partial(self.strategy.on_order, order))
+
     def _send_intent(self, intent: OrderIntent) -> str:
+        invalid = self._invalid.get(intent.client_order_id)
+        if invalid is not None:
+            self._reject_invalid(intent, invalid.message)
+            return intent.client_order_id
         self._outbox.append(HeldRequest(self._arrival(), "submit", intent.client_order_id, intent=intent))
         return self._hold(intent)
 
     def _send_list(self, kind: OrderListKind, list_id: str, legs: tuple[OrderIntent, ...]) -> OrderList:
-        self._outbox.append(HeldRequest(self._arrival(), "list", intents=legs, list_id=list_id, list_kind=kind))
-        for leg in legs:
-            self._hold(leg)
+        bad = [self._invalid[leg.client_order_id] for leg in legs if leg.client_order_id in self._invalid]
+        if bad:  # a list stands or falls as a whole: no entry without its protective exits
+            for leg in legs:
+                own = self._invalid.get(leg.client_order_id)
+                self._reject_invalid(leg, own.message if own else f"its {kind} sibling: {bad[0].message}")
+        else:
+            self._outbox.append(HeldRequest(self._arrival(), "list", intents=legs, list_id=list_id, list_kind=kind))
+            for leg in legs:
+                self._hold(leg)
         return OrderList(list_id=list_id, kind=kind, client_order_ids=tuple(i.client_order_id for i in legs))
 
     def cancel(self, client_order_id: str) -> None:
@@ -502,11 +555,18 @@ class BacktestContext(OrderTrackingContext):
     def _send_amend(self, client_order_id: str, price: Decimal | None, quantity: Decimal | None, carrier: str) -> None:
         self._outbox.append(HeldRequest(self._arrival(), "amend", client_order_id, price=price, quantity=quantity))
 
+    @property
+    def invalid_intents(self) -> list[InvalidIntent]:
+        """The strategy's impossible orders so far, in the order asked for (each also a rejected order)."""
+        return list(self._invalid.values())
+
     # --- OMS side ----------------------------------------------------------------------------------
     def _on_stored(self, order: Order, event: OrderEvent | None) -> None:
         """Every order change the OMS stores: keep our view, queue the strategy's callbacks."""
         if order.intent.strategy != self._instance_id:
             return
+        if isinstance(event, OrderFilled):
+            self.fill_phases[event.fill.fill_id] = self.fill_phase
         self.on_order_change(order, event)
 
     async def pump(self) -> None:
@@ -551,9 +611,14 @@ class BacktestContext(OrderTrackingContext):
         await self._executor.cancel_now(client_order_id)
 
     async def end_of_data(self) -> None:
-        """Held cancels are delivered; held new orders and amendments never reach the venue."""
-        await self._executor.end_of_data(self._outbox)
-        self.drain()
+        """Held cancels are delivered; held new orders and amendments never reach the venue — also those
+        the strategy makes in reaction to the end (an entry cancelled ``END_OF_DATA`` → its stop)."""
+        for _ in range(100):  # each round answers the reactions to the last; a strategy may loop forever
+            await self._executor.end_of_data(self._outbox)
+            self.drain()
+            if not self._outbox:
+                return
+        self._outbox.clear()  # requests made after the data ended never reach the venue
 
     # --- market data -------------------------------------------------------------------------------
     def feed_trade(self, trade: Trade) -> None:

@@ -75,6 +75,11 @@ _ZERO = Decimal(0)
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called every ~0.5 % of the bars and at the end."""
 
+BAR_OPEN, BAR_PATH = "bar_open", "bar_path"
+"""Where a bar-driven fill happened (``fills.csv`` column ``at``): at the bar's open (stamped with its open
+time) or on its intrabar path (stamped with its close time — also the next bar's open time). Event
+replay fills are ``event``."""
+
 BarsInput = BarSeries | Iterable[Bar] | Mapping[str, Any]
 """Bars as a ``BarSeries``, domain ``Bar`` objects, or columnar arrays (``BarSeries.from_arrays``)."""
 
@@ -175,7 +180,11 @@ def run_backtest(
         timeframe=config.timeframe,
         data_start=series.ts[0],
         data_end=series.ts[-1] + series.delta,
-        fill_model=config.fill_model_info(),
+        fill_model=config.fill_model_info(bar=series.delta),
+        effective_params=ctx.strategy.params.model_dump(mode="json"),
+        data_fingerprint={"bars": len(series), "first": series.ts[0], "last": series.ts[-1]},
+        invalid_orders=[dataclasses.asdict(i) for i in ctx.invalid_intents],
+        fill_phases=ctx.fill_phases,
         sweep_id=sweep_id,
     )
 
@@ -205,6 +214,15 @@ def _run_replay(
         start = min(start, series.ts[0])
     info = config.fill_model_info()
     info["release"] = "next event at or after decision + latency"
+    info["description"] = (
+        "a decision reaches the venue at the first market-data event at or after decision + latency "
+        f"({config.latency_ms} ms)"
+    )
+    fingerprint: dict[str, Any] = {"events": len(events), "first": events[0][0], "last": events[-1][0]}
+    if series is not None:
+        fingerprint["bars"] = len(series)
+    if trade_series is not None:
+        fingerprint["trades"] = len(trade_series.ts)
     return BacktestResult.from_run(
         strategy=config.strategy,
         symbols=[config.symbol],
@@ -217,6 +235,10 @@ def _run_replay(
         data_start=start,
         data_end=events[-1][0],
         fill_model=info,
+        effective_params=ctx.strategy.params.model_dump(mode="json"),
+        data_fingerprint=fingerprint,
+        invalid_orders=[dataclasses.asdict(i) for i in ctx.invalid_intents],
+        fill_phases=ctx.fill_phases,
         sweep_id=sweep_id,
     )
 
@@ -488,6 +510,7 @@ async def _drive_bars(
         close_time = ts + delta
         if outbox and outbox[0].arrival <= ts:
             clock.now = ts
+            ctx.fill_phase = BAR_OPEN
             if share is not None:  # the liquidity an arriving order can take: share x this bar's volume
                 engine.fill_model = dataclasses.replace(
                     base_model, synthetic_level_quantity=max(v_col[i] * share / levels, instrument.step_size)
@@ -521,6 +544,7 @@ async def _drive_bars(
         set_attr(bar, "__pydantic_private__", None)
         clock.now = close_time
         if open_orders or ctx._emulated_active:
+            ctx.fill_phase = BAR_PATH
             result = engine.on_bar(symbol, o, bar.high, bar.low, c, bar.volume)
             venue.dispatch(result)
             await ctx.pump()

@@ -340,6 +340,8 @@ class SweepResult:
     seconds: float
     workers: int
     stored: int = 0
+    path: str = "engine"  # engine (exact: what `meltica backtest` gives) or vector
+    inexact: str | None = None  # why this path's numbers may differ from the engine's, when they may
 
     @property
     def best(self) -> SweepRun | None:
@@ -372,6 +374,9 @@ class SweepResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "sweep_id": str(self.sweep_id),
+            "path": self.path,
+            "exact": self.inexact is None,
+            "inexact": self.inexact,
             "objective": self.objective,
             "maximize": self.maximize,
             "workers": self.workers,

@@ -542,10 +542,32 @@ def _run_rows(result: BacktestResult) -> str:
     if result.finished_at is not None:
         items.append(("Finished", fmt(result.finished_at)))
     rows = [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in items]
-    for title, data in (("Parameters", result.params), ("Fill model", result.fill_model)):
+    rejections = result.rejections
+    rows.append(
+        f"<tr><th>Orders</th><td>{len(result.orders)} placed, {len(result.fills)} fills, "
+        f"{sum(rejections.values())} rejected</td></tr>"
+    )
+    for code, count in rejections.items():
+        rows.append(f"<tr><th>Rejected: {html.escape(code)}</th><td>{count}</td></tr>")
+    for title, data in (
+        ("Parameters (given)", result.params),
+        ("Effective parameters", result.effective_params),
+        ("Data", result.data_fingerprint),
+        ("Fill model", result.fill_model),
+        ("Invalid orders", {"first": list(result.invalid_orders[:5])} if result.invalid_orders else {}),
+    ):
         text = json.dumps(jsonable(data), indent=2, sort_keys=True) if data else "—"
         rows.append(f"<tr><th>{title}</th><td><pre>{html.escape(text)}</pre></td></tr>")
     return "\n".join(rows)
+
+
+def _warnings_block(warnings: Sequence[str]) -> str:
+    """The run's warnings (``BacktestResult.warnings``) above everything else, loud."""
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    style = "border:2px solid #b00020;padding:0.5em 1em"
+    return f'<div class="warnings" style="{style}"><b>Warnings</b><ul>{items}</ul></div>'
 
 
 def _trade_rows(trips: Sequence[RoundTrip], limit: int) -> str:
@@ -619,6 +641,7 @@ def render_html(
 <body>
 <h1>Backtest: {html.escape(result.strategy)}</h1>
 <p class="sub">Run {html.escape(str(result.run_id))} · {html.escape(", ".join(result.symbols))}</p>
+{_warnings_block(result.warnings)}
 <div class="grid">
 <section>
 <h2>Metrics</h2>

@@ -10,6 +10,7 @@ real accounts; backtests stay out of them.)
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -26,6 +27,7 @@ from typing import Any, get_type_hints
 from sqlalchemy import Engine, func, insert, select
 
 from meltica.backtest.metrics import Direction, Metrics, RoundTrip, compute_metrics, round_trips_from_fills
+from meltica.backtest.provenance import rejections_by_reason, run_warnings
 from meltica.domain.enums import LiquiditySide, Side
 from meltica.domain.orders import Fill, Order
 from meltica.errors import DataValidationError
@@ -47,6 +49,10 @@ class EquityPoint:
     position_value: Decimal
 
 
+OPEN_AT_END = "open_at_end"
+"""``OrderRecord.status`` of an order still working, or never sent, when the data ended."""
+
+
 @dataclass(frozen=True)
 class OrderRecord:
     """One order of the run as it ended (a flat row for ``orders.csv``)."""
@@ -65,6 +71,15 @@ class OrderRecord:
     created_at: datetime
     updated_at: datetime
     reason: str | None = None
+
+    @classmethod
+    def at_end(cls, order: Order) -> OrderRecord:
+        """The order as the run left it: one still working (or never sent) when the data ended is
+        ``open_at_end``, its reason saying which status it had then."""
+        record = cls.from_order(order)
+        if order.is_terminal:
+            return record
+        return dataclasses.replace(record, status=OPEN_AT_END, reason=f"{order.status.value} when the data ended")
 
     @classmethod
     def from_order(cls, order: Order) -> OrderRecord:
@@ -206,16 +221,23 @@ class BacktestResult:
     data_end: datetime | None = None
     fill_model: Mapping[str, Any] = field(default_factory=dict)
     code_version: str | None = None
+    effective_params: Mapping[str, Any] = field(default_factory=dict)  # every parameter, defaults included
+    data_fingerprint: Mapping[str, Any] = field(default_factory=dict)  # bars, first/last time, sha256, file
+    invalid_orders: Sequence[Mapping[str, Any]] = ()  # the strategy's impossible orders (ts, field, value)
+    fill_phases: Mapping[str, str] = field(default_factory=dict)  # fill id -> bar_open / bar_path / event
     run_id: uuid.UUID = field(default_factory=uuid.uuid4)
     sweep_id: uuid.UUID | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        for name in ("symbols", "equity", "fills", "orders", "round_trips"):
+        for name in ("symbols", "equity", "fills", "orders", "round_trips", "invalid_orders"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "params", dict(self.params))
         object.__setattr__(self, "fill_model", dict(self.fill_model))
+        object.__setattr__(self, "effective_params", dict(self.effective_params))
+        object.__setattr__(self, "data_fingerprint", dict(self.data_fingerprint))
+        object.__setattr__(self, "fill_phases", dict(self.fill_phases))
         previous: datetime | None = None
         for point in self.equity:
             if point.ts.tzinfo is None:
@@ -243,6 +265,10 @@ class BacktestResult:
         data_end: datetime | None = None,
         fill_model: Mapping[str, Any] | None = None,
         code_version: str | None = None,
+        effective_params: Mapping[str, Any] | None = None,
+        data_fingerprint: Mapping[str, Any] | None = None,
+        invalid_orders: Sequence[Mapping[str, Any]] = (),
+        fill_phases: Mapping[str, str] | None = None,
         run_id: uuid.UUID | None = None,
         sweep_id: uuid.UUID | None = None,
         started_at: datetime | None = None,
@@ -267,7 +293,7 @@ class BacktestResult:
             metrics=metrics,
             equity=tuple(equity),
             fills=tuple(fills),
-            orders=tuple(o if isinstance(o, OrderRecord) else OrderRecord.from_order(o) for o in orders),
+            orders=tuple(o if isinstance(o, OrderRecord) else OrderRecord.at_end(o) for o in orders),
             round_trips=tuple(trips),
             params=dict(params or {}),
             exchange=exchange,
@@ -276,10 +302,29 @@ class BacktestResult:
             data_end=data_end if data_end is not None else (equity[-1].ts if equity else None),
             fill_model=dict(fill_model or {}),
             code_version=code_version if code_version is not None else detect_code_version(),
+            effective_params=dict(effective_params if effective_params is not None else params or {}),
+            data_fingerprint=dict(data_fingerprint or {}),
+            invalid_orders=tuple(invalid_orders),
+            fill_phases=dict(fill_phases or {}),
             run_id=run_id or uuid.uuid4(),
             sweep_id=sweep_id,
             started_at=started_at,
             finished_at=finished_at,
+        )
+
+    @property
+    def rejections(self) -> dict[str, int]:
+        """Rejected orders by reason code (``MIN_NOTIONAL``, ``INSUFFICIENT_BALANCE``, ``INVALID_INTENT``…)."""
+        return rejections_by_reason(self.orders)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What must be known before trusting this run's numbers (``provenance.run_warnings``)."""
+        return run_warnings(
+            orders=len(self.orders),
+            fills=len(self.fills),
+            rejections=self.rejections,
+            invalid_orders=[jsonable(i) for i in self.invalid_orders],
         )
 
     def run_info(self) -> JsonObject:
@@ -289,6 +334,8 @@ class BacktestResult:
                 "run_id": self.run_id,
                 "strategy": self.strategy,
                 "params": self.params,
+                "effective_params": self.effective_params,
+                "data": self.data_fingerprint,
                 "exchange": self.exchange,
                 "symbols": self.symbols,
                 "timeframe": self.timeframe,
@@ -482,13 +529,26 @@ class BacktestResult:
     # --- files -------------------------------------------------------------------------------
 
     def write_files(self, directory: str | Path) -> list[Path]:
-        """Write ``metrics.json`` (``{"run": …, "metrics": …}``; decimals as strings, durations in
+        """Write ``metrics.json`` (``{"run": …, "metrics": …, "orders": {… "rejections": by reason},
+        "warnings": […]}``; decimals as strings, durations in
         seconds, infinities as ``"Infinity"``), ``orders.csv``, ``fills.csv``, ``equity.csv`` and
         ``trades.csv`` into ``directory`` (created if missing). Returns the paths written."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         metrics_path = out / "metrics.json"
-        document = {"run": self.run_info(), "metrics": jsonable(self.metrics.as_dict())}
+        document = {
+            "run": self.run_info(),
+            "metrics": jsonable(self.metrics.as_dict()),
+            "orders": {
+                "total": len(self.orders),
+                "filled": sum(1 for o in self.orders if o.status == "filled"),
+                "rejected": sum(self.rejections.values()),
+                "open_at_end": sum(1 for o in self.orders if o.status == OPEN_AT_END),
+                "rejections": self.rejections,
+                "invalid": jsonable(self.invalid_orders),
+            },
+            "warnings": self.warnings,
+        }
         metrics_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         written = [metrics_path]
         written.append(
@@ -498,11 +558,12 @@ class BacktestResult:
                 ([getattr(o, f.name) for f in fields(OrderRecord)] for o in self.orders),
             )
         )
+        phases = self.fill_phases
         written.append(
             _write_csv(
                 out / "fills.csv",
-                list(FILL_COLUMNS),
-                ([getattr(f, c) for c in FILL_COLUMNS] for f in self.fills),
+                ["ts", "at", *FILL_COLUMNS[1:]],
+                ([f.ts, phases.get(f.fill_id, ""), *(getattr(f, c) for c in FILL_COLUMNS[1:])] for f in self.fills),
             )
         )
         written.append(

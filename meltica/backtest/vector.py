@@ -632,6 +632,7 @@ def run_to_result(
     timeframe: str | None = None,
     cfg: SimConfig | None = None,
     sweep_id: Any = None,
+    code_version: str | None = None,
 ) -> Any:
     """A ``BacktestResult`` (fills, equity curve, round trips, ``compute_metrics``) for one vectorised run;
     the run must have been made with ``keep_equity=True``. Used to store the runs a sweep keeps."""
@@ -682,4 +683,5 @@ def run_to_result(
         timeframe=timeframe,
         fill_model={"kind": "vector", "fill": "next_open", "fee_rate": cfg.fee_rate},
         sweep_id=sweep_id,
+        code_version=code_version,
     )

@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from meltica.backtest.metrics import Metrics, compute_metrics
+from meltica.backtest.metrics import Metrics, RoundTrip, compute_metrics
 from meltica.backtest.results import BacktestResult
-from meltica.backtest.vector import Bars, VectorRun, datetime_to_ns, ns_to_datetime
+from meltica.backtest.vector import Bars, VectorRun, datetime_to_ns, ns_to_datetime, run_to_result
 from meltica.errors import ConfigurationError
 
 Span = int | timedelta
@@ -88,6 +88,7 @@ class WalkForwardResult:
                 **{f"param.{k}": v for k, v in w.params.items()},
                 "oos_total_return": w.metrics.total_return,
                 "oos_sharpe": w.metrics.sharpe,
+                "oos_trades": w.metrics.trades,
                 "start_equity": w.start_equity,
                 "end_equity": w.end_equity,
             }
@@ -160,13 +161,15 @@ def walk_forward(
         raise ConfigurationError("walk-forward: the data is too short for one in-sample + out-of-sample window")
     stitched: list[tuple[int, float]] = []
     results: list[WindowResult] = []
+    trips: list[RoundTrip] = []
     level = initial_equity
     for w in plan:
         is_bars = bars.slice(w.in_start, w.in_stop)
         params = dict(optimise(is_bars))
         lead = min(warmup, w.out_start - w.in_start)
         oos_bars = bars.slice(w.out_start - lead, w.out_stop)
-        curve = _curve(evaluate(oos_bars, params), oos_bars)
+        output = evaluate(oos_bars, params)
+        curve = _curve(output, oos_bars)
         first_oos_ts = int(bars.ts[w.out_start])
         # Keep the window's own points: from its first out-of-sample bar (a warm-up's last close, at the
         # open of that bar, is the anchor) and after anything the previous window already covered.
@@ -189,18 +192,27 @@ def walk_forward(
         stitched.extend(rebased)
         level = rebased[-1][1]
         own = [(ns_to_datetime(t), Decimal(repr(e))) for t, e in curve[anchor_idx:]]
+        if isinstance(output, VectorRun):  # its round trips, so the metrics count the window's trades
+            output = run_to_result(output, oos_bars, code_version="")
+        own_trips = list(output.round_trips) if isinstance(output, BacktestResult) else []
+        trips.extend(own_trips)
+        window_metrics = compute_metrics(own, own_trips)
+        if isinstance(output, BacktestResult) and lead == 0 and output.fill_model.get("kind") != "vector":
+            # An engine run of exactly the window: its own metrics — what `meltica backtest` gives on the
+            # same bars.
+            window_metrics = output.metrics
         results.append(
             WindowResult(
                 window=w,
                 params=params,
                 in_sample=(int(bars.ts[w.in_start]), int(bars.ts[w.in_stop - 1])),
                 out_of_sample=(first_oos_ts, int(bars.ts[w.out_stop - 1])),
-                metrics=compute_metrics(own, ()),
+                metrics=window_metrics,
                 start_equity=start_level,
                 end_equity=level,
             )
         )
-    metrics = compute_metrics([(ns_to_datetime(t), Decimal(repr(e))) for t, e in stitched], ())
+    metrics = compute_metrics([(ns_to_datetime(t), Decimal(repr(e))) for t, e in stitched], trips)
     return WalkForwardResult(windows=results, equity=stitched, metrics=metrics)
 
 
@@ -248,3 +260,47 @@ def vector_evaluator(*, warmup: int = 0, **sim: Any) -> Evaluate:
         )
 
     return evaluate
+
+
+def engine_walk_forward_functions(
+    data: str,
+    config: Mapping[str, Any],
+    param_sets: Sequence[Mapping[str, Any]],
+    *,
+    objective: str = "sharpe",
+    maximize: bool = True,
+    workers: int = 1,
+) -> tuple[Optimise, Evaluate]:
+    """``optimise`` and ``evaluate`` through the event-driven engine, for any strategy: the in-sample
+    window is swept over ``param_sets`` (``run_sweep`` on ``workers`` processes), the best set by
+    ``objective`` is run on the out-of-sample window — exactly what ``meltica backtest`` gives on those
+    bars with that set (use ``warmup=0``: the strategy warms up inside the window, as it would live).
+    ``data``: the bars file the whole walk-forward reads; ``config``: ``BacktestConfig`` fields."""
+    from meltica.backtest.optimize import EngineEvaluator, run_sweep, shared_bars
+
+    full = shared_bars(data)
+    sets = [dict(p) for p in param_sets]
+
+    def span(window: Bars) -> tuple[int, int]:
+        start = int(np.searchsorted(full.ts, window.ts[0]))
+        return start, start + len(window)
+
+    def optimise(is_bars: Bars) -> Mapping[str, Any]:
+        start, stop = span(is_bars)
+        sweep = run_sweep(
+            EngineEvaluator(data, config=dict(config), start=start, stop=stop),
+            sets,
+            workers=workers,
+            objective=objective,
+            maximize=maximize,
+        )
+        if sweep.best is None:
+            failure = sweep.failed[0].error if sweep.failed else "no run"
+            raise ConfigurationError(f"walk-forward: every parameter set failed in-sample ({failure})")
+        return sweep.best.params
+
+    def evaluate(oos_bars: Bars, params: Mapping[str, Any]) -> BacktestResult:
+        start, stop = span(oos_bars)
+        return EngineEvaluator(data, config=dict(config), start=start, stop=stop)(params)
+
+    return optimise, evaluate

@@ -56,13 +56,17 @@ app.command("reconcile", help="Reconcile accounts with the exchanges: --local in
     flows_cmd.reconcile
 )
 app.command("demo", help="The main job on embedded defaults.")(demo_cmd.demo)
-app.command("backtest", help="Backtest a strategy on recorded bars; write metrics, CSVs and a report.")(
-    backtest_cmd.backtest
-)
+app.command(
+    "backtest",
+    help="Backtest a strategy on recorded bars; write metrics, CSVs and a report.",
+    epilog=backtest_cmd.BACKTEST_EPILOG,
+)(backtest_cmd.backtest)
 app.command("paper", help="Paper-trade a strategy through the live pipeline on a replayed candle file.")(
     paper_cmd.paper
 )
-app.command("optimize", help="Parameter sweeps and walk-forward analysis.")(optimize_cmd.optimize)
+app.command("optimize", help="Parameter sweeps and walk-forward analysis.", epilog=optimize_cmd.OPTIMIZE_EPILOG)(
+    optimize_cmd.optimize
+)
 app.command("status", help="Live pipeline: consumer lag, per-agent rates, dead letters, infrastructure.")(
     status_cmd.status
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -9,12 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
 from meltica.errors import ConfigurationError
 from meltica.marketdata.candle_files import FORMAT_HELP
+
+BACKTEST_EPILOG = (
+    "The summary, metrics.json and report.html show rejected orders by reason, the effective parameters "
+    "(defaults included), the data's fingerprint (bars, first/last time, file SHA-256), the fill model and the "
+    "code version. An order the strategy asks for that cannot exist (e.g. a stop at or below zero) is rejected "
+    "as INVALID_INTENT with its time, field and value, and the run goes on. A WARNING line (also in "
+    "metrics.json 'warnings' and the report) says when nothing traded, most orders were rejected or impossible "
+    "orders were asked for; the exit code stays 0. Parameters that can only produce invalid orders are refused "
+    "up front (exit 2, naming the parameter). Orders still working when the data ends are 'open_at_end'."
+)
 
 
 def parse_param(item: str) -> tuple[str, Any]:
@@ -82,7 +94,9 @@ def backtest(
     fees_bps: str = typer.Option("10", "--fees-bps", help="Taker (and default maker) fee in bps."),
     maker_fees_bps: str | None = typer.Option(None, "--maker-fees-bps", help="Maker fee in bps (default: --fees-bps)."),
     slippage_bps: str = typer.Option("0", "--slippage-bps", help="Taker slippage in bps."),
-    latency_ms: int = typer.Option(0, "--latency-ms", help="Decision to venue arrival, in ms."),
+    latency_ms: int = typer.Option(
+        0, "--latency-ms", help="Decision to venue arrival, in ms (up to one bar: every fill a whole bar later)."
+    ),
     volume_share: str | None = typer.Option(None, "--volume-share", help="Partial-fill cap: share of a bar's volume."),
     balance: list[str] = typer.Option([], "--balance", help="Initial balance ASSET=AMOUNT (repeatable)."),
     output: Path = typer.Option(..., "--output", help="Directory for metrics.json, CSVs, report.html, PNGs."),
@@ -90,9 +104,11 @@ def backtest(
     progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Backtest STRATEGY on a candle file (--data) or stored candles, and/or replayed recorded trades
-    (--trades) and L2 book (--book-snapshot [--book-updates]); write results into --output."""
+    (--trades) and L2 book (--book-snapshot [--book-updates]); write results into --output
+    (``BACKTEST_EPILOG`` says what they show)."""
     from meltica.backtest import BacktestConfig, BarSeries, run_backtest, write_report
     from meltica.backtest.data import BookSeries, TradeSeries
+    from meltica.backtest.provenance import file_sha256, series_sha256
 
     if book_updates is not None and book_snapshot is None:
         raise ConfigurationError("--book-updates needs --book-snapshot", field="book-snapshot")
@@ -183,6 +199,20 @@ def backtest(
             trades=trade_series,
             book=book_series,
         )
+    fingerprint: dict[str, Any] = dict(result.data_fingerprint)
+    for role, path in (
+        ("data", data),
+        ("trades", trades),
+        ("book_snapshot", book_snapshot),
+        ("book_updates", book_updates),
+    ):
+        if path is not None:
+            fingerprint[f"{role}_file"] = str(path)
+            fingerprint[f"{role}_sha256"] = file_sha256(path)
+    if data is None and bars is not None:
+        fingerprint["source"] = "database"
+        fingerprint["sha256"] = series_sha256((bars.ts, bars.open, bars.high, bars.low, bars.close, bars.volume))
+    result = dataclasses.replace(result, data_fingerprint=fingerprint)
     result.write_files(output)
     prices: list[tuple[datetime, Decimal]] = []
     if bars is not None:
@@ -193,6 +223,8 @@ def backtest(
     if book_series is not None and book_series.gaps:
         console.print(f"order book: {book_series.gaps} sequence gap(s), {book_series.dropped} diff(s) dropped")
     console.print(summary_table(result))
+    console.print(f"fill model: {result.fill_model.get('description', '—')}")
+    print_warnings(result.warnings)
     if store:
         database = database or database_engine()
         schema_at_head(database)
@@ -243,4 +275,17 @@ def summary_table(result: Any) -> Table:
         table.add_row(name, format_metric(name, getattr(m, name)))
     table.add_row("fills", str(len(result.fills)))
     table.add_row("orders", str(len(result.orders)))
+    rejections = result.rejections
+    table.add_row("rejected", str(sum(rejections.values())))
+    for code, count in rejections.items():
+        table.add_row(f"  {code}", str(count))
+    open_at_end = sum(1 for o in result.orders if o.status == "open_at_end")
+    if open_at_end:
+        table.add_row("open at end", str(open_at_end))
     return table
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """Each warning on its own loud line (they are also in metrics.json and the report)."""
+    for warning in warnings:
+        console.print(f"[bold red]WARNING[/] {escape(warning)}")

@@ -8,9 +8,14 @@ Examples::
     meltica optimize --strategy momentum --grid fast=5,10,20 --grid slow=50,100 \\
         --walk-forward in=7d,out=2d,step=2d --data bars.csv.gz
 
-``--path vector`` (the default for ``momentum``) evaluates with the vectorised EMA crossover
-(``meltica.backtest.vector``: next-bar-open fills, no stop orders); ``--path engine`` runs every
-parameter set through the event-driven engine (``meltica.backtest.engine``).
+``--path engine`` (the default) runs every parameter set through the event-driven engine
+(``meltica.backtest.engine``) with ``meltica backtest``'s defaults (symbol, cash, fees, the strategy's own
+parameter defaults): a set's metrics here are the ones ``meltica backtest`` prints for it, and each
+walk-forward window's are those of a backtest of that window's bars. ``--path vector`` (``momentum``
+only) evaluates with the vectorised EMA crossover (``meltica.backtest.vector``: next-bar-open fills, no
+stop orders, no slippage, no venue filters) — fast, and labelled INEXACT in the output (``"exact": false``
+in sweep.json / walkforward.json) unless the stop is switched off (``--param stop=none``), there is
+no slippage and every order is within the venue's min notional and the cash.
 """
 
 from __future__ import annotations
@@ -18,16 +23,27 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import replace
 from datetime import timedelta
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from meltica.cli._common import console, database_engine, reports_errors
 from meltica.errors import ConfigurationError
 from meltica.marketdata.candle_files import FORMAT_HELP, duration_text
+
+OPTIMIZE_EPILOG = (
+    "Defaults are backtest's (symbol, cash, fees, the strategy's parameter defaults); the default --path engine "
+    "gives for each set the metrics 'meltica backtest' gives, and each walk-forward window those of a backtest "
+    "of its bars (any strategy; --param applies to every run). --path vector (momentum only, fast) has no stop "
+    'orders, slippage or venue filters: labelled INEXACT ("exact": false in sweep.json / walkforward.json) '
+    "unless --param stop=none, no slippage and every order within the venue's min notional and the cash."
+)
 
 _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 
@@ -146,32 +162,56 @@ def optimize(
     random_n: Annotated[int | None, typer.Option("--random", help="draw N random parameter sets")] = None,
     range_spec: Annotated[list[str] | None, typer.Option("--range", help="NAME=LOW:HIGH for --random")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    param: Annotated[list[str] | None, typer.Option("--param", help="NAME=VALUE fixed for every run")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help="NAME=VALUE fixed for every run (walk-forward too)")
+    ] = None,
     walk_forward_spec: Annotated[
         str | None, typer.Option("--walk-forward", help="in=SPAN,out=SPAN[,step=SPAN]: 30d, 12h, or bars")
     ] = None,
     data: Annotated[Path | None, typer.Option(help=f"bar file (or .npz). {FORMAT_HELP}")] = None,
     exchange: Annotated[str | None, typer.Option(help="read bars from the database for this exchange")] = None,
-    symbol: Annotated[str, typer.Option(help="symbol (database bars and reports)")] = "BTC/USDT:USDT",
+    symbol: Annotated[str, typer.Option(help="unified symbol traded (as backtest's --symbol)")] = "BTC/USDT",
     timeframe: Annotated[
         str | None, typer.Option(help="bar timeframe: of --data (checked; inferred if not given) or database (1m)")
     ] = None,
     objective: Annotated[str, typer.Option(help="Metrics field to rank by")] = "sharpe",
     workers: Annotated[int, typer.Option(help="worker processes (default: every core)")] = 0,
-    path: Annotated[str, typer.Option(help="vector (fast, EMA crossover) or engine (event-driven)")] = "vector",
-    fee_rate: Annotated[float, typer.Option(help="fee per fill, fraction of notional (vector path)")] = 0.001,
-    initial_cash: Annotated[float, typer.Option(help="starting cash (vector path)")] = 1_000_000.0,
+    path: Annotated[
+        str,
+        typer.Option(
+            help="engine (every strategy; the numbers `meltica backtest` gives) or vector (momentum only, fast; "
+            "labelled INEXACT where it can differ)"
+        ),
+    ] = "engine",
+    fees_bps: Annotated[str, typer.Option("--fees-bps", help="fee per fill in bps of notional (as backtest)")] = "10",
+    slippage_bps: Annotated[str, typer.Option("--slippage-bps", help="taker slippage in bps (as backtest)")] = "0",
+    initial_cash: Annotated[str, typer.Option(help="starting cash in the quote currency (as backtest)")] = "10000",
     top: Annotated[int, typer.Option(help="rows to print")] = 10,
     store: Annotated[bool, typer.Option(help="store every run in the database under one sweep id")] = False,
     output: Annotated[Path | None, typer.Option(help="directory for sweep.csv / sweep.json")] = None,
 ) -> None:
-    """Sweep a strategy's parameters (grid or random) or run a walk-forward analysis; rank by an objective."""
-    from meltica.backtest.optimize import VectorEvaluator, grid, random_search, run_sweep
+    """Sweep a strategy's parameters (grid or random) or run a walk-forward analysis; rank by an objective.
+    Defaults (symbol, cash, fees, the strategy's own parameter defaults) are `meltica backtest`'s: one
+    parameter set gives the same metrics here (engine path) as there."""
+    from meltica.backtest.config import default_instrument
+    from meltica.backtest.optimize import VectorEvaluator, grid, random_search, run_sweep, shared_bars
+    from meltica.strategies import validate_params
 
     if path not in ("vector", "engine"):
         raise ConfigurationError("--path must be vector or engine", field="path")
-    fixed = {k: v for k, v in (item.partition("=")[::2] for item in (param or []))}
-    base = {k: _value(v) for k, v in fixed.items()}
+    fees, slippage, cash = (
+        _decimal_option(fees_bps, "fees-bps"),
+        _decimal_option(slippage_bps, "slippage-bps"),
+        _decimal_option(initial_cash, "initial-cash"),
+    )
+    base: dict[str, Any] = {}
+    for item in param or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigurationError(f"--param {item!r}: expected NAME=VALUE", field="param")
+        base[key.strip()] = _value(raw.strip())
+    if _has_symbol(strategy):
+        base.setdefault("symbol", symbol)  # as backtest binds it: the strategy trades the run's symbol
     if random_n is not None:
         sets = random_search(strategy, random_n, seed=seed, ranges=parse_ranges(range_spec or []) or None, base=base)
     elif grid_spec:
@@ -182,39 +222,67 @@ def optimize(
         raise ConfigurationError(f"no valid parameter set ({sets.invalid} invalid: {'; '.join(sets.reasons[:2])})")
     console.print(f"{len(sets)} parameter sets ({sets.invalid} invalid and {sets.duplicates} duplicate skipped)")
     n_workers = workers or os.cpu_count() or 1
+    quote = default_instrument(exchange or "binance", symbol).quote
+    inexact: str | None = None
     with tempfile.TemporaryDirectory(prefix="meltica-optimize-") as tmp:
         bars_path, timeframe = _bars_file(data, exchange, symbol, timeframe, Path(tmp))
+        config: dict[str, Any] = {
+            "strategy": strategy,
+            "exchange": exchange or "binance",
+            "symbol": symbol,
+            "timeframe": timeframe,
+            "maker_fee_bps": str(fees),
+            "taker_fee_bps": str(fees),
+            "slippage_bps": str(slippage),
+            "initial_balances": {quote: str(cash)},
+        }
         if path == "engine":
             from meltica.backtest.optimize import EngineEvaluator
 
-            bps = str(fee_rate * 10_000)
-            evaluate: Any = EngineEvaluator(
-                str(bars_path),
-                config={
-                    "strategy": strategy,
-                    "exchange": exchange or "binance",
-                    "symbol": symbol,
-                    "timeframe": timeframe,
-                    "maker_fee_bps": bps,
-                    "taker_fee_bps": bps,
-                },
-            )
+            evaluate: Any = EngineEvaluator(str(bars_path), config=config)
         else:
             if strategy != "momentum":
                 raise ConfigurationError(
                     f"the vector path covers momentum only; use --path engine for {strategy!r}", field="path"
                 )
+            effective = [validate_params(strategy, p) for p in sets.params]
+            reasons = []
+            if any(getattr(p, "stop", "none") != "none" for p in effective):
+                reasons.append("it places no stop orders (the engine does: --param stop=none to match)")
+            if slippage:
+                reasons.append("it has no slippage model")
+            closes = shared_bars(bars_path).close
+            market = default_instrument(exchange or "binance", symbol)
+            sizes = [Decimal(str(getattr(p, "quantity", 1))) for p in effective]
+            low, high = Decimal(repr(float(closes.min()))), Decimal(repr(float(closes.max())))
+            if any(q * low < (market.min_notional or 0) or q * high * (1 + fees / 10_000) > cash for q in sizes):
+                reasons.append("some orders would be refused by the venue (below its min notional, or beyond the cash)")
+            if reasons:
+                inexact = "the vector path differs from `meltica backtest`: " + "; ".join(reasons)
+                console.print(
+                    f"[bold yellow]vector path: INEXACT[/] — {escape(inexact)}; rerun the best sets with --path engine"
+                )
             evaluate = VectorEvaluator(
                 str(bars_path),
-                fee_rate=fee_rate,
-                initial_cash=initial_cash,
+                fee_rate=float(fees / 10_000),
+                initial_cash=float(cash),
                 mode="cross",
                 symbol=symbol,
                 timeframe=timeframe,
-                quantity=float(base.get("quantity", 1.0)),
+                quantity=float(getattr(effective[0], "quantity", 1)),
             )
         if walk_forward_spec is not None:
-            _walk_forward(evaluate, sets.params, bars_path, parse_walk_forward(walk_forward_spec), objective, output)
+            _walk_forward(
+                evaluate,
+                sets.params,
+                bars_path,
+                parse_walk_forward(walk_forward_spec),
+                objective,
+                output,
+                config=config,
+                workers=n_workers,
+                inexact=inexact,
+            )
             return
         result = run_sweep(
             evaluate,
@@ -223,6 +291,7 @@ def optimize(
             objective=objective,
             store=database_engine() if store else None,
         )
+    result = replace(result, path=path, inexact=inexact)
     names = sorted({k for r in result.runs for k in r.params if k not in base})
     metric_cols = [objective] + [c for c in ("total_return", "sharpe", "max_drawdown", "trades") if c != objective]
     rows = result.rows(metric_cols)
@@ -230,7 +299,7 @@ def optimize(
         _table(
             rows[:top],
             ["rank", *(f"param.{n}" for n in names), *metric_cols],
-            f"sweep {result.sweep_id} — by {objective}",
+            f"sweep {result.sweep_id} — by {objective}, {path} path" + (" (INEXACT)" if inexact else ""),
         )
     )
     console.print(
@@ -244,6 +313,22 @@ def optimize(
             console.print(f"wrote {written}")
 
 
+def _decimal_option(value: str, name: str) -> Decimal:
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise ConfigurationError(f"--{name} {value!r} is not a number", field=name) from None
+    if not number.is_finite() or number < 0:
+        raise ConfigurationError(f"--{name} {value!r} must be a finite number >= 0", field=name)
+    return number
+
+
+def _has_symbol(strategy: str) -> bool:
+    from meltica.strategies import get_strategy
+
+    return "symbol" in get_strategy(strategy).Params.model_fields
+
+
 def _walk_forward(
     evaluate: Any,
     param_sets: list[dict[str, Any]],
@@ -251,45 +336,77 @@ def _walk_forward(
     spans: dict[str, int | timedelta],
     objective: str,
     output: Path | None,
+    *,
+    config: dict[str, Any],
+    workers: int,
+    inexact: str | None,
 ) -> None:
     from meltica.backtest.optimize import LOWER_IS_BETTER
     from meltica.backtest.vector import Bars, load_bars
-    from meltica.backtest.walkforward import vector_evaluator, vector_optimiser, walk_forward
+    from meltica.backtest.walkforward import (
+        engine_walk_forward_functions,
+        vector_evaluator,
+        vector_optimiser,
+        walk_forward,
+    )
 
-    if not hasattr(evaluate, "mode"):
-        raise ConfigurationError("--walk-forward runs on the vector path", field="path")
     bars = load_bars(bars_path)
-    pairs = [(int(p["fast"]), int(p["slow"])) for p in param_sets]
-    sim = {"fee_rate": evaluate.fee_rate, "initial_cash": evaluate.initial_cash, "mode": evaluate.mode}
-    warmup = max(s for _, s in pairs)
+    maximize = objective not in LOWER_IS_BETTER
+    if hasattr(evaluate, "mode"):  # the vector path
+        pairs = [(int(p["fast"]), int(p["slow"])) for p in param_sets]
+        sim = {
+            "fee_rate": evaluate.fee_rate,
+            "initial_cash": evaluate.initial_cash,
+            "mode": evaluate.mode,
+            "quantity": float(param_sets[0].get("quantity", evaluate.quantity)),
+            "allow_short": bool(param_sets[0].get("allow_short", evaluate.allow_short)),
+        }
+        warmup = max(s for _, s in pairs)
 
-    def optimise(is_bars: Bars) -> dict[str, Any]:
-        best = vector_optimiser(pairs, objective=objective, maximize=objective not in LOWER_IS_BETTER, **sim)(is_bars)
-        return {**{k: v for k, v in param_sets[0].items() if k not in ("fast", "slow")}, **best}
+        def vector_optimise(is_bars: Bars) -> dict[str, Any]:
+            best = vector_optimiser(pairs, objective=objective, maximize=maximize, **sim)(is_bars)
+            return {**{k: v for k, v in param_sets[0].items() if k not in ("fast", "slow")}, **best}
 
+        optimise: Any = vector_optimise
+        window_evaluate: Any = vector_evaluator(warmup=warmup, **sim)
+    else:  # the engine path: any strategy, each window exactly a backtest of its bars
+        warmup = 0
+        optimise, window_evaluate = engine_walk_forward_functions(
+            str(bars_path), config, param_sets, objective=objective, maximize=maximize, workers=workers
+        )
     result = walk_forward(
         bars,
         in_sample=spans["in"],
         out_of_sample=spans["out"],
         step=spans.get("step"),
         optimise=optimise,
-        evaluate=vector_evaluator(warmup=warmup, **sim),
+        evaluate=window_evaluate,
         warmup=warmup,
         stitch="add",
     )
     rows = result.rows()
     columns = list(rows[0]) if rows else ["window"]
-    console.print(_table(rows, columns, f"walk-forward by {objective}"))
+    path = "vector" if hasattr(evaluate, "mode") else "engine"
+    console.print(
+        _table(rows, columns, f"walk-forward by {objective}, {path} path" + (" (INEXACT)" if inexact else ""))
+    )
     m = result.metrics
     console.print(
         f"stitched out-of-sample: total return {m.total_return:.4%}, sharpe {m.sharpe:.3f}, "
-        f"max drawdown {m.max_drawdown:.2%}, final equity {m.final_equity}"
+        f"max drawdown {m.max_drawdown:.2%}, trades {m.trades}, final equity {m.final_equity}"
     )
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         (output / "walkforward.json").write_text(
             json.dumps(
-                {"windows": rows, "equity": result.equity, "metrics": {k: str(v) for k, v in m.as_dict().items()}},
+                {
+                    "path": path,
+                    "exact": inexact is None,
+                    "inexact": inexact,
+                    "windows": rows,
+                    "equity": result.equity,
+                    "metrics": {k: str(v) for k, v in m.as_dict().items()},
+                },
                 indent=2,
             )
             + "\n",

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from meltica.cli._common import console, reports_errors
-from meltica.cli.backtest_cmd import _decimal, parse_param, summary_table
+from meltica.cli.backtest_cmd import _decimal, parse_param, print_warnings, summary_table
 from meltica.errors import ConfigurationError
 
 
@@ -77,6 +77,7 @@ def paper(
         timeout=timeout,
     )
     console.print(summary_table(run.result))
+    print_warnings(run.result.warnings)
     console.print(
         f"{run.bars_published} bars through the pipeline in {run.seconds:.1f} s "
         f"({run.bars_published / run.seconds:.0f} bars/s); {len(run.result.orders)} orders, "

@@ -168,9 +168,10 @@ class IntentingContext:
         inst = self.instrument(symbol)
         # The venue's precision, as the OMS applies it before an order leaves the process (DESIGN.md §4).
         qty = inst.round_quantity(quantity)
+        intent_id = intent_id or self._next_intent_id()
         try:
             return OrderIntent(
-                intent_id=intent_id or self._next_intent_id(),
+                intent_id=intent_id,
                 account=self._account,
                 strategy=self._instance_id,
                 exchange=self.exchange,
@@ -191,7 +192,43 @@ class IntentingContext:
                 created_at=self.now(),
             )
         except ValidationError as exc:
-            raise InvalidOrderError(f"invalid intent for {symbol}: {exc.errors()[0]['msg']}") from None
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "intent"
+            value = first.get("input") if first["loc"] else None  # a rule across fields has no one value
+            why = str(first["msg"]).removeprefix("Value error, ")
+            shown = f"{loc}={value}" if first["loc"] else loc
+            return self._invalid_intent(
+                f"invalid order for {symbol} at {self.now().isoformat()}: {shown}: {why}",
+                field=loc,
+                value=value,
+                values={
+                    "intent_id": intent_id,
+                    "account": self._account,
+                    "strategy": self._instance_id,
+                    "exchange": self.exchange,
+                    "symbol": symbol,
+                    "side": side,
+                    "type": type,
+                    "quantity": qty,
+                    "price": price,
+                    "trigger_price": trigger_price,
+                    "trailing_offset": trailing_offset,
+                    "trailing_offset_pct": trailing_offset_pct,
+                    "activation_price": activation_price,
+                    "display_quantity": display_quantity,
+                    "post_only": post_only,
+                    "reduce_only": reduce_only,
+                    "time_in_force": time_in_force,
+                    "expire_at": expire_at,
+                    "created_at": self.now(),
+                },
+            )
+
+    def _invalid_intent(self, message: str, *, field: str, value: Any, values: dict[str, Any]) -> OrderIntent:
+        """A strategy asked for an order that cannot exist (a negative stop price, a zero quantity…).
+        Here it is refused with ``InvalidOrderError`` (fails closed: nothing is sent); a backtest
+        overrides this to record the refusal as a rejected order and carry on (``BacktestContext``)."""
+        raise InvalidOrderError(message, reason="invalid_intent")
 
     def _send_intent(self, intent: OrderIntent) -> str:
         """Hand one new intent on (to the venue or the OMS); returns its client order id."""

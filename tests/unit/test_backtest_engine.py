@@ -170,7 +170,8 @@ def test_a_resting_limit_fills_at_most_the_configured_share_of_the_bars_volume()
     )
     result = run(script({0: lambda s, bar: s.ctx.buy(SYMBOL, D(8), price=D(98))}), series, bar_volume_share="0.1")
     assert [(f.price, f.quantity) for f in result.fills] == [(D(98), D(5))]
-    assert result.orders[0].status == "partially_filled"
+    assert (result.orders[0].status, result.orders[0].reason) == ("open_at_end", "partially_filled when the data ended")
+    assert result.orders[0].filled_quantity == D(5)
 
 
 def test_a_stop_the_market_gaps_through_fills_at_the_open_the_worse_price() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from datetime import UTC, datetime, timedelta
@@ -236,7 +237,8 @@ def test_order_record_from_domain_order() -> None:
         "new",
     )
     result = BacktestResult.from_run(strategy="s", symbols=[SYMBOL], equity=[], orders=[Order.from_intent(intent)])
-    assert result.orders == (record,)
+    # still working when the run ended: marked so, with the status it had then
+    assert result.orders == (dataclasses.replace(record, status="open_at_end", reason="new when the data ended"),)
 
 
 def test_result_validates_the_curve() -> None:

@@ -38,6 +38,9 @@ class GridParams(StrategyParams):
     def _bounds(self) -> GridParams:
         if self.lower_bound is not None and self.upper_bound is not None and self.lower_bound >= self.upper_bound:
             raise ValueError("lower_bound must be below upper_bound")
+        if self.mode == "long" and self.step is not None and self.center is not None and self.step >= self.center:
+            # Every level of a long grid is a buy below the centre: all at or below zero, none valid.
+            raise ValueError(f"step {self.step} >= center {self.center}: every buy level would be at or below zero")
         return self
 
 

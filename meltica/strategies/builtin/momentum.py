@@ -3,7 +3,8 @@
 On a bar where the fast EMA crosses the slow EMA the strategy moves to its target position (long
 ``quantity`` on an up-cross; short ``quantity`` on a down-cross when ``allow_short``, else flat) with a
 market order. Once an entry fills it places a stop on the whole position: a stop-market order at a
-percentage or ATR-multiple distance, or a trailing stop. The OMS sends it natively where the venue
+percentage or ATR-multiple distance, or a trailing stop (``stop="none"``: no stop, the crossover rule alone —
+what the vectorised sweep path models exactly). The OMS sends it natively where the venue
 supports it and emulates it otherwise; the strategy does not care which. After a stop-out it waits for the
 next crossover.
 """
@@ -31,7 +32,9 @@ class MomentumParams(StrategyParams):
     fast: int = Field(12, ge=2, le=1000, description="fast EMA period (bars)")
     slow: int = Field(26, ge=3, le=5000, description="slow EMA period (bars)")
     allow_short: bool = Field(False, description="go short on a down-cross (else go flat)")
-    stop: Literal["atr", "percent", "trailing"] = Field("atr", description="stop distance model")
+    stop: Literal["atr", "percent", "trailing", "none"] = Field(
+        "atr", description="stop distance model; none: no protective stop (the crossover rule alone)"
+    )
     stop_pct: Decimal = Field(Decimal("2"), gt=0, lt=50, description="percent stop / trailing offset")
     atr_period: int = Field(14, ge=2, le=1000)
     atr_multiple: float = Field(3.0, gt=0, le=50)
@@ -105,7 +108,7 @@ class Momentum(Strategy[MomentumParams]):
         p = self.params
         self._cancel_stop()
         qty = self.ctx.position(p.symbol).quantity
-        if qty == 0 or math.isnan(self.last_close):
+        if p.stop == "none" or qty == 0 or math.isnan(self.last_close):
             return
         side = Side.SELL if qty > 0 else Side.BUY
         if p.stop == "trailing":
