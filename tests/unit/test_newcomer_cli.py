@@ -74,7 +74,7 @@ def test_a_result_tables_title_keeps_the_run_id_on_one_line() -> None:
     run_id = "0f0e4a52-6c3b-4c50-9a5e-0123456789ab"
     result = SimpleNamespace(
         strategy="./breakout.py:Breakout", symbols=["BTC/USDT:USDT"], timeframe="1m", run_id=run_id,
-        metrics=_ZeroMetrics(), fills=[], orders=[],
+        metrics=_ZeroMetrics(), fills=[], orders=[], rejections={},
     )  # fmt: skip
     console = Console(width=160, file=io.StringIO())
     console.print(summary_table(result))
