@@ -191,6 +191,12 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -687,6 +693,8 @@ SETTINGS = {
     "no-hand-over": LatencySetting(
         "no-hand-over", hand_over=False, note="batch lanes without the in-process hand-over: every hop is fetched"
     ),
+    "fetch-50ms": LatencySetting("fetch-50ms", fetch_max_wait_ms=50, note="default, fetch wait 50 ms"),
+    "fetch-200ms": LatencySetting("fetch-200ms", fetch_max_wait_ms=200, note="default, fetch wait 200 ms"),
     "every-10": LatencySetting("every-10", every=10, note="order on 1 bar in 10; otherwise default"),
     "every-10-no-confirm": LatencySetting(
         "every-10-no-confirm", every=10, confirm_outputs=False, note="order on 1 bar in 10; confirm_outputs off"
@@ -782,7 +790,7 @@ async def drive_latency(
                             submitted[rid] = (created, now, str(value.order.status))
 
     consumer_task = asyncio.create_task(consume())
-    achieved = 0.0
+    achieved = worker_cpu = 0.0
     load_before = loadavg()
     topic = catalogue.topic_name(CANDLES_TOPIC)
 
@@ -823,9 +831,11 @@ async def drive_latency(
         start_minute = warm_minutes + len(warm) // symbols + 1
         measured = bench_bars(int(rate * seconds), symbols, start_minute)
         load_before = loadavg()
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), process_cpu_seconds(worker.pid)
         await send_bars(measured, rate, record=True)
-        achieved = len(measured) / (time.perf_counter() - t_start)
+        sending = time.perf_counter() - t_start
+        achieved = len(measured) / sending
+        worker_cpu = (process_cpu_seconds(worker.pid) - cpu_start) / sending  # share of one core while sending
         wanted = set(sent_at)
         async with asyncio.timeout(drain_seconds):
             while True:
@@ -860,6 +870,7 @@ async def drive_latency(
     return {
         "bars": len(sent_at),
         "rate_achieved": achieved,
+        "worker_cpu": worker_cpu,
         "load_before": load_before,
         "load_after": loadavg(),
         "rate": rate,
@@ -1000,12 +1011,14 @@ def print_latency(results: list[dict[str, Any]]) -> None:
 def print_latency_goals(results: list[dict[str, Any]]) -> None:
     """The curve (bar sent → submission per setting and rate) and the issue's goals, met or not."""
     print("\n   curve: bar sent → submission (CreateTime), ms; 'answered' = measured bars submitted within the drain")
-    print(f"   {'setting':<22} {'rate/s':>7} {'achieved':>9} {'answered':>9} {'p50':>8} {'p99':>8} {'max':>8}")
+    print(f"   {'setting':<22} {'rate/s':>7} {'achieved':>9} {'answered':>9} {'p50':>8} {'p99':>8} {'max':>8} "
+          f"{'worker CPU':>10}  load")  # fmt: skip
     for r in results:
         values = r["event_to_submit_ms"]
         answered = f"{len(values)}/{r['bars']}"
         print(f"   {r['setting']:<22} {r['rate']:>7,.0f} {r['rate_achieved']:>9,.0f} {answered:>9} "
-              f"{pct(values, 50):>8.2f} {pct(values, 99):>8.2f} {max(values, default=float('nan')):>8.2f}")  # fmt: skip
+              f"{pct(values, 50):>8.2f} {pct(values, 99):>8.2f} {max(values, default=float('nan')):>8.2f} "
+              f"{r.get('worker_cpu', float('nan')):>9.0%}  {r['load_before'].split()[0]}")  # fmt: skip
     for rate in (100.0, 1000.0):
         runs = [r for r in results if r["setting"] == "default" and r["rate"] == rate]
         if not runs:
