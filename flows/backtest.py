@@ -16,8 +16,8 @@ data fingerprint — the file's SHA-256, or the database range —, sweep id and
 ``run_id`` is already stored is read back instead of recomputed (also after the cache expired). The
 default ``sweep_id`` is derived the same way from the grid, so a rerun sweep is the same sweep.
 
-Retries: only for the retryable family of ``meltica.errors`` (a database blip), never for a bad
-configuration or bad data.
+Retries: the flows' one rule (``flows._retry``): a task is retried only for the retryable family of
+``meltica.errors`` (a database blip, also mid-sweep), never for a refused login, a bad configuration or bad data.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task, unmapped
+from prefect import flow, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import TaskRunContext
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import scrub_secrets_in_logs
-from flows._retry import retry_only_retryable
+from flows._retry import meltica_task
 from meltica.backtest.config import BacktestConfig
 from meltica.backtest.data import BarSeries
 from meltica.backtest.engine import run_backtest
@@ -149,12 +149,10 @@ def _summary(result: BacktestResult, report_dir: Path | None) -> dict[str, Any]:
     }
 
 
-@task(
+@meltica_task(
+    "backtest run",
     name="backtest-run",
     task_run_name="backtest {config[strategy]} {config[symbol]}",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_only_retryable,
     cache_key_fn=_cache_key,
     cache_expiration=timedelta(days=7),
 )

@@ -14,12 +14,12 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows import scrub_secrets_in_logs
-from flows._retry import retry_only_retryable
+from flows._retry import meltica_task
 from meltica.adapters.base import ExchangeAdapter
 from meltica.errors import ConfigurationError
 from meltica.infra.postgres import database_url, ensure_schema_at_head
@@ -98,12 +98,7 @@ async def _ingest(
         engine.dispose()
 
 
-@task(
-    task_run_name="{kind} {exchange} {symbol} {timeframe}",
-    retries=3,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_only_retryable,
-)
+@meltica_task("ingestion", task_run_name="{kind} {exchange} {symbol} {timeframe}")
 def ingest_series(
     kind: str,
     exchange: str,

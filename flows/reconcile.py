@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from sqlalchemy.exc import OperationalError
 
 from flows import scrub_secrets_in_logs
-from flows._retry import retry_only_retryable
+from flows._retry import meltica_task
 from meltica.adapters.factory import adapter_for_account
 from meltica.config import load_settings
-from meltica.errors import InfrastructureUnavailableError, MelticaError
+from meltica.errors import MelticaError
 from meltica.infra.postgres import database_url
 from meltica.reconciliation import ReconcilePolicy, ReconciliationReport, markdown, reconcile_account
 from meltica.risk import KillSwitch, KillSwitchStore
 from meltica.storage.engine import make_engine
+from meltica.storage.errors import classify_database_error
 
 
 async def _reconcile(
@@ -37,9 +38,7 @@ async def _reconcile(
             kill_switch = KillSwitch(KillSwitchStore(engine))
         except OperationalError as exc:
             await adapter.close()
-            raise InfrastructureUnavailableError(
-                f"database unavailable: {type(exc.orig).__name__}", reason="database_unavailable"
-            ) from exc
+            raise classify_database_error(exc, "reconciliation: reading the kill switch", engine) or exc from None
         try:
             await adapter.connect()
             return await reconcile_account(
@@ -51,12 +50,7 @@ async def _reconcile(
         engine.dispose()
 
 
-@task(
-    retries=3,
-    retry_delay_seconds=[1, 5, 15],
-    retry_condition_fn=retry_only_retryable,
-    task_run_name="reconcile {account} ({trigger})",
-)
+@meltica_task("reconciliation", task_run_name="reconcile {account} ({trigger})")
 def reconcile_one(
     account: str, trigger: str, db_url: str, config_file: str | None, policy: ReconcilePolicy
 ) -> dict[str, Any]:

@@ -13,12 +13,12 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows import scrub_secrets_in_logs
-from flows._retry import retry_only_retryable
+from flows._retry import meltica_task
 from meltica.errors import ConfigurationError
 from meltica.infra.postgres import database_url
 from meltica.reporting.risk_report import build_risk_report, markdown, render_png, store_report
@@ -36,7 +36,7 @@ def _report_day(day: date | None) -> date:
     return previous
 
 
-@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_only_retryable)
+@meltica_task("risk report", task_run_name="risk report {day}")
 def compute_report(
     day: date, db_url: str, output_dir: str, limits: dict[str, Any] | None, marks: dict[str, Any] | None
 ) -> dict[str, Any]:

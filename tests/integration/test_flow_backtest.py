@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,3 +165,86 @@ def _latest_flow_run(flow_name: str) -> Any:
             return runs[0].id
 
     return asyncio.run(fetch())
+
+
+class FlakyDatabaseProxy:
+    """A TCP proxy in front of PostgreSQL whose first ``drop`` connections are closed at once (a database
+    outage as the client sees it); later connections are forwarded."""
+
+    def __init__(self, target: tuple[str, int], drop: int) -> None:
+        self.target, self.drop, self.dropped = target, drop, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.dropped < self.drop:
+                self.dropped += 1
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_database_outage_during_a_sweep_is_retried_and_the_sweep_completes(
+    prefect_api: None, fresh_database: Engine, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.backtest import sweep
+
+    url = fresh_database.url
+    proxy = FlakyDatabaseProxy((url.host or "127.0.0.1", url.port or 5432), drop=2)
+    try:
+        # One TCP connection per attempt (no SSL/GSS negotiation retried on a second connection).
+        through_proxy = url.set(port=proxy.port, query={**url.query, "sslmode": "disable", "gssencmode": "disable"})
+        state = sweep(
+            "momentum",
+            {"fast": [5, 10], "slow": [40]},
+            base_params=BASE,
+            start=START,
+            end=END,
+            data_file=str(DATA),
+            workers=2,
+            output_dir=str(tmp_path),
+            database=through_proxy.render_as_string(hide_password=False),
+            return_state=True,
+        )
+    finally:
+        proxy.close()
+    assert proxy.dropped == 2
+    assert state.is_completed(), state.message
+    assert len(state.result()["runs"]) == 2
+
+    async def run_counts() -> list[int]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+            return sorted(r.run_count for r in runs)
+
+    assert max(asyncio.run(run_counts())) >= 2  # a task hit the outage, was retried and then completed
+    with fresh_database.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM backtest_runs")).scalar_one() == 2
