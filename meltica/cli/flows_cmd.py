@@ -30,13 +30,15 @@ app = typer.Typer(no_args_is_help=True)
 
 # The deployment `meltica reconcile --now` triggers (prefect.yaml: flow `reconcile`, no schedule).
 RECONCILE_FLOW = "reconcile"
-RECONCILE_ON_DEMAND = "on-demand"
+RECONCILE_ON_DEMAND = "now"
 
 
 @app.command("deploy")
 @reports_errors
 def deploy() -> None:
-    """Create the `meltica` process work pool (if missing) and deploy every flow of prefect.yaml."""
+    """Deploy every flow of prefect.yaml from the checkout you are in (its flows run there), creating the
+    `meltica` process work pool if missing; prints each deployment as `flow/deployment`, the name
+    `prefect deployment run` takes."""
     result = deploy_flows()
     if result.created_pool:
         console.print(f"work pool {WORK_POOL} (process) created")
@@ -125,7 +127,7 @@ def _reconcile_local(account: list[str], config: str | None, as_json: bool) -> N
 
 @reports_errors
 def reconcile(
-    now: bool = typer.Option(False, "--now", help="Trigger the reconcile/on-demand deployment now."),
+    now: bool = typer.Option(False, "--now", help="Trigger the reconcile/now deployment."),
     local: bool = typer.Option(
         False, "--local", help="Reconcile in this process (no Prefect server) and print the report."
     ),
@@ -147,7 +149,7 @@ def reconcile(
     if not now:
         where = prefect_api_url() or "PREFECT_API_URL (unset)"
         console.print(
-            f"reconcile/scheduled runs every 15 minutes on the Prefect server at {where}; "
+            f"reconcile/every-15-minutes runs on the Prefect server at {where}; "
             "use `meltica reconcile --now` to trigger one, or `meltica reconcile --local` to run one here",
             highlight=False,
         )

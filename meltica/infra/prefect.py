@@ -35,6 +35,7 @@ __all__ = [
     "prefect_api_url",
     "prefect_executable",
     "prefect_status",
+    "project_checkout",
     "require_server_url",
     "server_command",
 ]
@@ -179,6 +180,15 @@ class PrefectApi:
         rows = self._call("POST", "/deployments/filter", {"limit": 200})
         return sorted(f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in rows)
 
+    def deployment_names_by_entrypoint(self) -> dict[tuple[str, str], str]:
+        """``(entrypoint, deployment name) -> "flow name/deployment name"`` for every deployment on the server:
+        the flow's real name (``@flow(name=…)``), which ``prefect deployment run`` needs, not its function's."""
+        flows = {f["id"]: f["name"] for f in self._call("POST", "/flows/filter", {"limit": 200})}
+        rows = self._call("POST", "/deployments/filter", {"limit": 200})
+        return {
+            (str(d.get("entrypoint")), str(d["name"])): f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in rows
+        }
+
     def create_flow_run(self, flow_name: str, deployment_name: str, parameters: dict[str, Any]) -> FlowRunInfo:
         deployment_id = self.deployment_id(flow_name, deployment_name)
         run = self._call("POST", f"/deployments/{deployment_id}/create_flow_run", {"parameters": parameters})
@@ -277,15 +287,28 @@ def _last_lines(text: str, count: int = 6) -> str:
     return " | ".join(lines[-count:])
 
 
+def project_checkout(start: Path | None = None) -> Path:
+    """The checkout to deploy: the nearest directory holding ``prefect.yaml`` and ``flows/`` from ``start``
+    (default: the current directory) upwards — the checkout the operator is in, not the one the virtualenv's
+    package was installed from; that one only when the current directory is in no checkout."""
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "prefect.yaml").is_file() and (candidate / "flows").is_dir():
+            return candidate
+    return repo_root()
+
+
 def deploy_flows(root: Path | None = None, timeout: float = 300.0) -> DeployResult:
     """Create the ``meltica`` process work pool if missing, then deploy every flow of ``prefect.yaml``.
 
-    Runs the venv's ``prefect`` as a subprocess from the repository root with ``MELTICA_HOME`` set (the
-    deployments' pull step makes workers run flows from there). A deployment whose flow file is not in
-    this checkout is skipped (``prefect deploy`` imports every entrypoint and would fail on it).
+    Runs the venv's ``prefect`` as a subprocess from the checkout (``root``, default
+    :func:`project_checkout`) with ``MELTICA_HOME`` set to it: the deployments' pull step and their
+    ``PYTHONPATH`` make workers run the flows — and ``meltica`` — from that checkout. A deployment whose flow
+    file is not in this checkout is skipped (``prefect deploy`` imports every entrypoint and would fail on it).
+    ``deployed`` lists the names ``prefect deployment run`` accepts: ``<flow name>/<deployment name>``.
     """
     url = require_server_url()
-    root = (root or repo_root()).resolve()
+    root = (root or project_checkout()).resolve()
     project_file = root / "prefect.yaml"
     specs = deployment_specs(project_file)
     present = [s for s in specs if (root / s.path).is_file()]
@@ -309,7 +332,9 @@ def deploy_flows(root: Path | None = None, timeout: float = 300.0) -> DeployResu
     output = done.stdout + done.stderr
     if done.returncode != 0:
         raise InfrastructureError(f"`prefect deploy` failed: {_last_lines(output)}")
-    return DeployResult([s.selector for s in present], skipped, created_pool, output)
+    deployed = api.deployment_names_by_entrypoint()
+    names = [deployed.get((s.entrypoint, s.name), s.selector) for s in present]
+    return DeployResult(names, skipped, created_pool, output)
 
 
 def server_command(host: str = "127.0.0.1", port: int = 4200) -> list[str]:

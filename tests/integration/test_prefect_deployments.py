@@ -30,13 +30,25 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 # Every deployment of prefect.yaml, as `flow/deployment`.
 EXPECTED_DEPLOYMENTS = {
-    "ingest/scheduled",
+    "ingest/hourly",
     "daily-risk-report/daily",
-    "reconcile/scheduled",
-    "reconcile/on-demand",
-    "backtest/on-demand",
-    "backtest-sweep/on-demand",
-    "import-candle-file/import-candle-file",
+    "reconcile/every-15-minutes",
+    "reconcile/now",
+    "backtest/run-backtest",
+    "backtest-sweep/run-sweep",
+    "import-candle-file/import-file",
+}
+
+# The parameters without a default, per on-demand deployment.
+REQUIRED: dict[str, dict[str, Any]] = {
+    "backtest/run-backtest": {"strategy": "momentum"},
+    "backtest-sweep/run-sweep": {"strategy": "momentum", "grid_space": {"fast": [5, 10]}},
+    "import-candle-file/import-file": {
+        "path": "bars.csv",
+        "exchange": "binance",
+        "symbol": "BTC/USDT",
+        "timeframe": "1m",
+    },
 }
 
 
@@ -182,13 +194,13 @@ def test_reconcile_now_runs_on_a_process_worker(
     assert "skipped" not in deployed.stdout
     schedules = {name: [s["schedule"] for s in d["schedules"]] for name, d in deployments.items()}
     assert schedules["daily-risk-report/daily"] == [{"cron": "5 0 * * *", "timezone": "UTC", "day_or": True}]
-    assert schedules["reconcile/scheduled"][0]["interval"] == 900
-    assert schedules["ingest/scheduled"][0]["interval"] == 3600
+    assert schedules["reconcile/every-15-minutes"][0]["interval"] == 900
+    assert schedules["ingest/hourly"][0]["interval"] == 3600
     assert all(d["work_pool_name"] == "meltica" for d in deployments.values())
-    for on_demand in ("reconcile/on-demand", "backtest/on-demand", "backtest-sweep/on-demand"):
+    for on_demand in ("reconcile/now", "backtest/run-backtest", "backtest-sweep/run-sweep"):
         assert not schedules[on_demand], on_demand
     # Workers run the flows from this checkout (the pull step), wherever the worker was started.
-    assert deployments["reconcile/on-demand"]["pull_steps"] == [
+    assert deployments["reconcile/now"]["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
     ]
 
@@ -215,7 +227,7 @@ def test_reconcile_now_runs_on_a_process_worker(
         assert match, run.stdout
         flow_run = _get(f"{prefect_server}/flow_runs/{match.group(1)}")
         assert flow_run["state"]["type"] == "COMPLETED", _tail(worker_log)
-        assert flow_run["deployment_id"] == deployments["reconcile/on-demand"]["id"]
+        assert flow_run["deployment_id"] == deployments["reconcile/now"]["id"]
         assert flow_run["parameters"]["trigger"] == "cli"
         assert flow_run["parameters"]["accounts"] == ["emu"]
         # The flow reconciled the account against the emulator and stored the run.
@@ -224,6 +236,67 @@ def test_reconcile_now_runs_on_a_process_worker(
         assert stored == 1
     finally:
         _stop(worker)
+
+
+def test_a_deployment_from_a_second_checkout_runs_that_checkout(
+    prefect_server: str, prefect_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`meltica flows deploy` run in another checkout (same virtualenv) binds the deployments to that checkout;
+    every name it prints is one `prefect deployment run` accepts."""
+    import shutil
+
+    checkout = tmp_path / "second-checkout"
+    checkout.mkdir()
+    shutil.copy(ROOT / "prefect.yaml", checkout / "prefect.yaml")
+    shutil.copytree(ROOT / "flows", checkout / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    env = prefect_env
+    deployed = subprocess.run(
+        [sys.executable, "-m", "meltica", "flows", "deploy"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    printed = re.findall(r"deployed (\S+)", deployed.stdout)
+    assert set(printed) == EXPECTED_DEPLOYMENTS, deployed.stdout
+    for name in printed:  # scheduled a day ahead: the worker below does not pick them up
+        accepted = subprocess.run(
+            [PREFECT, "deployment", "run", name, "--start-in", "1 day", "--params", json.dumps(REQUIRED.get(name, {}))],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert accepted.returncode == 0, f"{name}: {accepted.stdout}{accepted.stderr}"
+
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("wb") as out:
+        worker = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", "meltica", "--type", "process"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        run = subprocess.run(
+            [PREFECT, "deployment", "run", "daily-risk-report/daily", "-p", "day=2026-01-05", "--watch"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert run.returncode == 0, f"{run.stdout}{run.stderr}\nworker:\n{_tail(worker_log)}"
+    finally:
+        _stop(worker)
+    # The run wrote its files (relative output_dir) in the checkout it was deployed from.
+    assert (checkout / "out" / "risk-reports" / "risk-report-2026-01-05.md").is_file(), _tail(worker_log)
+    assert not (ROOT / "out" / "risk-reports" / "risk-report-2026-01-05.md").exists()
 
 
 def test_reconcile_now_without_a_server_is_one_clear_line(tmp_path: Path) -> None:
