@@ -185,9 +185,7 @@ class PrefectApi:
         the flow's real name (``@flow(name=…)``), which ``prefect deployment run`` needs, not its function's."""
         flows = {f["id"]: f["name"] for f in self._call("POST", "/flows/filter", {"limit": 200})}
         rows = self._call("POST", "/deployments/filter", {"limit": 200})
-        return {
-            (str(d.get("entrypoint")), str(d["name"])): f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in rows
-        }
+        return {(str(d.get("entrypoint")), str(d["name"])): f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in rows}
 
     def create_flow_run(self, flow_name: str, deployment_name: str, parameters: dict[str, Any]) -> FlowRunInfo:
         deployment_id = self.deployment_id(flow_name, deployment_name)
