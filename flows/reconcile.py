@@ -12,7 +12,7 @@ import asyncio
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from sqlalchemy.exc import OperationalError
 
 from flows import scrub_secrets_in_logs
@@ -90,6 +90,26 @@ def reconcile(
     body = "\n".join(r["markdown"] for r in results) or "No account reconciled.\n"
     if failures:
         body += "\n### Failed\n\n" + "\n".join(f"- `{name}`: {type(exc).__name__}: {exc}" for name, exc in failures)
+    # One row per account: what `meltica reconcile --now --watch` prints and decides its exit status on.
+    create_table_artifact(
+        key="reconciliation-summary",
+        table=[
+            {
+                "account": r["account"],
+                "status": r["status"],
+                "discrepancies": r["discrepancies"],
+                "adopted": r["adopted"],
+                "halted": ", ".join(r["halted_scopes"]),
+                "error": "",
+            }
+            for r in results
+        ]
+        + [
+            {"account": name, "status": "failed", "discrepancies": "", "adopted": "", "halted": "", "error": str(exc)}
+            for name, exc in failures
+        ],
+        description=f"Reconciliation ({trigger}): one row per account",
+    )
     create_markdown_artifact(
         key="reconciliation",
         markdown=body,

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from meltica.cli._common import EXIT_BAD_INPUT, EXIT_FAILURE, console, err_console, reports_errors
 from meltica.errors import ConfigurationError
@@ -136,7 +137,12 @@ def reconcile(
         None, "--config", help="Configuration file (with --now: a path the flow's worker can read)."
     ),
     as_json: bool = typer.Option(False, "--json", help="With --local: the outcomes as JSON on stdout."),
-    watch: bool = typer.Option(False, "--watch", help="Wait for the run to finish; exit 1 unless it completed."),
+    watch: bool = typer.Option(
+        False,
+        "--watch",
+        help="Wait for the run to finish and print its outcome: why it failed, or what it found per account; "
+        "exit 1 when it failed or engaged the kill switch.",
+    ),
     timeout: float = typer.Option(600.0, "--timeout", help="With --watch: seconds to wait at most."),
 ) -> None:
     """Reconcile accounts against the exchanges: every 15 minutes on schedule, now with --now (Prefect), or in
@@ -168,5 +174,27 @@ def reconcile(
     final = api.wait_for_flow_run(run.id, timeout=timeout, on_change=_print_state)
     if final.state_type != "COMPLETED":
         reason = "still " + final.state_name if not final.is_final else final.state_name
-        err_console.print(f"[bold red]error:[/] flow run {final.id} {reason}", highlight=False)
+        why = f": {escape(final.message)}" if final.message and final.is_final else ""
+        err_console.print(f"[bold red]error:[/] flow run {final.id} {reason}{why}", highlight=False, markup=True)
+        raise typer.Exit(EXIT_FAILURE)
+    _print_outcome(api, final.id)
+
+
+def _print_outcome(api: PrefectApi, flow_run_id: str) -> None:
+    """The summary of a completed reconciliation run (its `reconciliation-summary` table artifact); exit 1
+    when it engaged the kill switch on any scope, like `--local`."""
+    summary = api.flow_run_artifacts(flow_run_id).get("reconciliation-summary")
+    rows: list[dict[str, object]] = list(summary["data"]) if summary and isinstance(summary["data"], list) else []
+    if not rows:
+        err_console.print("[yellow]![/] the run published no reconciliation summary", highlight=False)
+        return
+    halted = [r for r in rows if r.get("halted")]
+    for r in rows:
+        line = f"{r['account']}: {r['status']}, {r['discrepancies']} discrepancies ({r['adopted']} adopted)"
+        console.print(line + (f", kill switch engaged on {r['halted']}" if r.get("halted") else ""), highlight=False)
+    if halted:
+        for r in halted:
+            err_console.print(
+                f"[bold red]halt needed:[/] {r['account']}: kill switch engaged on {r['halted']}", highlight=False
+            )
         raise typer.Exit(EXIT_FAILURE)

@@ -95,6 +95,7 @@ class FlowRunInfo:
     state_type: str
     state_name: str
     deployment: str = ""
+    message: str = ""  # the state's message: why a run failed or crashed
 
     @property
     def is_final(self) -> bool:
@@ -195,6 +196,17 @@ class PrefectApi:
     def flow_run(self, flow_run_id: str) -> FlowRunInfo:
         return _flow_run_info(self._call("GET", f"/flow_runs/{urllib.parse.quote(flow_run_id)}"))
 
+    def flow_run_artifacts(self, flow_run_id: str) -> dict[str, dict[str, Any]]:
+        """The artifacts a flow run published, by key (``type`` and ``data``: markdown text, or a table's rows)."""
+        rows = self._call("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+        out: dict[str, dict[str, Any]] = {}
+        for row in rows or []:
+            data = row.get("data")
+            if row.get("type") == "table" and isinstance(data, str):
+                data = json.loads(data)
+            out[str(row.get("key"))] = {"type": row.get("type"), "data": data}
+        return out
+
     def wait_for_flow_run(
         self,
         flow_run_id: str,
@@ -223,6 +235,7 @@ def _flow_run_info(run: dict[str, Any], deployment: str = "") -> FlowRunInfo:
         state_type=str(state.get("type") or run.get("state_type") or "PENDING"),
         state_name=str(state.get("name") or run.get("state_name") or "Pending"),
         deployment=deployment,
+        message=str(state.get("message") or ""),
     )
 
 

@@ -145,7 +145,7 @@ def emulator_config(prefect_env: dict[str, str], free_port: Callable[[], int], t
     log = tmp_path / "emulator.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*emulator, "--api-key", key],
+            [*emulator, "--api-key", key, "--price", "BTCUSDT=40000"],  # a synthetic book to trade against
             env={**prefect_env, "MELTICA_EMULATOR_API_SECRET": secret},
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -176,6 +176,25 @@ def emulator_config(prefect_env: dict[str, str], free_port: Callable[[], int], t
         yield config
     finally:
         _stop(proc)
+
+
+def _trade_by_hand(config: Path, env: dict[str, str]) -> None:
+    """A market sell on the emulator account through ccxt's own binance class, as a person trading by hand would."""
+    import ccxt
+
+    from meltica.emulator import CCXT_OPTIONS, ccxt_urls_for
+
+    [url] = re.findall(r"emulator_url: (\S+)", config.read_text())
+    venue = ccxt.binance(
+        {
+            "apiKey": env["FLOWS_EMU_KEY"],
+            "secret": env["FLOWS_EMU_SECRET"],
+            "urls": {"api": ccxt_urls_for(url)},
+            "options": dict(CCXT_OPTIONS),
+        }
+    )
+    order = venue.create_order("BTC/USDT", "market", "sell", 0.001)
+    assert order["filled"] == 0.001, order
 
 
 def test_reconcile_now_runs_on_a_process_worker(
@@ -230,10 +249,30 @@ def test_reconcile_now_runs_on_a_process_worker(
         assert flow_run["deployment_id"] == deployments["reconcile/now"]["id"]
         assert flow_run["parameters"]["trigger"] == "cli"
         assert flow_run["parameters"]["accounts"] == ["emu"]
-        # The flow reconciled the account against the emulator and stored the run.
+        # The flow reconciled the account against the emulator and stored the run; the CLI says what it found.
         with fresh_database.connect() as conn:
             stored = conn.execute(text("SELECT count(*) FROM reconciliation_runs WHERE account = 'emu'")).scalar_one()
         assert stored == 1
+        assert "emu: completed, 0 discrepancies" in run.stdout, run.stdout
+
+        # A failed run: the CLI prints why (the reason was only in the UI), and exits 1.
+        unknown = _meltica(
+            ["reconcile", "--now", "--watch", "--timeout", "90", "--account", "nope", "--config", str(emulator_config)],
+            env,
+            timeout=150,
+        )
+        assert unknown.returncode == 1, unknown.stdout + unknown.stderr
+        assert "Failed" in unknown.stderr and "no account named 'nope'" in unknown.stderr, unknown.stderr
+
+        # A trade Meltica never sent (someone traded by hand): the run halts the account, the CLI exits 1.
+        _trade_by_hand(emulator_config, env)
+        halted = _meltica(
+            ["reconcile", "--now", "--watch", "--timeout", "90", "--account", "emu", "--config", str(emulator_config)],
+            env,
+            timeout=150,
+        )
+        assert halted.returncode == 1, f"{halted.stdout}{halted.stderr}\nworker:\n{_tail(worker_log)}"
+        assert "halt needed: emu: kill switch engaged on account:emu" in halted.stderr, halted.stdout + halted.stderr
     finally:
         _stop(worker)
 
