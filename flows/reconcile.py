@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from sqlalchemy.exc import OperationalError
 
-from flows import scrub_secrets_in_logs
+from flows import config_file_of, scrub_secrets_in_logs
 from flows._retry import meltica_task
 from meltica.adapters.factory import adapter_for_account
 from meltica.config import load_settings
@@ -75,6 +75,7 @@ def reconcile(
     """Reconcile ``accounts`` (default: every configured account); one markdown artifact lists the
     discrepancies of all of them. Fails (after storing what it could) if any account failed."""
     scrub_secrets_in_logs()
+    config_file = config_file_of(config_file)
     settings = load_settings(config_file=config_file)
     names = accounts or [a.name for a in settings.accounts]
     db_url = database or database_url()

@@ -17,8 +17,9 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows import scrub_secrets_in_logs
+from flows import config_file_of, scrub_secrets_in_logs
 from flows._retry import meltica_task
+from meltica.config import load_settings
 from meltica.errors import ConfigurationError
 from meltica.infra.postgres import database_url
 from meltica.reporting.risk_report import build_risk_report, markdown, render_png, store_report
@@ -36,22 +37,37 @@ def _report_day(day: date | None) -> date:
     return previous
 
 
+def _limits(limits: dict[str, Any] | None, config_file: str | None) -> tuple[RiskConfig, str]:
+    """The limits to measure utilisation against, and where they come from: ``limits`` when given, else the
+    ``risk`` section of the configuration the trading runs with (``config_file``, else ``MELTICA_CONFIG``/
+    ``MELTICA_ENV``'s file)."""
+    if limits is not None:
+        return RiskConfig.model_validate(limits), "the flow run's `limits` parameter"
+    path = config_file_of(config_file)
+    settings = load_settings(config_file=path)
+    return settings.risk, f"the `risk` section of {path or f'the {settings.environment} configuration'}"
+
+
 @meltica_task("risk report", task_run_name="risk report {day}")
 def compute_report(
-    day: date, db_url: str, output_dir: str, limits: dict[str, Any] | None, marks: dict[str, Any] | None
+    day: date,
+    db_url: str,
+    output_dir: str,
+    limits: dict[str, Any] | None,
+    marks: dict[str, Any] | None,
+    config_file: str | None = None,
 ) -> dict[str, Any]:
+    risk, limits_source = _limits(limits, config_file)
     engine = make_engine(db_url)
     try:
-        report = build_risk_report(
-            engine, day, limits=RiskConfig.model_validate(limits) if limits is not None else None, marks=marks
-        )
+        report = build_risk_report(engine, day, limits=risk, marks=marks)
         key = store_report(engine, report)
     finally:
         engine.dispose()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = render_png(report, out / f"risk-report-{day.isoformat()}.png")
-    text = markdown(report, chart_url=png.resolve().as_uri())
+    text = markdown(report, chart_url=png.resolve().as_uri(), limits_source=limits_source)
     md = out / f"risk-report-{day.isoformat()}.md"
     md.write_text(text, encoding="utf-8")
     js = out / f"risk-report-{day.isoformat()}.json"
@@ -64,6 +80,7 @@ def compute_report(
         "markdown_file": md.resolve().as_uri(),
         "json_file": js.resolve().as_uri(),
         "breaches": len(report.breached_limits) + len(report.breaches),
+        "limits_source": limits_source,
         "pnl": {line.account: str(line.pnl) for line in report.by_account},
     }
 
@@ -75,12 +92,15 @@ def daily_risk_report(
     output_dir: str = "out/risk-reports",
     limits: dict[str, Any] | None = None,
     marks: dict[str, Any] | None = None,
+    config_file: str | None = None,
 ) -> dict[str, Any]:
     """The risk report of the UTC ``day`` (default: the day before the scheduled start). ``limits``: a
-    ``risk`` configuration section (``RiskConfig``); ``marks``: day-end prices by symbol."""
+    ``risk`` configuration section (``RiskConfig``) to use instead of the configured one (the ``risk`` section
+    of ``config_file``, else of ``MELTICA_CONFIG``/the ``MELTICA_ENV`` file); ``marks``: day-end prices by
+    symbol."""
     scrub_secrets_in_logs()
     the_day = _report_day(day)
-    summary = compute_report(the_day, database or database_url(), output_dir, limits, marks)
+    summary = compute_report(the_day, database or database_url(), output_dir, limits, marks, config_file)
     create_markdown_artifact(
         key="risk-report",
         markdown=summary["markdown"],
