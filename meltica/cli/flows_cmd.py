@@ -36,15 +36,28 @@ RECONCILE_ON_DEMAND = "now"
 
 @app.command("deploy")
 @reports_errors
-def deploy() -> None:
+def deploy(
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="Configuration file every flow run reads (default: MELTICA_CONFIG, else the MELTICA_ENV file); "
+        "a path the worker can read.",
+    ),
+) -> None:
     """Deploy every flow of prefect.yaml from the checkout you are in (its flows run there), creating the
     `meltica` process work pool if missing; prints each deployment as `flow/deployment`, the name
     `prefect deployment run` takes."""
-    result = deploy_flows()
+    result = deploy_flows(config_file=config)
     if result.created_pool:
         console.print(f"work pool {WORK_POOL} (process) created")
+    console.print(f"flow runs read {result.config_file or 'the MELTICA_ENV configuration'}", highlight=False)
     for name in result.deployed:
         console.print(f"[green]✓[/] deployed {name}", highlight=False)
+    for name, why in result.paused.items():
+        console.print(
+            f"[yellow]⏸[/] {name}: schedule paused: {escape(why)}; fix it and deploy again, or resume it in the UI",
+            highlight=False,
+        )
     for name in result.skipped:
         console.print(f"[yellow]![/] skipped {name}: its flow file is not in this checkout", highlight=False)
     console.print(f"start a worker: prefect worker start --pool {WORK_POOL}", highlight=False)

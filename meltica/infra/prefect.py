@@ -16,7 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,17 @@ class PrefectApi:
             ) from None
         return str(deployment["id"])
 
+    def deployment(self, flow_name: str, deployment_name: str) -> dict[str, Any]:
+        path = f"/deployments/name/{urllib.parse.quote(flow_name)}/{urllib.parse.quote(deployment_name)}"
+        found: dict[str, Any] = self._call("GET", path)
+        return found
+
+    def set_paused(self, deployment_id: str, paused: bool, description: str | None) -> None:
+        """Pause (or resume) a deployment's schedules; ``description`` replaces its description when given."""
+        if description is not None:
+            self._call("PATCH", f"/deployments/{deployment_id}", {"description": description})
+        self._call("POST", f"/deployments/{deployment_id}/{'pause' if paused else 'resume'}_deployment")
+
     def deployment_names(self) -> list[str]:
         """``flow/deployment`` for every deployment on the server."""
         flows = {f["id"]: f["name"] for f in self._call("POST", "/flows/filter", {"limit": 200})}
@@ -276,6 +287,52 @@ class DeployResult:
     skipped: list[str]
     created_pool: bool
     output: str
+    paused: dict[str, str] = field(default_factory=dict)  # flow/deployment -> why its schedule is paused
+    config_file: str = ""
+
+
+# Where the scheduled ingest (prefect.yaml: exchange binance, no emulator) fetches its bars.
+INGEST_VENUE = ("api.binance.com", 443)
+
+
+def schedule_prerequisites(config_file: Path | None, probe_timeout: float = 3.0) -> dict[str, str]:
+    """``flow/deployment -> what is missing`` for each scheduled deployment that would fail on every run here:
+    the 15-minute reconciliation without an account that has a venue and credentials in the configuration,
+    the hourly ingest without a connection to the exchange. Checked from the deploying shell, which should
+    have the worker's environment."""
+    import socket
+
+    from meltica.adapters.factory import ccxt_credentials
+    from meltica.config import load_settings
+    from meltica.errors import MelticaError
+
+    missing: dict[str, str] = {}
+    where = str(config_file) if config_file is not None else "the MELTICA_ENV configuration"
+    try:
+        settings = load_settings(config_file=config_file)
+    except MelticaError as exc:
+        missing["reconcile/every-15-minutes"] = f"the configuration cannot be loaded ({exc})"
+    else:
+        venues = [a for a in settings.accounts if a.exchange != "paper"]
+        if not venues:
+            missing["reconcile/every-15-minutes"] = f"no account with an exchange in {where}"
+        else:
+            for account in venues:
+                try:
+                    keys = ccxt_credentials(account, allow_plaintext=settings.environment != "prod")
+                except MelticaError as exc:
+                    keys, why = {}, str(exc)
+                else:
+                    why = "no api_key configured"
+                if not keys.get("apiKey"):
+                    missing["reconcile/every-15-minutes"] = f"account {account.name!r} has no usable keys: {why}"
+                    break
+    try:
+        with socket.create_connection(INGEST_VENUE, timeout=probe_timeout):
+            pass
+    except OSError as exc:
+        missing["ingest/hourly"] = f"{INGEST_VENUE[0]} cannot be reached from here ({exc})"
+    return missing
 
 
 def _run_prefect(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -309,7 +366,7 @@ def project_checkout(start: Path | None = None) -> Path:
     return repo_root()
 
 
-def deploy_flows(root: Path | None = None, timeout: float = 300.0) -> DeployResult:
+def deploy_flows(root: Path | None = None, timeout: float = 300.0, config_file: Path | None = None) -> DeployResult:
     """Create the ``meltica`` process work pool if missing, then deploy every flow of ``prefect.yaml``.
 
     Runs the venv's ``prefect`` as a subprocess from the checkout (``root``, default
@@ -317,6 +374,10 @@ def deploy_flows(root: Path | None = None, timeout: float = 300.0) -> DeployResu
     ``PYTHONPATH`` make workers run the flows — and ``meltica`` — from that checkout. A deployment whose flow
     file is not in this checkout is skipped (``prefect deploy`` imports every entrypoint and would fail on it).
     ``deployed`` lists the names ``prefect deployment run`` accepts: ``<flow name>/<deployment name>``.
+
+    ``config_file`` (else ``MELTICA_CONFIG``) becomes every flow run's ``MELTICA_CONFIG``. A scheduled deployment
+    whose prerequisites are missing (:func:`schedule_prerequisites`) is paused, its description saying why;
+    deploying again once they are met resumes it.
     """
     url = require_server_url()
     root = (root or project_checkout()).resolve()
@@ -324,7 +385,13 @@ def deploy_flows(root: Path | None = None, timeout: float = 300.0) -> DeployResu
     specs = deployment_specs(project_file)
     present = [s for s in specs if (root / s.path).is_file()]
     skipped = [s.selector for s in specs if s not in present]
-    env = {**os.environ, "PREFECT_API_URL": url, "MELTICA_HOME": str(root)}
+    chosen = config_file or (Path(os.environ["MELTICA_CONFIG"]) if os.environ.get("MELTICA_CONFIG") else None)
+    if chosen is not None:
+        chosen = chosen.expanduser().resolve()
+        if not chosen.is_file():
+            raise ConfigurationError(f"configuration file {chosen} does not exist", source=str(chosen))
+    config_text = str(chosen) if chosen is not None else ""
+    env = {**os.environ, "PREFECT_API_URL": url, "MELTICA_HOME": str(root), "MELTICA_CONFIG": config_text}
 
     api = PrefectApi(url)
     created_pool = False
@@ -345,7 +412,19 @@ def deploy_flows(root: Path | None = None, timeout: float = 300.0) -> DeployResu
         raise InfrastructureError(f"`prefect deploy` failed: {_last_lines(output)}")
     deployed = api.deployment_names_by_entrypoint()
     names = [deployed.get((s.entrypoint, s.name), s.selector) for s in present]
-    return DeployResult(names, skipped, created_pool, output)
+    missing = schedule_prerequisites(chosen)
+    paused: dict[str, str] = {}
+    for name in names:
+        flow_name, deployment_name = name.split("/", 1)
+        deployment = api.deployment(flow_name, deployment_name)
+        if not deployment.get("schedules"):
+            continue
+        if name in missing:
+            paused[name] = missing[name]
+            api.set_paused(deployment["id"], True, f"PAUSED: {missing[name]}. {deployment.get('description') or ''}")
+        else:
+            api.set_paused(deployment["id"], False, None)
+    return DeployResult(names, skipped, created_pool, output, paused, config_text)
 
 
 def server_command(host: str = "127.0.0.1", port: int = 4200) -> list[str]:

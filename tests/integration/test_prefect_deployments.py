@@ -203,7 +203,7 @@ def test_reconcile_now_runs_on_a_process_worker(
     env = prefect_env
 
     # Deploy: the work pool is created and every deployment of prefect.yaml exists on the server.
-    deployed = _meltica(["flows", "deploy"], env, timeout=240)
+    deployed = _meltica(["flows", "deploy", "--config", str(emulator_config)], env, timeout=240)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     pool = _get(prefect_server + "/work_pools/meltica")
     assert pool["type"] == "process"
@@ -218,6 +218,9 @@ def test_reconcile_now_runs_on_a_process_worker(
     assert all(d["work_pool_name"] == "meltica" for d in deployments.values())
     for on_demand in ("reconcile/now", "backtest/run-backtest", "backtest-sweep/run-sweep"):
         assert not schedules[on_demand], on_demand
+    # The configuration given at deploy time is every run's; with an account to reconcile, the schedule is on.
+    assert deployments["reconcile/every-15-minutes"]["job_variables"]["env"]["MELTICA_CONFIG"] == str(emulator_config)
+    assert not deployments["reconcile/every-15-minutes"]["paused"], deployed.stdout
     # Workers run the flows from this checkout (the pull step), wherever the worker was started.
     assert deployments["reconcile/now"]["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
@@ -301,6 +304,13 @@ def test_a_deployment_from_a_second_checkout_runs_that_checkout(
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     printed = re.findall(r"deployed (\S+)", deployed.stdout)
     assert set(printed) == EXPECTED_DEPLOYMENTS, deployed.stdout
+    # No configuration with an account to reconcile: that schedule is created paused, saying why.
+    flows = {f["id"]: f["name"] for f in _post(prefect_server + "/flows/filter", {})}
+    made = {f"{flows[d['flow_id']]}/{d['name']}": d for d in _post(prefect_server + "/deployments/filter", {})}
+    reconcile = made["reconcile/every-15-minutes"]
+    assert reconcile["paused"] and reconcile["description"].startswith("PAUSED: "), reconcile["description"]
+    assert "reconcile/every-15-minutes: schedule paused" in deployed.stdout
+    assert not made["daily-risk-report/daily"]["paused"]
     for name in printed:  # scheduled a day ahead: the worker below does not pick them up
         accepted = subprocess.run(
             [PREFECT, "deployment", "run", name, "--start-in", "1 day", "--params", json.dumps(REQUIRED.get(name, {}))],
