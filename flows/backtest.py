@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -52,6 +52,10 @@ from meltica.errors import ConfigurationError, DataValidationError
 from meltica.infra.postgres import database_url
 from meltica.storage.engine import make_engine
 from meltica.storage.tables import backtest_runs
+from meltica.strategies.registry import list_strategies
+
+# The run forms offer the registered strategies as a choice.
+StrategyName = Literal[tuple(list_strategies())]  # type: ignore[valid-type]
 
 _NAMESPACE = uuid.UUID("6f1d3c2a-8a43-4f57-9a1e-0b9e4c1f7d21")
 CHARTS = ("equity.png", "drawdown.png", "positions.png")
@@ -152,7 +156,7 @@ def _summary(result: BacktestResult, report_dir: Path | None) -> dict[str, Any]:
 @meltica_task(
     "backtest run",
     name="backtest-run",
-    task_run_name="backtest {config[strategy]} {config[symbol]}",
+    task_run_name="backtest {label}",
     cache_key_fn=_cache_key,
     cache_expiration=timedelta(days=7),
 )
@@ -164,8 +168,10 @@ def run_backtest_task(
     output_dir: str | None,
     sweep_id: str | None,
     code_version: str,
+    label: str = "",
 ) -> dict[str, Any]:
-    """Run (or read back) one backtest; save it, write its files and report; return a small summary."""
+    """Run (or read back) one backtest (``label`` names the task run: strategy, symbol, grid point); save it,
+    write its files and report; return a small summary."""
     cfg = BacktestConfig.create(config)
     run_id = uuid.uuid5(_NAMESPACE, _run_key(config, fingerprint, sweep_id, code_version))
     report_dir = Path(output_dir) / str(run_id) if output_dir else None
@@ -239,7 +245,7 @@ def _links(summary: Mapping[str, Any], prefix: str) -> None:
     validate_parameters=True,
 )
 def backtest(
-    strategy: str,
+    strategy: StrategyName,
     params: dict[str, Any] | None = None,
     symbol: str = "BTC/USDT",
     exchange: str = "binance",
@@ -251,15 +257,36 @@ def backtest(
     output_dir: str | None = "out/backtests",
     database: str | None = None,
 ) -> dict[str, Any]:
-    """One backtest. ``fill_model``: ``BacktestConfig`` fields (``maker_fee_bps``, ``taker_fee_bps``,
-    ``slippage_bps``, ``latency_ms``, ``bar_volume_share``, ``fill_on_touch``, ``initial_balances``…).
-    ``data_file``: a candle file (else the stored candles of ``exchange``/``symbol``/``timeframe``).
-    ``start``/``end``: the bar range (end exclusive). Returns the summary (run id, metrics, file URLs)."""
+    """One backtest; returns the summary (run id, metrics, file URLs). The parameters are checked against the
+    strategy's parameter model before any task runs (a bad value fails the run at once, naming the field).
+
+    Args:
+        strategy: A registered strategy.
+        params: The strategy's parameters, e.g. {"fast": 10, "slow": 40, "quantity": "0.01"}.
+        symbol: Market symbol, e.g. BTC/USDT.
+        exchange: Exchange whose stored candles are used (without data_file).
+        timeframe: Bar timeframe, e.g. 1m, 1h.
+        start: First bar (UTC); empty: from the first available bar.
+        end: End of the bar range (UTC, exclusive); empty: to the last available bar.
+        data_file: A candle file (CSV, Feather, Parquet) on the worker; empty: the stored candles.
+        fill_model: Fill model and account fields: maker_fee_bps, taker_fee_bps, slippage_bps, latency_ms,
+            bar_volume_share, fill_on_touch, initial_balances.
+        output_dir: Directory on the worker for the run's files (relative: in the deployed checkout).
+        database: Database URL; empty: the configured database (MELTICA_DATABASE_URL). A password here is masked in
+            Prefect's copy.
+    """
     scrub_secrets_in_logs()
     config = _config(strategy, params or {}, exchange, symbol, timeframe, start, end, fill_model)
     fingerprint = data_fingerprint(data_file, exchange, symbol, timeframe, start, end)
     summary = run_backtest_task(
-        config, data_file, fingerprint, database or database_url(), output_dir, None, detect_code_version()
+        config,
+        data_file,
+        fingerprint,
+        database or database_url(),
+        output_dir,
+        None,
+        detect_code_version(),
+        f"{strategy} {symbol} {timeframe}",
     )
     metrics: Metrics = summary["metrics"]
     rows = "\n".join(f"| {name} | {_metric_cell(metrics, name)} |" for name in METRIC_NAMES)
@@ -285,7 +312,7 @@ def backtest(
     validate_parameters=True,
 )
 def sweep(
-    strategy: str,
+    strategy: StrategyName,
     grid_space: dict[str, list[Any]],
     base_params: dict[str, Any] | None = None,
     symbol: str = "BTC/USDT",
@@ -303,7 +330,29 @@ def sweep(
     database: str | None = None,
 ) -> dict[str, Any]:
     """Backtest every valid point of ``grid_space`` (over ``base_params``) as concurrent tasks (at most
-    ``workers`` at once), store them under one ``sweep_id`` and rank them by ``objective``."""
+    ``workers`` at once), store them under one ``sweep_id`` and rank them by ``objective``. Every grid point is
+    checked against the strategy's parameter model before any task runs; each task run is named by its point.
+
+    Args:
+        strategy: A registered strategy.
+        grid_space: Values to try per parameter, e.g. {"fast": [5, 10], "slow": [20, 40]}.
+        base_params: Parameters shared by every grid point, e.g. {"quantity": "0.01"}.
+        symbol: Market symbol, e.g. BTC/USDT.
+        exchange: Exchange whose stored candles are used (without data_file).
+        timeframe: Bar timeframe, e.g. 1m, 1h.
+        start: First bar (UTC); empty: from the first available bar.
+        end: End of the bar range (UTC, exclusive); empty: to the last available bar.
+        data_file: A candle file (CSV, Feather, Parquet) on the worker; empty: the stored candles.
+        fill_model: Fill model and account fields: maker_fee_bps, taker_fee_bps, slippage_bps, latency_ms,
+            bar_volume_share, fill_on_touch, initial_balances.
+        objective: The metric the runs are ranked by (sharpe, total_return, max_drawdown, ...).
+        maximize: Whether higher is better; empty: the metric's own sense (max_drawdown: lower).
+        workers: Backtests run at once.
+        sweep_id: Id to store the runs under; empty: derived from the grid and the data (a rerun is the same sweep).
+        output_dir: Directory on the worker for the runs' files (relative: in the deployed checkout).
+        database: Database URL; empty: the configured database (MELTICA_DATABASE_URL). A password here is masked in
+            Prefect's copy.
+    """
     scrub_secrets_in_logs()
     if objective not in METRIC_NAMES:
         raise ConfigurationError(f"unknown objective {objective!r}", field="objective")
@@ -320,6 +369,8 @@ def sweep(
     sid = sweep_id or str(uuid.uuid5(_NAMESPACE, _canonical({"configs": configs, "data": fingerprint})))
     out = str(Path(output_dir) / sid) if output_dir else None
     db_url = database or database_url()
+    # Each task run is named by its grid point (the parameters that vary), e.g. "momentum BTC/USDT fast=5 slow=40".
+    labels = [f"{strategy} {symbol} " + " ".join(f"{k}={p.get(k)}" for k in sorted(grid_space)) for p in sets]
     summaries: list[dict[str, Any]] = []
     step = max(1, workers)
     for i in range(0, len(configs), step):
@@ -331,6 +382,7 @@ def sweep(
             unmapped(out),
             unmapped(sid),
             unmapped(code_version),
+            labels[i : i + step],
         )
         wait(list(futures))
         summaries.extend(f.result() for f in futures)

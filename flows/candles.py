@@ -46,7 +46,16 @@ def load_file(
 def import_candle_file(
     path: str, exchange: str, symbol: str, timeframe: str, database: str | None = None
 ) -> dict[str, Any]:
-    """Load one candle file (CSV, Feather, Parquet); reloading adds nothing."""
+    """Load one candle file (CSV, Feather, Parquet); reloading adds nothing.
+
+    Args:
+        path: The file on the worker (CSV, Feather or Parquet).
+        exchange: Exchange the bars are stored under, e.g. binance.
+        symbol: Market symbol the bars are stored under, e.g. BTC/USDT.
+        timeframe: Timeframe of the file's bars, e.g. 1m.
+        database: Database URL; empty: the configured database (MELTICA_DATABASE_URL). A password here is masked in
+            Prefect's copy.
+    """
     scrub_secrets_in_logs()
     summary = load_file(path, exchange, symbol, timeframe, database or database_url(), given=database is not None)
     create_markdown_artifact(

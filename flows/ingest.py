@@ -176,7 +176,23 @@ def ingest(
     retry_delay_seconds: float = 5.0,
 ) -> list[dict[str, Any]]:
     """Ingest OHLCV bars (and with ``trades`` public trades) of ``symbols`` × ``timeframes`` from
-    ``start`` (ISO; None resumes after the stored data, or starts at the venue's first bar)."""
+    ``start`` (ISO; None resumes after the stored data, or starts at the venue's first bar).
+
+    Args:
+        exchange: Exchange to fetch from, e.g. binance.
+        symbols: Market symbols, e.g. ["BTC/USDT", "ETH/USDT"].
+        timeframes: Bar timeframes, e.g. ["1m", "1h"].
+        start: First bar (ISO date/time, UTC); empty: resume after the stored bars.
+        account: Configured account whose keys are used; empty: public market data.
+        emulator_url: Fetch from the local exchange emulator at this URL instead.
+        end: End of the range (ISO date/time, UTC, exclusive); empty: up to now.
+        trades: Also ingest public trades.
+        database: Database URL; empty: the configured database (MELTICA_DATABASE_URL). A password here is masked in
+            Prefect's copy.
+        page_limit: Bars or trades per request.
+        retries: Retries of a series after an outage (never after a terminal error).
+        retry_delay_seconds: Seconds between those retries.
+    """
     scrub_secrets_in_logs()
     db_url = database or database_url()
     series_task = ingest_series.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)

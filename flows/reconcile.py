@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 from sqlalchemy.exc import OperationalError
 
 from flows import config_file_of, scrub_secrets_in_logs
@@ -64,7 +65,13 @@ def reconcile_one(
     }
 
 
-@flow(name="reconcile", flow_run_name="reconcile {trigger}: {accounts}")
+def _run_name() -> str:
+    parameters = flow_run.parameters
+    accounts = parameters.get("accounts") or []
+    return f"reconcile ({parameters.get('trigger', 'schedule')}): {', '.join(accounts) or 'every account'}"
+
+
+@flow(name="reconcile", flow_run_name=_run_name)
 def reconcile(
     accounts: list[str] | None = None,
     trigger: str = "schedule",
@@ -73,7 +80,16 @@ def reconcile(
     policy: ReconcilePolicy | None = None,
 ) -> list[dict[str, Any]]:
     """Reconcile ``accounts`` (default: every configured account); one markdown artifact lists the
-    discrepancies of all of them. Fails (after storing what it could) if any account failed."""
+    discrepancies of all of them. Fails (after storing what it could) if any account failed.
+
+    Args:
+        accounts: Accounts to reconcile; empty: every configured account with an exchange.
+        trigger: What started the run (schedule, manual, cli); stored with the reconciliation.
+        config_file: Configuration file on the worker; empty: the one set at deploy time (MELTICA_CONFIG).
+        database: Database URL; empty: the configured database (MELTICA_DATABASE_URL). A password here is masked in
+            Prefect's copy.
+        policy: Reconciliation policy (symbols, tolerances, actions); empty: the defaults.
+    """
     scrub_secrets_in_logs()
     config_file = config_file_of(config_file)
     settings = load_settings(config_file=config_file)

@@ -94,10 +94,18 @@ def daily_risk_report(
     marks: dict[str, Any] | None = None,
     config_file: str | None = None,
 ) -> dict[str, Any]:
-    """The risk report of the UTC ``day`` (default: the day before the scheduled start). ``limits``: a
-    ``risk`` configuration section (``RiskConfig``) to use instead of the configured one (the ``risk`` section
-    of ``config_file``, else of ``MELTICA_CONFIG``/the ``MELTICA_ENV`` file); ``marks``: day-end prices by
-    symbol."""
+    """The risk report of the UTC ``day`` (default: the day before the scheduled start).
+
+    Args:
+        day: The UTC day to report; empty: the day before the scheduled start.
+        database: Database URL; empty: the configured database (MELTICA_DATABASE_URL). A password here is masked in
+            Prefect's copy.
+        output_dir: Directory on the worker for the report's files (relative: in the deployed checkout).
+        limits: A risk configuration section to use instead of the configured one, e.g. {"max_gross_exposure": "50000"}.
+        marks: Day-end prices by symbol, e.g. {"BTC/USDT": "43000"}; empty: the stored candles' closes.
+        config_file: Configuration file whose risk section gives the limits; empty: the one set at deploy time
+            (MELTICA_CONFIG).
+    """
     scrub_secrets_in_logs()
     the_day = _report_day(day)
     summary = compute_report(the_day, database or database_url(), output_dir, limits, marks, config_file)

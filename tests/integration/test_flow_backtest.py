@@ -238,13 +238,20 @@ def test_a_database_outage_during_a_sweep_is_retried_and_the_sweep_completes(
     assert state.is_completed(), state.message
     assert len(state.result()["runs"]) == 2
 
-    async def run_counts() -> list[int]:
+    async def task_runs() -> list[Any]:
         async with get_client() as client:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            return list(
+                await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+                )
             )
-            return sorted(r.run_count for r in runs)
 
-    assert max(asyncio.run(run_counts())) >= 2  # a task hit the outage, was retried and then completed
+    runs = asyncio.run(task_runs())
+    assert max(r.run_count for r in runs) >= 2  # a task hit the outage, was retried and then completed
+    # Each task run is named by its grid point.
+    assert sorted(r.name for r in runs) == [
+        "backtest momentum BTC/USDT fast=10 slow=40",
+        "backtest momentum BTC/USDT fast=5 slow=40",
+    ]
     with fresh_database.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM backtest_runs")).scalar_one() == 2
