@@ -1,5 +1,6 @@
 """Prefect flows: the batch shell around meltica/ (DESIGN.md §2). Flows hold no business rules."""
 
+from pathlib import Path
 from typing import Any
 
 # Parameter names whose values are secrets whatever they look like.
@@ -57,3 +58,18 @@ def config_file_of(config_file: str | None) -> str | None:
     import os
 
     return config_file or os.environ.get("MELTICA_CONFIG") or None
+
+
+def embedded_png(path: str | Path, alt: str) -> str:
+    """Markdown showing the PNG at ``path`` inline (a ``data:`` URI): Prefect's UI displays it with the artifact,
+    where a ``file://`` link to the worker's disk opens nothing. A file that is gone (a cached rerun after the
+    output was cleaned) is said so instead."""
+    import base64
+    from urllib.parse import unquote, urlsplit
+
+    text = str(path)
+    png = Path(unquote(urlsplit(text).path)) if text.startswith("file://") else Path(text)
+    if not png.is_file():
+        return f"_{alt}: the chart file is no longer on the worker ({png.name})_"
+    encoded = base64.b64encode(png.read_bytes()).decode("ascii")
+    return f"![{alt}](data:image/png;base64,{encoded})"

@@ -7,8 +7,9 @@
   points skipped), concurrently on the flow's thread-pool task runner (at most ``workers`` at once),
   every run stored under one ``sweep_id`` and ranked by ``objective`` (``optimize.rank_runs``).
 
-Artifacts: a markdown table of metrics (sweep: every run, ranked, and the best parameters) and link
-artifacts (``file://``) to ``report.html`` and its PNG charts.
+Artifacts: a markdown table of metrics (sweep: every run, ranked, and the best parameters) and a markdown
+artifact with the equity, drawdown and position charts embedded (``data:`` URIs: the UI shows them), naming
+where ``report.html`` is on the worker.
 
 Rerunning does not repeat work: ``run_id`` is a UUIDv5 of what defines the run (config, parameters,
 data fingerprint — the file's SHA-256, or the database range —, sweep id and code version), the task's
@@ -34,12 +35,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, unmapped
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import scrub_secrets_in_logs
+from flows import embedded_png, scrub_secrets_in_logs
 from flows._retry import meltica_task
 from meltica.backtest.config import BacktestConfig
 from meltica.backtest.data import BarSeries
@@ -227,16 +228,20 @@ def _metric_cell(metrics: Metrics, name: str) -> str:
     return format_metric(name, value)
 
 
-def _links(summary: Mapping[str, Any], prefix: str) -> None:
-    for name, url in summary["files"].items():
-        if name == "metrics.json":
-            continue
-        create_link_artifact(
-            key=f"{prefix}-{name.split('.')[0]}",
-            link=url,
-            link_text=name,
-            description=f"{name} of backtest run {summary['run_id']}",
-        )
+def _charts(summary: Mapping[str, Any], prefix: str) -> None:
+    """One markdown artifact with the run's charts embedded (visible in the UI) and where the full report is."""
+    from urllib.parse import unquote, urlsplit
+
+    files = summary["files"]
+    parts = [f"### Charts of backtest run `{summary['run_id']}`\n"]
+    parts += [embedded_png(unquote(urlsplit(files[name]).path), name) for name in CHARTS if name in files]
+    if "report.html" in files:
+        parts.append(f"Full report (HTML) on the worker: `{unquote(urlsplit(files['report.html']).path)}`")
+    create_markdown_artifact(
+        key=f"{prefix}-charts",
+        markdown="\n\n".join(parts) + "\n",
+        description=f"Equity, drawdown and position charts of backtest run {summary['run_id']}",
+    )
 
 
 @flow(
@@ -290,18 +295,16 @@ def backtest(
     )
     metrics: Metrics = summary["metrics"]
     rows = "\n".join(f"| {name} | {_metric_cell(metrics, name)} |" for name in METRIC_NAMES)
-    report = summary["files"].get("report.html")
     create_markdown_artifact(
         key="backtest-metrics",
         markdown=(
             f"### Backtest {strategy} on {exchange} {symbol} {timeframe}\n\n"
             f"run `{summary['run_id']}` · params `{_canonical(summary['params'])}`"
-            + (f" · [report]({report})" if report else "")
-            + f"\n\n| metric | value |\n|---|---|\n{rows}\n"
+            f"\n\n| metric | value |\n|---|---|\n{rows}\n"
         ),
         description="Metrics of the backtest run (stored in backtest_runs / backtest_metrics)",
     )
-    _links(summary, "backtest")
+    _charts(summary, "backtest")
     return summary
 
 
@@ -399,8 +402,7 @@ def sweep(
     lines = []
     for r in ranked:
         assert r.metrics is not None
-        report = by_run[str(r.run_id)]["files"].get("report.html")
-        run_cell = f"[`{str(r.run_id)[:8]}`]({report})" if report else f"`{str(r.run_id)[:8]}`"
+        run_cell = f"`{str(r.run_id)[:8]}`"
         lines.append(
             f"| {r.rank} | "
             + " | ".join(str(r.params.get(k)) for k in varying)
@@ -425,7 +427,7 @@ def sweep(
         ),
         description="Backtests of the sweep, best first (stored in backtest_runs under the sweep id)",
     )
-    _links(best, "sweep-best")
+    _charts(best, "sweep-best")
     return {
         "sweep_id": sid,
         "objective": objective,

@@ -2,8 +2,8 @@
 
 Computes the report of one UTC day from the stored facts, stores its JSON in ``risk_state`` under
 ``risk_report:<day>``, writes ``risk-report-<day>.md`` / ``.json`` / ``.png`` under ``output_dir`` and
-publishes the markdown as an artifact plus links to the PNG and the files. Without ``day`` it reports
-the day before the flow run's scheduled start (no wall-clock read in the core).
+publishes the markdown as an artifact with the chart embedded (a ``data:`` URI: the UI shows it). Without
+``day`` it reports the day before the flow run's scheduled start (no wall-clock read in the core).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows import config_file_of, scrub_secrets_in_logs
+from flows import config_file_of, embedded_png, scrub_secrets_in_logs
 from flows._retry import meltica_task
 from meltica.config import load_settings
 from meltica.errors import ConfigurationError
@@ -67,9 +67,9 @@ def compute_report(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = render_png(report, out / f"risk-report-{day.isoformat()}.png")
-    text = markdown(report, chart_url=png.resolve().as_uri(), limits_source=limits_source)
+    text = markdown(report, limits_source=limits_source)
     md = out / f"risk-report-{day.isoformat()}.md"
-    md.write_text(text, encoding="utf-8")
+    md.write_text(markdown(report, chart_url=png.name, limits_source=limits_source), encoding="utf-8")
     js = out / f"risk-report-{day.isoformat()}.json"
     js.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
     return {
@@ -111,9 +111,7 @@ def daily_risk_report(
     summary = compute_report(the_day, database or database_url(), output_dir, limits, marks, config_file)
     create_markdown_artifact(
         key="risk-report",
-        markdown=summary["markdown"],
+        markdown=embedded_png(summary["png"], "risk report chart") + "\n\n" + summary["markdown"],
         description=f"Daily risk report {the_day.isoformat()} (JSON in risk_state {summary['risk_state_key']})",
     )
-    create_link_artifact(key="risk-report-chart", link=summary["png"], link_text="risk report chart (PNG)")
-    create_link_artifact(key="risk-report-json", link=summary["json_file"], link_text="risk report (JSON)")
     return summary

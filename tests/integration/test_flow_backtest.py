@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -43,6 +45,13 @@ def _artifacts(flow_run_id: Any) -> list[Any]:
             )
 
     return asyncio.run(fetch())
+
+
+def _embedded_pngs(markdown: str) -> list[bytes]:
+    """The images a markdown artifact embeds as data: URIs, decoded (each one a PNG)."""
+    images = [base64.b64decode(m) for m in re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)]
+    assert all(image.startswith(b"\x89PNG\r\n\x1a\n") for image in images)
+    return images
 
 
 def _url(engine: Engine) -> str:
@@ -86,12 +95,14 @@ def test_backtest_flow_stores_the_run_and_publishes_artifacts(
         assert (report_dir / name).stat().st_size > 0
 
     artifacts = {a.key: a for a in _artifacts(state.state_details.flow_run_id)}
-    assert {"backtest-metrics", "backtest-report", "backtest-equity", "backtest-drawdown"} <= set(artifacts)
+    assert {"backtest-metrics", "backtest-charts"} <= set(artifacts)
     assert artifacts["backtest-metrics"].type == "markdown"
     assert "Sharpe ratio" in artifacts["backtest-metrics"].data or "sharpe" in artifacts["backtest-metrics"].data
     assert summary["run_id"] in artifacts["backtest-metrics"].data
-    # Prefect stores a link artifact as markdown: "[report.html](file:///…/report.html)".
-    assert f"({(report_dir / 'report.html').resolve().as_uri()})" in artifacts["backtest-report"].data
+    # The charts are in the artifact itself (the UI shows them); no link points at the worker's disk.
+    charts = _embedded_pngs(artifacts["backtest-charts"].data)
+    assert len(charts) == 3 and charts[0] == (report_dir / "equity.png").read_bytes()
+    assert not any("file://" in str(a.data) for a in artifacts.values())
 
     # A rerun repeats no work: the same run id, still one stored row.
     again = backtest(
@@ -147,7 +158,8 @@ def test_sweep_flow_stores_and_ranks_a_2x2_grid(prefect_api: None, fresh_databas
     table = artifacts["sweep-results"].data
     assert "Best parameters" in table and result["sweep_id"] in table
     assert table.count("\n| ") >= 5  # header + four ranked rows
-    assert f"{result['best']['run_id']}/report.html)" in artifacts["sweep-best-report"].data
+    assert len(_embedded_pngs(artifacts["sweep-best-charts"].data)) == 3
+    assert result["best"]["run_id"] in artifacts["sweep-best-charts"].data and "file://" not in table
 
 
 def _latest_flow_run(flow_name: str) -> Any:
