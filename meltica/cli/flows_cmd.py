@@ -19,6 +19,7 @@ from meltica.cli._common import EXIT_BAD_INPUT, EXIT_FAILURE, console, err_conso
 from meltica.errors import ConfigurationError
 from meltica.infra.prefect import (
     WORK_POOL,
+    ZOMBIE_AUTOMATION,
     FlowRunInfo,
     PrefectApi,
     deploy_flows,
@@ -51,6 +52,8 @@ def deploy(
     if result.created_pool:
         console.print(f"work pool {WORK_POOL} (process) created")
     console.print(f"flow runs read {result.config_file or 'the MELTICA_ENV configuration'}", highlight=False)
+    if result.created_automation:
+        console.print(f"automation created: {ZOMBIE_AUTOMATION}", highlight=False)
     for name in result.deployed:
         console.print(f"[green]✓[/] deployed {name}", highlight=False)
     for name, why in result.paused.items():

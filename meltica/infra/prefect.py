@@ -26,6 +26,7 @@ from meltica.infra._common import ServiceStatus, mask_url, repo_root
 __all__ = [
     "TERMINAL_STATES",
     "WORK_POOL",
+    "ZOMBIE_AUTOMATION",
     "DeployResult",
     "DeploymentSpec",
     "FlowRunInfo",
@@ -76,6 +77,50 @@ def prefect_status(timeout: float = 3.0) -> ServiceStatus:
 # The work pool every deployment in prefect.yaml names, and how its workers run flows (local processes).
 WORK_POOL = "meltica"
 WORK_POOL_TYPE = "process"
+
+# Zombie detection (Prefect's recipe for self-hosted servers): every flow run emits a heartbeat event every
+# FLOW_HEARTBEAT_SECONDS (prefect.yaml sets PREFECT_FLOWS_HEARTBEAT_FREQUENCY in the runs' environment; Prefect's
+# minimum is 30), and this automation marks Crashed a run whose heartbeats stop for ZOMBIE_AFTER_SECONDS without
+# it reaching a final state: a run whose host died never stays Running.
+FLOW_HEARTBEAT_SECONDS = 30
+ZOMBIE_AFTER_SECONDS = 90
+ZOMBIE_AUTOMATION = "meltica: crash flow runs whose heartbeats stopped"
+
+
+def zombie_automation() -> dict[str, Any]:
+    """The automation ``meltica flows deploy`` creates on the server (REST body of ``POST /automations/``)."""
+    return {
+        "name": ZOMBIE_AUTOMATION,
+        "description": (
+            f"A flow run that sent a heartbeat and then none for {ZOMBIE_AFTER_SECONDS} s, without completing, "
+            "failing or being cancelled, is marked Crashed (its worker or host died); made by `meltica flows deploy`."
+        ),
+        "enabled": True,
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": [
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            ],
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"],
+            "threshold": 1,
+            "within": ZOMBIE_AFTER_SECONDS,
+        },
+        "actions": [
+            {
+                "type": "change-flow-run-state",
+                "state": "CRASHED",
+                "message": f"No heartbeat for {ZOMBIE_AFTER_SECONDS} s: the flow run's process or host died.",
+            }
+        ],
+    }
+
 
 # Flow-run state types after which nothing more happens to the run.
 TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
@@ -186,6 +231,18 @@ class PrefectApi:
             self._call("PATCH", f"/deployments/{deployment_id}", {"description": description})
         self._call("POST", f"/deployments/{deployment_id}/{'pause' if paused else 'resume'}_deployment")
 
+    def ensure_automation(self, body: dict[str, Any]) -> bool:
+        """Create the automation named ``body["name"]`` unless one exists (replacing an outdated one); True when
+        it was created."""
+        existing = [a for a in self._call("POST", "/automations/filter", {}) or [] if a.get("name") == body["name"]]
+        current = existing[0] if existing else None
+        if current is not None and current.get("trigger", {}).get("within") == body["trigger"]["within"]:
+            return False
+        for old in existing:
+            self._call("DELETE", f"/automations/{old['id']}")
+        self._call("POST", "/automations/", body)
+        return True
+
     def deployment_names(self) -> list[str]:
         """``flow/deployment`` for every deployment on the server."""
         flows = {f["id"]: f["name"] for f in self._call("POST", "/flows/filter", {"limit": 200})}
@@ -289,6 +346,7 @@ class DeployResult:
     output: str
     paused: dict[str, str] = field(default_factory=dict)  # flow/deployment -> why its schedule is paused
     config_file: str = ""
+    created_automation: bool = False
 
 
 # Where the scheduled ingest (prefect.yaml: exchange binance, no emulator) fetches its bars.
@@ -424,7 +482,8 @@ def deploy_flows(root: Path | None = None, timeout: float = 300.0, config_file: 
             api.set_paused(deployment["id"], True, f"PAUSED: {missing[name]}. {deployment.get('description') or ''}")
         else:
             api.set_paused(deployment["id"], False, None)
-    return DeployResult(names, skipped, created_pool, output, paused, config_text)
+    created_automation = api.ensure_automation(zombie_automation())
+    return DeployResult(names, skipped, created_pool, output, paused, config_text, created_automation)
 
 
 def server_command(host: str = "127.0.0.1", port: int = 4200) -> list[str]:

@@ -8,6 +8,7 @@ client profile live in a temporary PREFECT_HOME.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -359,3 +360,83 @@ def test_reconcile_now_without_a_server_is_one_clear_line(tmp_path: Path) -> Non
     down = _meltica(["flows", "deploy"], env, timeout=60)
     assert down.returncode == 1
     assert "unreachable" in down.stderr and "prefect server start" in down.stderr
+
+
+def test_a_run_whose_worker_and_process_are_killed_ends_crashed(
+    prefect_server: str, prefect_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A host crash (worker and flow process killed): the heartbeat automation `flows deploy` creates marks the
+    run Crashed instead of leaving it Running forever."""
+    import signal
+
+    env = prefect_env
+    deployed = _meltica(["flows", "deploy"], env, timeout=240)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    automations = [a["name"] for a in _post(prefect_server + "/automations/filter", {})]
+    assert "meltica: crash flow runs whose heartbeats stopped" in automations
+
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("wb") as out:
+        worker = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", "meltica", "--type", "process"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    flow_pid: int | None = None
+    try:
+        sweep = _get(prefect_server + "/deployments/name/backtest-sweep/run-sweep")
+        data = ROOT / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
+        run = _post(
+            f"{prefect_server}/deployments/{sweep['id']}/create_flow_run",
+            {
+                "parameters": {
+                    "strategy": "momentum",
+                    "grid_space": {"fast": list(range(2, 120)), "slow": [150]},
+                    "base_params": {"quantity": "0.01"},
+                    "data_file": str(data),
+                    "workers": 1,
+                    "output_dir": str(tmp_path / "sweep"),
+                }
+            },
+        )
+        # Running, with its process known and a first heartbeat sent.
+        deadline = time.monotonic() + 120
+        while True:
+            state = _get(f"{prefect_server}/flow_runs/{run['id']}")
+            beats = _post(
+                prefect_server + "/events/filter",
+                {
+                    "filter": {
+                        "event": {"name": ["prefect.flow-run.heartbeat"]},
+                        "resource": {"id": [f"prefect.flow-run.{run['id']}"]},
+                    }
+                },
+            )
+            if state["state"]["type"] == "RUNNING" and state.get("infrastructure_pid") and beats["events"]:
+                flow_pid = int(str(state["infrastructure_pid"]).rsplit(":", 1)[-1])
+                break
+            assert state["state"]["type"] in ("SCHEDULED", "PENDING", "RUNNING"), state["state"]
+            assert time.monotonic() < deadline, f"no running, beating run after 120 s:\n{_tail(worker_log)}"
+            time.sleep(1)
+        # The host dies: the worker and the flow run's process are killed without a chance to report.
+        worker.kill()
+        worker.wait(timeout=10)
+        os.kill(flow_pid, signal.SIGKILL)
+        flow_pid = None
+
+        deadline = time.monotonic() + 240
+        while True:
+            state = _get(f"{prefect_server}/flow_runs/{run['id']}")["state"]
+            if state["type"] != "RUNNING":
+                break
+            assert time.monotonic() < deadline, "the run is still Running 240 s after its process was killed"
+            time.sleep(2)
+        assert state["type"] == "CRASHED", state
+        assert "heartbeat" in (state.get("message") or ""), state
+    finally:
+        if flow_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(flow_pid, signal.SIGKILL)
+        _stop(worker)
