@@ -27,4 +27,6 @@ def test_every_parameter_of_the_run_form_has_a_description(flow: Any) -> None:
 @pytest.mark.parametrize("flow", [backtest, sweep], ids=lambda f: f.name)
 def test_strategy_is_a_choice_of_the_registered_strategies(flow: Any) -> None:
     strategy = parameter_schema(flow.fn).model_dump()["properties"]["strategy"]
-    assert strategy["enum"] == list_strategies()
+    # The strategies registered when the flow module was imported (other tests may register more later).
+    assert strategy["type"] == "string" and {"momentum", "mean_reversion", "grid"} <= set(strategy["enum"])
+    assert set(strategy["enum"]) <= set(list_strategies())
