@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows import scrub_secrets_in_logs
-from flows._retry import meltica_task
+from flows._retry import RETRIES, RETRY_DELAY_SECONDS, meltica_task
 from meltica.adapters.base import ExchangeAdapter
 from meltica.errors import ConfigurationError
 from meltica.infra.postgres import database_url, ensure_schema_at_head
@@ -172,8 +172,8 @@ def ingest(
     trades: bool = False,
     database: str | None = None,
     page_limit: int = 1000,
-    retries: int = 3,
-    retry_delay_seconds: float = 5.0,
+    retries: int = RETRIES,
+    retry_delay_seconds: float | None = None,
 ) -> list[dict[str, Any]]:
     """Ingest OHLCV bars (and with ``trades`` public trades) of ``symbols`` × ``timeframes`` from
     ``start`` (ISO; None resumes after the stored data, or starts at the venue's first bar).
@@ -191,11 +191,12 @@ def ingest(
             Prefect's copy.
         page_limit: Bars or trades per request.
         retries: Retries of a series after an outage (never after a terminal error).
-        retry_delay_seconds: Seconds between those retries.
+        retry_delay_seconds: Seconds between those retries; empty: the flows' rule (1, 5, then 15 s).
     """
     scrub_secrets_in_logs()
     db_url = database or database_url()
-    series_task = ingest_series.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    delays = RETRY_DELAY_SECONDS if retry_delay_seconds is None else retry_delay_seconds
+    series_task = ingest_series.with_options(retries=retries, retry_delay_seconds=delays)
     jobs: list[tuple[str, str, str | None]] = [("ohlcv", s, tf) for s in symbols for tf in timeframes]
     if trades:
         jobs += [("trades", s, None) for s in symbols]
