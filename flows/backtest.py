@@ -7,8 +7,9 @@
   points skipped), concurrently on the flow's thread-pool task runner (at most ``workers`` at once),
   every run stored under one ``sweep_id`` and ranked by ``objective`` (``optimize.rank_runs``).
 
-Artifacts: a markdown table of metrics (sweep: every run, ranked, and the best parameters) and link
-artifacts (``file://``) to ``report.html`` and its PNG charts.
+Artifacts: a markdown table of metrics (sweep: every run, ranked, and the best parameters) and a markdown
+artifact with the equity, drawdown and position charts embedded (``data:`` URIs: the UI shows them), naming
+where ``report.html`` is on the worker.
 
 Rerunning does not repeat work: ``run_id`` is a UUIDv5 of what defines the run (config, parameters,
 data fingerprint — the file's SHA-256, or the database range —, sweep id and code version), the task's
@@ -16,8 +17,8 @@ data fingerprint — the file's SHA-256, or the database range —, sweep id and
 ``run_id`` is already stored is read back instead of recomputed (also after the cache expired). The
 default ``sweep_id`` is derived the same way from the grid, so a rerun sweep is the same sweep.
 
-Retries: only for the retryable family of ``meltica.errors`` (a database blip), never for a bad
-configuration or bad data.
+Retries: the flows' one rule (``flows._retry``): a task is retried only for the retryable family of
+``meltica.errors`` (a database blip, also mid-sweep), never for a refused login, a bad configuration or bad data.
 """
 
 from __future__ import annotations
@@ -31,16 +32,16 @@ from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from prefect import flow, task, unmapped
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect import flow, unmapped
+from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import scrub_secrets_in_logs
-from flows._retry import retry_only_retryable
+from flows import embedded_png, scrub_secrets_in_logs
+from flows._retry import meltica_task
 from meltica.backtest.config import BacktestConfig
 from meltica.backtest.data import BarSeries
 from meltica.backtest.engine import run_backtest
@@ -52,6 +53,10 @@ from meltica.errors import ConfigurationError, DataValidationError
 from meltica.infra.postgres import database_url
 from meltica.storage.engine import make_engine
 from meltica.storage.tables import backtest_runs
+from meltica.strategies.registry import list_strategies
+
+# The run forms offer the registered strategies as a choice.
+StrategyName = Literal[tuple(list_strategies())]  # type: ignore[valid-type]
 
 _NAMESPACE = uuid.UUID("6f1d3c2a-8a43-4f57-9a1e-0b9e4c1f7d21")
 CHARTS = ("equity.png", "drawdown.png", "positions.png")
@@ -149,12 +154,10 @@ def _summary(result: BacktestResult, report_dir: Path | None) -> dict[str, Any]:
     }
 
 
-@task(
+@meltica_task(
+    "backtest run",
     name="backtest-run",
-    task_run_name="backtest {config[strategy]} {config[symbol]}",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_only_retryable,
+    task_run_name="backtest {label}",
     cache_key_fn=_cache_key,
     cache_expiration=timedelta(days=7),
 )
@@ -166,8 +169,10 @@ def run_backtest_task(
     output_dir: str | None,
     sweep_id: str | None,
     code_version: str,
+    label: str = "",
 ) -> dict[str, Any]:
-    """Run (or read back) one backtest; save it, write its files and report; return a small summary."""
+    """Run (or read back) one backtest (``label`` names the task run: strategy, symbol, grid point); save it,
+    write its files and report; return a small summary."""
     cfg = BacktestConfig.create(config)
     run_id = uuid.uuid5(_NAMESPACE, _run_key(config, fingerprint, sweep_id, code_version))
     report_dir = Path(output_dir) / str(run_id) if output_dir else None
@@ -223,16 +228,20 @@ def _metric_cell(metrics: Metrics, name: str) -> str:
     return format_metric(name, value)
 
 
-def _links(summary: Mapping[str, Any], prefix: str) -> None:
-    for name, url in summary["files"].items():
-        if name == "metrics.json":
-            continue
-        create_link_artifact(
-            key=f"{prefix}-{name.split('.')[0]}",
-            link=url,
-            link_text=name,
-            description=f"{name} of backtest run {summary['run_id']}",
-        )
+def _charts(summary: Mapping[str, Any], prefix: str) -> None:
+    """One markdown artifact with the run's charts embedded (visible in the UI) and where the full report is."""
+    from urllib.parse import unquote, urlsplit
+
+    files = summary["files"]
+    parts = [f"### Charts of backtest run `{summary['run_id']}`\n"]
+    parts += [embedded_png(unquote(urlsplit(files[name]).path), name) for name in CHARTS if name in files]
+    if "report.html" in files:
+        parts.append(f"Full report (HTML) on the worker: `{unquote(urlsplit(files['report.html']).path)}`")
+    create_markdown_artifact(
+        key=f"{prefix}-charts",
+        markdown="\n\n".join(parts) + "\n",
+        description=f"Equity, drawdown and position charts of backtest run {summary['run_id']}",
+    )
 
 
 @flow(
@@ -241,7 +250,7 @@ def _links(summary: Mapping[str, Any], prefix: str) -> None:
     validate_parameters=True,
 )
 def backtest(
-    strategy: str,
+    strategy: StrategyName,
     params: dict[str, Any] | None = None,
     symbol: str = "BTC/USDT",
     exchange: str = "binance",
@@ -253,30 +262,49 @@ def backtest(
     output_dir: str | None = "out/backtests",
     database: str | None = None,
 ) -> dict[str, Any]:
-    """One backtest. ``fill_model``: ``BacktestConfig`` fields (``maker_fee_bps``, ``taker_fee_bps``,
-    ``slippage_bps``, ``latency_ms``, ``bar_volume_share``, ``fill_on_touch``, ``initial_balances``…).
-    ``data_file``: a candle file (else the stored candles of ``exchange``/``symbol``/``timeframe``).
-    ``start``/``end``: the bar range (end exclusive). Returns the summary (run id, metrics, file URLs)."""
+    """One backtest; returns the summary (run id, metrics, file URLs). The parameters are checked against the
+    strategy's parameter model before any task runs (a bad value fails the run at once, naming the field).
+
+    Args:
+        strategy: A registered strategy.
+        params: The strategy's parameters, e.g. {"fast": 10, "slow": 40, "quantity": "0.01"}.
+        symbol: Market symbol, e.g. BTC/USDT.
+        exchange: Exchange whose stored candles are used (without data_file).
+        timeframe: Bar timeframe, e.g. 1m, 1h.
+        start: First bar (UTC); empty: from the first available bar.
+        end: End of the bar range (UTC, exclusive); empty: to the last available bar.
+        data_file: A candle file (CSV, Feather, Parquet) on the worker; empty: the stored candles.
+        fill_model: Fill model and account fields: maker_fee_bps, taker_fee_bps, slippage_bps, latency_ms,
+            bar_volume_share, fill_on_touch, initial_balances.
+        output_dir: Directory on the worker for the run's files (relative: in the deployed checkout).
+        database: Database URL; empty: the configured database (MELTICA_DATABASE_URL). A password here is masked in
+            Prefect's copy.
+    """
     scrub_secrets_in_logs()
     config = _config(strategy, params or {}, exchange, symbol, timeframe, start, end, fill_model)
     fingerprint = data_fingerprint(data_file, exchange, symbol, timeframe, start, end)
     summary = run_backtest_task(
-        config, data_file, fingerprint, database or database_url(), output_dir, None, detect_code_version()
+        config,
+        data_file,
+        fingerprint,
+        database or database_url(),
+        output_dir,
+        None,
+        detect_code_version(),
+        f"{strategy} {symbol} {timeframe}",
     )
     metrics: Metrics = summary["metrics"]
     rows = "\n".join(f"| {name} | {_metric_cell(metrics, name)} |" for name in METRIC_NAMES)
-    report = summary["files"].get("report.html")
     create_markdown_artifact(
         key="backtest-metrics",
         markdown=(
             f"### Backtest {strategy} on {exchange} {symbol} {timeframe}\n\n"
             f"run `{summary['run_id']}` · params `{_canonical(summary['params'])}`"
-            + (f" · [report]({report})" if report else "")
-            + f"\n\n| metric | value |\n|---|---|\n{rows}\n"
+            f"\n\n| metric | value |\n|---|---|\n{rows}\n"
         ),
         description="Metrics of the backtest run (stored in backtest_runs / backtest_metrics)",
     )
-    _links(summary, "backtest")
+    _charts(summary, "backtest")
     return summary
 
 
@@ -287,7 +315,7 @@ def backtest(
     validate_parameters=True,
 )
 def sweep(
-    strategy: str,
+    strategy: StrategyName,
     grid_space: dict[str, list[Any]],
     base_params: dict[str, Any] | None = None,
     symbol: str = "BTC/USDT",
@@ -305,7 +333,29 @@ def sweep(
     database: str | None = None,
 ) -> dict[str, Any]:
     """Backtest every valid point of ``grid_space`` (over ``base_params``) as concurrent tasks (at most
-    ``workers`` at once), store them under one ``sweep_id`` and rank them by ``objective``."""
+    ``workers`` at once), store them under one ``sweep_id`` and rank them by ``objective``. Every grid point is
+    checked against the strategy's parameter model before any task runs; each task run is named by its point.
+
+    Args:
+        strategy: A registered strategy.
+        grid_space: Values to try per parameter, e.g. {"fast": [5, 10], "slow": [20, 40]}.
+        base_params: Parameters shared by every grid point, e.g. {"quantity": "0.01"}.
+        symbol: Market symbol, e.g. BTC/USDT.
+        exchange: Exchange whose stored candles are used (without data_file).
+        timeframe: Bar timeframe, e.g. 1m, 1h.
+        start: First bar (UTC); empty: from the first available bar.
+        end: End of the bar range (UTC, exclusive); empty: to the last available bar.
+        data_file: A candle file (CSV, Feather, Parquet) on the worker; empty: the stored candles.
+        fill_model: Fill model and account fields: maker_fee_bps, taker_fee_bps, slippage_bps, latency_ms,
+            bar_volume_share, fill_on_touch, initial_balances.
+        objective: The metric the runs are ranked by (sharpe, total_return, max_drawdown, ...).
+        maximize: Whether higher is better; empty: the metric's own sense (max_drawdown: lower).
+        workers: Backtests run at once.
+        sweep_id: Id to store the runs under; empty: derived from the grid and the data (a rerun is the same sweep).
+        output_dir: Directory on the worker for the runs' files (relative: in the deployed checkout).
+        database: Database URL; empty: the configured database (MELTICA_DATABASE_URL). A password here is masked in
+            Prefect's copy.
+    """
     scrub_secrets_in_logs()
     if objective not in METRIC_NAMES:
         raise ConfigurationError(f"unknown objective {objective!r}", field="objective")
@@ -322,6 +372,8 @@ def sweep(
     sid = sweep_id or str(uuid.uuid5(_NAMESPACE, _canonical({"configs": configs, "data": fingerprint})))
     out = str(Path(output_dir) / sid) if output_dir else None
     db_url = database or database_url()
+    # Each task run is named by its grid point (the parameters that vary), e.g. "momentum BTC/USDT fast=5 slow=40".
+    labels = [f"{strategy} {symbol} " + " ".join(f"{k}={p.get(k)}" for k in sorted(grid_space)) for p in sets]
     summaries: list[dict[str, Any]] = []
     step = max(1, workers)
     for i in range(0, len(configs), step):
@@ -333,6 +385,7 @@ def sweep(
             unmapped(out),
             unmapped(sid),
             unmapped(code_version),
+            labels[i : i + step],
         )
         wait(list(futures))
         summaries.extend(f.result() for f in futures)
@@ -349,8 +402,7 @@ def sweep(
     lines = []
     for r in ranked:
         assert r.metrics is not None
-        report = by_run[str(r.run_id)]["files"].get("report.html")
-        run_cell = f"[`{str(r.run_id)[:8]}`]({report})" if report else f"`{str(r.run_id)[:8]}`"
+        run_cell = f"`{str(r.run_id)[:8]}`"
         lines.append(
             f"| {r.rank} | "
             + " | ".join(str(r.params.get(k)) for k in varying)
@@ -375,7 +427,7 @@ def sweep(
         ),
         description="Backtests of the sweep, best first (stored in backtest_runs under the sweep id)",
     )
-    _links(best, "sweep-best")
+    _charts(best, "sweep-best")
     return {
         "sweep_id": sid,
         "objective": objective,

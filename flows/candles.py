@@ -1,7 +1,7 @@
 """Load a recorded candle file into the database as a Prefect flow run (the file import flow).
 
 A thin shell: reading, validating and the idempotent COPY load are `meltica.marketdata` and
-`meltica.storage`; this module only gives them a flow run, retries for the retryable family, and a
+`meltica.storage`; this module only gives them a flow run, the flows' one retry rule (``flows._retry``), and a
 markdown artifact of what was stored.
 """
 
@@ -10,18 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows import scrub_secrets_in_logs
-from flows._retry import retry_only_retryable
+from flows._retry import meltica_task
 from meltica.infra.postgres import database_url, ensure_schema_at_head
 from meltica.marketdata.candle_files import read_candle_file
 from meltica.storage import candles
 from meltica.storage.engine import make_engine
 
 
-@task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=retry_only_retryable)
+@meltica_task("candle file import", task_run_name="load {path}")
 def load_file(
     path: str, exchange: str, symbol: str, timeframe: str, db_url: str, *, given: bool = True
 ) -> dict[str, Any]:
@@ -46,7 +46,16 @@ def load_file(
 def import_candle_file(
     path: str, exchange: str, symbol: str, timeframe: str, database: str | None = None
 ) -> dict[str, Any]:
-    """Load one candle file (CSV, Feather, Parquet); reloading adds nothing."""
+    """Load one candle file (CSV, Feather, Parquet); reloading adds nothing.
+
+    Args:
+        path: The file on the worker (CSV, Feather or Parquet).
+        exchange: Exchange the bars are stored under, e.g. binance.
+        symbol: Market symbol the bars are stored under, e.g. BTC/USDT.
+        timeframe: Timeframe of the file's bars, e.g. 1m.
+        database: Database URL; empty: the configured database (MELTICA_DATABASE_URL). A password here is masked in
+            Prefect's copy.
+    """
     scrub_secrets_in_logs()
     summary = load_file(path, exchange, symbol, timeframe, database or database_url(), given=database is not None)
     create_markdown_artifact(

@@ -14,12 +14,12 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows import scrub_secrets_in_logs
-from flows._retry import retry_only_retryable
+from flows._retry import RETRIES, RETRY_DELAY_SECONDS, meltica_task
 from meltica.adapters.base import ExchangeAdapter
 from meltica.errors import ConfigurationError
 from meltica.infra.postgres import database_url, ensure_schema_at_head
@@ -98,12 +98,7 @@ async def _ingest(
         engine.dispose()
 
 
-@task(
-    task_run_name="{kind} {exchange} {symbol} {timeframe}",
-    retries=3,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_only_retryable,
-)
+@meltica_task("ingestion", task_run_name="{kind} {exchange} {symbol} {timeframe}")
 def ingest_series(
     kind: str,
     exchange: str,
@@ -177,14 +172,31 @@ def ingest(
     trades: bool = False,
     database: str | None = None,
     page_limit: int = 1000,
-    retries: int = 3,
-    retry_delay_seconds: float = 5.0,
+    retries: int = RETRIES,
+    retry_delay_seconds: float | None = None,
 ) -> list[dict[str, Any]]:
     """Ingest OHLCV bars (and with ``trades`` public trades) of ``symbols`` × ``timeframes`` from
-    ``start`` (ISO; None resumes after the stored data, or starts at the venue's first bar)."""
+    ``start`` (ISO; None resumes after the stored data, or starts at the venue's first bar).
+
+    Args:
+        exchange: Exchange to fetch from, e.g. binance.
+        symbols: Market symbols, e.g. ["BTC/USDT", "ETH/USDT"].
+        timeframes: Bar timeframes, e.g. ["1m", "1h"].
+        start: First bar (ISO date/time, UTC); empty: resume after the stored bars.
+        account: Configured account whose keys are used; empty: public market data.
+        emulator_url: Fetch from the local exchange emulator at this URL instead.
+        end: End of the range (ISO date/time, UTC, exclusive); empty: up to now.
+        trades: Also ingest public trades.
+        database: Database URL; empty: the configured database (MELTICA_DATABASE_URL). A password here is masked in
+            Prefect's copy.
+        page_limit: Bars or trades per request.
+        retries: Retries of a series after an outage (never after a terminal error).
+        retry_delay_seconds: Seconds between those retries; empty: the flows' rule (1, 5, then 15 s).
+    """
     scrub_secrets_in_logs()
     db_url = database or database_url()
-    series_task = ingest_series.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    delays = RETRY_DELAY_SECONDS if retry_delay_seconds is None else retry_delay_seconds
+    series_task = ingest_series.with_options(retries=retries, retry_delay_seconds=delays)
     jobs: list[tuple[str, str, str | None]] = [("ohlcv", s, tf) for s in symbols for tf in timeframes]
     if trades:
         jobs += [("trades", s, None) for s in symbols]

@@ -2,8 +2,8 @@
 
 Computes the report of one UTC day from the stored facts, stores its JSON in ``risk_state`` under
 ``risk_report:<day>``, writes ``risk-report-<day>.md`` / ``.json`` / ``.png`` under ``output_dir`` and
-publishes the markdown as an artifact plus links to the PNG and the files. Without ``day`` it reports
-the day before the flow run's scheduled start (no wall-clock read in the core).
+publishes the markdown as an artifact with the chart embedded (a ``data:`` URI: the UI shows it). Without
+``day`` it reports the day before the flow run's scheduled start (no wall-clock read in the core).
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows import scrub_secrets_in_logs
-from flows._retry import retry_only_retryable
+from flows import config_file_of, embedded_png, scrub_secrets_in_logs
+from flows._retry import meltica_task
+from meltica.config import load_settings
 from meltica.errors import ConfigurationError
 from meltica.infra.postgres import database_url
 from meltica.reporting.risk_report import build_risk_report, markdown, render_png, store_report
@@ -36,24 +37,39 @@ def _report_day(day: date | None) -> date:
     return previous
 
 
-@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_only_retryable)
+def _limits(limits: dict[str, Any] | None, config_file: str | None) -> tuple[RiskConfig, str]:
+    """The limits to measure utilisation against, and where they come from: ``limits`` when given, else the
+    ``risk`` section of the configuration the trading runs with (``config_file``, else ``MELTICA_CONFIG``/
+    ``MELTICA_ENV``'s file)."""
+    if limits is not None:
+        return RiskConfig.model_validate(limits), "the flow run's `limits` parameter"
+    path = config_file_of(config_file)
+    settings = load_settings(config_file=path)
+    return settings.risk, f"the `risk` section of {path or f'the {settings.environment} configuration'}"
+
+
+@meltica_task("risk report", task_run_name="risk report {day}")
 def compute_report(
-    day: date, db_url: str, output_dir: str, limits: dict[str, Any] | None, marks: dict[str, Any] | None
+    day: date,
+    db_url: str,
+    output_dir: str,
+    limits: dict[str, Any] | None,
+    marks: dict[str, Any] | None,
+    config_file: str | None = None,
 ) -> dict[str, Any]:
+    risk, limits_source = _limits(limits, config_file)
     engine = make_engine(db_url)
     try:
-        report = build_risk_report(
-            engine, day, limits=RiskConfig.model_validate(limits) if limits is not None else None, marks=marks
-        )
+        report = build_risk_report(engine, day, limits=risk, marks=marks)
         key = store_report(engine, report)
     finally:
         engine.dispose()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = render_png(report, out / f"risk-report-{day.isoformat()}.png")
-    text = markdown(report, chart_url=png.resolve().as_uri())
+    text = markdown(report, limits_source=limits_source)
     md = out / f"risk-report-{day.isoformat()}.md"
-    md.write_text(text, encoding="utf-8")
+    md.write_text(markdown(report, chart_url=png.name, limits_source=limits_source), encoding="utf-8")
     js = out / f"risk-report-{day.isoformat()}.json"
     js.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
     return {
@@ -64,6 +80,7 @@ def compute_report(
         "markdown_file": md.resolve().as_uri(),
         "json_file": js.resolve().as_uri(),
         "breaches": len(report.breached_limits) + len(report.breaches),
+        "limits_source": limits_source,
         "pnl": {line.account: str(line.pnl) for line in report.by_account},
     }
 
@@ -75,17 +92,26 @@ def daily_risk_report(
     output_dir: str = "out/risk-reports",
     limits: dict[str, Any] | None = None,
     marks: dict[str, Any] | None = None,
+    config_file: str | None = None,
 ) -> dict[str, Any]:
-    """The risk report of the UTC ``day`` (default: the day before the scheduled start). ``limits``: a
-    ``risk`` configuration section (``RiskConfig``); ``marks``: day-end prices by symbol."""
+    """The risk report of the UTC ``day`` (default: the day before the scheduled start).
+
+    Args:
+        day: The UTC day to report; empty: the day before the scheduled start.
+        database: Database URL; empty: the configured database (MELTICA_DATABASE_URL). A password here is masked in
+            Prefect's copy.
+        output_dir: Directory on the worker for the report's files (relative: in the deployed checkout).
+        limits: A risk configuration section to use instead of the configured one, e.g. {"max_gross_exposure": "50000"}.
+        marks: Day-end prices by symbol, e.g. {"BTC/USDT": "43000"}; empty: the stored candles' closes.
+        config_file: Configuration file whose risk section gives the limits; empty: the one set at deploy time
+            (MELTICA_CONFIG).
+    """
     scrub_secrets_in_logs()
     the_day = _report_day(day)
-    summary = compute_report(the_day, database or database_url(), output_dir, limits, marks)
+    summary = compute_report(the_day, database or database_url(), output_dir, limits, marks, config_file)
     create_markdown_artifact(
         key="risk-report",
-        markdown=summary["markdown"],
+        markdown=embedded_png(summary["png"], "risk report chart") + "\n\n" + summary["markdown"],
         description=f"Daily risk report {the_day.isoformat()} (JSON in risk_state {summary['risk_state_key']})",
     )
-    create_link_artifact(key="risk-report-chart", link=summary["png"], link_text="risk report chart (PNG)")
-    create_link_artifact(key="risk-report-json", link=summary["json_file"], link_text="risk report (JSON)")
     return summary

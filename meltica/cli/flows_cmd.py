@@ -13,11 +13,13 @@ import os
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from meltica.cli._common import EXIT_BAD_INPUT, EXIT_FAILURE, console, err_console, reports_errors
 from meltica.errors import ConfigurationError
 from meltica.infra.prefect import (
     WORK_POOL,
+    ZOMBIE_AUTOMATION,
     FlowRunInfo,
     PrefectApi,
     deploy_flows,
@@ -30,18 +32,35 @@ app = typer.Typer(no_args_is_help=True)
 
 # The deployment `meltica reconcile --now` triggers (prefect.yaml: flow `reconcile`, no schedule).
 RECONCILE_FLOW = "reconcile"
-RECONCILE_ON_DEMAND = "on-demand"
+RECONCILE_ON_DEMAND = "now"
 
 
 @app.command("deploy")
 @reports_errors
-def deploy() -> None:
-    """Create the `meltica` process work pool (if missing) and deploy every flow of prefect.yaml."""
-    result = deploy_flows()
+def deploy(
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="Configuration file every flow run reads (default: MELTICA_CONFIG, else the MELTICA_ENV file); "
+        "a path the worker can read.",
+    ),
+) -> None:
+    """Deploy every flow of prefect.yaml from the checkout you are in (its flows run there), creating the
+    `meltica` process work pool if missing; prints each deployment as `flow/deployment`, the name
+    `prefect deployment run` takes."""
+    result = deploy_flows(config_file=config)
     if result.created_pool:
         console.print(f"work pool {WORK_POOL} (process) created")
+    console.print(f"flow runs read {result.config_file or 'the MELTICA_ENV configuration'}", highlight=False)
+    if result.created_automation:
+        console.print(f"automation created: {ZOMBIE_AUTOMATION}", highlight=False)
     for name in result.deployed:
         console.print(f"[green]✓[/] deployed {name}", highlight=False)
+    for name, why in result.paused.items():
+        console.print(
+            f"[yellow]⏸[/] {name}: schedule paused: {escape(why)}; fix it and deploy again, or resume it in the UI",
+            highlight=False,
+        )
     for name in result.skipped:
         console.print(f"[yellow]![/] skipped {name}: its flow file is not in this checkout", highlight=False)
     console.print(f"start a worker: prefect worker start --pool {WORK_POOL}", highlight=False)
@@ -125,7 +144,7 @@ def _reconcile_local(account: list[str], config: str | None, as_json: bool) -> N
 
 @reports_errors
 def reconcile(
-    now: bool = typer.Option(False, "--now", help="Trigger the reconcile/on-demand deployment now."),
+    now: bool = typer.Option(False, "--now", help="Trigger the reconcile/now deployment."),
     local: bool = typer.Option(
         False, "--local", help="Reconcile in this process (no Prefect server) and print the report."
     ),
@@ -134,7 +153,12 @@ def reconcile(
         None, "--config", help="Configuration file (with --now: a path the flow's worker can read)."
     ),
     as_json: bool = typer.Option(False, "--json", help="With --local: the outcomes as JSON on stdout."),
-    watch: bool = typer.Option(False, "--watch", help="Wait for the run to finish; exit 1 unless it completed."),
+    watch: bool = typer.Option(
+        False,
+        "--watch",
+        help="Wait for the run to finish and print its outcome: why it failed, or what it found per account; "
+        "exit 1 when it failed or engaged the kill switch.",
+    ),
     timeout: float = typer.Option(600.0, "--timeout", help="With --watch: seconds to wait at most."),
 ) -> None:
     """Reconcile accounts against the exchanges: every 15 minutes on schedule, now with --now (Prefect), or in
@@ -147,7 +171,7 @@ def reconcile(
     if not now:
         where = prefect_api_url() or "PREFECT_API_URL (unset)"
         console.print(
-            f"reconcile/scheduled runs every 15 minutes on the Prefect server at {where}; "
+            f"reconcile/every-15-minutes runs on the Prefect server at {where}; "
             "use `meltica reconcile --now` to trigger one, or `meltica reconcile --local` to run one here",
             highlight=False,
         )
@@ -166,5 +190,27 @@ def reconcile(
     final = api.wait_for_flow_run(run.id, timeout=timeout, on_change=_print_state)
     if final.state_type != "COMPLETED":
         reason = "still " + final.state_name if not final.is_final else final.state_name
-        err_console.print(f"[bold red]error:[/] flow run {final.id} {reason}", highlight=False)
+        why = f": {escape(final.message)}" if final.message and final.is_final else ""
+        err_console.print(f"[bold red]error:[/] flow run {final.id} {reason}{why}", highlight=False, markup=True)
+        raise typer.Exit(EXIT_FAILURE)
+    _print_outcome(api, final.id)
+
+
+def _print_outcome(api: PrefectApi, flow_run_id: str) -> None:
+    """The summary of a completed reconciliation run (its `reconciliation-summary` table artifact); exit 1
+    when it engaged the kill switch on any scope, like `--local`."""
+    summary = api.flow_run_artifacts(flow_run_id).get("reconciliation-summary")
+    rows: list[dict[str, object]] = list(summary["data"]) if summary and isinstance(summary["data"], list) else []
+    if not rows:
+        err_console.print("[yellow]![/] the run published no reconciliation summary", highlight=False)
+        return
+    halted = [r for r in rows if r.get("halted")]
+    for r in rows:
+        line = f"{r['account']}: {r['status']}, {r['discrepancies']} discrepancies ({r['adopted']} adopted)"
+        console.print(line + (f", kill switch engaged on {r['halted']}" if r.get("halted") else ""), highlight=False)
+    if halted:
+        for r in halted:
+            err_console.print(
+                f"[bold red]halt needed:[/] {r['account']}: kill switch engaged on {r['halted']}", highlight=False
+            )
         raise typer.Exit(EXIT_FAILURE)

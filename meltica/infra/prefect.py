@@ -16,7 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from meltica.infra._common import ServiceStatus, mask_url, repo_root
 __all__ = [
     "TERMINAL_STATES",
     "WORK_POOL",
+    "ZOMBIE_AUTOMATION",
     "DeployResult",
     "DeploymentSpec",
     "FlowRunInfo",
@@ -35,6 +36,7 @@ __all__ = [
     "prefect_api_url",
     "prefect_executable",
     "prefect_status",
+    "project_checkout",
     "require_server_url",
     "server_command",
 ]
@@ -76,6 +78,50 @@ def prefect_status(timeout: float = 3.0) -> ServiceStatus:
 WORK_POOL = "meltica"
 WORK_POOL_TYPE = "process"
 
+# Zombie detection (Prefect's recipe for self-hosted servers): every flow run emits a heartbeat event every
+# FLOW_HEARTBEAT_SECONDS (prefect.yaml sets PREFECT_FLOWS_HEARTBEAT_FREQUENCY in the runs' environment; Prefect's
+# minimum is 30), and this automation marks Crashed a run whose heartbeats stop for ZOMBIE_AFTER_SECONDS without
+# it reaching a final state: a run whose host died never stays Running.
+FLOW_HEARTBEAT_SECONDS = 30
+ZOMBIE_AFTER_SECONDS = 90
+ZOMBIE_AUTOMATION = "meltica: crash flow runs whose heartbeats stopped"
+
+
+def zombie_automation() -> dict[str, Any]:
+    """The automation ``meltica flows deploy`` creates on the server (REST body of ``POST /automations/``)."""
+    return {
+        "name": ZOMBIE_AUTOMATION,
+        "description": (
+            f"A flow run that sent a heartbeat and then none for {ZOMBIE_AFTER_SECONDS} s, without completing, "
+            "failing or being cancelled, is marked Crashed (its worker or host died); made by `meltica flows deploy`."
+        ),
+        "enabled": True,
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": [
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            ],
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"],
+            "threshold": 1,
+            "within": ZOMBIE_AFTER_SECONDS,
+        },
+        "actions": [
+            {
+                "type": "change-flow-run-state",
+                "state": "CRASHED",
+                "message": f"No heartbeat for {ZOMBIE_AFTER_SECONDS} s: the flow run's process or host died.",
+            }
+        ],
+    }
+
+
 # Flow-run state types after which nothing more happens to the run.
 TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 
@@ -106,6 +152,7 @@ class FlowRunInfo:
     state_type: str
     state_name: str
     deployment: str = ""
+    message: str = ""  # the state's message: why a run failed or crashed
 
     @property
     def is_final(self) -> bool:
@@ -185,11 +232,41 @@ class PrefectApi:
             ) from None
         return str(deployment["id"])
 
+    def deployment(self, flow_name: str, deployment_name: str) -> dict[str, Any]:
+        path = f"/deployments/name/{urllib.parse.quote(flow_name)}/{urllib.parse.quote(deployment_name)}"
+        found: dict[str, Any] = self._call("GET", path)
+        return found
+
+    def set_paused(self, deployment_id: str, paused: bool, description: str | None) -> None:
+        """Pause (or resume) a deployment's schedules; ``description`` replaces its description when given."""
+        if description is not None:
+            self._call("PATCH", f"/deployments/{deployment_id}", {"description": description})
+        self._call("POST", f"/deployments/{deployment_id}/{'pause' if paused else 'resume'}_deployment")
+
+    def ensure_automation(self, body: dict[str, Any]) -> bool:
+        """Create the automation named ``body["name"]`` unless one exists (replacing an outdated one); True when
+        it was created."""
+        existing = [a for a in self._call("POST", "/automations/filter", {}) or [] if a.get("name") == body["name"]]
+        current = existing[0] if existing else None
+        if current is not None and current.get("trigger", {}).get("within") == body["trigger"]["within"]:
+            return False
+        for old in existing:
+            self._call("DELETE", f"/automations/{old['id']}")
+        self._call("POST", "/automations/", body)
+        return True
+
     def deployment_names(self) -> list[str]:
         """``flow/deployment`` for every deployment on the server."""
         flows = {f["id"]: f["name"] for f in self._call("POST", "/flows/filter", {"limit": 200})}
         rows = self._call("POST", "/deployments/filter", {"limit": 200})
         return sorted(f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in rows)
+
+    def deployment_names_by_entrypoint(self) -> dict[tuple[str, str], str]:
+        """``(entrypoint, deployment name) -> "flow name/deployment name"`` for every deployment on the server:
+        the flow's real name (``@flow(name=…)``), which ``prefect deployment run`` needs, not its function's."""
+        flows = {f["id"]: f["name"] for f in self._call("POST", "/flows/filter", {"limit": 200})}
+        rows = self._call("POST", "/deployments/filter", {"limit": 200})
+        return {(str(d.get("entrypoint")), str(d["name"])): f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in rows}
 
     def create_flow_run(self, flow_name: str, deployment_name: str, parameters: dict[str, Any]) -> FlowRunInfo:
         deployment_id = self.deployment_id(flow_name, deployment_name)
@@ -198,6 +275,17 @@ class PrefectApi:
 
     def flow_run(self, flow_run_id: str) -> FlowRunInfo:
         return _flow_run_info(self._call("GET", f"/flow_runs/{urllib.parse.quote(flow_run_id)}"))
+
+    def flow_run_artifacts(self, flow_run_id: str) -> dict[str, dict[str, Any]]:
+        """The artifacts a flow run published, by key (``type`` and ``data``: markdown text, or a table's rows)."""
+        rows = self._call("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+        out: dict[str, dict[str, Any]] = {}
+        for row in rows or []:
+            data = row.get("data")
+            if row.get("type") == "table" and isinstance(data, str):
+                data = json.loads(data)
+            out[str(row.get("key"))] = {"type": row.get("type"), "data": data}
+        return out
 
     def wait_for_flow_run(
         self,
@@ -227,6 +315,7 @@ def _flow_run_info(run: dict[str, Any], deployment: str = "") -> FlowRunInfo:
         state_type=str(state.get("type") or run.get("state_type") or "PENDING"),
         state_name=str(state.get("name") or run.get("state_name") or "Pending"),
         deployment=deployment,
+        message=str(state.get("message") or ""),
     )
 
 
@@ -267,6 +356,53 @@ class DeployResult:
     skipped: list[str]
     created_pool: bool
     output: str
+    paused: dict[str, str] = field(default_factory=dict)  # flow/deployment -> why its schedule is paused
+    config_file: str = ""
+    created_automation: bool = False
+
+
+# Where the scheduled ingest (prefect.yaml: exchange binance, no emulator) fetches its bars.
+INGEST_VENUE = ("api.binance.com", 443)
+
+
+def schedule_prerequisites(config_file: Path | None, probe_timeout: float = 3.0) -> dict[str, str]:
+    """``flow/deployment -> what is missing`` for each scheduled deployment that would fail on every run here:
+    the 15-minute reconciliation without an account that has a venue and credentials in the configuration,
+    the hourly ingest without a connection to the exchange. Checked from the deploying shell, which should
+    have the worker's environment."""
+    import socket
+
+    from meltica.adapters.factory import ccxt_credentials
+    from meltica.config import load_settings
+    from meltica.errors import MelticaError
+
+    missing: dict[str, str] = {}
+    where = str(config_file) if config_file is not None else "the MELTICA_ENV configuration"
+    try:
+        settings = load_settings(config_file=config_file)
+    except MelticaError as exc:
+        missing["reconcile/every-15-minutes"] = f"the configuration cannot be loaded ({exc})"
+    else:
+        venues = [a for a in settings.accounts if a.exchange != "paper"]
+        if not venues:
+            missing["reconcile/every-15-minutes"] = f"no account with an exchange in {where}"
+        else:
+            for account in venues:
+                try:
+                    keys = ccxt_credentials(account, allow_plaintext=settings.environment != "prod")
+                except MelticaError as exc:
+                    keys, why = {}, str(exc)
+                else:
+                    why = "no api_key configured"
+                if not keys.get("apiKey"):
+                    missing["reconcile/every-15-minutes"] = f"account {account.name!r} has no usable keys: {why}"
+                    break
+    try:
+        with socket.create_connection(INGEST_VENUE, timeout=probe_timeout):
+            pass
+    except OSError as exc:
+        missing["ingest/hourly"] = f"{INGEST_VENUE[0]} cannot be reached from here ({exc})"
+    return missing
 
 
 def _run_prefect(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -289,20 +425,43 @@ def _last_lines(text: str, count: int = 6) -> str:
     return " | ".join(lines[-count:])
 
 
-def deploy_flows(root: Path | None = None, timeout: float = 300.0) -> DeployResult:
+def project_checkout(start: Path | None = None) -> Path:
+    """The checkout to deploy: the nearest directory holding ``prefect.yaml`` and ``flows/`` from ``start``
+    (default: the current directory) upwards — the checkout the operator is in, not the one the virtualenv's
+    package was installed from; that one only when the current directory is in no checkout."""
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "prefect.yaml").is_file() and (candidate / "flows").is_dir():
+            return candidate
+    return repo_root()
+
+
+def deploy_flows(root: Path | None = None, timeout: float = 300.0, config_file: Path | None = None) -> DeployResult:
     """Create the ``meltica`` process work pool if missing, then deploy every flow of ``prefect.yaml``.
 
-    Runs the venv's ``prefect`` as a subprocess from the repository root with ``MELTICA_HOME`` set (the
-    deployments' pull step makes workers run flows from there). A deployment whose flow file is not in
-    this checkout is skipped (``prefect deploy`` imports every entrypoint and would fail on it).
+    Runs the venv's ``prefect`` as a subprocess from the checkout (``root``, default
+    :func:`project_checkout`) with ``MELTICA_HOME`` set to it: the deployments' pull step and their
+    ``PYTHONPATH`` make workers run the flows — and ``meltica`` — from that checkout. A deployment whose flow
+    file is not in this checkout is skipped (``prefect deploy`` imports every entrypoint and would fail on it).
+    ``deployed`` lists the names ``prefect deployment run`` accepts: ``<flow name>/<deployment name>``.
+
+    ``config_file`` (else ``MELTICA_CONFIG``) becomes every flow run's ``MELTICA_CONFIG``. A scheduled deployment
+    whose prerequisites are missing (:func:`schedule_prerequisites`) is paused, its description saying why;
+    deploying again once they are met resumes it.
     """
     url = require_server_url()
-    root = (root or repo_root()).resolve()
+    root = (root or project_checkout()).resolve()
     project_file = root / "prefect.yaml"
     specs = deployment_specs(project_file)
     present = [s for s in specs if (root / s.path).is_file()]
     skipped = [s.selector for s in specs if s not in present]
-    env = {**os.environ, "PREFECT_API_URL": url, "MELTICA_HOME": str(root)}
+    chosen = config_file or (Path(os.environ["MELTICA_CONFIG"]) if os.environ.get("MELTICA_CONFIG") else None)
+    if chosen is not None:
+        chosen = chosen.expanduser().resolve()
+        if not chosen.is_file():
+            raise ConfigurationError(f"configuration file {chosen} does not exist", source=str(chosen))
+    config_text = str(chosen) if chosen is not None else ""
+    env = {**os.environ, "PREFECT_API_URL": url, "MELTICA_HOME": str(root), "MELTICA_CONFIG": config_text}
 
     api = PrefectApi(url)
     created_pool = False
@@ -321,7 +480,22 @@ def deploy_flows(root: Path | None = None, timeout: float = 300.0) -> DeployResu
     output = done.stdout + done.stderr
     if done.returncode != 0:
         raise InfrastructureError(f"`prefect deploy` failed: {_last_lines(output)}")
-    return DeployResult([s.selector for s in present], skipped, created_pool, output)
+    deployed = api.deployment_names_by_entrypoint()
+    names = [deployed.get((s.entrypoint, s.name), s.selector) for s in present]
+    missing = schedule_prerequisites(chosen)
+    paused: dict[str, str] = {}
+    for name in names:
+        flow_name, deployment_name = name.split("/", 1)
+        deployment = api.deployment(flow_name, deployment_name)
+        if not deployment.get("schedules"):
+            continue
+        if name in missing:
+            paused[name] = missing[name]
+            api.set_paused(deployment["id"], True, f"PAUSED: {missing[name]}. {deployment.get('description') or ''}")
+        else:
+            api.set_paused(deployment["id"], False, None)
+    created_automation = api.ensure_automation(zombie_automation())
+    return DeployResult(names, skipped, created_pool, output, paused, config_text, created_automation)
 
 
 def server_command(host: str = "127.0.0.1", port: int = 4200) -> list[str]:

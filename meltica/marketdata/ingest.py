@@ -28,10 +28,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from meltica.adapters.base import ExchangeAdapter
 from meltica.domain import Bar, Trade
 from meltica.domain.timeframe import Timeframe
-from meltica.errors import ConfigurationError, InfrastructureUnavailableError
+from meltica.errors import ConfigurationError
 from meltica.marketdata.candle_files import CandleRow
 from meltica.storage import candles as candle_store
 from meltica.storage import trades as trade_store
+from meltica.storage.errors import classify_database_error
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Now = Callable[[], datetime]
@@ -78,15 +79,12 @@ class IngestReport:
 
 @contextlib.contextmanager
 def database_errors(engine: Engine) -> Iterator[None]:
-    """A database that cannot be reached surfaces as ``InfrastructureUnavailableError`` (retryable)."""
+    """A database that cannot be reached surfaces as ``InfrastructureUnavailableError`` (retryable), a refused
+    login as ``AuthenticationError`` (terminal); either message keeps the server's reason."""
     try:
         yield
     except (OperationalError, InterfaceError) as exc:
-        where = engine.url.render_as_string(hide_password=True)
-        raise InfrastructureUnavailableError(
-            f"database unavailable ({where}): {type(exc.orig).__name__ if exc.orig else type(exc).__name__}",
-            url=where,
-        ) from exc
+        raise classify_database_error(exc, "ingestion", engine) or exc from None
 
 
 def _timeframe(timeframe: str) -> Timeframe:

@@ -68,6 +68,7 @@ from meltica.portfolio.portfolio import is_derivative, split_symbol
 from meltica.reconciliation.policy import KIND_OF, Action, Case, DiscrepancyKind, ReconcilePolicy
 from meltica.risk.kill_switch import KillSwitch, KillSwitchMode, system_clock
 from meltica.storage import tables as t
+from meltica.storage.errors import classify_database_error
 
 log = logging.getLogger(__name__)
 
@@ -724,10 +725,10 @@ class _Run:
             )
 
 
-def _db_unavailable(exc: DBAPIError) -> InfrastructureUnavailableError:
-    return InfrastructureUnavailableError(
-        f"database unavailable during reconciliation: {type(exc.orig).__name__ if exc.orig else type(exc).__name__}",
-        reason="database_unavailable",
+def _db_unavailable(exc: DBAPIError) -> MelticaError:
+    """Unavailable (retryable) or a refused login (terminal), with the server's reason in the message."""
+    return classify_database_error(exc, "reconciliation") or InfrastructureUnavailableError(
+        f"reconciliation: the database is unavailable: {type(exc).__name__}", reason="database_unavailable"
     )
 
 

@@ -697,8 +697,9 @@ def _pnl_table(title: str, lines: Sequence[PnLLine], cols: Sequence[str]) -> str
     return f"#### {title}\n\n" + (head + body if lines else "_none_\n") + "\n"
 
 
-def markdown(report: RiskReport, *, chart_url: str | None = None) -> str:
-    """The report as markdown (a Prefect artifact, ``risk-report-<day>.md``)."""
+def markdown(report: RiskReport, *, chart_url: str | None = None, limits_source: str | None = None) -> str:
+    """The report as markdown (a Prefect artifact, ``risk-report-<day>.md``); ``limits_source`` says where
+    the limits came from."""
     out = [f"### Daily risk report {report.day.isoformat()} (UTC)\n\n{report.fills} fills on the day.\n\n"]
     if chart_url:
         out.append(f"[chart]({chart_url})\n\n")
@@ -709,6 +710,8 @@ def markdown(report: RiskReport, *, chart_url: str | None = None) -> str:
     out.append("#### Exposure (day-end marks)\n\n| account | strategy | gross | net |\n|---|---|---|---|\n")
     out.extend(f"| {e.account} | {e.strategy} | {_m(e.gross)} | {_m(e.net)} |\n" for e in report.exposure)
     out.append("\n#### Limit utilisation\n\n")
+    if limits_source:
+        out.append(f"Limits: {limits_source}.\n\n")
     if report.limits:
         out.append("| scope | limit | value | limit value | utilisation | breached |\n|---|---|---|---|---|---|\n")
         out.extend(
@@ -716,6 +719,8 @@ def markdown(report: RiskReport, *, chart_url: str | None = None) -> str:
             f"{'**yes**' if u.breached else 'no'} |\n"
             for u in report.limits
         )
+    elif limits_source:
+        out.append("_no configured limit applies to the day's accounts and positions_\n")
     else:
         out.append("_no limits given_\n")
     out.append("\n#### Drawdown of the day's PnL\n\n| scope | max drawdown |\n|---|---|\n")

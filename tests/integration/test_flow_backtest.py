@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import re
+import socket
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +45,13 @@ def _artifacts(flow_run_id: Any) -> list[Any]:
             )
 
     return asyncio.run(fetch())
+
+
+def _embedded_pngs(markdown: str) -> list[bytes]:
+    """The images a markdown artifact embeds as data: URIs, decoded (each one a PNG)."""
+    images = [base64.b64decode(m) for m in re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)]
+    assert all(image.startswith(b"\x89PNG\r\n\x1a\n") for image in images)
+    return images
 
 
 def _url(engine: Engine) -> str:
@@ -83,12 +95,14 @@ def test_backtest_flow_stores_the_run_and_publishes_artifacts(
         assert (report_dir / name).stat().st_size > 0
 
     artifacts = {a.key: a for a in _artifacts(state.state_details.flow_run_id)}
-    assert {"backtest-metrics", "backtest-report", "backtest-equity", "backtest-drawdown"} <= set(artifacts)
+    assert {"backtest-metrics", "backtest-charts"} <= set(artifacts)
     assert artifacts["backtest-metrics"].type == "markdown"
     assert "Sharpe ratio" in artifacts["backtest-metrics"].data or "sharpe" in artifacts["backtest-metrics"].data
     assert summary["run_id"] in artifacts["backtest-metrics"].data
-    # Prefect stores a link artifact as markdown: "[report.html](file:///…/report.html)".
-    assert f"({(report_dir / 'report.html').resolve().as_uri()})" in artifacts["backtest-report"].data
+    # The charts are in the artifact itself (the UI shows them); no link points at the worker's disk.
+    charts = _embedded_pngs(artifacts["backtest-charts"].data)
+    assert len(charts) == 3 and charts[0] == (report_dir / "equity.png").read_bytes()
+    assert not any("file://" in str(a.data) for a in artifacts.values())
 
     # A rerun repeats no work: the same run id, still one stored row.
     again = backtest(
@@ -144,7 +158,8 @@ def test_sweep_flow_stores_and_ranks_a_2x2_grid(prefect_api: None, fresh_databas
     table = artifacts["sweep-results"].data
     assert "Best parameters" in table and result["sweep_id"] in table
     assert table.count("\n| ") >= 5  # header + four ranked rows
-    assert f"{result['best']['run_id']}/report.html)" in artifacts["sweep-best-report"].data
+    assert len(_embedded_pngs(artifacts["sweep-best-charts"].data)) == 3
+    assert result["best"]["run_id"] in artifacts["sweep-best-charts"].data and "file://" not in table
 
 
 def _latest_flow_run(flow_name: str) -> Any:
@@ -162,3 +177,93 @@ def _latest_flow_run(flow_name: str) -> Any:
             return runs[0].id
 
     return asyncio.run(fetch())
+
+
+class FlakyDatabaseProxy:
+    """A TCP proxy in front of PostgreSQL whose first ``drop`` connections are closed at once (a database
+    outage as the client sees it); later connections are forwarded."""
+
+    def __init__(self, target: tuple[str, int], drop: int) -> None:
+        self.target, self.drop, self.dropped = target, drop, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.dropped < self.drop:
+                self.dropped += 1
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_database_outage_during_a_sweep_is_retried_and_the_sweep_completes(
+    prefect_api: None, fresh_database: Engine, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.backtest import sweep
+
+    url = fresh_database.url
+    proxy = FlakyDatabaseProxy((url.host or "127.0.0.1", url.port or 5432), drop=2)
+    try:
+        # One TCP connection per attempt (no SSL/GSS negotiation retried on a second connection).
+        through_proxy = url.set(port=proxy.port, query={**url.query, "sslmode": "disable", "gssencmode": "disable"})
+        state = sweep(
+            "momentum",
+            {"fast": [5, 10], "slow": [40]},
+            base_params=BASE,
+            start=START,
+            end=END,
+            data_file=str(DATA),
+            workers=2,
+            output_dir=str(tmp_path),
+            database=through_proxy.render_as_string(hide_password=False),
+            return_state=True,
+        )
+    finally:
+        proxy.close()
+    assert proxy.dropped == 2
+    assert state.is_completed(), state.message
+    assert len(state.result()["runs"]) == 2
+
+    async def task_runs() -> list[Any]:
+        async with get_client() as client:
+            return list(
+                await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+                )
+            )
+
+    runs = asyncio.run(task_runs())
+    assert max(r.run_count for r in runs) >= 2  # a task hit the outage, was retried and then completed
+    # Each task run is named by its grid point.
+    assert sorted(r.name for r in runs) == [
+        "backtest momentum BTC/USDT fast=10 slow=40",
+        "backtest momentum BTC/USDT fast=5 slow=40",
+    ]
+    with fresh_database.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM backtest_runs")).scalar_one() == 2

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from meltica.emulator import EmulatorConfig, EmulatorServer
-from meltica.errors import ExchangeUnavailableError, InfrastructureUnavailableError, NetworkError
+from meltica.errors import AuthenticationError, ExchangeUnavailableError, InfrastructureUnavailableError, NetworkError
 from meltica.marketdata.ingest import Gap, find_gaps
 
 pytestmark = pytest.mark.integration
@@ -164,8 +164,24 @@ def test_unreachable_database_fails_the_flow_with_the_taxonomy_error(
     url = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing"
     state = run_ingest(fresh_database, emulator.rest_url, database=url, retries=0)
     assert state.type == StateType.FAILED
-    with pytest.raises(InfrastructureUnavailableError, match="database unavailable"):
+    with pytest.raises(InfrastructureUnavailableError, match=r"the database is unavailable.*(refused|failed)"):
         state.result()
+
+
+def test_a_wrong_database_password_is_not_retried_and_says_so(
+    prefect_api: None, emulator: EmulatorServer, fresh_database: Engine
+) -> None:
+    """A refused login is terminal (retrying the same password cannot help): one attempt, and the message
+    keeps the server's reason, so it does not read like an outage."""
+    from prefect.client.schemas.objects import StateType
+
+    url = fresh_database.url.set(password="not-the-password").render_as_string(hide_password=False)
+    state = run_ingest(fresh_database, emulator.rest_url, database=url, retries=2, retry_delay_seconds=0.1)
+    assert state.type == StateType.FAILED
+    with pytest.raises(AuthenticationError, match="password authentication failed") as failure:
+        state.result()
+    assert "not-the-password" not in str(failure.value)
+    assert _task_run_counts(state.state_details.flow_run_id) == [1]
 
 
 def _task_run_counts(flow_run_id: object) -> list[int]:

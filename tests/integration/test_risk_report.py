@@ -4,6 +4,8 @@ VaR/ES vs numpy on the same returns, and the flow as a real Prefect run with its
 from __future__ import annotations
 
 import asyncio
+import base64
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -242,5 +244,21 @@ def test_flow_publishes_markdown_and_chart(prefect_api: None, seeded: Engine, tm
     assert (
         "Limit utilisation" in artifacts["risk-report"].data and "max_gross_exposure" in artifacts["risk-report"].data
     )
-    assert f"({png.resolve().as_uri()})" in artifacts["risk-report-chart"].data
+    # The chart is embedded in the artifact (the UI shows it), not a link to the worker's disk.
+    [encoded] = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", artifacts["risk-report"].data)
+    assert base64.b64decode(encoded) == png.read_bytes()
+    assert "file://" not in artifacts["risk-report"].data
     assert summary["breaches"] >= 2
+
+
+def test_flow_without_limits_uses_the_configured_limits(prefect_api: None, seeded: Engine, tmp_path: Path) -> None:
+    """The scheduled report passes no `limits`: the limits are the configuration's `risk` section."""
+    from flows.risk_report import daily_risk_report
+
+    config = tmp_path / "risk.yaml"
+    config.write_text("environment: dev\nrisk:\n  max_gross_exposure: '50'\n")
+    url = seeded.url.render_as_string(hide_password=False)
+    summary = daily_risk_report(DAY, database=url, output_dir=str(tmp_path), marks=MARKS, config_file=str(config))
+    assert f"Limits: the `risk` section of {config}." in summary["markdown"]
+    assert "| max_gross_exposure |" in summary["markdown"] and "no limits given" not in summary["markdown"]
+    assert summary["breaches"] >= 1

@@ -19,6 +19,18 @@ def prefect_api() -> Iterator[None]:
         yield
 
 
+def _stored_parameters(flow_run_id: object) -> dict[str, object]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def fetch() -> dict[str, object]:
+        async with get_client() as client:
+            return dict((await client.read_flow_run(flow_run_id)).parameters)
+
+    return asyncio.run(fetch())
+
+
 def test_import_flow_loads_file_once_and_reports_an_artifact(
     prefect_api: None, migrated_database: Engine, tmp_path: Path
 ) -> None:
@@ -39,6 +51,13 @@ def test_import_flow_loads_file_once_and_reports_an_artifact(
     assert state.type == StateType.COMPLETED
     first = state.result()
     assert (first["read"], first["inserted"]) == (3, 3)
+
+    # The database URL's password is not kept in Prefect's database (nor shown in the UI).
+    password = migrated_database.url.password
+    assert password
+    stored = _stored_parameters(state.state_details.flow_run_id)
+    assert str(password) not in str(stored)
+    assert ":***@" in str(stored["database"]) and stored["symbol"] == "ETH/USDT"
 
     again = import_candle_file(str(data), "binance", "ETH/USDT", "1m", database=url)
     assert (again["read"], again["inserted"], again["already_stored"]) == (3, 0, 3)
