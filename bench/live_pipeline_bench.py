@@ -179,8 +179,30 @@ def symbol_name(i: int) -> str:
 # --- small helpers -----------------------------------------------------------------------------------
 
 
+_PREFIXES: list[str] = []
+
+
 def new_prefix(part: str) -> str:
-    return f"bench-{part}-{uuid.uuid4().hex[:8]}."
+    prefix = f"bench-{part}-{uuid.uuid4().hex[:8]}."
+    _PREFIXES.append(prefix)
+    return prefix
+
+
+def delete_bench_topics(bootstrap: str) -> None:
+    """Delete the topics this run made (its prefixes; the workers' changelogs start with them too): a broker
+    holding thousands of stale topics makes every metadata refresh of every client slow, which shows up in
+    the next run's latency. ``MELTICA_BENCH_KEEP_TOPICS=1`` keeps them."""
+    if not _PREFIXES or os.environ.get("MELTICA_BENCH_KEEP_TOPICS") == "1":
+        return
+    from meltica.messaging.admin import _admin
+
+    admin = _admin(bootstrap, 30_000)
+    try:
+        names = [t for t in admin.list_topics() if t.startswith(tuple(_PREFIXES))]
+        for start in range(0, len(names), 200):
+            admin.delete_topics(names[start : start + 200], timeout_ms=60_000)
+    finally:
+        admin.close()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -1121,6 +1143,7 @@ def main() -> None:
             for r in results
         ]  # fmt: skip
     print(f"\nload at end {loadavg()}")
+    delete_bench_topics(bootstrap)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
 
