@@ -5,12 +5,14 @@ Why: faust-streaming moves every record through its conductor, a channel, a stre
 and agents sharing one consumer queue behind each other. A lane takes the records of its processor's input
 partitions straight from the consumer's ``getmany`` (through :class:`streams.worker.ConsumerGuard`, which
 still checks every offset), hands each to ``processor.handle`` in fetch order, sends the outputs at once
-(the producer does not wait for the batch), waits for the broker's acks once per batch (``confirm_outputs``),
-stores each touched key's state once per batch in the changelogged table, and only then acknowledges the
-batch's messages to Faust, whose commit machinery commits them as before. Delivery stays at least once: a
-batch that fails is not acknowledged (and commits are frozen), and a stop ends a batch after the chunk in
-hand: what was not handled is not acknowledged, so it is never committed and is fetched again after the
-restart, and a batch of an older consumer generation adds no offset to commit (the guard's ``ack``).
+(the producer does not wait for the batch) and waits for the broker's acks once per batch (``confirm_outputs``).
+A checkpoint (a timer, every :data:`CHECKPOINT_SECONDS`; also at a stop) stores each key touched since the last
+one in the changelogged table, and only then acknowledges the messages it covers to Faust, whose commit
+machinery commits them as before. Delivery stays at least once: a batch that fails is not acknowledged (and
+commits are frozen), and a stop ends a batch after the chunk in hand: what was not handled is not
+acknowledged, so it is never committed and is fetched again after the restart, and a batch of an older
+consumer generation adds no offset to commit (the guard's ``ack``). A crash loses at most the handling since
+the last checkpoint, which the restart redoes from the committed offsets.
 
 What stays Faust's: the app and its consumer group, rebalancing, flow control (a paused partition is not
 fetched), table recovery from the changelog (``processor.restore`` runs under the agent's lock, so it never
@@ -58,8 +60,13 @@ asked for again within that (≈200 empty fetches/s on an idle worker: negligibl
 
 CHUNK_RECORDS = 1000
 CHUNK_SECONDS = 0.05
-"""A batch is finished (outputs confirmed, state stored, offsets acknowledged) in chunks of at most this many
-records or seconds: what a crash makes the worker redo stays small, and state is never far behind."""
+"""A batch is finished (outputs confirmed) in chunks of at most this many records or seconds: what a crash
+makes the worker redo stays small."""
+
+CHECKPOINT_SECONDS = 0.1
+"""State is stored, and the messages it covers acknowledged, at most this often (a timer; also at a stop and
+before a rebalance gives partitions away, which waits for unacknowledged messages): storing a stage's state
+after every small batch cost a fifth of the trading worker's CPU (``bench/live_pipeline_bench.py``)."""
 
 _FETCH_WAIT_BY_APP: dict[str, int] = {}
 _PATCHED = False
@@ -142,6 +149,11 @@ class BatchLanes:
         self.next_offset: dict[tuple[ProcessorAgent, Any], int] = {}
         self._local: dict[ProcessorAgent, list[LocalRecord]] = {}  # handed over, not handled yet
         self._queued: dict[tuple[ProcessorAgent, Any], int] = {}  # the offset after the last one queued
+        # handled since the last checkpoint: keys whose state to store, then messages to acknowledge
+        self._touched: dict[ProcessorAgent, dict[str, tuple[int, Any]]] = {}
+        self._acks: list[Any] = []
+        self._last_checkpoint = time.perf_counter()
+        self.checkpoints = 0
 
     def forget(self) -> None:
         """Drop what was handed over (a new assignment): from now on every record is fetched first."""
@@ -179,7 +191,7 @@ class BatchLanes:
                     for message in fresh:
                         if message.offset < next_offset.get((agent, message.tp), -1):
                             if sole:  # handed over in-process before: handled, now acknowledged
-                                self._acknowledged(consumer, message)
+                                self._acknowledged(message)
                         else:
                             taken.append(message)
                     by_agent.setdefault(agent, []).extend(taken)
@@ -196,11 +208,10 @@ class BatchLanes:
         # strategy's intent on that bar reaches it), as when the output is fetched
         if self._local and not await self._handle_handed_over():
             return
-        for message in shared:
-            consumer.ack(message)
+        self._acks.extend(shared)  # every lane reading them handled them: acknowledged with their state
 
-    def _acknowledged(self, consumer: Any, message: Any) -> None:
-        consumer.ack(message)
+    def _acknowledged(self, message: Any) -> None:
+        self._acks.append(message)
         handled = self.runtime.handled
         handled[message.tp] = max(handled.get(message.tp, 0), message.offset + 1)
 
@@ -349,25 +360,62 @@ class BatchLanes:
             results = await asyncio.gather(*chunk.pending)  # outputs confirmed before state and offsets move on
             if self.hand_over:
                 self._hand_over(results, chunk.sent)
-        for key, (partitions, message) in chunk.touched.items():
+        if chunk.touched:
+            self._touched.setdefault(agent, {}).update(chunk.touched)
+        runtime = self.runtime
+        handled = runtime.handled
+        acks = self._acks
+        for message in chunk.messages:
+            if type(message) is LocalRecord:
+                continue  # acknowledged when the consumer fetches it (see the module doc)
+            if self._sole_reader(message.topic):
+                acks.append(message)  # with the state, at the next checkpoint
+            tp = message.tp
+            handled[tp] = max(handled.get(tp, 0), message.offset + 1)  # the stall watchdog's measure
+        runtime.progress += len(chunk.messages)
+        self.records += len(chunk.messages)
+        if self._due():
+            await self.checkpoint(held=agent)  # a long batch stores its progress as it goes
+
+    async def checkpoint(self, held: ProcessorAgent | None = None) -> None:
+        """Store the state of every key handled since the last checkpoint (each agent under its lock, so
+        never in the middle of a handle; ``held``: the agent whose lock the caller holds), then acknowledge
+        the messages that state covers: Faust commits only acknowledged offsets, so a committed offset never
+        runs ahead of the stored state. (A snapshot is the key's state now, so it covers everything handled
+        before it; each checkpoint stores its keys before acknowledging its messages.)"""
+        touched, self._touched = self._touched, {}
+        acks, self._acks = self._acks, []
+        self._last_checkpoint = time.perf_counter()
+        for agent, keys in touched.items():
+            if agent is held:
+                self._store(agent, keys)
+            else:
+                async with agent.lock:
+                    self._store(agent, keys)
+        if acks:
+            consumer = self.runtime.app.consumer
+            for message in acks:
+                consumer.ack(message)
+        self.checkpoints += 1
+
+    @staticmethod
+    def _store(agent: ProcessorAgent, keys: Mapping[str, tuple[int, Any]]) -> None:
+        for key, (partitions, message) in keys.items():
             source = _ChangelogSource(message)
             token = _current_event.set(weakref.ref(source))  # type: ignore[arg-type]
             try:
                 agent._store(partitions, key)
             finally:
                 _current_event.reset(token)
-        runtime = self.runtime
-        consumer = runtime.app.consumer
-        handled = runtime.handled
-        for message in chunk.messages:
-            if type(message) is LocalRecord:
-                continue  # acknowledged when the consumer fetches it (see the module doc)
-            if self._sole_reader(message.topic):
-                consumer.ack(message)
-            tp = message.tp
-            handled[tp] = max(handled.get(tp, 0), message.offset + 1)  # the stall watchdog's measure
-        runtime.progress += len(chunk.messages)
-        self.records += len(chunk.messages)
+
+    def _due(self) -> bool:
+        return bool(self._touched or self._acks) and time.perf_counter() - self._last_checkpoint >= CHECKPOINT_SECONDS
+
+    async def maybe_checkpoint(self) -> None:
+        """The timer's checkpoint: when anything waits and the last one is :data:`CHECKPOINT_SECONDS` old, and
+        no batch is being handled (a batch checkpoints at its chunk ends itself)."""
+        if self._due() and not any(agent.lock.locked() for agents in self.agents_of.values() for agent in agents):
+            await self.checkpoint()
 
 
 class _Chunk:

@@ -101,7 +101,7 @@ from meltica.live.worker_stats import ProcessorStats, WorkerStats, ensure_stats_
 from meltica.messaging.catalogue import PREFIX_ENV, Catalogue
 from meltica.messaging.codec import Codec
 from streams.app import make_app
-from streams.lanes import FETCH_MAX_WAIT_MS, BatchLanes, SentRecord, set_fetch_max_wait
+from streams.lanes import CHECKPOINT_SECONDS, FETCH_MAX_WAIT_MS, BatchLanes, SentRecord, set_fetch_max_wait
 from streams.topics import StreamTopics, incoming_of
 
 log = logging.getLogger(__name__)
@@ -832,7 +832,12 @@ class WorkerRuntime:
         record = self.stats.record(state=state, interval=self.stats_interval, assigned=self.assigned())
         lanes = self.guard.lanes if self.guard is not None else None
         if lanes is not None:
-            record["lanes"] = {"batches": lanes.batches, "records": lanes.records, "handed_over": lanes.handed_over}
+            record["lanes"] = {
+                "batches": lanes.batches,
+                "records": lanes.records,
+                "handed_over": lanes.handed_over,
+                "checkpoints": lanes.checkpoints,
+            }
         key, value = self.stats.encode(record)
         try:
             if self._stats_ready is None:
@@ -919,6 +924,12 @@ class WorkerRuntime:
         for agent in self.agents.values():
             async with agent.lock:  # the in-flight message (if any) is handled and acked
                 pass
+        lanes = self.guard.lanes if self.guard is not None else None
+        if lanes is not None:
+            try:
+                await lanes.checkpoint()  # what was handled: state stored and acknowledged before the commit
+            except Exception:
+                log.exception("final checkpoint failed: what it covered is handled again after the restart")
         if self.control is not None:
             await self.control.stop()
         for agent in self.agents.values():
@@ -1028,6 +1039,13 @@ def build_worker_app(
     async def publish_worker_stats() -> None:
         if not runtime.stopping:
             await runtime.publish_stats()
+
+    if batch_inputs:
+
+        @app.timer(CHECKPOINT_SECONDS)
+        async def checkpoint_lanes() -> None:
+            if not runtime.stopping and runtime.failure is None:
+                await lanes.maybe_checkpoint()
 
     _RUNTIMES[id(app)] = runtime
     return app

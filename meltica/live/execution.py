@@ -1005,6 +1005,7 @@ class ExecutionService:
         lane = self.lanes.get(key)
         if lane is None:
             return None
+        prefixes = tuple(f"{i}:" for i in self._instances_of(key))  # once, not per remembered id
         return {
             "markets": {
                 m.key: {
@@ -1025,7 +1026,7 @@ class ExecutionService:
             "requested": [o.model_dump(mode="json") for o in lane.requested.values()],
             "symbol_of": dict(lane.symbol_of),
             "emulated_active": lane.emulated_active,
-            "handled": [r for r in self._handled if r.startswith(tuple(f"{i}:" for i in self._instances_of(key)))],
+            "handled": [r for r in self._handled if r.startswith(prefixes)],
         }
 
     def _instances_of(self, account: str) -> list[str]:
