@@ -550,6 +550,10 @@ class EmulatorServer:
     def last_execution_seq(self) -> int:
         return max((j[-1]["seq"] for j in self._journal.values() if j), default=0)
 
+    def book_update_id(self, symbol: str) -> int:
+        """The last update id published on ``symbol``'s depth streams (Binance ``u``/``lastUpdateId``)."""
+        return self._books[symbol][2]
+
     async def drop_websockets(self) -> int:
         return await self.hub.drop_all()
 
@@ -1570,11 +1574,11 @@ class EmulatorServer:
                 "realtime": self.config.realtime,
                 "speed": self.config.speed,
                 "last_execution_seq": self.last_execution_seq,
-                "user_subscriptions": self._user_subscriptions(),
+                "user_subscriptions": self.user_subscriptions(),
             }
         )
 
-    def _user_subscriptions(self) -> dict[str, int]:
+    def user_subscriptions(self) -> dict[str, int]:
         """Live user-data subscriptions per account (WebSocket API and listenKey sockets)."""
         out = dict.fromkeys(self.accounts, 0)
         for conn in self.hub.connections:

@@ -23,8 +23,10 @@ Contract: ``meltica/execution/README.md``. The rules it keeps:
   we have seen is held back until the missing fills arrive (fills race cancels on every venue), so a
   late fill never hits a terminal order. New fills are stored in ``fills`` (same transaction as their
   order event) and then passed to the portfolio and the risk engine, exactly once.
-* **Kill switch.** ``halt`` → ``cancel_all()`` (subscribed when a kill switch is given, directly or as
-  ``risk.kill_switch``); while halted, ``submit`` rejects.
+* **Kill switch.** ``halt`` → ``cancel_all()`` of the halted scope (subscribed when a kill switch is given,
+  directly or as ``risk.kill_switch``); while halted, ``submit`` rejects. A halt is not a single attempt:
+  while orders of the scope stay open (the venue refused or was down) and the halt holds, the cancels are
+  repeated with back-off (``HALT_RETRY_INITIAL_S`` doubling to ``HALT_RETRY_MAX_S``), logged as critical.
 * **Fail closed.** The risk engine and the portfolio are called through typed protocols (``NoRisk`` /
   ``NoPortfolio`` stand in when none is given). A hook that raises — a post-trade check, a fill the
   portfolio cannot book — halts the account on the kill switch, is logged as critical and kept in
@@ -96,6 +98,10 @@ Clock = Callable[[], datetime]
 Sleep = Callable[[float], Awaitable[None]]
 
 NEVER_REACHED_VENUE = "never reached venue"
+# A halt's cancels are repeated while orders of the halted scope stay open (the venue refused or was
+# down): first after HALT_RETRY_INITIAL_S, doubling up to HALT_RETRY_MAX_S between rounds.
+HALT_RETRY_INITIAL_S = 0.25
+HALT_RETRY_MAX_S = 10.0
 RISK_PATH_FAILURE = "risk_path_failure"
 
 # --- crash hook (tests) ----------------------------------------------------------------------
@@ -609,7 +615,49 @@ class OrderManager:
         except RuntimeError:
             log.error("kill switch halt outside an event loop: call OrderManager.cancel_all() yourself")
             return
-        self._spawn(self.cancel_all(reason=f"kill switch halt ({scope})", **filters))
+        self._spawn(self._cancel_until_clear(scope, filters))
+
+    async def _cancel_until_clear(self, scope: str, filters: Mapping[str, str]) -> None:
+        """A halt is not a single attempt: cancel every open order of ``scope``, and while some stay open
+        (a cancel failed: venue down, rate limit) and the scope is still halted, try again with back-off,
+        saying so at CRITICAL each round. Ends when nothing of the scope is open or the halt is released."""
+        reason = f"kill switch halt ({scope})"
+        delay = HALT_RETRY_INITIAL_S
+        rounds = 0
+        while True:
+            rounds += 1
+            try:
+                await self.cancel_all(reason=reason, **filters)
+            except Exception:
+                # Fails closed: the halt holds (new intents are refused) and the cancels are retried below.
+                log.critical("%s: cancel round %d failed", reason, rounds, exc_info=True)
+            left = self.open_orders(**filters)
+            if not left:
+                if rounds > 1:
+                    log.warning("%s: every order cancelled after %d rounds", reason, rounds)
+                return
+            if not self._scope_halted(scope):
+                log.warning("%s released with %d orders still open: no more halt cancels", reason, len(left))
+                return
+            log.critical(
+                "%s: %d orders still open after cancel round %d (%s); retrying in %.2f s",
+                reason,
+                len(left),
+                rounds,
+                ", ".join(sorted(o.client_order_id for o in left)[:5]),
+                delay,
+            )
+            await self._sleep(delay)
+            delay = min(delay * 2, HALT_RETRY_MAX_S)
+
+    def _scope_halted(self, scope: str) -> bool:
+        """Whether ``scope`` is still halted; a kill switch that cannot tell counts as halted (fail closed)."""
+        state_of = getattr(self.kill_switch, "state_of", None)
+        state = state_of(scope) if callable(state_of) else getattr(self.kill_switch, "state", None)
+        mode = getattr(state, "mode", None)
+        if mode is None:
+            return True
+        return str(getattr(mode, "value", mode)) == "halt"
 
     # --- submit ------------------------------------------------------------------------------
 

@@ -61,7 +61,11 @@ def test_configured_account_trades_and_streams_market_data_without_leaking_its_s
                 assert first_book.asks
                 assert first_book.bids[0].price < first_book.asks[0].price
                 waiter = asyncio.create_task(anext(trades))
-                await asyncio.sleep(0.5)  # the subscription settles before the replay moves on
+                # the trade subscription is live before the replay moves on (polled, bounded)
+                deadline = asyncio.get_running_loop().time() + 10
+                while not emu.hub.has_subscribers("btcusdt@trade"):
+                    assert asyncio.get_running_loop().time() < deadline, "the trade stream never subscribed"
+                    await asyncio.sleep(0.02)
                 await emu.step(5)
                 trade = await asyncio.wait_for(waiter, 10)
                 assert trade.symbol == "BTC/USDT"

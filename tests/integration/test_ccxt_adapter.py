@@ -62,6 +62,19 @@ def intent(n: int, **kwargs: Any) -> OrderIntent:
     return OrderIntent(**base)
 
 
+async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+def user_data_sockets(emu: EmulatorServer) -> set[Any]:
+    """The emulator's connections that carry a user-data subscription (WebSocket API or listenKey)."""
+    return {c for c in emu.hub.connections if c.user_subscriptions or c.listen_account is not None}
+
+
 async def started(**config: Any) -> EmulatorServer:
     config.setdefault("data", [TRADES])
     config.setdefault("default_balances", {"USDT": Decimal(10_000), "BTC": Decimal(1)})
@@ -87,7 +100,7 @@ def test_full_cycle_through_the_adapter() -> None:
             balances = await adapter.fetch_balances()
             assert balances["USDT"].free == Decimal(10_000)
             watcher = asyncio.create_task(collect())
-            await asyncio.sleep(0.5)  # subscription settles
+            await wait_for(lambda: bool(user_data_sockets(emu)), "the adapter subscribed to user data")
 
             mkt = intent(1, type=OrderType.MARKET, price=None)
             filled = await adapter.create_order(mkt, mkt.client_order_id)
@@ -151,14 +164,10 @@ def test_full_cycle_through_the_adapter() -> None:
             fills = await adapter.fetch_my_trades("BTC/USDT")
             assert any(f.client_order_id == mkt.client_order_id for f in fills)
 
-            for _ in range(100):
-                kinds = {e.kind for e in events}
-                if {UserEventKind.ORDER, UserEventKind.FILL, UserEventKind.BALANCE} <= kinds:
-                    break
-                await asyncio.sleep(0.05)
-            kinds = {e.kind for e in events}
-            assert UserEventKind.ORDER in kinds
-            assert UserEventKind.FILL in kinds
+            await wait_for(
+                lambda: {UserEventKind.ORDER, UserEventKind.FILL, UserEventKind.BALANCE} <= {e.kind for e in events},
+                "order, fill and balance events on the user stream",
+            )
             fill_events = [e.fill for e in events if e.kind is UserEventKind.FILL]
             assert any(f is not None and f.client_order_id == mkt.client_order_id for f in fill_events)
             watcher.cancel()
@@ -296,16 +305,17 @@ def test_dropped_websockets_reconnect_and_resubscribe() -> None:
         try:
             await adapter.connect()
             watcher = asyncio.create_task(collect())
-            await asyncio.sleep(0.5)
-            await emu.drop_websockets()
-            await asyncio.sleep(0.5)  # reconnect with backoff, resubscribe
+            await wait_for(lambda: bool(user_data_sockets(emu)), "the adapter subscribed to user data")
+            before = user_data_sockets(emu)
+            assert await emu.drop_websockets() >= len(before) >= 1  # the subscribed socket really was closed
+            # Resubscribed on a new socket: a connection the drop did not close carries the subscription.
+            await wait_for(lambda: bool(user_data_sockets(emu) - before), "the adapter resubscribed on a new socket")
             order = intent(20)
             await adapter.create_order(order, order.client_order_id)
-            for _ in range(100):
-                if any(e.order is not None and e.order.client_order_id == order.client_order_id for e in events):
-                    break
-                await asyncio.sleep(0.05)
-            assert any(e.order is not None and e.order.client_order_id == order.client_order_id for e in events)
+            await wait_for(
+                lambda: any(e.order is not None and e.order.client_order_id == order.client_order_id for e in events),
+                "the order's update on the resubscribed stream",
+            )
             watcher.cancel()
         finally:
             await adapter.close()

@@ -70,7 +70,7 @@ def test_full_cycle_rest_and_user_stream() -> None:
 
                 await pro.load_markets()
                 watcher = asyncio.create_task(collect_orders(pro, updates))
-                await asyncio.sleep(0.3)  # let the user-data subscription settle
+                await wait_for(lambda: sum(emu.user_subscriptions().values()) >= 1)  # user-data subscription is live
 
                 market_buy = await rest.create_order("BTC/USDT", "market", "buy", 0.01)
                 assert market_buy["status"] == "closed" and market_buy["filled"] == 0.01
@@ -208,7 +208,8 @@ def test_watch_order_book_syncs_with_replayed_depth() -> None:
                 await emu.step(1)  # the recorded snapshot (bids only)
                 task = asyncio.create_task(pro.watch_order_book("BTC/USDT"))
                 await wait_for(lambda: emu.hub.has_subscribers("btcusdt@depth@100ms"))
-                await asyncio.sleep(0.2)  # ccxt fetches the REST snapshot after the subscription ack
+                # ccxt fetches the REST snapshot after the subscription ack; the diff must come after it.
+                await wait_for(lambda: (pro.orderbooks.get("BTC/USDT") or {}).get("nonce") is not None)
                 await emu.step(1)  # the recorded diff (adds the asks)
                 book = await asyncio.wait_for(task, 5)
                 while not book["asks"]:

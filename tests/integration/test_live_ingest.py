@@ -92,6 +92,11 @@ async def _read_all(
     return out
 
 
+def _book_sequence(book: Any) -> int:
+    """The venue update id a book message ends at (a snapshot's ``sequence``, a delta's ``last_sequence``)."""
+    return int(getattr(book, "last_sequence", None) or getattr(book, "sequence", None) or 0)
+
+
 def _ohlcv(bar: Bar) -> tuple[object, ...]:
     return (bar.exchange, bar.symbol, bar.timeframe, bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume)
 
@@ -180,7 +185,15 @@ def test_ingest_from_emulator_to_kafka_and_faust_candles(
             # the book moves with the replayed trades; its updates follow the trades on the same socket
             await _wait(lambda: ingest.counts["book"] > books_before, "book updates after the unsubscribe")
             await _wait(lambda: emulator.events_left == 0, "the emulator to replay everything")
-            await asyncio.sleep(1.0)  # the trades of those events, had they been wanted, were on the socket first
+            # The trades of those events, had they been wanted, were on the socket before the book update of
+            # the last event: once that update is on Kafka, a late trade could no longer arrive.
+            final_update = emulator.book_update_id("XRPETH")
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                published = await _read_all(bootstrap, codec, catalogue, "md.book", unique_name("barrier"))
+                if any(_book_sequence(b) >= final_update for _, b in published):
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "the last book update never reached Kafka"
             counts = dict(ingest.counts)
             sent = ingest_agents.service.sent
         finally:

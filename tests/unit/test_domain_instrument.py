@@ -133,9 +133,13 @@ def test_validate_order_names_the_limit(btcusdt: Instrument, price: str, qty: st
     assert "binance:BTC/USDT" in str(info.value)
 
 
-def test_validate_order_accepts_a_good_order(btcusdt: Instrument) -> None:
-    btcusdt.validate_order("30000.01", "0.001")
+def test_validate_order_accepts_a_good_order_and_the_boundary_is_exact(btcusdt: Instrument) -> None:
+    btcusdt.validate_order("30000.01", "0.001")  # raises InvalidOrderError if refused
     btcusdt.validate_order(None, "0.00001")  # market order without a reference price
+    btcusdt.validate_order("10000", "0.001")  # notional exactly min_notional 10: accepted
+    with pytest.raises(InvalidOrderError, match="below min_notional") as info:
+        btcusdt.validate_order("10000", "0.00099")  # one step less: refused
+    assert info.value.details["limit"] == "min_notional"
 
 
 def test_min_quantity_checked() -> None:

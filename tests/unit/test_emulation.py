@@ -709,8 +709,9 @@ def test_restore_keeps_the_oco_and_its_children() -> None:
 
 
 def test_end_to_end_through_the_order_manager() -> None:
-    oms_module = pytest.importorskip("meltica.execution.oms")
-    store_module = pytest.importorskip("meltica.execution.store")
+    # Imported, not importorskip'd: a broken import of our own OMS must fail this test, not skip it.
+    import meltica.execution.oms as oms_module
+    import meltica.execution.store as store_module
 
     async def body() -> None:
         rig = Rig()

@@ -742,3 +742,77 @@ def test_a_risk_hook_failing_between_approval_and_send_halts_and_nothing_is_sent
         assert_row_matches(store, oms, order.client_order_id)
 
     run(body)
+
+
+class CancelOutage:
+    """Wraps a paper adapter: ``cancel_order`` answers 503 while ``down`` (a venue outage); counts calls."""
+
+    def __init__(self, inner: PaperAdapter) -> None:
+        self.inner = inner
+        self.down = True
+        self.cancels = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def cancel_order(self, symbol: str, **kw: Any) -> VenueOrder:
+        self.cancels += 1
+        if self.down:
+            raise ExchangeUnavailableError("503 from the venue")
+        return await self.inner.cancel_order(symbol, **kw)
+
+
+def test_a_halt_repeats_its_cancels_with_back_off_until_the_venue_takes_them() -> None:
+    venue, clock = make_venue()
+    outage = CancelOutage(venue.adapter("alice"))
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        if seconds >= 0.25:  # a halt round's back-off (the OMS's own retries wait 0 here: FAST)
+            waits.append(seconds)
+            if len(waits) == 4:
+                outage.down = False  # the venue is back after the fourth round's wait
+        await asyncio.sleep(0)
+
+    async def body() -> None:
+        switch = KillSwitch()
+        oms, _ = make_oms(venue, clock, kill_switch=switch, venues={"alice": outage}, sleep=sleep)
+        order = await oms.submit(intent(price=D("30000")))
+        assert order.status is OrderStatus.OPEN
+        switch.engage("halt", "drill", "ops")
+        for _ in range(200):
+            if oms.order(order.client_order_id).status is OrderStatus.CANCELLED:
+                break
+            await asyncio.sleep(0)
+        assert oms.order(order.client_order_id).status is OrderStatus.CANCELLED
+        assert waits == [0.25, 0.5, 1.0, 2.0]  # doubling back-off between rounds
+        assert not await outage.inner.fetch_open_orders("BTC/USDT")
+
+    run(body)
+
+
+def test_halt_cancels_stop_when_the_halt_is_released() -> None:
+    venue, clock = make_venue()
+    outage = CancelOutage(venue.adapter("alice"))
+    rounds: list[float] = []
+
+    async def body() -> None:
+        switch = KillSwitch()
+
+        async def sleep(seconds: float) -> None:
+            if seconds >= 0.25:
+                rounds.append(seconds)
+                if len(rounds) == 2:
+                    switch.release("ops", "false alarm")
+            await asyncio.sleep(0)
+
+        oms, _ = make_oms(venue, clock, kill_switch=switch, venues={"alice": outage}, sleep=sleep)
+        order = await oms.submit(intent(price=D("30000")))
+        switch.engage("halt", "drill", "ops")
+        for _ in range(200):
+            await asyncio.sleep(0)
+        assert len(rounds) == 2  # no third round after the release
+        assert oms.order(order.client_order_id).status is OrderStatus.PENDING_CANCEL  # its fate is the venue's
+        await oms.stop()
+
+    run(body)

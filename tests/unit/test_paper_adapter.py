@@ -99,9 +99,18 @@ def trade(price: str, qty: str = "5", side: Side | None = None, n: int = 0) -> T
     )
 
 
-def test_paper_adapter_satisfies_the_protocol() -> None:
+def test_paper_adapter_has_every_protocol_method_with_the_same_parameters() -> None:
+    # isinstance() against a runtime Protocol only checks that the names exist; the parameters matter too.
+    import inspect
+
     venue, _ = make_venue()
-    assert isinstance(venue.adapter("alice"), ExchangeAdapter)
+    adapter = venue.adapter("alice")
+    members = [n for n, v in vars(ExchangeAdapter).items() if callable(v) and not n.startswith("_")]
+    assert {"create_order", "cancel_order", "fetch_open_orders", "stream_user_events"} <= set(members)
+    for name in members:
+        wanted = list(inspect.signature(getattr(ExchangeAdapter, name)).parameters)[1:]
+        got = list(inspect.signature(getattr(adapter, name)).parameters)
+        assert got == wanted, f"PaperAdapter.{name}{got} differs from ExchangeAdapter.{name}{wanted}"
 
 
 def test_resting_limit_fills_against_another_account_with_events_fees_and_balances() -> None:

@@ -346,23 +346,20 @@ def test_every_decision_is_recorded_with_its_reason_and_rejection_raises_termina
     assert err.value.reason == "max_order_quantity"
 
 
-def test_decisions_are_deterministic() -> None:
-    def run() -> list[tuple[bool, str | None, str | None]]:
-        global _ids
-        _ids = itertools.count()
-        engine, clock, _ = make(
-            max_order_notional=500, max_position_notional=800, orders_per_minute=4, max_open_orders=3
-        )
-        out = []
-        for n in range(12):
-            clock.advance(seconds=7)
-            d = engine.check(intent(str(D("0.01") * (n % 4 + 1)), side=Side.BUY if n % 3 else Side.SELL))
-            out.append((d.approved, d.rule, d.reason))
-            if n % 2:
-                engine.on_order_closed(f"missing-{n}")
-        return out
-
-    assert run() == run()
+def fixed_scenario_decisions() -> list[tuple[bool, str | None, str | None]]:
+    """Twelve intents against rate, size and open-order limits: compared across processes with different
+    hash seeds in ``test_determinism_across_processes.py``."""
+    global _ids
+    _ids = itertools.count()
+    engine, clock, _ = make(max_order_notional=500, max_position_notional=800, orders_per_minute=4, max_open_orders=3)
+    out = []
+    for n in range(12):
+        clock.advance(seconds=7)
+        d = engine.check(intent(str(D("0.01") * (n % 4 + 1)), side=Side.BUY if n % 3 else Side.SELL))
+        out.append((d.approved, d.rule, d.reason))
+        if n % 2:
+            engine.on_order_closed(f"missing-{n}")
+    return out
 
 
 # --- post-trade ----------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from meltica.secrets import (
     key_fingerprint,
 )
 
-pytestmark = pytest.mark.integration
+# Not `integration`: no real server here, only the in-test emulator above (see the module docstring).
+pytestmark = pytest.mark.protocol_emulator
 
 TOKEN = "s.test-root-token"
 KNOWN_SECRET = "S3CRET-known-value-123"

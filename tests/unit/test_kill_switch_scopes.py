@@ -1,0 +1,102 @@
+"""Kill-switch scopes and refusals that mutation testing (``make mutation``) found unchecked: an unknown
+scope kind, or a scope without a name, is refused (fail closed), not halted on a scope nothing reads; on a
+tie of modes the broadest scope is reported; the refusals say what to do instead."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import pytest
+
+from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode
+from meltica.risk.kill_switch import KillSwitchChange
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def switch() -> KillSwitch:
+    return KillSwitch(InMemoryKillSwitchStore(), clock=lambda: T0)
+
+
+@pytest.mark.parametrize("scope", ["venue:binance", "acount:main", "symbol:BTC/USDT", "account:", "strategy:"])
+def test_an_unknown_or_nameless_scope_is_refused(scope: str) -> None:
+    ks = switch()
+    with pytest.raises(ValueError, match="global, account:<name> or strategy:<name>"):
+        ks.engage("halt", "drill", "ops", scope=scope)
+    assert ks.active == {}  # nothing engaged on a scope that no order would ever be checked against
+
+
+def test_on_a_tie_the_broadest_scope_is_reported() -> None:
+    ks = switch()
+    ks.engage("halt", "account breach", "ops", scope="account:main")
+    ks.engage("halt", "desk halt", "ops", scope="global")
+    ks.engage("halt", "strategy bug", "ops", scope="strategy:mm")
+    assert ks.effective("main", "mm") == (KillSwitchMode.HALT, "global")
+    ks.release("ops", "desk back", scope="global")
+    assert ks.effective("main", "mm") == (KillSwitchMode.HALT, "account:main")
+    ks.engage("reduce_only", "wind down", "ops", scope="global")
+    assert ks.effective("main", "mm") == (KillSwitchMode.HALT, "account:main")  # stricter beats broader
+
+
+def test_refusals_say_what_to_do_instead() -> None:
+    ks = switch()
+    with pytest.raises(ValueError, match=r"use release\(\)"):
+        ks.engage("off", "drill", "ops")
+    with pytest.raises(ValueError, match="use off, halt or reduce_only"):
+        ks.engage("panic", "drill", "ops")
+    with pytest.raises(ValueError, match="needs a reason"):
+        ks.engage("halt", "  ", "ops")
+
+
+class OutageStore(InMemoryKillSwitchStore):
+    """The in-memory store with a database outage: ``save`` raises while ``down``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def save(self, change: KillSwitchChange) -> None:
+        if self.down:
+            raise ConnectionError("database unavailable")
+        super().save(change)
+
+
+def test_changes_made_during_an_outage_hold_and_are_stored_in_order_once_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = OutageStore()
+    ks = KillSwitch(store, clock=lambda: T0)
+    store.down = True
+    with caplog.at_level(logging.WARNING, logger="meltica.risk.kill_switch"):
+        ks.engage("reduce_only", "wind down", "ops", scope="account:main", details={"ticket": 7})
+        ks.engage("halt", "runaway", "ops", scope="strategy:mm")
+        assert ks.effective("main", "mm") == (KillSwitchMode.HALT, "strategy:mm")  # held in memory
+        assert [(c.scope, c.current.mode) for c in ks.unsaved] == [
+            ("account:main", KillSwitchMode.REDUCE_ONLY),
+            ("strategy:mm", KillSwitchMode.HALT),
+        ]
+        assert ks.retry_unsaved() == 2  # still down: both wait, in order
+        assert any(
+            r.levelno == logging.CRITICAL and "account:main" in r.getMessage() and "still not stored" in r.getMessage()
+            for r in caplog.records
+        )
+        store.down = False
+        assert ks.retry_unsaved() == 0
+    assert [(c.scope, c.current.mode) for c in store.changes] == [
+        ("account:main", KillSwitchMode.REDUCE_ONLY),
+        ("strategy:mm", KillSwitchMode.HALT),
+    ]
+    assert store.changes[0].details == {"ticket": 7}
+    assert any(
+        "strategy:mm" in r.getMessage() and "stored after a failed write" in r.getMessage() for r in caplog.records
+    )
+    ks.release("ops", scope="strategy:mm", details={"ticket": 8})  # stored now, so a release is allowed
+    released = store.changes[-1]
+    assert (released.current.mode, released.current.reason, released.current.actor) == (
+        KillSwitchMode.OFF,
+        "released",
+        "ops",
+    )
+    assert released.details == {"ticket": 8}
+    assert KillSwitch(store).state_of("strategy:mm").mode is KillSwitchMode.OFF
