@@ -33,7 +33,7 @@ from meltica.risk import KillSwitch, KillSwitchMode, KillSwitchStore, RiskEngine
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "market" / "nautilus" / "binance"
+DATA = Path(__file__).resolve().parents[1] / "data" / "binance"
 KEY, SECRET = "halt-key", "halt-secret"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SYMBOL = "BTC/USDT"
