@@ -14,7 +14,7 @@ import csv
 import gzip
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import IO
 
@@ -73,6 +73,7 @@ ReplayEvent = BarEvent | TradeEvent | BookEvent | PathTradeEvent
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_QTY_STEP = Decimal("0.00000001")
 
 
 def _ms(value: int) -> datetime:
@@ -207,10 +208,13 @@ def bar_path(bar: BarEvent) -> list[PathTradeEvent]:
     path = [bar.open, bar.high, bar.low, bar.close] if high_first else [bar.open, bar.low, bar.high, bar.close]
     span_ms = bar.interval_s * 1000
     offsets_ms = [0, span_ms // 3, 2 * span_ms // 3, span_ms - 1]
-    quantity = bar.volume / 4
+    # Binance quantities have at most 8 decimals: three quarters rounded down, the last one the rest,
+    # so the four trades still add up to the bar's volume.
+    quarter = (bar.volume / 4).quantize(_QTY_STEP, rounding=ROUND_DOWN)
+    quantities = [quarter, quarter, quarter, bar.volume - 3 * quarter]
     out: list[PathTradeEvent] = []
     previous = bar.open
-    for price, offset in zip(path, offsets_ms, strict=True):
+    for price, offset, quantity in zip(path, offsets_ms, quantities, strict=True):
         out.append(
             PathTradeEvent(
                 ts=bar.open_time + timedelta(milliseconds=offset),

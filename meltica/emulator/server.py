@@ -56,6 +56,7 @@ from aiohttp import WSMsgType, web
 from meltica.domain.enums import Side
 from meltica.domain.values import utc_to_ms
 from meltica.emulator import auth, binance_format, errors
+from meltica.emulator.binance_format import f8
 from meltica.emulator.config import ADMIN_TOKEN_HEADER, AccountConfig, EmulatorConfig
 from meltica.emulator.errors import BinanceError
 from meltica.emulator.faults import Faults
@@ -363,8 +364,8 @@ class EmulatorServer:
             "s": symbol,
             "U": uid,
             "u": uid,
-            "b": [[plain(p), plain(q)] for p, q in b_diff],
-            "a": [[plain(p), plain(q)] for p, q in a_diff],
+            "b": [[f8(p), f8(q)] for p, q in b_diff],
+            "a": [[f8(p), f8(q)] for p, q in a_diff],
         }
         for name in (f"{low}@depth", f"{low}@depth@100ms", f"{low}@depth@1000ms"):
             self.hub.publish(name, event)
@@ -376,8 +377,8 @@ class EmulatorServer:
                     stream,
                     {
                         "lastUpdateId": uid,
-                        "bids": [[plain(p), plain(q)] for p, q in view.bids[:levels]],
-                        "asks": [[plain(p), plain(q)] for p, q in view.asks[:levels]],
+                        "bids": [[f8(p), f8(q)] for p, q in view.bids[:levels]],
+                        "asks": [[f8(p), f8(q)] for p, q in view.asks[:levels]],
                     },
                 )
         book_ticker = f"{low}@bookTicker"
@@ -396,8 +397,8 @@ class EmulatorServer:
                 "E": event_ms,
                 "s": symbol,
                 "t": trade.trade_id,
-                "p": plain(trade.price),
-                "q": plain(trade.quantity),
+                "p": f8(trade.price),
+                "q": f8(trade.quantity),
                 "T": trade.time_ms,
                 "m": trade.buyer_maker,
                 "M": True,
@@ -410,8 +411,8 @@ class EmulatorServer:
                 "E": event_ms,
                 "s": symbol,
                 "a": trade.trade_id,
-                "p": plain(trade.price),
-                "q": plain(trade.quantity),
+                "p": f8(trade.price),
+                "q": f8(trade.quantity),
                 "f": trade.trade_id,
                 "l": trade.trade_id,
                 "T": trade.time_ms,
@@ -859,8 +860,8 @@ class EmulatorServer:
         view = self.engine.book(spec.symbol, depth=limit)
         return {
             "lastUpdateId": uid,
-            "bids": [[plain(p), plain(q)] for p, q in view.bids],
-            "asks": [[plain(p), plain(q)] for p, q in view.asks],
+            "bids": [[f8(p), f8(q)] for p, q in view.bids],
+            "asks": [[f8(p), f8(q)] for p, q in view.asks],
         }
 
     async def h_trades(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
@@ -1752,7 +1753,7 @@ def _book_ticker_event(
     symbol: str, update_id: int, bid: tuple[Decimal, Decimal], ask: tuple[Decimal, Decimal]
 ) -> dict[str, Any]:
     """A ``<symbol>@bookTicker`` event (it has no event type on Binance)."""
-    return {"u": update_id, "s": symbol, "b": plain(bid[0]), "B": plain(bid[1]), "a": plain(ask[0]), "A": plain(ask[1])}
+    return {"u": update_id, "s": symbol, "b": f8(bid[0]), "B": f8(bid[1]), "a": f8(ask[0]), "A": f8(ask[1])}
 
 
 def _diff(old: dict[Decimal, Decimal], new: dict[Decimal, Decimal]) -> list[tuple[Decimal, Decimal]]:
