@@ -1009,11 +1009,13 @@ class EmulatorServer:
             order_type = EngineOrderType(type_text)
         except ValueError:
             raise errors.invalid_order_type() from None
-        quantity = _decimal(params, "quantity")
-        quote_qty = _decimal(params, "quoteOrderQty")
-        price = _decimal(params, "price")
-        stop_price = _decimal(params, "stopPrice")
-        iceberg = _decimal(params, "icebergQty")
+        quantity = _decimal(params, "quantity", spec.base_precision)
+        quote_qty = _decimal(params, "quoteOrderQty", spec.quote_precision)
+        price = _decimal(params, "price", spec.quote_precision)
+        stop_price = _decimal(params, "stopPrice", spec.quote_precision)
+        iceberg = _decimal(params, "icebergQty", spec.base_precision)
+        if iceberg is not None and quantity is not None and iceberg >= quantity:
+            raise errors.iceberg_exceeds_quantity()
         trailing = _opt_int(params, "trailingDelta")
         tif_text = params.get("timeInForce")
         tif = EngineTimeInForce.GTC
@@ -1058,6 +1060,14 @@ class EmulatorServer:
             expire_at=expire_at,
         )
 
+    def _refuse_market_on_empty_book(self, new: NewOrder) -> None:
+        """Binance refuses a market order with nothing on the other side (-2010) rather than expiring it."""
+        if new.type is not EngineOrderType.MARKET:
+            return
+        view = self.engine.book(new.symbol, depth=1)
+        if not (view.asks if new.side is Side.BUY else view.bids):
+            raise errors.no_liquidity()
+
     def _client_order_id(self) -> str:
         return "emu" + secrets.token_hex(8) + str(next(self._client_ids))
 
@@ -1071,6 +1081,7 @@ class EmulatorServer:
         assert account is not None
         new = self._new_order(params, account)
         resp_type = self._resp_type(params, new.type.value)
+        self._refuse_market_on_empty_book(new)
         try:
             result = self.engine.submit(new)
         except EngineRejection as exc:
@@ -1782,16 +1793,25 @@ def _required(params: Params, name: str) -> str:
     return value
 
 
-def _decimal(params: Params, name: str) -> Decimal | None:
+_DECIMAL_PARAM = re.compile(r"^([0-9]{1,20})(\.[0-9]{1,20})?$")
+
+
+def _decimal(params: Params, name: str, max_decimals: int = 8) -> Decimal | None:
+    """A decimal parameter as Binance reads it: plain digits (no sign, exponent or spaces: -1100), at most
+    ``max_decimals`` significant decimals (the asset's precision: -1111; trailing zeros do not count)."""
     value = params.get(name)
     if value is None or value == "":
         return None
+    if not _DECIMAL_PARAM.match(value):
+        raise errors.illegal_decimal(name)
     try:
         out = Decimal(value)
     except InvalidOperation:
-        raise errors.illegal_chars(name) from None
-    if not out.is_finite():
-        raise errors.illegal_chars(name)
+        raise errors.illegal_decimal(name) from None
+    exponent = out.normalize().as_tuple().exponent
+    assert isinstance(exponent, int)  # the regex admits finite numbers only
+    if -exponent > max_decimals:
+        raise errors.too_much_precision(name)
     return out
 
 

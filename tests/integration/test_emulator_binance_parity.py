@@ -136,3 +136,63 @@ def test_trade_stream_decimals_are_binance_fixed_eight() -> None:
             assert_like_binance(sink[0]["data"], recorded["data"])
 
     run(body)
+
+
+def binance_error(exc: Exception) -> dict[str, Any]:
+    """The JSON body ccxt puts at the end of its exception message."""
+    text = str(exc)
+    body: dict[str, Any] = json.loads(text[text.index("{") :])
+    return body
+
+
+ORDER = {"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC", "quantity": "0.1", "price": "100"}
+ERRORS = [
+    # (changed parameters, code, message) — codes and messages of binance-docs errors.md
+    (
+        {"quantity": "-1"},
+        -1100,
+        "Illegal characters found in parameter 'quantity'; legal range is '^([0-9]{1,20})(\\.[0-9]{1,20})?$'.",
+    ),
+    (
+        {"price": "1e3"},
+        -1100,
+        "Illegal characters found in parameter 'price'; legal range is '^([0-9]{1,20})(\\.[0-9]{1,20})?$'.",
+    ),
+    ({"quantity": "0.123456789"}, -1111, "Parameter 'quantity' has too much precision."),
+    ({"price": "100.000000001"}, -1111, "Parameter 'price' has too much precision."),
+    ({"icebergQty": "0.2"}, -2010, "IcebergQty exceeds QTY."),
+    ({"icebergQty": "0.1"}, -2010, "IcebergQty exceeds QTY."),
+    (
+        {"type": "MARKET", "timeInForce": None, "price": None},
+        -2010,
+        "Order book liquidity is less than symbol minimum quantity.",
+    ),
+    (
+        {"type": "MARKET", "timeInForce": None, "price": None, "quantity": None, "quoteOrderQty": "100"},
+        -2010,
+        "Order book liquidity is less than symbol minimum quantity.",
+    ),
+]
+
+
+def test_order_errors_are_binance_codes_and_messages() -> None:
+    async def body() -> None:
+        async with EmulatorServer(config()) as emu:  # no data, no price: an empty book
+            rest = ccxt_async.binance(ccxt_config(emu, KEY, SECRET))
+            try:
+                await rest.load_markets()
+                for changes, code, msg in ERRORS:
+                    params = {k: v for k, v in (ORDER | changes).items() if v is not None}
+                    with pytest.raises(ccxt_async.BaseError) as caught:
+                        await rest.private_post_order(params)
+                    assert binance_error(caught.value) == {"code": code, "msg": msg}, changes
+                    # ccxt maps the code as against the real venue
+                    assert isinstance(caught.value, (ccxt_async.BadRequest, ccxt_async.InvalidOrder)), changes
+                assert await rest.fetch_open_orders("BTC/USDT") == []  # nothing was placed
+                # a plain limit order is still accepted (the checks refuse only what Binance refuses)
+                ok = await rest.private_post_order(dict(ORDER, quantity="0.10000000000"))
+                assert ok["status"] == "NEW" and ok["origQty"] == "0.10000000"
+            finally:
+                await rest.close()
+
+    run(body)
