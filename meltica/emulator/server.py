@@ -69,6 +69,7 @@ from meltica.emulator.replay import (
     PathTradeEvent,
     ReplayEvent,
     TradeEvent,
+    bar_path,
     load_file,
     merge,
     to_wall_clock,
@@ -93,6 +94,8 @@ from meltica.matching import (
 Params = dict[str, str]
 Handler = Callable[[web.Request, Params, "AccountConfig | None"], Awaitable[Any]]
 
+# Public trade ids of a driven bar's prints: their own sequence, far above the engine's fill ids.
+DRIVEN_PRINT_IDS = 1 << 40
 ORDER_PATHS = ("/api/v3/order", "/api/v3/order/cancelReplace")
 _PARTIAL_DEPTH = re.compile(r"^([a-z0-9]+)@depth(5|10|20)(@100ms|@1000ms)?$")
 
@@ -134,6 +137,7 @@ class EmulatorServer:
         # Every execution per account (bounded), for drivers waiting on their user stream.
         self._journal: dict[str, deque[dict[str, Any]]] = {a.name: deque(maxlen=100_000) for a in config.accounts}
         self._driven = False  # market time set by /_emulator/market/* only
+        self._driven_print_ids = itertools.count(DRIVEN_PRINT_IDS)
         # replay
         data_symbol = (config.data_symbol or config.symbols[0]).upper()
         self.events: list[ReplayEvent] = merge(
@@ -312,16 +316,8 @@ class EmulatorServer:
             # the bar is complete: its trades were printed and made the kline; time may expire GTD orders
             result = self.engine.advance()
         elif isinstance(event, BarEvent):
+            self._print_bar(event)
             result = self.engine.on_bar(symbol, event.open, event.high, event.low, event.close, event.volume)
-            self.markets[symbol].on_bar(
-                utc_to_ms(event.open_time),
-                event.interval_s,
-                event.open,
-                event.high,
-                event.low,
-                event.close,
-                event.volume,
-            )
         elif isinstance(event, TradeEvent):
             taker = Side.SELL if event.buyer_maker else Side.BUY
             result = self.engine.on_trade(symbol, event.price, event.quantity, taker_side=taker)
@@ -421,12 +417,34 @@ class EmulatorServer:
             },
         )
 
-    def _publish_klines(self, symbol: str) -> None:
-        """The current kline of every subscribed ``<symbol>@kline_<i>`` stream; a kline that ended since
-        the stream's last event is first sent once more, final (``x: true``), as Binance does."""
+    def _print_bar(self, bar: BarEvent) -> None:
+        """A bar replayed whole (data time, driven) as the four public trades of its path (``bar_path``,
+        as in real time): they make its kline (trade count, taker volumes), ``/trades`` and ``@trade``, and
+        each updates the forming kline on ``@kline_*`` (``x: false``) before the bar's close sends it final.
+        Only published: the engine runs the bar itself (``on_bar``). A bar without volume is no trade."""
+        symbol = bar.symbol
+        if bar.volume <= 0:
+            open_ms = utc_to_ms(bar.open_time)
+            self.markets[symbol].on_bar(open_ms, bar.interval_s, bar.open, bar.high, bar.low, bar.close, bar.volume)
+            return
+        for point in bar_path(bar):
+            # one id sequence with the engine's fills, except in lock-step: there the engine's fill ids must
+            # stay those of the paper venue it equals
+            engine_ids = self.engine._market(symbol)
+            trade_id = next(self._driven_print_ids) if self._driven else engine_ids.next_trade_id()
+            at_ms = utc_to_ms(point.ts)
+            self._publish_public_trade(
+                symbol, MarketTrade(trade_id, point.price, point.quantity, at_ms, point.buyer_maker)
+            )
+            self._publish_klines(symbol, at_ms)
+
+    def _publish_klines(self, symbol: str, at_ms: int | None = None) -> None:
+        """The current kline of every subscribed ``<symbol>@kline_<i>`` stream (as of ``at_ms``, default
+        market time); a kline that ended since the stream's last event is first sent once more, final
+        (``x: true``), as Binance does."""
         low = symbol.lower()
         prefix = f"{low}@kline_"
-        now = self.market_ms()
+        now = self.market_ms() if at_ms is None else at_ms
         for stream in self.hub.subscribed():
             if not stream.startswith(prefix):
                 continue
@@ -1711,8 +1729,10 @@ class EmulatorServer:
             self._drive_to(close_ms)
         except _AdminConflictError as exc:
             return web.json_response({"error": str(exc)}, status=409)
+        open_time = datetime.fromtimestamp(open_ms / 1000, UTC)
+        interval_s = (close_ms - open_ms) // 1000
+        self._print_bar(BarEvent(self.market_now(), symbol, open_time, o, h, lo, c, volume, interval_s))
         result = self.engine.on_bar(symbol, o, h, lo, c, volume)
-        self.markets[symbol].on_bar(open_ms, (close_ms - open_ms) // 1000, o, h, lo, c, volume)
         self._publish_result(result)
         self._publish_result(self.engine.advance())
         self._publish_klines(symbol)

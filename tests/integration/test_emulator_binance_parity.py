@@ -6,6 +6,7 @@ class still parses every answer.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -194,5 +195,130 @@ def test_order_errors_are_binance_codes_and_messages() -> None:
                 assert ok["status"] == "NEW" and ok["origQty"] == "0.10000000"
             finally:
                 await rest.close()
+
+    run(body)
+
+
+@pytest.fixture(scope="module")
+def candles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped month's first 20 one-minute bars."""
+    month = Path(__file__).resolve().parents[2] / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
+    path = tmp_path_factory.mktemp("parity") / "btc-1m.csv"
+    with gzip.open(month, "rt") as source:
+        path.write_text("".join(line for _, line in zip(range(21), source, strict=False)))
+    return path
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def test_ticker_count_is_the_trades_in_the_window(candles: Path) -> None:
+    async def body() -> None:
+        async with EmulatorServer(config(data=[candles])) as emu:  # data time: each bar replayed whole
+            await emu.step(10)
+            rest = ccxt_async.binance(ccxt_config(emu, KEY, SECRET))
+            try:
+                ticker = (await rest.fetch_ticker("BTC/USDT"))["info"]
+                klines = await rest.public_get_klines({"symbol": "BTCUSDT", "interval": "1m", "limit": 100})
+                trades = await rest.public_get_trades({"symbol": "BTCUSDT", "limit": 1000})
+            finally:
+                await rest.close()
+            # Binance: count = lastId - firstId + 1, the trades the klines of the window counted
+            assert ticker["count"] == sum(k[8] for k in klines) == len(trades) == 40  # 10 bars, 4 prints each
+            assert ticker["count"] == ticker["lastId"] - ticker["firstId"] + 1
+            assert {int(t["id"]) for t in trades} == set(range(ticker["firstId"], ticker["lastId"] + 1))
+            # the prints rebuild each bar: same OHLC, the volume to the last decimal
+            first = next(iter(klines))
+            with gzip.open(
+                Path(__file__).resolve().parents[2] / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz",
+                "rt",
+            ) as source:
+                row = source.readlines()[1].strip().split(",")
+            assert [Decimal(v) for v in first[1:6]] == [Decimal(v) for v in row[1:6]]
+
+    run(body)
+
+
+async def kline_events(emu: EmulatorServer, sink: list[dict[str, Any]], ready: asyncio.Event) -> None:
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{emu.ws_url}/ws/btcusdt@kline_1m") as ws:
+        ready.set()
+        async for msg in ws:
+            sink.append(json.loads(msg.data)["k"])
+
+
+def check_forming_then_final(events: list[dict[str, Any]], rest_rows: dict[int, list[Any]]) -> int:
+    """Every kline is streamed forming (``x: false``) before its final event (``x: true``), which equals
+    the REST kline; returns how many klines closed."""
+    by_open: dict[int, list[dict[str, Any]]] = {}
+    for k in events:
+        by_open.setdefault(k["t"], []).append(k)
+    closed = 0
+    for open_ms, updates in by_open.items():
+        flags = [k["x"] for k in updates]
+        if True not in flags:
+            continue
+        closed += 1
+        assert flags.index(True) > 0 and not any(flags[: flags.index(True)]), (open_ms, flags)
+        assert flags.count(True) == 1, (open_ms, flags)
+        final = updates[flags.index(True)]
+        row = rest_rows[open_ms]
+        assert [final[f] for f in ("o", "h", "l", "c", "v")] == row[1:6]
+        assert final["n"] == row[8] == 4
+        forming = updates[0]
+        assert Decimal(forming["v"]) < Decimal(final["v"]) and forming["o"] == final["o"]
+    return closed
+
+
+def test_klines_stream_while_open_then_closed_in_data_time(candles: Path) -> None:
+    async def body() -> None:
+        async with EmulatorServer(config(data=[candles])) as emu:
+            events: list[dict[str, Any]] = []
+            ready = asyncio.Event()
+            reader = asyncio.create_task(kline_events(emu, events, ready))
+            try:
+                await ready.wait()
+                await wait_for(lambda: emu.hub.has_subscribers("btcusdt@kline_1m"))
+                await emu.step(5)
+                await wait_for(lambda: sum(k["x"] for k in events) >= 5)
+                async with aiohttp.ClientSession(emu.rest_url) as http:
+                    params = {"symbol": "BTCUSDT", "interval": "1m"}
+                    async with http.get("/api/v3/klines", params=params) as resp:
+                        rows = {row[0]: row for row in await resp.json()}
+                assert check_forming_then_final(events, rows) == 5
+            finally:
+                reader.cancel()
+
+    run(body)
+
+
+def test_klines_stream_while_open_then_closed_when_driven() -> None:
+    async def body() -> None:
+        async with EmulatorServer(config(initial_prices={"BTCUSDT": Decimal(46_000)})) as emu:
+            events: list[dict[str, Any]] = []
+            ready = asyncio.Event()
+            reader = asyncio.create_task(kline_events(emu, events, ready))
+            try:
+                await ready.wait()
+                await wait_for(lambda: emu.hub.has_subscribers("btcusdt@kline_1m"))
+                async with aiohttp.ClientSession(emu.rest_url, headers=emu.admin_headers()) as http:
+                    start = 1_700_000_040_000
+                    for n in range(3):
+                        open_ms = start + n * 60_000
+                        bar = {"symbol": "BTCUSDT", "open_time_ms": open_ms, "close_time_ms": open_ms + 60_000}
+                        bar |= {"open": "46000", "high": "46100", "low": "45900", "close": "46050", "volume": "2.5"}
+                        async with http.post("/_emulator/market/bar", json=bar) as resp:
+                            assert resp.status == 200, await resp.text()
+                    await wait_for(lambda: sum(k["x"] for k in events) >= 3)
+                    params = {"symbol": "BTCUSDT", "interval": "1m"}
+                    async with http.get("/api/v3/klines", params=params) as resp:
+                        rows = {row[0]: row for row in await resp.json()}
+                assert check_forming_then_final(events, rows) == 3
+                assert rows[start][5] == "2.50000000"
+            finally:
+                reader.cancel()
 
     run(body)
