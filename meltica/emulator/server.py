@@ -89,6 +89,7 @@ from meltica.matching import (
     NewOrder,
     OrderUpdate,
     RejectReason,
+    SelfTradePrevention,
 )
 
 Params = dict[str, str]
@@ -750,6 +751,7 @@ class EmulatorServer:
             ("GET", "/api/v3/myTrades", self.h_my_trades),
             ("GET", "/api/v3/account", self.h_account),
             ("GET", "/api/v3/account/commission", self.h_commission),
+            ("GET", "/sapi/v1/asset/tradeFee", self.h_trade_fee),
             ("GET", "/sapi/v1/capital/config/getall", self.h_capital_config),
             ("GET", "/sapi/v1/margin/allPairs", self.h_no_margin),
             ("GET", "/sapi/v1/margin/isolated/allPairs", self.h_no_margin),
@@ -1061,6 +1063,11 @@ class EmulatorServer:
             raise errors.mandatory_param("timeInForce")
         if order_type.is_conditional and stop_price is None and trailing is None:
             raise BinanceError(-1102, "Param 'stopPrice' or 'trailingDelta' must be sent, but both were empty/null!")
+        stp_text = params.get("selfTradePreventionMode") or "NONE"  # the symbol's default (exchangeInfo)
+        try:
+            stp = SelfTradePrevention(stp_text)
+        except ValueError:
+            raise errors.invalid_parameter("selfTradePreventionMode") from None
         client_id = params.get("newClientOrderId") or self._client_order_id()
         return NewOrder(
             account=account.name,
@@ -1076,6 +1083,7 @@ class EmulatorServer:
             time_in_force=tif,
             client_order_id=client_id,
             expire_at=expire_at,
+            self_trade_prevention=stp,
         )
 
     def _refuse_market_on_empty_book(self, new: NewOrder) -> None:
@@ -1347,6 +1355,15 @@ class EmulatorServer:
                 "discount": zero,
             },
         }
+
+    async def h_trade_fee(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        """``/sapi/v1/asset/tradeFee`` (ccxt ``fetch_trading_fees``): the account's rates per symbol (``symbol``:
+        that one), written as Binance does (``"0.001"``, not 8 decimals)."""
+        assert account is not None
+        symbols = [self._spec(params).symbol] if params.get("symbol") else list(self.specs)
+        fees = self.engine.fees(account.name)
+        maker, taker = plain(fees.maker.normalize()), plain(fees.taker.normalize())
+        return [{"symbol": s, "makerCommission": maker, "takerCommission": taker} for s in symbols]
 
     async def h_capital_config(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
         """``/sapi/v1/capital/config/getall`` (ccxt ``fetchCurrencies`` calls it when it has keys)."""

@@ -322,3 +322,90 @@ def test_klines_stream_while_open_then_closed_when_driven() -> None:
                 reader.cancel()
 
     run(body)
+
+
+def test_trade_fee_endpoint_answers_as_binance_and_ccxt_reads_it() -> None:
+    recorded = real("http_wallet_trading_fees.json")
+
+    async def body() -> None:
+        async with EmulatorServer(config(symbols=["BTCUSDT", "ETHUSDT"])) as emu:
+            rest = ccxt_async.binance(ccxt_config(emu, KEY, SECRET))
+            try:
+                await rest.load_markets()
+                rows = await rest.sapi_get_asset_tradefee()
+                assert rows == recorded  # Binance's default rates, written as Binance writes them
+                one = await rest.sapi_get_asset_tradefee({"symbol": "ETHUSDT"})
+                assert one == [recorded[1]]
+                fees = await rest.fetch_trading_fees()  # ccxt's spot path: /sapi/v1/asset/tradeFee
+                assert fees["BTC/USDT"]["maker"] == 0.001 and fees["ETH/USDT"]["taker"] == 0.001
+            finally:
+                await rest.close()
+
+    run(body)
+
+
+async def self_cross(mode: str | None) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """A resting sell of our own on an empty book, then our buy crossing it under ``mode``: (maker, taker,
+    fills)."""
+    async with EmulatorServer(config()) as emu:
+        rest = ccxt_async.binance(ccxt_config(emu, KEY, SECRET))
+        try:
+            await rest.load_markets()
+            sell = {"symbol": "BTCUSDT", "side": "SELL", "type": "LIMIT", "timeInForce": "GTC"}
+            maker = await rest.private_post_order(sell | {"quantity": "0.1", "price": "99.00"})
+            buy = {"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC"}
+            buy |= {"quantity": "0.1", "price": "99.00", "newOrderRespType": "FULL"}
+            if mode is not None:
+                buy["selfTradePreventionMode"] = mode
+            taker = await rest.private_post_order(buy)
+            maker_now = await rest.private_get_order({"symbol": "BTCUSDT", "orderId": maker["orderId"]})
+            return maker_now, taker, await rest.private_get_mytrades({"symbol": "BTCUSDT"})
+        finally:
+            await rest.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "maker_status", "taker_status"),
+    [
+        (None, "FILLED", "FILLED"),  # the default, NONE: they trade
+        ("NONE", "FILLED", "FILLED"),
+        ("EXPIRE_TAKER", "NEW", "EXPIRED_IN_MATCH"),
+        ("EXPIRE_MAKER", "EXPIRED_IN_MATCH", "NEW"),
+        ("EXPIRE_BOTH", "EXPIRED_IN_MATCH", "EXPIRED_IN_MATCH"),
+    ],
+)
+def test_self_trade_prevention_modes_are_honoured(mode: str | None, maker_status: str, taker_status: str) -> None:
+    async def body() -> None:
+        maker, taker, trades = await self_cross(mode)
+        assert (maker["status"], taker["status"]) == (maker_status, taker_status)
+        assert taker["selfTradePreventionMode"] == (mode or "NONE")
+        assert bool(trades) is (maker_status == "FILLED")
+
+    run(body)
+
+
+def test_an_unknown_self_trade_prevention_mode_is_refused() -> None:
+    async def body() -> None:
+        async with EmulatorServer(config(initial_prices={"BTCUSDT": Decimal(100)})) as emu:
+            rest = ccxt_async.binance(ccxt_config(emu, KEY, SECRET))
+            try:
+                await rest.load_markets()
+                with pytest.raises(ccxt_async.BadRequest) as caught:
+                    await rest.private_post_order(ORDER | {"selfTradePreventionMode": "EXPIRE_SOMETIMES"})
+                assert binance_error(caught.value) == {
+                    "code": -1130,
+                    "msg": "Data sent for parameter 'selfTradePreventionMode' is not valid.",
+                }
+                info = await rest.public_get_exchangeinfo({"symbol": "BTCUSDT"})
+                (symbol,) = info["symbols"]
+                assert symbol["defaultSelfTradePreventionMode"] == "NONE"
+                assert set(symbol["allowedSelfTradePreventionModes"]) == {
+                    "NONE",
+                    "EXPIRE_TAKER",
+                    "EXPIRE_MAKER",
+                    "EXPIRE_BOTH",
+                }
+            finally:
+                await rest.close()
+
+    run(body)
