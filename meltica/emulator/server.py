@@ -142,7 +142,7 @@ class EmulatorServer:
         # replay
         data_symbol = (config.data_symbol or config.symbols[0]).upper()
         self.events: list[ReplayEvent] = merge(
-            *[load_file(path, data_symbol, config.candle_timeframe) for path in config.data]
+            *[load_file(path, data_symbol, config.candle_timeframe, config.data_volume) for path in config.data]
         )
         self.position = 0
         self._market_anchor: datetime | None = None
@@ -308,6 +308,8 @@ class EmulatorServer:
         if isinstance(event, PathTradeEvent):
             # a bar's path as public trades (real time): resting orders fill as the price passes them
             trade_id = self.engine._market(symbol).next_trade_id()  # one id sequence with the engine's fills
+            if event.bar_volume is not None:
+                self._depth_from_volume(symbol, event.bar_volume)
             result = self.engine.on_trade(symbol, event.price, event.quantity)
             self._publish_public_trade(
                 symbol,
@@ -318,6 +320,7 @@ class EmulatorServer:
             result = self.engine.advance()
         elif isinstance(event, BarEvent):
             self._print_bar(event)
+            self._depth_from_volume(symbol, event.volume)
             result = self.engine.on_bar(symbol, event.open, event.high, event.low, event.close, event.volume)
         elif isinstance(event, TradeEvent):
             taker = Side.SELL if event.buyer_maker else Side.BUY
@@ -335,6 +338,18 @@ class EmulatorServer:
         self._publish_result(result)
         self._publish_klines(symbol)
         self.sync_book(symbol)
+
+    def _depth_from_volume(self, symbol: str, volume: Decimal) -> None:
+        """A replayed bar sizes the synthetic book (``EmulatorConfig.depth_from_volume``): each level holds
+        the bar's volume × ``bar_volume_share`` (1 when unset) / the number of levels, in whole lots."""
+        if not self.config.depth_from_volume:
+            return
+        base = self._base_fill_model
+        step = self.specs[symbol].step_size
+        share = base.bar_volume_share if base.bar_volume_share is not None else Decimal(1)
+        level = max((volume * share / base.synthetic_levels // step) * step, step)
+        if self.engine.fill_model.synthetic_level_quantity != level:
+            self.engine.fill_model = replace(base, synthetic_level_quantity=level)
 
     def _seed_price(self, symbol: str, price: Decimal) -> None:
         if symbol in self.specs:

@@ -409,3 +409,67 @@ def test_an_unknown_self_trade_prevention_mode_is_refused() -> None:
                 await rest.close()
 
     run(body)
+
+
+def first_rows(path: Path, n: int) -> list[list[str]]:
+    with path.open() as source:
+        return [line.strip().split(",") for line in source.readlines()[1 : n + 1]]
+
+
+def test_quote_volume_data_is_served_as_base_volume(candles: Path) -> None:
+    """The shipped file's volume column is USDT (its README): with ``data_volume="quote"`` the klines count
+    BTC, and their quote volume gives the recorded number back."""
+    (row,) = first_rows(candles, 1)
+    o, h, lo, c, quote = (Decimal(v) for v in row[1:6])
+
+    async def body() -> None:
+        async with EmulatorServer(config(data=[candles], data_volume="quote")) as emu:
+            await emu.step(3)
+            async with (
+                aiohttp.ClientSession(emu.rest_url) as http,
+                http.get("/api/v3/klines", params={"symbol": "BTCUSDT", "interval": "1m"}) as resp,
+            ):
+                first = (await resp.json())[0]
+        base = Decimal(first[5])
+        assert base == (quote / ((o + h + lo + c) / 4)).quantize(Decimal("0.00000001"))
+        assert 40 < base < 60  # BTC traded in that minute (2,300,413 USDT at ~46,350), not 2.3 million
+        assert abs(Decimal(first[7]) - quote) < Decimal("0.01")  # the kline's quote volume: as recorded
+
+    run(body)
+
+
+def test_replayed_bars_size_the_book_and_large_orders_walk_it(candles: Path) -> None:
+    rows = first_rows(candles, 3)
+
+    async def depth_and_fill(**kwargs: Any) -> tuple[list[list[str]], dict[str, Any]]:
+        balances = {"USDT": Decimal(10_000_000), "BTC": Decimal(0)}
+        async with EmulatorServer(
+            config(data=[candles], data_volume="quote", default_balances=balances, **kwargs)
+        ) as emu:
+            await emu.step(3)
+            rest = ccxt_async.binance(ccxt_config(emu, KEY, SECRET))
+            try:
+                await rest.load_markets()
+                book = await rest.public_get_depth({"symbol": "BTCUSDT", "limit": 5})
+                order = await rest.create_order("BTC/USDT", "market", "buy", 100)  # two minutes' trading
+                return book["asks"], order["info"]
+            finally:
+                await rest.close()
+
+    async def body() -> None:
+        o, h, lo, c, quote = (Decimal(v) for v in rows[2][1:6])
+        bar_volume = (quote / ((o + h + lo + c) / 4)).quantize(Decimal("0.00000001"))
+        asks, order = await depth_and_fill()
+        # each of the 5 levels: a fifth of the last bar's volume, in whole lots (0.00001 BTC)
+        level = (bar_volume / 5 // Decimal("0.00001")) * Decimal("0.00001")
+        assert [Decimal(q) for _, q in asks] == [level] * 5
+        # 100 BTC is more than the book: it takes every level, at rising prices, and the rest expires
+        prices = [Decimal(f["price"]) for f in order["fills"]]
+        assert len(prices) == 5 and prices == sorted(prices) and prices[0] < prices[-1]
+        assert order["status"] == "EXPIRED" and Decimal(order["executedQty"]) == 5 * level
+
+        deep_asks, deep_order = await depth_and_fill(depth_from_volume=False)  # the old book, on demand
+        assert {Decimal(q) for _, q in deep_asks} == {Decimal(1_000_000)}
+        assert deep_order["status"] == "FILLED" and len({f["price"] for f in deep_order["fills"]}) == 1
+
+    run(body)
