@@ -63,6 +63,18 @@ def binance(
     symbols: str = typer.Option("BTCUSDT", help="Symbols to list, comma separated (venue ids)."),
     data_symbol: str | None = typer.Option(None, help="Symbol the data is replayed as (default: the first symbol)."),
     timeframe: str = typer.Option("1m", help="Timeframe of candle files."),
+    data_volume: str = typer.Option(
+        "base",
+        help="What the candle files' volume column counts: base (BTC of BTCUSDT, as Binance klines) or quote "
+        "(USDT; served as base = quote / the mean of open, high, low, close). The shipped "
+        "meltica/data/btc-perp-... file is quote.",
+    ),
+    depth_from_volume: bool = typer.Option(
+        True,
+        "--depth-from-volume/--deep-book",
+        help="--depth-from-volume: each synthetic book level holds a fifth of the replayed bar's base volume "
+        "(larger orders walk the book). --deep-book: 1,000,000 per level (any size fills at the top).",
+    ),
     realtime: bool = typer.Option(
         True,
         "--realtime/--data-time",
@@ -159,6 +171,8 @@ def binance(
         data=list(data),
         data_symbol=data_symbol,
         candle_timeframe=timeframe,
+        data_volume=data_volume,
+        depth_from_volume=depth_from_volume,
         speed=speed,
         realtime=realtime,
         history_bars=history_bars,

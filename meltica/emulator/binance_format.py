@@ -2,7 +2,7 @@
 
 Shapes follow the official samples in ``binance-docs/samples``; conditional fields (``stopPrice``,
 ``icebergQty``, ``trailingDelta``, ``trailingTime``) appear only when they apply, as Binance does.
-Numbers are strings with 8 decimals, times epoch milliseconds.
+Numbers are strings with 8 decimals (as Binance writes them), times epoch milliseconds.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from typing import Any
 
 from meltica.domain.values import utc_to_ms
 from meltica.matching import BalanceUpdate, EngineFill, EngineOrder, LedgerBalance, OrderUpdate
-
-STP_MODE = "NONE"
 
 
 def f8(value: Decimal) -> str:
@@ -70,7 +68,7 @@ def order_result(order: EngineOrder, transact: datetime | None = None) -> dict[s
         }
     )
     _conditional(order, out)
-    out["selfTradePreventionMode"] = STP_MODE
+    out["selfTradePreventionMode"] = order.self_trade_prevention.value
     return out
 
 
@@ -125,7 +123,7 @@ def order_query(order: EngineOrder) -> dict[str, Any]:
         "isWorking": order.working,
         "workingTime": ms(order.working_time),
         "origQuoteOrderQty": f8(order.quote_quantity),
-        "selfTradePreventionMode": STP_MODE,
+        "selfTradePreventionMode": order.self_trade_prevention.value,
     }
     if order.trailing_delta_bps is not None:
         out["trailingDelta"] = order.trailing_delta_bps
@@ -153,7 +151,7 @@ def cancel_response(order: EngineOrder, cancel_client_id: str, transact: datetim
         "side": side(order.side),
     }
     _conditional(order, out)
-    out["selfTradePreventionMode"] = STP_MODE
+    out["selfTradePreventionMode"] = order.self_trade_prevention.value
     return out
 
 
@@ -251,7 +249,7 @@ def execution_report(
         "Y": f8(fill.quote_quantity if fill else Decimal(0)),
         "Q": f8(order.quote_quantity),
         "W": ms(order.working_time),
-        "V": STP_MODE,
+        "V": order.self_trade_prevention.value,
     }
     if order.trailing_delta_bps is not None:
         out["d"] = order.trailing_delta_bps

@@ -68,6 +68,16 @@ class EmulatorConfig:
     data: list[Path] = field(default_factory=list)
     data_symbol: str | None = None
     candle_timeframe: str = "1m"
+    # What the candle files' volume column counts: "base" (Binance klines: BTC of BTCUSDT) or "quote"
+    # (USDT; served as base = quote / the mean of the bar's open, high, low and close). The shipped
+    # ``meltica/data/btc-perp-...`` file holds quote volume.
+    data_volume: str = "base"
+    # Replayed bars size the synthetic book: each of its levels holds the bar's base volume × the fill
+    # model's ``bar_volume_share`` (1 when unset) / ``synthetic_levels`` (at least one lot), so an order
+    # larger than the bar's trading walks the book. False: the fill model's fixed
+    # ``synthetic_level_quantity`` (1,000,000 by default: any size fills at the top). A driven market
+    # (lock-step) is never changed by it: there the driver's fill model decides, as in the backtest.
+    depth_from_volume: bool = True
     # Replay speed: X times real time; 0 = as fast as possible; None = manual (``await emu.step()``).
     speed: float | None = None
     # Real-time venue: the data is shifted so its first bar opens at "now" floored to the bar's
@@ -129,6 +139,8 @@ class EmulatorConfig:
                     "a real-time emulator needs a speed > 0 "
                     "(speed 0, as fast as possible, replays in the data's own time: --data-time)"
                 )
+        if self.data_volume not in ("base", "quote"):
+            raise ConfigurationError(f"data_volume must be 'base' or 'quote', not {self.data_volume!r}")
         if self.history_bars < 0:
             raise ConfigurationError("history_bars must be >= 0")
         if not self.ticker_interval_s > 0:

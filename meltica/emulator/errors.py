@@ -81,6 +81,17 @@ def illegal_chars(name: str) -> BinanceError:
     return BinanceError(-1100, f"Illegal characters found in parameter '{name}'; legal range is '^[0-9]{{1,20}}$'.")
 
 
+def illegal_decimal(name: str) -> BinanceError:
+    """A decimal parameter that is not plain digits (a sign, an exponent, spaces): Binance's regex."""
+    return BinanceError(
+        -1100, f"Illegal characters found in parameter '{name}'; legal range is '^([0-9]{{1,20}})(\\.[0-9]{{1,20}})?$'."
+    )
+
+
+def too_much_precision(name: str) -> BinanceError:
+    return BinanceError(-1111, f"Parameter '{name}' has too much precision.")
+
+
 def invalid_parameter(name: str) -> BinanceError:
     return BinanceError(-1130, f"Data sent for parameter '{name}' is not valid.")
 
@@ -111,6 +122,15 @@ def filter_failure(name: str) -> BinanceError:
 
 def new_order_rejected(msg: str) -> BinanceError:
     return BinanceError(-2010, msg)
+
+
+def iceberg_exceeds_quantity() -> BinanceError:
+    return BinanceError(-2010, "IcebergQty exceeds QTY.")
+
+
+def no_liquidity() -> BinanceError:
+    # Binance's message for a quote-quantity market order on an empty book; used for every market order there
+    return BinanceError(-2010, "Order book liquidity is less than symbol minimum quantity.")
 
 
 def cancel_rejected(msg: str = "Unknown order sent.") -> BinanceError:

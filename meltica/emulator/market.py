@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from meltica.emulator import errors
+from meltica.emulator.binance_format import f8
 
 MINUTE_MS = 60_000
 INTERVALS_MS: dict[str, int] = {
@@ -80,16 +81,16 @@ class Kline:
     def rest_row(self) -> list[object]:
         return [
             self.open_time,
-            plain(self.open),
-            plain(self.high),
-            plain(self.low),
-            plain(self.close),
-            plain(self.volume),
+            f8(self.open),
+            f8(self.high),
+            f8(self.low),
+            f8(self.close),
+            f8(self.volume),
             self.close_time,
-            plain(self.quote_volume),
+            f8(self.quote_volume),
             self.trades,
-            plain(self.taker_buy_volume),
-            plain(self.taker_buy_quote),
+            f8(self.taker_buy_volume),
+            f8(self.taker_buy_quote),
             "0",
         ]
 
@@ -101,16 +102,16 @@ class Kline:
             "i": interval,
             "f": self.first_trade_id,
             "L": self.last_trade_id,
-            "o": plain(self.open),
-            "c": plain(self.close),
-            "h": plain(self.high),
-            "l": plain(self.low),
-            "v": plain(self.volume),
+            "o": f8(self.open),
+            "c": f8(self.close),
+            "h": f8(self.high),
+            "l": f8(self.low),
+            "v": f8(self.volume),
             "n": self.trades,
             "x": self.closed,
-            "q": plain(self.quote_volume),
-            "V": plain(self.taker_buy_volume),
-            "Q": plain(self.taker_buy_quote),
+            "q": f8(self.quote_volume),
+            "V": f8(self.taker_buy_volume),
+            "Q": f8(self.taker_buy_quote),
             "B": "0",
         }
 
@@ -132,9 +133,9 @@ class PublicTrade:
     def rest(self) -> dict[str, object]:
         return {
             "id": self.trade_id,
-            "price": plain(self.price),
-            "qty": plain(self.quantity),
-            "quoteQty": plain(self.price * self.quantity),
+            "price": f8(self.price),
+            "qty": f8(self.quantity),
+            "quoteQty": f8(self.price * self.quantity),
             "time": self.time_ms,
             "isBuyerMaker": self.buyer_maker,
             "isBestMatch": True,
@@ -144,8 +145,8 @@ class PublicTrade:
         """As one ``/api/v3/aggTrades`` entry: the emulator never aggregates, so first = last = its id."""
         return {
             "a": self.trade_id,
-            "p": plain(self.price),
-            "q": plain(self.quantity),
+            "p": f8(self.price),
+            "q": f8(self.quantity),
             "f": self.trade_id,
             "l": self.trade_id,
             "T": self.time_ms,

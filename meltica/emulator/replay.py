@@ -14,7 +14,7 @@ import csv
 import gzip
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import IO
 
@@ -67,12 +67,14 @@ class PathTradeEvent:
     price: Decimal
     quantity: Decimal
     buyer_maker: bool
+    bar_volume: Decimal | None = None  # the whole bar's volume (base units): the venue sizes its book from it
 
 
 ReplayEvent = BarEvent | TradeEvent | BookEvent | PathTradeEvent
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_QTY_STEP = Decimal("0.00000001")
 
 
 def _ms(value: int) -> datetime:
@@ -90,8 +92,17 @@ def _csv_header(path: Path) -> list[str]:
         return [h.strip().lower() for h in next(csv.reader(fh), [])]
 
 
-def load_file(path: Path | str, symbol: str, candle_timeframe: str = "1m") -> list[ReplayEvent]:
-    """Events from one file, whose kind is told by its columns."""
+VOLUME_KINDS = ("base", "quote")
+
+
+def load_file(
+    path: Path | str, symbol: str, candle_timeframe: str = "1m", candle_volume: str = "base"
+) -> list[ReplayEvent]:
+    """Events from one file, whose kind is told by its columns. ``candle_volume``: what a candle file's
+    volume column counts — ``"base"`` (Binance's kline volume: BTC of BTCUSDT) or ``"quote"`` (USDT,
+    converted to base, :func:`base_volume`)."""
+    if candle_volume not in VOLUME_KINDS:
+        raise DataValidationError(f"candle volume must be one of {VOLUME_KINDS}, not {candle_volume!r}")
     path = Path(path)
     if not path.is_file():
         raise DataValidationError(f"{path}: no such file", source=str(path))
@@ -104,10 +115,17 @@ def load_file(path: Path | str, symbol: str, candle_timeframe: str = "1m") -> li
             return list(load_trades_parquet(path, symbol))
     elif ".csv" in name and "update_type" in _csv_header(path):
         return list(load_depth_csv(path, symbol))
-    return list(load_candles(path, symbol, candle_timeframe))
+    return list(load_candles(path, symbol, candle_timeframe, quote_volume=candle_volume == "quote"))
 
 
-def load_candles(path: Path, symbol: str, timeframe: str) -> list[BarEvent]:
+def base_volume(quote_volume: Decimal, o: Decimal, h: Decimal, lo: Decimal, c: Decimal) -> Decimal:
+    """A bar's quote volume in base units: divided by the mean of its four path prices (each prints a
+    quarter of the volume, ``bar_path``), so the kline's quote volume comes back as recorded; 8 decimals."""
+    mean = (o + h + lo + c) / 4
+    return (quote_volume / mean).quantize(_QTY_STEP) if mean > 0 else Decimal(0)
+
+
+def load_candles(path: Path, symbol: str, timeframe: str, quote_volume: bool = False) -> list[BarEvent]:
     parsed = read_candle_file(path, timeframe)
     tf_delta = None
     out: list[BarEvent] = []
@@ -125,7 +143,7 @@ def load_candles(path: Path, symbol: str, timeframe: str) -> list[BarEvent]:
                 high=row.high,
                 low=row.low,
                 close=row.close,
-                volume=row.volume,
+                volume=base_volume(row.volume, row.open, row.high, row.low, row.close) if quote_volume else row.volume,
                 interval_s=tf.seconds,
             )
         )
@@ -148,8 +166,9 @@ def load_trades_parquet(path: Path, symbol: str) -> list[TradeEvent]:
                 ts=ts,
                 symbol=symbol,
                 trade_id=int(row["trade_id"]),
-                price=Decimal(str(row["price"])),
-                quantity=Decimal(str(row["quantity"])),
+                # float columns: at Binance's 8 decimals, so 0.00031099999999999997 is the 0.000311 it was
+                price=Decimal(str(row["price"])).quantize(_QTY_STEP),
+                quantity=Decimal(str(row["quantity"])).quantize(_QTY_STEP),
                 buyer_maker=str(maker).lower() in ("true", "1"),
             )
         )
@@ -207,10 +226,13 @@ def bar_path(bar: BarEvent) -> list[PathTradeEvent]:
     path = [bar.open, bar.high, bar.low, bar.close] if high_first else [bar.open, bar.low, bar.high, bar.close]
     span_ms = bar.interval_s * 1000
     offsets_ms = [0, span_ms // 3, 2 * span_ms // 3, span_ms - 1]
-    quantity = bar.volume / 4
+    # Binance quantities have at most 8 decimals: three quarters rounded down, the last one the rest,
+    # so the four trades still add up to the bar's volume.
+    quarter = (bar.volume / 4).quantize(_QTY_STEP, rounding=ROUND_DOWN)
+    quantities = [quarter, quarter, quarter, bar.volume - 3 * quarter]
     out: list[PathTradeEvent] = []
     previous = bar.open
-    for price, offset in zip(path, offsets_ms, strict=True):
+    for price, offset, quantity in zip(path, offsets_ms, quantities, strict=True):
         out.append(
             PathTradeEvent(
                 ts=bar.open_time + timedelta(milliseconds=offset),
@@ -218,6 +240,7 @@ def bar_path(bar: BarEvent) -> list[PathTradeEvent]:
                 price=price,
                 quantity=quantity,
                 buyer_maker=price < previous,  # a move down: a seller took the bid
+                bar_volume=bar.volume,
             )
         )
         previous = price

@@ -56,6 +56,7 @@ from aiohttp import WSMsgType, web
 from meltica.domain.enums import Side
 from meltica.domain.values import utc_to_ms
 from meltica.emulator import auth, binance_format, errors
+from meltica.emulator.binance_format import f8
 from meltica.emulator.config import ADMIN_TOKEN_HEADER, AccountConfig, EmulatorConfig
 from meltica.emulator.errors import BinanceError
 from meltica.emulator.faults import Faults
@@ -68,6 +69,7 @@ from meltica.emulator.replay import (
     PathTradeEvent,
     ReplayEvent,
     TradeEvent,
+    bar_path,
     load_file,
     merge,
     to_wall_clock,
@@ -87,11 +89,14 @@ from meltica.matching import (
     NewOrder,
     OrderUpdate,
     RejectReason,
+    SelfTradePrevention,
 )
 
 Params = dict[str, str]
 Handler = Callable[[web.Request, Params, "AccountConfig | None"], Awaitable[Any]]
 
+# Public trade ids of a driven bar's prints: their own sequence, far above the engine's fill ids.
+DRIVEN_PRINT_IDS = 1 << 40
 ORDER_PATHS = ("/api/v3/order", "/api/v3/order/cancelReplace")
 _PARTIAL_DEPTH = re.compile(r"^([a-z0-9]+)@depth(5|10|20)(@100ms|@1000ms)?$")
 
@@ -133,10 +138,11 @@ class EmulatorServer:
         # Every execution per account (bounded), for drivers waiting on their user stream.
         self._journal: dict[str, deque[dict[str, Any]]] = {a.name: deque(maxlen=100_000) for a in config.accounts}
         self._driven = False  # market time set by /_emulator/market/* only
+        self._driven_print_ids = itertools.count(DRIVEN_PRINT_IDS)
         # replay
         data_symbol = (config.data_symbol or config.symbols[0]).upper()
         self.events: list[ReplayEvent] = merge(
-            *[load_file(path, data_symbol, config.candle_timeframe) for path in config.data]
+            *[load_file(path, data_symbol, config.candle_timeframe, config.data_volume) for path in config.data]
         )
         self.position = 0
         self._market_anchor: datetime | None = None
@@ -302,6 +308,8 @@ class EmulatorServer:
         if isinstance(event, PathTradeEvent):
             # a bar's path as public trades (real time): resting orders fill as the price passes them
             trade_id = self.engine._market(symbol).next_trade_id()  # one id sequence with the engine's fills
+            if event.bar_volume is not None:
+                self._depth_from_volume(symbol, event.bar_volume)
             result = self.engine.on_trade(symbol, event.price, event.quantity)
             self._publish_public_trade(
                 symbol,
@@ -311,16 +319,9 @@ class EmulatorServer:
             # the bar is complete: its trades were printed and made the kline; time may expire GTD orders
             result = self.engine.advance()
         elif isinstance(event, BarEvent):
+            self._print_bar(event)
+            self._depth_from_volume(symbol, event.volume)
             result = self.engine.on_bar(symbol, event.open, event.high, event.low, event.close, event.volume)
-            self.markets[symbol].on_bar(
-                utc_to_ms(event.open_time),
-                event.interval_s,
-                event.open,
-                event.high,
-                event.low,
-                event.close,
-                event.volume,
-            )
         elif isinstance(event, TradeEvent):
             taker = Side.SELL if event.buyer_maker else Side.BUY
             result = self.engine.on_trade(symbol, event.price, event.quantity, taker_side=taker)
@@ -337,6 +338,18 @@ class EmulatorServer:
         self._publish_result(result)
         self._publish_klines(symbol)
         self.sync_book(symbol)
+
+    def _depth_from_volume(self, symbol: str, volume: Decimal) -> None:
+        """A replayed bar sizes the synthetic book (``EmulatorConfig.depth_from_volume``): each level holds
+        the bar's volume × ``bar_volume_share`` (1 when unset) / the number of levels, in whole lots."""
+        if not self.config.depth_from_volume:
+            return
+        base = self._base_fill_model
+        step = self.specs[symbol].step_size
+        share = base.bar_volume_share if base.bar_volume_share is not None else Decimal(1)
+        level = max((volume * share / base.synthetic_levels // step) * step, step)
+        if self.engine.fill_model.synthetic_level_quantity != level:
+            self.engine.fill_model = replace(base, synthetic_level_quantity=level)
 
     def _seed_price(self, symbol: str, price: Decimal) -> None:
         if symbol in self.specs:
@@ -363,8 +376,8 @@ class EmulatorServer:
             "s": symbol,
             "U": uid,
             "u": uid,
-            "b": [[plain(p), plain(q)] for p, q in b_diff],
-            "a": [[plain(p), plain(q)] for p, q in a_diff],
+            "b": [[f8(p), f8(q)] for p, q in b_diff],
+            "a": [[f8(p), f8(q)] for p, q in a_diff],
         }
         for name in (f"{low}@depth", f"{low}@depth@100ms", f"{low}@depth@1000ms"):
             self.hub.publish(name, event)
@@ -376,8 +389,8 @@ class EmulatorServer:
                     stream,
                     {
                         "lastUpdateId": uid,
-                        "bids": [[plain(p), plain(q)] for p, q in view.bids[:levels]],
-                        "asks": [[plain(p), plain(q)] for p, q in view.asks[:levels]],
+                        "bids": [[f8(p), f8(q)] for p, q in view.bids[:levels]],
+                        "asks": [[f8(p), f8(q)] for p, q in view.asks[:levels]],
                     },
                 )
         book_ticker = f"{low}@bookTicker"
@@ -396,8 +409,8 @@ class EmulatorServer:
                 "E": event_ms,
                 "s": symbol,
                 "t": trade.trade_id,
-                "p": plain(trade.price),
-                "q": plain(trade.quantity),
+                "p": f8(trade.price),
+                "q": f8(trade.quantity),
                 "T": trade.time_ms,
                 "m": trade.buyer_maker,
                 "M": True,
@@ -410,8 +423,8 @@ class EmulatorServer:
                 "E": event_ms,
                 "s": symbol,
                 "a": trade.trade_id,
-                "p": plain(trade.price),
-                "q": plain(trade.quantity),
+                "p": f8(trade.price),
+                "q": f8(trade.quantity),
                 "f": trade.trade_id,
                 "l": trade.trade_id,
                 "T": trade.time_ms,
@@ -420,12 +433,34 @@ class EmulatorServer:
             },
         )
 
-    def _publish_klines(self, symbol: str) -> None:
-        """The current kline of every subscribed ``<symbol>@kline_<i>`` stream; a kline that ended since
-        the stream's last event is first sent once more, final (``x: true``), as Binance does."""
+    def _print_bar(self, bar: BarEvent) -> None:
+        """A bar replayed whole (data time, driven) as the four public trades of its path (``bar_path``,
+        as in real time): they make its kline (trade count, taker volumes), ``/trades`` and ``@trade``, and
+        each updates the forming kline on ``@kline_*`` (``x: false``) before the bar's close sends it final.
+        Only published: the engine runs the bar itself (``on_bar``). A bar without volume is no trade."""
+        symbol = bar.symbol
+        if bar.volume <= 0:
+            open_ms = utc_to_ms(bar.open_time)
+            self.markets[symbol].on_bar(open_ms, bar.interval_s, bar.open, bar.high, bar.low, bar.close, bar.volume)
+            return
+        for point in bar_path(bar):
+            # one id sequence with the engine's fills, except in lock-step: there the engine's fill ids must
+            # stay those of the paper venue it equals
+            engine_ids = self.engine._market(symbol)
+            trade_id = next(self._driven_print_ids) if self._driven else engine_ids.next_trade_id()
+            at_ms = utc_to_ms(point.ts)
+            self._publish_public_trade(
+                symbol, MarketTrade(trade_id, point.price, point.quantity, at_ms, point.buyer_maker)
+            )
+            self._publish_klines(symbol, at_ms)
+
+    def _publish_klines(self, symbol: str, at_ms: int | None = None) -> None:
+        """The current kline of every subscribed ``<symbol>@kline_<i>`` stream (as of ``at_ms``, default
+        market time); a kline that ended since the stream's last event is first sent once more, final
+        (``x: true``), as Binance does."""
         low = symbol.lower()
         prefix = f"{low}@kline_"
-        now = self.market_ms()
+        now = self.market_ms() if at_ms is None else at_ms
         for stream in self.hub.subscribed():
             if not stream.startswith(prefix):
                 continue
@@ -735,6 +770,7 @@ class EmulatorServer:
             ("GET", "/api/v3/myTrades", self.h_my_trades),
             ("GET", "/api/v3/account", self.h_account),
             ("GET", "/api/v3/account/commission", self.h_commission),
+            ("GET", "/sapi/v1/asset/tradeFee", self.h_trade_fee),
             ("GET", "/sapi/v1/capital/config/getall", self.h_capital_config),
             ("GET", "/sapi/v1/margin/allPairs", self.h_no_margin),
             ("GET", "/sapi/v1/margin/isolated/allPairs", self.h_no_margin),
@@ -863,8 +899,8 @@ class EmulatorServer:
         view = self.engine.book(spec.symbol, depth=limit)
         return {
             "lastUpdateId": uid,
-            "bids": [[plain(p), plain(q)] for p, q in view.bids],
-            "asks": [[plain(p), plain(q)] for p, q in view.asks],
+            "bids": [[f8(p), f8(q)] for p, q in view.bids],
+            "asks": [[f8(p), f8(q)] for p, q in view.asks],
         }
 
     async def h_trades(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
@@ -1012,11 +1048,13 @@ class EmulatorServer:
             order_type = EngineOrderType(type_text)
         except ValueError:
             raise errors.invalid_order_type() from None
-        quantity = _decimal(params, "quantity")
-        quote_qty = _decimal(params, "quoteOrderQty")
-        price = _decimal(params, "price")
-        stop_price = _decimal(params, "stopPrice")
-        iceberg = _decimal(params, "icebergQty")
+        quantity = _decimal(params, "quantity", spec.base_precision)
+        quote_qty = _decimal(params, "quoteOrderQty", spec.quote_precision)
+        price = _decimal(params, "price", spec.quote_precision)
+        stop_price = _decimal(params, "stopPrice", spec.quote_precision)
+        iceberg = _decimal(params, "icebergQty", spec.base_precision)
+        if iceberg is not None and quantity is not None and iceberg >= quantity:
+            raise errors.iceberg_exceeds_quantity()
         trailing = _opt_int(params, "trailingDelta")
         tif_text = params.get("timeInForce")
         tif = EngineTimeInForce.GTC
@@ -1044,6 +1082,11 @@ class EmulatorServer:
             raise errors.mandatory_param("timeInForce")
         if order_type.is_conditional and stop_price is None and trailing is None:
             raise BinanceError(-1102, "Param 'stopPrice' or 'trailingDelta' must be sent, but both were empty/null!")
+        stp_text = params.get("selfTradePreventionMode") or "NONE"  # the symbol's default (exchangeInfo)
+        try:
+            stp = SelfTradePrevention(stp_text)
+        except ValueError:
+            raise errors.invalid_parameter("selfTradePreventionMode") from None
         client_id = params.get("newClientOrderId") or self._client_order_id()
         return NewOrder(
             account=account.name,
@@ -1059,7 +1102,16 @@ class EmulatorServer:
             time_in_force=tif,
             client_order_id=client_id,
             expire_at=expire_at,
+            self_trade_prevention=stp,
         )
+
+    def _refuse_market_on_empty_book(self, new: NewOrder) -> None:
+        """Binance refuses a market order with nothing on the other side (-2010) rather than expiring it."""
+        if new.type is not EngineOrderType.MARKET:
+            return
+        view = self.engine.book(new.symbol, depth=1)
+        if not (view.asks if new.side is Side.BUY else view.bids):
+            raise errors.no_liquidity()
 
     def _client_order_id(self) -> str:
         return "emu" + secrets.token_hex(8) + str(next(self._client_ids))
@@ -1074,6 +1126,7 @@ class EmulatorServer:
         assert account is not None
         new = self._new_order(params, account)
         resp_type = self._resp_type(params, new.type.value)
+        self._refuse_market_on_empty_book(new)
         try:
             result = self.engine.submit(new)
         except EngineRejection as exc:
@@ -1321,6 +1374,15 @@ class EmulatorServer:
                 "discount": zero,
             },
         }
+
+    async def h_trade_fee(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+        """``/sapi/v1/asset/tradeFee`` (ccxt ``fetch_trading_fees``): the account's rates per symbol (``symbol``:
+        that one), written as Binance does (``"0.001"``, not 8 decimals)."""
+        assert account is not None
+        symbols = [self._spec(params).symbol] if params.get("symbol") else list(self.specs)
+        fees = self.engine.fees(account.name)
+        maker, taker = plain(fees.maker.normalize()), plain(fees.taker.normalize())
+        return [{"symbol": s, "makerCommission": maker, "takerCommission": taker} for s in symbols]
 
     async def h_capital_config(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
         """``/sapi/v1/capital/config/getall`` (ccxt ``fetchCurrencies`` calls it when it has keys)."""
@@ -1703,8 +1765,10 @@ class EmulatorServer:
             self._drive_to(close_ms)
         except _AdminConflictError as exc:
             return web.json_response({"error": str(exc)}, status=409)
+        open_time = datetime.fromtimestamp(open_ms / 1000, UTC)
+        interval_s = (close_ms - open_ms) // 1000
+        self._print_bar(BarEvent(self.market_now(), symbol, open_time, o, h, lo, c, volume, interval_s))
         result = self.engine.on_bar(symbol, o, h, lo, c, volume)
-        self.markets[symbol].on_bar(open_ms, (close_ms - open_ms) // 1000, o, h, lo, c, volume)
         self._publish_result(result)
         self._publish_result(self.engine.advance())
         self._publish_klines(symbol)
@@ -1756,7 +1820,7 @@ def _book_ticker_event(
     symbol: str, update_id: int, bid: tuple[Decimal, Decimal], ask: tuple[Decimal, Decimal]
 ) -> dict[str, Any]:
     """A ``<symbol>@bookTicker`` event (it has no event type on Binance)."""
-    return {"u": update_id, "s": symbol, "b": plain(bid[0]), "B": plain(bid[1]), "a": plain(ask[0]), "A": plain(ask[1])}
+    return {"u": update_id, "s": symbol, "b": f8(bid[0]), "B": f8(bid[1]), "a": f8(ask[0]), "A": f8(ask[1])}
 
 
 def _diff(old: dict[Decimal, Decimal], new: dict[Decimal, Decimal]) -> list[tuple[Decimal, Decimal]]:
@@ -1785,16 +1849,25 @@ def _required(params: Params, name: str) -> str:
     return value
 
 
-def _decimal(params: Params, name: str) -> Decimal | None:
+_DECIMAL_PARAM = re.compile(r"^([0-9]{1,20})(\.[0-9]{1,20})?$")
+
+
+def _decimal(params: Params, name: str, max_decimals: int = 8) -> Decimal | None:
+    """A decimal parameter as Binance reads it: plain digits (no sign, exponent or spaces: -1100), at most
+    ``max_decimals`` significant decimals (the asset's precision: -1111; trailing zeros do not count)."""
     value = params.get(name)
     if value is None or value == "":
         return None
+    if not _DECIMAL_PARAM.match(value):
+        raise errors.illegal_decimal(name)
     try:
         out = Decimal(value)
     except InvalidOperation:
-        raise errors.illegal_chars(name) from None
-    if not out.is_finite():
-        raise errors.illegal_chars(name)
+        raise errors.illegal_decimal(name) from None
+    exponent = out.normalize().as_tuple().exponent
+    assert isinstance(exponent, int)  # the regex admits finite numbers only
+    if -exponent > max_decimals:
+        raise errors.too_much_precision(name)
     return out
 
 

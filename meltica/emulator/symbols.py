@@ -125,7 +125,8 @@ class SymbolSpec:
             ],
             "permissions": [],
             "permissionSets": [["SPOT"]],
-            "defaultSelfTradePreventionMode": "EXPIRE_MAKER",
+            # NONE when an order names no mode (ccxt sends none): a driven run must equal the paper venue
+            "defaultSelfTradePreventionMode": "NONE",
             "allowedSelfTradePreventionModes": ["NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH"],
         }
 

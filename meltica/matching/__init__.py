@@ -25,6 +25,7 @@ from meltica.matching.types import (
     OrderUpdate,
     PublicTrade,
     RejectReason,
+    SelfTradePrevention,
 )
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "OrderUpdate",
     "PublicTrade",
     "RejectReason",
+    "SelfTradePrevention",
 ]

@@ -38,6 +38,7 @@ from meltica.matching.types import (
     OrderUpdate,
     PublicTrade,
     RejectReason,
+    SelfTradePrevention,
 )
 
 _ZERO = Decimal(0)
@@ -95,6 +96,7 @@ class _Order:
     hit: bool = False  # stop condition met by an observed price; triggers at the next stop pass
     visible: Decimal = _ZERO  # displayed remainder while resting (iceberg slice, else all of it)
     resting: bool = False
+    stp: SelfTradePrevention = SelfTradePrevention.NONE
 
     @property
     def remaining(self) -> Decimal:
@@ -124,6 +126,7 @@ class _Order:
             working_time=self.working_time,
             trailing_time=self.trailing_time,
             expire_at=self.expire_at,
+            self_trade_prevention=self.stp,
         )
 
 
@@ -733,6 +736,7 @@ class MatchingEngine:
             update_time=now,
             reserve_asset=plan.reserve_asset,
             reserve_price=plan.reserve_price,
+            stp=new.self_trade_prevention,
         )
         self.ledger.lock(order.account, order.reserve_asset, plan.reserve_amount)
         order.reserved = plan.reserve_amount
@@ -768,7 +772,7 @@ class MatchingEngine:
                     self._close(order, EngineOrderStatus.EXPIRED, ExecutionType.EXPIRED)
                     return
             self._take(m, order, order.price)
-            if order.remaining == 0:
+            if order.remaining == 0 or order.status is EngineOrderStatus.EXPIRED_IN_MATCH:
                 return
             if order.tif in (EngineTimeInForce.IOC, EngineTimeInForce.FOK):
                 self._close(order, EngineOrderStatus.EXPIRED, ExecutionType.EXPIRED)
@@ -778,6 +782,8 @@ class MatchingEngine:
                 self._rest(m, order)
             return
         self._take(m, order, None)
+        if order.status is EngineOrderStatus.EXPIRED_IN_MATCH:
+            return
         if order.remaining > 0 or order.executed == 0:
             self._close(order, EngineOrderStatus.EXPIRED, ExecutionType.EXPIRED)
 
@@ -812,6 +818,13 @@ class MatchingEngine:
             if use_user:
                 queue = users.levels[price]
                 maker = queue[0]
+                if maker.account == taker.account and taker.stp is not SelfTradePrevention.NONE:
+                    if taker.stp is not SelfTradePrevention.EXPIRE_TAKER:  # EXPIRE_MAKER, EXPIRE_BOTH
+                        self._close(maker, EngineOrderStatus.EXPIRED_IN_MATCH, ExecutionType.TRADE_PREVENTION)
+                    if taker.stp is not SelfTradePrevention.EXPIRE_MAKER:  # EXPIRE_TAKER, EXPIRE_BOTH
+                        self._close(taker, EngineOrderStatus.EXPIRED_IN_MATCH, ExecutionType.TRADE_PREVENTION)
+                        return
+                    continue
                 qty = min(want, maker.visible)
                 self._trade(m, taker, maker, price, qty)
                 self._after_maker_fill(users, price, queue, maker, qty)

@@ -85,6 +85,16 @@ class ExecutionType(StrEnum):
     TRADE_PREVENTION = "TRADE_PREVENTION"
 
 
+class SelfTradePrevention(StrEnum):
+    """Binance's STP modes: what happens when a taker would trade with a resting order of its own account
+    (the taker's mode decides). ``EXPIRED_IN_MATCH`` / ``TRADE_PREVENTION`` mark the expired order(s)."""
+
+    NONE = "NONE"  # they trade
+    EXPIRE_TAKER = "EXPIRE_TAKER"  # the taker's remainder expires; the resting order stays
+    EXPIRE_MAKER = "EXPIRE_MAKER"  # the resting order expires; the taker goes on
+    EXPIRE_BOTH = "EXPIRE_BOTH"
+
+
 class RejectReason(StrEnum):
     UNKNOWN_SYMBOL = "UNKNOWN_SYMBOL"
     INSUFFICIENT_BALANCE = "INSUFFICIENT_BALANCE"
@@ -214,6 +224,7 @@ class NewOrder:
     time_in_force: EngineTimeInForce = EngineTimeInForce.GTC
     client_order_id: str | None = None
     expire_at: datetime | None = None
+    self_trade_prevention: SelfTradePrevention = SelfTradePrevention.NONE
 
 
 # --- snapshots -------------------------------------------------------------------------------
@@ -245,6 +256,7 @@ class EngineOrder:
     working_time: datetime | None  # workingTime (None until a stop triggers; Binance sends -1)
     trailing_time: datetime | None  # trailingTime: when trailing started tracking
     expire_at: datetime | None
+    self_trade_prevention: SelfTradePrevention = SelfTradePrevention.NONE  # selfTradePreventionMode
 
     @property
     def remaining_quantity(self) -> Decimal:

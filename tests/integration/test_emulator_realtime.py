@@ -280,7 +280,7 @@ def test_help_documents_every_flag() -> None:
     flags = ["--port", "--host", "--allow-remote", "--api-key", "--api-secret-file", "--accounts-file", "--balance"]
     flags += ["--admin-token-file", "--write-admin-token", "--data", "--symbols"]
     flags += ["--data-symbol", "--timeframe", "--realtime", "--data-time", "--speed", "--history-bars", "--price"]
-    flags += ["--maker-fee"]
+    flags += ["--maker-fee", "--data-volume", "--depth-from-volume", "--deep-book"]
     flags += ["--taker-fee", "--weight-limit", "--weight-interval", "--order-limit", "--order-interval"]
     flags += ["--daily-order-limit", "--ban-after", "--ban-seconds", "--limits", "--no-limits", "--ticker-interval"]
     for flag in flags:

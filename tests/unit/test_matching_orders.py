@@ -17,6 +17,7 @@ from meltica.matching import (
     LedgerBalance,
     NewOrder,
     RejectReason,
+    SelfTradePrevention,
 )
 from tests.unit.test_matching_core import BUY, MARKET, SELL, SYM, Clock, limit, make_engine
 
@@ -264,3 +265,36 @@ def test_market_order_needs_balance_for_what_it_would_cost() -> None:
     res = e.submit(NewOrder("dave", SYM, BUY, MARKET, quantity=D("1.25")))
     assert res.order is not None and res.order.status is EngineOrderStatus.FILLED
     assert e.ledger.balance("dave", "USDT") == LedgerBalance(D(0), D(0))
+
+
+@pytest.mark.parametrize(
+    ("mode", "own_maker", "other_maker", "taker"),
+    [
+        # alice's own ask at 100 sits before bob's at 100.5; her buy of 1.5 crosses both
+        (SelfTradePrevention.NONE, "FILLED", "PARTIALLY_FILLED", "FILLED"),
+        (SelfTradePrevention.EXPIRE_MAKER, "EXPIRED_IN_MATCH", "FILLED", "PARTIALLY_FILLED"),
+        (SelfTradePrevention.EXPIRE_TAKER, "NEW", "NEW", "EXPIRED_IN_MATCH"),
+        (SelfTradePrevention.EXPIRE_BOTH, "EXPIRED_IN_MATCH", "NEW", "EXPIRED_IN_MATCH"),
+    ],
+)
+def test_self_trade_prevention_follows_the_takers_mode(
+    mode: SelfTradePrevention, own_maker: str, other_maker: str, taker: str
+) -> None:
+    e = make_engine()
+    mine = e.submit(limit("alice", SELL, "1", "100")).order
+    theirs = e.submit(limit("bob", SELL, "1", "100.5")).order
+    assert mine is not None and theirs is not None
+    res = e.submit(limit("alice", BUY, "1.5", "101", self_trade_prevention=mode))
+    assert res.order is not None and res.order.self_trade_prevention is mode
+    statuses = (
+        e.get_order("alice", SYM, order_id=mine.order_id).status,
+        e.get_order("bob", SYM, order_id=theirs.order_id).status,
+        e.get_order("alice", SYM, order_id=res.order.order_id).status,
+    )
+    assert statuses == (EngineOrderStatus(own_maker), EngineOrderStatus(other_maker), EngineOrderStatus(taker))
+    traded_with_self = any(f.order_id == mine.order_id for f in res.fills)
+    assert traded_with_self is (mode is SelfTradePrevention.NONE)
+    prevented = [u for u in res.order_updates if u.execution is ExecutionType.TRADE_PREVENTION]
+    assert len(prevented) == {"NONE": 0, "EXPIRE_MAKER": 1, "EXPIRE_TAKER": 1, "EXPIRE_BOTH": 2}[mode.value]
+    # an expired taker released what it had locked; one still resting keeps a lock
+    assert (e.ledger.balance("alice", "USDT").locked > 0) is (taker == "PARTIALLY_FILLED")
