@@ -131,8 +131,10 @@ def recorded_trades(count: int) -> tuple[list[Trade], int]:
 
 
 def spread_over_markets(trades: list[Trade], partitions: int, per_partition: int = 2) -> list[Trade]:
-    """The trades dealt round-robin over markets chosen so each of the topic's ``partitions`` holds
-    ``per_partition`` of them (the producer's key hash): a group of workers can split the load evenly."""
+    """The trades cut into contiguous blocks, one per market, the markets chosen so each of the topic's
+    ``partitions`` holds ``per_partition`` of them (the producer's key hash): a group of workers can split
+    the load evenly, and each market keeps the recording's density of trades per minute (dealing trades
+    round-robin instead made every market sparse: 0.77 closed bars per trade instead of 0.2)."""
     from aiokafka.partitioner import DefaultPartitioner
 
     from meltica.messaging.catalogue import market_key
@@ -148,7 +150,8 @@ def spread_over_markets(trades: list[Trade], partitions: int, per_partition: int
             chosen[partition].append(symbol)
         i += 1
     symbols = [name for p in parts for name in chosen[p]]
-    return [t.model_copy(update={"symbol": symbols[i % len(symbols)]}) for i, t in enumerate(trades)]
+    block = -(-len(trades) // len(symbols))
+    return [t.model_copy(update={"symbol": symbols[i // block]}) for i, t in enumerate(trades)]
 
 
 def bench_bars(count: int, symbols: int, start_minute: int = 0) -> list[Bar]:
@@ -583,7 +586,7 @@ def _cumulative(series: list[list[float]], at: float) -> int:
 
 
 def run_scaling(bootstrap: str, count: int, workers: int = 2) -> dict[str, Any]:
-    """Horizontal scaling: the same trades spread over 12 markets (2 per partition of ``md.trades``) read by
+    """Horizontal scaling: the same trades cut over 12 markets (2 per partition of ``md.trades``) read by
     one generic worker, then by ``workers`` generic workers in one consumer group (each its own process,
     on this machine's cores). Rates from the workers' progress series: all messages over first handled →
     last handled, and the part handled while every worker was running (the group's start-up rebalance

@@ -103,4 +103,4 @@ def test_data_show_with_a_bad_time_is_one_line_and_exit_2(empty_database: Engine
         MELTICA_LOG_LEVEL="WARNING",
     )
     assert shown.returncode == 2
-    assert shown.stderr.strip() == "error: --start: time is not ISO-8601 or epoch milliseconds: 'yesterday'"
+    assert shown.stderr.strip() == "error: --start: time is not ISO-8601 or an epoch number: 'yesterday'"
