@@ -343,10 +343,13 @@ async def md_worker(
     """One throughput worker. ``count``: stop once that many were handled; with ``series_path`` (a worker of
     a group sharing the topic) stop instead after 3 s without a new message, and write the progress series
     ``[(wall time, handled, CPU seconds), ...]`` there."""
+    from meltica.live import tracing
     from meltica.live.marketdata import CandleProcessor
     from meltica.messaging import Catalogue, Codec
     from streams.app import make_app
     from streams.topics import StreamTopics
+
+    tracing.configure_tracing("none")  # as a deployed worker runs (streams/worker.py)
 
     catalogue = Catalogue(prefix=prefix)
     codec = Codec(catalogue)

@@ -1232,6 +1232,7 @@ async def app_from_settings(
         control_offsets=offsets,
         stop_deadline=stop_deadline,
         stall_deadline=stall_deadline,
+        producer_linger=worker.linger_ms() / 1000.0,
     )
 
 

@@ -213,6 +213,7 @@ class RiskLimits(AccountRiskLimits):
 
 
 LiveStage = Literal["candles", "strategies", "risk", "execution"]
+MARKET_DATA_LINGER_MS = 2.0  # bench/live_pipeline_bench.py: 15.3k → 18.4k trades/s per candles worker
 IngestStream = Literal["trades", "klines", "ticker"]
 INGEST_STREAMS: tuple[IngestStream, ...] = ("trades", "klines", "ticker")
 LIVE_STAGES: tuple[str, ...] = ("candles", "strategies", "risk", "execution")
@@ -261,6 +262,17 @@ class LiveWorker(_Section):
 
     name: Annotated[str, Field(min_length=1, max_length=64)]
     stages: Annotated[list[LiveStage], Field(min_length=1)]
+    producer_linger_ms: Annotated[float, Field(ge=0, le=1000)] | None = Field(
+        default=None,
+        description="how long the worker's producer waits to fill a batch; default 2 ms for a worker hosting only "
+        "candles (about a fifth more trades per second), 0 for one hosting a trading stage (latency first)",
+    )
+
+    def linger_ms(self) -> float:
+        """The producer linger this worker runs with (``producer_linger_ms`` or its default)."""
+        if self.producer_linger_ms is not None:
+            return self.producer_linger_ms
+        return MARKET_DATA_LINGER_MS if set(self.stages) == {"candles"} else 0.0
 
 
 def _default_workers() -> list[LiveWorker]:

@@ -8,19 +8,25 @@ the submission and the fill. Each hop is a span started by the shell (``streams/
 later, outside ``handle`` (a fill arriving on the venue's user stream), keeps
 :func:`current_headers` of the submission and puts them on the fill so the fill joins the order's trace.
 
+With ``none`` the worker takes a shorter path (:func:`consume_span`): no OpenTelemetry span is made at all; the
+incoming ``traceparent`` is carried to the outputs with the same trace id and flags and a new span id (a new
+trace id for an input without one), which is all an unexported trace needs, at a fraction of a span's cost.
+
 Headers are ``dict[str, bytes]`` (Kafka header values are bytes); :func:`extract` also takes Kafka's
 ``[(name, bytes), ...]`` list. Exporters (:func:`configure_tracing`): ``none`` (trace and span ids are
-still made and propagated, but a trace that starts here is not sampled: its spans record nothing, which
-keeps a span per market event cheap — a child of a sampled remote parent is still recorded), ``console``,
+still made and propagated, nothing is recorded: see above), ``console``,
 ``memory`` (tests read :func:`memory_exporter`), ``otlp`` (only when ``opentelemetry-exporter-otlp`` is
 installed).
 """
 
 from __future__ import annotations
 
+import random
+import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Literal, cast
 
 from opentelemetry import context as otel_context
@@ -41,6 +47,12 @@ _propagator = TraceContextTextMapPropagator()
 _lock = threading.Lock()
 _memory: Any = None  # InMemorySpanExporter when configured with "memory"
 _configured: str | None = None
+_plain = False  # configured with "none": trace context carried as header text, no OpenTelemetry spans
+# the (traceparent, tracestate) of the input being handled, on the plain path
+_plain_current: ContextVar[tuple[bytes, bytes | None] | None] = ContextVar("meltica_trace_plain", default=None)
+_TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+_INVALID_TRACE = "0" * 32
+_INVALID_SPAN = "0" * 16
 
 HeadersIn = Mapping[str, bytes | str | None] | Iterable[tuple[str, bytes | str | None]] | None
 
@@ -67,6 +79,13 @@ def inject(headers: dict[str, bytes] | None = None, context: Context | None = No
 
     Returns ``headers`` (a new dict when ``None``); nothing is written when there is no valid span."""
     headers = {} if headers is None else headers
+    if _plain and context is None:
+        current = _plain_current.get()
+        if current is not None:
+            headers[TRACEPARENT] = current[0]
+            if current[1] is not None:
+                headers[TRACESTATE] = current[1]
+            return headers
     carrier: dict[str, str] = {}
     _propagator.inject(carrier, context=context)
     for name, value in carrier.items():
@@ -99,7 +118,15 @@ def tracer() -> trace.Tracer:
 
 @contextmanager
 def consume_span(name: str, headers: HeadersIn, attributes: Mapping[str, Any] | None = None) -> Iterator[Span]:
-    """A CONSUMER span, child of the headers' context, made current for the block (outputs inherit it)."""
+    """A CONSUMER span, child of the headers' context, made current for the block (outputs inherit it).
+    Tracing ``none``: no span (the block gets the invalid span); the headers' trace goes on to the outputs."""
+    if _plain:
+        plain_token = _plain_current.set(_plain_child(headers))
+        try:
+            yield trace.INVALID_SPAN
+        finally:
+            _plain_current.reset(plain_token)
+        return
     parent = extract(headers)
     span = tracer().start_span(name, context=parent, kind=SpanKind.CONSUMER, attributes=dict(attributes or {}))
     token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -114,10 +141,40 @@ def consume_span(name: str, headers: HeadersIn, attributes: Mapping[str, Any] | 
         span.end()
 
 
+def _plain_child(headers: HeadersIn) -> tuple[bytes, bytes | None]:
+    """The ``traceparent`` (and ``tracestate``) an output of an input with ``headers`` carries on the plain path:
+    the input's trace id and flags with a new span id, as a child span would have; a new unsampled trace
+    when the input has no valid one (the W3C rules :class:`TraceContextTextMapPropagator` applies)."""
+    carrier = _as_text_carrier(headers)
+    match = _TRACEPARENT_RE.fullmatch(carrier.get(TRACEPARENT, "").strip())
+    span_id = _nonzero_hex(64)
+    if match is not None:
+        version, trace_id, parent_span, flags, rest = match.groups()
+        valid = (
+            version != "ff"
+            and not (version == "00" and rest)
+            and trace_id != _INVALID_TRACE
+            and parent_span != _INVALID_SPAN
+        )
+        if valid:
+            state = carrier.get(TRACESTATE)
+            # the W3C format says 00: only the sampled bit of the flags is carried (as OpenTelemetry does)
+            sampled = "01" if int(flags, 16) & 1 else "00"
+            return f"00-{trace_id}-{span_id}-{sampled}".encode(), state.encode("latin-1") if state else None
+    return f"00-{_nonzero_hex(128)}-{span_id}-00".encode(), None
+
+
+def _nonzero_hex(bits: int) -> str:
+    value = 0
+    while not value:
+        value = random.getrandbits(bits)
+    return format(value, f"0{bits // 4}x")
+
+
 def configure_tracing(exporter: str = "none", service_name: str = "meltica") -> Any:
     """Install an SDK ``TracerProvider`` with ``exporter`` (once per process; a second call with the same
     exporter is a no-op, a different one is refused — OpenTelemetry allows one global provider)."""
-    global _memory, _configured
+    global _memory, _configured, _plain
     if exporter not in EXPORTERS:
         raise ConfigurationError(f"tracing exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     with _lock:
@@ -153,6 +210,7 @@ def configure_tracing(exporter: str = "none", service_name: str = "meltica") -> 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(provider)
         _configured = exporter
+        _plain = exporter == "none"
         return provider
 
 

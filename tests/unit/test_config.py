@@ -194,3 +194,17 @@ def test_plain_secret_from_env_in_prod_names_the_variable(monkeypatch: pytest.Mo
     assert err.source == "environment variable MELTICA_ACCOUNTS"
     assert err.field == "accounts[0].api_key"
     assert "PLAINKEY123" not in str(err)
+
+
+def test_a_candles_only_worker_batches_its_outputs_and_a_trading_worker_does_not() -> None:
+    from pydantic import ValidationError
+
+    from meltica.config.settings import MARKET_DATA_LINGER_MS, LiveWorker
+
+    assert LiveWorker(name="candles", stages=["candles"]).linger_ms() == MARKET_DATA_LINGER_MS == 2.0
+    assert LiveWorker(name="pipeline", stages=["candles", "strategies"]).linger_ms() == 0.0
+    assert LiveWorker(name="execution", stages=["execution"]).linger_ms() == 0.0
+    assert LiveWorker(name="x", stages=["execution"], producer_linger_ms=1.5).linger_ms() == 1.5
+    assert LiveWorker(name="x", stages=["candles"], producer_linger_ms=0).linger_ms() == 0.0
+    with pytest.raises(ValidationError, match="producer_linger_ms"):
+        LiveWorker(name="x", stages=["candles"], producer_linger_ms=-1)
