@@ -992,6 +992,7 @@ def run_latency(bootstrap: str, setting: LatencySetting, symbols: int, rate: flo
         name: proc.get("latency_ms") for rec in records for name, proc in (rec.get("processors") or {}).items()
     }
     result["lanes"] = next((rec["lanes"] for rec in records if rec.get("lanes")), None)
+    result["gc"] = next((rec["gc"] for rec in records if rec.get("gc")), None)
     result["worker_exit"] = worker.returncode
     result["setting"] = setting.name
     result["symbols"] = symbols
@@ -1032,6 +1033,11 @@ def print_latency(results: list[dict[str, Any]]) -> None:
             lanes = r["lanes"]
             print(f"   worker lanes: {lanes['records']:,} records in {lanes['batches']:,} batches, "
                   f"{lanes['handed_over']:,} handed over in-process")  # fmt: skip
+        if r.get("gc"):
+            gen2, gen1 = r["gc"]["gen2"], r["gc"]["gen1"]
+            print(f"   worker GC pauses: {gen2['count']} full (gen 2) collections, longest {gen2['max_ms']:.1f} "
+                  f"ms, total {gen2['total_ms']:.0f} ms; gen 1: {gen1['count']}, "
+                  f"longest {gen1['max_ms']:.1f} ms")  # fmt: skip
         if "worker_log_tail" in r:
             print("   worker log tail:\n" + r["worker_log_tail"])
 

@@ -1059,17 +1059,21 @@ async def run_worker(app: faust.App, *, install_signals: bool = True) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
-    await app.start()
-    if runtime.control is not None:
-        runtime.control.start()
-    if runtime.stall is not None:
-        runtime.stall.start()
-    log.info("worker %s running: %s", runtime.stats.key, ", ".join(runtime.agents))
-    await runtime.done.wait()
-    runtime.disarm_watchdog()
-    if runtime.stall is not None:
-        await runtime.stall.stop()
-    return 1 if runtime.failure is not None else 0
+    runtime.stats.gc.install()  # GC pauses in the stats record: they set the latency tail
+    try:
+        await app.start()
+        if runtime.control is not None:
+            runtime.control.start()
+        if runtime.stall is not None:
+            runtime.stall.start()
+        log.info("worker %s running: %s", runtime.stats.key, ", ".join(runtime.agents))
+        await runtime.done.wait()
+        runtime.disarm_watchdog()
+        if runtime.stall is not None:
+            await runtime.stall.stop()
+        return 1 if runtime.failure is not None else 0
+    finally:
+        runtime.stats.gc.uninstall()
 
 
 def _producer_state(app: faust.App) -> str:

@@ -17,11 +17,17 @@ Record (``version`` 1)::
      "processors": {"<name>": {"inputs": [...], "in": {"<topic>": n}, "out": {"<topic>": n},
                                "dead_letters": {"<topic>": n}, "errors": n,
                                "rate_in": msg/s, "rate_out": msg/s (over the last interval),
-                               "latency_ms": {"count": n, "p50": x, "p99": x, "max": x} | null}}}
+                               "latency_ms": {"count": n, "p50": x, "p99": x, "max": x} | null}},
+     "gc": {"gen2": {"count": n, "total_ms": x, "max_ms": x}, "gen1": {...}, "gen0": {...}}}
+
+``gc``: the garbage collector's pauses in this process since the worker started (a full, generation-2
+collection stops the event loop for a time that grows with the number of live objects: it sets the tail of
+the pipeline's latency).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -107,6 +113,44 @@ class ProcessorStats:
         }
 
 
+class GcPauses:
+    """Pause count, total and longest per generation, from ``gc.callbacks`` (:meth:`install` once per worker)."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.total_ms = [0.0, 0.0, 0.0]
+        self.max_ms = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def install(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def uninstall(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        generation = info.get("generation", 0)
+        pause = (time.perf_counter() - self._started) * 1000
+        self.count[generation] += 1
+        self.total_ms[generation] += pause
+        self.max_ms[generation] = max(self.max_ms[generation], pause)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            f"gen{g}": {
+                "count": self.count[g],
+                "total_ms": round(self.total_ms[g], 3),
+                "max_ms": round(self.max_ms[g], 3),
+            }
+            for g in (2, 1, 0)
+        }
+
+
 class WorkerStats:
     """All processors of one worker; :meth:`record` builds the published JSON document."""
 
@@ -116,6 +160,7 @@ class WorkerStats:
         self.processors: dict[str, ProcessorStats] = {}
         self.started_at = datetime.now(UTC)
         self._last_record = time.monotonic()
+        self.gc = GcPauses()
 
     @property
     def key(self) -> str:
@@ -142,6 +187,7 @@ class WorkerStats:
             "interval_s": interval,
             "assigned": assigned or {},
             "processors": {name: stats.snapshot(elapsed) for name, stats in self.processors.items()},
+            "gc": self.gc.snapshot(),
         }
 
     def encode(self, record: dict[str, Any]) -> tuple[bytes, bytes]:
