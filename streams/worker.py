@@ -78,6 +78,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import json
 import logging
@@ -1062,6 +1063,12 @@ async def run_worker(app: faust.App, *, install_signals: bool = True) -> int:
     runtime.stats.gc.install()  # GC pauses in the stats record: they set the latency tail
     try:
         await app.start()
+        # What start-up built (modules, the app, the processors' state) lives as long as the process: kept
+        # out of every later full collection, which then scans only what the pipeline allocates (bench: the
+        # one full collection of a 100 bars/s run went from 335 to 152 ms). Cyclic garbage among these
+        # objects is never freed; start-up leaves little of it.
+        gc.collect()
+        gc.freeze()
         if runtime.control is not None:
             runtime.control.start()
         if runtime.stall is not None:
