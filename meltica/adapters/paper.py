@@ -218,6 +218,10 @@ class PaperVenue:
     def instruments(self) -> dict[str, Instrument]:
         return dict(self._instruments)
 
+    def instrument(self, symbol: str) -> Instrument | None:
+        """One listed instrument (no copy of the listing: this is on every order's path)."""
+        return self._instruments.get(symbol)
+
     def deposit(self, account: str, asset: str, amount: Decimal) -> None:
         self.engine.ledger.deposit(account, asset, amount)
 
@@ -353,12 +357,10 @@ class PaperAdapter:
         return self._venue.instruments
 
     def _instrument(self, symbol: str) -> Instrument:
-        try:
-            return self._venue.instruments[symbol]
-        except KeyError:
-            raise InvalidOrderError(
-                f"unknown symbol {symbol!r} on {self.exchange_id}", reason="unknown_symbol"
-            ) from None
+        instrument = self._venue.instrument(symbol)
+        if instrument is None:
+            raise InvalidOrderError(f"unknown symbol {symbol!r} on {self.exchange_id}", reason="unknown_symbol")
+        return instrument
 
     async def fetch_ticker(self, symbol: str) -> Ticker:
         self._instrument(symbol)
