@@ -341,7 +341,7 @@ class BatchLanes:
             incoming = incoming_of(message, logical, model)
             key = incoming.key
             started = time.perf_counter()
-            attributes = agent.span_attributes(incoming, physical)
+            attributes = agent.span_attributes(incoming, physical) if tracing.records_spans() else None
             with tracing.consume_span(f"{agent.name}.handle {logical}", message.headers, attributes):
                 outputs = await processor.handle(incoming)
                 if outputs:

@@ -273,7 +273,7 @@ class ProcessorAgent:
     async def handle_incoming(self, incoming: Incoming, physical: str, headers: Any, where: str) -> None:
         """``processor.handle`` in a tracing span, its outputs sent (and confirmed), stats counted."""
         logical = incoming.topic
-        attributes = self.span_attributes(incoming, physical)
+        attributes = self.span_attributes(incoming, physical) if tracing.records_spans() else None
         started = time.perf_counter()
         self.doing = f"handling {where}"
         with tracing.consume_span(f"{self.name}.handle {logical}", headers, attributes):

@@ -49,7 +49,7 @@ _memory: Any = None  # InMemorySpanExporter when configured with "memory"
 _configured: str | None = None
 _plain = False  # configured with "none": trace context carried as header text, no OpenTelemetry spans
 # the (traceparent, tracestate) of the input being handled, on the plain path
-_plain_current: ContextVar[tuple[bytes, bytes | None] | None] = ContextVar("meltica_trace_plain", default=None)
+_plain_current: ContextVar[_PlainSpan | None] = ContextVar("meltica_trace_plain", default=None)
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _INVALID_TRACE = "0" * 32
 _INVALID_SPAN = "0" * 16
@@ -82,9 +82,10 @@ def inject(headers: dict[str, bytes] | None = None, context: Context | None = No
     if _plain and context is None:
         current = _plain_current.get()
         if current is not None:
-            headers[TRACEPARENT] = current[0]
-            if current[1] is not None:
-                headers[TRACESTATE] = current[1]
+            parent, state = current.child()
+            headers[TRACEPARENT] = parent
+            if state is not None:
+                headers[TRACESTATE] = state
             return headers
     carrier: dict[str, str] = {}
     _propagator.inject(carrier, context=context)
@@ -121,7 +122,7 @@ def consume_span(name: str, headers: HeadersIn, attributes: Mapping[str, Any] | 
     """A CONSUMER span, child of the headers' context, made current for the block (outputs inherit it).
     Tracing ``none``: no span (the block gets the invalid span); the headers' trace goes on to the outputs."""
     if _plain:
-        plain_token = _plain_current.set(_plain_child(headers))
+        plain_token = _plain_current.set(_PlainSpan(headers))
         try:
             yield trace.INVALID_SPAN
         finally:
@@ -139,6 +140,27 @@ def consume_span(name: str, headers: HeadersIn, attributes: Mapping[str, Any] | 
     finally:
         otel_context.detach(token)
         span.end()
+
+
+def records_spans() -> bool:
+    """False on the plain path (tracing ``none``): span attributes would be thrown away, so skip making them."""
+    return not _plain
+
+
+class _PlainSpan:
+    """The handle of one input on the plain path; its outputs' trace context is made on the first output
+    (most market events produce none)."""
+
+    __slots__ = ("_child", "_headers")
+
+    def __init__(self, headers: HeadersIn) -> None:
+        self._headers = headers
+        self._child: tuple[bytes, bytes | None] | None = None
+
+    def child(self) -> tuple[bytes, bytes | None]:
+        if self._child is None:
+            self._child = _plain_child(self._headers)
+        return self._child
 
 
 def _plain_child(headers: HeadersIn) -> tuple[bytes, bytes | None]:
