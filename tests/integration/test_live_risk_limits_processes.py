@@ -45,6 +45,7 @@ from meltica.messaging.catalogue import Catalogue
 from meltica.messaging.codec import Codec
 from meltica.messaging.schemas import OrderUpdate, RejectedIntent, SubmitRequest
 from tests.integration.conftest import runtime_url_of
+from tests.integration.polling import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -98,22 +99,6 @@ class Process:
 
 def worker(settings: Path, name: str, log: Path) -> Process:
     return Process([sys.executable, "-m", "streams.worker", "--settings", str(settings), "--worker", name], log)
-
-
-async def until(
-    condition: Callable[[], Any], what: str, timeout: float = 90, state: Callable[[], str] | None = None
-) -> Any:
-    """Poll ``condition`` (sync or async) every 0.2 s until it is truthy; past ``timeout`` the test fails."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}" + ("" if state is None else f"\n{state()}"))
-        await asyncio.sleep(0.2)
 
 
 # --- the deployment ---------------------------------------------------------------------------------
@@ -353,11 +338,13 @@ def test_an_intent_over_a_limit_is_refused_reported_recorded_and_never_reaches_t
             big_id, small_id = huge.intent.client_order_id, small.intent.client_order_id
 
             # the intent behind it reached the venue (same partition, in order): the pipeline sends orders
-            await until(lambda: venue(open_only=True), "the small order resting on the venue", 120, d.logs_text)
+            resting = "the small order resting on the venue"
+            await until(lambda: venue(open_only=True), resting, 120, 0.5, state=d.logs_text)
             assert set(await venue()) == {small_id}  # the refused one never reached the venue
 
             # the strategy side: its order rejected, with the rule in the reason
-            updates = await until(lambda: d.updates_of(big_id), "the refusal on orders.events", 60, d.logs_text)
+            what = "the refusal on orders.events"
+            updates = await until(lambda: d.updates_of(big_id), what, 60, 0.5, state=d.logs_text)
             assert [u.order.status for u in updates] == [OrderStatus.REJECTED], updates
             assert updates[0].strategy == INSTANCE
             assert (updates[0].order.reason or "").startswith("risk: max_order_notional: "), updates[0].order
@@ -372,7 +359,7 @@ def test_an_intent_over_a_limit_is_refused_reported_recorded_and_never_reaches_t
                     "SELECT decision, rule, reason FROM risk_events WHERE intent_id = :i", i=huge.intent.intent_id
                 )
 
-            rows = await until(recorded, "the refusal in risk_events", 60, d.logs_text)
+            rows = await until(recorded, "the refusal in risk_events", 60, state=d.logs_text)
             assert [(r.decision, r.rule) for r in rows] == [("rejected", "max_order_notional")], rows
             assert "5000" in rows[0].reason
             stored = d.rows("SELECT status, exchange_order_id FROM orders WHERE client_order_id = :c", c=big_id)
@@ -399,8 +386,9 @@ def test_a_loss_breach_halts_the_execution_worker_which_cancels_on_the_venue_and
                 rows = d.rows("SELECT status FROM orders WHERE client_order_id = :c", c=coid)
                 return rows[0].status if rows else None
 
-            await until(lambda: status_of(buy.intent.client_order_id) == "filled", "the buy filled", 120, d.logs_text)
-            await until(lambda: venue(open_only=True), "the sell resting on the venue", 60, d.logs_text)
+            buy_id = buy.intent.client_order_id
+            await until(lambda: status_of(buy_id) == "filled", "the buy filled", 120, state=d.logs_text)
+            await until(lambda: venue(open_only=True), "the sell resting on the venue", 60, 0.5, state=d.logs_text)
             assert await venue(open_only=True) == {rest.intent.client_order_id: "open"}
             assert not d.rows("SELECT * FROM kill_switch_state WHERE mode <> 'off'")
 
@@ -410,14 +398,14 @@ def test_a_loss_breach_halts_the_execution_worker_which_cancels_on_the_venue_and
             def breach() -> list[Any]:
                 return d.rows("SELECT rule, reason FROM risk_events WHERE decision = 'breach'")
 
-            rows = await until(breach, "the loss breach in risk_events", 90, d.logs_text)
+            rows = await until(breach, "the loss breach in risk_events", 90, state=d.logs_text)
             assert [r.rule for r in rows] == ["daily_loss_limit"], rows
 
             # the execution worker (another process) heard the halt on control and cancelled on the venue
             async def nothing_open() -> bool:
                 return not await venue(open_only=True)
 
-            await until(nothing_open, "no open order on the venue", 60, d.logs_text)
+            await until(nothing_open, "no open order on the venue", 60, 0.5, state=d.logs_text)
             assert (await venue())[rest.intent.client_order_id] == "canceled"
             await until(lambda: status_of(rest.intent.client_order_id) == "cancelled", "the cancel stored", 60)
             assert d.processes["exec"].says("kill switch account:emu: off → halt")
@@ -429,7 +417,7 @@ def test_a_loss_breach_halts_the_execution_worker_which_cancels_on_the_venue_and
             # a new intent is refused by the gate, rule kill_switch
             later = intent(3, Side.BUY, "0.001", "45000")
             await d.send("orders.intents", ACCOUNT, later)
-            refused = await until(lambda: d.updates_of(later.intent.client_order_id), "the refusal", 60)
+            refused = await until(lambda: d.updates_of(later.intent.client_order_id), "the refusal", 60, 0.5)
             assert (refused[0].order.reason or "").startswith("risk: kill_switch"), refused[0].order
 
             # the execution worker restarted: it reads the halt and refuses an approved order itself
