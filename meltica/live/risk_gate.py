@@ -307,6 +307,7 @@ class RiskGate:
             kill_switch = KillSwitch(store, clock=stamp)
         self.kill_switch = kill_switch
         self._breaches: list[Breach] = []
+        self._unrecorded: list[Breach] = []  # acted on, not yet written by the recorder (``_record_breaches``)
         self.engine = RiskEngine(
             limits,
             self.portfolio,
@@ -708,14 +709,41 @@ class RiskGate:
         self._ks_counter += 1
         self._ks_seq[change.scope] = self._ks_counter
 
+    def _record_breaches(self, breaches: Sequence[Breach]) -> None:
+        """Store ``breaches`` after those a failure left unstored, oldest first. Fail closed: a breach that
+        cannot be written (database outage) does not stop its halt from going out on ``control``; it is
+        logged as critical, kept, and written with the next message the gate handles."""
+        if self.recorder is None:
+            return
+        waiting, self._unrecorded = [*self._unrecorded, *breaches], []
+        for n, breach in enumerate(waiting):
+            try:
+                self.recorder.record_breach(breach)
+            except Exception as exc:
+                self._unrecorded = waiting[n:]
+                log.critical(
+                    "risk gate: %d breach(es) not recorded yet (%r); their halt goes out anyway, retried with the "
+                    "next message: %s",
+                    len(self._unrecorded),
+                    exc,
+                    breach.reason,
+                )
+                return
+
+    @property
+    def unrecorded(self) -> list[Breach]:
+        """Breaches acted on (kill switch engaged, command published) whose record is still to be written."""
+        return list(self._unrecorded)
+
     def _breach_commands(self) -> list[Outgoing]:
         if not self._breaches:
+            if self._unrecorded:
+                self._record_breaches(())
             return []
         breaches, self._breaches[:] = list(self._breaches), []
+        self._record_breaches(breaches)
         out: list[Outgoing] = []
         for breach in breaches:
-            if self.recorder is not None:
-                self.recorder.record_breach(breach)
             if self.publish_breaches:
                 command = KillSwitchCommand(
                     command_id=f"{self.name}:{breach.rule}:{breach.scope}:{breach.ts.isoformat()}"[:128],

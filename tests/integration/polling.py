@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -36,12 +36,12 @@ def wait_until(
 
 
 async def until(
-    condition: Callable[[], T | Awaitable[T]],
+    condition: Callable[[], Any],
     what: str,
     timeout: float = 30.0,
     every: float = 0.1,
     state: Callable[[], str] | None = None,
-) -> T:
+) -> Any:
     """:func:`wait_until` inside an event loop: ``condition`` may be sync or async; the loop keeps running
     (an emulator or a worker in this process goes on) between the polls."""
     deadline = time.monotonic() + timeout
@@ -50,7 +50,7 @@ async def until(
         if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
             result = await result
         if result:
-            return result  # type: ignore[return-value]
+            return result
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:g} s: {what}" + ("" if state is None else f"\n{state()}"))
         await asyncio.sleep(every)

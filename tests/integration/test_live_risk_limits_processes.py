@@ -368,6 +368,26 @@ def test_an_intent_over_a_limit_is_refused_reported_recorded_and_never_reaches_t
     asyncio.run(body())
 
 
+def status_of(d: Deployment, coid: str) -> str | None:
+    rows = d.rows("SELECT status FROM orders WHERE client_order_id = :c", c=coid)
+    return rows[0].status if rows else None
+
+
+async def long_with_a_resting_sell(d: Deployment) -> tuple[SubmitRequest, SubmitRequest]:
+    """Through the gate: a buy of 0.08 BTC that fills on the venue at about 50,000 (4,040 notional, within every
+    limit), and a sell of 0.01 that rests above the market."""
+    venue = venue_orders(d.emulator)
+    buy = intent(1, Side.BUY, "0.08", "50500")
+    rest = intent(2, Side.SELL, "0.01", "60000")
+    await d.send("orders.intents", ACCOUNT, buy)
+    await d.send("orders.intents", ACCOUNT, rest)
+    buy_id = buy.intent.client_order_id
+    await until(lambda: status_of(d, buy_id) == "filled", "the buy filled", 120, state=d.logs_text)
+    await until(lambda: venue(open_only=True), "the sell resting on the venue", 60, 0.5, state=d.logs_text)
+    assert await venue(open_only=True) == {rest.intent.client_order_id: "open"}
+    return buy, rest
+
+
 # --- (b) a post-trade breach ------------------------------------------------------------------------------
 
 
@@ -377,19 +397,7 @@ def test_a_loss_breach_halts_the_execution_worker_which_cancels_on_the_venue_and
     async def body() -> None:
         async with deployment(settings_of, kafka_endpoint, fresh_database, tmp_path / "logs") as d:
             venue = venue_orders(d.emulator)
-            buy = intent(1, Side.BUY, "0.08", "50500")  # marketable: fills at about 50,000 (4,040 notional)
-            rest = intent(2, Side.SELL, "0.01", "60000")  # rests above the market
-            await d.send("orders.intents", ACCOUNT, buy)
-            await d.send("orders.intents", ACCOUNT, rest)
-
-            def status_of(coid: str) -> str | None:
-                rows = d.rows("SELECT status FROM orders WHERE client_order_id = :c", c=coid)
-                return rows[0].status if rows else None
-
-            buy_id = buy.intent.client_order_id
-            await until(lambda: status_of(buy_id) == "filled", "the buy filled", 120, state=d.logs_text)
-            await until(lambda: venue(open_only=True), "the sell resting on the venue", 60, 0.5, state=d.logs_text)
-            assert await venue(open_only=True) == {rest.intent.client_order_id: "open"}
+            buy, rest = await long_with_a_resting_sell(d)
             assert not d.rows("SELECT * FROM kill_switch_state WHERE mode <> 'off'")
 
             # The price falls 10 %: the account's 0.08 BTC lose about 400 > daily_loss_limit 200.
@@ -407,7 +415,7 @@ def test_a_loss_breach_halts_the_execution_worker_which_cancels_on_the_venue_and
 
             await until(nothing_open, "no open order on the venue", 60, 0.5, state=d.logs_text)
             assert (await venue())[rest.intent.client_order_id] == "canceled"
-            await until(lambda: status_of(rest.intent.client_order_id) == "cancelled", "the cancel stored", 60)
+            await until(lambda: status_of(d, rest.intent.client_order_id) == "cancelled", "the cancel stored", 60)
             assert d.processes["exec"].says("kill switch account:emu: off → halt")
 
             # the halt is stored where a worker that starts later reads it
@@ -436,5 +444,51 @@ def test_a_loss_breach_halts_the_execution_worker_which_cancels_on_the_venue_and
             venue_now = await venue()
             assert approved.intent.client_order_id not in venue_now, venue_now
             assert set(venue_now) == {buy.intent.client_order_id, rest.intent.client_order_id}
+
+    asyncio.run(body())
+
+
+# --- (c) a post-trade breach while the risk tables cannot be written ---------------------------------------
+
+
+def test_a_loss_breach_during_a_risk_table_outage_still_halts_the_execution_worker_and_is_stored_later(
+    settings_of: Callable[[EmulatorServer], Path], kafka_endpoint: KafkaEndpoint, fresh_database: Engine, tmp_path: Path
+) -> None:
+    def tables(suffix_from: str, suffix_to: str) -> None:
+        with fresh_database.begin() as conn:  # the owner role
+            for table in ("kill_switch_state", "risk_events"):
+                conn.execute(text(f"ALTER TABLE {table}{suffix_from} RENAME TO {table}{suffix_to}"))
+
+    async def body() -> None:
+        async with deployment(settings_of, kafka_endpoint, fresh_database, tmp_path / "logs") as d:
+            venue = venue_orders(d.emulator)
+            _buy, rest = await long_with_a_resting_sell(d)
+
+            # An outage of the risk path's tables: neither the breach nor the kill switch can be written.
+            tables("", "_away")
+            try:
+                await d.price(Decimal(45_000), this_minute() + timedelta(minutes=1))
+
+                async def nothing_open() -> bool:
+                    return not await venue(open_only=True)
+
+                # the halt went out on control all the same: the execution worker cancelled on the venue
+                await until(nothing_open, "no open order on the venue", 60, 0.5, state=d.logs_text)
+                assert (await venue())[rest.intent.client_order_id] == "canceled"
+                assert d.processes["risk"].says("breach(es) not recorded yet")
+                assert d.processes["risk"].says("could NOT be stored; it holds in this process")
+            finally:
+                tables("_away", "")
+
+            # The tables are back: the next price the gate hears writes the breach and the halt.
+            await d.price(Decimal(44_900), this_minute() + timedelta(minutes=2))
+
+            def stored() -> list[Any]:
+                return d.rows("SELECT scope, mode, actor FROM kill_switch_state")
+
+            halted = await until(stored, "the halt stored after the outage", 60, state=d.logs_text)
+            assert [(r.scope, r.mode, r.actor) for r in halted] == [("account:emu", "halt", "risk-engine")], halted
+            rows = d.rows("SELECT rule FROM risk_events WHERE decision = 'breach'")
+            assert [r.rule for r in rows] == ["daily_loss_limit"], rows
 
     asyncio.run(body())

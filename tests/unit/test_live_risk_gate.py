@@ -33,7 +33,7 @@ from meltica.messaging.schemas import (
     SubmitRequest,
     VenueProgress,
 )
-from meltica.risk import InMemoryKillSwitchStore, InMemoryRecorder, KillSwitchChange, KillSwitchMode
+from meltica.risk import Breach, InMemoryKillSwitchStore, InMemoryRecorder, KillSwitchChange, KillSwitchMode
 
 D = Decimal
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -449,6 +449,33 @@ def test_a_breach_halt_holds_and_is_published_while_the_durable_store_is_down_th
     durable.down = False
     feed(g, candle("19840", T0 + timedelta(minutes=1)))  # the next post-trade check writes it
     assert [(c.scope, c.current.mode) for c in durable.changes] == [(f"account:{ACCT}", KillSwitchMode.HALT)]
+
+
+class _OutageRecorder(InMemoryRecorder):
+    """A recorder whose breach writes fail while ``down``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def record_breach(self, breach: Breach) -> None:
+        if self.down:
+            raise ConnectionError("database unavailable")
+        super().record_breach(breach)
+
+
+def test_a_breach_that_cannot_be_recorded_still_goes_out_on_control_and_is_recorded_later() -> None:
+    recorder = _OutageRecorder()
+    g = gate(recorder=recorder, daily_loss_limit="100")
+    recorder.down = True
+    (command,) = on(_breach_on(g), "control")  # before: the recorder's error left the handler, no command
+    assert (command.scope, command.mode) == (f"account:{ACCT}", "halt")
+    assert recorder.breaches == [] and [b.rule for b in g.unrecorded] == ["daily_loss_limit"]
+    feed(g, candle("19845", T0 + timedelta(minutes=1)))  # still down: kept
+    assert len(g.unrecorded) == 1
+    recorder.down = False
+    assert feed(g, candle("19840", T0 + timedelta(minutes=2))) == []  # written, nothing published again
+    assert [b.rule for b in recorder.breaches] == ["daily_loss_limit"] and g.unrecorded == []
 
 
 def test_candles_are_the_reference_price_outside_lockstep() -> None:
