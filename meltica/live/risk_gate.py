@@ -36,7 +36,9 @@ Inputs and outputs (logical topics, all keyed by account unless said otherwise):
   it runs (at its first heartbeat, then every few seconds), so a silent feed is always announced.
 * output ``control`` — when a post-trade breach trips the kill switch, the gate publishes the matching
   ``KillSwitchCommand`` (deterministic command id) so execution cancels and strategies stop, as the OMS
-  does on a breach in a backtest (``publish_breaches``).
+  does on a breach in a backtest (``publish_breaches``). With ``kill_switch_store`` (live deployments) the
+  halt is stored first, as ``meltica kill`` stores one. Fail closed: a breach or halt that cannot be
+  written (database outage) is published all the same and written later (``unrecorded``).
 
 Time: the engine's clock is event time — the request's ``ts`` for a decision (so a redelivery, a replay
 and a restored gate decide exactly alike), the event's time for fills and order changes, the bar's
