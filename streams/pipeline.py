@@ -167,7 +167,7 @@ async def build_live_processors(settings: MelticaSettings, stages: Sequence[str]
     (``meltica.live.deployment.pipeline_config``), the persisted kill switch read first (every stage obeys
     it from its first message), the risk gate on ``settings.risk`` recording to the database, the execution
     stage on the OMS's PostgreSQL store with one venue driver per account."""
-    from meltica.risk import InMemoryKillSwitchStore, KillSwitch
+    from meltica.risk import KillSwitchStore
     from meltica.risk.store import RiskRecorder
 
     unknown = sorted(set(stages) - set(STAGES))
@@ -195,9 +195,10 @@ async def build_live_processors(settings: MelticaSettings, stages: Sequence[str]
                 markets,
                 lockstep=False,
                 recorder=RiskRecorder(engine),
-                kill_switch=KillSwitch(InMemoryKillSwitchStore()),
                 portfolio=Portfolio(),
                 kill_switch_at_start=kill_states,
+                # a breach's halt is stored as `meltica kill` stores one: a worker (re)started later obeys it
+                kill_switch_store=KillSwitchStore(engine),
                 wall_clock=_wall_clock,
             )
         )

@@ -1104,6 +1104,9 @@ def _producer_state(app: faust.App) -> str:
     )
 
 
+DUMP_DONE = "SIGUSR1 dump done"
+
+
 def _dump_tasks() -> None:
     """SIGUSR1: log what each agent does and every asyncio task's await chain (why is a worker stuck?)."""
     for runtime in _RUNTIMES.values():
@@ -1117,8 +1120,10 @@ def _dump_tasks() -> None:
             )
         with contextlib.suppress(Exception):
             log.warning("producer: %s", _producer_state(runtime.app))
-    for task in asyncio.all_tasks():
+    tasks = asyncio.all_tasks()
+    for task in tasks:
         log.warning("task %s:\n  %s", task.get_name(), "\n  ".join(_await_chain(task.get_coro())))
+    log.warning("%s (%d tasks)", DUMP_DONE, len(tasks))  # the end of the dump (what waits for it looks for this)
 
 
 def _await_chain(awaitable: Any) -> list[str]:

@@ -36,7 +36,9 @@ Inputs and outputs (logical topics, all keyed by account unless said otherwise):
   it runs (at its first heartbeat, then every few seconds), so a silent feed is always announced.
 * output ``control`` — when a post-trade breach trips the kill switch, the gate publishes the matching
   ``KillSwitchCommand`` (deterministic command id) so execution cancels and strategies stop, as the OMS
-  does on a breach in a backtest (``publish_breaches``).
+  does on a breach in a backtest (``publish_breaches``). With ``kill_switch_store`` (live deployments) the
+  halt is stored first, as ``meltica kill`` stores one. Fail closed: a breach or halt that cannot be
+  written (database outage) is published all the same and written later (``unrecorded``).
 
 Time: the engine's clock is event time — the request's ``ts`` for a decision (so a redelivery, a replay
 and a restored gate decide exactly alike), the event's time for fills and order changes, the bar's
@@ -114,6 +116,7 @@ from meltica.risk import (
     KillSwitchChange,
     KillSwitchMode,
     KillSwitchState,
+    KillSwitchStorage,
     RiskConfig,
     RiskDecision,
     RiskEngine,
@@ -246,6 +249,11 @@ class RiskGate:
     ``recorder``: where decisions and breaches are written (``meltica.risk.RiskRecorder`` →
     ``risk_events``), ``None``: not recorded; ``kill_switch``: default a fresh in-memory one (its state
     is carried by the snapshots; a SQL-backed one would write every command a second time);
+    ``kill_switch_store``: the durable kill switch (``meltica.risk.KillSwitchStore``, live deployments)
+    — every change the gate makes itself (a post-trade breach, a fail-closed halt) is written there
+    before it is published, so a worker that starts later (``kill_switch_at_start``) obeys it; changes
+    heard on ``control`` are not written again (their sender stored them). A tightening that cannot be
+    written holds anyway and its write is retried (``KillSwitch``'s rule); ignored with ``kill_switch``;
     ``portfolio``: default an empty ``Portfolio`` — pass one with the accounts' starting balances
     (``set_balances``) when drawdown limits must see the equity; ``reference_prices``: ``"progress"``
     (default in lock-step) or ``"candles"`` (default otherwise); ``publish_breaches``: publish a
@@ -277,6 +285,7 @@ class RiskGate:
         dedupe_window: int = 1024,
         actor: str = "risk-gate",
         kill_switch_at_start: Mapping[str, KillSwitchState] | None = None,
+        kill_switch_store: KillSwitchStorage | None = None,
         status_grace: timedelta = timedelta(seconds=15),
         blocking_streams: Iterable[str] = ("trades", "candles.1m"),
         wall_clock: Callable[[], datetime] | None = None,
@@ -291,10 +300,16 @@ class RiskGate:
         self.actor = actor
         self._now = _EPOCH  # event time of the message being handled (module docstring)
         self.portfolio = portfolio if portfolio is not None else Portfolio(clock=self._clock)
-        self.kill_switch = (
-            kill_switch if kill_switch is not None else KillSwitch(InMemoryKillSwitchStore(), clock=self._clock)
-        )
+        if kill_switch is None:
+            store: KillSwitchStorage = (
+                InMemoryKillSwitchStore() if kill_switch_store is None else _OwnChangesStore(kill_switch_store)
+            )
+            # a durable change is stamped as `meltica kill` stamps one: on the wall clock when there is one
+            stamp = self._clock if kill_switch_store is None or wall_clock is None else wall_clock
+            kill_switch = KillSwitch(store, clock=stamp)
+        self.kill_switch = kill_switch
         self._breaches: list[Breach] = []
+        self._unrecorded: list[Breach] = []  # acted on, not yet written by the recorder (``_record_breaches``)
         self.engine = RiskEngine(
             limits,
             self.portfolio,
@@ -696,14 +711,41 @@ class RiskGate:
         self._ks_counter += 1
         self._ks_seq[change.scope] = self._ks_counter
 
+    def _record_breaches(self, breaches: Sequence[Breach]) -> None:
+        """Store ``breaches`` after those a failure left unstored, oldest first. Fail closed: a breach that
+        cannot be written (database outage) does not stop its halt from going out on ``control``; it is
+        logged as critical, kept, and written with the next message the gate handles."""
+        if self.recorder is None:
+            return
+        waiting, self._unrecorded = [*self._unrecorded, *breaches], []
+        for n, breach in enumerate(waiting):
+            try:
+                self.recorder.record_breach(breach)
+            except Exception as exc:
+                self._unrecorded = waiting[n:]
+                log.critical(
+                    "risk gate: %d breach(es) not recorded yet (%r); their halt goes out anyway, retried with the "
+                    "next message: %s",
+                    len(self._unrecorded),
+                    exc,
+                    breach.reason,
+                )
+                return
+
+    @property
+    def unrecorded(self) -> list[Breach]:
+        """Breaches acted on (kill switch engaged, command published) whose record is still to be written."""
+        return list(self._unrecorded)
+
     def _breach_commands(self) -> list[Outgoing]:
         if not self._breaches:
+            if self._unrecorded:
+                self._record_breaches(())
             return []
         breaches, self._breaches[:] = list(self._breaches), []
+        self._record_breaches(breaches)
         out: list[Outgoing] = []
         for breach in breaches:
-            if self.recorder is not None:
-                self.recorder.record_breach(breach)
             if self.publish_breaches:
                 command = KillSwitchCommand(
                     command_id=f"{self.name}:{breach.rule}:{breach.scope}:{breach.ts.isoformat()}"[:128],
@@ -889,6 +931,25 @@ class RiskGate:
                     engine._set_value_price(market, px)
             elif ts is None and known is None and market.px is None and px is not None:
                 engine._set_value_price(market, px)  # valued at a first order's price, no market data yet
+
+
+class _OwnChangesStore:
+    """The gate's kill-switch store in a live deployment: starts empty (the durable state comes in through
+    ``kill_switch_at_start`` and snapshots), and writes through to ``durable`` every change the gate makes
+    itself — a breach, a fail-closed halt — but not a command heard on ``control`` (``details.source``),
+    whose sender stored it already."""
+
+    def __init__(self, durable: KillSwitchStorage) -> None:
+        self._durable = durable
+        self._memory = InMemoryKillSwitchStore()
+
+    def load(self) -> dict[str, KillSwitchState]:
+        return self._memory.load()
+
+    def save(self, change: KillSwitchChange) -> None:
+        if change.details.get("source") != "control":
+            self._durable.save(change)  # raises when it cannot be written: KillSwitch holds and retries
+        self._memory.save(change)
 
 
 class _EngineSink:

@@ -13,6 +13,7 @@ import ccxt.pro as ccxt_pro
 import pytest
 
 from meltica.emulator import EmulatorConfig, EmulatorServer, ccxt_config
+from tests.integration.polling import until
 
 pytestmark = pytest.mark.integration
 
@@ -109,14 +110,12 @@ def test_dropped_websockets_reconnect() -> None:
             try:
                 await pro.load_markets()
                 task = asyncio.create_task(pro.watch_trades("BTC/USDT"))
-                while not emu.hub.has_subscribers("btcusdt@trade"):
-                    await asyncio.sleep(0.02)
+                await until(lambda: emu.hub.has_subscribers("btcusdt@trade"), "the trade stream subscribed", 10, 0.02)
                 assert await emu.drop_websockets() >= 1
                 with pytest.raises(ccxt.NetworkError):
                     await asyncio.wait_for(task, 5)
                 task = asyncio.create_task(pro.watch_trades("BTC/USDT"))
-                while not emu.hub.has_subscribers("btcusdt@trade"):
-                    await asyncio.sleep(0.02)
+                await until(lambda: emu.hub.has_subscribers("btcusdt@trade"), "the trade stream subscribed", 10, 0.02)
                 await emu.step(1)
                 trades = await asyncio.wait_for(task, 5)
                 assert trades

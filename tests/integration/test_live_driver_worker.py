@@ -12,6 +12,7 @@ order in flight before it takes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -34,6 +35,8 @@ from meltica.infra.kafka import KafkaEndpoint
 from meltica.messaging import Catalogue, Codec
 from meltica.messaging.admin import create_topics
 from meltica.messaging.schemas import KillSwitchCommand
+from streams.worker import DUMP_DONE
+from tests.integration.polling import wait_until
 
 from test_live_driver_restart import (  # isort: skip
     SECRET,
@@ -104,7 +107,8 @@ def workers() -> Iterator[list[Worker]]:
     for worker in started:
         if worker.process.poll() is None:  # a test failed with this worker alive: log its tasks' stacks
             worker.process.send_signal(signal.SIGUSR1)
-            time.sleep(1.0)
+            with contextlib.suppress(AssertionError):  # a worker too stuck to answer: its log as it is
+                wait_until(lambda: DUMP_DONE in worker.log.read_text(errors="replace"), "the task dump", 10)  # noqa: B023
             print(f"--- worker log tail ---\n{worker.log.read_text(errors='replace')[-10000:]}")
         worker.close()
 

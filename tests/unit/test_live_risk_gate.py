@@ -33,7 +33,7 @@ from meltica.messaging.schemas import (
     SubmitRequest,
     VenueProgress,
 )
-from meltica.risk import InMemoryRecorder, KillSwitchMode
+from meltica.risk import Breach, InMemoryKillSwitchStore, InMemoryRecorder, KillSwitchChange, KillSwitchMode
 
 D = Decimal
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -402,6 +402,80 @@ def test_a_post_trade_breach_trips_the_kill_switch_and_is_published_on_control()
     refused = feed(g, submit(intent("0.01", "19800"), ts=T0 + timedelta(minutes=2)))
     assert on(refused, "risk.decisions")[0].rule == "kill_switch"
     assert feed(g, command) == []  # its own command coming back changes nothing
+
+
+class _OutageStore(InMemoryKillSwitchStore):
+    """A durable kill-switch store whose writes fail while ``down``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def save(self, change: KillSwitchChange) -> None:
+        if self.down:
+            raise ConnectionError("database unavailable")
+        super().save(change)
+
+
+def _breach_on(g: RiskGate) -> list[Outgoing]:
+    feed(g, candle("20000", T0 - timedelta(minutes=1)))
+    buy = intent("1", "20000")
+    update = accepted(buy)
+    feed(g, submit(buy), update, filled(update, "1", "20000", "f1"))
+    return feed(g, candle("19850", T0))  # unrealized -150 > daily_loss_limit 100
+
+
+def test_a_breach_halt_is_written_to_the_durable_kill_switch_and_control_commands_are_not() -> None:
+    durable = InMemoryKillSwitchStore()
+    limits = RiskLimits.model_validate({"daily_loss_limit": "100"})
+    g = RiskGate(limits, {(EX, SYM): btc()}, kill_switch_store=durable)
+    feed(g, kill("halt", scope="strategy:other"))  # from `meltica kill`, which stored it itself
+    assert durable.changes == []
+    (command,) = on(_breach_on(g), "control")
+    assert [(c.scope, c.current.mode) for c in durable.changes] == [(f"account:{ACCT}", KillSwitchMode.HALT)]
+    assert durable.states[f"account:{ACCT}"].reason == command.reason
+    feed(g, command)  # its own command coming back is not written again
+    assert len(durable.changes) == 1
+
+
+def test_a_breach_halt_holds_and_is_published_while_the_durable_store_is_down_then_stored() -> None:
+    durable = _OutageStore()
+    limits = RiskLimits.model_validate({"daily_loss_limit": "100"})
+    g = RiskGate(limits, {(EX, SYM): btc()}, kill_switch_store=durable)
+    durable.down = True
+    (command,) = on(_breach_on(g), "control")
+    assert (command.scope, command.mode) == (f"account:{ACCT}", "halt")
+    assert mode_of(g, f"account:{ACCT}") is KillSwitchMode.HALT and durable.changes == []
+    durable.down = False
+    feed(g, candle("19840", T0 + timedelta(minutes=1)))  # the next post-trade check writes it
+    assert [(c.scope, c.current.mode) for c in durable.changes] == [(f"account:{ACCT}", KillSwitchMode.HALT)]
+
+
+class _OutageRecorder(InMemoryRecorder):
+    """A recorder whose breach writes fail while ``down``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def record_breach(self, breach: Breach) -> None:
+        if self.down:
+            raise ConnectionError("database unavailable")
+        super().record_breach(breach)
+
+
+def test_a_breach_that_cannot_be_recorded_still_goes_out_on_control_and_is_recorded_later() -> None:
+    recorder = _OutageRecorder()
+    g = gate(recorder=recorder, daily_loss_limit="100")
+    recorder.down = True
+    (command,) = on(_breach_on(g), "control")  # before: the recorder's error left the handler, no command
+    assert (command.scope, command.mode) == (f"account:{ACCT}", "halt")
+    assert recorder.breaches == [] and [b.rule for b in g.unrecorded] == ["daily_loss_limit"]
+    feed(g, candle("19845", T0 + timedelta(minutes=1)))  # still down: kept
+    assert len(g.unrecorded) == 1
+    recorder.down = False
+    assert feed(g, candle("19840", T0 + timedelta(minutes=2))) == []  # written, nothing published again
+    assert [b.rule for b in recorder.breaches] == ["daily_loss_limit"] and g.unrecorded == []
 
 
 def test_candles_are_the_reference_price_outside_lockstep() -> None:

@@ -41,6 +41,16 @@ T0 = datetime(2024, 1, 10, tzinfo=UTC)
 FAST = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0, resolve_attempts=2)
 
 
+async def turns_until(condition: Callable[[], bool], what: str, turns: int = 200) -> None:
+    """Let the event loop run (no wall clock: the venue is in this process) until ``condition`` holds;
+    fail naming ``what`` if it still does not after ``turns`` turns."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    assert condition(), f"not after {turns} event-loop turns: {what}"
+
+
 def run(body: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(asyncio.wait_for(body(), timeout=20))
 
@@ -221,10 +231,10 @@ def test_market_order_fills_are_recorded_once_and_stream_replays_change_nothing(
                 events.append(e)
 
         task = asyncio.create_task(collect())
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the collector subscribes before the order exists (a condition, not a wait)
         await rest_ask(venue)
         order = await oms.submit(intent(order_type=OrderType.MARKET, qty="0.3"))
-        await asyncio.sleep(0)
+        await turns_until(lambda: any(e.kind is UserEventKind.FILL for e in events), "the stream's fill")
         # the REST answer said filled: the OMS fetched the trades itself
         assert order.status is OrderStatus.FILLED and order.filled_quantity == D("0.3")
         assert len(rec.fills) == 1 and len(rec.risk_fills) == 1
@@ -247,14 +257,14 @@ def test_stream_driven_partial_fills_and_fill_before_ack() -> None:
         rec = Recorder()
         oms, store = make_oms(venue, clock, portfolio=rec)
         await oms.start()
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the OMS's user stream subscribes before the order exists
         order = await oms.submit(intent(qty="0.5", price=D("40000")))
         assert order.status is OrderStatus.OPEN
         bob = venue.adapter("bob")
         sell = intent(Side.SELL, OrderType.MARKET, "0.2", account="bob")
         await bob.create_order(sell, sell.client_order_id)
-        for _ in range(5):
-            await asyncio.sleep(0)
+        coid = order.client_order_id
+        await turns_until(lambda: oms.order(coid).filled_quantity > 0, "the stream's fill applied")
         now = oms.order(order.client_order_id)
         assert now.status is OrderStatus.PARTIALLY_FILLED and now.filled_quantity == D("0.2")
         assert len(rec.fills) == 1
@@ -559,8 +569,12 @@ def test_risk_rejection_is_stored_and_kill_switch_halt_cancels_everything() -> N
         a = await oms.submit(intent(price=D("30000")))
         b = await oms.submit(intent(price=D("30001"), strategy="other"))
         switch.engage("halt")
-        for _ in range(10):
-            await asyncio.sleep(0)
+        await turns_until(
+            lambda: (
+                {oms.order(a.client_order_id).status, oms.order(b.client_order_id).status} == {OrderStatus.CANCELLED}
+            ),
+            "the halt's cancels",
+        )
         assert oms.order(a.client_order_id).status is OrderStatus.CANCELLED
         assert oms.order(b.client_order_id).status is OrderStatus.CANCELLED
         blocked = await oms.submit(intent())
@@ -780,11 +794,7 @@ def test_a_halt_repeats_its_cancels_with_back_off_until_the_venue_takes_them() -
         order = await oms.submit(intent(price=D("30000")))
         assert order.status is OrderStatus.OPEN
         switch.engage("halt", "drill", "ops")
-        for _ in range(200):
-            if oms.order(order.client_order_id).status is OrderStatus.CANCELLED:
-                break
-            await asyncio.sleep(0)
-        assert oms.order(order.client_order_id).status is OrderStatus.CANCELLED
+        await turns_until(lambda: oms.order(order.client_order_id).status is OrderStatus.CANCELLED, "the cancel")
         assert waits == [0.25, 0.5, 1.0, 2.0]  # doubling back-off between rounds
         assert not await outage.inner.fetch_open_orders("BTC/USDT")
 
@@ -809,6 +819,7 @@ def test_halt_cancels_stop_when_the_halt_is_released() -> None:
         oms, _ = make_oms(venue, clock, kill_switch=switch, venues={"alice": outage}, sleep=sleep)
         order = await oms.submit(intent(price=D("30000")))
         switch.engage("halt", "drill", "ops")
+        # 200 turns of the loop (its back-off waits are instant here) give a third round every chance to run
         for _ in range(200):
             await asyncio.sleep(0)
         assert len(rounds) == 2  # no third round after the release

@@ -126,13 +126,17 @@ def test_resting_limit_fills_against_another_account_with_events_fees_and_balanc
                 events.append(event)
 
         collector = asyncio.create_task(collect())
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the collector subscribes before the orders exist (a condition, not a wait)
         coid, order = await place(alice, intent("alice", Side.BUY, OrderType.LIMIT, "0.5", price=D("40000.004")))
         assert order.status is OrderStatus.OPEN  # type: ignore[attr-defined]
         assert order.price == D("40000.00")  # type: ignore[attr-defined]  # buy rounds down to the tick
         _, taker = await place(bob, intent("bob", Side.SELL, OrderType.MARKET, "0.2"))
         assert taker.status is OrderStatus.FILLED  # type: ignore[attr-defined]
-        await asyncio.sleep(0)
+        wanted = {UserEventKind.ORDER, UserEventKind.FILL, UserEventKind.BALANCE}
+        for _ in range(100):  # event-loop turns (the venue is in this process): until the stream delivered them
+            if wanted <= {e.kind for e in events}:
+                break
+            await asyncio.sleep(0)
         collector.cancel()
         fetched = await alice.fetch_order(SYMBOL, client_order_id=coid)
         assert fetched.status is OrderStatus.PARTIALLY_FILLED
