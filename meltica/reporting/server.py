@@ -116,6 +116,10 @@ async def _health(_request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def _no_icon(_request: web.Request) -> web.Response:
+    return web.Response(status=204)
+
+
 @web.middleware
 async def _headers(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -135,6 +139,7 @@ def make_app(engine: Engine) -> web.Application:
     app[_ENGINE] = engine
     app.router.add_get("/", _index)
     app.router.add_get("/health", _health)
+    app.router.add_get("/favicon.ico", _no_icon)  # browsers ask for it with every page
     app.router.add_get("/reports/{report_id}/", _report)
     app.router.add_get("/reports/{report_id}/{name}", _file)
     return app

@@ -174,3 +174,49 @@ def test_reports_serve_command_serves_the_configured_database(
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_served_report_renders_in_headless_chromium_under_its_content_policy(
+    runtime: Engine, served: tuple[str, int], tmp_path: Path
+) -> None:
+    """The served report.html is the real one (interactive plotly charts inlined, PNGs linked beside it): the
+    server's Content-Security-Policy lets it render, with no console error, and its relative links resolve."""
+    import shutil
+
+    from meltica.backtest import write_report
+    from meltica.reporting.stored import store_report_directory
+    from tests.unit.test_backtest_report import SYMBOL, _simulated
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("no chromium on this machine: infra/bootstrap.sh installs it (apt-get install chromium)")
+    result, prices = _simulated(600)
+    write_report(result, tmp_path, prices={SYMBOL: prices})
+    report_id = uuid.uuid4()
+    names = ("report.html", "equity.png", "drawdown.png", "positions.png")
+    assert store_report_directory(runtime, report_id, "backtest", "browser", tmp_path, names)
+    url = f"http://{served[0]}:{served[1]}/reports/{report_id}/report.html"
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("requestfailed", lambda req: errors.append(f"failed: {req.url}"))
+            page.on("response", lambda r: errors.append(f"{r.status}: {r.url}") if r.status >= 400 else None)
+            response = page.goto(url, wait_until="load")
+            assert response is not None and response.status == 200
+            assert "default-src 'none'" in (response.headers.get("content-security-policy") or "")
+            page.wait_for_selector("#meltica-charts .main-svg", timeout=30_000)
+            assert page.locator("#meltica-charts .cartesianlayer .subplot").count() == 4
+            for name in names[1:]:
+                href = page.evaluate(f"new URL('{name}', document.baseURI).href")
+                image = page.request.get(href)
+                assert image.status == 200 and image.body() == (tmp_path / name).read_bytes(), name
+            assert errors == [], errors
+        finally:
+            browser.close()
