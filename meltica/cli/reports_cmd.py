@@ -8,6 +8,7 @@ import contextlib
 import typer
 
 from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
+from meltica.errors import InfrastructureUnavailableError
 from meltica.reporting.server import DEFAULT_PORT, ReportServer
 
 app = typer.Typer(no_args_is_help=True)
@@ -34,7 +35,10 @@ def serve(
     server = ReportServer(engine, host, port, allow_remote=allow_remote)
 
     async def run() -> None:
-        bound = await server.start()
+        try:
+            bound = await server.start()
+        except OSError as exc:  # the port is taken, the address is not this machine's
+            raise InfrastructureUnavailableError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         console.print(f"serving stored reports at http://{host}:{bound}/", highlight=False)
         try:
             await asyncio.Event().wait()
