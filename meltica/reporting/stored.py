@@ -43,7 +43,7 @@ _TYPES = {
     ".png": "image/png",
     ".json": "application/json",
     ".csv": "text/csv; charset=utf-8",
-    ".md": "text/markdown; charset=utf-8",
+    ".md": "text/plain; charset=utf-8",  # shown by the browser, not downloaded
 }
 
 

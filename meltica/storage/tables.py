@@ -442,7 +442,7 @@ reports = Table(
     "reports",
     metadata,
     Column("report_id", UUID(as_uuid=True), primary_key=True),
-    Column("kind", Text, nullable=False),  # backtest
+    Column("kind", Text, nullable=False),  # backtest | risk
     Column("title", Text, nullable=False),
     _created_at(),
 )
