@@ -175,9 +175,11 @@ def run_backtest_task(
     sweep_id: str | None,
     code_version: str,
     label: str = "",
+    keep_report: bool = True,
 ) -> dict[str, Any]:
     """Run (or read back) one backtest (``label`` names the task run: strategy, symbol, grid point); save it,
-    write its files and report; return a small summary."""
+    write its files and report; store the report for ``meltica reports serve`` when ``keep_report`` (a sweep
+    stores only its best run's: a report is ~5 MB, plotly.js inlined); return a small summary."""
     cfg = BacktestConfig.create(config)
     run_id = uuid.uuid5(_NAMESPACE, _run_key(config, fingerprint, sweep_id, code_version))
     report_dir = Path(output_dir) / str(run_id) if output_dir else None
@@ -187,19 +189,21 @@ def run_backtest_task(
             stored = conn.execute(backtest_runs.select().where(backtest_runs.c.run_id == run_id)).first()
         if stored is not None:
             result = BacktestResult.load(db, run_id)
-            if report_dir is not None and (report_dir / "report.html").is_file():
+            if keep_report and report_dir is not None and (report_dir / "report.html").is_file():
                 _store_report(db, result, report_dir)  # a no-op when it is stored already
         else:
             bars = _bars(cfg, data_file, fingerprint, db)
             result = run_backtest(cfg, bars)
             result = replace(result, run_id=run_id, sweep_id=uuid.UUID(sweep_id) if sweep_id else None)
             result.save(db)
-            with tempfile.TemporaryDirectory(prefix="meltica-report-") as scratch:
-                # Without an output directory the report is still made, to be stored and served.
-                written = report_dir if report_dir is not None else Path(scratch)
-                result.write_files(written)
-                write_report(result, written, prices={cfg.symbol: bars.closes()})
-                _store_report(db, result, written)
+            if report_dir is not None or keep_report:
+                with tempfile.TemporaryDirectory(prefix="meltica-report-") as scratch:
+                    # Without an output directory the report is still made, to be stored and served.
+                    written = report_dir if report_dir is not None else Path(scratch)
+                    result.write_files(written)
+                    write_report(result, written, prices={cfg.symbol: bars.closes()})
+                    if keep_report:
+                        _store_report(db, result, written)
     finally:
         db.dispose()
     return _summary(result, report_dir)
@@ -241,6 +245,25 @@ def _config(
 def _metric_cell(metrics: Metrics, name: str) -> str:
     value = getattr(metrics, name)
     return format_metric(name, value)
+
+
+@meltica_task("storing the best run's report", name="store-best-report", task_run_name="store report {run}")
+def store_best_report(run: str, files: dict[str, str], db_url: str, title: str) -> bool:
+    """Store the sweep's best run's report from its files on the worker (the sweep's tasks store none); False when
+    its files are not there (no ``output_dir``, or cleaned since a cached run)."""
+    from urllib.parse import unquote, urlsplit
+
+    if "report.html" not in files:
+        return False
+    directory = Path(unquote(urlsplit(files["report.html"]).path)).parent
+    if not (directory / "report.html").is_file():
+        return False
+    db = make_engine(db_url)
+    try:
+        store_report_directory(db, uuid.UUID(run), "backtest", title, directory, REPORT_FILES)
+    finally:
+        db.dispose()
+    return True
 
 
 @meltica_task("reading the stored report", name="report-links", task_run_name="report links {prefix}")
@@ -429,6 +452,7 @@ def sweep(
             unmapped(sid),
             unmapped(code_version),
             labels[i : i + step],
+            unmapped(False),
         )
         wait(list(futures))
         summaries.extend(f.result() for f in futures)
@@ -470,6 +494,8 @@ def sweep(
         ),
         description="Backtests of the sweep, best first (stored in backtest_runs under the sweep id)",
     )
+    title = f"backtest {strategy} {symbol} {_canonical(best['params'])} (best of sweep {sid})"
+    store_best_report(best["run_id"], dict(best["files"]), db_url, title)
     _charts(best, "sweep-best", db_url)
     return {
         "sweep_id": sid,

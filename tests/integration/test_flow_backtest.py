@@ -194,6 +194,10 @@ def test_sweep_flow_stores_and_ranks_a_2x2_grid(prefect_api: None, fresh_databas
     assert len(_embedded_pngs(artifacts["sweep-best-charts"].data)) == 3
     assert result["best"]["run_id"] in artifacts["sweep-best-charts"].data and "file://" not in table
     assert f"/reports/{result['best']['run_id']}/report.html)" in artifacts["sweep-best-charts"].data
+    # Only the best run's report is stored (each is ~5 MB: plotly.js inlined).
+    with fresh_database.connect() as conn:
+        reports = conn.execute(text("SELECT report_id::text FROM reports")).scalars().all()
+    assert reports == [result["best"]["run_id"]]
 
 
 def _latest_flow_run(flow_name: str) -> Any:
@@ -294,10 +298,12 @@ def test_a_database_outage_during_a_sweep_is_retried_and_the_sweep_completes(
 
     runs = asyncio.run(task_runs())
     assert max(r.run_count for r in runs) >= 2  # a task hit the outage, was retried and then completed
-    # Each task run is named by its grid point.
+    # Each backtest task run is named by its grid point; then the best run's report is stored and linked.
     assert sorted(r.name for r in runs) == [
         "backtest momentum BTC/USDT fast=10 slow=40",
         "backtest momentum BTC/USDT fast=5 slow=40",
+        "report links sweep-best",
+        f"store report {state.result()['best']['run_id']}",
     ]
     with fresh_database.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM backtest_runs")).scalar_one() == 2
