@@ -171,6 +171,17 @@ def test_reports_serve_command_serves_the_configured_database(
             check=False,
         )
         assert remote.returncode == 2 and "--allow-remote" in remote.stderr, remote.stderr
+        # `reports list` prints each stored report with its link under reports_url.
+        listed = subprocess.run(
+            [sys.executable, "-m", "meltica", "reports", "list"],
+            env={**env, "MELTICA_REPORTS_URL": f"http://127.0.0.1:{port}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert f"cli run  http://127.0.0.1:{port}/reports/{report_id}/report.html" in listed.stdout, listed.stdout
     finally:
         proc.terminate()
         proc.wait(timeout=20)
