@@ -8,8 +8,10 @@
   every run stored under one ``sweep_id`` and ranked by ``objective`` (``optimize.rank_runs``).
 
 Artifacts: a markdown table of metrics (sweep: every run, ranked, and the best parameters) and a markdown
-artifact with the equity, drawdown and position charts embedded (``data:`` URIs: the UI shows them), naming
-where ``report.html`` is on the worker.
+artifact with the equity, drawdown and position charts embedded (``data:`` URIs: the UI shows them) and a link
+to the full report under ``reports_url``: a backtest's report (a sweep's: only the best run's) is stored in the
+database (``meltica.reporting.stored``) and served by ``meltica reports serve``; the link is written only when
+the report is stored at the time the artifact is made (a cached rerun never links one that is gone).
 
 Rerunning does not repeat work: ``run_id`` is a UUIDv5 of what defines the run (config, parameters,
 data fingerprint — the file's SHA-256, or the database range —, sweep id and code version), the task's
