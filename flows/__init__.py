@@ -64,12 +64,17 @@ def embedded_png(path: str | Path, alt: str) -> str:
     """Markdown showing the PNG at ``path`` inline (a ``data:`` URI): Prefect's UI displays it with the artifact,
     where a ``file://`` link to the worker's disk opens nothing. A file that is gone (a cached rerun after the
     output was cleaned) is said so instead."""
-    import base64
     from urllib.parse import unquote, urlsplit
 
     text = str(path)
     png = Path(unquote(urlsplit(text).path)) if text.startswith("file://") else Path(text)
     if not png.is_file():
         return f"_{alt}: the chart file is no longer on the worker ({png.name})_"
-    encoded = base64.b64encode(png.read_bytes()).decode("ascii")
-    return f"![{alt}](data:image/png;base64,{encoded})"
+    return embedded_png_bytes(png.read_bytes(), alt)
+
+
+def embedded_png_bytes(png: bytes, alt: str) -> str:
+    """Markdown showing the PNG ``png`` inline (a ``data:`` URI)."""
+    import base64
+
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"

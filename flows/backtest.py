@@ -8,8 +8,10 @@
   every run stored under one ``sweep_id`` and ranked by ``objective`` (``optimize.rank_runs``).
 
 Artifacts: a markdown table of metrics (sweep: every run, ranked, and the best parameters) and a markdown
-artifact with the equity, drawdown and position charts embedded (``data:`` URIs: the UI shows them), naming
-where ``report.html`` is on the worker.
+artifact with the equity, drawdown and position charts embedded (``data:`` URIs: the UI shows them) and a link
+to the full report under ``reports_url``: a backtest's report (a sweep's: only the best run's) is stored in the
+database (``meltica.reporting.stored``) and served by ``meltica reports serve``; the link is written only when
+the report is stored at the time the artifact is made (a cached rerun never links one that is gone).
 
 Rerunning does not repeat work: ``run_id`` is a UUIDv5 of what defines the run (config, parameters,
 data fingerprint — the file's SHA-256, or the database range —, sweep id and code version), the task's
@@ -27,6 +29,7 @@ import bisect
 import functools
 import hashlib
 import json
+import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import replace
@@ -40,7 +43,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import embedded_png, scrub_secrets_in_logs
+from flows import config_file_of, embedded_png, embedded_png_bytes, scrub_secrets_in_logs
 from flows._retry import meltica_task
 from meltica.backtest.config import BacktestConfig
 from meltica.backtest.data import BarSeries
@@ -49,8 +52,10 @@ from meltica.backtest.metrics import Metrics
 from meltica.backtest.optimize import LOWER_IS_BETTER, METRIC_NAMES, SweepRun, grid, rank_runs
 from meltica.backtest.report import format_metric, write_report
 from meltica.backtest.results import BacktestResult, detect_code_version, jsonable
+from meltica.config import load_settings
 from meltica.errors import ConfigurationError, DataValidationError
 from meltica.infra.postgres import database_url
+from meltica.reporting.stored import read_report_file, report_file_names, report_url, store_report_directory
 from meltica.storage.engine import make_engine
 from meltica.storage.tables import backtest_runs
 from meltica.strategies.registry import list_strategies
@@ -60,6 +65,8 @@ StrategyName = Literal[tuple(list_strategies())]  # type: ignore[valid-type]
 
 _NAMESPACE = uuid.UUID("6f1d3c2a-8a43-4f57-9a1e-0b9e4c1f7d21")
 CHARTS = ("equity.png", "drawdown.png", "positions.png")
+# The files of a run stored in the database as its report (served by `meltica reports serve`).
+REPORT_FILES = ("report.html", *CHARTS, "metrics.json", "trades.csv")
 TABLE_METRICS = ("total_return", "sharpe", "max_drawdown", "trades", "win_rate", "final_equity", "fees")
 
 
@@ -170,9 +177,11 @@ def run_backtest_task(
     sweep_id: str | None,
     code_version: str,
     label: str = "",
+    keep_report: bool = True,
 ) -> dict[str, Any]:
     """Run (or read back) one backtest (``label`` names the task run: strategy, symbol, grid point); save it,
-    write its files and report; return a small summary."""
+    write its files and report; store the report for ``meltica reports serve`` when ``keep_report`` (a sweep
+    stores only its best run's: a report is ~5 MB, plotly.js inlined); return a small summary."""
     cfg = BacktestConfig.create(config)
     run_id = uuid.uuid5(_NAMESPACE, _run_key(config, fingerprint, sweep_id, code_version))
     report_dir = Path(output_dir) / str(run_id) if output_dir else None
@@ -182,17 +191,29 @@ def run_backtest_task(
             stored = conn.execute(backtest_runs.select().where(backtest_runs.c.run_id == run_id)).first()
         if stored is not None:
             result = BacktestResult.load(db, run_id)
+            if keep_report and report_dir is not None and (report_dir / "report.html").is_file():
+                _store_report(db, result, report_dir)  # a no-op when it is stored already
         else:
             bars = _bars(cfg, data_file, fingerprint, db)
             result = run_backtest(cfg, bars)
             result = replace(result, run_id=run_id, sweep_id=uuid.UUID(sweep_id) if sweep_id else None)
             result.save(db)
-            if report_dir is not None:
-                result.write_files(report_dir)
-                write_report(result, report_dir, prices={cfg.symbol: bars.closes()})
+            if report_dir is not None or keep_report:
+                with tempfile.TemporaryDirectory(prefix="meltica-report-") as scratch:
+                    # Without an output directory the report is still made, to be stored and served.
+                    written = report_dir if report_dir is not None else Path(scratch)
+                    result.write_files(written)
+                    write_report(result, written, prices={cfg.symbol: bars.closes()})
+                    if keep_report:
+                        _store_report(db, result, written)
     finally:
         db.dispose()
     return _summary(result, report_dir)
+
+
+def _store_report(db: Any, result: BacktestResult, directory: Path) -> None:
+    title = f"backtest {result.strategy} {' '.join(result.symbols)} {_canonical(jsonable(result.params))}"
+    store_report_directory(db, result.run_id, "backtest", title, directory, REPORT_FILES)
 
 
 # --- flows -------------------------------------------------------------------------------------
@@ -228,19 +249,65 @@ def _metric_cell(metrics: Metrics, name: str) -> str:
     return format_metric(name, value)
 
 
-def _charts(summary: Mapping[str, Any], prefix: str) -> None:
-    """One markdown artifact with the run's charts embedded (visible in the UI) and where the full report is."""
+@meltica_task("storing the best run's report", name="store-best-report", task_run_name="store report {run}")
+def store_best_report(run: str, files: dict[str, str], db_url: str, title: str) -> bool:
+    """Store the sweep's best run's report from its files on the worker (the sweep's tasks store none); False when
+    its files are not there (no ``output_dir``, or cleaned since a cached run)."""
     from urllib.parse import unquote, urlsplit
 
-    files = summary["files"]
-    parts = [f"### Charts of backtest run `{summary['run_id']}`\n"]
-    parts += [embedded_png(unquote(urlsplit(files[name]).path), name) for name in CHARTS if name in files]
+    if "report.html" not in files:
+        return False
+    directory = Path(unquote(urlsplit(files["report.html"]).path)).parent
+    if not (directory / "report.html").is_file():
+        return False
+    db = make_engine(db_url)
+    try:
+        store_report_directory(db, uuid.UUID(run), "backtest", title, directory, REPORT_FILES)
+    finally:
+        db.dispose()
+    return True
+
+
+@meltica_task("reading the stored report", name="report-links", task_run_name="report links {prefix}")
+def charts_markdown(run: str, files: dict[str, str], db_url: str, reports_url: str, prefix: str) -> str:
+    """The charts artifact's markdown: the run's charts embedded (visible in the UI) and a link to its full
+    report served by ``meltica reports serve`` — read from the database when the artifact is made, so a cached
+    rerun never links a report that is not stored (nor embeds a chart that is gone)."""
+    from urllib.parse import unquote, urlsplit
+
+    run_id = uuid.UUID(run)
+    db = make_engine(db_url)
+    try:
+        stored = set(report_file_names(db, run_id))
+        parts = [f"### Charts of backtest run `{run_id}`\n"]
+        for name in CHARTS:
+            chart = read_report_file(db, run_id, name) if name in stored else None
+            if chart is not None:
+                parts.append(embedded_png_bytes(chart.body, name))
+            elif name in files:
+                parts.append(embedded_png(unquote(urlsplit(files[name]).path), name))
+    finally:
+        db.dispose()
+    if "report.html" in stored:
+        links = " · ".join(f"[{name}]({report_url(reports_url, run_id, name)})" for name in sorted(stored))
+        parts.append(
+            f"**[Full report]({report_url(reports_url, run_id)})** (served by `meltica reports serve`)\n\n"
+            f"Files: {links}"
+        )
+    else:
+        parts.append("_The full report of this run is not stored in the database: no link._")
     if "report.html" in files:
-        parts.append(f"Full report (HTML) on the worker: `{unquote(urlsplit(files['report.html']).path)}`")
+        parts.append(f"Files on the worker: `{unquote(urlsplit(files['report.html']).path).rsplit('/', 1)[0]}/`")
+    return "\n\n".join(parts) + "\n"
+
+
+def _charts(summary: Mapping[str, Any], prefix: str, db_url: str) -> None:
+    """One markdown artifact with the run's charts and the link to its stored report (:func:`charts_markdown`)."""
+    reports_url = load_settings(config_file=config_file_of(None)).reports_url
     create_markdown_artifact(
         key=f"{prefix}-charts",
-        markdown="\n\n".join(parts) + "\n",
-        description=f"Equity, drawdown and position charts of backtest run {summary['run_id']}",
+        markdown=charts_markdown(summary["run_id"], dict(summary["files"]), db_url, reports_url, prefix),
+        description=f"Equity, drawdown and position charts of backtest run {summary['run_id']}; its full report",
     )
 
 
@@ -283,11 +350,12 @@ def backtest(
     scrub_secrets_in_logs()
     config = _config(strategy, params or {}, exchange, symbol, timeframe, start, end, fill_model)
     fingerprint = data_fingerprint(data_file, exchange, symbol, timeframe, start, end)
+    db_url = database or database_url()
     summary = run_backtest_task(
         config,
         data_file,
         fingerprint,
-        database or database_url(),
+        db_url,
         output_dir,
         None,
         detect_code_version(),
@@ -304,7 +372,7 @@ def backtest(
         ),
         description="Metrics of the backtest run (stored in backtest_runs / backtest_metrics)",
     )
-    _charts(summary, "backtest")
+    _charts(summary, "backtest", db_url)
     return summary
 
 
@@ -386,6 +454,7 @@ def sweep(
             unmapped(sid),
             unmapped(code_version),
             labels[i : i + step],
+            unmapped(False),
         )
         wait(list(futures))
         summaries.extend(f.result() for f in futures)
@@ -427,7 +496,9 @@ def sweep(
         ),
         description="Backtests of the sweep, best first (stored in backtest_runs under the sweep id)",
     )
-    _charts(best, "sweep-best")
+    title = f"backtest {strategy} {symbol} {_canonical(best['params'])} (best of sweep {sid})"
+    store_best_report(best["run_id"], dict(best["files"]), db_url, title)
+    _charts(best, "sweep-best", db_url)
     return {
         "sweep_id": sid,
         "objective": objective,

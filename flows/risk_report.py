@@ -1,14 +1,17 @@
 """The daily risk report as a Prefect flow run (a thin shell over ``meltica.reporting.risk_report``).
 
 Computes the report of one UTC day from the stored facts, stores its JSON in ``risk_state`` under
-``risk_report:<day>``, writes ``risk-report-<day>.md`` / ``.json`` / ``.png`` under ``output_dir`` and
-publishes the markdown as an artifact with the chart embedded (a ``data:`` URI: the UI shows it). Without
+``risk_report:<day>``, writes ``risk-report-<day>.md`` / ``.json`` / ``.png`` under ``output_dir``, stores
+those three as a report served by ``meltica reports serve`` and publishes the markdown as an artifact with the
+chart embedded (a ``data:`` URI: the UI shows it) and links to the stored files under ``reports_url``. Without
 ``day`` it reports the day before the flow run's scheduled start (no wall-clock read in the core).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,13 @@ from meltica.config import load_settings
 from meltica.errors import ConfigurationError
 from meltica.infra.postgres import database_url
 from meltica.reporting.risk_report import build_risk_report, markdown, render_png, store_report
+from meltica.reporting.stored import report_url, store_report_directory
 from meltica.risk.limits import RiskConfig
 from meltica.storage.engine import make_engine
+
+# Stored reports (`meltica reports serve`) are named by a UUIDv5 of the day and the report's JSON: the same report
+# is stored once, a report of the same day with other facts is another one.
+_NAMESPACE = uuid.UUID("0b6f0c55-7d0e-4c1e-9a57-3f5b7d0a9c41")
 
 
 def _report_day(day: date | None) -> date:
@@ -62,17 +70,24 @@ def compute_report(
     try:
         report = build_risk_report(engine, day, limits=risk, marks=marks)
         key = store_report(engine, report)
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        png = render_png(report, out / f"risk-report-{day.isoformat()}.png")
+        text = markdown(report, limits_source=limits_source)
+        md = out / f"risk-report-{day.isoformat()}.md"
+        md.write_text(markdown(report, chart_url=png.name, limits_source=limits_source), encoding="utf-8")
+        js = out / f"risk-report-{day.isoformat()}.json"
+        document = json.dumps(report.to_json(), indent=2) + "\n"
+        js.write_text(document, encoding="utf-8")
+        # Stored for `meltica reports serve`: the artifact links these, whatever happens to the worker's disk.
+        report_id = uuid.uuid5(_NAMESPACE, f"{day.isoformat()}:{hashlib.sha256(document.encode()).hexdigest()}")
+        names = (js.name, png.name, md.name)
+        store_report_directory(engine, report_id, "risk", f"risk report {day.isoformat()}", out, names)
     finally:
         engine.dispose()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    png = render_png(report, out / f"risk-report-{day.isoformat()}.png")
-    text = markdown(report, limits_source=limits_source)
-    md = out / f"risk-report-{day.isoformat()}.md"
-    md.write_text(markdown(report, chart_url=png.name, limits_source=limits_source), encoding="utf-8")
-    js = out / f"risk-report-{day.isoformat()}.json"
-    js.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
     return {
+        "report_id": str(report_id),
+        "report_files": list(names),
         "day": day.isoformat(),
         "risk_state_key": key,
         "markdown": text,
@@ -109,9 +124,15 @@ def daily_risk_report(
     scrub_secrets_in_logs()
     the_day = _report_day(day)
     summary = compute_report(the_day, database or database_url(), output_dir, limits, marks, config_file)
+    base = load_settings(config_file=config_file_of(config_file)).reports_url
+    report_id = uuid.UUID(summary["report_id"])
+    links = " · ".join(f"[{name}]({report_url(base, report_id, name)})" for name in summary["report_files"])
     create_markdown_artifact(
         key="risk-report",
-        markdown=embedded_png(summary["png"], "risk report chart") + "\n\n" + summary["markdown"],
+        markdown=embedded_png(summary["png"], "risk report chart")
+        + "\n\n"
+        + summary["markdown"]
+        + f"\n\nStored report (served by `meltica reports serve`): {links}\n",
         description=f"Daily risk report {the_day.isoformat()} (JSON in risk_state {summary['risk_state_key']})",
     )
     return summary

@@ -18,6 +18,7 @@ from meltica.cli import (
     live_cmd,
     optimize_cmd,
     paper_cmd,
+    reports_cmd,
     status_cmd,
     strategies_cmd,
     streams_cmd,
@@ -44,6 +45,9 @@ app.add_typer(keys_cmd.app, name="keys", help="Manage encrypted exchange API cre
 app.add_typer(emulator_cmd.app, name="emulator", help="Run a local Binance-compatible exchange emulator.")
 app.add_typer(kill_cmd.app, name="kill", help="Kill switch: halt or reduce-only, by hand; show its state.")
 app.add_typer(flows_cmd.app, name="flows", help="Prefect deployments: deploy the flows, list them, run a server.")
+app.add_typer(
+    reports_cmd.app, name="reports", help="Serve the stored backtest reports (report.html, charts) over HTTP."
+)
 app.add_typer(streams_cmd.app, name="streams", help="Kafka topics and workers of the live pipeline.")
 app.add_typer(
     strategies_cmd.app,

@@ -26,6 +26,7 @@ from meltica.infra.prefect import (
     prefect_api_url,
     require_server_url,
     server_command,
+    server_environment,
 )
 
 app = typer.Typer(no_args_is_help=True)
@@ -56,6 +57,8 @@ def deploy(
         console.print(f"automation created: {ZOMBIE_AUTOMATION}", highlight=False)
     for name in result.deployed:
         console.print(f"[green]✓[/] deployed {name}", highlight=False)
+    if result.cancelling_warning:
+        console.print(f"[yellow]![/] {escape(result.cancelling_warning)}", highlight=False)
     for name, why in result.paused.items():
         console.print(
             f"[yellow]⏸[/] {name}: schedule paused: {escape(why)}; fix it and deploy again, or resume it in the UI",
@@ -79,7 +82,7 @@ def server(
     port: int = typer.Option(4200, "--port", help="Port on 127.0.0.1 for the API and the UI."),
 ) -> None:
     """Run a Prefect server (API + UI) on loopback in the foreground; Ctrl-C stops it."""
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = server_environment(os.environ)
     console.print(
         f"Prefect UI: http://127.0.0.1:{port}  —  in other shells: export PREFECT_API_URL=http://127.0.0.1:{port}/api",
         highlight=False,

@@ -348,6 +348,12 @@ class MelticaSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings, description="time-series storage")
     prefect_api_url: str | None = Field(default=None, description="None means Prefect's ephemeral API")
+    reports_url: str = Field(
+        default="http://127.0.0.1:8765",
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="base URL of `meltica reports serve` as the browser reaches it: Prefect artifacts link the "
+        "stored backtest reports under it",
+    )
     accounts: list[AccountConfig] = Field(default_factory=list)
     risk: RiskLimits = Field(default_factory=RiskLimits)
     symbols: list[str] = Field(default_factory=list, description="ccxt unified symbols, e.g. BTC/USDT")

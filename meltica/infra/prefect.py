@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from meltica.errors import ConfigurationError, InfrastructureError, Infrastructu
 from meltica.infra._common import ServiceStatus, mask_url, repo_root
 
 __all__ = [
+    "CANCELLING_TIMEOUT_SECONDS",
     "TERMINAL_STATES",
     "WORK_POOL",
     "ZOMBIE_AUTOMATION",
@@ -39,6 +40,7 @@ __all__ = [
     "project_checkout",
     "require_server_url",
     "server_command",
+    "server_environment",
 ]
 
 
@@ -120,6 +122,42 @@ def zombie_automation() -> dict[str, Any]:
             }
         ],
     }
+
+
+# A cancel of a run whose process is gone (a host crash): nobody is left to confirm it, so the run would stay
+# Cancelling (the zombie automation cannot help: Prefect refuses Cancelling -> Crashed). The server's
+# cancellation-cleanup service marks a run Cancelled once it has been Cancelling this long (Prefect's default:
+# 300 s); `meltica flows server` sets it, and `meltica flows deploy` warns when the server's is longer or off.
+CANCELLING_TIMEOUT_SECONDS = 90
+CANCELLING_TIMEOUT_ENV = "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_CANCELLING_TIMEOUT_SECONDS"
+
+
+def server_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment `meltica flows server` runs ``prefect server start`` with: no analytics, and a bounded
+    Cancelling (:data:`CANCELLING_TIMEOUT_SECONDS`) unless the operator set their own."""
+    env = {**environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.setdefault(CANCELLING_TIMEOUT_ENV, str(CANCELLING_TIMEOUT_SECONDS))
+    return env
+
+
+def cancelling_timeout_warning(server_settings: Mapping[str, Any]) -> str | None:
+    """What is wrong with the server's bound on Cancelling runs (its ``GET /admin/settings``), or None."""
+    cleanup = server_settings.get("server", {}).get("services", {}).get("cancellation_cleanup", {})
+    if not cleanup:
+        return None  # not a server that reports it (Prefect Cloud, another version): nothing to say
+    if not cleanup.get("enabled", True):
+        return (
+            "the server's cancellation-cleanup service is off: a run cancelled after its host died stays "
+            "Cancelling; start the server with `meltica flows server`"
+        )
+    timeout = float(cleanup.get("cancelling_timeout_seconds") or 0)
+    if timeout > CANCELLING_TIMEOUT_SECONDS:
+        return (
+            f"the server ends a cancel nobody confirms after {timeout:.0f} s (a run cancelled after its host died "
+            f"stays Cancelling that long); `meltica flows server` sets {CANCELLING_TIMEOUT_ENV}="
+            f"{CANCELLING_TIMEOUT_SECONDS}"
+        )
+    return None
 
 
 # Flow-run state types after which nothing more happens to the run.
@@ -255,6 +293,11 @@ class PrefectApi:
         self._call("POST", "/automations/", body)
         return True
 
+    def server_settings(self) -> dict[str, Any]:
+        """The server's own settings (``GET /admin/settings``; secrets come back masked)."""
+        found: dict[str, Any] = self._call("GET", "/admin/settings") or {}
+        return found
+
     def deployment_names(self) -> list[str]:
         """``flow/deployment`` for every deployment on the server."""
         flows = {f["id"]: f["name"] for f in self._call("POST", "/flows/filter", {"limit": 200})}
@@ -359,6 +402,7 @@ class DeployResult:
     paused: dict[str, str] = field(default_factory=dict)  # flow/deployment -> why its schedule is paused
     config_file: str = ""
     created_automation: bool = False
+    cancelling_warning: str | None = None  # the server leaves a cancel nobody confirms Cancelling too long
 
 
 # Where the scheduled ingest (prefect.yaml: exchange binance, no emulator) fetches its bars.
@@ -495,7 +539,11 @@ def deploy_flows(root: Path | None = None, timeout: float = 300.0, config_file: 
         else:
             api.set_paused(deployment["id"], False, None)
     created_automation = api.ensure_automation(zombie_automation())
-    return DeployResult(names, skipped, created_pool, output, paused, config_text, created_automation)
+    try:
+        warning = cancelling_timeout_warning(api.server_settings())
+    except (LookupError, InfrastructureError):
+        warning = None  # a server without the admin API: nothing to check
+    return DeployResult(names, skipped, created_pool, output, paused, config_text, created_automation, warning)
 
 
 def server_command(host: str = "127.0.0.1", port: int = 4200) -> list[str]:

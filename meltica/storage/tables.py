@@ -433,6 +433,31 @@ backtest_fills = Table(
     PrimaryKeyConstraint("run_id", "trade_id"),
 )
 
+# --- reports ---------------------------------------------------------------------------------
+
+# Reports served over HTTP (`meltica reports serve`): a backtest's report.html and its charts, stored when the
+# run is made so a link in a Prefect artifact keeps working whatever happens to the worker's disk. Written
+# once per report id (a backtest's run id), never changed: the runtime role only reads and inserts them.
+reports = Table(
+    "reports",
+    metadata,
+    Column("report_id", UUID(as_uuid=True), primary_key=True),
+    Column("kind", Text, nullable=False),  # backtest | risk
+    Column("title", Text, nullable=False),
+    _created_at(),
+)
+
+report_files = Table(
+    "report_files",
+    metadata,
+    Column("report_id", UUID(as_uuid=True), ForeignKey("reports.report_id", ondelete="CASCADE"), nullable=False),
+    Column("name", Text, nullable=False),  # a plain file name: report.html, equity.png, ...
+    Column("content_type", Text, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("report_id", "name"),
+    CheckConstraint("name ~ '^[A-Za-z0-9][A-Za-z0-9._-]*$'", name="name_plain"),
+)
+
 # --- reconciliation --------------------------------------------------------------------------
 
 reconciliation_runs = Table(

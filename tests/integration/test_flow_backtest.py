@@ -103,6 +103,17 @@ def test_backtest_flow_stores_the_run_and_publishes_artifacts(
     charts = _embedded_pngs(artifacts["backtest-charts"].data)
     assert len(charts) == 3 and charts[0] == (report_dir / "equity.png").read_bytes()
     assert not any("file://" in str(a.data) for a in artifacts.values())
+    # The full report is stored in the database and linked under reports_url (default: loopback port 8765).
+    with fresh_database.connect() as conn:
+        stored = dict(
+            conn.execute(
+                text("SELECT name, body FROM report_files WHERE report_id = CAST(:r AS uuid)"), {"r": summary["run_id"]}
+            ).all()
+        )
+    assert set(stored) >= {"report.html", "equity.png", "drawdown.png", "positions.png", "metrics.json"}
+    assert stored["report.html"] == (report_dir / "report.html").read_bytes()
+    link = f"(http://127.0.0.1:8765/reports/{summary['run_id']}/report.html)"
+    assert link in artifacts["backtest-charts"].data
 
     # A rerun repeats no work: the same run id, still one stored row.
     again = backtest(
@@ -115,10 +126,32 @@ def test_backtest_flow_stores_the_run_and_publishes_artifacts(
         fill_model={"taker_fee_bps": "5", "slippage_bps": "1", "latency_ms": 500},
         output_dir=str(tmp_path),
         database=_url(fresh_database),
+        return_state=True,
     )
-    assert again["run_id"] == summary["run_id"]
+    assert again.result()["run_id"] == summary["run_id"]
     with fresh_database.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM backtest_runs")).scalar_one() == 1
+    # A cached rerun whose stored report is gone (and whose files were cleaned) links nothing, embeds nothing.
+    with fresh_database.begin() as conn:
+        conn.execute(text("DELETE FROM reports"))
+    import shutil
+
+    shutil.rmtree(report_dir)
+    gone = backtest(
+        "momentum",
+        {**BASE, "fast": 10, "slow": 40},
+        symbol="BTC/USDT",
+        start=START,
+        end=END,
+        data_file=str(DATA),
+        fill_model={"taker_fee_bps": "5", "slippage_bps": "1", "latency_ms": 500},
+        output_dir=str(tmp_path),
+        database=_url(fresh_database),
+        return_state=True,
+    )
+    rerun = {a.key: a for a in _artifacts(gone.state_details.flow_run_id)}["backtest-charts"].data
+    assert "/reports/" not in rerun and "not stored in the database: no link" in rerun, rerun
+    assert not _embedded_pngs(rerun) and "no longer on the worker" in rerun
 
 
 def test_sweep_flow_stores_and_ranks_a_2x2_grid(prefect_api: None, fresh_database: Engine, tmp_path: Path) -> None:
@@ -160,6 +193,11 @@ def test_sweep_flow_stores_and_ranks_a_2x2_grid(prefect_api: None, fresh_databas
     assert table.count("\n| ") >= 5  # header + four ranked rows
     assert len(_embedded_pngs(artifacts["sweep-best-charts"].data)) == 3
     assert result["best"]["run_id"] in artifacts["sweep-best-charts"].data and "file://" not in table
+    assert f"/reports/{result['best']['run_id']}/report.html)" in artifacts["sweep-best-charts"].data
+    # Only the best run's report is stored (each is ~5 MB: plotly.js inlined).
+    with fresh_database.connect() as conn:
+        reports = conn.execute(text("SELECT report_id::text FROM reports")).scalars().all()
+    assert reports == [result["best"]["run_id"]]
 
 
 def _latest_flow_run(flow_name: str) -> Any:
@@ -260,10 +298,12 @@ def test_a_database_outage_during_a_sweep_is_retried_and_the_sweep_completes(
 
     runs = asyncio.run(task_runs())
     assert max(r.run_count for r in runs) >= 2  # a task hit the outage, was retried and then completed
-    # Each task run is named by its grid point.
+    # Each backtest task run is named by its grid point; then the best run's report is stored and linked.
     assert sorted(r.name for r in runs) == [
         "backtest momentum BTC/USDT fast=10 slow=40",
         "backtest momentum BTC/USDT fast=5 slow=40",
+        "report links sweep-best",
+        f"store report {state.result()['best']['run_id']}",
     ]
     with fresh_database.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM backtest_runs")).scalar_one() == 2

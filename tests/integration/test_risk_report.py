@@ -249,6 +249,18 @@ def test_flow_publishes_markdown_and_chart(prefect_api: None, seeded: Engine, tm
     assert base64.b64decode(encoded) == png.read_bytes()
     assert "file://" not in artifacts["risk-report"].data
     assert summary["breaches"] >= 2
+    # The files are stored as a report and linked under reports_url (served by `meltica reports serve`).
+    json_url = f"http://127.0.0.1:8765/reports/{summary['report_id']}/risk-report-2024-03-05.json"
+    assert f"({json_url})" in artifacts["risk-report"].data, artifacts["risk-report"].data[-400:]
+    with seeded.connect() as conn:
+        stored = dict(
+            conn.execute(
+                text("SELECT name, body FROM report_files WHERE report_id = CAST(:r AS uuid)"),
+                {"r": summary["report_id"]},
+            ).all()
+        )
+    assert stored["risk-report-2024-03-05.png"] == png.read_bytes()
+    assert stored["risk-report-2024-03-05.json"] == (tmp_path / "risk-report-2024-03-05.json").read_bytes()
 
 
 def test_flow_without_limits_uses_the_configured_limits(prefect_api: None, seeded: Engine, tmp_path: Path) -> None:

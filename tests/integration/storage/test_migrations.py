@@ -53,12 +53,16 @@ def test_upgrade_creates_every_table_and_downgrade_removes_them(empty_database: 
 
 def test_stepping_down_revision_by_revision(empty_database: Engine) -> None:
     migrate.upgrade(empty_database)
+    tables_0009 = {"reports", "report_files"}
     tables_0004 = {"backtest_orders", "backtest_fills"}
-    later_tables = tables_0004 | {"order_lists", "emulated_orders", "kill_switch_state", "risk_state"}
+    later_tables = tables_0009 | tables_0004 | {"order_lists", "emulated_orders", "kill_switch_state", "risk_state"}
 
+    migrate.downgrade(empty_database, "-1")  # 0009: the stored reports
+    assert migrate.current_revision(empty_database) == "0008"
+    assert _tables(empty_database) == set(metadata.tables) - tables_0009
     migrate.downgrade(empty_database, "-1")  # 0008: time-series policies only (no table change)
     assert migrate.current_revision(empty_database) == "0007"
-    assert _tables(empty_database) == set(metadata.tables)
+    assert _tables(empty_database) == set(metadata.tables) - tables_0009
     migrate.downgrade(empty_database, "-1")  # 0007: the runtime role's rights and the refresh function
     assert migrate.current_revision(empty_database) == "0006"
     with empty_database.connect() as conn:
@@ -73,11 +77,11 @@ def test_stepping_down_revision_by_revision(empty_database: Engine) -> None:
     migrate.downgrade(empty_database, "-1")  # 0005: the fills key
     assert migrate.current_revision(empty_database) == "0004"
     assert _primary_key(empty_database, "fills") == ["exchange", "account", "trade_id"]
-    assert _tables(empty_database) == set(metadata.tables)
+    assert _tables(empty_database) == set(metadata.tables) - tables_0009
 
     migrate.downgrade(empty_database, "-1")
     assert migrate.current_revision(empty_database) == "0003"
-    assert _tables(empty_database) == set(metadata.tables) - tables_0004
+    assert _tables(empty_database) == set(metadata.tables) - tables_0004 - tables_0009
 
     migrate.downgrade(empty_database, "-1")
     assert migrate.current_revision(empty_database) == "0002"
