@@ -47,14 +47,16 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 
 from meltica.domain import Fill, Instrument, OrderIntent, Position, Side, client_order_id_for
 from meltica.domain.instrument import is_multiple_of
-from meltica.errors import InvalidOrderError, RiskRejectedError
+from meltica.domain.risk import RISK_ACTOR as _ACTOR
+from meltica.domain.risk import RiskDecision
+from meltica.errors import InvalidOrderError
 from meltica.risk.kill_switch import GLOBAL, KillSwitch, KillSwitchChange, KillSwitchMode, system_clock
 from meltica.risk.limits import Limit, ResolvedLimits, RiskConfig, resolve_limits
 from meltica.risk.store import DecisionSink, InMemoryRiskStateStore, RiskStateStorage
@@ -67,51 +69,10 @@ _HUNDRED = Decimal(100)
 _TWO = Decimal(2)
 _WINDOW = timedelta(seconds=60)
 _DAY = timedelta(days=1)
-_ACTOR = "risk-engine"
 _APPROVED_REASON = "all checks passed"
 
 
 # --- results -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RiskDecision:
-    """The answer to one intent. ``rule`` names the failed check (``None`` when approved)."""
-
-    intent_id: str
-    approved: bool
-    rule: str | None
-    reason: str | None
-    ts: datetime
-    details: dict[str, Any] = field(default_factory=dict)
-    account: str | None = None
-    strategy: str | None = None
-    exchange: str | None = None
-    symbol: str | None = None
-
-    def raise_if_rejected(self) -> None:
-        """``RiskRejectedError`` (terminal) for a rejection; nothing for an approval."""
-        if not self.approved:
-            raise RiskRejectedError(
-                f"intent {self.intent_id} rejected by risk: {self.reason}",
-                reason=self.rule or "risk_rejected",
-                intent_id=self.intent_id,
-                rule=self.rule,
-            )
-
-    def as_row(self) -> dict[str, Any]:
-        return {
-            "ts": self.ts,
-            "account": self.account,
-            "strategy": self.strategy,
-            "symbol": self.symbol,
-            "intent_id": self.intent_id,
-            "decision": "approved" if self.approved else "rejected",
-            "rule": self.rule,
-            "reason": self.reason,
-            "details": {"exchange": self.exchange, **self.details},
-            "actor": _ACTOR,
-        }
 
 
 @dataclass(frozen=True, slots=True)
