@@ -43,7 +43,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import embedded_png, scrub_secrets_in_logs
 from flows._retry import meltica_task
 from meltica.backtest.config import BacktestConfig
-from meltica.backtest.data import BarSeries
 from meltica.backtest.engine import run_backtest
 from meltica.backtest.metrics import Metrics
 from meltica.backtest.optimize import LOWER_IS_BETTER, METRIC_NAMES, SweepRun, grid, rank_runs
@@ -51,6 +50,7 @@ from meltica.backtest.report import format_metric, write_report
 from meltica.backtest.results import BacktestResult, detect_code_version, jsonable
 from meltica.errors import ConfigurationError, DataValidationError
 from meltica.infra.postgres import database_url
+from meltica.marketdata.series import BarSeries
 from meltica.storage.engine import make_engine
 from meltica.storage.tables import backtest_runs
 from meltica.strategies.registry import list_strategies

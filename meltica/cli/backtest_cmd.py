@@ -107,8 +107,8 @@ def backtest(
     (--trades) and L2 book (--book-snapshot [--book-updates]); write results into --output
     (``BACKTEST_EPILOG`` says what they show)."""
     from meltica.backtest import BacktestConfig, BarSeries, run_backtest, write_report
-    from meltica.backtest.data import BookSeries, TradeSeries
     from meltica.backtest.provenance import file_sha256, series_sha256
+    from meltica.marketdata.series import BookSeries, TradeSeries
 
     if book_updates is not None and book_snapshot is None:
         raise ConfigurationError("--book-updates needs --book-snapshot", field="book-snapshot")
@@ -236,7 +236,7 @@ def backtest(
 def _trades_in_range(series: Any, start: datetime | None, end: datetime | None) -> Any:
     if start is None and end is None:
         return series
-    from meltica.backtest.data import TradeSeries
+    from meltica.marketdata.series import TradeSeries
 
     keep = [i for i, t in enumerate(series.ts) if (start is None or t >= start) and (end is None or t < end)]
     return TradeSeries(

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from meltica.backtest import BacktestConfig
-from meltica.backtest.data import BarSeries
 from meltica.backtest.results import BacktestResult
 from meltica.errors import MelticaError
 from meltica.live.config import PipelineConfig
 from meltica.live.results import PaperRunCollector
+from meltica.marketdata.series import BarSeries
 from meltica.messaging.catalogue import Catalogue, market_key
 from meltica.messaging.codec import Codec
 from meltica.messaging.schemas import EndOfReplayCommand

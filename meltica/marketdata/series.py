@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from meltica.domain import Bar, OrderBookSnapshot, Side, Timeframe, Trade
-from meltica.errors import DataValidationError
+from meltica.domain.orderbook import DepthDiff, DepthSynchronizer, L2Book
+from meltica.errors import BookGapError, DataValidationError
+from meltica.marketdata.candle_files import read_candle_file
+from meltica.storage.candles import read_candles
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _BAR_FIELDS = frozenset(Bar.model_fields)
@@ -135,8 +138,6 @@ class BarSeries:
     def from_file(cls, path: str | Path, *, exchange: str, symbol: str, timeframe: str | None) -> BarSeries:
         """A bar file (CSV, Feather, Parquet, freqtrade/pandas JSON), validated by ``read_candle_file``;
         ``timeframe=None`` infers it from the bars' spacing. Gaps and unsorted rows are in ``warnings``."""
-        from meltica.marketdata.candle_files import read_candle_file
-
         parsed = read_candle_file(path, timeframe)
         rows = parsed.rows
         if not rows:
@@ -166,8 +167,6 @@ class BarSeries:
         end: datetime | None = None,
     ) -> BarSeries:
         """Stored candles (rolled up by the database when ``timeframe`` is a multiple of a stored one)."""
-        from meltica.storage.candles import read_candles
-
         rows = read_candles(engine, exchange=exchange, symbol=symbol, timeframe=timeframe, start=start, end=end)
         if not rows:
             raise DataValidationError(
@@ -526,9 +525,6 @@ class BookSeries:
         ``on_gap="raise"`` raises ``BookGapError``; ``"drop"`` (default) drops it and every diff until
         the next snapshot (counted in ``gaps``/``dropped``); ``"apply"`` applies it anyway and carries on
         from it (counted in ``gaps``; recorded files with holes). ``depth``: levels in the strategy's view."""
-        from meltica.errors import BookGapError
-        from meltica.marketdata.orderbook import DepthDiff, DepthSynchronizer, L2Book
-
         if on_gap not in ("raise", "drop", "apply"):
             raise ValueError("on_gap must be 'raise', 'drop' or 'apply'")
         messages: list[tuple[datetime, int, int, dict[str, Any]]] = []  # (ts, kind 0 = snapshot, seq, msg)
