@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from meltica.config.settings import DEFAULT_RUNTIME_ROLE
+from meltica.config import load_settings
 from meltica.errors import ConfigurationError, InfrastructureError, InfrastructureUnavailableError
 from meltica.infra._common import (
     ServiceStatus,
@@ -46,6 +46,11 @@ from meltica.infra._common import (
     tail,
     write_json,
 )
+from meltica.secrets import resolve_secret
+from meltica.storage import migrate
+from meltica.storage.engine import make_engine
+from meltica.storage.migrate import MIGRATE_EXPLICITLY_IN
+from meltica.storage.privileges import DEFAULT_RUNTIME_ROLE
 
 __all__ = [
     "PostgresEndpoint",
@@ -597,9 +602,6 @@ def database_url() -> str:
     ``env:``/``encrypted:`` reference), else the runtime role on the local server that
     :func:`ensure_postgres` provides (started when it is down).
     """
-    from meltica.config import load_settings
-    from meltica.secrets import resolve_secret
-
     configured = load_settings().database_url
     if configured is not None:
         return resolve_secret(configured, allow_plaintext=True).get_secret_value()
@@ -611,10 +613,6 @@ def migration_database_url(settings: MelticaSettings | None = None) -> str:
     ``database_migration_url``; else, when ``database_url`` is configured, that URL in dev and paper (and a
     ``ConfigurationError`` in staging and prod: the runtime role cannot migrate); else the owner role on the
     local server (:func:`ensure_postgres`)."""
-    from meltica.config import load_settings
-    from meltica.secrets import resolve_secret
-    from meltica.storage.migrate import MIGRATE_EXPLICITLY_IN
-
     settings = settings if settings is not None else load_settings()
     if settings.database_migration_url is not None:
         return resolve_secret(settings.database_migration_url, allow_plaintext=True).get_secret_value()
@@ -629,6 +627,16 @@ def migration_database_url(settings: MelticaSettings | None = None) -> str:
     return ensure_postgres().url
 
 
+def database_engine() -> Engine:
+    """The runtime role's engine for the configured database (:func:`database_url`)."""
+    return make_engine(database_url())
+
+
+def migration_engine() -> Engine:
+    """The owner (migration) role's engine, for ``meltica db`` (:func:`migration_database_url`)."""
+    return make_engine(migration_database_url())
+
+
 def ensure_schema_at_head(
     engine: Engine, settings: MelticaSettings | None = None, *, migrate_through_engine: bool = False
 ) -> bool:
@@ -637,10 +645,6 @@ def ensure_schema_at_head(
     and paper a migration as the owner role (:func:`migration_database_url` of ``settings``, else of the
     effective configuration), or through ``engine`` itself when ``migrate_through_engine`` (a database
     URL handed in explicitly: its owner is whoever handed it). True when it migrated."""
-    from meltica.config import load_settings
-    from meltica.storage import migrate
-    from meltica.storage.engine import make_engine
-
     resolved = settings if settings is not None else load_settings()
     return migrate.ensure_at_head(
         engine,
