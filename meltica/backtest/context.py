@@ -7,7 +7,7 @@ the one the emulator and paper trading use. Only the clock (a ``ManualClock``) a
 user stream is delivered differ from live: the stream is pumped synchronously into the OMS right after
 every venue call (``_StreamingAdapter``), which is one of the interleavings live allows.
 
-No look-ahead (the rule ``meltica.strategies.simulation.PaperContext`` keeps too): every request a
+No look-ahead (the rule ``meltica.backtest.simulation.PaperContext`` keeps too): every request a
 callback makes (submit, cancel, amend, order list) is held with an *arrival time* ``decision time +
 latency`` and delivered, in the order made, just before the first market-data item that starts at or
 after its arrival — for bars, at the open of that bar: the clock moves to the bar's open time, the open
@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from meltica.adapters.base import UserEvent, VenueOrder
 from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue
+from meltica.backtest.intents import END_OF_DATA, IntentingContext, ManualClock
 from meltica.domain import (
     Bar,
     Fill,
@@ -63,8 +64,6 @@ from meltica.matching import FeeSchedule, FillModel
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, RiskConfig, RiskEngine
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
-from meltica.strategies.intents import IntentingContext, ManualClock
-from meltica.strategies.simulation import END_OF_DATA
 
 _ZERO = Decimal(0)
 

@@ -53,6 +53,7 @@ from pydantic import BaseModel, TypeAdapter
 from meltica.adapters.base import ExchangeAdapter, UserEvent
 from meltica.adapters.paper import PAPER_CAPABILITIES, PaperVenue
 from meltica.backtest.context import HeldRequest, NotifyingMemoryStore, RequestExecutor, StreamingPaperAdapter
+from meltica.backtest.intents import ManualClock
 from meltica.domain import (
     Bar,
     Fill,
@@ -95,7 +96,6 @@ from meltica.messaging.schemas import (
 )
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode, KillSwitchState
-from meltica.strategies.intents import ManualClock
 
 log = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from meltica.backtest.context import OrderTrackingContext
+from meltica.backtest.intents import ManualClock, _Timer
 from meltica.domain import Bar, Instrument, Order, OrderFilled, OrderIntent, OrderRejected, Side
 from meltica.errors import ConfigurationError, InvalidOrderError
 from meltica.live.config import PipelineConfig, StrategyInstanceConfig
@@ -65,7 +66,6 @@ from meltica.messaging.schemas import (
 from meltica.portfolio import Portfolio
 from meltica.strategies import Strategy, build_strategy, get_strategy
 from meltica.strategies.base import OrderList, OrderListKind
-from meltica.strategies.intents import ManualClock, _Timer
 
 log = logging.getLogger(__name__)
 

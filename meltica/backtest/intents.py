@@ -1,6 +1,6 @@
 """``IntentingContext``: what every simulated ``StrategyContext`` does the same way.
 
-``PaperContext`` (``meltica.strategies.simulation``) and ``BacktestContext`` (``meltica.backtest.context``)
+``PaperContext`` (``meltica.backtest.simulation``) and ``BacktestContext`` (``meltica.backtest.context``)
 build intents, order lists and timers identically (deterministic intent ids ``f"{instance_id}:{seq}"``,
 venue precision applied as the OMS does, DESIGN.md §4); they differ only in how a built intent or order
 list is handed on (straight to the paper venue, or through the OMS) and in what they keep of the result.
@@ -24,6 +24,9 @@ from pydantic import BaseModel, ValidationError
 from meltica.domain import Instrument, Order, OrderIntent, OrderType, Position, Side, TimeInForce
 from meltica.errors import InvalidOrderError
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
+
+END_OF_DATA = "end of data: never sent"
+"""The reason an order a simulated context still held when the data ended is cancelled with (never sent)."""
 
 if TYPE_CHECKING:
     from meltica.adapters.paper import PaperVenue

@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from meltica.adapters.paper import PaperVenue, domain_fill, to_new_order
+from meltica.backtest.intents import END_OF_DATA, IntentingContext, ManualClock
 from meltica.domain import (
     Bar,
     Fill,
@@ -68,9 +69,6 @@ from meltica.matching import (
     NewOrder,
 )
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
-from meltica.strategies.intents import IntentingContext, ManualClock
-
-END_OF_DATA = "end of data: never sent"
 
 
 @dataclass(frozen=True, slots=True)
