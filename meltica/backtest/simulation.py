@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from functools import partial
@@ -530,6 +530,4 @@ class PaperContext(IntentingContext):
 
 def _with_type_of(new: NewOrder, current: Any) -> NewOrder:
     """Keep the venue-side type of the order being replaced (a post-only limit stays LIMIT_MAKER)."""
-    from dataclasses import replace
-
     return replace(new, type=current.type)

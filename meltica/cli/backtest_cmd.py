@@ -1,5 +1,7 @@
 """`meltica backtest`: run one strategy over recorded bars, print the summary, write the results."""
 
+# lazy imports: a command loads backtest/live/messaging/kafka/numpy when it runs, so `meltica --help` starts fast
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +18,7 @@ from rich.table import Table
 
 from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
 from meltica.errors import ConfigurationError
-from meltica.marketdata.candle_files import FORMAT_HELP
+from meltica.marketdata.candle_files import FORMAT_HELP, parse_time
 
 BACKTEST_EPILOG = (
     "The summary, metrics.json and report.html show rejected orders by reason, the effective parameters "
@@ -46,7 +48,6 @@ def parse_param(item: str) -> tuple[str, Any]:
 def _parse_time(value: str | None, name: str) -> datetime | None:
     if value is None:
         return None
-    from meltica.marketdata.candle_files import parse_time
 
     try:
         return parse_time(value)

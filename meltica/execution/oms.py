@@ -1092,6 +1092,7 @@ class OrderManager:
     async def recover(self, *, resend_unsent: bool | None = None) -> RecoveryReport:
         """On start: every open or pending order of the database checked against its venue. See
         ``meltica.execution.recovery`` for the policy."""
+        # lazy: recovery builds on the OMS: circular at import time
         from meltica.execution.recovery import recover_orders
 
         return await recover_orders(self, resend_unsent=self.resend_unsent if resend_unsent is None else resend_unsent)

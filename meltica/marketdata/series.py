@@ -7,6 +7,10 @@ here first (positive prices, ``low <= open, close <= high``, volume >= 0, open t
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -188,6 +192,7 @@ class BarSeries:
     def from_arrays(cls, arrays: Mapping[str, Any], *, exchange: str, symbol: str, timeframe: str) -> BarSeries:
         """Columnar arrays (numpy or sequences): ``ts`` (int ns since the epoch, or datetimes) and
         ``open``/``high``/``low``/``close``/``volume`` (floats, converted through their shortest repr)."""
+        # lazy: numpy only for float columns
         import numpy as np
 
         ts_raw = arrays["ts"]
@@ -422,20 +427,14 @@ class TradeSeries:
         if not p.exists():
             raise DataValidationError(f"{where}: no such file", reason="no_data")
         if name.endswith(".parquet"):
+            # lazy: pyarrow only for Parquet files
             import pyarrow.parquet as pq
 
             rows: list[dict[str, Any]] = pq.read_table(p).to_pylist()
         elif name.endswith((".csv", ".csv.gz")):
-            import csv
-            import gzip
-            import io
-
             raw = gzip.decompress(p.read_bytes()) if name.endswith(".gz") else p.read_bytes()
             rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
         elif name.endswith((".json", ".json.gz")):
-            import gzip
-            import json
-
             raw = gzip.decompress(p.read_bytes()) if name.endswith(".gz") else p.read_bytes()
             data = json.loads(raw, parse_float=Decimal)
             if isinstance(data, Mapping):
@@ -578,10 +577,6 @@ def _levels(levels: Iterable[Sequence[Any]]) -> Levels:
 
 
 def _depth_messages(path: Path) -> list[dict[str, Any]]:
-    import csv
-    import gzip
-    import io
-
     if not path.exists():
         raise DataValidationError(f"{path}: no such file", reason="no_data")
     raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
