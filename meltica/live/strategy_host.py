@@ -618,7 +618,7 @@ class StrategyHost:
         open_coids = set(ctx._open)
         ledgers = [
             [k[2], str(q), str(c), str(r), str(f)]
-            for k, q, c, r, f, _mark in ctx.portfolio._ledger_state()
+            for k, q, c, r, f, _mark in ctx.portfolio.ledger_state()
             if k[3] == inst.instance_id
         ]
         return {
@@ -676,7 +676,7 @@ class StrategyHost:
         ctx._announced.update(state["announced"])
         ctx._amends.update({c: int(n) for c, n in state["amends"].items()})
         for symbol, q, c, r, f in state["ledgers"]:
-            ctx.portfolio._restore_ledger(
+            ctx.portfolio.restore_ledger(
                 config.account,
                 config.exchange,
                 symbol,
