@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from meltica.adapters.base import UserEvent, VenueOrder
 from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue
-from meltica.backtest.intents import END_OF_DATA, IntentingContext, ManualClock
+from meltica.backtest.intents import END_OF_DATA, IntentingContext, ManualClock, Timer
 from meltica.domain import (
     Bar,
     Fill,
@@ -286,6 +286,18 @@ class Wiring:
     instruments: dict[str, Instrument] = field(default_factory=dict)
 
 
+class ContextState(TypedDict):
+    """A simulated strategy context's own state (``OrderTrackingContext.export_state``): timers as
+    ``[due ISO time, every in seconds or None]``, open orders as JSON ``Order``s."""
+
+    seq: int
+    id_epoch: str
+    timers: dict[str, list[Any]]
+    open: list[dict[str, Any]]
+    announced: list[str]
+    amends: dict[str, int]
+
+
 class OrderTrackingContext(IntentingContext):
     """The strategy half of a simulated context: what the strategy sees of its orders.
 
@@ -319,6 +331,36 @@ class OrderTrackingContext(IntentingContext):
         self.fills = []
         self.rejections = []
         self.fills_changed = False  # set on every fill; the engine clears it after re-reading balances
+
+    # --- state for restarts (the live strategy host's snapshots) ----------------------------------
+    def export_state(self) -> ContextState:
+        """The context's own state, JSON-ready: intent sequence and id epoch, timers, open orders, which of
+        them the strategy heard of, and their amendment counts."""
+        open_coids = set(self._open)
+        return {
+            "seq": self._seq,
+            "id_epoch": self._id_epoch,
+            "timers": {
+                n: [t.due.isoformat(), None if t.every is None else t.every.total_seconds()]
+                for n, t in self._timers.items()
+            },
+            "open": [o.model_dump(mode="json") for o in self._open.values()],
+            "announced": sorted(self._announced & open_coids),
+            "amends": {c: n for c, n in self._amends.items() if c in open_coids},
+        }
+
+    def import_state(self, data: ContextState | Mapping[str, Any]) -> None:
+        """Restore what ``export_state`` returned (into a context that has tracked nothing yet)."""
+        self._seq = int(data["seq"])
+        self._id_epoch = str(data.get("id_epoch", ""))
+        for name, (due, every) in data["timers"].items():
+            self._timers[name] = Timer(
+                due=datetime.fromisoformat(due), every=None if every is None else timedelta(seconds=every)
+            )
+        for order in data["open"]:
+            self._track(Order.model_validate(order))
+        self._announced.update(data["announced"])
+        self._amends.update({c: int(n) for c, n in data["amends"].items()})
 
     # --- reads -----------------------------------------------------------------------------------
     def position(self, symbol: str) -> Position:

@@ -43,7 +43,7 @@ class ManualClock:
 
 
 @dataclass(slots=True)
-class _Timer:
+class Timer:
     due: datetime
     every: timedelta | None
 
@@ -60,7 +60,7 @@ class IntentingContext:
     _strategy: Strategy[Any] | None
     _seq: int
     _id_epoch: str = ""  # live: a per-incarnation namespace of intent ids (StrategyHost ``id_epoch``)
-    _timers: dict[str, _Timer]
+    _timers: dict[str, Timer]
     _pending: deque[Callable[[], None]]
 
     # --- StrategyContext: identity, clock, reads ---------------------------------------------------
@@ -104,6 +104,23 @@ class IntentingContext:
     def now(self) -> datetime:
         return self.clock.now
 
+    @property
+    def id_epoch(self) -> str:
+        """A per-incarnation namespace of this context's intent ids (live: ``StrategyHost.id_epoch``)."""
+        return self._id_epoch
+
+    @id_epoch.setter
+    def id_epoch(self, value: str) -> None:
+        self._id_epoch = value
+
+    def schedule(self, callback: Callable[[], None]) -> None:
+        """Queue a strategy callback; the driver runs the queue (never re-entrantly)."""
+        self._pending.append(callback)
+
+    def drop_scheduled(self) -> None:
+        """Forget every queued callback (an instance that stopped hears nothing more)."""
+        self._pending.clear()
+
     def instrument(self, symbol: str) -> Instrument:
         try:
             return self.venue.engine.instrument(symbol)
@@ -117,7 +134,7 @@ class IntentingContext:
         if every is not None and every <= timedelta(0):
             raise ValueError("every must be positive")
         due = at if at is not None else self.now() + every  # type: ignore[operator]
-        self._timers[name] = _Timer(due=due, every=every)
+        self._timers[name] = Timer(due=due, every=every)
 
     def cancel_timer(self, name: str) -> None:
         self._timers.pop(name, None)

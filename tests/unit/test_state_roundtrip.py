@@ -1,12 +1,12 @@
-"""Round trips of the public state of the risk engine and the portfolio (``export_state`` /
-``import_state``, what the live risk gate's restart snapshots are made of): whatever the history, the
-state survives JSON and a fresh object restored from it exports the same state, holds the same
-exposure and PnL, and decides the next intent the same way."""
+"""Round trips of the public state of the risk engine, the portfolio and the strategy context
+(``export_state`` / ``import_state``, what the live risk gate's and strategy host's restart snapshots are
+made of): whatever the history, the state survives JSON and a fresh object restored from it exports the
+same state, holds the same exposure, PnL and orders, and decides the next intent the same way."""
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -14,9 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meltica.config.settings import RiskLimits
-from meltica.domain import Balance, Fill, Instrument, OrderIntent, OrderType, Side
+from meltica.domain import Balance, Bar, Fill, Instrument, OrderIntent, OrderType, Side
+from meltica.live.config import StrategyInstanceConfig
+from meltica.live.strategy_host import LiveStrategyContext
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, RiskEngine
+from meltica.strategies import build_strategy, validate_params
 
 D = Decimal
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
@@ -185,3 +188,58 @@ def test_a_suspended_reservation_resumes_exactly() -> None:
     engine.resume(held)
     assert engine.is_reserved(coid)
     assert engine.export_state(ACCOUNT) == before
+
+
+# --- the strategy context ------------------------------------------------------------------------
+
+closes = st.lists(st.integers(min_value=-300, max_value=300), min_size=1, max_size=12)
+timers = st.dictionaries(
+    st.sampled_from(["rebalance", "heartbeat", "flush"]),
+    st.one_of(st.integers(1, 3600).map(lambda s: ("every", s)), st.integers(1, 3600).map(lambda s: ("at", s))),
+    max_size=3,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(moves=closes, timer_specs=timers, epoch=st.sampled_from(["", "e1", "7f3a"]))
+def test_strategy_context_state_round_trips(
+    moves: list[int], timer_specs: dict[str, tuple[str, int]], epoch: str
+) -> None:
+    config = StrategyInstanceConfig(
+        instance_id="grid-1",
+        strategy="grid",
+        params={"symbol": "BTC/USDT", "quantity": "0.01", "levels": 3},
+        account=ACCOUNT,
+        exchange=VENUE,
+        symbols=("BTC/USDT",),
+    )
+
+    def context() -> LiveStrategyContext:
+        ctx = LiveStrategyContext(config, {symbol: inst for (_, symbol), inst in instruments().items()})
+        ctx.attach(build_strategy(config.strategy, validate_params(config.strategy, config.params), ctx))
+        return ctx
+
+    ctx = context()
+    ctx.id_epoch = epoch
+    close = D(40000)
+    for i, move in enumerate(moves):
+        close += move
+        ctx.clock.now = T0 + timedelta(minutes=i + 1)
+        bar = Bar(exchange=VENUE, symbol="BTC/USDT", timeframe="1m", ts=T0 + timedelta(minutes=i),
+                  open=close, high=close + 10, low=close - 10, close=close, volume=D(5))  # fmt: skip
+        ctx.strategy.on_bar(bar)
+    for name, (kind, seconds) in timer_specs.items():
+        if kind == "every":
+            ctx.set_timer(name, every=timedelta(seconds=seconds))
+        else:
+            ctx.set_timer(name, at=T0 + timedelta(seconds=seconds))
+    state = ctx.export_state()
+
+    ctx2 = context()
+    ctx2.import_state(through_json(state))
+
+    assert ctx2.export_state() == state
+    assert ctx2.open_orders() == ctx.open_orders()
+    assert ctx2.id_epoch == epoch
+    # the next intent id continues the sequence, in the same namespace
+    assert ctx2.buy("BTC/USDT", D("0.01"), price=D(39000)) == ctx.buy("BTC/USDT", D("0.01"), price=D(39000))
