@@ -1,10 +1,12 @@
-"""Round trips of the public state of the risk engine, the portfolio and the strategy context
+"""Round trips of the public state of the risk engine, the portfolio, the strategy context and the OMS
 (``export_state`` / ``import_state``, what the live risk gate's and strategy host's restart snapshots are
 made of): whatever the history, the state survives JSON and a fresh object restored from it exports the
 same state, holds the same exposure, PnL and orders, and decides the next intent the same way."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -15,11 +17,13 @@ from hypothesis import strategies as st
 
 from meltica.config.settings import RiskLimits
 from meltica.domain import Balance, Bar, Fill, Instrument, OrderIntent, OrderType, Side
+from meltica.execution import MemoryOrderStore, OrderManager
 from meltica.live.config import StrategyInstanceConfig
 from meltica.live.strategy_host import LiveStrategyContext
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, RiskEngine
 from meltica.strategies import build_strategy, validate_params
+from tests.unit.test_oms_properties import History, NoVenue, histories, messages, pending_order
 
 D = Decimal
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
@@ -243,3 +247,38 @@ def test_strategy_context_state_round_trips(
     assert ctx2.id_epoch == epoch
     # the next intent id continues the sequence, in the same namespace
     assert ctx2.buy("BTC/USDT", D("0.01"), price=D(39000)) == ctx.buy("BTC/USDT", D("0.01"), price=D(39000))
+
+
+# --- the OMS ---------------------------------------------------------------------------------------
+
+
+async def _oms_round_trip(n: int, history: History, prefix: list[int]) -> None:
+    store = MemoryOrderStore()
+    oms = OrderManager(store, {"a": NoVenue()}, clock=lambda: T0)
+    coid = pending_order(store, n).client_order_id
+    msgs = messages(coid, history)
+    for index in prefix:
+        await oms.on_user_event(msgs[index % len(msgs)], account="a")
+    state = oms.export_state()
+
+    store2 = copy.deepcopy(store)  # the same stored rows, as a restarted process finds them
+    oms2 = OrderManager(store2, {"a": NoVenue()}, clock=lambda: T0)
+    oms2.import_state(through_json(state))
+    assert oms2.export_state() == state
+    assert oms2.order(coid) == oms.order(coid)
+    # the rest of the venue's messages lead both to the same order and the same rows
+    for msg in msgs:
+        await oms.on_user_event(msg, account="a")
+        await oms2.on_user_event(msg, account="a")
+        assert oms2.order(coid) == oms.order(coid)
+    assert oms2.export_state() == oms.export_state()
+    assert store2.events_of(coid) == store.events_of(coid)
+
+
+@settings(max_examples=150, deadline=None)
+@given(history=histories(), prefix=st.lists(st.integers(0, 50), max_size=20))
+def test_oms_state_round_trips(history: History, prefix: list[int]) -> None:
+    asyncio.run(_oms_round_trip(next(_oms_counter), history, prefix))
+
+
+_oms_counter = iter(range(10**9))
