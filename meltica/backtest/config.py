@@ -137,10 +137,10 @@ class BacktestConfig(BaseModel):
             raise ConfigurationError(
                 f"invalid backtest configuration: {problems}", field=field, source="backtest"
             ) from None
-        config._refuse_impossible_quantity(config.validated_params())
+        config.refuse_impossible_quantity(config.validated_params())
         return config
 
-    def _refuse_impossible_quantity(self, params: BaseModel) -> None:
+    def refuse_impossible_quantity(self, params: BaseModel) -> None:
         """A ``quantity`` parameter below the market's lot size makes every order invalid: refused up front."""
         quantity = getattr(params, "quantity", None)
         if not isinstance(quantity, Decimal):

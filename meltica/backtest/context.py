@@ -489,7 +489,7 @@ class BacktestContext(OrderTrackingContext):
         self.adapter.pump = self.pump
         self._stream: asyncio.Queue[UserEvent] = asyncio.Queue()
         # The venue's private stream, consumed synchronously (see StreamingPaperAdapter).
-        self.venue._user_queues[account].append(self._stream)
+        self.venue.user_queues[account].append(self._stream)
         quote = valuation_currency or (markets[0].quote if markets else None)
         portfolio = Portfolio(clock=clock, valuation_currency=quote)
         by_key = {(i.exchange if i.exchange == exchange_id else exchange_id, i.symbol): i for i in markets}

@@ -168,7 +168,7 @@ class EmulatorServer:
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await self._site.start()
-        server = self._site._server  # aiohttp keeps the asyncio server private
+        server = self._site._server  # noqa: SLF001 - aiohttp keeps the asyncio server (its bound port) private
         sockets = getattr(server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else self.config.port
         loop = asyncio.get_running_loop()
@@ -308,7 +308,7 @@ class EmulatorServer:
             return
         if isinstance(event, PathTradeEvent):
             # a bar's path as public trades (real time): resting orders fill as the price passes them
-            trade_id = self.engine._market(symbol).next_trade_id()  # one id sequence with the engine's fills
+            trade_id = self.engine.next_trade_id(symbol)  # one id sequence with the engine's fills
             if event.bar_volume is not None:
                 self._depth_from_volume(symbol, event.bar_volume)
             result = self.engine.on_trade(symbol, event.price, event.quantity)
@@ -447,8 +447,7 @@ class EmulatorServer:
         for point in bar_path(bar):
             # one id sequence with the engine's fills, except in lock-step: there the engine's fill ids must
             # stay those of the paper venue it equals
-            engine_ids = self.engine._market(symbol)
-            trade_id = next(self._driven_print_ids) if self._driven else engine_ids.next_trade_id()
+            trade_id = next(self._driven_print_ids) if self._driven else self.engine.next_trade_id(symbol)
             at_ms = utc_to_ms(point.ts)
             self._publish_public_trade(
                 symbol, MarketTrade(trade_id, point.price, point.quantity, at_ms, point.buyer_maker)

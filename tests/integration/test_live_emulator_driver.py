@@ -219,7 +219,7 @@ class PaperLockStep:
             self.venue.deposit(ACCOUNT, asset, amount)
         self._adapter = PaperAdapter(self.venue, ACCOUNT)
         self._queue: asyncio.Queue[UserEvent] = asyncio.Queue()
-        self.venue._user_queues[ACCOUNT].append(self._queue)  # the private stream, drained in settle()
+        self.venue.user_queues[ACCOUNT].append(self._queue)  # the private stream, drained in settle()
         self.on_user_event: Callable[[UserEvent], Awaitable[Any]] | None = None
 
     @property
