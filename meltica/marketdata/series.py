@@ -1,4 +1,5 @@
-"""Market data for a backtest: bars from a candle file, the database or columnar arrays, validated once.
+"""Market-data series for a backtest, a paper replay or the live lock-step mode: bars from a candle file,
+the database or columnar arrays, validated once; trades and order-book updates from recorded files.
 
 The engine walks ``BarSeries`` (columns of ``Decimal`` prices and aware-UTC open times) and builds each
 domain ``Bar`` with ``fast_bar`` — no per-bar pydantic validation, because the whole series was checked
