@@ -11,9 +11,11 @@ demo: bootstrap
 
 test: bootstrap lint typecheck pytest
 
+# lint-imports: the layer contracts of meltica/ ([tool.importlinter] in pyproject.toml, drawn in meltica/LAYERS.md).
 lint: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
+	$(VENV)/lint-imports
 
 typecheck: bootstrap
 	$(VENV)/mypy

@@ -197,9 +197,9 @@ def delete_bench_topics(bootstrap: str) -> None:
     the next run's latency. ``MELTICA_BENCH_KEEP_TOPICS=1`` keeps them."""
     if not _PREFIXES or os.environ.get("MELTICA_BENCH_KEEP_TOPICS") == "1":
         return
-    from meltica.messaging.admin import _admin
+    from meltica.messaging.admin import admin_client
 
-    admin = _admin(bootstrap, 30_000)
+    admin = admin_client(bootstrap, 30_000)
     try:
         names = [t for t in admin.list_topics() if t.startswith(tuple(_PREFIXES))]
         for start in range(0, len(names), 200):

@@ -2,7 +2,7 @@
 
 Measured in one run, on the same update stream, for:
 
-* Meltica ``L2Book`` (``meltica.marketdata.orderbook``): string levels in, ``Decimal`` best prices out
+* Meltica ``L2Book`` (``meltica.domain.orderbook``): string levels in, ``Decimal`` best prices out
   (the public API), and the float hot path (``best_*_price_float``);
 * ccxt's ``OrderBook`` (``ccxt.async_support.base.ws.order_book``), what ``watch_order_book`` users
   get: ``side.store(float(price), float(qty))`` as ccxt's binance handler does, then ``[0][0]`` reads;
@@ -63,7 +63,7 @@ def bench_meltica(
     stream: tuple[list[tuple[str, str]], list[tuple[str, str]], list[Update]], repeat: int
 ) -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
-    from meltica.marketdata.orderbook import L2Book
+    from meltica.domain.orderbook import L2Book
 
     bids, asks, updates = stream
 

@@ -46,7 +46,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import config_file_of, embedded_png, embedded_png_bytes, scrub_secrets_in_logs
 from flows._retry import meltica_task
 from meltica.backtest.config import BacktestConfig
-from meltica.backtest.data import BarSeries
 from meltica.backtest.engine import run_backtest
 from meltica.backtest.metrics import Metrics
 from meltica.backtest.optimize import LOWER_IS_BETTER, METRIC_NAMES, SweepRun, grid, rank_runs
@@ -55,6 +54,7 @@ from meltica.backtest.results import BacktestResult, detect_code_version, jsonab
 from meltica.config import load_settings
 from meltica.errors import ConfigurationError, DataValidationError
 from meltica.infra.postgres import database_url
+from meltica.marketdata.series import BarSeries
 from meltica.reporting.stored import read_report_file, report_file_names, report_url, store_report_directory
 from meltica.storage.engine import make_engine
 from meltica.storage.tables import backtest_runs

@@ -404,7 +404,7 @@ class BatchLanes:
             source = _ChangelogSource(message)
             token = _current_event.set(weakref.ref(source))  # type: ignore[arg-type]
             try:
-                agent._store(partitions, key)
+                agent.store_state(partitions, key)
             finally:
                 _current_event.reset(token)
 

@@ -255,7 +255,7 @@ class ProcessorAgent:
         incoming = incoming_of(message, logical, model)
         await self.handle_incoming(incoming, physical, message.headers, _where(event))
         if incoming.key is not None:
-            self._store(self.partitions_of[physical], incoming.key)
+            self.store_state(self.partitions_of[physical], incoming.key)
 
     def span_attributes(self, incoming: Incoming, physical: str) -> dict[str, Any]:
         """The attributes of the span around ``processor.handle`` (also the batch lanes')."""
@@ -282,7 +282,8 @@ class ProcessorAgent:
             await self.runtime.send_all(outputs, self.stats)
         self.stats.handled(logical, time.perf_counter() - started)
 
-    def _store(self, partitions: int, key: str) -> None:
+    def store_state(self, partitions: int, key: str) -> None:
+        """Write the processor's snapshot of ``key`` to its changelog-backed table (lanes call it too)."""
         table = self.tables[partitions]
         raw_key = key.encode()
         new = _state_json(self.processor.snapshot(key))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from meltica.adapters.base import ExchangeAdapter
+from meltica.adapters.local_venue import CCXT_OPTIONS, ccxt_urls_for
 from meltica.adapters.registry import PAPER, create_adapter
 from meltica.config.settings import AccountConfig, MelticaSettings
 from meltica.errors import ConfigurationError
@@ -68,8 +69,6 @@ def adapter_for_account(
     urls: dict[str, Any] | None = None
     options: dict[str, Any] | None = None
     if account.emulator_url is not None:
-        from meltica.emulator import CCXT_OPTIONS, ccxt_urls_for
-
         urls = {"api": ccxt_urls_for(account.emulator_url)}
         options = dict(CCXT_OPTIONS)
     return create_adapter(

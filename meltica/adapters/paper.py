@@ -206,12 +206,14 @@ class PaperVenue:
         for instrument in instruments:
             self._instruments[instrument.symbol] = instrument
             self.engine.add_instrument(instrument, instrument.symbol)
-        self._user_queues: dict[str, list[asyncio.Queue[UserEvent]]] = defaultdict(list)
-        self._trade_queues: dict[str, list[asyncio.Queue[Trade]]] = defaultdict(list)
-        self._book_queues: dict[str, list[asyncio.Queue[OrderBookSnapshot]]] = defaultdict(list)
-        self._bar_queues: dict[tuple[str, str], list[asyncio.Queue[Bar]]] = defaultdict(list)
-        self._public_trades: dict[str, list[Trade]] = defaultdict(list)
-        self._bars: dict[tuple[str, str], list[Bar]] = defaultdict(list)
+        # Subscribers (``PaperAdapter.stream_*`` and the simulated drivers append their queues here, and
+        # remove them when done) and the market data the venue has seen (``fetch_trades`` / ``fetch_ohlcv``).
+        self.user_queues: dict[str, list[asyncio.Queue[UserEvent]]] = defaultdict(list)
+        self.trade_queues: dict[str, list[asyncio.Queue[Trade]]] = defaultdict(list)
+        self.book_queues: dict[str, list[asyncio.Queue[OrderBookSnapshot]]] = defaultdict(list)
+        self.bar_queues: dict[tuple[str, str], list[asyncio.Queue[Bar]]] = defaultdict(list)
+        self.public_trades: dict[str, list[Trade]] = defaultdict(list)
+        self.bars: dict[tuple[str, str], list[Bar]] = defaultdict(list)
         self._trade_seq = itertools.count(1)
 
     @property
@@ -238,8 +240,8 @@ class PaperVenue:
 
     def on_bar(self, bar: Bar) -> MatchResult:
         result = self.engine.on_bar(bar.symbol, bar.open, bar.high, bar.low, bar.close, bar.volume)
-        self._bars[(bar.symbol, bar.timeframe)].append(bar)
-        for queue in self._bar_queues[(bar.symbol, bar.timeframe)]:
+        self.bars[(bar.symbol, bar.timeframe)].append(bar)
+        for queue in self.bar_queues[(bar.symbol, bar.timeframe)]:
             queue.put_nowait(bar)
         self.dispatch(result)
         return result
@@ -301,18 +303,18 @@ class PaperVenue:
             )
         touched = {u.order.symbol for u in result.order_updates}
         for symbol in touched:
-            if self._book_queues.get(symbol):
+            if self.book_queues.get(symbol):
                 snapshot = self.book_snapshot(symbol)
-                for queue in self._book_queues[symbol]:
+                for queue in self.book_queues[symbol]:
                     queue.put_nowait(snapshot)
 
     def _publish_user(self, account: str, event: UserEvent) -> None:
-        for queue in self._user_queues[account]:
+        for queue in self.user_queues[account]:
             queue.put_nowait(event)
 
     def _record_trade(self, trade: Trade) -> None:
-        self._public_trades[trade.symbol].append(trade)
-        for queue in self._trade_queues[trade.symbol]:
+        self.public_trades[trade.symbol].append(trade)
+        for queue in self.trade_queues[trade.symbol]:
             queue.put_nowait(trade)
 
     def book_snapshot(self, symbol: str, depth: int | None = None) -> OrderBookSnapshot:
@@ -379,42 +381,42 @@ class PaperAdapter:
         return self._venue.book_snapshot(symbol, limit)
 
     async def fetch_trades(self, symbol: str, since: datetime | None = None, limit: int | None = None) -> list[Trade]:
-        trades = [t for t in self._venue._public_trades[symbol] if since is None or t.ts >= since]
+        trades = [t for t in self._venue.public_trades[symbol] if since is None or t.ts >= since]
         return trades[-limit:] if limit else trades
 
     async def fetch_ohlcv(
         self, symbol: str, timeframe: str, since: datetime | None = None, limit: int | None = None
     ) -> list[Bar]:
-        bars = [b for b in self._venue._bars[(symbol, timeframe)] if since is None or b.ts >= since]
+        bars = [b for b in self._venue.bars[(symbol, timeframe)] if since is None or b.ts >= since]
         return bars[:limit] if limit else bars
 
     async def stream_trades(self, symbol: str) -> AsyncIterator[Trade]:
         queue: asyncio.Queue[Trade] = asyncio.Queue()
-        self._venue._trade_queues[symbol].append(queue)
+        self._venue.trade_queues[symbol].append(queue)
         try:
             while True:
                 yield await queue.get()
         finally:
-            self._venue._trade_queues[symbol].remove(queue)
+            self._venue.trade_queues[symbol].remove(queue)
 
     async def stream_order_book(self, symbol: str, depth: int | None = None) -> AsyncIterator[OrderBookSnapshot]:
         queue: asyncio.Queue[OrderBookSnapshot] = asyncio.Queue()
-        self._venue._book_queues[symbol].append(queue)
+        self._venue.book_queues[symbol].append(queue)
         try:
             yield self._venue.book_snapshot(symbol, depth)
             while True:
                 yield await queue.get()
         finally:
-            self._venue._book_queues[symbol].remove(queue)
+            self._venue.book_queues[symbol].remove(queue)
 
     async def stream_bars(self, symbol: str, timeframe: str) -> AsyncIterator[Bar]:
         queue: asyncio.Queue[Bar] = asyncio.Queue()
-        self._venue._bar_queues[(symbol, timeframe)].append(queue)
+        self._venue.bar_queues[(symbol, timeframe)].append(queue)
         try:
             while True:
                 yield await queue.get()
         finally:
-            self._venue._bar_queues[(symbol, timeframe)].remove(queue)
+            self._venue.bar_queues[(symbol, timeframe)].remove(queue)
 
     # --- orders and account -----------------------------------------------------------------
 
@@ -528,9 +530,9 @@ class PaperAdapter:
 
     async def stream_user_events(self) -> AsyncIterator[UserEvent]:
         queue: asyncio.Queue[UserEvent] = asyncio.Queue()
-        self._venue._user_queues[self._account].append(queue)
+        self._venue.user_queues[self._account].append(queue)
         try:
             while True:
                 yield await queue.get()
         finally:
-            self._venue._user_queues[self._account].remove(queue)
+            self._venue.user_queues[self._account].remove(queue)

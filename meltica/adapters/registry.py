@@ -19,6 +19,7 @@ PAPER = "paper"
 
 
 def _ccxt_class(exchange_id: str) -> Any:
+    # lazy: ccxt takes about a second to import; only a ccxt venue needs it
     import ccxt.async_support as ccxt_async
     import ccxt.pro as ccxt_pro
 
@@ -77,6 +78,7 @@ def create_adapter(
         adapter: ExchangeAdapter = paper_cls(account=account, **adapter_kwargs)
         return adapter
 
+    # lazy: ccxt takes about a second to import; only a ccxt venue needs it
     from meltica.adapters.ccxt import CcxtAdapter
 
     cls = _ccxt_class(exchange_id)

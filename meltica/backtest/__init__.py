@@ -2,11 +2,11 @@
 
 from meltica.backtest.config import BacktestConfig, default_instrument
 from meltica.backtest.context import BacktestContext
-from meltica.backtest.data import BarSeries
 from meltica.backtest.engine import run_backtest
 from meltica.backtest.metrics import Metrics, RoundTrip, compute_metrics, round_trips_from_fills
 from meltica.backtest.report import write_report
 from meltica.backtest.results import BacktestResult, EquityPoint, OrderRecord, detect_code_version
+from meltica.marketdata.series import BarSeries
 
 __all__ = [
     "BacktestConfig",

@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from meltica.domain import Instrument, MarketType
+from meltica.domain import Instrument, MarketType, Timeframe
 from meltica.errors import ConfigurationError
 from meltica.matching import FeeSchedule, FillModel
 from meltica.risk import RiskConfig
+from meltica.strategies import get_strategy, validate_params
 
 _BPS = Decimal(10_000)
 _ZERO = Decimal(0)
@@ -98,8 +99,6 @@ class BacktestConfig(BaseModel):
     @field_validator("timeframe")
     @classmethod
     def _timeframe(cls, value: str) -> str:
-        from meltica.domain import Timeframe
-
         Timeframe.parse(value)
         return value
 
@@ -138,10 +137,10 @@ class BacktestConfig(BaseModel):
             raise ConfigurationError(
                 f"invalid backtest configuration: {problems}", field=field, source="backtest"
             ) from None
-        config._refuse_impossible_quantity(config.validated_params())
+        config.refuse_impossible_quantity(config.validated_params())
         return config
 
-    def _refuse_impossible_quantity(self, params: BaseModel) -> None:
+    def refuse_impossible_quantity(self, params: BaseModel) -> None:
         """A ``quantity`` parameter below the market's lot size makes every order invalid: refused up front."""
         quantity = getattr(params, "quantity", None)
         if not isinstance(quantity, Decimal):
@@ -159,8 +158,6 @@ class BacktestConfig(BaseModel):
 
     def validated_params(self) -> BaseModel:
         """The strategy's parameters checked against its model (registered strategies only)."""
-        from meltica.strategies import validate_params
-
         try:
             return validate_params(self.strategy, self.params)
         except ConfigurationError as exc:
@@ -173,7 +170,6 @@ class BacktestConfig(BaseModel):
     def strategy_instance(self) -> str:
         if self.instance_id or ":" not in self.strategy:
             return self.instance_id or self.strategy
-        from meltica.strategies import get_strategy
 
         # the registered name of a ``file.py:Class`` reference: instance ids carry no ':' or path
         return get_strategy(self.strategy).name
@@ -250,7 +246,6 @@ def _bind_symbol(strategy: Any, params: Mapping[str, Any], symbol: Any) -> dict[
     bound = dict(params)
     if not isinstance(strategy, str) or not isinstance(symbol, str):
         return bound
-    from meltica.strategies import get_strategy
 
     try:
         fields = get_strategy(strategy).Params.model_fields

@@ -7,7 +7,7 @@ the one the emulator and paper trading use. Only the clock (a ``ManualClock``) a
 user stream is delivered differ from live: the stream is pumped synchronously into the OMS right after
 every venue call (``_StreamingAdapter``), which is one of the interleavings live allows.
 
-No look-ahead (the rule ``meltica.strategies.simulation.PaperContext`` keeps too): every request a
+No look-ahead (the rule ``meltica.backtest.simulation.PaperContext`` keeps too): every request a
 callback makes (submit, cancel, amend, order list) is held with an *arrival time* ``decision time +
 latency`` and delivered, in the order made, just before the first market-data item that starts at or
 after its arrival — for bars, at the open of that bar: the clock moves to the bar's open time, the open
@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from meltica.adapters.base import UserEvent, VenueOrder
 from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue
+from meltica.backtest.intents import END_OF_DATA, IntentingContext, ManualClock, Timer
 from meltica.domain import (
     Bar,
     Fill,
@@ -63,8 +64,6 @@ from meltica.matching import FeeSchedule, FillModel
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, RiskConfig, RiskEngine
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
-from meltica.strategies.intents import IntentingContext, ManualClock
-from meltica.strategies.simulation import END_OF_DATA
 
 _ZERO = Decimal(0)
 
@@ -287,6 +286,18 @@ class Wiring:
     instruments: dict[str, Instrument] = field(default_factory=dict)
 
 
+class ContextState(TypedDict):
+    """A simulated strategy context's own state (``OrderTrackingContext.export_state``): timers as
+    ``[due ISO time, every in seconds or None]``, open orders as JSON ``Order``s."""
+
+    seq: int
+    id_epoch: str
+    timers: dict[str, list[Any]]
+    open: list[dict[str, Any]]
+    announced: list[str]
+    amends: dict[str, int]
+
+
 class OrderTrackingContext(IntentingContext):
     """The strategy half of a simulated context: what the strategy sees of its orders.
 
@@ -320,6 +331,36 @@ class OrderTrackingContext(IntentingContext):
         self.fills = []
         self.rejections = []
         self.fills_changed = False  # set on every fill; the engine clears it after re-reading balances
+
+    # --- state for restarts (the live strategy host's snapshots) ----------------------------------
+    def export_state(self) -> ContextState:
+        """The context's own state, JSON-ready: intent sequence and id epoch, timers, open orders, which of
+        them the strategy heard of, and their amendment counts."""
+        open_coids = set(self._open)
+        return {
+            "seq": self._seq,
+            "id_epoch": self._id_epoch,
+            "timers": {
+                n: [t.due.isoformat(), None if t.every is None else t.every.total_seconds()]
+                for n, t in self._timers.items()
+            },
+            "open": [o.model_dump(mode="json") for o in self._open.values()],
+            "announced": sorted(self._announced & open_coids),
+            "amends": {c: n for c, n in self._amends.items() if c in open_coids},
+        }
+
+    def import_state(self, data: ContextState | Mapping[str, Any]) -> None:
+        """Restore what ``export_state`` returned (into a context that has tracked nothing yet)."""
+        self._seq = int(data["seq"])
+        self._id_epoch = str(data.get("id_epoch", ""))
+        for name, (due, every) in data["timers"].items():
+            self._timers[name] = Timer(
+                due=datetime.fromisoformat(due), every=None if every is None else timedelta(seconds=every)
+            )
+        for order in data["open"]:
+            self._track(Order.model_validate(order))
+        self._announced.update(data["announced"])
+        self._amends.update({c: int(n) for c, n in data["amends"].items()})
 
     # --- reads -----------------------------------------------------------------------------------
     def position(self, symbol: str) -> Position:
@@ -448,7 +489,7 @@ class BacktestContext(OrderTrackingContext):
         self.adapter.pump = self.pump
         self._stream: asyncio.Queue[UserEvent] = asyncio.Queue()
         # The venue's private stream, consumed synchronously (see StreamingPaperAdapter).
-        self.venue._user_queues[account].append(self._stream)
+        self.venue.user_queues[account].append(self._stream)
         quote = valuation_currency or (markets[0].quote if markets else None)
         portfolio = Portfolio(clock=clock, valuation_currency=quote)
         by_key = {(i.exchange if i.exchange == exchange_id else exchange_id, i.symbol): i for i in markets}

@@ -65,10 +65,11 @@ from pydantic import BaseModel
 
 from meltica.backtest.config import BacktestConfig
 from meltica.backtest.context import BacktestContext
-from meltica.backtest.data import _BAR_FIELDS, BarSeries, BookSeries, TradeSeries, fast_bar
 from meltica.backtest.results import BacktestResult, EquityPoint
 from meltica.domain import Bar, Trade
 from meltica.errors import ConfigurationError, DataValidationError
+from meltica.infra.postgres import database_engine
+from meltica.marketdata.series import _BAR_FIELDS, BarSeries, BookSeries, TradeSeries, fast_bar
 from meltica.strategies import Strategy, build_strategy
 
 _ZERO = Decimal(0)
@@ -88,8 +89,6 @@ def load_bars(config: BacktestConfig, bars: BarsInput | None = None, *, database
     """The run's bars: ``bars`` as given, else the database's candles for the config's market and range."""
     if bars is None:
         if database is None:
-            from meltica.cli._common import database_engine
-
             database = database_engine()
         return BarSeries.from_database(
             database,

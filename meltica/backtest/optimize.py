@@ -30,6 +30,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from decimal import Decimal
@@ -38,10 +39,13 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine
 
+from meltica.backtest.config import BacktestConfig
+from meltica.backtest.engine import run_backtest
 from meltica.backtest.metrics import Metrics
 from meltica.backtest.results import BacktestResult, jsonable
 from meltica.backtest.vector import Bars, EmaCache, Mode, SimConfig, VectorRun, ema_cross, load_bars, run_to_result
 from meltica.errors import ConfigurationError
+from meltica.strategies import param_space, validate_params
 
 Params = dict[str, Any]
 Evaluate = Callable[[Mapping[str, Any]], Any]
@@ -80,7 +84,6 @@ def _validator(strategy: str | None, base: Mapping[str, Any]) -> Callable[[Param
     def check(candidate: Params) -> str | None:
         if strategy is None:
             return None
-        from meltica.strategies import validate_params
 
         try:
             validate_params(strategy, {**base, **candidate})
@@ -140,8 +143,6 @@ def random_search(
     bounds are finite on both sides. Integers are drawn from ``low..high``, floats and decimals uniformly
     (decimals rounded to 8 places). Draws failing the model are skipped and counted; sampling stops
     after ``max_attempts`` draws (default ``20 × n``)."""
-    from meltica.strategies import param_space
-
     specs = param_space(strategy)
     bounds: dict[str, tuple[str, float, float]] = {}
     chosen = ranges if ranges is not None else {}
@@ -296,9 +297,6 @@ class EngineEvaluator:
     stop: int | None = None
 
     def __call__(self, params: Mapping[str, Any]) -> BacktestResult:
-        from meltica.backtest.config import BacktestConfig
-        from meltica.backtest.engine import run_backtest
-
         bars = shared_bars(self.data, self.start, self.stop)
         cfg = BacktestConfig.create(dict(self.config), params={**self.base_params, **params})
         return run_backtest(cfg, bars.as_mapping())
@@ -558,8 +556,6 @@ def run_sweep(
             if progress is not None:
                 progress(len(done), len(tasks))
     else:
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         method = mp_context or ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
         ctx = multiprocessing.get_context(method)
         if method == "forkserver":

@@ -119,6 +119,7 @@ def write_report(
 
 
 def _new_figure(height: float = 4.2, rows: int = 1, ratios: Sequence[float] | None = None) -> tuple[Figure, list[Axes]]:
+    # lazy: matplotlib / plotly take about a second to import; only writing a report needs them
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, height), layout="constrained")
@@ -332,6 +333,7 @@ def interactive_charts(result: BacktestResult, *, prices: Mapping[str, PriceSeri
     """The report's charts as one plotly figure (an HTML ``<div>`` with plotly.js inlined): equity,
     drawdown, and per symbol the price with trade markers (hover: the round trip) and the net position,
     all on one time axis so zooming or panning one pans all."""
+    # lazy: matplotlib / plotly take about a second to import; only writing a report needs them
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 

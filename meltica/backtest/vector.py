@@ -47,7 +47,11 @@ import numpy as np
 import numpy.typing as npt
 
 from meltica.backtest.metrics import SECONDS_PER_YEAR, Metrics
+from meltica.backtest.results import BacktestResult, EquityPoint
+from meltica.domain import Fill, Side
 from meltica.errors import DataValidationError
+from meltica.marketdata.candle_files import read_candle_file
+from meltica.strategies.indicators import EMA
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -159,7 +163,6 @@ def load_bars(path: str | Path, timeframe: str | None = None) -> Bars:
     if [s.lower() for s in p.suffixes][-1:] == [".npz"]:
         with np.load(p) as z:
             return Bars.from_mapping({k: z[k] for k in z.files})
-    from meltica.marketdata.candle_files import read_candle_file
 
     parsed = read_candle_file(p, timeframe)
     rows = parsed.rows
@@ -193,6 +196,7 @@ def ema_exact(values: FloatArray, span: int) -> FloatArray:
 
 def ema_fast(values: FloatArray, span: int) -> FloatArray:
     """The same EMA through pandas' compiled ``ewm(span, adjust=False)`` (differs by float rounding)."""
+    # lazy: pandas takes about a second to import; only this reference EMA uses it
     import pandas as pd
 
     result: FloatArray = pd.Series(values, copy=False).ewm(span=span, adjust=False).mean().to_numpy(np.float64)
@@ -588,8 +592,6 @@ def reference_loop(
 ) -> tuple[list[tuple[int, float, float]], float]:
     """The model as a plain bar loop with the streaming indicators: (fills as (bar, qty, price), final
     equity). The yardstick the vectorised path is tested against."""
-    from meltica.strategies.indicators import EMA
-
     cfg = cfg or SimConfig()
     ef, es = EMA(fast), EMA(slow)
     signal = 0
@@ -636,9 +638,6 @@ def run_to_result(
 ) -> Any:
     """A ``BacktestResult`` (fills, equity curve, round trips, ``compute_metrics``) for one vectorised run;
     the run must have been made with ``keep_equity=True``. Used to store the runs a sweep keeps."""
-    from meltica.backtest.results import BacktestResult, EquityPoint
-    from meltica.domain import Fill, Side
-
     if run.equity is None:
         raise ValueError("run_to_result needs a run made with keep_equity=True")
     cfg = cfg or SimConfig()

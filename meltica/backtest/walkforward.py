@@ -31,8 +31,18 @@ from typing import Any, Literal
 import numpy as np
 
 from meltica.backtest.metrics import Metrics, RoundTrip, compute_metrics
+from meltica.backtest.optimize import EngineEvaluator, run_sweep, shared_bars
 from meltica.backtest.results import BacktestResult
-from meltica.backtest.vector import Bars, VectorRun, datetime_to_ns, ns_to_datetime, run_to_result
+from meltica.backtest.vector import (
+    Bars,
+    SimConfig,
+    VectorRun,
+    datetime_to_ns,
+    ema_cross,
+    ema_cross_sweep,
+    ns_to_datetime,
+    run_to_result,
+)
 from meltica.errors import ConfigurationError
 
 Span = int | timedelta
@@ -225,8 +235,6 @@ def vector_optimiser(
 ) -> Optimise:
     """An ``optimise`` for the vectorised EMA crossover: the best (fast, slow) of ``pairs`` on the
     in-sample bars by ``objective`` (ties: first in ``pairs``). ``sim``: ``SimConfig`` fields."""
-    from meltica.backtest.vector import SimConfig, ema_cross_sweep
-
     cfg = SimConfig(**sim)
 
     def optimise(is_bars: Bars) -> Mapping[str, Any]:
@@ -249,8 +257,6 @@ def vector_optimiser(
 def vector_evaluator(*, warmup: int = 0, **sim: Any) -> Evaluate:
     """An ``evaluate`` for the vectorised EMA crossover that trades only after ``warmup`` leading bars
     (pass the same ``warmup`` to ``walk_forward``)."""
-    from meltica.backtest.vector import SimConfig, ema_cross
-
     cfg = SimConfig(**sim)
 
     def evaluate(oos_bars: Bars, params: Mapping[str, Any]) -> VectorRun:
@@ -276,8 +282,6 @@ def engine_walk_forward_functions(
     ``objective`` is run on the out-of-sample window — exactly what ``meltica backtest`` gives on those
     bars with that set (use ``warmup=0``: the strategy warms up inside the window, as it would live).
     ``data``: the bars file the whole walk-forward reads; ``config``: ``BacktestConfig`` fields."""
-    from meltica.backtest.optimize import EngineEvaluator, run_sweep, shared_bars
-
     full = shared_bars(data)
     sets = [dict(p) for p in param_sets]
 

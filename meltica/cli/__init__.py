@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import typer
 
 from meltica.cli import (
@@ -23,6 +26,10 @@ from meltica.cli import (
     strategies_cmd,
     streams_cmd,
 )
+from meltica.config import load_settings
+from meltica.errors import MelticaError
+from meltica.secrets import install_log_redaction
+from meltica.secrets.redaction import print_exception_redacted
 
 app = typer.Typer(
     name="meltica",
@@ -85,12 +92,6 @@ def configure_logging() -> str:
     (``MELTICA_LOG_LEVEL`` overrides the file), other libraries' at WARNING. When the configuration
     cannot be loaded the command reports that itself; ``MELTICA_LOG_LEVEL`` (else INFO) applies meanwhile.
     Returns the level applied."""
-    import logging
-    import os
-
-    from meltica.config import load_settings
-    from meltica.errors import MelticaError
-
     try:
         level: str = load_settings().log_level
     except MelticaError:
@@ -107,9 +108,6 @@ def configure_logging() -> str:
 
 
 def main() -> None:
-    from meltica.secrets import install_log_redaction
-    from meltica.secrets.redaction import print_exception_redacted
-
     configure_logging()
     # Secrets resolved anywhere in this process are scrubbed from every log record (messages,
     # arguments, tracebacks) before a handler sees them (installed after the handler exists).

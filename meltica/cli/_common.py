@@ -13,6 +13,10 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from meltica.errors import ConfigurationError, DataValidationError, MelticaError
+from meltica.infra.postgres import database_engine as database_engine
+from meltica.infra.postgres import ensure_schema_at_head
+from meltica.infra.postgres import migration_engine as migration_engine
+from meltica.storage.errors import server_reason
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -51,8 +55,6 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
         except DBAPIError as exc:
             # Anything else the server refused (a missing table, a permission): its first line, never the
             # statement or its parameters.
-            from meltica.storage.errors import server_reason
-
             err_console.print(
                 f"[bold red]error:[/] the database refused the request: {server_reason(exc)}",
                 highlight=False,
@@ -63,30 +65,11 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def database_engine() -> Engine:
-    """The runtime role's engine for the configured database (see :func:`meltica.infra.postgres.database_url`)."""
-    from meltica.infra.postgres import database_url
-    from meltica.storage.engine import make_engine
-
-    return make_engine(database_url())
-
-
-def migration_engine() -> Engine:
-    """The owner (migration) role's engine, for ``meltica db`` (see
-    :func:`meltica.infra.postgres.migration_database_url`)."""
-    from meltica.infra.postgres import migration_database_url
-    from meltica.storage.engine import make_engine
-
-    return make_engine(migration_database_url())
+def is_interactive() -> bool:
+    return sys.stderr.isatty()
 
 
 def schema_at_head(engine: Engine, *, migrate_through_engine: bool = False) -> None:
     """Before a runtime command uses the database: refused in staging/prod unless at head, else migrated
     (dev, paper) as the owner role (see :func:`meltica.infra.postgres.ensure_schema_at_head`)."""
-    from meltica.infra.postgres import ensure_schema_at_head
-
     ensure_schema_at_head(engine, migrate_through_engine=migrate_through_engine)
-
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()

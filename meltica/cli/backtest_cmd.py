@@ -1,5 +1,7 @@
 """`meltica backtest`: run one strategy over recorded bars, print the summary, write the results."""
 
+# lazy imports: a command loads backtest/live/messaging/kafka/numpy when it runs, so `meltica --help` starts fast
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +18,7 @@ from rich.table import Table
 
 from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
 from meltica.errors import ConfigurationError
-from meltica.marketdata.candle_files import FORMAT_HELP
+from meltica.marketdata.candle_files import FORMAT_HELP, parse_time
 
 BACKTEST_EPILOG = (
     "The summary, metrics.json and report.html show rejected orders by reason, the effective parameters "
@@ -46,7 +48,6 @@ def parse_param(item: str) -> tuple[str, Any]:
 def _parse_time(value: str | None, name: str) -> datetime | None:
     if value is None:
         return None
-    from meltica.marketdata.candle_files import parse_time
 
     try:
         return parse_time(value)
@@ -107,8 +108,8 @@ def backtest(
     (--trades) and L2 book (--book-snapshot [--book-updates]); write results into --output
     (``BACKTEST_EPILOG`` says what they show)."""
     from meltica.backtest import BacktestConfig, BarSeries, run_backtest, write_report
-    from meltica.backtest.data import BookSeries, TradeSeries
     from meltica.backtest.provenance import file_sha256, series_sha256
+    from meltica.marketdata.series import BookSeries, TradeSeries
 
     if book_updates is not None and book_snapshot is None:
         raise ConfigurationError("--book-updates needs --book-snapshot", field="book-snapshot")
@@ -236,7 +237,7 @@ def backtest(
 def _trades_in_range(series: Any, start: datetime | None, end: datetime | None) -> Any:
     if start is None and end is None:
         return series
-    from meltica.backtest.data import TradeSeries
+    from meltica.marketdata.series import TradeSeries
 
     keep = [i for i, t in enumerate(series.ts) if (start is None or t >= start) and (end is None or t < end)]
     return TradeSeries(

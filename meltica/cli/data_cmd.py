@@ -12,8 +12,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
-from meltica.errors import DataValidationError
+from meltica.cli._common import console, database_engine, migration_engine, reports_errors, schema_at_head
+from meltica.errors import ConfigurationError, DataValidationError
 from meltica.marketdata.candle_files import FORMAT_HELP, parse_time, read_candle_file
 from meltica.storage import candles
 
@@ -70,8 +70,6 @@ def load(
 def _refresh_as_owner(result: candles.LoadResult) -> None:
     """TimescaleDB lets only the aggregate's owner refresh it: the load ran as the runtime role, so the
     refresh runs as the owner (the migration role) when this configuration has it, else the policy does it."""
-    from meltica.cli._common import migration_engine
-    from meltica.errors import ConfigurationError
 
     try:
         owner = migration_engine()

@@ -8,16 +8,21 @@ mode: a bounded replay of the same bars through Kafka, a stream worker and the e
 live PnL, results in ``./out/demo-paper/`` and orders/fills stored by the sink worker.
 """
 
+# lazy imports: a command loads backtest/live/messaging/kafka/numpy when it runs, so `meltica --help` starts fast
+
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import typer
 from sqlalchemy import Engine
 
+from meltica import infra
 from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
 from meltica.cli.data_cmd import candle_table, summary_table
+from meltica.infra.kafka import ensure_kafka
 from meltica.marketdata.candle_files import read_candle_file
 from meltica.storage import candles, migrate
 from meltica.storage.engine import masked
@@ -38,8 +43,6 @@ def demo(
     ),
 ) -> None:
     """Run the main job on embedded defaults."""
-    from meltica import infra
-
     console.rule("[bold]1. local infrastructure")
     t0 = time.monotonic()
     infra.up(kafka=kafka)
@@ -117,10 +120,7 @@ def _paper_step(engine: Engine, bars: int) -> None:
     """Step 6: the live pipeline in paper mode — the shipped bars replayed through Kafka into a stream
     worker (strategy host, risk gate, execution) trading on the exchange emulator through ccxt, with sink
     workers storing orders and fills; live PnL printed; it ends by itself after ``bars`` bars."""
-    from decimal import Decimal
-
     from meltica.backtest import BacktestConfig, BarSeries, run_backtest
-    from meltica.infra.kafka import ensure_kafka
     from meltica.live.paper import run_paper, with_emulator_instrument
 
     console.rule(f"[bold]6. live paper trading: {bars} bars through Kafka, stream workers and the exchange emulator")

@@ -5,6 +5,8 @@ repository root, and triggering or following a run is plain HTTP against ``PREFE
 ``meltica reconcile --local`` needs no server: it reconciles in this process.
 """
 
+# lazy imports: a command loads backtest/live/messaging/kafka/numpy when it runs, so `meltica --help` starts fast
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +18,9 @@ import typer
 from rich.markup import escape
 
 from meltica.cli._common import EXIT_BAD_INPUT, EXIT_FAILURE, console, err_console, reports_errors
+from meltica.config import load_settings
 from meltica.errors import ConfigurationError
+from meltica.infra.postgres import database_url
 from meltica.infra.prefect import (
     WORK_POOL,
     ZOMBIE_AUTOMATION,
@@ -28,6 +32,9 @@ from meltica.infra.prefect import (
     server_command,
     server_environment,
 )
+from meltica.secrets import resolve_secret
+from meltica.secrets.database import DatabaseCredentialStore
+from meltica.storage.engine import make_engine
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -97,12 +104,8 @@ def _print_state(info: FlowRunInfo) -> None:
 
 
 def _reconcile_local(account: list[str], config: str | None, as_json: bool) -> None:
-    from meltica.config import load_settings
     from meltica.reconciliation.local import reconcilable_accounts, reconcile_accounts
     from meltica.reconciliation.markdown import markdown
-    from meltica.secrets import resolve_secret
-    from meltica.secrets.database import DatabaseCredentialStore
-    from meltica.storage.engine import make_engine
 
     settings = load_settings(config_file=config)
     names = reconcilable_accounts(settings, account)
@@ -112,8 +115,6 @@ def _reconcile_local(account: list[str], config: str | None, as_json: bool) -> N
     if settings.database_url is not None:
         url = resolve_secret(settings.database_url, allow_plaintext=True).get_secret_value()
     else:
-        from meltica.infra.postgres import database_url
-
         url = database_url()
     engine = make_engine(url)
     try:

@@ -7,6 +7,7 @@ import time
 
 import typer
 
+from meltica import infra
 from meltica.cli._common import console, err_console
 from meltica.errors import MelticaError
 
@@ -24,8 +25,6 @@ def _fail(action: str, exc: MelticaError) -> None:
 @app.command("up")
 def up_cmd() -> None:
     """Start PostgreSQL and Kafka (reusing running ones) and wait until they answer."""
-    from meltica import infra
-
     t0 = time.monotonic()
     try:
         started = infra.up()
@@ -44,8 +43,6 @@ def up_cmd() -> None:
 @app.command("down")
 def down_cmd() -> None:
     """Stop what `meltica infra up` started (a PostgreSQL cluster that was already running stays up)."""
-    from meltica import infra
-
     try:
         stopped = infra.down()
     except MelticaError as exc:
@@ -60,8 +57,6 @@ def status_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show each service, what runs it, where, and whether it answers."""
-    from meltica import infra
-
     try:
         rows = infra.status()
     except MelticaError as exc:

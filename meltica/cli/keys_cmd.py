@@ -16,11 +16,16 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.markup import escape
+from rich.table import Table
 
 from meltica.cli._common import console, database_engine, err_console, reports_errors
+from meltica.config.loader import ENVIRONMENTS_DIR
 from meltica.errors import ConfigurationError, SecretError
 from meltica.secrets import ENCRYPTED_PREFIX, NEW_MASTER_KEY_ENV, Credentials, CredentialStore, MasterKey
+from meltica.secrets.config_tokens import config_files, plan_config_rotation
+from meltica.secrets.database import DatabaseCredentialStore, rotate_master_key
 from meltica.secrets.redaction import register_secret
+from meltica.secrets.vault import VaultCredentialStore
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False)
 
@@ -40,10 +45,7 @@ StoreOption = Annotated[
 
 def _store(kind: StoreKind) -> CredentialStore:
     if kind is StoreKind.vault:
-        from meltica.secrets.vault import VaultCredentialStore
-
         return VaultCredentialStore.from_env()
-    from meltica.secrets.database import DatabaseCredentialStore
 
     return DatabaseCredentialStore(database_engine())
 
@@ -91,7 +93,6 @@ def list_(store: StoreOption = StoreKind.database) -> None:
     if not infos:
         console.print("no credentials stored")
         return
-    from rich.table import Table
 
     table = Table("account", "exchange", "key fingerprint", "created", "rotated")
     for info in infos:
@@ -155,10 +156,6 @@ def rotate_master(
 
     A token the new key already decrypts is left as it is. Afterwards, replace the current key where it is kept.
     """
-    from meltica.config.loader import ENVIRONMENTS_DIR
-    from meltica.secrets.config_tokens import config_files, plan_config_rotation
-    from meltica.secrets.database import rotate_master_key
-
     if new_key_file is not None:
         new_key = MasterKey.from_file(new_key_file)
     else:

@@ -17,6 +17,8 @@ database cannot be written, ``on`` still publishes the command to the live pipel
 the database was not updated (a worker started later would not see the halt).
 """
 
+# lazy imports: a command loads backtest/live/messaging/kafka/numpy when it runs, so `meltica --help` starts fast
+
 from __future__ import annotations
 
 import logging
@@ -35,10 +37,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from meltica.cli._common import EXIT_BAD_INPUT, EXIT_FAILURE, console, database_engine, err_console, reports_errors
+from meltica.config import load_settings
 from meltica.config.settings import MelticaSettings
 from meltica.errors import InfrastructureUnavailableError
+from meltica.infra.kafka import kafka_status
 from meltica.risk import KillSwitch, KillSwitchMode, KillSwitchStore, default_actor
 from meltica.risk.kill_switch import CHANGE_LOG_FORMAT, validate_scope
+from meltica.secrets import resolve_secret
+from meltica.storage.engine import make_engine
 
 SETTINGS_BOOTSTRAP_ENV = "MELTICA_KAFKA__BOOTSTRAP_SERVERS"
 
@@ -62,9 +68,6 @@ class _Target:
 
     def engine(self) -> Engine:
         if self.settings is not None and self.settings.database_url is not None:
-            from meltica.secrets import resolve_secret
-            from meltica.storage.engine import make_engine
-
             return make_engine(resolve_secret(self.settings.database_url, allow_plaintext=True).get_secret_value())
         return database_engine()
 
@@ -72,7 +75,6 @@ class _Target:
 def _target(config: Path | None, bootstrap: str | None) -> _Target:
     if config is None:
         return _Target(None, bootstrap, None)
-    from meltica.config import load_settings
 
     settings = load_settings(config_file=config)
     return _Target(settings, bootstrap or settings.kafka.bootstrap_servers, settings.live.topic_prefix)
@@ -241,7 +243,6 @@ def _broker(option: str | None) -> tuple[str | None, str]:
     settings_value = os.environ.get(SETTINGS_BOOTSTRAP_ENV)
     if settings_value:
         return settings_value, SETTINGS_BOOTSTRAP_ENV
-    from meltica.infra.kafka import kafka_status
 
     status = kafka_status()  # does not start anything
     if status.pid is None:

@@ -4,13 +4,20 @@
 (it stops gracefully). ``--check`` only validates the file and prints what would be subscribed.
 """
 
+# lazy imports: a command loads backtest/live/messaging/kafka/numpy when it runs, so `meltica --help` starts fast
+
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import typer
 
 from meltica.cli._common import console, reports_errors
+from meltica.config.loader import check_live, load_settings
+from meltica.errors import ConfigurationError
 
 
 @reports_errors
@@ -21,12 +28,6 @@ def ingest(
 ) -> None:
     """Stream trades, closed 1-minute klines and top of book of every instance symbol onto md.* topics;
     refetch gaps in bars by REST; publish market-data staleness on control."""
-    import signal
-    import subprocess
-    import sys
-
-    from meltica.config.loader import check_live, load_settings
-    from meltica.errors import ConfigurationError
     from meltica.live.ingest_setup import ingest_accounts, ingest_problems, ingest_subscriptions
 
     settings = check_live(load_settings(config_file=config), source=str(config))

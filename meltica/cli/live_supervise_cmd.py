@@ -3,6 +3,8 @@ and show how it stands. The supervisor is :mod:`meltica.live.supervisor`; the fi
 :mod:`meltica.live.live_status` (database) and the worker stats topic (as `meltica status`).
 """
 
+# lazy imports: a command loads backtest/live/messaging/kafka/numpy when it runs, so `meltica --help` starts fast
+
 from __future__ import annotations
 
 import json
@@ -14,6 +16,10 @@ from typing import Any
 import typer
 
 from meltica.cli._common import console, err_console, reports_errors
+from meltica.config.loader import check_live, load_settings
+from meltica.infra.kafka import kafka_status
+from meltica.live.live_status import deployment_status, market_status_messages
+from meltica.storage.engine import make_engine
 
 _CONFIG_HELP = "the deployment's settings file (YAML): accounts, risk limits, the live section"
 
@@ -38,7 +44,6 @@ def start(
     """Start and supervise the deployment's ingest, workers and sinks in the foreground; Ctrl-C or SIGTERM
     stops them all. Refuses (exit 2) a configuration `check_live` rejects; migrates the database and
     creates the topics first. Exits 1 when a process crash-loops or the cancel-all left orders open."""
-    from meltica.config.loader import check_live, load_settings
     from meltica.live.supervisor import (
         CancelAllOnStop,
         RestartPolicy,
@@ -52,7 +57,6 @@ def start(
         state_dir_of,
         supervisor_running,
     )
-    from meltica.storage.engine import make_engine
 
     settings = check_live(load_settings(config_file=config), str(config))
     state_dir = state_dir_of(settings)
@@ -86,7 +90,6 @@ def _broker(settings: Any) -> str | None:
         return str(settings.kafka.bootstrap_servers)
     if os.environ.get(BOOTSTRAP_ENV):
         return os.environ[BOOTSTRAP_ENV]
-    from meltica.infra.kafka import kafka_status
 
     status = kafka_status()
     return status.address if status.pid is not None else None
@@ -95,11 +98,8 @@ def _broker(settings: Any) -> str | None:
 def collect(config: Path, *, timeout: float = 5.0) -> dict[str, Any]:
     """Everything `meltica live status --json` prints."""
     from meltica.cli.status_cmd import collect_status
-    from meltica.config.loader import load_settings
-    from meltica.live.live_status import deployment_status, market_status_messages
     from meltica.live.supervisor import database_url_of, state_dir_of, supervised_view
     from meltica.messaging.catalogue import Catalogue
-    from meltica.storage.engine import make_engine
 
     settings = load_settings(config_file=config)
     engine = make_engine(database_url_of(settings))

@@ -18,6 +18,8 @@ in sweep.json / walkforward.json) unless the stop is switched off (``--param sto
 no slippage and every order is within the venue's min notional and the cash.
 """
 
+# lazy imports: a command loads backtest/live/messaging/kafka/numpy when it runs, so `meltica --help` starts fast
+
 from __future__ import annotations
 
 import json
@@ -36,6 +38,8 @@ from rich.table import Table
 from meltica.cli._common import console, database_engine, reports_errors
 from meltica.errors import ConfigurationError
 from meltica.marketdata.candle_files import FORMAT_HELP, duration_text
+from meltica.storage.candles import read_candles
+from meltica.strategies import get_strategy, validate_params
 
 OPTIMIZE_EPILOG = (
     "Defaults are backtest's (symbol, cash, fees, the strategy's parameter defaults); the default --path engine "
@@ -126,7 +130,6 @@ def _bars_file(
     import numpy as np
 
     from meltica.backtest.vector import Bars, datetime_to_ns
-    from meltica.storage.candles import read_candles
 
     rows = read_candles(database_engine(), exchange=exchange, symbol=symbol, timeframe=timeframe)
     bars = Bars(
@@ -195,7 +198,6 @@ def optimize(
     parameter set gives the same metrics here (engine path) as there."""
     from meltica.backtest.config import default_instrument
     from meltica.backtest.optimize import VectorEvaluator, grid, random_search, run_sweep, shared_bars
-    from meltica.strategies import validate_params
 
     if path not in ("vector", "engine"):
         raise ConfigurationError("--path must be vector or engine", field="path")
@@ -324,8 +326,6 @@ def _decimal_option(value: str, name: str) -> Decimal:
 
 
 def _has_symbol(strategy: str) -> bool:
-    from meltica.strategies import get_strategy
-
     return "symbol" in get_strategy(strategy).Params.model_fields
 
 

@@ -2,15 +2,19 @@
 execution against the paper venue or the exchange emulator) on a replay of a candle file; stops when
 the replay ends and writes what `meltica backtest --output` writes."""
 
+# lazy imports: a command loads backtest/live/messaging/kafka/numpy when it runs, so `meltica --help` starts fast
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
 
+from meltica import infra
 from meltica.cli._common import console, reports_errors
 from meltica.cli.backtest_cmd import _decimal, parse_param, print_warnings, summary_table
 from meltica.errors import ConfigurationError
+from meltica.infra.kafka import ensure_kafka
 
 
 @reports_errors
@@ -35,9 +39,7 @@ def paper(
     timeout: float = typer.Option(3600.0, "--timeout", help="Give up when the replay has not ended after this many s."),
 ) -> None:
     """Paper-trade STRATEGY on a replay of --data through the live pipeline; write results into --output."""
-    from meltica import infra
     from meltica.backtest import BacktestConfig
-    from meltica.infra.kafka import ensure_kafka
     from meltica.live.paper import run_paper
 
     if timeframe != "1m":

@@ -8,8 +8,10 @@ import contextlib
 import typer
 
 from meltica.cli._common import console, database_engine, reports_errors, schema_at_head
+from meltica.config import load_settings
 from meltica.errors import InfrastructureUnavailableError
 from meltica.reporting.server import DEFAULT_PORT, ReportServer
+from meltica.reporting.stored import list_reports, report_url
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -54,9 +56,6 @@ def serve(
 @reports_errors
 def list_stored(limit: int = typer.Option(20, "--limit", help="How many, newest first.")) -> None:
     """The stored reports, newest first, with the URL each is served at (`reports_url`)."""
-    from meltica.config import load_settings
-    from meltica.reporting.stored import list_reports, report_url
-
     engine = database_engine()
     schema_at_head(engine)
     base = load_settings().reports_url

@@ -10,6 +10,8 @@ than three stats intervals); older records are listed as stale, stopped ones as 
 kafka-python only: ``meltica/`` does not import Faust.
 """
 
+# lazy imports: a command loads backtest/live/messaging/kafka/numpy when it runs, so `meltica --help` starts fast
+
 from __future__ import annotations
 
 import json
@@ -19,6 +21,7 @@ from typing import Any
 
 import typer
 
+from meltica import infra
 from meltica.cli._common import console, reports_errors
 
 _BOOTSTRAP_HELP = "host:port[,host:port] (default: MELTICA_KAFKA_BOOTSTRAP, else the local dev broker)"
@@ -94,14 +97,14 @@ def collect_status(
     from kafka.admin import OffsetSpec
 
     from meltica.live.worker_stats import read_stats, stats_topic_name
-    from meltica.messaging.admin import _admin
+    from meltica.messaging.admin import admin_client
 
     records = read_stats(bootstrap, prefix, timeout_ms=timeout_ms)
     by_group: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_group.setdefault(str(record.get("app_id")), []).append(_worker_view(record))
     group_ids = sorted(set(groups or []) | set(by_group))
-    admin = _admin(bootstrap, timeout_ms)
+    admin = admin_client(bootstrap, timeout_ms)
     try:
         cluster = admin.describe_cluster()
         # Faust members carry their own assignor metadata, which kafka-python warns it cannot decode.
@@ -156,8 +159,6 @@ def collect_status(
 
 
 def _infra() -> list[dict[str, Any]]:
-    from meltica import infra
-
     try:
         return [{"service": row.service, "running": row.running, "kind": row.kind} for row in infra.status()]
     except Exception as exc:  # the status line must not hide the pipeline view

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic_core import PydanticUndefined
 from rich.table import Table
 
 from meltica.cli._common import console, reports_errors
+from meltica.config import load_settings
+from meltica.strategies.registry import get_strategy, resolve_strategy, strategy_sources
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -38,9 +41,6 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object: name -> source and parameters.")] = False,
 ) -> None:
     """List the registered strategies: name, where it was registered from, and its parameters with defaults."""
-    from meltica.config import load_settings
-    from meltica.strategies.registry import get_strategy, resolve_strategy, strategy_sources
-
     if config is not None:
         load_settings(config_file=config)  # registers its strategy_paths
     for reference in references or []:
@@ -67,8 +67,6 @@ def list_command(
 
 
 def _default(value: object) -> object:
-    from pydantic_core import PydanticUndefined
-
     if value is PydanticUndefined:
         return "(required)"
     return value if isinstance(value, int | float | bool | str) or value is None else str(value)

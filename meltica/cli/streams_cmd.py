@@ -4,9 +4,15 @@ Topics are created with kafka-python's admin client (``meltica/`` does not impor
 ``--bootstrap``, else ``MELTICA_KAFKA_BOOTSTRAP``, else the local dev broker (``meltica infra``).
 """
 
+# lazy imports: a command loads backtest/live/messaging/kafka/numpy when it runs, so `meltica --help` starts fast
+
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -97,11 +103,6 @@ def worker(
     """Run a Faust worker (``python -m streams.worker``) in a subprocess; SIGTERM/SIGINT stop it gracefully.
 
     One process can host every agent; several processes with the same --app-id split the partitions."""
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
     if not Path(config).is_file():
         err_console.print(
             f"[bold red]error:[/] worker config file {config!r} not found (an example: infra/examples/worker.yaml)",

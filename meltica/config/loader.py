@@ -22,6 +22,7 @@ from pydantic import SecretStr, ValidationError
 from meltica.config.settings import ENVIRONMENTS, MelticaSettings
 from meltica.errors import ConfigurationError
 from meltica.secrets import MASK, describe_secret, is_secret_reference
+from meltica.strategies.registry import list_strategies, use_strategy_directories, validate_params
 
 ENV_SELECTOR = "MELTICA_ENV"
 ENVIRONMENTS_DIR = Path(__file__).resolve().parent / "environments"
@@ -72,8 +73,6 @@ def load_settings(env: str | None = None, config_file: Path | str | None = None)
         raise _error(
             [(_source_of(err["loc"], source), _dotted(err["loc"]), _problem(err)) for err in exc.errors()]
         ) from None
-
-    from meltica.strategies.registry import use_strategy_directories
 
     # registered before the checks below, which look strategies up by name
     use_strategy_directories(settings.strategy_paths)
@@ -131,8 +130,6 @@ def risk_problems(settings: MelticaSettings) -> list[tuple[tuple[str | int, ...]
     * ``risk.strategies.<s>``: ``s`` must be a registered strategy name or a live instance id (the
       strategy a live instance's orders carry).
     """
-    from meltica.strategies.registry import list_strategies  # the registry imports configuration code
-
     problems: list[tuple[tuple[str | int, ...], str]] = []
     known = {account.name for account in settings.accounts}
     if known:
@@ -316,7 +313,6 @@ def live_problems(settings: MelticaSettings) -> list[tuple[tuple[str | int, ...]
                     f"no configured account is named {instance.account!r} (accounts: {listed})",
                 )
             )
-    from meltica.strategies.registry import validate_params  # the registry imports configuration code
 
     for index, instance in enumerate(live.instances):
         # a strategy the workers could not load, or parameters it refuses, stop the deployment before it starts

@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from meltica.domain.values import NonNegativeDecimal, PositiveDecimal
 from meltica.secrets import Secret, resolve_secret
+from meltica.storage.privileges import DEFAULT_RUNTIME_ROLE
+from meltica.storage.timeseries import RETENTION_TABLES
 
 Environment = Literal["dev", "paper", "staging", "prod"]
 TradingMode = Literal["backtest", "paper", "live"]
@@ -20,8 +22,6 @@ ENVIRONMENTS: tuple[str, ...] = ("dev", "paper", "staging", "prod")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ROLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-# The role the migrations grant the application's rights to (``database_runtime_role``).
-DEFAULT_RUNTIME_ROLE = "meltica_app"
 _SYMBOL = re.compile(r"^[A-Z0-9]+/[A-Z0-9]+(:[A-Z0-9]+(-[0-9A-Z-]+)?)?$")
 
 
@@ -52,8 +52,6 @@ class StorageSettings(_Section):
     @field_validator("retention")
     @classmethod
     def _retention(cls, value: dict[str, str]) -> dict[str, str]:
-        from meltica.storage.timeseries import RETENTION_TABLES
-
         for table, keep in value.items():
             if table not in RETENTION_TABLES:
                 raise ValueError(f"{table!r} is not a time-series table (one of {', '.join(RETENTION_TABLES)})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from itertools import pairwise
 from typing import Annotated
@@ -153,3 +155,17 @@ class OrderBookDelta(DomainModel):
             if len(set(prices)) != len(prices):
                 raise ValueError(f"{side} repeat a price level")
         return self
+
+
+@dataclass(frozen=True, slots=True)
+class CandleRow:
+    """One validated bar as read from a file or loaded into the candles table: a plain row, lighter than
+    ``Bar`` for bulk loads; ``line`` is its 1-based line (CSV) or row number."""
+
+    ts: datetime
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    volume: Decimal
+    line: int

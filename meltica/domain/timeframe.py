@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from meltica.domain.values import require_utc
+from meltica.errors import DataValidationError
 
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _PATTERN = re.compile(r"^([1-9][0-9]*)([smhdw])$")
@@ -65,3 +66,11 @@ class Timeframe:
 def validate_timeframe(text: str) -> str:
     """Pydantic validator: canonical timeframe string or ``ValueError``."""
     return Timeframe.parse(text).value
+
+
+def parse_timeframe(text: str) -> Timeframe:
+    """Timeframe.parse with the data-error type the CLI reports as bad input."""
+    try:
+        return Timeframe.parse(text)
+    except ValueError as exc:
+        raise DataValidationError(str(exc), reason="invalid_timeframe") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from meltica.adapters.local_venue import CCXT_OPTIONS, ccxt_urls_for
 from meltica.emulator.background import EmulatorThread
 from meltica.emulator.config import (
     ADMIN_TOKEN_HEADER,
@@ -27,12 +28,7 @@ from meltica.emulator.config import (
 from meltica.emulator.errors import BinanceError
 from meltica.emulator.faults import Faults
 from meltica.emulator.limits import RateLimits
-from meltica.emulator.server import EmulatorServer, ccxt_urls_for
-
-# What ccxt 4.5.90's binance needs besides the URLs: spot markets only (the emulator serves no
-# futures/options exchangeInfo). fetchCurrencies stays on: the emulator serves
-# /sapi/v1/capital/config/getall.
-CCXT_OPTIONS: dict[str, Any] = {"fetchMarkets": {"types": ["spot"]}}
+from meltica.emulator.server import EmulatorServer
 
 _HOST = re.compile(r"^(https?|wss?)://[^/]+")
 

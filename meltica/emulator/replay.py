@@ -18,6 +18,7 @@ from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import IO
 
+from meltica.domain.timeframe import Timeframe
 from meltica.errors import DataValidationError
 from meltica.marketdata.candle_files import read_candle_file
 
@@ -108,6 +109,7 @@ def load_file(
         raise DataValidationError(f"{path}: no such file", source=str(path))
     name = path.name.lower()
     if name.endswith(".parquet"):
+        # lazy: pyarrow only for Parquet files
         import pyarrow.parquet as pq
 
         columns = set(pq.read_schema(path).names)
@@ -129,7 +131,6 @@ def load_candles(path: Path, symbol: str, timeframe: str, quote_volume: bool = F
     parsed = read_candle_file(path, timeframe)
     tf_delta = None
     out: list[BarEvent] = []
-    from meltica.domain.timeframe import Timeframe
 
     tf = Timeframe.parse(timeframe)
     tf_delta = tf.delta
@@ -151,6 +152,7 @@ def load_candles(path: Path, symbol: str, timeframe: str, quote_volume: bool = F
 
 
 def load_trades_parquet(path: Path, symbol: str) -> list[TradeEvent]:
+    # lazy: pyarrow only for Parquet files
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)

@@ -53,6 +53,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
 
+from meltica.adapters.local_venue import ccxt_urls_for
 from meltica.domain.enums import Side
 from meltica.domain.values import utc_to_ms
 from meltica.emulator import auth, binance_format, errors
@@ -167,7 +168,7 @@ class EmulatorServer:
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await self._site.start()
-        server = self._site._server  # aiohttp keeps the asyncio server private
+        server = self._site._server  # noqa: SLF001 - aiohttp keeps the asyncio server (its bound port) private
         sockets = getattr(server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else self.config.port
         loop = asyncio.get_running_loop()
@@ -307,7 +308,7 @@ class EmulatorServer:
             return
         if isinstance(event, PathTradeEvent):
             # a bar's path as public trades (real time): resting orders fill as the price passes them
-            trade_id = self.engine._market(symbol).next_trade_id()  # one id sequence with the engine's fills
+            trade_id = self.engine.next_trade_id(symbol)  # one id sequence with the engine's fills
             if event.bar_volume is not None:
                 self._depth_from_volume(symbol, event.bar_volume)
             result = self.engine.on_trade(symbol, event.price, event.quantity)
@@ -446,8 +447,7 @@ class EmulatorServer:
         for point in bar_path(bar):
             # one id sequence with the engine's fills, except in lock-step: there the engine's fill ids must
             # stay those of the paper venue it equals
-            engine_ids = self.engine._market(symbol)
-            trade_id = next(self._driven_print_ids) if self._driven else engine_ids.next_trade_id()
+            trade_id = next(self._driven_print_ids) if self._driven else self.engine.next_trade_id(symbol)
             at_ms = utc_to_ms(point.ts)
             self._publish_public_trade(
                 symbol, MarketTrade(trade_id, point.price, point.quantity, at_ms, point.buyer_maker)
@@ -1935,48 +1935,3 @@ def _map_rejection(exc: EngineRejection, context: str) -> BinanceError:
     if reason is RejectReason.INVALID_PARAMETERS and exc.message:
         msg = f"{msg}: {exc.message}" if not exc.message.startswith(msg) else exc.message
     return BinanceError(code, msg)
-
-
-def ccxt_urls_for(base_url: str) -> dict[str, Any]:
-    """``exchange.urls['api']`` for ccxt's binance classes pointed at an emulator at ``base_url``
-    (``http://127.0.0.1:PORT``; its websockets are the same host and port with ``ws://``)."""
-    rest = base_url.rstrip("/")
-    ws = "ws" + rest[len("http") :] if rest.startswith("http") else rest
-    paths = {
-        "sapi": "/sapi/v1",
-        "sapiV2": "/sapi/v2",
-        "sapiV3": "/sapi/v3",
-        "sapiV4": "/sapi/v4",
-        "dapiPublic": "/dapi/v1",
-        "dapiPrivate": "/dapi/v1",
-        "eapiPublic": "/eapi/v1",
-        "eapiPrivate": "/eapi/v1",
-        "dapiPrivateV2": "/dapi/v2",
-        "dapiData": "/futures/data",
-        "fapiPublic": "/fapi/v1",
-        "fapiPublicV2": "/fapi/v2",
-        "fapiPublicV3": "/fapi/v3",
-        "fapiPrivate": "/fapi/v1",
-        "fapiPrivateV2": "/fapi/v2",
-        "fapiPrivateV3": "/fapi/v3",
-        "fapiData": "/futures/data",
-        "public": "/api/v3",
-        "private": "/api/v3",
-        "v1": "/api/v1",
-        "papi": "/papi/v1",
-        "papiV2": "/papi/v2",
-    }
-    urls: dict[str, Any] = {name: rest + path for name, path in paths.items()}
-    urls["ws"] = {
-        "spot": ws + "/ws",
-        "margin": ws + "/ws",
-        "linear": ws + "/fapi/ws",
-        "inverse": ws + "/dapi/ws",
-        "stock": ws + "/equity/ws",
-        "option": ws + "/eoptions/public/ws",
-        "optionMarket": ws + "/eoptions/market/ws",
-        "optionPrivate": ws + "/eoptions/private/ws",
-        "ws-api": {"spot": ws + "/ws-api/v3", "linear": ws + "/ws-fapi/v1", "inverse": ws + "/ws-dapi/v1"},
-        "papi": ws + "/pm/ws",
-    }
-    return urls

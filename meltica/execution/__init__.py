@@ -5,14 +5,13 @@ The contract with portfolio, risk and the local order emulator is ``README.md`` 
 
 from meltica.execution.oms import (
     CRASH_POINT_ENV,
-    NEVER_REACHED_VENUE,
     Anomaly,
     OrderManager,
     crash_point,
     needs_emulation,
 )
 from meltica.execution.recovery import RecoveredOrder, RecoveryReport
-from meltica.execution.store import MemoryOrderStore, OrderStore, OrderStoreProtocol
+from meltica.execution.store import NEVER_REACHED_VENUE, MemoryOrderStore, OrderStore, OrderStoreProtocol
 from meltica.retry import RetryPolicy
 
 __all__ = [

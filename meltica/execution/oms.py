@@ -45,7 +45,6 @@ an ``await``, so venue events that arrive while a request is in flight are never
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import random
@@ -54,7 +53,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 from meltica.adapters.base import Capabilities, ExchangeAdapter, UserEvent, UserEventKind, VenueOrder
 from meltica.domain import (
@@ -74,6 +73,7 @@ from meltica.domain import (
     OrderSubmitted,
     Trade,
 )
+from meltica.domain.orders import parse_order_event
 from meltica.errors import (
     ConfigurationError,
     DataValidationError,
@@ -85,19 +85,23 @@ from meltica.errors import (
     RetryableError,
     TerminalError,
 )
+from meltica.execution.awaiting import maybe_await
 from meltica.execution.emulation import route
-from meltica.execution.store import AMEND_REQUESTED, ANOMALY, ILLEGAL_TRANSITION, OrderStoreProtocol
+from meltica.execution.recovery import RecoveryReport, recover_orders
+from meltica.execution.store import (
+    AMEND_REQUESTED,
+    ANOMALY,
+    ILLEGAL_TRANSITION,
+    NEVER_REACHED_VENUE,
+    OrderStoreProtocol,
+)
 from meltica.retry import RetryPolicy
-
-if TYPE_CHECKING:
-    from meltica.execution.recovery import RecoveryReport
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 Sleep = Callable[[float], Awaitable[None]]
 
-NEVER_REACHED_VENUE = "never reached venue"
 # A halt's cancels are repeated while orders of the halted scope stay open (the venue refused or was
 # down): first after HALT_RETRY_INITIAL_S, doubling up to HALT_RETRY_MAX_S between rounds.
 HALT_RETRY_INITIAL_S = 0.25
@@ -207,6 +211,14 @@ class HaltingKillSwitch(Protocol):
     ) -> Any: ...
 
 
+class OmsState(TypedDict):
+    """``OrderManager.export_state``: orders as JSON ``Order``s; deferred terminal updates by client order
+    id as ``[JSON order event, the venue's filled quantity]``."""
+
+    orders: list[dict[str, Any]]
+    deferred: dict[str, list[Any]]
+
+
 class OrderEmulator(Protocol):
     """``meltica.execution.emulation.LocalOrderEmulator`` as the OMS uses it (methods may be async)."""
 
@@ -215,12 +227,6 @@ class OrderEmulator(Protocol):
     def on_market(self, item: Any) -> Any: ...
 
     def on_order_event(self, order: Order) -> Any: ...
-
-
-async def _maybe_await(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
 
 
 def needs_emulation(intent: OrderIntent, capabilities: Capabilities) -> bool:
@@ -290,6 +296,56 @@ class OrderManager:
             if order is not None:
                 self._orders[client_order_id] = order
         return order
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def export_state(self) -> OmsState:
+        """What this OMS holds in memory, JSON-ready: the orders it has loaded or changed (the store has
+        them too) and the terminal venue updates it defers until their fills arrive (only here)."""
+        return {
+            "orders": [order.model_dump(mode="json") for _, order in sorted(self._orders.items())],
+            "deferred": {
+                coid: [event.model_dump(mode="json"), str(filled)]
+                for coid, (event, filled) in sorted(self._deferred.items())
+            },
+        }
+
+    def import_state(self, data: OmsState | Mapping[str, Any]) -> None:
+        """Restore what ``export_state`` returned (into an OMS over the same store)."""
+        for order in data["orders"]:
+            self.adopt(Order.model_validate(order))
+        for coid, (event, filled) in data["deferred"].items():
+            self._deferred[coid] = (parse_order_event(event), Decimal(str(filled)))
+
+    # --- the narrow interface recovery uses (meltica.execution.recovery.RecoverableOms) -------------
+
+    def adopt(self, order: Order) -> None:
+        """Hold ``order`` as loaded from the store (recovery, before it asks the venue)."""
+        self._orders[order.client_order_id] = order
+
+    def known(self, client_order_id: str) -> Order | None:
+        """The order with this client order id, from memory or the store; ``None`` when there is none."""
+        return self._known(client_order_id)
+
+    def halted(self) -> bool:
+        """Whether the kill switch halts this OMS (every open order is to be cancelled)."""
+        return self._halted()
+
+    async def apply_event(self, event: OrderEvent) -> Order:
+        """Store ``event`` and apply it to its order (a legal transition or an anomaly note)."""
+        return await self._apply(event)
+
+    async def locate(self, order: Order) -> VenueOrder | None:
+        """The venue's view of ``order`` by client order id (retried per the policy); ``None``: unknown."""
+        return await self._resolve(order)
+
+    async def resend(self, order: Order) -> Order:
+        """Send a stored order that never reached its venue, under the same client order id."""
+        return await self._send(order)
+
+    async def apply_venue_order(self, vo: VenueOrder, *, sync_fills: bool) -> Order | None:
+        """Bring the stored order up to the venue's view ``vo`` (and its fills, with ``sync_fills``)."""
+        return await self._apply_venue_order(vo, sync_fills=sync_fills)
 
     def order(self, client_order_id: str) -> Order:
         order = self._known(client_order_id)
@@ -404,7 +460,7 @@ class OrderManager:
     ) -> None:
         """Call a risk or portfolio hook; if it raises, halt (see *Fail closed* in the module docstring)."""
         try:
-            await _maybe_await(hook(*args, **kw))
+            await maybe_await(hook(*args, **kw))
         except Exception as exc:
             self._risk_path_failed(what, account, exc)
 
@@ -418,7 +474,7 @@ class OrderManager:
         if not callable(fn):
             return None
         try:
-            return await _maybe_await(fn(*args))
+            return await maybe_await(fn(*args))
         except Exception as exc:
             self._risk_path_failed(f"order emulator {method}", account, exc)
             if raise_after:
@@ -691,7 +747,7 @@ class OrderManager:
         if self._halted(intent):
             refusal = "kill switch halt"
         else:
-            decision = await _maybe_await(self.risk.check(intent))
+            decision = await maybe_await(self.risk.check(intent))
             if not decision.approved:
                 refusal = f"risk: {decision.rule}: {decision.reason}"
         if refusal is None and not native and needs_emulation(intent, venue.capabilities):
@@ -710,7 +766,7 @@ class OrderManager:
                 await self._risk_hook("risk on_order_open", intent.account, self.risk.on_order_open, coid, intent)
                 if self._halted(intent):
                     return await self._refuse_unsent(coid)
-                await _maybe_await(self.emulator.add(intent, coid))
+                await maybe_await(self.emulator.add(intent, coid))
                 return self.order(coid)
         now = self.clock()
         if refusal is not None:
@@ -1092,8 +1148,6 @@ class OrderManager:
     async def recover(self, *, resend_unsent: bool | None = None) -> RecoveryReport:
         """On start: every open or pending order of the database checked against its venue. See
         ``meltica.execution.recovery`` for the policy."""
-        from meltica.execution.recovery import recover_orders
-
         return await recover_orders(self, resend_unsent=self.resend_unsent if resend_unsent is None else resend_unsent)
 
     async def sync_order(self, client_order_id: str) -> Order:

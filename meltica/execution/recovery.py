@@ -39,21 +39,56 @@ and if the kill switch is on ``halt`` every open order is cancelled.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from meltica.adapters.base import VenueOrder
-from meltica.domain import OrderAmended, OrderRejected, OrderStatus
+from meltica.adapters.base import ExchangeAdapter, VenueOrder
+from meltica.domain import OrderAmended, OrderEvent, OrderRejected, OrderStatus
 from meltica.domain.orders import CLIENT_ORDER_ID_PREFIX, Order
 from meltica.errors import MelticaError, RetryableError
-from meltica.execution.oms import NEVER_REACHED_VENUE, _maybe_await
-from meltica.execution.store import RECOVERED
+from meltica.execution.awaiting import maybe_await
+from meltica.execution.store import NEVER_REACHED_VENUE, RECOVERED, OrderStoreProtocol
 
-if TYPE_CHECKING:
-    from meltica.execution.oms import OrderManager
+__all__ = ["RecoverableOms", "RecoveredOrder", "RecoveryReport", "recover_orders"]
 
-__all__ = ["RecoveredOrder", "RecoveryReport", "recover_orders"]
+
+class RecoverableOms(Protocol):
+    """What recovery needs of the OMS (``meltica.execution.oms.OrderManager`` is one): its public reads
+    and the few state changes recovery makes. Recovery imports nothing of the OMS module."""
+
+    @property
+    def store(self) -> OrderStoreProtocol: ...
+
+    @property
+    def venues(self) -> Mapping[str, ExchangeAdapter]: ...
+
+    @property
+    def emulator(self) -> object | None: ...
+
+    def clock(self) -> datetime: ...
+
+    def order(self, client_order_id: str) -> Order: ...
+
+    def known(self, client_order_id: str) -> Order | None: ...
+
+    def adopt(self, order: Order) -> None: ...
+
+    def halted(self) -> bool: ...
+
+    async def apply_event(self, event: OrderEvent) -> Order: ...
+
+    async def locate(self, order: Order) -> VenueOrder | None: ...
+
+    async def resend(self, order: Order) -> Order: ...
+
+    async def apply_venue_order(self, vo: VenueOrder, *, sync_fills: bool) -> Order | None: ...
+
+    async def cancel(self, client_order_id: str, *, reason: str | None = None) -> Order: ...
+
+    async def cancel_all(self, *, reason: str) -> Any: ...
+
 
 # Outcomes of one order's recovery.
 OPEN = "open"
@@ -118,14 +153,14 @@ _OUTCOME_BY_STATUS = {
 }
 
 
-def _is_replacement(oms: OrderManager, client_order_id: str) -> bool:
+def _is_replacement(oms: RecoverableOms, client_order_id: str) -> bool:
     """An amendment's replacement: a child of a venue order (an emulated parent's children are not)."""
     row = oms.store.order_row(client_order_id)
     parent = None if row is None else row.get("parent_client_order_id")
     return bool(parent) and not oms.store.is_emulated(str(parent))
 
 
-def _pending_amendments(oms: OrderManager, orders: list[Order]) -> dict[str, str]:
+def _pending_amendments(oms: RecoverableOms, orders: list[Order]) -> dict[str, str]:
     """Original → replacement, for each amendment a crash interrupted (its replacement is unsettled)."""
     pending: dict[str, str] = {}
     for order in orders:
@@ -138,7 +173,7 @@ def _pending_amendments(oms: OrderManager, orders: list[Order]) -> dict[str, str
     return pending
 
 
-async def _adopt_terms_amended_in_place(oms: OrderManager, coid: str, replacement: str, vo: VenueOrder) -> str | None:
+async def _adopt_terms_amended_in_place(oms: RecoverableOms, coid: str, replacement: str, vo: VenueOrder) -> str | None:
     """The venue amended the order in place (same client order id) before the crash stored its answer:
     the venue's price and quantity become the order's. Returns a note for the report, or ``None``."""
     order = oms.order(coid)
@@ -151,16 +186,16 @@ async def _adopt_terms_amended_in_place(oms: OrderManager, coid: str, replacemen
     event = OrderAmended(
         event_id=f"amended:{replacement}", client_order_id=coid, ts=oms.clock(), price=price, quantity=quantity
     )
-    await oms._apply(event)
+    await oms.apply_event(event)
     return f"amended in place on the venue before the restart (replacement {replacement} unused)"
 
 
-async def recover_orders(oms: OrderManager, *, resend_unsent: bool) -> RecoveryReport:
+async def recover_orders(oms: RecoverableOms, *, resend_unsent: bool) -> RecoveryReport:
     report = RecoveryReport(started_at=oms.clock())
     for account, venue in oms.venues.items():
         orders = oms.store.load_open(account, include_emulated=False)
         for order in orders:
-            oms._orders[order.client_order_id] = order
+            oms.adopt(order)
         symbols = sorted({o.symbol for o in orders})
         amending = _pending_amendments(oms, orders)
         for order in orders:
@@ -168,7 +203,7 @@ async def recover_orders(oms: OrderManager, *, resend_unsent: bool) -> RecoveryR
             before = order.status
             detail: str | None = None
             try:
-                vo = await oms._resolve(order)
+                vo = await oms.locate(order)
             except RetryableError as exc:
                 report.orders.append(
                     RecoveredOrder(coid, account, order.symbol, before, before, UNRESOLVED, detail=str(exc))
@@ -181,13 +216,13 @@ async def recover_orders(oms: OrderManager, *, resend_unsent: bool) -> RecoveryR
                     if resend_unsent and not _is_replacement(oms, coid):
                         outcome = RESENT
                         try:
-                            await oms._send(order)
+                            await oms.resend(order)
                         except MelticaError as exc:
                             detail = f"re-send failed: {exc}"
                             report.errors.append(f"{coid}: {detail}")
                     else:
                         outcome = NEVER_REACHED
-                        await oms._apply(
+                        await oms.apply_event(
                             OrderRejected(
                                 event_id="rejected", client_order_id=coid, ts=oms.clock(), reason=NEVER_REACHED_VENUE
                             )
@@ -197,7 +232,7 @@ async def recover_orders(oms: OrderManager, *, resend_unsent: bool) -> RecoveryR
                     detail = f"{before.value} locally, unknown on {venue.exchange_id}"
                     report.errors.append(f"{coid}: {detail}")
             else:
-                await oms._apply_venue_order(vo, sync_fills=True)
+                await oms.apply_venue_order(vo, sync_fills=True)
                 if coid in amending:
                     detail = await _adopt_terms_amended_in_place(oms, coid, amending[coid], vo)
                 if before is OrderStatus.PENDING_CANCEL and not oms.order(coid).is_terminal:
@@ -234,13 +269,13 @@ async def recover_orders(oms: OrderManager, *, resend_unsent: bool) -> RecoveryR
                 continue
             for vo in on_venue:
                 coid_v = vo.client_order_id
-                if coid_v and coid_v.startswith(CLIENT_ORDER_ID_PREFIX) and oms._known(coid_v) is None:
+                if coid_v and coid_v.startswith(CLIENT_ORDER_ID_PREFIX) and oms.known(coid_v) is None:
                     report.unknown_on_venue.append(vo)
     if oms.emulator is not None:
         restore = getattr(oms.emulator, "restore", None)
         if callable(restore):
-            await _maybe_await(restore())
-    if oms._halted():
+            await maybe_await(restore())
+    if oms.halted():
         await oms.cancel_all(reason="kill switch halt (on recovery)")
     report.finished_at = oms.clock()
     return report

@@ -51,6 +51,9 @@ ILLEGAL_TRANSITION = "illegal_transition"
 AMEND_REQUESTED = "amend_requested"
 RECOVERED = "recovered"
 ANOMALY = "anomaly"
+NEVER_REACHED_VENUE = "never reached venue"
+"""The reason of an order rejected because it never reached its venue (halted before sending, or lost in a
+crash before the venue saw it)."""
 LIFECYCLE_KINDS = frozenset(
     {
         "submitted",

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from rich.table import Table
+
 from meltica.infra._common import ServiceStatus, mask_url, state_dir
 from meltica.infra.kafka import KafkaEndpoint, ensure_kafka, kafka_status, stop_kafka
 from meltica.infra.postgres import PostgresEndpoint, ensure_postgres, postgres_status, stop_postgres
@@ -85,8 +87,6 @@ def status() -> list[ServiceStatus]:
 
 def status_table(rows: list[ServiceStatus] | None = None) -> Table:
     """``status()`` (or ``rows``) as a rich table; addresses are already password-masked."""
-    from rich.table import Table
-
     table = Table(title="Meltica infrastructure")
     for column in ("service", "kind", "address", "state", "pid", "detail"):
         table.add_column(column, overflow="fold")

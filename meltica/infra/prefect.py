@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meltica.errors import ConfigurationError, InfrastructureError, InfrastructureUnavailableError
+import yaml
+
+from meltica.adapters.factory import ccxt_credentials
+from meltica.config import load_settings
+from meltica.errors import ConfigurationError, InfrastructureError, InfrastructureUnavailableError, MelticaError
 from meltica.infra._common import ServiceStatus, mask_url, repo_root
 
 __all__ = [
@@ -380,8 +385,6 @@ class DeploymentSpec:
 
 def deployment_specs(project_file: Path) -> list[DeploymentSpec]:
     """The deployments ``prefect.yaml`` declares."""
-    import yaml
-
     try:
         loaded = yaml.safe_load(project_file.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -414,12 +417,6 @@ def schedule_prerequisites(config_file: Path | None, probe_timeout: float = 3.0)
     the 15-minute reconciliation without an account that has a venue and credentials in the configuration,
     the hourly ingest without a connection to the exchange. Checked from the deploying shell, which should
     have the worker's environment."""
-    import socket
-
-    from meltica.adapters.factory import ccxt_credentials
-    from meltica.config import load_settings
-    from meltica.errors import MelticaError
-
     missing: dict[str, str] = {}
     where = str(config_file) if config_file is not None else "the MELTICA_ENV configuration"
     try:

@@ -37,8 +37,11 @@ from meltica.config.loader import check_live, load_settings
 from meltica.config.settings import LiveWorker, MelticaSettings
 from meltica.domain import Instrument
 from meltica.errors import ConfigurationError
+from meltica.infra.kafka import ensure_kafka
+from meltica.infra.postgres import ensure_postgres
 from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceConfig
 from meltica.secrets import CredentialStore, register_secret, resolve_secret
+from meltica.secrets.database import DatabaseCredentialStore
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,6 @@ def kafka_bootstrap(settings: MelticaSettings) -> str:
         return settings.kafka.bootstrap_servers
     if os.environ.get(BOOTSTRAP_ENV):
         return os.environ[BOOTSTRAP_ENV]
-    from meltica.infra.kafka import ensure_kafka
 
     return ensure_kafka().bootstrap_servers
 
@@ -133,7 +135,6 @@ def database_url(settings: MelticaSettings) -> str:
         value = resolve_secret(settings.database_url, allow_plaintext=True).get_secret_value()
         register_url_password(value)
         return value
-    from meltica.infra.postgres import ensure_postgres
 
     return ensure_postgres().runtime_url
 
@@ -168,8 +169,6 @@ def live_worker(settings: MelticaSettings, name: str) -> LiveWorker:
 
 def credential_store(engine: Engine) -> CredentialStore:
     """The store ``meltica keys add`` writes (the ``credentials`` table, encrypted with the master key)."""
-    from meltica.secrets.database import DatabaseCredentialStore
-
     return DatabaseCredentialStore(engine)
 
 

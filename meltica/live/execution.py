@@ -53,6 +53,7 @@ from pydantic import BaseModel, TypeAdapter
 from meltica.adapters.base import ExchangeAdapter, UserEvent
 from meltica.adapters.paper import PAPER_CAPABILITIES, PaperVenue
 from meltica.backtest.context import HeldRequest, NotifyingMemoryStore, RequestExecutor, StreamingPaperAdapter
+from meltica.backtest.intents import ManualClock
 from meltica.domain import (
     Bar,
     Fill,
@@ -95,7 +96,6 @@ from meltica.messaging.schemas import (
 )
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode, KillSwitchState
-from meltica.strategies.intents import ManualClock
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class PaperDriver:
         self._adapter = StreamingPaperAdapter(self.venue, account)
         self._adapter.pump = self.settle
         self._stream: asyncio.Queue[UserEvent] = asyncio.Queue()
-        self.venue._user_queues[account].append(self._stream)
+        self.venue.user_queues[account].append(self._stream)
         self.on_user_event = on_user_event
 
     @classmethod
@@ -371,7 +371,7 @@ class _Lane:
             self.emulator,
             store,
             known=self.known,
-            local_cancel=service._local_cancel,
+            local_cancel=service.local_cancel,
             logger=log,
         )
 
@@ -430,7 +430,7 @@ class ExecutionService:
             latency = config.account(account).latency if account in config.account_names() else timedelta(0)
             lane = _Lane(account, driver, self.store, latency=latency, markets=markets, service=self)
             for scope, state in (kill_switch_at_start or {}).items():
-                lane.kill_switch._set(scope, state)  # the durable state, as it was when the worker started
+                lane.kill_switch.restore(scope, state)  # the durable state, as it was when the worker started
             if hasattr(driver, "on_user_event"):  # the driver owns the user stream (meltica.live.venue)
                 driver.on_user_event = self._user_event_handler(lane)
             if isinstance(driver, LiveDriver):  # its REST poll looks up the orders the OMS holds open
@@ -572,7 +572,7 @@ class ExecutionService:
         for out in self._flush():
             await self._emit(out)
 
-    def _local_cancel(self, order: Order, reason: str) -> None:
+    def local_cancel(self, order: Order, reason: str) -> None:
         lane = self.lanes[order.account]
         coid = order.client_order_id
         event = OrderCancelled(event_id="cancelled", client_order_id=coid, ts=lane.driver.now(), reason=reason)

@@ -104,6 +104,7 @@ def ingest_from_settings(
 ) -> MarketDataIngest:
     """The deployment's :class:`MarketDataIngest` (not started). ``last_bars``: newest bar per market
     already on ``md.candles.1m``; ``adapter_kwargs`` override the adapters' (e.g. ``streams=``)."""
+    # lazy: ccxt takes about a second to import; only a ccxt ingest needs it
     from meltica.adapters.ccxt.adapter import StreamPolicy
 
     problems = ingest_problems(settings)

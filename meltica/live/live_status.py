@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, select
 
 from meltica.config.settings import MelticaSettings
-from meltica.domain import Fill, Side
+from meltica.domain import TERMINAL_STATUSES, Fill, OrderStatus, Side
 from meltica.domain.timeframe import Timeframe
 from meltica.portfolio.portfolio import Portfolio
 from meltica.risk.kill_switch import KillSwitch, KillSwitchState
@@ -75,8 +75,6 @@ def _limit_view(limit: Limit | None, used: Decimal) -> dict[str, Any]:
 
 def open_orders(engine: Engine, accounts: Sequence[str]) -> list[dict[str, Any]]:
     """Orders of ``accounts`` the database holds as not finished (any non-terminal status), oldest first."""
-    from meltica.domain import TERMINAL_STATUSES, OrderStatus
-
     open_statuses = [s.value for s in OrderStatus if s not in TERMINAL_STATUSES]
     c = orders.c
     query = (
@@ -433,6 +431,7 @@ def market_status_messages(
     Empty when the topic does not exist or holds none."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python 3 read_text on import
+        # lazy: kafka-python (about 0.4 s) only when the status reads the topics
         from kafka import KafkaConsumer, TopicPartition
 
     timeout_ms = int(timeout_s * 1000)

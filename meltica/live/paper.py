@@ -32,15 +32,22 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from meltica.backtest import BacktestConfig
-from meltica.backtest.data import BarSeries
+from sqlalchemy import text
+
+from meltica.backtest import BacktestConfig, write_report
 from meltica.backtest.results import BacktestResult
+from meltica.emulator import EmulatorConfig, EmulatorServer
+from meltica.emulator.config import AccountConfig
+from meltica.emulator.symbols import spec_for
 from meltica.errors import MelticaError
 from meltica.live.config import PipelineConfig
 from meltica.live.results import PaperRunCollector
+from meltica.marketdata.series import BarSeries
+from meltica.messaging.admin import create_topics
 from meltica.messaging.catalogue import Catalogue, market_key
 from meltica.messaging.codec import Codec
 from meltica.messaging.schemas import EndOfReplayCommand
+from meltica.storage.engine import make_engine
 
 Printer = Callable[[str], None]
 
@@ -69,6 +76,7 @@ def _bars_of(series: BarSeries, limit: int | None) -> list[Any]:
 async def _publish(
     bootstrap: str, codec: Codec, bars: Sequence[Any], *, speed: float, exchange: str, symbol: str
 ) -> int:
+    # lazy: aiokafka / kafka-python only in the paper run's own Kafka steps
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
@@ -120,6 +128,7 @@ async def _collect(
     worker: subprocess.Popen[bytes],
     timeout: float,
 ) -> None:
+    # lazy: aiokafka / kafka-python only in the paper run's own Kafka steps
     from aiokafka import AIOKafkaConsumer
 
     topic = codec.catalogue.topic_name("orders.events")
@@ -216,8 +225,6 @@ def run_paper(
     fill of the run. Orders and fills are keyed by client order id and (account, trade id), so a run that
     stores them trades as account ``paper-<run>`` / instance ``<strategy>-<run>`` unless ``config`` names
     its own (a paper venue's trade ids restart with every run)."""
-    from meltica.messaging.admin import create_topics
-
     if venue not in ("paper", "emulator"):
         raise PaperRunError(f"venue {venue!r}: expected paper or emulator")
     if venue == "emulator":
@@ -327,8 +334,6 @@ def run_paper(
         fill_model=config.fill_model_info(),
     )
     if output is not None:
-        from meltica.backtest import write_report
-
         result.write_files(output)
         write_report(result, output, prices={config.symbol: [(b.ts, b.close) for b in bars]})
     if not keep_topics:
@@ -340,10 +345,6 @@ async def _wait_stored(
     database_url: str, collector: PaperRunCollector, sinks: subprocess.Popen[bytes], *, timeout: float
 ) -> None:
     """Until the database holds every order and fill the run produced (the sinks lag a little)."""
-    from sqlalchemy import text
-
-    from meltica.storage.engine import make_engine
-
     engine = make_engine(database_url)
     want_orders, want_fills = len(collector.orders), len(collector.fills)
     deadline = time.monotonic() + timeout
@@ -372,8 +373,6 @@ async def _wait_stored(
 
 def with_emulator_instrument(config: BacktestConfig) -> BacktestConfig:
     """The emulator lists its own spot instruments: trade exactly those filters in the paper run too."""
-    from meltica.emulator.symbols import spec_for
-
     spec = spec_for(config.symbol.replace("/", ""))
     instrument = spec.instrument(Decimal(0), Decimal(0)).model_copy(update={"exchange": config.exchange})
     if instrument.symbol != config.symbol:
@@ -382,9 +381,6 @@ def with_emulator_instrument(config: BacktestConfig) -> BacktestConfig:
 
 
 async def _start_emulator(config: BacktestConfig, api_key: str, api_secret: str) -> Any:
-    from meltica.emulator import EmulatorConfig, EmulatorServer
-    from meltica.emulator.config import AccountConfig
-
     account = AccountConfig(config.account, api_key, api_secret, balances=dict(config.balances()), fees=config.fees())
     server = EmulatorServer(
         EmulatorConfig(
@@ -446,6 +442,7 @@ def _stop_worker(worker: subprocess.Popen[bytes], timeout: float = 20.0) -> None
 
 def _delete_topics(bootstrap: str, catalogue: Catalogue, say: Printer) -> None:
     """Best effort: a leftover topic only costs disk, so a failure is reported, not raised."""
+    # lazy: aiokafka / kafka-python only in the paper run's own Kafka steps
     from kafka.admin import KafkaAdminClient
 
     try:

@@ -106,7 +106,6 @@ from meltica.messaging.schemas import (
     VenueProgress,
 )
 from meltica.portfolio import Portfolio
-from meltica.portfolio.portfolio import Holding
 from meltica.risk import (
     GLOBAL,
     Breach,
@@ -135,9 +134,9 @@ DECISIONS = "risk.decisions"
 
 SNAPSHOT_VERSION = 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)  # order-rate stamps are kept as integer microseconds since the epoch
 _CHILD = re.compile(r"^(?P<parent>.+)\.c\d+$")  # LocalOrderEmulator child intent id: <parent coid>.c<n>
 _REQUEST = TypeAdapter[Any](StrategyMessage)
+_NO_MARKET = {"last": None, "bid": None, "ask": None, "ref": None, "ref_kind": "last", "px": None}
 ReferencePrices = Literal["progress", "candles"]
 STALE_MARKET_DATA = "stale_market_data"
 
@@ -325,7 +324,7 @@ class RiskGate:
         self.kill_switch.subscribe(self._on_kill_switch_change)
         self._persisted_kill = dict(kill_switch_at_start or {})
         for scope, persisted in self._persisted_kill.items():
-            self.kill_switch._set(scope, persisted)  # the durable state: no listener, nothing changed here
+            self.kill_switch.restore(scope, persisted)  # the durable state: no listener, nothing changed here
             if persisted.engaged:
                 log.warning("risk gate: kill switch %s is %s at start (%s)", scope, persisted.mode, persisted.reason)
         self._prices: dict[tuple[str, str], datetime] = {}  # market → time of the price in use
@@ -447,7 +446,7 @@ class RiskGate:
             return out
         # refused: release what the list's passing legs reserved, newest first
         for intent in reversed(approved):
-            _undo_approval(engine, intent.client_order_id, self._now)
+            engine.undo_approval(intent.client_order_id, self._now)
         failed = next(d for d in decisions if not d.approved)
         final = [
             d
@@ -503,7 +502,7 @@ class RiskGate:
         coid = request.client_order_id
         tracked = acct.orders.get(coid)
         engine = self.engine
-        if tracked is None or coid not in engine._open:
+        if tracked is None or not engine.is_reserved(coid):
             return [Outgoing(APPROVED, key, request)]  # not reserved here: nothing to compare with
         new_qty = request.quantity if request.quantity is not None else tracked.quantity
         new_price = request.price if request.price is not None else tracked.price
@@ -522,13 +521,13 @@ class RiskGate:
             decision = self._refusal(tracked.intent, "amend", f"amendment of {coid} is not a valid order: {exc}")
             replacement = tracked.intent
         else:
-            held = _suspend(engine, coid)
+            held = engine.suspend(coid)
             decision = engine.check(replacement)
             if decision.approved:
-                _rekey(engine, replacement.client_order_id, coid, held.intent_id)
+                engine.rekey(replacement.client_order_id, coid, held.intent_id)
                 tracked.quantity, tracked.price = new_qty, new_price
             else:
-                _resume(engine, held)
+                engine.resume(held)
         out: list[Outgoing] = []
         if decision.approved:
             out.append(Outgoing(APPROVED, key, request))
@@ -575,11 +574,11 @@ class RiskGate:
             self._adopt_children(acct, coid)
         elif coid in acct.closed:
             pass  # a stale update of an order that has ended
-        elif coid in engine._open or coid in acct.children:
+        elif engine.is_reserved(coid) or coid in acct.children:
             acct.orders[coid] = _Tracked.of_order(order)
         else:
             child = _CHILD.match(order.intent.intent_id)
-            if child is not None and child.group("parent") in engine._open:
+            if child is not None and engine.is_reserved(child.group("parent")):
                 acct.children[coid] = child.group("parent")  # counted in its parent's reservation
             elif order.remaining_quantity > 0:
                 # not approved here (a cancel-replace replacement, a recovered order): reserve what is left
@@ -603,7 +602,7 @@ class RiskGate:
         acct.fills.add(seen)
         self.portfolio.apply_fill(fill, account=acct.name, strategy=strategy)
         parent = acct.children.get(fill.client_order_id)
-        if parent is not None and parent in self.engine._open:
+        if parent is not None and self.engine.is_reserved(parent):
             fill = fill.model_copy(update={"client_order_id": parent})
         self.engine.on_fill(fill, account=acct.name, strategy=strategy)
 
@@ -773,7 +772,7 @@ class RiskGate:
         if acct is None:
             return None
         scopes = [GLOBAL, f"account:{key}", *(f"strategy:{s}" for s in sorted(acct.strategies))]
-        engine_state, engine_markets = _export_engine(self.engine, key)
+        engine_state, engine_markets = self.engine.export_state(key)
         markets = sorted(acct.markets | engine_markets)
         return {
             "v": SNAPSHOT_VERSION,
@@ -789,7 +788,7 @@ class RiskGate:
             "strategies": sorted(acct.strategies),
             "traded": [list(market) for market in markets],
             "engine": engine_state,
-            "portfolio": _export_portfolio(self.portfolio, key),
+            "portfolio": self.portfolio.export_state(key),
             "markets": self._market_state(markets),
             **self._kill_state(scopes),
         }
@@ -819,8 +818,8 @@ class RiskGate:
         acct.children = dict(state["children"])
         acct.strategies = set(state["strategies"])
         acct.markets = {(exchange, symbol) for exchange, symbol in state["traded"]}
-        _import_portfolio(self.portfolio, account, state["portfolio"])
-        _import_engine(self.engine, account, state["engine"])
+        self.portfolio.import_state(account, state["portfolio"])
+        self.engine.import_state(account, state["engine"])
 
     def _kill_state(self, scopes: Iterable[str]) -> dict[str, Any]:
         states = self.kill_switch.states()
@@ -848,7 +847,7 @@ class RiskGate:
             persisted = self._persisted_kill.get(scope)
             if persisted is not None and persisted.since >= restored.since:
                 continue  # the database, read at start, has a later word on this scope
-            self.kill_switch._set(scope, restored)  # no listener: nothing changed, it is remembered
+            self.kill_switch.restore(scope, restored)  # no listener: nothing changed, it is remembered
             self._ks_seq[scope] = data["seq"]
         self._ks_counter = max(self._ks_counter, int(state["kill_seq"]))
         for command_id in state["commands"]:
@@ -858,19 +857,14 @@ class RiskGate:
     def _market_state(self, markets: Iterable[tuple[str, str]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for exchange, symbol in markets:
-            market = self.engine._markets.get((exchange, symbol))
+            market = self.engine.export_market(exchange, symbol)
             mark = self.portfolio.mark_price(exchange, symbol)
             if market is None and mark is None:
                 continue
             ts = self._prices.get((exchange, symbol))
             out[f"{exchange}|{symbol}"] = {
                 "ts": None if ts is None else ts.isoformat(),
-                "last": None if market is None else _opt_str(market.last),
-                "bid": None if market is None else _opt_str(market.bid),
-                "ask": None if market is None else _opt_str(market.ask),
-                "ref": None if market is None else _opt_str(market.ref),
-                "ref_kind": "last" if market is None else market.ref_kind,
-                "px": None if market is None else _opt_str(market.px),
+                **(market if market is not None else _NO_MARKET),
                 "mark": _opt_str(mark),
             }
         return out
@@ -915,22 +909,13 @@ class RiskGate:
             exchange, _, symbol = name.partition("|")
             ts = _opt_ts(data["ts"])
             known = self._prices.get((exchange, symbol))
-            market = engine._market(exchange, symbol)
-            px = _opt_dec(data["px"])
-            if ts is not None and (known is None or ts > known):  # a newer price than ours
+            newer = ts is not None and (known is None or ts > known)  # a newer price than ours
+            if ts is not None and newer:
                 self._prices[(exchange, symbol)] = ts
-                market.last, market.bid, market.ask = (
-                    _opt_dec(data["last"]),
-                    _opt_dec(data["bid"]),
-                    _opt_dec(data["ask"]),
-                )
-                market.ref, market.ref_kind = _opt_dec(data["ref"]), data["ref_kind"]
                 if data["mark"] is not None:
-                    self.portfolio._restore_mark(exchange, symbol, _dec(data["mark"]))
-                if px is not None:
-                    engine._set_value_price(market, px)
-            elif ts is None and known is None and market.px is None and px is not None:
-                engine._set_value_price(market, px)  # valued at a first order's price, no market data yet
+                    self.portfolio.restore_mark(exchange, symbol, _dec(data["mark"]))
+            # not newer and no price at all: only a first order's valuation price (no market data yet)
+            engine.import_market(exchange, symbol, data, newer=newer, first=ts is None and known is None)
 
 
 class _OwnChangesStore:
@@ -964,176 +949,6 @@ class _EngineSink:
 
     def record_breach(self, breach: Breach) -> None:
         self._breaches.append(breach)
-
-
-# --- engine and portfolio state --------------------------------------------------------------------
-# RiskEngine and Portfolio keep their state in private structures and have no export; this section is
-# the one place that reads and writes them. Counters and legs are per account; markets are shared.
-
-
-def _undo_approval(engine: RiskEngine, client_order_id: str, now: datetime) -> None:
-    """Take back an approval ``check`` just made: its reservation and its order-rate stamp."""
-    order = engine._open.get(client_order_id)
-    if order is None:
-        return
-    engine.on_order_closed(client_order_id)
-    for counter in order.route.rate_counters:
-        if counter.times and counter.times[-1] == now:
-            counter.times.pop()
-
-
-def _suspend(engine: RiskEngine, client_order_id: str) -> Any:
-    """Set an open order's reservation aside (``_resume`` puts it back exactly)."""
-    order = engine._open[client_order_id]
-    engine.on_order_closed(client_order_id)
-    return order
-
-
-def _resume(engine: RiskEngine, order: Any) -> None:
-    """Undo ``on_order_closed`` of ``order`` without counting it as a new approval."""
-    engine._open[order.client_order_id] = order
-    engine._open_by_intent[order.intent_id] = order
-    route = order.route
-    if order.remaining > 0:
-        for leg in (route.acct_leg, route.strat_leg):
-            if order.buy:
-                leg.buy += order.remaining
-            else:
-                leg.sell += order.remaining
-        route.acct_leg.revalue()
-    route.acct_counter.open += 1
-    route.strat_counter.open += 1
-    route.sym_counter.open += 1
-
-
-def _rekey(engine: RiskEngine, new_coid: str, coid: str, intent_id: str) -> None:
-    """Move the reservation approved under ``new_coid`` to the order it amends."""
-    order = engine._open.pop(new_coid)
-    engine._open_by_intent.pop(order.intent_id, None)
-    order.client_order_id, order.intent_id = coid, intent_id
-    engine._open[coid] = order
-    engine._open_by_intent[intent_id] = order
-
-
-def _export_engine(engine: RiskEngine, account: str) -> tuple[dict[str, Any], set[tuple[str, str]]]:
-    routes = sorted(key for key in engine._routes if key[0] == account)
-    strategies = sorted({key[1] for key in routes})
-    scopes = {f"account:{account}", *(f"strategy:{s}" for s in strategies)}
-    markets = {(key[2], key[3]) for key in routes}
-    return {
-        "routes": [list(key[1:]) for key in routes],
-        "acct_legs": [
-            [key[1], key[2], str(leg.pos), str(leg.buy), str(leg.sell)]
-            for key, leg in sorted(engine._acct_legs.items())
-            if key[0] == account
-        ],
-        "strat_legs": [
-            [key[1], key[2], key[3], str(leg.pos), str(leg.buy), str(leg.sell)]
-            for key, leg in sorted(engine._strat_legs.items())
-            if key[0] == account
-        ],
-        "counters": [
-            [list(key), counter.open, [(t - _EPOCH) // _MICROSECOND for t in counter.times]]
-            for key, counter in sorted(engine._counters.items())
-            if key[1] == account
-        ],
-        "open": [
-            [
-                coid,
-                order.intent_id,
-                order.route.strategy,
-                order.route.exchange,
-                order.route.symbol,
-                order.buy,
-                str(order.remaining),
-            ]
-            for coid, order in sorted(engine._open.items())
-            if order.route.account == account
-        ],
-        "anchors": {scope: str(value) for scope, value in sorted(engine._anchors.items()) if scope in scopes},
-        "peak": _opt_str(engine._peaks.get(account)),
-        "tripped": sorted([rule, scope] for rule, scope in engine._tripped if scope in scopes),
-        "day_start": engine._day_start.isoformat(),
-    }, markets
-
-
-def _import_engine(engine: RiskEngine, account: str, data: Mapping[str, Any]) -> None:
-    day_start = _ts(data["day_start"])
-    if day_start > engine._day_start:
-        engine._day_start = day_start
-        engine._next_reset = day_start + timedelta(days=1)
-    for coid in [c for c, order in engine._open.items() if order.route.account == account]:
-        order = engine._open.pop(coid)
-        engine._open_by_intent.pop(order.intent_id, None)
-    for strategy, exchange, symbol in data["routes"]:
-        key = (account, strategy, exchange, symbol)
-        if key not in engine._routes:
-            engine._route(key)
-    for coid, intent_id, strategy, exchange, symbol, buy, remaining in data["open"]:
-        route = engine._routes[(account, strategy, exchange, symbol)]
-        engine._reserve(route, buy, _dec(remaining), coid, intent_id, _EPOCH)
-    # the exact counters and legs (overwriting what _reserve counted)
-    for key, open_count, times in data["counters"]:
-        counter = engine._counter(tuple(key))
-        counter.open = open_count
-        counter.times = deque(_EPOCH + timedelta(microseconds=t) for t in times)
-    for strategy, exchange, symbol, pos, buy, sell in data["strat_legs"]:
-        leg = engine._strat_legs[(account, strategy, exchange, symbol)]
-        leg.pos, leg.buy, leg.sell = _dec(pos), _dec(buy), _dec(sell)
-    for exchange, symbol, pos, buy, sell in data["acct_legs"]:
-        leg = engine._acct_legs[(account, exchange, symbol)]
-        leg.pos, leg.buy, leg.sell = _dec(pos), _dec(buy), _dec(sell)
-        leg.revalue()
-    for scope, value in data["anchors"].items():
-        engine._anchors[scope] = _dec(value)
-    if data["peak"] is not None:
-        engine._peaks[account] = _dec(data["peak"])
-    scopes = {f"account:{account}", *(f"strategy:{r[0]}" for r in data["routes"])}
-    engine._tripped = {t for t in engine._tripped if t[1] not in scopes} | {(r, s) for r, s in data["tripped"]}
-
-
-def _export_portfolio(portfolio: Portfolio, account: str) -> dict[str, Any]:
-    ledgers = []
-    for (acct, exchange, symbol, strategy), ledger in sorted(portfolio._ledgers.items()):
-        if acct != account:
-            continue
-        ledgers.append(
-            [
-                exchange,
-                symbol,
-                strategy,
-                str(ledger.quantity),
-                str(ledger.cost),
-                str(ledger.realized),
-                str(ledger.fees),
-                {k: str(v) for k, v in sorted(ledger.other_fees.items())},
-                ledger.fill_count,
-            ]
-        )
-    holdings = [
-        [exchange, asset, str(h.free), str(h.locked)]
-        for (exchange, asset), h in sorted(portfolio.holdings(account).items())
-    ]
-    return {"ledgers": ledgers, "holdings": holdings}
-
-
-def _import_portfolio(portfolio: Portfolio, account: str, data: Mapping[str, Any]) -> None:
-    for exchange, symbol, strategy, qty, cost, realized, fees, other_fees, fill_count in data["ledgers"]:
-        portfolio._restore_ledger(
-            account,
-            exchange,
-            symbol,
-            strategy,
-            quantity=_dec(qty),
-            cost=_dec(cost),
-            realized=_dec(realized),
-            fees=_dec(fees),
-        )
-        ledger = portfolio._ledger(account, exchange, symbol, strategy)
-        ledger.other_fees = {k: _dec(v) for k, v in other_fees.items()}
-        ledger.fill_count = fill_count
-    for exchange, asset, free, locked in data["holdings"]:
-        portfolio._restore_holding(account, exchange, Holding(asset, _dec(free), _dec(locked)))
 
 
 __all__ = ["APPROVED", "CANDLES", "CONTROL", "DECISIONS", "EVENTS", "INTENTS", "REJECTED", "RiskGate"]

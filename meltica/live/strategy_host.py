@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -42,7 +42,8 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from meltica.backtest.context import OrderTrackingContext
-from meltica.domain import Bar, Instrument, Order, OrderFilled, OrderIntent, OrderRejected, Side
+from meltica.backtest.intents import ManualClock
+from meltica.domain import Bar, Instrument, OrderFilled, OrderIntent, OrderRejected, Side
 from meltica.errors import ConfigurationError, InvalidOrderError
 from meltica.live.config import PipelineConfig, StrategyInstanceConfig
 from meltica.live.processor import Emit, Incoming, Outgoing
@@ -65,7 +66,6 @@ from meltica.messaging.schemas import (
 from meltica.portfolio import Portfolio
 from meltica.strategies import Strategy, build_strategy, get_strategy
 from meltica.strategies.base import OrderList, OrderListKind
-from meltica.strategies.intents import ManualClock, _Timer
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class StrategyHost:
 
     def _build(self, config: StrategyInstanceConfig) -> _Instance:
         inst = _Instance(config, self._instruments.get(config.exchange, {}))
-        inst.ctx._id_epoch = self.id_epoch
+        inst.ctx.id_epoch = self.id_epoch
         self._apply_persisted_kill(inst)
         return inst
 
@@ -385,7 +385,7 @@ class StrategyHost:
         try:
             inst.ctx.drain()
         except Exception as exc:
-            inst.ctx._pending.clear()
+            inst.ctx.drop_scheduled()
             inst.stopped = True
             self.errors.append(f"{inst.instance_id}: {exc!r}")
             self._log.exception("strategy instance %s failed and is stopped", inst.instance_id)
@@ -399,7 +399,7 @@ class StrategyHost:
         ctx = inst.ctx
         if ctx.clock.now == EPOCH and ts is not None:
             ctx.clock.now = ts
-        inst.ctx._pending.append(inst.strategy.on_start)
+        inst.ctx.schedule(inst.strategy.on_start)
         self._run(inst)
         requests = ctx.take_requests()
         acks = []
@@ -429,7 +429,7 @@ class StrategyHost:
         ctx.clock.now = bar.close_time
         ctx.queue_due_timers()
         if not inst.paused:
-            ctx._pending.append(partial(inst.strategy.on_bar, bar))
+            ctx.schedule(partial(inst.strategy.on_bar, bar))
         self._run(inst)
         return self._emit_requests(inst, ctx.take_requests())
 
@@ -442,7 +442,7 @@ class StrategyHost:
             return []
         inst.ctx.apply_update(update)
         if inst.stopped:
-            inst.ctx._pending.clear()
+            inst.ctx.drop_scheduled()
             return []
         self._run(inst)
         return self._emit_requests(inst, inst.ctx.take_requests())
@@ -480,9 +480,9 @@ class StrategyHost:
             if bar is not None:
                 inst.last_bar[bar.symbol] = bar.ts
                 if not inst.paused and not inst.stopped:
-                    ctx._pending.append(partial(inst.strategy.on_bar, bar))
+                    ctx.schedule(partial(inst.strategy.on_bar, bar))
         if inst.stopped:
-            ctx._pending.clear()
+            ctx.drop_scheduled()
         self._run(inst)
         requests = ctx.take_requests()
         inst.acked[market] = progress.seq
@@ -546,7 +546,7 @@ class StrategyHost:
         requests: list[PipelineRequest] = []
         if not inst.stopped:
             inst.stopped = True
-            ctx._pending.append(inst.strategy.on_stop)
+            ctx.schedule(inst.strategy.on_stop)
             self._run(inst)
             requests = ctx.take_requests()
         seq = inst.acked.get(market, 0) + 1
@@ -558,7 +558,7 @@ class StrategyHost:
         if inst.stopped:
             return []
         inst.stopped = True
-        inst.ctx._pending.append(inst.strategy.on_stop)
+        inst.ctx.schedule(inst.strategy.on_stop)
         self._run(inst)
         return self._emit_requests(inst, inst.ctx.take_requests())
 
@@ -615,10 +615,9 @@ class StrategyHost:
         if inst is None:
             return None
         ctx = inst.ctx
-        open_coids = set(ctx._open)
         ledgers = [
             [k[2], str(q), str(c), str(r), str(f)]
-            for k, q, c, r, f, _mark in ctx.portfolio._ledger_state()
+            for k, q, c, r, f, _mark in ctx.portfolio.ledger_state()
             if k[3] == inst.instance_id
         ]
         return {
@@ -629,16 +628,8 @@ class StrategyHost:
             "stopped": inst.stopped,
             "paused": inst.paused,
             "clock": ctx.clock.now.isoformat(),
-            "seq": ctx._seq,
-            "id_epoch": ctx._id_epoch,
+            **ctx.export_state(),  # seq, id_epoch, timers, open, announced, amends
             "request_seq": ctx.request_seq,
-            "timers": {
-                n: [t.due.isoformat(), None if t.every is None else t.every.total_seconds()]
-                for n, t in ctx._timers.items()
-            },
-            "open": [o.model_dump(mode="json") for o in ctx._open.values()],
-            "announced": sorted(ctx._announced & open_coids),
-            "amends": {c: n for c, n in ctx._amends.items() if c in open_coids},
             "ledgers": ledgers,
             "kill": dict(ctx.kill_modes),
             "acked": dict(inst.acked),
@@ -657,26 +648,16 @@ class StrategyHost:
         ctx = inst.ctx
         params = get_strategy(config.strategy).Params.model_validate(state["params"])
         inst.strategy = build_strategy(config.strategy, params, ctx)
-        ctx._strategy = None
         ctx.attach(inst.strategy)
         inst.strategy.restore_state(state["strategy"])
         inst.started = bool(state["started"])
         inst.stopped = bool(state["stopped"])
         inst.paused = bool(state["paused"])
         ctx.clock.now = datetime.fromisoformat(state["clock"])
-        ctx._seq = int(state["seq"])
-        ctx._id_epoch = str(state.get("id_epoch", ""))
+        ctx.import_state(state)  # seq, id_epoch, timers, open, announced, amends
         ctx.request_seq = int(state["request_seq"])
-        for name, (due, every) in state["timers"].items():
-            ctx._timers[name] = _Timer(
-                due=datetime.fromisoformat(due), every=None if every is None else timedelta(seconds=every)
-            )
-        for data in state["open"]:
-            ctx._track(Order.model_validate(data))
-        ctx._announced.update(state["announced"])
-        ctx._amends.update({c: int(n) for c, n in state["amends"].items()})
         for symbol, q, c, r, f in state["ledgers"]:
-            ctx.portfolio._restore_ledger(
+            ctx.portfolio.restore_ledger(
                 config.account,
                 config.exchange,
                 symbol,

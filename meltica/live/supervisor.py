@@ -51,10 +51,19 @@ from typing import IO, Any
 
 from sqlalchemy import Engine
 
+from meltica.config.loader import check_live
 from meltica.config.settings import MelticaSettings
-from meltica.errors import MelticaError
+from meltica.errors import InfrastructureError, MelticaError
+from meltica.infra.postgres import ensure_postgres, ensure_schema_at_head
+from meltica.live.live_status import open_orders
+from meltica.messaging.admin import admin_client, create_topics, default_bootstrap
+from meltica.messaging.catalogue import Catalogue
+from meltica.messaging.codec import Codec
+from meltica.messaging.schemas import KillSwitchCommand
+from meltica.secrets import resolve_secret
 from meltica.secrets.master_key import MASTER_KEY_ENV, MASTER_KEY_FILE_ENV, NEW_MASTER_KEY_ENV
 from meltica.secrets.references import plain_text
+from meltica.storage import migrate
 
 STATE_FILE = "supervisor.json"
 LOCK_FILE = "supervisor.lock"
@@ -618,7 +627,6 @@ def kafka_bootstrap(settings: MelticaSettings) -> str:
     """``kafka.bootstrap_servers``, else ``MELTICA_KAFKA_BOOTSTRAP``, else the local dev broker."""
     if settings.kafka.bootstrap_servers:
         return settings.kafka.bootstrap_servers
-    from meltica.messaging.admin import default_bootstrap
 
     return default_bootstrap()
 
@@ -627,10 +635,7 @@ def database_url_of(settings: MelticaSettings) -> str:
     """``database_url`` of the deployment's settings (resolved), else the runtime role on the local server
     (``meltica infra``)."""
     if settings.database_url is not None:
-        from meltica.secrets import resolve_secret
-
         return resolve_secret(settings.database_url, allow_plaintext=True).get_secret_value()
-    from meltica.infra.postgres import ensure_postgres
 
     return ensure_postgres().runtime_url
 
@@ -640,12 +645,6 @@ def prepare_deployment(settings: MelticaSettings, *, source: str, engine: Engine
     problem), the database schema at head (in staging and prod it must already be: ``SchemaNotAtHeadError``
     naming ``meltica db upgrade``; in dev and paper it is migrated as the owner role), the deployment's
     topics created with its prefix."""
-    from meltica.config.loader import check_live
-    from meltica.infra.postgres import ensure_schema_at_head
-    from meltica.messaging.admin import create_topics
-    from meltica.messaging.catalogue import Catalogue
-    from meltica.storage import migrate
-
     check_live(settings, source)
     migrated = ensure_schema_at_head(engine, settings)
     say(f"database {'migrated to' if migrated else 'schema at'} {migrate.current_revision(engine)}")
@@ -670,13 +669,11 @@ def publish_control(bootstrap: str, topic: str, key: str, value: bytes, *, timeo
     the topic does not exist (it is never auto-created here)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python 3 read_text on import
+        # lazy: kafka-python (about 0.4 s) only when a kill-switch command is sent
         from kafka import KafkaProducer
 
-    from meltica.errors import InfrastructureError
-    from meltica.messaging.admin import _admin
-
     timeout_ms = int(timeout_s * 1000)
-    admin = _admin(bootstrap, timeout_ms)
+    admin = admin_client(bootstrap, timeout_ms)
     try:
         if topic not in set(admin.list_topics()):
             raise InfrastructureError(f"no topic {topic} on {bootstrap}", reason="topic_missing")
@@ -729,10 +726,6 @@ class CancelAllOnStop:
         self._poll_s = poll_s
 
     def commands(self) -> Iterator[tuple[str, bytes]]:
-        from meltica.messaging.catalogue import Catalogue
-        from meltica.messaging.codec import Codec
-        from meltica.messaging.schemas import KillSwitchCommand
-
         codec = Codec(Catalogue(prefix=self._prefix))
         for account in self.accounts:
             scope = f"account:{account}"
@@ -747,9 +740,6 @@ class CancelAllOnStop:
             yield scope, codec.encode("control", command)
 
     def __call__(self) -> bool:
-        from meltica.live.live_status import open_orders
-        from meltica.messaging.catalogue import Catalogue
-
         if not self.accounts:
             return True
         topic = Catalogue(prefix=self._prefix).topic_name("control")

@@ -204,6 +204,7 @@ def configure_tracing(exporter: str = "none", service_name: str = "meltica") -> 
             if _configured != exporter:
                 raise ConfigurationError(f"tracing already configured with {_configured!r}, not {exporter!r}")
             return trace.get_tracer_provider()
+        # lazy: the OpenTelemetry SDK (and the optional OTLP exporter) only when tracing is on
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
@@ -216,12 +217,14 @@ def configure_tracing(exporter: str = "none", service_name: str = "meltica") -> 
         if exporter == "console":
             provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
         elif exporter == "memory":
+            # lazy: the OpenTelemetry SDK (and the optional OTLP exporter) only when tracing is on
             from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
             _memory = InMemorySpanExporter()
             provider.add_span_processor(SimpleSpanProcessor(_memory))
         elif exporter == "otlp":
             try:
+                # lazy: the OpenTelemetry SDK (and the optional OTLP exporter) only when tracing is on
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
                     OTLPSpanExporter,
                 )

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from meltica.messaging.admin import admin_client
+
 STATS_TOPIC = "meltica.worker-stats"
 STATS_VERSION = 1
 LATENCY_WINDOW = 4096
@@ -201,6 +203,7 @@ def read_stats(bootstrap: str, prefix: str = "", *, timeout_ms: int = 10_000) ->
     Reads the one partition from the beginning to its end offset with kafka-python (no group)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python 3 read_text on import
+        # lazy: kafka-python (about 0.4 s) only when the stats topic is read or made
         from kafka import KafkaConsumer, TopicPartition
 
     topic = stats_topic_name(prefix)
@@ -249,12 +252,11 @@ def ensure_stats_topic(bootstrap: str, prefix: str = "", *, timeout_ms: int = 15
 
     Created up front with the admin client: a producer sending to a topic that does not exist yet
     waits for its metadata, and that wait must never hold up a worker."""
+    # lazy: kafka-python (about 0.4 s) only when the stats topic is read or made
     from kafka.errors import TopicAlreadyExistsError
 
-    from meltica.messaging.admin import _admin
-
     topic = stats_topic_name(prefix)
-    admin = _admin(bootstrap, timeout_ms)
+    admin = admin_client(bootstrap, timeout_ms)
     try:
         if topic in set(admin.list_topics()):
             return True

@@ -42,7 +42,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from meltica.domain.timeframe import Timeframe
+from meltica.domain.market_data import CandleRow
+from meltica.domain.timeframe import Timeframe, parse_timeframe
 from meltica.errors import DataValidationError
 
 TIME_COLUMNS = ("timestamp", "date", "time", "ts", "open_time", "datetime")
@@ -60,19 +61,6 @@ FORMAT_HELP = (
 """What ``--help`` says about the accepted bar files."""
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class CandleRow:
-    """One validated bar as read from a file; ``line`` is its 1-based line (CSV) or row number."""
-
-    ts: datetime
-    open: Decimal
-    high: Decimal
-    low: Decimal
-    close: Decimal
-    volume: Decimal
-    line: int
 
 
 @dataclass(frozen=True)
@@ -222,6 +210,7 @@ def _csv_records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _arrow_records(path: Path, kind: str) -> Iterator[dict[str, Any]]:
+    # lazy: pyarrow only for Feather/Parquet files
     import pyarrow.feather as feather
     import pyarrow.parquet as parquet
 
@@ -359,14 +348,6 @@ def _check_bar(o: Decimal, h: Decimal, lo: Decimal, c: Decimal, v: Decimal) -> N
         raise ValueError(f"OHLC out of order (open={o} high={h} low={lo} close={c})")
     if v < 0:
         raise ValueError(f"volume must not be negative, got {v}")
-
-
-def parse_timeframe(text: str) -> Timeframe:
-    """Timeframe.parse with the data-error type the CLI reports as bad input."""
-    try:
-        return Timeframe.parse(text)
-    except ValueError as exc:
-        raise DataValidationError(str(exc), reason="invalid_timeframe") from None
 
 
 def parse_decimal(value: Any, name: str) -> Decimal:

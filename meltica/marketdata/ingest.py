@@ -27,9 +27,9 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from meltica.adapters.base import ExchangeAdapter
 from meltica.domain import Bar, Trade
+from meltica.domain.market_data import CandleRow
 from meltica.domain.timeframe import Timeframe
 from meltica.errors import ConfigurationError
-from meltica.marketdata.candle_files import CandleRow
 from meltica.storage import candles as candle_store
 from meltica.storage import trades as trade_store
 from meltica.storage.errors import classify_database_error

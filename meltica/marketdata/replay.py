@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from meltica.backtest.data import BarSeries, TradeSeries
 from meltica.domain import Bar, Timeframe, Trade
+from meltica.marketdata.series import BarSeries, TradeSeries
 from meltica.messaging.schemas import EndOfReplayCommand
 
 Clock = Callable[[], float]

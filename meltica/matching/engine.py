@@ -552,6 +552,11 @@ class MatchingEngine:
         assert self._c is not None
         return self._c
 
+    def next_trade_id(self, symbol: str) -> int:
+        """Take the next id of ``symbol``'s trade sequence (the one its fills use), for a print made
+        outside the engine (the emulator's real-time path trades)."""
+        return self._market(symbol).next_trade_id()
+
     def _market(self, symbol: str) -> _Market:
         m = self._markets.get(symbol)
         if m is None:

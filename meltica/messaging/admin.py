@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meltica.errors import InfrastructureError
+from meltica.infra.kafka import ensure_kafka
 from meltica.messaging.catalogue import Catalogue, TopicSpec
 
 BOOTSTRAP_ENV = "MELTICA_KAFKA_BOOTSTRAP"
@@ -35,15 +36,15 @@ def default_bootstrap() -> str:
     value = os.environ.get(BOOTSTRAP_ENV)
     if value:
         return value
-    from meltica.infra.kafka import ensure_kafka
 
     return ensure_kafka().bootstrap_servers
 
 
-def _admin(bootstrap: str, timeout_ms: int) -> Any:
+def admin_client(bootstrap: str, timeout_ms: int) -> Any:
     """An admin client; ``timeout_ms`` bounds both the first connection (bootstrap) and each request."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python 3 read_text on import
+        # lazy: kafka-python (about 0.4 s, and a DeprecationWarning on import) only when topics are administered
         from kafka import KafkaAdminClient
 
     try:
@@ -61,9 +62,10 @@ def create_topics(
     bootstrap: str, catalogue: Catalogue, replication: int = 1, *, timeout_ms: int = 30_000
 ) -> CreateResult:
     """Create every catalogue topic that does not exist (partitions and configs from the spec)."""
+    # lazy: kafka-python (about 0.4 s, and a DeprecationWarning on import) only when topics are administered
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = _admin(bootstrap, timeout_ms)
+    admin = admin_client(bootstrap, timeout_ms)
     try:
         present = set(admin.list_topics())
         wanted = {catalogue.topic_name(spec.name): spec for spec in catalogue}
@@ -100,10 +102,11 @@ def create_topics(
 
 def describe_topics(bootstrap: str, names: Iterable[str], *, timeout_ms: int = 30_000) -> dict[str, TopicInfo]:
     """Partitions, replication and the non-default configs of existing topics (missing ones are left out)."""
+    # lazy: kafka-python (about 0.4 s, and a DeprecationWarning on import) only when topics are administered
     from kafka.admin import ConfigResource, ConfigResourceType
 
     names = list(names)
-    admin = _admin(bootstrap, timeout_ms)
+    admin = admin_client(bootstrap, timeout_ms)
     try:
         present = set(admin.list_topics())
         names = [name for name in names if name in present]

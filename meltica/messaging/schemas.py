@@ -13,8 +13,8 @@ from pydantic import Field
 
 from meltica.domain.market_data import Bar
 from meltica.domain.orders import AnyOrderEvent, Fill, Order, OrderIntent
+from meltica.domain.risk import RiskDecision
 from meltica.domain.values import DomainModel, PositiveDecimal, UtcDatetime
-from meltica.risk.engine import RiskDecision
 
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 

@@ -73,6 +73,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Context, Decimal, localcontext
+from typing import Any, TypedDict
 
 from meltica.domain.orders import Fill
 from meltica.domain.portfolio import Balance, Position, settlement_currency
@@ -191,7 +192,7 @@ class _Ledger:
     other_fees: dict[str, Decimal] = field(default_factory=dict)
     fill_count: int = 0
     # ``position()`` validates the first Position it builds; later ones skip it (``checked``), unless the
-    # numbers were restored from outside (``_restore_ledger``), which may not be Decimals.
+    # numbers were restored from outside (``restore_ledger``), which may not be Decimals.
     checked: bool = field(default=False, repr=False, compare=False)
     restored: bool = field(default=False, repr=False, compare=False)
 
@@ -283,6 +284,13 @@ class _Reservation:
 
 
 # --- the portfolio -------------------------------------------------------------------------------
+
+
+class PortfolioAccountState(TypedDict):
+    """One account's part of a ``Portfolio`` (``export_state``/``import_state``)."""
+
+    ledgers: list[list[Any]]
+    holdings: list[list[str]]
 
 
 class Portfolio:
@@ -622,7 +630,9 @@ class Portfolio:
             )
         return quotes.pop()
 
-    def _restore_ledger(
+    # --- state for restarts (stores and snapshots) ------------------------------------------------
+
+    def restore_ledger(
         self,
         account: str,
         exchange: str,
@@ -633,21 +643,76 @@ class Portfolio:
         cost: Decimal,
         realized: Decimal,
         fees: Decimal,
+        other_fees: Mapping[str, Decimal] | None = None,
+        fill_count: int | None = None,
     ) -> None:
+        """Set one ledger's numbers as a store or snapshot kept them (``other_fees``/``fill_count``: left
+        as they are when not given)."""
         ledger = self._ledger(account, exchange, symbol, strategy)
         ledger.quantity, ledger.cost, ledger.realized, ledger.fees = quantity, cost, realized, fees
+        if other_fees is not None:
+            ledger.other_fees = dict(other_fees)
+        if fill_count is not None:
+            ledger.fill_count = fill_count
         ledger.restored = True
         ledger.checked = False
 
-    def _ledger_state(self) -> list[tuple[LedgerKey, Decimal, Decimal, Decimal, Decimal, Decimal | None]]:
+    def ledger_state(self) -> list[tuple[LedgerKey, Decimal, Decimal, Decimal, Decimal, Decimal | None]]:
         """``(key, quantity, cost, realized, fees, mark)`` per ledger, for the store."""
         return [
             (key, lg.quantity, lg.cost, lg.realized, lg.fees, self._marks.get((key[1], key[2])))
             for key, lg in sorted(self._ledgers.items())
         ]
 
-    def _restore_holding(self, account: str, exchange: str, holding: Holding) -> None:
+    def restore_holding(self, account: str, exchange: str, holding: Holding) -> None:
+        """Set one balance as a store or snapshot kept it."""
         self._holdings[(account, exchange, holding.asset)] = holding
 
-    def _restore_mark(self, exchange: str, symbol: str, price: Decimal) -> None:
+    def restore_mark(self, exchange: str, symbol: str, price: Decimal) -> None:
+        """Set one market's mark price as a store or snapshot kept it."""
         self._marks[(exchange, symbol)] = price
+
+    def export_state(self, account: str) -> PortfolioAccountState:
+        """One account's ledgers and balances, JSON-ready (Decimals as strings), for ``import_state``.
+        Ledgers: ``[exchange, symbol, strategy, quantity, cost, realized, fees, other fees, fill count]``;
+        holdings: ``[exchange, asset, free, locked]``."""
+        ledgers: list[list[Any]] = []
+        for (acct, exchange, symbol, strategy), ledger in sorted(self._ledgers.items()):
+            if acct != account:
+                continue
+            ledgers.append(
+                [
+                    exchange,
+                    symbol,
+                    strategy,
+                    str(ledger.quantity),
+                    str(ledger.cost),
+                    str(ledger.realized),
+                    str(ledger.fees),
+                    {k: str(v) for k, v in sorted(ledger.other_fees.items())},
+                    ledger.fill_count,
+                ]
+            )
+        holdings: list[list[str]] = [
+            [exchange, asset, str(h.free), str(h.locked)]
+            for (exchange, asset), h in sorted(self.holdings(account).items())
+        ]
+        return {"ledgers": ledgers, "holdings": holdings}
+
+    def import_state(self, account: str, data: PortfolioAccountState | Mapping[str, Any]) -> None:
+        """Restore what ``export_state`` returned for ``account`` (ledgers and balances it names)."""
+        for exchange, symbol, strategy, qty, cost, realized, fees, other_fees, fill_count in data["ledgers"]:
+            self.restore_ledger(
+                account,
+                exchange,
+                symbol,
+                strategy,
+                quantity=Decimal(str(qty)),
+                cost=Decimal(str(cost)),
+                realized=Decimal(str(realized)),
+                fees=Decimal(str(fees)),
+                other_fees={k: Decimal(str(v)) for k, v in other_fees.items()},
+                fill_count=fill_count,
+            )
+        for exchange, asset, free, locked in data["holdings"]:
+            self.restore_holding(account, exchange, Holding(asset, Decimal(str(free)), Decimal(str(locked))))

@@ -51,7 +51,7 @@ class PortfolioStore:
         ts = require_utc(ts)
         positions: list[dict[str, Any]] = []
         with localcontext(_EXACT):
-            for (account, exchange, symbol, strategy), qty, cost, realized, fees, mark in portfolio._ledger_state():
+            for (account, exchange, symbol, strategy), qty, cost, realized, fees, mark in portfolio.ledger_state():
                 positions.append(
                     {
                         "account": account,
@@ -153,7 +153,7 @@ class PortfolioStore:
                     cost = qty * row.mark_price - row.unrealized_pnl
                 else:
                     cost = qty * row.average_entry_price
-                portfolio._restore_ledger(
+                portfolio.restore_ledger(
                     row.account,
                     row.exchange,
                     row.symbol,
@@ -166,7 +166,7 @@ class PortfolioStore:
                 market = (row.exchange, row.symbol)
                 if row.mark_price is not None and (market not in mark_ts or row.ts > mark_ts[market]):
                     mark_ts[market] = row.ts
-                    portfolio._restore_mark(row.exchange, row.symbol, row.mark_price)
+                    portfolio.restore_mark(row.exchange, row.symbol, row.mark_price)
         for row in bal_rows:
-            portfolio._restore_holding(row.account, row.exchange, Holding(row.asset, row.free, row.locked))
+            portfolio.restore_holding(row.account, row.exchange, Holding(row.asset, row.free, row.locked))
         return portfolio

@@ -57,6 +57,7 @@ from meltica.domain.orders import Fill
 from meltica.errors import DataValidationError
 from meltica.portfolio import Portfolio
 from meltica.risk.limits import RiskConfig, resolve_limits
+from meltica.storage.candles import read_candles
 from meltica.storage.tables import (
     balance_snapshots,
     candles,
@@ -492,8 +493,6 @@ def _limit_uses(
 def _var(
     engine: Engine, pf: Portfolio, accounts: Sequence[str], end: datetime, timeframe: str, lookback: timedelta
 ) -> tuple[list[VaRLine], dict[str, list[float]]]:
-    from meltica.storage.candles import read_candles
-
     closes: dict[Market, dict[datetime, float]] = {}
 
     def series(market: Market) -> dict[datetime, float] | None:
@@ -766,6 +765,7 @@ def markdown(report: RiskReport, *, chart_url: str | None = None, limits_source:
 def render_png(report: RiskReport, path: str | Path) -> Path:
     """Three panels: the day's PnL curve per scope, PnL by strategy (realized / Δ unrealized / fees), and
     the VaR scenario histogram of the book with VaR 95/99 marked. Object API on an Agg canvas."""
+    # lazy: matplotlib takes about a second to import; only the charts need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

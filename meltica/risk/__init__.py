@@ -4,7 +4,8 @@ See ``meltica/execution/README.md`` for how it fits with the portfolio and the O
 ``meltica.risk.engine`` for the list of checks.
 """
 
-from meltica.risk.engine import Breach, PortfolioView, RiskDecision, RiskEngine
+from meltica.domain.risk import RiskDecision
+from meltica.risk.engine import Breach, PortfolioView, RiskEngine
 from meltica.risk.kill_switch import (
     GLOBAL,
     InMemoryKillSwitchStore,

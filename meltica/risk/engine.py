@@ -47,14 +47,16 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from meltica.domain import Fill, Instrument, OrderIntent, Position, Side, client_order_id_for
 from meltica.domain.instrument import is_multiple_of
-from meltica.errors import InvalidOrderError, RiskRejectedError
+from meltica.domain.risk import RISK_ACTOR as _ACTOR
+from meltica.domain.risk import RiskDecision
+from meltica.errors import InvalidOrderError
 from meltica.risk.kill_switch import GLOBAL, KillSwitch, KillSwitchChange, KillSwitchMode, system_clock
 from meltica.risk.limits import Limit, ResolvedLimits, RiskConfig, resolve_limits
 from meltica.risk.store import DecisionSink, InMemoryRiskStateStore, RiskStateStorage
@@ -67,51 +69,12 @@ _HUNDRED = Decimal(100)
 _TWO = Decimal(2)
 _WINDOW = timedelta(seconds=60)
 _DAY = timedelta(days=1)
-_ACTOR = "risk-engine"
 _APPROVED_REASON = "all checks passed"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)  # order-rate stamps are kept as integer microseconds since the epoch
 
 
 # --- results -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RiskDecision:
-    """The answer to one intent. ``rule`` names the failed check (``None`` when approved)."""
-
-    intent_id: str
-    approved: bool
-    rule: str | None
-    reason: str | None
-    ts: datetime
-    details: dict[str, Any] = field(default_factory=dict)
-    account: str | None = None
-    strategy: str | None = None
-    exchange: str | None = None
-    symbol: str | None = None
-
-    def raise_if_rejected(self) -> None:
-        """``RiskRejectedError`` (terminal) for a rejection; nothing for an approval."""
-        if not self.approved:
-            raise RiskRejectedError(
-                f"intent {self.intent_id} rejected by risk: {self.reason}",
-                reason=self.rule or "risk_rejected",
-                intent_id=self.intent_id,
-                rule=self.rule,
-            )
-
-    def as_row(self) -> dict[str, Any]:
-        return {
-            "ts": self.ts,
-            "account": self.account,
-            "strategy": self.strategy,
-            "symbol": self.symbol,
-            "intent_id": self.intent_id,
-            "decision": "approved" if self.approved else "rejected",
-            "rule": self.rule,
-            "reason": self.reason,
-            "details": {"exchange": self.exchange, **self.details},
-            "actor": _ACTOR,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +275,54 @@ class _Open:
         self.remaining = remaining
         self.client_order_id = client_order_id
         self.intent_id = intent_id
+
+
+class RiskAccountState(TypedDict):
+    """One account's part of a ``RiskEngine`` (``export_state``/``import_state``), JSON-ready: routes
+    ``[strategy, exchange, symbol]``; legs ``[.., pos, buy, sell]``; counters ``[key, open, stamps in µs]``;
+    open reservations ``[coid, intent id, strategy, exchange, symbol, buy, remaining]``."""
+
+    routes: list[list[str]]
+    acct_legs: list[list[str]]
+    strat_legs: list[list[str]]
+    counters: list[list[Any]]
+    open: list[list[Any]]
+    anchors: dict[str, str]
+    peak: str | None
+    tripped: list[list[str]]
+    day_start: str
+
+
+class MarketPrices(TypedDict):
+    """The prices a ``RiskEngine`` holds of one market (``export_market``/``import_market``)."""
+
+    last: str | None
+    bid: str | None
+    ask: str | None
+    ref: str | None
+    ref_kind: str
+    px: str | None
+
+
+class Reservation:
+    """An open order's reservation set aside by ``RiskEngine.suspend``, for ``resume``."""
+
+    __slots__ = ("order",)
+
+    def __init__(self, order: _Open) -> None:
+        self.order = order
+
+    @property
+    def intent_id(self) -> str:
+        return self.order.intent_id
+
+
+def _opt_str(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _opt_dec(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
 
 
 # --- the engine ----------------------------------------------------------------------------------
@@ -1128,6 +1139,165 @@ class RiskEngine:
         key = (account, strategy, exchange, symbol)
         route = self._routes.get(key) or self._route(key)
         return route.limits
+
+    # --- state for restarts (the live risk gate's snapshots) ----------------------------------------
+    # Counters and legs are per account; markets are shared. The formats are JSON: Decimals as strings,
+    # order-rate stamps as integer microseconds since the epoch.
+
+    def export_state(self, account: str) -> tuple[RiskAccountState, set[tuple[str, str]]]:
+        """Everything this engine holds of ``account`` (its routes, legs, counters, open reservations,
+        daily anchors, peak and tripped breakers), and the markets its routes trade."""
+        routes = sorted(key for key in self._routes if key[0] == account)
+        strategies = sorted({key[1] for key in routes})
+        scopes = {f"account:{account}", *(f"strategy:{s}" for s in strategies)}
+        markets = {(key[2], key[3]) for key in routes}
+        state: RiskAccountState = {
+            "routes": [list(key[1:]) for key in routes],
+            "acct_legs": [
+                [key[1], key[2], str(leg.pos), str(leg.buy), str(leg.sell)]
+                for key, leg in sorted(self._acct_legs.items())
+                if key[0] == account
+            ],
+            "strat_legs": [
+                [key[1], key[2], key[3], str(leg.pos), str(leg.buy), str(leg.sell)]
+                for key, leg in sorted(self._strat_legs.items())
+                if key[0] == account
+            ],
+            "counters": [
+                [list(key), counter.open, [(t - _EPOCH) // _MICROSECOND for t in counter.times]]
+                for key, counter in sorted(self._counters.items())
+                if key[1] == account
+            ],
+            "open": [
+                [
+                    coid,
+                    order.intent_id,
+                    order.route.strategy,
+                    order.route.exchange,
+                    order.route.symbol,
+                    order.buy,
+                    str(order.remaining),
+                ]
+                for coid, order in sorted(self._open.items())
+                if order.route.account == account
+            ],
+            "anchors": {scope: str(value) for scope, value in sorted(self._anchors.items()) if scope in scopes},
+            "peak": None if (peak := self._peaks.get(account)) is None else str(peak),
+            "tripped": sorted([rule, scope] for rule, scope in self._tripped if scope in scopes),
+            "day_start": self._day_start.isoformat(),
+        }
+        return state, markets
+
+    def import_state(self, account: str, data: RiskAccountState | Mapping[str, Any]) -> None:
+        """Replace what this engine holds of ``account`` with ``data`` (from ``export_state``); a later
+        day start than this engine's moves its daily reset forward."""
+        day_start = datetime.fromisoformat(data["day_start"])
+        if day_start > self._day_start:
+            self._day_start = day_start
+            self._next_reset = day_start + _DAY
+        for coid in [c for c, order in self._open.items() if order.route.account == account]:
+            order = self._open.pop(coid)
+            self._open_by_intent.pop(order.intent_id, None)
+        for strategy, exchange, symbol in data["routes"]:
+            key = (account, strategy, exchange, symbol)
+            if key not in self._routes:
+                self._route(key)
+        for coid, intent_id, strategy, exchange, symbol, buy, remaining in data["open"]:
+            route = self._routes[(account, strategy, exchange, symbol)]
+            self._reserve(route, buy, Decimal(str(remaining)), coid, intent_id, _EPOCH)
+        # the exact counters and legs (overwriting what _reserve counted)
+        for key, open_count, times in data["counters"]:
+            counter = self._counter(tuple(key))
+            counter.open = open_count
+            counter.times = deque(_EPOCH + timedelta(microseconds=t) for t in times)
+        for strategy, exchange, symbol, pos, buy, sell in data["strat_legs"]:
+            leg = self._strat_legs[(account, strategy, exchange, symbol)]
+            leg.pos, leg.buy, leg.sell = Decimal(str(pos)), Decimal(str(buy)), Decimal(str(sell))
+        for exchange, symbol, pos, buy, sell in data["acct_legs"]:
+            leg = self._acct_legs[(account, exchange, symbol)]
+            leg.pos, leg.buy, leg.sell = Decimal(str(pos)), Decimal(str(buy)), Decimal(str(sell))
+            leg.revalue()
+        for scope, value in data["anchors"].items():
+            self._anchors[scope] = Decimal(str(value))
+        if data["peak"] is not None:
+            self._peaks[account] = Decimal(str(data["peak"]))
+        scopes = {f"account:{account}", *(f"strategy:{r[0]}" for r in data["routes"])}
+        self._tripped = {t for t in self._tripped if t[1] not in scopes} | {(r, s) for r, s in data["tripped"]}
+
+    def export_market(self, exchange: str, symbol: str) -> MarketPrices | None:
+        """The prices this engine holds of one market (``None``: it has never heard of it)."""
+        market = self._markets.get((exchange, symbol))
+        if market is None:
+            return None
+        return {
+            "last": _opt_str(market.last),
+            "bid": _opt_str(market.bid),
+            "ask": _opt_str(market.ask),
+            "ref": _opt_str(market.ref),
+            "ref_kind": market.ref_kind,
+            "px": _opt_str(market.px),
+        }
+
+    def import_market(
+        self, exchange: str, symbol: str, data: MarketPrices | Mapping[str, Any], *, newer: bool, first: bool
+    ) -> None:
+        """Restore one market's prices from ``export_market``: all of them when the snapshot is ``newer``
+        than anything heard since; else, when ``first`` (no price heard at all), only a valuation price
+        still missing (a first order's price, kept before any market data)."""
+        market = self._market(exchange, symbol)
+        px = None if data["px"] is None else Decimal(str(data["px"]))
+        if newer:
+            market.last, market.bid, market.ask = _opt_dec(data["last"]), _opt_dec(data["bid"]), _opt_dec(data["ask"])
+            market.ref, market.ref_kind = _opt_dec(data["ref"]), data["ref_kind"]
+            if px is not None:
+                self._set_value_price(market, px)
+        elif first and market.px is None and px is not None:
+            self._set_value_price(market, px)
+
+    def is_reserved(self, client_order_id: str) -> bool:
+        """Whether an approval of this engine still reserves ``client_order_id`` (approved, not closed)."""
+        return client_order_id in self._open
+
+    def undo_approval(self, client_order_id: str, now: datetime) -> None:
+        """Take back an approval ``check`` just made: its reservation and its order-rate stamp."""
+        order = self._open.get(client_order_id)
+        if order is None:
+            return
+        self.on_order_closed(client_order_id)
+        for counter in order.route.rate_counters:
+            if counter.times and counter.times[-1] == now:
+                counter.times.pop()
+
+    def suspend(self, client_order_id: str) -> Reservation:
+        """Set an open order's reservation aside (``resume`` puts it back exactly)."""
+        order = self._open[client_order_id]
+        self.on_order_closed(client_order_id)
+        return Reservation(order)
+
+    def resume(self, reservation: Reservation) -> None:
+        """Undo ``on_order_closed`` of a suspended reservation without counting it as a new approval."""
+        order = reservation.order
+        self._open[order.client_order_id] = order
+        self._open_by_intent[order.intent_id] = order
+        route = order.route
+        if order.remaining > 0:
+            for leg in (route.acct_leg, route.strat_leg):
+                if order.buy:
+                    leg.buy += order.remaining
+                else:
+                    leg.sell += order.remaining
+            route.acct_leg.revalue()
+        route.acct_counter.open += 1
+        route.strat_counter.open += 1
+        route.sym_counter.open += 1
+
+    def rekey(self, new_client_order_id: str, client_order_id: str, intent_id: str) -> None:
+        """Move the reservation approved under ``new_client_order_id`` to the order it amends."""
+        order = self._open.pop(new_client_order_id)
+        self._open_by_intent.pop(order.intent_id, None)
+        order.client_order_id, order.intent_id = client_order_id, intent_id
+        self._open[client_order_id] = order
+        self._open_by_intent[intent_id] = order
 
     # --- routes ----------------------------------------------------------------------------------
 

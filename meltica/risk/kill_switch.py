@@ -304,6 +304,11 @@ class KillSwitch:
         for scope, state in loaded.items():
             self._set(scope, state)
 
+    def restore(self, scope: str, state: KillSwitchState) -> None:
+        """Take ``state`` as the scope's durable state without telling any listener (nothing changed:
+        a restart reading what was persisted or snapshotted)."""
+        self._set(scope, state)
+
     def _set(self, scope: str, state: KillSwitchState) -> None:
         self._states[scope] = state
         if state.mode is KillSwitchMode.OFF:

@@ -19,7 +19,8 @@ from meltica.risk.kill_switch import KillSwitchChange, KillSwitchMode, KillSwitc
 from meltica.storage.tables import kill_switch_state, risk_events, risk_state
 
 if TYPE_CHECKING:
-    from meltica.risk.engine import Breach, RiskDecision
+    from meltica.domain.risk import RiskDecision
+    from meltica.risk.engine import Breach
 
 
 def to_json(value: object) -> Any:

@@ -13,6 +13,7 @@ works), so importing this package does not pull in SQLAlchemy tables or hvac.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from meltica.secrets.credentials import (
@@ -101,6 +102,5 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'meltica.secrets' has no attribute {name!r}")
-    import importlib
 
     return getattr(importlib.import_module(module), name)

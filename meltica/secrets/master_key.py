@@ -156,6 +156,7 @@ def _read_key_file(path: Path) -> bytes:
 def read_master_key_from_keyring() -> str | None:
     """The master key stored in the OS keyring, or None (no ``keyring`` package, no backend, no entry)."""
     try:
+        # lazy: keyring is an optional extra (meltica[keyring])
         import keyring
         from keyring.errors import KeyringError
     except ImportError:
@@ -179,6 +180,7 @@ def store_master_key_in_keyring(key: bytes | str) -> None:
     text = key.decode("ascii") if isinstance(key, bytes) else key
     MasterKey(text, source="key for the keyring")  # validate before storing
     try:
+        # lazy: keyring is an optional extra (meltica[keyring])
         import keyring
         from keyring.errors import KeyringError
     except ImportError:

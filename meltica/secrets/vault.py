@@ -154,6 +154,7 @@ def _vault_error(action: str, account: str, exc: Exception) -> SecretError:
 
 
 def _errors(hvac: Any) -> tuple[type[Exception], ...]:
+    # lazy: hvac (and its requests) is an optional extra (meltica[vault])
     import requests
 
     return (hvac.exceptions.VaultError, requests.RequestException)
@@ -161,6 +162,7 @@ def _errors(hvac: Any) -> tuple[type[Exception], ...]:
 
 def _import_hvac() -> Any:
     try:
+        # lazy: hvac (and its requests) is an optional extra (meltica[vault])
         import hvac  # type: ignore[import-untyped]
         import hvac.exceptions  # type: ignore[import-untyped]
     except ImportError:

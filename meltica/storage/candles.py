@@ -10,9 +10,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from meltica.domain.timeframe import Timeframe
+from meltica.domain.market_data import CandleRow
+from meltica.domain.timeframe import Timeframe, parse_timeframe
 from meltica.errors import DataValidationError
-from meltica.marketdata.candle_files import CandleRow, parse_timeframe
 from meltica.storage import timeseries
 from meltica.storage.errors import storage_errors
 

@@ -33,12 +33,21 @@ import re
 
 from sqlalchemy import Connection, text
 
-from meltica.config.settings import DEFAULT_RUNTIME_ROLE
 from meltica.errors import ConfigurationError
 from meltica.storage.tables import APPEND_ONLY_TABLES
 from meltica.storage.timeseries import REFRESH_CANDLES_FUNCTION
 
-__all__ = ["REFRESH_CANDLES_FUNCTION", "RUNTIME_DELETES", "RUNTIME_UPDATES", "grant_runtime", "runtime_role"]
+# The role the migrations grant the application's rights to (the settings' ``database_runtime_role`` default).
+DEFAULT_RUNTIME_ROLE = "meltica_app"
+
+__all__ = [
+    "DEFAULT_RUNTIME_ROLE",
+    "REFRESH_CANDLES_FUNCTION",
+    "RUNTIME_DELETES",
+    "RUNTIME_UPDATES",
+    "grant_runtime",
+    "runtime_role",
+]
 
 RUNTIME_ROLE_ENV = "MELTICA_DATABASE_RUNTIME_ROLE"
 

@@ -3,7 +3,7 @@
 A strategy never talks to a venue, a database, Kafka or the wall clock. Everything it may do goes
 through the ``StrategyContext`` it receives in ``__init__``: read the simulated or real clock, read its
 positions and open orders, submit / amend / cancel intents, set timers, keep persisted state, log. The
-backtest engine, the paper runner (``meltica.strategies.simulation.PaperContext``) and the live Faust
+backtest engine, the paper runner (``meltica.backtest.simulation.PaperContext``) and the live Faust
 agent each implement the context; the strategy code is the same in all three.
 """
 

@@ -300,4 +300,5 @@ def param_space(name: str) -> dict[str, ParamSpec]:
 
 def _load_builtins() -> None:
     # Importing the package registers the built-ins; a no-op after the first call.
+    # lazy: the built-in strategies register themselves through this module: circular at import time
     import meltica.strategies.builtin  # noqa: F401

@@ -23,8 +23,7 @@ from typing import Any
 from meltica.adapters.ccxt import RetryPolicy as AdapterRetry
 from meltica.adapters.registry import create_adapter
 from meltica.domain import OrderIntent
-from meltica.emulator import CCXT_OPTIONS
-from meltica.emulator.server import ccxt_urls_for
+from meltica.emulator import CCXT_OPTIONS, ccxt_urls_for
 from meltica.execution import OrderManager, OrderStore, RetryPolicy
 from meltica.storage.engine import make_engine
 

@@ -14,8 +14,7 @@ from live_exec_process import ACCOUNT, config
 
 from meltica.adapters.ccxt import RetryPolicy
 from meltica.adapters.registry import create_adapter
-from meltica.emulator import CCXT_OPTIONS
-from meltica.emulator.server import ccxt_urls_for
+from meltica.emulator import CCXT_OPTIONS, ccxt_urls_for
 from meltica.execution import OrderStore
 from meltica.live.execution import ExecutionService
 from meltica.live.live_driver import LiveDriver

@@ -25,8 +25,7 @@ from typing import Any
 
 from meltica.adapters.ccxt import RetryPolicy
 from meltica.adapters.registry import create_adapter
-from meltica.emulator import CCXT_OPTIONS
-from meltica.emulator.server import ccxt_urls_for
+from meltica.emulator import CCXT_OPTIONS, ccxt_urls_for
 from meltica.execution import OrderStore
 from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceConfig
 from meltica.live.execution import ExecutionService

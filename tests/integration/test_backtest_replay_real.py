@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from meltica.backtest import BacktestConfig, run_backtest
-from meltica.backtest.data import BookSeries, TradeSeries
 from meltica.domain import LiquiditySide, OrderBookSnapshot, Trade
+from meltica.marketdata.series import BookSeries, TradeSeries
 from meltica.strategies import Strategy, StrategyParams
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -25,6 +25,7 @@ import pytest
 from meltica.adapters.base import ExchangeAdapter, UserEvent
 from meltica.adapters.paper import PaperAdapter, PaperVenue
 from meltica.backtest import BacktestConfig
+from meltica.backtest.intents import ManualClock
 from meltica.domain import (
     Bar,
     Instrument,
@@ -42,7 +43,6 @@ from meltica.execution import MemoryOrderStore, OrderManager
 from meltica.live.emulator_driver import EmulatorDriver, EmulatorDriverError, EmulatorSettleError
 from meltica.live.venue import VenueDriver
 from meltica.matching import FeeSchedule, FillModel
-from meltica.strategies.intents import ManualClock
 
 pytestmark = pytest.mark.integration
 
@@ -219,7 +219,7 @@ class PaperLockStep:
             self.venue.deposit(ACCOUNT, asset, amount)
         self._adapter = PaperAdapter(self.venue, ACCOUNT)
         self._queue: asyncio.Queue[UserEvent] = asyncio.Queue()
-        self.venue._user_queues[ACCOUNT].append(self._queue)  # the private stream, drained in settle()
+        self.venue.user_queues[ACCOUNT].append(self._queue)  # the private stream, drained in settle()
         self.on_user_event: Callable[[UserEvent], Awaitable[Any]] | None = None
 
     @property

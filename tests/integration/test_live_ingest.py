@@ -108,8 +108,8 @@ def test_ingest_from_emulator_to_kafka_and_faust_candles(
 
     from meltica.adapters.ccxt.adapter import StreamPolicy
     from meltica.adapters.registry import create_adapter
-    from meltica.backtest.data import TradeSeries
     from meltica.emulator import CCXT_OPTIONS, EmulatorConfig, EmulatorServer
+    from meltica.marketdata.series import TradeSeries
     from streams.app import make_app
     from streams.marketdata import register_candle_agents, register_ingest
     from streams.topics import StreamTopics
@@ -290,7 +290,7 @@ def test_candle_agent_restart_continues_the_open_minute_from_its_table(
     kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str]
 ) -> None:
     """A worker stops mid-minute; a new one (same group) restores the window from the changelogged table."""
-    from meltica.backtest.data import TradeSeries
+    from meltica.marketdata.series import TradeSeries
     from streams.app import make_app
     from streams.marketdata import register_candle_agents
     from streams.replay import ReplayPublisher

@@ -13,8 +13,8 @@ import pytest
 
 from meltica.backtest import BacktestConfig, BarSeries, run_backtest
 from meltica.backtest.engine import build_context
+from meltica.backtest.simulation import PaperContext
 from meltica.strategies import build_strategy
-from meltica.strategies.simulation import PaperContext
 
 DATA = Path(__file__).resolve().parents[2] / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
 SYMBOL = "BTC/USDT:USDT"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, insert, text
 
-from meltica.marketdata.candle_files import CandleRow
+from meltica.domain.market_data import CandleRow
 from meltica.reporting.risk_report import build_risk_report, load_stored_report, store_report
 from meltica.risk.limits import RiskConfig
 from meltica.storage.candles import load_candles

@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 import pytest
 
 from meltica.backtest import BacktestConfig, run_backtest
-from meltica.backtest.data import BookSeries, TradeSeries
 from meltica.backtest.engine import BAR, BOOK, TRADE, merge_events
 from meltica.domain import BookLevel, LiquiditySide, OrderBookSnapshot, Side, Trade
 from meltica.errors import BookGapError
+from meltica.marketdata.series import BookSeries, TradeSeries
 from meltica.strategies import Strategy, StrategyParams
 
 SYMBOL = "BTC/USDT"

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 from typing import Any
 
+from meltica.backtest.intents import END_OF_DATA
 from meltica.domain import Bar, OrderIntent, OrderStatus, OrderType, Side
 from meltica.live.bus import InMemoryBus
 from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceConfig
@@ -27,7 +28,6 @@ from meltica.messaging.schemas import (
     SubmitRequest,
     VenueProgress,
 )
-from meltica.strategies.simulation import END_OF_DATA
 
 SYMBOL = "BTC/USDT"
 T0 = datetime(2022, 1, 1, tzinfo=UTC)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from meltica.backtest.data import BarSeries, TradeSeries
 from meltica.domain import Bar, Trade
 from meltica.live.marketdata import (
     CandleAggregator,
@@ -25,6 +24,7 @@ from meltica.live.marketdata import (
 )
 from meltica.live.processor import Incoming, Processor
 from meltica.marketdata.replay import ReplayTally, replay_speed
+from meltica.marketdata.series import BarSeries, TradeSeries
 from meltica.messaging.schemas import EndOfReplayCommand, KillSwitchCommand, SubscribeCommand
 
 FREQTRADE = Path(__file__).resolve().parents[1] / "data" / "freqtrade"

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meltica.domain import Side
+from meltica.domain.orderbook import DepthDiff, DepthSynchronizer, L2Book
 from meltica.errors import BookGapError
-from meltica.marketdata.orderbook import DepthDiff, DepthSynchronizer, L2Book
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 BINANCE = DATA / "binance"

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from meltica.backtest.simulation import PaperContext
 from meltica.domain import Bar, Fill, Instrument, Order, OrderStatus, OrderType, Side, TimeInForce
 from meltica.errors import ConfigurationError, InvalidOrderError
 from meltica.strategies import (
@@ -25,7 +26,6 @@ from meltica.strategies import (
     param_space,
     register_strategy,
 )
-from meltica.strategies.simulation import PaperContext
 
 DATA = Path(__file__).resolve().parents[2] / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
 SYMBOL = "BTC/USDT:USDT"

@@ -19,9 +19,9 @@ def test_full_collections_are_counted_and_timed_while_installed() -> None:
     finally:
         stats.gc.uninstall()
     record = stats.record()["gc"]
-    assert record["gen2"]["count"] == 1
+    assert record["gen2"]["count"] >= 1  # ours, and any the interpreter started meanwhile
     assert record["gen1"]["count"] >= 1
     assert 0 < record["gen2"]["max_ms"] <= record["gen2"]["total_ms"]
     gc.collect()
-    assert stats.record()["gc"]["gen2"]["count"] == 1  # uninstalled: no longer counted
+    assert stats.record()["gc"]["gen2"] == record["gen2"]  # uninstalled: no longer counted
     assert len(keep) == 50_000

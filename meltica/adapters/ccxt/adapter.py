@@ -58,6 +58,7 @@ from meltica.domain import (
     utc_to_ms,
 )
 from meltica.domain.instrument import CCXT_TICK_SIZE
+from meltica.domain.orderbook import L2Book
 from meltica.errors import (
     ClockSkewError,
     ConfigurationError,
@@ -69,7 +70,6 @@ from meltica.errors import (
     StaleStreamError,
     TerminalError,
 )
-from meltica.marketdata.orderbook import L2Book
 from meltica.retry import RetryPolicy
 
 T = TypeVar("T")

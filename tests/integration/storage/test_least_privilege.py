@@ -19,7 +19,6 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from meltica.config.settings import DEFAULT_RUNTIME_ROLE
 from meltica.domain import Instrument, OrderIntent, OrderStatus, OrderType, Side
 from meltica.domain.market_data import Bar
 from meltica.errors import ConfigurationError
@@ -31,6 +30,7 @@ from meltica.risk import KillSwitch, KillSwitchMode, KillSwitchStore
 from meltica.storage import candles, migrate
 from meltica.storage.engine import make_engine
 from meltica.storage.migrate import SchemaNotAtHeadError
+from meltica.storage.privileges import DEFAULT_RUNTIME_ROLE
 from meltica.storage.tables import APPEND_ONLY_TABLES
 from tests.integration.conftest import runtime_url_of
 

@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import Engine, text
 
 from meltica.cli.demo_cmd import DEMO_DATASET
-from meltica.marketdata.candle_files import CandleRow, read_candle_file
+from meltica.domain.market_data import CandleRow
+from meltica.marketdata.candle_files import read_candle_file
 from meltica.storage import candles, timeseries
 
 pytestmark = pytest.mark.integration

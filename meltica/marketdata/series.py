@@ -1,4 +1,5 @@
-"""Market data for a backtest: bars from a candle file, the database or columnar arrays, validated once.
+"""Market-data series for a backtest, a paper replay or the live lock-step mode: bars from a candle file,
+the database or columnar arrays, validated once; trades and order-book updates from recorded files.
 
 The engine walks ``BarSeries`` (columns of ``Decimal`` prices and aware-UTC open times) and builds each
 domain ``Bar`` with ``fast_bar`` — no per-bar pydantic validation, because the whole series was checked
@@ -7,6 +8,10 @@ here first (positive prices, ``low <= open, close <= high``, volume >= 0, open t
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from meltica.domain import Bar, OrderBookSnapshot, Side, Timeframe, Trade
-from meltica.errors import DataValidationError
+from meltica.domain.orderbook import DepthDiff, DepthSynchronizer, L2Book
+from meltica.errors import BookGapError, DataValidationError
+from meltica.marketdata.candle_files import read_candle_file
+from meltica.storage.candles import read_candles
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _BAR_FIELDS = frozenset(Bar.model_fields)
@@ -135,8 +143,6 @@ class BarSeries:
     def from_file(cls, path: str | Path, *, exchange: str, symbol: str, timeframe: str | None) -> BarSeries:
         """A bar file (CSV, Feather, Parquet, freqtrade/pandas JSON), validated by ``read_candle_file``;
         ``timeframe=None`` infers it from the bars' spacing. Gaps and unsorted rows are in ``warnings``."""
-        from meltica.marketdata.candle_files import read_candle_file
-
         parsed = read_candle_file(path, timeframe)
         rows = parsed.rows
         if not rows:
@@ -166,8 +172,6 @@ class BarSeries:
         end: datetime | None = None,
     ) -> BarSeries:
         """Stored candles (rolled up by the database when ``timeframe`` is a multiple of a stored one)."""
-        from meltica.storage.candles import read_candles
-
         rows = read_candles(engine, exchange=exchange, symbol=symbol, timeframe=timeframe, start=start, end=end)
         if not rows:
             raise DataValidationError(
@@ -189,6 +193,7 @@ class BarSeries:
     def from_arrays(cls, arrays: Mapping[str, Any], *, exchange: str, symbol: str, timeframe: str) -> BarSeries:
         """Columnar arrays (numpy or sequences): ``ts`` (int ns since the epoch, or datetimes) and
         ``open``/``high``/``low``/``close``/``volume`` (floats, converted through their shortest repr)."""
+        # lazy: numpy only for float columns
         import numpy as np
 
         ts_raw = arrays["ts"]
@@ -423,20 +428,14 @@ class TradeSeries:
         if not p.exists():
             raise DataValidationError(f"{where}: no such file", reason="no_data")
         if name.endswith(".parquet"):
+            # lazy: pyarrow only for Parquet files
             import pyarrow.parquet as pq
 
             rows: list[dict[str, Any]] = pq.read_table(p).to_pylist()
         elif name.endswith((".csv", ".csv.gz")):
-            import csv
-            import gzip
-            import io
-
             raw = gzip.decompress(p.read_bytes()) if name.endswith(".gz") else p.read_bytes()
             rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
         elif name.endswith((".json", ".json.gz")):
-            import gzip
-            import json
-
             raw = gzip.decompress(p.read_bytes()) if name.endswith(".gz") else p.read_bytes()
             data = json.loads(raw, parse_float=Decimal)
             if isinstance(data, Mapping):
@@ -526,9 +525,6 @@ class BookSeries:
         ``on_gap="raise"`` raises ``BookGapError``; ``"drop"`` (default) drops it and every diff until
         the next snapshot (counted in ``gaps``/``dropped``); ``"apply"`` applies it anyway and carries on
         from it (counted in ``gaps``; recorded files with holes). ``depth``: levels in the strategy's view."""
-        from meltica.errors import BookGapError
-        from meltica.marketdata.orderbook import DepthDiff, DepthSynchronizer, L2Book
-
         if on_gap not in ("raise", "drop", "apply"):
             raise ValueError("on_gap must be 'raise', 'drop' or 'apply'")
         messages: list[tuple[datetime, int, int, dict[str, Any]]] = []  # (ts, kind 0 = snapshot, seq, msg)
@@ -582,10 +578,6 @@ def _levels(levels: Iterable[Sequence[Any]]) -> Levels:
 
 
 def _depth_messages(path: Path) -> list[dict[str, Any]]:
-    import csv
-    import gzip
-    import io
-
     if not path.exists():
         raise DataValidationError(f"{path}: no such file", reason="no_data")
     raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()

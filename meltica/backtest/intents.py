@@ -1,6 +1,6 @@
 """``IntentingContext``: what every simulated ``StrategyContext`` does the same way.
 
-``PaperContext`` (``meltica.strategies.simulation``) and ``BacktestContext`` (``meltica.backtest.context``)
+``PaperContext`` (``meltica.backtest.simulation``) and ``BacktestContext`` (``meltica.backtest.context``)
 build intents, order lists and timers identically (deterministic intent ids ``f"{instance_id}:{seq}"``,
 venue precision applied as the OMS does, DESIGN.md §4); they differ only in how a built intent or order
 list is handed on (straight to the paper venue, or through the OMS) and in what they keep of the result.
@@ -25,6 +25,9 @@ from meltica.domain import Instrument, Order, OrderIntent, OrderType, Position, 
 from meltica.errors import InvalidOrderError
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
 
+END_OF_DATA = "end of data: never sent"
+"""The reason an order a simulated context still held when the data ended is cancelled with (never sent)."""
+
 if TYPE_CHECKING:
     from meltica.adapters.paper import PaperVenue
 
@@ -40,7 +43,7 @@ class ManualClock:
 
 
 @dataclass(slots=True)
-class _Timer:
+class Timer:
     due: datetime
     every: timedelta | None
 
@@ -57,7 +60,7 @@ class IntentingContext:
     _strategy: Strategy[Any] | None
     _seq: int
     _id_epoch: str = ""  # live: a per-incarnation namespace of intent ids (StrategyHost ``id_epoch``)
-    _timers: dict[str, _Timer]
+    _timers: dict[str, Timer]
     _pending: deque[Callable[[], None]]
 
     # --- StrategyContext: identity, clock, reads ---------------------------------------------------
@@ -101,6 +104,23 @@ class IntentingContext:
     def now(self) -> datetime:
         return self.clock.now
 
+    @property
+    def id_epoch(self) -> str:
+        """A per-incarnation namespace of this context's intent ids (live: ``StrategyHost.id_epoch``)."""
+        return self._id_epoch
+
+    @id_epoch.setter
+    def id_epoch(self, value: str) -> None:
+        self._id_epoch = value
+
+    def schedule(self, callback: Callable[[], None]) -> None:
+        """Queue a strategy callback; the driver runs the queue (never re-entrantly)."""
+        self._pending.append(callback)
+
+    def drop_scheduled(self) -> None:
+        """Forget every queued callback (an instance that stopped hears nothing more)."""
+        self._pending.clear()
+
     def instrument(self, symbol: str) -> Instrument:
         try:
             return self.venue.engine.instrument(symbol)
@@ -114,7 +134,7 @@ class IntentingContext:
         if every is not None and every <= timedelta(0):
             raise ValueError("every must be positive")
         due = at if at is not None else self.now() + every  # type: ignore[operator]
-        self._timers[name] = _Timer(due=due, every=every)
+        self._timers[name] = Timer(due=due, every=every)
 
     def cancel_timer(self, name: str) -> None:
         self._timers.pop(name, None)

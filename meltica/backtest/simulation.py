@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from functools import partial
@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from meltica.adapters.paper import PaperVenue, domain_fill, to_new_order
+from meltica.backtest.intents import END_OF_DATA, IntentingContext, ManualClock
 from meltica.domain import (
     Bar,
     Fill,
@@ -68,9 +69,6 @@ from meltica.matching import (
     NewOrder,
 )
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
-from meltica.strategies.intents import IntentingContext, ManualClock
-
-END_OF_DATA = "end of data: never sent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,6 +530,4 @@ class PaperContext(IntentingContext):
 
 def _with_type_of(new: NewOrder, current: Any) -> NewOrder:
     """Keep the venue-side type of the order being replaced (a post-only limit stays LIMIT_MAKER)."""
-    from dataclasses import replace
-
     return replace(new, type=current.type)

@@ -33,7 +33,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NoReturn
 
-from meltica.domain import BookLevel, OrderBookSnapshot, Side
+from meltica.domain.enums import Side
+from meltica.domain.market_data import BookLevel, OrderBookSnapshot
 from meltica.errors import BookGapError
 
 PriceLike = Decimal | str | float | int
