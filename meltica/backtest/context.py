@@ -37,12 +37,13 @@ from functools import partial
 from typing import Any, Literal
 
 from meltica.adapters.base import UserEvent, VenueOrder
-from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue
+from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue, domain_fill, to_new_order
 from meltica.domain import (
     Bar,
     Fill,
     Instrument,
     Order,
+    OrderAccepted,
     OrderBookSnapshot,
     OrderCancelled,
     OrderEvent,
@@ -59,7 +60,8 @@ from meltica.domain import (
 from meltica.errors import InvalidOrderError, MelticaError
 from meltica.execution import MemoryOrderStore, OrderManager
 from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
-from meltica.matching import FeeSchedule, FillModel
+from meltica.execution.oms import needs_emulation
+from meltica.matching import EngineOrderStatus, FeeSchedule, FillModel
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, RiskConfig, RiskEngine
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
@@ -488,6 +490,9 @@ class BacktestContext(OrderTrackingContext):
         # the previous bar's path share a timestamp (that bar's close is this one's open).
         self.fill_phase = "event"
         self.fill_phases: dict[str, str] = {}  # fill id -> the phase it happened in
+        # Plain market orders skip the OMS round trip (``submit_direct``); the bar loop switches it on
+        # when the venue is synthetic and uncapped (no recorded trades or book, no volume share).
+        self.direct_market_orders = False
         self._executor = RequestExecutor(
             self.oms,
             self.emulator,
@@ -604,8 +609,71 @@ class BacktestContext(OrderTrackingContext):
             self._pending = held
 
     async def _execute(self, request: HeldRequest) -> None:
+        if self.direct_market_orders and request.kind == "submit" and self.submit_direct(request.intent):
+            return
         if await self._executor.execute(request):
             self._emulated_active = True
+
+    def submit_direct(self, intent: OrderIntent | None) -> bool:
+        """The in-process venue path: a plain market order goes straight to the matching engine.
+
+        What the OMS path does for such an order, without its write-ahead store, adapter, user-stream
+        queue and event loop: the engine's ``submit`` (the same validation, balance check, fill price,
+        fee, order and trade ids and ledger), then the order's events — submitted, accepted, one filled
+        per fill — applied to the domain ``Order`` and reported as the OMS's store would report them, and
+        each fill applied to the portfolio. Only when nothing else can take part: no risk engine or kill
+        switch, nothing emulated, no open venue order of ours (a fill could trigger a resting stop), a
+        quantity the synthetic book fills whole (no volume cap), a known new order that needs no
+        emulation and no rounding. Otherwise, and when the engine refuses the order (it changed nothing
+        then), ``False``: the request takes the full OMS path, which reports the refusal as live would.
+        """
+        if intent is None or intent.type is not OrderType.MARKET:
+            return False
+        engine = self.engine
+        coid = intent.client_order_id
+        if (
+            self.risk is not None
+            or self.oms.kill_switch is not None
+            or self._emulated_active
+            or intent.account != self._account
+            or intent.exchange != self._exchange
+            or engine.open_orders(intent.account)
+            or self.store.get(coid) is not None
+            or intent.quantity > engine.fill_model.synthetic_level_quantity
+            or needs_emulation(intent, PAPER_CAPABILITIES)
+            or engine.instrument(intent.symbol).round_quantity(intent.quantity) != intent.quantity
+        ):
+            return False
+        try:
+            result = engine.submit(to_new_order(intent, coid, engine.last_price(intent.symbol)))
+        except MelticaError:
+            return False
+        order = result.order
+        if (
+            order is None
+            or order.status is not EngineOrderStatus.FILLED
+            or any(u.order.order_id != order.order_id for u in result.order_updates)
+        ):  # the preconditions above rule this out; a bug if it happens (the engine already executed)
+            raise RuntimeError(f"direct market order {coid}: unexpected engine result {result!r}")
+        now = self.clock.now
+        submitted = OrderSubmitted(event_id="submitted", client_order_id=coid, ts=now)
+        current = Order.from_intent(intent).apply(submitted)
+        self._on_stored(current, submitted)
+        accepted = OrderAccepted(
+            event_id="accepted", client_order_id=coid, ts=now, exchange_order_id=str(order.order_id)
+        )
+        current = current.apply(accepted)
+        self._on_stored(current, accepted)
+        exchange_id = self.venue.exchange_id
+        for update in result.order_updates:
+            if update.fill is None:
+                continue
+            fill = domain_fill(exchange_id, update.fill)
+            filled = OrderFilled(event_id=f"fill:{fill.fill_id}", client_order_id=coid, ts=fill.ts, fill=fill)
+            current = current.apply(filled)
+            self._on_stored(current, filled)
+            self.portfolio.apply_fill(fill, account=intent.account, strategy=intent.strategy)
+        return True
 
     async def _cancel_now(self, client_order_id: str) -> None:
         await self._executor.cancel_now(client_order_id)

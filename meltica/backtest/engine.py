@@ -149,6 +149,7 @@ def run_backtest(
     sweep_id: Any = None,
     trades: TradesInput | None = None,
     book: BookSeries | None = None,
+    fast_path: bool = True,
 ) -> BacktestResult:
     """Run one backtest and return its result (metrics, equity curve, orders, fills, round trips).
 
@@ -157,7 +158,9 @@ def run_backtest(
     default the configured one). ``strategy``: a ``Strategy`` class to run instead of looking
     ``config.strategy`` up in the registry (unregistered strategies, benchmarks). ``trades`` /
     ``book``: recorded trades and L2 book updates to replay (module docstring, "Event replay"); with
-    either, ``bars`` is optional and the database is not read. Nothing is written:
+    either, ``bars`` is optional and the database is not read. ``fast_path=False`` sends every order
+    through the full OMS path (the in-process venue path gives the same orders and fills; for comparison
+    and tests). Nothing is written:
     ``result.write_files(dir)``, ``write_report(result, dir)`` and ``result.save(engine)`` do that.
     """
     if not isinstance(config, BacktestConfig):
@@ -168,7 +171,7 @@ def run_backtest(
     if len(series) == 0:
         raise DataValidationError("no bars to backtest", reason="no_data")
     # The coroutine hands back small things: asyncio may repr a finished task's result.
-    ctx, equity = asyncio.run(_run(config, series, progress=progress, strategy_class=strategy))
+    ctx, equity = asyncio.run(_run(config, series, progress=progress, strategy_class=strategy, fast_path=fast_path))
     return BacktestResult.from_run(
         strategy=config.strategy,
         symbols=[config.symbol],
@@ -432,6 +435,7 @@ async def _run(
     *,
     progress: Progress | None,
     strategy_class: type[Strategy[Any]] | None,
+    fast_path: bool = True,
 ) -> tuple[BacktestContext, list[EquityPoint]]:
     ctx = build_context(config, series.ts[0])
     if strategy_class is None:
@@ -447,7 +451,7 @@ async def _run(
     strategy.on_start()
     ctx.drain()
     with _paused_gc():
-        equity = await _drive_bars(ctx, series, config, progress)
+        equity = await _drive_bars(ctx, series, config, progress, fast_path)
     ctx.clock.now = series.ts[-1] + series.delta
     strategy.on_stop()
     ctx.drain()
@@ -456,7 +460,7 @@ async def _run(
 
 
 async def _drive_bars(
-    ctx: BacktestContext, series: BarSeries, config: BacktestConfig, progress: Progress | None
+    ctx: BacktestContext, series: BarSeries, config: BacktestConfig, progress: Progress | None, fast_path: bool
 ) -> list[EquityPoint]:
     """The hot loop: see the module docstring for what happens per bar."""
     exchange, symbol, timeframe = config.exchange, config.symbol, series.timeframe
@@ -475,6 +479,9 @@ async def _drive_bars(
     on_bar = ctx.strategy.on_bar
     share = config.bar_volume_share
     base_model = engine.fill_model
+    # The venue is the synthetic book at each price, uncapped: plain market orders may take the
+    # in-process path (``BacktestContext.submit_direct``), which decides order by order.
+    ctx.direct_market_orders = fast_path and share is None and base_model.bar_volume_share is None
     levels = base_model.synthetic_levels
     new_obj = object.__new__
     point_cls = EquityPoint
