@@ -72,6 +72,8 @@ class BarSeries:
     volume: Sequence[Decimal]
     warnings: tuple[str, ...] = ()
     """What loading found but did not refuse (rows out of order, gaps), in words for the user."""
+    open_micros: Any = None
+    """``ts`` as a numpy int64 array of epoch microseconds, when the bars came as integer arrays."""
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -202,12 +204,13 @@ class BarSeries:
             i = int(np.argmax(bad))
             raise DataValidationError(f"bar {i}: bad OHLCV {o[i]} {h[i]} {lo[i]} {c[i]} {v[i]}")
         ts_arr = np.asarray(ts_raw)
+        micros: Any = None
         if ts_arr.dtype.kind in "iu":
             if n > 1 and not bool(np.all(np.diff(ts_arr) > 0)):
                 raise DataValidationError("bar open times are not strictly increasing")
             # Whole microseconds: datetime's resolution. Each time is the previous one plus the (exact,
             # integer-microsecond) gap, the gaps' timedeltas built once per distinct gap.
-            micros_arr = ts_arr // 1000
+            micros_arr = micros = ts_arr.astype(np.int64) // 1000
             ts = []
             if n:
                 previous = _EPOCH + timedelta(microseconds=int(micros_arr[0]))
@@ -234,7 +237,18 @@ class BarSeries:
                 cache[x] = Decimal(repr(x))
             return list(map(cache.__getitem__, values))  # type: ignore[arg-type]
 
-        return cls(exchange, symbol, timeframe, ts, decimals(o), decimals(h), decimals(lo), decimals(c), decimals(v))
+        return cls(
+            exchange,
+            symbol,
+            timeframe,
+            ts,
+            decimals(o),
+            decimals(h),
+            decimals(lo),
+            decimals(c),
+            decimals(v),
+            open_micros=micros,
+        )
 
 
 # --- trades -----------------------------------------------------------------------------------------

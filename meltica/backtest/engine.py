@@ -66,7 +66,7 @@ from pydantic import BaseModel
 from meltica.backtest.config import BacktestConfig
 from meltica.backtest.context import BacktestContext
 from meltica.backtest.data import _BAR_FIELDS, BarSeries, BookSeries, TradeSeries, fast_bar
-from meltica.backtest.results import BacktestResult, EquityPoint
+from meltica.backtest.results import BacktestResult, EquityCurve, EquityPoint
 from meltica.domain import Bar, Trade
 from meltica.errors import ConfigurationError, DataValidationError
 from meltica.strategies import Strategy, build_strategy
@@ -436,7 +436,7 @@ async def _run(
     progress: Progress | None,
     strategy_class: type[Strategy[Any]] | None,
     fast_path: bool = True,
-) -> tuple[BacktestContext, list[EquityPoint]]:
+) -> tuple[BacktestContext, EquityCurve]:
     ctx = build_context(config, series.ts[0])
     if strategy_class is None:
         strategy = build_strategy(config.strategy, config.params, ctx)
@@ -461,7 +461,7 @@ async def _run(
 
 async def _drive_bars(
     ctx: BacktestContext, series: BarSeries, config: BacktestConfig, progress: Progress | None, fast_path: bool
-) -> list[EquityPoint]:
+) -> EquityCurve:
     """The hot loop: see the module docstring for what happens per bar."""
     exchange, symbol, timeframe = config.exchange, config.symbol, series.timeframe
     delta = series.delta
@@ -484,7 +484,6 @@ async def _drive_bars(
     ctx.direct_market_orders = fast_path and share is None and base_model.bar_volume_share is None
     levels = base_model.synthetic_levels
     new_obj = object.__new__
-    point_cls = EquityPoint
     set_attr = object.__setattr__
 
     def totals() -> tuple[Decimal, Decimal]:
@@ -493,9 +492,9 @@ async def _drive_bars(
         return q.free + q.locked, b.free + b.locked
 
     cash, held = totals()
-    flat_equity = cash + _ZERO  # the equity point of a flat bar (what cash + value gives with value 0)
-    points: list[EquityPoint] = _Equity()
-    append = points.append
+    # The curve is kept as columns (``EquityCurve``): the bars' times and closes, and (cash, holding)
+    # from each bar whose fills changed them on — one point per bar, built when read.
+    changes: list[tuple[int, Decimal, Decimal]] = [(0, cash, held)]
     n = len(series)
     step = max(1, n // 200)
     ts_col, o_col, h_col, l_col, c_col, v_col = (
@@ -568,20 +567,10 @@ async def _drive_bars(
         if timers:
             ctx.queue_due_timers()
         if ctx.fills_changed:
-            cash, held = totals()
-            flat_equity = cash + _ZERO
+            if changes[-1][0] == i:
+                changes.pop()
+            changes.append((i, *totals()))
             ctx.fills_changed = False
-        point = new_obj(point_cls)
-        if held:
-            value = held * c
-            set_attr(
-                point, "__dict__", {"ts": close_time, "equity": cash + value, "cash": cash, "position_value": value}
-            )
-        else:
-            set_attr(
-                point, "__dict__", {"ts": close_time, "equity": flat_equity, "cash": cash, "position_value": _ZERO}
-            )
-        append(point)
         if pending:  # callbacks queued by this bar's fills run before on_bar, as queued
             pending.append(partial(on_bar, bar))
             while pending:
@@ -594,4 +583,4 @@ async def _drive_bars(
             progress(i, n)
     if progress is not None:
         progress(n, n)
-    return points
+    return EquityCurve(ts_col, delta, c_col, changes, open_micros=series.open_micros)

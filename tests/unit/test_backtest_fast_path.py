@@ -10,6 +10,7 @@ the strategy's own view (every callback it received, in order, with the order sn
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,7 +19,8 @@ import pytest
 
 from meltica.backtest import BacktestConfig, BarSeries, run_backtest
 from meltica.backtest.context import BacktestContext
-from meltica.backtest.results import BacktestResult
+from meltica.backtest.metrics import compute_metrics
+from meltica.backtest.results import BacktestResult, EquityCurve
 from meltica.domain import Bar, Fill, Order
 from meltica.strategies import Strategy, StrategyParams
 from meltica.strategies.indicators import EMA
@@ -156,3 +158,39 @@ def test_direct_path_gives_the_oms_path_result(series: BarSeries, direct_orders:
         assert sum(fast.rejections.values()) > 20  # the refusals are reported, as by the OMS path
     elif strategy is Cross:
         assert len(fast.fills) > 20  # the case trades: the comparison is not vacuous
+
+
+def test_the_columnar_equity_curve_reads_as_the_points_it_stands_for(series: BarSeries) -> None:
+    """A bar run's curve is kept as columns (``EquityCurve``); read as points it is the bar loop's marks,
+    and its metrics are those of the same points passed as pairs."""
+    config = {"symbol": SYMBOL, "strategy": Cross.name, "initial_balances": {"USDT": Decimal(100_000)}}
+    arrays = {
+        "ts": [int(t.timestamp()) * 1_000_000_000 for t in series.ts],
+        **{k: [float(x) for x in getattr(series, k)] for k in ("open", "high", "low", "close", "volume")},
+    }
+    result, _ = run(series, config, Cross, fast=True)
+    from_arrays, _ = run(
+        BarSeries.from_arrays(arrays, exchange="binance", symbol=SYMBOL, timeframe="1m"), config, Cross, fast=True
+    )
+    for r in (result, from_arrays):
+        curve = r.equity
+        points = list(curve)
+        assert isinstance(curve, EquityCurve) and len(points) == len(series) == BARS
+        # every point: the bar's close time, cash + holding x close, from the fills so far
+        cash, held, fills = Decimal(100_000), Decimal(0), list(r.fills)
+        for i, point in enumerate(points):
+            close_time = series.ts[i] + timedelta(minutes=1)
+            while fills and fills[0].ts < close_time:
+                f = fills.pop(0)
+                held += f.quantity * f.side.sign
+                cash -= f.quantity * f.price * f.side.sign + f.fee
+            assert point.ts == close_time
+            assert (point.cash, point.position_value) == (cash, held * series.close[i])
+            assert point.equity == point.cash + point.position_value
+        assert curve == tuple(points) and tuple(points) == curve and curve != points[:-1]
+        assert curve[-1] == points[-1] and curve[-BARS] == points[0] and curve[10:13] == tuple(points[10:13])
+        with pytest.raises(IndexError):
+            curve[BARS]
+        pairs = compute_metrics([(p.ts, p.equity) for p in points], r.round_trips, r.fills)
+        assert r.metrics == pairs
+    assert from_arrays.metrics == result.metrics
