@@ -656,10 +656,12 @@ class BacktestContext(OrderTrackingContext):
         ):  # the preconditions above rule this out; a bug if it happens (the engine already executed)
             raise RuntimeError(f"direct market order {coid}: unexpected engine result {result!r}")
         now = self.clock.now
-        submitted = OrderSubmitted(event_id="submitted", client_order_id=coid, ts=now)
+        # The events are built from values that are valid by construction (a validated intent, the
+        # engine's ids and times): ``model_construct`` skips re-validating them, nothing else differs.
+        submitted = OrderSubmitted.model_construct(event_id="submitted", client_order_id=coid, ts=now)
         current = Order.from_intent(intent).apply(submitted)
         self._on_stored(current, submitted)
-        accepted = OrderAccepted(
+        accepted = OrderAccepted.model_construct(
             event_id="accepted", client_order_id=coid, ts=now, exchange_order_id=str(order.order_id)
         )
         current = current.apply(accepted)
@@ -669,7 +671,9 @@ class BacktestContext(OrderTrackingContext):
             if update.fill is None:
                 continue
             fill = domain_fill(exchange_id, update.fill)
-            filled = OrderFilled(event_id=f"fill:{fill.fill_id}", client_order_id=coid, ts=fill.ts, fill=fill)
+            filled = OrderFilled.model_construct(
+                event_id=f"fill:{fill.fill_id}", client_order_id=coid, ts=fill.ts, fill=fill
+            )
             current = current.apply(filled)
             self._on_stored(current, filled)
             self.portfolio.apply_fill(fill, account=intent.account, strategy=intent.strategy)

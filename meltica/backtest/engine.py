@@ -167,11 +167,18 @@ def run_backtest(
         config = BacktestConfig.create(config) if strategy is None else BacktestConfig.model_validate(dict(config))
     if trades is not None or book is not None:
         return _run_replay(config, bars, trades, book, progress=progress, strategy=strategy, sweep_id=sweep_id)
-    series = load_bars(config, bars, database=database)
-    if len(series) == 0:
-        raise DataValidationError("no bars to backtest", reason="no_data")
-    # The coroutine hands back small things: asyncio may repr a finished task's result.
-    ctx, equity = asyncio.run(_run(config, series, progress=progress, strategy_class=strategy, fast_path=fast_path))
+    with _paused_gc():  # loading, the run and its result build objects by the million (see _paused_gc)
+        series = load_bars(config, bars, database=database)
+        if len(series) == 0:
+            raise DataValidationError("no bars to backtest", reason="no_data")
+        # The coroutine hands back small things: asyncio may repr a finished task's result.
+        ctx, equity = asyncio.run(_run(config, series, progress=progress, strategy_class=strategy, fast_path=fast_path))
+        return _bar_result(config, series, ctx, equity, sweep_id)
+
+
+def _bar_result(
+    config: BacktestConfig, series: BarSeries, ctx: BacktestContext, equity: EquityCurve, sweep_id: Any
+) -> BacktestResult:
     return BacktestResult.from_run(
         strategy=config.strategy,
         symbols=[config.symbol],
@@ -450,7 +457,7 @@ async def _run(
     ctx.attach(strategy)
     strategy.on_start()
     ctx.drain()
-    with _paused_gc():
+    with _paused_gc():  # (already paused by run_backtest; kept for direct callers)
         equity = await _drive_bars(ctx, series, config, progress, fast_path)
     ctx.clock.now = series.ts[-1] + series.delta
     strategy.on_stop()
