@@ -54,6 +54,7 @@ from meltica.domain import (
     OrderSubmitted,
     OrderType,
     Position,
+    Side,
     Trade,
     client_order_id_for,
 )
@@ -623,7 +624,7 @@ class BacktestContext(OrderTrackingContext):
         per fill — applied to the domain ``Order`` and reported as the OMS's store would report them, and
         each fill applied to the portfolio. Only when nothing else can take part: no risk engine or kill
         switch, nothing emulated, no open venue order of ours (a fill could trigger a resting stop), a
-        quantity the synthetic book fills whole (no volume cap), a known new order that needs no
+        quantity the book in front of it fills whole (no volume cap), a known new order that needs no
         emulation and no rounding. Otherwise, and when the engine refuses the order (it changed nothing
         then), ``False``: the request takes the full OMS path, which reports the refusal as live would.
         """
@@ -639,11 +640,14 @@ class BacktestContext(OrderTrackingContext):
             or intent.exchange != self._exchange
             or engine.open_orders(intent.account)
             or self.store.get(coid) is not None
-            or intent.quantity > engine.fill_model.synthetic_level_quantity
             or needs_emulation(intent, PAPER_CAPABILITIES)
             or engine.instrument(intent.symbol).round_quantity(intent.quantity) != intent.quantity
         ):
             return False
+        book = engine.book(intent.symbol)
+        opposite = book.asks if intent.side is Side.BUY else book.bids
+        if sum((quantity for _, quantity in opposite), _ZERO) < intent.quantity:
+            return False  # the book cannot fill it whole: the OMS path reports the expired remainder
         try:
             result = engine.submit(to_new_order(intent, coid, engine.last_price(intent.symbol)))
         except MelticaError:

@@ -122,6 +122,15 @@ CASES: dict[str, tuple[dict[str, Any], type[Strategy[Any]] | None, str]] = {
         "some",
     ),
     "volume-cap": ({"strategy": Cross.name, "bar_volume_share": Decimal("0.1")}, Cross, "none"),
+    "beyond-the-book": (  # 6M BTC against the synthetic book's 5 x 1M: a partial fill, the rest expires
+        {
+            "strategy": Cross.name,
+            "params": {"quantity": "6000000"},
+            "initial_balances": {"USDT": Decimal(10) ** 12},
+        },
+        Cross,
+        "none",
+    ),
     "momentum-atr-stops": (
         {"strategy": "momentum", "params": {"fast": 5, "slow": 20, "quantity": "0.1"}, "slippage_bps": 1},
         None,
@@ -156,6 +165,10 @@ def test_direct_path_gives_the_oms_path_result(series: BarSeries, direct_orders:
         assert fast.orders and direct_orders == []
     if case == "cash-too-small":
         assert sum(fast.rejections.values()) > 20  # the refusals are reported, as by the OMS path
+    elif case == "beyond-the-book":  # the first buy filled in part (five levels), its remainder expired
+        first = fast.orders[0]
+        assert first.status not in ("filled", "open_at_end") and 0 < first.filled_quantity < first.quantity
+        assert len([f for f in fast.fills if f.client_order_id == first.client_order_id]) == 5
     elif strategy is Cross:
         assert len(fast.fills) > 20  # the case trades: the comparison is not vacuous
 
