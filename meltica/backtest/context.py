@@ -36,6 +36,8 @@ from decimal import Decimal
 from functools import partial
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from meltica.adapters.base import UserEvent, VenueOrder
 from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue, domain_fill, to_new_order
 from meltica.domain import (
@@ -70,6 +72,21 @@ from meltica.strategies.intents import IntentingContext, ManualClock
 from meltica.strategies.simulation import END_OF_DATA
 
 _ZERO = Decimal(0)
+_FIELD_SETS: dict[frozenset[str], set[str]] = {}
+
+
+def share_fields_set(model: BaseModel) -> None:
+    """Give a kept model the one shared copy of its ``model_fields_set``.
+
+    Models of one kind built the same way name the same fields, and pydantic keeps a set of them per
+    instance (an intent's 20 names: 2.2 KB) — most of what a long run's orders, intents and fills hold.
+    Domain models are frozen, and pydantic copies the set before it changes one (``model_copy``), so a
+    shared set is never written to.
+    """
+    fields = model.__pydantic_fields_set__
+    shared = _FIELD_SETS.setdefault(frozenset(fields), fields)
+    if shared is not fields:
+        object.__setattr__(model, "__pydantic_fields_set__", shared)
 
 
 class StreamingPaperAdapter(PaperAdapter):
@@ -378,6 +395,8 @@ class OrderTrackingContext(IntentingContext):
     # --- order changes ---------------------------------------------------------------------------
     def _track(self, order: Order) -> None:
         coid = order.client_order_id
+        share_fields_set(order)  # every order is kept (``orders``): see share_fields_set
+        share_fields_set(order.intent)
         self.orders[coid] = order
         if order.is_terminal:
             self._open.pop(coid, None)
@@ -394,6 +413,7 @@ class OrderTrackingContext(IntentingContext):
             return
         if isinstance(event, OrderFilled):
             fill = event.fill
+            share_fields_set(fill)
             self.fills.append(fill)
             self._positions.pop(fill.symbol, None)
             self.fills_changed = True

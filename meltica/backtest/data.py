@@ -7,18 +7,19 @@ here first (positive prices, ``low <= open, close <= high``, volume >= 0, open t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from meltica.domain import Bar, OrderBookSnapshot, Side, Timeframe, Trade
 from meltica.errors import DataValidationError
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _BAR_FIELDS = frozenset(Bar.model_fields)
+_CHUNK = 65_536
 _new = object.__new__
 _set = object.__setattr__
 
@@ -55,6 +56,59 @@ def fast_bar(
     _set(bar, "__pydantic_extra__", None)
     _set(bar, "__pydantic_private__", None)
     return bar
+
+
+class EpochTimes(Sequence[datetime]):
+    """Aware-UTC datetimes kept as integer epoch microseconds (a numpy int64 array): a million bar times
+    are not a million ``datetime`` objects. Each is built when read; iterating builds each from the
+    previous one plus the gap. Equal to any sequence of equal datetimes."""
+
+    __slots__ = ("_micros",)
+
+    def __init__(self, micros: Any) -> None:
+        self._micros = micros
+
+    def __len__(self) -> int:
+        return len(self._micros)
+
+    @overload
+    def __getitem__(self, index: int) -> datetime: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[datetime]: ...
+
+    def __getitem__(self, index: int | slice) -> datetime | list[datetime]:
+        if isinstance(index, slice):
+            return [_EPOCH + timedelta(microseconds=m) for m in self._micros[index].tolist()]
+        return _EPOCH + timedelta(microseconds=int(self._micros[index]))
+
+    def __iter__(self) -> Iterator[datetime]:
+        micros = self._micros
+        if not len(micros):
+            return
+        previous = _EPOCH + timedelta(microseconds=int(micros[0]))
+        yield previous
+        gaps: dict[int, timedelta] = {}
+        for start in range(1, len(micros), _CHUNK):  # in chunks: no million-int list at once
+            chunk = micros[start - 1 : start + _CHUNK]
+            for gap in (chunk[1:] - chunk[:-1]).tolist():
+                td = gaps.get(gap)
+                if td is None:
+                    td = gaps[gap] = timedelta(microseconds=gap)
+                previous = previous + td
+                yield previous
+
+    def __eq__(self, other: object) -> bool:
+        if other is self:
+            return True
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, as a list is
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} bar times>"
 
 
 @dataclass(frozen=True)
@@ -208,21 +262,9 @@ class BarSeries:
         if ts_arr.dtype.kind in "iu":
             if n > 1 and not bool(np.all(np.diff(ts_arr) > 0)):
                 raise DataValidationError("bar open times are not strictly increasing")
-            # Whole microseconds: datetime's resolution. Each time is the previous one plus the (exact,
-            # integer-microsecond) gap, the gaps' timedeltas built once per distinct gap.
-            micros_arr = micros = ts_arr.astype(np.int64) // 1000
-            ts = []
-            if n:
-                previous = _EPOCH + timedelta(microseconds=int(micros_arr[0]))
-                ts.append(previous)
-                gaps: dict[int, timedelta] = {}
-                append_ts = ts.append
-                for gap in np.diff(micros_arr).tolist():
-                    td = gaps.get(gap)
-                    if td is None:
-                        td = gaps[gap] = timedelta(microseconds=gap)
-                    previous = previous + td
-                    append_ts(previous)
+            # Whole microseconds: datetime's resolution; the times stay integers (``EpochTimes``).
+            micros = ts_arr.astype(np.int64) // 1000
+            ts: Sequence[datetime] = EpochTimes(micros)
         else:
             ts = [t if isinstance(t, datetime) else datetime.fromisoformat(str(t)) for t in ts_raw]
             for i in range(1, len(ts)):

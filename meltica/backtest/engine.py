@@ -516,8 +516,7 @@ async def _drive_bars(
     timers = ctx._timers
     bar_cls = Bar
     bar_fields = _BAR_FIELDS
-    for i in range(n):
-        ts = ts_col[i]
+    for i, ts in enumerate(ts_col):  # (iterated: ``EpochTimes`` builds each time from the previous one)
         o = o_col[i]
         c = c_col[i]
         close_time = ts + delta

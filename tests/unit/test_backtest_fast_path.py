@@ -10,7 +10,7 @@ the strategy's own view (every callback it received, in order, with the order sn
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +19,7 @@ import pytest
 
 from meltica.backtest import BacktestConfig, BarSeries, run_backtest
 from meltica.backtest.context import BacktestContext
+from meltica.backtest.data import EpochTimes
 from meltica.backtest.metrics import compute_metrics
 from meltica.backtest.results import BacktestResult, EquityCurve
 from meltica.domain import Bar, Fill, Order
@@ -207,3 +208,24 @@ def test_the_columnar_equity_curve_reads_as_the_points_it_stands_for(series: Bar
         pairs = compute_metrics([(p.ts, p.equity) for p in points], r.round_trips, r.fills)
         assert r.metrics == pairs
     assert from_arrays.metrics == result.metrics
+
+
+def test_bar_times_from_arrays_stay_integers_and_read_as_datetimes() -> None:
+    """``BarSeries.from_arrays`` keeps integer times (``EpochTimes``); read, sliced or iterated (across
+    its chunks) they are the datetimes the file gives."""
+    month = BarSeries.from_file(DATA, exchange="binance", symbol=SYMBOL, timeframe="1m")
+    times = list(month.ts) * 2
+    shift = times[-1] - times[0] + timedelta(minutes=1)
+    times[len(month) :] = [t + shift for t in times[len(month) :]]  # two months back to back: 90,062 bars
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    arrays = {
+        "ts": [(t - epoch) // timedelta(microseconds=1) * 1000 for t in times],
+        **{k: [float(x) for x in getattr(month, k)] * 2 for k in ("open", "high", "low", "close", "volume")},
+    }
+    series = BarSeries.from_arrays(arrays, exchange="binance", symbol=SYMBOL, timeframe="1m")
+    assert isinstance(series.ts, EpochTimes) and len(series.ts) == len(times) > 65_536
+    assert list(series.ts) == times and series.ts == times and times == series.ts
+    assert series.ts[0] == times[0] and series.ts[-1] == times[-1] and series.ts[70_000] == times[70_000]
+    assert series.ts[65_530:65_540] == times[65_530:65_540]
+    assert series.ts != times[:-1] and series.ts != [*times[:-1], times[-1] + timedelta(minutes=1)]
+    assert series.validate() is series
