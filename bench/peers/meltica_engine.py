@@ -164,16 +164,91 @@ def _find_sweep(engine: Any) -> Any | None:
     try:
         sweep = importlib.import_module("meltica.backtest.sweep")
     except ModuleNotFoundError as exc:
-        if exc.name == "meltica.backtest.sweep":
+        if exc.name != "meltica.backtest.sweep":
+            raise
+    else:
+        return getattr(sweep, "run_sweep", None)
+    try:  # meltica.backtest.optimize.run_sweep(evaluate, param_sets, ...): adapted below
+        optimize = importlib.import_module("meltica.backtest.optimize")
+    except ModuleNotFoundError as exc:
+        if exc.name == "meltica.backtest.optimize":
             return None
         raise
-    return getattr(sweep, "run_sweep", None)
+    if _DATA_PATH is not None:
+        optimize.shared_bars(str(_DATA_PATH))  # loaded here, before the timed loop (as every peer's data)
+    return _optimize_sweep(optimize)
+
+
+def _optimize_sweep(optimize: Any) -> Any:
+    """``meltica.backtest.optimize.run_sweep`` in the shape above: the grid through its vectorised
+    evaluator (``VectorEvaluator``, ``mode="state"``: this workload's rule; ``meltica optimize --path
+    vector``) in this process (``workers=1``: the CPU column counts this process only). Each
+    combination comes back as ``(params, fills, pnl)``."""
+
+    def run_sweep(
+        strategy: type,
+        grid: Mapping[str, Sequence[Any]],
+        bars: Mapping[str, Any],
+        *,
+        base_params: Mapping[str, Any],
+        exchange: str,
+        symbol: str,
+        timeframe: str,
+        fee_rate: Decimal,
+        initial_cash: Decimal,
+    ) -> list[tuple[Mapping[str, Any], int, float]]:
+        evaluator = optimize.VectorEvaluator(
+            data=str(_DATA_PATH),
+            quantity=float(base_params["quantity"]),
+            fee_rate=float(fee_rate),
+            initial_cash=float(initial_cash),
+            mode="state",
+            strategy=strategy.name,
+            exchange=exchange,
+            symbol=symbol,
+            timeframe=timeframe,
+        )
+        result = optimize.run_sweep(evaluator, optimize.grid(grid), workers=1, objective="total_return")
+        out = []
+        for run in sorted(result.runs, key=lambda r: r.index):
+            m = run.metrics
+            fills = 2 * m.trades + m.open_trades  # one lot: a round trip is two fills, an open one is one
+            out.append((run.params, fills, float(m.final_equity) - float(initial_cash)))
+        return out
+
+    return run_sweep
+
+
+_DATA_PATH: Path | None = None  # the --data file (the vectorised evaluator loads it once per process)
+
+
+def _engine_check(
+    engine: Any, bars: Mapping[str, Any], swept: list[tuple[Mapping[str, Any], int, float]]
+) -> dict[str, Any]:
+    """The engine (``run_backtest``, the bench strategy) on two of the swept pairs: same fills and PnL?"""
+    out: dict[str, Any] = {}
+    for fast, slow in ((FAST, SLOW), (SWEEP_FAST[-1], SWEEP_SLOW[-1])):
+        got = next((r for r in swept if r[0].get("fast") == fast and r[0].get("slow") == slow), None)
+        if got is None:
+            continue
+        config = _config({**BASE_PARAMS, "fast": fast, "slow": slow})
+        result = engine.run_backtest(config, bars, strategy=_strategy_class())
+        fills, pnl = len(result.fills), float(result.metrics.final_equity) - INITIAL_CASH
+        out[f"{fast}/{slow}"] = {
+            "sweep": [got[1], got[2]],
+            "engine": [fills, pnl],
+            "equal": got[1] == fills and abs(got[2] - pnl) < 1e-6 * max(1.0, abs(pnl)),
+        }
+    return out
 
 
 def _run_sweep(run_sweep: Any, bars: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], int, float]]:
     grid: dict[str, Sequence[Any]] = {"fast": SWEEP_FAST, "slow": SWEEP_SLOW}
     out = run_sweep(_strategy_class(), grid, bars, base_params=BASE_PARAMS, **ENGINE_KWARGS)
-    return [(r.params, len(r.fills), float(r.metrics.final_equity) - INITIAL_CASH) for r in out]
+    return [
+        r if isinstance(r, tuple) else (r.params, len(r.fills), float(r.metrics.final_equity) - INITIAL_CASH)
+        for r in out
+    ]
 
 
 def main() -> None:
@@ -191,6 +266,8 @@ def main() -> None:
     n = len(bars["ts"])
     base = {"version": version, "bars": n, "load_seconds": load.seconds, "rss_before_loop_mb": peak_rss_mb()}
     if args.sweep:
+        global _DATA_PATH
+        _DATA_PATH = Path(args.data).resolve()
         run_sweep = _find_sweep(engine)
         if run_sweep is None:
             emit({"engine": "meltica sweep", "skipped": "meltica sweep path not available yet"})
@@ -198,6 +275,9 @@ def main() -> None:
         with Timer() as loop:
             results = _run_sweep(run_sweep, bars)
         ref = next((r for r in results if r[0].get("fast") == FAST and r[0].get("slow") == SLOW), None)
+        check = _engine_check(engine, bars, results)  # after the timed loop: not part of the rate
+        for pair, c in check.items():
+            print(f"sweep vs engine {pair}: sweep {c['sweep']} engine {c['engine']} equal={c['equal']}")
         emit(
             {
                 **base,
@@ -208,6 +288,7 @@ def main() -> None:
                 "cpu_seconds": loop.cpu_seconds,
                 "fills": ref[1] if ref else None,
                 "pnl": ref[2] if ref else None,
+                "engine_check": check,
             }
         )
         return

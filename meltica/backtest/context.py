@@ -36,14 +36,17 @@ from decimal import Decimal
 from functools import partial
 from typing import Any, Literal, TypedDict
 
+from pydantic import BaseModel
+
 from meltica.adapters.base import UserEvent, VenueOrder
-from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue
+from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue, domain_fill, to_new_order
 from meltica.backtest.intents import END_OF_DATA, IntentingContext, ManualClock, Timer
 from meltica.domain import (
     Bar,
     Fill,
     Instrument,
     Order,
+    OrderAccepted,
     OrderBookSnapshot,
     OrderCancelled,
     OrderEvent,
@@ -54,18 +57,35 @@ from meltica.domain import (
     OrderSubmitted,
     OrderType,
     Position,
+    Side,
     Trade,
     client_order_id_for,
 )
 from meltica.errors import InvalidOrderError, MelticaError
 from meltica.execution import MemoryOrderStore, OrderManager
 from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
-from meltica.matching import FeeSchedule, FillModel
+from meltica.execution.oms import needs_emulation
+from meltica.matching import EngineOrderStatus, FeeSchedule, FillModel
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, RiskConfig, RiskEngine
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
 
 _ZERO = Decimal(0)
+_FIELD_SETS: dict[frozenset[str], set[str]] = {}
+
+
+def share_fields_set(model: BaseModel) -> None:
+    """Give a kept model the one shared copy of its ``model_fields_set``.
+
+    Models of one kind built the same way name the same fields, and pydantic keeps a set of them per
+    instance (an intent's 20 names: 2.2 KB) — most of what a long run's orders, intents and fills hold.
+    Domain models are frozen, and pydantic copies the set before it changes one (``model_copy``), so a
+    shared set is never written to.
+    """
+    fields = model.__pydantic_fields_set__
+    shared = _FIELD_SETS.setdefault(frozenset(fields), fields)
+    if shared is not fields:
+        object.__setattr__(model, "__pydantic_fields_set__", shared)
 
 
 class StreamingPaperAdapter(PaperAdapter):
@@ -416,6 +436,8 @@ class OrderTrackingContext(IntentingContext):
     # --- order changes ---------------------------------------------------------------------------
     def _track(self, order: Order) -> None:
         coid = order.client_order_id
+        share_fields_set(order)  # every order is kept (``orders``): see share_fields_set
+        share_fields_set(order.intent)
         self.orders[coid] = order
         if order.is_terminal:
             self._open.pop(coid, None)
@@ -432,6 +454,7 @@ class OrderTrackingContext(IntentingContext):
             return
         if isinstance(event, OrderFilled):
             fill = event.fill
+            share_fields_set(fill)
             self.fills.append(fill)
             self._positions.pop(fill.symbol, None)
             self.fills_changed = True
@@ -529,6 +552,9 @@ class BacktestContext(OrderTrackingContext):
         # the previous bar's path share a timestamp (that bar's close is this one's open).
         self.fill_phase = "event"
         self.fill_phases: dict[str, str] = {}  # fill id -> the phase it happened in
+        # Plain market orders skip the OMS round trip (``submit_direct``); the bar loop switches it on
+        # when the venue is synthetic and uncapped (no recorded trades or book, no volume share).
+        self.direct_market_orders = False
         self._executor = RequestExecutor(
             self.oms,
             self.emulator,
@@ -645,8 +671,78 @@ class BacktestContext(OrderTrackingContext):
             self._pending = held
 
     async def _execute(self, request: HeldRequest) -> None:
+        if self.direct_market_orders and request.kind == "submit" and self.submit_direct(request.intent):
+            return
         if await self._executor.execute(request):
             self._emulated_active = True
+
+    def submit_direct(self, intent: OrderIntent | None) -> bool:
+        """The in-process venue path: a plain market order goes straight to the matching engine.
+
+        What the OMS path does for such an order, without its write-ahead store, adapter, user-stream
+        queue and event loop: the engine's ``submit`` (the same validation, balance check, fill price,
+        fee, order and trade ids and ledger), then the order's events — submitted, accepted, one filled
+        per fill — applied to the domain ``Order`` and reported as the OMS's store would report them, and
+        each fill applied to the portfolio. Only when nothing else can take part: no risk engine or kill
+        switch, nothing emulated, no open venue order of ours (a fill could trigger a resting stop), a
+        quantity the book in front of it fills whole (no volume cap), a known new order that needs no
+        emulation and no rounding. Otherwise, and when the engine refuses the order (it changed nothing
+        then), ``False``: the request takes the full OMS path, which reports the refusal as live would.
+        """
+        if intent is None or intent.type is not OrderType.MARKET:
+            return False
+        engine = self.engine
+        coid = intent.client_order_id
+        if (
+            self.risk is not None
+            or self.oms.kill_switch is not None
+            or self._emulated_active
+            or intent.account != self._account
+            or intent.exchange != self._exchange
+            or engine.open_orders(intent.account)
+            or self.store.get(coid) is not None
+            or needs_emulation(intent, PAPER_CAPABILITIES)
+            or engine.instrument(intent.symbol).round_quantity(intent.quantity) != intent.quantity
+        ):
+            return False
+        book = engine.book(intent.symbol)
+        opposite = book.asks if intent.side is Side.BUY else book.bids
+        if sum((quantity for _, quantity in opposite), _ZERO) < intent.quantity:
+            return False  # the book cannot fill it whole: the OMS path reports the expired remainder
+        try:
+            result = engine.submit(to_new_order(intent, coid, engine.last_price(intent.symbol)))
+        except MelticaError:
+            return False
+        order = result.order
+        if (
+            order is None
+            or order.status is not EngineOrderStatus.FILLED
+            or any(u.order.order_id != order.order_id for u in result.order_updates)
+        ):  # the preconditions above rule this out; a bug if it happens (the engine already executed)
+            raise RuntimeError(f"direct market order {coid}: unexpected engine result {result!r}")
+        now = self.clock.now
+        # The events are built from values that are valid by construction (a validated intent, the
+        # engine's ids and times): ``model_construct`` skips re-validating them, nothing else differs.
+        submitted = OrderSubmitted.model_construct(event_id="submitted", client_order_id=coid, ts=now)
+        current = Order.from_intent(intent).apply(submitted)
+        self._on_stored(current, submitted)
+        accepted = OrderAccepted.model_construct(
+            event_id="accepted", client_order_id=coid, ts=now, exchange_order_id=str(order.order_id)
+        )
+        current = current.apply(accepted)
+        self._on_stored(current, accepted)
+        exchange_id = self.venue.exchange_id
+        for update in result.order_updates:
+            if update.fill is None:
+                continue
+            fill = domain_fill(exchange_id, update.fill)
+            filled = OrderFilled.model_construct(
+                event_id=f"fill:{fill.fill_id}", client_order_id=coid, ts=fill.ts, fill=fill
+            )
+            current = current.apply(filled)
+            self._on_stored(current, filled)
+            self.portfolio.apply_fill(fill, account=intent.account, strategy=intent.strategy)
+        return True
 
     async def _cancel_now(self, client_order_id: str) -> None:
         await self._executor.cancel_now(client_order_id)

@@ -65,7 +65,7 @@ from pydantic import BaseModel
 
 from meltica.backtest.config import BacktestConfig
 from meltica.backtest.context import BacktestContext
-from meltica.backtest.results import BacktestResult, EquityPoint
+from meltica.backtest.results import BacktestResult, EquityCurve, EquityPoint
 from meltica.domain import Bar, Trade
 from meltica.errors import ConfigurationError, DataValidationError
 from meltica.infra.postgres import database_engine
@@ -148,6 +148,7 @@ def run_backtest(
     sweep_id: Any = None,
     trades: TradesInput | None = None,
     book: BookSeries | None = None,
+    fast_path: bool = True,
 ) -> BacktestResult:
     """Run one backtest and return its result (metrics, equity curve, orders, fills, round trips).
 
@@ -156,18 +157,27 @@ def run_backtest(
     default the configured one). ``strategy``: a ``Strategy`` class to run instead of looking
     ``config.strategy`` up in the registry (unregistered strategies, benchmarks). ``trades`` /
     ``book``: recorded trades and L2 book updates to replay (module docstring, "Event replay"); with
-    either, ``bars`` is optional and the database is not read. Nothing is written:
+    either, ``bars`` is optional and the database is not read. ``fast_path=False`` sends every order
+    through the full OMS path (the in-process venue path gives the same orders and fills; for comparison
+    and tests). Nothing is written:
     ``result.write_files(dir)``, ``write_report(result, dir)`` and ``result.save(engine)`` do that.
     """
     if not isinstance(config, BacktestConfig):
         config = BacktestConfig.create(config) if strategy is None else BacktestConfig.model_validate(dict(config))
     if trades is not None or book is not None:
         return _run_replay(config, bars, trades, book, progress=progress, strategy=strategy, sweep_id=sweep_id)
-    series = load_bars(config, bars, database=database)
-    if len(series) == 0:
-        raise DataValidationError("no bars to backtest", reason="no_data")
-    # The coroutine hands back small things: asyncio may repr a finished task's result.
-    ctx, equity = asyncio.run(_run(config, series, progress=progress, strategy_class=strategy))
+    with _paused_gc():  # loading, the run and its result build objects by the million (see _paused_gc)
+        series = load_bars(config, bars, database=database)
+        if len(series) == 0:
+            raise DataValidationError("no bars to backtest", reason="no_data")
+        # The coroutine hands back small things: asyncio may repr a finished task's result.
+        ctx, equity = asyncio.run(_run(config, series, progress=progress, strategy_class=strategy, fast_path=fast_path))
+        return _bar_result(config, series, ctx, equity, sweep_id)
+
+
+def _bar_result(
+    config: BacktestConfig, series: BarSeries, ctx: BacktestContext, equity: EquityCurve, sweep_id: Any
+) -> BacktestResult:
     return BacktestResult.from_run(
         strategy=config.strategy,
         symbols=[config.symbol],
@@ -431,7 +441,8 @@ async def _run(
     *,
     progress: Progress | None,
     strategy_class: type[Strategy[Any]] | None,
-) -> tuple[BacktestContext, list[EquityPoint]]:
+    fast_path: bool = True,
+) -> tuple[BacktestContext, EquityCurve]:
     ctx = build_context(config, series.ts[0])
     if strategy_class is None:
         strategy = build_strategy(config.strategy, config.params, ctx)
@@ -445,8 +456,8 @@ async def _run(
     ctx.attach(strategy)
     strategy.on_start()
     ctx.drain()
-    with _paused_gc():
-        equity = await _drive_bars(ctx, series, config, progress)
+    with _paused_gc():  # (already paused by run_backtest; kept for direct callers)
+        equity = await _drive_bars(ctx, series, config, progress, fast_path)
     ctx.clock.now = series.ts[-1] + series.delta
     strategy.on_stop()
     ctx.drain()
@@ -455,8 +466,8 @@ async def _run(
 
 
 async def _drive_bars(
-    ctx: BacktestContext, series: BarSeries, config: BacktestConfig, progress: Progress | None
-) -> list[EquityPoint]:
+    ctx: BacktestContext, series: BarSeries, config: BacktestConfig, progress: Progress | None, fast_path: bool
+) -> EquityCurve:
     """The hot loop: see the module docstring for what happens per bar."""
     exchange, symbol, timeframe = config.exchange, config.symbol, series.timeframe
     delta = series.delta
@@ -474,9 +485,11 @@ async def _drive_bars(
     on_bar = ctx.strategy.on_bar
     share = config.bar_volume_share
     base_model = engine.fill_model
+    # The venue is the synthetic book at each price, uncapped: plain market orders may take the
+    # in-process path (``BacktestContext.submit_direct``), which decides order by order.
+    ctx.direct_market_orders = fast_path and share is None and base_model.bar_volume_share is None
     levels = base_model.synthetic_levels
     new_obj = object.__new__
-    point_cls = EquityPoint
     set_attr = object.__setattr__
 
     def totals() -> tuple[Decimal, Decimal]:
@@ -485,9 +498,9 @@ async def _drive_bars(
         return q.free + q.locked, b.free + b.locked
 
     cash, held = totals()
-    flat_equity = cash + _ZERO  # the equity point of a flat bar (what cash + value gives with value 0)
-    points: list[EquityPoint] = _Equity()
-    append = points.append
+    # The curve is kept as columns (``EquityCurve``): the bars' times and closes, and (cash, holding)
+    # from each bar whose fills changed them on — one point per bar, built when read.
+    changes: list[tuple[int, Decimal, Decimal]] = [(0, cash, held)]
     n = len(series)
     step = max(1, n // 200)
     ts_col, o_col, h_col, l_col, c_col, v_col = (
@@ -502,8 +515,7 @@ async def _drive_bars(
     timers = ctx._timers
     bar_cls = Bar
     bar_fields = _BAR_FIELDS
-    for i in range(n):
-        ts = ts_col[i]
+    for i, ts in enumerate(ts_col):  # (iterated: ``EpochTimes`` builds each time from the previous one)
         o = o_col[i]
         c = c_col[i]
         close_time = ts + delta
@@ -560,20 +572,10 @@ async def _drive_bars(
         if timers:
             ctx.queue_due_timers()
         if ctx.fills_changed:
-            cash, held = totals()
-            flat_equity = cash + _ZERO
+            if changes[-1][0] == i:
+                changes.pop()
+            changes.append((i, *totals()))
             ctx.fills_changed = False
-        point = new_obj(point_cls)
-        if held:
-            value = held * c
-            set_attr(
-                point, "__dict__", {"ts": close_time, "equity": cash + value, "cash": cash, "position_value": value}
-            )
-        else:
-            set_attr(
-                point, "__dict__", {"ts": close_time, "equity": flat_equity, "cash": cash, "position_value": _ZERO}
-            )
-        append(point)
         if pending:  # callbacks queued by this bar's fills run before on_bar, as queued
             pending.append(partial(on_bar, bar))
             while pending:
@@ -586,4 +588,4 @@ async def _drive_bars(
             progress(i, n)
     if progress is not None:
         progress(n, n)
-    return points
+    return EquityCurve(ts_col, delta, c_col, changes, open_micros=series.open_micros)

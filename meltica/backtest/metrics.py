@@ -352,7 +352,14 @@ def infer_periods_per_year(timestamps: Sequence[datetime]) -> float:
     """``365 days / median spacing`` of ``timestamps``; ``0.0`` for fewer than two distinct points."""
     if len(timestamps) < 2:
         return 0.0
-    gaps = np.diff(np.array([ts.timestamp() for ts in timestamps], dtype=np.float64))
+    return periods_per_year_of(np.array([ts.timestamp() for ts in timestamps], dtype=np.float64))
+
+
+def periods_per_year_of(seconds: FloatArray) -> float:
+    """``infer_periods_per_year`` of the timestamps as epoch seconds (``datetime.timestamp()`` values)."""
+    if seconds.size < 2:
+        return 0.0
+    gaps = np.diff(seconds)
     median = float(np.median(gaps))
     return SECONDS_PER_YEAR / median if median > 0 else 0.0
 
@@ -453,11 +460,31 @@ def compute_metrics(
     values = [e for _, e in equity]
     curve = np.array([float(e) for e in values], dtype=np.float64)
     ppy = infer_periods_per_year(timestamps) if periods_per_year is None else float(periods_per_year)
-
+    total = sum(values, _ZERO)
     first = values[0] if values else _ZERO
     last = values[-1] if values else _ZERO
-    span = timestamps[-1] - timestamps[0] if timestamps else timedelta(0)
-    total_return = float(last / first - 1) if len(values) >= 2 and first > 0 else 0.0
+    return metrics_from_columns(timestamps, curve, first, last, total, trades, fills, ppy=ppy, risk_free=risk_free)
+
+
+def metrics_from_columns(
+    timestamps: Sequence[datetime],
+    curve: FloatArray,
+    first: Decimal,
+    last: Decimal,
+    total: Decimal,
+    trades: Sequence[RoundTrip],
+    fills: Sequence[Fill] = (),
+    *,
+    ppy: float,
+    risk_free: float = 0.0,
+) -> Metrics:
+    """``compute_metrics`` from a curve already in columns (a long run's curve is never a list of pairs):
+    ``timestamps`` (any indexable sequence), ``curve`` = ``float(equity)`` per point, ``first`` / ``last``
+    the first and last equity, ``total`` the ``Decimal`` sum of the equity, ``ppy`` the annualisation
+    factor."""
+    n = len(curve)
+    span = timestamps[-1] - timestamps[0] if n else timedelta(0)
+    total_return = float(last / first - 1) if n >= 2 and first > 0 else 0.0
 
     returns = simple_returns(curve)
     rf_p = (1.0 + risk_free) ** (1.0 / ppy) - 1.0 if ppy > 0 else 0.0
@@ -484,10 +511,10 @@ def compute_metrics(
     losses = sum(1 for p in pnls if p < 0)
 
     notional = sum((abs(f.price * f.quantity) for f in fills), _ZERO)
-    mean_equity = sum(values, _ZERO) / len(values) if values else _ZERO
+    mean_equity = total / n if n else _ZERO
 
     return Metrics(
-        periods=len(values),
+        periods=n,
         periods_per_year=ppy,
         initial_equity=first,
         final_equity=last,
@@ -509,7 +536,7 @@ def compute_metrics(
         gross_loss=gross_loss,
         profit_factor=_ratio(float(gross_profit), float(gross_loss)),
         average_trade=sum(pnls, _ZERO) / len(pnls) if pnls else _ZERO,
-        exposure=_exposure(fills, timestamps[0], timestamps[-1]) if timestamps else 0.0,
+        exposure=_exposure(fills, timestamps[0], timestamps[-1]) if n else 0.0,
         turnover=float(notional / mean_equity) if mean_equity > 0 else 0.0,
         fees=sum((f.fee for f in fills), _ZERO),
     )

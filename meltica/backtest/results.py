@@ -9,6 +9,7 @@ real accounts; backtests stay out of them.)
 
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import importlib.metadata
@@ -16,17 +17,28 @@ import json
 import math
 import subprocess
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_type_hints, overload
 
+import numpy as np
+import numpy.typing as npt
 from sqlalchemy import Engine, func, insert, select
 
-from meltica.backtest.metrics import Direction, Metrics, RoundTrip, compute_metrics, round_trips_from_fills
+from meltica.backtest.metrics import (
+    Direction,
+    FloatArray,
+    Metrics,
+    RoundTrip,
+    compute_metrics,
+    metrics_from_columns,
+    periods_per_year_of,
+    round_trips_from_fills,
+)
 from meltica.backtest.provenance import rejections_by_reason, run_warnings
 from meltica.domain.enums import LiquiditySide, Side
 from meltica.domain.orders import Fill, Order
@@ -34,6 +46,7 @@ from meltica.errors import DataValidationError
 from meltica.storage.tables import backtest_metrics, backtest_runs
 
 JsonObject = dict[str, Any]
+_ZERO = Decimal(0)
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -47,6 +60,140 @@ class EquityPoint:
     equity: Decimal
     cash: Decimal
     position_value: Decimal
+
+
+class EquityCurve(Sequence[EquityPoint]):
+    """The equity curve of a bar run, kept as columns: a million bars are not a million objects.
+
+    Point ``i`` is at ``open_times[i] + delta`` (the bar's close time), marked to ``closes[i]`` with the
+    account's ``(cash, holding)`` as of the last change at or before bar ``i`` (``changes``: ``(bar index,
+    cash, holding)``, the first at bar 0): ``position_value = holding × close`` and ``equity = cash +
+    position_value`` — or ``cash`` and a zero value when nothing is held — as the bar loop marks it. An
+    ``EquityPoint`` is built when one is read; the curve equals any sequence of equal points.
+    ``open_micros``: the open times as integer epoch microseconds, when the caller has them (metrics use
+    them instead of a million ``datetime.timestamp()`` calls)."""
+
+    __slots__ = ("_cash", "_closes", "_delta", "_held", "_open_micros", "_starts", "_times")
+
+    def __init__(
+        self,
+        open_times: Sequence[datetime],
+        delta: timedelta,
+        closes: Sequence[Decimal],
+        changes: Sequence[tuple[int, Decimal, Decimal]],
+        open_micros: npt.NDArray[np.int64] | None = None,
+    ) -> None:
+        if len(open_times) != len(closes):
+            raise ValueError("open_times and closes differ in length")
+        if closes and (not changes or changes[0][0] != 0):
+            raise ValueError("the first change must be at bar 0")
+        self._times = open_times
+        self._delta = delta
+        self._closes = closes
+        self._starts = [i for i, _, _ in changes]
+        self._cash = [c for _, c, _ in changes]
+        self._held = [h for _, _, h in changes]
+        self._open_micros = open_micros
+
+    def __len__(self) -> int:
+        return len(self._closes)
+
+    def _make(self, i: int, cash: Decimal, held: Decimal) -> EquityPoint:
+        if held:
+            value = held * self._closes[i]
+            return EquityPoint(ts=self._times[i] + self._delta, equity=cash + value, cash=cash, position_value=value)
+        return EquityPoint(ts=self._times[i] + self._delta, equity=cash + _ZERO, cash=cash, position_value=_ZERO)
+
+    def _segments(self) -> Iterator[tuple[int, int, Decimal, Decimal]]:
+        starts, n = self._starts, len(self)
+        for k, start in enumerate(starts):
+            stop = starts[k + 1] if k + 1 < len(starts) else n
+            if stop > start:
+                yield start, stop, self._cash[k], self._held[k]
+
+    @overload
+    def __getitem__(self, index: int) -> EquityPoint: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[EquityPoint, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> EquityPoint | tuple[EquityPoint, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        n = len(self)
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError("equity curve index out of range")
+        k = bisect.bisect_right(self._starts, i) - 1
+        return self._make(i, self._cash[k], self._held[k])
+
+    def __iter__(self) -> Iterator[EquityPoint]:
+        make = self._make
+        for start, stop, cash, held in self._segments():
+            for i in range(start, stop):
+                yield make(i, cash, held)
+
+    def __eq__(self, other: object) -> bool:
+        if other is self:
+            return True
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking, compared by value, as a list is
+
+    def __repr__(self) -> str:
+        return f"<equity curve of {len(self)} points>"
+
+    def times(self) -> Sequence[datetime]:
+        """The points' timestamps (the bars' close times), built when read."""
+        return _CloseTimes(self._times, self._delta)
+
+    def seconds(self) -> FloatArray:
+        """The points' timestamps as epoch seconds (``datetime.timestamp()`` of each)."""
+        if self._open_micros is not None:  # exact integers, one correctly rounded division: as timestamp()
+            delta_us = self._delta // timedelta(microseconds=1)
+            return (self._open_micros + delta_us).astype(np.float64) / 1e6
+        return np.array([t.timestamp() for t in self.times()], dtype=np.float64)
+
+    def columns(self) -> tuple[FloatArray, Decimal, Decimal, Decimal]:
+        """``(float(equity) per point, first equity, last equity, Decimal sum of the equity)``."""
+        out = np.empty(len(self), dtype=np.float64)
+        total = _ZERO
+        closes = self._closes
+        for start, stop, cash, held in self._segments():
+            if held:
+                values = [cash + held * c for c in closes[start:stop]]
+                out[start:stop] = [float(v) for v in values]
+                total += sum(values, _ZERO)
+            else:
+                out[start:stop] = float(cash + _ZERO)
+                total += (cash + _ZERO) * (stop - start)
+        if not len(self):
+            return out, _ZERO, _ZERO, _ZERO
+        return out, self[0].equity, self[-1].equity, total
+
+
+class _CloseTimes(Sequence[datetime]):
+    __slots__ = ("_delta", "_times")
+
+    def __init__(self, open_times: Sequence[datetime], delta: timedelta) -> None:
+        self._times = open_times
+        self._delta = delta
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    @overload
+    def __getitem__(self, index: int) -> datetime: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[datetime]: ...
+
+    def __getitem__(self, index: int | slice) -> datetime | list[datetime]:
+        if isinstance(index, slice):
+            return [t + self._delta for t in self._times[index]]
+        return self._times[index] + self._delta
 
 
 OPEN_AT_END = "open_at_end"
@@ -232,6 +379,8 @@ class BacktestResult:
 
     def __post_init__(self) -> None:
         for name in ("symbols", "equity", "fills", "orders", "round_trips", "invalid_orders"):
+            if name == "equity" and isinstance(self.equity, EquityCurve):
+                continue  # immutable already; its times are the bars' (validated when the bars were)
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "params", dict(self.params))
         object.__setattr__(self, "fill_model", dict(self.fill_model))
@@ -239,7 +388,7 @@ class BacktestResult:
         object.__setattr__(self, "data_fingerprint", dict(self.data_fingerprint))
         object.__setattr__(self, "fill_phases", dict(self.fill_phases))
         previous: datetime | None = None
-        for point in self.equity:
+        for point in () if isinstance(self.equity, EquityCurve) else self.equity:
             if point.ts.tzinfo is None:
                 raise DataValidationError("equity timestamps must be timezone-aware UTC", reason="naive_timestamp")
             if previous is not None and point.ts <= previous:
@@ -280,18 +429,25 @@ class BacktestResult:
         defaults to ``detect_code_version()``; ``data_start``/``data_end`` default to the
         curve's first and last timestamps."""
         trips = round_trips_from_fills(fills)
-        metrics = compute_metrics(
-            [(p.ts, p.equity) for p in equity],
-            trips,
-            fills,
-            periods_per_year=periods_per_year,
-            risk_free=risk_free,
-        )
+        if isinstance(equity, EquityCurve):
+            curve, first, last, total = equity.columns()
+            ppy = periods_per_year_of(equity.seconds()) if periods_per_year is None else float(periods_per_year)
+            metrics = metrics_from_columns(
+                equity.times(), curve, first, last, total, trips, fills, ppy=ppy, risk_free=risk_free
+            )
+        else:
+            metrics = compute_metrics(
+                [(p.ts, p.equity) for p in equity],
+                trips,
+                fills,
+                periods_per_year=periods_per_year,
+                risk_free=risk_free,
+            )
         return cls(
             strategy=strategy,
             symbols=tuple(symbols),
             metrics=metrics,
-            equity=tuple(equity),
+            equity=equity if isinstance(equity, EquityCurve) else tuple(equity),
             fills=tuple(fills),
             orders=tuple(o if isinstance(o, OrderRecord) else OrderRecord.at_end(o) for o in orders),
             round_trips=tuple(trips),

@@ -12,12 +12,12 @@ import csv
 import gzip
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from meltica.domain import Bar, OrderBookSnapshot, Side, Timeframe, Trade
 from meltica.domain.orderbook import DepthDiff, DepthSynchronizer, L2Book
@@ -27,6 +27,7 @@ from meltica.storage.candles import read_candles
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _BAR_FIELDS = frozenset(Bar.model_fields)
+_CHUNK = 65_536
 _new = object.__new__
 _set = object.__setattr__
 
@@ -65,6 +66,59 @@ def fast_bar(
     return bar
 
 
+class EpochTimes(Sequence[datetime]):
+    """Aware-UTC datetimes kept as integer epoch microseconds (a numpy int64 array): a million bar times
+    are not a million ``datetime`` objects. Each is built when read; iterating builds each from the
+    previous one plus the gap. Equal to any sequence of equal datetimes."""
+
+    __slots__ = ("_micros",)
+
+    def __init__(self, micros: Any) -> None:
+        self._micros = micros
+
+    def __len__(self) -> int:
+        return len(self._micros)
+
+    @overload
+    def __getitem__(self, index: int) -> datetime: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[datetime]: ...
+
+    def __getitem__(self, index: int | slice) -> datetime | list[datetime]:
+        if isinstance(index, slice):
+            return [_EPOCH + timedelta(microseconds=m) for m in self._micros[index].tolist()]
+        return _EPOCH + timedelta(microseconds=int(self._micros[index]))
+
+    def __iter__(self) -> Iterator[datetime]:
+        micros = self._micros
+        if not len(micros):
+            return
+        previous = _EPOCH + timedelta(microseconds=int(micros[0]))
+        yield previous
+        gaps: dict[int, timedelta] = {}
+        for start in range(1, len(micros), _CHUNK):  # in chunks: no million-int list at once
+            chunk = micros[start - 1 : start + _CHUNK]
+            for gap in (chunk[1:] - chunk[:-1]).tolist():
+                td = gaps.get(gap)
+                if td is None:
+                    td = gaps[gap] = timedelta(microseconds=gap)
+                previous = previous + td
+                yield previous
+
+    def __eq__(self, other: object) -> bool:
+        if other is self:
+            return True
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, as a list is
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} bar times>"
+
+
 @dataclass(frozen=True)
 class BarSeries:
     """Bars of one market as columns. ``ts`` is each bar's open time."""
@@ -80,6 +134,8 @@ class BarSeries:
     volume: Sequence[Decimal]
     warnings: tuple[str, ...] = ()
     """What loading found but did not refuse (rows out of order, gaps), in words for the user."""
+    open_micros: Any = None
+    """``ts`` as a numpy int64 array of epoch microseconds, when the bars came as integer arrays."""
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -207,24 +263,13 @@ class BarSeries:
             i = int(np.argmax(bad))
             raise DataValidationError(f"bar {i}: bad OHLCV {o[i]} {h[i]} {lo[i]} {c[i]} {v[i]}")
         ts_arr = np.asarray(ts_raw)
+        micros: Any = None
         if ts_arr.dtype.kind in "iu":
             if n > 1 and not bool(np.all(np.diff(ts_arr) > 0)):
                 raise DataValidationError("bar open times are not strictly increasing")
-            # Whole microseconds: datetime's resolution. Each time is the previous one plus the (exact,
-            # integer-microsecond) gap, the gaps' timedeltas built once per distinct gap.
-            micros_arr = ts_arr // 1000
-            ts = []
-            if n:
-                previous = _EPOCH + timedelta(microseconds=int(micros_arr[0]))
-                ts.append(previous)
-                gaps: dict[int, timedelta] = {}
-                append_ts = ts.append
-                for gap in np.diff(micros_arr).tolist():
-                    td = gaps.get(gap)
-                    if td is None:
-                        td = gaps[gap] = timedelta(microseconds=gap)
-                    previous = previous + td
-                    append_ts(previous)
+            # Whole microseconds: datetime's resolution; the times stay integers (``EpochTimes``).
+            micros = ts_arr.astype(np.int64) // 1000
+            ts: Sequence[datetime] = EpochTimes(micros)
         else:
             ts = [t if isinstance(t, datetime) else datetime.fromisoformat(str(t)) for t in ts_raw]
             for i in range(1, len(ts)):
@@ -239,7 +284,18 @@ class BarSeries:
                 cache[x] = Decimal(repr(x))
             return list(map(cache.__getitem__, values))  # type: ignore[arg-type]
 
-        return cls(exchange, symbol, timeframe, ts, decimals(o), decimals(h), decimals(lo), decimals(c), decimals(v))
+        return cls(
+            exchange,
+            symbol,
+            timeframe,
+            ts,
+            decimals(o),
+            decimals(h),
+            decimals(lo),
+            decimals(c),
+            decimals(v),
+            open_micros=micros,
+        )
 
 
 # --- trades -----------------------------------------------------------------------------------------

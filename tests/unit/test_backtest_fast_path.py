@@ -1,0 +1,231 @@
+"""The backtest's in-process venue path gives what the full OMS path gives, on real bars.
+
+``run_backtest`` sends a plain market order straight to the matching engine when nothing else can take part
+(``BacktestContext.submit_direct``) and everything else through the OMS. Both runs below use the same
+real BTC 1-minute bars (the shipped month, sliced); ``fast_path=False`` forces every order through the
+OMS. The strategies cover market-only trading, market entries with resting stops (the path switches
+order by order), limits, slippage, latency, a volume cap (path off), refused orders (cash too small), and
+the strategy's own view (every callback it received, in order, with the order snapshots).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from meltica.backtest import BacktestConfig, BarSeries, run_backtest
+from meltica.backtest.context import BacktestContext
+from meltica.backtest.metrics import compute_metrics
+from meltica.backtest.results import BacktestResult, EquityCurve
+from meltica.domain import Bar, Fill, Order
+from meltica.marketdata.series import EpochTimes
+from meltica.strategies import Strategy, StrategyParams
+from meltica.strategies.indicators import EMA
+
+DATA = Path(__file__).resolve().parents[2] / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
+SYMBOL = "BTC/USDT"
+BARS = 4000
+
+
+class CrossParams(StrategyParams):
+    symbol: str = SYMBOL
+    quantity: Decimal = Decimal("0.5")
+    fast: int = 5
+    slow: int = 20
+
+
+class Cross(Strategy[CrossParams]):
+    """EMA cross with market orders only (the bench workload's shape); records everything it is told."""
+
+    name: ClassVar[str] = "fast_path_cross"
+    Params: ClassVar[type[CrossParams]] = CrossParams
+    log: ClassVar[list[Any]] = []
+
+    def __init__(self, params: CrossParams, ctx: Any) -> None:
+        super().__init__(params, ctx)
+        self.fast = EMA(params.fast)
+        self.slow = EMA(params.slow)
+
+    def on_order(self, order: Order) -> None:
+        self.log.append(("order", order.model_dump()))
+
+    def on_fill(self, fill: Fill) -> None:
+        self.log.append(("fill", fill.model_dump(), self.ctx.position(self.params.symbol).quantity))
+
+    def on_bar(self, bar: Bar) -> None:
+        close = float(bar.close)
+        fast, slow = self.fast.update(close), self.slow.update(close)
+        if not self.slow.ready:
+            return
+        position = self.ctx.position(self.params.symbol).quantity
+        if position <= 0 and fast > slow:
+            self.ctx.buy(self.params.symbol, self.params.quantity - position)
+        elif position >= 0 and fast < slow:
+            self.ctx.sell(self.params.symbol, self.params.quantity + position)
+
+
+@pytest.fixture(scope="module")
+def series() -> BarSeries:
+    month = BarSeries.from_file(DATA, exchange="binance", symbol=SYMBOL, timeframe="1m")
+    return BarSeries.from_bars(month.bars()[:BARS])
+
+
+def run(series: BarSeries, config: dict[str, Any], strategy: type[Strategy[Any]] | None, *, fast: bool) -> Any:
+    Cross.log = []
+    result = run_backtest(BacktestConfig.model_validate(config), series, strategy=strategy, fast_path=fast)
+    return result, list(Cross.log)
+
+
+def comparable(result: BacktestResult) -> dict[str, Any]:
+    return {
+        "fills": [f.model_dump() for f in result.fills],
+        "orders": [o.__dict__ for o in result.orders],
+        "equity": [(p.ts, p.equity, p.cash, p.position_value) for p in result.equity],
+        "fill_phases": result.fill_phases,
+        "invalid": result.invalid_orders,
+        "metrics": result.metrics,
+    }
+
+
+@pytest.fixture
+def direct_orders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Client order ids that took the in-process path."""
+    taken: list[str] = []
+    original = BacktestContext.submit_direct
+
+    def counting(self: BacktestContext, intent: Any) -> bool:
+        done = original(self, intent)
+        if done:
+            taken.append(intent.client_order_id)
+        return done
+
+    monkeypatch.setattr(BacktestContext, "submit_direct", counting)
+    return taken
+
+
+CASES: dict[str, tuple[dict[str, Any], type[Strategy[Any]] | None, str]] = {
+    # name: (config, strategy class, which orders take the direct path: all | some | none)
+    "market-only": ({"strategy": Cross.name, "taker_fee_bps": Decimal(10)}, Cross, "all"),
+    "market-only-short-and-slippage": (
+        {"strategy": Cross.name, "taker_fee_bps": Decimal(4), "slippage_bps": Decimal(2)},
+        Cross,
+        "all",
+    ),
+    # decisions overlap while an order is on its way: some sells exceed the holding and are refused
+    "market-with-latency": ({"strategy": Cross.name, "latency_ms": 30_000}, Cross, "some"),
+    "cash-too-small": (  # long 0.5 BTC, then sells of 1 BTC (to go short) are refused: the OMS reports them
+        {"strategy": Cross.name, "initial_balances": {"USDT": Decimal(30_000)}},
+        Cross,
+        "some",
+    ),
+    "volume-cap": ({"strategy": Cross.name, "bar_volume_share": Decimal("0.1")}, Cross, "none"),
+    "beyond-the-book": (  # 6M BTC against the synthetic book's 5 x 1M: a partial fill, the rest expires
+        {
+            "strategy": Cross.name,
+            "params": {"quantity": "6000000"},
+            "initial_balances": {"USDT": Decimal(10) ** 12},
+        },
+        Cross,
+        "none",
+    ),
+    "momentum-atr-stops": (
+        {"strategy": "momentum", "params": {"fast": 5, "slow": 20, "quantity": "0.1"}, "slippage_bps": 1},
+        None,
+        "some",
+    ),
+    "momentum-no-stop-short": (
+        {"strategy": "momentum", "params": {"fast": 8, "slow": 30, "stop": "none", "allow_short": True}},
+        None,
+        "all",
+    ),
+    "mean-reversion": ({"strategy": "mean_reversion", "params": {}}, None, "any"),
+    "grid": ({"strategy": "grid", "params": {}}, None, "any"),
+    "market-making": ({"strategy": "market_making", "params": {}}, None, "any"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_direct_path_gives_the_oms_path_result(series: BarSeries, direct_orders: list[str], case: str) -> None:
+    extra, strategy, expected_use = CASES[case]
+    config = {"symbol": SYMBOL, "initial_balances": {"USDT": Decimal(100_000), "BTC": Decimal(1)}, **extra}
+    slow, slow_log = run(series, config, strategy, fast=False)
+    assert direct_orders == []
+    fast, fast_log = run(series, config, strategy, fast=True)
+    assert comparable(fast) == comparable(slow)
+    assert fast_log == slow_log
+    sent = [o for o in fast.orders if o.status != "open_at_end"]
+    if expected_use == "all":
+        assert sent and len(direct_orders) == len(fast.orders)
+    elif expected_use == "some":
+        assert 0 < len(direct_orders) < len(fast.orders)
+    elif expected_use == "none":
+        assert fast.orders and direct_orders == []
+    if case == "cash-too-small":
+        assert sum(fast.rejections.values()) > 20  # the refusals are reported, as by the OMS path
+    elif case == "beyond-the-book":  # the first buy filled in part (five levels), its remainder expired
+        first = fast.orders[0]
+        assert first.status not in ("filled", "open_at_end") and 0 < first.filled_quantity < first.quantity
+        assert len([f for f in fast.fills if f.client_order_id == first.client_order_id]) == 5
+    elif strategy is Cross:
+        assert len(fast.fills) > 20  # the case trades: the comparison is not vacuous
+
+
+def test_the_columnar_equity_curve_reads_as_the_points_it_stands_for(series: BarSeries) -> None:
+    """A bar run's curve is kept as columns (``EquityCurve``); read as points it is the bar loop's marks,
+    and its metrics are those of the same points passed as pairs."""
+    config = {"symbol": SYMBOL, "strategy": Cross.name, "initial_balances": {"USDT": Decimal(100_000)}}
+    arrays = {
+        "ts": [int(t.timestamp()) * 1_000_000_000 for t in series.ts],
+        **{k: [float(x) for x in getattr(series, k)] for k in ("open", "high", "low", "close", "volume")},
+    }
+    result, _ = run(series, config, Cross, fast=True)
+    from_arrays, _ = run(
+        BarSeries.from_arrays(arrays, exchange="binance", symbol=SYMBOL, timeframe="1m"), config, Cross, fast=True
+    )
+    for r in (result, from_arrays):
+        curve = r.equity
+        points = list(curve)
+        assert isinstance(curve, EquityCurve) and len(points) == len(series) == BARS
+        # every point: the bar's close time, cash + holding x close, from the fills so far
+        cash, held, fills = Decimal(100_000), Decimal(0), list(r.fills)
+        for i, point in enumerate(points):
+            close_time = series.ts[i] + timedelta(minutes=1)
+            while fills and fills[0].ts < close_time:
+                f = fills.pop(0)
+                held += f.quantity * f.side.sign
+                cash -= f.quantity * f.price * f.side.sign + f.fee
+            assert point.ts == close_time
+            assert (point.cash, point.position_value) == (cash, held * series.close[i])
+            assert point.equity == point.cash + point.position_value
+        assert curve == tuple(points) and tuple(points) == curve and curve != points[:-1]
+        assert curve[-1] == points[-1] and curve[-BARS] == points[0] and curve[10:13] == tuple(points[10:13])
+        with pytest.raises(IndexError):
+            curve[BARS]
+        pairs = compute_metrics([(p.ts, p.equity) for p in points], r.round_trips, r.fills)
+        assert r.metrics == pairs
+    assert from_arrays.metrics == result.metrics
+
+
+def test_bar_times_from_arrays_stay_integers_and_read_as_datetimes() -> None:
+    """``BarSeries.from_arrays`` keeps integer times (``EpochTimes``); read, sliced or iterated (across
+    its chunks) they are the datetimes the file gives."""
+    month = BarSeries.from_file(DATA, exchange="binance", symbol=SYMBOL, timeframe="1m")
+    times = list(month.ts) * 2
+    shift = times[-1] - times[0] + timedelta(minutes=1)
+    times[len(month) :] = [t + shift for t in times[len(month) :]]  # two months back to back: 90,062 bars
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    arrays = {
+        "ts": [(t - epoch) // timedelta(microseconds=1) * 1000 for t in times],
+        **{k: [float(x) for x in getattr(month, k)] * 2 for k in ("open", "high", "low", "close", "volume")},
+    }
+    series = BarSeries.from_arrays(arrays, exchange="binance", symbol=SYMBOL, timeframe="1m")
+    assert isinstance(series.ts, EpochTimes) and len(series.ts) == len(times) > 65_536
+    assert list(series.ts) == times and series.ts == times and times == series.ts
+    assert series.ts[0] == times[0] and series.ts[-1] == times[-1] and series.ts[70_000] == times[70_000]
+    assert series.ts[65_530:65_540] == times[65_530:65_540]
+    assert series.ts != times[:-1] and series.ts != [*times[:-1], times[-1] + timedelta(minutes=1)]
+    assert series.validate() is series
