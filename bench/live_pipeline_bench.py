@@ -682,13 +682,16 @@ def print_throughput(report: Mapping[str, Any]) -> None:
     print(f"   in-repo baselines, no Kafka: codec decode only {b['decode_rate']:,.0f} msg/s ({b['bytes']:.0f} B/msg); "
           f"CandleProcessor on the in-memory bus (+ snapshot/msg) {b['bus_rate']:,.0f} msg/s")  # fmt: skip
     generic, per_event = by_name.get("generic"), by_name.get("generic-per-event")
-    if generic and "rate" in generic:
-        if per_event and "rate" in per_event:
-            print(f"   generic (lanes) / per-event = {generic['rate'] / per_event['rate']:.1f}x msg/s, "
-                  f"{generic['cpu_rate'] / per_event['cpu_rate']:.1f}x msg/CPU-s")  # fmt: skip
-        print(f"   goal >= 20,000 msg/s per worker (generic worker, candle state in a changelogged table): "
-              f"{'MET' if generic['rate'] >= 20_000 else 'NOT met'} ({generic['rate']:,.0f} msg/s, "
-              f"{generic['cpu_rate']:,.0f} msg/CPU-s)")  # fmt: skip
+    if generic and "rate" in generic and per_event and "rate" in per_event:
+        print(f"   generic (lanes) / per-event = {generic['rate'] / per_event['rate']:.1f}x msg/s, "
+              f"{generic['cpu_rate'] / per_event['cpu_rate']:.1f}x msg/CPU-s")  # fmt: skip
+    # the goal is judged on the worker as deployed: a candles-only live worker runs with a 2 ms producer linger
+    # (meltica.config.settings.MARKET_DATA_LINGER_MS); without it, the generic line above
+    deployed = by_name.get("generic-linger-2ms") or generic
+    if deployed and "rate" in deployed:
+        print(f"   goal >= 20,000 msg/s per worker (candles worker as deployed: {deployed['variant']}, candle state "
+              f"in a changelogged table): {'MET' if deployed['rate'] >= 20_000 else 'NOT met'} "
+              f"({deployed['rate']:,.0f} msg/s, {deployed['cpu_rate']:,.0f} msg/CPU-s)")  # fmt: skip
 
 
 # --- 2. latency ----------------------------------------------------------------------------------------
