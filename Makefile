@@ -18,7 +18,7 @@ lint: bootstrap
 typecheck: bootstrap
 	$(VENV)/mypy
 
-# pytest runs on pytest-xdist workers (`-n auto` in pyproject.toml's addopts: CPUs + 1); PYTEST_ARGS="-n 0" runs serially.
+# pytest runs on pytest-xdist workers (`-n auto` in pyproject.toml's addopts: one per CPU); PYTEST_ARGS="-n 0" runs serially.
 pytest: bootstrap
 	$(VENV)/pytest $(PYTEST_ARGS)
 

@@ -50,12 +50,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
-    """``-n auto`` (addopts): one worker more than the CPUs this process may use. Much of the suite waits on
-    servers and child processes: on two cores a subset of integration tests took 241 s serially, 158 s on two
-    workers and 133 s on three. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still sets the number (xdist's own hook)."""
+    """``-n auto`` (addopts): one worker per CPU this process may use. Measured on two loaded cores: a subset
+    of integration tests took 241 s serially, 158 s on two workers and 133 s on three, but with three the
+    whole suite starved stream workers past their 5 s event-loop watchdog and Prefect's SQLite past its lock
+    timeout (503s), so not more workers than CPUs. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still sets the number."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
-    return len(os.sched_getaffinity(0)) + 1
+    return len(os.sched_getaffinity(0))
 
 
 @pytest.hookimpl(optionalhook=True)
