@@ -69,7 +69,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         done = delete_made(session.config.stash[RUN_DIR])
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if done and reporter is not None:
-            reporter.ensure_newline()
+            reporter.write("\n")  # xdist's progress line does not end where ensure_newline would see it
             reporter.write_line(f"meltica: {done}")
 
 
