@@ -1,5 +1,5 @@
 # The two commands a newcomer needs are `make demo` and `make test` (see README.md).
-.PHONY: demo test lint typecheck pytest coverage mutation mutation-show bootstrap infra-up infra-down infra-status lock clean bench
+.PHONY: demo test unit lint typecheck pytest coverage mutation mutation-show bootstrap infra-up infra-down infra-status lock clean bench
 
 VENV := .venv/bin
 
@@ -20,8 +20,13 @@ lint: bootstrap
 typecheck: bootstrap
 	$(VENV)/mypy
 
+# pytest runs on pytest-xdist workers (`-n auto` in pyproject.toml's addopts: one per CPU); PYTEST_ARGS="-n 0" runs serially.
 pytest: bootstrap
-	$(VENV)/pytest
+	$(VENV)/pytest $(PYTEST_ARGS)
+
+# The unit tests only (no database, broker or Prefect): a quick check while editing.
+unit: bootstrap
+	$(VENV)/pytest tests/unit $(PYTEST_ARGS)
 
 # The suite with branch coverage of meltica/ (about twice the unit tests' time on Python 3.11, so not part
 # of `make test`): per-package figures, and floors for the money path (tests/coverage_floors.py).

@@ -643,31 +643,42 @@ class StallWatchdog:
         self._task: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
-        self._tick = time.monotonic()  # last time the loop ran a check
+        self._tick = time.monotonic()  # last time the loop ran the heartbeat
+        self._beat: asyncio.Task[None] | None = None
         self._consumer: Any = None
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
+            self._beat = asyncio.ensure_future(self._heartbeat())
             self._thread = threading.Thread(target=self._watch_loop, name="stall-watchdog", daemon=True)
             self._thread.start()
 
     async def stop(self) -> None:
         self._stopped.set()
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        beat, self._beat = self._beat, None
+        for running in (task, beat):
+            if running is not None:
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await running
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 await self._consumer.stop()
+
+    async def _heartbeat(self) -> None:
+        """Proof for the thread that the loop turns: a task of its own, as the check below awaits the broker
+        (a slow consumer start or offsets request is a turning loop, not a blocked one)."""
+        while not self._stopped.is_set():
+            self._tick = time.monotonic()
+            await asyncio.sleep(self.interval)
 
     async def _run(self) -> None:
         progress, since = self.runtime.progress, time.monotonic()
         while not self._stopped.is_set():
             await asyncio.sleep(self.interval)
-            now = self._tick = time.monotonic()
+            now = time.monotonic()
             runtime = self.runtime
             if runtime.stopping:
                 return  # the stop watchdog takes over

@@ -9,8 +9,6 @@ database as the runtime role, which is what runtime commands connect as in produ
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,54 +19,20 @@ from sqlalchemy import Engine
 from meltica.infra.kafka import KafkaEndpoint, ensure_kafka
 from meltica.infra.postgres import PostgresEndpoint, ensure_postgres
 from tests.integration.databases import drop_test_database
-
-# A name made for one test run: a hex run of 8+ characters (uuid-based prefixes, app ids, group names).
-_TEST_NAME = re.compile(r"[0-9a-f]{8,}")
-KEEP_TOPICS_ENV = "MELTICA_TEST_KEEP_TOPICS"
+from tests.session_topics import record_before, run_dir, worker_id
 
 
 @pytest.fixture(scope="session")
-def kafka_endpoint() -> Iterator[KafkaEndpoint]:
-    """The dev broker. At the end of the session, the topics this session's tests made (new since it began,
-    with a run-specific hex name) are deleted: the broker keeps every partition's files open, and the topics
-    of a few full runs exhaust its open-files limit ("Too many open files": it stops accepting connections).
-    ``MELTICA_TEST_KEEP_TOPICS=1`` keeps them (to look at them, or while other test sessions share the
-    broker)."""
+def kafka_endpoint(pytestconfig: pytest.Config) -> KafkaEndpoint:
+    """The dev broker. The topics this run's tests make (new since the run began, with a run-specific hex
+    name) are deleted when the whole run ends, by the main process (tests/session_topics.py; under
+    pytest-xdist, never by one worker while another still uses them): the broker keeps every partition's
+    files open, and the topics of a few full runs exhaust its open-files limit ("Too many open files": it
+    stops accepting connections). ``MELTICA_TEST_KEEP_TOPICS=1`` keeps them (to look at them, or while other
+    test sessions share the broker)."""
     endpoint = ensure_kafka()
-    before = _topics(endpoint.bootstrap_servers)
-    yield endpoint
-    if os.environ.get(KEEP_TOPICS_ENV) == "1" or before is None:
-        return
-    after = _topics(endpoint.bootstrap_servers) or set()
-    made = sorted(name for name in after - before if _TEST_NAME.search(name))
-    _delete_topics(endpoint.bootstrap_servers, made)
-
-
-def _topics(bootstrap: str) -> set[str] | None:
-    from kafka import KafkaAdminClient
-
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
-    except Exception:
-        return None
-    try:
-        return set(admin.list_topics())
-    finally:
-        admin.close()
-
-
-def _delete_topics(bootstrap: str, names: list[str]) -> None:
-    from kafka import KafkaAdminClient
-
-    if not names:
-        return
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=60_000)
-    try:
-        for start in range(0, len(names), 200):
-            with contextlib.suppress(Exception):  # cleanup only: a topic already gone is fine
-                admin.delete_topics(names[start : start + 200], timeout_ms=60_000)
-    finally:
-        admin.close()
+    record_before(run_dir(pytestconfig), worker_id(), endpoint.bootstrap_servers)
+    return endpoint
 
 
 @pytest.fixture(scope="session")

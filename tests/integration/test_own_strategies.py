@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 from typer.testing import CliRunner
 
 from meltica.cli import app
@@ -167,8 +168,10 @@ def test_a_reference_that_cannot_load_is_one_line(
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_the_guides_commands_run_as_written(tmp_path: Path) -> None:
-    """The guide's shell commands, from a folder holding the guide's ``breakout.py`` (its first snippet)."""
+def test_the_guides_commands_run_as_written(tmp_path: Path, fresh_database: Engine) -> None:
+    """The guide's shell commands, from a folder holding the guide's ``breakout.py`` (its first snippet). The
+    backtest stores its run in a database of its own, not the shared dev database (which parallel workers,
+    other sessions and other checkouts' migrations also use)."""
     text = GUIDE.read_text()
     python = re.findall(r"```python\n(.*?)```", text, re.S)
     (tmp_path / "breakout.py").write_text(python[0])
@@ -178,6 +181,7 @@ def test_the_guides_commands_run_as_written(tmp_path: Path) -> None:
     commands = re.findall(r"```bash\n(.*?)```", section, re.S)
     assert commands
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env["MELTICA_DATABASE_URL"] = fresh_database.url.render_as_string(hide_password=False)
     for command in commands:
         proc = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", command],

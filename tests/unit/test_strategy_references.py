@@ -55,8 +55,11 @@ def test_a_module_reference_imports_from_sys_path(tmp_path: Path, monkeypatch: p
 
 
 def test_a_strategies_directory_from_the_configuration_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # loading the settings exports the directories to the environment (for child processes): undone after
-    monkeypatch.delenv("MELTICA_STRATEGY_PATHS", raising=False)
+    # loading the settings exports the directories to the environment (for child processes): undone after.
+    # setenv first, so monkeypatch restores the variable's absence too (delenv of an absent variable records
+    # nothing, and the export leaked into later tests of the same process, e.g. on a pytest-xdist worker).
+    monkeypatch.setenv("MELTICA_STRATEGY_PATHS", "")
+    monkeypatch.delenv("MELTICA_STRATEGY_PATHS")
     monkeypatch.setattr(registry, "_directories", [])
     directory = tmp_path / "strategies"
     directory.mkdir()
