@@ -699,7 +699,15 @@ def _assert_in_trade_order(decisions: list[dict[str, Any]]) -> None:
 def _lanes_stats(bootstrap: str, prefix: str) -> dict[str, int]:
     from meltica.live.worker_stats import read_stats
 
-    (record,) = [r for r in read_stats(bootstrap, prefix) if r.get("state") == "stopped"]
+    # the worker has exited; its last record is on the broker, but a read right after may not see it yet
+    stopped: list[dict[str, Any]] = []
+
+    def read() -> bool:
+        stopped[:] = [r for r in read_stats(bootstrap, prefix) if r.get("state") == "stopped"]
+        return bool(stopped)
+
+    _wait(read, 30, "the worker's final (stopped) stats record")
+    (record,) = stopped
     lanes: dict[str, int] = record["lanes"]
     return lanes
 
