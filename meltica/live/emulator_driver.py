@@ -188,7 +188,22 @@ class EmulatorDriver:
             await self._session.close()
             self._session = None
 
+    def untrusted(self) -> Exception | None:
+        if self._reader_error is None:
+            return None
+        error = EmulatorDriverError(
+            f"the user stream of {self.account} ended: {self._reader_error!r}", reason="user_stream_ended"
+        )
+        error.__cause__ = self._reader_error
+        return error
+
+    def _refuse_if_untrusted(self) -> None:
+        untrusted = self.untrusted()
+        if untrusted is not None:
+            raise untrusted
+
     async def open(self, bar: Bar) -> None:
+        self._refuse_if_untrusted()
         answer = await self._post(
             "/_emulator/market/open",
             {
@@ -201,6 +216,7 @@ class EmulatorDriver:
         self._stepped(answer, bar.symbol)
 
     async def path(self, bar: Bar) -> None:
+        self._refuse_if_untrusted()
         answer = await self._post(
             "/_emulator/market/bar",
             {
@@ -217,6 +233,7 @@ class EmulatorDriver:
         self._stepped(answer, bar.symbol)
 
     async def settle(self) -> None:
+        self._refuse_if_untrusted()
         answer = await self._get("/_emulator/executions", account=self.account, after=str(self._settled_seq))
         executions: list[dict[str, Any]] = answer["executions"].get(self.account, [])
         if not executions:
@@ -233,10 +250,7 @@ class EmulatorDriver:
             missing_orders = {c: s for c, s in orders.items() if self._seen_order_seq.get(c, 0) < s}
             if not missing_trades and not missing_orders:
                 break
-            if self._reader_error is not None:
-                raise EmulatorDriverError(
-                    f"the user stream of {self.account} ended: {self._reader_error!r}", reason="user_stream_ended"
-                ) from self._reader_error
+            self._refuse_if_untrusted()
             if (
                 missing_orders
                 and not missing_trades
@@ -304,10 +318,12 @@ class EmulatorDriver:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            # Fails closed: the next call on this driver raises EmulatorDriverError with this cause.
-            log.exception("user stream of %s ended", self.account)
+            # Fail closed: from now on untrusted() names this, every step and settle raises with it as the
+            # cause and the execution stage refuses every request; the task ends with it (stop() reaps it).
+            log.critical("user stream of %s ended: the account's state is unknown from here", self.account)
             self._reader_error = exc
             self._progress.set()
+            raise
 
     async def _wait_subscribed(self, before: int) -> None:
         """Until the emulator counts one more user-data subscription for the account (ours)."""
@@ -317,8 +333,7 @@ class EmulatorDriver:
             state = await self._get("/_emulator/state")
             if int(state["user_subscriptions"].get(self.account, 0)) > before:
                 return
-            if self._reader_error is not None:
-                raise EmulatorDriverError(f"the user stream of {self.account} failed: {self._reader_error!r}")
+            self._refuse_if_untrusted()
             if loop.time() > deadline:
                 raise EmulatorDriverError(
                     f"the user stream of {self.account} did not subscribe within {self.subscribe_timeout:g} s",

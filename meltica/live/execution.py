@@ -197,6 +197,9 @@ class PaperDriver:
             if handler is not None:
                 await handler(event)
 
+    def untrusted(self) -> Exception | None:
+        return None  # in-process: the OMS sees every event of the venue as it happens
+
 
 # --- the order store, observed ----------------------------------------------------------------------
 
@@ -683,6 +686,17 @@ class ExecutionService:
         if lane is None:
             self._log.warning("request %s for unknown account %s dropped", request.request_id, request.account)
             return []
+        untrusted = lane.driver.untrusted()
+        if untrusted is not None:
+            # Fail closed: nothing more goes to a venue whose account state is unknown. The stage fails, so
+            # the worker stops; its restart reconciles the account before it trades again.
+            self._log.critical(
+                "request %s for %s refused: the venue cannot be trusted: %s",
+                request.request_id,
+                request.account,
+                untrusted,
+            )
+            raise untrusted
         self._note(lane, request)
         market = self._market_of(lane, request)
         if self.lockstep and market is not None:

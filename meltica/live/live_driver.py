@@ -100,6 +100,7 @@ class LiveDriver:
         self._polled_events = 0
         self._last_trade_ts: dict[str, datetime] = {}
         self._previous_fault_handler: Callable[[MelticaError], None] | None = None
+        self._after_reconnect_failure: Exception | None = None  # set while the hook has not succeeded since
 
     # --- VenueDriver -------------------------------------------------------------------------------
 
@@ -153,6 +154,19 @@ class LiveDriver:
     async def settle(self) -> None:
         """Let the stream reader hand over what it already has; never waits for the venue."""
         await asyncio.sleep(0)
+
+    def untrusted(self) -> Exception | None:
+        """The after-reconnect hook's failure while it has not succeeded since (it is retried at every
+        check): what the stream missed meanwhile was not reconciled."""
+        failure = self._after_reconnect_failure
+        if failure is None:
+            return None
+        error = MelticaError(
+            f"{self.account}: the after-reconnect hook failed ({failure!r}); retried until it succeeds",
+            reason="after_reconnect_failed",
+        )
+        error.__cause__ = failure
+        return error
 
     def watch(self, symbols: Iterable[str]) -> None:
         """Markets the REST poll always covers (besides those of open orders and recent trades)."""
@@ -290,8 +304,19 @@ class LiveDriver:
                         try:
                             await self.on_reconnect()
                         except Exception as exc:
+                            # Fail closed: untrusted() names it, so the execution stage refuses every request;
+                            # the hook runs again at the next check (after a fresh poll) until it succeeds.
+                            self._after_reconnect_failure = exc
+                            self._reconnect_pending = True
+                            self._fault_pending = True
                             self._error(f"on_reconnect failed: {exc!r}")
-                            log.exception("%s: the after-reconnect hook failed", self.account)
+                            log.critical(
+                                "%s: the after-reconnect hook failed (%r): requests refused until it succeeds",
+                                self.account,
+                                exc,
+                            )
+                        else:
+                            self._after_reconnect_failure = None
 
     async def poll(self) -> bool:
         """One REST poll (module docstring); ``True`` when every part of it succeeded. Failures are

@@ -608,6 +608,9 @@ class MarketDataIngest:
         self.gaps: list[BarGap] = []
         self.duplicate_bars = 0  # closed bars dropped: already published (a restart, a REST overlap)
         self.statuses = 0  # MarketStatus messages published
+        self.status_failures = 0  # ... that could not be published (the broker away)
+        self._status_down_since: datetime | None = None
+        self._status_outage_said = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -972,10 +975,31 @@ class MarketDataIngest:
                     previous, live.stale = live.stale, stale
                     try:
                         await self._publish_status(sub, live, now=now)
-                    except Exception:  # the broker is away: try again next round (the gate expires silence)
-                        live.stale = previous
-                        log.exception("ingest %s: could not publish its status", sub)
+                    except Exception as exc:
+                        live.stale = previous  # published again next round
+                        self._status_failed(sub, exc, now)
+                    else:
+                        self._status_down_since = None
             await asyncio.sleep(check)
+
+    def _status_failed(self, sub: Subscription, exc: Exception, now: datetime) -> None:
+        """A status that did not get out (the broker is away). Fails closed without this process: the risk
+        gate expires a market's last status after three heartbeats and then refuses new orders on it, so
+        silence is never taken for health. Counted (``status_failures``), said once when it starts and once,
+        critically, when it has lasted past that expiry; the watch keeps trying."""
+        self.status_failures += 1
+        if self._status_down_since is None:
+            self._status_down_since = now
+            log.error("ingest %s: could not publish its status (%r); retrying every round", sub, exc)
+            self._status_outage_said = False
+        elif not self._status_outage_said and (now - self._status_down_since).total_seconds() > 3 * self.heartbeat:
+            self._status_outage_said = True
+            log.critical(
+                "ingest: no market status published for %.0f s (%r): the risk gate refuses new orders on "
+                "these markets until one gets through",
+                (now - self._status_down_since).total_seconds(),
+                exc,
+            )
 
     def is_stale(self, sub: Subscription, now: datetime | None = None) -> bool:
         """Whether ``sub``'s stream has been silent for ``stale_after`` (since it started, if never heard)."""

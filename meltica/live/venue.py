@@ -37,3 +37,8 @@ class VenueDriver(Protocol):
 
     async def settle(self) -> None:
         """Return once every user event the venue produced so far was handed to ``on_user_event``."""
+
+    def untrusted(self) -> Exception | None:
+        """Why what the OMS knows of the account can no longer be trusted (the user stream ended for good,
+        the after-reconnect reconciliation failed), or ``None``. While it stands the execution stage refuses
+        every request: it raises, so the worker stops and its restart reconciles before trading again."""

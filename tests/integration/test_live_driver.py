@@ -531,3 +531,43 @@ def test_an_amend_refused_by_risk_reaches_the_strategy_as_a_rejected_replacement
             await live.emu.stop()
 
     run(body)
+
+
+def test_a_failed_after_reconnect_hook_refuses_every_request_until_the_hook_succeeds(fresh_database: Engine) -> None:
+    """The stream really drops; the reconciliation hook after it raises twice. Meanwhile the execution stage
+    refuses (raises) and nothing reaches the venue; the hook is retried, and once it succeeds orders go again."""
+
+    async def body() -> None:
+        live = await started(fresh_database)
+        try:
+            failures_left = [2]
+            calls: list[str] = []
+
+            async def flaky_reconcile() -> None:
+                calls.append("hook")
+                if failures_left[0] > 0:
+                    failures_left[0] -= 1
+                    raise ConnectionError("reconciliation: the database is away")
+
+            live.driver.on_reconnect = flaky_reconcile
+            bid = (await live.last_price() * Decimal("0.9")).quantize(Decimal("0.01"))
+            assert live.driver.untrusted() is None
+            assert await live.emu.drop_websockets() >= 1
+            await eventually(lambda: live.driver.untrusted() is not None, "the hook's failure after the drop")
+            before = await live.venue_order_counts()
+            with pytest.raises(MelticaError, match="after-reconnect hook failed") as refused:
+                await live.submit(Side.BUY, bid)
+            assert isinstance(refused.value.__cause__, ConnectionError)
+            assert live.driver.health()["last_error"].startswith("on_reconnect failed")
+            assert await live.venue_order_counts() == before  # nothing went to the venue
+
+            await eventually(lambda: live.driver.untrusted() is None, "the hook retried until it succeeds")
+            assert calls == ["hook", "hook", "hook"]
+            coid = await live.submit(Side.BUY, bid)
+            assert live.status(coid) is OrderStatus.OPEN
+            assert (await live.venue_order_counts())[coid] == 1
+        finally:
+            await live.stop()
+            await live.emu.stop()
+
+    run(body)
