@@ -231,14 +231,50 @@ def require_server_url(timeout: float = 5.0) -> str:
     return url.rstrip("/")
 
 
+class _TransientAnswerError(Exception):
+    def __init__(self, code: int, detail: str, retry_after: float | None) -> None:
+        super().__init__(code)
+        self.code, self.detail, self.retry_after = code, detail, retry_after
+
+
+def _retry_after(header: str | None) -> float | None:
+    """``Retry-After`` in seconds (capped at 10 s); ``None`` when absent or an HTTP date."""
+    try:
+        return None if header is None else min(max(float(header), 0.0), 10.0)
+    except ValueError:
+        return None
+
+
 class PrefectApi:
     """A few calls of the Prefect server REST API over plain HTTP (``meltica/`` never imports prefect)."""
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    #: Answers a busy or restarting server gives (Prefect's own client retries the same ones): 503 is what the
+    #: server answers when its database is locked, and the request was rolled back, so sending it again is safe.
+    TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
+
+    def __init__(self, url: str, timeout: float = 10.0, retries: int = 5, backoff: float = 0.5) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One API call; a transient answer (:attr:`TRANSIENT_STATUS`) is sent again up to ``retries`` times
+        with exponential backoff (``Retry-After`` when the server gives one), then raised with its cause."""
+        attempt = 0
+        while True:
+            try:
+                return self._call_once(method, path, body)
+            except _TransientAnswerError as answer:
+                if attempt >= self.retries:
+                    raise InfrastructureUnavailableError(
+                        f"Prefect API {method} {path} answered {answer.code} {attempt + 1} times "
+                        f"(the server is busy or restarting): {answer.detail}"
+                    ) from None
+                time.sleep(answer.retry_after if answer.retry_after is not None else self.backoff * 2**attempt)
+                attempt += 1
+
+    def _call_once(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(  # noqa: S310 - the URL comes from PREFECT_API_URL, checked as http(s)
             self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
@@ -250,6 +286,8 @@ class PrefectApi:
             if exc.code == 404:
                 raise LookupError(path) from None
             detail = exc.read().decode(errors="replace")[:300]
+            if exc.code in self.TRANSIENT_STATUS:
+                raise _TransientAnswerError(exc.code, detail, _retry_after(exc.headers.get("Retry-After"))) from None
             raise InfrastructureError(f"Prefect API {method} {path} answered {exc.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise InfrastructureUnavailableError(
@@ -260,7 +298,7 @@ class PrefectApi:
 
     def work_pool_exists(self, name: str) -> bool:
         try:
-            self._call("GET", f"/work_pools/{urllib.parse.quote(name)}")
+            self.call("GET", f"/work_pools/{urllib.parse.quote(name)}")
         except LookupError:
             return False
         return True
@@ -268,7 +306,7 @@ class PrefectApi:
     def deployment_id(self, flow_name: str, deployment_name: str) -> str:
         path = f"/deployments/name/{urllib.parse.quote(flow_name)}/{urllib.parse.quote(deployment_name)}"
         try:
-            deployment = self._call("GET", path)
+            deployment = self.call("GET", path)
         except LookupError:
             raise InfrastructureError(
                 f"no deployment {flow_name}/{deployment_name} on the Prefect server: run `meltica flows deploy`"
@@ -277,56 +315,56 @@ class PrefectApi:
 
     def deployment(self, flow_name: str, deployment_name: str) -> dict[str, Any]:
         path = f"/deployments/name/{urllib.parse.quote(flow_name)}/{urllib.parse.quote(deployment_name)}"
-        found: dict[str, Any] = self._call("GET", path)
+        found: dict[str, Any] = self.call("GET", path)
         return found
 
     def set_paused(self, deployment_id: str, paused: bool, description: str | None) -> None:
         """Pause (or resume) a deployment's schedules; ``description`` replaces its description when given."""
         if description is not None:
-            self._call("PATCH", f"/deployments/{deployment_id}", {"description": description})
-        self._call("POST", f"/deployments/{deployment_id}/{'pause' if paused else 'resume'}_deployment")
+            self.call("PATCH", f"/deployments/{deployment_id}", {"description": description})
+        self.call("POST", f"/deployments/{deployment_id}/{'pause' if paused else 'resume'}_deployment")
 
     def ensure_automation(self, body: dict[str, Any]) -> bool:
         """Create the automation named ``body["name"]`` unless one exists (replacing an outdated one); True when
         it was created."""
-        existing = [a for a in self._call("POST", "/automations/filter", {}) or [] if a.get("name") == body["name"]]
+        existing = [a for a in self.call("POST", "/automations/filter", {}) or [] if a.get("name") == body["name"]]
         current = existing[0] if existing else None
         if current is not None and current.get("trigger", {}).get("within") == body["trigger"]["within"]:
             return False
         for old in existing:
-            self._call("DELETE", f"/automations/{old['id']}")
-        self._call("POST", "/automations/", body)
+            self.call("DELETE", f"/automations/{old['id']}")
+        self.call("POST", "/automations/", body)
         return True
 
     def server_settings(self) -> dict[str, Any]:
         """The server's own settings (``GET /admin/settings``; secrets come back masked)."""
-        found: dict[str, Any] = self._call("GET", "/admin/settings") or {}
+        found: dict[str, Any] = self.call("GET", "/admin/settings") or {}
         return found
 
     def deployment_names(self) -> list[str]:
         """``flow/deployment`` for every deployment on the server."""
-        flows = {f["id"]: f["name"] for f in self._call("POST", "/flows/filter", {"limit": 200})}
-        rows = self._call("POST", "/deployments/filter", {"limit": 200})
+        flows = {f["id"]: f["name"] for f in self.call("POST", "/flows/filter", {"limit": 200})}
+        rows = self.call("POST", "/deployments/filter", {"limit": 200})
         return sorted(f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in rows)
 
     def deployment_names_by_entrypoint(self) -> dict[tuple[str, str], str]:
         """``(entrypoint, deployment name) -> "flow name/deployment name"`` for every deployment on the server:
         the flow's real name (``@flow(name=…)``), which ``prefect deployment run`` needs, not its function's."""
-        flows = {f["id"]: f["name"] for f in self._call("POST", "/flows/filter", {"limit": 200})}
-        rows = self._call("POST", "/deployments/filter", {"limit": 200})
+        flows = {f["id"]: f["name"] for f in self.call("POST", "/flows/filter", {"limit": 200})}
+        rows = self.call("POST", "/deployments/filter", {"limit": 200})
         return {(str(d.get("entrypoint")), str(d["name"])): f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in rows}
 
     def create_flow_run(self, flow_name: str, deployment_name: str, parameters: dict[str, Any]) -> FlowRunInfo:
         deployment_id = self.deployment_id(flow_name, deployment_name)
-        run = self._call("POST", f"/deployments/{deployment_id}/create_flow_run", {"parameters": parameters})
+        run = self.call("POST", f"/deployments/{deployment_id}/create_flow_run", {"parameters": parameters})
         return _flow_run_info(run, f"{flow_name}/{deployment_name}")
 
     def flow_run(self, flow_run_id: str) -> FlowRunInfo:
-        return _flow_run_info(self._call("GET", f"/flow_runs/{urllib.parse.quote(flow_run_id)}"))
+        return _flow_run_info(self.call("GET", f"/flow_runs/{urllib.parse.quote(flow_run_id)}"))
 
     def flow_run_artifacts(self, flow_run_id: str) -> dict[str, dict[str, Any]]:
         """The artifacts a flow run published, by key (``type`` and ``data``: markdown text, or a table's rows)."""
-        rows = self._call("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+        rows = self.call("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
         out: dict[str, dict[str, Any]] = {}
         for row in rows or []:
             data = row.get("data")
