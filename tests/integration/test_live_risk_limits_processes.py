@@ -483,12 +483,17 @@ def test_a_loss_breach_during_a_risk_table_outage_still_halts_the_execution_work
             # The tables are back: the next price the gate hears writes the breach and the halt.
             await d.price(Decimal(44_900), this_minute() + timedelta(minutes=2))
 
-            def stored() -> list[Any]:
-                return d.rows("SELECT scope, mode, actor FROM kill_switch_state")
+            # The halt and the breach are separate writes (the kill switch's store, the gate's recorder): wait
+            # for both, then check each holds exactly what the outage kept.
+            def stored() -> tuple[list[Any], list[Any]] | None:
+                halts = d.rows("SELECT scope, mode, actor FROM kill_switch_state")
+                breaches = d.rows("SELECT rule FROM risk_events WHERE decision = 'breach'")
+                return (halts, breaches) if halts and breaches else None
 
-            halted = await until(stored, "the halt stored after the outage", 60, state=d.logs_text)
+            found = await until(stored, "the halt and the breach stored after the outage", 60, state=d.logs_text)
+            assert found is not None
+            halted, rows = found
             assert [(r.scope, r.mode, r.actor) for r in halted] == [("account:emu", "halt", "risk-engine")], halted
-            rows = d.rows("SELECT rule FROM risk_events WHERE decision = 'breach'")
             assert [r.rule for r in rows] == ["daily_loss_limit"], rows
 
     asyncio.run(body())
