@@ -788,7 +788,7 @@ class WorkerRuntime:
             key_serializer="raw",
             value_serializer="raw",
         )
-        self._stats_ready: bool | None = None  # None: not checked yet; False: stats disabled
+        self._stats_ready = False  # the stats topic is known to exist (checked again until it does)
         self.guard: ConsumerGuard | None = None
         self.control: ControlBroadcast | None = ControlBroadcast(self, control_offsets) if control_broadcast else None
         self.stop_deadline = stop_deadline
@@ -852,16 +852,22 @@ class WorkerRuntime:
                 "checkpoints": lanes.checkpoints,
             }
         key, value = self.stats.encode(record)
-        try:
-            if self._stats_ready is None:
-                self._stats_ready = await asyncio.to_thread(ensure_stats_topic, self.bootstrap, self.catalogue.prefix)
+        # The final record is what an operator (and `meltica streams status`) reads after the stop: a broker
+        # that is slow to answer once (a leader moving, a busy machine) gets two more tries.
+        attempts = 3 if state == "stopped" else 1
+        for attempt in range(1, attempts + 1):
+            try:
                 if not self._stats_ready:
-                    log.warning("no stats topic %s: worker stats are not published", self.stats_topic.get_topic_name())
-            if self._stats_ready:
+                    self._stats_ready = await asyncio.to_thread(
+                        ensure_stats_topic, self.bootstrap, self.catalogue.prefix
+                    )
+                    if not self._stats_ready:
+                        raise RuntimeError(f"the stats topic {self.stats_topic.get_topic_name()} could not be made")
                 fut = await self.stats_topic.send(key=key, value=value)
                 await asyncio.wait_for(fut, timeout=max(self.stats_interval, 5.0))
-        except Exception as exc:  # telemetry must never stop the pipeline
-            log.warning("could not publish worker stats: %r", exc)
+                return
+            except Exception as exc:  # telemetry must never stop the pipeline
+                log.warning("could not publish worker stats (%s, attempt %d of %d): %r", state, attempt, attempts, exc)
 
     # --- stop ------------------------------------------------------------------------------------
 

@@ -696,7 +696,7 @@ def _assert_in_trade_order(decisions: list[dict[str, Any]]) -> None:
         assert counts == list(range(1, len(counts) + 1)), f"{key}: out of order {counts[:20]}"
 
 
-def _lanes_stats(bootstrap: str, prefix: str) -> dict[str, int]:
+def _lanes_stats(bootstrap: str, prefix: str, worker: Worker) -> dict[str, int]:
     from meltica.live.worker_stats import read_stats
 
     # the worker has exited; its last record is on the broker, but a read right after may not see it yet
@@ -706,7 +706,10 @@ def _lanes_stats(bootstrap: str, prefix: str) -> dict[str, int]:
         stopped[:] = [r for r in read_stats(bootstrap, prefix) if r.get("state") == "stopped"]
         return bool(stopped)
 
-    _wait(read, 30, "the worker's final (stopped) stats record")
+    try:
+        _wait(read, 30, "the worker's final (stopped) stats record")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the worker said:\n{worker.output()[-3000:]}") from None
     (record,) = stopped
     lanes: dict[str, int] = record["lanes"]
     return lanes
@@ -748,7 +751,7 @@ def test_two_stages_in_one_worker_hand_records_over_in_order(
 
     assert _assert_exactly_once_effects(decisions, trades) == 0
     _assert_in_trade_order(decisions)
-    lanes = _lanes_stats(bootstrap, prefix)
+    lanes = _lanes_stats(bootstrap, prefix, worker)
     assert lanes["records"] >= 2 * len(trades)  # both stages handled every record
     if hand_over:
         assert lanes["handed_over"] == len(rest), lanes  # each after the primers, not fetched
