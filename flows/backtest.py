@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact
@@ -60,8 +60,12 @@ from meltica.storage.engine import make_engine
 from meltica.storage.tables import backtest_runs
 from meltica.strategies.registry import list_strategies
 
-# The run forms offer the registered strategies as a choice.
-StrategyName = Literal[tuple(list_strategies())]  # type: ignore[valid-type]
+# The run forms offer the registered strategies as a choice (Prefect reads the annotation at run time; a type
+# checker cannot see a Literal built from the registry, so it checks a plain str).
+if TYPE_CHECKING:
+    StrategyName = str
+else:
+    StrategyName = Literal[tuple(list_strategies())]
 
 _NAMESPACE = uuid.UUID("6f1d3c2a-8a43-4f57-9a1e-0b9e4c1f7d21")
 CHARTS = ("equity.png", "drawdown.png", "positions.png")
@@ -351,7 +355,7 @@ def backtest(
     config = _config(strategy, params or {}, exchange, symbol, timeframe, start, end, fill_model)
     fingerprint = data_fingerprint(data_file, exchange, symbol, timeframe, start, end)
     db_url = database or database_url()
-    summary = run_backtest_task(
+    summary: dict[str, Any] = run_backtest_task(
         config,
         data_file,
         fingerprint,

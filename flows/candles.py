@@ -57,7 +57,9 @@ def import_candle_file(
             Prefect's copy.
     """
     scrub_secrets_in_logs()
-    summary = load_file(path, exchange, symbol, timeframe, database or database_url(), given=database is not None)
+    summary: dict[str, Any] = load_file(
+        path, exchange, symbol, timeframe, database or database_url(), given=database is not None
+    )
     create_markdown_artifact(
         key="candle-import",
         markdown=(

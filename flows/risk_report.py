@@ -123,7 +123,9 @@ def daily_risk_report(
     """
     scrub_secrets_in_logs()
     the_day = _report_day(day)
-    summary = compute_report(the_day, database or database_url(), output_dir, limits, marks, config_file)
+    summary: dict[str, Any] = compute_report(
+        the_day, database or database_url(), output_dir, limits, marks, config_file
+    )
     base = load_settings(config_file=config_file_of(config_file)).reports_url
     report_id = uuid.UUID(summary["report_id"])
     links = " · ".join(f"[{name}]({report_url(base, report_id, name)})" for name in summary["report_files"])

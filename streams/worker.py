@@ -893,9 +893,10 @@ class WorkerRuntime:
                 async def nothing_to_wait_for() -> None:
                     return None
 
-                consumer.commit = no_commit
-                consumer.wait_empty = nothing_to_wait_for
-                consumer._meltica_frozen = True
+                # Faust's consumer has no hook for this: its own methods are replaced on this instance.
+                consumer.commit = no_commit  # type: ignore[method-assign]
+                consumer.wait_empty = nothing_to_wait_for  # type: ignore[method-assign]
+                consumer._meltica_frozen = True  # type: ignore[attr-defined]
 
     def request_stop(self) -> None:
         """Start a graceful stop (idempotent; safe from a signal handler), under the watchdog."""
@@ -1054,14 +1055,14 @@ def build_worker_app(
         inputs = {physical for agent in runtime.agents.values() for physical in agent.logical_of}
         runtime.stall = StallWatchdog(runtime, inputs, stall_deadline)
 
-    @app.timer(stats_interval)
+    @app.timer(stats_interval)  # type: ignore[untyped-decorator]  # faust ships no type information
     async def publish_worker_stats() -> None:
         if not runtime.stopping:
             await runtime.publish_stats()
 
     if batch_inputs:
 
-        @app.timer(CHECKPOINT_SECONDS)
+        @app.timer(CHECKPOINT_SECONDS)  # type: ignore[untyped-decorator]  # faust ships no type information
         async def checkpoint_lanes() -> None:
             if not runtime.stopping and runtime.failure is None:
                 await lanes.maybe_checkpoint()
@@ -1103,7 +1104,7 @@ async def run_worker(app: faust.App, *, install_signals: bool = True) -> int:
 
 def _producer_state(app: faust.App) -> str:
     """What the app's Kafka producer holds back and why (batches per partition, leader, in flight)."""
-    producer = app.producer._producer  # the aiokafka producer under Faust's
+    producer = app.producer._producer  # type: ignore[attr-defined]  # the aiokafka producer under Faust's
     if producer is None:
         return "not started"
     accumulator = producer._message_accumulator
@@ -1145,7 +1146,7 @@ def _dump_tasks() -> None:
 
 
 def _await_chain(awaitable: Any) -> list[str]:
-    frames = []
+    frames: list[str] = []
     while awaitable is not None and len(frames) < 40:
         frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
         frame = frame or getattr(awaitable, "gi_frame", None)
