@@ -45,6 +45,7 @@ from meltica.risk import KillSwitch, KillSwitchStore
 from meltica.secrets import Credentials, MasterKey, generate_master_key, install_log_redaction, redact
 from meltica.storage.engine import make_engine
 from streams.pipeline import StartRefusedError, build_live_processors, persisted_kill_switch
+from tests.kit import LoggedProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -247,36 +248,15 @@ def test_live_stages_use_the_files_limits_and_the_persisted_kill_switch(tmp_path
 # --- workers on the broker -----------------------------------------------------------------------------
 
 
-class Worker:
+class Worker(LoggedProcess):
     """``python -m streams.worker --settings FILE --worker NAME``, its log in a file."""
 
     def __init__(self, settings: Path, name: str, log: Path) -> None:
-        self.log = log
-        self.handle = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.worker", "--settings", str(settings), "--worker", name],
-            stdout=self.handle,
-            stderr=subprocess.STDOUT,
-            env=child_env(),
-        )
+        args = [sys.executable, "-m", "streams.worker", "--settings", str(settings), "--worker", name]
+        super().__init__(args, log, child_env())
 
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def has(self, needle: str) -> bool:
-        if self.proc.poll() is not None and needle not in self.text():
-            raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.text()[-4000:]}")
-        return needle in self.text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.handle.close()
+    def stop(self, timeout: float = 30) -> int:
+        return super().stop(timeout)
 
 
 @pytest.fixture
@@ -350,7 +330,7 @@ def test_an_execution_worker_started_while_the_kill_switch_is_on_sends_nothing(
     updates: list[OrderUpdate] = []
 
     def answered() -> bool:
-        worker.has("")  # a worker that died is reported with its log
+        worker.says("")  # a worker that died is reported with its log
         updates[:] = asyncio.run(_order_updates(bootstrap, catalogue.topic_name("orders.events"), codec))
         return any(u.order.client_order_id == approved.intent.client_order_id for u in updates)
 
@@ -358,7 +338,7 @@ def test_an_execution_worker_started_while_the_kill_switch_is_on_sends_nothing(
     mine = [u for u in updates if u.order.client_order_id == approved.intent.client_order_id]
     assert [u.order.status.value for u in mine] == ["rejected"], mine
     assert mine[0].order.reason == "kill switch halt", mine[0].order  # refused before the venue saw it
-    assert "kill switch global is halt" in worker.text()
+    assert "kill switch global is halt" in worker.output()
 
 
 def test_kill_on_reaches_both_execution_workers(
@@ -368,7 +348,7 @@ def test_kill_on_reaches_both_execution_workers(
     for n in (1, 2):
         workers.append(Worker(settings, "exec", tmp_path / f"exec-{n}.log"))
     for worker in workers:
-        wait_for(lambda w=worker: w.has("control: every message of"), 90, "the control reader of each worker")
+        wait_for(lambda w=worker: w.says("control: every message of"), 90, "the control reader of each worker")
     result = subprocess.run(
         [sys.executable, "-m", "meltica", "kill", "on", "--reason", "both must hear", "--actor", "ops-2"],
         capture_output=True,
@@ -383,8 +363,8 @@ def test_kill_on_reaches_both_execution_workers(
     )
     assert result.returncode == 0, result.stderr
     for worker in workers:  # each process's execution stage engaged the halt (and cancelled its open orders)
-        wait_for(lambda w=worker: w.has("kill switch global: off → halt (both must hear, by ops-2)"), 60, "halt")
-    assert all(w.proc.poll() is None for w in workers)
+        wait_for(lambda w=worker: w.says("kill switch global: off → halt (both must hear, by ops-2)"), 60, "halt")
+    assert all(w.process.poll() is None for w in workers)
 
 
 def test_a_worker_stuck_while_stopping_exits_on_its_own(

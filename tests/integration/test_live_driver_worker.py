@@ -12,11 +12,8 @@ order in flight before it takes it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -36,7 +33,7 @@ from meltica.messaging import Catalogue, Codec
 from meltica.messaging.admin import create_topics
 from meltica.messaging.schemas import KillSwitchCommand
 from streams.worker import DUMP_DONE
-from tests.integration.polling import wait_until
+from tests.kit import LoggedProcess, child_environment
 
 from test_live_driver_restart import (  # isort: skip
     SECRET,
@@ -58,46 +55,21 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-class Worker:
+class Worker(LoggedProcess):
+    """``python -m streams.worker``, crashing at ``crash`` (a crash point) when given."""
+
     def __init__(self, config: Path, app_id: str, log: Path, crash: str | None) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO), env.get("PYTHONPATH", "")])
-        env.pop(CRASH_POINT_ENV, None)
+        env = child_environment(pythonpath=[HERE], drop=[CRASH_POINT_ENV])
         if crash is not None:
             env[CRASH_POINT_ENV] = crash
-        self.log = log
-        self._log_file = log.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.worker", "--config", str(config), "--app-id", app_id],
-            cwd=REPO,
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
+        args = [sys.executable, "-m", "streams.worker", "--config", str(config), "--app-id", app_id]
+        super().__init__(args, log, env)
 
     async def running(self, timeout: float = 90) -> None:
         """Until the worker says it runs (its partitions assigned and sought): what is produced from
         then on is read (a record produced while a restarted worker of the group joins was seen to be
         skipped by faust-streaming)."""
-        deadline = time.monotonic() + timeout
-        while " running: " not in self.log.read_text(errors="replace"):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the worker is not running:\n{self.log.read_text()[-5000:]}")
-            await asyncio.sleep(0.1)
-
-    async def exit_code(self, timeout: float = 90) -> int:
-        deadline = time.monotonic() + timeout
-        while self.process.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the worker did not exit:\n{self.log.read_text()[-5000:]}")
-            await asyncio.sleep(0.1)
-        return int(self.process.returncode)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self._log_file.close()
+        await self.until_says(" running: ", timeout)
 
 
 @pytest.fixture
@@ -106,10 +78,8 @@ def workers() -> Iterator[list[Worker]]:
     yield started
     for worker in started:
         if worker.process.poll() is None:  # a test failed with this worker alive: log its tasks' stacks
-            worker.process.send_signal(signal.SIGUSR1)
-            with contextlib.suppress(AssertionError):  # a worker too stuck to answer: its log as it is
-                wait_until(lambda: DUMP_DONE in worker.log.read_text(errors="replace"), "the task dump", 10)  # noqa: B023
-            print(f"--- worker log tail ---\n{worker.log.read_text(errors='replace')[-10000:]}")
+            worker.dump_stacks(DUMP_DONE)
+            print(f"--- worker log tail ---\n{worker.output()[-10000:]}")
         worker.close()
 
 

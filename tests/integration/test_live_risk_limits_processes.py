@@ -18,9 +18,6 @@ market-data feed (each price is set on the venue and published on ``md.candles.1
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,6 +43,7 @@ from meltica.messaging.codec import Codec
 from meltica.messaging.schemas import OrderUpdate, RejectedIntent, SubmitRequest
 from tests.integration.conftest import runtime_url_of
 from tests.integration.polling import until
+from tests.kit import LoggedProcess, child_environment
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -64,37 +62,16 @@ LIMITS = {
 # --- processes ------------------------------------------------------------------------------------
 
 
-class Process:
-    """A child process of the deployment, its output in a log file."""
+class Process(LoggedProcess):
+    """A child process of the deployment, its output in a log file; its settings come from its file alone."""
 
     def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._out = log.open("ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MELTICA_KAFKA", "MELTICA_TOPIC_PREFIX"))}
-        env.pop("MELTICA_DATABASE_URL", None)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        env |= {"RG_EMULATOR_KEY": KEY, "RG_EMULATOR_SECRET": SECRET, "COLUMNS": "250"}
-        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def says(self, needle: str) -> bool:
-        """Whether the log holds ``needle``; a process that died is reported with its log."""
-        if self.proc.poll() is not None and needle not in self.text():
-            raise AssertionError(f"{self.log.name}: exited {self.proc.returncode}:\n{self.text()[-5000:]}")
-        return needle in self.text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._out.close()
-        return int(self.proc.returncode)
+        env = child_environment(
+            drop=["MELTICA_DATABASE_URL"],
+            drop_prefixes=("MELTICA_KAFKA", "MELTICA_TOPIC_PREFIX"),
+            set_vars={"RG_EMULATOR_KEY": KEY, "RG_EMULATOR_SECRET": SECRET, "COLUMNS": "250"},
+        )
+        super().__init__(args, log, env)
 
 
 def worker(settings: Path, name: str, log: Path) -> Process:
@@ -128,7 +105,7 @@ class Deployment:
         return self.processes[name]
 
     def logs_text(self) -> str:
-        return "\n".join(f"--- {p.log.name}\n{p.text()[-3000:]}" for p in self.processes.values())
+        return "\n".join(f"--- {p.log.name}\n{p.output()[-3000:]}" for p in self.processes.values())
 
     async def send(self, logical: str, key: str, value: Any) -> None:
         topic = self.catalogue.topic_name(logical)

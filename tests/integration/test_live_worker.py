@@ -14,11 +14,7 @@ processor (``live_worker_toy.py``: a running sum per key, trade ids kept in its 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -35,7 +31,7 @@ from meltica.infra.kafka import KafkaEndpoint
 from meltica.messaging import Catalogue, Codec, DeadLetter, market_key
 from meltica.messaging.admin import create_topics
 from streams.worker import DUMP_DONE
-from tests.integration.polling import wait_until
+from tests.kit import LoggedProcess, child_environment
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -220,42 +216,12 @@ def _assert_table(bootstrap: str, app_id: str, trades: list[tuple[str, Trade]]) 
     assert {key: set(value["seen"]) for key, value in state.items()} == ids
 
 
-class Worker:
-    """``python -m streams.worker`` as a subprocess (stderr to a log file)."""
+class Worker(LoggedProcess):
+    """``python -m streams.worker`` as a subprocess (its output in a log file)."""
 
     def __init__(self, config: Path, app_id: str, log: Path) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO), env.get("PYTHONPATH", "")])
-        self.log = log
-        self._log_file = log.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.worker", "--config", str(config), "--app-id", app_id],
-            cwd=REPO,
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def terminate(self, timeout: float = 30) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self._log_file.close()
+        args = [sys.executable, "-m", "streams.worker", "--config", str(config), "--app-id", app_id]
+        super().__init__(args, log, child_environment(pythonpath=[HERE]))
 
 
 @pytest.fixture
@@ -264,9 +230,7 @@ def workers() -> Iterator[list[Worker]]:
     yield started
     for worker in started:
         if worker.process.poll() is None:  # a test failed with this worker alive: log its tasks' stacks
-            worker.process.send_signal(signal.SIGUSR1)
-            with contextlib.suppress(AssertionError):  # a worker too stuck to answer: its log as it is
-                wait_until(lambda: DUMP_DONE in worker.output(), "the task dump", 10)  # noqa: B023 - used at once
+            worker.dump_stacks(DUMP_DONE)
             print(f"--- worker {worker.pid} log tail ---\n{worker.output()[-20000:]}")
         worker.close()
 

@@ -40,21 +40,13 @@ from meltica.execution.emulation import (
     with_waypoints,
 )
 from meltica.matching import MatchResult
+from tests.kit import ManualClock, spot_instrument
 
 T = TypeVar("T")
 SYMBOL = "BTC/USDT"
 T0 = datetime(2021, 1, 8, tzinfo=UTC)
 TRADES = Path(__file__).resolve().parents[1] / "data" / "binance" / "btcusdt-trades.parquet"
-INSTRUMENT = Instrument(
-    exchange="paper",
-    symbol=SYMBOL,
-    base="BTC",
-    quote="USDT",
-    tick_size=D("0.01"),
-    step_size=D("0.00001"),
-    min_quantity=D("0.00001"),
-    min_notional=D("0.01"),
-)
+INSTRUMENT = spot_instrument(SYMBOL, min_notional="0.01")
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -62,14 +54,6 @@ def run(coro: Awaitable[T]) -> T:
         return await coro
 
     return asyncio.run(wrapper())
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 _seq = iter(range(1, 10_000_000))
@@ -94,7 +78,7 @@ class Rig:
     """A paper venue, its adapter, and an emulator whose callbacks are real venue calls."""
 
     def __init__(self, capabilities: Capabilities = BASIC_CAPABILITIES, store: MemoryEmulationStore | None = None):
-        self.clock = Clock()
+        self.clock = ManualClock(T0)
         self.venue = PaperVenue([INSTRUMENT], clock=self.clock)
         self.venue.deposit("alice", "USDT", D(1_000_000))
         self.venue.deposit("alice", "BTC", D(10))

@@ -30,6 +30,7 @@ from meltica.secrets import (
     VaultCredentialStore,
     key_fingerprint,
 )
+from tests.kit import ManualClock
 
 # Not `integration`: no real server here, only the in-test emulator above (see the module docstring).
 pytestmark = pytest.mark.protocol_emulator
@@ -164,18 +165,10 @@ def vault() -> Iterator[KvV2Emulator]:
         server.server_close()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        self.now += timedelta(minutes=1)
-        return self.now
-
-
 def test_vault_store_round_trip(vault: KvV2Emulator, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    store = VaultCredentialStore(hvac.Client(url=vault.url, token=TOKEN), clock=Clock())
+    clock = ManualClock(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), tick=timedelta(minutes=1))  # stamps move on
+    store = VaultCredentialStore(hvac.Client(url=vault.url, token=TOKEN), clock=clock)
     assert isinstance(store, CredentialStore)
     assert store.list() == []
 

@@ -7,7 +7,7 @@ from decimal import Decimal as D
 
 import pytest
 
-from meltica.domain import Instrument, Side
+from meltica.domain import Side
 from meltica.errors import InsufficientFundsError, InvalidOrderError, OrderNotFoundError
 from meltica.matching import (
     EngineOrderStatus,
@@ -21,32 +21,16 @@ from meltica.matching import (
     NewOrder,
     RejectReason,
 )
+from tests.kit import ManualClock, spot_instrument
 
 SYM = "BTCUSDT"
 BUY, SELL = Side.BUY, Side.SELL
 LIMIT, MARKET = EngineOrderType.LIMIT, EngineOrderType.MARKET
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2024, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-def make_engine(maker: str = "0.001", taker: str = "0.002", clock: Clock | None = None) -> MatchingEngine:
-    engine = MatchingEngine(clock=clock or Clock(), fees=FeeSchedule(maker=D(maker), taker=D(taker)))
-    instrument = Instrument(
-        exchange="binance",
-        symbol="BTC/USDT",
-        base="BTC",
-        quote="USDT",
-        tick_size=D("0.01"),
-        step_size=D("0.001"),
-        min_quantity=D("0.001"),
-        min_notional=D("5"),
-    )
+def make_engine(maker: str = "0.001", taker: str = "0.002", clock: ManualClock | None = None) -> MatchingEngine:
+    engine = MatchingEngine(clock=clock or ManualClock(), fees=FeeSchedule(maker=D(maker), taker=D(taker)))
+    instrument = spot_instrument("BTC/USDT", "binance", step_size="0.001")
     engine.add_instrument(instrument, SYM)
     for account in ("alice", "bob", "carol"):
         engine.ledger.deposit(account, "USDT", D(100_000))
@@ -270,7 +254,7 @@ def test_deterministic_ids_and_updates() -> None:
 
 
 def test_times_come_from_the_clock() -> None:
-    clock = Clock()
+    clock = ManualClock()
     e = make_engine(clock=clock)
     res = e.submit(limit("alice", BUY, "1", "100"))
     clock.now += timedelta(seconds=5)

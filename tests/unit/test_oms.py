@@ -17,7 +17,6 @@ from meltica.adapters.base import UserEvent, UserEventKind, VenueOrder
 from meltica.adapters.paper import PaperAdapter, PaperVenue
 from meltica.domain import (
     Fill,
-    Instrument,
     OrderIntent,
     OrderStatus,
     OrderType,
@@ -34,6 +33,7 @@ from meltica.execution import NEVER_REACHED_VENUE, MemoryOrderStore, OrderManage
 from meltica.execution.store import ILLEGAL_TRANSITION, RECOVERED
 from meltica.portfolio import Portfolio
 from meltica.risk import KillSwitch, KillSwitchMode
+from tests.kit import ManualClock, spot_instrument
 
 T = TypeVar("T")
 SYMBOL = "BTC/USDT"
@@ -55,26 +55,9 @@ def run(body: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(asyncio.wait_for(body(), timeout=20))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-def make_venue() -> tuple[PaperVenue, Clock]:
-    clock = Clock()
-    instrument = Instrument(
-        exchange="paper",
-        symbol=SYMBOL,
-        base="BTC",
-        quote="USDT",
-        tick_size=D("0.01"),
-        step_size=D("0.00001"),
-        min_quantity=D("0.00001"),
-        min_notional=D("5"),
-    )
+def make_venue() -> tuple[PaperVenue, ManualClock]:
+    clock = ManualClock(T0)
+    instrument = spot_instrument(SYMBOL)
     venue = PaperVenue([instrument], clock=clock)
     for account in ("alice", "bob"):
         venue.deposit(account, "USDT", D(100_000))
@@ -145,7 +128,7 @@ class Recorder:
 
 
 def make_oms(
-    venue: PaperVenue, clock: Clock, store: MemoryOrderStore | None = None, **kw: Any
+    venue: PaperVenue, clock: ManualClock, store: MemoryOrderStore | None = None, **kw: Any
 ) -> tuple[OrderManager, MemoryOrderStore]:
     store = store or MemoryOrderStore()
     venues = kw.pop("venues", None) or {"alice": venue.adapter("alice")}

@@ -8,25 +8,17 @@ from datetime import UTC, datetime
 from decimal import Decimal as D
 
 from meltica.adapters.paper import PaperVenue
-from meltica.domain import Instrument, OrderIntent, OrderStatus, OrderType, Side, Trade
+from meltica.domain import OrderIntent, OrderStatus, OrderType, Side, Trade
 from meltica.execution import MemoryOrderStore, OrderManager
 from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
+from tests.kit import spot_instrument
 
 SYMBOL = "BTC/USDT"
 T0 = datetime(2024, 1, 10, tzinfo=UTC)
 
 
 def setup() -> tuple[PaperVenue, OrderManager, MemoryOrderStore]:
-    instrument = Instrument(
-        exchange="paper",
-        symbol=SYMBOL,
-        base="BTC",
-        quote="USDT",
-        tick_size=D("0.01"),
-        step_size=D("0.00001"),
-        min_quantity=D("0.00001"),
-        min_notional=D("5"),
-    )
+    instrument = spot_instrument(SYMBOL)
     venue = PaperVenue([instrument], clock=lambda: T0)
     for account in ("alice", "bob"):
         venue.deposit(account, "USDT", D(100_000))

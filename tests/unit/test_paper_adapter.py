@@ -14,7 +14,6 @@ from meltica.adapters.base import ExchangeAdapter, UserEvent, UserEventKind
 from meltica.adapters.paper import PaperAdapter, PaperVenue
 from meltica.domain import (
     Bar,
-    Instrument,
     OrderIntent,
     OrderStatus,
     OrderType,
@@ -24,18 +23,11 @@ from meltica.domain import (
     client_order_id_for,
 )
 from meltica.errors import InsufficientFundsError, InvalidOrderError, OrderNotFoundError
+from tests.kit import ManualClock, spot_instrument
 
 T = TypeVar("T")
 SYMBOL = "BTC/USDT"
 T0 = datetime(2022, 1, 10, tzinfo=UTC)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -45,18 +37,9 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(wrapper())
 
 
-def make_venue() -> tuple[PaperVenue, Clock]:
-    clock = Clock()
-    instrument = Instrument(
-        exchange="paper",
-        symbol=SYMBOL,
-        base="BTC",
-        quote="USDT",
-        tick_size=D("0.01"),
-        step_size=D("0.00001"),
-        min_quantity=D("0.00001"),
-        min_notional=D("5"),
-    )
+def make_venue() -> tuple[PaperVenue, ManualClock]:
+    clock = ManualClock(T0)
+    instrument = spot_instrument(SYMBOL)
     venue = PaperVenue([instrument], clock=clock)
     for account in ("alice", "bob"):
         venue.deposit(account, "USDT", D(100_000))

@@ -21,21 +21,11 @@ from meltica.risk import (
     KillSwitchMode,
     RiskEngine,
 )
+from tests.kit import ManualClock
 
 D = Decimal
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 _ids = itertools.count()
-
-
-class Clock:
-    def __init__(self, now: datetime = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **kw: float) -> None:
-        self.now += timedelta(**kw)
 
 
 def btc(**kw: Any) -> Instrument:
@@ -76,9 +66,9 @@ def intent(
 
 
 def make(
-    portfolio: Portfolio | None = None, clock: Clock | None = None, **limits: Any
-) -> tuple[RiskEngine, Clock, InMemoryRecorder]:
-    clock = clock or Clock()
+    portfolio: Portfolio | None = None, clock: ManualClock | None = None, **limits: Any
+) -> tuple[RiskEngine, ManualClock, InMemoryRecorder]:
+    clock = clock or ManualClock(T0)
     recorder = InMemoryRecorder()
     engine = RiskEngine(
         RiskLimits.model_validate(limits),
@@ -365,8 +355,8 @@ def fixed_scenario_decisions() -> list[tuple[bool, str | None, str | None]]:
 # --- post-trade ----------------------------------------------------------------------------------
 
 
-def loss_setup(**limits: Any) -> tuple[RiskEngine, Portfolio, Clock, InMemoryRecorder]:
-    clock = Clock()
+def loss_setup(**limits: Any) -> tuple[RiskEngine, Portfolio, ManualClock, InMemoryRecorder]:
+    clock = ManualClock(T0)
     portfolio = Portfolio(clock=clock)
     engine, _, recorder = make(portfolio, clock, **limits)
     return engine, portfolio, clock, recorder
@@ -416,7 +406,7 @@ def test_drawdown_breaker_trips_the_kill_switch_and_the_peak_is_persisted() -> N
     from meltica.domain import Balance
 
     state = InMemoryRiskStateStore()
-    clock = Clock()
+    clock = ManualClock(T0)
     portfolio = Portfolio(clock=clock)
     portfolio.set_balances("main", "binance", {"USDT": Balance(asset="USDT", free=D(10_000))})
     engine = RiskEngine(

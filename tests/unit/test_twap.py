@@ -11,22 +11,14 @@ from typing import TypeVar
 
 from meltica.adapters.base import VenueOrder
 from meltica.adapters.paper import PaperVenue, venue_order
-from meltica.domain import Instrument, OrderIntent, OrderType, Side, Trade
+from meltica.domain import OrderIntent, OrderType, Side, Trade
 from meltica.execution.algos import Twap, TwapStatus
+from tests.kit import ManualClock, spot_instrument
 
 T = TypeVar("T")
 SYMBOL = "BTC/USDT"
 T0 = datetime(2021, 1, 8, tzinfo=UTC)
-INSTRUMENT = Instrument(
-    exchange="paper",
-    symbol=SYMBOL,
-    base="BTC",
-    quote="USDT",
-    tick_size=D("0.01"),
-    step_size=D("0.0001"),
-    min_quantity=D("0.0001"),
-    min_notional=D("0.01"),
-)
+INSTRUMENT = spot_instrument(SYMBOL, step_size="0.0001", min_notional="0.01")
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -34,14 +26,6 @@ def run(coro: Awaitable[T]) -> T:
         return await coro
 
     return asyncio.run(wrapper())
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 class VenueSink:
@@ -68,8 +52,8 @@ class Switch:
         return self
 
 
-def setup() -> tuple[PaperVenue, Clock, VenueSink]:
-    clock = Clock()
+def setup() -> tuple[PaperVenue, ManualClock, VenueSink]:
+    clock = ManualClock(T0)
     venue = PaperVenue([INSTRUMENT], clock=clock)
     venue.deposit("alice", "USDT", D(1_000_000))
     venue.deposit("alice", "BTC", D(10))

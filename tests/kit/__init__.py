@@ -1,0 +1,11 @@
+"""What many tests build, built in one place: a hand-set clock, spot instruments and logged child processes.
+
+``from tests.kit import ManualClock, spot_instrument, LoggedProcess``. A test module that needs a variant
+passes parameters instead of defining its own copy (tests/unit/test_kit.py checks no module does).
+"""
+
+from tests.kit.clock import ManualClock
+from tests.kit.instruments import spot_instrument
+from tests.kit.processes import LoggedProcess, child_environment
+
+__all__ = ["LoggedProcess", "ManualClock", "child_environment", "spot_instrument"]

@@ -1,0 +1,28 @@
+"""A clock the test sets by hand: the code under test calls it, the test moves ``now``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+DEFAULT_START = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+class ManualClock:
+    """``clock()`` returns ``now``; ``tick`` (when given) moves it forward *before* each reading, for code
+    that must see time pass between two calls (e.g. a credential's created/rotated stamps)."""
+
+    def __init__(self, now: datetime = DEFAULT_START, *, tick: timedelta | None = None) -> None:
+        if now.tzinfo is None:
+            raise ValueError("a test clock reads aware UTC times")
+        self.now = now
+        self.tick = tick
+
+    def __call__(self) -> datetime:
+        if self.tick is not None:
+            self.now += self.tick
+        return self.now
+
+    def advance(self, delta: timedelta | None = None, /, **parts: float) -> datetime:
+        """Move ``now`` forward by ``delta`` or ``timedelta(**parts)``; returns the new time."""
+        self.now += delta if delta is not None else timedelta(**parts)
+        return self.now
