@@ -15,13 +15,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-# Percent (lines + branches covered). Set from the unit tests alone (2026-12-07: execution 76.5, risk 81.8,
-# live 52.2, reconciliation 37.4), so the whole suite, which adds the integration tests, is above them;
-# raise them to the whole suite's figures after its first coverage run.
+# Percent (lines + branches covered) by the unit tests, which CI measures after `make test` (.ci/run:
+# `make coverage PYTEST_ARGS=tests/unit`); the whole suite (`make coverage`) adds the integration tests, so it is
+# above them. 2026-12-07 unit figures: execution 78.5, risk 84.1, live 55.3, reconciliation 37.5.
 FLOORS: dict[str, float] = {
-    "meltica/execution": 76.0,
-    "meltica/risk": 81.5,
-    "meltica/live": 52.0,
+    "meltica/execution": 78.0,
+    "meltica/risk": 83.5,
+    "meltica/live": 55.0,
     "meltica/reconciliation": 37.0,
 }
 RAISE_WHEN_ABOVE_BY = 2.0  # points

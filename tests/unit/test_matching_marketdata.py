@@ -6,7 +6,8 @@ from decimal import Decimal as D
 
 from meltica.domain import Side
 from meltica.matching import EngineOrderStatus, EngineOrderType, FeeSchedule, FillModel, MatchingEngine, NewOrder
-from tests.unit.test_matching_core import BUY, MARKET, SELL, SYM, Clock, limit, make_engine
+from tests.kit import ManualClock
+from tests.unit.test_matching_core import BUY, MARKET, SELL, SYM, limit, make_engine
 
 
 def test_resting_limit_fills_only_on_trades_through_its_price() -> None:
@@ -26,7 +27,7 @@ def test_resting_limit_fills_only_on_trades_through_its_price() -> None:
 
 
 def test_fill_on_touch() -> None:
-    e = MatchingEngine(clock=Clock(), fees=FeeSchedule(D(0), D(0)), fill_model=FillModel(fill_on_touch=True))
+    e = MatchingEngine(clock=ManualClock(), fees=FeeSchedule(D(0), D(0)), fill_model=FillModel(fill_on_touch=True))
     e.add_instrument(make_engine().instrument(SYM), SYM)
     e.ledger.deposit("alice", "BTC", D(1))
     e.submit(limit("alice", SELL, "1", "100"))

@@ -19,7 +19,8 @@ from meltica.matching import (
     RejectReason,
     SelfTradePrevention,
 )
-from tests.unit.test_matching_core import BUY, MARKET, SELL, SYM, Clock, limit, make_engine
+from tests.kit import ManualClock
+from tests.unit.test_matching_core import BUY, MARKET, SELL, SYM, limit, make_engine
 
 IOC, FOK, GTD = EngineTimeInForce.IOC, EngineTimeInForce.FOK, EngineTimeInForce.GTD
 
@@ -240,7 +241,7 @@ def test_amend_to_executed_quantity_fills_the_order() -> None:
 
 
 def test_gtd_expires_on_advance() -> None:
-    clock = Clock()
+    clock = ManualClock()
     e = make_engine(clock=clock)
     expire = clock.now + timedelta(hours=1)
     e.submit(limit("alice", BUY, "1", "100", time_in_force=GTD, expire_at=expire))
