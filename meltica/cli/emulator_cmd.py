@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from meltica.cli._common import console, reports_errors
-from meltica.emulator import AccountConfig, EmulatorConfig, EmulatorServer, parse_account, parse_balances
+from meltica.emulator import EmulatorAccount, EmulatorConfig, EmulatorServer, parse_account, parse_balances
 from meltica.emulator.config import ADMIN_TOKEN_HEADER, generate_admin_token
 from meltica.emulator.limits import RateLimits
 from meltica.errors import ConfigurationError
@@ -144,7 +144,7 @@ def binance(
         )
     if admin_token is None:
         admin_token = generate_admin_token()
-    accounts = [AccountConfig("main", api_key, secret), *_accounts(accounts_file)]
+    accounts = [EmulatorAccount("main", api_key, secret), *_accounts(accounts_file)]
     register_secret(admin_token, *(a.api_secret for a in accounts))
     try:
         rate_limits = RateLimits(
@@ -203,7 +203,7 @@ def _secret(path: Path | None, env: str, flag: str, what: str) -> str | None:
     return value or None
 
 
-def _accounts(path: Path | None) -> list[AccountConfig]:
+def _accounts(path: Path | None) -> list[EmulatorAccount]:
     if path is None:
         return []
     try:

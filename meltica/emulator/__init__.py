@@ -19,7 +19,7 @@ from meltica.adapters.local_venue import CCXT_OPTIONS, ccxt_urls_for
 from meltica.emulator.background import EmulatorThread
 from meltica.emulator.config import (
     ADMIN_TOKEN_HEADER,
-    AccountConfig,
+    EmulatorAccount,
     EmulatorConfig,
     is_loopback_host,
     parse_account,
@@ -70,8 +70,8 @@ def point_ccxt_at(exchange: Any, emu: EmulatorServer | EmulatorThread) -> None:
 __all__ = [
     "ADMIN_TOKEN_HEADER",
     "CCXT_OPTIONS",
-    "AccountConfig",
     "BinanceError",
+    "EmulatorAccount",
     "EmulatorConfig",
     "EmulatorServer",
     "EmulatorThread",

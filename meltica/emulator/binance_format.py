@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from meltica.domain.values import utc_to_ms
-from meltica.matching import BalanceUpdate, EngineFill, EngineOrder, LedgerBalance, OrderUpdate
+from meltica.matching import BalanceUpdate, EngineFill, EngineOrder, ExecutionReport, LedgerBalance
 
 
 def f8(value: Decimal) -> str:
@@ -207,7 +207,7 @@ def account(
 
 
 def execution_report(
-    update: OrderUpdate, event_ms: int, execution_id: int, cancel_client_id: str | None = None
+    update: ExecutionReport, event_ms: int, execution_id: int, cancel_client_id: str | None = None
 ) -> dict[str, Any]:
     order = update.order
     fill = update.fill

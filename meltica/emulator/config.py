@@ -38,7 +38,7 @@ def generate_admin_token() -> str:
 
 
 @dataclass(frozen=True)
-class AccountConfig:
+class EmulatorAccount:
     name: str
     api_key: str
     api_secret: str = field(repr=False)
@@ -51,7 +51,7 @@ class AccountConfig:
 
 @dataclass
 class EmulatorConfig:
-    accounts: list[AccountConfig]
+    accounts: list[EmulatorAccount]
     default_balances: dict[str, Decimal] = field(default_factory=lambda: {"USDT": Decimal(10_000), "BTC": Decimal(1)})
     symbols: list[str] = field(default_factory=lambda: ["BTCUSDT"])
     host: str = "127.0.0.1"
@@ -149,7 +149,7 @@ class EmulatorConfig:
     @classmethod
     def single(cls, api_key: str, api_secret: str, **kwargs: object) -> EmulatorConfig:
         """One account named ``main``: the common test setup."""
-        return cls(accounts=[AccountConfig("main", api_key, api_secret)], **kwargs)  # type: ignore[arg-type]
+        return cls(accounts=[EmulatorAccount("main", api_key, api_secret)], **kwargs)  # type: ignore[arg-type]
 
 
 def _header_safe(token: str) -> bool:
@@ -176,9 +176,9 @@ def parse_balances(text: str) -> dict[str, Decimal]:
     return out
 
 
-def parse_account(text: str) -> AccountConfig:
+def parse_account(text: str) -> EmulatorAccount:
     """``"NAME:KEY:SECRET"`` → an account."""
     parts = text.split(":")
     if len(parts) != 3 or not all(parts):
         raise ConfigurationError(f"account {text.split(':')[0]!r}: expected NAME:KEY:SECRET")
-    return AccountConfig(parts[0], parts[1], parts[2])
+    return EmulatorAccount(parts[0], parts[1], parts[2])

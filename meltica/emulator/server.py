@@ -58,7 +58,7 @@ from meltica.domain.enums import Side
 from meltica.domain.values import utc_to_ms
 from meltica.emulator import auth, binance_format, errors
 from meltica.emulator.binance_format import f8
-from meltica.emulator.config import ADMIN_TOKEN_HEADER, AccountConfig, EmulatorConfig
+from meltica.emulator.config import ADMIN_TOKEN_HEADER, EmulatorAccount, EmulatorConfig
 from meltica.emulator.errors import BinanceError
 from meltica.emulator.faults import Faults
 from meltica.emulator.limits import RateLimiter, request_weight
@@ -83,18 +83,18 @@ from meltica.matching import (
     EngineOrderType,
     EngineRejection,
     EngineTimeInForce,
+    ExecutionReport,
     ExecutionType,
     FeeSchedule,
     MatchingEngine,
     MatchResult,
     NewOrder,
-    OrderUpdate,
     RejectReason,
     SelfTradePrevention,
 )
 
 Params = dict[str, str]
-Handler = Callable[[web.Request, Params, "AccountConfig | None"], Awaitable[Any]]
+Handler = Callable[[web.Request, Params, "EmulatorAccount | None"], Awaitable[Any]]
 
 # Public trade ids of a driven bar's prints: their own sequence, far above the engine's fill ids.
 DRIVEN_PRINT_IDS = 1 << 40
@@ -119,8 +119,8 @@ class EmulatorServer:
         self._base_fill_model = self.engine.fill_model
         for spec in self.specs.values():
             self.engine.add_instrument(spec.instrument(config.maker_fee, config.taker_fee), symbol=spec.symbol)
-        self.accounts_by_key: dict[str, AccountConfig] = {a.api_key: a for a in config.accounts}
-        self.accounts: dict[str, AccountConfig] = {a.name: a for a in config.accounts}
+        self.accounts_by_key: dict[str, EmulatorAccount] = {a.api_key: a for a in config.accounts}
+        self.accounts: dict[str, EmulatorAccount] = {a.name: a for a in config.accounts}
         for acc in config.accounts:
             if acc.fees is not None:
                 self.engine.set_fees(acc.name, acc.fees)
@@ -553,7 +553,7 @@ class EmulatorServer:
             },
         )
 
-    def _journal_execution(self, seq: int, update: OrderUpdate) -> None:
+    def _journal_execution(self, seq: int, update: ExecutionReport) -> None:
         order, fill = update.order, update.fill
         journal = self._journal.get(order.account)
         if journal is None:
@@ -820,7 +820,7 @@ class EmulatorServer:
                 enforce=enforce,
             )
             try:
-                account: AccountConfig | None = None
+                account: EmulatorAccount | None = None
                 if security in ("signed", "key"):
                     account = self._account_for_key(request.headers.get("X-MBX-APIKEY"))
                 if security == "signed":
@@ -856,7 +856,7 @@ class EmulatorServer:
             transport.abort()
         raise asyncio.CancelledError  # nothing is written: the client sees the connection die
 
-    def _account_for_key(self, api_key: str | None) -> AccountConfig:
+    def _account_for_key(self, api_key: str | None) -> EmulatorAccount:
         key = auth.check_api_key_format(api_key)
         account = self.accounts_by_key.get(key)
         if account is None:
@@ -872,13 +872,13 @@ class EmulatorServer:
 
     # --- public endpoints -------------------------------------------------------------------------------
 
-    async def h_ping(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_ping(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         return {}
 
-    async def h_time(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_time(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         return {"serverTime": self.server_ms()}
 
-    async def h_exchange_info(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_exchange_info(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         wanted = _symbol_list(params)
         if wanted is not None:
             for s in wanted:
@@ -892,7 +892,7 @@ class EmulatorServer:
             "symbols": [spec.exchange_info() for s, spec in self.specs.items() if wanted is None or s in wanted],
         }
 
-    async def h_depth(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_depth(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         spec = self._spec(params)
         limit = min(_int(params, "limit", 100), 5000)
         uid = self.sync_book(spec.symbol)
@@ -903,7 +903,7 @@ class EmulatorServer:
             "asks": [[f8(p), f8(q)] for p, q in view.asks],
         }
 
-    async def h_trades(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_trades(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         spec = self._spec(params)
         limit = min(_int(params, "limit", 500), 1000)
         trades = list(self.markets[spec.symbol].trades)
@@ -914,7 +914,7 @@ class EmulatorServer:
             trades = trades[-limit:] if limit > 0 else []
         return [t.rest() for t in trades]
 
-    async def h_agg_trades(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_agg_trades(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         """``/api/v3/aggTrades``: fromId, or a startTime/endTime window (inclusive), oldest first."""
         spec = self._spec(params)
         limit = min(_int(params, "limit", 500), 1000)
@@ -933,7 +933,7 @@ class EmulatorServer:
         selected = trades[:limit] if bounded else trades[-limit:] if limit > 0 else []
         return [t.agg() for t in selected]
 
-    async def h_klines(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_klines(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         spec = self._spec(params)
         interval = _required(params, "interval")
         interval_ms(interval)
@@ -992,7 +992,7 @@ class EmulatorServer:
                 raise errors.bad_symbol()
         return wanted, False
 
-    async def h_ticker_24hr(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_ticker_24hr(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         symbols, single = self._symbols_param(params)
         kind = (params.get("type") or "FULL").upper()
         if kind not in ("FULL", "MINI"):
@@ -1006,12 +1006,12 @@ class EmulatorServer:
             rows = [{k: row[k] for k in mini} for row in rows]
         return rows[0] if single else rows
 
-    async def h_ticker_price(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_ticker_price(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         symbols, single = self._symbols_param(params)
         rows = [{"symbol": s, "price": binance_format.f8(self.engine.last_price(s) or Decimal(0))} for s in symbols]
         return rows[0] if single else rows
 
-    async def h_book_ticker(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_book_ticker(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         symbols, single = self._symbols_param(params)
         rows = []
         for s in symbols:
@@ -1027,7 +1027,7 @@ class EmulatorServer:
             )
         return rows[0] if single else rows
 
-    async def h_avg_price(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_avg_price(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         spec = self._spec(params)
         rows = self.markets[spec.symbol].klines("1m", limit=5)
         vol = sum((k.volume for k in rows), Decimal(0))
@@ -1037,7 +1037,7 @@ class EmulatorServer:
 
     # --- trading endpoints ---------------------------------------------------------------------------
 
-    def _new_order(self, params: Params, account: AccountConfig, prefix: str = "") -> NewOrder:
+    def _new_order(self, params: Params, account: EmulatorAccount, prefix: str = "") -> NewOrder:
         """A ``NewOrder`` from Binance parameters; ``prefix`` is unused (cancelReplace shares names)."""
         spec = self._spec(params)
         side_text = _required(params, "side").upper()
@@ -1122,7 +1122,7 @@ class EmulatorServer:
             raise errors.invalid_parameter("newOrderRespType")
         return resp
 
-    async def h_new_order(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_new_order(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         new = self._new_order(params, account)
         resp_type = self._resp_type(params, new.type.value)
@@ -1135,7 +1135,7 @@ class EmulatorServer:
         order = _order_of(result, new.client_order_id)
         return binance_format.order_response(order, result.fills, resp_type)
 
-    async def h_test_order(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_test_order(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         self._new_order(params, account)
         if params.get("computeCommissionRates", "").lower() == "true":
@@ -1160,7 +1160,7 @@ class EmulatorServer:
             raise BinanceError(-1102, f"Param '{client_name}' or '{id_name}' must be sent, but both were empty/null!")
         return order_id, client_id
 
-    async def h_cancel_order(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_cancel_order(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         spec = self._spec(params)
         order_id, client_id = self._order_ref(params, "orderId", "origClientOrderId")
@@ -1175,7 +1175,7 @@ class EmulatorServer:
         self._publish_result(result, {order.order_id: cancel_id})
         return binance_format.cancel_response(order, cancel_id, self.market_now())
 
-    async def h_cancel_all(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_cancel_all(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         spec = self._spec(params)
         if not self.engine.open_orders(account.name, spec.symbol):
@@ -1194,7 +1194,7 @@ class EmulatorServer:
             if u.execution is ExecutionType.CANCELED
         ]
 
-    async def h_query_order(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_query_order(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         spec = self._spec(params)
         order_id, client_id = self._order_ref(params, "orderId", "origClientOrderId")
@@ -1204,7 +1204,7 @@ class EmulatorServer:
             raise errors.no_such_order() from None
         return binance_format.order_query(order)
 
-    async def h_cancel_replace(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_cancel_replace(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         spec = self._spec(params)
         mode = _required(params, "cancelReplaceMode").upper()
@@ -1297,14 +1297,14 @@ class EmulatorServer:
             "newOrderResponse": binance_format.order_response(new_order, result.fills, resp_type),
         }
 
-    async def h_open_orders(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_open_orders(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         symbol = None
         if params.get("symbol"):
             symbol = self._spec(params).symbol
         return [binance_format.order_query(o) for o in self.engine.open_orders(account.name, symbol)]
 
-    async def h_all_orders(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_all_orders(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         spec = self._spec(params)
         orders = self.engine.all_orders(account.name, spec.symbol)
@@ -1321,7 +1321,7 @@ class EmulatorServer:
         orders = orders[:limit] if (from_id is not None or start is not None) else orders[-limit:]
         return [binance_format.order_query(o) for o in orders]
 
-    async def h_my_trades(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_my_trades(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         spec = self._spec(params)
         fills = self.engine.account_trades(account.name, spec.symbol)
@@ -1341,7 +1341,7 @@ class EmulatorServer:
         fills = fills[:limit] if (from_id is not None or start is not None) else fills[-limit:]
         return [binance_format.my_trade(f) for f in fills]
 
-    async def h_account(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_account(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         balances = self.engine.ledger.balances(account.name)
         if params.get("omitZeroBalances", "").lower() == "true":
@@ -1351,7 +1351,7 @@ class EmulatorServer:
         fees = self.engine.fees(account.name)
         return binance_format.account(balances, fees.maker, fees.taker, update_ms, uid)
 
-    async def h_commission(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_commission(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         spec = self._spec(params)
         f8 = binance_format.f8
@@ -1375,7 +1375,7 @@ class EmulatorServer:
             },
         }
 
-    async def h_trade_fee(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_trade_fee(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         """``/sapi/v1/asset/tradeFee`` (ccxt ``fetch_trading_fees``): the account's rates per symbol (``symbol``:
         that one), written as Binance does (``"0.001"``, not 8 decimals)."""
         assert account is not None
@@ -1384,7 +1384,7 @@ class EmulatorServer:
         maker, taker = plain(fees.maker.normalize()), plain(fees.taker.normalize())
         return [{"symbol": s, "makerCommission": maker, "takerCommission": taker} for s in symbols]
 
-    async def h_capital_config(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_capital_config(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         """``/sapi/v1/capital/config/getall`` (ccxt ``fetchCurrencies`` calls it when it has keys)."""
         assert account is not None
         assets: set[str] = set()
@@ -1441,13 +1441,13 @@ class EmulatorServer:
             )
         return out
 
-    async def h_no_margin(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_no_margin(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         """Margin pair lists (ccxt asks with ``fetchMargins``): the emulator trades spot only."""
         return []
 
     # --- listenKey user data stream (legacy, still used by some clients) ----------------------------
 
-    async def h_listen_key_new(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_listen_key_new(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         assert account is not None
         for key, name in self._listen_keys.items():
             if name == account.name:
@@ -1456,15 +1456,17 @@ class EmulatorServer:
         self._listen_keys[key] = account.name
         return {"listenKey": key}
 
-    async def h_listen_key_keepalive(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_listen_key_keepalive(
+        self, request: web.Request, params: Params, account: EmulatorAccount | None
+    ) -> Any:
         self._own_listen_key(params, account)
         return {}
 
-    async def h_listen_key_close(self, request: web.Request, params: Params, account: AccountConfig | None) -> Any:
+    async def h_listen_key_close(self, request: web.Request, params: Params, account: EmulatorAccount | None) -> Any:
         self._listen_keys.pop(self._own_listen_key(params, account))
         return {}
 
-    def _own_listen_key(self, params: Params, account: AccountConfig | None) -> str:
+    def _own_listen_key(self, params: Params, account: EmulatorAccount | None) -> str:
         """The request's listenKey if it belongs to the calling account. Another account's key is answered
         as Binance answers it, as if it did not exist (-1125): nothing tells a caller whose it is."""
         assert account is not None

@@ -135,7 +135,7 @@ def crash_point(name: str) -> None:
 # --- collaborators (structural: the real ones live in meltica.risk / portfolio / execution.emulation) --
 
 
-class RiskGate(Protocol):
+class RiskHooks(Protocol):
     """``meltica.risk.RiskEngine`` as the OMS uses it. ``check`` returns a ``RiskDecision``
     (``approved``, ``rule``, ``reason``); the other hooks keep its open orders, positions and post-trade
     checks. Every hook is called and may raise (see *Fail closed*). Its ``kill_switch``, when it has
@@ -258,7 +258,7 @@ class OrderManager:
         venues: Mapping[str, ExchangeAdapter],
         *,
         clock: Clock,
-        risk: RiskGate | None = None,
+        risk: RiskHooks | None = None,
         portfolio: PortfolioSink | None = None,
         emulator: OrderEmulator | None = None,
         retry: RetryPolicy | None = None,
@@ -270,7 +270,7 @@ class OrderManager:
         self.store = store
         self.venues = dict(venues)
         self.clock = clock
-        self.risk: RiskGate = risk if risk is not None else NoRisk()
+        self.risk: RiskHooks = risk if risk is not None else NoRisk()
         self.portfolio: PortfolioSink = portfolio if portfolio is not None else NoPortfolio()
         self.emulator = emulator
         self.retry = retry or RetryPolicy()

@@ -37,7 +37,7 @@ from sqlalchemy import text
 from meltica.backtest import BacktestConfig, write_report
 from meltica.backtest.results import BacktestResult
 from meltica.emulator import EmulatorConfig, EmulatorServer
-from meltica.emulator.config import AccountConfig
+from meltica.emulator.config import EmulatorAccount
 from meltica.emulator.symbols import spec_for
 from meltica.errors import MelticaError
 from meltica.live.config import PipelineConfig
@@ -381,7 +381,7 @@ def with_emulator_instrument(config: BacktestConfig) -> BacktestConfig:
 
 
 async def _start_emulator(config: BacktestConfig, api_key: str, api_secret: str) -> Any:
-    account = AccountConfig(config.account, api_key, api_secret, balances=dict(config.balances()), fees=config.fees())
+    account = EmulatorAccount(config.account, api_key, api_secret, balances=dict(config.balances()), fees=config.fees())
     server = EmulatorServer(
         EmulatorConfig(
             accounts=[account],

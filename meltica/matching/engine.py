@@ -30,12 +30,12 @@ from meltica.matching.types import (
     EngineOrderType,
     EngineRejection,
     EngineTimeInForce,
+    ExecutionReport,
     ExecutionType,
     FeeSchedule,
     FillModel,
     MatchResult,
     NewOrder,
-    OrderUpdate,
     PublicTrade,
     RejectReason,
     SelfTradePrevention,
@@ -186,7 +186,7 @@ class _Collector:
     __slots__ = ("fills", "public_trades", "touched", "updates")
 
     def __init__(self) -> None:
-        self.updates: list[OrderUpdate] = []
+        self.updates: list[ExecutionReport] = []
         self.fills: list[EngineFill] = []
         self.public_trades: list[PublicTrade] = []
         self.touched: dict[tuple[Account, str], None] = {}
@@ -422,7 +422,7 @@ class MatchingEngine:
                 keep = remaining if order.side is Side.SELL else min(order.reserved, order.reserve_price * remaining)
                 self.ledger.unlock(order.account, order.reserve_asset, order.reserved - keep)
                 order.reserved = keep
-            c.updates.append(OrderUpdate(order.snapshot(), ExecutionType.REPLACED))
+            c.updates.append(ExecutionReport(order.snapshot(), ExecutionType.REPLACED))
             return c.result(self.ledger)
         finally:
             self._end()
@@ -923,7 +923,7 @@ class MatchingEngine:
         self._trades.setdefault((order.account, order.symbol), []).append(fill)
         c = self._col()
         c.fills.append(fill)
-        c.updates.append(OrderUpdate(order.snapshot(), ExecutionType.TRADE, fill))
+        c.updates.append(ExecutionReport(order.snapshot(), ExecutionType.TRADE, fill))
 
     def _charge_quote(self, order: _Order, asset: str, commission: Decimal) -> None:
         """A buy's quote commission: from the free balance, the rest from the order's own reservation."""
@@ -973,7 +973,7 @@ class MatchingEngine:
         self._emit(order, execution)
 
     def _emit(self, order: _Order, execution: ExecutionType) -> None:
-        self._col().updates.append(OrderUpdate(order.snapshot(), execution))
+        self._col().updates.append(ExecutionReport(order.snapshot(), execution))
 
     # ==========================================================================================
     # internals: liquidity

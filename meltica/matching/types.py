@@ -285,7 +285,10 @@ class EngineFill:
 
 
 @dataclass(frozen=True, slots=True)
-class OrderUpdate:
+class ExecutionReport:
+    """What happened to one order in the engine (Binance's ``executionReport``): the order after it, the
+    execution type and the fill of a trade. Not ``meltica.messaging.OrderUpdate``, the pipeline's message."""
+
     order: EngineOrder
     execution: ExecutionType
     fill: EngineFill | None = None
@@ -318,7 +321,7 @@ class MatchResult:
     """Everything one call did, in order. ``balance_updates`` holds one entry per touched
     (account, asset), with the values after the call, in the order they were first touched."""
 
-    order_updates: tuple[OrderUpdate, ...] = ()
+    order_updates: tuple[ExecutionReport, ...] = ()
     fills: tuple[EngineFill, ...] = ()
     balance_updates: tuple[BalanceUpdate, ...] = ()
     public_trades: tuple[PublicTrade, ...] = ()

@@ -38,7 +38,7 @@ from meltica.domain import (
     client_order_id_for,
 )
 from meltica.emulator import EmulatorConfig, EmulatorServer
-from meltica.emulator.config import AccountConfig
+from meltica.emulator.config import EmulatorAccount
 from meltica.execution import MemoryOrderStore, OrderManager
 from meltica.live.emulator_driver import EmulatorDriver, EmulatorDriverError, EmulatorSettleError
 from meltica.live.venue import VenueDriver
@@ -277,7 +277,7 @@ async def run_on(driver: VenueDriver, bars: list[Bar], script: Script, set_handl
 def emulator_config() -> EmulatorConfig:
     # Fees are not configured here: the driver sets the backtest's schedule over the admin API.
     return EmulatorConfig(
-        accounts=[AccountConfig(ACCOUNT, KEY, SECRET, balances=dict(BALANCES))],
+        accounts=[EmulatorAccount(ACCOUNT, KEY, SECRET, balances=dict(BALANCES))],
         symbols=["BTCUSDT"],
         fill_model=FILL_MODEL,
     )

@@ -35,7 +35,7 @@ from sqlalchemy import Engine, text
 
 from meltica.domain import Bar, OrderIntent, OrderStatus, OrderType, Side
 from meltica.emulator import CCXT_OPTIONS, EmulatorConfig, EmulatorServer
-from meltica.emulator.config import AccountConfig as EmulatorAccount
+from meltica.emulator.config import EmulatorAccount
 from meltica.infra.kafka import KafkaEndpoint
 from meltica.messaging.admin import create_topics
 from meltica.messaging.catalogue import Catalogue

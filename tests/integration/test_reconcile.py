@@ -18,7 +18,7 @@ from meltica.adapters.ccxt import CcxtAdapter
 from meltica.adapters.registry import create_adapter
 from meltica.domain import OrderCancelled, OrderIntent, OrderStatus, OrderType, Side
 from meltica.emulator import CCXT_OPTIONS, EmulatorConfig, EmulatorServer
-from meltica.emulator.config import AccountConfig
+from meltica.emulator.config import EmulatorAccount
 from meltica.execution import OrderManager, OrderStore
 from meltica.matching import EngineOrderType, EngineTimeInForce, NewOrder
 from meltica.portfolio import Portfolio, PortfolioStore
@@ -42,7 +42,7 @@ def now() -> datetime:
 def emulator() -> EmulatorServer:
     return EmulatorServer(
         EmulatorConfig(
-            accounts=[AccountConfig("main", KEY, SECRET), AccountConfig("mm", MM_KEY, MM_SECRET)],
+            accounts=[EmulatorAccount("main", KEY, SECRET), EmulatorAccount("mm", MM_KEY, MM_SECRET)],
             data=[DATA / "btcusdt-trades.parquet"],
         )
     )

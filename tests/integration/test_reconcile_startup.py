@@ -29,7 +29,7 @@ from meltica.adapters.registry import create_adapter
 from meltica.config.settings import MelticaSettings
 from meltica.domain import OrderIntent, OrderStatus, OrderType, Side
 from meltica.emulator import CCXT_OPTIONS, EmulatorConfig, EmulatorServer, ccxt_config
-from meltica.emulator.config import AccountConfig
+from meltica.emulator.config import EmulatorAccount
 from meltica.execution import OrderManager, OrderStore
 from meltica.portfolio import Portfolio
 from meltica.reconciliation import Case, DiscrepancyKind
@@ -55,7 +55,7 @@ def now() -> datetime:
 def emulator() -> EmulatorServer:
     return EmulatorServer(
         EmulatorConfig(
-            accounts=[AccountConfig("main", KEY, SECRET)],
+            accounts=[EmulatorAccount("main", KEY, SECRET)],
             symbols=["BTCUSDT", "ETHUSDT"],
             initial_prices={"ETHUSDT": Decimal(2000)},
             data=[TRADES],
