@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from meltica.errors import InfrastructureUnavailableError
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode
-from meltica.risk.kill_switch import KillSwitchChange
+from meltica.risk.kill_switch import KillSwitchChange, system_clock
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -100,3 +101,64 @@ def test_changes_made_during_an_outage_hold_and_are_stored_in_order_once_it_ends
     )
     assert released.details == {"ticket": 8}
     assert KillSwitch(store).state_of("strategy:mm").mode is KillSwitchMode.OFF
+
+
+def test_an_outage_is_said_with_the_scope_the_mode_and_the_cause(caplog: pytest.LogCaptureFixture) -> None:
+    """What an operator reads during and after a database outage names the scope, the mode and the cause;
+    loosening while a change waits is refused with the reason."""
+    store = OutageStore()
+    ks = KillSwitch(store, clock=lambda: T0)
+    store.down = True
+    with caplog.at_level(logging.WARNING, logger="meltica.risk.kill_switch"):
+        ks.engage("reduce_only", "wind down", "ops", scope="account:main")
+        ks.engage("halt", "runaway", "ops", scope="account:main")
+        with pytest.raises(InfrastructureUnavailableError) as refused:
+            ks.release("ops", scope="account:main")
+        store.down = False
+        assert ks.retry_unsaved() == 0
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [
+        ("ERROR", "kill switch account:main: reduce_only could NOT be stored; it holds in this process and the "
+                  "write is retried"),
+        ("WARNING", "kill switch account:main: off → reduce_only (wind down, by ops)"),
+        ("CRITICAL", "kill switch account:main: reduce_only still not stored (database unavailable): holding it, "
+                     "retrying"),
+        ("ERROR", "kill switch account:main: halt holds in this process; stored after the earlier changes"),
+        ("WARNING", "kill switch account:main: reduce_only → halt (runaway, by ops)"),
+        ("CRITICAL", "kill switch account:main: reduce_only still not stored (database unavailable): holding it, "
+                     "retrying"),
+        ("WARNING", "kill switch account:main: reduce_only stored after a failed write"),
+        ("WARNING", "kill switch account:main: halt stored after a failed write"),
+    ]  # fmt: skip
+    assert str(refused.value) == (
+        "kill switch account:main: earlier changes are not stored yet; refusing to loosen it to off"
+    )
+    assert ks.state_of("account:main").mode is KillSwitchMode.HALT
+
+
+def test_a_failing_listener_does_not_keep_the_change_from_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    """A listener that raises is said loudly and raised to the caller, after every other listener heard the
+    change; the change stands (fail closed: a halt is not undone by a listener's bug)."""
+    ks = switch()
+    heard: list[tuple[str, KillSwitchMode]] = []
+
+    def broken(change: KillSwitchChange) -> None:
+        raise RuntimeError("listener bug")
+
+    ks.subscribe(broken)
+    ks.subscribe(lambda change: heard.append((change.scope, change.current.mode)))
+    with caplog.at_level(logging.CRITICAL, logger="meltica.risk.kill_switch"), pytest.raises(RuntimeError):
+        ks.engage("halt", "runaway", "ops", scope="account:main")
+    assert heard == [("account:main", KillSwitchMode.HALT)]
+    assert ks.state_of("account:main").mode is KillSwitchMode.HALT
+    (record,) = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert record.getMessage() == f"kill-switch listener {broken!r} failed on account:main → halt"
+
+
+def test_a_change_is_stamped_by_the_switch_clock_and_the_system_clock_is_utc() -> None:
+    ks = switch()
+    assert ks.engage("halt", "runaway", "ops", scope="global").since == T0
+    now = system_clock()
+    assert now.tzinfo is UTC
+    with pytest.raises(ValueError, match=r"^a kill-switch change needs a reason$"):
+        ks.engage("reduce_only", " ", "ops", scope="global")
