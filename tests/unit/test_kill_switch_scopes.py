@@ -11,7 +11,7 @@ import pytest
 
 from meltica.errors import InfrastructureUnavailableError
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode
-from meltica.risk.kill_switch import KillSwitchChange, system_clock
+from meltica.risk.kill_switch import KillSwitchChange, default_actor, system_clock
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -162,3 +162,42 @@ def test_a_change_is_stamped_by_the_switch_clock_and_the_system_clock_is_utc() -
     assert now.tzinfo is UTC
     with pytest.raises(ValueError, match=r"^a kill-switch change needs a reason$"):
         ks.engage("reduce_only", " ", "ops", scope="global")
+
+
+def test_refresh_takes_what_another_process_stored_and_tells_the_listeners() -> None:
+    """``meltica kill`` in another process writes the store; a running switch's refresh takes it, tells its
+    listeners only of scopes whose mode changed, and keeps its own change that is not stored yet."""
+    store = OutageStore()
+    running, other = KillSwitch(store, clock=lambda: T0), KillSwitch(store, clock=lambda: T0)
+    heard: list[tuple[str, KillSwitchMode, KillSwitchMode, object]] = []
+    running.subscribe(lambda c: heard.append((c.scope, c.previous.mode, c.current.mode, c.details.get("source"))))
+    other.engage("halt", "exchange incident", "ops", scope="account:main")
+    other.engage("reduce_only", "wind down", "ops", scope="strategy:mm")
+    changes = running.refresh()
+    assert [(c.scope, c.current.mode) for c in changes] == [
+        ("account:main", KillSwitchMode.HALT),
+        ("strategy:mm", KillSwitchMode.REDUCE_ONLY),
+    ]
+    assert heard == [
+        ("account:main", KillSwitchMode.OFF, KillSwitchMode.HALT, "refresh"),
+        ("strategy:mm", KillSwitchMode.OFF, KillSwitchMode.REDUCE_ONLY, "refresh"),
+    ]
+    assert running.state_of("account:main").reason == "exchange incident"
+    assert running.refresh() == []  # nothing changed since: nobody is told again
+    assert len(heard) == 2
+
+    store.down = True
+    running.engage("halt", "runaway", "risk", scope="strategy:mm")  # held here, not stored
+    assert store.states["strategy:mm"].mode is KillSwitchMode.REDUCE_ONLY
+    assert running.refresh() == []  # the store's older reduce_only does not undo the halt held here
+    assert running.state_of("strategy:mm").mode is KillSwitchMode.HALT
+    assert len(running.unsaved) == 1
+    store.down = False
+    assert running.refresh() == []  # its retry stores the halt first
+    assert (running.unsaved, store.states["strategy:mm"].mode) == ([], KillSwitchMode.HALT)
+
+
+def test_a_change_without_an_actor_names_the_os_user() -> None:
+    ks = switch()
+    actor = ks.engage("halt", "runaway", None, scope="global").actor
+    assert actor and actor == default_actor()
