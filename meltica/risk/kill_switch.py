@@ -213,7 +213,8 @@ class KillSwitch:
         """Call ``callback(change)`` after every persisted change; returns an unsubscribe function.
 
         Called synchronously: an async listener (the OMS) schedules its work (``loop.create_task``).
-        A failing listener is logged and does not stop the others.
+        A failing listener is logged as critical, the others still hear the change, and its failure is then
+        raised to the caller (the change stands).
         """
         self._listeners.append(callback)
 

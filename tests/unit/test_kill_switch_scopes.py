@@ -201,3 +201,27 @@ def test_a_change_without_an_actor_names_the_os_user() -> None:
     ks = switch()
     actor = ks.engage("halt", "runaway", None, scope="global").actor
     assert actor and actor == default_actor()
+
+
+def test_an_unsubscribed_listener_hears_nothing_more() -> None:
+    ks = switch()
+    heard: list[str] = []
+    unsubscribe = ks.subscribe(lambda c: heard.append(c.scope))
+    ks.engage("halt", "runaway", "ops", scope="account:main")
+    unsubscribe()
+    unsubscribe()  # twice is harmless
+    ks.engage("halt", "runaway", "ops", scope="account:other")
+    assert heard == ["account:main"]
+
+
+def test_engage_refuses_off_and_says_to_release() -> None:
+    with pytest.raises(ValueError, match=r"^engage\(\) takes halt or reduce_only; use release\(\) to turn"):
+        switch().engage("off", "done", "ops")
+
+
+def test_without_a_passwd_entry_the_default_actor_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_user() -> str:
+        raise KeyError("getpwuid(): uid not found: 1000")  # what a container without /etc/passwd gives
+
+    monkeypatch.setattr("getpass.getuser", no_user)
+    assert default_actor() == "unknown"
