@@ -561,6 +561,18 @@ class BacktestContext(OrderTrackingContext):
     async def _cancel_now(self, client_order_id: str) -> None:
         await self._executor.cancel_now(client_order_id)
 
+    def start(self) -> None:
+        """The strategy's ``on_start`` (what it asks for is held for the first market data)."""
+        self.strategy.on_start()
+        self.drain()
+
+    async def stop(self, at: datetime) -> None:
+        """The data ended at ``at``: the strategy's ``on_stop``, then the end of the data (``end_of_data``)."""
+        self.clock.now = at
+        self.strategy.on_stop()
+        self.drain()
+        await self.end_of_data()
+
     async def end_of_data(self) -> None:
         """Held cancels are delivered; held new orders and amendments never reach the venue — also those
         the strategy makes in reaction to the end (an entry cancelled ``END_OF_DATA`` → its stop)."""

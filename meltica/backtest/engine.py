@@ -285,24 +285,25 @@ async def _run_events(
     strategy_class: type[Strategy[Any]] | None,
 ) -> tuple[BacktestContext, list[EquityPoint]]:
     ctx = build_context(config, events[0][0])
-    if strategy_class is None:
-        strategy = build_strategy(config.strategy, config.params, ctx)
-    else:
-        params: BaseModel = (
-            config.params
-            if isinstance(config.params, strategy_class.Params)
-            else strategy_class.Params.model_validate(config.params)
-        )
-        strategy = strategy_class(params, ctx)
-    ctx.attach(strategy)
-    strategy.on_start()
-    ctx.drain()
+    ctx.attach(_strategy(config, ctx, strategy_class))
+    ctx.start()
     equity = await _drive_events(ctx, events, bars, trades, book, config, progress)
-    ctx.clock.now = events[-1][0]
-    strategy.on_stop()
-    ctx.drain()
-    await ctx.end_of_data()
+    await ctx.stop(events[-1][0])
     return ctx, equity
+
+
+def _strategy(
+    config: BacktestConfig, ctx: BacktestContext, strategy_class: type[Strategy[Any]] | None
+) -> Strategy[Any]:
+    """The run's strategy on ``ctx``: ``config.strategy`` from the registry, else ``strategy_class``."""
+    if strategy_class is None:
+        return build_strategy(config.strategy, config.params, ctx)
+    params: BaseModel = (
+        config.params
+        if isinstance(config.params, strategy_class.Params)
+        else strategy_class.Params.model_validate(config.params)
+    )
+    return strategy_class(params, ctx)
 
 
 async def _drive_events(
@@ -442,37 +443,43 @@ async def _run(
     fast_path: bool = True,
 ) -> tuple[BacktestContext, EquityCurve]:
     ctx = build_context(config, series.ts[0])
-    if strategy_class is None:
-        strategy = build_strategy(config.strategy, config.params, ctx)
-    else:
-        params: BaseModel = (
-            config.params
-            if isinstance(config.params, strategy_class.Params)
-            else strategy_class.Params.model_validate(config.params)
-        )
-        strategy = strategy_class(params, ctx)
-    ctx.attach(strategy)
-    strategy.on_start()
-    ctx.drain()
+    ctx.attach(_strategy(config, ctx, strategy_class))
+    ctx.start()
     with _paused_gc():  # (already paused by run_backtest; kept for direct callers)
-        equity = await _drive_bars(ctx, series, config, progress, fast_path)
-    ctx.clock.now = series.ts[-1] + series.delta
-    strategy.on_stop()
-    ctx.drain()
-    await ctx.end_of_data()
+        equity = await _drive_bars(ctx, series, progress, fast_path)
+    await ctx.stop(series.ts[-1] + series.delta)
     return ctx, equity
 
 
+def run_bars(
+    ctx: BacktestContext, bars: BarSeries | Iterable[Bar], *, start: bool = True, stop: bool = True
+) -> EquityCurve:
+    """Drive ``ctx`` (its strategy attached) through ``bars`` exactly as ``run_backtest`` does, outside it:
+    tests, notebooks, a run continued in pieces. ``start``: the strategy's ``on_start`` first; ``stop``:
+    its ``on_stop`` and the end of the data after (``False``: more bars follow)."""
+    series = bars if isinstance(bars, BarSeries) else BarSeries.from_bars(bars)
+
+    async def run() -> EquityCurve:
+        if start:
+            ctx.start()
+        equity = await _drive_bars(ctx, series, None, fast_path=True)
+        if stop:
+            await ctx.stop(series.ts[-1] + series.delta)
+        return equity
+
+    return asyncio.run(run())
+
+
 async def _drive_bars(
-    ctx: BacktestContext, series: BarSeries, config: BacktestConfig, progress: Progress | None, fast_path: bool
+    ctx: BacktestContext, series: BarSeries, progress: Progress | None, fast_path: bool
 ) -> EquityCurve:
     """The hot loop: see the module docstring for what happens per bar."""
-    exchange, symbol, timeframe = config.exchange, config.symbol, series.timeframe
+    exchange, symbol, timeframe = ctx.exchange, series.symbol, series.timeframe
     delta = series.delta
     clock = ctx.clock
     engine = ctx.engine
     ledger = engine.ledger
-    account = config.account
+    account = ctx.account
     instrument = engine.instrument(symbol)
     quote, base = instrument.quote, instrument.base
     risk = ctx.risk
