@@ -561,6 +561,15 @@ class BacktestContext(OrderTrackingContext):
     async def _cancel_now(self, client_order_id: str) -> None:
         await self._executor.cancel_now(client_order_id)
 
+    def cash_and_holding(self, symbol: str) -> tuple[Decimal, Decimal]:
+        """The account's quote currency and base asset of ``symbol``'s market, free + locked: the parts the
+        equity curve is made of."""
+        instrument = self.engine.instrument(symbol)
+        ledger = self.engine.ledger
+        quote = ledger.balance(self._account, instrument.quote)
+        base = ledger.balance(self._account, instrument.base)
+        return quote.free + quote.locked, base.free + base.locked
+
     def start(self) -> None:
         """The strategy's ``on_start`` (what it asks for is held for the first market data)."""
         self.strategy.on_start()

@@ -320,21 +320,12 @@ async def _drive_events(
     clock = ctx.clock
     venue = ctx.venue
     engine = ctx.engine
-    ledger = engine.ledger
-    account = config.account
-    instrument = engine.instrument(symbol)
-    quote, base = instrument.quote, instrument.base
     risk = ctx.risk
     portfolio = ctx.portfolio
     strategy = ctx.strategy
     step = ctx.step
     print_bars = trades is None and book is None
-
-    def totals() -> tuple[Decimal, Decimal]:
-        q = ledger.balance(account, quote)
-        b = ledger.balance(account, base)
-        return q.free + q.locked, b.free + b.locked
-
+    totals = partial(ctx.cash_and_holding, symbol)
     cash, held = totals()
     points: list[EquityPoint] = _Equity()
     mark: Decimal | None = None
@@ -477,11 +468,6 @@ async def _drive_bars(
     exchange, symbol, timeframe = ctx.exchange, series.symbol, series.timeframe
     delta = series.delta
     clock = ctx.clock
-    engine = ctx.engine
-    ledger = engine.ledger
-    account = ctx.account
-    instrument = engine.instrument(symbol)
-    quote, base = instrument.quote, instrument.base
     risk = ctx.risk
     portfolio = ctx.portfolio
     pending = ctx._pending
@@ -496,12 +482,7 @@ async def _drive_bars(
     ctx.direct_market_orders = fast_path and not sized
     new_obj = object.__new__
     set_attr = object.__setattr__
-
-    def totals() -> tuple[Decimal, Decimal]:
-        q = ledger.balance(account, quote)
-        b = ledger.balance(account, base)
-        return q.free + q.locked, b.free + b.locked
-
+    totals = partial(ctx.cash_and_holding, symbol)
     cash, held = totals()
     # The curve is kept as columns (``EquityCurve``): the bars' times and closes, and (cash, holding)
     # from each bar whose fills changed them on — one point per bar, built when read.
