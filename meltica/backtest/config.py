@@ -10,17 +10,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meltica.domain import Instrument, MarketType, Timeframe
 from meltica.errors import ConfigurationError
-from meltica.matching import FeeSchedule, FillModel
 from meltica.risk import RiskConfig
+from meltica.sim.config import SimulatedVenueSettings
 from meltica.strategies import get_strategy, validate_params
 
-_BPS = Decimal(10_000)
 _ZERO = Decimal(0)
 
 # Precision of the markets the shipped data and the examples use (Binance, early 2022). Anything else
@@ -67,8 +66,11 @@ def default_instrument(exchange: str, symbol: str) -> Instrument:
     return Instrument(exchange=exchange, symbol=symbol, base=base, quote=quote, **fields)
 
 
-class BacktestConfig(BaseModel):
-    """One backtest: strategy and parameters, market, money, fill model and (optional) risk limits."""
+class BacktestConfig(SimulatedVenueSettings):
+    """One backtest: strategy and parameters, market, money, fill model and (optional) risk limits.
+
+    The simulated account's settings (balances, fees, slippage, latency, volume share, fill on touch) and
+    their conversion into the fee schedule and fill model are ``SimulatedVenueSettings``'."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
@@ -84,15 +86,6 @@ class BacktestConfig(BaseModel):
     initial_balances: dict[str, Decimal] = Field(
         default_factory=dict, description="asset -> amount; default 10,000 of the quote currency"
     )
-    maker_fee_bps: Decimal = Field(Decimal(10), ge=-100, le=1000)
-    taker_fee_bps: Decimal = Field(Decimal(10), ge=-100, le=1000)
-    fee_asset: Literal["quote", "received"] = Field(
-        "quote", description="commission in the quote currency (default) or in the asset received"
-    )
-    slippage_bps: Decimal = Field(Decimal(0), ge=0, le=1000, description="distance of the first synthetic level")
-    latency_ms: int = Field(0, ge=0, description="decision -> arrival at the venue")
-    bar_volume_share: Decimal | None = Field(None, gt=0, le=1, description="partial-fill cap per bar")
-    fill_on_touch: bool = False
     risk: RiskConfig | None = None
     instrument: Instrument | None = None
 
@@ -181,22 +174,6 @@ class BacktestConfig(BaseModel):
         if self.initial_balances:
             return dict(self.initial_balances)
         return {self.market().quote: Decimal(10_000)}
-
-    def fees(self) -> FeeSchedule:
-        return FeeSchedule(
-            maker=self.maker_fee_bps / _BPS,
-            taker=self.taker_fee_bps / _BPS,
-            quote_commission=self.fee_asset == "quote",
-        )
-
-    def fill_model(self) -> FillModel:
-        """Slippage ``s`` bps = the synthetic book's first level ``s`` bps from the reference price
-        (``synthetic_spread_bps = 2 s``); deeper levels sit ``3 s``, ``5 s`` … away."""
-        return FillModel(
-            fill_on_touch=self.fill_on_touch,
-            synthetic_spread_bps=self.slippage_bps * 2,
-            bar_volume_share=self.bar_volume_share,
-        )
 
     def effective_params(self) -> dict[str, Any]:
         """Every strategy parameter the run used, defaults included (JSON data)."""

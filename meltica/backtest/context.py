@@ -2,12 +2,13 @@
 
 A strategy's requests go through the real ``OrderManager`` (write-ahead into a ``MemoryOrderStore``,
 risk check by the real ``RiskEngine`` when limits are configured, ``LocalOrderEmulator`` for order lists
-and order types the venue lacks) to a ``PaperAdapter`` on a ``PaperVenue`` — whose ``MatchingEngine`` is
-the one the emulator and paper trading use. Only the clock (a ``ManualClock``) and the way the venue's
-user stream is delivered differ from live: the stream is pumped synchronously into the OMS right after
-every venue call (``_StreamingAdapter``), which is one of the interleavings live allows.
+and order types the venue lacks) to a ``PaperAdapter`` on a ``PaperVenue`` (``meltica.sim.venue
+.SimulatedVenue``) — whose ``MatchingEngine`` is the one the emulator and paper trading use. Only the clock
+(a ``ManualClock``) and the way the venue's user stream is delivered differ from live: the stream is
+pumped synchronously into the OMS right after every venue call (``StreamingPaperAdapter``), which is one
+of the interleavings live allows.
 
-No look-ahead (the rule ``meltica.backtest.simulation.PaperContext`` keeps too): every request a
+No look-ahead (the rule the live pipeline's lock-step mode keeps too): every request a
 callback makes (submit, cancel, amend, order list) is held with an *arrival time* ``decision time +
 latency`` and delivered, in the order made, just before the first market-data item that starts at or
 after its arrival — for bars, at the open of that bar: the clock moves to the bar's open time, the open
@@ -16,7 +17,7 @@ are sent, then the bar's path runs. With latency 0 a decision on bar t's close (
 reaches the venue at bar t+1's open; with 0 < latency <= one bar it reaches it at bar t+2's open (the
 arrival falls inside bar t+1, whose path before the arrival is unknown: conservative). Requests made by
 the reactions to a release (an entry filled at the open → its protective stop) have arrived by the same
-open when latency is 0 and go out there too, before the bar's path (``PaperContext`` does the same).
+open when latency is 0 and go out there too, before the bar's path.
 Fills on a bar's path are stamped with the bar's close time (when the bar is known). Requests still
 held when the data ends: cancels are delivered, new orders and amendments are not (they end
 ``cancelled`` with reason ``END_OF_DATA``). Venue-side reactions (an OCO sibling cancelled, bracket exits
@@ -25,22 +26,19 @@ placed when the entry fills, a triggered stop's child) happen at once, as they d
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any, Literal, TypedDict
+from typing import Any, TypedDict
 
 from pydantic import BaseModel
 
-from meltica.adapters.base import UserEvent, VenueOrder
 from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue, domain_fill, to_new_order
-from meltica.backtest.intents import END_OF_DATA, IntentingContext, ManualClock, Timer
+from meltica.backtest.intents import IntentingContext, Timer
 from meltica.domain import (
     Bar,
     Fill,
@@ -62,12 +60,16 @@ from meltica.domain import (
     client_order_id_for,
 )
 from meltica.errors import InvalidOrderError, MelticaError
-from meltica.execution import MemoryOrderStore, OrderManager
+from meltica.execution import OrderManager
 from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
 from meltica.execution.oms import needs_emulation
 from meltica.matching import EngineOrderStatus, FeeSchedule, FillModel
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, RiskConfig, RiskEngine
+from meltica.sim.clock import ManualClock
+from meltica.sim.executor import HeldRequest, RequestExecutor
+from meltica.sim.store import NotifyingOrderStore
+from meltica.sim.venue import SimulatedVenue
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
 
 _ZERO = Decimal(0)
@@ -88,111 +90,6 @@ def share_fields_set(model: BaseModel) -> None:
         object.__setattr__(model, "__pydantic_fields_set__", shared)
 
 
-class StreamingPaperAdapter(PaperAdapter):
-    """The paper adapter, with the venue's user stream delivered to the OMS before each call returns."""
-
-    pump: Callable[[], Any] | None = None
-
-    async def _pumped(self) -> None:
-        if self.pump is not None:
-            await self.pump()
-
-    async def create_order(self, intent: OrderIntent, client_order_id: str) -> VenueOrder:
-        order = await super().create_order(intent, client_order_id)
-        await self._pumped()
-        return order
-
-    async def cancel_order(
-        self, symbol: str, *, client_order_id: str | None = None, exchange_order_id: str | None = None
-    ) -> VenueOrder:
-        order = await super().cancel_order(symbol, client_order_id=client_order_id, exchange_order_id=exchange_order_id)
-        await self._pumped()
-        return order
-
-    async def cancel_all_orders(self, symbol: str | None = None) -> list[VenueOrder]:
-        orders = await super().cancel_all_orders(symbol)
-        await self._pumped()
-        return orders
-
-    async def amend_order(
-        self,
-        symbol: str,
-        *,
-        client_order_id: str,
-        new_client_order_id: str,
-        quantity: Decimal | None = None,
-        price: Decimal | None = None,
-    ) -> VenueOrder:
-        order = await super().amend_order(
-            symbol,
-            client_order_id=client_order_id,
-            new_client_order_id=new_client_order_id,
-            quantity=quantity,
-            price=price,
-        )
-        await self._pumped()
-        return order
-
-    async def fetch_my_trades(self, symbol: str, since: datetime | None = None, limit: int | None = None) -> list[Fill]:
-        # A venue returns its recent trades (Binance: the last 500); the whole history would make every
-        # fill lookup of a long backtest O(fills so far).
-        return (await super().fetch_my_trades(symbol, since, limit or 500))[-(limit or 500) :]
-
-
-class NotifyingMemoryStore(MemoryOrderStore):
-    """The in-memory order store, telling the context about every stored order change."""
-
-    def __init__(self, listener: Callable[[Order, OrderEvent | None], None]) -> None:
-        super().__init__()
-        self._listener = listener
-
-    def insert_order(
-        self,
-        order: Order,
-        event: OrderEvent | None = None,
-        *,
-        emulated: bool = False,
-        parent_client_order_id: str | None = None,
-        order_list_id: str | None = None,
-    ) -> bool:
-        inserted = super().insert_order(
-            order,
-            event,
-            emulated=emulated,
-            parent_client_order_id=parent_client_order_id,
-            order_list_id=order_list_id,
-        )
-        if inserted:
-            self._listener(order, event)
-        return inserted
-
-    def append_event(self, order: Order, event: OrderEvent) -> int | None:
-        seq = super().append_event(order, event)
-        self._listener(order, event)
-        return seq
-
-
-_StreamingAdapter = StreamingPaperAdapter
-_NotifyingStore = NotifyingMemoryStore
-
-
-@dataclass(slots=True)
-class HeldRequest:
-    """A strategy's request on its way to the venue: sent once ``arrival`` is reached (module docstring)."""
-
-    arrival: datetime
-    kind: str  # submit | cancel | amend | list
-    client_order_id: str = ""
-    intent: OrderIntent | None = None
-    intents: tuple[OrderIntent, ...] = ()
-    list_id: str = ""
-    list_kind: str = ""
-    price: Decimal | None = None
-    quantity: Decimal | None = None
-
-
-_Request = HeldRequest
-
 INVALID_INTENT = "INVALID_INTENT"
 """The rejection reason of an order the strategy asked for that cannot exist (``BacktestContext``)."""
 
@@ -208,90 +105,6 @@ class InvalidIntent:
     message: str
 
 
-class RequestExecutor:
-    """The venue half of a simulated context: hands released requests to the OMS / the emulator.
-
-    Shared by ``BacktestContext`` and the live pipeline's execution agent
-    (``meltica.live.execution.ExecutionService``), so a request does the same thing in both. ``known``
-    returns the order as the requester knows it (held orders included: built from the intent, status
-    ``pending_submit``); ``local_cancel`` reports an order cancelled before it ever reached the OMS.
-    """
-
-    def __init__(
-        self,
-        oms: OrderManager,
-        emulator: LocalOrderEmulator,
-        store: Any,
-        *,
-        known: Callable[[str], Order | None],
-        local_cancel: Callable[[Order, str], None],
-        logger: logging.Logger,
-    ) -> None:
-        self.oms = oms
-        self.emulator = emulator
-        self.store = store
-        self.known = known
-        self.local_cancel = local_cancel
-        self._log = logger
-
-    async def execute(self, request: HeldRequest) -> bool:
-        """Send one request; ``True`` when it involved the local emulation (order lists, emulated types)."""
-        kind = request.kind
-        oms = self.oms
-        if kind == "submit":
-            assert request.intent is not None
-            await oms.submit(request.intent)
-            return request.intent.type not in (OrderType.MARKET, OrderType.LIMIT)
-        if kind == "cancel":
-            await self.cancel_now(request.client_order_id)
-        elif kind == "amend":
-            order = self.known(request.client_order_id)
-            if order is None or order.status not in (OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED):
-                self._log.debug("amend %s: not open any more", request.client_order_id)
-                return False
-            try:
-                await oms.amend(request.client_order_id, price=request.price, quantity=request.quantity)
-            except MelticaError as exc:
-                self._log.debug("amend %s refused: %s", request.client_order_id, exc)
-        else:
-            kind_name: Literal["oco", "bracket"] = "oco" if request.list_kind == "oco" else "bracket"
-            await self.emulator.add_list(kind_name, request.intents, request.list_id)
-            return True
-        return False
-
-    async def cancel_now(self, client_order_id: str) -> None:
-        order = self.known(client_order_id)
-        if order is None or order.is_terminal:
-            return
-        if order.status is OrderStatus.PENDING_SUBMIT and self.store.get(client_order_id) is None:
-            # held locally (a bracket exit waiting for its entry) or never sent
-            with contextlib.suppress(KeyError):
-                await self.emulator.cancel(client_order_id)
-            self.local_cancel(order, "cancelled before it was sent")
-            return
-        try:
-            await self.oms.cancel(client_order_id)
-        except MelticaError as exc:  # closed meanwhile: a no-op for the strategy
-            self._log.debug("cancel %s: %s", client_order_id, exc)
-
-    async def end_of_data(self, outbox: deque[HeldRequest]) -> None:
-        """Held cancels are delivered; held new orders and amendments never reach the venue."""
-        while outbox:
-            request = outbox.popleft()
-            if request.kind == "cancel":
-                await self.cancel_now(request.client_order_id)
-                continue
-            if request.kind == "amend":
-                continue
-            coids = (
-                [i.client_order_id for i in request.intents] if request.kind == "list" else [request.client_order_id]
-            )
-            for coid in coids:
-                order = self.known(coid)
-                if order is not None and not order.is_terminal and self.store.get(coid) is None:
-                    self.local_cancel(order, END_OF_DATA)
-
-
 @dataclass
 class Wiring:
     """The live objects a backtest runs on (exposed for tests and tools)."""
@@ -299,7 +112,7 @@ class Wiring:
     venue: PaperVenue
     adapter: PaperAdapter
     oms: OrderManager
-    store: MemoryOrderStore
+    store: NotifyingOrderStore
     portfolio: Portfolio
     emulator: LocalOrderEmulator
     risk: RiskEngine | None
@@ -504,15 +317,21 @@ class BacktestContext(OrderTrackingContext):
         markets = list(instruments)
         self.clock = ManualClock(start)
         clock = self.clock
-        self.venue = PaperVenue(markets, clock=clock, exchange_id=exchange_id, fees=fees, fill_model=fill_model)
-        for asset, amount in balances.items():
-            self.venue.deposit(account, asset, amount)
-        self.engine = self.venue.engine
-        self.adapter = StreamingPaperAdapter(self.venue, account)
-        self.adapter.pump = self.pump
-        self._stream: asyncio.Queue[UserEvent] = asyncio.Queue()
-        # The venue's private stream, consumed synchronously (see StreamingPaperAdapter).
-        self.venue.user_queues[account].append(self._stream)
+        self.simulated = SimulatedVenue(
+            markets,
+            clock=clock,
+            account=account,
+            exchange_id=exchange_id,
+            balances=balances,
+            fees=fees,
+            fill_model=fill_model,
+        )
+        self.venue = self.simulated.venue
+        self.engine = self.simulated.engine
+        self.step = self.simulated.step
+        self.adapter = self.simulated.adapter
+        # Deliver the venue's queued user events to the OMS (the private stream, synchronously).
+        self.pump = self.simulated.settle
         quote = valuation_currency or (markets[0].quote if markets else None)
         portfolio = Portfolio(clock=clock, valuation_currency=quote)
         by_key = {(i.exchange if i.exchange == exchange_id else exchange_id, i.symbol): i for i in markets}
@@ -525,8 +344,9 @@ class BacktestContext(OrderTrackingContext):
                 instruments=by_key,
                 kill_switch=KillSwitch(InMemoryKillSwitchStore(), clock=clock),
             )
-        self.store = NotifyingMemoryStore(self._on_stored)
+        self.store = NotifyingOrderStore(self._on_stored)
         self.oms = OrderManager(self.store, {account: self.adapter}, clock=clock, risk=self.risk, portfolio=portfolio)
+        self.simulated.on_user_event = partial(self.oms.on_user_event, account=account)
         self.emulator = LocalOrderEmulator(
             MemoryEmulationStore(),
             clock,
@@ -636,12 +456,6 @@ class BacktestContext(OrderTrackingContext):
             self.fill_phases[event.fill.fill_id] = self.fill_phase
         self.on_order_change(order, event)
 
-    async def pump(self) -> None:
-        """Deliver the venue's queued user events to the OMS (the private stream, synchronously)."""
-        stream = self._stream
-        while not stream.empty():
-            await self.oms.on_user_event(stream.get_nowait(), account=self._account)
-
     def has_releasable(self, ts: datetime) -> bool:
         outbox = self._outbox
         return bool(outbox) and outbox[0].arrival <= ts
@@ -746,6 +560,27 @@ class BacktestContext(OrderTrackingContext):
 
     async def _cancel_now(self, client_order_id: str) -> None:
         await self._executor.cancel_now(client_order_id)
+
+    def cash_and_holding(self, symbol: str) -> tuple[Decimal, Decimal]:
+        """The account's quote currency and base asset of ``symbol``'s market, free + locked: the parts the
+        equity curve is made of."""
+        instrument = self.engine.instrument(symbol)
+        ledger = self.engine.ledger
+        quote = ledger.balance(self._account, instrument.quote)
+        base = ledger.balance(self._account, instrument.base)
+        return quote.free + quote.locked, base.free + base.locked
+
+    def start(self) -> None:
+        """The strategy's ``on_start`` (what it asks for is held for the first market data)."""
+        self.strategy.on_start()
+        self.drain()
+
+    async def stop(self, at: datetime) -> None:
+        """The data ended at ``at``: the strategy's ``on_stop``, then the end of the data (``end_of_data``)."""
+        self.clock.now = at
+        self.strategy.on_stop()
+        self.drain()
+        await self.end_of_data()
 
     async def end_of_data(self) -> None:
         """Held cancels are delivered; held new orders and amendments never reach the venue — also those

@@ -56,7 +56,7 @@ import contextlib
 import dataclasses
 import gc
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -133,7 +133,7 @@ def build_context(config: BacktestConfig, start: datetime) -> BacktestContext:
         fees=config.fees(),
         fill_model=config.fill_model(),
         risk=config.risk,
-        latency=timedelta(milliseconds=config.latency_ms),
+        latency=config.latency,
         valuation_currency=instrument.quote,
     )
 
@@ -285,24 +285,25 @@ async def _run_events(
     strategy_class: type[Strategy[Any]] | None,
 ) -> tuple[BacktestContext, list[EquityPoint]]:
     ctx = build_context(config, events[0][0])
-    if strategy_class is None:
-        strategy = build_strategy(config.strategy, config.params, ctx)
-    else:
-        params: BaseModel = (
-            config.params
-            if isinstance(config.params, strategy_class.Params)
-            else strategy_class.Params.model_validate(config.params)
-        )
-        strategy = strategy_class(params, ctx)
-    ctx.attach(strategy)
-    strategy.on_start()
-    ctx.drain()
+    ctx.attach(_strategy(config, ctx, strategy_class))
+    ctx.start()
     equity = await _drive_events(ctx, events, bars, trades, book, config, progress)
-    ctx.clock.now = events[-1][0]
-    strategy.on_stop()
-    ctx.drain()
-    await ctx.end_of_data()
+    await ctx.stop(events[-1][0])
     return ctx, equity
+
+
+def _strategy(
+    config: BacktestConfig, ctx: BacktestContext, strategy_class: type[Strategy[Any]] | None
+) -> Strategy[Any]:
+    """The run's strategy on ``ctx``: ``config.strategy`` from the registry, else ``strategy_class``."""
+    if strategy_class is None:
+        return build_strategy(config.strategy, config.params, ctx)
+    params: BaseModel = (
+        config.params
+        if isinstance(config.params, strategy_class.Params)
+        else strategy_class.Params.model_validate(config.params)
+    )
+    return strategy_class(params, ctx)
 
 
 async def _drive_events(
@@ -319,25 +320,17 @@ async def _drive_events(
     clock = ctx.clock
     venue = ctx.venue
     engine = ctx.engine
-    ledger = engine.ledger
-    account = config.account
-    instrument = engine.instrument(symbol)
-    quote, base = instrument.quote, instrument.base
     risk = ctx.risk
     portfolio = ctx.portfolio
     strategy = ctx.strategy
+    step = ctx.step
     print_bars = trades is None and book is None
-
-    def totals() -> tuple[Decimal, Decimal]:
-        q = ledger.balance(account, quote)
-        b = ledger.balance(account, base)
-        return q.free + q.locked, b.free + b.locked
-
+    totals = partial(ctx.cash_and_holding, symbol)
     cash, held = totals()
     points: list[EquityPoint] = _Equity()
     mark: Decimal | None = None
     n = len(events)
-    step = max(1, n // 200)
+    every = max(1, n // 200)
     for k, (ts, kind, i) in enumerate(events):
         clock.now = ts
         item: Any
@@ -372,7 +365,7 @@ async def _drive_events(
                 bars.close[i], bars.volume[i],
             )  # fmt: skip
             if print_bars:
-                venue.dispatch(engine.on_bar(symbol, item.open, item.high, item.low, item.close, item.volume))
+                step.path(symbol, item.open, item.high, item.low, item.close, item.volume)
             if mark is None or print_bars:
                 mark = item.close
             callback = strategy.on_bar
@@ -385,11 +378,8 @@ async def _drive_events(
             risk.on_market(exchange, symbol, mark)
         if ctx.has_releasable(ts):
             await ctx.release_held_back(ts)
-        if not ctx.quiet():
-            expired = engine.advance()
-            if expired.order_updates:
-                venue.dispatch(expired)
-                await ctx.pump()
+        if not ctx.quiet() and step.expire():
+            await ctx.pump()
         if ctx._timers:
             ctx.queue_due_timers()
         if ctx.fills_changed:
@@ -404,7 +394,7 @@ async def _drive_events(
                 points.append(point)
         ctx._pending.append(partial(callback, item))
         ctx.drain()
-        if progress is not None and (k % step == 0):
+        if progress is not None and (k % every == 0):
             progress(k, n)
     if progress is not None:
         progress(n, n)
@@ -444,65 +434,61 @@ async def _run(
     fast_path: bool = True,
 ) -> tuple[BacktestContext, EquityCurve]:
     ctx = build_context(config, series.ts[0])
-    if strategy_class is None:
-        strategy = build_strategy(config.strategy, config.params, ctx)
-    else:
-        params: BaseModel = (
-            config.params
-            if isinstance(config.params, strategy_class.Params)
-            else strategy_class.Params.model_validate(config.params)
-        )
-        strategy = strategy_class(params, ctx)
-    ctx.attach(strategy)
-    strategy.on_start()
-    ctx.drain()
+    ctx.attach(_strategy(config, ctx, strategy_class))
+    ctx.start()
     with _paused_gc():  # (already paused by run_backtest; kept for direct callers)
-        equity = await _drive_bars(ctx, series, config, progress, fast_path)
-    ctx.clock.now = series.ts[-1] + series.delta
-    strategy.on_stop()
-    ctx.drain()
-    await ctx.end_of_data()
+        equity = await _drive_bars(ctx, series, progress, fast_path)
+    await ctx.stop(series.ts[-1] + series.delta)
     return ctx, equity
 
 
+def run_bars(
+    ctx: BacktestContext, bars: BarSeries | Iterable[Bar], *, start: bool = True, stop: bool = True
+) -> EquityCurve:
+    """Drive ``ctx`` (its strategy attached) through ``bars`` exactly as ``run_backtest`` does, outside it:
+    tests, notebooks, a run continued in pieces. ``start``: the strategy's ``on_start`` first; ``stop``:
+    its ``on_stop`` and the end of the data after (``False``: more bars follow)."""
+    series = bars if isinstance(bars, BarSeries) else BarSeries.from_bars(bars)
+
+    async def run() -> EquityCurve:
+        if start:
+            ctx.start()
+        equity = await _drive_bars(ctx, series, None, fast_path=True)
+        if stop:
+            await ctx.stop(series.ts[-1] + series.delta)
+        return equity
+
+    return asyncio.run(run())
+
+
 async def _drive_bars(
-    ctx: BacktestContext, series: BarSeries, config: BacktestConfig, progress: Progress | None, fast_path: bool
+    ctx: BacktestContext, series: BarSeries, progress: Progress | None, fast_path: bool
 ) -> EquityCurve:
     """The hot loop: see the module docstring for what happens per bar."""
-    exchange, symbol, timeframe = config.exchange, config.symbol, series.timeframe
+    exchange, symbol, timeframe = ctx.exchange, series.symbol, series.timeframe
     delta = series.delta
     clock = ctx.clock
-    venue = ctx.venue
-    engine = ctx.engine
-    ledger = engine.ledger
-    account = config.account
-    instrument = engine.instrument(symbol)
-    quote, base = instrument.quote, instrument.base
     risk = ctx.risk
     portfolio = ctx.portfolio
     pending = ctx._pending
     outbox = ctx._outbox
     on_bar = ctx.strategy.on_bar
-    share = config.bar_volume_share
-    base_model = engine.fill_model
+    step = ctx.step
+    pump = ctx.pump
+    # With a volume share each bar's volume sizes the book an arriving order meets (``BarStep.open``).
+    sized = step.base_model.bar_volume_share is not None
     # The venue is the synthetic book at each price, uncapped: plain market orders may take the
     # in-process path (``BacktestContext.submit_direct``), which decides order by order.
-    ctx.direct_market_orders = fast_path and share is None and base_model.bar_volume_share is None
-    levels = base_model.synthetic_levels
+    ctx.direct_market_orders = fast_path and not sized
     new_obj = object.__new__
     set_attr = object.__setattr__
-
-    def totals() -> tuple[Decimal, Decimal]:
-        q = ledger.balance(account, quote)
-        b = ledger.balance(account, base)
-        return q.free + q.locked, b.free + b.locked
-
+    totals = partial(ctx.cash_and_holding, symbol)
     cash, held = totals()
     # The curve is kept as columns (``EquityCurve``): the bars' times and closes, and (cash, holding)
     # from each bar whose fills changed them on — one point per bar, built when read.
     changes: list[tuple[int, Decimal, Decimal]] = [(0, cash, held)]
     n = len(series)
-    step = max(1, n // 200)
+    every = max(1, n // 200)
     ts_col, o_col, h_col, l_col, c_col, v_col = (
         series.ts,
         series.open,
@@ -522,13 +508,8 @@ async def _drive_bars(
         if outbox and outbox[0].arrival <= ts:
             clock.now = ts
             ctx.fill_phase = BAR_OPEN
-            if share is not None:  # the liquidity an arriving order can take: share x this bar's volume
-                engine.fill_model = dataclasses.replace(
-                    base_model, synthetic_level_quantity=max(v_col[i] * share / levels, instrument.step_size)
-                )
-            opening = engine.on_trade(symbol, o, _ZERO)
-            venue.dispatch(opening)
-            await ctx.pump()
+            step.open(symbol, o, v_col[i] if sized else None)
+            await pump()
             if risk is not None:
                 portfolio.mark(exchange, symbol, o)
                 risk.on_market(exchange, symbol, o)
@@ -556,16 +537,13 @@ async def _drive_bars(
         clock.now = close_time
         if open_orders or ctx._emulated_active:
             ctx.fill_phase = BAR_PATH
-            result = engine.on_bar(symbol, o, bar.high, bar.low, c, bar.volume)
-            venue.dispatch(result)
-            await ctx.pump()
+            step.path(symbol, o, bar.high, bar.low, c, bar.volume)
+            await pump()
             if ctx._emulated_active:
                 await ctx.oms.on_market_data(bar)
                 ctx.update_emulated_activity()
-            expired = engine.advance()
-            if expired.order_updates:
-                venue.dispatch(expired)
-                await ctx.pump()
+            if step.expire():
+                await pump()
         if risk is not None:
             portfolio.mark(exchange, symbol, c)
             risk.on_market(exchange, symbol, c)
@@ -584,7 +562,7 @@ async def _drive_bars(
             on_bar(bar)
             while pending:
                 pending.popleft()()
-        if progress is not None and (i % step == 0):
+        if progress is not None and (i % every == 0):
             progress(i, n)
     if progress is not None:
         progress(n, n)

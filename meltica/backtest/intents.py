@@ -1,12 +1,11 @@
 """``IntentingContext``: what every simulated ``StrategyContext`` does the same way.
 
-``PaperContext`` (``meltica.backtest.simulation``) and ``BacktestContext`` (``meltica.backtest.context``)
-build intents, order lists and timers identically (deterministic intent ids ``f"{instance_id}:{seq}"``,
-venue precision applied as the OMS does, DESIGN.md §4); they differ only in how a built intent or order
-list is handed on (straight to the paper venue, or through the OMS) and in what they keep of the result.
-A subclass provides ``exchange``, ``_send_intent`` and ``_send_list``, and sets the attributes declared
-below.
-"""
+``BacktestContext`` (``meltica.backtest.context``) and the live strategy host's context
+(``meltica.live.strategy_host``) build intents, order lists and timers identically (deterministic intent
+ids ``f"{instance_id}:{seq}"``, venue precision applied as the OMS does, DESIGN.md §4); they differ only
+in how a built intent or order list is handed on (held for the simulated venue, or published to the risk
+stage). A subclass provides ``exchange``, ``_send_intent`` and ``_send_list``, and sets the attributes
+declared below."""
 
 from __future__ import annotations
 
@@ -23,23 +22,14 @@ from pydantic import BaseModel, ValidationError
 
 from meltica.domain import Instrument, Order, OrderIntent, OrderType, Position, Side, TimeInForce
 from meltica.errors import InvalidOrderError
+from meltica.sim.clock import ManualClock
+from meltica.sim.executor import END_OF_DATA
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
 
-END_OF_DATA = "end of data: never sent"
-"""The reason an order a simulated context still held when the data ended is cancelled with (never sent)."""
+__all__ = ["END_OF_DATA", "IntentingContext", "ManualClock", "Timer"]
 
 if TYPE_CHECKING:
     from meltica.adapters.paper import PaperVenue
-
-
-class ManualClock:
-    """A simulated clock: whoever drives the simulation sets it; everything else reads it."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @dataclass(slots=True)

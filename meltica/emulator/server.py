@@ -22,8 +22,8 @@ orders. ``@ticker``/``@miniTicker``/``!miniTicker@arr``/``!ticker@arr``/``@bookT
 while the market is driven.
 
 **Driven market** (``POST /_emulator/market/open`` and ``/_emulator/market/bar``): a client moves the
-market bar by bar, in lock-step, exactly as the backtester moves its paper venue
-(``meltica.backtest.engine``): ``open`` sets market time to the bar's open and prints the open to the
+market bar by bar, in lock-step, with the backtester's own bar step (``meltica.sim.step.BarStep``):
+``open`` sets market time to the bar's open and prints the open to the
 engine (``MatchingEngine.on_trade(symbol, open, 0)``: stops a gap crossed trigger and fill there);
 ``bar`` sets market time to the bar's close, runs the bar's path (``MatchingEngine.on_bar``: fills on the
 path are stamped with the close) and expires GTD orders (``advance``). From the first such call market
@@ -45,7 +45,6 @@ import re
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -92,6 +91,7 @@ from meltica.matching import (
     RejectReason,
     SelfTradePrevention,
 )
+from meltica.sim.step import BarStep
 
 Params = dict[str, str]
 Handler = Callable[[web.Request, Params, "EmulatorAccount | None"], Awaitable[Any]]
@@ -115,8 +115,9 @@ class EmulatorServer:
             fees=FeeSchedule(maker=config.maker_fee, taker=config.taker_fee),
             fill_model=config.fill_model,
         )
-        # The configured fill model: a driven open with a volume scales its synthetic book from it.
-        self._base_fill_model = self.engine.fill_model
+        # The bar step of a driven market; a driven open with a volume scales the configured fill model's
+        # synthetic book (as does a replayed bar, ``depth_from_volume``).
+        self.bar_step = BarStep(self.engine, self._publish_result)
         for spec in self.specs.values():
             self.engine.add_instrument(spec.instrument(config.maker_fee, config.taker_fee), symbol=spec.symbol)
         self.accounts_by_key: dict[str, EmulatorAccount] = {a.api_key: a for a in config.accounts}
@@ -343,14 +344,8 @@ class EmulatorServer:
     def _depth_from_volume(self, symbol: str, volume: Decimal) -> None:
         """A replayed bar sizes the synthetic book (``EmulatorConfig.depth_from_volume``): each level holds
         the bar's volume × ``bar_volume_share`` (1 when unset) / the number of levels, in whole lots."""
-        if not self.config.depth_from_volume:
-            return
-        base = self._base_fill_model
-        step = self.specs[symbol].step_size
-        share = base.bar_volume_share if base.bar_volume_share is not None else Decimal(1)
-        level = max((volume * share / base.synthetic_levels // step) * step, step)
-        if self.engine.fill_model.synthetic_level_quantity != level:
-            self.engine.fill_model = replace(base, synthetic_level_quantity=level)
+        if self.config.depth_from_volume:
+            self.bar_step.size_book(symbol, volume, default_share=Decimal(1), whole_lots=True)
 
     def _seed_price(self, symbol: str, price: Decimal) -> None:
         if symbol in self.specs:
@@ -1735,15 +1730,7 @@ class EmulatorServer:
             self._drive_to(ts_ms)
         except _AdminConflictError as exc:
             return web.json_response({"error": str(exc)}, status=409)
-        base = self._base_fill_model
-        share = base.bar_volume_share
-        if volume is not None and share is not None:
-            step = self.specs[symbol].step_size
-            self.engine.fill_model = replace(
-                base, synthetic_level_quantity=max(volume * share / base.synthetic_levels, step)
-            )
-        result = self.engine.on_trade(symbol, price, Decimal(0))
-        self._publish_result(result)
+        self.bar_step.open(symbol, price, volume)
         self.sync_book(symbol)
         await asyncio.sleep(0)  # let the stream writers run
         return self._driven_answer(after)
@@ -1770,9 +1757,8 @@ class EmulatorServer:
         open_time = datetime.fromtimestamp(open_ms / 1000, UTC)
         interval_s = (close_ms - open_ms) // 1000
         self._print_bar(BarEvent(self.market_now(), symbol, open_time, o, h, lo, c, volume, interval_s))
-        result = self.engine.on_bar(symbol, o, h, lo, c, volume)
-        self._publish_result(result)
-        self._publish_result(self.engine.advance())
+        self.bar_step.path(symbol, o, h, lo, c, volume)
+        self.bar_step.expire()
         self._publish_klines(symbol)
         self.sync_book(symbol)
         await asyncio.sleep(0)

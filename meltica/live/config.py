@@ -10,18 +10,14 @@ one-instance pipeline that reproduces it (``meltica paper``: parity with ``melti
 
 from __future__ import annotations
 
-from datetime import timedelta
-from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from meltica.backtest.config import BacktestConfig, default_instrument
 from meltica.domain import Instrument, Timeframe
-from meltica.matching import FeeSchedule, FillModel
 from meltica.risk import RiskConfig
-
-_BPS = Decimal(10_000)
+from meltica.sim.config import SimulatedVenueSettings
 
 
 class StrategyInstanceConfig(BaseModel):
@@ -44,42 +40,16 @@ class StrategyInstanceConfig(BaseModel):
         return value
 
 
-class AccountConfig(BaseModel):
-    """The venue of one account. ``venue="paper"``: an in-process ``PaperVenue`` with these settings;
-    ``"emulator"`` / ``"exchange"``: the settings that apply (instruments, latency) and the rest ignored."""
+class AccountConfig(SimulatedVenueSettings):
+    """The venue of one account. ``venue="paper"``: an in-process ``PaperVenue`` with these settings (the
+    simulated account's: ``SimulatedVenueSettings``, as a backtest's); ``"emulator"`` / ``"exchange"``: the
+    settings that apply (instruments, latency in lock-step replays) and the rest ignored."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True, hide_input_in_errors=True)
 
     exchange: str = Field(min_length=1)
     venue: Literal["paper", "emulator", "exchange"] = "paper"
-    initial_balances: dict[str, Decimal] = Field(default_factory=dict)
-    maker_fee_bps: Decimal = Field(Decimal(10), ge=-100, le=1000)
-    taker_fee_bps: Decimal = Field(Decimal(10), ge=-100, le=1000)
-    fee_asset: Literal["quote", "received"] = "quote"
-    slippage_bps: Decimal = Field(Decimal(0), ge=0, le=1000)
-    latency_ms: int = Field(0, ge=0, description="decision -> arrival at the venue (lock-step replays)")
-    bar_volume_share: Decimal | None = Field(None, gt=0, le=1)
-    fill_on_touch: bool = False
     instruments: tuple[Instrument, ...] = ()
-
-    def fees(self) -> FeeSchedule:
-        return FeeSchedule(
-            maker=self.maker_fee_bps / _BPS,
-            taker=self.taker_fee_bps / _BPS,
-            quote_commission=self.fee_asset == "quote",
-        )
-
-    def fill_model(self) -> FillModel:
-        """As ``BacktestConfig.fill_model``: slippage ``s`` bps = first synthetic level ``s`` bps away."""
-        return FillModel(
-            fill_on_touch=self.fill_on_touch,
-            synthetic_spread_bps=self.slippage_bps * 2,
-            bar_volume_share=self.bar_volume_share,
-        )
-
-    @property
-    def latency(self) -> timedelta:
-        return timedelta(milliseconds=self.latency_ms)
 
 
 class PipelineConfig(BaseModel):
@@ -167,16 +137,9 @@ class PipelineConfig(BaseModel):
             ),
             accounts={
                 config.account: AccountConfig(
+                    **{**config.venue_settings(), "initial_balances": config.balances()},
                     exchange=config.exchange,
                     venue="paper",
-                    initial_balances=config.balances(),
-                    maker_fee_bps=config.maker_fee_bps,
-                    taker_fee_bps=config.taker_fee_bps,
-                    fee_asset=config.fee_asset,
-                    slippage_bps=config.slippage_bps,
-                    latency_ms=config.latency_ms,
-                    bar_volume_share=config.bar_volume_share,
-                    fill_on_touch=config.fill_on_touch,
                     instruments=(instrument,),
                 )
             },

@@ -8,8 +8,9 @@ Inputs ``orders.approved`` (requests, progress markers, rejection notices; key: 
 One *lane* per account: a ``VenueDriver`` (``meltica.live.venue``: :class:`PaperDriver` here, the
 emulator driver in ``meltica.live.emulator_driver``), an ``OrderManager`` on the driver's adapter and
 clock, the ``LocalOrderEmulator`` for order lists and types the venue lacks, a ``Portfolio`` fed by the
-OMS. Requests are carried out by the backtest's own ``RequestExecutor`` (``meltica.backtest.context``),
-so a request does here exactly what it does in a backtest.
+OMS. Requests are carried out by the backtest's own ``RequestExecutor`` (``meltica.sim.executor``), and
+the paper venue is stepped by the backtest's own ``BarStep`` (``meltica.sim.step``), so a request and a
+bar do here exactly what they do in a backtest.
 
 Lock-step (``meltica/live/README.md``), per account and market: requests are held; a bar is stepped
 only when every instance trading the market acknowledged the last step (``StrategyProgress.seq``). A
@@ -51,12 +52,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, TypeAdapter
 
 from meltica.adapters.base import ExchangeAdapter, UserEvent
-from meltica.adapters.paper import PAPER_CAPABILITIES, PaperVenue
-from meltica.backtest.context import HeldRequest, NotifyingMemoryStore, RequestExecutor, StreamingPaperAdapter
-from meltica.backtest.intents import ManualClock
+from meltica.adapters.paper import PAPER_CAPABILITIES
 from meltica.domain import (
     Bar,
-    Fill,
     Instrument,
     Order,
     OrderCancelled,
@@ -96,12 +94,15 @@ from meltica.messaging.schemas import (
 )
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode, KillSwitchState
+from meltica.sim.clock import ManualClock
+from meltica.sim.executor import HeldRequest, RequestExecutor
+from meltica.sim.store import NotifyingOrderStore
+from meltica.sim.venue import SimulatedVenue, UserEventHandler
 
 log = logging.getLogger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EVENTS, FILLS, POSITIONS = "orders.events", "fills", "positions"
-UserEventHandler = Callable[[UserEvent], Awaitable[Any]]
 LaneStartHook = Callable[[str, ExchangeAdapter, OrderManager, Portfolio], Awaitable[None]]
 """``hook(account, adapter, oms, portfolio)``: run per account after the driver started and the OMS
 recovered its orders, before any request is accepted (e.g. a start-up reconciliation)."""
@@ -113,8 +114,9 @@ _APPROVED: TypeAdapter[Any] = TypeAdapter(ApprovedMessage)
 
 
 class PaperDriver:
-    """A ``VenueDriver`` over an in-process ``PaperVenue`` (one account), stepped as the backtest steps it:
-    the venue's user stream is handed to ``on_user_event`` before every call returns."""
+    """A ``VenueDriver`` over an in-process ``PaperVenue`` (one account), stepped as the backtest steps it
+    (``meltica.sim.venue.SimulatedVenue``): the venue's user stream is handed to ``on_user_event`` before
+    every call returns."""
 
     def __init__(
         self,
@@ -128,19 +130,20 @@ class PaperDriver:
         start: datetime = EPOCH,
         on_user_event: UserEventHandler | None = None,
     ) -> None:
-        markets = list(instruments)
         self.account = account
         self.clock = ManualClock(start)
-        self.venue = PaperVenue(markets, clock=self.clock, exchange_id=exchange_id, fees=fees, fill_model=fill_model)
-        for asset, amount in (balances or {}).items():
-            self.venue.deposit(account, asset, amount)
-        self.engine = self.venue.engine
-        self._base_model = self.engine.fill_model
-        self._adapter = StreamingPaperAdapter(self.venue, account)
-        self._adapter.pump = self.settle
-        self._stream: asyncio.Queue[UserEvent] = asyncio.Queue()
-        self.venue.user_queues[account].append(self._stream)
-        self.on_user_event = on_user_event
+        self.simulated = SimulatedVenue(
+            instruments,
+            clock=self.clock,
+            account=account,
+            exchange_id=exchange_id,
+            balances=balances,
+            fees=fees,
+            fill_model=fill_model,
+            on_user_event=on_user_event,
+        )
+        self.venue = self.simulated.venue
+        self.engine = self.simulated.engine
 
     @classmethod
     def from_config(cls, config: PipelineConfig, account: str, **kwargs: Any) -> PaperDriver:
@@ -156,8 +159,16 @@ class PaperDriver:
         )
 
     @property
+    def on_user_event(self) -> UserEventHandler | None:
+        return self.simulated.on_user_event
+
+    @on_user_event.setter
+    def on_user_event(self, handler: UserEventHandler | None) -> None:
+        self.simulated.on_user_event = handler
+
+    @property
     def adapter(self) -> ExchangeAdapter:
-        return self._adapter
+        return self.simulated.adapter
 
     def now(self) -> datetime:
         return self.clock.now
@@ -170,97 +181,22 @@ class PaperDriver:
 
     async def open(self, bar: Bar) -> None:
         self.clock.now = bar.ts
-        share = self._base_model.bar_volume_share
-        if share is not None:  # the liquidity an arriving order can take: share x this bar's volume
-            step = self.engine.instrument(bar.symbol).step_size
-            self.engine.fill_model = dataclasses.replace(
-                self._base_model,
-                synthetic_level_quantity=max(bar.volume * share / self._base_model.synthetic_levels, step),
-            )
-        self.venue.dispatch(self.engine.on_trade(bar.symbol, bar.open, Decimal(0)))
-        await self.settle()
+        self.simulated.step.open(bar.symbol, bar.open, bar.volume)
+        await self.simulated.settle()
 
     async def path(self, bar: Bar) -> None:
         self.clock.now = bar.close_time
-        self.venue.dispatch(self.engine.on_bar(bar.symbol, bar.open, bar.high, bar.low, bar.close, bar.volume))
-        await self.settle()
-        expired = self.engine.advance()
-        if expired.order_updates:
-            self.venue.dispatch(expired)
-            await self.settle()
+        step = self.simulated.step
+        step.path(bar.symbol, bar.open, bar.high, bar.low, bar.close, bar.volume)
+        await self.simulated.settle()
+        if step.expire():
+            await self.simulated.settle()
 
     async def settle(self) -> None:
-        stream = self._stream
-        handler = self.on_user_event
-        while not stream.empty():
-            event = stream.get_nowait()
-            if handler is not None:
-                await handler(event)
+        await self.simulated.settle()
 
     def untrusted(self) -> Exception | None:
         return None  # in-process: the OMS sees every event of the venue as it happens
-
-
-# --- the order store, observed ----------------------------------------------------------------------
-
-Listener = Callable[[Order, OrderEvent | None], None]
-
-
-class ListeningStore:
-    """Any ``OrderStoreProtocol`` (the PostgreSQL ``OrderStore``), telling ``listener`` about every stored
-    order change (``NotifyingMemoryStore`` does the same for the in-memory store)."""
-
-    def __init__(self, inner: OrderStoreProtocol, listener: Listener) -> None:
-        self.inner = inner
-        self._listener = listener
-
-    def insert_order(
-        self,
-        order: Order,
-        event: OrderEvent | None = None,
-        *,
-        emulated: bool = False,
-        parent_client_order_id: str | None = None,
-        order_list_id: str | None = None,
-    ) -> bool:
-        inserted = self.inner.insert_order(
-            order, event, emulated=emulated, parent_client_order_id=parent_client_order_id, order_list_id=order_list_id
-        )
-        if inserted:
-            self._listener(order, event)
-        return inserted
-
-    def append_event(self, order: Order, event: OrderEvent) -> int | None:
-        seq = self.inner.append_event(order, event)
-        self._listener(order, event)
-        return seq
-
-    def record_note(self, order: Order, kind: str, ts: datetime, payload: Mapping[str, Any]) -> int:
-        return self.inner.record_note(order, kind, ts, payload)
-
-    def record_fill(self, fill: Fill, account: str, strategy: str | None) -> bool:
-        return self.inner.record_fill(fill, account, strategy)
-
-    def get(self, client_order_id: str) -> Order | None:
-        return self.inner.get(client_order_id)
-
-    def load_open(self, account: str | None = None, *, include_emulated: bool = True) -> list[Order]:
-        return self.inner.load_open(account, include_emulated=include_emulated)
-
-    def is_emulated(self, client_order_id: str) -> bool:
-        return self.inner.is_emulated(client_order_id)
-
-    def count_children(self, parent_client_order_id: str) -> int:
-        return self.inner.count_children(parent_client_order_id)
-
-    def order_row(self, client_order_id: str) -> dict[str, Any] | None:
-        return self.inner.order_row(client_order_id)
-
-    def events_of(self, client_order_id: str) -> list[dict[str, Any]]:
-        return self.inner.events_of(client_order_id)
-
-    def fills_of(self, client_order_id: str) -> list[dict[str, Any]]:
-        return self.inner.fills_of(client_order_id)
 
 
 class _KillSwitchView:
@@ -417,9 +353,7 @@ class ExecutionService:
         self._log = logger or log
         self._changes: list[tuple[Order, OrderEvent | None]] = []
         self._recover = store is not None
-        self.store: Any = (
-            NotifyingMemoryStore(self._on_stored) if store is None else ListeningStore(store, self._on_stored)
-        )
+        self.store = NotifyingOrderStore(self._on_stored, store)
         self._instruments = {(i.exchange, i.symbol): i for a in config.account_names() for i in config.instruments(a)}
         self.lanes: dict[str, _Lane] = {}
         for account, driver in drivers.items():

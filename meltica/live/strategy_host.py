@@ -42,7 +42,6 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from meltica.backtest.context import OrderTrackingContext
-from meltica.backtest.intents import ManualClock
 from meltica.domain import Bar, Instrument, OrderFilled, OrderIntent, OrderRejected, Side
 from meltica.errors import ConfigurationError, InvalidOrderError
 from meltica.live.config import PipelineConfig, StrategyInstanceConfig
@@ -64,6 +63,7 @@ from meltica.messaging.schemas import (
     VenueProgress,
 )
 from meltica.portfolio import Portfolio
+from meltica.sim.clock import ManualClock
 from meltica.strategies import Strategy, build_strategy, get_strategy
 from meltica.strategies.base import OrderList, OrderListKind
 

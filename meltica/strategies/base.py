@@ -3,8 +3,9 @@
 A strategy never talks to a venue, a database, Kafka or the wall clock. Everything it may do goes
 through the ``StrategyContext`` it receives in ``__init__``: read the simulated or real clock, read its
 positions and open orders, submit / amend / cancel intents, set timers, keep persisted state, log. The
-backtest engine, the paper runner (``meltica.backtest.simulation.PaperContext``) and the live Faust
-agent each implement the context; the strategy code is the same in all three.
+backtest (``meltica.backtest.context.BacktestContext``) and the live pipeline's strategy host
+(``meltica.live.strategy_host.LiveStrategyContext``, paper and live) implement the context; the strategy
+code is the same in both.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class OrderList:
 
 @runtime_checkable
 class StrategyContext(Protocol):
-    """What a strategy can see and do. Implemented by the backtest engine, ``PaperContext`` and live.
+    """What a strategy can see and do. Implemented by the backtest's context and the live strategy host's.
 
     Ordering rules every implementation keeps (so the same strategy behaves the same everywhere):
 

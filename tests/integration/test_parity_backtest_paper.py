@@ -1,8 +1,10 @@
-"""Parity: the backtester (OMS + risk + emulator over the paper venue) and the paper exchange driven bar by
-bar (``PaperContext``) produce the same orders and fills on the same recorded data (DESIGN.md §2)."""
+"""Parity: the backtester (OMS + risk + emulator over the paper venue) and the paper venue driven bar by bar
+through the live pipeline in lock-step (``meltica paper``'s path: strategy host → risk stage → execution
+over ``PaperDriver``) produce the same orders and fills on the same recorded data (DESIGN.md §2)."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import itertools
 from decimal import Decimal as D
@@ -12,9 +14,8 @@ from typing import Any
 import pytest
 
 from meltica.backtest import BacktestConfig, BarSeries, run_backtest
-from meltica.backtest.engine import build_context
-from meltica.backtest.simulation import PaperContext
-from meltica.strategies import build_strategy
+from meltica.live.bus import InMemoryBus
+from tests.unit.test_live_parity import collect, fills_of, pipeline, replay
 
 DATA = Path(__file__).resolve().parents[2] / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
 SYMBOL = "BTC/USDT:USDT"
@@ -48,35 +49,23 @@ def test_backtest_and_paper_exchange_give_the_same_orders_and_fills(
         **extra,
     )
     result = run_backtest(config, series)
+    bars = list(series.bars())
 
-    # The same venue set-up, driven bar by bar through the reference context.
-    reference = build_context(config, series.ts[0])
-    paper = PaperContext.create(
-        reference.venue.instruments.values(),
-        start=series.ts[0],
-        balances=config.balances(),
-        account=config.account,
-        instance_id=config.strategy_instance,
-        exchange_id=config.exchange,
-        fees=config.fees(),
-        fill_model=config.fill_model(),
-    )
-    strategy = build_strategy(name, params, paper)
-    paper.attach(strategy)
-    paper.start()
-    paper.run_bars(series.bars())
-    paper.stop()
+    # The same venue set-up, driven bar by bar through the paper run's pipeline.
+    async def main() -> InMemoryBus:
+        bus = InMemoryBus(pipeline(config))
+        async with bus:
+            await replay(bus, config, bars)
+        return bus
 
+    collector = collect(config, asyncio.run(main()))
+    assert collector.ended
     assert len(result.fills) > 10
-    backtest_fills = [(f.client_order_id, f.side, f.price, f.quantity, f.fee, f.ts) for f in result.fills]
-    paper_fills = [(f.client_order_id, f.side, f.price, f.quantity, f.fee, f.ts) for f in paper.fills]
-    assert backtest_fills == paper_fills
-    sent = [a.client_order_id for a in paper.actions if a.kind == "submit"]
-    assert [o.client_order_id for o in result.orders] == sent
-    final = {o.client_order_id: (o.status, o.filled_quantity) for o in result.orders}
-    paper_final = {}
-    for order in [*paper.rejections, *paper.open_orders()]:
-        status = order.status.value if order.status.is_terminal else "open_at_end"  # as the result marks it
-        paper_final[order.client_order_id] = (status, order.filled_quantity)
-    for coid, state in paper_final.items():
-        assert final[coid] == state
+    assert fills_of(collector.fills) == fills_of(result.fills)
+    assert [o.client_order_id for o in result.orders] == list(collector.orders)  # sent in the same order
+    paper_final = {
+        # an order still open when the data ended: as the backtest's result marks it
+        coid: (order.status.value if order.status.is_terminal else "open_at_end", order.filled_quantity)
+        for coid, order in collector.orders.items()
+    }
+    assert paper_final == {o.client_order_id: (o.status, o.filled_quantity) for o in result.orders}

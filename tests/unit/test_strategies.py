@@ -1,4 +1,5 @@
-"""Strategies through PaperContext on real BTC perpetual 1m bars; registry; the context's contract."""
+"""Strategies through the backtest's context (the real OMS over the paper venue, ``BacktestContext``) on real
+BTC perpetual 1m bars; registry; the context's contract."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import Any, ClassVar
 
 import pytest
 
-from meltica.backtest.simulation import PaperContext
-from meltica.domain import Bar, Fill, Instrument, Order, OrderStatus, OrderType, Side, TimeInForce
-from meltica.errors import ConfigurationError, InvalidOrderError
+from meltica.backtest.context import BacktestContext
+from meltica.backtest.engine import run_bars
+from meltica.domain import Bar, Fill, Instrument, Order, OrderIntent, OrderStatus, OrderType, Side, TimeInForce
+from meltica.errors import ConfigurationError
 from meltica.strategies import (
     Strategy,
     StrategyContext,
@@ -70,13 +72,24 @@ def load_bars(n: int, skip: int = 0) -> list[Bar]:
 BARS = load_bars(3000)
 
 
-def make_ctx(instance_id: str = "s1", balances: dict[str, D] | None = None) -> PaperContext:
-    return PaperContext.create(
+def make_ctx(instance_id: str = "s1", balances: dict[str, D] | None = None) -> BacktestContext:
+    return BacktestContext(
         [INSTRUMENT],
         start=BARS[0].ts,
         balances=balances or {"USDT": D(100_000), "BTC": D(1)},
+        account="paper",
         instance_id=instance_id,
     )
+
+
+def intents(ctx: BacktestContext) -> list[OrderIntent]:
+    """Every order the instance asked for (amendments' replacements included), in the order asked."""
+    return [o.intent for o in ctx.orders.values()]
+
+
+def balances(ctx: BacktestContext) -> dict[str, tuple[D, D]]:
+    """(free, locked) per asset of the context's account on the paper venue."""
+    return {a: (b.free, b.locked) for a, b in ctx.engine.ledger.balances(ctx.account).items()}
 
 
 BUILTINS: list[tuple[str, dict[str, Any]]] = [
@@ -91,13 +104,11 @@ BUILTINS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def run(name: str, params: dict[str, Any], bars: list[Bar], ctx: PaperContext | None = None) -> PaperContext:
+def run(name: str, params: dict[str, Any], bars: list[Bar], ctx: BacktestContext | None = None) -> BacktestContext:
     ctx = ctx or make_ctx(name)
     strategy = build_strategy(name, params, ctx)
     ctx.attach(strategy)
-    ctx.start()
-    ctx.run_bars(bars)
-    ctx.stop()
+    run_bars(ctx, bars)
     return ctx
 
 
@@ -106,15 +117,17 @@ def test_builtin_trades_real_data_without_invalid_intents_or_negative_balances(
     name: str, params: dict[str, Any]
 ) -> None:
     ctx = run(name, params, BARS)
-    submits = [a for a in ctx.actions if a.kind == "submit"]
+    submits = intents(ctx)
     assert len(submits) >= 5, "the strategy placed (almost) no orders on 3000 real bars"
     assert ctx.fills, "nothing filled"
     assert ctx.rejections == [], [r.reason for r in ctx.rejections]
-    for asset, (free, locked) in ctx.balances().items():
+    for asset, (free, locked) in balances(ctx).items():
         assert free >= 0, asset
         assert locked >= 0, asset
-    # Client order ids derive from deterministic intent ids "<instance>:<seq>", seq counting from 1.
-    assert [a.intent.intent_id for a in submits if a.intent][:3] == [f"{name}:1", f"{name}:2", f"{name}:3"]
+    # Client order ids derive from deterministic intent ids "<instance>:<seq>", seq counting from 1 (an
+    # amendment's replacement is named after the order it replaces: "<intent id>~a<n>").
+    asked = [i.intent_id for i in submits if "~" not in i.intent_id]
+    assert asked[:3] == [f"{name}:1", f"{name}:2", f"{name}:3"]
 
 
 @pytest.mark.parametrize(("name", "params"), BUILTINS)
@@ -125,17 +138,15 @@ def test_snapshot_restore_mid_run_continues_identically(name: str, params: dict[
     ctx = make_ctx(name)
     first = build_strategy(name, params, ctx)
     ctx.attach(first)
-    ctx.start()
-    ctx.run_bars(bars[:1234])
+    run_bars(ctx, bars[:1234], stop=False)
     saved = json.loads(json.dumps(first.snapshot_state()))  # must survive JSON
     # The process restarts: a new instance, restored, on the same venue/OMS state.
     second = build_strategy(name, params, ctx)
     second.restore_state(saved)
     ctx.attach(second)
-    ctx.run_bars(bars[1234:])
-    ctx.stop()
+    run_bars(ctx, bars[1234:], start=False)
 
-    assert ctx.actions == reference.actions
+    assert ctx.orders == reference.orders
     assert ctx.fills == reference.fills
 
 
@@ -145,30 +156,29 @@ def test_restore_matters_a_fresh_instance_diverges() -> None:
     reference = run("momentum", params, bars)
     ctx = make_ctx("momentum")
     ctx.attach(build_strategy("momentum", params, ctx))
-    ctx.start()
-    ctx.run_bars(bars[:700])
+    run_bars(ctx, bars[:700], stop=False)
     ctx.attach(build_strategy("momentum", params, ctx))  # no restore: indicators start over
-    ctx.run_bars(bars[700:])
-    assert ctx.actions != reference.actions
+    run_bars(ctx, bars[700:], start=False)
+    assert ctx.orders != reference.orders
 
 
 def test_market_maker_quotes_post_only_two_sided_and_respects_max_inventory() -> None:
     params = {"symbol": SYMBOL, "quantity": "0.01", "max_inventory": "0.03"}
     ctx = run("market_making", params, BARS[:1500])
-    intents = [a.intent for a in ctx.actions if a.intent is not None]
-    assert all(i.post_only and i.type is OrderType.LIMIT for i in intents)
-    assert {i.side for i in intents} == {Side.BUY, Side.SELL}
+    quotes = intents(ctx)
+    assert all(i.post_only and i.type is OrderType.LIMIT for i in quotes)
+    assert {i.side for i in quotes} == {Side.BUY, Side.SELL}
     position = D(0)
     for fill in ctx.fills:
         position += fill.quantity * fill.side.sign
         assert abs(position) <= D("0.03")
-    assert any(a.kind == "cancel" for a in ctx.actions)  # cancel/replace on moves
+    assert any(o.status is OrderStatus.CANCELLED for o in ctx.orders.values())  # cancel/replace on moves
     assert ctx.open_orders() == []  # on_stop cancels the quotes
 
 
 def test_momentum_stop_is_a_stop_order_below_the_entry() -> None:
     ctx = run("momentum", {"symbol": SYMBOL, "stop": "atr"}, BARS[:1500])
-    stops = [a.intent for a in ctx.actions if a.intent is not None and a.intent.type is OrderType.STOP_MARKET]
+    stops = [i for i in intents(ctx) if i.type is OrderType.STOP_MARKET]
     assert stops
     assert all(s.side is Side.SELL and s.trigger_price is not None for s in stops)  # long-only: stops sell
 
@@ -180,7 +190,7 @@ def test_long_only_builtins_on_a_mostly_quote_account() -> None:
         ctx = make_ctx(name, balances={"USDT": D(50_000), "BTC": D("0.002")})
         run(name, {"symbol": SYMBOL}, BARS[:2000], ctx)
         assert ctx.rejections == []
-        assert all(free >= 0 and locked >= 0 for free, locked in ctx.balances().values())
+        assert all(free >= 0 and locked >= 0 for free, locked in balances(ctx).values())
 
 
 # --- registry and parameters ----------------------------------------------------------------------
@@ -280,19 +290,30 @@ class Script(Strategy[ScriptParams]):
         self._enter("timer", (name, ts))
 
 
-def run_script(script: dict[int, Any], bars: list[Bar] | None = None) -> tuple[PaperContext, Script]:
+def run_script(script: dict[int, Any], bars: list[Bar] | None = None) -> tuple[BacktestContext, Script]:
     Script.script = script
     ctx = make_ctx("t")
     strategy = build_strategy("test_script", {}, ctx)
     assert isinstance(strategy, Script)
     ctx.attach(strategy)
-    ctx.start()
-    ctx.run_bars(bars or BARS[:60])
+    run_bars(ctx, bars or BARS[:60], stop=False)
     return ctx, strategy
 
 
 def orders_of(strategy: Script, coid: str) -> list[Order]:
     return [o for kind, o in strategy.events if kind == "order" and o.client_order_id == coid]
+
+
+def children_of(ctx: BacktestContext, coid: str) -> list[Order]:
+    """The orders the local order emulation sent for ``coid`` (an order list's leg it held), in order."""
+    return [o for c, o in ctx.orders.items() if (ctx.store.order_row(c) or {}).get("parent_client_order_id") == coid]
+
+
+def venue_status(ctx: BacktestContext, coid: str) -> OrderStatus:
+    """What became of an order at the venue: its own status, or — for a leg the local order emulation held
+    and sent as a child order — its last child's."""
+    children = children_of(ctx, coid)
+    return (children[-1] if children else ctx.orders[coid]).status
 
 
 def test_market_order_fill_updates_position_and_arrives_after_the_callback() -> None:
@@ -306,9 +327,8 @@ def test_market_order_fill_updates_position_and_arrives_after_the_callback() -> 
     statuses = [o.status for o in orders_of(s, ids["a"])]
     assert statuses[-1] is OrderStatus.FILLED
     assert ctx.position(SYMBOL).quantity == D("0.01")
-    assert ids["a"] == ctx.actions[0].client_order_id
-    assert ctx.actions[0].intent is not None
-    assert ctx.actions[0].intent.intent_id == "t:1"
+    assert ids["a"] == next(iter(ctx.orders))
+    assert ctx.orders[ids["a"]].intent.intent_id == "t:1"
 
 
 def test_advanced_order_types_pass_through() -> None:
@@ -337,19 +357,20 @@ def test_advanced_order_types_pass_through() -> None:
     assert {ids["iceberg"], ids["stop_limit"], ids["post"]} <= open_ids
 
 
-def test_invalid_intent_raises_and_venue_rejection_is_reported() -> None:
+def test_invalid_intent_is_refused_before_the_venue_and_venue_rejection_is_reported() -> None:
     ids: dict[str, str] = {}
 
     def bad(ctx: StrategyContext, s: Script) -> None:
-        with pytest.raises(InvalidOrderError):
-            ctx.buy(SYMBOL, D("0.01"), type=OrderType.LIMIT)  # a limit without a price
-        with pytest.raises(InvalidOrderError):
-            ctx.buy(SYMBOL, D("0.0001"))  # rounds to zero quantity
+        ids["no_price"] = ctx.buy(SYMBOL, D("0.01"), type=OrderType.LIMIT)  # a limit without a price
+        ids["zero"] = ctx.buy(SYMBOL, D("0.0001"))  # rounds to zero quantity
         ids["big"] = ctx.buy(SYMBOL, D("100"))  # more than the account can pay
         ids["taker"] = ctx.buy(SYMBOL, D("0.01"), price=BARS[0].close * 2, post_only=True)  # would take
 
     ctx, s = run_script({0: bad}, BARS[:3])
-    assert {o.client_order_id for o in ctx.rejections} == {ids["big"], ids["taker"]}
+    # A backtest refuses an impossible order at once (rejected INVALID_INTENT, never sent) and carries on.
+    assert {i.client_order_id for i in ctx.invalid_intents} == {ids["no_price"], ids["zero"]}
+    assert ctx.engine.open_orders(ctx.account) == []
+    assert {o.client_order_id for o in ctx.rejections} == {ids["no_price"], ids["zero"], ids["big"], ids["taker"]}
     assert orders_of(s, ids["big"])[-1].status is OrderStatus.REJECTED
 
 
@@ -395,15 +416,22 @@ def test_bracket_submits_exits_after_entry_then_oco_cancels_sibling() -> None:
             take_profit_price=last * D("1.002"),
             stop_price=last * D("0.9"),
         )
-        held = [o for o in ctx.open_orders() if o.status is OrderStatus.NEW]
-        result["held"] = len(held)
+        entry = result["list"].client_order_ids[0]
+        result["held"] = len([o for o in ctx.open_orders() if o.client_order_id != entry])
 
     ctx, s = run_script({0: bracket}, BARS[:400])
     entry, tp, sl = result["list"].client_order_ids
-    assert result["held"] == 2  # exits are held until the entry fills
-    assert orders_of(s, entry)[-1].status is OrderStatus.FILLED
-    assert orders_of(s, tp)[-1].status is OrderStatus.FILLED  # +0.2 % was reached in 400 minutes
-    assert orders_of(s, sl)[-1].status is OrderStatus.CANCELLED
+    assert result["held"] == 2  # the exits are visible at once …
+    # … and held (by the local order emulation) until the entry fills: neither reaches the venue before it.
+    events = [(o.client_order_id, o.status) for kind, o in s.events if kind == "order"]
+    sent_exits = {o.client_order_id for o in children_of(ctx, tp) + children_of(ctx, sl)}
+    first_exit_sent = min(i for i, (coid, _) in enumerate(events) if coid in sent_exits)
+    assert first_exit_sent > events.index((entry, OrderStatus.FILLED))
+    assert venue_status(ctx, entry) is OrderStatus.FILLED
+    assert venue_status(ctx, tp) is OrderStatus.FILLED  # +0.2 % was reached in 400 minutes
+    # the stop: cancelled by its OCO sibling's fill before it was ever sent
+    assert children_of(ctx, sl) == []
+    assert ctx.emulator.orders() == []
     assert ctx.position(SYMBOL).quantity == 0
 
 
@@ -421,10 +449,10 @@ def test_oco_and_timers() -> None:
             SYMBOL, Side.SELL, D("0.01"), take_profit_price=last * D("1.5"), stop_price=last * D("0.999")
         )
 
-    _ctx, s = run_script({0: start, 1: oco}, BARS[:120])
+    ctx, s = run_script({0: start, 1: oco}, BARS[:120])
     tp, sl = result["list"].client_order_ids
-    assert orders_of(s, sl)[-1].status is OrderStatus.FILLED
-    assert orders_of(s, tp)[-1].status is OrderStatus.CANCELLED
+    assert venue_status(ctx, sl) is OrderStatus.FILLED
+    assert venue_status(ctx, tp) is OrderStatus.CANCELLED
     timers = [item for kind, item in s.events if kind == "timer"]
     assert [name for name, _ in timers].count("once") == 1
     every = [ts for name, ts in timers if name == "every5"]
