@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from meltica.sim.clock import ManualClock as SimulationClock
+
 DEFAULT_START = datetime(2024, 1, 1, tzinfo=UTC)
 
 
-class ManualClock:
-    """``clock()`` returns ``now``; ``tick`` (when given) moves it forward *before* each reading, for code
-    that must see time pass between two calls (e.g. a credential's created/rotated stamps)."""
+class ManualClock(SimulationClock):
+    """The simulation's clock (``meltica.sim.clock``) with a default start, a check that times are aware, an
+    ``advance`` and an optional ``tick`` that moves it forward *before* each reading, for code that must see
+    time pass between two calls (e.g. a credential's created/rotated stamps)."""
 
     def __init__(self, now: datetime = DEFAULT_START, *, tick: timedelta | None = None) -> None:
         if now.tzinfo is None:
             raise ValueError("a test clock reads aware UTC times")
-        self.now = now
+        super().__init__(now)
         self.tick = tick
 
     def __call__(self) -> datetime:
