@@ -1,6 +1,8 @@
 """The risk engine: every order intent passes ``RiskEngine.check`` before it can reach a venue.
 
-Pre-trade checks, in the order they are applied (the first failing one names the rejection):
+Pre-trade checks, in the order they are applied (the first failing one names the rejection). Every
+level's limit is checked (``meltica.risk.limits``): the account's on the account, then a strategy's on
+the strategy, then a symbol's on the account's orders in the symbol; per-order limits: the tightest.
 
 ==================  ============================================================================
 rule                what
@@ -12,9 +14,9 @@ reference_price     a market order needs a last trade / mid to be valued when no
 max_order_quantity  order quantity
 max_order_notional  order quantity x price (x contract size)
 price_band_bps      limit price vs mid (bid and ask known) or last trade: the fat-finger guard
-max_open_orders     open orders (approved, not yet closed) in the limit's scope
+max_open_orders     open orders (approved, not yet closed) in each limit's scope
 orders_per_minute   approved orders in the sliding 60 s window of the injected clock
-max_position_notional  worst-case position in the symbol (per venue)
+max_position_notional  worst-case position in the symbol (per venue): the account's, a strategy's
 max_gross_exposure  account: sum over symbols and venues of |worst-case position| x price
 max_net_exposure    account: |sum of signed worst-case position x price|
 ==================  ============================================================================
@@ -216,19 +218,14 @@ class _Route:
         "instrument",
         "limits",
         "market",
-        "max_open",
         "max_qty",
         "needs_price",
         "net",
         "notional",
-        "open_counter",
-        "open_scope",
-        "pos_leg",
-        "position",
-        "rate",
-        "rate_counter",
+        "open_checks",
+        "position_checks",
+        "rate_checks",
         "rate_counters",
-        "rate_scope",
         "strat_counter",
         "strat_leg",
         "strategy",
@@ -250,17 +247,14 @@ class _Route:
     acct_counter: _Counter
     strat_counter: _Counter
     sym_counter: _Counter
-    open_counter: _Counter
-    rate_counter: _Counter
     rate_counters: tuple[_Counter, ...]
-    open_scope: str
-    rate_scope: str
     max_qty: Limit | None
     notional: Limit | None
     band: Limit | None
-    max_open: Limit | None
-    rate: Limit | None
-    position: Limit | None
+    # every level's measured limit with what it is measured on: (limit, counter or leg, whose, in words)
+    open_checks: tuple[tuple[Limit, _Counter, str], ...]
+    rate_checks: tuple[tuple[Limit, _Counter, str], ...]
+    position_checks: tuple[tuple[Limit, _Leg, str], ...]
     gross: Limit | None
     net: Limit | None
     needs_price: bool
@@ -493,9 +487,8 @@ class RiskEngine:
                     f"limit price {price} is {bps} bps from the {market.ref_kind} {ref}",
                 )
 
-        lim = route.max_open
-        if lim is not None:
-            n = route.open_counter.open
+        for lim, counter, whose in route.open_checks:
+            n = counter.open
             if n >= lim.value:
                 return self._limit_reject(
                     intent,
@@ -503,11 +496,10 @@ class RiskEngine:
                     lim,
                     "max_open_orders",
                     Decimal(n + 1),
-                    f"{n} orders already open for {route.open_scope}; this would be {n + 1}",
+                    f"{n} orders already open for {whose}; this would be {n + 1}",
                 )
-        lim = route.rate
-        if lim is not None:
-            times = route.rate_counter.times
+        for lim, counter, whose in route.rate_checks:
+            times = counter.times
             cutoff = now - _WINDOW
             while times and times[0] <= cutoff:
                 times.popleft()
@@ -519,7 +511,7 @@ class RiskEngine:
                     lim,
                     "orders_per_minute",
                     Decimal(n + 1),
-                    f"{n} orders approved in the last 60 s for {route.rate_scope}; this would be {n + 1}",
+                    f"{n} orders approved in the last 60 s for {whose}; this would be {n + 1}",
                 )
 
         # worst-case position and exposure. An intent only moves one side of the worst case (a buy:
@@ -529,9 +521,7 @@ class RiskEngine:
         if pxm is None and order_px is not None:
             pxm = order_px * market.mult
         if pxm is not None:
-            lim = route.position
-            if lim is not None:
-                leg = route.pos_leg
+            for lim, leg, owner in route.position_checks:
                 if buy:
                     worst = leg.pos + leg.buy + qty
                     grows = worst > leg.sell - leg.pos
@@ -539,7 +529,6 @@ class RiskEngine:
                     worst = leg.pos - leg.sell - qty
                     grows = -worst > leg.pos + leg.buy
                 if grows and abs(worst) * pxm > lim.value:
-                    owner = f"strategy {route.strategy}" if lim.scope == "strategy" else f"account {route.account}"
                     return self._limit_reject(
                         intent,
                         now,
@@ -1347,20 +1336,24 @@ class RiskEngine:
         r.max_qty = limits.max_order_quantity
         r.notional = limits.max_order_notional
         r.band = limits.price_band_bps
-        r.max_open = limits.max_open_orders
-        r.rate = limits.orders_per_minute
-        r.position = limits.max_position_notional
         r.gross = limits.max_gross_exposure
         r.net = limits.max_net_exposure
-        r.open_counter, r.open_scope = scoped[r.max_open.scope if r.max_open is not None else "account"]
-        r.rate_counter, r.rate_scope = scoped[r.rate.scope if r.rate is not None else "account"]
+        r.open_checks = tuple((lim, *scoped[lim.scope]) for lim in limits.max_open_orders)
+        r.rate_checks = tuple((lim, *scoped[lim.scope]) for lim in limits.orders_per_minute)
         r.rate_counters = tuple(
             scoped[scope][0] for scope in ("account", "strategy", "symbol") if scope in self._rate_scopes
         )
-        r.pos_leg = strat_leg if r.position is not None and r.position.scope == "strategy" else acct_leg
+        r.position_checks = tuple(
+            (lim, strat_leg, f"strategy {strategy}")
+            if lim.scope == "strategy"
+            else (lim, acct_leg, f"account {account}")
+            for lim in limits.max_position_notional
+        )
         inst = r.instrument
-        r.needs_price = any(x is not None for x in (r.notional, r.position, r.gross, r.net)) or (
-            inst is not None and (inst.min_notional is not None or inst.max_notional is not None)
+        r.needs_price = (
+            any(x is not None for x in (r.notional, r.gross, r.net))
+            or bool(r.position_checks)
+            or (inst is not None and (inst.min_notional is not None or inst.max_notional is not None))
         )
         self._routes[key] = r
         self._accounts.add(account)
