@@ -115,7 +115,8 @@ def _percent_below_100(value: Decimal | None) -> Decimal | None:
 
 
 class SymbolRiskLimits(_Section):
-    """Limits that can be set per symbol (``risk.symbols.<symbol>``); unset fields inherit."""
+    """Limits that can be set per symbol (``risk.symbols.<symbol>``): checked in addition to the account's,
+    on the account's orders in that symbol, so they can only tighten; an unset field adds no limit."""
 
     max_order_quantity: PositiveDecimal | None = Field(default=None, description="base quantity (contracts) per order")
     max_order_notional: PositiveDecimal | None = None
@@ -132,8 +133,9 @@ class SymbolRiskLimits(_Section):
 
 
 class StrategyRiskLimits(SymbolRiskLimits):
-    """Limits that can be set per strategy (``risk.strategies.<name>``). A limit set here is measured on
-    the strategy's own orders and positions (position, open orders, order rate)."""
+    """Limits that can be set per strategy (``risk.strategies.<name>``): checked in addition to the
+    account's, on the strategy's own orders and positions in the account (position, open orders, order
+    rate), so they can only tighten; an unset field adds no limit."""
 
     strategy_loss_limit: PositiveDecimal | None = Field(
         default=None, description="daily loss of one strategy (realized + unrealized), as a positive amount"
@@ -142,7 +144,8 @@ class StrategyRiskLimits(SymbolRiskLimits):
 
 
 class AccountRiskLimits(StrategyRiskLimits):
-    """Limits that can be set per account (``risk.accounts.<name>``)."""
+    """Limits that can be set per account (``risk.accounts.<name>``): a field set here replaces the default
+    for that account, and is checked on the whole account."""
 
     max_gross_exposure: PositiveDecimal | None = Field(
         default=None, description="sum of |worst-case position| x price over every symbol and venue of the account"
@@ -164,21 +167,31 @@ class AccountRiskLimits(StrategyRiskLimits):
 class RiskLimits(AccountRiskLimits):
     """Risk limits, in quote currency unless named otherwise. ``None`` means no limit.
 
-    The top-level values are the defaults; ``accounts``, ``strategies`` and ``symbols`` override them
-    field by field, the most specific winning: defaults < account < strategy < symbol
+    The top-level values are the defaults of every account; ``accounts.<a>`` replaces them field by field
+    for one account. That account level is checked on the whole account; ``strategies.<s>`` and
+    ``symbols.<sym>`` are checked in addition (on the strategy's orders and positions in the account; on
+    the account's orders in the symbol), so a more specific level can only tighten, never loosen. Per-order
+    limits (quantity, notional, price band) and ``strategy_loss_limit``: the tightest level applies
     (``max_position_notional_by_symbol`` is the older spelling of ``symbols.<s>.max_position_notional``).
+    See ``meltica.risk.limits``.
     """
 
     max_position_notional_by_symbol: dict[str, PositiveDecimal] = Field(
-        default_factory=dict, description="per-symbol overrides of max_position_notional"
+        default_factory=dict, description="per-symbol max_position_notional, checked in addition to the account's"
     )
     breach_action: BreachAction = Field(
         default="halt", description="kill-switch mode a post-trade breach engages: halt | reduce_only"
     )
     daily_reset_utc: str = Field(default="00:00", description="HH:MM (UTC) at which the daily loss counters reset")
-    accounts: dict[str, AccountRiskLimits] = Field(default_factory=dict, description="overrides per account name")
-    strategies: dict[str, StrategyRiskLimits] = Field(default_factory=dict, description="overrides per strategy")
-    symbols: dict[str, SymbolRiskLimits] = Field(default_factory=dict, description="overrides per symbol")
+    accounts: dict[str, AccountRiskLimits] = Field(
+        default_factory=dict, description="per account name: replace the defaults for that account"
+    )
+    strategies: dict[str, StrategyRiskLimits] = Field(
+        default_factory=dict, description="per strategy: checked in addition to the account's (only tighten)"
+    )
+    symbols: dict[str, SymbolRiskLimits] = Field(
+        default_factory=dict, description="per symbol: checked in addition to the account's (only tighten)"
+    )
 
     @field_validator("daily_reset_utc")
     @classmethod
@@ -204,10 +217,15 @@ class RiskLimits(AccountRiskLimits):
         return value
 
     def position_limit(self, symbol: str) -> Decimal | None:
+        """The position limit in ``symbol`` of an account without its own: the tightest of the default
+        and the symbol's."""
         override = self.symbols.get(symbol)
-        if override is not None and override.max_position_notional is not None:
-            return override.max_position_notional
-        return self.max_position_notional_by_symbol.get(symbol, self.max_position_notional)
+        candidates = (
+            self.max_position_notional,
+            self.max_position_notional_by_symbol.get(symbol),
+            None if override is None else override.max_position_notional,
+        )
+        return min((c for c in candidates if c is not None), default=None)
 
 
 LiveStage = Literal["candles", "strategies", "risk", "execution"]

@@ -286,7 +286,7 @@ def account_status(
         gross += abs(worst_value)
         net += worst_value
         snapshot = snapshots.get((exchange, symbol))
-        position_limit = resolve_limits(settings.risk, account, "", symbol).max_position_notional
+        position_limit = resolve_limits(settings.risk, account, "", symbol).on_account("max_position_notional")
         positions.append(
             {
                 "exchange": exchange,
@@ -361,7 +361,7 @@ def account_status(
         "risk": {
             "gross_exposure": _limit_view(limits.max_gross_exposure, gross),
             "net_exposure": _limit_view(limits.max_net_exposure, abs(net)),
-            "open_orders": _limit_view(limits.max_open_orders, Decimal(len(open_rows))),
+            "open_orders": _limit_view(limits.on_account("max_open_orders"), Decimal(len(open_rows))),
             "unpriced_markets": sorted(f"{e}:{s}" for (e, s), m in marks.items() if m is None),
         },
         "kill_switch": {

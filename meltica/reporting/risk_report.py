@@ -470,23 +470,22 @@ def _limit_uses(
     for line in pnl_lines:
         if line.quantity == 0:
             continue
-        lim = resolve_limits(limits, line.account, line.strategy, line.symbol).max_position_notional
-        if lim is None:
-            continue
-        if lim.scope == "strategy":
-            per_market = pf.exposure(account=line.account, strategy=line.strategy).per_market
-            value = abs(sum((v for (_ex, sym), v in per_market.items() if sym == line.symbol), _ZERO))
-        else:
-            value = abs(account_exposure[line.account].per_symbol.get(line.symbol, _ZERO))
-        uses.append(
-            LimitUse(
-                f"position:{line.account}/{line.strategy}/{line.symbol}",
-                "max_position_notional",
-                lim.source,
-                value,
-                lim.value,
+        # every level's position limit: the account's (or symbol's) on the account, a strategy's on it
+        for lim in resolve_limits(limits, line.account, line.strategy, line.symbol).max_position_notional:
+            if lim.scope == "strategy":
+                per_market = pf.exposure(account=line.account, strategy=line.strategy).per_market
+                value = abs(sum((v for (_ex, sym), v in per_market.items() if sym == line.symbol), _ZERO))
+            else:
+                value = abs(account_exposure[line.account].per_symbol.get(line.symbol, _ZERO))
+            uses.append(
+                LimitUse(
+                    f"position:{line.account}/{line.strategy}/{line.symbol}",
+                    "max_position_notional",
+                    lim.source,
+                    value,
+                    lim.value,
+                )
             )
-        )
     return uses
 
 

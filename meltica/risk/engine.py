@@ -1,6 +1,9 @@
 """The risk engine: every order intent passes ``RiskEngine.check`` before it can reach a venue.
 
-Pre-trade checks, in the order they are applied (the first failing one names the rejection):
+Pre-trade checks, in the order they are applied (the first failing one names the rejection), each one
+function ``_check_<rule>`` that returns why it refuses the intent, or ``None``. Every level's limit is
+checked (``meltica.risk.limits``): the account's on the account, then a strategy's on the strategy, then
+a symbol's on the account's orders in the symbol; per-order limits: the tightest.
 
 ==================  ============================================================================
 rule                what
@@ -12,9 +15,9 @@ reference_price     a market order needs a last trade / mid to be valued when no
 max_order_quantity  order quantity
 max_order_notional  order quantity x price (x contract size)
 price_band_bps      limit price vs mid (bid and ask known) or last trade: the fat-finger guard
-max_open_orders     open orders (approved, not yet closed) in the limit's scope
+max_open_orders     open orders (approved, not yet closed) in each limit's scope
 orders_per_minute   approved orders in the sliding 60 s window of the injected clock
-max_position_notional  worst-case position in the symbol (per venue)
+max_position_notional  worst-case position in the symbol (per venue): the account's, a strategy's
 max_gross_exposure  account: sum over symbols and venues of |worst-case position| x price
 max_net_exposure    account: |sum of signed worst-case position x price|
 ==================  ============================================================================
@@ -216,19 +219,14 @@ class _Route:
         "instrument",
         "limits",
         "market",
-        "max_open",
         "max_qty",
         "needs_price",
         "net",
         "notional",
-        "open_counter",
-        "open_scope",
-        "pos_leg",
-        "position",
-        "rate",
-        "rate_counter",
+        "open_checks",
+        "position_checks",
+        "rate_checks",
         "rate_counters",
-        "rate_scope",
         "strat_counter",
         "strat_leg",
         "strategy",
@@ -250,17 +248,14 @@ class _Route:
     acct_counter: _Counter
     strat_counter: _Counter
     sym_counter: _Counter
-    open_counter: _Counter
-    rate_counter: _Counter
     rate_counters: tuple[_Counter, ...]
-    open_scope: str
-    rate_scope: str
     max_qty: Limit | None
     notional: Limit | None
     band: Limit | None
-    max_open: Limit | None
-    rate: Limit | None
-    position: Limit | None
+    # every level's measured limit with what it is measured on: (limit, counter or leg, whose, in words)
+    open_checks: tuple[tuple[Limit, _Counter, str], ...]
+    rate_checks: tuple[tuple[Limit, _Counter, str], ...]
+    position_checks: tuple[tuple[Limit, _Leg, str], ...]
     gross: Limit | None
     net: Limit | None
     needs_price: bool
@@ -383,7 +378,8 @@ class RiskEngine:
     # --- pre-trade -------------------------------------------------------------------------------
 
     def check(self, intent: OrderIntent) -> RiskDecision:
-        """Approve or reject ``intent``; an approval reserves it as an open order (worst case)."""
+        """Approve or reject ``intent``; an approval reserves it as an open order (worst case). The rule
+        checks run in the order of the module docstring's table; the first denial is the decision."""
         now = self._clock()
         if now >= self._next_reset:
             self.new_day(now)
@@ -397,197 +393,35 @@ class RiskEngine:
 
         buy = intent.side is Side.BUY
         qty = intent.quantity
-
-        # kill switch and reduce-only
-        ks = self.kill_switch
-        if ks.active:
-            mode, scope = ks.effective(route.account, route.strategy)
-            if mode is KillSwitchMode.HALT:
-                return self._reject(
-                    intent,
-                    now,
-                    "kill_switch",
-                    f"kill switch halt ({scope}): no new orders",
-                    {"scope": scope, "mode": "halt"},
-                )
-            if mode is KillSwitchMode.REDUCE_ONLY:
-                leg = route.strat_leg if scope.startswith("strategy:") else route.acct_leg
-                problem = _not_reducing(leg, buy, qty)
-                if problem is not None:
-                    return self._reject(
-                        intent,
-                        now,
-                        "kill_switch",
-                        f"kill switch reduce_only ({scope}): {problem}",
-                        {"scope": scope, "mode": "reduce_only"},
-                    )
-        if intent.reduce_only:
-            problem = _not_reducing(route.acct_leg, buy, qty)
-            if problem is not None:
-                return self._reject(intent, now, "reduce_only", f"reduce-only intent: {problem}", {})
-
-        market = route.market
         price = intent.price
+        market = route.market
+        # the order's price for notional checks: its limit, else its trigger, else the market's reference
         order_px = (
             price if price is not None else (intent.trigger_price if intent.trigger_price is not None else market.ref)
         )
-
-        # venue rules
-        inst = route.instrument
-        if inst is None:
-            return self._reject(
-                intent,
-                now,
-                "instrument",
-                f"no instrument known for {route.exchange}:{route.symbol}: "
-                "precision and minimum notional cannot be checked",
-                {},
-            )
-        problem_limit = _instrument_problem(inst, qty, price, order_px)
-        if problem_limit is not None:
-            return self._instrument_reject(intent, now, inst, qty, price, order_px, problem_limit)
-
-        if order_px is None:
-            if route.needs_price:
-                return self._reject(
-                    intent,
-                    now,
-                    "reference_price",
-                    f"no price to value a {intent.type.value} order on {route.exchange}:{route.symbol}: "
-                    "no last trade or mid yet",
-                    {},
-                )
-            order_notional = _ZERO
-        else:
-            order_notional = order_px * qty * market.mult
-
-        lim = route.max_qty
-        if lim is not None and qty > lim.value:
-            return self._limit_reject(intent, now, lim, "max_order_quantity", qty, f"order quantity {qty}")
-        lim = route.notional
-        if lim is not None and order_notional > lim.value:
-            return self._limit_reject(
-                intent, now, lim, "max_order_notional", order_notional, f"order notional {order_notional}"
-            )
-
-        lim = route.band
-        if lim is not None and price is not None:
-            ref = market.ref
-            if ref is None:
-                return self._reject(
-                    intent,
-                    now,
-                    "price_band_bps",
-                    f"no last trade or mid for {route.exchange}:{route.symbol} to check the price band "
-                    f"(price_band_bps {lim.value}, {lim.source})",
-                    {"limit": str(lim.value), "source": lim.source},
-                )
-            if abs(price - ref) * _BPS > lim.value * ref:
-                bps = (abs(price - ref) * _BPS / ref).quantize(Decimal("0.01"))
-                return self._limit_reject(
-                    intent,
-                    now,
-                    lim,
-                    "price_band_bps",
-                    bps,
-                    f"limit price {price} is {bps} bps from the {market.ref_kind} {ref}",
-                )
-
-        lim = route.max_open
-        if lim is not None:
-            n = route.open_counter.open
-            if n >= lim.value:
-                return self._limit_reject(
-                    intent,
-                    now,
-                    lim,
-                    "max_open_orders",
-                    Decimal(n + 1),
-                    f"{n} orders already open for {route.open_scope}; this would be {n + 1}",
-                )
-        lim = route.rate
-        if lim is not None:
-            times = route.rate_counter.times
-            cutoff = now - _WINDOW
-            while times and times[0] <= cutoff:
-                times.popleft()
-            n = len(times)
-            if n >= lim.value:
-                return self._limit_reject(
-                    intent,
-                    now,
-                    lim,
-                    "orders_per_minute",
-                    Decimal(n + 1),
-                    f"{n} orders approved in the last 60 s for {route.rate_scope}; this would be {n + 1}",
-                )
-
-        # worst-case position and exposure. An intent only moves one side of the worst case (a buy:
-        # "every open buy fills"), and it is refused only when that side becomes the largest in
-        # absolute value and too large: for a buy, hi' > -lo and hi' x price > limit.
+        # the valuation of a unit of position: the market's, else (no price yet) this order's
         pxm = market.pxm
         if pxm is None and order_px is not None:
             pxm = order_px * market.mult
-        if pxm is not None:
-            lim = route.position
-            if lim is not None:
-                leg = route.pos_leg
-                if buy:
-                    worst = leg.pos + leg.buy + qty
-                    grows = worst > leg.sell - leg.pos
-                else:
-                    worst = leg.pos - leg.sell - qty
-                    grows = -worst > leg.pos + leg.buy
-                if grows and abs(worst) * pxm > lim.value:
-                    owner = f"strategy {route.strategy}" if lim.scope == "strategy" else f"account {route.account}"
-                    return self._limit_reject(
-                        intent,
-                        now,
-                        lim,
-                        "max_position_notional",
-                        abs(worst) * pxm,
-                        f"worst-case position {worst} {route.symbol} on {route.exchange} ({owner}) "
-                        f"would be worth {abs(worst) * pxm}",
-                    )
-            lim = route.gross
-            net_lim = route.net
-            if lim is not None or net_lim is not None:
-                acct = route.acct_leg
-                exp = route.exposure
-                if lim is not None:
-                    if buy:
-                        worst = acct.pos + acct.buy + qty
-                        grows = worst > acct.sell - acct.pos
-                    else:
-                        worst = acct.sell - acct.pos + qty
-                        grows = worst > acct.pos + acct.buy
-                    if grows:
-                        gross = exp.gross - acct.g + worst * pxm
-                        if gross > lim.value:
-                            return self._limit_reject(
-                                intent,
-                                now,
-                                lim,
-                                "max_gross_exposure",
-                                gross,
-                                f"worst-case gross exposure of account {route.account} would be {gross}",
-                            )
-                if net_lim is not None:
-                    if buy:
-                        net = exp.net_hi + qty * pxm
-                        grows = net > -exp.net_lo
-                    else:
-                        net = qty * pxm - exp.net_lo
-                        grows = net > exp.net_hi
-                    if grows and net > net_lim.value:
-                        return self._limit_reject(
-                            intent,
-                            now,
-                            net_lim,
-                            "max_net_exposure",
-                            net,
-                            f"worst-case net exposure of account {route.account} would be {net}",
-                        )
+        ks = self.kill_switch
+        # the rarely needed checks are not called at all when they cannot refuse (the hot path)
+        denial = (
+            (_check_kill_switch(ks, route, buy, qty) if ks.active else None)
+            or (_check_reduce_only(route, buy, qty) if intent.reduce_only else None)
+            or _check_instrument(route, qty, price, order_px)
+            or (_check_reference_price(intent, route) if order_px is None else None)
+            or _check_max_order_quantity(route, qty)
+            or _check_max_order_notional(route, qty, order_px)
+            or _check_price_band(route, price)
+            or _check_max_open_orders(route)
+            or _check_orders_per_minute(route, now)
+            or _check_max_position_notional(route, buy, qty, pxm)
+            or _check_max_gross_exposure(route, buy, qty, pxm)
+            or _check_max_net_exposure(route, buy, qty, pxm)
+        )
+        if denial is not None:
+            rule, reason, details = denial
+            return self._decide(intent, now, rule, reason, details)
 
         # approved: reserve as if filled
         if market.px is None and order_px is not None:
@@ -628,44 +462,6 @@ class RiskEngine:
         if self.recorder is not None:
             self.recorder.record(decision)
         return decision
-
-    def _reject(
-        self, intent: OrderIntent, now: datetime, rule: str, reason: str, details: dict[str, Any]
-    ) -> RiskDecision:
-        return self._decide(intent, now, rule, reason, details)
-
-    def _limit_reject(
-        self, intent: OrderIntent, now: datetime, lim: Limit, rule: str, value: Decimal, what: str
-    ) -> RiskDecision:
-        reason = f"{what}: exceeds {rule} {lim.value} ({lim.source})"
-        return self._decide(
-            intent, now, rule, reason, {"value": str(value), "limit": str(lim.value), "source": lim.source}
-        )
-
-    def _instrument_reject(
-        self,
-        intent: OrderIntent,
-        now: datetime,
-        inst: Instrument,
-        qty: Decimal,
-        price: Decimal | None,
-        order_px: Decimal | None,
-        limit: str,
-    ) -> RiskDecision:
-        try:
-            inst.validate_order(price, qty)
-        except InvalidOrderError as exc:
-            return self._reject(intent, now, "instrument", str(exc), {"limit": exc.details.get("limit", limit)})
-        # validate_order skips notional without a limit price: a market order valued at the reference
-        assert order_px is not None
-        notional = order_px * qty * inst.contract_size
-        bound = (
-            f"below min_notional {inst.min_notional}"
-            if limit == "min_notional"
-            else f"above max_notional {inst.max_notional}"
-        )
-        text = f"{inst.key}: notional {notional} at the reference price {order_px} is {bound}"
-        return self._reject(intent, now, "instrument", text, {"limit": limit})
 
     # --- open orders -----------------------------------------------------------------------------
 
@@ -1347,20 +1143,24 @@ class RiskEngine:
         r.max_qty = limits.max_order_quantity
         r.notional = limits.max_order_notional
         r.band = limits.price_band_bps
-        r.max_open = limits.max_open_orders
-        r.rate = limits.orders_per_minute
-        r.position = limits.max_position_notional
         r.gross = limits.max_gross_exposure
         r.net = limits.max_net_exposure
-        r.open_counter, r.open_scope = scoped[r.max_open.scope if r.max_open is not None else "account"]
-        r.rate_counter, r.rate_scope = scoped[r.rate.scope if r.rate is not None else "account"]
+        r.open_checks = tuple((lim, *scoped[lim.scope]) for lim in limits.max_open_orders)
+        r.rate_checks = tuple((lim, *scoped[lim.scope]) for lim in limits.orders_per_minute)
         r.rate_counters = tuple(
             scoped[scope][0] for scope in ("account", "strategy", "symbol") if scope in self._rate_scopes
         )
-        r.pos_leg = strat_leg if r.position is not None and r.position.scope == "strategy" else acct_leg
+        r.position_checks = tuple(
+            (lim, strat_leg, f"strategy {strategy}")
+            if lim.scope == "strategy"
+            else (lim, acct_leg, f"account {account}")
+            for lim in limits.max_position_notional
+        )
         inst = r.instrument
-        r.needs_price = any(x is not None for x in (r.notional, r.position, r.gross, r.net)) or (
-            inst is not None and (inst.min_notional is not None or inst.max_notional is not None)
+        r.needs_price = (
+            any(x is not None for x in (r.notional, r.gross, r.net))
+            or bool(r.position_checks)
+            or (inst is not None and (inst.min_notional is not None or inst.max_notional is not None))
         )
         self._routes[key] = r
         self._accounts.add(account)
@@ -1378,6 +1178,232 @@ def _rate_scopes(config: RiskConfig) -> set[str]:
     if any(s.orders_per_minute is not None for s in config.symbols.values()):
         scopes.add("symbol")
     return scopes
+
+
+# --- pre-trade rule checks -----------------------------------------------------------------------
+# One per rule of the module docstring's table, run by ``RiskEngine.check`` in that order: each returns
+# why it refuses the intent, or ``None``. Plain functions of the route's resolved state (no pydantic
+# work): they are the hot path.
+
+
+_Denial = tuple[str, str, dict[str, Any]]  # why a rule refuses an intent: the decision's rule, reason, details
+
+
+def _limit_denial(lim: Limit, rule: str, value: Decimal, what: str) -> _Denial:
+    reason = f"{what}: exceeds {rule} {lim.value} ({lim.source})"
+    return (rule, reason, {"value": str(value), "limit": str(lim.value), "source": lim.source})
+
+
+def _check_kill_switch(ks: KillSwitch, route: _Route, buy: bool, qty: Decimal) -> _Denial | None:
+    """halt: nothing passes; reduce_only: only an intent that reduces the position of the engaged scope.
+    Called while some scope is engaged (``ks.active``)."""
+    mode, scope = ks.effective(route.account, route.strategy)
+    if mode is KillSwitchMode.HALT:
+        return ("kill_switch", f"kill switch halt ({scope}): no new orders", {"scope": scope, "mode": "halt"})
+    if mode is KillSwitchMode.REDUCE_ONLY:
+        leg = route.strat_leg if scope.startswith("strategy:") else route.acct_leg
+        problem = _not_reducing(leg, buy, qty)
+        if problem is not None:
+            return (
+                "kill_switch",
+                f"kill switch reduce_only ({scope}): {problem}",
+                {"scope": scope, "mode": "reduce_only"},
+            )
+    return None
+
+
+def _check_reduce_only(route: _Route, buy: bool, qty: Decimal) -> _Denial | None:
+    """An intent flagged ``reduce_only`` must reduce the account's position."""
+    problem = _not_reducing(route.acct_leg, buy, qty)
+    if problem is None:
+        return None
+    return ("reduce_only", f"reduce-only intent: {problem}", {})
+
+
+def _check_instrument(route: _Route, qty: Decimal, price: Decimal | None, order_px: Decimal | None) -> _Denial | None:
+    """The venue's rules: a known instrument, then its precision, quantity, price and notional bounds."""
+    inst = route.instrument
+    if inst is None:
+        return (
+            "instrument",
+            f"no instrument known for {route.exchange}:{route.symbol}: "
+            "precision and minimum notional cannot be checked",
+            {},
+        )
+    problem_limit = _instrument_problem(inst, qty, price, order_px)
+    if problem_limit is None:
+        return None
+    return _instrument_denial(inst, qty, price, order_px, problem_limit)
+
+
+def _instrument_denial(
+    inst: Instrument, qty: Decimal, price: Decimal | None, order_px: Decimal | None, limit: str
+) -> _Denial:
+    """Words the venue rule ``_instrument_problem`` found broken (``Instrument.validate_order``'s words)."""
+    try:
+        inst.validate_order(price, qty)
+    except InvalidOrderError as exc:
+        return ("instrument", str(exc), {"limit": exc.details.get("limit", limit)})
+    # validate_order skips notional without a limit price: a market order valued at the reference
+    assert order_px is not None
+    notional = order_px * qty * inst.contract_size
+    bound = (
+        f"below min_notional {inst.min_notional}"
+        if limit == "min_notional"
+        else f"above max_notional {inst.max_notional}"
+    )
+    text = f"{inst.key}: notional {notional} at the reference price {order_px} is {bound}"
+    return ("instrument", text, {"limit": limit})
+
+
+def _check_reference_price(intent: OrderIntent, route: _Route) -> _Denial | None:
+    """An order without a price (its own, or a last trade or mid) cannot be valued: refused when a notional
+    limit applies."""
+    if not route.needs_price:
+        return None
+    return (
+        "reference_price",
+        f"no price to value a {intent.type.value} order on {route.exchange}:{route.symbol}: no last trade or mid yet",
+        {},
+    )
+
+
+def _check_max_order_quantity(route: _Route, qty: Decimal) -> _Denial | None:
+    lim = route.max_qty
+    if lim is not None and qty > lim.value:
+        return _limit_denial(lim, "max_order_quantity", qty, f"order quantity {qty}")
+    return None
+
+
+def _check_max_order_notional(route: _Route, qty: Decimal, order_px: Decimal | None) -> _Denial | None:
+    lim = route.notional
+    if lim is None:
+        return None
+    order_notional = _ZERO if order_px is None else order_px * qty * route.market.mult
+    if order_notional > lim.value:
+        return _limit_denial(lim, "max_order_notional", order_notional, f"order notional {order_notional}")
+    return None
+
+
+def _check_price_band(route: _Route, price: Decimal | None) -> _Denial | None:
+    """The fat-finger guard: a limit price within the band of the mid (bid and ask known), else the last
+    trade; refused when there is neither."""
+    lim = route.band
+    if lim is None or price is None:
+        return None
+    market = route.market
+    ref = market.ref
+    if ref is None:
+        return (
+            "price_band_bps",
+            f"no last trade or mid for {route.exchange}:{route.symbol} to check the price band "
+            f"(price_band_bps {lim.value}, {lim.source})",
+            {"limit": str(lim.value), "source": lim.source},
+        )
+    if abs(price - ref) * _BPS > lim.value * ref:
+        bps = (abs(price - ref) * _BPS / ref).quantize(Decimal("0.01"))
+        return _limit_denial(
+            lim, "price_band_bps", bps, f"limit price {price} is {bps} bps from the {market.ref_kind} {ref}"
+        )
+    return None
+
+
+def _check_max_open_orders(route: _Route) -> _Denial | None:
+    """Every level's open-order limit on its scope's open orders."""
+    for lim, counter, whose in route.open_checks:
+        n = counter.open
+        if n >= lim.value:
+            return _limit_denial(
+                lim,
+                "max_open_orders",
+                Decimal(n + 1),
+                f"{n} orders already open for {whose}; this would be {n + 1}",
+            )
+    return None
+
+
+def _check_orders_per_minute(route: _Route, now: datetime) -> _Denial | None:
+    """Every level's order rate on its scope's approvals in the last 60 s (older ones are dropped here)."""
+    for lim, counter, whose in route.rate_checks:
+        times = counter.times
+        cutoff = now - _WINDOW
+        while times and times[0] <= cutoff:
+            times.popleft()
+        n = len(times)
+        if n >= lim.value:
+            return _limit_denial(
+                lim,
+                "orders_per_minute",
+                Decimal(n + 1),
+                f"{n} orders approved in the last 60 s for {whose}; this would be {n + 1}",
+            )
+    return None
+
+
+# Worst-case position and exposure. An intent only moves one side of the worst case (a buy: "every open
+# buy fills"), and it is refused only when that side becomes the largest in absolute value and too large:
+# for a buy, hi' > -lo and hi' x price > limit. Without a valuation price (``pxm``) there is nothing to value.
+
+
+def _check_max_position_notional(route: _Route, buy: bool, qty: Decimal, pxm: Decimal | None) -> _Denial | None:
+    """Every level's position limit on its leg: the account's position in the symbol, a strategy's own."""
+    if pxm is None:
+        return None
+    for lim, leg, owner in route.position_checks:
+        if buy:
+            worst = leg.pos + leg.buy + qty
+            grows = worst > leg.sell - leg.pos
+        else:
+            worst = leg.pos - leg.sell - qty
+            grows = -worst > leg.pos + leg.buy
+        if grows and abs(worst) * pxm > lim.value:
+            return _limit_denial(
+                lim,
+                "max_position_notional",
+                abs(worst) * pxm,
+                f"worst-case position {worst} {route.symbol} on {route.exchange} ({owner}) "
+                f"would be worth {abs(worst) * pxm}",
+            )
+    return None
+
+
+def _check_max_gross_exposure(route: _Route, buy: bool, qty: Decimal, pxm: Decimal | None) -> _Denial | None:
+    lim = route.gross
+    if lim is None or pxm is None:
+        return None
+    acct = route.acct_leg
+    if buy:
+        worst = acct.pos + acct.buy + qty
+        grows = worst > acct.sell - acct.pos
+    else:
+        worst = acct.sell - acct.pos + qty
+        grows = worst > acct.pos + acct.buy
+    if not grows:
+        return None
+    gross = route.exposure.gross - acct.g + worst * pxm
+    if gross > lim.value:
+        return _limit_denial(
+            lim, "max_gross_exposure", gross, f"worst-case gross exposure of account {route.account} would be {gross}"
+        )
+    return None
+
+
+def _check_max_net_exposure(route: _Route, buy: bool, qty: Decimal, pxm: Decimal | None) -> _Denial | None:
+    lim = route.net
+    if lim is None or pxm is None:
+        return None
+    exp = route.exposure
+    if buy:
+        net = exp.net_hi + qty * pxm
+        grows = net > -exp.net_lo
+    else:
+        net = qty * pxm - exp.net_lo
+        grows = net > exp.net_hi
+    if grows and net > lim.value:
+        return _limit_denial(
+            lim, "max_net_exposure", net, f"worst-case net exposure of account {route.account} would be {net}"
+        )
+    return None
 
 
 def _not_reducing(leg: _Leg, buy: bool, qty: Decimal) -> str | None:

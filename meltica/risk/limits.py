@@ -1,21 +1,30 @@
-"""Limits resolved for one (account, strategy, symbol): the configuration's overrides applied once.
+"""Limits resolved for one (account, strategy, symbol): the configuration's levels applied once.
 
-Precedence, field by field: ``risk`` defaults < ``risk.accounts.<a>`` < ``risk.strategies.<s>`` <
-``risk.symbols.<sym>`` (``max_position_notional_by_symbol`` counts as a symbol override). Each resolved
-value remembers where it came from (``source``: the YAML path) so a rejection can name it, and the
-*scope it is measured on* follows from that source:
+Every level's limit holds on what it measures, so a more specific level can only tighten, never loosen:
 
-* position, open orders and order rate set for a **strategy** are measured on that strategy's own
-  orders and positions in the account;
-* set for a **symbol**, open orders and order rate count the account's orders in that symbol
-  (a position is always per symbol);
-* otherwise (defaults, account) they are measured on the whole account.
+* the **account** level — ``risk.accounts.<a>``, or for a field the account does not set the ``risk``
+  default — is checked on the whole account: its position in the symbol (per venue), all its open orders,
+  all its approvals in the last minute;
+* a **strategy** level (``risk.strategies.<s>``) is checked in addition, on that strategy's own orders and
+  positions in the account;
+* a **symbol** level (``risk.symbols.<sym>``; ``max_position_notional_by_symbol`` is its older spelling) is
+  checked in addition, on the account's orders in that symbol (a position is per symbol already: its
+  position limit is measured on the account's position, like the account's);
+* per-order limits (``max_order_quantity``, ``max_order_notional``, ``price_band_bps``) and a strategy's
+  daily loss (``strategy_loss_limit``): the tightest of the levels that set one.
+
+The account-wide limits (gross and net exposure, daily loss, drawdown) and the breach action are set on
+the account level only. Where two levels measure the same quantity (per-order limits; an account's and
+a symbol's position limit) only the tightest is kept, the more specific one on a tie. Each resolved
+value remembers where it came from (``source``: the YAML path) so a rejection names the limit that
+bound, and the scope it is measured on.
 
 Resolution happens once per route and is cached by the engine: no pydantic work per check.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
@@ -26,11 +35,12 @@ RiskConfig = RiskLimits  # the name the execution contract uses (meltica/executi
 
 Scope = Literal["account", "strategy", "symbol"]
 BreachMode = Literal["halt", "reduce_only"]
+MeasuredRule = Literal["max_position_notional", "max_open_orders", "orders_per_minute"]
 
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """One resolved limit: its value and the configuration path it came from."""
+    """One resolved limit: its value, the configuration path it came from, what it is measured on."""
 
     value: Decimal
     source: str  # e.g. "risk.symbols.BTC/USDT.max_order_quantity"
@@ -42,14 +52,16 @@ class Limit:
 
 @dataclass(frozen=True, slots=True)
 class ResolvedLimits:
-    """Every limit that applies to one (account, strategy, symbol); ``None``: no limit."""
+    """Every limit that applies to one (account, strategy, symbol). A per-order or account-wide limit is
+    one ``Limit`` (``None``: no limit); a measured limit is every level's, each on its own ``scope``, in
+    the order they are checked (account, strategy, symbol; empty: no limit)."""
 
     max_order_quantity: Limit | None
     max_order_notional: Limit | None
-    max_position_notional: Limit | None
-    max_open_orders: Limit | None
     price_band_bps: Limit | None
-    orders_per_minute: Limit | None
+    max_position_notional: tuple[Limit, ...]
+    max_open_orders: tuple[Limit, ...]
+    orders_per_minute: tuple[Limit, ...]
     max_gross_exposure: Limit | None
     max_net_exposure: Limit | None
     daily_loss_limit: Limit | None
@@ -58,55 +70,58 @@ class ResolvedLimits:
     breach_action: BreachMode
     strategy_breach_action: BreachMode
 
-
-_PER_ROUTE = (
-    "max_order_quantity",
-    "max_order_notional",
-    "max_position_notional",
-    "max_open_orders",
-    "price_band_bps",
-    "orders_per_minute",
-)
-_PER_ACCOUNT = ("max_gross_exposure", "max_net_exposure", "daily_loss_limit", "max_drawdown_pct")
+    def on_account(self, rule: MeasuredRule) -> Limit | None:
+        """The limit of ``rule`` measured on the whole account (for a position: its position in the
+        symbol), or ``None``."""
+        limits: tuple[Limit, ...] = getattr(self, rule)
+        return next((lim for lim in limits if lim.scope == "account"), None)
 
 
-def _pick(
-    name: str,
-    levels: list[tuple[str, Scope, SymbolRiskLimits | None]],
-) -> Limit | None:
+def _limit(section: SymbolRiskLimits | None, source: str, name: str, scope: Scope) -> Limit | None:
+    value = None if section is None else getattr(section, name, None)
+    return None if value is None else Limit(Decimal(value), f"{source}.{name}", scope)
+
+
+def _tightest(candidates: Iterable[Limit | None]) -> Limit | None:
+    """The smallest limit; on a tie the later (more specific) one."""
     found: Limit | None = None
-    for source, scope, section in levels:
-        if section is None:
-            continue
-        value = getattr(section, name, None)
-        if value is not None:
-            found = Limit(Decimal(value), f"{source}.{name}", scope)
+    for lim in candidates:
+        if lim is not None and (found is None or lim.value <= found.value):
+            found = lim
     return found
 
 
 def resolve_limits(config: RiskLimits, account: str, strategy: str, symbol: str) -> ResolvedLimits:
-    """The limits of one route, most specific winning (see the module docstring)."""
+    """The limits of one route, every level holding (see the module docstring)."""
     acct: AccountRiskLimits | None = config.accounts.get(account)
     strat: StrategyRiskLimits | None = config.strategies.get(strategy)
     sym: SymbolRiskLimits | None = config.symbols.get(symbol)
-    legacy_position = config.max_position_notional_by_symbol.get(symbol)
-    levels: list[tuple[str, Scope, SymbolRiskLimits | None]] = [
-        ("risk", "account", config),
-        (f"risk.accounts.{account}", "account", acct),
-        (f"risk.strategies.{strategy}", "strategy", strat),
-        (f"risk.symbols.{symbol}", "symbol", sym),
-    ]
-    picked = {name: _pick(name, levels) for name in _PER_ROUTE}
-    position = picked["max_position_notional"]
-    if legacy_position is not None and (position is None or position.scope != "symbol"):
-        position = Limit(legacy_position, f"risk.max_position_notional_by_symbol.{symbol}", "symbol")
-    if position is not None and position.scope == "symbol":
-        # A per-symbol position limit applies to the account's position in that symbol.
-        position = Limit(position.value, position.source, "account")
-    picked["max_position_notional"] = position
-    account_levels = levels[:2]
-    per_account = {name: _pick(name, account_levels) for name in _PER_ACCOUNT}
-    strategy_loss = _pick("strategy_loss_limit", levels[:3])
+    acct_source = f"risk.accounts.{account}"
+    strat_source = f"risk.strategies.{strategy}"
+    sym_source = f"risk.symbols.{symbol}"
+
+    def account_level(name: str, scope: Scope = "account") -> Limit | None:
+        return _limit(acct, acct_source, name, scope) or _limit(config, "risk", name, scope)
+
+    def levels(name: str) -> tuple[Limit | None, Limit | None, Limit | None]:
+        return (
+            account_level(name),
+            _limit(strat, strat_source, name, "strategy"),
+            _limit(sym, sym_source, name, "symbol"),
+        )
+
+    def measured(name: str) -> tuple[Limit, ...]:
+        return tuple(lim for lim in levels(name) if lim is not None)
+
+    legacy = config.max_position_notional_by_symbol.get(symbol)
+    symbol_position = _tightest(
+        (
+            None if legacy is None else Limit(legacy, f"risk.max_position_notional_by_symbol.{symbol}", "account"),
+            _limit(sym, sym_source, "max_position_notional", "account"),
+        )
+    )
+    account_position = _tightest((account_level("max_position_notional"), symbol_position))
+    strategy_position = _limit(strat, strat_source, "max_position_notional", "strategy")
     action: BreachMode = config.breach_action
     if acct is not None and acct.breach_action is not None:
         action = acct.breach_action
@@ -114,17 +129,22 @@ def resolve_limits(config: RiskLimits, account: str, strategy: str, symbol: str)
     if strat is not None and strat.breach_action is not None:
         strategy_action = strat.breach_action
     return ResolvedLimits(
-        max_order_quantity=picked["max_order_quantity"],
-        max_order_notional=picked["max_order_notional"],
-        max_position_notional=picked["max_position_notional"],
-        max_open_orders=picked["max_open_orders"],
-        price_band_bps=picked["price_band_bps"],
-        orders_per_minute=picked["orders_per_minute"],
-        max_gross_exposure=per_account["max_gross_exposure"],
-        max_net_exposure=per_account["max_net_exposure"],
-        daily_loss_limit=per_account["daily_loss_limit"],
-        max_drawdown_pct=per_account["max_drawdown_pct"],
-        strategy_loss_limit=strategy_loss,
+        max_order_quantity=_tightest(levels("max_order_quantity")),
+        max_order_notional=_tightest(levels("max_order_notional")),
+        price_band_bps=_tightest(levels("price_band_bps")),
+        max_position_notional=tuple(lim for lim in (account_position, strategy_position) if lim is not None),
+        max_open_orders=measured("max_open_orders"),
+        orders_per_minute=measured("orders_per_minute"),
+        max_gross_exposure=account_level("max_gross_exposure"),
+        max_net_exposure=account_level("max_net_exposure"),
+        daily_loss_limit=account_level("daily_loss_limit"),
+        max_drawdown_pct=account_level("max_drawdown_pct"),
+        strategy_loss_limit=_tightest(
+            (
+                account_level("strategy_loss_limit", "strategy"),  # a strategy's loss, whichever level sets it
+                _limit(strat, strat_source, "strategy_loss_limit", "strategy"),
+            )
+        ),
         breach_action=action,
         strategy_breach_action=strategy_action,
     )

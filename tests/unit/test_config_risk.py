@@ -28,35 +28,61 @@ def test_packaged_environments_load_with_the_new_risk_keys(env: str) -> None:
     assert risk.symbols["BTC/USDT"].max_order_quantity is not None
 
 
-def test_most_specific_wins_and_names_its_source() -> None:
+def test_every_level_applies_a_more_specific_one_only_tightens_and_each_names_its_source() -> None:
     limits = RiskLimits.model_validate(
         {
             "max_order_notional": 1000,
             "max_open_orders": 20,
             "max_position_notional": 5000,
             "max_position_notional_by_symbol": {"ETH/USDT": 2000},
+            "strategy_loss_limit": 80,
             "breach_action": "reduce_only",
             "accounts": {"main": {"max_order_notional": 800, "max_gross_exposure": 9000, "breach_action": "halt"}},
-            "strategies": {"mm": {"max_order_notional": 600, "max_open_orders": 5, "strategy_loss_limit": 50}},
-            "symbols": {"BTC/USDT": {"max_order_notional": 400, "max_order_quantity": "0.5"}},
+            "strategies": {
+                "mm": {"max_order_notional": 600, "max_open_orders": 5, "strategy_loss_limit": 50},
+                "trend": {"max_order_notional": 900, "max_open_orders": 40, "strategy_loss_limit": 120},
+            },
+            "symbols": {
+                "BTC/USDT": {"max_order_notional": 400, "max_order_quantity": "0.5", "max_position_notional": 9000}
+            },
         }
     )
     btc = resolve_limits(limits, "main", "mm", "BTC/USDT")
     assert btc.max_order_notional is not None and btc.max_order_notional.value == Decimal(400)
     assert btc.max_order_notional.source == "risk.symbols.BTC/USDT.max_order_notional"
-    assert btc.max_open_orders is not None and btc.max_open_orders.scope == "strategy"
+    # measured limits: every level's, each on its own scope; a looser symbol position limit does not apply
+    assert [(lim.source, lim.scope) for lim in btc.max_open_orders] == [
+        ("risk.max_open_orders", "account"),
+        ("risk.strategies.mm.max_open_orders", "strategy"),
+    ]
+    assert [(lim.source, lim.value) for lim in btc.max_position_notional] == [
+        ("risk.max_position_notional", Decimal(5000))
+    ]
+    assert btc.on_account("max_position_notional") == btc.max_position_notional[0]
+    assert btc.orders_per_minute == () and btc.on_account("orders_per_minute") is None
     assert (
         btc.max_gross_exposure is not None and btc.max_gross_exposure.source == "risk.accounts.main.max_gross_exposure"
     )
+    assert (
+        btc.strategy_loss_limit is not None
+        and btc.strategy_loss_limit.source == "risk.strategies.mm.strategy_loss_limit"
+    )
     assert btc.breach_action == "halt" and btc.strategy_breach_action == "halt"
     eth = resolve_limits(limits, "main", "trend", "ETH/USDT")
-    assert eth.max_order_notional is not None and eth.max_order_notional.value == Decimal(800)
-    assert eth.max_position_notional is not None and eth.max_position_notional.value == Decimal(2000)
-    assert eth.max_open_orders is not None and eth.max_open_orders.scope == "account"
-    other = resolve_limits(limits, "other", "trend", "SOL/USDT")
+    assert (
+        eth.max_order_notional is not None and eth.max_order_notional.source == "risk.accounts.main.max_order_notional"
+    )
+    assert [(lim.value, lim.scope) for lim in eth.max_position_notional] == [(Decimal(2000), "account")]
+    assert [lim.source for lim in eth.max_open_orders] == [
+        "risk.max_open_orders",
+        "risk.strategies.trend.max_open_orders",
+    ]
+    assert eth.strategy_loss_limit is not None and eth.strategy_loss_limit.source == "risk.strategy_loss_limit"
+    other = resolve_limits(limits, "other", "arb", "SOL/USDT")
     assert other.max_order_notional is not None and other.max_order_notional.source == "risk.max_order_notional"
-    assert other.breach_action == "reduce_only" and other.strategy_loss_limit is None
+    assert other.breach_action == "reduce_only"
     assert limits.position_limit("ETH/USDT") == Decimal(2000)
+    assert limits.position_limit("BTC/USDT") == Decimal(5000)  # the symbol's 9000 cannot loosen the default
 
 
 def test_overrides_are_validated(tmp_path: Path) -> None:

@@ -272,6 +272,117 @@ def test_exposure_limits_come_from_the_account_override() -> None:
     assert engine.check(intent("0.011", account="main")).approved
 
 
+# --- every level's limit holds: a more specific level only tightens ------------------------------
+
+
+def test_an_account_position_limit_holds_when_a_strategy_sets_a_larger_one() -> None:
+    engine, _, _ = make(
+        accounts={"main": {"max_position_notional": 3000}}, strategies={"mm": {"max_position_notional": 5000}}
+    )
+    assert engine.check(intent("0.1", strategy="mm")).approved  # mm 2000, account 2000
+    assert engine.check(intent("0.05", strategy="trend")).approved  # account 3000: at its limit
+    assert_rejected(
+        engine.check(intent("0.001", strategy="mm")),  # mm would be 2020 (under its 5000), the account 3020
+        "max_position_notional",
+        "(account main) would be worth 3020",
+        "max_position_notional 3000 (risk.accounts.main.max_position_notional)",
+    )
+    assert engine.worst_case_position("main", "binance", "BTC/USDT") == (D(0), D("0.15"), D(0))
+    # the strategy's own limit still holds on the strategy
+    engine, _, _ = make(max_position_notional=5000, strategies={"mm": {"max_position_notional": 400}})
+    assert engine.check(intent("0.02", strategy="mm")).approved
+    assert_rejected(
+        engine.check(intent("0.001", strategy="mm")), "max_position_notional", "(strategy mm)", "risk.strategies.mm"
+    )
+
+
+def test_the_default_position_limit_holds_on_the_account_whatever_the_strategy_and_symbol_set() -> None:
+    engine, _, _ = make(
+        max_position_notional=1000,
+        strategies={"mm": {"max_position_notional": 9000}},
+        symbols={"BTC/USDT": {"max_position_notional": 8000}},
+        max_position_notional_by_symbol={"BTC/USDT": 7000},
+    )
+    assert engine.check(intent("0.05", strategy="mm")).approved  # 1000: at the default
+    assert_rejected(
+        engine.check(intent("0.001", strategy="mm")),
+        "max_position_notional",
+        "would be worth 1020",
+        "(risk.max_position_notional)",
+    )
+
+
+def test_a_symbol_position_limit_tighter_than_the_account_binds_on_the_account() -> None:
+    engine, _, _ = make(max_position_notional=5000, symbols={"BTC/USDT": {"max_position_notional": 1000}})
+    assert engine.check(intent("0.03", strategy="mm")).approved
+    assert engine.check(intent("0.02", strategy="trend")).approved  # the account's BTC: 1000
+    assert_rejected(
+        engine.check(intent("0.001", strategy="arb")),
+        "max_position_notional",
+        "(account main)",
+        "risk.symbols.BTC/USDT.max_position_notional",
+    )
+
+
+def test_an_account_open_order_limit_holds_when_a_strategy_sets_a_larger_one() -> None:
+    engine, _, _ = make(accounts={"main": {"max_open_orders": 2}}, strategies={"mm": {"max_open_orders": 10}})
+    assert engine.check(intent(strategy="mm")).approved
+    assert engine.check(intent(strategy="trend")).approved
+    assert_rejected(
+        engine.check(intent(strategy="mm")),
+        "max_open_orders",
+        "2 orders already open for account main",
+        "risk.accounts.main.max_open_orders",
+    )
+    assert engine.open_order_count() == 2
+
+
+def test_a_symbol_open_order_limit_counts_the_accounts_orders_in_that_symbol_on_top_of_the_account() -> None:
+    engine, _, _ = make(max_open_orders=3, symbols={"BTC/USDT": {"max_open_orders": 1}})
+    assert engine.check(intent(strategy="mm")).approved
+    assert_rejected(
+        engine.check(intent(strategy="trend")),
+        "max_open_orders",
+        "1 orders already open for BTC/USDT in account main",
+        "risk.symbols.BTC/USDT.max_open_orders",
+    )
+    assert engine.check(intent("1", "1000", symbol="ETH/USDT")).approved
+    assert engine.check(intent("1", "1000", symbol="ETH/USDT")).approved
+    assert_rejected(
+        engine.check(intent("1", "1000", symbol="ETH/USDT")), "max_open_orders", "account main", "risk.max_open_orders"
+    )
+
+
+def test_an_account_order_rate_holds_when_a_strategy_sets_a_larger_one() -> None:
+    engine, clock, _ = make(orders_per_minute=2, strategies={"mm": {"orders_per_minute": 100}})
+    assert engine.check(intent(strategy="mm")).approved
+    assert engine.check(intent(strategy="trend")).approved
+    assert_rejected(
+        engine.check(intent(strategy="mm")),
+        "orders_per_minute",
+        "2 orders approved in the last 60 s for account main",
+        "(risk.orders_per_minute)",
+    )
+    clock.advance(seconds=60)
+    assert engine.check(intent(strategy="mm")).approved
+
+
+def test_per_order_limits_take_the_tightest_level() -> None:
+    engine, _, _ = make(
+        max_order_quantity="0.05",
+        accounts={"main": {"max_order_notional": 500}},
+        strategies={"mm": {"max_order_quantity": 1, "price_band_bps": 10}},
+        symbols={"BTC/USDT": {"max_order_quantity": 2, "max_order_notional": 5000, "price_band_bps": 1000}},
+    )
+    assert engine.check(intent("0.02", "20000")).approved
+    assert_rejected(engine.check(intent("0.051", "20000")), "max_order_quantity", "(risk.max_order_quantity)")
+    assert_rejected(
+        engine.check(intent("0.03", "20000")), "max_order_notional", "risk.accounts.main.max_order_notional"
+    )
+    assert_rejected(engine.check(intent("0.01", "20030")), "price_band_bps", "risk.strategies.mm.price_band_bps")
+    assert engine.check(intent("0.01", "20030", strategy="trend")).approved  # its band: the symbol's 1000
+
+
 def test_reduce_only_intent_must_reduce_the_position() -> None:
     engine, _, _ = make()
     assert_rejected(engine.check(intent("0.01", side=Side.SELL, reduce_only=True)), "reduce_only", "position 0")

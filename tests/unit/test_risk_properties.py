@@ -155,15 +155,14 @@ def run_flow(ops: list[tuple[object, ...]]) -> dict[str, object]:
                 orders.append([strategy, symbol, side, intent.quantity, intent.client_order_id, intent])
                 worst = _worst(positions, orders, prices)  # at approval time, at the prices of that moment
                 # An approval never takes a measured worst case beyond its limit; one already beyond (a price
-                # move did it) may only stay or shrink. Strategy b's position is measured on b alone (its
-                # override is the most specific limit); a's on the account, b's orders included.
+                # move did it) may only stay or shrink. The account's position limit holds on the account
+                # whichever strategy trades; strategy b's own limit holds on b in addition.
                 net, net_before = (max(abs(w["net_hi"]), abs(w["net_lo"])) for w in (worst, before))
                 assert worst["gross"] <= max(LIMITS.max_gross_exposure, before["gross"])  # type: ignore[type-var]
                 assert net <= max(LIMITS.max_net_exposure, net_before)  # type: ignore[type-var]
                 assert worst["strat_b"] <= max(D(1500), before["strat_b"])
-                if strategy == "a":
-                    key = f"pos:{symbol}"
-                    assert worst[key] <= max(LIMITS.max_position_notional, before[key])  # type: ignore[type-var]
+                key = f"pos:{symbol}"
+                assert worst[key] <= max(LIMITS.max_position_notional, before[key])  # type: ignore[type-var]
                 assert len(orders) <= 4
                 peak_gross = max(peak_gross, worst["gross"])
             else:
@@ -336,3 +335,232 @@ class KillSwitchMachine(RuleBasedStateMachine):
 
 TestKillSwitchMachine = KillSwitchMachine.TestCase
 TestKillSwitchMachine.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+
+
+# --- every level's limit holds on what it measures ----------------------------------------------
+
+LEVEL_PRICES = {"BTC/USDT": D(20000), "ETH/USDT": D(1000)}
+level_limits = st.fixed_dictionaries(
+    {},
+    optional={
+        "max_order_quantity": st.sampled_from([D("0.05"), D("0.5"), D(5)]),
+        "max_order_notional": st.sampled_from([D(300), D(1200), D(5000)]),
+        "max_position_notional": st.sampled_from([D(500), D(1500), D(3000), D(8000)]),
+        "max_open_orders": st.integers(0, 10),
+        "price_band_bps": st.sampled_from([D(0), D(40), D(200)]),
+        "orders_per_minute": st.integers(1, 8),
+    },
+)
+level_configs = st.fixed_dictionaries(
+    {
+        "defaults": level_limits,
+        "accounts": st.dictionaries(st.sampled_from(["acc", "other"]), level_limits, max_size=2),
+        "strategies": st.dictionaries(st.sampled_from(["a", "b", "c"]), level_limits, max_size=3),
+        "symbols": st.dictionaries(st.sampled_from(list(LEVEL_PRICES)), level_limits, max_size=2),
+        "legacy": st.dictionaries(st.sampled_from(list(LEVEL_PRICES)), st.sampled_from([D(700), D(2500)]), max_size=1),
+    }
+)
+level_intent = st.tuples(
+    st.just("intent"),
+    st.sampled_from(["acc", "acc", "other"]),
+    st.sampled_from(["a", "a", "b", "c"]),  # uneven: one strategy's own limits get reached too
+    st.sampled_from(list(LEVEL_PRICES)),
+    st.sampled_from([Side.BUY, Side.SELL]),
+    st.integers(1, 100),  # notional, tens of USDT
+    st.sampled_from([0, 0, 0, 10, -10, 39, -41, 150]),  # limit price offset from the last trade, bps
+)
+# the same intent several times in a row: one route's own counts and position reach its limits
+level_burst = st.tuples(st.integers(2, 8), level_intent).map(lambda burst: [burst[1]] * burst[0])
+level_op = st.one_of(
+    level_intent.map(lambda op: [op]),
+    level_intent.map(lambda op: [op]),
+    level_burst,
+    st.tuples(st.just("fill"), st.integers(0, 30), st.integers(1, 100)).map(lambda op: [op]),
+    st.tuples(st.just("cancel"), st.integers(0, 30)).map(lambda op: [op]),
+    st.tuples(st.just("wait"), st.integers(1, 20)).map(lambda op: [op]),  # seconds
+    st.tuples(st.just("move"), st.sampled_from(list(LEVEL_PRICES)), st.integers(-300, 300)).map(lambda op: [op]),
+)
+level_ops = st.lists(level_op, min_size=20, max_size=60).map(lambda groups: [op for group in groups for op in group])
+
+
+def _level_limit(cfg: dict[str, dict[str, object]], level: str, key: str, name: str) -> Decimal | None:
+    if level == "account":  # the account's own, else the default
+        own = cfg["accounts"].get(key, {})
+        value = own.get(name, cfg["defaults"].get(name))  # type: ignore[attr-defined]
+    elif level == "symbol" and name == "max_position_notional":
+        values = [v for v in (cfg["symbols"].get(key, {}).get(name), cfg["legacy"].get(key)) if v is not None]  # type: ignore[attr-defined]
+        value = min(values) if values else None
+    else:
+        value = cfg[{"strategy": "strategies", "symbol": "symbols"}[level]].get(key, {}).get(name)  # type: ignore[attr-defined]
+    return None if value is None else D(str(value))
+
+
+def run_level_flow(cfg: dict[str, dict[str, object]], ops: list[tuple[object, ...]]) -> dict[str, set[str]]:
+    """Random limits at the default, account, strategy and symbol levels: after every approval, no level's
+    measured quantity is beyond its limit (a worst-case position already beyond it, after a price move,
+    may only stay or shrink); returns the rejections' sources."""
+    limits = RiskLimits.model_validate(
+        {
+            **cfg["defaults"],
+            "accounts": cfg["accounts"],
+            "strategies": cfg["strategies"],
+            "symbols": cfg["symbols"],
+            "max_position_notional_by_symbol": cfg["legacy"],
+        }
+    )
+    now = [T0]
+    instruments = {
+        ("binance", s): Instrument(
+            exchange="binance", symbol=s, base=s[:3], quote="USDT", tick_size="0.01", step_size="0.001"
+        )
+        for s in LEVEL_PRICES
+    }
+    engine = RiskEngine(limits, None, clock=lambda: now[0], instruments=instruments)
+    prices = dict(LEVEL_PRICES)
+    for symbol, px in prices.items():
+        engine.on_market("binance", symbol, px)
+    orders: list[list[object]] = []  # [account, strategy, symbol, side, remaining, coid]
+    positions: dict[tuple[str, str, str], Decimal] = {}
+    approvals: list[tuple[str, str, str, datetime]] = []
+    sources: set[str] = set()
+
+    def position(account: str, symbol: str, strategy: str | None) -> Decimal:
+        """Worst-case position notional of the account (or of one strategy in it) in ``symbol``."""
+        pos = sum(
+            (q for (a, s, sym), q in positions.items() if a == account and sym == symbol and strategy in (None, s)),
+            D(0),
+        )
+        mine = [o for o in orders if o[0] == account and o[2] == symbol and strategy in (None, o[1])]
+        buys = sum((o[4] for o in mine if o[3] is Side.BUY), D(0))  # type: ignore[misc]
+        sells = sum((o[4] for o in mine if o[3] is Side.SELL), D(0))  # type: ignore[misc]
+        return max(abs(pos + buys), abs(pos - sells)) * prices[symbol]
+
+    def measured(account: str, strategy: str, symbol: str) -> dict[tuple[str, str], Decimal]:
+        """(level, rule) → what that level's limit is measured on, for the route."""
+        cutoff = now[0] - timedelta(seconds=60)
+        recent = [t for t in approvals if t[0] == account and t[3] > cutoff]
+        mine = [o for o in orders if o[0] == account]
+        return {
+            ("account", "max_position_notional"): position(account, symbol, None),
+            ("strategy", "max_position_notional"): position(account, symbol, strategy),
+            ("symbol", "max_position_notional"): position(account, symbol, None),
+            ("account", "max_open_orders"): D(len(mine)),
+            ("strategy", "max_open_orders"): D(sum(1 for o in mine if o[1] == strategy)),
+            ("symbol", "max_open_orders"): D(sum(1 for o in mine if o[2] == symbol)),
+            ("account", "orders_per_minute"): D(len(recent)),
+            ("strategy", "orders_per_minute"): D(sum(1 for t in recent if t[1] == strategy)),
+            ("symbol", "orders_per_minute"): D(sum(1 for t in recent if t[2] == symbol)),
+        }
+
+    for n, item in enumerate(ops):
+        if item[0] == "intent":
+            _, account, strategy, symbol, side, tens, offset = item
+            assert isinstance(account, str) and isinstance(strategy, str) and isinstance(symbol, str)
+            assert isinstance(tens, int) and isinstance(offset, int)
+            ref = prices[symbol]
+            qty = max(D("0.001"), (D(tens) * 10 / ref).quantize(D("0.001")))  # 10 to 1000 USDT
+            price = (ref * (1 + D(offset) / 10_000)).quantize(D("0.01"))
+            intent = OrderIntent(
+                intent_id=f"l-{n}",
+                account=account,
+                strategy=strategy,
+                exchange="binance",
+                symbol=symbol,
+                side=side,  # type: ignore[arg-type]
+                type=OrderType.LIMIT,
+                quantity=qty,
+                price=price,
+                created_at=T0,
+            )
+            before = measured(account, strategy, symbol)
+            decision = engine.check(intent)
+            if not decision.approved:
+                sources.add(str(decision.details.get("source")))
+                continue
+            orders.append([account, strategy, symbol, side, qty, intent.client_order_id])
+            approvals.append((account, strategy, symbol, now[0]))
+            after = measured(account, strategy, symbol)
+            keys = {"account": account, "strategy": strategy, "symbol": symbol}
+            for (level, rule), value in after.items():
+                lim = _level_limit(cfg, level, keys[level], rule)
+                if lim is None:
+                    continue
+                ceiling = max(lim, before[(level, rule)]) if rule == "max_position_notional" else lim
+                assert value <= ceiling, (level, rule, value, lim, decision)
+            for level, key in keys.items():
+                lim = _level_limit(cfg, level, key, "max_order_quantity")
+                assert lim is None or qty <= lim, (level, qty, lim)
+                lim = _level_limit(cfg, level, key, "max_order_notional")
+                assert lim is None or qty * price <= lim, (level, qty * price, lim)
+                lim = _level_limit(cfg, level, key, "price_band_bps")
+                assert lim is None or abs(price - ref) * 10_000 <= lim * ref, (level, price, ref, lim)
+        elif item[0] == "fill" and orders:
+            _, index, percent = item
+            assert isinstance(index, int) and isinstance(percent, int)
+            order = orders[index % len(orders)]
+            account, strategy, symbol, side, remaining = order[0], order[1], order[2], order[3], order[4]
+            assert isinstance(remaining, Decimal) and isinstance(symbol, str)
+            assert isinstance(account, str) and isinstance(strategy, str)
+            fill_qty = min(max(D("0.001"), (remaining * percent / 100).quantize(D("0.001"))), remaining)
+            fill = Fill(
+                fill_id=f"lf-{n}",
+                client_order_id=str(order[5]),
+                exchange="binance",
+                symbol=symbol,
+                side=side,  # type: ignore[arg-type]
+                price=prices[symbol],
+                quantity=fill_qty,
+                ts=T0,
+            )
+            engine.on_fill(fill, account=account, strategy=strategy)
+            signed = fill_qty if side is Side.BUY else -fill_qty
+            positions[(account, strategy, symbol)] = positions.get((account, strategy, symbol), D(0)) + signed
+            order[4] = remaining - fill_qty
+            if order[4] == 0:
+                orders.remove(order)
+                engine.on_order_closed(str(order[5]))
+        elif item[0] == "cancel" and orders:
+            _, index = item
+            assert isinstance(index, int)
+            engine.on_order_closed(str(orders.pop(index % len(orders))[5]))
+        elif item[0] == "wait":
+            _, seconds = item
+            assert isinstance(seconds, int)
+            now[0] += timedelta(seconds=seconds)
+        elif item[0] == "move":
+            _, symbol, bps = item
+            assert isinstance(symbol, str) and isinstance(bps, int)
+            prices[symbol] = (prices[symbol] * (1 + D(bps) / 10_000)).quantize(D("0.01"))
+            engine.on_market("binance", symbol, prices[symbol])
+        assert engine.open_order_count() == len(orders)
+    return {"sources": sources}
+
+
+@settings(max_examples=200, deadline=None)
+@given(level_configs, level_ops)
+def test_no_approval_takes_any_levels_measure_beyond_its_limit(
+    cfg: dict[str, dict[str, object]], ops: list[tuple[object, ...]]
+) -> None:
+    run_level_flow(cfg, ops)
+
+
+def test_the_generated_level_flows_are_refused_by_every_level() -> None:
+    """The property above is only as strong as the flows it sees: over a fixed (derandomised) sample,
+    every rule refuses something at every level (default, account, strategy, symbol)."""
+    refused: set[tuple[str, str]] = set()  # (rule, level)
+
+    @settings(max_examples=300, derandomize=True, database=None, deadline=None)
+    @given(level_configs, level_ops)
+    def collect(cfg: dict[str, dict[str, object]], ops: list[tuple[object, ...]]) -> None:
+        for source in run_level_flow(cfg, ops)["sources"]:
+            if source.startswith("risk.max_position_notional_by_symbol."):
+                refused.add(("max_position_notional", "symbols"))
+                continue
+            rule = source.rsplit(".", 1)[1]
+            refused.add((rule, "default" if source == f"risk.{rule}" else source.split(".")[1]))
+
+    collect()
+    rules = ("max_order_quantity", "max_order_notional", "price_band_bps")
+    rules += ("max_position_notional", "max_open_orders", "orders_per_minute")
+    missing = {(r, lv) for r in rules for lv in ("default", "accounts", "strategies", "symbols")} - refused
+    assert not missing, missing
