@@ -23,9 +23,11 @@ from meltica.domain import (
     Side,
 )
 from meltica.errors import (
+    ConfigurationError,
     ExchangeUnavailableError,
     IllegalStateTransitionError,
     NetworkError,
+    OrderNotFoundError,
     RateLimitError,
     RequestTimeoutError,
 )
@@ -808,5 +810,84 @@ def test_halt_cancels_stop_when_the_halt_is_released() -> None:
         assert len(rounds) == 2  # no third round after the release
         assert oms.order(order.client_order_id).status is OrderStatus.PENDING_CANCEL  # its fate is the venue's
         await oms.stop()
+
+    run(body)
+
+
+# --- from surviving mutants (make mutation): a failure's scope, cause and metadata ---------------------------
+
+
+class FailingPostTrade(Recorder):
+    """A risk engine whose post-trade check breaks on a fill."""
+
+    def on_fill(self, fill: Fill, *, account: str, strategy: str) -> list[Any]:
+        raise RuntimeError("exposure book corrupted")
+
+
+def test_a_failing_post_trade_check_halts_the_fills_account_only_and_names_the_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    venue, clock = make_venue()
+    venue.deposit("bob", "USDT", D(100_000))
+
+    async def body() -> None:
+        switch = KillSwitch(clock=clock)
+        venues = {"alice": venue.adapter("alice"), "bob": venue.adapter("bob")}
+        oms, _store = make_oms(venue, clock, venues=venues, risk=FailingPostTrade(), kill_switch=switch)
+        await rest_ask(venue)
+        with caplog.at_level(logging.CRITICAL):
+            order = await oms.submit(intent(order_type=OrderType.MARKET, qty="0.3"))
+        assert order.status is OrderStatus.FILLED  # the venue's fill stands
+        assert switch.effective("alice", "s1") == (KillSwitchMode.HALT, "account:alice")
+        assert switch.effective("bob", "s1")[0] is KillSwitchMode.OFF  # not every account: the fill's
+        (anomaly,) = oms.anomalies
+        assert anomaly.kind == "risk_path_failure"
+        assert anomaly.message.startswith("risk post-trade check (fill ")
+        assert anomaly.message.endswith("failed: RuntimeError: exposure book corrupted")
+        (said,) = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+        assert said == f"OMS: {anomaly.message}; halting account:alice"
+
+    run(body)
+
+
+class FailingEmulator:
+    """A local order emulator that breaks whenever it hears of an order event."""
+
+    def on_order_event(self, order: Any) -> None:
+        raise RuntimeError("emulation store unavailable")
+
+
+def test_a_failing_order_emulator_halts_the_account_without_losing_the_venue_event() -> None:
+    """While a venue event is applied, an emulator failure halts the account and records why, but the event
+    is applied all the same (raising there would drop a fill the venue made)."""
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        switch = KillSwitch(clock=clock)
+        oms, store = make_oms(venue, clock, kill_switch=switch, emulator=FailingEmulator())
+        await rest_ask(venue)
+        order = await oms.submit(intent(order_type=OrderType.MARKET, qty="0.3"))
+        assert order.status is OrderStatus.FILLED
+        assert store.orders[order.client_order_id]["status"] == "filled"
+        assert switch.effective("alice", "s1") == (KillSwitchMode.HALT, "account:alice")
+        assert {a.message for a in oms.anomalies} == {
+            "order emulator on_order_event failed: RuntimeError: emulation store unavailable"
+        }
+
+    run(body)
+
+
+def test_errors_name_the_missing_order_and_the_missing_venue() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        oms, _store = make_oms(venue, clock)
+        with pytest.raises(OrderNotFoundError) as missing:
+            oms.order("nope")
+        assert missing.value.details == {"client_order_id": "nope"}
+        assert oms.known("nope") is None
+        with pytest.raises(ConfigurationError, match="no venue configured for account 'carol'") as no_venue:
+            await oms.submit(intent(account="carol"))
+        assert no_venue.value.field == "venues"
 
     run(body)
