@@ -24,7 +24,7 @@ import pytest
 
 from meltica.emulator import (
     ADMIN_TOKEN_HEADER,
-    AccountConfig,
+    EmulatorAccount,
     EmulatorConfig,
     EmulatorServer,
     EmulatorThread,
@@ -45,7 +45,7 @@ def run(body: Callable[[], Any]) -> None:
 
 def two_accounts(**kwargs: Any) -> EmulatorConfig:
     return EmulatorConfig(
-        accounts=[AccountConfig("alice", KEY_A, SECRET_A), AccountConfig("bob", KEY_B, SECRET_B)],
+        accounts=[EmulatorAccount("alice", KEY_A, SECRET_A), EmulatorAccount("bob", KEY_B, SECRET_B)],
         initial_prices={"BTCUSDT": Decimal(40_000)},
         **kwargs,
     )
@@ -234,9 +234,12 @@ def test_cli_refuses_a_non_loopback_host_without_allow_remote(free_port: Callabl
 
 @pytest.mark.parametrize("flag", ["--api-secret", "--account"])
 def test_cli_refuses_a_secret_on_the_command_line(flag: str, free_port: Callable[[], int]) -> None:
-    value = SECRET_A if flag == "--api-secret" else f"bob:{KEY_B}:{SECRET_B}"
+    # Secrets of their own: while this refused command runs, `ps` shows them, and a test running beside it
+    # (pytest-xdist) checks that the served emulator's SECRET_A/B appear nowhere in `ps`.
+    refused = "refused-secret-0123456789"
+    value = refused if flag == "--api-secret" else f"bob:{KEY_B}:{refused}"
     argv = _cli("--port", str(free_port()), "--api-key", KEY_A, flag, value)
-    env = _clean_env(MELTICA_EMULATOR_API_SECRET=SECRET_A)
+    env = _clean_env(MELTICA_EMULATOR_API_SECRET=refused)
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "ps" in done.stderr and ("--api-secret-file" in done.stderr or "--accounts-file" in done.stderr)
