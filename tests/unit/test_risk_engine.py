@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -575,3 +576,80 @@ def test_restart_seeds_positions_from_the_portfolio() -> None:
     assert fresh.worst_case_position("main", "binance", "BTC/USDT") == (D("0.04"), D("0.04"), D("0.04"))
     assert fresh.check(intent("0.01")).approved
     assert not fresh.check(intent("0.001")).approved
+
+
+# --- from surviving mutants (make mutation): the risk path's own failures, made to happen -------------------
+
+
+class OutageRecorder(InMemoryRecorder):
+    """The breach recorder with a database outage: ``record_breach`` raises while ``down``."""
+
+    down = False
+
+    def record_breach(self, breach: Any) -> None:
+        if self.down:
+            raise ConnectionError("database unavailable")
+        super().record_breach(breach)
+
+
+def test_a_breach_the_recorder_cannot_store_halts_its_scope_and_is_stored_once_it_can(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine, portfolio, _, _ = loss_setup(daily_loss_limit=100, breach_action="reduce_only")
+    recorder = OutageRecorder()
+    engine.recorder = recorder
+    assert buy_and_fill(engine, portfolio, "0.1", "20000") == []
+    recorder.down = True
+    portfolio.mark("binance", "BTC/USDT", D(18000))
+    with caplog.at_level(logging.WARNING, logger="meltica.risk.engine"):
+        (breach,) = engine.on_market("binance", "BTC/USDT", D(18000))
+        # reduce_only was configured, but a breach that cannot be recorded halts its scope
+        state = engine.kill_switch.state_of("account:main")
+        assert state.mode is KillSwitchMode.HALT
+        assert state.reason == f"{breach.reason} (could not be recorded: ConnectionError)"
+        assert engine.unrecorded == [breach]
+        assert engine.retry_pending() == 1  # still down: it waits
+        recorder.down = False
+        assert engine.retry_pending() == 0
+    assert recorder.breaches == [breach]
+    assert engine.unrecorded == []
+    assert engine.kill_switch.state_of("account:main").mode is KillSwitchMode.HALT  # the halt stays
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("risk breach ")]
+    assert said == [
+        ("CRITICAL", f"risk breach could not be recorded (database unavailable); it is retried: {breach.reason}"),
+        ("CRITICAL", f"risk breach still not recorded (database unavailable), its halt holds: {breach.reason}"),
+        ("WARNING", f"risk breach recorded after a failed write: {breach.reason}"),
+    ]
+
+
+class BrokenLedger(Portfolio):
+    """A portfolio whose PnL cannot be computed (a corrupted ledger): the post-trade check fails for real."""
+
+    broken = False
+
+    def pnl(self, *args: Any, **kwargs: Any) -> Any:
+        if self.broken:
+            raise RuntimeError("ledger corrupted")
+        return super().pnl(*args, **kwargs)
+
+
+def test_a_post_trade_check_that_fails_halts_the_fills_account_says_why_and_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = ManualClock(T0)
+    portfolio = BrokenLedger(clock=clock)
+    engine, _, _ = make(portfolio, clock, daily_loss_limit=100)
+    order = intent("0.1", "20000")
+    assert engine.check(order).approved
+    fill = fill_of(order)
+    portfolio.apply_fill(fill, account="main", strategy="mm")
+    portfolio.broken = True
+    with caplog.at_level(logging.CRITICAL, logger="meltica.risk.engine"), pytest.raises(RuntimeError):
+        engine.on_fill(fill, account="main", strategy="mm")
+    what = f"post-trade check of fill {fill.fill_id}"
+    reason = f"risk engine failure in {what}: RuntimeError: ledger corrupted"
+    state = engine.kill_switch.state_of("account:main")
+    assert (state.mode, state.reason, state.actor) == (KillSwitchMode.HALT, reason, "risk-engine")
+    assert engine.kill_switch.state_of("global").mode is KillSwitchMode.OFF  # the fill's account, not all
+    assert f"{reason}; halting account:main" in [r.getMessage() for r in caplog.records]
+    assert not engine.check(intent("0.01", "20000")).approved
