@@ -891,3 +891,111 @@ def test_errors_name_the_missing_order_and_the_missing_venue() -> None:
         assert no_venue.value.field == "venues"
 
     run(body)
+
+
+class CancelFaults:
+    """Wraps a paper adapter: scripted failures of cancel_order, before the venue cancels ("before") or after
+    it did ("after": the answer is lost)."""
+
+    def __init__(self, inner: PaperAdapter, script: list[tuple[str, Exception]]) -> None:
+        self.inner = inner
+        self.script = script
+        self.cancels = 0
+        self.fetches = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def cancel_order(self, symbol: str, **kw: Any) -> VenueOrder:
+        self.cancels += 1
+        if self.script:
+            when, exc = self.script.pop(0)
+            if when == "after":
+                await self.inner.cancel_order(symbol, **kw)
+            raise exc
+        return await self.inner.cancel_order(symbol, **kw)
+
+    async def fetch_order(self, symbol: str, **kw: Any) -> VenueOrder:
+        self.fetches += 1
+        return await self.inner.fetch_order(symbol, **kw)
+
+
+def test_a_cancel_the_venue_refuses_leaves_the_order_open_with_the_venues_reason() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        faults = CancelFaults(venue.adapter("alice"), [("before", OrderNotFoundError("Unknown order sent."))])
+        oms, store = make_oms(venue, clock, venues={"alice": faults})
+        order = await oms.submit(intent())
+        after = await oms.cancel(order.client_order_id)
+        assert after.status is OrderStatus.OPEN  # still resting on the venue: the venue said so
+        assert (faults.cancels, faults.fetches) == (1, 1)
+        (refused,) = [e for e in store.events_of(order.client_order_id) if e["event_type"] == "cancel_rejected"]
+        assert refused["payload"]["reason"] == "order_not_found: Unknown order sent."
+        assert_row_matches(store, oms, order.client_order_id)
+
+    run(body)
+
+
+def test_a_cancel_refused_because_the_order_filled_meanwhile_ends_filled() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        faults = CancelFaults(venue.adapter("alice"), [("before", OrderNotFoundError("Unknown order sent."))])
+        oms, store = make_oms(venue, clock, venues={"alice": faults})
+        order = await oms.submit(intent(qty="0.5", price=D("40000")))
+        sell = intent(Side.SELL, OrderType.MARKET, "0.5", account="bob")
+        await venue.adapter("bob").create_order(sell, sell.client_order_id)  # the OMS has not seen this fill
+        done = await oms.cancel(order.client_order_id)
+        assert done.status is OrderStatus.FILLED and done.filled_quantity == D("0.5")
+        assert not [e for e in store.events_of(order.client_order_id) if e["event_type"] == "cancel_rejected"]
+        assert_row_matches(store, oms, order.client_order_id)
+
+    run(body)
+
+
+def test_a_cancel_whose_answer_was_lost_is_resolved_without_cancelling_twice() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        faults = CancelFaults(venue.adapter("alice"), [("after", RequestTimeoutError("cancel timed out"))])
+        oms, store = make_oms(venue, clock, venues={"alice": faults})
+        order = await oms.submit(intent())
+        done = await oms.cancel(order.client_order_id)
+        assert done.status is OrderStatus.CANCELLED
+        assert (faults.cancels, faults.fetches) == (1, 1)  # asked the venue instead of cancelling again
+        assert_row_matches(store, oms, order.client_order_id)
+
+    run(body)
+
+
+def test_a_rate_limited_cancel_is_sent_again_without_asking_first() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        faults = CancelFaults(venue.adapter("alice"), [("before", RateLimitError("too many requests"))])
+        oms, store = make_oms(venue, clock, venues={"alice": faults})
+        order = await oms.submit(intent())
+        done = await oms.cancel(order.client_order_id)
+        assert done.status is OrderStatus.CANCELLED
+        assert (faults.cancels, faults.fetches) == (2, 0)  # refused before it ran: nothing to ask about
+        assert_row_matches(store, oms, order.client_order_id)
+
+    run(body)
+
+
+def test_a_cancel_that_keeps_failing_stays_pending_cancel_and_raises() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        down = [("before", ExchangeUnavailableError("maintenance")) for _ in range(FAST.max_attempts)]
+        faults = CancelFaults(venue.adapter("alice"), down)
+        oms, store = make_oms(venue, clock, venues={"alice": faults})
+        order = await oms.submit(intent())
+        with pytest.raises(ExchangeUnavailableError):
+            await oms.cancel(order.client_order_id)
+        assert faults.cancels == FAST.max_attempts
+        assert oms.order(order.client_order_id).status is OrderStatus.PENDING_CANCEL  # recovery settles it
+        assert_row_matches(store, oms, order.client_order_id)
+
+    run(body)
