@@ -26,6 +26,7 @@ from meltica.errors import (
     ConfigurationError,
     ExchangeUnavailableError,
     IllegalStateTransitionError,
+    InvalidOrderError,
     NetworkError,
     OrderNotFoundError,
     RateLimitError,
@@ -997,5 +998,108 @@ def test_a_cancel_that_keeps_failing_stays_pending_cancel_and_raises() -> None:
         assert faults.cancels == FAST.max_attempts
         assert oms.order(order.client_order_id).status is OrderStatus.PENDING_CANCEL  # recovery settles it
         assert_row_matches(store, oms, order.client_order_id)
+
+    run(body)
+
+
+class AmendFaults(CancelFaults):
+    """Wraps a paper adapter: scripted failures of amend_order ("before" the venue acts, or "after" it did)."""
+
+    def __init__(self, inner: PaperAdapter, script: list[tuple[str, Exception]]) -> None:
+        super().__init__(inner, [])
+        self.amend_script = script
+        self.amends = 0
+
+    async def amend_order(self, symbol: str, **kw: Any) -> VenueOrder:
+        self.amends += 1
+        if self.amend_script:
+            when, exc = self.amend_script.pop(0)
+            if when == "after":
+                await self.inner.amend_order(symbol, **kw)
+            raise exc
+        return await self.inner.amend_order(symbol, **kw)
+
+
+def _replacements(store: MemoryOrderStore, parent: str) -> list[dict[str, Any]]:
+    return [r for r in store.orders.values() if r["parent_client_order_id"] == parent]
+
+
+def test_an_amend_the_venue_refuses_rejects_the_replacement_with_the_reason_and_keeps_the_original() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        faults = AmendFaults(venue.adapter("alice"), [("before", InvalidOrderError("Filter failure: PRICE_FILTER"))])
+        oms, store = make_oms(venue, clock, venues={"alice": faults})
+        order = await oms.submit(intent(qty="0.5", price=D("39000")))
+        with pytest.raises(InvalidOrderError):
+            await oms.amend(order.client_order_id, price=D("39500"))
+        (replacement,) = _replacements(store, order.client_order_id)
+        assert replacement["status"] == "rejected"
+        assert oms.order(replacement["client_order_id"]).reason == "invalid_order: Filter failure: PRICE_FILTER"
+        assert oms.order(order.client_order_id).status is OrderStatus.OPEN  # untouched on the venue
+        assert oms.order(order.client_order_id).price == D("39000")
+        for coid in (order.client_order_id, replacement["client_order_id"]):
+            assert_row_matches(store, oms, coid)
+
+    run(body)
+
+
+def test_an_amend_whose_answer_was_lost_before_the_venue_acted_drops_the_replacement_and_raises() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        faults = AmendFaults(venue.adapter("alice"), [("before", RequestTimeoutError("amend timed out"))])
+        oms, store = make_oms(venue, clock, venues={"alice": faults})
+        order = await oms.submit(intent(qty="0.5", price=D("39000")))
+        with pytest.raises(RequestTimeoutError):
+            await oms.amend(order.client_order_id, price=D("39500"))
+        (replacement,) = _replacements(store, order.client_order_id)
+        dropped = oms.order(replacement["client_order_id"])
+        assert dropped.status is OrderStatus.CANCELLED
+        cancelled = [e for e in store.events_of(dropped.client_order_id) if e["event_type"] == "cancelled"]
+        assert [e["payload"]["reason"] for e in cancelled] == ["amend failed: timeout: amend timed out"]
+        assert oms.order(order.client_order_id).status is OrderStatus.OPEN
+        on_venue = await venue.adapter("alice").fetch_open_orders(SYMBOL)
+        assert [o.client_order_id for o in on_venue] == [order.client_order_id]
+
+    run(body)
+
+
+def test_an_amend_whose_answer_was_lost_after_the_venue_replaced_takes_the_replacement() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        faults = AmendFaults(venue.adapter("alice"), [("after", RequestTimeoutError("amend timed out"))])
+        oms, store = make_oms(venue, clock, venues={"alice": faults})
+        order = await oms.submit(intent(qty="0.5", price=D("39000")))
+        moved = await oms.amend(order.client_order_id, price=D("39500"))
+        assert faults.amends == 1  # found on the venue, not sent again
+        assert moved.client_order_id != order.client_order_id
+        assert (moved.status, moved.price, moved.quantity) == (OrderStatus.OPEN, D("39500"), D("0.5"))
+        assert oms.order(order.client_order_id).status is OrderStatus.CANCELLED  # as the venue has it
+        assert store.order_row(moved.client_order_id)["parent_client_order_id"] == order.client_order_id  # type: ignore[index]
+        on_venue = await venue.adapter("alice").fetch_open_orders(SYMBOL)
+        assert [o.client_order_id for o in on_venue] == [moved.client_order_id]
+        for coid in (order.client_order_id, moved.client_order_id):
+            assert_row_matches(store, oms, coid)
+
+    run(body)
+
+
+def test_an_amend_needs_a_change_and_a_quantity_above_what_filled() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        oms, _store = make_oms(venue, clock)
+        order = await oms.submit(intent(qty="0.5", price=D("40000")))
+        with pytest.raises(InvalidOrderError, match=r"^amend needs a price or a quantity$"):
+            await oms.amend(order.client_order_id)
+        sell = intent(Side.SELL, OrderType.MARKET, "0.2", account="bob")
+        await venue.adapter("bob").create_order(sell, sell.client_order_id)
+        await oms.sync_order(order.client_order_id)
+        assert oms.order(order.client_order_id).filled_quantity == D("0.2")
+        with pytest.raises(InvalidOrderError, match=r"^new quantity 0.2 must exceed the filled 0.2"):
+            await oms.amend(order.client_order_id, quantity=D("0.2"))
+        assert not _replacements(_store, order.client_order_id)  # refused before anything was stored
 
     run(body)
