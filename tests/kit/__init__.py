@@ -1,4 +1,5 @@
-"""What many tests build, built in one place: a hand-set clock, spot instruments and logged child processes.
+"""What many tests build, built in one place: a hand-set clock, spot instruments, logged child
+processes and the risk path's stores with a database outage.
 
 ``from tests.kit import ManualClock, spot_instrument, LoggedProcess``. A test module that needs a variant
 passes parameters instead of defining its own copy (tests/unit/test_kit.py checks no module does).
@@ -6,6 +7,14 @@ passes parameters instead of defining its own copy (tests/unit/test_kit.py check
 
 from tests.kit.clock import ManualClock
 from tests.kit.instruments import spot_instrument
+from tests.kit.outages import OutageKillSwitchStore, OutageRecorder
 from tests.kit.processes import LoggedProcess, child_environment
 
-__all__ = ["LoggedProcess", "ManualClock", "child_environment", "spot_instrument"]
+__all__ = [
+    "LoggedProcess",
+    "ManualClock",
+    "OutageKillSwitchStore",
+    "OutageRecorder",
+    "child_environment",
+    "spot_instrument",
+]

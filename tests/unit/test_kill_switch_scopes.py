@@ -12,6 +12,7 @@ import pytest
 from meltica.errors import InfrastructureUnavailableError
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode
 from meltica.risk.kill_switch import KillSwitchChange, default_actor, system_clock
+from tests.kit import OutageKillSwitchStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -50,23 +51,10 @@ def test_refusals_say_what_to_do_instead() -> None:
         ks.engage("halt", "  ", "ops")
 
 
-class OutageStore(InMemoryKillSwitchStore):
-    """The in-memory store with a database outage: ``save`` raises while ``down``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.down = False
-
-    def save(self, change: KillSwitchChange) -> None:
-        if self.down:
-            raise ConnectionError("database unavailable")
-        super().save(change)
-
-
 def test_changes_made_during_an_outage_hold_and_are_stored_in_order_once_it_ends(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    store = OutageStore()
+    store = OutageKillSwitchStore()
     ks = KillSwitch(store, clock=lambda: T0)
     store.down = True
     with caplog.at_level(logging.WARNING, logger="meltica.risk.kill_switch"):
@@ -106,7 +94,7 @@ def test_changes_made_during_an_outage_hold_and_are_stored_in_order_once_it_ends
 def test_an_outage_is_said_with_the_scope_the_mode_and_the_cause(caplog: pytest.LogCaptureFixture) -> None:
     """What an operator reads during and after a database outage names the scope, the mode and the cause;
     loosening while a change waits is refused with the reason."""
-    store = OutageStore()
+    store = OutageKillSwitchStore()
     ks = KillSwitch(store, clock=lambda: T0)
     store.down = True
     with caplog.at_level(logging.WARNING, logger="meltica.risk.kill_switch"):
@@ -167,7 +155,7 @@ def test_a_change_is_stamped_by_the_switch_clock_and_the_system_clock_is_utc() -
 def test_refresh_takes_what_another_process_stored_and_tells_the_listeners() -> None:
     """``meltica kill`` in another process writes the store; a running switch's refresh takes it, tells its
     listeners only of scopes whose mode changed, and keeps its own change that is not stored yet."""
-    store = OutageStore()
+    store = OutageKillSwitchStore()
     running, other = KillSwitch(store, clock=lambda: T0), KillSwitch(store, clock=lambda: T0)
     heard: list[tuple[str, KillSwitchMode, KillSwitchMode, object]] = []
     running.subscribe(lambda c: heard.append((c.scope, c.previous.mode, c.current.mode, c.details.get("source"))))

@@ -33,7 +33,8 @@ from meltica.messaging.schemas import (
     SubmitRequest,
     VenueProgress,
 )
-from meltica.risk import Breach, InMemoryKillSwitchStore, InMemoryRecorder, KillSwitchChange, KillSwitchMode
+from meltica.risk import InMemoryKillSwitchStore, InMemoryRecorder, KillSwitchMode
+from tests.kit import OutageKillSwitchStore, OutageRecorder
 
 D = Decimal
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -404,19 +405,6 @@ def test_a_post_trade_breach_trips_the_kill_switch_and_is_published_on_control()
     assert feed(g, command) == []  # its own command coming back changes nothing
 
 
-class _OutageStore(InMemoryKillSwitchStore):
-    """A durable kill-switch store whose writes fail while ``down``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.down = False
-
-    def save(self, change: KillSwitchChange) -> None:
-        if self.down:
-            raise ConnectionError("database unavailable")
-        super().save(change)
-
-
 def _breach_on(g: RiskGate) -> list[Outgoing]:
     feed(g, candle("20000", T0 - timedelta(minutes=1)))
     buy = intent("1", "20000")
@@ -439,7 +427,7 @@ def test_a_breach_halt_is_written_to_the_durable_kill_switch_and_control_command
 
 
 def test_a_breach_halt_holds_and_is_published_while_the_durable_store_is_down_then_stored() -> None:
-    durable = _OutageStore()
+    durable = OutageKillSwitchStore()
     limits = RiskLimits.model_validate({"daily_loss_limit": "100"})
     g = RiskGate(limits, {(EX, SYM): btc()}, kill_switch_store=durable)
     durable.down = True
@@ -451,21 +439,8 @@ def test_a_breach_halt_holds_and_is_published_while_the_durable_store_is_down_th
     assert [(c.scope, c.current.mode) for c in durable.changes] == [(f"account:{ACCT}", KillSwitchMode.HALT)]
 
 
-class _OutageRecorder(InMemoryRecorder):
-    """A recorder whose breach writes fail while ``down``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.down = False
-
-    def record_breach(self, breach: Breach) -> None:
-        if self.down:
-            raise ConnectionError("database unavailable")
-        super().record_breach(breach)
-
-
 def test_a_breach_that_cannot_be_recorded_still_goes_out_on_control_and_is_recorded_later() -> None:
-    recorder = _OutageRecorder()
+    recorder = OutageRecorder()
     g = gate(recorder=recorder, daily_loss_limit="100")
     recorder.down = True
     (command,) = on(_breach_on(g), "control")  # before: the recorder's error left the handler, no command

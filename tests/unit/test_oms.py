@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal as D
@@ -894,27 +894,41 @@ def test_errors_name_the_missing_order_and_the_missing_venue() -> None:
     run(body)
 
 
-class CancelFaults:
-    """Wraps a paper adapter: scripted failures of cancel_order, before the venue cancels ("before") or after
-    it did ("after": the answer is lost)."""
+class VenueFaults:
+    """Wraps a paper adapter: scripted failures of ``cancel_order`` and ``amend_order``, each raised before the
+    venue acts ("before") or after it did ("after": the answer is lost); counts the calls."""
 
-    def __init__(self, inner: PaperAdapter, script: list[tuple[str, Exception]]) -> None:
+    def __init__(
+        self,
+        inner: PaperAdapter,
+        *,
+        cancel: Sequence[tuple[str, Exception]] = (),
+        amend: Sequence[tuple[str, Exception]] = (),
+    ) -> None:
         self.inner = inner
-        self.script = script
-        self.cancels = 0
-        self.fetches = 0
+        self.scripts = {"cancel_order": list(cancel), "amend_order": list(amend)}
+        self.cancels = self.amends = self.fetches = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    async def _call(self, method: str, symbol: str, **kw: Any) -> VenueOrder:
+        script = self.scripts[method]
+        if script:
+            when, exc = script.pop(0)
+            if when == "after":
+                await getattr(self.inner, method)(symbol, **kw)
+            raise exc
+        result: VenueOrder = await getattr(self.inner, method)(symbol, **kw)
+        return result
+
     async def cancel_order(self, symbol: str, **kw: Any) -> VenueOrder:
         self.cancels += 1
-        if self.script:
-            when, exc = self.script.pop(0)
-            if when == "after":
-                await self.inner.cancel_order(symbol, **kw)
-            raise exc
-        return await self.inner.cancel_order(symbol, **kw)
+        return await self._call("cancel_order", symbol, **kw)
+
+    async def amend_order(self, symbol: str, **kw: Any) -> VenueOrder:
+        self.amends += 1
+        return await self._call("amend_order", symbol, **kw)
 
     async def fetch_order(self, symbol: str, **kw: Any) -> VenueOrder:
         self.fetches += 1
@@ -925,7 +939,7 @@ def test_a_cancel_the_venue_refuses_leaves_the_order_open_with_the_venues_reason
     venue, clock = make_venue()
 
     async def body() -> None:
-        faults = CancelFaults(venue.adapter("alice"), [("before", OrderNotFoundError("Unknown order sent."))])
+        faults = VenueFaults(venue.adapter("alice"), cancel=[("before", OrderNotFoundError("Unknown order sent."))])
         oms, store = make_oms(venue, clock, venues={"alice": faults})
         order = await oms.submit(intent())
         after = await oms.cancel(order.client_order_id)
@@ -942,7 +956,7 @@ def test_a_cancel_refused_because_the_order_filled_meanwhile_ends_filled() -> No
     venue, clock = make_venue()
 
     async def body() -> None:
-        faults = CancelFaults(venue.adapter("alice"), [("before", OrderNotFoundError("Unknown order sent."))])
+        faults = VenueFaults(venue.adapter("alice"), cancel=[("before", OrderNotFoundError("Unknown order sent."))])
         oms, store = make_oms(venue, clock, venues={"alice": faults})
         order = await oms.submit(intent(qty="0.5", price=D("40000")))
         sell = intent(Side.SELL, OrderType.MARKET, "0.5", account="bob")
@@ -959,7 +973,7 @@ def test_a_cancel_whose_answer_was_lost_is_resolved_without_cancelling_twice() -
     venue, clock = make_venue()
 
     async def body() -> None:
-        faults = CancelFaults(venue.adapter("alice"), [("after", RequestTimeoutError("cancel timed out"))])
+        faults = VenueFaults(venue.adapter("alice"), cancel=[("after", RequestTimeoutError("cancel timed out"))])
         oms, store = make_oms(venue, clock, venues={"alice": faults})
         order = await oms.submit(intent())
         done = await oms.cancel(order.client_order_id)
@@ -974,7 +988,7 @@ def test_a_rate_limited_cancel_is_sent_again_without_asking_first() -> None:
     venue, clock = make_venue()
 
     async def body() -> None:
-        faults = CancelFaults(venue.adapter("alice"), [("before", RateLimitError("too many requests"))])
+        faults = VenueFaults(venue.adapter("alice"), cancel=[("before", RateLimitError("too many requests"))])
         oms, store = make_oms(venue, clock, venues={"alice": faults})
         order = await oms.submit(intent())
         done = await oms.cancel(order.client_order_id)
@@ -990,7 +1004,7 @@ def test_a_cancel_that_keeps_failing_stays_pending_cancel_and_raises() -> None:
 
     async def body() -> None:
         down = [("before", ExchangeUnavailableError("maintenance")) for _ in range(FAST.max_attempts)]
-        faults = CancelFaults(venue.adapter("alice"), down)
+        faults = VenueFaults(venue.adapter("alice"), cancel=down)
         oms, store = make_oms(venue, clock, venues={"alice": faults})
         order = await oms.submit(intent())
         with pytest.raises(ExchangeUnavailableError):
@@ -1002,24 +1016,6 @@ def test_a_cancel_that_keeps_failing_stays_pending_cancel_and_raises() -> None:
     run(body)
 
 
-class AmendFaults(CancelFaults):
-    """Wraps a paper adapter: scripted failures of amend_order ("before" the venue acts, or "after" it did)."""
-
-    def __init__(self, inner: PaperAdapter, script: list[tuple[str, Exception]]) -> None:
-        super().__init__(inner, [])
-        self.amend_script = script
-        self.amends = 0
-
-    async def amend_order(self, symbol: str, **kw: Any) -> VenueOrder:
-        self.amends += 1
-        if self.amend_script:
-            when, exc = self.amend_script.pop(0)
-            if when == "after":
-                await self.inner.amend_order(symbol, **kw)
-            raise exc
-        return await self.inner.amend_order(symbol, **kw)
-
-
 def _replacements(store: MemoryOrderStore, parent: str) -> list[dict[str, Any]]:
     return [r for r in store.orders.values() if r["parent_client_order_id"] == parent]
 
@@ -1028,7 +1024,8 @@ def test_an_amend_the_venue_refuses_rejects_the_replacement_with_the_reason_and_
     venue, clock = make_venue()
 
     async def body() -> None:
-        faults = AmendFaults(venue.adapter("alice"), [("before", InvalidOrderError("Filter failure: PRICE_FILTER"))])
+        refused = InvalidOrderError("Filter failure: PRICE_FILTER")
+        faults = VenueFaults(venue.adapter("alice"), amend=[("before", refused)])
         oms, store = make_oms(venue, clock, venues={"alice": faults})
         order = await oms.submit(intent(qty="0.5", price=D("39000")))
         with pytest.raises(InvalidOrderError):
@@ -1048,7 +1045,7 @@ def test_an_amend_whose_answer_was_lost_before_the_venue_acted_drops_the_replace
     venue, clock = make_venue()
 
     async def body() -> None:
-        faults = AmendFaults(venue.adapter("alice"), [("before", RequestTimeoutError("amend timed out"))])
+        faults = VenueFaults(venue.adapter("alice"), amend=[("before", RequestTimeoutError("amend timed out"))])
         oms, store = make_oms(venue, clock, venues={"alice": faults})
         order = await oms.submit(intent(qty="0.5", price=D("39000")))
         with pytest.raises(RequestTimeoutError):
@@ -1069,7 +1066,7 @@ def test_an_amend_whose_answer_was_lost_after_the_venue_replaced_takes_the_repla
     venue, clock = make_venue()
 
     async def body() -> None:
-        faults = AmendFaults(venue.adapter("alice"), [("after", RequestTimeoutError("amend timed out"))])
+        faults = VenueFaults(venue.adapter("alice"), amend=[("after", RequestTimeoutError("amend timed out"))])
         oms, store = make_oms(venue, clock, venues={"alice": faults})
         order = await oms.submit(intent(qty="0.5", price=D("39000")))
         moved = await oms.amend(order.client_order_id, price=D("39500"))

@@ -22,7 +22,7 @@ from meltica.risk import (
     KillSwitchMode,
     RiskEngine,
 )
-from tests.kit import ManualClock
+from tests.kit import ManualClock, OutageRecorder
 
 D = Decimal
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -579,17 +579,6 @@ def test_restart_seeds_positions_from_the_portfolio() -> None:
 
 
 # --- from surviving mutants (make mutation): the risk path's own failures, made to happen -------------------
-
-
-class OutageRecorder(InMemoryRecorder):
-    """The breach recorder with a database outage: ``record_breach`` raises while ``down``."""
-
-    down = False
-
-    def record_breach(self, breach: Any) -> None:
-        if self.down:
-            raise ConnectionError("database unavailable")
-        super().record_breach(breach)
 
 
 def test_a_breach_the_recorder_cannot_store_halts_its_scope_and_is_stored_once_it_can(
