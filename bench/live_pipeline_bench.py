@@ -42,6 +42,7 @@ import functools
 import json
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -821,7 +822,7 @@ async def drive_latency(
                             submitted[rid] = (created, now, str(value.order.status))
 
     consumer_task = asyncio.create_task(consume())
-    achieved = worker_cpu = 0.0
+    achieved = worker_cpu = t_start = cpu_start = cpu_per_bar_ms = 0.0
     load_before = loadavg()
     topic = catalogue.topic_name(CANDLES_TOPIC)
 
@@ -851,8 +852,9 @@ async def drive_latency(
                 warm_minutes += 1
                 await send_bars(bar, 1000.0, record=False)
                 await asyncio.sleep(0.2)
-        warm = bench_bars(int(rate), symbols, warm_minutes)
-        await send_bars(warm, rate, record=False)
+        warm_rate = min(rate, 500.0)  # a burst's warm-up at a rate the worker takes
+        warm = bench_bars(int(warm_rate), symbols, warm_minutes)
+        await send_bars(warm, warm_rate, record=False)
         async with asyncio.timeout(60):
             while True:
                 before = counts["intents"] + counts["updates"]
@@ -868,12 +870,18 @@ async def drive_latency(
         achieved = len(measured) / sending
         worker_cpu = (process_cpu_seconds(worker.pid) - cpu_start) / sending  # share of one core while sending
         wanted = set(sent_at)
+        answered = 0
         async with asyncio.timeout(drain_seconds):
             while True:
                 done = {intent_of[r] for r in submitted if r in intent_of} & wanted
+                if len(done) > answered:
+                    # the worker's CPU per measured bar, from the first measured bar sent until the last answer
+                    # seen: steadier than latency on a shared machine, and what bounds the rate it takes
+                    answered = len(done)
+                    cpu_per_bar_ms = (process_cpu_seconds(worker.pid) - cpu_start) * 1000 / len(sent_at)
                 if len(done) >= len(wanted):
                     break
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.05)
     except TimeoutError:
         pass
     finally:
@@ -898,10 +906,16 @@ async def drive_latency(
             intent_to_submit.append((sub_created - created) * 1000)
             recv_submit.append((sub_received - t_send) * 1000)
             statuses[status] = statuses.get(status, 0) + 1
+    # what one worker answers per second: measured bars answered / (last answer's CreateTime - first bar sent);
+    # meaningful when the bars are sent faster than it answers (a burst, e.g. default@20000)
+    answered_at = [submitted[r][0] for r, bar in intent_of.items() if r in submitted and bar in sent_at]
+    capacity = len(answered_at) / (max(answered_at) - min(sent_at.values())) if len(answered_at) > 1 else 0.0
     return {
         "bars": len(sent_at),
         "rate_achieved": achieved,
         "worker_cpu": worker_cpu,
+        "worker_cpu_ms_per_bar": cpu_per_bar_ms,
+        "capacity_bars_per_s": capacity,
         "load_before": load_before,
         "load_after": loadavg(),
         "rate": rate,
@@ -977,7 +991,9 @@ def run_latency(bootstrap: str, setting: LatencySetting, symbols: int, rate: flo
                 cwd=tmp, env=worker_env(), stdout=log_file, stderr=subprocess.STDOUT,
             )  # fmt: skip
             try:
-                result = asyncio.run(drive_latency(bootstrap, prefix, symbols, rate, seconds, worker))
+                # a burst (a rate far above what one worker answers) drains at a few hundred bars/s
+                drain = max(10.0, rate * seconds / 150)
+                result = asyncio.run(drive_latency(bootstrap, prefix, symbols, rate, seconds, worker, drain))
             finally:
                 if worker.poll() is None:
                     worker.send_signal(signal.SIGTERM)
@@ -1002,6 +1018,132 @@ def run_latency(bootstrap: str, setting: LatencySetting, symbols: int, rate: flo
     if not result["matched_submissions"]:
         result["worker_log_tail"] = log_tail
     return result
+
+
+def run_capacity(bootstrap: str, setting: LatencySetting, symbols: int, bars: int) -> dict[str, Any]:
+    """What one pipeline worker answers per second and its CPU per bar: ``bars`` bars are in ``md.candles.1m``
+    before the worker starts; from its first submission to its last (CreateTimes), and its CPU in between
+    (per bar: steady on a shared machine, unlike the wall-clock rate)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from meltica.messaging import Catalogue, Codec
+    from meltica.messaging.admin import create_topics
+    from meltica.messaging.catalogue import market_key
+    from meltica.messaging.schemas import OrderUpdate
+
+    prefix = new_prefix("cap")
+    catalogue = Catalogue(prefix=prefix)
+    create_topics(bootstrap, catalogue)
+    codec = Codec(catalogue)
+    series = bench_bars(bars, symbols)
+    expected = sum(1 for i in range(bars) if (i // symbols) % setting.every == 0)
+
+    async def publish() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        await producer.start()
+        try:
+            topic = catalogue.topic_name(CANDLES_TOPIC)
+            futures = [
+                await producer.send(
+                    topic, value=codec.encode(CANDLES_TOPIC, bar), key=market_key(bar.exchange, bar.symbol).encode()
+                )
+                for bar in series
+            ]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    async def watch(worker: subprocess.Popen[bytes]) -> dict[str, Any]:
+        consumer = AIOKafkaConsumer(
+            catalogue.topic_name("orders.events"), catalogue.topic_name("orders.rejected"), bootstrap_servers=bootstrap,
+            auto_offset_reset="earliest", group_id=None, fetch_max_wait_ms=20, enable_auto_commit=False,
+        )  # fmt: skip
+        rejected_topic = catalogue.topic_name("orders.rejected")
+        rejections: dict[str, int] = {}
+        await consumer.start()
+        seen: set[str] = set()
+        first = last = None  # (CreateTime, worker CPU seconds) at the first and last submission
+        try:
+            async with asyncio.timeout(120.0 + expected / 50):  # a worker starts in seconds, a minute when busy
+                while len(seen) + sum(rejections.values()) < expected:
+                    if worker.poll() is not None:
+                        raise RuntimeError(f"worker exited with {worker.returncode}")
+                    batch = await consumer.getmany(timeout_ms=100)
+                    cpu = process_cpu_seconds(worker.pid)
+                    for tp, records in batch.items():
+                        if tp.topic == rejected_topic:
+                            for rec in records:
+                                reason = str(getattr(codec.decode("orders.rejected", rec.value), "reason", "?"))
+                                rejections[reason] = rejections.get(reason, 0) + 1
+                            continue
+                        for rec in records:
+                            value = codec.decode("orders.events", rec.value)
+                            if isinstance(value, OrderUpdate) and value.order.client_order_id not in seen:
+                                seen.add(value.order.client_order_id)
+                                if first is None:
+                                    first = (rec.timestamp / 1000.0, cpu)
+                                last = (rec.timestamp / 1000.0, cpu)
+        except TimeoutError:
+            pass
+        finally:
+            await consumer.stop()
+        out: dict[str, Any] = {"submitted": len(seen), "expected": expected, "rejected": rejections}
+        if first is not None and last is not None and last[0] > first[0]:
+            share = (len(seen) - 1) / expected  # of the bars, those handled between the first and last answer
+            out["orders_per_s"] = (len(seen) - 1) / (last[0] - first[0])
+            out["bars_per_s"] = out["orders_per_s"] * bars / expected
+            out["cpu_ms_per_bar"] = (last[1] - first[1]) * 1000 / (bars * share)
+        return out
+
+    asyncio.run(publish())
+    config = {
+        "app_id": f"{prefix}pipeline",
+        "bootstrap": bootstrap,
+        "topic_prefix": prefix,
+        "factory": "live_pipeline_bench:bench_processors",
+        "stats_interval": 2.0,
+        "confirm_outputs": setting.confirm_outputs,
+        "batch_inputs": setting.batch_inputs,
+        "hand_over": setting.hand_over,
+        "fetch_max_wait_ms": setting.fetch_max_wait_ms,
+        "faust": dict(setting.faust),
+        "params": {"pipeline": pipeline_config(symbols, setting.every), "stages": ["strategies", "risk", "execution"]},
+    }
+    with tempfile.TemporaryDirectory(prefix="meltica-bench-") as tmp:
+        config_path = Path(tmp) / "worker.json"
+        config_path.write_text(json.dumps(config), encoding="utf-8")
+        log_file = (Path(tmp) / "worker.log").open("wb")
+        worker = subprocess.Popen(
+            [python(), "-m", "streams.worker", "--config", str(config_path), "--log-level", "WARNING"],
+            cwd=tmp, env=worker_env(), stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        load_before = loadavg()
+        try:
+            result = asyncio.run(watch(worker))
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            log_file.close()
+            if os.environ.get("MELTICA_BENCH_WORKER_LOG"):
+                shutil.copyfile(Path(tmp) / "worker.log", os.environ["MELTICA_BENCH_WORKER_LOG"])
+        if not result["submitted"]:
+            result["worker_log_tail"] = (Path(tmp) / "worker.log").read_text(errors="replace")[-3000:]
+            print(f"   [{setting.name}] nothing submitted; worker log tail:\n{result['worker_log_tail']}")
+    return result | {"setting": setting.name, "bars": bars, "symbols": symbols, "load": load_before}
+
+
+def print_capacity(results: list[dict[str, Any]]) -> None:
+    print("\n   capacity: bars preloaded, one worker (strategies + risk + execution) answers as fast as it can")
+    print(f"   {'setting':<22} {'bars':>7} {'submitted':>10} {'bars/s':>8} {'orders/s':>9} {'CPU ms/bar':>10}  load")
+    for r in results:
+        print(f"   {r['setting']:<22} {r['bars']:>7,} {r['submitted']:>5,}/{r['expected']:<5,}"
+              f"{r.get('bars_per_s', float('nan')):>8,.0f} {r.get('orders_per_s', float('nan')):>9,.0f} "
+              f"{r.get('cpu_ms_per_bar', float('nan')):>10.3f}  {r['load'].split()[0]}"
+              + (f"  rejected: {r['rejected']}" if r.get("rejected") else ""))  # fmt: skip
 
 
 def summary(values: list[float]) -> str:
@@ -1049,13 +1191,14 @@ def print_latency_goals(results: list[dict[str, Any]]) -> None:
     """The curve (bar sent → submission per setting and rate) and the issue's goals, met or not."""
     print("\n   curve: bar sent → submission (CreateTime), ms; 'answered' = measured bars submitted within the drain")
     print(f"   {'setting':<22} {'rate/s':>7} {'achieved':>9} {'answered':>9} {'p50':>8} {'p99':>8} {'max':>8} "
-          f"{'worker CPU':>10}  load")  # fmt: skip
+          f"{'worker CPU':>10} {'CPU ms/bar':>10} {'answers/s':>9}  load")  # fmt: skip
     for r in results:
         values = r["event_to_submit_ms"]
         answered = f"{len(values)}/{r['bars']}"
         print(f"   {r['setting']:<22} {r['rate']:>7,.0f} {r['rate_achieved']:>9,.0f} {answered:>9} "
               f"{pct(values, 50):>8.2f} {pct(values, 99):>8.2f} {max(values, default=float('nan')):>8.2f} "
-              f"{r.get('worker_cpu', float('nan')):>9.0%}  {r['load_before'].split()[0]}")  # fmt: skip
+              f"{r.get('worker_cpu', float('nan')):>9.0%} {r.get('worker_cpu_ms_per_bar', float('nan')):>10.3f} "
+              f"{r.get('capacity_bars_per_s', float('nan')):>9,.0f}  {r['load_before'].split()[0]}")  # fmt: skip
     for rate in (100.0, 1000.0):
         runs = [r for r in results if r["setting"] == "default" and r["rate"] == rate]
         if not runs:
@@ -1086,6 +1229,10 @@ def main() -> None:
     parser.add_argument(
         "--runs", help=f"latency runs SETTING@RATE,... (settings: {','.join(SETTINGS)}; rate default --rate)"
     )
+    parser.add_argument(
+        "--capacity", help="capacity runs SETTING,... (bars preloaded, the worker as fast as it can: default,every-10)"
+    )
+    parser.add_argument("--capacity-bars", type=int, default=5000, help="bars per capacity run (default 5000)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true", help="skip the one vs two workers part")
@@ -1135,30 +1282,37 @@ def main() -> None:
           f"load {loadavg()}")  # fmt: skip
     print("peers: none of backtrader / NautilusTrader / vectorbt has a Kafka path; baselines are in-repo")
     report: dict[str, Any] = {}
-    if not args.skip_throughput:
-        report["throughput"] = run_throughput(bootstrap, trades, args.variants.split(","))
-        print_throughput(report["throughput"])
-        if not args.skip_scaling:
-            report["scaling"] = run_scaling(bootstrap, trades)
-            print_scaling(report["scaling"])
-    if not args.skip_latency:
-        print(f"\n== 2. latency at a steady rate of bars ({args.symbols} markets), one worker "
-              "(strategies + risk + execution, paper venue, live mode)")  # fmt: skip
-        per_bar = pipeline_bus_baseline(args.symbols)
-        print(f"   in-repo baseline, no Kafka: strategies + risk + execution on the in-memory bus, order on every bar: "
-              f"{per_bar:.3f} ms/bar ({1000 / per_bar:,.0f} bars/s on one core)")  # fmt: skip
-        report["pipeline_bus_ms_per_bar"] = per_bar
-        results = [run_latency(bootstrap, setting, args.symbols, rate, seconds) for setting, rate in runs]
-        print_latency(results)
-        print_latency_goals(results)
-        report["latency"] = [
-            {k: v for k, v in r.items() if not k.endswith("_ms")}
-            | {k: {"p50": pct(v, 50), "p99": pct(v, 99), "max": max(v, default=float("nan")),
-                   "mean": statistics.fmean(v) if v else float("nan")} for k, v in r.items() if k.endswith("_ms")}
-            for r in results
-        ]  # fmt: skip
-    print(f"\nload at end {loadavg()}")
-    delete_bench_topics(bootstrap)
+    try:
+        if not args.skip_throughput:
+            report["throughput"] = run_throughput(bootstrap, trades, args.variants.split(","))
+            print_throughput(report["throughput"])
+            if not args.skip_scaling:
+                report["scaling"] = run_scaling(bootstrap, trades)
+                print_scaling(report["scaling"])
+        if args.capacity:
+            print(f"\n== 3. capacity of one pipeline worker ({args.symbols} markets)")
+            names = args.capacity.split(",")
+            report["capacity"] = [run_capacity(bootstrap, SETTINGS[n], args.symbols, args.capacity_bars) for n in names]
+            print_capacity(report["capacity"])
+        if not args.skip_latency:
+            print(f"\n== 2. latency at a steady rate of bars ({args.symbols} markets), one worker "
+                  "(strategies + risk + execution, paper venue, live mode)")  # fmt: skip
+            per_bar = pipeline_bus_baseline(args.symbols)
+            print("   in-repo baseline, no Kafka: the three stages on the in-memory bus, an order on every bar: "
+                  f"{per_bar:.3f} ms/bar ({1000 / per_bar:,.0f} bars/s on one core)")  # fmt: skip
+            report["pipeline_bus_ms_per_bar"] = per_bar
+            results = [run_latency(bootstrap, setting, args.symbols, rate, seconds) for setting, rate in runs]
+            print_latency(results)
+            print_latency_goals(results)
+            report["latency"] = [
+                {k: v for k, v in r.items() if not k.endswith("_ms")}
+                | {k: {"p50": pct(v, 50), "p99": pct(v, 99), "max": max(v, default=float("nan")),
+                       "mean": statistics.fmean(v) if v else float("nan")} for k, v in r.items() if k.endswith("_ms")}
+                for r in results
+            ]  # fmt: skip
+        print(f"\nload at end {loadavg()}")
+    finally:
+        delete_bench_topics(bootstrap)  # also after a failed part: stale topics slow every client's metadata
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
 

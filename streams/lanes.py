@@ -100,19 +100,20 @@ def _patch_consumer_factory() -> None:
 
 
 class SentRecord(NamedTuple):
-    """An output as it was sent (logical topic, encoded key and value, headers)."""
+    """An output as it was sent (logical topic, encoded key and value, headers) and the model it encodes."""
 
     topic: str
     key: bytes
     value: bytes
     headers: list[tuple[str, Any]]
+    model: Any = None
 
 
 class LocalRecord:
     """A record this worker sent and the broker acknowledged, handed to a lane in-process: what a lane reads
     of a fetched message."""
 
-    __slots__ = ("headers", "key", "offset", "partition", "timestamp", "topic", "tp", "value")
+    __slots__ = ("headers", "key", "model", "offset", "partition", "timestamp", "topic", "tp", "value")
 
     def __init__(self, tp: Any, offset: int, timestamp: float, sent: SentRecord) -> None:
         self.tp = tp
@@ -123,6 +124,12 @@ class LocalRecord:
         self.key = sent.key
         self.value = sent.value
         self.headers = sent.headers
+        # the model the sender encoded into ``value`` (frozen, so shared as is): the reading lane does not decode
+        # the bytes again. None when unknown: then the bytes are decoded, as for a fetched record.
+        self.model = sent.model
+
+
+_UNDECODED = object()
 
 
 class _ChangelogSource:
@@ -140,6 +147,7 @@ class BatchLanes:
     def __init__(self, runtime: WorkerRuntime, *, hand_over: bool = True) -> None:
         self.runtime = runtime
         self.agents_of: dict[str, list[ProcessorAgent]] = {}
+        self.shared_topics: set[str] = set()  # physical topics more than one lane reads
         self.batches = 0
         self.records = 0
         self.hand_over = hand_over and runtime.confirm_outputs  # offsets are known only from the acks
@@ -154,6 +162,9 @@ class BatchLanes:
         self._acks: list[Any] = []
         self._last_checkpoint = time.perf_counter()
         self.checkpoints = 0
+        # a fetched record several lanes read is decoded once: id(message) → model (None: dead-lettered),
+        # for the fetch being delivered
+        self._decoded: dict[int, Any] = {}
 
     def forget(self) -> None:
         """Drop what was handed over (a new assignment): from now on every record is fetched first."""
@@ -164,6 +175,7 @@ class BatchLanes:
     def add(self, agent: ProcessorAgent) -> None:
         for physical in agent.partitions_of:
             self.agents_of.setdefault(physical, []).append(agent)
+        self.shared_topics = {topic for topic, agents in self.agents_of.items() if len(agents) > 1}
 
     def takes(self, topic: str) -> bool:
         return topic in self.agents_of
@@ -199,10 +211,13 @@ class BatchLanes:
                     by_agent.setdefault(agent, []).extend(fresh)
             if not sole:
                 shared.extend(fresh)
-        for agent, messages in by_agent.items():
-            if not await self.handle_batch(agent, messages):
-                self.forget()
-                return
+        try:
+            for agent, messages in by_agent.items():
+                if not await self.handle_batch(agent, messages):
+                    self.forget()
+                    return
+        finally:
+            self._decoded.clear()
         # what the lanes handed each other waits until every lane handled this fetch: a stage never sees an
         # output before the inputs fetched with what caused it (the risk gate has the bar's price when the
         # strategy's intent on that bar reaches it), as when the output is fetched
@@ -317,6 +332,8 @@ class BatchLanes:
         processor = agent.processor
         stats = agent.stats
         next_offset = self.next_offset
+        decoded = self._decoded
+        shared = self.shared_topics
         chunk = _Chunk()
         for message in messages:
             if runtime.stopping:
@@ -327,14 +344,28 @@ class BatchLanes:
             raw_key = message.key
             chunk.messages.append(message)
             next_offset[(agent, message.tp)] = message.offset + 1
-            model = await topics.dead_letters.decode_or_dead_letter(
-                logical,
-                message.value,
-                key=raw_key,
-                partition=message.partition,
-                offset=message.offset,
-                physical_topic=physical,
-            )
+            if type(message) is LocalRecord and message.model is not None:
+                model = message.model
+            elif physical in shared:
+                model = decoded.get(id(message), _UNDECODED)
+                if model is _UNDECODED:
+                    model = decoded[id(message)] = await topics.dead_letters.decode_or_dead_letter(
+                        logical,
+                        message.value,
+                        key=raw_key,
+                        partition=message.partition,
+                        offset=message.offset,
+                        physical_topic=physical,
+                    )
+            else:
+                model = await topics.dead_letters.decode_or_dead_letter(
+                    logical,
+                    message.value,
+                    key=raw_key,
+                    partition=message.partition,
+                    offset=message.offset,
+                    physical_topic=physical,
+                )
             if model is None:
                 stats.dead_lettered(logical)
                 continue
