@@ -117,6 +117,18 @@ STALLED = 3
 """Exit code of a worker the stall watchdog ended."""
 
 
+STATE_RECORD_MAX_BYTES = 16 * 1024 * 1024
+"""The largest state one processor keeps for one key: it is one record of the state table's changelog. The
+producer and the changelog topics take records this large (Kafka's default is 1 MB: a strategy host holding
+thousands of unanswered orders after a backlog wrote 1.0 MB, Faust's producer buffer crashed on it and the
+worker stalled); a larger state stops the worker with :class:`StateTooLargeError`, which names the processor and key."""
+_RECORD_OVERHEAD = 64 * 1024  # key, headers and batch framing around the state
+
+
+class StateTooLargeError(RuntimeError):
+    """A processor's state for one key is larger than :data:`STATE_RECORD_MAX_BYTES`."""
+
+
 def _state_json(state: Mapping[str, Any] | None) -> bytes | None:
     if state is None:
         return None
@@ -161,6 +173,8 @@ class ProcessorAgent:
                 value_type=bytes,
                 partitions=count,
                 help=f"state of processor {self.name} (Processor.snapshot per key)",
+                # applied when Faust creates the changelog topic (an existing one keeps its own setting)
+                extra_topic_configs={"max.message.bytes": str(STATE_RECORD_MAX_BYTES + _RECORD_OVERHEAD)},
             )
             table.on_recover(self._restorer(table))
             self.tables[count] = table
@@ -287,6 +301,12 @@ class ProcessorAgent:
         table = self.tables[partitions]
         raw_key = key.encode()
         new = _state_json(self.processor.snapshot(key))
+        if new is not None and len(new) > STATE_RECORD_MAX_BYTES:
+            raise StateTooLargeError(
+                f"the state of processor {self.name} for key {key!r} is {len(new):,} bytes, more than the "
+                f"{STATE_RECORD_MAX_BYTES:,} one changelog record holds: it could not be stored, so it would be lost "
+                "at a restart"
+            )
         old = table.get(raw_key)
         if new is None:
             if old is not None:
@@ -1023,6 +1043,7 @@ def build_worker_app(
     catalogue = codec.catalogue
     settings: dict[str, Any] = {
         "table_standby_replicas": 0,  # in-memory store: a standby copy does not shorten recovery
+        "producer_max_request_size": STATE_RECORD_MAX_BYTES + _RECORD_OVERHEAD,  # a state record (see there)
     }
     settings.update(faust_settings)
     app = make_app(bootstrap, app_id, **settings)
@@ -1076,7 +1097,12 @@ def build_worker_app(
         @app.timer(CHECKPOINT_SECONDS)  # type: ignore[untyped-decorator]  # faust ships no type information
         async def checkpoint_lanes() -> None:
             if not runtime.stopping and runtime.failure is None:
-                await lanes.maybe_checkpoint()
+                try:
+                    await lanes.maybe_checkpoint()
+                except Exception as exc:  # state that cannot be stored: stop (exit 1), never run on without it
+                    log.critical("worker %s: checkpoint failed: %s", runtime.stats.key, exc, exc_info=exc)
+                    runtime.freeze_commits()
+                    runtime.fail(exc)
 
     _RUNTIMES[id(app)] = runtime
     return app
@@ -1127,8 +1153,16 @@ def _producer_state(app: faust.App) -> str:
         if queue
     }
     task = sender._sender_task
+    # a batch whose leader is unknown waits for metadata: say what the producer's metadata holds of its topic
+    unknown = {
+        tp.topic: (tp.topic in producer.client._topics, cluster.partitions_for_topic(tp.topic))
+        for tp, queue in accumulator._batches.items()
+        if queue and cluster.leader_for_partition(tp) is None
+    }
     return (
-        f"batches (count, leader, linger) {batches}; pending {len(accumulator._pending_batches)}; "
+        f"batches (count, leader, linger) {batches}; leaderless topics (asked for, partitions known) {unknown}; "
+        f"metadata of {len(cluster.topics())} topics; "
+        f"pending {len(accumulator._pending_batches)}; "
         f"in flight nodes {sorted(sender._in_flight)}; muted {sorted(str(tp) for tp in sender._muted_partitions)}; "
         f"sender {'done: ' + repr(task.exception()) if task is not None and task.done() else 'running'}"
     )

@@ -38,8 +38,10 @@ class RunningSum:
         stop_marker: str | None = None,
         hang_on_stop: bool = False,
         stall_after: int = 0,
+        pad: int = 0,
     ) -> None:
         self.delay = delay
+        self.pad = pad  # > 0: each key's state carries that many more bytes (the large-state tests)
         self.stall_after = stall_after  # > 0: the handle after that many new trades never returns (stall test)
         self.handled = 0
         self.hang_on_stop = hang_on_stop  # a stop that never returns (blocks the event loop): the watchdog test
@@ -83,9 +85,14 @@ class RunningSum:
     def snapshot(self, key: str) -> dict[str, Any] | None:
         if key not in self.sums:
             return None
-        return {"sum": str(self.sums[key]), "seen": sorted(self.seen[key])}
+        state: dict[str, Any] = {"sum": str(self.sums[key]), "seen": sorted(self.seen[key])}
+        if self.pad:
+            state["pad"] = "x" * self.pad
+        return state
 
     def restore(self, key: str, state: Mapping[str, Any]) -> None:
+        if self.pad:
+            assert len(state["pad"]) == self.pad, "the state was restored cut"
         self.sums[key] = Decimal(state["sum"])
         self.seen[key] = set(state["seen"])
         self.restored.append(key)
@@ -99,6 +106,7 @@ def factory(config: Mapping[str, Any]) -> list[RunningSum]:
             stop_marker=params.get("stop_marker"),
             hang_on_stop=bool(params.get("hang_on_stop", False)),
             stall_after=int(params.get("stall_after", 0)),
+            pad=int(params.get("pad", 0)),
         )
     ]
 

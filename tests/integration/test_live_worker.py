@@ -547,6 +547,63 @@ def test_a_worker_that_stops_handling_while_input_waits_exits_to_be_restarted(
     _assert_exactly_once_effects(_decisions(outputs, codec), trades)
 
 
+def test_a_state_larger_than_kafkas_default_record_is_stored_and_restored(
+    kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str], tmp_path: Path, workers: list[Worker]
+) -> None:
+    # One key's state is one changelog record. Kafka takes 1 MB records by default: a strategy host holding
+    # thousands of unanswered orders after a backlog wrote 1.0 MB, Faust's producer buffer crashed on it and
+    # the worker stalled. A 1.5 MB state is stored, and the restarted worker goes on from it.
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("lw") + "."
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    create_topics(bootstrap, catalogue)
+    app_id = unique_name("lw-big-state")
+    (key,) = _keys_per_partition(catalogue.spec("md.trades").partitions, 1)[:1]
+    pad = 1_500_000
+    config = _config(tmp_path, bootstrap, prefix, pad=pad)
+    outputs = TopicReader(bootstrap, catalogue.topic_name("risk.decisions"))
+    _produce_trades(bootstrap, catalogue, [(key, _trade(key, i)) for i in range(10)])
+    first = Worker(config, app_id, tmp_path / "worker1.log")
+    workers.append(first)
+    _wait(lambda: len(_changelog_state(bootstrap, app_id).get(key, {}).get("seen", [])) == 10, 90, "the stored state")
+    assert len(_changelog_state(bootstrap, app_id)[key]["pad"]) == pad
+    assert first.terminate() == 0, first.output()[-3000:]
+
+    second = Worker(config, app_id, tmp_path / "worker2.log")
+    workers.append(second)
+    _produce_trades(bootstrap, catalogue, [(key, _trade(key, i)) for i in range(10, 15)])
+    _wait(lambda: len(_decisions(outputs, codec)) >= 15, 90, "the trades after the restart")
+    # each output counts the trades seen so far: the restarted worker went on from the restored state
+    assert [d["count"] for d in _decisions(outputs, codec)] == list(range(1, 16))
+    assert "restored 1 key(s) from table toy-sum-state" in second.output(), second.output()[-3000:]
+    assert second.terminate() == 0, second.output()[-3000:]
+
+
+def test_a_state_too_large_for_one_record_stops_the_worker_and_says_why(
+    kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str], tmp_path: Path, workers: list[Worker]
+) -> None:
+    # A state that cannot be stored would be lost at the next restart: the worker stops (exit 1) and names the
+    # processor, the key and the size instead of running on without it.
+    from streams.worker import STATE_RECORD_MAX_BYTES
+
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("lw") + "."
+    catalogue = Catalogue(prefix=prefix)
+    create_topics(bootstrap, catalogue)
+    app_id = unique_name("lw-huge-state")
+    (key,) = _keys_per_partition(catalogue.spec("md.trades").partitions, 1)[:1]
+    _produce_trades(bootstrap, catalogue, [(key, _trade(key, 0))])
+    worker = Worker(_config(tmp_path, bootstrap, prefix, pad=STATE_RECORD_MAX_BYTES), app_id, tmp_path / "w.log")
+    workers.append(worker)
+    code = worker.process.wait(timeout=120)
+    log = worker.output()
+    assert code == 1, log[-3000:]
+    assert f"the state of processor toy-sum for key {key!r} is" in log, log[-3000:]
+    assert f"more than the {STATE_RECORD_MAX_BYTES:,} one changelog record holds" in log
+    assert _changelog_state(bootstrap, app_id) == {}  # nothing cut or partial was stored
+
+
 def test_two_workers_split_partitions_and_fail_over_without_loss(
     kafka_endpoint: KafkaEndpoint, unique_name: Callable[[str], str], tmp_path: Path, workers: list[Worker]
 ) -> None:
