@@ -49,9 +49,19 @@ def client_order_id_for(intent_id: str) -> str:
     128 bits of hash make a collision between two intents practically impossible, and the same intent
     always maps to the same id, which is what makes re-sending after a crash idempotent.
     """
+    cached = _CLIENT_ORDER_IDS.get(intent_id)
+    if cached is not None:
+        return cached
     if not intent_id:
         raise ValueError("intent_id must not be empty")
-    return CLIENT_ORDER_ID_PREFIX + hashlib.sha256(intent_id.encode("utf-8")).hexdigest()[:32]
+    coid = CLIENT_ORDER_ID_PREFIX + hashlib.sha256(intent_id.encode("utf-8")).hexdigest()[:32]
+    if len(_CLIENT_ORDER_IDS) >= 4096:  # a small memo: an intent's id is asked for several times in a row
+        _CLIENT_ORDER_IDS.clear()
+    _CLIENT_ORDER_IDS[intent_id] = coid
+    return coid
+
+
+_CLIENT_ORDER_IDS: dict[str, str] = {}
 
 
 # --- state machine ---------------------------------------------------------------------------

@@ -279,6 +279,19 @@ class MatchingEngine:
     def account_trades(self, account: Account, symbol: str) -> list[EngineFill]:
         return list(self._trades.get((account, symbol), []))
 
+    def has_open_orders(self, account: Account) -> bool:
+        """Whether ``account`` has any open order (``open_orders(account)`` is not empty)."""
+        return bool(self._open.get(account))
+
+    def depth(self, symbol: str, side: Side) -> Decimal:
+        """The quantity a ``side`` taker could meet now: the opposite side of ``book(symbol)``, summed."""
+        m = self._market(symbol)
+        market, user = (m.asks, m.user_asks) if side is Side.BUY else (m.bids, m.user_bids)
+        total = sum(market.levels.values(), _ZERO)
+        for queue in user.levels.values():
+            total += sum((o.visible for o in queue), _ZERO)
+        return total
+
     def last_price(self, symbol: str) -> Decimal | None:
         return self._market(symbol).last_price
 
@@ -992,6 +1005,11 @@ class MatchingEngine:
         """Opposite-side liquidity for a ``side`` taker, aggregated per price, best first."""
         users = m.user_side(side.opposite)
         liquidity = m.market_side(side.opposite)
+        if not users.levels:  # no resting user order there: the market's levels alone (as merged below)
+            levels = liquidity.levels
+            for price in liquidity.prices_best_first():
+                yield price, _ZERO + levels[price]
+            return
         buy = side is Side.BUY
         merged = heapq.merge(users.prices_best_first(), liquidity.prices_best_first(), reverse=not buy)
         previous: Decimal | None = None
