@@ -250,8 +250,14 @@ class OrderTrackingContext(IntentingContext):
         order = Order.from_intent(intent).apply(submitted)
         self._announced.add(coid)
         self._track(order)
-        self._pending.append(partial(self.strategy.on_order, order))
+        self._queue_on_order(order)
         return coid
+
+    def _queue_on_order(self, order: Order) -> None:
+        """Queue the strategy's ``on_order(order)`` — unless it is ``Strategy``'s own, which does nothing."""
+        callback = self.strategy.on_order
+        if getattr(callback, "__func__", None) is not Strategy.on_order:
+            self._pending.append(partial(callback, order))
 
     def _send_amend(self, client_order_id: str, price: Decimal | None, quantity: Decimal | None, carrier: str) -> None:
         """Hand an amendment on; ``carrier`` is the client order id the strategy was told will carry it."""
@@ -307,7 +313,7 @@ class OrderTrackingContext(IntentingContext):
             self._pending.append(partial(self._deliver_fill, fill))
         if order.status is OrderStatus.REJECTED:
             self.rejections.append(order)
-        self._pending.append(partial(self.strategy.on_order, order))
+        self._queue_on_order(order)
 
     def _deliver_fill(self, fill: Fill) -> None:
         self._positions.pop(fill.symbol, None)

@@ -96,10 +96,11 @@ class DomainModel(BaseModel):
 
 
 _M = TypeVar("_M", bound=BaseModel)
-_CONSTRUCT_SPECS: dict[type[BaseModel], tuple[tuple[str, ...], dict[str, Any]]] = {}
+_CONSTRUCT_SPECS: dict[type[BaseModel], tuple[dict[str, Any], frozenset[str]]] = {}
 
 
-def _construct_spec(cls: type[BaseModel]) -> tuple[tuple[str, ...], dict[str, Any]]:
+def _construct_spec(cls: type[BaseModel]) -> tuple[dict[str, Any], frozenset[str]]:
+    """``(every field in order -> its static default or None, the fields that must be given)``."""
     spec = _CONSTRUCT_SPECS.get(cls)
     if spec is None:
         fields = cls.model_fields
@@ -110,9 +111,10 @@ def _construct_spec(cls: type[BaseModel]) -> tuple[tuple[str, ...], dict[str, An
             or any(f.alias is not None or f.validation_alias is not None for f in fields.values())
         ):
             raise TypeError(f"construct: {cls.__name__} needs pydantic's model_construct")
-        # Static defaults only: a field with a default factory must be given.
-        defaults = {n: f.default for n, f in fields.items() if not f.is_required() and f.default_factory is None}
-        spec = _CONSTRUCT_SPECS[cls] = (tuple(fields), defaults)
+        # Static defaults only: a field without a default, or with a default factory, must be given.
+        required = frozenset(n for n, f in fields.items() if f.is_required() or f.default_factory is not None)
+        template = {n: None if n in required else f.default for n, f in fields.items()}
+        spec = _CONSTRUCT_SPECS[cls] = (template, required)
     return spec
 
 
@@ -122,20 +124,14 @@ def construct(cls: type[_M], values: dict[str, Any]) -> _M:
     The same instance: ``__dict__`` in field order (``values`` plus the static defaults of the fields not
     given), ``model_fields_set`` the names given, no extra, no private state. For the hot paths of a
     backtest, where every value is valid by construction; ``values`` must not name unknown fields, and a
-    field with a default factory must be given (``TypeError`` otherwise)."""
-    names, defaults = _construct_spec(cls)
-    data: dict[str, Any] = {}
-    given = 0
-    for name in names:
-        if name in values:
-            data[name] = values[name]
-            given += 1
-        elif name in defaults:
-            data[name] = defaults[name]
-        elif not cls.model_fields[name].is_required():
-            raise TypeError(f"construct: {cls.__name__}.{name} has a default factory: give it")
-    if given != len(values):
-        raise TypeError(f"construct: unknown fields for {cls.__name__}: {sorted(set(values) - set(names))}")
+    field without a static default must be given (``TypeError`` otherwise)."""
+    template, required = _construct_spec(cls)
+    if not values.keys() >= required:
+        raise TypeError(f"construct: {cls.__name__} needs {sorted(required - values.keys())}")
+    data = template.copy()
+    data.update(values)  # (the keys keep the template's order)
+    if len(data) != len(template):
+        raise TypeError(f"construct: unknown fields for {cls.__name__}: {sorted(data.keys() - template.keys())}")
     model = object.__new__(cls)
     _set = object.__setattr__
     _set(model, "__dict__", data)
