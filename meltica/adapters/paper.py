@@ -90,17 +90,23 @@ PAPER_CAPABILITIES = Capabilities(
 )
 
 
+_ENGINE_TYPE = {
+    OrderType.MARKET: EngineOrderType.MARKET,
+    OrderType.STOP_MARKET: EngineOrderType.STOP_LOSS,
+    OrderType.STOP_LIMIT: EngineOrderType.STOP_LOSS_LIMIT,
+    OrderType.TAKE_PROFIT: EngineOrderType.TAKE_PROFIT,
+    OrderType.TAKE_PROFIT_LIMIT: EngineOrderType.TAKE_PROFIT_LIMIT,
+    OrderType.TRAILING_STOP: EngineOrderType.STOP_LOSS,
+}  # (LIMIT depends on post_only)
+
+
 def to_new_order(intent: OrderIntent, client_order_id: str, last_price: Decimal | None) -> NewOrder:
     """Domain intent → the engine's (Binance) vocabulary."""
-    engine_type = {
-        OrderType.MARKET: EngineOrderType.MARKET,
-        OrderType.LIMIT: EngineOrderType.LIMIT_MAKER if intent.post_only else EngineOrderType.LIMIT,
-        OrderType.STOP_MARKET: EngineOrderType.STOP_LOSS,
-        OrderType.STOP_LIMIT: EngineOrderType.STOP_LOSS_LIMIT,
-        OrderType.TAKE_PROFIT: EngineOrderType.TAKE_PROFIT,
-        OrderType.TAKE_PROFIT_LIMIT: EngineOrderType.TAKE_PROFIT_LIMIT,
-        OrderType.TRAILING_STOP: EngineOrderType.STOP_LOSS,
-    }[intent.type]
+    engine_type = (
+        (EngineOrderType.LIMIT_MAKER if intent.post_only else EngineOrderType.LIMIT)
+        if intent.type is OrderType.LIMIT
+        else _ENGINE_TYPE[intent.type]
+    )
     trailing_bps: int | None = None
     stop_price = intent.trigger_price
     if intent.type is OrderType.TRAILING_STOP:

@@ -30,7 +30,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Any, TypedDict
@@ -43,6 +43,7 @@ from meltica.domain import (
     Bar,
     Fill,
     Instrument,
+    LiquiditySide,
     Order,
     OrderAccepted,
     OrderBookSnapshot,
@@ -55,15 +56,15 @@ from meltica.domain import (
     OrderSubmitted,
     OrderType,
     Position,
-    Side,
     Trade,
     client_order_id_for,
 )
+from meltica.domain.values import construct
 from meltica.errors import InvalidOrderError, MelticaError
 from meltica.execution import OrderManager
 from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
 from meltica.execution.oms import needs_emulation
-from meltica.matching import EngineOrderStatus, FeeSchedule, FillModel
+from meltica.matching import EngineFill, EngineOrderStatus, FeeSchedule, FillModel
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, RiskConfig, RiskEngine
 from meltica.sim.clock import ManualClock
@@ -74,6 +75,7 @@ from meltica.strategies.base import OrderList, OrderListKind, Strategy
 
 _ZERO = Decimal(0)
 _FIELD_SETS: dict[frozenset[str], set[str]] = {}
+_SHARED_IDS: set[int] = set()  # id() of each set in _FIELD_SETS
 
 
 def share_fields_set(model: BaseModel) -> None:
@@ -85,9 +87,38 @@ def share_fields_set(model: BaseModel) -> None:
     shared set is never written to.
     """
     fields = model.__pydantic_fields_set__
+    if id(fields) in _SHARED_IDS:  # already the shared copy (kept alive by _FIELD_SETS: ids stay unique)
+        return
     shared = _FIELD_SETS.setdefault(frozenset(fields), fields)
-    if shared is not fields:
+    if shared is fields:
+        _SHARED_IDS.add(id(fields))
+    else:
         object.__setattr__(model, "__pydantic_fields_set__", shared)
+
+
+def _domain_fill(exchange_id: str, fill: EngineFill) -> Fill:
+    """``domain_fill`` (the validated ``Fill``) for an engine fill whose values are what validation would
+    keep as they are — positive Decimal price and quantity, a finite fee, a UTC time — else ``domain_fill``."""
+    if not (fill.price > 0 and fill.quantity > 0 and fill.commission.is_finite() and fill.time.tzinfo is UTC):
+        return domain_fill(exchange_id, fill)
+    model = construct(
+        Fill,
+        {
+            "fill_id": str(fill.trade_id),
+            "client_order_id": fill.client_order_id,
+            "exchange_order_id": str(fill.order_id),
+            "exchange": exchange_id,
+            "symbol": fill.symbol,
+            "side": fill.side,
+            "price": fill.price,
+            "quantity": fill.quantity,
+            "fee": fill.commission,
+            "fee_currency": fill.commission_asset,
+            "liquidity": LiquiditySide.MAKER if fill.is_maker else LiquiditySide.TAKER,
+            "ts": fill.time,
+        },
+    )
+    return model
 
 
 INVALID_INTENT = "INVALID_INTENT"
@@ -212,13 +243,21 @@ class OrderTrackingContext(IntentingContext):
     def _hold(self, intent: OrderIntent) -> str:
         """A new order the strategy asked for: announced now (``pending_submit``), sent at release."""
         coid = intent.client_order_id
-        order = Order.from_intent(intent).apply(
-            OrderSubmitted(event_id="submitted", client_order_id=coid, ts=self.clock.now)
-        )
+        now = self.clock.now
+        values = {"event_id": "submitted", "client_order_id": coid, "ts": now}
+        # (validated unless the values are what validation keeps as they are: a UTC time)
+        submitted = construct(OrderSubmitted, values) if now.tzinfo is UTC else OrderSubmitted(**values)
+        order = Order.from_intent(intent).apply(submitted)
         self._announced.add(coid)
         self._track(order)
-        self._pending.append(partial(self.strategy.on_order, order))
+        self._queue_on_order(order)
         return coid
+
+    def _queue_on_order(self, order: Order) -> None:
+        """Queue the strategy's ``on_order(order)`` — unless it is ``Strategy``'s own, which does nothing."""
+        callback = self.strategy.on_order
+        if getattr(callback, "__func__", None) is not Strategy.on_order:
+            self._pending.append(partial(callback, order))
 
     def _send_amend(self, client_order_id: str, price: Decimal | None, quantity: Decimal | None, carrier: str) -> None:
         """Hand an amendment on; ``carrier`` is the client order id the strategy was told will carry it."""
@@ -274,7 +313,7 @@ class OrderTrackingContext(IntentingContext):
             self._pending.append(partial(self._deliver_fill, fill))
         if order.status is OrderStatus.REJECTED:
             self.rejections.append(order)
-        self._pending.append(partial(self.strategy.on_order, order))
+        self._queue_on_order(order)
 
     def _deliver_fill(self, fill: Fill) -> None:
         self._positions.pop(fill.symbol, None)
@@ -513,15 +552,13 @@ class BacktestContext(OrderTrackingContext):
             or self._emulated_active
             or intent.account != self._account
             or intent.exchange != self._exchange
-            or engine.open_orders(intent.account)
+            or engine.has_open_orders(intent.account)
             or self.store.get(coid) is not None
             or needs_emulation(intent, PAPER_CAPABILITIES)
             or engine.instrument(intent.symbol).round_quantity(intent.quantity) != intent.quantity
         ):
             return False
-        book = engine.book(intent.symbol)
-        opposite = book.asks if intent.side is Side.BUY else book.bids
-        if sum((quantity for _, quantity in opposite), _ZERO) < intent.quantity:
+        if engine.depth(intent.symbol, intent.side) < intent.quantity:
             return False  # the book cannot fill it whole: the OMS path reports the expired remainder
         try:
             result = engine.submit(to_new_order(intent, coid, engine.last_price(intent.symbol)))
@@ -536,26 +573,30 @@ class BacktestContext(OrderTrackingContext):
             raise RuntimeError(f"direct market order {coid}: unexpected engine result {result!r}")
         now = self.clock.now
         # The events are built from values that are valid by construction (a validated intent, the
-        # engine's ids and times): ``model_construct`` skips re-validating them, nothing else differs.
-        submitted = OrderSubmitted.model_construct(event_id="submitted", client_order_id=coid, ts=now)
+        # engine's ids and times): ``construct`` (``model_construct``'s result, without its generic
+        # machinery) skips re-validating them, nothing else differs.
+        submitted = construct(OrderSubmitted, {"event_id": "submitted", "client_order_id": coid, "ts": now})
         current = Order.from_intent(intent).apply(submitted)
         self._on_stored(current, submitted)
-        accepted = OrderAccepted.model_construct(
-            event_id="accepted", client_order_id=coid, ts=now, exchange_order_id=str(order.order_id)
+        accepted = construct(
+            OrderAccepted,
+            {"event_id": "accepted", "client_order_id": coid, "ts": now, "exchange_order_id": str(order.order_id)},
         )
         current = current.apply(accepted)
         self._on_stored(current, accepted)
         exchange_id = self.venue.exchange_id
+        portfolio = self.portfolio
         for update in result.order_updates:
             if update.fill is None:
                 continue
-            fill = domain_fill(exchange_id, update.fill)
-            filled = OrderFilled.model_construct(
-                event_id=f"fill:{fill.fill_id}", client_order_id=coid, ts=fill.ts, fill=fill
+            fill = _domain_fill(exchange_id, update.fill)
+            filled = construct(
+                OrderFilled,
+                {"event_id": f"fill:{fill.fill_id}", "client_order_id": coid, "ts": fill.ts, "fill": fill},
             )
             current = current.apply(filled)
             self._on_stored(current, filled)
-            self.portfolio.apply_fill(fill, account=intent.account, strategy=intent.strategy)
+            portfolio.book_fill(fill, account=intent.account, strategy=intent.strategy)
         return True
 
     async def _cancel_now(self, client_order_id: str) -> None:

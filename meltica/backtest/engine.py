@@ -501,14 +501,17 @@ async def _drive_bars(
     timers = ctx._timers
     bar_cls = Bar
     bar_fields = _BAR_FIELDS
-    for i, ts in enumerate(ts_col):  # (iterated: ``EpochTimes`` builds each time from the previous one)
-        o = o_col[i]
-        c = c_col[i]
+    # The pydantic instance slots, stored through their own setters (what ``object.__setattr__`` does).
+    set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+    set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+    set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+    # (iterated: ``EpochTimes`` builds each time from the previous one)
+    for i, (ts, o, h, lo, c, v) in enumerate(zip(ts_col, o_col, h_col, l_col, c_col, v_col, strict=True)):
         close_time = ts + delta
         if outbox and outbox[0].arrival <= ts:
             clock.now = ts
             ctx.fill_phase = BAR_OPEN
-            step.open(symbol, o, v_col[i] if sized else None)
+            step.open(symbol, o, v if sized else None)
             await pump()
             if risk is not None:
                 portfolio.mark(exchange, symbol, o)
@@ -525,19 +528,19 @@ async def _drive_bars(
                 "timeframe": timeframe,
                 "ts": ts,
                 "open": o,
-                "high": h_col[i],
-                "low": l_col[i],
+                "high": h,
+                "low": lo,
                 "close": c,
-                "volume": v_col[i],
+                "volume": v,
             },
         )
-        set_attr(bar, "__pydantic_fields_set__", bar_fields)
-        set_attr(bar, "__pydantic_extra__", None)
-        set_attr(bar, "__pydantic_private__", None)
+        set_fields_set(bar, bar_fields)
+        set_extra(bar, None)
+        set_private(bar, None)
         clock.now = close_time
         if open_orders or ctx._emulated_active:
             ctx.fill_phase = BAR_PATH
-            step.path(symbol, o, bar.high, bar.low, c, bar.volume)
+            step.path(symbol, o, h, lo, c, v)
             await pump()
             if ctx._emulated_active:
                 await ctx.oms.on_market_data(bar)

@@ -180,27 +180,30 @@ class IntentingContext:
         qty = inst.round_quantity(quantity)
         intent_id = intent_id or self._next_intent_id()
         try:
-            return OrderIntent(
-                intent_id=intent_id,
-                account=self._account,
-                strategy=self._instance_id,
-                exchange=self.exchange,
-                symbol=symbol,
-                side=side,
-                type=type,
-                quantity=qty,
-                price=None if price is None else inst.round_price(price, side),
-                trigger_price=None if trigger_price is None else inst.round_price(trigger_price),
-                trailing_offset=trailing_offset,
-                trailing_offset_pct=trailing_offset_pct,
-                activation_price=None if activation_price is None else inst.round_price(activation_price),
-                display_quantity=None if display_quantity is None else inst.round_quantity(display_quantity),
-                post_only=post_only,
-                reduce_only=reduce_only,
-                time_in_force=time_in_force,
-                expire_at=expire_at,
-                created_at=self.now(),
-            )
+            fields: dict[str, Any] = {
+                "intent_id": intent_id,
+                "account": self._account,
+                "strategy": self._instance_id,
+                "exchange": self.exchange,
+                "symbol": symbol,
+                "side": side,
+                "type": type,
+                "quantity": qty,
+                "price": None if price is None else inst.round_price(price, side),
+                "trigger_price": None if trigger_price is None else inst.round_price(trigger_price),
+                "trailing_offset": trailing_offset,
+                "trailing_offset_pct": trailing_offset_pct,
+                "activation_price": None if activation_price is None else inst.round_price(activation_price),
+                "display_quantity": None if display_quantity is None else inst.round_quantity(display_quantity),
+                "post_only": post_only,
+                "reduce_only": reduce_only,
+                "time_in_force": time_in_force,
+                "expire_at": expire_at,
+                "created_at": self.now(),
+            }
+            # Values already of their validated types skip pydantic's pass (the same intent); others,
+            # and anything the rules refuse, are validated (the same intent, or the same error).
+            return OrderIntent.from_validated_values(fields) or OrderIntent(**fields)
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"]) or "intent"

@@ -230,12 +230,16 @@ class OrderRecord:
 
     @classmethod
     def from_order(cls, order: Order) -> OrderRecord:
-        return cls(
+        # ``cls(...)`` without the frozen ``__init__``'s per-field ``object.__setattr__`` (one per kept
+        # order): the same fields in the instance's ``__dict__``, in field order.
+        record = object.__new__(cls)
+        intent = order.intent
+        record.__dict__.update(
             client_order_id=order.client_order_id,
-            intent_id=order.intent.intent_id,
-            symbol=order.symbol,
-            side=order.side.value,
-            order_type=order.intent.type.value,
+            intent_id=intent.intent_id,
+            symbol=intent.symbol,
+            side=intent.side.value,
+            order_type=intent.type.value,
             quantity=order.quantity,
             price=order.price,
             trigger_price=order.trigger_price,
@@ -246,6 +250,7 @@ class OrderRecord:
             updated_at=order.updated_at,
             reason=order.reason,
         )
+        return record
 
 
 # --- code version and JSON -------------------------------------------------------------------

@@ -40,18 +40,43 @@ def _clean(value: Decimal) -> Decimal:
     return normal
 
 
+_SNAPPED: dict[tuple[Decimal, Decimal, str], Decimal] = {}
+_SNAPPED_MAX = 65_536
+
+
 def snap_to_step(value: Decimal, step: Decimal, rounding: str) -> Decimal:
     """``value`` rounded to a whole multiple of ``step`` (which need not be a power of ten)."""
+    # The result depends on the numeric values only (``_clean`` normalises it), and equal Decimals hash
+    # equal: a bounded memo of recent results (backtests snap the same prices and quantities over and over).
+    key = (value, step, rounding)
+    cached = _SNAPPED.get(key)
+    if cached is not None:
+        return cached
     with localcontext() as ctx:
         ctx.prec = 60  # exact for any realistic price/step, so floor never lands one step low
         steps = (value / step).to_integral_value(rounding=rounding)
-        return _clean(steps * step)
+        result = _clean(steps * step)
+    if len(_SNAPPED) >= _SNAPPED_MAX:
+        _SNAPPED.clear()
+    _SNAPPED[key] = result
+    return result
+
+
+_MULTIPLES: dict[tuple[Decimal, Decimal], bool] = {}
 
 
 def is_multiple_of(value: Decimal, step: Decimal) -> bool:
+    key = (value, step)
+    cached = _MULTIPLES.get(key)
+    if cached is not None:
+        return cached
     with localcontext() as ctx:
         ctx.prec = 60
-        return value % step == 0
+        result = value % step == 0
+    if len(_MULTIPLES) >= _SNAPPED_MAX:  # a bounded memo, as snap_to_step's
+        _MULTIPLES.clear()
+    _MULTIPLES[key] = result
+    return result
 
 
 class Instrument(DomainModel):

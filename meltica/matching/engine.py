@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
@@ -103,31 +103,52 @@ class _Order:
         return self.quantity - self.executed
 
     def snapshot(self) -> EngineOrder:
-        return EngineOrder(
-            order_id=self.order_id,
-            client_order_id=self.client_order_id,
-            account=self.account,
-            symbol=self.symbol,
-            side=self.side,
-            type=self.type,
-            time_in_force=self.tif,
-            quantity=self.quantity,
-            price=self.price if self.price is not None else _ZERO,
-            stop_price=self.stop_price if self.stop_price is not None else _ZERO,
-            trailing_delta_bps=self.trailing_delta_bps,
-            iceberg_quantity=self.iceberg if self.iceberg is not None else _ZERO,
-            quote_quantity=self.quote_quantity if self.quote_quantity is not None else _ZERO,
-            executed_quantity=self.executed,
-            cumulative_quote_quantity=self.cum_quote,
-            status=self.status,
-            time=self.time,
-            update_time=self.update_time,
-            working=self.working,
-            working_time=self.working_time,
-            trailing_time=self.trailing_time,
-            expire_at=self.expire_at,
-            self_trade_prevention=self.stp,
-        )
+        # ``EngineOrder(...)`` field by field (its frozen ``__init__`` sets each through
+        # ``object.__setattr__``; the slots' own setters are the same stores, cheaper): every order event.
+        snap = _new(EngineOrder)
+        for store, value in zip(
+            _ENGINE_ORDER_SLOTS,
+            (
+                self.order_id,
+                self.client_order_id,
+                self.account,
+                self.symbol,
+                self.side,
+                self.type,
+                self.tif,
+                self.quantity,
+                self.price if self.price is not None else _ZERO,
+                self.stop_price if self.stop_price is not None else _ZERO,
+                self.trailing_delta_bps,
+                self.iceberg if self.iceberg is not None else _ZERO,
+                self.quote_quantity if self.quote_quantity is not None else _ZERO,
+                self.executed,
+                self.cum_quote,
+                self.status,
+                self.time,
+                self.update_time,
+                self.working,
+                self.working_time,
+                self.trailing_time,
+                self.expire_at,
+                self.stp,
+            ),
+            strict=True,
+        ):
+            store(snap, value)
+        return snap
+
+
+_new = object.__new__
+_ENGINE_ORDER_SLOTS = tuple(getattr(EngineOrder, f.name).__set__ for f in fields(EngineOrder))
+"""The slot setters of ``EngineOrder``'s fields, in field order (``_Order.snapshot``)."""
+if [f.name for f in fields(EngineOrder)] != [
+    "order_id", "client_order_id", "account", "symbol", "side", "type", "time_in_force", "quantity", "price",
+    "stop_price", "trailing_delta_bps", "iceberg_quantity", "quote_quantity", "executed_quantity",
+    "cumulative_quote_quantity", "status", "time", "update_time", "working", "working_time", "trailing_time",
+    "expire_at", "self_trade_prevention",
+]:  # fmt: skip
+    raise RuntimeError("EngineOrder's fields changed: update _Order.snapshot")
 
 
 _SYNTHETIC_CACHE_SIZE = 65_536
@@ -278,6 +299,19 @@ class MatchingEngine:
 
     def account_trades(self, account: Account, symbol: str) -> list[EngineFill]:
         return list(self._trades.get((account, symbol), []))
+
+    def has_open_orders(self, account: Account) -> bool:
+        """Whether ``account`` has any open order (``open_orders(account)`` is not empty)."""
+        return bool(self._open.get(account))
+
+    def depth(self, symbol: str, side: Side) -> Decimal:
+        """The quantity a ``side`` taker could meet now: the opposite side of ``book(symbol)``, summed."""
+        m = self._market(symbol)
+        market, user = (m.asks, m.user_asks) if side is Side.BUY else (m.bids, m.user_bids)
+        total = sum(market.levels.values(), _ZERO)
+        for queue in user.levels.values():
+            total += sum((o.visible for o in queue), _ZERO)
+        return total
 
     def last_price(self, symbol: str) -> Decimal | None:
         return self._market(symbol).last_price
@@ -992,6 +1026,11 @@ class MatchingEngine:
         """Opposite-side liquidity for a ``side`` taker, aggregated per price, best first."""
         users = m.user_side(side.opposite)
         liquidity = m.market_side(side.opposite)
+        if not users.levels:  # no resting user order there: the market's levels alone (as merged below)
+            levels = liquidity.levels
+            for price in liquidity.prices_best_first():
+                yield price, _ZERO + levels[price]
+            return
         buy = side is Side.BUY
         merged = heapq.merge(users.prices_best_first(), liquidity.prices_best_first(), reverse=not buy)
         previous: Decimal | None = None

@@ -73,11 +73,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Context, Decimal, localcontext
+from functools import lru_cache
 from typing import Any, TypedDict
 
 from meltica.domain.orders import Fill
 from meltica.domain.portfolio import Balance, Position, settlement_currency
-from meltica.domain.values import DecimalLike, to_decimal
+from meltica.domain.values import DecimalLike, construct, to_decimal
 
 ACCOUNT_LEDGER = "*"
 """``Position.strategy`` of an account-level ledger (stored as ``''`` in ``position_snapshots``)."""
@@ -93,6 +94,7 @@ HoldingKey = tuple[str, str, str]  # account, exchange, asset
 # --- symbols -------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=1024)
 def split_symbol(symbol: str) -> tuple[str, str, str | None]:
     """``"BTC/USDT"`` → ``("BTC", "USDT", None)``; ``"BTC/USDT:USDT"`` → ``("BTC", "USDT", "USDT")``."""
     market, _, settle = symbol.partition(":")
@@ -247,17 +249,20 @@ class _Ledger:
         if self.checked and (avg is None or avg > 0):
             # Built from this ledger's own Decimal arithmetic, on names already validated once: the same
             # Position validation would give, without re-running it on every fill.
-            return Position.model_construct(
-                account=self.account,
-                exchange=self.exchange,
-                symbol=self.symbol,
-                strategy=self.strategy,
-                quantity=self.quantity,
-                avg_entry_price=avg,
-                realized_pnl=self.realized,
-                fees=self.fees,
-                other_fees=tuple(sorted(self.other_fees.items())),
-                fill_count=self.fill_count,
+            return construct(
+                Position,
+                {
+                    "account": self.account,
+                    "exchange": self.exchange,
+                    "symbol": self.symbol,
+                    "strategy": self.strategy,
+                    "quantity": self.quantity,
+                    "avg_entry_price": avg,
+                    "realized_pnl": self.realized,
+                    "fees": self.fees,
+                    "other_fees": tuple(sorted(self.other_fees.items())),
+                    "fill_count": self.fill_count,
+                },
             )
         position = Position(
             account=self.account,
@@ -327,6 +332,13 @@ class Portfolio:
         Returns the sub-ledger's new position. A fill seen before (same account, exchange, symbol,
         fill id and side) changes nothing and returns the current position.
         """
+        return self._book(fill, account, strategy).position()
+
+    def book_fill(self, fill: Fill, *, account: str, strategy: str) -> None:
+        """``apply_fill`` without building the position it returns (a caller that does not read it)."""
+        self._book(fill, account, strategy)
+
+    def _book(self, fill: Fill, account: str, strategy: str) -> _Ledger:
         if not account or not strategy:
             raise ValueError("account and strategy must not be empty")
         if strategy == ACCOUNT_LEDGER:
@@ -337,7 +349,7 @@ class Portfolio:
         seen = (account, fill.exchange, fill.symbol, fill.fill_id, fill.side.value)  # a self-trade: two legs
         sub = self._ledger(account, fill.exchange, fill.symbol, strategy)
         if seen in self._seen_fills:
-            return sub.position()
+            return sub
         total = self._ledger(account, fill.exchange, fill.symbol, ACCOUNT_LEDGER)
         with localcontext(_EXACT):
             sub.apply(fill)
@@ -352,7 +364,7 @@ class Portfolio:
                 self._move(account, fill.exchange, fee_currency, -fill.fee)
         self._seen_fills.add(seen)
         self._touch()
-        return sub.position()
+        return sub
 
     def mark(self, exchange: str, symbol: str, price: DecimalLike) -> None:
         """Set the mark price of a market (for unrealized PnL, exposure and equity)."""
