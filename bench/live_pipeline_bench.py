@@ -1199,18 +1199,23 @@ def print_latency_goals(results: list[dict[str, Any]]) -> None:
               f"{pct(values, 50):>8.2f} {pct(values, 99):>8.2f} {max(values, default=float('nan')):>8.2f} "
               f"{r.get('worker_cpu', float('nan')):>9.0%} {r.get('worker_cpu_ms_per_bar', float('nan')):>10.3f} "
               f"{r.get('capacity_bars_per_s', float('nan')):>9,.0f}  {r['load_before'].split()[0]}")  # fmt: skip
-    for rate in (100.0, 1000.0):
-        runs = [r for r in results if r["setting"] == "default" and r["rate"] == rate]
+    # An order on every bar is the hardest case (1,000 orders/s at 1,000 bars/s; Binance lets one account send
+    # 10 orders/s); an order on 1 bar in 10 is 1,000 market events/s with 100 orders/s.
+    cases = [("default", 100.0, "order on every bar"), ("default", 1000.0, "order on every bar"),
+             ("every-10", 1000.0, "order on 1 bar in 10: 100 orders/s")]  # fmt: skip
+    for setting, rate, what in cases:
+        runs = [r for r in results if r["setting"] == setting and r["rate"] == rate]
         if not runs:
             continue
         r = runs[-1]
         values = r["event_to_submit_ms"]
-        complete = len(values) == r["bars"] and r["bars"] > 0
+        wanted = r["bars"] // SETTINGS[setting].every
+        complete = len(values) >= wanted > 0
         p50, p99 = pct(values, 50), pct(values, 99)
         met = complete and p50 < 5.0 and p99 < 25.0
-        verdict, bars = ("MET" if met else "NOT met"), r["bars"]
-        print(f"   goal at {rate:,.0f} events/s (order on every bar): p50 < 5 ms and p99 < 25 ms, every bar "
-              f"answered: {verdict} (p50 {p50:.2f} ms, p99 {p99:.2f} ms, {len(values)}/{bars})")  # fmt: skip
+        verdict = "MET" if met else "NOT met"
+        print(f"   goal at {rate:,.0f} events/s ({what}): p50 < 5 ms and p99 < 25 ms, every order "
+              f"answered: {verdict} (p50 {p50:.2f} ms, p99 {p99:.2f} ms, {len(values)}/{wanted})")  # fmt: skip
 
 
 # --- main ----------------------------------------------------------------------------------------------
