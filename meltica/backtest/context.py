@@ -2,10 +2,10 @@
 
 A strategy's requests go through the real ``OrderManager`` (write-ahead into a ``MemoryOrderStore``,
 risk check by the real ``RiskEngine`` when limits are configured, ``LocalOrderEmulator`` for order lists
-and order types the venue lacks) to a ``PaperAdapter`` on a ``PaperVenue`` (``meltica.sim.venue
+and order types the venue lacks) to a ``InProcessAdapter`` on a ``InProcessVenue`` (``meltica.sim.venue
 .SimulatedVenue``) — whose ``MatchingEngine`` is the one the emulator and paper trading use. Only the clock
 (a ``ManualClock``) and the way the venue's user stream is delivered differ from live: the stream is
-pumped synchronously into the OMS right after every venue call (``StreamingPaperAdapter``), which is one
+pumped synchronously into the OMS right after every venue call (``SettlingInProcessAdapter``), which is one
 of the interleavings live allows.
 
 No look-ahead (the rule the live pipeline's lock-step mode keeps too): every request a
@@ -37,7 +37,13 @@ from typing import Any, TypedDict
 
 from pydantic import BaseModel
 
-from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue, domain_fill, to_new_order
+from meltica.adapters.in_process import (
+    IN_PROCESS_CAPABILITIES,
+    InProcessAdapter,
+    InProcessVenue,
+    domain_fill,
+    to_new_order,
+)
 from meltica.backtest.intents import IntentingContext, Timer
 from meltica.domain import (
     Bar,
@@ -109,8 +115,8 @@ class InvalidIntent:
 class Wiring:
     """The live objects a backtest runs on (exposed for tests and tools)."""
 
-    venue: PaperVenue
-    adapter: PaperAdapter
+    venue: InProcessVenue
+    adapter: InProcessAdapter
     oms: OrderManager
     store: NotifyingOrderStore
     portfolio: Portfolio
@@ -352,7 +358,7 @@ class BacktestContext(OrderTrackingContext):
             clock,
             self.oms.submit_native,
             self.oms.cancel,
-            capabilities={account: PAPER_CAPABILITIES},
+            capabilities={account: IN_PROCESS_CAPABILITIES},
             instruments=by_key,
         )
         self.oms.emulator = self.emulator
@@ -515,7 +521,7 @@ class BacktestContext(OrderTrackingContext):
             or intent.exchange != self._exchange
             or engine.open_orders(intent.account)
             or self.store.get(coid) is not None
-            or needs_emulation(intent, PAPER_CAPABILITIES)
+            or needs_emulation(intent, IN_PROCESS_CAPABILITIES)
             or engine.instrument(intent.symbol).round_quantity(intent.quantity) != intent.quantity
         ):
             return False

@@ -15,8 +15,7 @@ from meltica.domain.values import utc_to_ms
 from meltica.emulator import binance_format
 from meltica.emulator.binance_format import f8
 from meltica.emulator.errors import BinanceError
-from meltica.emulator.market import Kline, SymbolMarket, interval_ms, plain
-from meltica.emulator.market import PublicTrade as MarketTrade
+from meltica.emulator.market import Kline, MarketTrade, SymbolMarket, interval_ms, plain
 from meltica.emulator.streams import StreamHub
 from meltica.emulator.symbols import SymbolSpec
 from meltica.emulator.tickers import book_ticker_event, ticker_24h, ticker_events

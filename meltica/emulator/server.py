@@ -58,13 +58,12 @@ from meltica.emulator.core import MarketTimeConflictError
 from meltica.emulator.errors import BinanceError
 from meltica.emulator.faults import Faults
 from meltica.emulator.limits import RateLimiter, request_weight
-from meltica.emulator.market import PublicTrade as MarketTrade
-from meltica.emulator.market import SymbolMarket
+from meltica.emulator.market import MarketTrade, SymbolMarket
 from meltica.emulator.params import Handler, Params
 from meltica.emulator.publishing import Publisher
 from meltica.emulator.replay import (
     BarEvent,
-    BookEvent,
+    DepthEvent,
     PathTradeEvent,
     ReplayEvent,
     TradeEvent,
@@ -315,7 +314,7 @@ class EmulatorServer:
                 MarketTrade(event.trade_id, event.price, event.quantity, utc_to_ms(event.ts), event.buyer_maker),
             )
         else:
-            assert isinstance(event, BookEvent)
+            assert isinstance(event, DepthEvent)
             if event.snapshot:
                 result = self.engine.on_book_snapshot(symbol, event.bids, event.asks, update_id=event.last_update_id)
             else:
