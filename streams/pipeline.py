@@ -28,11 +28,12 @@ from meltica.domain.portfolio import Balance
 from meltica.errors import ConfigurationError
 from meltica.live import deployment
 from meltica.live.config import PipelineConfig
-from meltica.live.execution import ExecutionService, PaperDriver
+from meltica.live.execution import ExecutionService
 from meltica.live.live_driver import LiveDriver
 from meltica.live.marketdata import CandleProcessor
 from meltica.live.processor import Processor
 from meltica.live.risk_gate import RiskGate
+from meltica.live.simulated_driver import SimulatedVenueDriver
 from meltica.live.strategy_host import StrategyHost
 from meltica.live.venue import VenueDriver
 from meltica.portfolio import Portfolio
@@ -54,7 +55,7 @@ def _drivers(config: PipelineConfig, emulators: Mapping[str, Mapping[str, Any]])
     for account in config.account_names():
         settings = config.account(account)
         if settings.venue == "paper":
-            drivers[account] = PaperDriver.from_config(config, account)
+            drivers[account] = SimulatedVenueDriver.from_config(config, account)
         elif settings.venue == "emulator":
             from meltica.live.emulator_driver import EmulatorDriver
 
@@ -270,7 +271,7 @@ async def _live_drivers(
     instruments: dict[str, list[Any]] = {}
     for account in config.account_names():
         if deployment.account_venue(settings, account) == "paper":
-            drivers[account] = PaperDriver.from_config(config, account)
+            drivers[account] = SimulatedVenueDriver.from_config(config, account)
             continue
         adapter = deployment.account_adapter(settings, account, store=store)
         symbols = [i.symbol for i in config.instruments(account)]

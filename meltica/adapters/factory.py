@@ -53,7 +53,7 @@ def adapter_for_account(
 ) -> ExchangeAdapter:
     """The adapter for the configured account ``account_name``.
 
-    ``exchange: paper`` needs ``venue=PaperVenue(...)`` in ``adapter_kwargs``; ``emulator_url`` points a
+    ``exchange: paper`` needs ``venue=InProcessVenue(...)`` in ``adapter_kwargs``; ``emulator_url`` points a
     ccxt venue (Binance) at the local emulator; ``sandbox`` selects the venue's testnet.
     """
     account = next((a for a in settings.accounts if a.name == account_name), None)

@@ -1,6 +1,6 @@
 """``create_adapter(exchange_id, ...)``: the one place an ``ExchangeAdapter`` is built from config.
 
-``"paper"`` is the in-process paper venue (``meltica.adapters.paper.PaperAdapter``, imported lazily);
+``"paper"`` is the in-process paper venue (``meltica.adapters.in_process.InProcessAdapter``, imported lazily);
 every other name is a ccxt exchange id, built from ``ccxt.pro`` (websockets + async REST) when ccxt
 has a pro class for it, else from ``ccxt.async_support`` (REST only; streams then poll).
 """
@@ -65,16 +65,16 @@ def create_adapter(
     ``credentials``: ccxt names (``apiKey``, ``secret``, ``password``, ``uid``); never logged.
     ``urls``: merged over the ccxt class's ``urls`` (the emulator's ``ccxt_urls()`` fits here).
     ``options``: merged over ccxt's ``options``. ``adapter_kwargs`` go to ``CcxtAdapter`` (policies,
-    budgets, clock) or to ``PaperAdapter``.
+    budgets, clock) or to ``InProcessAdapter``.
     """
     if exchange_id == PAPER:
         if "venue" not in adapter_kwargs:
             raise ConfigurationError(
-                "the paper adapter needs venue=PaperVenue(...): the simulated exchange it trades on",
+                "the paper adapter needs venue=InProcessVenue(...): the simulated exchange it trades on",
                 field="venue",
             )
-        module = importlib.import_module("meltica.adapters.paper")
-        paper_cls = module.PaperAdapter
+        module = importlib.import_module("meltica.adapters.in_process")
+        paper_cls = module.InProcessAdapter
         adapter: ExchangeAdapter = paper_cls(account=account, **adapter_kwargs)
         return adapter
 

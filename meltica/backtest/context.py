@@ -2,10 +2,10 @@
 
 A strategy's requests go through the real ``OrderManager`` (write-ahead into a ``MemoryOrderStore``,
 risk check by the real ``RiskEngine`` when limits are configured, ``LocalOrderEmulator`` for order lists
-and order types the venue lacks) to a ``PaperAdapter`` on a ``PaperVenue`` (``meltica.sim.venue
+and order types the venue lacks) to a ``InProcessAdapter`` on a ``InProcessVenue`` (``meltica.sim.venue
 .SimulatedVenue``) — whose ``MatchingEngine`` is the one the emulator and paper trading use. Only the clock
 (a ``ManualClock``) and the way the venue's user stream is delivered differ from live: the stream is
-pumped synchronously into the OMS right after every venue call (``StreamingPaperAdapter``), which is one
+pumped synchronously into the OMS right after every venue call (``SettlingInProcessAdapter``), which is one
 of the interleavings live allows.
 
 No look-ahead (the rule the live pipeline's lock-step mode keeps too): every request a
@@ -37,7 +37,13 @@ from typing import Any, TypedDict
 
 from pydantic import BaseModel
 
-from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue, domain_fill, to_new_order
+from meltica.adapters.in_process import (
+    IN_PROCESS_CAPABILITIES,
+    InProcessAdapter,
+    InProcessVenue,
+    domain_fill,
+    to_new_order,
+)
 from meltica.backtest.intents import IntentingContext, Timer
 from meltica.domain import (
     Bar,
@@ -62,14 +68,14 @@ from meltica.domain import (
 from meltica.domain.values import construct
 from meltica.errors import InvalidOrderError, MelticaError
 from meltica.execution import OrderManager
-from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
+from meltica.execution.emulation import EmulatedStatus, LocalOrderEmulator, ManagedOrder
 from meltica.execution.oms import needs_emulation
 from meltica.matching import EngineFill, EngineOrderStatus, FeeSchedule, FillModel
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, RiskConfig, RiskEngine
 from meltica.sim.clock import ManualClock
 from meltica.sim.executor import HeldRequest, RequestExecutor
-from meltica.sim.store import NotifyingOrderStore
+from meltica.sim.store import NotifyingEmulationStore, NotifyingOrderStore
 from meltica.sim.venue import SimulatedVenue
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
 
@@ -136,12 +142,24 @@ class InvalidIntent:
     message: str
 
 
+_HELD_STATUS = {
+    EmulatedStatus.HELD: OrderStatus.NEW,  # a bracket exit waiting for its entry: held here, not sent
+    EmulatedStatus.PENDING: OrderStatus.NEW,  # waiting for its trigger: held here, not sent
+    EmulatedStatus.WORKING: OrderStatus.OPEN,  # a child order works on the venue
+    EmulatedStatus.FILLED: OrderStatus.FILLED,
+    EmulatedStatus.CANCELLED: OrderStatus.CANCELLED,
+    EmulatedStatus.EXPIRED: OrderStatus.EXPIRED,
+    EmulatedStatus.REJECTED: OrderStatus.REJECTED,
+}
+"""The status a strategy sees of an order the local order emulation holds (``BacktestContext._on_held_change``)."""
+
+
 @dataclass
 class Wiring:
     """The live objects a backtest runs on (exposed for tests and tools)."""
 
-    venue: PaperVenue
-    adapter: PaperAdapter
+    venue: InProcessVenue
+    adapter: InProcessAdapter
     oms: OrderManager
     store: NotifyingOrderStore
     portfolio: Portfolio
@@ -387,11 +405,11 @@ class BacktestContext(OrderTrackingContext):
         self.oms = OrderManager(self.store, {account: self.adapter}, clock=clock, risk=self.risk, portfolio=portfolio)
         self.simulated.on_user_event = partial(self.oms.on_user_event, account=account)
         self.emulator = LocalOrderEmulator(
-            MemoryEmulationStore(),
+            NotifyingEmulationStore(self._on_held_change),
             clock,
             self.oms.submit_native,
             self.oms.cancel,
-            capabilities={account: PAPER_CAPABILITIES},
+            capabilities={account: IN_PROCESS_CAPABILITIES},
             instruments=by_key,
         )
         self.oms.emulator = self.emulator
@@ -495,6 +513,50 @@ class BacktestContext(OrderTrackingContext):
             self.fill_phases[event.fill.fill_id] = self.fill_phase
         self.on_order_change(order, event)
 
+    def _on_held_change(self, held: ManagedOrder) -> None:
+        """Every change of an order the local order emulation holds. A leg of an order list it holds
+        (``mode`` "emulated") never reaches the OMS or the venue under its own id — its child orders do —
+        so our view of it follows the emulation: ``new`` while held here, open while a child works on the
+        venue, then how it ended (the strategy hears each change but the first, as for any order)."""
+        coid = held.client_order_id
+        if held.mode != "emulated" or held.intent.strategy != self._instance_id or self.store.get(coid) is not None:
+            return  # a native leg (it is the venue order) or an emulated order the OMS stored: the store tells
+        before = self.orders.get(coid)
+        if before is None:
+            return
+        view = self._held_view(held, before)
+        if view.status is before.status and view.filled_quantity == before.filled_quantity:
+            return
+        self._track(view)
+        if view.status is not OrderStatus.NEW:
+            self._pending.append(partial(self.strategy.on_order, view))
+
+    def _held_view(self, held: ManagedOrder, before: Order) -> Order:
+        """``held`` as an order of the strategy's: quantity, fills (its children's) and status."""
+        filled = Decimal(0)
+        notional = Decimal(0)
+        for child in held.children:
+            order = self.orders.get(child.client_order_id)
+            if order is not None and order.avg_fill_price is not None:
+                filled += order.filled_quantity
+                notional += order.filled_quantity * order.avg_fill_price
+        status = _HELD_STATUS[held.status]
+        if status is OrderStatus.OPEN and filled > 0:
+            status = OrderStatus.PARTIALLY_FILLED
+        quantity = held.quantity if held.quantity > 0 else before.quantity
+        if status is OrderStatus.FILLED:
+            quantity = filled if filled > 0 else quantity
+        return before.model_copy(
+            update={
+                "status": status,
+                "quantity": quantity,
+                "filled_quantity": filled,
+                "avg_fill_price": notional / filled if filled > 0 else None,
+                "reason": held.reason if status.is_terminal else None,
+                "updated_at": self.clock.now,
+            }
+        )
+
     def has_releasable(self, ts: datetime) -> bool:
         outbox = self._outbox
         return bool(outbox) and outbox[0].arrival <= ts
@@ -554,7 +616,7 @@ class BacktestContext(OrderTrackingContext):
             or intent.exchange != self._exchange
             or engine.has_open_orders(intent.account)
             or self.store.get(coid) is not None
-            or needs_emulation(intent, PAPER_CAPABILITIES)
+            or needs_emulation(intent, IN_PROCESS_CAPABILITIES)
             or engine.instrument(intent.symbol).round_quantity(intent.quantity) != intent.quantity
         ):
             return False

@@ -2,7 +2,7 @@
 
 ``run_backtest(config, bars)`` is the Python API (the CLI, the optimiser, flows and the bench call it).
 It builds a :class:`~meltica.backtest.context.BacktestContext` — the real ``OrderManager`` over a
-``PaperAdapter`` on a ``PaperVenue`` (the shared ``MatchingEngine``), ``Portfolio``, ``RiskEngine`` when
+``InProcessAdapter`` on a ``InProcessVenue`` (the shared ``MatchingEngine``), ``Portfolio``, ``RiskEngine`` when
 limits are configured, ``LocalOrderEmulator`` — and drives it bar by bar inside one coroutine.
 
 Per bar (``ts`` = open time, ``close`` = open time + timeframe):

@@ -29,7 +29,7 @@ from meltica.strategies.base import OrderList, OrderListKind, Strategy
 __all__ = ["END_OF_DATA", "IntentingContext", "ManualClock", "Timer"]
 
 if TYPE_CHECKING:
-    from meltica.adapters.paper import PaperVenue
+    from meltica.adapters.in_process import InProcessVenue
 
 
 @dataclass(slots=True)
@@ -41,7 +41,7 @@ class Timer:
 class IntentingContext:
     """The shared half of a simulated ``StrategyContext``: identity, reads, intents, order lists, timers."""
 
-    venue: PaperVenue
+    venue: InProcessVenue
     clock: ManualClock
     _account: str
     _instance_id: str

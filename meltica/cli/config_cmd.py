@@ -29,7 +29,7 @@ ConfigOption = Annotated[
 ]
 
 
-class OutputFormat(StrEnum):
+class ConfigOutputFormat(StrEnum):
     yaml = "yaml"
     json = "json"
 
@@ -47,11 +47,13 @@ def _load(env: str | None, config: Path | None) -> MelticaSettings:
 def show(
     env: EnvOption = None,
     config: ConfigOption = None,
-    output: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.yaml,
+    output: Annotated[
+        ConfigOutputFormat, typer.Option("--format", "-f", help="Output format.")
+    ] = ConfigOutputFormat.yaml,
 ) -> None:
     """Print the effective configuration (file + MELTICA_* overrides) with secrets masked."""
     data = masked_settings(_load(env, config))
-    if output is OutputFormat.json:
+    if output is ConfigOutputFormat.json:
         typer.echo(json.dumps(data, indent=2))
     else:
         typer.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip())

@@ -20,7 +20,7 @@ from meltica.storage import candles
 app = typer.Typer(no_args_is_help=True)
 
 
-class OutputFormat(enum.StrEnum):
+class DataOutputFormat(enum.StrEnum):
     table = "table"
     csv = "csv"
 
@@ -95,7 +95,7 @@ def show(
     start: str | None = typer.Option(None, help="First bar time (inclusive), ISO-8601 UTC."),
     end: str | None = typer.Option(None, help="End time (exclusive), ISO-8601 UTC."),
     limit: int | None = typer.Option(None, help="Show only the last N bars."),
-    output: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or csv."),
+    output: DataOutputFormat = typer.Option(DataOutputFormat.table, "--format", help="table or csv."),
 ) -> None:
     """Print stored candles at TIMEFRAME (1m stored → 5m/1h/1d rolled up by the database)."""
     first, until = _time_option("--start", start), _time_option("--end", end)
@@ -103,7 +103,7 @@ def show(
     rows = candles.read_candles(engine, exchange=exchange, symbol=symbol, timeframe=timeframe, start=first, end=until)
     if limit is not None:
         rows = rows[-limit:] if limit > 0 else []
-    if output is OutputFormat.csv:
+    if output is DataOutputFormat.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["timestamp", "open", "high", "low", "close", "volume", "bars"])
         for r in rows:

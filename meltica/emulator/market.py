@@ -123,7 +123,7 @@ def plain(value: Decimal) -> str:
 
 
 @dataclass(frozen=True)
-class PublicTrade:
+class MarketTrade:
     trade_id: int
     price: Decimal
     quantity: Decimal
@@ -161,7 +161,7 @@ class SymbolMarket:
     def __init__(self, symbol: str, max_trades: int = 1000) -> None:
         self.symbol = symbol
         self.minutes: dict[int, Kline] = {}
-        self.trades: deque[PublicTrade] = deque(maxlen=max_trades)
+        self.trades: deque[MarketTrade] = deque(maxlen=max_trades)
 
     def on_bar(
         self, open_ms: int, interval_s: int, o: Decimal, h: Decimal, lo: Decimal, c: Decimal, v: Decimal
@@ -183,7 +183,7 @@ class SymbolMarket:
             closed=True,
         )
 
-    def on_trade(self, trade: PublicTrade) -> None:
+    def on_trade(self, trade: MarketTrade) -> None:
         self.trades.append(trade)
         start = floor_ms(trade.time_ms, MINUTE_MS)
         notional = trade.price * trade.quantity

@@ -49,7 +49,7 @@ class TradeEvent:
 
 
 @dataclass(frozen=True)
-class BookEvent:
+class DepthEvent:
     ts: datetime
     symbol: str
     snapshot: bool
@@ -71,7 +71,7 @@ class PathTradeEvent:
     bar_volume: Decimal | None = None  # the whole bar's volume (base units): the venue sizes its book from it
 
 
-ReplayEvent = BarEvent | TradeEvent | BookEvent | PathTradeEvent
+ReplayEvent = BarEvent | TradeEvent | DepthEvent | PathTradeEvent
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -178,7 +178,7 @@ def load_trades_parquet(path: Path, symbol: str) -> list[TradeEvent]:
     return out
 
 
-def load_depth_csv(path: Path, symbol: str) -> list[BookEvent]:
+def load_depth_csv(path: Path, symbol: str) -> list[DepthEvent]:
     """Group rows into snapshots/diffs by (timestamp, last_update_id, snapshot?)."""
     groups: dict[tuple[int, int, bool], tuple[int, list[Level], list[Level]]] = {}
     with _open_text(path) as fh:
@@ -198,7 +198,7 @@ def load_depth_csv(path: Path, symbol: str) -> list[BookEvent]:
             _, bids, asks = groups[key]
             (bids if side in ("b", "bid", "buy") else asks).append(level)
     out = [
-        BookEvent(
+        DepthEvent(
             ts=_ms(ts),
             symbol=symbol,
             snapshot=snap,

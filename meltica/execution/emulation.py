@@ -284,7 +284,7 @@ class ManagedOrder:
 
 
 @dataclass
-class OrderList:
+class EmulatedOrderList:
     """An OCO or bracket list: its legs by role, in placement order."""
 
     list_id: str
@@ -301,7 +301,7 @@ class OrderList:
     @classmethod
     def from_row(
         cls, list_id: str, kind: str, account: str, strategy: str | None, status: str, params: Mapping[str, Any]
-    ) -> OrderList:
+    ) -> EmulatedOrderList:
         if kind not in ("oco", "bracket"):
             raise ValueError(f"not an emulator list kind: {kind!r}")
         return cls(
@@ -324,9 +324,9 @@ class EmulationStore(Protocol):
 
     def load_orders(self, client_order_ids: Sequence[str]) -> list[ManagedOrder]: ...
 
-    def save_list(self, order_list: OrderList) -> None: ...
+    def save_list(self, order_list: EmulatedOrderList) -> None: ...
 
-    def load_active_lists(self) -> list[OrderList]: ...
+    def load_active_lists(self) -> list[EmulatedOrderList]: ...
 
 
 class MemoryEmulationStore:
@@ -346,7 +346,7 @@ class MemoryEmulationStore:
     def load_orders(self, client_order_ids: Sequence[str]) -> list[ManagedOrder]:
         return [ManagedOrder.from_json(json.loads(self.orders[c])) for c in client_order_ids if c in self.orders]
 
-    def save_list(self, order_list: OrderList) -> None:
+    def save_list(self, order_list: EmulatedOrderList) -> None:
         row = {
             "list_id": order_list.list_id,
             "kind": order_list.kind,
@@ -357,13 +357,13 @@ class MemoryEmulationStore:
         }
         self.lists[order_list.list_id] = (json.dumps(row), order_list.status == "active")
 
-    def load_active_lists(self) -> list[OrderList]:
-        out: list[OrderList] = []
+    def load_active_lists(self) -> list[EmulatedOrderList]:
+        out: list[EmulatedOrderList] = []
         for text, active in self.lists.values():
             if active:
                 row = json.loads(text)
                 out.append(
-                    OrderList.from_row(
+                    EmulatedOrderList.from_row(
                         row["list_id"], row["kind"], row["account"], row["strategy"], row["status"], row["params"]
                     )
                 )
@@ -453,7 +453,7 @@ class LocalOrderEmulator:
         self._instruments = dict(instruments or {})
         self._position = position
         self._orders: dict[str, ManagedOrder] = {}
-        self._lists: dict[str, OrderList] = {}
+        self._lists: dict[str, EmulatedOrderList] = {}
         self._child_parent: dict[str, str] = {}
         self._last: dict[tuple[str, str], Decimal] = {}
         self._bid: dict[tuple[str, str], Decimal] = {}
@@ -468,7 +468,7 @@ class LocalOrderEmulator:
     def orders(self, *, active: bool = True) -> list[ManagedOrder]:
         return [o for o in self._orders.values() if not active or not o.status.is_terminal]
 
-    def order_list(self, list_id: str) -> OrderList:
+    def order_list(self, list_id: str) -> EmulatedOrderList:
         return self._lists[list_id]
 
     def parent_of(self, child_client_order_id: str) -> str | None:
@@ -496,7 +496,7 @@ class LocalOrderEmulator:
         await self._start(order)
         return order
 
-    async def add_list(self, kind: ListKind, intents: Sequence[OrderIntent], list_id: str) -> OrderList:
+    async def add_list(self, kind: ListKind, intents: Sequence[OrderIntent], list_id: str) -> EmulatedOrderList:
         """OCO (legs placed at once, one fill or trigger cancels the others) or bracket
         (``[entry, take_profit, stop_loss]``; exits placed for the entry's fill)."""
         if list_id in self._lists:
@@ -515,7 +515,7 @@ class LocalOrderEmulator:
             roles = ["entry", "take_profit", "stop_loss"]
         else:
             roles = ["leg"] * len(intents)
-        order_list = OrderList(
+        order_list = EmulatedOrderList(
             list_id=list_id,
             kind=kind,
             account=intents[0].account,
@@ -577,7 +577,7 @@ class LocalOrderEmulator:
             await self._on_leg_change(order)
         return order
 
-    async def cancel_list(self, list_id: str, reason: str | None = "cancelled") -> OrderList:
+    async def cancel_list(self, list_id: str, reason: str | None = "cancelled") -> EmulatedOrderList:
         order_list = self._lists[list_id]
         for coid in order_list.legs:
             await self._finish(self._orders[coid], EmulatedStatus.CANCELLED, reason)
@@ -916,7 +916,7 @@ class LocalOrderEmulator:
             await self._cancel_children(order)
             await self._place_next_child(order)
 
-    def _close_list(self, order_list: OrderList) -> None:
+    def _close_list(self, order_list: EmulatedOrderList) -> None:
         if order_list.status == "done":
             return
         order_list.status = "done"

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from meltica.execution.emulation import ManagedOrder, OrderList
+from meltica.execution.emulation import EmulatedOrderList, ManagedOrder
 from meltica.storage import tables as t
 
 
@@ -94,7 +94,7 @@ class SqlEmulationStore:
             ).all()
         return [ManagedOrder.from_json(row.state) for row in rows]
 
-    def save_list(self, order_list: OrderList) -> None:
+    def save_list(self, order_list: EmulatedOrderList) -> None:
         values = {
             "list_id": order_list.list_id,
             "kind": order_list.kind,
@@ -112,11 +112,11 @@ class SqlEmulationStore:
                 )
             )
 
-    def load_active_lists(self) -> list[OrderList]:
+    def load_active_lists(self) -> list[EmulatedOrderList]:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(t.order_lists)
                 .where(t.order_lists.c.status == "active", t.order_lists.c.kind.in_(["oco", "bracket"]))
                 .order_by(t.order_lists.c.created_at)
             ).all()
-        return [OrderList.from_row(r.list_id, r.kind, r.account, r.strategy, r.status, r.params) for r in rows]
+        return [EmulatedOrderList.from_row(r.list_id, r.kind, r.account, r.strategy, r.status, r.params) for r in rows]

@@ -40,8 +40,8 @@ class StrategyInstanceConfig(BaseModel):
         return value
 
 
-class AccountConfig(SimulatedVenueSettings):
-    """The venue of one account. ``venue="paper"``: an in-process ``PaperVenue`` with these settings (the
+class AccountVenueConfig(SimulatedVenueSettings):
+    """The venue of one account. ``venue="paper"``: an ``InProcessVenue`` with these settings (the
     simulated account's: ``SimulatedVenueSettings``, as a backtest's); ``"emulator"`` / ``"exchange"``: the
     settings that apply (instruments, latency in lock-step replays) and the rest ignored."""
 
@@ -58,7 +58,7 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True, hide_input_in_errors=True)
 
     instances: tuple[StrategyInstanceConfig, ...] = ()
-    accounts: dict[str, AccountConfig] = Field(default_factory=dict)
+    accounts: dict[str, AccountVenueConfig] = Field(default_factory=dict)
     lockstep: bool = False
     risk: RiskConfig | None = None
 
@@ -84,7 +84,7 @@ class PipelineConfig(BaseModel):
                 return inst
         raise KeyError(instance_id)
 
-    def account(self, name: str) -> AccountConfig:
+    def account(self, name: str) -> AccountVenueConfig:
         """The account's venue settings; an unlisted account gets a default paper venue on the exchange
         its instances trade."""
         found = self.accounts.get(name)
@@ -93,7 +93,7 @@ class PipelineConfig(BaseModel):
         exchanges = {i.exchange for i in self.instances if i.account == name}
         if len(exchanges) != 1:
             raise KeyError(f"account {name!r} is not configured")
-        return AccountConfig(exchange=exchanges.pop())
+        return AccountVenueConfig(exchange=exchanges.pop())
 
     def account_names(self) -> list[str]:
         return sorted(set(self.accounts) | {i.account for i in self.instances})
@@ -136,7 +136,7 @@ class PipelineConfig(BaseModel):
                 ),
             ),
             accounts={
-                config.account: AccountConfig(
+                config.account: AccountVenueConfig(
                     **{**config.venue_settings(), "initial_balances": config.balances()},
                     exchange=config.exchange,
                     venue="paper",

@@ -39,7 +39,7 @@ from meltica.domain import Instrument
 from meltica.errors import ConfigurationError
 from meltica.infra.kafka import ensure_kafka
 from meltica.infra.postgres import ensure_postgres
-from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceConfig
+from meltica.live.config import AccountVenueConfig, PipelineConfig, StrategyInstanceConfig
 from meltica.secrets import CredentialStore, register_secret, resolve_secret
 from meltica.secrets.database import DatabaseCredentialStore
 
@@ -106,11 +106,11 @@ def pipeline_config(
         )
         for i in settings.live.instances
     )
-    accounts: dict[str, AccountConfig] = {}
+    accounts: dict[str, AccountVenueConfig] = {}
     for name in sorted({i.account for i in settings.live.instances}):
         exchange = settings.account(name).exchange
         listed = (instruments or {}).get(name)
-        accounts[name] = AccountConfig(
+        accounts[name] = AccountVenueConfig(
             exchange=exchange,
             venue=account_venue(settings, name),
             instruments=tuple(listed) if listed is not None else tuple(default_instruments(settings, name)),

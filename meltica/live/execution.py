@@ -5,7 +5,7 @@ Inputs ``orders.approved`` (requests, progress markers, rejection notices; key: 
 (``OrderUpdate`` for every stored order change — state, event, owning instance — and ``VenueProgress``),
 ``fills`` (``AccountFill``) and ``positions``.
 
-One *lane* per account: a ``VenueDriver`` (``meltica.live.venue``: :class:`PaperDriver` here, the
+One *lane* per account: a ``VenueDriver`` (``meltica.live.venue``: :class:`SimulatedVenueDriver` here, the
 emulator driver in ``meltica.live.emulator_driver``), an ``OrderManager`` on the driver's adapter and
 clock, the ``LocalOrderEmulator`` for order lists and types the venue lacks, a ``Portfolio`` fed by the
 OMS. Requests are carried out by the backtest's own ``RequestExecutor`` (``meltica.sim.executor``), and
@@ -26,7 +26,7 @@ stored ``rejected`` (reason from the decision) and reported; for a refused amend
 ``replacement_client_order_id`` the strategy was told) is stored ``rejected`` as a child of the order,
 which stays as it was — as when the venue refuses an amendment.
 
-Live (``lockstep=False``): requests go to the OMS on arrival; a :class:`PaperDriver` is moved by every
+Live (``lockstep=False``): requests go to the OMS on arrival; a :class:`SimulatedVenueDriver` is moved by every
 bar; a ``LiveDriver`` (``meltica.live.live_driver``: a real venue, the emulator in its own time) feeds
 the venue's user stream (and its REST poll when the stream is stale) to the OMS in the background, and
 those updates are published through ``emit``. Every bar marks the portfolio (its close): positions are
@@ -44,15 +44,14 @@ import asyncio
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, TypeAdapter
 
 from meltica.adapters.base import ExchangeAdapter, UserEvent
-from meltica.adapters.paper import PAPER_CAPABILITIES
+from meltica.adapters.in_process import IN_PROCESS_CAPABILITIES
 from meltica.domain import (
     Bar,
     Instrument,
@@ -73,8 +72,8 @@ from meltica.execution.store import OrderStoreProtocol
 from meltica.live.config import PipelineConfig
 from meltica.live.live_driver import LiveDriver
 from meltica.live.processor import Emit, Incoming, Outgoing
+from meltica.live.simulated_driver import SimulatedVenueDriver
 from meltica.live.venue import VenueDriver
-from meltica.matching import FeeSchedule, FillModel
 from meltica.messaging.catalogue import account_key, market_key, position_key
 from meltica.messaging.schemas import (
     AccountFill,
@@ -94,109 +93,18 @@ from meltica.messaging.schemas import (
 )
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode, KillSwitchState
-from meltica.sim.clock import ManualClock
 from meltica.sim.executor import HeldRequest, RequestExecutor
 from meltica.sim.store import NotifyingOrderStore
-from meltica.sim.venue import SimulatedVenue, UserEventHandler
+from meltica.sim.venue import UserEventHandler
 
 log = logging.getLogger(__name__)
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EVENTS, FILLS, POSITIONS = "orders.events", "fills", "positions"
 LaneStartHook = Callable[[str, ExchangeAdapter, OrderManager, Portfolio], Awaitable[None]]
 """``hook(account, adapter, oms, portfolio)``: run per account after the driver started and the OMS
 recovered its orders, before any request is accepted (e.g. a start-up reconciliation)."""
 _KEEP_IDS = 20_000  # request ids remembered (and snapshotted) for dropping redeliveries
 _APPROVED: TypeAdapter[Any] = TypeAdapter(ApprovedMessage)
-
-
-# --- the paper venue driver -------------------------------------------------------------------------
-
-
-class PaperDriver:
-    """A ``VenueDriver`` over an in-process ``PaperVenue`` (one account), stepped as the backtest steps it
-    (``meltica.sim.venue.SimulatedVenue``): the venue's user stream is handed to ``on_user_event`` before
-    every call returns."""
-
-    def __init__(
-        self,
-        instruments: Iterable[Instrument],
-        *,
-        account: str,
-        exchange_id: str,
-        balances: Mapping[str, Decimal] | None = None,
-        fees: FeeSchedule | None = None,
-        fill_model: FillModel | None = None,
-        start: datetime = EPOCH,
-        on_user_event: UserEventHandler | None = None,
-    ) -> None:
-        self.account = account
-        self.clock = ManualClock(start)
-        self.simulated = SimulatedVenue(
-            instruments,
-            clock=self.clock,
-            account=account,
-            exchange_id=exchange_id,
-            balances=balances,
-            fees=fees,
-            fill_model=fill_model,
-            on_user_event=on_user_event,
-        )
-        self.venue = self.simulated.venue
-        self.engine = self.simulated.engine
-
-    @classmethod
-    def from_config(cls, config: PipelineConfig, account: str, **kwargs: Any) -> PaperDriver:
-        settings = config.account(account)
-        return cls(
-            config.instruments(account),
-            account=account,
-            exchange_id=settings.exchange,
-            balances=settings.initial_balances,
-            fees=settings.fees(),
-            fill_model=settings.fill_model(),
-            **kwargs,
-        )
-
-    @property
-    def on_user_event(self) -> UserEventHandler | None:
-        return self.simulated.on_user_event
-
-    @on_user_event.setter
-    def on_user_event(self, handler: UserEventHandler | None) -> None:
-        self.simulated.on_user_event = handler
-
-    @property
-    def adapter(self) -> ExchangeAdapter:
-        return self.simulated.adapter
-
-    def now(self) -> datetime:
-        return self.clock.now
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def open(self, bar: Bar) -> None:
-        self.clock.now = bar.ts
-        self.simulated.step.open(bar.symbol, bar.open, bar.volume)
-        await self.simulated.settle()
-
-    async def path(self, bar: Bar) -> None:
-        self.clock.now = bar.close_time
-        step = self.simulated.step
-        step.path(bar.symbol, bar.open, bar.high, bar.low, bar.close, bar.volume)
-        await self.simulated.settle()
-        if step.expire():
-            await self.simulated.settle()
-
-    async def settle(self) -> None:
-        await self.simulated.settle()
-
-    def untrusted(self) -> Exception | None:
-        return None  # in-process: the OMS sees every event of the venue as it happens
 
 
 class _KillSwitchView:
@@ -229,7 +137,7 @@ class _KillSwitchView:
 
 
 @dataclasses.dataclass
-class _Market:
+class _LockStepMarket:
     """Lock-step state of one market of one account."""
 
     exchange: str
@@ -272,13 +180,13 @@ class _Lane:
         store: Any,
         *,
         latency: timedelta,
-        markets: Mapping[str, _Market],
+        markets: Mapping[str, _LockStepMarket],
         service: ExecutionService,
     ) -> None:
         self.account = account
         self.driver = driver
         self.latency = latency
-        self.markets: dict[str, _Market] = dict(markets)
+        self.markets: dict[str, _LockStepMarket] = dict(markets)
         clock = driver.now
         self.portfolio = Portfolio(clock=clock)
         self.kill_switch = KillSwitch(InMemoryKillSwitchStore(), clock=clock)
@@ -298,7 +206,7 @@ class _Lane:
             clock,
             self.oms.submit_native,
             self.oms.cancel,
-            capabilities={account: getattr(driver.adapter, "capabilities", PAPER_CAPABILITIES)},
+            capabilities={account: getattr(driver.adapter, "capabilities", IN_PROCESS_CAPABILITIES)},
             instruments=instruments,
         )
         self.oms.emulator = self.emulator
@@ -357,13 +265,15 @@ class ExecutionService:
         self._instruments = {(i.exchange, i.symbol): i for a in config.account_names() for i in config.instruments(a)}
         self.lanes: dict[str, _Lane] = {}
         for account, driver in drivers.items():
-            markets: dict[str, _Market] = {}
+            markets: dict[str, _LockStepMarket] = {}
             for inst in config.instances:
                 if inst.account != account:
                     continue
                 for symbol in inst.symbols:
                     key = market_key(inst.exchange, symbol)
-                    markets.setdefault(key, _Market(inst.exchange, symbol, set())).instances.add(inst.instance_id)
+                    markets.setdefault(key, _LockStepMarket(inst.exchange, symbol, set())).instances.add(
+                        inst.instance_id
+                    )
             latency = config.account(account).latency if account in config.account_names() else timedelta(0)
             lane = _Lane(account, driver, self.store, latency=latency, markets=markets, service=self)
             for scope, state in (kill_switch_at_start or {}).items():
@@ -383,9 +293,9 @@ class ExecutionService:
         self._halt_retries: dict[tuple[str, str], asyncio.Task[None]] = {}  # (account, scope) -> retry loop
 
     @classmethod
-    def paper(cls, config: PipelineConfig, *, store: OrderStoreProtocol | None = None) -> ExecutionService:
-        """A service with a :class:`PaperDriver` for every account of ``config``."""
-        drivers = {account: PaperDriver.from_config(config, account) for account in config.account_names()}
+    def simulated(cls, config: PipelineConfig, *, store: OrderStoreProtocol | None = None) -> ExecutionService:
+        """A service with a :class:`SimulatedVenueDriver` for every account of ``config``."""
+        drivers = {account: SimulatedVenueDriver.from_config(config, account) for account in config.account_names()}
         return cls(config, drivers, store=store)
 
     def instrument(self, exchange: str, symbol: str) -> Instrument | None:
@@ -566,7 +476,7 @@ class ExecutionService:
         return out
 
     def _venue_progress(
-        self, lane: _Lane, market: _Market, phase: Literal["open", "close", "end"], bar: Bar | None
+        self, lane: _Lane, market: _LockStepMarket, phase: Literal["open", "close", "end"], bar: Bar | None
     ) -> Outgoing:
         progress = VenueProgress(
             account=lane.account,
@@ -580,7 +490,7 @@ class ExecutionService:
         return Outgoing(EVENTS, account_key(lane.account), progress)
 
     # --- requests ------------------------------------------------------------------------------
-    def _market_of(self, lane: _Lane, request: PipelineRequest) -> _Market | None:
+    def _market_of(self, lane: _Lane, request: PipelineRequest) -> _LockStepMarket | None:
         symbol: str | None = None
         if isinstance(request, SubmitRequest):
             symbol = request.intent.symbol
@@ -734,7 +644,7 @@ class ExecutionService:
                 market.bars.append(bar)
                 out += await self._advance(lane, market)
             else:
-                if isinstance(lane.driver, PaperDriver):
+                if isinstance(lane.driver, SimulatedVenueDriver):
                     await lane.driver.open(bar)
                     await self._close(lane, bar)
                     out += self._flush()
@@ -746,10 +656,10 @@ class ExecutionService:
                 out += self._marked(lane, bar)
         return out
 
-    def _releasable(self, lane: _Lane, market: _Market, ts: datetime) -> bool:
+    def _releasable(self, lane: _Lane, market: _LockStepMarket, ts: datetime) -> bool:
         return bool(market.held) and market.held[0].ts + lane.latency <= ts
 
-    async def _release(self, lane: _Lane, market: _Market, ts: datetime) -> None:
+    async def _release(self, lane: _Lane, market: _LockStepMarket, ts: datetime) -> None:
         held = market.held
         while held and held[0].ts + lane.latency <= ts:
             await self._carry_out(lane, held.popleft())
@@ -763,7 +673,7 @@ class ExecutionService:
             await lane.driver.settle()
             lane.emulated_active = bool(lane.emulator.orders())
 
-    async def _advance(self, lane: _Lane, market: _Market) -> list[Outgoing]:
+    async def _advance(self, lane: _Lane, market: _LockStepMarket) -> list[Outgoing]:
         """Take every step the acknowledgements allow (module docstring)."""
         out: list[Outgoing] = []
         while not market.ended and market.all_acked():
@@ -804,7 +714,7 @@ class ExecutionService:
             break
         return out
 
-    async def _end_of_data(self, lane: _Lane, market: _Market) -> None:
+    async def _end_of_data(self, lane: _Lane, market: _LockStepMarket) -> None:
         held: deque[HeldRequest] = deque()
         while market.held:
             request = market.held.popleft()
@@ -988,7 +898,7 @@ class ExecutionService:
             market = lane.markets.get(mkey)
             if market is None:
                 exchange, _, symbol = mkey.partition(":")
-                market = lane.markets[mkey] = _Market(exchange, symbol, set())
+                market = lane.markets[mkey] = _LockStepMarket(exchange, symbol, set())
             market.instances |= set(data["instances"])
             market.acks = {i: int(s) for i, s in data["acks"].items()}
             market.seq = int(data["seq"])

@@ -1,6 +1,6 @@
 """``VenueDriver``: how the execution agent moves a simulated venue's market in a lock-step replay.
 
-The paper driver (``meltica.live.execution.PaperDriver``) drives an in-process ``PaperVenue``; the
+The simulated venue driver (``meltica.live.simulated_driver.SimulatedVenueDriver``) drives an ``InProcessVenue``; the
 emulator driver (``meltica.live.emulator_driver.EmulatorDriver``) drives the Binance emulator over its
 admin API while orders go through the ccxt adapter. Both give the OMS the venue's user events before
 a step returns, so the step's ``OrderUpdate``s are complete when ``VenueProgress`` is published.

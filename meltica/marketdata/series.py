@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 from meltica.domain import Bar, OrderBookSnapshot, Side, Timeframe, Trade
 from meltica.domain.orderbook import DepthDiff, DepthSynchronizer, L2Book
@@ -119,6 +119,23 @@ class EpochTimes(Sequence[datetime]):
         return f"<{len(self)} bar times>"
 
 
+class OhlcvRow(Protocol):
+    """One bar's open time and OHLCV, as a ``Bar`` or a stored/read ``CandleRow`` has them."""
+
+    @property
+    def ts(self) -> datetime: ...
+    @property
+    def open(self) -> Decimal: ...
+    @property
+    def high(self) -> Decimal: ...
+    @property
+    def low(self) -> Decimal: ...
+    @property
+    def close(self) -> Decimal: ...
+    @property
+    def volume(self) -> Decimal: ...
+
+
 @dataclass(frozen=True)
 class BarSeries:
     """Bars of one market as columns. ``ts`` is each bar's open time."""
@@ -175,6 +192,30 @@ class BarSeries:
         return self
 
     @classmethod
+    def from_ohlcv(
+        cls,
+        rows: Sequence[OhlcvRow],
+        *,
+        exchange: str,
+        symbol: str,
+        timeframe: str,
+        warnings: tuple[str, ...] = (),
+    ) -> BarSeries:
+        """Rows (``Bar``, ``CandleRow``: anything with ``ts`` and OHLCV) as columns; not validated."""
+        return cls(
+            exchange,
+            symbol,
+            timeframe,
+            [r.ts for r in rows],
+            [r.open for r in rows],
+            [r.high for r in rows],
+            [r.low for r in rows],
+            [r.close for r in rows],
+            [r.volume for r in rows],
+            warnings,
+        )
+
+    @classmethod
     def from_bars(cls, bars: Iterable[Bar]) -> BarSeries:
         items = list(bars)
         if not items:
@@ -183,17 +224,7 @@ class BarSeries:
         for b in items:
             if (b.exchange, b.symbol, b.timeframe) != (first.exchange, first.symbol, first.timeframe):
                 raise DataValidationError("bars of more than one market or timeframe", reason="mixed_bars")
-        return cls(
-            first.exchange,
-            first.symbol,
-            first.timeframe,
-            [b.ts for b in items],
-            [b.open for b in items],
-            [b.high for b in items],
-            [b.low for b in items],
-            [b.close for b in items],
-            [b.volume for b in items],
-        ).validate()
+        return cls.from_ohlcv(items, exchange=first.exchange, symbol=first.symbol, timeframe=first.timeframe).validate()
 
     @classmethod
     def from_file(cls, path: str | Path, *, exchange: str, symbol: str, timeframe: str | None) -> BarSeries:
@@ -203,17 +234,8 @@ class BarSeries:
         rows = parsed.rows
         if not rows:
             raise DataValidationError(f"{path}: no bars", reason="no_data")
-        return cls(
-            exchange,
-            symbol,
-            parsed.timeframe.value,
-            [r.ts for r in rows],
-            [r.open for r in rows],
-            [r.high for r in rows],
-            [r.low for r in rows],
-            [r.close for r in rows],
-            [r.volume for r in rows],
-            parsed.warnings,
+        return cls.from_ohlcv(
+            rows, exchange=exchange, symbol=symbol, timeframe=parsed.timeframe.value, warnings=parsed.warnings
         )
 
     @classmethod
@@ -233,17 +255,7 @@ class BarSeries:
             raise DataValidationError(
                 f"no {timeframe} candles stored for {exchange} {symbol} in range", reason="no_data"
             )
-        return cls(
-            exchange,
-            symbol,
-            timeframe,
-            [r.ts for r in rows],
-            [r.open for r in rows],
-            [r.high for r in rows],
-            [r.low for r in rows],
-            [r.close for r in rows],
-            [r.volume for r in rows],
-        ).validate()
+        return cls.from_ohlcv(rows, exchange=exchange, symbol=symbol, timeframe=timeframe).validate()
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], *, exchange: str, symbol: str, timeframe: str) -> BarSeries:

@@ -136,7 +136,7 @@ class PortfolioView(Protocol):
 # --- mutable state (slots: the hot path is attribute access) ------------------------------------
 
 
-class _Market:
+class _MarketPrices:
     """Prices of one (exchange, symbol) and the account legs valued at them."""
 
     __slots__ = ("ask", "bid", "last", "legs", "mult", "px", "pxm", "ref", "ref_kind")
@@ -169,7 +169,7 @@ class _Leg:
 
     __slots__ = ("buy", "exposure", "g", "hi", "lo", "market", "pos", "sell")
 
-    def __init__(self, market: _Market, exposure: _Exposure | None) -> None:
+    def __init__(self, market: _MarketPrices, exposure: _Exposure | None) -> None:
         self.pos = _ZERO  # filled, signed
         self.buy = _ZERO  # open buy quantity (approved, not filled, not closed)
         self.sell = _ZERO
@@ -240,7 +240,7 @@ class _Route:
     symbol: str
     limits: ResolvedLimits
     instrument: Instrument | None
-    market: _Market
+    market: _MarketPrices
     acct_leg: _Leg
     strat_leg: _Leg
     pos_leg: _Leg
@@ -347,7 +347,7 @@ class RiskEngine:
         self._state: RiskStateStorage = state_store if state_store is not None else InMemoryRiskStateStore()
 
         self._routes: dict[tuple[str, str, str, str], _Route] = {}
-        self._markets: dict[tuple[str, str], _Market] = {}
+        self._markets: dict[tuple[str, str], _MarketPrices] = {}
         self._acct_legs: dict[tuple[str, str, str], _Leg] = {}
         self._strat_legs: dict[tuple[str, str, str, str], _Leg] = {}
         self._exposures: dict[str, _Exposure] = {}
@@ -626,7 +626,7 @@ class RiskEngine:
                 raise
         return breaches
 
-    def _set_value_price(self, market: _Market, px: Decimal) -> None:
+    def _set_value_price(self, market: _MarketPrices, px: Decimal) -> None:
         if market.px == px:
             return
         market.px = px
@@ -1097,11 +1097,11 @@ class RiskEngine:
 
     # --- routes ----------------------------------------------------------------------------------
 
-    def _market(self, exchange: str, symbol: str) -> _Market:
+    def _market(self, exchange: str, symbol: str) -> _MarketPrices:
         market = self._markets.get((exchange, symbol))
         if market is None:
             inst = self._instruments.get((exchange, symbol))
-            market = _Market(inst.contract_size if inst is not None else Decimal(1))
+            market = _MarketPrices(inst.contract_size if inst is not None else Decimal(1))
             self._markets[(exchange, symbol)] = market
         return market
 

@@ -1,7 +1,7 @@
 """``SimulatedVenueSettings``: what a simulated venue account is set to — one model, one conversion.
 
 Fees and slippage are in basis points (10 bps = 0.1 %). ``BacktestConfig`` (a backtest run) and the live
-pipeline's ``AccountConfig`` (a paper account) are both these settings, so ``meltica paper`` runs a
+pipeline's ``AccountVenueConfig`` (a paper account) are both these settings, so ``meltica paper`` runs a
 backtest's account with exactly its fees, fill model and latency.
 """
 

@@ -97,11 +97,14 @@ class RequestExecutor:
         order = self.known(client_order_id)
         if order is None or order.is_terminal:
             return
-        if order.status is OrderStatus.PENDING_SUBMIT and self.store.get(client_order_id) is None:
-            # held locally (a bracket exit waiting for its entry) or never sent
+        if self.store.get(client_order_id) is None:
+            # never sent, or an order list's leg the local order emulation holds (a bracket exit waiting for
+            # its entry, a leg waiting for its trigger or working through a child order)
             with contextlib.suppress(KeyError):
                 await self.emulator.cancel(client_order_id)
-            self.local_cancel(order, "cancelled before it was sent")
+            now = self.known(client_order_id)
+            if now is None or not now.is_terminal:  # the requester's view does not follow the emulation
+                self.local_cancel(order, "cancelled before it was sent")
             return
         try:
             await self.oms.cancel(client_order_id)

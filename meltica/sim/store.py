@@ -1,4 +1,5 @@
-"""``NotifyingOrderStore``: an order store that tells its owner about every stored order change.
+"""``NotifyingOrderStore``: an order store that tells its owner about every stored order change;
+``NotifyingEmulationStore``: the same for the orders the local order emulation holds.
 
 A simulated context (the backtest's) and the live execution stage keep their view of the orders — and
 queue the strategies' callbacks — from what the OMS stores, at the moment it stores it: the in-memory store
@@ -7,12 +8,13 @@ in a backtest and a paper run, the PostgreSQL ``OrderStore`` when the execution 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from meltica.domain import Fill, Order, OrderEvent
 from meltica.execution import MemoryOrderStore
+from meltica.execution.emulation import EmulatedOrderList, EmulationStore, ManagedOrder, MemoryEmulationStore
 from meltica.execution.store import OrderStoreProtocol
 
 OrderListener = Callable[[Order, OrderEvent | None], None]
@@ -73,3 +75,28 @@ class NotifyingOrderStore:
 
     def fills_of(self, client_order_id: str) -> list[dict[str, Any]]:
         return self.inner.fills_of(client_order_id)
+
+
+class NotifyingEmulationStore:
+    """``inner`` (default a new ``MemoryEmulationStore``), calling ``listener`` after every saved change of
+    an order the local order emulation holds (an emulated order, a leg of an order list)."""
+
+    def __init__(self, listener: Callable[[ManagedOrder], None], inner: EmulationStore | None = None) -> None:
+        self.inner: EmulationStore = MemoryEmulationStore() if inner is None else inner
+        self._listener = listener
+
+    def save_order(self, order: ManagedOrder) -> None:
+        self.inner.save_order(order)
+        self._listener(order)
+
+    def load_active_orders(self) -> list[ManagedOrder]:
+        return self.inner.load_active_orders()
+
+    def load_orders(self, client_order_ids: Sequence[str]) -> list[ManagedOrder]:
+        return self.inner.load_orders(client_order_ids)
+
+    def save_list(self, order_list: EmulatedOrderList) -> None:
+        self.inner.save_list(order_list)
+
+    def load_active_lists(self) -> list[EmulatedOrderList]:
+        return self.inner.load_active_lists()

@@ -1,9 +1,9 @@
-"""``SimulatedVenue``: one account on an in-process ``PaperVenue``, as a simulation drives it.
+"""``SimulatedVenue``: one account on an ``InProcessVenue``, as a simulation drives it.
 
-The venue's user stream is not consumed by a task: ``StreamingPaperAdapter`` delivers it to the owner
+The venue's user stream is not consumed by a task: ``SettlingInProcessAdapter`` delivers it to the owner
 (``settle``: the OMS's ``on_user_event``) before each order call returns, and the owner settles after each
 bar step (``step``: ``meltica.sim.step.BarStep``) — one of the interleavings a live venue allows, and the
-same in a backtest and in the live pipeline's paper driver.
+same in a backtest and in the live pipeline's simulated venue driver.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from meltica.adapters.base import UserEvent, VenueOrder
-from meltica.adapters.paper import PaperAdapter, PaperVenue
+from meltica.adapters.in_process import InProcessAdapter, InProcessVenue
 from meltica.domain import Fill, Instrument, OrderIntent
 from meltica.matching import FeeSchedule, FillModel
 from meltica.sim.step import BarStep
@@ -23,8 +23,8 @@ from meltica.sim.step import BarStep
 UserEventHandler = Callable[[UserEvent], Awaitable[Any]]
 
 
-class StreamingPaperAdapter(PaperAdapter):
-    """The paper adapter, with the venue's user stream delivered to the OMS before each call returns."""
+class SettlingInProcessAdapter(InProcessAdapter):
+    """The in-process adapter, with the venue's user stream delivered to the OMS before each call returns."""
 
     pump: Callable[[], Any] | None = None
 
@@ -75,7 +75,7 @@ class StreamingPaperAdapter(PaperAdapter):
 
 
 class SimulatedVenue:
-    """A ``PaperVenue`` with ``balances`` deposited into ``account``, its adapter, its bar step, and the
+    """A ``InProcessVenue`` with ``balances`` deposited into ``account``, its adapter, its bar step, and the
     account's user stream handed to ``on_user_event`` by ``settle``."""
 
     def __init__(
@@ -91,12 +91,12 @@ class SimulatedVenue:
         on_user_event: UserEventHandler | None = None,
     ) -> None:
         self.account = account
-        self.venue = PaperVenue(instruments, clock=clock, exchange_id=exchange_id, fees=fees, fill_model=fill_model)
+        self.venue = InProcessVenue(instruments, clock=clock, exchange_id=exchange_id, fees=fees, fill_model=fill_model)
         for asset, amount in (balances or {}).items():
             self.venue.deposit(account, asset, amount)
         self.engine = self.venue.engine
         self.step = BarStep(self.engine, self.venue.dispatch)
-        self.adapter = StreamingPaperAdapter(self.venue, account)
+        self.adapter = SettlingInProcessAdapter(self.venue, account)
         self.adapter.pump = self.settle
         self.stream: asyncio.Queue[UserEvent] = asyncio.Queue()
         self.venue.user_queues[account].append(self.stream)

@@ -27,7 +27,7 @@ from meltica.adapters.ccxt import RetryPolicy
 from meltica.adapters.registry import create_adapter
 from meltica.emulator import CCXT_OPTIONS, ccxt_urls_for
 from meltica.execution import OrderStore
-from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceConfig
+from meltica.live.config import AccountVenueConfig, PipelineConfig, StrategyInstanceConfig
 from meltica.live.execution import ExecutionService
 from meltica.live.live_driver import LiveDriver
 from meltica.live.processor import Incoming, Outgoing
@@ -44,7 +44,7 @@ def config() -> PipelineConfig:
                 instance_id="s", strategy="manual", account=ACCOUNT, exchange="binance", symbols=(SYMBOL,)
             ),
         ),
-        accounts={ACCOUNT: AccountConfig(exchange="binance", venue="emulator")},
+        accounts={ACCOUNT: AccountVenueConfig(exchange="binance", venue="emulator")},
     )
 
 

@@ -400,8 +400,9 @@ def test_a_worker_stuck_while_stopping_exits_on_its_own(
 def test_an_execution_stage_started_under_halt_cancels_the_orders_it_recovers(fresh_database: Engine) -> None:
     from meltica.domain import OrderStatus
     from meltica.execution.store import OrderStore
-    from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceConfig
-    from meltica.live.execution import ExecutionService, PaperDriver
+    from meltica.live.config import AccountVenueConfig, PipelineConfig, StrategyInstanceConfig
+    from meltica.live.execution import ExecutionService
+    from meltica.live.simulated_driver import SimulatedVenueDriver
     from meltica.risk import KillSwitchMode, KillSwitchState
 
     config = PipelineConfig(
@@ -410,9 +411,9 @@ def test_an_execution_stage_started_under_halt_cancels_the_orders_it_recovers(fr
                 instance_id="mom-1", strategy="momentum", account="sim", exchange="paper", symbols=("BTC/USDT",)
             ),
         ),
-        accounts={"sim": AccountConfig(exchange="paper", initial_balances={"USDT": Decimal(100_000)})},
+        accounts={"sim": AccountVenueConfig(exchange="paper", initial_balances={"USDT": Decimal(100_000)})},
     )
-    driver = PaperDriver.from_config(config, "sim")  # the venue outlives the first service: the orders rest
+    driver = SimulatedVenueDriver.from_config(config, "sim")  # the venue outlives the first service: the orders rest
     published: list[Any] = []
 
     async def emit(out: Any) -> None:

@@ -31,7 +31,7 @@ from meltica.domain.portfolio import Position
 from meltica.emulator import CCXT_OPTIONS, EmulatorConfig, EmulatorServer, ccxt_urls_for
 from meltica.errors import MelticaError
 from meltica.execution import OrderStore
-from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceConfig
+from meltica.live.config import AccountVenueConfig, PipelineConfig, StrategyInstanceConfig
 from meltica.live.execution import ExecutionService
 from meltica.live.live_driver import LiveDriver
 from meltica.live.processor import Incoming, Outgoing
@@ -73,7 +73,7 @@ def config() -> PipelineConfig:
                 instance_id="s", strategy="manual", account="main", exchange="binance", symbols=(SYMBOL,)
             ),
         ),
-        accounts={"main": AccountConfig(exchange="binance", venue="emulator")},
+        accounts={"main": AccountVenueConfig(exchange="binance", venue="emulator")},
     )
 
 

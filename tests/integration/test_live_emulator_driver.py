@@ -1,5 +1,5 @@
 """Lock-step paper parity: the Binance emulator driven bar by bar (``EmulatorDriver``, orders through
-ccxt's own binance classes) gives the same fills and order states as the in-process ``PaperVenue``.
+ccxt's own binance classes) gives the same fills and order states as the ``InProcessVenue``.
 
 Real recorded bars (the shipped BTC perp minutes, traded as BTC/USDT spot on both venues), one scripted
 sequence run the backtester's way on each venue: a request decided on bar t's close is sent at bar
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from meltica.adapters.base import ExchangeAdapter, UserEvent
-from meltica.adapters.paper import PaperAdapter, PaperVenue
+from meltica.adapters.in_process import InProcessAdapter, InProcessVenue
 from meltica.backtest import BacktestConfig
 from meltica.backtest.intents import ManualClock
 from meltica.domain import (
@@ -214,10 +214,12 @@ class PaperLockStep:
 
     def __init__(self, instruments: list[Instrument], start: datetime) -> None:
         self.clock = ManualClock(start)
-        self.venue = PaperVenue(instruments, clock=self.clock, exchange_id="binance", fees=FEES, fill_model=FILL_MODEL)
+        self.venue = InProcessVenue(
+            instruments, clock=self.clock, exchange_id="binance", fees=FEES, fill_model=FILL_MODEL
+        )
         for asset, amount in BALANCES.items():
             self.venue.deposit(ACCOUNT, asset, amount)
-        self._adapter = PaperAdapter(self.venue, ACCOUNT)
+        self._adapter = InProcessAdapter(self.venue, ACCOUNT)
         self._queue: asyncio.Queue[UserEvent] = asyncio.Queue()
         self.venue.user_queues[ACCOUNT].append(self._queue)  # the private stream, drained in settle()
         self.on_user_event: Callable[[UserEvent], Awaitable[Any]] | None = None

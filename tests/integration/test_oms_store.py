@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from meltica.adapters.paper import PaperVenue
+from meltica.adapters.in_process import InProcessVenue
 from meltica.domain import Instrument, OrderIntent, OrderStatus, OrderType, Side
 from meltica.execution import OrderManager, OrderStore, RetryPolicy
 from tests.unit.test_oms_properties import History, deliver_and_check, histories
@@ -34,7 +34,7 @@ def engine(module_runtime_database: Engine) -> Engine:
     return module_runtime_database
 
 
-def make_venue() -> PaperVenue:
+def make_venue() -> InProcessVenue:
     instrument = Instrument(
         exchange="paper",
         symbol=SYMBOL,
@@ -45,7 +45,7 @@ def make_venue() -> PaperVenue:
         min_quantity=D("0.00001"),
         min_notional=D("5"),
     )
-    venue = PaperVenue([instrument], clock=lambda: T0)
+    venue = InProcessVenue([instrument], clock=lambda: T0)
     for account in ("alice", "bob"):
         venue.deposit(account, "USDT", D(100_000))
         venue.deposit(account, "BTC", D(2))

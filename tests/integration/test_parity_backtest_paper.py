@@ -1,6 +1,6 @@
 """Parity: the backtester (OMS + risk + emulator over the paper venue) and the paper venue driven bar by bar
 through the live pipeline in lock-step (``meltica paper``'s path: strategy host → risk stage → execution
-over ``PaperDriver``) produce the same orders and fills on the same recorded data (DESIGN.md §2)."""
+over ``SimulatedVenueDriver``) produce the same orders and fills on the same recorded data (DESIGN.md §2)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from decimal import Decimal as D
 import pytest
 from sqlalchemy import Engine, text
 
-from meltica.adapters.paper import PaperVenue
+from meltica.adapters.in_process import InProcessVenue
 from meltica.config.settings import RiskLimits
 from meltica.domain import Fill, Instrument, OrderIntent, OrderStatus, OrderType, Side
 from meltica.errors import InfrastructureUnavailableError
@@ -76,7 +76,7 @@ def test_a_post_trade_check_that_raises_halts_the_account(
     instrument = Instrument(
         exchange="paper", symbol=SYMBOL, base="BTC", quote="USDT", tick_size=D("0.01"), step_size=D("0.00001")
     )
-    venue = PaperVenue([instrument], clock=clock)
+    venue = InProcessVenue([instrument], clock=clock)
     for account in ("alice", "bob"):
         venue.deposit(account, "USDT", D(100_000))
         venue.deposit(account, "BTC", D(2))

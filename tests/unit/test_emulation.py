@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from meltica.adapters.base import Capabilities, VenueOrder
-from meltica.adapters.paper import PAPER_CAPABILITIES, PaperAdapter, PaperVenue, venue_order
+from meltica.adapters.in_process import IN_PROCESS_CAPABILITIES, InProcessAdapter, InProcessVenue, venue_order
 from meltica.domain import (
     Bar,
     BookLevel,
@@ -79,10 +79,10 @@ class Rig:
 
     def __init__(self, capabilities: Capabilities = BASIC_CAPABILITIES, store: MemoryEmulationStore | None = None):
         self.clock = ManualClock(T0)
-        self.venue = PaperVenue([INSTRUMENT], clock=self.clock)
+        self.venue = InProcessVenue([INSTRUMENT], clock=self.clock)
         self.venue.deposit("alice", "USDT", D(1_000_000))
         self.venue.deposit("alice", "BTC", D(10))
-        self.adapter: PaperAdapter = self.venue.adapter("alice")
+        self.adapter: InProcessAdapter = self.venue.adapter("alice")
         self.store = store or MemoryEmulationStore()
         self.sent: list[OrderIntent] = []
         self.emulator = self.new_emulator(capabilities)
@@ -225,7 +225,7 @@ def test_lists_are_local_unless_the_venue_has_oco() -> None:
     assert route_list("oco", BINANCE_LIKE) == "emulated"
     assert route_list("bracket", BINANCE_LIKE) == "emulated"
     assert route_list("oco", BINANCE_LIKE.__class__(**{**BINANCE_LIKE.__dict__, "oco": True})) == "native"
-    assert route_list("oco", PAPER_CAPABILITIES) == "emulated"
+    assert route_list("oco", IN_PROCESS_CAPABILITIES) == "emulated"
 
 
 def test_bar_path_is_the_engines_conservative_path() -> None:
@@ -616,7 +616,7 @@ def test_bracket_entry_then_exits_then_partial_take_profit_reduces_the_stop() ->
 
 def test_bracket_with_native_stop_reduces_it_by_cancel_and_replace() -> None:
     async def body() -> None:
-        rig = Rig(PAPER_CAPABILITIES)
+        rig = Rig(IN_PROCESS_CAPABILITIES)
         await rig.trade("100")
         entry = intent(Side.BUY, OrderType.MARKET, "0.01")
         tp = intent(Side.SELL, OrderType.LIMIT, "0.01", price=D("103"))

@@ -1,4 +1,4 @@
-"""``ExecutionService`` over the ``PaperDriver``: live and lock-step handling, rejections, kill switch,
+"""``ExecutionService`` over the ``SimulatedVenueDriver``: live and lock-step handling, rejections, kill switch,
 end of replay, idempotence, and the service inside the in-memory pipeline."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from typing import Any
 from meltica.backtest.intents import END_OF_DATA
 from meltica.domain import Bar, OrderIntent, OrderStatus, OrderType, Side
 from meltica.live.bus import InMemoryBus
-from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceConfig
-from meltica.live.execution import ExecutionService, PaperDriver
+from meltica.live.config import AccountVenueConfig, PipelineConfig, StrategyInstanceConfig
+from meltica.live.execution import ExecutionService
 from meltica.live.processor import Incoming, Outgoing
+from meltica.live.simulated_driver import SimulatedVenueDriver
 from meltica.live.strategy_host import StrategyHost
 from meltica.live.venue import VenueDriver
 from meltica.messaging.schemas import (
@@ -42,7 +43,7 @@ def config(*, lockstep: bool) -> PipelineConfig:
                 exchange="binance", symbols=(SYMBOL,),
             ),
         ),
-        accounts={"acc": AccountConfig(exchange="binance", initial_balances={"USDT": D(100_000)})},
+        accounts={"acc": AccountVenueConfig(exchange="binance", initial_balances={"USDT": D(100_000)})},
         lockstep=lockstep,
     )  # fmt: skip
 
@@ -77,13 +78,13 @@ def updates(out: list[Outgoing]) -> list[OrderUpdate]:
 
 
 def test_paper_driver_is_a_venue_driver() -> None:
-    driver = PaperDriver.from_config(config(lockstep=True), "acc")
+    driver = SimulatedVenueDriver.from_config(config(lockstep=True), "acc")
     assert isinstance(driver, VenueDriver)
     assert driver.adapter.exchange_id == "binance"
 
 
 def test_live_requests_go_out_at_once_and_a_redelivered_request_does_nothing() -> None:
-    service = ExecutionService.paper(config(lockstep=False))
+    service = ExecutionService.simulated(config(lockstep=False))
     assert run(service, ("md.candles.1m", bar(0))) == []  # the market moves; nothing of ours
     request = submit(1, "39000")
     out = run(service, ("orders.approved", request))
@@ -103,7 +104,7 @@ def test_live_requests_go_out_at_once_and_a_redelivered_request_does_nothing() -
 
 
 def test_rejection_notice_reports_the_order_rejected_with_the_decisions_reason() -> None:
-    service = ExecutionService.paper(config(lockstep=False))
+    service = ExecutionService.simulated(config(lockstep=False))
     request = submit(1, "39000")
     decision = RiskDecisionMessage(intent_id="s1:1", approved=False, rule="max_order_notional", reason="too big", ts=T0)
     notice = RejectionNotice(request_id="s1:1", account="acc", strategy="s1", ts=T0, request=request, decision=decision)
@@ -115,7 +116,7 @@ def test_rejection_notice_reports_the_order_rejected_with_the_decisions_reason()
 
 
 def test_kill_switch_halt_cancels_open_orders_and_refuses_new_ones() -> None:
-    service = ExecutionService.paper(config(lockstep=False))
+    service = ExecutionService.simulated(config(lockstep=False))
     run(service, ("orders.approved", submit(1, "39000")), ("orders.approved", submit(2, "38000")))
     lane = service.lanes["acc"]
     assert len(lane.oms.open_orders()) == 2
@@ -130,7 +131,7 @@ def test_kill_switch_halt_cancels_open_orders_and_refuses_new_ones() -> None:
 
 
 def test_lockstep_holds_bars_until_acknowledged_and_requests_until_the_next_open() -> None:
-    service = ExecutionService.paper(config(lockstep=True))
+    service = ExecutionService.simulated(config(lockstep=True))
     assert run(service, ("md.candles.1m", bar(0))) == []  # nobody acknowledged step 0 yet
     ack0 = StrategyProgress(
         request_id="p0", account="acc", strategy="s1", ts=T0, exchange="binance", symbol=SYMBOL, seq=0
@@ -153,7 +154,7 @@ def test_lockstep_holds_bars_until_acknowledged_and_requests_until_the_next_open
 
 
 def test_end_of_replay_ends_held_orders_and_publishes_the_end_marker() -> None:
-    service = ExecutionService.paper(config(lockstep=True))
+    service = ExecutionService.simulated(config(lockstep=True))
     ack = StrategyProgress(
         request_id="p0", account="acc", strategy="s1", ts=T0, exchange="binance", symbol=SYMBOL, seq=0
     )
@@ -190,7 +191,7 @@ def test_kill_switch_through_the_pipeline_cancels_a_running_strategys_orders() -
 
         def restore(self, key: str, state: dict[str, Any]) -> None: ...
 
-    host, execution = StrategyHost(pipe), ExecutionService.paper(pipe)
+    host, execution = StrategyHost(pipe), ExecutionService.simulated(pipe)
 
     async def main() -> InMemoryBus:
         bus = InMemoryBus([host, PassThrough(), execution])

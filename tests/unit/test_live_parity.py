@@ -89,7 +89,7 @@ def end_of_replay(config: BacktestConfig, bars: list[Bar]) -> EndOfReplayCommand
 
 def pipeline(config: BacktestConfig) -> tuple[StrategyHost, PassThroughRisk, ExecutionService]:
     pipe = PipelineConfig.from_backtest(config)
-    return StrategyHost(pipe), PassThroughRisk(), ExecutionService.paper(pipe)
+    return StrategyHost(pipe), PassThroughRisk(), ExecutionService.simulated(pipe)
 
 
 def collect(config: BacktestConfig, bus: InMemoryBus) -> PaperRunCollector:

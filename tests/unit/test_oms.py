@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 from meltica.adapters.base import UserEvent, UserEventKind, VenueOrder
-from meltica.adapters.paper import PaperAdapter, PaperVenue
+from meltica.adapters.in_process import InProcessAdapter, InProcessVenue
 from meltica.domain import (
     Fill,
     OrderIntent,
@@ -58,10 +58,10 @@ def run(body: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(asyncio.wait_for(body(), timeout=20))
 
 
-def make_venue() -> tuple[PaperVenue, ManualClock]:
+def make_venue() -> tuple[InProcessVenue, ManualClock]:
     clock = ManualClock(T0)
     instrument = spot_instrument(SYMBOL)
-    venue = PaperVenue([instrument], clock=clock)
+    venue = InProcessVenue([instrument], clock=clock)
     for account in ("alice", "bob"):
         venue.deposit(account, "USDT", D(100_000))
         venue.deposit(account, "BTC", D(2))
@@ -131,7 +131,7 @@ class Recorder:
 
 
 def make_oms(
-    venue: PaperVenue, clock: ManualClock, store: MemoryOrderStore | None = None, **kw: Any
+    venue: InProcessVenue, clock: ManualClock, store: MemoryOrderStore | None = None, **kw: Any
 ) -> tuple[OrderManager, MemoryOrderStore]:
     store = store or MemoryOrderStore()
     venues = kw.pop("venues", None) or {"alice": venue.adapter("alice")}
@@ -156,7 +156,7 @@ def assert_row_matches(store: MemoryOrderStore, oms: OrderManager, coid: str) ->
     assert seqs == list(range(1, len(seqs) + 1)) and row["last_event_seq"] == len(seqs)
 
 
-async def rest_ask(venue: PaperVenue, price: str = "40000", qty: str = "1") -> None:
+async def rest_ask(venue: InProcessVenue, price: str = "40000", qty: str = "1") -> None:
     """Bob's resting sell, the liquidity alice's buys take."""
     bob = venue.adapter("bob")
     ask = intent(Side.SELL, OrderType.LIMIT, qty, account="bob", price=D(price))
@@ -445,7 +445,7 @@ def test_amend_price_cancel_replaces_and_amend_quantity_down_is_in_place() -> No
 class Flaky:
     """Wraps a paper adapter: scripted failures of create_order, before or after executing."""
 
-    def __init__(self, inner: PaperAdapter, script: list[tuple[str, Exception]]) -> None:
+    def __init__(self, inner: InProcessAdapter, script: list[tuple[str, Exception]]) -> None:
         self.inner = inner
         self.script = script
         self.creates = 0
@@ -627,7 +627,7 @@ class _ProcessDied(BaseException):
 class DiesAfterAmend:
     """Wraps a paper adapter: the venue carries out the amend, then the process dies before the answer."""
 
-    def __init__(self, inner: PaperAdapter) -> None:
+    def __init__(self, inner: InProcessAdapter) -> None:
         self.inner = inner
 
     def __getattr__(self, name: str) -> Any:
@@ -747,7 +747,7 @@ def test_a_risk_hook_failing_between_approval_and_send_halts_and_nothing_is_sent
 class CancelOutage:
     """Wraps a paper adapter: ``cancel_order`` answers 503 while ``down`` (a venue outage); counts calls."""
 
-    def __init__(self, inner: PaperAdapter) -> None:
+    def __init__(self, inner: InProcessAdapter) -> None:
         self.inner = inner
         self.down = True
         self.cancels = 0
@@ -900,7 +900,7 @@ class VenueFaults:
 
     def __init__(
         self,
-        inner: PaperAdapter,
+        inner: InProcessAdapter,
         *,
         cancel: Sequence[tuple[str, Exception]] = (),
         amend: Sequence[tuple[str, Exception]] = (),

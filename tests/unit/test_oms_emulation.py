@@ -7,7 +7,7 @@ import asyncio
 from datetime import UTC, datetime
 from decimal import Decimal as D
 
-from meltica.adapters.paper import PaperVenue
+from meltica.adapters.in_process import InProcessVenue
 from meltica.domain import OrderIntent, OrderStatus, OrderType, Side, Trade
 from meltica.execution import MemoryOrderStore, OrderManager
 from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
@@ -17,9 +17,9 @@ SYMBOL = "BTC/USDT"
 T0 = datetime(2024, 1, 10, tzinfo=UTC)
 
 
-def setup() -> tuple[PaperVenue, OrderManager, MemoryOrderStore]:
+def setup() -> tuple[InProcessVenue, OrderManager, MemoryOrderStore]:
     instrument = spot_instrument(SYMBOL)
-    venue = PaperVenue([instrument], clock=lambda: T0)
+    venue = InProcessVenue([instrument], clock=lambda: T0)
     for account in ("alice", "bob"):
         venue.deposit(account, "USDT", D(100_000))
         venue.deposit(account, "BTC", D(2))

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from meltica.config import load_settings
 from meltica.errors import ConfigurationError
-from meltica.live.config import AccountConfig, PipelineConfig, StrategyInstanceConfig
+from meltica.live.config import AccountVenueConfig, PipelineConfig, StrategyInstanceConfig
 from meltica.strategies.base import StrategyParams
 
 SECRET = "rejected-secret-value-31337"
@@ -29,8 +29,8 @@ class TokenParams(StrategyParams):
             StrategyInstanceConfig,
             {"instance_id": "a", "strategy": "m", "account": "x", "symbols": ["B/U"], "api_key": SECRET},
         ),
-        (AccountConfig, {"exchange": "binance", "venue": SECRET}),
-        (AccountConfig, {"exchange": "binance", "api_secret": SECRET}),
+        (AccountVenueConfig, {"exchange": "binance", "venue": SECRET}),
+        (AccountVenueConfig, {"exchange": "binance", "api_secret": SECRET}),
         (PipelineConfig, {"instances": [], "accounts": {}, "risk": SECRET}),
         (TokenParams, {"threshold": SECRET}),
         (TokenParams, {"api_token": SECRET}),

@@ -435,6 +435,54 @@ def test_bracket_submits_exits_after_entry_then_oco_cancels_sibling() -> None:
     assert ctx.position(SYMBOL).quantity == 0
 
 
+def test_list_legs_held_by_the_local_emulation_show_their_real_state() -> None:
+    """The legs of an order list that the local order emulation holds never reach the venue under their own
+    ids (their child orders do): the strategy sees them ``new`` while held, then how they ended — not
+    ``pending_submit`` and open for ever."""
+    lists: list[Any] = []
+
+    def bracket(ctx: StrategyContext, s: Script) -> None:
+        last = BARS[0].close
+        lists.append(
+            ctx.bracket(
+                SYMBOL,
+                Side.BUY,
+                D("0.01"),
+                entry_price=last * D("0.999"),
+                take_profit_price=last * D("1.002"),
+                stop_price=last * D("0.9"),
+            )
+        )
+
+    held, _ = run_script({0: bracket}, BARS[:2])  # the entry rests; the exits wait for it
+    entry, tp, sl = lists[-1].client_order_ids
+    assert held.orders[entry].status is OrderStatus.OPEN
+    assert (held.orders[tp].status, held.orders[sl].status) == (OrderStatus.NEW, OrderStatus.NEW)
+
+    done, s = run_script({0: bracket}, BARS[:400])
+    entry, tp, sl = lists[-1].client_order_ids
+    assert (done.orders[tp].status, done.orders[sl].status) == (OrderStatus.FILLED, OrderStatus.CANCELLED)
+    assert done.orders[tp].filled_quantity == D("0.01")
+    assert done.open_orders() == []
+    assert orders_of(s, sl)[-1].status is OrderStatus.CANCELLED  # the strategy heard how its stop ended
+
+    oco: list[Any] = []
+
+    def start(ctx: StrategyContext, s: Script) -> None:
+        ctx.buy(SYMBOL, D("0.01"))
+
+    def exits(ctx: StrategyContext, s: Script) -> None:
+        last = BARS[1].close
+        oco.append(
+            ctx.oco(SYMBOL, Side.SELL, D("0.01"), take_profit_price=last * D("1.5"), stop_price=last * D("0.999"))
+        )
+
+    ctx, _ = run_script({0: start, 1: exits}, BARS[:120])
+    tp, sl = oco[-1].client_order_ids
+    assert (ctx.orders[tp].status, ctx.orders[sl].status) == (OrderStatus.CANCELLED, OrderStatus.FILLED)
+    assert ctx.open_orders() == []
+
+
 def test_oco_and_timers() -> None:
     result: dict[str, Any] = {}
 

@@ -10,7 +10,7 @@ from decimal import Decimal as D
 from typing import TypeVar
 
 from meltica.adapters.base import VenueOrder
-from meltica.adapters.paper import PaperVenue, venue_order
+from meltica.adapters.in_process import InProcessVenue, venue_order
 from meltica.domain import OrderIntent, OrderType, Side, Trade
 from meltica.execution.algos import Twap, TwapStatus
 from tests.kit import ManualClock, spot_instrument
@@ -31,7 +31,7 @@ def run(coro: Awaitable[T]) -> T:
 class VenueSink:
     """``submit``/``cancel`` straight to the paper venue (what the OMS does after its bookkeeping)."""
 
-    def __init__(self, venue: PaperVenue) -> None:
+    def __init__(self, venue: InProcessVenue) -> None:
         self.adapter = venue.adapter("alice")
         self.sent: list[OrderIntent] = []
 
@@ -52,9 +52,9 @@ class Switch:
         return self
 
 
-def setup() -> tuple[PaperVenue, ManualClock, VenueSink]:
+def setup() -> tuple[InProcessVenue, ManualClock, VenueSink]:
     clock = ManualClock(T0)
-    venue = PaperVenue([INSTRUMENT], clock=clock)
+    venue = InProcessVenue([INSTRUMENT], clock=clock)
     venue.deposit("alice", "USDT", D(1_000_000))
     venue.deposit("alice", "BTC", D(10))
     return venue, clock, VenueSink(venue)

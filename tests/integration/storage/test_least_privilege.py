@@ -142,9 +142,9 @@ def test_the_application_runs_as_the_runtime_role(runtime: Engine) -> None:
     """The OMS's write-ahead store, the kill switch, a sink batch, a candle load with its roll-up refresh."""
     import asyncio
 
-    from meltica.adapters.paper import PaperVenue
+    from meltica.adapters.in_process import InProcessVenue
 
-    venue = PaperVenue([_instrument()], clock=lambda: T0)
+    venue = InProcessVenue([_instrument()], clock=lambda: T0)
     venue.deposit("alice", "USDT", D(100_000))
     store = OrderStore(runtime)
     intent = OrderIntent(

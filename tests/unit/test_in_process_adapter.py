@@ -11,7 +11,7 @@ from typing import TypeVar
 import pytest
 
 from meltica.adapters.base import ExchangeAdapter, UserEvent, UserEventKind
-from meltica.adapters.paper import PaperAdapter, PaperVenue
+from meltica.adapters.in_process import InProcessAdapter, InProcessVenue
 from meltica.domain import (
     Bar,
     OrderIntent,
@@ -37,10 +37,10 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(wrapper())
 
 
-def make_venue() -> tuple[PaperVenue, ManualClock]:
+def make_venue() -> tuple[InProcessVenue, ManualClock]:
     clock = ManualClock(T0)
     instrument = spot_instrument(SYMBOL)
-    venue = PaperVenue([instrument], clock=clock)
+    venue = InProcessVenue([instrument], clock=clock)
     for account in ("alice", "bob"):
         venue.deposit(account, "USDT", D(100_000))
         venue.deposit(account, "BTC", D(2))
@@ -65,7 +65,7 @@ def intent(account: str, side: Side, order_type: OrderType, qty: str, **kw: obje
     )
 
 
-async def place(adapter: PaperAdapter, order_intent: OrderIntent) -> tuple[str, object]:
+async def place(adapter: InProcessAdapter, order_intent: OrderIntent) -> tuple[str, object]:
     coid = client_order_id_for(order_intent.intent_id)
     return coid, await adapter.create_order(order_intent, coid)
 
@@ -82,7 +82,7 @@ def trade(price: str, qty: str = "5", side: Side | None = None, n: int = 0) -> T
     )
 
 
-def test_paper_adapter_has_every_protocol_method_with_the_same_parameters() -> None:
+def test_in_process_adapter_has_every_protocol_method_with_the_same_parameters() -> None:
     # isinstance() against a runtime Protocol only checks that the names exist; the parameters matter too.
     import inspect
 
@@ -93,7 +93,7 @@ def test_paper_adapter_has_every_protocol_method_with_the_same_parameters() -> N
     for name in members:
         wanted = list(inspect.signature(getattr(ExchangeAdapter, name)).parameters)[1:]
         got = list(inspect.signature(getattr(adapter, name)).parameters)
-        assert got == wanted, f"PaperAdapter.{name}{got} differs from ExchangeAdapter.{name}{wanted}"
+        assert got == wanted, f"InProcessAdapter.{name}{got} differs from ExchangeAdapter.{name}{wanted}"
 
 
 def test_resting_limit_fills_against_another_account_with_events_fees_and_balances() -> None:

@@ -1,9 +1,9 @@
 """The paper venue: an in-process exchange built on the shared matching engine.
 
-``PaperVenue`` owns one :class:`~meltica.matching.MatchingEngine` (the same one the local Binance
+``InProcessVenue`` owns one :class:`~meltica.matching.MatchingEngine` (the same one the local Binance
 emulator and the backtester use, so fills never differ between them) and is fed market data by its
 owner — recorded data in a replay, live ``md.*`` messages in paper trading. Each account trades
-through its own :class:`PaperAdapter`, which implements :class:`~meltica.adapters.base.ExchangeAdapter`
+through its own :class:`InProcessAdapter`, which implements :class:`~meltica.adapters.base.ExchangeAdapter`
 exactly like the ccxt adapter does, so the execution engine cannot tell them apart.
 """
 
@@ -69,7 +69,7 @@ _TYPE_BACK: dict[EngineOrderType, OrderType] = {
     EngineOrderType.TAKE_PROFIT_LIMIT: OrderType.TAKE_PROFIT_LIMIT,
 }
 
-PAPER_CAPABILITIES = Capabilities(
+IN_PROCESS_CAPABILITIES = Capabilities(
     order_types=frozenset(OrderType),
     time_in_force=frozenset(TimeInForce),
     post_only=True,
@@ -193,7 +193,7 @@ def domain_fill(exchange_id: str, fill: EngineFill) -> Fill:
     )
 
 
-class PaperVenue:
+class InProcessVenue:
     """One simulated exchange: a matching engine, its accounts, and the market data fed into it."""
 
     def __init__(
@@ -212,7 +212,7 @@ class PaperVenue:
         for instrument in instruments:
             self._instruments[instrument.symbol] = instrument
             self.engine.add_instrument(instrument, instrument.symbol)
-        # Subscribers (``PaperAdapter.stream_*`` and the simulated drivers append their queues here, and
+        # Subscribers (``InProcessAdapter.stream_*`` and the simulated drivers append their queues here, and
         # remove them when done) and the market data the venue has seen (``fetch_trades`` / ``fetch_ohlcv``).
         self.user_queues: dict[str, list[asyncio.Queue[UserEvent]]] = defaultdict(list)
         self.trade_queues: dict[str, list[asyncio.Queue[Trade]]] = defaultdict(list)
@@ -233,8 +233,8 @@ class PaperVenue:
     def deposit(self, account: str, asset: str, amount: Decimal) -> None:
         self.engine.ledger.deposit(account, asset, amount)
 
-    def adapter(self, account: str) -> PaperAdapter:
-        return PaperAdapter(self, account)
+    def adapter(self, account: str) -> InProcessAdapter:
+        return InProcessAdapter(self, account)
 
     # --- market data in ----------------------------------------------------------------------
 
@@ -334,10 +334,10 @@ class PaperVenue:
         )
 
 
-class PaperAdapter:
-    """One account on a :class:`PaperVenue`, behind the ``ExchangeAdapter`` interface."""
+class InProcessAdapter:
+    """One account on a :class:`InProcessVenue`, behind the ``ExchangeAdapter`` interface."""
 
-    def __init__(self, venue: PaperVenue, account: str) -> None:
+    def __init__(self, venue: InProcessVenue, account: str) -> None:
         self._venue = venue
         self._account = account
 
@@ -351,7 +351,7 @@ class PaperAdapter:
 
     @property
     def capabilities(self) -> Capabilities:
-        return PAPER_CAPABILITIES
+        return IN_PROCESS_CAPABILITIES
 
     async def connect(self) -> None:
         return None
