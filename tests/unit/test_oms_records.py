@@ -737,3 +737,116 @@ def test_the_real_risk_engine_refuses_through_the_oms_and_the_refusal_is_logged(
         ]
 
     run(body)
+
+
+class BrokenEmulator:
+    """A local order emulator that holds orders but breaks when asked to cancel one or told of an event."""
+
+    def __init__(self) -> None:
+        self.held: list[str] = []
+
+    def add(self, intent: OrderIntent, client_order_id: str) -> None:
+        self.held.append(client_order_id)
+
+    def on_order_event(self, order: Any) -> None:
+        raise RuntimeError("emulation store unavailable")
+
+    def cancel(self, client_order_id: str, reason: str) -> None:
+        raise RuntimeError("emulation store unavailable")
+
+
+def test_an_emulator_failure_halts_the_orders_account_only() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        switch = KillSwitch(clock=clock)
+        venues = {"alice": venue.adapter("alice"), "bob": venue.adapter("bob")}
+        emulator = BrokenEmulator()
+        oms, _store = make_oms(venue, clock, venues=venues, kill_switch=switch, emulator=emulator)
+        held = await oms.submit(_trailing("trail-4"))
+        assert held.status is OrderStatus.NEW and emulator.held == [held.client_order_id]
+        with pytest.raises(RuntimeError, match="emulation store unavailable"):
+            await oms.cancel(held.client_order_id)
+        assert switch.effective("alice", "s1") == (KillSwitchMode.HALT, "account:alice")
+        assert switch.effective("bob", "s1")[0] is KillSwitchMode.OFF
+        assert [a.message for a in oms.anomalies] == [
+            "order emulator cancel failed: RuntimeError: emulation store unavailable"
+        ]
+
+    run(body)
+
+
+def test_an_emulator_failing_on_a_venue_event_halts_that_orders_account_only() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        switch = KillSwitch(clock=clock)
+        venues = {"alice": venue.adapter("alice"), "bob": venue.adapter("bob")}
+        oms, _store = make_oms(venue, clock, venues=venues, kill_switch=switch, emulator=BrokenEmulator())
+        order = await oms.submit(intent(price=D("30000")))
+        assert order.status is OrderStatus.OPEN  # the venue event is applied all the same
+        assert switch.effective("alice", "s1") == (KillSwitchMode.HALT, "account:alice")
+        assert switch.effective("bob", "s1")[0] is KillSwitchMode.OFF
+
+    run(body)
+
+
+class TradesWithoutOurIds:
+    """A paper adapter whose trade history does not carry our client order ids (many venues' trade
+    endpoints report only their own order id)."""
+
+    def __init__(self, inner: PaperAdapter) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def fetch_my_trades(self, symbol: str, since: Any = None, limit: int | None = None) -> list[Fill]:
+        trades = await self.inner.fetch_my_trades(symbol, since, limit)
+        return [t.model_copy(update={"client_order_id": f"venue-{t.exchange_order_id}"}) for t in trades]
+
+
+def test_missing_fills_are_matched_by_the_venues_order_id_when_trades_lack_ours() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        oms, store = make_oms(venue, clock, venues={"alice": TradesWithoutOurIds(venue.adapter("alice"))})
+        order = await oms.submit(intent(qty="0.5", price=D("40000")))
+        await _fill_unseen(venue, "0.2")
+        synced = await oms.sync_order(order.client_order_id)
+        assert (synced.status, synced.filled_quantity) == (OrderStatus.PARTIALLY_FILLED, D("0.2"))
+        assert [f["client_order_id"] for f in store.fills_of(order.client_order_id)] == [order.client_order_id]
+        assert_row_matches(store, oms, order.client_order_id)
+
+    run(body)
+
+
+def test_an_amend_in_place_drops_its_unused_replacement_under_its_deterministic_id() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        oms, store = make_oms(venue, clock)
+        order = await oms.submit(intent(qty="0.5", price=D("40000")))
+        await oms.amend(order.client_order_id, quantity=D("0.4"))
+        (replacement,) = [r for r in store.orders.values() if r["parent_client_order_id"] == order.client_order_id]
+        rep = replacement["client_order_id"]
+        dropped = oms.order(rep)
+        assert (dropped.status, dropped.reason) == (OrderStatus.CANCELLED, "not used: amended in place")
+        assert _event_ids(store, rep, "cancelled") == [event_uuid(rep, "cancelled")]
+
+    run(body)
+
+
+def test_an_iceberg_amended_below_its_visible_part_becomes_a_plain_order() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        oms, _store = make_oms(venue, clock)
+        iceberg = intent(qty="0.5", price=D("40000"), display_quantity=D("0.2"))
+        await _pending_only(oms, iceberg)
+        refused = oms.refuse_amend(iceberg.client_order_id, quantity=D("0.2"), reason="risk: too big")
+        assert (refused.quantity, refused.intent.display_quantity) == (D("0.2"), None)
+        kept = oms.refuse_amend(iceberg.client_order_id, quantity=D("0.3"), reason="risk: too big")
+        assert kept.intent.display_quantity == D("0.2")
+
+    run(body)
