@@ -12,7 +12,14 @@ import pytest
 from meltica.config.settings import RiskLimits
 from meltica.domain import Side
 from meltica.portfolio import Portfolio
-from meltica.risk import InMemoryKillSwitchStore, InMemoryRiskStateStore, KillSwitch, KillSwitchMode, RiskEngine
+from meltica.risk import (
+    InMemoryKillSwitchStore,
+    InMemoryRecorder,
+    InMemoryRiskStateStore,
+    KillSwitch,
+    KillSwitchMode,
+    RiskEngine,
+)
 from tests.kit import ManualClock
 from tests.unit.test_risk_engine import (
     T0,
@@ -313,3 +320,74 @@ def test_resolved_limits_name_the_level_each_limit_comes_from() -> None:
     )
     other = engine.resolved_limits("main", "other", "binance", "BTC/USDT").max_order_quantity
     assert other is not None and (other.value, other.source) == (D(1), "risk.max_order_quantity")
+
+
+def test_a_strategys_own_order_rate_binds_on_that_strategy() -> None:
+    engine, clock, _ = make(strategies={"mm": {"orders_per_minute": 2}})
+    assert engine.check(intent(strategy="mm")).approved and engine.check(intent(strategy="mm")).approved
+    refused = engine.check(intent(strategy="mm"))
+    assert refused.rule == "orders_per_minute"
+    assert refused.reason.startswith("2 orders approved in the last 60 s for strategy mm in account main")
+    assert engine.check(intent(strategy="trend")).approved  # another strategy's orders are not counted
+    clock.advance(seconds=60)
+    assert engine.check(intent(strategy="mm")).approved
+
+
+def test_a_max_price_below_one_still_bounds_the_price() -> None:
+    clock = ManualClock(T0)
+    cheap = btc(symbol="DOGE/USDT", base="DOGE", tick_size="0.0001", step_size="1", min_notional=None)
+    engine = RiskEngine(
+        RiskLimits(),
+        clock=clock,
+        instruments={("binance", "DOGE/USDT"): cheap.model_copy(update={"max_price": D("0.5")})},
+        kill_switch=KillSwitch(InMemoryKillSwitchStore(), clock=clock),
+    )
+    assert engine.check(intent("100", "0.5", symbol="DOGE/USDT")).approved
+    refused = engine.check(intent("100", "0.6", symbol="DOGE/USDT"))
+    assert refused.rule == "instrument" and refused.details == {"limit": "max_price"}
+
+
+def test_a_restart_seeds_each_strategys_position_once() -> None:
+    engine, portfolio, clock, _ = loss_setup()
+    buy_and_fill(engine, portfolio, "0.04", "20000", strategy="mm")
+    buy_and_fill(engine, portfolio, "0.01", "20000", strategy="trend")
+    fresh, _, _ = make(portfolio, clock)
+    assert fresh.worst_case_position("main", "binance", "BTC/USDT") == (D("0.05"), D("0.05"), D("0.05"))
+    assert fresh.worst_case_position("main", "binance", "BTC/USDT", "trend") == (D("0.01"), D("0.01"), D("0.01"))
+
+
+def test_a_symbols_position_limit_is_measured_on_the_account() -> None:
+    engine, _, _ = make(symbols={"BTC/USDT": {"max_position_notional": 500}})
+    limits = engine.resolved_limits("main", "mm", "binance", "BTC/USDT")
+    on_account = limits.on_account("max_position_notional")
+    assert on_account is not None
+    assert (on_account.value, on_account.source) == (D(500), "risk.symbols.BTC/USDT.max_position_notional")
+
+
+def test_a_breach_halt_whose_listener_fails_stands_and_the_breach_is_recorded() -> None:
+    """A kill-switch listener that fails (the switch logs it and raises after the change stands) must not make
+    the engine think the halt failed: it used to log "could not be engaged", loosen the halt to reduce_only in
+    the kill switch's record, and raise instead of recording the breach."""
+    clock = ManualClock(T0)
+    portfolio = Portfolio(clock=clock)
+    changes = InMemoryKillSwitchStore()
+    engine = RiskEngine(
+        RiskLimits(daily_loss_limit=D(100), breach_action="halt"),
+        portfolio,
+        clock=clock,
+        instruments={("binance", "BTC/USDT"): btc()},
+        kill_switch=KillSwitch(changes, clock=clock),
+        recorder=(recorder := InMemoryRecorder()),
+    )
+    engine.on_market("binance", "BTC/USDT", D(20000))
+    buy_and_fill(engine, portfolio, "0.1", "20000")
+
+    def broken_listener(change: Any) -> None:
+        raise RuntimeError("listener broke")
+
+    engine.kill_switch.subscribe(broken_listener)
+    portfolio.mark("binance", "BTC/USDT", D(18000))
+    (breach,) = engine.on_market("binance", "BTC/USDT", D(18000))
+    assert recorder.breaches == [breach]
+    assert [(c.scope, c.current.mode) for c in changes.changes] == [("account:main", KillSwitchMode.HALT)]
+    assert engine.kill_switch.state_of("account:main").reason == breach.reason
