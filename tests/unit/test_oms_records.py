@@ -850,3 +850,22 @@ def test_an_iceberg_amended_below_its_visible_part_becomes_a_plain_order() -> No
         assert kept.intent.display_quantity == D("0.2")
 
     run(body)
+
+
+def test_the_user_streams_record_a_fill_of_an_order_placed_outside_the_oms_under_its_account() -> None:
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        venues = {"alice": venue.adapter("alice"), "bob": venue.adapter("bob")}
+        oms, store = make_oms(venue, clock, venues=venues)
+        await oms.start()
+        await asyncio.sleep(0)  # the readers are listening
+        await rest_ask(venue, qty="0.1")  # bob's ask, placed by hand on the venue
+        manual = intent(Side.BUY, OrderType.MARKET, "0.1", account="alice", intent_id="by-hand")
+        await venue.adapter("alice").create_order(manual, manual.client_order_id)
+        await turns_until(lambda: len(store.fills) == 2, "both sides' fills to be recorded")
+        assert sorted(row["account"] for row in store.fills.values()) == ["alice", "bob"]
+        assert all(row["strategy"] is None for row in store.fills.values())  # no order of ours: no strategy
+        await oms.stop()
+
+    run(body)
