@@ -794,6 +794,10 @@ class RiskEngine:
             try:
                 self.kill_switch.engage(candidate, reason, _ACTOR, scope=scope, details=details)
             except Exception as exc:
+                if self.kill_switch.state_of(scope).mode.severity >= candidate.severity:
+                    # Engaged, then a listener failed (the kill switch logged it): the change stands, and
+                    # trying a milder mode now would loosen it.
+                    return candidate
                 log.critical("kill switch %s could not be engaged on %s: %s", candidate.value, scope, exc)
                 errors.append(f"{candidate.value}: {exc}")
                 continue

@@ -895,19 +895,27 @@ def test_errors_name_the_missing_order_and_the_missing_venue() -> None:
 
 
 class VenueFaults:
-    """Wraps a paper adapter: scripted failures of ``cancel_order`` and ``amend_order``, each raised before the
-    venue acts ("before") or after it did ("after": the answer is lost); counts the calls."""
+    """Wraps a paper adapter: scripted failures of ``create_order``, ``cancel_order``, ``amend_order`` and
+    ``fetch_order``, each raised before the venue acts ("before") or after it did ("after": the answer is
+    lost); counts the calls. A script can be extended while the test runs."""
 
     def __init__(
         self,
         inner: InProcessAdapter,
         *,
+        create: Sequence[tuple[str, Exception]] = (),
         cancel: Sequence[tuple[str, Exception]] = (),
         amend: Sequence[tuple[str, Exception]] = (),
+        fetch: Sequence[tuple[str, Exception]] = (),
     ) -> None:
         self.inner = inner
-        self.scripts = {"cancel_order": list(cancel), "amend_order": list(amend)}
-        self.cancels = self.amends = self.fetches = 0
+        self.scripts = {
+            "cancel_order": list(cancel),
+            "amend_order": list(amend),
+            "fetch_order": list(fetch),
+        }
+        self.create_script = list(create)
+        self.creates = self.cancels = self.amends = self.fetches = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -932,7 +940,16 @@ class VenueFaults:
 
     async def fetch_order(self, symbol: str, **kw: Any) -> VenueOrder:
         self.fetches += 1
-        return await self.inner.fetch_order(symbol, **kw)
+        return await self._call("fetch_order", symbol, **kw)
+
+    async def create_order(self, i: OrderIntent, coid: str) -> VenueOrder:
+        self.creates += 1
+        if self.create_script:
+            when, exc = self.create_script.pop(0)
+            if when == "after":
+                await self.inner.create_order(i, coid)
+            raise exc
+        return await self.inner.create_order(i, coid)
 
 
 def test_a_cancel_the_venue_refuses_leaves_the_order_open_with_the_venues_reason() -> None:
