@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from meltica.adapters.base import UserEvent, UserEventKind
-from meltica.adapters.paper import PaperAdapter, PaperVenue
+from meltica.adapters.in_process import InProcessAdapter, InProcessVenue
 from meltica.config.settings import RiskLimits
 from meltica.domain import Fill, OrderIntent, OrderStatus, OrderType, Side
 from meltica.errors import (
@@ -63,7 +63,7 @@ def _event_ids(store: MemoryOrderStore, coid: str, kind: str) -> list[Any]:
     return [e["event_id"] for e in store.events_of(coid) if e["event_type"] == kind]
 
 
-async def _fill_unseen(venue: PaperVenue, qty: str) -> None:
+async def _fill_unseen(venue: InProcessVenue, qty: str) -> None:
     """Bob's market sell takes alice's resting bid on the venue; the OMS has not heard of the fill."""
     sell = intent(Side.SELL, OrderType.MARKET, qty, account="bob")
     await venue.adapter("bob").create_order(sell, sell.client_order_id)
@@ -74,7 +74,7 @@ async def _fill_unseen(venue: PaperVenue, qty: str) -> None:
 
 def test_cancel_all_cancels_only_what_its_filters_name_and_records_a_cancel_that_failed() -> None:
     clock = ManualClock(T0)
-    venue = PaperVenue([spot_instrument(SYMBOL), spot_instrument(ETH)], clock=clock)
+    venue = InProcessVenue([spot_instrument(SYMBOL), spot_instrument(ETH)], clock=clock)
     for account in ("alice", "bob"):
         venue.deposit(account, "USDT", D(100_000))
 
@@ -601,7 +601,7 @@ def test_recover_takes_the_resend_policy_given_to_it_over_the_default() -> None:
 class StubbornStream:
     """A paper adapter whose user stream swallows a cancellation (as a venue library may) until released."""
 
-    def __init__(self, inner: PaperAdapter) -> None:
+    def __init__(self, inner: InProcessAdapter) -> None:
         self.inner = inner
         self.release = asyncio.Event()
 
@@ -654,7 +654,7 @@ def _trailing(intent_id: str) -> OrderIntent:
     )
 
 
-def _with_emulator(oms: OrderManager, venue: PaperVenue, clock: ManualClock) -> LocalOrderEmulator:
+def _with_emulator(oms: OrderManager, venue: InProcessVenue, clock: ManualClock) -> LocalOrderEmulator:
     emulator = LocalOrderEmulator(
         MemoryEmulationStore(),
         clock,
@@ -795,7 +795,7 @@ class TradesWithoutOurIds:
     """A paper adapter whose trade history does not carry our client order ids (many venues' trade
     endpoints report only their own order id)."""
 
-    def __init__(self, inner: PaperAdapter) -> None:
+    def __init__(self, inner: InProcessAdapter) -> None:
         self.inner = inner
 
     def __getattr__(self, name: str) -> Any:
