@@ -797,6 +797,9 @@ class WorkerRuntime:
         self.topics = StreamTopics(app, catalogue=catalogue, codec=codec)
         self.physical_names: dict[str, str] = {}  # logical topic → its name on the broker
         self._producer: Any = None
+        # Faust's exactly-once sends through a transactional producer per partition, which only Topic.send picks
+        guarantee = app.conf.processing_guarantee
+        self.direct_send = getattr(guarantee, "value", guarantee) != "exactly_once"
         self.stats = WorkerStats(app_id, worker_id)
         self.stats_interval = stats_interval
         self.confirm_outputs = confirm_outputs
@@ -853,10 +856,13 @@ class WorkerRuntime:
             key = out.key.encode()
             value = self.codec.encode(out.topic, out.value)
             header_list = list(headers.items())
-            name = physical.get(out.topic)
-            if name is None:
-                name = physical[out.topic] = self.topics[out.topic].get_topic_name()
-            fut = await producer.send(name, key, value, None, None, header_list)
+            if self.direct_send:
+                name = physical.get(out.topic)
+                if name is None:
+                    name = physical[out.topic] = self.topics[out.topic].get_topic_name()
+                fut = await producer.send(name, key, value, None, None, header_list)
+            else:
+                fut = await self.topics[out.topic].send(key=key, value=value, headers=header_list)
             pending.append(fut)
             if sent is not None:
                 sent.append(SentRecord(out.topic, key, value, header_list, out.value))
