@@ -764,6 +764,23 @@ def pipeline_config(symbols: int, every: int = 1) -> dict[str, Any]:
     }
 
 
+def pipeline_worker_config(bootstrap: str, prefix: str, setting: LatencySetting, symbols: int) -> dict[str, Any]:
+    """The worker config of the latency and capacity runs: the three stages in one worker, as ``setting`` says."""
+    return {
+        "app_id": f"{prefix}pipeline",
+        "bootstrap": bootstrap,
+        "topic_prefix": prefix,
+        "factory": "live_pipeline_bench:bench_processors",
+        "stats_interval": 2.0,
+        "confirm_outputs": setting.confirm_outputs,
+        "batch_inputs": setting.batch_inputs,
+        "hand_over": setting.hand_over,
+        "fetch_max_wait_ms": setting.fetch_max_wait_ms,
+        "faust": dict(setting.faust),
+        "params": {"pipeline": pipeline_config(symbols, setting.every), "stages": ["strategies", "risk", "execution"]},
+    }
+
+
 async def drive_latency(
     bootstrap: str,
     prefix: str,
@@ -965,22 +982,7 @@ def run_latency(bootstrap: str, setting: LatencySetting, symbols: int, rate: flo
 
     prefix = new_prefix("lat")
     create_topics(bootstrap, Catalogue(prefix=prefix))
-    config = {
-        "app_id": f"{prefix}pipeline",
-        "bootstrap": bootstrap,
-        "topic_prefix": prefix,
-        "factory": "live_pipeline_bench:bench_processors",
-        "stats_interval": 2.0,
-        "confirm_outputs": setting.confirm_outputs,
-        "batch_inputs": setting.batch_inputs,
-        "hand_over": setting.hand_over,
-        "fetch_max_wait_ms": setting.fetch_max_wait_ms,
-        "faust": dict(setting.faust),
-        "params": {
-            "pipeline": pipeline_config(symbols, setting.every),
-            "stages": ["strategies", "risk", "execution"],
-        },
-    }
+    config = pipeline_worker_config(bootstrap, prefix, setting, symbols)
     with tempfile.TemporaryDirectory(prefix="meltica-bench-") as tmp:
         config_path = Path(tmp) / "worker.json"
         config_path.write_text(json.dumps(config), encoding="utf-8")
@@ -1096,19 +1098,7 @@ def run_capacity(bootstrap: str, setting: LatencySetting, symbols: int, bars: in
         return out
 
     asyncio.run(publish())
-    config = {
-        "app_id": f"{prefix}pipeline",
-        "bootstrap": bootstrap,
-        "topic_prefix": prefix,
-        "factory": "live_pipeline_bench:bench_processors",
-        "stats_interval": 2.0,
-        "confirm_outputs": setting.confirm_outputs,
-        "batch_inputs": setting.batch_inputs,
-        "hand_over": setting.hand_over,
-        "fetch_max_wait_ms": setting.fetch_max_wait_ms,
-        "faust": dict(setting.faust),
-        "params": {"pipeline": pipeline_config(symbols, setting.every), "stages": ["strategies", "risk", "execution"]},
-    }
+    config = pipeline_worker_config(bootstrap, prefix, setting, symbols)
     with tempfile.TemporaryDirectory(prefix="meltica-bench-") as tmp:
         config_path = Path(tmp) / "worker.json"
         config_path.write_text(json.dumps(config), encoding="utf-8")

@@ -348,10 +348,10 @@ class BatchLanes:
             next_offset[(agent, message.tp)] = message.offset + 1
             if type(message) is LocalRecord and message.model is not None:
                 model = message.model
-            elif physical in shared:
-                model = decoded.get(id(message), _UNDECODED)
+            else:
+                model = decoded.get(id(message), _UNDECODED) if physical in shared else _UNDECODED
                 if model is _UNDECODED:
-                    model = decoded[id(message)] = await topics.dead_letters.decode_or_dead_letter(
+                    model = await topics.dead_letters.decode_or_dead_letter(
                         logical,
                         message.value,
                         key=raw_key,
@@ -359,15 +359,8 @@ class BatchLanes:
                         offset=message.offset,
                         physical_topic=physical,
                     )
-            else:
-                model = await topics.dead_letters.decode_or_dead_letter(
-                    logical,
-                    message.value,
-                    key=raw_key,
-                    partition=message.partition,
-                    offset=message.offset,
-                    physical_topic=physical,
-                )
+                    if physical in shared:
+                        decoded[id(message)] = model
             if model is None:
                 stats.dead_lettered(logical)
                 continue

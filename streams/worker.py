@@ -795,7 +795,8 @@ class WorkerRuntime:
         self.catalogue = catalogue
         self.codec = codec
         self.topics = StreamTopics(app, catalogue=catalogue, codec=codec)
-        self.physical_names: dict[str, str] = {}  # logical topic → its name on the broker
+        # logical topic → its name on the broker
+        self.physical_names = {name: topic.get_topic_name() for name, topic in self.topics.topics.items()}
         self._producer: Any = None
         # Faust's exactly-once sends through a transactional producer per partition, which only Topic.send picks
         guarantee = app.conf.processing_guarantee
@@ -848,7 +849,6 @@ class WorkerRuntime:
         # worker's CPU in bench/live_pipeline_bench.py)
         producer = self._producer or await self.app.maybe_start_producer()
         self._producer = producer
-        physical = self.physical_names
         for out in outputs:
             headers = dict(out.headers)
             if tracing.TRACEPARENT not in headers:
@@ -857,10 +857,7 @@ class WorkerRuntime:
             value = self.codec.encode(out.topic, out.value)
             header_list = list(headers.items())
             if self.direct_send:
-                name = physical.get(out.topic)
-                if name is None:
-                    name = physical[out.topic] = self.topics[out.topic].get_topic_name()
-                fut = await producer.send(name, key, value, None, None, header_list)
+                fut = await producer.send(self.physical_names[out.topic], key, value, None, None, header_list)
             else:
                 fut = await self.topics[out.topic].send(key=key, value=value, headers=header_list)
             pending.append(fut)
@@ -1166,16 +1163,8 @@ def _producer_state(app: faust.App) -> str:
         if queue
     }
     task = sender._sender_task
-    # a batch whose leader is unknown waits for metadata: say what the producer's metadata holds of its topic
-    unknown = {
-        tp.topic: (tp.topic in producer.client._topics, cluster.partitions_for_topic(tp.topic))
-        for tp, queue in accumulator._batches.items()
-        if queue and cluster.leader_for_partition(tp) is None
-    }
     return (
-        f"batches (count, leader, linger) {batches}; leaderless topics (asked for, partitions known) {unknown}; "
-        f"metadata of {len(cluster.topics())} topics; "
-        f"pending {len(accumulator._pending_batches)}; "
+        f"batches (count, leader, linger) {batches}; pending {len(accumulator._pending_batches)}; "
         f"in flight nodes {sorted(sender._in_flight)}; muted {sorted(str(tp) for tp in sender._muted_partitions)}; "
         f"sender {'done: ' + repr(task.exception()) if task is not None and task.done() else 'running'}"
     )
