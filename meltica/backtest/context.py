@@ -68,7 +68,7 @@ from meltica.domain import (
 from meltica.domain.values import construct
 from meltica.errors import InvalidOrderError, MelticaError
 from meltica.execution import OrderManager
-from meltica.execution.emulation import EmulatedStatus, LocalOrderEmulator, ManagedOrder
+from meltica.execution.emulation import LocalOrderEmulator, ManagedOrder, held_order_view
 from meltica.execution.oms import needs_emulation
 from meltica.matching import EngineFill, EngineOrderStatus, FeeSchedule, FillModel
 from meltica.portfolio import Portfolio
@@ -140,18 +140,6 @@ class InvalidIntent:
     field: str
     value: Any
     message: str
-
-
-_HELD_STATUS = {
-    EmulatedStatus.HELD: OrderStatus.NEW,  # a bracket exit waiting for its entry: held here, not sent
-    EmulatedStatus.PENDING: OrderStatus.NEW,  # waiting for its trigger: held here, not sent
-    EmulatedStatus.WORKING: OrderStatus.OPEN,  # a child order works on the venue
-    EmulatedStatus.FILLED: OrderStatus.FILLED,
-    EmulatedStatus.CANCELLED: OrderStatus.CANCELLED,
-    EmulatedStatus.EXPIRED: OrderStatus.EXPIRED,
-    EmulatedStatus.REJECTED: OrderStatus.REJECTED,
-}
-"""The status a strategy sees of an order the local order emulation holds (``BacktestContext._on_held_change``)."""
 
 
 @dataclass
@@ -332,6 +320,17 @@ class OrderTrackingContext(IntentingContext):
         if order.status is OrderStatus.REJECTED:
             self.rejections.append(order)
         self._queue_on_order(order)
+
+    def on_held_view(self, view: Order) -> None:
+        """A new view of an order the local order emulation holds (:func:`held_order_view`): ``new`` while
+        held, open while a child works on the venue, then how it ended. The strategy hears each change but
+        the first, as for any order."""
+        before = self.orders.get(view.client_order_id)
+        if before is None or (view.status is before.status and view.filled_quantity == before.filled_quantity):
+            return
+        self._track(view)
+        if view.status is not OrderStatus.NEW:
+            self._pending.append(partial(self.strategy.on_order, view))
 
     def _deliver_fill(self, fill: Fill) -> None:
         self._positions.pop(fill.symbol, None)
@@ -516,46 +515,16 @@ class BacktestContext(OrderTrackingContext):
     def _on_held_change(self, held: ManagedOrder) -> None:
         """Every change of an order the local order emulation holds. A leg of an order list it holds
         (``mode`` "emulated") never reaches the OMS or the venue under its own id — its child orders do —
-        so our view of it follows the emulation: ``new`` while held here, open while a child works on the
-        venue, then how it ended (the strategy hears each change but the first, as for any order)."""
+        so our view of it follows the emulation (:meth:`on_held_view`)."""
         coid = held.client_order_id
         if held.mode != "emulated" or held.intent.strategy != self._instance_id or self.store.get(coid) is not None:
             return  # a native leg (it is the venue order) or an emulated order the OMS stored: the store tells
         before = self.orders.get(coid)
         if before is None:
             return
-        view = self._held_view(held, before)
-        if view.status is before.status and view.filled_quantity == before.filled_quantity:
-            return
-        self._track(view)
-        if view.status is not OrderStatus.NEW:
-            self._pending.append(partial(self.strategy.on_order, view))
-
-    def _held_view(self, held: ManagedOrder, before: Order) -> Order:
-        """``held`` as an order of the strategy's: quantity, fills (its children's) and status."""
-        filled = Decimal(0)
-        notional = Decimal(0)
-        for child in held.children:
-            order = self.orders.get(child.client_order_id)
-            if order is not None and order.avg_fill_price is not None:
-                filled += order.filled_quantity
-                notional += order.filled_quantity * order.avg_fill_price
-        status = _HELD_STATUS[held.status]
-        if status is OrderStatus.OPEN and filled > 0:
-            status = OrderStatus.PARTIALLY_FILLED
-        quantity = held.quantity if held.quantity > 0 else before.quantity
-        if status is OrderStatus.FILLED:
-            quantity = filled if filled > 0 else quantity
-        return before.model_copy(
-            update={
-                "status": status,
-                "quantity": quantity,
-                "filled_quantity": filled,
-                "avg_fill_price": notional / filled if filled > 0 else None,
-                "reason": held.reason if status.is_terminal else None,
-                "updated_at": self.clock.now,
-            }
-        )
+        view = held_order_view(held, before, self.orders.get, self.clock.now)
+        if view is not None:
+            self.on_held_view(view)
 
     def has_releasable(self, ts: datetime) -> bool:
         outbox = self._outbox

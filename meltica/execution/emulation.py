@@ -283,6 +283,54 @@ class ManagedOrder:
         )
 
 
+HELD_STATUS = {
+    EmulatedStatus.HELD: OrderStatus.NEW,  # a bracket exit waiting for its entry: held here, not sent
+    EmulatedStatus.PENDING: OrderStatus.NEW,  # waiting for its trigger: held here, not sent
+    EmulatedStatus.WORKING: OrderStatus.OPEN,  # a child order works on the venue
+    EmulatedStatus.FILLED: OrderStatus.FILLED,
+    EmulatedStatus.CANCELLED: OrderStatus.CANCELLED,
+    EmulatedStatus.EXPIRED: OrderStatus.EXPIRED,
+    EmulatedStatus.REJECTED: OrderStatus.REJECTED,
+}
+"""The status a strategy sees of an order the local order emulation holds (:func:`held_order_view`)."""
+
+
+def held_order_view(
+    held: ManagedOrder, before: Order, child: Callable[[str], Order | None], now: datetime
+) -> Order | None:
+    """``held`` as its strategy sees it: ``before`` (the order as last seen, e.g. announced) with the status
+    the emulation gives it (:data:`HELD_STATUS`; ``open`` with fills: partially filled), the quantity and the
+    fills of its children (``child(client_order_id)``: a child's current order, or ``None``).
+
+    ``None`` while the emulation still has the leg working although its children filled all of it: an
+    order cannot be open and wholly filled, and the emulation's next change (filled) ends it."""
+    filled = Decimal(0)
+    notional = Decimal(0)
+    for leg_child in held.children:
+        order = child(leg_child.client_order_id)
+        if order is not None and order.avg_fill_price is not None:
+            filled += order.filled_quantity
+            notional += order.filled_quantity * order.avg_fill_price
+    status = HELD_STATUS[held.status]
+    quantity = held.quantity if held.quantity > 0 else before.quantity
+    if status is OrderStatus.OPEN and filled > 0:
+        if filled >= quantity:
+            return None
+        status = OrderStatus.PARTIALLY_FILLED
+    if status is OrderStatus.FILLED:
+        quantity = filled if filled > 0 else quantity
+    return before.model_copy(
+        update={
+            "status": status,
+            "quantity": quantity,
+            "filled_quantity": filled,
+            "avg_fill_price": notional / filled if filled > 0 else None,
+            "reason": held.reason if status.is_terminal else None,
+            "updated_at": now,
+        }
+    )
+
+
 @dataclass
 class EmulatedOrderList:
     """An OCO or bracket list: its legs by role, in placement order."""

@@ -46,6 +46,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, TypeAdapter
@@ -67,7 +68,7 @@ from meltica.domain.orders import CLIENT_ORDER_ID_PREFIX
 from meltica.domain.portfolio import Position
 from meltica.errors import MelticaError, OrderNotFoundError
 from meltica.execution import OrderManager
-from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
+from meltica.execution.emulation import LocalOrderEmulator, ManagedOrder, MemoryEmulationStore, held_order_view
 from meltica.execution.store import OrderStoreProtocol
 from meltica.live.config import PipelineConfig
 from meltica.live.live_driver import LiveDriver
@@ -94,7 +95,7 @@ from meltica.messaging.schemas import (
 from meltica.portfolio import Portfolio
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode, KillSwitchState
 from meltica.sim.executor import HeldRequest, RequestExecutor
-from meltica.sim.store import NotifyingOrderStore
+from meltica.sim.store import NotifyingEmulationStore, NotifyingOrderStore
 from meltica.sim.venue import UserEventHandler
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,8 @@ class _Lane:
             (exchange, m.symbol): i for m in self.markets.values() if (i := service.instrument(exchange, m.symbol))
         }
         self.emulator = LocalOrderEmulator(
-            MemoryEmulationStore(),
+            # every change of a held order (a list leg the venue does not take) is published as its view
+            NotifyingEmulationStore(partial(service.on_held_change, account), MemoryEmulationStore()),
             clock,
             self.oms.submit_native,
             self.oms.cancel,
@@ -259,7 +261,7 @@ class ExecutionService:
         self.on_lane_start = on_lane_start
         self.lockstep = config.lockstep
         self._log = logger or log
-        self._changes: list[tuple[Order, OrderEvent | None]] = []
+        self._changes: list[tuple[Order, OrderEvent | None, bool]] = []  # (order, event, held)
         self._recover = store is not None
         self.store = NotifyingOrderStore(self._on_stored, store)
         self._instruments = {(i.exchange, i.symbol): i for a in config.account_names() for i in config.instruments(a)}
@@ -406,7 +408,29 @@ class ExecutionService:
         lane = self.lanes.get(order.account)
         if lane is not None:
             lane.requested.pop(order.client_order_id, None)
-        self._changes.append((order, event))
+        self._changes.append((order, event, False))
+        self._schedule_flush()
+
+    def on_held_change(self, account: str, held: ManagedOrder) -> None:
+        """A change of an order ``account``'s local order emulation holds. A leg held here (``mode``
+        "emulated") never reaches the OMS or the venue under its own id — its child orders do — so its
+        strategy, and the risk gate's reservation, follow the emulation: the leg's view
+        (:func:`held_order_view`) is published as an ``OrderUpdate`` with ``held`` set."""
+        coid = held.client_order_id
+        lane = self.lanes.get(account)
+        if lane is None or held.mode != "emulated" or self.store.get(coid) is not None:
+            return  # a native leg (it is the venue order) or an emulated order the OMS stored: the store tells
+        before = lane.requested.get(coid)
+        if before is None:
+            return
+        view = held_order_view(held, before, lane.known, lane.driver.now())
+        if view is None or (view.status is before.status and view.filled_quantity == before.filled_quantity):
+            return
+        lane.requested[coid] = view  # what a later request about the leg finds (``known``)
+        self._changes.append((view, None, True))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._in_handle and self._emit is not None and self._flush_task is None:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_in_background())
 
@@ -425,18 +449,19 @@ class ExecutionService:
         event = OrderCancelled(event_id="cancelled", client_order_id=coid, ts=lane.driver.now(), reason=reason)
         cancelled = order.apply(event)
         lane.requested[coid] = cancelled
-        self._changes.append((cancelled, event))
+        self._changes.append((cancelled, event, False))
 
     def _flush(self) -> list[Outgoing]:
         """The buffered order changes as messages: updates and fills in order, then the positions."""
         changes, self._changes = self._changes, []
         out: list[Outgoing] = []
         touched: dict[str, tuple[str, str, str, str]] = {}
-        for order, event in changes:
+        for order, event, held in changes:
             account = order.account
             strategy = order.intent.strategy
             key = account_key(account)
-            out.append(Outgoing(EVENTS, key, OrderUpdate(account=account, strategy=strategy, order=order, event=event)))
+            update = OrderUpdate(account=account, strategy=strategy, order=order, event=event, held=held)
+            out.append(Outgoing(EVENTS, key, update))
             if isinstance(event, OrderFilled):
                 out.append(Outgoing(FILLS, key, AccountFill(account=account, strategy=strategy, fill=event.fill)))
                 fill = event.fill

@@ -4,7 +4,11 @@ Inputs and outputs (logical topics, all keyed by account unless said otherwise):
 
 * ``orders.intents`` — ``SubmitRequest`` / ``OrderListRequest``: each intent (each leg) goes through
   ``RiskEngine.check``; a list passes only if every leg does (the legs that passed are then released and
-  reported refused, rule ``order_list``). Approved: the request is forwarded on ``orders.approved``.
+  reported refused, rule ``order_list``). The legs a list ends on are alternatives (an OCO's legs, a
+  bracket's exits: one fills, the emulation cancels the rest), so each is checked without its siblings'
+  reservations, and a bracket's exits without ``reduce_only`` (they close what the entry opens, once it
+  has: today's position is not theirs to reduce); every leg stays reserved. Approved: the request is
+  forwarded on ``orders.approved``.
   Refused: a ``RejectionNotice`` takes its place on ``orders.approved`` (so execution reports the
   rejection to the strategy in order), a ``RejectedIntent`` per intent goes to ``orders.rejected``.
   Every decision goes to ``risk.decisions`` and, with a recorder, to ``risk_events`` in PostgreSQL.
@@ -20,7 +24,8 @@ Inputs and outputs (logical topics, all keyed by account unless said otherwise):
   that ends releases its worst-case reservation (``on_order_closed``); an open order the gate did not
   approve (a cancel-replace replacement, an order recovered by execution) is reserved
   (``on_order_open``) for its remaining quantity; a child of a locally emulated order
-  (``<parent client order id>.c<n>``) is counted against its parent's reservation.
+  (``<parent client order id>.c<n>``) is counted against its parent's reservation; an order list's leg
+  that execution's local emulation holds (``OrderUpdate.held``) releases its reservation when it ends.
   ``VenueProgress``: the lock-step watermark (below) and, in lock-step, the reference price.
 * ``md.candles.1m`` — the reference price outside lock-step (see "Reference prices").
 * ``control`` (key: scope) — ``KillSwitchCommand`` engages / releases the engine's ``KillSwitch``
@@ -415,6 +420,29 @@ class RiskGate:
         log.warning("risk gate: unexpected %s on %s dropped", type(request).__name__, INTENTS)
         return []
 
+    def _check_leg(self, request: OrderListRequest, leg: OrderIntent, approved: list[OrderIntent]) -> RiskDecision:
+        """One leg of an order list (``approved``: the legs before it that passed). The legs an order list
+        ends on are alternatives, not a sum — the emulation cancels the others once one fills — so each
+        is checked without its siblings' reservations (an OCO's legs; a bracket's exits); every leg stays
+        reserved afterwards, the worst case for the orders that follow. A bracket's exits act only on what
+        its entry filled (the emulation holds them until then and trims them to it), so their
+        ``reduce_only`` is not judged against the position the entry has not changed yet: they are checked
+        as the orders they are, without it (the venue still gets them reduce-only)."""
+        engine = self.engine
+        entry = request.legs[0] if request.list_kind == "bracket" else None
+        if entry is not None and leg is entry:
+            return engine.check(leg)
+        siblings = [i for i in approved if i is not entry]
+        parked = [engine.suspend(i.client_order_id) for i in siblings if engine.is_reserved(i.client_order_id)]
+        try:
+            checked = leg
+            if entry is not None and leg.reduce_only and leg.side is not entry.side:
+                checked = leg.model_copy(update={"reduce_only": False})
+            return engine.check(checked)
+        finally:
+            for reservation in reversed(parked):
+                engine.resume(reservation)
+
     def _decide(
         self, acct: _Account, request: SubmitRequest | OrderListRequest, intents: list[OrderIntent]
     ) -> list[Outgoing]:
@@ -431,6 +459,8 @@ class RiskGate:
                 )
             elif stale is not None:
                 decision = self._refusal(intent, STALE_MARKET_DATA, stale)
+            elif isinstance(request, OrderListRequest):
+                decision = self._check_leg(request, intent, approved)
             else:
                 decision = engine.check(intent)
             decisions.append(decision)

@@ -15,8 +15,8 @@ message (topic)               table                key / conflict rule
 ``Trade`` (md.trades)         ``trades``           ``(exchange, symbol, ts, trade_id)``: DO NOTHING
 ``OrderBookSnapshot``         ``order_book_        ``(exchange, symbol, ts, sequence)`` (no sequence: 0):
 (md.book)                     snapshots``          DO NOTHING
-``OrderUpdate``               ``orders`` +         see below
-(orders.events)               ``order_events``
+``OrderUpdate``               ``orders`` +         see below; ``held`` (a list leg the local emulation
+(orders.events)               ``order_events``     holds, never a venue order): ignored
                               (+ ``fills`` for an
                               ``OrderFilled``)
 ``VenueProgress``             —                    ignored (a lock-step watermark, not a fact)
@@ -572,6 +572,9 @@ class SinkWriter:
             elif isinstance(value, OrderBookSnapshot):
                 books.append(value)
             elif isinstance(value, OrderUpdate):
+                if value.held:
+                    result.ignored += 1  # a leg the local emulation holds: not a venue order (its children are)
+                    continue
                 updates.append(value)
                 if isinstance(value.event, OrderFilled):
                     # As OrderStore.append_event: the fill is stored with its event (same key as the fills topic).

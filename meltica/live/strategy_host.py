@@ -196,6 +196,9 @@ class LiveStrategyContext(OrderTrackingContext):
     # --- order updates -------------------------------------------------------------------------
     def apply_update(self, update: OrderUpdate) -> None:
         """Track one execution update (a fill is booked first) and queue the callbacks it causes."""
+        if update.held:
+            self.on_held_view(update.order)  # a leg the emulation holds: its children carry the fills
+            return
         event = update.event
         if isinstance(event, OrderFilled):
             self.portfolio.apply_fill(event.fill, account=self._account, strategy=self._instance_id)

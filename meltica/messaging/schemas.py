@@ -192,12 +192,19 @@ class ExecutionMessage(DomainModel):
 
 class OrderUpdate(ExecutionMessage):
     """An order changed: its new state and the event that changed it (``None``: state re-published,
-    e.g. after recovery). ``strategy`` is the instance that owns the order."""
+    e.g. after recovery). ``strategy`` is the instance that owns the order.
+
+    ``held``: the order is one the local order emulation holds (a leg of an OCO or bracket list the venue
+    does not take as it is). It never reaches the venue under its own client order id — its child orders
+    do, and carry the fills — so it has no event of its own: its state follows the emulation (``new`` while
+    held, open while a child works, then how it ended). Strategies track it; the risk gate releases its
+    reservation when it ends; the database sink does not store it as a venue order."""
 
     kind: Literal["order"] = "order"
     strategy: Name
     order: Order
     event: AnyOrderEvent | None = None
+    held: bool = False
 
 
 class VenueProgress(ExecutionMessage):

@@ -707,3 +707,16 @@ def test_graceful_stop_flushes_the_partial_batch_and_commits(
     assert after == 3
     assert counts(fresh_database)["candles"] == 3
     assert lag == 0
+
+
+def test_a_leg_held_by_the_local_emulation_is_not_stored_as_a_venue_order(fresh_database: Engine) -> None:
+    """An order list's leg the execution stage's emulation holds (``OrderUpdate.held``) never reached the
+    venue under its own id: its child orders are the venue orders and carry the fills. Stored in ``orders``
+    it would look like an open venue order to recovery and reconciliation, so the sink ignores it."""
+    writer = SinkWriter(fresh_database)
+    leg = lifecycle(intent(9))[0]
+    held = OrderUpdate(account="alice", strategy="sma", order=leg.order, event=None, held=True)
+    result = writer.write([held])
+    assert (result.received, result.ignored, result.total_written) == (1, 1, 0)
+    assert counts(fresh_database)["orders"] == 0
+    assert writer.write([leg]).written["orders"] == 1  # the same order as a venue order is stored

@@ -10,21 +10,24 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal as D
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from meltica.backtest import BacktestConfig, BarSeries, run_backtest
 from meltica.backtest.results import BacktestResult
-from meltica.domain import Bar, Fill, Order
+from meltica.config.settings import RiskLimits
+from meltica.domain import Bar, Fill, Order, OrderStatus, Side
 from meltica.live.bus import InMemoryBus
 from meltica.live.config import PipelineConfig
 from meltica.live.execution import ExecutionService
 from meltica.live.processor import Emit, Incoming, Outgoing
 from meltica.live.results import PaperRunCollector
+from meltica.live.risk_gate import RiskGate
 from meltica.live.strategy_host import StrategyHost
 from meltica.messaging.catalogue import market_key
 from meltica.messaging.schemas import AccountFill, EndOfReplayCommand, PipelineRequest
+from meltica.strategies import Strategy, StrategyParams, register_strategy
 
 DATA = Path(__file__).resolve().parents[2] / "meltica" / "data" / "btc-perp-20211231-20220201_1m.csv.gz"
 SYMBOL = "BTC/USDT:USDT"
@@ -261,3 +264,92 @@ def collect_values(config: BacktestConfig, values: list[Any]) -> PaperRunCollect
     for value in values:
         collector.on_message(value)
     return collector
+
+
+class BracketsParams(StrategyParams):
+    symbol: str = SYMBOL
+    brackets: int = 6
+    oco: bool = False  # instead: buy, then an OCO (take profit, stop) that closes the whole position
+
+
+@register_strategy
+class BracketsWhenIdle(Strategy[BracketsParams]):
+    """Places a bracket whenever it has no open order (up to ``brackets``): a strategy that believes what
+    ``open_orders`` says, and that stops for good if a leg held by the local emulation looks open for ever."""
+
+    name: ClassVar[str] = "test_brackets_when_idle"
+    Params: ClassVar[type[StrategyParams]] = BracketsParams
+
+    def __init__(self, params: BracketsParams, ctx: Any) -> None:
+        super().__init__(params, ctx)
+        self.placed = 0
+        self.heard: list[tuple[str, OrderStatus]] = []
+
+    def on_bar(self, bar: Bar) -> None:
+        params = self.params
+        assert isinstance(params, BracketsParams)
+        if self.ctx.open_orders() or self.placed >= params.brackets:
+            return
+        if params.oco:
+            if self.ctx.position(params.symbol).quantity == 0:
+                self.ctx.buy(params.symbol, D("0.01"))
+                return
+            self.placed += 1
+            self.ctx.oco(
+                params.symbol,
+                Side.SELL,
+                D("0.01"),
+                take_profit_price=bar.close * D("1.002"),
+                stop_price=bar.close * D("0.998"),
+            )
+            return
+        self.placed += 1
+        self.ctx.bracket(
+            params.symbol,
+            Side.BUY,
+            D("0.01"),
+            entry_price=bar.close,
+            take_profit_price=bar.close * D("1.002"),
+            stop_price=bar.close * D("0.998"),
+        )
+
+    def on_order(self, order: Order) -> None:
+        self.heard.append((order.client_order_id, order.status))
+
+
+@pytest.mark.parametrize("oco", [False, True], ids=["bracket", "oco"])
+def test_list_legs_held_by_the_emulation_end_in_the_pipeline_as_in_the_backtest(series: BarSeries, oco: bool) -> None:
+    """The exits of a bracket are held by the execution stage's local order emulation (they never reach the
+    venue under their own ids). Their strategy, the risk gate and the paper run follow the emulation: ``new``
+    while held, then how they ended. Before, the strategy saw them ``pending_submit`` and open for ever (so
+    it never placed a second bracket), and the risk gate kept their reservations (so ``max_open_orders``
+    denied every later order)."""
+    config = make_config("test_brackets_when_idle", {"symbol": SYMBOL, "oco": oco}, {})
+    result = run_backtest(config, series)
+    bars = list(series.bars())
+    pipe = PipelineConfig.from_backtest(config)
+    host = StrategyHost(pipe)
+    limits = RiskLimits.model_validate({"max_open_orders": 3})
+    risk = RiskGate(limits, {(config.exchange, SYMBOL): config.market()}, lockstep=True)
+
+    async def main() -> InMemoryBus:
+        bus = InMemoryBus((host, risk, ExecutionService.simulated(pipe)))
+        async with bus:
+            await replay(bus, config, bars)
+        return bus
+
+    bus = asyncio.run(main())
+    collector = collect(config, bus)
+    assert_same(result, collector)
+    inst = host.instances[config.strategy_instance]
+    assert inst.ctx.open_orders() == []
+    strategy = inst.strategy
+    assert isinstance(strategy, BracketsWhenIdle)
+    assert strategy.placed == 6
+    assert not [m for m in bus.messages("risk.decisions") if getattr(m, "approved", True) is False]
+    legs = [o for o in collector.orders.values() if o.intent.strategy and not o.intent.intent_id.startswith("mlt-")]
+    assert len(legs) == 6 * (2 + 1 if oco else 3)  # six lists (a buy before each OCO; child orders on top)
+    assert all(o.is_terminal for o in collector.orders.values())
+    assert sum(o.status is OrderStatus.CANCELLED for o in legs) == 6  # the exit that did not fire, each time
+    heard = [coid for coid, status in strategy.heard if status is OrderStatus.CANCELLED]
+    assert {o.client_order_id for o in legs if o.status is OrderStatus.CANCELLED} <= set(heard)

@@ -264,6 +264,72 @@ def test_an_order_list_is_all_or_nothing_and_a_refused_list_leaves_no_trace() ->
     assert on(third, "risk.decisions")[0].rule == "orders_per_minute"
 
 
+def order_list(kind: Literal["oco", "bracket"], *legs: OrderIntent) -> OrderListRequest:
+    return OrderListRequest(
+        request_id=f"list-{next(_ids)}", account=ACCT, strategy=STRAT, ts=T0, list_kind=kind, list_id=f"L{next(_ids)}",
+        legs=legs,
+    )  # fmt: skip
+
+
+def stop_sell(qty: str, trigger: str, **kw: Any) -> OrderIntent:
+    return intent(qty, None, Side.SELL, type=OrderType.STOP_MARKET, trigger_price=D(trigger), **kw)
+
+
+def test_an_ocos_reduce_only_legs_are_alternatives_each_checked_on_its_own() -> None:
+    """Take profit and stop of one position: each may close all of it (only one fills), and both stay
+    reserved. A leg that would flip the position on its own is still refused."""
+    g = gate()
+    buy = intent("0.3")
+    update = accepted(buy)
+    feed(g, submit(buy), update, filled(update, "0.3", "20000", "f1"))
+    exits = order_list(
+        "oco", intent("0.3", "21000", Side.SELL, reduce_only=True), stop_sell("0.3", "19000", reduce_only=True)
+    )
+    out = feed(g, exits)
+    assert on(out, "orders.approved") == [exits]
+    assert [d.approved for d in on(out, "risk.decisions")] == [True, True]
+    assert g.engine.open_order_count() == 2
+    too_big = order_list(
+        "oco", intent("0.3", "21000", Side.SELL, reduce_only=True), stop_sell("0.4", "19000", reduce_only=True)
+    )
+    refused = feed(g, too_big)
+    assert isinstance(on(refused, "orders.approved")[0], RejectionNotice)
+    assert on(refused, "risk.decisions")[1].rule == "reduce_only"
+    assert g.engine.open_order_count() == 2  # the refused list left nothing reserved
+
+
+def test_a_brackets_exits_are_checked_as_closing_what_the_entry_opens() -> None:
+    """From flat, a bracket's reduce-only exits cannot reduce today's position — they act once the entry
+    filled — so they are not refused for it; the rest of the rules still apply to them, and exits on the
+    entry's own side are refused as before."""
+    g = gate(max_open_orders=3)
+    entry = intent("0.3", "20000")
+    bracket = order_list(
+        "bracket",
+        entry,
+        intent("0.3", "21000", Side.SELL, reduce_only=True),
+        stop_sell("0.3", "19000", reduce_only=True),
+    )
+    out = feed(g, bracket)
+    assert on(out, "orders.approved") == [bracket]
+    assert g.engine.open_order_count() == 3
+    wrong_side = order_list(
+        "bracket",
+        intent("0.1", "20000"),
+        intent("0.1", "21000", reduce_only=True),
+        intent("0.1", "19000", reduce_only=True),
+    )
+    assert on(feed(g, wrong_side), "risk.decisions")[1].rule == "reduce_only"
+    g2 = gate(max_order_quantity="0.2")
+    big_exit = order_list(
+        "bracket",
+        intent("0.2"),
+        intent("0.3", "21000", Side.SELL, reduce_only=True),
+        stop_sell("0.2", "19000", reduce_only=True),
+    )
+    assert on(feed(g2, big_exit), "risk.decisions")[1].rule == "max_order_quantity"
+
+
 def test_cancel_and_progress_always_pass() -> None:
     g = gate(max_order_quantity="0.001")
     cancel = CancelRequest(request_id="c-1", account=ACCT, strategy=STRAT, ts=T0, client_order_id="mlt-x")
