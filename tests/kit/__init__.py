@@ -1,5 +1,5 @@
 """What many tests build, built in one place: a hand-set clock, spot instruments, logged child
-processes and the risk path's stores with a database outage.
+processes, the risk path's stores with a database outage, and common order intents.
 
 ``from tests.kit import ManualClock, spot_instrument, LoggedProcess``. A test module that needs a variant
 passes parameters instead of defining its own copy (tests/unit/test_kit.py checks no module does).
@@ -7,6 +7,7 @@ passes parameters instead of defining its own copy (tests/unit/test_kit.py check
 
 from tests.kit.clock import ManualClock
 from tests.kit.instruments import spot_instrument
+from tests.kit.orders import trailing_stop_intent
 from tests.kit.outages import OutageKillSwitchStore, OutageRecorder
 from tests.kit.processes import LoggedProcess, child_environment
 
@@ -17,4 +18,5 @@ __all__ = [
     "OutageRecorder",
     "child_environment",
     "spot_instrument",
+    "trailing_stop_intent",
 ]

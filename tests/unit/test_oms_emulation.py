@@ -11,7 +11,7 @@ from meltica.adapters.in_process import InProcessVenue
 from meltica.domain import OrderIntent, OrderStatus, OrderType, Side, Trade
 from meltica.execution import MemoryOrderStore, OrderManager
 from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
-from tests.kit import spot_instrument
+from tests.kit import spot_instrument, trailing_stop_intent
 
 SYMBOL = "BTC/USDT"
 T0 = datetime(2024, 1, 10, tzinfo=UTC)
@@ -42,19 +42,7 @@ def trade(price: str, n: int) -> Trade:
 
 
 def trailing(intent_id: str) -> OrderIntent:
-    # An absolute trailing offset is always emulated (venues trail in bps).
-    return OrderIntent(
-        intent_id=intent_id,
-        account="alice",
-        strategy="s",
-        exchange="paper",
-        symbol=SYMBOL,
-        side=Side.SELL,
-        type=OrderType.TRAILING_STOP,
-        quantity=D("0.1"),
-        trailing_offset=D(100),
-        created_at=T0,
-    )
+    return trailing_stop_intent(intent_id, created_at=T0)
 
 
 def test_emulated_trailing_stop_triggers_a_native_child_linked_to_its_parent() -> None:

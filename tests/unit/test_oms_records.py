@@ -31,7 +31,7 @@ from meltica.execution import NEVER_REACHED_VENUE, MemoryOrderStore, OrderManage
 from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
 from meltica.execution.store import AMEND_REQUESTED, ANOMALY, ILLEGAL_TRANSITION, event_uuid
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode, RiskEngine
-from tests.kit import ManualClock, spot_instrument
+from tests.kit import ManualClock, spot_instrument, trailing_stop_intent
 from tests.unit.test_oms import (
     FAST,
     SYMBOL,
@@ -639,19 +639,7 @@ def test_stop_says_which_reader_did_not_stop(caplog: pytest.LogCaptureFixture) -
 
 
 def _trailing(intent_id: str) -> OrderIntent:
-    """An absolute trailing offset: venues trail in bps, so the OMS holds it locally."""
-    return OrderIntent(
-        intent_id=intent_id,
-        account="alice",
-        strategy="s1",
-        exchange="paper",
-        symbol=SYMBOL,
-        side=Side.SELL,
-        type=OrderType.TRAILING_STOP,
-        quantity=D("0.1"),
-        trailing_offset=D(100),
-        created_at=T0,
-    )
+    return trailing_stop_intent(intent_id, strategy="s1", created_at=T0)
 
 
 def _with_emulator(oms: OrderManager, venue: InProcessVenue, clock: ManualClock) -> LocalOrderEmulator:
