@@ -517,8 +517,8 @@ class BacktestContext(OrderTrackingContext):
         (``mode`` "emulated") never reaches the OMS or the venue under its own id — its child orders do —
         so our view of it follows the emulation (:meth:`on_held_view`)."""
         coid = held.client_order_id
-        if held.mode != "emulated" or held.intent.strategy != self._instance_id or self.store.get(coid) is not None:
-            return  # a native leg (it is the venue order) or an emulated order the OMS stored: the store tells
+        if held.mode != "emulated" or held.list_id is None or held.intent.strategy != self._instance_id:
+            return  # a native leg (it is the venue order) or an emulated order of the OMS's: the OMS tells
         before = self.orders.get(coid)
         if before is None:
             return

@@ -55,8 +55,11 @@ def _order_row(order: ManagedOrder) -> dict[str, Any]:
 class SqlEmulationStore:
     """``EmulationStore`` on PostgreSQL (tables from migration 0003)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, account: str | None = None) -> None:
+        """``account``: load only that account's orders and lists (one emulator per account shares the
+        tables with the others, and must restore only its own); ``None``: every account's."""
         self.engine = engine
+        self.account = account
         self._known: set[str] = set()  # order rows already ensured by this instance
 
     def save_order(self, order: ManagedOrder) -> None:
@@ -77,11 +80,14 @@ class SqlEmulationStore:
         self._known.add(order.client_order_id)
 
     def load_active_orders(self) -> list[ManagedOrder]:
+        query = select(t.emulated_orders.c.state).where(t.emulated_orders.c.active.is_(True))
+        if self.account is not None:
+            query = query.join(t.orders, t.orders.c.client_order_id == t.emulated_orders.c.client_order_id).where(
+                t.orders.c.account == self.account
+            )
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(t.emulated_orders.c.state)
-                .where(t.emulated_orders.c.active.is_(True))
-                .order_by(t.emulated_orders.c.updated_at, t.emulated_orders.c.client_order_id)
+                query.order_by(t.emulated_orders.c.updated_at, t.emulated_orders.c.client_order_id)
             ).all()
         return [ManagedOrder.from_json(row.state) for row in rows]
 
@@ -113,10 +119,11 @@ class SqlEmulationStore:
             )
 
     def load_active_lists(self) -> list[EmulatedOrderList]:
+        query = select(t.order_lists).where(
+            t.order_lists.c.status == "active", t.order_lists.c.kind.in_(["oco", "bracket"])
+        )
+        if self.account is not None:
+            query = query.where(t.order_lists.c.account == self.account)
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(t.order_lists)
-                .where(t.order_lists.c.status == "active", t.order_lists.c.kind.in_(["oco", "bracket"]))
-                .order_by(t.order_lists.c.created_at)
-            ).all()
+            rows = conn.execute(query.order_by(t.order_lists.c.created_at)).all()
         return [EmulatedOrderList.from_row(r.list_id, r.kind, r.account, r.strategy, r.status, r.params) for r in rows]

@@ -32,12 +32,15 @@ open), the original at the new terms (amended in place), or the original as it w
 saw the amend: the replacement is rejected and the amend is not re-sent, for the same reason).
 
 Afterwards the venue's open orders on the recovered symbols whose client order id has Meltica's
-prefix but no row are reported (``unknown_on_venue``), the local emulator restores its held orders,
-and if the kill switch is on ``halt`` every open order is cancelled.
+prefix but no row are reported (``unknown_on_venue``), the local emulator restores its held orders
+and the emulated orders it restored are the OMS's again (``held_locally``; one it could not restore —
+its state was kept in memory — is cancelled with :data:`LOST_AT_RESTART`, ``lost_locally``, and
+reported as an error), and if the kill switch is on ``halt`` every open order is cancelled.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,7 +48,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from meltica.adapters.base import ExchangeAdapter, VenueOrder
-from meltica.domain import OrderAmended, OrderEvent, OrderRejected, OrderStatus
+from meltica.domain import OrderAmended, OrderCancelled, OrderEvent, OrderRejected, OrderStatus
 from meltica.domain.orders import CLIENT_ORDER_ID_PREFIX, Order
 from meltica.errors import MelticaError, RetryableError
 from meltica.execution.awaiting import maybe_await
@@ -90,6 +93,8 @@ class RecoverableOms(Protocol):
     async def cancel_all(self, *, reason: str) -> Any: ...
 
 
+log = logging.getLogger(__name__)
+
 # Outcomes of one order's recovery.
 OPEN = "open"
 FILLED = "filled"
@@ -100,6 +105,13 @@ NEVER_REACHED = "never_reached_venue"
 RESENT = "resent"
 MISSING = "missing_on_venue"
 UNRESOLVED = "unresolved"
+HELD_LOCALLY = "held_locally"  # an emulated order the restored local emulation holds again
+LOST_LOCALLY = "lost_locally"  # an emulated order no emulation store kept: cancelled, loudly
+
+LOST_AT_RESTART = (
+    "held by the local order emulation, whose state was not stored: lost at the restart (it was on no venue, "
+    "so nothing was ever sent for it)"
+)
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,47 @@ _OUTCOME_BY_STATUS = {
     OrderStatus.EXPIRED: EXPIRED,
     OrderStatus.REJECTED: REJECTED,
 }
+
+
+async def _adopt_held_orders(oms: RecoverableOms, report: RecoveryReport) -> None:
+    """The orders the OMS handed to its local emulation (stored ``emulated``, ``new``: on no venue) come
+    back into the OMS, so that a cancel, ``cancel_all`` and a halt reach them again — when the emulation
+    restored them from its store. One it did not restore (it kept its state in memory) is lost: it is
+    cancelled with the reason, recorded and reported, never left looking open. Order-list legs the
+    emulation keeps by itself are not the OMS's and stay with it."""
+    emulator = oms.emulator
+    orders_of = getattr(emulator, "orders", None)
+    active: dict[str, Any] = {}
+    if callable(orders_of):
+        active = {o.client_order_id: o for o in orders_of()}
+    for account in oms.venues:
+        for order in oms.store.load_open(account):
+            coid = order.client_order_id
+            if order.status is not OrderStatus.NEW or not oms.store.is_emulated(coid):
+                continue
+            managed = active.get(coid)
+            if managed is not None and getattr(managed, "list_id", None) is not None:
+                continue  # a list leg: the emulation's own
+            oms.adopt(order)
+            if managed is not None:
+                outcome, detail = HELD_LOCALLY, None
+            else:
+                outcome, detail = LOST_LOCALLY, LOST_AT_RESTART
+                await oms.apply_event(
+                    OrderCancelled(event_id="lost-at-restart", client_order_id=coid, ts=oms.clock(), reason=detail)
+                )
+                report.errors.append(f"{coid}: {detail}")
+                log.error("recovery: %s (%s %s %s) %s", coid, account, order.symbol, order.intent.type.value, detail)
+            after = oms.order(coid)
+            report.orders.append(
+                RecoveredOrder(coid, account, order.symbol, order.status, after.status, outcome, 0, detail)
+            )
+            oms.store.record_note(
+                after,
+                RECOVERED,
+                oms.clock(),
+                {"outcome": outcome, "before": order.status.value, "after": after.status.value, "detail": detail},
+            )
 
 
 def _is_replacement(oms: RecoverableOms, client_order_id: str) -> bool:
@@ -275,6 +328,7 @@ async def recover_orders(oms: RecoverableOms, *, resend_unsent: bool) -> Recover
         restore = getattr(oms.emulator, "restore", None)
         if callable(restore):
             await maybe_await(restore())
+        await _adopt_held_orders(oms, report)
     if oms.halted():
         await oms.cancel_all(reason="kill switch halt (on recovery)")
     report.finished_at = oms.clock()

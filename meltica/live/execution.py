@@ -68,7 +68,13 @@ from meltica.domain.orders import CLIENT_ORDER_ID_PREFIX
 from meltica.domain.portfolio import Position
 from meltica.errors import MelticaError, OrderNotFoundError
 from meltica.execution import OrderManager
-from meltica.execution.emulation import LocalOrderEmulator, ManagedOrder, MemoryEmulationStore, held_order_view
+from meltica.execution.emulation import (
+    EmulationStore,
+    LocalOrderEmulator,
+    ManagedOrder,
+    MemoryEmulationStore,
+    held_order_view,
+)
 from meltica.execution.store import OrderStoreProtocol
 from meltica.live.config import PipelineConfig
 from meltica.live.live_driver import LiveDriver
@@ -183,6 +189,7 @@ class _Lane:
         latency: timedelta,
         markets: Mapping[str, _LockStepMarket],
         service: ExecutionService,
+        emulation_store: EmulationStore,
     ) -> None:
         self.account = account
         self.driver = driver
@@ -204,7 +211,7 @@ class _Lane:
         }
         self.emulator = LocalOrderEmulator(
             # every change of a held order (a list leg the venue does not take) is published as its view
-            NotifyingEmulationStore(partial(service.on_held_change, account), MemoryEmulationStore()),
+            NotifyingEmulationStore(partial(service.on_held_change, account), emulation_store),
             clock,
             self.oms.submit_native,
             self.oms.cancel,
@@ -242,7 +249,11 @@ class ExecutionService:
     (default in memory; the PostgreSQL ``meltica.execution.store.OrderStore`` for restart safety — open
     orders are then recovered from it on ``start``); ``kill_switch_at_start``: the persisted kill-switch
     state (``KillSwitchStore.load()``) read when the worker starts — every lane obeys it at once, and a lane
-    under ``halt`` cancels its open orders on ``start`` (a command sent while no worker ran is not lost)."""
+    under ``halt`` cancels its open orders on ``start`` (a command sent while no worker ran is not lost);
+    ``emulation_store(account)``: where that account's local order emulation keeps the orders it holds
+    (stops and trailing stops a venue does not take, order-list legs; default in memory; the PostgreSQL
+    ``meltica.execution.emulation_store.SqlEmulationStore`` so that they are restored on ``start`` with the
+    rest of the recovery — held in memory, they would be lost with the process)."""
 
     name = "execution"
     inputs: tuple[str, ...] = ("orders.approved", "md.candles.1m", "control")
@@ -256,6 +267,7 @@ class ExecutionService:
         on_lane_start: LaneStartHook | None = None,
         logger: logging.Logger | None = None,
         kill_switch_at_start: Mapping[str, KillSwitchState] | None = None,
+        emulation_store: Callable[[str], EmulationStore] | None = None,
     ) -> None:
         self.config = config
         self.on_lane_start = on_lane_start
@@ -277,7 +289,16 @@ class ExecutionService:
                         inst.instance_id
                     )
             latency = config.account(account).latency if account in config.account_names() else timedelta(0)
-            lane = _Lane(account, driver, self.store, latency=latency, markets=markets, service=self)
+            held_store = MemoryEmulationStore() if emulation_store is None else emulation_store(account)
+            lane = _Lane(
+                account,
+                driver,
+                self.store,
+                latency=latency,
+                markets=markets,
+                service=self,
+                emulation_store=held_store,
+            )
             for scope, state in (kill_switch_at_start or {}).items():
                 lane.kill_switch.restore(scope, state)  # the durable state, as it was when the worker started
             if hasattr(driver, "on_user_event"):  # the driver owns the user stream (meltica.live.venue)
@@ -319,7 +340,15 @@ class ExecutionService:
                     self._in_handle = False
                 for out in self._flush():
                     await emit(out)
-                self._log.info("execution %s: recovery %s", lane.account, report.summary())
+                held = lane.emulator.orders()
+                if held:  # restored from the emulation store: they watch the market again from the next bar
+                    lane.emulated_active = True
+                self._log.info(
+                    "execution %s: recovery %s; %d order(s) held by the local emulation",
+                    lane.account,
+                    report.summary(),
+                    len(held),
+                )
                 unresolved = report.outcome("unresolved")
                 if unresolved:
                     raise MelticaError(
@@ -418,8 +447,8 @@ class ExecutionService:
         (:func:`held_order_view`) is published as an ``OrderUpdate`` with ``held`` set."""
         coid = held.client_order_id
         lane = self.lanes.get(account)
-        if lane is None or held.mode != "emulated" or self.store.get(coid) is not None:
-            return  # a native leg (it is the venue order) or an emulated order the OMS stored: the store tells
+        if lane is None or held.mode != "emulated" or held.list_id is None:
+            return  # a native leg (it is the venue order) or an emulated order of the OMS's: the OMS tells
         before = lane.requested.get(coid)
         if before is None:
             return

@@ -3,13 +3,15 @@
     python live_exec_process.py '<json args>'
 
 Runs ``ExecutionService`` (live, not lock-step) with a ``LiveDriver`` over the ccxt adapter pointed at
-the emulator and the PostgreSQL ``OrderStore`` (write-ahead; ``start()`` recovers every order in
-flight). json args: ``db_url``, ``emulator_url``, ``api_key``, ``secret``.
+the emulator, the PostgreSQL ``OrderStore`` (write-ahead; ``start()`` recovers every order in flight)
+and the PostgreSQL ``SqlEmulationStore`` (locally held orders come back on ``start()``). json args:
+``db_url``, ``emulator_url``, ``api_key``, ``secret``.
 
 Prints ``{"ready": true, "recovery": ...}`` once started, then reads one JSON command per line on
 stdin and answers one JSON line each: ``{"op": "submit", "request": <SubmitRequest>}``, ``{"op":
 "cancel", "request": <CancelRequest>}``, ``{"op": "halt"}`` (kill switch, the account's scope),
-``{"op": "orders"}`` (the OMS's open orders), ``{"op": "quit"}``. ``MELTICA_CRASH_POINT`` kills it
+``{"op": "orders"}`` (the OMS's open orders), ``{"op": "held"}`` (the orders the local emulation holds,
+with their status), ``{"op": "quit"}``. ``MELTICA_CRASH_POINT`` kills it
 (exit 137) inside the OMS.
 """
 
@@ -27,6 +29,7 @@ from meltica.adapters.ccxt import RetryPolicy
 from meltica.adapters.registry import create_adapter
 from meltica.emulator import CCXT_OPTIONS, ccxt_urls_for
 from meltica.execution import OrderStore
+from meltica.execution.emulation_store import SqlEmulationStore
 from meltica.live.config import AccountVenueConfig, PipelineConfig, StrategyInstanceConfig
 from meltica.live.execution import ExecutionService
 from meltica.live.live_driver import LiveDriver
@@ -64,7 +67,12 @@ async def main(args: dict[str, Any]) -> None:
         retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05),
     )
     driver = LiveDriver(adapter, account=ACCOUNT, poll_interval=0.2, stale_after=1.0)
-    service = ExecutionService(config(), {ACCOUNT: driver}, store=OrderStore(engine))
+    service = ExecutionService(
+        config(),
+        {ACCOUNT: driver},
+        store=OrderStore(engine),
+        emulation_store=lambda account: SqlEmulationStore(engine, account=account),
+    )
     published: list[Outgoing] = []
 
     async def emit(out: Outgoing) -> None:
@@ -101,6 +109,9 @@ async def main(args: dict[str, Any]) -> None:
                 )
             elif op == "orders":
                 _line({"open": sorted(o.client_order_id for o in lane.oms.open_orders())})
+                continue
+            elif op == "held":
+                _line({"held": {o.client_order_id: o.status.value for o in lane.emulator.orders(active=False)}})
                 continue
             else:
                 raise ValueError(op)

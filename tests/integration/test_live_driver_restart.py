@@ -289,3 +289,67 @@ def test_after_a_restart_the_kill_switch_cancels_every_resting_order(database: t
             await emu.stop()
 
     run(body)
+
+
+def held_trailing_stop() -> SubmitRequest:
+    """A sell trailing stop with an absolute offset: Binance trails in bps only, so the execution stage's
+    local emulation holds it and watches the market (it is on no venue until it fires)."""
+    now = datetime.now(UTC)
+    intent = OrderIntent(
+        intent_id=f"trail-{uuid.uuid4().hex[:12]}",
+        account="main",
+        strategy="s",
+        exchange="binance",
+        symbol=SYMBOL,
+        side=Side.SELL,
+        type=OrderType.TRAILING_STOP,
+        quantity=Decimal("0.01"),
+        trailing_offset=Decimal("250"),
+        created_at=now,
+    )
+    return SubmitRequest(request_id=intent.intent_id, account="main", strategy="s", ts=now, intent=intent)
+
+
+def test_a_stop_held_by_the_local_emulation_survives_a_kill_and_the_halt_after_it_ends_it(
+    database: tuple[Engine, str],
+) -> None:
+    """A protective stop that only this process holds is the one order a crash must not lose: the
+    venue has no trace of it. After SIGKILL the new process restores it from PostgreSQL before it takes a
+    request, still held (not sent); the kill switch then ends it like any open order."""
+    engine, db_url = database
+
+    async def body() -> None:
+        emu = await started_emulator()
+        venue = checker(emu)
+        try:
+            await venue.connect()
+            stop = held_trailing_stop()
+            coid = stop.intent.client_order_id
+            async with execution_process(emu, db_url) as proc:
+                await proc.command("submit", request=stop.model_dump(mode="json"))
+                held = await proc.command("held")
+                assert held is not None and held["held"] == {coid: "pending"}
+                proc.proc.send_signal(signal.SIGKILL)
+                assert await proc.exit_code() == -signal.SIGKILL
+            assert await venue_orders(venue) == Counter()  # on no venue: only the database knows it
+
+            async with execution_process(emu, db_url) as proc:
+                held = await proc.command("held")
+                assert held is not None and held["held"] == {coid: "pending"}
+                await proc.command("halt")
+                held = await proc.command("held")
+                assert held is not None and held["held"] == {coid: "cancelled"}
+                await proc.command("quit")
+                assert await proc.exit_code() == 0
+            assert await venue_orders(venue) == Counter()
+            with engine.connect() as conn:
+                active = conn.execute(
+                    text("SELECT active FROM emulated_orders WHERE client_order_id = :c"), {"c": coid}
+                ).scalar_one()
+            assert active is False
+            assert db_status(engine, coid) == "cancelled"
+        finally:
+            await venue.close()
+            await emu.stop()
+
+    run(body)

@@ -28,7 +28,8 @@ from meltica.errors import (
     RequestTimeoutError,
 )
 from meltica.execution import NEVER_REACHED_VENUE, MemoryOrderStore, OrderManager
-from meltica.execution.emulation import LocalOrderEmulator, MemoryEmulationStore
+from meltica.execution.emulation import EmulatedStatus, LocalOrderEmulator, MemoryEmulationStore
+from meltica.execution.recovery import LOST_AT_RESTART
 from meltica.execution.store import AMEND_REQUESTED, ANOMALY, ILLEGAL_TRANSITION, event_uuid
 from meltica.risk import InMemoryKillSwitchStore, KillSwitch, KillSwitchMode, RiskEngine
 from tests.kit import ManualClock, spot_instrument, trailing_stop_intent
@@ -642,9 +643,11 @@ def _trailing(intent_id: str) -> OrderIntent:
     return trailing_stop_intent(intent_id, strategy="s1", created_at=T0)
 
 
-def _with_emulator(oms: OrderManager, venue: InProcessVenue, clock: ManualClock) -> LocalOrderEmulator:
+def _with_emulator(
+    oms: OrderManager, venue: InProcessVenue, clock: ManualClock, store: MemoryEmulationStore | None = None
+) -> LocalOrderEmulator:
     emulator = LocalOrderEmulator(
-        MemoryEmulationStore(),
+        MemoryEmulationStore() if store is None else store,
         clock,
         oms.submit_native,
         oms.cancel,
@@ -855,5 +858,59 @@ def test_the_user_streams_record_a_fill_of_an_order_placed_outside_the_oms_under
         assert sorted(row["account"] for row in store.fills.values()) == ["alice", "bob"]
         assert all(row["strategy"] is None for row in store.fills.values())  # no order of ours: no strategy
         await oms.stop()
+
+    run(body)
+
+
+def test_after_a_restart_an_order_held_by_the_restored_emulation_is_the_omss_again() -> None:
+    """A held stop survives a restart when the emulation's state was stored: recovery hands it back to
+    the OMS, so a halt's ``cancel_all`` reaches it (and the emulation stops watching it)."""
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        oms, store = make_oms(venue, clock)
+        held_store = MemoryEmulationStore()
+        _with_emulator(oms, venue, clock, held_store)
+        held = await oms.submit(_trailing("trail-5"))
+        coid = held.client_order_id
+
+        restarted, _ = make_oms(venue, clock, store)  # a new process on the same stores
+        emulator = _with_emulator(restarted, venue, clock, held_store)
+        report = await restarted.recover()
+        assert [(o.client_order_id, o.outcome) for o in report.orders] == [(coid, "held_locally")]
+        assert report.errors == []
+        assert [o.client_order_id for o in restarted.open_orders()] == [coid]
+        assert emulator.get(coid).status is EmulatedStatus.PENDING
+        await restarted.cancel_all(reason="halt")
+        assert restarted.order(coid).status is OrderStatus.CANCELLED
+        assert emulator.get(coid).status is EmulatedStatus.CANCELLED
+
+    run(body)
+
+
+def test_after_a_restart_an_order_whose_emulation_state_was_lost_is_cancelled_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The emulation kept its state in memory: the stop it held is gone with the process. Recovery does
+    not leave it looking open (a strategy would rely on it): cancelled with the reason, reported, logged."""
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        oms, store = make_oms(venue, clock)
+        _with_emulator(oms, venue, clock)
+        held = await oms.submit(_trailing("trail-6"))
+        coid = held.client_order_id
+
+        restarted, _ = make_oms(venue, clock, store)
+        _with_emulator(restarted, venue, clock)  # a new, empty emulation
+        with caplog.at_level(logging.ERROR, logger="meltica.execution.recovery"):
+            report = await restarted.recover()
+        assert [(o.client_order_id, o.outcome, o.after) for o in report.orders] == [
+            (coid, "lost_locally", OrderStatus.CANCELLED)
+        ]
+        assert report.errors == [f"{coid}: {LOST_AT_RESTART}"]
+        assert (store.get(coid).status, store.get(coid).reason) == (OrderStatus.CANCELLED, LOST_AT_RESTART)
+        assert restarted.open_orders() == []
+        assert any(coid in r.getMessage() for r in caplog.records)
 
     run(body)
