@@ -21,7 +21,7 @@ from meltica.adapters.ccxt import CcxtAdapter, RetryPolicy
 from meltica.adapters.registry import create_adapter
 from meltica.domain import OrderIntent, OrderStatus, OrderType, Side, Trade
 from meltica.emulator import CCXT_OPTIONS, EmulatorConfig, EmulatorServer
-from meltica.execution.emulation import EmulatedStatus, LocalOrderEmulator, route
+from meltica.execution.emulation import EmulatedOrderList, EmulatedStatus, LocalOrderEmulator, ManagedOrder, route
 from meltica.execution.emulation_store import SqlEmulationStore
 from meltica.storage import migrate
 from meltica.storage import tables as t
@@ -323,3 +323,22 @@ def test_oco_on_the_emulator_native_take_profit_and_stop_cancel_each_other(datab
             await stopped(venue)
 
     run(body())
+
+
+def test_an_accounts_emulation_store_restores_only_that_accounts_orders_and_lists(database: Engine) -> None:
+    """Every account's emulation (one per execution lane) shares the tables: a restart must give each lane
+    back its own held orders and lists, not every account's."""
+    everyone = SqlEmulationStore(database)
+    for account in ("alice", "bob"):
+        leg = intent(Side.SELL, OrderType.STOP_MARKET, trigger_price=D("30000")).model_copy(update={"account": account})
+        everyone.save_order(ManagedOrder(client_order_id=leg.client_order_id, intent=leg, quantity=leg.quantity))
+        everyone.save_list(
+            EmulatedOrderList(
+                list_id=f"L-{account}", kind="oco", account=account, strategy="adv", legs=[leg.client_order_id]
+            )
+        )
+    alice = SqlEmulationStore(database, account="alice")
+    assert [o.intent.account for o in alice.load_active_orders()] == ["alice"]
+    assert [lst.list_id for lst in alice.load_active_lists()] == ["L-alice"]
+    assert sorted(o.intent.account for o in everyone.load_active_orders()) == ["alice", "bob"]
+    assert sorted(lst.account for lst in everyone.load_active_lists()) == ["alice", "bob"]
