@@ -204,7 +204,7 @@ async def build_live_processors(settings: MelticaSettings, stages: Sequence[str]
             )
         )
     if "execution" in stages:
-        from meltica.execution.emulation_store import SqlEmulationStore
+        from meltica.execution.emulation_store import DurableHeldOrderStore, SqlEmulationStore
         from meltica.execution.store import OrderStore
 
         extra: dict[str, Any] = {"on_lane_start": _reconcile_lanes(settings, engine, drivers)}
@@ -214,8 +214,8 @@ async def build_live_processors(settings: MelticaSettings, stages: Sequence[str]
                 drivers,
                 store=OrderStore(engine),
                 kill_switch_at_start=kill_states,
-                # locally held stops and list legs survive a restart with the orders the venue holds
-                emulation_store=lambda account: SqlEmulationStore(engine, account=account),
+                # stops the emulation holds for the OMS survive a restart with the orders the venue holds
+                emulation_store=lambda account: DurableHeldOrderStore(SqlEmulationStore(engine, account=account)),
                 **extra,
             )
         )

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from meltica.execution.emulation import EmulatedOrderList, ManagedOrder
+from meltica.execution.emulation import EmulatedOrderList, EmulationStore, ManagedOrder, MemoryEmulationStore
 from meltica.storage import tables as t
 
 
@@ -127,3 +127,37 @@ class SqlEmulationStore:
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(t.order_lists.c.created_at)).all()
         return [EmulatedOrderList.from_row(r.list_id, r.kind, r.account, r.strategy, r.status, r.params) for r in rows]
+
+
+class DurableHeldOrderStore:
+    """The emulation store of a durable execution stage: the orders the OMS hands to its local emulation
+    (stops, trailing stops, icebergs … a venue does not take as they are; each is already an ``orders``
+    row of the OMS's) in PostgreSQL (``durable``), so they come back after a restart; order lists and
+    their legs in ``memory``.
+
+    Why lists are not made durable here: :class:`SqlEmulationStore` writes an ``orders`` row for a leg
+    when it first saves it, and a native leg is sent later by the OMS under that same client order id —
+    the OMS would take the row for an earlier submit of its own and send nothing. Until the two writers
+    share that row, a restart loses the legs an execution stage holds."""
+
+    def __init__(self, durable: SqlEmulationStore, memory: EmulationStore | None = None) -> None:
+        self.durable = durable
+        self.memory: EmulationStore = MemoryEmulationStore() if memory is None else memory
+
+    def _for(self, order: ManagedOrder) -> EmulationStore:
+        return self.durable if order.list_id is None else self.memory
+
+    def save_order(self, order: ManagedOrder) -> None:
+        self._for(order).save_order(order)
+
+    def load_active_orders(self) -> list[ManagedOrder]:
+        return self.durable.load_active_orders() + self.memory.load_active_orders()
+
+    def load_orders(self, client_order_ids: Sequence[str]) -> list[ManagedOrder]:
+        return self.durable.load_orders(client_order_ids) + self.memory.load_orders(client_order_ids)
+
+    def save_list(self, order_list: EmulatedOrderList) -> None:
+        self.memory.save_list(order_list)
+
+    def load_active_lists(self) -> list[EmulatedOrderList]:
+        return self.memory.load_active_lists()

@@ -994,7 +994,31 @@ class OrderManager:
                 out.append(self.order(order.client_order_id))
             else:
                 out.append(result)
+        await self._cancel_held_legs(account, strategy, symbol, reason)
         return out
+
+    async def _cancel_held_legs(
+        self, account: str | None, strategy: str | None, symbol: str | None, reason: str | None
+    ) -> None:
+        """The legs of order lists the local emulation holds (not yet on any venue, so not this manager's
+        orders: a bracket's exits waiting for the entry, OCO legs waiting for their trigger) are cancelled
+        with the rest — else they would fire after a halt. Their child orders, if any, are this manager's
+        and were cancelled above."""
+        orders_of = getattr(self.emulator, "orders", None)
+        if not callable(orders_of):
+            return
+        for held in orders_of():
+            intent = held.intent
+            if (
+                held.list_id is None
+                or held.status.is_terminal  # a sibling's cancel may have ended it meanwhile
+                or held.client_order_id in self._orders
+                or (account is not None and intent.account != account)
+                or (strategy is not None and intent.strategy != strategy)
+                or (symbol is not None and intent.symbol != symbol)
+            ):
+                continue
+            await self._emulator_hook("cancel", held.client_order_id, reason or "cancelled", account=intent.account)
 
     # --- amend -------------------------------------------------------------------------------
 

@@ -181,9 +181,10 @@ async def _adopt_held_orders(oms: RecoverableOms, report: RecoveryReport) -> Non
             coid = order.client_order_id
             if order.status is not OrderStatus.NEW or not oms.store.is_emulated(coid):
                 continue
+            row = oms.store.order_row(coid) or {}
             managed = active.get(coid)
-            if managed is not None and getattr(managed, "list_id", None) is not None:
-                continue  # a list leg: the emulation's own
+            if row.get("order_list_id") is not None or getattr(managed, "list_id", None) is not None:
+                continue  # an order list's leg: the emulation's own (its store wrote the row), not the OMS's
             oms.adopt(order)
             if managed is not None:
                 outcome, detail = HELD_LOCALLY, None

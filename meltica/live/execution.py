@@ -62,6 +62,7 @@ from meltica.domain import (
     OrderFilled,
     OrderIntent,
     OrderRejected,
+    OrderStatus,
     OrderSubmitted,
 )
 from meltica.domain.orders import CLIENT_ORDER_ID_PREFIX
@@ -75,6 +76,7 @@ from meltica.execution.emulation import (
     MemoryEmulationStore,
     held_order_view,
 )
+from meltica.execution.recovery import LOST_AT_RESTART
 from meltica.execution.store import OrderStoreProtocol
 from meltica.live.config import PipelineConfig
 from meltica.live.live_driver import LiveDriver
@@ -251,9 +253,10 @@ class ExecutionService:
     state (``KillSwitchStore.load()``) read when the worker starts — every lane obeys it at once, and a lane
     under ``halt`` cancels its open orders on ``start`` (a command sent while no worker ran is not lost);
     ``emulation_store(account)``: where that account's local order emulation keeps the orders it holds
-    (stops and trailing stops a venue does not take, order-list legs; default in memory; the PostgreSQL
-    ``meltica.execution.emulation_store.SqlEmulationStore`` so that they are restored on ``start`` with the
-    rest of the recovery — held in memory, they would be lost with the process)."""
+    (stops and trailing stops a venue does not take, order-list legs; default in memory;
+    ``meltica.execution.emulation_store.DurableHeldOrderStore`` keeps the OMS's in PostgreSQL, so that they
+    are restored on ``start`` with the rest of the recovery — held in memory, they are lost with the
+    process)."""
 
     name = "execution"
     inputs: tuple[str, ...] = ("orders.approved", "md.candles.1m", "control")
@@ -457,6 +460,27 @@ class ExecutionService:
             return
         lane.requested[coid] = view  # what a later request about the leg finds (``known``)
         self._changes.append((view, None, True))
+        self._schedule_flush()
+
+    def _end_lost_legs(self, lane: _Lane) -> None:
+        """After a restart (or a partition taken over from another worker): the order-list legs this
+        lane's emulation held before — their last view is not ``pending_submit`` — that it does not hold
+        now (kept in memory, they went with the process) are over. Their strategies, and the risk gate's
+        reservations, are told so — cancelled, with why — rather than left waiting on exits nobody
+        watches."""
+        held = {o.client_order_id for o in lane.emulator.orders()}
+        now = lane.driver.now()
+        for coid, order in list(lane.requested.items()):
+            if order.is_terminal or order.status is OrderStatus.PENDING_SUBMIT or coid in held:
+                continue
+            if self.store.get(coid) is not None:
+                continue  # the OMS's: recovery settled it
+            cancelled = order.apply(
+                OrderCancelled(event_id="lost-at-restart", client_order_id=coid, ts=now, reason=LOST_AT_RESTART)
+            )
+            lane.requested[coid] = cancelled
+            self._changes.append((cancelled, None, True))
+            self._log.error("execution %s: order-list leg %s %s", lane.account, coid, LOST_AT_RESTART)
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -967,6 +991,8 @@ class ExecutionService:
         for order in state["requested"]:
             restored = Order.model_validate(order)
             lane.requested[restored.client_order_id] = restored
+        if not self.lockstep:
+            self._end_lost_legs(lane)
         lane.symbol_of.update(state["symbol_of"])
         lane.emulated_active = bool(state["emulated_active"])
         for request_id in state["handled"]:

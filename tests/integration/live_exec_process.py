@@ -29,7 +29,7 @@ from meltica.adapters.ccxt import RetryPolicy
 from meltica.adapters.registry import create_adapter
 from meltica.emulator import CCXT_OPTIONS, ccxt_urls_for
 from meltica.execution import OrderStore
-from meltica.execution.emulation_store import SqlEmulationStore
+from meltica.execution.emulation_store import DurableHeldOrderStore, SqlEmulationStore
 from meltica.live.config import AccountVenueConfig, PipelineConfig, StrategyInstanceConfig
 from meltica.live.execution import ExecutionService
 from meltica.live.live_driver import LiveDriver
@@ -71,7 +71,7 @@ async def main(args: dict[str, Any]) -> None:
         config(),
         {ACCOUNT: driver},
         store=OrderStore(engine),
-        emulation_store=lambda account: SqlEmulationStore(engine, account=account),
+        emulation_store=lambda account: DurableHeldOrderStore(SqlEmulationStore(engine, account=account)),
     )
     published: list[Outgoing] = []
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from meltica.backtest.intents import END_OF_DATA
 from meltica.domain import Bar, OrderIntent, OrderStatus, OrderType, Side
+from meltica.execution.recovery import LOST_AT_RESTART
 from meltica.live.bus import InMemoryBus
 from meltica.live.config import AccountVenueConfig, PipelineConfig, StrategyInstanceConfig
 from meltica.live.execution import ExecutionService
@@ -22,6 +23,7 @@ from meltica.messaging.schemas import (
     CancelRequest,
     EndOfReplayCommand,
     KillSwitchCommand,
+    OrderListRequest,
     OrderUpdate,
     RejectionNotice,
     RiskDecisionMessage,
@@ -128,6 +130,58 @@ def test_kill_switch_halt_cancels_open_orders_and_refuses_new_ones() -> None:
     refused = updates(run(service, ("orders.approved", submit(3, "37000"))))
     assert [u.order.status for u in refused] == [OrderStatus.REJECTED]
     assert "kill switch halt" in (refused[0].order.reason or "")
+
+
+def oco(n: int) -> OrderListRequest:
+    """Take profit at 41,000 and a stop at 38,000 for 0.01: the in-process venue has no OCO, so the
+    execution stage's emulation holds both legs until one triggers."""
+
+    def leg(k: int, kind: OrderType, **kw: Any) -> OrderIntent:
+        return OrderIntent(
+            intent_id=f"s1:{n}.{k}", account="acc", strategy="s1", exchange="binance", symbol=SYMBOL,
+            side=Side.SELL, type=kind, quantity=D("0.01"), created_at=T0, reduce_only=True, **kw,
+        )  # fmt: skip
+
+    legs = (
+        leg(0, OrderType.TAKE_PROFIT, trigger_price=D(41000)),
+        leg(1, OrderType.STOP_MARKET, trigger_price=D(38000)),
+    )
+    return OrderListRequest(
+        request_id=f"s1:{n}", account="acc", strategy="s1", ts=T0, list_kind="oco", list_id=f"s1:{n}:oco", legs=legs
+    )
+
+
+def held_views(out: list[Outgoing]) -> dict[str, tuple[OrderStatus, str | None]]:
+    return {u.order.client_order_id: (u.order.status, u.order.reason) for u in updates(out) if u.held}
+
+
+def test_a_halt_ends_the_list_legs_the_emulation_holds_and_a_restart_without_them_says_they_are_lost() -> None:
+    """An OCO's legs wait in the execution stage's emulation for their triggers (no venue order yet). A halt
+    cancels them (else they would fire after it), and the strategy hears it. Kept in memory, they do not
+    survive a restart: the restored lane says they are cancelled, and why, instead of leaving them open."""
+    service = ExecutionService.simulated(config(lockstep=False))
+    request = oco(1)
+    take_profit, stop = (i.client_order_id for i in request.legs)
+    out = run(service, ("md.candles.1m", bar(0)), ("orders.approved", request))
+    assert held_views(out) == {take_profit: (OrderStatus.NEW, None), stop: (OrderStatus.NEW, None)}
+    state = service.snapshot("acc")
+    assert state is not None
+
+    halt = KillSwitchCommand(command_id="k1", actor="test", ts=T0, scope="global", mode="halt", reason="test")
+    halted = held_views(run(service, ("control", halt)))
+    assert {coid: status for coid, (status, _) in halted.items()} == {
+        take_profit: OrderStatus.CANCELLED,
+        stop: OrderStatus.CANCELLED,
+    }
+    assert service.lanes["acc"].emulator.orders() == []
+
+    restarted = ExecutionService.simulated(config(lockstep=False))
+    restarted.restore("acc", state)
+    lost = held_views(run(restarted, ("md.candles.1m", bar(1))))
+    assert lost == {
+        take_profit: (OrderStatus.CANCELLED, LOST_AT_RESTART),
+        stop: (OrderStatus.CANCELLED, LOST_AT_RESTART),
+    }
 
 
 def test_lockstep_holds_bars_until_acknowledged_and_requests_until_the_next_open() -> None:

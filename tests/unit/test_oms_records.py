@@ -914,3 +914,38 @@ def test_after_a_restart_an_order_whose_emulation_state_was_lost_is_cancelled_lo
         assert any(coid in r.getMessage() for r in caplog.records)
 
     run(body)
+
+
+def test_cancel_all_ends_the_list_legs_the_emulation_holds_within_its_filters() -> None:
+    """An OCO's legs on a venue without OCO wait in the emulation for their triggers: they are no venue's
+    orders yet, so the OMS has nothing of them to cancel — but a halt must end them, else they would fire
+    after it. Filters apply to them as to the rest."""
+    venue, clock = make_venue()
+
+    async def body() -> None:
+        oms, _store = make_oms(venue, clock)
+        emulator = _with_emulator(oms, venue, clock)
+        legs = (
+            intent(Side.SELL, OrderType.TAKE_PROFIT, "0.1", trigger_price=D("41000"), reduce_only=True),
+            intent(Side.SELL, OrderType.STOP_MARKET, "0.1", trigger_price=D("38000"), reduce_only=True),
+        )
+        take_profit, stop = (leg.client_order_id for leg in legs)
+        await emulator.add_list("oco", list(legs), "oco-1")
+        assert {o.client_order_id: o.status for o in emulator.orders()} == {
+            take_profit: EmulatedStatus.PENDING,
+            stop: EmulatedStatus.PENDING,
+        }
+        assert oms.open_orders() == []
+
+        for other in ({"account": "bob"}, {"strategy": "s2"}, {"symbol": ETH}):
+            await oms.cancel_all(reason="not theirs", **other)
+            assert len(emulator.orders()) == 2, other
+        await oms.cancel_all(account="alice", strategy="s1", symbol=SYMBOL, reason="halt")
+        assert emulator.orders() == []
+        assert (emulator.get(take_profit).status, emulator.get(take_profit).reason) == (
+            EmulatedStatus.CANCELLED,
+            "halt",
+        )
+        assert emulator.get(stop).status is EmulatedStatus.CANCELLED
+
+    run(body)
