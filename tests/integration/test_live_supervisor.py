@@ -127,10 +127,11 @@ def test_a_crashed_child_is_restarted_with_growing_back_off(
         max_backoff_s=0.3,
         max_crashes=10,
     )
+    # the 4th start writes the counter before it says it is up: wait for both (a loaded machine shows the gap)
     pids = wait_for(
         lambda: (
             children_running(tmp_path, {"ingest", "worker-a"})
-            if counter.exists() and counter.read_text() == "4"
+            if counter.exists() and counter.read_text() == "4" and "worker-a up" in log_text(tmp_path, "worker-a")
             else None
         ),
         what="worker-a serving after 3 crashes",
