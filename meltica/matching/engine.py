@@ -106,36 +106,35 @@ class _Order:
         # ``EngineOrder(...)`` field by field (its frozen ``__init__`` sets each through
         # ``object.__setattr__``; the slots' own setters are the same stores, cheaper): every order event.
         snap = _new(EngineOrder)
-        for store, value in zip(
-            _ENGINE_ORDER_SLOTS,
-            (
-                self.order_id,
-                self.client_order_id,
-                self.account,
-                self.symbol,
-                self.side,
-                self.type,
-                self.tif,
-                self.quantity,
-                self.price if self.price is not None else _ZERO,
-                self.stop_price if self.stop_price is not None else _ZERO,
-                self.trailing_delta_bps,
-                self.iceberg if self.iceberg is not None else _ZERO,
-                self.quote_quantity if self.quote_quantity is not None else _ZERO,
-                self.executed,
-                self.cum_quote,
-                self.status,
-                self.time,
-                self.update_time,
-                self.working,
-                self.working_time,
-                self.trailing_time,
-                self.expire_at,
-                self.stp,
-            ),
-            strict=True,
-        ):
-            store(snap, value)
+        (
+            set_order_id, set_client_order_id, set_account, set_symbol, set_side, set_type, set_tif,
+            set_quantity, set_price, set_stop_price, set_trailing, set_iceberg, set_quote_quantity,
+            set_executed, set_cum_quote, set_status, set_time, set_update_time, set_working,
+            set_working_time, set_trailing_time, set_expire_at, set_stp,
+        ) = _ENGINE_ORDER_SLOTS  # fmt: skip
+        set_order_id(snap, self.order_id)
+        set_client_order_id(snap, self.client_order_id)
+        set_account(snap, self.account)
+        set_symbol(snap, self.symbol)
+        set_side(snap, self.side)
+        set_type(snap, self.type)
+        set_tif(snap, self.tif)
+        set_quantity(snap, self.quantity)
+        set_price(snap, self.price if self.price is not None else _ZERO)
+        set_stop_price(snap, self.stop_price if self.stop_price is not None else _ZERO)
+        set_trailing(snap, self.trailing_delta_bps)
+        set_iceberg(snap, self.iceberg if self.iceberg is not None else _ZERO)
+        set_quote_quantity(snap, self.quote_quantity if self.quote_quantity is not None else _ZERO)
+        set_executed(snap, self.executed)
+        set_cum_quote(snap, self.cum_quote)
+        set_status(snap, self.status)
+        set_time(snap, self.time)
+        set_update_time(snap, self.update_time)
+        set_working(snap, self.working)
+        set_working_time(snap, self.working_time)
+        set_trailing_time(snap, self.trailing_time)
+        set_expire_at(snap, self.expire_at)
+        set_stp(snap, self.stp)
         return snap
 
 
@@ -152,6 +151,8 @@ if [f.name for f in fields(EngineOrder)] != [
 
 
 _SYNTHETIC_CACHE_SIZE = 65_536
+_NOTHING = MatchResult()
+"""The result of a call that changed no order, fill or balance (immutable: shared)."""
 
 
 class _Market:
@@ -502,6 +503,13 @@ class MatchingEngine:
     def on_trade(self, symbol: str, price: Decimal, quantity: Decimal, taker_side: Side | None = None) -> MatchResult:
         """A recorded public trade: stops see the price first, then resting limits it went through fill."""
         m = self._market(symbol)
+        if not (m.stops or m.user_bids or m.user_asks):
+            # Nothing of any user's can trigger or fill: the print moves the last price (and the synthetic
+            # book) and does nothing else — what ``_print`` does then, without its bookkeeping.
+            m.last_price = price
+            if not m.recorded_book:
+                self._synthesize(m, price)
+            return _NOTHING
         c = self._begin()
         try:
             self._print(m, price, [quantity], taker_side)
