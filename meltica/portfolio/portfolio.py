@@ -596,8 +596,11 @@ class Portfolio:
     def _move(self, account: str, exchange: str, asset: str, amount: Decimal) -> None:
         """Credit (> 0) to free, or debit (< 0) from free then locked; caller holds the exact context."""
         key = (account, exchange, asset)
-        held = self._holdings.get(key, Holding(asset))
-        free, locked = held.free + amount, held.locked
+        held = self._holdings.get(key)
+        if held is None:  # (as ``Holding(asset)``'s zeros, without building one)
+            free, locked = _ZERO + amount, _ZERO
+        else:
+            free, locked = held.free + amount, held.locked
         if free < 0 < locked:
             take = min(-free, locked)
             free, locked = free + take, locked - take
