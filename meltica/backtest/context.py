@@ -332,7 +332,9 @@ class OrderTrackingContext(IntentingContext):
             self.fills.append(fill)
             self._positions.pop(fill.symbol, None)
             self.fills_changed = True
-            self._pending.append(partial(self._deliver_fill, fill))
+            if getattr(self.strategy.on_fill, "__func__", None) is not Strategy.on_fill:
+                self._pending.append(partial(self._deliver_fill, fill))
+            # (else nothing to deliver: ``Strategy``'s own ``on_fill`` does nothing)
         if order.status is OrderStatus.REJECTED:
             self.rejections.append(order)
         self._queue_on_order(order)
