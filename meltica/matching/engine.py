@@ -150,6 +150,18 @@ if [f.name for f in fields(EngineOrder)] != [
     raise RuntimeError("EngineOrder's fields changed: update _Order.snapshot")
 
 
+_ENGINE_FILL_SLOTS = tuple(getattr(EngineFill, f.name).__set__ for f in fields(EngineFill))
+_REPORT_SLOTS = tuple(getattr(ExecutionReport, f.name).__set__ for f in fields(ExecutionReport))
+if [f.name for f in fields(EngineFill)] != [
+    "account", "symbol", "order_id", "client_order_id", "side", "trade_id", "price", "quantity", "quote_quantity",
+    "commission", "commission_asset", "is_maker", "time",
+] or [f.name for f in fields(ExecutionReport)] != ["order", "execution", "fill"]:  # fmt: skip
+    raise RuntimeError("EngineFill's or ExecutionReport's fields changed: update MatchingEngine._fill")
+
+_PASSED_FILTERS: dict[tuple[int, Decimal | None, Decimal | None], Instrument] = {}
+_PASSED_FILTERS_SIZE = 4096
+"""(id(instrument), price, quantity) → the instrument, for the checks it passed (``_check_filters``)."""
+
 _SYNTHETIC_CACHE_SIZE = 65_536
 _NOTHING = MatchResult()
 """The result of a call that changed no order, fill or balance (immutable: shared)."""
@@ -676,6 +688,18 @@ class MatchingEngine:
 
     @staticmethod
     def _check_filters(inst: Instrument, price: Decimal | None, quantity: Decimal | None) -> None:
+        # An instrument is frozen, so a (price, quantity) it passed once passes again: remembered (bounded),
+        # keyed by the instrument's identity and kept with it (the id cannot be reused while it is held).
+        key = (id(inst), price, quantity)
+        if _PASSED_FILTERS.get(key) is inst:
+            return
+        MatchingEngine._check_filters_uncached(inst, price, quantity)
+        if len(_PASSED_FILTERS) >= _PASSED_FILTERS_SIZE:
+            _PASSED_FILTERS.clear()
+        _PASSED_FILTERS[key] = inst
+
+    @staticmethod
+    def _check_filters_uncached(inst: Instrument, price: Decimal | None, quantity: Decimal | None) -> None:
         try:
             if quantity is None:
                 assert price is not None
@@ -947,25 +971,34 @@ class MatchingEngine:
             self._forget_open(order)
         else:
             order.status = EngineOrderStatus.PARTIALLY_FILLED
-        fill = EngineFill(
-            account=order.account,
-            symbol=order.symbol,
-            order_id=order.order_id,
-            client_order_id=order.client_order_id,
-            side=order.side,
-            trade_id=trade_id,
-            price=price,
-            quantity=qty,
-            quote_quantity=quote_amount,
-            commission=commission,
-            commission_asset=asset,
-            is_maker=is_maker,
-            time=now,
-        )
+        # ``EngineFill(...)`` / ``ExecutionReport(...)`` through their slots' setters (as ``snapshot``): every fill
+        fill = _new(EngineFill)
+        (
+            set_account, set_symbol, set_order_id, set_client_order_id, set_side, set_trade_id, set_price,
+            set_quantity, set_quote_quantity, set_commission, set_commission_asset, set_is_maker, set_time,
+        ) = _ENGINE_FILL_SLOTS  # fmt: skip
+        set_account(fill, order.account)
+        set_symbol(fill, order.symbol)
+        set_order_id(fill, order.order_id)
+        set_client_order_id(fill, order.client_order_id)
+        set_side(fill, order.side)
+        set_trade_id(fill, trade_id)
+        set_price(fill, price)
+        set_quantity(fill, qty)
+        set_quote_quantity(fill, quote_amount)
+        set_commission(fill, commission)
+        set_commission_asset(fill, asset)
+        set_is_maker(fill, is_maker)
+        set_time(fill, now)
         self._trades.setdefault((order.account, order.symbol), []).append(fill)
         c = self._col()
         c.fills.append(fill)
-        c.updates.append(ExecutionReport(order.snapshot(), ExecutionType.TRADE, fill))
+        report = _new(ExecutionReport)
+        set_order, set_execution, set_fill = _REPORT_SLOTS
+        set_order(report, order.snapshot())
+        set_execution(report, ExecutionType.TRADE)
+        set_fill(report, fill)
+        c.updates.append(report)
 
     def _charge_quote(self, order: _Order, asset: str, commission: Decimal) -> None:
         """A buy's quote commission: from the free balance, the rest from the order's own reservation."""
