@@ -265,6 +265,10 @@ class OrderTrackingContext(IntentingContext):
         if getattr(callback, "__func__", None) is not Strategy.on_order:
             self._pending.append(partial(callback, order))
 
+    def _hears_orders(self) -> bool:
+        """Whether the strategy has an ``on_order`` of its own (``Strategy``'s does nothing)."""
+        return getattr(self.strategy.on_order, "__func__", None) is not Strategy.on_order
+
     def _send_amend(self, client_order_id: str, price: Decimal | None, quantity: Decimal | None, carrier: str) -> None:
         """Hand an amendment on; ``carrier`` is the client order id the strategy was told will carry it."""
         raise NotImplementedError
@@ -316,7 +320,9 @@ class OrderTrackingContext(IntentingContext):
             self.fills.append(fill)
             self._positions.pop(fill.symbol, None)
             self.fills_changed = True
-            self._pending.append(partial(self._deliver_fill, fill))
+            if getattr(self.strategy.on_fill, "__func__", None) is not Strategy.on_fill:
+                self._pending.append(partial(self._deliver_fill, fill))
+            # (else nothing to deliver: ``Strategy``'s own ``on_fill`` does nothing)
         if order.status is OrderStatus.REJECTED:
             self.rejections.append(order)
         self._queue_on_order(order)
@@ -606,15 +612,32 @@ class BacktestContext(OrderTrackingContext):
         # The events are built from values that are valid by construction (a validated intent, the
         # engine's ids and times): ``construct`` (``model_construct``'s result, without its generic
         # machinery) skips re-validating them, nothing else differs.
-        submitted = construct(OrderSubmitted, {"event_id": "submitted", "client_order_id": coid, "ts": now})
-        current = Order.from_intent(intent).apply(submitted)
-        self._on_stored(current, submitted)
+        held = self.orders.get(coid)
+        if (
+            held is not None
+            and held.intent is intent
+            and held.status is OrderStatus.PENDING_SUBMIT
+            and held.updated_at == now
+            and not held.fill_ids
+            and held.exchange_order_id is None
+        ):
+            # The snapshot announced when the strategy asked (``_hold``) is the one the submission makes
+            # now (same intent, same time: latency 0), and storing it again changes nothing the strategy
+            # sees (the submission of an announced order is not reported twice): keep it.
+            current = held
+        else:
+            submitted = construct(OrderSubmitted, {"event_id": "submitted", "client_order_id": coid, "ts": now})
+            current = Order.from_intent(intent).apply(submitted)
+            self._on_stored(current, submitted)
         accepted = construct(
             OrderAccepted,
             {"event_id": "accepted", "client_order_id": coid, "ts": now, "exchange_order_id": str(order.order_id)},
         )
         current = current.apply(accepted)
-        self._on_stored(current, accepted)
+        if self._hears_orders():
+            self._on_stored(current, accepted)
+        # else: the acceptance is overwritten by the fill below before anyone could read it (the strategy
+        # does not listen to order changes, and nothing runs in between)
         exchange_id = self.venue.exchange_id
         portfolio = self.portfolio
         for update in result.order_updates:

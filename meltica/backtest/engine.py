@@ -481,7 +481,6 @@ async def _drive_bars(
     # in-process path (``BacktestContext.submit_direct``), which decides order by order.
     ctx.direct_market_orders = fast_path and not sized
     new_obj = object.__new__
-    set_attr = object.__setattr__
     totals = partial(ctx.cash_and_holding, symbol)
     cash, held = totals()
     # The curve is kept as columns (``EquityCurve``): the bars' times and closes, and (cash, holding)
@@ -502,6 +501,7 @@ async def _drive_bars(
     bar_cls = Bar
     bar_fields = _BAR_FIELDS
     # The pydantic instance slots, stored through their own setters (what ``object.__setattr__`` does).
+    set_dict = BaseModel.__dict__["__dict__"].__set__
     set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
     set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
     set_private = BaseModel.__dict__["__pydantic_private__"].__set__
@@ -519,9 +519,8 @@ async def _drive_bars(
             await ctx.release(ts)
         # The domain Bar, built as fast_bar does (the series was validated once).
         bar = new_obj(bar_cls)
-        set_attr(
+        set_dict(
             bar,
-            "__dict__",
             {
                 "exchange": exchange,
                 "symbol": symbol,

@@ -133,9 +133,15 @@ def construct(cls: type[_M], values: dict[str, Any]) -> _M:
     if len(data) != len(template):
         raise TypeError(f"construct: unknown fields for {cls.__name__}: {sorted(data.keys() - template.keys())}")
     model = object.__new__(cls)
-    _set = object.__setattr__
-    _set(model, "__dict__", data)
-    _set(model, "__pydantic_fields_set__", set(values))
-    _set(model, "__pydantic_extra__", None)
-    _set(model, "__pydantic_private__", None)
+    # (the instance slots' own setters: what ``object.__setattr__`` stores, without its lookup)
+    _SET_DICT(model, data)
+    _SET_FIELDS_SET(model, set(values))
+    _SET_EXTRA(model, None)
+    _SET_PRIVATE(model, None)
     return model
+
+
+_SET_DICT = BaseModel.__dict__["__dict__"].__set__
+_SET_FIELDS_SET = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_SET_EXTRA = BaseModel.__dict__["__pydantic_extra__"].__set__
+_SET_PRIVATE = BaseModel.__dict__["__pydantic_private__"].__set__

@@ -288,26 +288,31 @@ class BarSeries:
                 if ts[i] <= ts[i - 1]:
                     raise DataValidationError(f"bar {i}: open time not after the previous one")
 
-        def decimals(col: Any) -> list[Decimal]:
-            # One Decimal per distinct value (the first occurrence's repr), shared by its repeats.
-            values = col.tolist()
-            cache = dict.fromkeys(values)
-            for x in cache:
-                cache[x] = Decimal(repr(x))
-            return list(map(cache.__getitem__, values))  # type: ignore[arg-type]
-
+        # One Decimal per distinct value (its repr), shared by its repeats: the four price columns share
+        # one memo (a bar's open is mostly the previous close), the volumes have their own.
+        prices, volumes = _DecimalMemo(), _DecimalMemo()
         return cls(
             exchange,
             symbol,
             timeframe,
             ts,
-            decimals(o),
-            decimals(h),
-            decimals(lo),
-            decimals(c),
-            decimals(v),
+            list(map(prices.__getitem__, o.tolist())),
+            list(map(prices.__getitem__, h.tolist())),
+            list(map(prices.__getitem__, lo.tolist())),
+            list(map(prices.__getitem__, c.tolist())),
+            list(map(volumes.__getitem__, v.tolist())),
             open_micros=micros,
         )
+
+
+class _DecimalMemo(dict[float, Decimal]):
+    """float → ``Decimal(repr(float))``, each built on first use (``from_arrays``)."""
+
+    __slots__ = ()
+
+    def __missing__(self, value: float) -> Decimal:
+        dec = self[value] = Decimal(repr(value))
+        return dec
 
 
 # --- trades -----------------------------------------------------------------------------------------

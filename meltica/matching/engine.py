@@ -106,36 +106,35 @@ class _Order:
         # ``EngineOrder(...)`` field by field (its frozen ``__init__`` sets each through
         # ``object.__setattr__``; the slots' own setters are the same stores, cheaper): every order event.
         snap = _new(EngineOrder)
-        for store, value in zip(
-            _ENGINE_ORDER_SLOTS,
-            (
-                self.order_id,
-                self.client_order_id,
-                self.account,
-                self.symbol,
-                self.side,
-                self.type,
-                self.tif,
-                self.quantity,
-                self.price if self.price is not None else _ZERO,
-                self.stop_price if self.stop_price is not None else _ZERO,
-                self.trailing_delta_bps,
-                self.iceberg if self.iceberg is not None else _ZERO,
-                self.quote_quantity if self.quote_quantity is not None else _ZERO,
-                self.executed,
-                self.cum_quote,
-                self.status,
-                self.time,
-                self.update_time,
-                self.working,
-                self.working_time,
-                self.trailing_time,
-                self.expire_at,
-                self.stp,
-            ),
-            strict=True,
-        ):
-            store(snap, value)
+        (
+            set_order_id, set_client_order_id, set_account, set_symbol, set_side, set_type, set_tif,
+            set_quantity, set_price, set_stop_price, set_trailing, set_iceberg, set_quote_quantity,
+            set_executed, set_cum_quote, set_status, set_time, set_update_time, set_working,
+            set_working_time, set_trailing_time, set_expire_at, set_stp,
+        ) = _ENGINE_ORDER_SLOTS  # fmt: skip
+        set_order_id(snap, self.order_id)
+        set_client_order_id(snap, self.client_order_id)
+        set_account(snap, self.account)
+        set_symbol(snap, self.symbol)
+        set_side(snap, self.side)
+        set_type(snap, self.type)
+        set_tif(snap, self.tif)
+        set_quantity(snap, self.quantity)
+        set_price(snap, self.price if self.price is not None else _ZERO)
+        set_stop_price(snap, self.stop_price if self.stop_price is not None else _ZERO)
+        set_trailing(snap, self.trailing_delta_bps)
+        set_iceberg(snap, self.iceberg if self.iceberg is not None else _ZERO)
+        set_quote_quantity(snap, self.quote_quantity if self.quote_quantity is not None else _ZERO)
+        set_executed(snap, self.executed)
+        set_cum_quote(snap, self.cum_quote)
+        set_status(snap, self.status)
+        set_time(snap, self.time)
+        set_update_time(snap, self.update_time)
+        set_working(snap, self.working)
+        set_working_time(snap, self.working_time)
+        set_trailing_time(snap, self.trailing_time)
+        set_expire_at(snap, self.expire_at)
+        set_stp(snap, self.stp)
         return snap
 
 
@@ -151,7 +150,21 @@ if [f.name for f in fields(EngineOrder)] != [
     raise RuntimeError("EngineOrder's fields changed: update _Order.snapshot")
 
 
+_ENGINE_FILL_SLOTS = tuple(getattr(EngineFill, f.name).__set__ for f in fields(EngineFill))
+_REPORT_SLOTS = tuple(getattr(ExecutionReport, f.name).__set__ for f in fields(ExecutionReport))
+if [f.name for f in fields(EngineFill)] != [
+    "account", "symbol", "order_id", "client_order_id", "side", "trade_id", "price", "quantity", "quote_quantity",
+    "commission", "commission_asset", "is_maker", "time",
+] or [f.name for f in fields(ExecutionReport)] != ["order", "execution", "fill"]:  # fmt: skip
+    raise RuntimeError("EngineFill's or ExecutionReport's fields changed: update MatchingEngine._fill")
+
+_PASSED_FILTERS: dict[tuple[int, Decimal | None, Decimal | None], Instrument] = {}
+_PASSED_FILTERS_SIZE = 4096
+"""(id(instrument), price, quantity) → the instrument, for the checks it passed (``_check_filters``)."""
+
 _SYNTHETIC_CACHE_SIZE = 65_536
+_NOTHING = MatchResult()
+"""The result of a call that changed no order, fill or balance (immutable: shared)."""
 
 
 class _Market:
@@ -502,6 +515,13 @@ class MatchingEngine:
     def on_trade(self, symbol: str, price: Decimal, quantity: Decimal, taker_side: Side | None = None) -> MatchResult:
         """A recorded public trade: stops see the price first, then resting limits it went through fill."""
         m = self._market(symbol)
+        if not (m.stops or m.user_bids or m.user_asks):
+            # Nothing of any user's can trigger or fill: the print moves the last price (and the synthetic
+            # book) and does nothing else — what ``_print`` does then, without its bookkeeping.
+            m.last_price = price
+            if not m.recorded_book:
+                self._synthesize(m, price)
+            return _NOTHING
         c = self._begin()
         try:
             self._print(m, price, [quantity], taker_side)
@@ -668,6 +688,18 @@ class MatchingEngine:
 
     @staticmethod
     def _check_filters(inst: Instrument, price: Decimal | None, quantity: Decimal | None) -> None:
+        # An instrument is frozen, so a (price, quantity) it passed once passes again: remembered (bounded),
+        # keyed by the instrument's identity and kept with it (the id cannot be reused while it is held).
+        key = (id(inst), price, quantity)
+        if _PASSED_FILTERS.get(key) is inst:
+            return
+        MatchingEngine._check_filters_uncached(inst, price, quantity)
+        if len(_PASSED_FILTERS) >= _PASSED_FILTERS_SIZE:
+            _PASSED_FILTERS.clear()
+        _PASSED_FILTERS[key] = inst
+
+    @staticmethod
+    def _check_filters_uncached(inst: Instrument, price: Decimal | None, quantity: Decimal | None) -> None:
         try:
             if quantity is None:
                 assert price is not None
@@ -939,25 +971,34 @@ class MatchingEngine:
             self._forget_open(order)
         else:
             order.status = EngineOrderStatus.PARTIALLY_FILLED
-        fill = EngineFill(
-            account=order.account,
-            symbol=order.symbol,
-            order_id=order.order_id,
-            client_order_id=order.client_order_id,
-            side=order.side,
-            trade_id=trade_id,
-            price=price,
-            quantity=qty,
-            quote_quantity=quote_amount,
-            commission=commission,
-            commission_asset=asset,
-            is_maker=is_maker,
-            time=now,
-        )
+        # ``EngineFill(...)`` / ``ExecutionReport(...)`` through their slots' setters (as ``snapshot``): every fill
+        fill = _new(EngineFill)
+        (
+            set_account, set_symbol, set_order_id, set_client_order_id, set_side, set_trade_id, set_price,
+            set_quantity, set_quote_quantity, set_commission, set_commission_asset, set_is_maker, set_time,
+        ) = _ENGINE_FILL_SLOTS  # fmt: skip
+        set_account(fill, order.account)
+        set_symbol(fill, order.symbol)
+        set_order_id(fill, order.order_id)
+        set_client_order_id(fill, order.client_order_id)
+        set_side(fill, order.side)
+        set_trade_id(fill, trade_id)
+        set_price(fill, price)
+        set_quantity(fill, qty)
+        set_quote_quantity(fill, quote_amount)
+        set_commission(fill, commission)
+        set_commission_asset(fill, asset)
+        set_is_maker(fill, is_maker)
+        set_time(fill, now)
         self._trades.setdefault((order.account, order.symbol), []).append(fill)
         c = self._col()
         c.fills.append(fill)
-        c.updates.append(ExecutionReport(order.snapshot(), ExecutionType.TRADE, fill))
+        report = _new(ExecutionReport)
+        set_order, set_execution, set_fill = _REPORT_SLOTS
+        set_order(report, order.snapshot())
+        set_execution(report, ExecutionType.TRADE)
+        set_fill(report, fill)
+        c.updates.append(report)
 
     def _charge_quote(self, order: _Order, asset: str, commission: Decimal) -> None:
         """A buy's quote commission: from the free balance, the rest from the order's own reservation."""

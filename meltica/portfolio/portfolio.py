@@ -94,6 +94,10 @@ HoldingKey = tuple[str, str, str]  # account, exchange, asset
 # --- symbols -------------------------------------------------------------------------------------
 
 
+_settlement_currency = lru_cache(maxsize=1024)(settlement_currency)
+"""``settlement_currency``, remembered per symbol (read several times per booked fill)."""
+
+
 @lru_cache(maxsize=1024)
 def split_symbol(symbol: str) -> tuple[str, str, str | None]:
     """``"BTC/USDT"`` → ``("BTC", "USDT", None)``; ``"BTC/USDT:USDT"`` → ``("BTC", "USDT", "USDT")``."""
@@ -223,8 +227,9 @@ class _Ledger:
         if self.quantity == 0:
             self.cost = _ZERO
         self.realized += realized
-        currency = fill.fee_currency or settlement_currency(self.symbol)
-        if currency == settlement_currency(self.symbol):
+        settle = _settlement_currency(self.symbol)
+        currency = fill.fee_currency or settle
+        if currency == settle:
             self.fees += fill.fee
         else:
             self.other_fees[currency] = self.other_fees.get(currency, _ZERO) + fill.fee
@@ -354,7 +359,7 @@ class Portfolio:
         with localcontext(_EXACT):
             sub.apply(fill)
             realized = total.apply(fill)  # what the venue realizes (and pays out) for the account
-            fee_currency = fill.fee_currency or settlement_currency(fill.symbol)
+            fee_currency = fill.fee_currency or _settlement_currency(fill.symbol)
             if settle is None:
                 self._move(account, fill.exchange, base, fill.quantity * fill.side.sign)
                 self._move(account, fill.exchange, quote, -fill.quantity * fill.side.sign * fill.price)
@@ -596,8 +601,11 @@ class Portfolio:
     def _move(self, account: str, exchange: str, asset: str, amount: Decimal) -> None:
         """Credit (> 0) to free, or debit (< 0) from free then locked; caller holds the exact context."""
         key = (account, exchange, asset)
-        held = self._holdings.get(key, Holding(asset))
-        free, locked = held.free + amount, held.locked
+        held = self._holdings.get(key)
+        if held is None:  # (as ``Holding(asset)``'s zeros, without building one)
+            free, locked = _ZERO + amount, _ZERO
+        else:
+            free, locked = held.free + amount, held.locked
         if free < 0 < locked:
             take = min(-free, locked)
             free, locked = free + take, locked - take
