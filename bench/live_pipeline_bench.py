@@ -813,6 +813,7 @@ async def drive_latency(
     intent_ts: dict[str, tuple[float, float]] = {}  # request id → (CreateTime, received wall time)
     approved_ts: dict[str, float] = {}
     submitted: dict[str, tuple[float, float, str]] = {}  # request id → (CreateTime, received, status)
+    first_update: dict[str, tuple[float, float, str]] = {}  # client order id → its first update, intent not seen yet
     counts = {"intents": 0, "updates": 0}
 
     async def consume() -> None:
@@ -830,12 +831,20 @@ async def drive_latency(
                         intent_of[value.request_id] = (value.intent.symbol, bar_ts)
                         coid_of[value.intent.client_order_id] = value.request_id
                         intent_ts[value.request_id] = (created, now)
+                        early = first_update.pop(value.intent.client_order_id, None)
+                        if early is not None:  # its order's first update was fetched before it
+                            submitted.setdefault(value.request_id, early)
                     elif name == "orders.approved" and isinstance(value, SubmitRequest):
                         approved_ts.setdefault(value.request_id, created)
                     elif name == "orders.events" and isinstance(value, OrderUpdate):
                         counts["updates"] += 1
-                        rid = coid_of.get(value.order.client_order_id)
-                        if rid is not None and rid not in submitted:
+                        coid = value.order.client_order_id
+                        rid = coid_of.get(coid)
+                        if rid is None:
+                            # the topics are fetched independently: an order's updates can come before its
+                            # intent; the first is kept until the intent comes
+                            first_update.setdefault(coid, (created, now, str(value.order.status)))
+                        elif rid not in submitted:
                             submitted[rid] = (created, now, str(value.order.status))
 
     consumer_task = asyncio.create_task(consume())
@@ -881,8 +890,11 @@ async def drive_latency(
         start_minute = warm_minutes + len(warm) // symbols + 1
         measured = bench_bars(int(rate * seconds), symbols, start_minute)
         load_before = loadavg()
+        profiler = profile_worker(worker.pid, seconds)
         t_start, cpu_start = time.perf_counter(), process_cpu_seconds(worker.pid)
         await send_bars(measured, rate, record=True)
+        if profiler is not None:
+            profiler.wait()
         sending = time.perf_counter() - t_start
         achieved = len(measured) / sending
         worker_cpu = (process_cpu_seconds(worker.pid) - cpu_start) / sending  # share of one core while sending
@@ -947,6 +959,18 @@ async def drive_latency(
         "intent_to_submit_ms": intent_to_submit,
         "event_to_submit_received_ms": recv_submit,
     }
+
+
+def profile_worker(pid: int, seconds: float) -> subprocess.Popen[bytes] | None:
+    """With ``MELTICA_BENCH_PY_SPY=FILE``: py-spy samples the worker (GIL holder only, raw stacks into FILE)
+    while the measured bars are sent (py-spy in .venv: ``uv pip install py-spy``)."""
+    out = os.environ.get("MELTICA_BENCH_PY_SPY")
+    spy = Path(python()).parent / "py-spy"
+    if not out or not spy.exists():
+        return None
+    command = [str(spy), "record", "--gil", "--format", "raw", "--nonblocking", "-r", "200", "-d", str(int(seconds))]
+    command += ["-o", out, "--pid", str(pid)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def pipeline_bus_baseline(symbols: int, bars: int = 1000) -> float:
