@@ -798,6 +798,7 @@ class WorkerRuntime:
         # logical topic → its name on the broker
         self.physical_names = {name: topic.get_topic_name() for name, topic in self.topics.topics.items()}
         self._producer: Any = None
+        self._tracked: set[str] = set()  # output topics the producer keeps in its metadata
         # Faust's exactly-once sends through a transactional producer per partition, which only Topic.send picks
         guarantee = app.conf.processing_guarantee
         self.direct_send = getattr(guarantee, "value", guarantee) != "exactly_once"
@@ -857,7 +858,16 @@ class WorkerRuntime:
             value = self.codec.encode(out.topic, out.value)
             header_list = list(headers.items())
             if self.direct_send:
-                fut = await producer.send(self.physical_names[out.topic], key, value, None, None, header_list)
+                physical = self.physical_names[out.topic]
+                if physical not in self._tracked:
+                    # aiokafka asks the broker about every topic while it tracks none, then only about those it
+                    # tracks, and tracks a topic only when a send finds it missing from what it knows: a topic it
+                    # knew from the first (all-topics) answer drops out of its metadata at the next refresh (once
+                    # any topic is tracked, e.g. the stats topic), and a batch sent to it just then waits for a
+                    # partition leader forever: the worker stalled awaiting that ack (exit 3 in the latency bench)
+                    producer._ensure_producer().client.add_topic(physical)
+                    self._tracked.add(physical)
+                fut = await producer.send(physical, key, value, None, None, header_list)
             else:
                 fut = await self.topics[out.topic].send(key=key, value=value, headers=header_list)
             pending.append(fut)
