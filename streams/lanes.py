@@ -19,15 +19,20 @@ fetched), table recovery from the changelog (``processor.restore`` runs under th
 interleaves with a batch), offset commits, the producer and the worker CLI.
 
 In-process hand-over (``hand_over``, on by default): a stage's output for a topic another lane of the same
-worker reads is handed to that lane as soon as the broker acknowledged it (its partition and offset are then
-known), instead of waiting for the consumer to fetch it back: the hop between stages costs one produce round
-trip, not a fetch cycle. It is the same record at the same offset, so nothing changes for delivery: it is
-handed over only when the reading lane has handled every earlier record of that partition (order per
-partition holds; a lane that has fetched nothing of a partition yet is handed nothing of it) and the partition
-is assigned to this worker, and handled once every lane handled the fetch it came from (a stage sees it after
-what was fetched with its cause, as when it is fetched). It is acknowledged — and so committed — only when
-the consumer fetches it (then skipped, as handled), so a crash in between makes the worker handle it again
-after the restart, as for any record handled but not committed.
+worker reads is handed to that lane as soon as it is sent, instead of waiting for the consumer to fetch it back,
+and the outputs of every stage of one fetch are confirmed by the broker together, once, at the end of the fetch
+(and before any checkpoint): a hop between stages costs neither a fetch cycle nor a produce round trip. The
+worker chooses each output's partition (the producer's default partitioner, :meth:`WorkerRuntime.send_outputs`)
+and CreateTime, so the record handed over is the record the broker stores, offset aside: that is known at the
+confirmation (-1 until then). It is handed over only to a lane in step on its partition: one that has fetched
+from it and handled everything this worker sent to it before (a record of this worker not handed to the lane —
+sent by ``emit``, or while the lane was not in step — stops hand-over on that partition until the lane fetched
+past it), so order per partition holds for this worker's records; it is handled once every lane handled the
+fetch it came from (a stage sees it after what was fetched with its cause, as when it is fetched). A record of
+another producer that the broker put between (seen at the confirmation) is handled when fetched, after ours, as
+if ours had been sent a moment earlier; ours are then skipped when fetched, never handled twice. A record handed
+over is acknowledged — and so committed — only when the consumer fetches it (then skipped, as handled), so a crash
+in between makes the worker handle it again after the restart, as for any record handled but not committed.
 
 The consumer's fetch wait (``fetch_max_wait_ms``) is what a record produced by one stage waits before the
 next stage's fetch can ask for it when the broker holds another fetch for idle partitions: faust-streaming
@@ -45,6 +50,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from faust.streams import _current_event  # the context Faust's tables read the source partition from
+from faust.types import TP
 
 from meltica.live import tracing
 from streams.topics import incoming_of
@@ -102,20 +108,26 @@ def _patch_consumer_factory() -> None:
 
 
 class SentRecord(NamedTuple):
-    """An output as it was sent (logical topic, encoded key and value, headers) and the model it encodes."""
+    """An output as it was sent (logical topic, encoded key and value, headers) and the model it encodes; where
+    it went (physical topic, the partition chosen at the send: None when the producer chose it), its CreateTime
+    (seconds, whole milliseconds; None when the producer set it) and the future of the broker's ack."""
 
     topic: str
     key: bytes
     value: bytes
     headers: list[tuple[str, Any]]
     model: Any = None
+    physical: str = ""
+    partition: int | None = None
+    timestamp: float | None = None
+    future: Any = None
 
 
 class LocalRecord:
-    """A record this worker sent and the broker acknowledged, handed to a lane in-process: what a lane reads
-    of a fetched message."""
+    """A record this worker sent, handed to a lane in-process: what a lane reads of a fetched message. Its
+    offset is -1 until the broker acknowledged it (:meth:`BatchLanes.confirm`)."""
 
-    __slots__ = ("headers", "key", "model", "offset", "partition", "timestamp", "topic", "tp", "value")
+    __slots__ = ("future", "headers", "key", "model", "offset", "partition", "timestamp", "topic", "tp", "value")
 
     def __init__(self, tp: Any, offset: int, timestamp: float, sent: SentRecord) -> None:
         self.tp = tp
@@ -129,6 +141,7 @@ class LocalRecord:
         # the model the sender encoded into ``value`` (frozen, so shared as is): the reading lane does not decode
         # the bytes again. None when unknown: then the bytes are decoded, as for a fetched record.
         self.model = sent.model
+        self.future = sent.future
 
 
 _UNDECODED = object()
@@ -158,7 +171,19 @@ class BatchLanes:
         # over); records below it that the consumer fetches later are skipped as handled
         self.next_offset: dict[tuple[ProcessorAgent, Any], int] = {}
         self._local: dict[ProcessorAgent, list[LocalRecord]] = {}  # handed over, not handled yet
-        self._queued: dict[tuple[ProcessorAgent, Any], int] = {}  # the offset after the last one queued
+        # (agent, partition) → records handed over whose acks (offsets) have not come yet, in send order
+        self._chain: dict[tuple[ProcessorAgent, Any], list[LocalRecord]] = {}
+        # (agent, partition) → offsets past ``next_offset`` handled in-process (a record of another producer
+        # came between): skipped when fetched
+        self._ahead: dict[tuple[ProcessorAgent, Any], set[int]] = {}
+        # records of this worker a lane reads that were not handed to it (it fetches them): per (agent,
+        # partition) how many are not acknowledged yet, then the offset after the last one; per topic, those
+        # sent to a partition the producer chose (not known before the ack)
+        self._aside: dict[tuple[ProcessorAgent, Any], int] = {}
+        self._aside_topic: dict[str, int] = {}
+        self._resume: dict[tuple[ProcessorAgent, Any], int] = {}
+        self._unconfirmed: list[Any] = []  # futures of the outputs sent and not confirmed yet
+        self._confirming = asyncio.Lock()
         # handled since the last checkpoint: keys whose state to store, then messages to acknowledge
         self._touched: dict[ProcessorAgent, dict[str, tuple[int, Any]]] = {}
         self._acks: list[Any] = []
@@ -172,7 +197,8 @@ class BatchLanes:
         """Drop what was handed over (a new assignment): from now on every record is fetched first."""
         self.next_offset.clear()
         self._local.clear()
-        self._queued.clear()
+        self._chain.clear()
+        self._ahead.clear()
 
     def add(self, agent: ProcessorAgent) -> None:
         for physical in agent.partitions_of:
@@ -203,7 +229,8 @@ class BatchLanes:
                 if next_offset:
                     taken = []
                     for message in fresh:
-                        if message.offset < next_offset.get((agent, message.tp), -1):
+                        key = (agent, message.tp)
+                        if message.offset < next_offset.get(key, -1) or self._handled_ahead(key, message.offset):
                             if sole:  # handed over in-process before: handled, now acknowledged
                                 self._acknowledged(message)
                         else:
@@ -225,7 +252,22 @@ class BatchLanes:
         # strategy's intent on that bar reaches it), as when the output is fetched
         if self._local and not await self._handle_handed_over():
             return
+        # the outputs of this fetch (of every stage) are confirmed together: one wait for the broker per fetch
+        if self._unconfirmed and not await self._confirmed():
+            return
         self._acks.extend(shared)  # every lane reading them handled them: acknowledged with their state
+
+    def _handled_ahead(self, key: tuple[ProcessorAgent, Any], offset: int) -> bool:
+        """``offset`` was handed over to the agent past a record of another producer (see :meth:`confirm`)."""
+        ahead = self._ahead.get(key)
+        if not ahead or offset not in ahead:
+            return False
+        ahead.discard(offset)
+        if not ahead:
+            del self._ahead[key]
+        if offset >= self.next_offset.get(key, -1):
+            self.next_offset[key] = offset + 1
+        return True
 
     def _acknowledged(self, message: Any) -> None:
         self._acks.append(message)
@@ -238,39 +280,145 @@ class BatchLanes:
         while self._local:
             agent = next(iter(self._local))
             records = self._local.pop(agent)
-            for key in [k for k in self._queued if k[0] is agent]:
-                del self._queued[key]
             if not await self.handle_batch(agent, records):
                 self.forget()
                 return False
         return True
 
-    def _hand_over(self, results: list[Any], sent: list[SentRecord]) -> None:
-        """Queue each acknowledged output for the lanes of this worker that read its topic and have handled
-        everything before it on its partition."""
+    def _hand_over(self, sent: list[SentRecord]) -> None:
+        """Queue each output for the lanes of this worker that read its topic and are in step on its
+        partition (:meth:`_in_step`), before the broker acknowledged it: it is handled in-process at once, its
+        offset known at :meth:`confirm`. A lane not in step fetches it, and takes nothing more of that partition
+        in-process until it has (order per partition holds)."""
         assignment: set[Any] | None = None
-        for metadata, record in zip(results, sent, strict=True):
-            agents = self.agents_of.get(metadata.topic)
+        for record in sent:
+            self._unconfirmed.append(record.future)
+            agents = self.agents_of.get(record.physical)
             if not agents:
+                continue
+            if record.partition is None or record.timestamp is None:
+                self._set_aside(record, agents)
                 continue
             if assignment is None:
                 assignment = set(self.runtime.app.consumer.assignment())
-            tp = metadata.topic_partition
+            tp = TP(record.physical, record.partition)
             if tp not in assignment:
-                continue
-            offset = metadata.offset
+                continue  # not ours to read: the worker that reads it fetches it
             local: LocalRecord | None = None
             for agent in agents:
                 key = (agent, tp)
-                expected = self._queued.get(key, self.next_offset.get(key))
-                if expected != offset:
-                    continue  # an earlier record of the partition is not handled yet: it is fetched in order
+                if not self._in_step(key):
+                    self._hold(key, record.future)
+                    continue
                 if local is None:
-                    created = metadata.timestamp  # CreateTime in ms (None from old brokers)
-                    local = LocalRecord(tp, offset, created / 1000.0 if created else time.time(), record)
+                    local = LocalRecord(tp, -1, record.timestamp, record)
                 self._local.setdefault(agent, []).append(local)
-                self._queued[key] = offset + 1
+                self._chain.setdefault(key, []).append(local)
                 self.handed_over += 1
+
+    def _in_step(self, key: tuple[ProcessorAgent, Any]) -> bool:
+        """The agent has handled everything this worker sent to the partition before (fetched or in-process),
+        and has fetched from the partition (it knows where it is)."""
+        position = self.next_offset.get(key)
+        return (
+            position is not None
+            and key not in self._aside
+            and key[1].topic not in self._aside_topic
+            and key not in self._ahead
+            and position >= self._resume.get(key, 0)
+        )
+
+    def sent_aside(self, record: SentRecord) -> None:
+        """A record sent outside a lane's batch (a processor's ``emit``): lanes reading it fetch it."""
+        if self.hand_over:
+            agents = self.agents_of.get(record.physical)
+            if agents:
+                self._set_aside(record, agents)
+
+    def _set_aside(self, record: SentRecord, agents: list[ProcessorAgent]) -> None:
+        if record.partition is not None:
+            tp = TP(record.physical, record.partition)
+            for agent in agents:
+                self._hold((agent, tp), record.future)
+            return
+        topic = record.physical
+        self._aside_topic[topic] = self._aside_topic.get(topic, 0) + 1
+
+        def done(future: Any) -> None:
+            left = self._aside_topic.get(topic, 0) - 1
+            if left > 0:
+                self._aside_topic[topic] = left
+            else:
+                self._aside_topic.pop(topic, None)
+            if not future.cancelled() and future.exception() is None:
+                metadata = future.result()
+                tp = TP(topic, metadata.partition)
+                for agent in agents:
+                    self._resume_after((agent, tp), metadata.offset)
+
+        record.future.add_done_callback(done)
+
+    def _hold(self, key: tuple[ProcessorAgent, Any], future: Any) -> None:
+        """Nothing more of ``key``'s partition is handed to its agent until it fetched past this record."""
+        self._aside[key] = self._aside.get(key, 0) + 1
+
+        def done(future: Any) -> None:
+            left = self._aside.get(key, 0) - 1
+            if left > 0:
+                self._aside[key] = left
+            else:
+                self._aside.pop(key, None)
+            if not future.cancelled() and future.exception() is None:
+                self._resume_after(key, future.result().offset)
+
+        future.add_done_callback(done)
+
+    def _resume_after(self, key: tuple[ProcessorAgent, Any], offset: int) -> None:
+        if offset >= self._resume.get(key, 0):
+            self._resume[key] = offset + 1
+
+    async def confirm(self) -> None:
+        """Wait for the broker's acks of every output sent so far (raises when one failed), then give the
+        records handed over their offsets. Where a record of another producer came between (its offset is not
+        the next the agent expected), the agent handled ours first, as if it had been sent a moment later: the
+        other is handled when fetched, and ours are skipped then (``_ahead``), not handled twice."""
+        if not self._unconfirmed:
+            return
+        async with self._confirming:  # in send order: a later call waits for an earlier one
+            futures, self._unconfirmed = self._unconfirmed, []
+            chains, self._chain = self._chain, {}
+            if futures:
+                await asyncio.gather(*futures)
+            next_offset = self.next_offset
+            for key, handed in chains.items():
+                expected = next_offset.get(key)
+                if expected is None:
+                    continue  # forgotten meanwhile (a new assignment): fetched, and handled, again
+                ahead: set[int] | None = self._ahead.get(key)
+                for local in handed:
+                    offset = local.offset = local.future.result().offset
+                    if ahead is None and offset == expected:
+                        expected += 1
+                    elif offset >= expected:
+                        if ahead is None:
+                            ahead = self._ahead.setdefault(key, set())
+                        ahead.add(offset)
+                    else:  # cannot happen: a record is never fetched before the fetch that sent it ends
+                        log.error("%s[%d]@%d handed over below the expected %d", *key[1], offset, expected)
+                next_offset[key] = expected
+
+    async def _confirmed(self) -> bool:
+        """:meth:`confirm`; False when an output failed (the worker is then stopping, commits frozen)."""
+        try:
+            await self.confirm()
+        except Exception as exc:
+            runtime = self.runtime
+            runtime.freeze_commits()
+            log.error("outputs not confirmed by the broker", exc_info=exc)
+            runtime.fail(exc)
+            self.forget()
+            return False
+        return True
 
     async def handle_batch(self, agent: ProcessorAgent, messages: list[Any]) -> bool:
         """Handle ``messages`` with ``agent``; False when it failed (the worker is then stopping)."""
@@ -345,10 +493,21 @@ class BatchLanes:
             logical = agent.logical_of[physical]
             raw_key = message.key
             chunk.messages.append(message)
-            next_offset[(agent, message.tp)] = message.offset + 1
-            if type(message) is LocalRecord and message.model is not None:
+            if type(message) is LocalRecord:  # its place is kept by confirm()
                 model = message.model
+                if model is None:
+                    model = await topics.dead_letters.decode_or_dead_letter(
+                        logical,
+                        message.value,
+                        key=raw_key,
+                        partition=message.partition,
+                        offset=message.offset,
+                        physical_topic=physical,
+                    )
             else:
+                tp_key = (agent, message.tp)
+                if message.offset >= next_offset.get(tp_key, -1):
+                    next_offset[tp_key] = message.offset + 1
                 model = decoded.get(id(message), _UNDECODED) if physical in shared else _UNDECODED
                 if model is _UNDECODED:
                     model = await topics.dead_letters.decode_or_dead_letter(
@@ -383,9 +542,14 @@ class BatchLanes:
 
     async def _finish(self, agent: ProcessorAgent, chunk: _Chunk) -> None:
         if chunk.pending and self.runtime.confirm_outputs:
-            results = await asyncio.gather(*chunk.pending)  # outputs confirmed before state and offsets move on
             if self.hand_over:
-                self._hand_over(results, chunk.sent)
+                # handed over now, confirmed with the fetch (or before a checkpoint: before state and offsets
+                # move on), in bounded lots
+                self._hand_over(chunk.sent)
+                if len(self._unconfirmed) >= CHUNK_RECORDS:
+                    await self.confirm()
+            else:
+                await asyncio.gather(*chunk.pending)  # outputs confirmed before state and offsets move on
         if chunk.touched:
             self._touched.setdefault(agent, {}).update(chunk.touched)
         runtime = self.runtime
@@ -408,15 +572,23 @@ class BatchLanes:
         never in the middle of a handle; ``held``: the agent whose lock the caller holds), then acknowledge
         the messages that state covers: Faust commits only acknowledged offsets, so a committed offset never
         runs ahead of the stored state. (A snapshot is the key's state now, so it covers everything handled
-        before it; each checkpoint stores its keys before acknowledging its messages.)"""
+        before it; each checkpoint stores its keys before acknowledging its messages.) Every output sent so far
+        is confirmed first (again under each agent's lock, right before its state is read): no state is stored,
+        and no message acknowledged, that covers a handling whose outputs the broker has not got."""
+        while self._unconfirmed:
+            await self.confirm()
         touched, self._touched = self._touched, {}
         acks, self._acks = self._acks, []
         self._last_checkpoint = time.perf_counter()
         for agent, keys in touched.items():
             if agent is held:
+                while self._unconfirmed:
+                    await self.confirm()
                 self._store(agent, keys)
             else:
                 async with agent.lock:
+                    while self._unconfirmed:
+                        await self.confirm()
                     self._store(agent, keys)
         if acks:
             consumer = self.runtime.app.consumer

@@ -94,6 +94,7 @@ from typing import Any
 
 import faust
 import yaml
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 from faust.types import EventT
 
 from meltica.live import tracing
@@ -798,6 +799,7 @@ class WorkerRuntime:
         # logical topic → its name on the broker
         self.physical_names = {name: topic.get_topic_name() for name, topic in self.topics.topics.items()}
         self._producer: Any = None
+        self._key_hash: dict[bytes, int] = {}  # output key → its murmur2 hash (the producer's partitioner)
         self._tracked: set[str] = set()  # output topics the producer keeps in its metadata
         # Faust's exactly-once sends through a transactional producer per partition, which only Topic.send picks
         guarantee = app.conf.processing_guarantee
@@ -843,13 +845,15 @@ class WorkerRuntime:
         self, outputs: Sequence[Outgoing], stats: ProcessorStats, sent: list[SentRecord] | None = None
     ) -> list[Any]:
         """Encode and send in order; the futures of the broker's acks (not awaited here). ``sent`` gets
-        each record as sent, in the same order (the batch lanes hand them over in-process)."""
+        each record as sent, in the same order (the batch lanes hand them over in-process); a record of a
+        topic the lanes read that is not in ``sent`` is told to them (it is fetched, not handed over)."""
         pending = []
         # Faust's producer, not ``Topic.send``: the topics take raw bytes and no partition, so the record is
         # the same, without the channel's per-message future, sensors and callbacks (≈5 % of the trading
         # worker's CPU in bench/live_pipeline_bench.py)
         producer = self._producer or await self.app.maybe_start_producer()
         self._producer = producer
+        lanes = self.guard.lanes if self.guard is not None else None
         for out in outputs:
             headers = dict(out.headers)
             if tracing.TRACEPARENT not in headers:
@@ -857,24 +861,65 @@ class WorkerRuntime:
             key = out.key.encode()
             value = self.codec.encode(out.topic, out.value)
             header_list = list(headers.items())
+            physical = self.physical_names[out.topic]
+            # the partition and CreateTime are chosen here, not by the producer, so the lanes know where the
+            # record goes before the broker acknowledges it (streams/lanes.py); the same partition the
+            # producer's default partitioner picks
+            partition = self._partition_of(producer, physical, key)
+            timestamp = int(time.time() * 1000) / 1000.0
             if self.direct_send:
-                physical = self.physical_names[out.topic]
-                if physical not in self._tracked:
-                    # aiokafka asks the broker about every topic while it tracks none, then only about those it
-                    # tracks, and tracks a topic only when a send finds it missing from what it knows: a topic it
-                    # knew from the first (all-topics) answer drops out of its metadata at the next refresh (once
-                    # any topic is tracked, e.g. the stats topic), and a batch sent to it just then waits for a
-                    # partition leader forever: the worker stalled awaiting that ack (exit 3 in the latency bench)
-                    producer._ensure_producer().client.add_topic(physical)
-                    self._tracked.add(physical)
-                fut = await producer.send(physical, key, value, None, None, header_list)
-            else:
+                fut = await producer.send(physical, key, value, partition, timestamp, header_list)
+            else:  # (no partition chosen here: Faust picks the transaction's producer by it)
                 fut = await self.topics[out.topic].send(key=key, value=value, headers=header_list)
             pending.append(fut)
+            record = SentRecord(out.topic, key, value, header_list, out.value, physical, partition, timestamp, fut)
             if sent is not None:
-                sent.append(SentRecord(out.topic, key, value, header_list, out.value))
+                sent.append(record)
+            elif lanes is not None:
+                lanes.sent_aside(record)
             stats.sent(out.topic)
         return pending
+
+    def _track(self, client: Any, physical: str) -> None:
+        """Keep ``physical`` in the producer's metadata (and, the first time, the state tables' changelogs).
+
+        aiokafka asks the broker about every topic while it tracks none, then only about those it tracks, and
+        tracks a topic only when a send finds it missing from what it knows: a topic it knew from the first
+        (all-topics) answer drops out of its metadata at the next refresh, and a batch sent to it just then waits
+        for a partition leader until another send to that topic: an output awaited before the next send never
+        came (the worker stalled, exit 3, in 4 of 6 latency-bench capacity runs at load 4)."""
+        if not self._tracked:
+            for agent in self.agents.values():
+                for table in agent.tables.values():
+                    name = table.changelog_topic.get_topic_name()
+                    client.client.add_topic(name)
+                    self._tracked.add(name)
+        client.client.add_topic(physical)
+        self._tracked.add(physical)
+
+    def _partition_of(self, producer: Any, physical: str, key: bytes) -> int | None:
+        """The partition the producer's default partitioner gives ``key`` on ``physical`` (murmur2 of the key
+        modulo the partition count; the hash remembered per key), or None when the producer has no metadata for
+        the topic yet or partitions another way (then it picks, and the record is fetched, not handed over)."""
+        if not self.direct_send:
+            return None
+        client = producer._ensure_producer()
+        if physical not in self._tracked:
+            self._track(client, physical)
+        if not isinstance(client._partitioner, DefaultPartitioner):
+            return None
+        partitions = client._metadata.partitions_for_topic(physical)
+        if not partitions:
+            return None
+        hashed = self._key_hash.get(key)
+        if hashed is None:
+            hashed = self._key_hash[key] = murmur2(key) & 0x7FFFFFFF
+            if len(self._key_hash) > 100_000:
+                self._key_hash.clear()  # keys are accounts, markets, positions: few; bounded all the same
+        count = len(partitions)
+        if count == max(partitions) + 1:
+            return hashed % count
+        return int(sorted(partitions)[hashed % count])
 
     # --- stats -----------------------------------------------------------------------------------
 
@@ -910,6 +955,9 @@ class WorkerRuntime:
                     )
                     if not self._stats_ready:
                         raise RuntimeError(f"the stats topic {self.stats_topic.get_topic_name()} could not be made")
+                stats_name = self.stats_topic.get_topic_name()
+                if self._tracked and stats_name not in self._tracked and self._producer is not None:
+                    self._track(self._producer._ensure_producer(), stats_name)  # it exists now (see _track)
                 fut = await self.stats_topic.send(key=key, value=value)
                 await asyncio.wait_for(fut, timeout=max(self.stats_interval, 5.0))
                 return

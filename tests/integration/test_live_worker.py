@@ -780,6 +780,84 @@ def test_two_stages_in_one_worker_hand_records_over_in_order(
         assert lanes["handed_over"] == 0, lanes
 
 
+def test_records_of_another_producer_between_handed_over_ones_are_each_handled_once(
+    kafka_endpoint: KafkaEndpoint,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: list[Worker],
+) -> None:
+    """Stage one's outputs are handed to stage two before the broker placed them; another producer writes to the
+    same partitions meanwhile, so the broker puts its records between ours: every record (ours, handed over, and
+    the other producer's, fetched) has exactly one effect, each key's in order."""
+    from aiokafka import AIOKafkaProducer
+    from live_worker_toy import RELAY_EPOCH
+
+    from meltica.domain import TopOfBook
+
+    bootstrap = kafka_endpoint.bootstrap_servers
+    prefix = unique_name("lo") + "."
+    catalogue = Catalogue(prefix=prefix)
+    codec = Codec(catalogue)
+    create_topics(bootstrap, catalogue)
+    partitions = catalogue.spec("md.trades").partitions
+    assert catalogue.spec("md.ticker").partitions == partitions
+    keys = _keys_per_partition(partitions, 3)
+    ours, theirs = [k for i, k in enumerate(keys) if i % 3 != 2], [k for i, k in enumerate(keys) if i % 3 == 2]
+    trades = _relayed_trades(ours, 1200)
+    primers, rest = trades[: len(ours)], trades[len(ours) :]
+    # the other producer's tickers, as stage two reads them (trade ids past the relayed ones)
+    foreign = []
+    for i in range(600):
+        key = theirs[i % len(theirs)]
+        trade = _trade(key, i).model_copy(
+            update={"trade_id": f"t{10_000_000 + i}", "ts": RELAY_EPOCH + timedelta(microseconds=10_000_000 + i)}
+        )
+        foreign.append((key, trade))
+    config = _config_with(_config(tmp_path, bootstrap, prefix), factory="live_worker_toy:two_stage_factory")
+    outputs = TopicReader(bootstrap, catalogue.topic_name("risk.decisions"))
+    worker = Worker(config, unique_name("lo-app"), tmp_path / "worker.log")
+    workers.append(worker)
+    _produce_trades(bootstrap, catalogue, primers)  # stage two fetches from every partition first
+    _wait(lambda: len(outputs.poll()) >= len(primers), 90, "an output for every primer")
+
+    async def send_both() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+        await producer.start()
+        try:
+            for i in range(0, len(rest), 20):  # small lots, trades and tickers alternating, while the worker runs
+                futures = []
+                for key, trade in rest[i : i + 20]:
+                    value = codec.encode("md.trades", trade)
+                    futures.append(await producer.send(catalogue.topic_name("md.trades"), value, key=key.encode()))
+                for key, trade in foreign[i // 2 : i // 2 + 10]:
+                    top = TopOfBook(
+                        exchange=trade.exchange,
+                        symbol=trade.symbol,
+                        bid=trade.price,
+                        bid_quantity=trade.quantity,
+                        ask=trade.price,
+                        ask_quantity=trade.quantity,
+                        ts=trade.ts,
+                    )
+                    value = codec.encode("md.ticker", top)
+                    futures.append(await producer.send(catalogue.topic_name("md.ticker"), value, key=key.encode()))
+                await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send_both())
+    everything = trades + foreign
+    _wait(lambda: len(outputs.poll()) >= len(everything), 90, "an output for every trade and ticker")
+    assert worker.terminate() == 0, worker.output()[-3000:]
+    decisions = _decisions(outputs, codec)
+
+    assert _assert_exactly_once_effects(decisions, everything) == 0
+    _assert_in_trade_order(decisions)
+    lanes = _lanes_stats(bootstrap, prefix, worker)
+    assert lanes["handed_over"] > 0, lanes
+    print(f"handed over {lanes['handed_over']} of {len(rest)} relayed tickers; {len(foreign)} fetched from the other")
+
+
 def test_sigkill_between_handed_over_stages_then_restart_loses_nothing(
     kafka_endpoint: KafkaEndpoint,
     unique_name: Callable[[str], str],
