@@ -955,6 +955,10 @@ class WorkerRuntime:
                     )
                     if not self._stats_ready:
                         raise RuntimeError(f"the stats topic {self.stats_topic.get_topic_name()} could not be made")
+                if self.stopping and state != "stopped":
+                    # a timer's record that waited (for the topic) while the stop began: sent now it would land
+                    # after the final one, and a reader takes a worker's last record for its state
+                    return
                 stats_name = self.stats_topic.get_topic_name()
                 if self._tracked and stats_name not in self._tracked and self._producer is not None:
                     self._track(self._producer._ensure_producer(), stats_name)  # it exists now (see _track)
