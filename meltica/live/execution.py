@@ -222,7 +222,11 @@ class _Lane:
         )
         self.oms.emulator = self.emulator
         self.requested: dict[str, Order] = {}  # orders known from requests, not (yet) in the store
-        self.symbol_of: dict[str, str] = {}  # client order id -> symbol (routes cancels and amends)
+        # lock-step: client order id -> symbol (which market's queue a cancel or amend joins); an order that
+        # ended is forgotten _KEEP_IDS terminal orders later (the OMS still knows it): bounded, as it is in
+        # every snapshot
+        self.symbol_of: dict[str, str] = {}
+        self.ended: dict[str, None] = {}  # terminal orders still in symbol_of, oldest first
         self.emulated_active = False
         self.executor = RequestExecutor(
             self.oms,
@@ -238,6 +242,15 @@ class _Lane:
             return self.oms.order(client_order_id)
         except OrderNotFoundError:
             return self.requested.get(client_order_id)
+
+    def order_ended(self, client_order_id: str) -> None:
+        if client_order_id not in self.symbol_of or client_order_id in self.ended:
+            return
+        self.ended[client_order_id] = None
+        if len(self.ended) > _KEEP_IDS:
+            oldest = next(iter(self.ended))
+            del self.ended[oldest]
+            self.symbol_of.pop(oldest, None)
 
 
 def _announced(intent: OrderIntent, ts: datetime) -> Order:
@@ -440,6 +453,8 @@ class ExecutionService:
         lane = self.lanes.get(order.account)
         if lane is not None:
             lane.requested.pop(order.client_order_id, None)
+            if order.is_terminal and self.lockstep:
+                lane.order_ended(order.client_order_id)
         self._changes.append((order, event, False))
         self._schedule_flush()
 
@@ -597,9 +612,11 @@ class ExecutionService:
             intents = request.legs
         else:
             return
+        lockstep = self.lockstep
         for intent in intents:
             coid = intent.client_order_id
-            lane.symbol_of[coid] = intent.symbol
+            if lockstep:  # (live requests go out at once: no market queue to choose)
+                lane.symbol_of[coid] = intent.symbol
             if lane.known(coid) is None:
                 lane.requested[coid] = _announced(intent, request.ts)
 
@@ -620,8 +637,8 @@ class ExecutionService:
             )
             raise untrusted
         self._note(lane, request)
-        market = self._market_of(lane, request)
-        if self.lockstep and market is not None:
+        market = self._market_of(lane, request) if self.lockstep else None
+        if market is not None:
             market.held.append(request)
             return await self._advance(lane, market)
         await self._carry_out(lane, request)
@@ -961,6 +978,7 @@ class ExecutionService:
             },
             "requested": [o.model_dump(mode="json") for o in lane.requested.values()],
             "symbol_of": dict(lane.symbol_of),
+            "ended": list(lane.ended),
             "emulated_active": lane.emulated_active,
             "handled": [r for r in self._handled if r.startswith(prefixes)],
         }
@@ -994,6 +1012,7 @@ class ExecutionService:
         if not self.lockstep:
             self._end_lost_legs(lane)
         lane.symbol_of.update(state["symbol_of"])
+        lane.ended.update(dict.fromkeys(state.get("ended", ())))
         lane.emulated_active = bool(state["emulated_active"])
         for request_id in state["handled"]:
             if request_id not in self._handled_set:

@@ -270,3 +270,42 @@ def test_kill_switch_through_the_pipeline_cancels_a_running_strategys_orders() -
     ]
     assert len(cancelled) == 5
     assert host.instances["s1"].ctx.open_orders() == []  # the strategy heard of it at the next step
+
+
+def test_live_requests_keep_no_per_order_routing_state() -> None:
+    # Live requests go out at once, so no market queue is chosen: nothing is remembered per order for it (it was
+    # kept for every order, and in every snapshot of the account, for the life of the worker).
+    service = ExecutionService.simulated(config(lockstep=False))
+    run(service, *(("orders.approved", submit(n, str(39000 - n))) for n in range(1, 31)))
+    lane = service.lanes["acc"]
+    assert len(lane.oms.open_orders()) == 30
+    assert lane.symbol_of == {}
+    snapshot = service.snapshot("acc")
+    assert snapshot is not None and snapshot["symbol_of"] == {}
+
+
+def test_lockstep_remembers_the_market_of_ended_orders_up_to_a_bound(monkeypatch: Any) -> None:
+    monkeypatch.setattr("meltica.live.execution._KEEP_IDS", 2)
+    service = ExecutionService.simulated(config(lockstep=True))
+    ack0 = StrategyProgress(
+        request_id="p0", account="acc", strategy="s1", ts=T0, exchange="binance", symbol=SYMBOL, seq=0
+    )
+    run(service, ("md.candles.1m", bar(0)), ("orders.approved", ack0))
+    requests = [submit(n, str(39000 - n), ts=bar(0).close_time) for n in range(1, 5)]
+    run(service, *(("orders.approved", r) for r in requests))
+    lane = service.lanes["acc"]
+    coids = [r.intent.client_order_id for r in requests]
+    assert set(lane.symbol_of) == set(coids)  # held: their market is known
+    ack1 = ack0.model_copy(update={"request_id": "p1", "seq": 1})
+    run(service, ("md.candles.1m", bar(1)), ("orders.approved", ack1))
+    assert len(lane.oms.open_orders()) == 4 and lane.ended == {}  # open orders are all remembered
+    halt = KillSwitchCommand(command_id="k1", actor="test", ts=T0, scope="global", mode="halt", reason="test")
+    run(service, ("control", halt))
+    assert lane.oms.open_orders() == []
+    # the last two orders that ended are remembered; the others are known from the OMS alone
+    assert len(lane.symbol_of) == 2 and list(lane.ended) == list(lane.symbol_of)
+    snapshot = service.snapshot("acc")
+    assert snapshot is not None
+    restored = ExecutionService.simulated(config(lockstep=True))
+    restored.restore("acc", snapshot)
+    assert restored.lanes["acc"].symbol_of == lane.symbol_of and restored.lanes["acc"].ended == lane.ended
