@@ -1132,6 +1132,7 @@ def run_capacity(bootstrap: str, setting: LatencySetting, symbols: int, bars: in
             cwd=tmp, env=worker_env(), stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
         load_before = loadavg()
+        profiler = profile_worker(worker.pid, 30.0 + bars / 200)
         try:
             result = asyncio.run(watch(worker))
         finally:
@@ -1142,6 +1143,8 @@ def run_capacity(bootstrap: str, setting: LatencySetting, symbols: int, bars: in
                 worker.kill()
                 worker.wait()
             log_file.close()
+            if profiler is not None:
+                profiler.wait()
             if os.environ.get("MELTICA_BENCH_WORKER_LOG"):
                 shutil.copyfile(Path(tmp) / "worker.log", os.environ["MELTICA_BENCH_WORKER_LOG"])
         if not result["submitted"]:
