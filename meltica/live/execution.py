@@ -474,6 +474,8 @@ class ExecutionService:
         if view is None or (view.status is before.status and view.filled_quantity == before.filled_quantity):
             return
         lane.requested[coid] = view  # what a later request about the leg finds (``known``)
+        if view.is_terminal and self.lockstep:
+            lane.order_ended(coid)
         self._changes.append((view, None, True))
         self._schedule_flush()
 
@@ -517,6 +519,8 @@ class ExecutionService:
         event = OrderCancelled(event_id="cancelled", client_order_id=coid, ts=lane.driver.now(), reason=reason)
         cancelled = order.apply(event)
         lane.requested[coid] = cancelled
+        if self.lockstep:
+            lane.order_ended(coid)
         self._changes.append((cancelled, event, False))
 
     def _flush(self) -> list[Outgoing]:
