@@ -107,6 +107,15 @@ def _patch_consumer_factory() -> None:
     _PATCHED = True
 
 
+def _count_down(counts: dict[Any, int], key: Any) -> None:
+    """One fewer of ``key`` in ``counts`` (the key goes at zero)."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 class SentRecord(NamedTuple):
     """An output as it was sent (logical topic, encoded key and value, headers) and the model it encodes; where
     it went (physical topic, the partition chosen at the send: None when the producer chose it), its CreateTime
@@ -345,11 +354,7 @@ class BatchLanes:
         self._aside_topic[topic] = self._aside_topic.get(topic, 0) + 1
 
         def done(future: Any) -> None:
-            left = self._aside_topic.get(topic, 0) - 1
-            if left > 0:
-                self._aside_topic[topic] = left
-            else:
-                self._aside_topic.pop(topic, None)
+            _count_down(self._aside_topic, topic)
             if not future.cancelled() and future.exception() is None:
                 metadata = future.result()
                 tp = TP(topic, metadata.partition)
@@ -363,11 +368,7 @@ class BatchLanes:
         self._aside[key] = self._aside.get(key, 0) + 1
 
         def done(future: Any) -> None:
-            left = self._aside.get(key, 0) - 1
-            if left > 0:
-                self._aside[key] = left
-            else:
-                self._aside.pop(key, None)
+            _count_down(self._aside, key)
             if not future.cancelled() and future.exception() is None:
                 self._resume_after(key, future.result().offset)
 

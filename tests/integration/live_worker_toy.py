@@ -121,6 +121,19 @@ def relayed_trade_id(ts: datetime) -> str:
     return f"t{(ts - RELAY_EPOCH) // timedelta(microseconds=1)}"
 
 
+def top_of_book(trade: Trade) -> TopOfBook:
+    """The ticker the relay makes of a trade: bid and ask at its price and quantity, at its time."""
+    return TopOfBook(
+        exchange=trade.exchange,
+        symbol=trade.symbol,
+        bid=trade.price,
+        bid_quantity=trade.quantity,
+        ask=trade.price,
+        ask_quantity=trade.quantity,
+        ts=trade.ts,
+    )
+
+
 class TickerRelay:
     """Stage one: each trade becomes a ``TopOfBook`` on ``md.ticker`` (same key: same partition count)."""
 
@@ -136,16 +149,7 @@ class TickerRelay:
     async def handle(self, message: Incoming) -> Sequence[Outgoing]:
         trade = message.value
         assert isinstance(trade, Trade)
-        top = TopOfBook(
-            exchange=trade.exchange,
-            symbol=trade.symbol,
-            bid=trade.price,
-            bid_quantity=trade.quantity,
-            ask=trade.price,
-            ask_quantity=trade.quantity,
-            ts=trade.ts,
-        )
-        return [Outgoing("md.ticker", message.key or "", top)]
+        return [Outgoing("md.ticker", message.key or "", top_of_book(trade))]
 
     def snapshot(self, key: str) -> dict[str, Any] | None:
         return None  # stateless

@@ -145,21 +145,26 @@ def checker(emu: EmulatorServer) -> CcxtAdapter:
     return adapter
 
 
-def resting_buy(price: Decimal) -> SubmitRequest:
+def submit_request(prefix: str, side: Side, kind: OrderType, **fields: Any) -> SubmitRequest:
+    """A request for 0.01 BTC of ``main``/``s`` on Binance, with a new intent id."""
     now = datetime.now(UTC)
     intent = OrderIntent(
-        intent_id=f"restart-{uuid.uuid4().hex[:12]}",
+        intent_id=f"{prefix}-{uuid.uuid4().hex[:12]}",
         account="main",
         strategy="s",
         exchange="binance",
         symbol=SYMBOL,
-        side=Side.BUY,
-        type=OrderType.LIMIT,
+        side=side,
+        type=kind,
         quantity=Decimal("0.01"),
-        price=price,
         created_at=now,
+        **fields,
     )
     return SubmitRequest(request_id=intent.intent_id, account="main", strategy="s", ts=now, intent=intent)
+
+
+def resting_buy(price: Decimal) -> SubmitRequest:
+    return submit_request("restart", Side.BUY, OrderType.LIMIT, price=price)
 
 
 def cancel_of(submit: SubmitRequest) -> CancelRequest:
@@ -294,20 +299,7 @@ def test_after_a_restart_the_kill_switch_cancels_every_resting_order(database: t
 def held_trailing_stop() -> SubmitRequest:
     """A sell trailing stop with an absolute offset: Binance trails in bps only, so the execution stage's
     local emulation holds it and watches the market (it is on no venue until it fires)."""
-    now = datetime.now(UTC)
-    intent = OrderIntent(
-        intent_id=f"trail-{uuid.uuid4().hex[:12]}",
-        account="main",
-        strategy="s",
-        exchange="binance",
-        symbol=SYMBOL,
-        side=Side.SELL,
-        type=OrderType.TRAILING_STOP,
-        quantity=Decimal("0.01"),
-        trailing_offset=Decimal("250"),
-        created_at=now,
-    )
-    return SubmitRequest(request_id=intent.intent_id, account="main", strategy="s", ts=now, intent=intent)
+    return submit_request("trail", Side.SELL, OrderType.TRAILING_STOP, trailing_offset=Decimal("250"))
 
 
 def test_a_stop_held_by_the_local_emulation_survives_a_kill_and_the_halt_after_it_ends_it(

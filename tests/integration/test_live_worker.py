@@ -790,9 +790,7 @@ def test_records_of_another_producer_between_handed_over_ones_are_each_handled_o
     same partitions meanwhile, so the broker puts its records between ours: every record (ours, handed over, and
     the other producer's, fetched) has exactly one effect, each key's in order."""
     from aiokafka import AIOKafkaProducer
-    from live_worker_toy import RELAY_EPOCH
-
-    from meltica.domain import TopOfBook
+    from live_worker_toy import RELAY_EPOCH, top_of_book
 
     bootstrap = kafka_endpoint.bootstrap_servers
     prefix = unique_name("lo") + "."
@@ -830,16 +828,7 @@ def test_records_of_another_producer_between_handed_over_ones_are_each_handled_o
                     value = codec.encode("md.trades", trade)
                     futures.append(await producer.send(catalogue.topic_name("md.trades"), value, key=key.encode()))
                 for key, trade in foreign[i // 2 : i // 2 + 10]:
-                    top = TopOfBook(
-                        exchange=trade.exchange,
-                        symbol=trade.symbol,
-                        bid=trade.price,
-                        bid_quantity=trade.quantity,
-                        ask=trade.price,
-                        ask_quantity=trade.quantity,
-                        ts=trade.ts,
-                    )
-                    value = codec.encode("md.ticker", top)
+                    value = codec.encode("md.ticker", top_of_book(trade))
                     futures.append(await producer.send(catalogue.topic_name("md.ticker"), value, key=key.encode()))
                 await asyncio.gather(*futures)
         finally:
