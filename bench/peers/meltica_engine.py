@@ -109,6 +109,7 @@ def _strategy_class() -> type:
 
         name = "bench_ema_cross"  # deliberately not registered: a bench fixture, not a product strategy
         Params = BenchEmaCrossParams
+        bar_prices = "float"  # on_bar reads float(bar.close) only: take a FloatBar (bench/README.md)
 
         def __init__(self, params: BenchEmaCrossParams, ctx: Any) -> None:
             super().__init__(params, ctx)

@@ -66,10 +66,10 @@ from pydantic import BaseModel
 from meltica.backtest.config import BacktestConfig
 from meltica.backtest.context import BacktestContext
 from meltica.backtest.results import BacktestResult, EquityCurve, EquityPoint
-from meltica.domain import Bar, Trade
+from meltica.domain import Bar, FloatBar, Trade
 from meltica.errors import ConfigurationError, DataValidationError
 from meltica.infra.postgres import database_engine
-from meltica.marketdata.series import _BAR_FIELDS, BarSeries, BookSeries, TradeSeries, fast_bar
+from meltica.marketdata.series import _BAR_FIELDS, BarSeries, BookSeries, TradeSeries, fast_bar, float_values
 from meltica.strategies import Strategy, build_strategy
 
 _ZERO = Decimal(0)
@@ -472,7 +472,8 @@ async def _drive_bars(
     portfolio = ctx.portfolio
     pending = ctx._pending
     outbox = ctx._outbox
-    on_bar = ctx.strategy.on_bar
+    # (``Callable[[Any], None]``: a ``FloatBar`` when the strategy declares ``bar_prices = "float"``)
+    on_bar: Callable[[Any], None] = ctx.strategy.on_bar
     step = ctx.step
     pump = ctx.pump
     # With a volume share each bar's volume sizes the book an arriving order meets (``BarStep.open``).
@@ -499,50 +500,69 @@ async def _drive_bars(
     open_orders = ctx._open  # never rebound: its truthiness is "we have working orders"
     timers = ctx._timers
     bar_cls = Bar
+    float_bar_cls = FloatBar
     bar_fields = _BAR_FIELDS
     # The pydantic instance slots, stored through their own setters (what ``object.__setattr__`` does).
     set_dict = BaseModel.__dict__["__dict__"].__set__
     set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
     set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
     set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+    # ``Strategy.bar_prices = "float"``: the strategy gets a ``FloatBar`` of the columns' floats, and a
+    # ``Decimal`` is read from the columns only where the venue, the risk engine or the emulation needs one.
+    float_bars = getattr(ctx.strategy, "bar_prices", "decimal") == "float"
+    new_tuple = tuple.__new__
+    rows: Iterator[tuple[Any, ...]]
+    if float_bars:
+        rows = zip(ts_col, *map(float_values, (o_col, h_col, l_col, c_col, v_col)), strict=True)
+    else:
+        rows = zip(ts_col, o_col, h_col, l_col, c_col, v_col, strict=True)
     # (iterated: ``EpochTimes`` builds each time from the previous one)
-    for i, (ts, o, h, lo, c, v) in enumerate(zip(ts_col, o_col, h_col, l_col, c_col, v_col, strict=True)):
+    for i, (ts, o, h, lo, c, v) in enumerate(rows):
         close_time = ts + delta
         if outbox and outbox[0].arrival <= ts:
             clock.now = ts
             ctx.fill_phase = BAR_OPEN
-            step.open(symbol, o, v if sized else None)
+            opened = o_col[i] if float_bars else o
+            step.open(symbol, opened, (v_col[i] if float_bars else v) if sized else None)
             await pump()
             if risk is not None:
-                portfolio.mark(exchange, symbol, o)
-                risk.on_market(exchange, symbol, o)
+                portfolio.mark(exchange, symbol, opened)
+                risk.on_market(exchange, symbol, opened)
             await ctx.release(ts)
-        # The domain Bar, built as fast_bar does (the series was validated once).
-        bar = new_obj(bar_cls)
-        set_dict(
-            bar,
-            {
-                "exchange": exchange,
-                "symbol": symbol,
-                "timeframe": timeframe,
-                "ts": ts,
-                "open": o,
-                "high": h,
-                "low": lo,
-                "close": c,
-                "volume": v,
-            },
-        )
-        set_fields_set(bar, bar_fields)
-        set_extra(bar, None)
-        set_private(bar, None)
+        bar: Any
+        if float_bars:
+            bar = new_tuple(float_bar_cls, (exchange, symbol, timeframe, ts, o, h, lo, c, v))
+        else:
+            # The domain Bar, built as fast_bar does (the series was validated once).
+            bar = new_obj(bar_cls)
+            set_dict(
+                bar,
+                {
+                    "exchange": exchange,
+                    "symbol": symbol,
+                    "timeframe": timeframe,
+                    "ts": ts,
+                    "open": o,
+                    "high": h,
+                    "low": lo,
+                    "close": c,
+                    "volume": v,
+                },
+            )
+            set_fields_set(bar, bar_fields)
+            set_extra(bar, None)
+            set_private(bar, None)
         clock.now = close_time
+        if float_bars and (open_orders or ctx._emulated_active or risk is not None):
+            o, h, lo, c, v = o_col[i], h_col[i], l_col[i], c_col[i], v_col[i]  # the venue's Decimals
         if open_orders or ctx._emulated_active:
             ctx.fill_phase = BAR_PATH
             step.path(symbol, o, h, lo, c, v)
             await pump()
             if ctx._emulated_active:
-                await ctx.oms.on_market_data(bar)
+                await ctx.oms.on_market_data(
+                    fast_bar(exchange, symbol, timeframe, ts, o, h, lo, c, v) if float_bars else bar
+                )
                 ctx.update_emulated_activity()
             if step.expire():
                 await pump()

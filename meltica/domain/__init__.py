@@ -15,7 +15,7 @@ from meltica.domain.enums import (
     TimeInForce,
 )
 from meltica.domain.instrument import Instrument
-from meltica.domain.market_data import Bar, BookLevel, OrderBookDelta, OrderBookSnapshot, TopOfBook, Trade
+from meltica.domain.market_data import Bar, BookLevel, FloatBar, OrderBookDelta, OrderBookSnapshot, TopOfBook, Trade
 from meltica.domain.orders import (
     ALLOWED_TRANSITIONS,
     CLIENT_ORDER_ID_PATTERN,
@@ -65,6 +65,7 @@ __all__ = [
     "DecimalLike",
     "DomainModel",
     "Fill",
+    "FloatBar",
     "Instrument",
     "LiquiditySide",
     "Market",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from itertools import pairwise
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from pydantic import AfterValidator, Field, model_validator
 
@@ -59,6 +59,30 @@ class Bar(DomainModel):
 
     @property
     def close_time(self) -> UtcDatetime:
+        return self.ts + self.tf.delta
+
+
+class FloatBar(NamedTuple):
+    """A bar with its prices and volume as floats — what a strategy that declares ``bar_prices = "float"``
+    receives in a bar backtest (``meltica.strategies.Strategy.bar_prices``): the same fields as ``Bar``,
+    the values the bar data held, no ``Decimal`` built. ``ts`` is the open time (aware UTC)."""
+
+    exchange: str
+    symbol: str
+    timeframe: str
+    ts: datetime
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+
+    @property
+    def tf(self) -> Timeframe:
+        return Timeframe.parse(self.timeframe)
+
+    @property
+    def close_time(self) -> datetime:
         return self.ts + self.tf.delta
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol, overload
 
@@ -117,6 +118,71 @@ class EpochTimes(Sequence[datetime]):
 
     def __repr__(self) -> str:
         return f"<{len(self)} bar times>"
+
+
+class _DecimalMemo(dict[float, Decimal]):
+    """float → ``Decimal(repr(float))``, each built on first use (``from_arrays``)."""
+
+    __slots__ = ()
+
+    def __missing__(self, value: float) -> Decimal:
+        dec = self[value] = Decimal(repr(value))
+        return dec
+
+
+class FloatColumn(Sequence[Decimal]):
+    """A float64 column read as ``Decimal`` s: each value as ``Decimal(repr(value))`` (its shortest repr),
+    built when read, one ``Decimal`` per distinct value (``memo``, shared by the price columns of a series).
+    A million bars are not five million references held for the whole run, and a loop that reads the
+    floats themselves (``floats()``: ``Strategy.bar_prices = "float"``) builds no ``Decimal`` at all.
+    Equal to any sequence of equal ``Decimal`` s."""
+
+    __slots__ = ("_memo", "_values")
+
+    def __init__(self, values: Any, memo: _DecimalMemo | None = None) -> None:
+        self._values = values  # a read-only numpy float64 array
+        self._memo = _DecimalMemo() if memo is None else memo
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @overload
+    def __getitem__(self, index: int) -> Decimal: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Decimal]: ...
+
+    def __getitem__(self, index: int | slice) -> Decimal | list[Decimal]:
+        if isinstance(index, slice):
+            return list(map(self._memo.__getitem__, self._values[index].tolist()))
+        return self._memo[self._values[index].item()]
+
+    def __iter__(self) -> Iterator[Decimal]:
+        return map(self._memo.__getitem__, self.floats())
+
+    def floats(self) -> Iterator[float]:
+        """The values as Python floats, in order (converted in chunks: no million-float list at once)."""
+        values = self._values
+        return chain.from_iterable(values[k : k + _CHUNK].tolist() for k in range(0, len(values), _CHUNK))
+
+    def __eq__(self, other: object) -> bool:
+        if other is self:
+            return True
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, as a list is
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} prices>"
+
+
+def float_values(column: Sequence[Decimal]) -> Iterator[float]:
+    """A price or volume column's values as floats: a ``FloatColumn``'s own, else ``float`` of each."""
+    if isinstance(column, FloatColumn):
+        return column.floats()
+    return map(float, column)
 
 
 class OhlcvRow(Protocol):
@@ -288,31 +354,28 @@ class BarSeries:
                 if ts[i] <= ts[i - 1]:
                     raise DataValidationError(f"bar {i}: open time not after the previous one")
 
-        # One Decimal per distinct value (its repr), shared by its repeats: the four price columns share
-        # one memo (a bar's open is mostly the previous close), the volumes have their own.
+        # Kept as floats (a copy, read-only: what was validated stays), read as Decimals when read
+        # (``FloatColumn``): one Decimal per distinct value (its repr), shared by its repeats — the four
+        # price columns share one memo (a bar's open is mostly the previous close), the volumes have theirs.
         prices, volumes = _DecimalMemo(), _DecimalMemo()
+
+        def column(values: Any, memo: _DecimalMemo) -> FloatColumn:
+            kept = np.array(values, dtype=np.float64, copy=True)
+            kept.setflags(write=False)
+            return FloatColumn(kept, memo)
+
         return cls(
             exchange,
             symbol,
             timeframe,
             ts,
-            list(map(prices.__getitem__, o.tolist())),
-            list(map(prices.__getitem__, h.tolist())),
-            list(map(prices.__getitem__, lo.tolist())),
-            list(map(prices.__getitem__, c.tolist())),
-            list(map(volumes.__getitem__, v.tolist())),
+            column(o, prices),
+            column(h, prices),
+            column(lo, prices),
+            column(c, prices),
+            column(v, volumes),
             open_micros=micros,
         )
-
-
-class _DecimalMemo(dict[float, Decimal]):
-    """float → ``Decimal(repr(float))``, each built on first use (``from_arrays``)."""
-
-    __slots__ = ()
-
-    def __missing__(self, value: float) -> Decimal:
-        dec = self[value] = Decimal(repr(value))
-        return dec
 
 
 # --- trades -----------------------------------------------------------------------------------------

@@ -216,6 +216,13 @@ class Strategy(Generic[P]):
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]]
+    bar_prices: ClassVar[Literal["decimal", "float"]] = "decimal"
+    """How ``on_bar`` receives prices in a bar backtest (``run_backtest`` / ``run_bars`` on bars):
+    ``"decimal"`` — a domain ``Bar`` (``Decimal`` prices and volume); ``"float"`` — a ``FloatBar`` (the same
+    fields as floats, no ``Decimal`` and no pydantic model built per bar: a faster loop for a strategy that
+    computes in floats anyway). Orders, fills, positions and the result stay ``Decimal`` either way, and
+    elsewhere (event replay, paper, live) ``on_bar`` receives a ``Bar``: a strategy that declares
+    ``"float"`` reads the prices through ``float(bar.close)``, which is right for both."""
 
     def __init__(self, params: P, ctx: StrategyContext) -> None:
         self.params = params

@@ -15,14 +15,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 
 from meltica.backtest import BacktestConfig, BarSeries, run_backtest
 from meltica.backtest.context import BacktestContext
 from meltica.backtest.metrics import compute_metrics
 from meltica.backtest.results import BacktestResult, EquityCurve
-from meltica.domain import Bar, Fill, Order
-from meltica.marketdata.series import EpochTimes
+from meltica.domain import Bar, Fill, FloatBar, Order, OrderType, Side
+from meltica.marketdata.series import EpochTimes, FloatColumn, float_values
 from meltica.strategies import Strategy, StrategyParams
 from meltica.strategies.indicators import EMA
 
@@ -240,3 +241,109 @@ def test_bar_times_from_arrays_stay_integers_and_read_as_datetimes() -> None:
     assert series.ts[65_530:65_540] == times[65_530:65_540]
     assert series.ts != times[:-1] and series.ts != [*times[:-1], times[-1] + timedelta(minutes=1)]
     assert series.validate() is series
+
+
+# --- Strategy.bar_prices = "float": a FloatBar per bar, everything else as with Decimal bars --------------
+
+
+class FloatCross(Cross):
+    """``Cross`` declaring that it reads floats: it gets a ``FloatBar`` (and checks it does)."""
+
+    name: ClassVar[str] = Cross.name  # (the twin's name: the same instance and order ids)
+    bar_prices = "float"
+    seen: ClassVar[set[type]] = set()
+
+    def on_bar(self, bar: Any) -> None:
+        FloatCross.seen.add(type(bar))
+        assert isinstance(bar.close, float) and isinstance(bar.volume, float) and bar.ts.tzinfo is UTC
+        super().on_bar(bar)
+
+
+class QuietFloatCross(FloatCross):
+    name: ClassVar[str] = QuietCross.name
+    on_order = Strategy.on_order
+    on_fill = Strategy.on_fill
+
+
+class StopCross(Cross):
+    """``Cross`` (long only) that also keeps a resting stop under a long position: the bar's path runs."""
+
+    name: ClassVar[str] = "fast_path_stop_cross"
+
+    def on_bar(self, bar: Any) -> None:
+        super().on_bar(bar)
+        ctx, symbol = self.ctx, self.params.symbol
+        if ctx.position(symbol).quantity > 0 and not ctx.open_orders(symbol):
+            trigger = ctx.instrument(symbol).round_price(Decimal(repr(float(bar.close) * 0.998)), Side.SELL)
+            ctx.sell(symbol, ctx.position(symbol).quantity, type=OrderType.STOP_MARKET, trigger_price=trigger)
+
+
+class FloatStopCross(StopCross):
+    name: ClassVar[str] = StopCross.name
+    bar_prices = "float"
+
+    def on_bar(self, bar: Any) -> None:
+        assert isinstance(bar, FloatBar)
+        super().on_bar(bar)
+
+
+FLOAT_CASES: dict[str, tuple[dict[str, Any], type[Strategy[Any]], type[Strategy[Any]]]] = {
+    # name: (config, the Decimal-bar strategy, its float-bar twin)
+    "market-fees": ({"taker_fee_bps": Decimal(10)}, Cross, FloatCross),
+    "market-no-callbacks": ({"taker_fee_bps": Decimal(10)}, QuietCross, QuietFloatCross),
+    "latency": ({"latency_ms": 30_000}, Cross, FloatCross),
+    "cash-too-small": ({"initial_balances": {"USDT": Decimal(30_000)}}, Cross, FloatCross),
+    "volume-cap-slippage": ({"bar_volume_share": Decimal("0.1"), "slippage_bps": Decimal(2)}, Cross, FloatCross),
+    "risk-limits": ({"risk": {"max_order_notional": Decimal(25_000)}}, Cross, FloatCross),
+    "resting-stops": ({"taker_fee_bps": Decimal(4)}, StopCross, FloatStopCross),
+}
+
+
+@pytest.mark.parametrize("arrays", [False, True], ids=["decimal-columns", "float-columns"])
+@pytest.mark.parametrize("case", list(FLOAT_CASES))
+def test_float_bars_give_what_decimal_bars_give(series: BarSeries, case: str, arrays: bool) -> None:
+    """A strategy declaring ``bar_prices = "float"`` gets a ``FloatBar`` per bar and nothing else changes:
+    the same orders, fills, equity, metrics and callbacks as its Decimal-bar twin — on the direct path and
+    the OMS path, on Decimal columns (a file) and on float columns (arrays, ``FloatColumn``)."""
+    extra, decimal_strategy, float_strategy = FLOAT_CASES[case]
+    config = {"symbol": SYMBOL, "initial_balances": {"USDT": Decimal(100_000), "BTC": Decimal(1)}, **extra}
+    data = series
+    if arrays:
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        data = BarSeries.from_arrays(
+            {
+                "ts": [(t - epoch) // timedelta(microseconds=1) * 1000 for t in series.ts],
+                **{k: [float(x) for x in getattr(series, k)] for k in ("open", "high", "low", "close", "volume")},
+            },
+            exchange="binance",
+            symbol=SYMBOL,
+            timeframe="1m",
+        )
+        assert isinstance(data.close, FloatColumn)
+    expected, expected_log = run(series, {**config, "strategy": decimal_strategy.name}, decimal_strategy, fast=False)
+    FloatCross.seen = set()
+    for fast in (True, False):
+        result, log = run(data, {**config, "strategy": float_strategy.name}, float_strategy, fast=fast)
+        assert result.strategy == expected.strategy
+        assert comparable(result) == comparable(expected)
+        assert log == expected_log
+    assert len(expected.fills) > (0 if case in ("cash-too-small", "risk-limits") else 10)
+    if issubclass(float_strategy, FloatCross):
+        assert FloatCross.seen == {FloatBar}
+    if case in ("cash-too-small", "risk-limits"):  # refused orders: by the venue, by the risk engine
+        assert sum(expected.rejections.values()) > 20
+    if case == "resting-stops":
+        assert any(o.order_type == "stop_market" and o.status == "filled" for o in expected.orders)
+
+
+def test_float_columns_read_as_the_decimals_of_their_reprs() -> None:
+    """``FloatColumn``: read, sliced or iterated (across its chunks) it is ``Decimal(repr(x))`` of each
+    value; ``floats()`` gives the floats themselves."""
+    values = [float(i % 977) + 0.1 for i in range(70_000)]
+    column = FloatColumn(np.array(values))
+    decimals = [Decimal(repr(x)) for x in values]
+    assert len(column) == 70_000 and list(column) == decimals and column == decimals and decimals == column
+    assert column[0] == decimals[0] and column[-1] == decimals[-1] and column[65_540] == decimals[65_540]
+    assert column[65_530:65_540] == decimals[65_530:65_540] and column != decimals[:-1]
+    assert list(column.floats()) == values and list(float_values(decimals)) == values
+    assert all(type(x) is float for x in column.floats()) and type(column[3]) is Decimal
