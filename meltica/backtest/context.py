@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any, TypedDict
+from typing import Any, TypedDict, overload
 
 from pydantic import BaseModel
 
@@ -125,6 +125,68 @@ def _domain_fill(exchange_id: str, fill: EngineFill) -> Fill:
         },
     )
     return model
+
+
+@dataclass(frozen=True, slots=True)
+class DirectOrder:
+    """A plain market order the direct path filled, kept as what its last snapshot is built from: the
+    snapshot announced when it was asked for (``pending_submit``), the venue's order id, the time, the
+    fills. ``order()`` applies the acceptance and each fill to it, as ``BacktestContext.submit_direct``
+    does for a strategy that hears order changes."""
+
+    announced: Order
+    exchange_order_id: str
+    ts: datetime
+    fills: tuple[Fill, ...]
+
+    def order(self) -> Order:
+        coid = self.announced.client_order_id
+        current = self.announced.apply(
+            construct(
+                OrderAccepted,
+                {
+                    "event_id": "accepted",
+                    "client_order_id": coid,
+                    "ts": self.ts,
+                    "exchange_order_id": self.exchange_order_id,
+                },
+            )
+        )
+        for fill in self.fills:
+            current = current.apply(
+                construct(
+                    OrderFilled,
+                    {"event_id": f"fill:{fill.fill_id}", "client_order_id": coid, "ts": fill.ts, "fill": fill},
+                )
+            )
+        return current
+
+
+class FinalOrders(Sequence[Order]):
+    """A run's orders as it left them (``BacktestContext.final_orders``): those the direct path filled
+    without anyone listening to their changes are built when read (``DirectOrder``), the rest are kept."""
+
+    __slots__ = ("_deferred", "_orders")
+
+    def __init__(self, orders: list[Order], deferred: Mapping[str, DirectOrder]) -> None:
+        self._orders = orders
+        self._deferred = deferred
+
+    def __len__(self) -> int:
+        return len(self._orders)
+
+    @overload
+    def __getitem__(self, index: int) -> Order: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Order]: ...
+
+    def __getitem__(self, index: int | slice) -> Order | list[Order]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        order = self._orders[index]
+        direct = self._deferred.get(order.client_order_id) if self._deferred else None
+        return order if direct is None else direct.order()
 
 
 INVALID_INTENT = "INVALID_INTENT"
@@ -296,11 +358,15 @@ class OrderTrackingContext(IntentingContext):
         self._queue_due_timers()
 
     # --- order changes ---------------------------------------------------------------------------
+    def _remember(self, client_order_id: str, order: Order) -> None:
+        """Keep ``order`` as the order's current snapshot in ``orders``."""
+        self.orders[client_order_id] = order
+
     def _track(self, order: Order) -> None:
         coid = order.client_order_id
         share_fields_set(order)  # every order is kept (``orders``): see share_fields_set
         share_fields_set(order.intent)
-        self.orders[coid] = order
+        self._remember(coid, order)
         if order.is_terminal:
             self._open.pop(coid, None)
         else:
@@ -427,6 +493,10 @@ class BacktestContext(OrderTrackingContext):
         self._seq = 0
         self.latency = latency
         self._outbox: deque[HeldRequest] = deque()
+        # Direct-path orders whose last snapshots are not built yet (``submit_direct``): client order id ->
+        # what builds them. ``orders`` builds them before anyone reads it; the result reads them lazily.
+        self._deferred: dict[str, DirectOrder] = {}
+        self._orders_map: dict[str, Order] = {}
         self.init_tracking(portfolio)
         self._emulated_active = False
         self._invalid: dict[str, InvalidIntent] = {}  # client order id -> why its intent is impossible
@@ -441,7 +511,7 @@ class BacktestContext(OrderTrackingContext):
             self.oms,
             self.emulator,
             self.store,
-            known=self.orders.get,
+            known=lambda coid: self.orders.get(coid),  # (through ``orders``: deferred orders built first)
             local_cancel=self._local_cancel,
             logger=self._log,
         )
@@ -450,6 +520,36 @@ class BacktestContext(OrderTrackingContext):
     @property
     def exchange(self) -> str:
         return self._exchange
+
+    # --- the orders, some built when read ------------------------------------------------------------
+    @property
+    def orders(self) -> dict[str, Order]:
+        """Every order of this instance as it is now (the direct path's deferred snapshots built first)."""
+        if self._deferred:
+            self._build_deferred()
+        return self._orders_map
+
+    @orders.setter
+    def orders(self, value: dict[str, Order]) -> None:
+        self._orders_map = value
+
+    def _remember(self, client_order_id: str, order: Order) -> None:
+        if client_order_id in self._deferred:  # (cannot happen: a deferred order is terminal) keep the order
+            self._build_deferred()
+        self._orders_map[client_order_id] = order
+
+    def _build_deferred(self) -> None:
+        orders = self._orders_map
+        for coid, direct in self._deferred.items():
+            order = direct.order()
+            share_fields_set(order)
+            orders[coid] = order
+        self._deferred.clear()
+
+    def final_orders(self) -> Sequence[Order]:
+        """Every order of this instance as the run left it, in the order asked for; a direct-path order's
+        last snapshot is built when it is read (``FinalOrders``). Read after the run."""
+        return FinalOrders(list(self._orders_map.values()), dict(self._deferred))
 
     # --- intents ---------------------------------------------------------------------------------
     def _arrival(self) -> datetime:
@@ -612,7 +712,9 @@ class BacktestContext(OrderTrackingContext):
         # The events are built from values that are valid by construction (a validated intent, the
         # engine's ids and times): ``construct`` (``model_construct``'s result, without its generic
         # machinery) skips re-validating them, nothing else differs.
-        held = self.orders.get(coid)
+        if coid in self._deferred:  # (a client order id used again: cannot happen) the snapshots first
+            self._build_deferred()
+        held = self._orders_map.get(coid)
         if (
             held is not None
             and held.intent is intent
@@ -625,6 +727,9 @@ class BacktestContext(OrderTrackingContext):
             # now (same intent, same time: latency 0), and storing it again changes nothing the strategy
             # sees (the submission of an announced order is not reported twice): keep it.
             current = held
+            if not self._hears_orders() and not self._hears_fills() and intent.strategy == self._instance_id:
+                self._fill_unheard(intent, held, str(order.order_id), now, result.order_updates)
+                return True
         else:
             submitted = construct(OrderSubmitted, {"event_id": "submitted", "client_order_id": coid, "ts": now})
             current = Order.from_intent(intent).apply(submitted)
@@ -652,6 +757,35 @@ class BacktestContext(OrderTrackingContext):
             self._on_stored(current, filled)
             portfolio.book_fill(fill, account=intent.account, strategy=intent.strategy)
         return True
+
+    def _hears_fills(self) -> bool:
+        """Whether the strategy has an ``on_fill`` of its own (``Strategy``'s does nothing)."""
+        return getattr(self.strategy.on_fill, "__func__", None) is not Strategy.on_fill
+
+    def _fill_unheard(
+        self, intent: OrderIntent, announced: Order, exchange_order_id: str, now: datetime, updates: Iterable[Any]
+    ) -> None:
+        """``submit_direct``'s fills for a strategy that hears neither order changes nor fills: what storing
+        each change does (the fill kept, its phase, positions re-read, booked in the portfolio, the order no
+        longer open), with the order's snapshots — accepted, then one per fill — left to be built when
+        ``orders`` or the result is read (``DirectOrder``): nobody can see them before."""
+        exchange_id = self.venue.exchange_id
+        portfolio = self.portfolio
+        fills: list[Fill] = []
+        for update in updates:
+            if update.fill is None:
+                continue
+            fill = _domain_fill(exchange_id, update.fill)
+            self.fill_phases[fill.fill_id] = self.fill_phase
+            share_fields_set(fill)
+            self.fills.append(fill)
+            self._positions.pop(fill.symbol, None)
+            self.fills_changed = True
+            portfolio.book_fill(fill, account=intent.account, strategy=intent.strategy)
+            fills.append(fill)
+        coid = intent.client_order_id
+        self._open.pop(coid, None)  # filled (the engine said so): terminal
+        self._deferred[coid] = DirectOrder(announced, exchange_order_id, now, tuple(fills))
 
     async def _cancel_now(self, client_order_id: str) -> None:
         await self._executor.cancel_now(client_order_id)

@@ -183,7 +183,7 @@ def _bar_result(
         symbols=[config.symbol],
         equity=equity,
         fills=ctx.fills,
-        orders=list(ctx.orders.values()),
+        orders=ctx.final_orders(),
         params=dict(config.params),
         exchange=config.exchange,
         timeframe=config.timeframe,

@@ -196,6 +196,53 @@ class _CloseTimes(Sequence[datetime]):
         return self._times[index] + self._delta
 
 
+class OrderRecords(Sequence["OrderRecord"]):
+    """A run's ``OrderRecord`` s, each built (``OrderRecord.at_end``) when first read from the orders as the
+    run left them — a sequence that may itself build each order when read (the backtest's direct path):
+    a run whose orders nobody reads builds none. Equal to any sequence of equal records."""
+
+    __slots__ = ("_built", "_orders")
+
+    def __init__(self, orders: Sequence[OrderRecord | Order]) -> None:
+        self._orders = orders
+        self._built: list[OrderRecord | None] = [None] * len(orders)
+
+    def __len__(self) -> int:
+        return len(self._built)
+
+    @overload
+    def __getitem__(self, index: int) -> OrderRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[OrderRecord, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> OrderRecord | tuple[OrderRecord, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        record = self._built[index]
+        if record is None:
+            order = self._orders[index]
+            record = order if isinstance(order, OrderRecord) else OrderRecord.at_end(order)
+            self._built[index] = record
+        return record
+
+    def __iter__(self) -> Iterator[OrderRecord]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __eq__(self, other: object) -> bool:
+        if other is self:
+            return True
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, as a tuple is
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} order records>"
+
+
 OPEN_AT_END = "open_at_end"
 """``OrderRecord.status`` of an order still working, or never sent, when the data ended."""
 
@@ -386,6 +433,8 @@ class BacktestResult:
         for name in ("symbols", "equity", "fills", "orders", "round_trips", "invalid_orders"):
             if name == "equity" and isinstance(self.equity, EquityCurve):
                 continue  # immutable already; its times are the bars' (validated when the bars were)
+            if name == "orders" and isinstance(self.orders, OrderRecords):
+                continue  # immutable already: each record built when read
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "params", dict(self.params))
         object.__setattr__(self, "fill_model", dict(self.fill_model))
@@ -454,7 +503,11 @@ class BacktestResult:
             metrics=metrics,
             equity=equity if isinstance(equity, EquityCurve) else tuple(equity),
             fills=tuple(fills),
-            orders=tuple(o if isinstance(o, OrderRecord) else OrderRecord.at_end(o) for o in orders),
+            orders=(
+                tuple(o if isinstance(o, OrderRecord) else OrderRecord.at_end(o) for o in orders)
+                if isinstance(orders, list | tuple)
+                else OrderRecords(orders)
+            ),
             round_trips=tuple(trips),
             params=dict(params or {}),
             exchange=exchange,

@@ -78,6 +78,20 @@ class QuietCross(Cross):
     on_fill = Strategy.on_fill
 
 
+class PeekingQuietCross(QuietCross):
+    """``QuietCross`` that reads its orders now and then (``ctx.orders``, ``ctx.open_orders``): the direct
+    path's snapshots it leaves unbuilt are built when read, and read as the OMS path's."""
+
+    name: ClassVar[str] = "fast_path_peeking_quiet_cross"
+
+    def on_bar(self, bar: Bar) -> None:
+        super().on_bar(bar)
+        orders = getattr(self.ctx, "orders", {})
+        if len(orders) % 7 == 3:
+            self.log.append([o.model_dump() for o in orders.values()])
+            self.log.append([o.model_dump() for o in self.ctx.open_orders()])
+
+
 @pytest.fixture(scope="module")
 def series() -> BarSeries:
     month = BarSeries.from_file(DATA, exchange="binance", symbol=SYMBOL, timeframe="1m")
@@ -121,6 +135,11 @@ CASES: dict[str, tuple[dict[str, Any], type[Strategy[Any]] | None, str]] = {
     # name: (config, strategy class, which orders take the direct path: all | some | none)
     "market-only": ({"strategy": Cross.name, "taker_fee_bps": Decimal(10)}, Cross, "all"),
     "market-only-no-callbacks": ({"strategy": QuietCross.name, "taker_fee_bps": Decimal(10)}, QuietCross, "all"),
+    "market-only-no-callbacks-peeking": (
+        {"strategy": PeekingQuietCross.name, "taker_fee_bps": Decimal(10)},
+        PeekingQuietCross,
+        "all",
+    ),
     "market-with-latency-no-callbacks": ({"strategy": QuietCross.name, "latency_ms": 30_000}, QuietCross, "some"),
     "market-only-short-and-slippage": (
         {"strategy": Cross.name, "taker_fee_bps": Decimal(4), "slippage_bps": Decimal(2)},
@@ -182,8 +201,10 @@ def test_direct_path_gives_the_oms_path_result(series: BarSeries, direct_orders:
         first = fast.orders[0]
         assert first.status not in ("filled", "open_at_end") and 0 < first.filled_quantity < first.quantity
         assert len([f for f in fast.fills if f.client_order_id == first.client_order_id]) == 5
-    elif strategy in (Cross, QuietCross):
+    elif strategy in (Cross, QuietCross, PeekingQuietCross):
         assert len(fast.fills) > 20  # the case trades: the comparison is not vacuous
+    if strategy is PeekingQuietCross:
+        assert len(fast_log) > 20  # it did read its orders mid-run
 
 
 def test_the_columnar_equity_curve_reads_as_the_points_it_stands_for(series: BarSeries) -> None:
