@@ -697,6 +697,33 @@ class BacktestContext(OrderTrackingContext):
             return False
         if engine.depth(intent.symbol, intent.side) < intent.quantity:
             return False  # the book cannot fill it whole: the OMS path reports the expired remainder
+        now = self.clock.now
+        if coid in self._deferred:  # (a client order id used again: cannot happen) the snapshots first
+            self._build_deferred()
+        held = self._orders_map.get(coid)
+        # The snapshot announced when the strategy asked (``_hold``) is the one the submission makes now
+        # (same intent, same time: latency 0), and storing it again changes nothing the strategy sees (the
+        # submission of an announced order is not reported twice): it is kept.
+        announced = (
+            held is not None
+            and held.intent is intent
+            and held.status is OrderStatus.PENDING_SUBMIT
+            and held.updated_at == now
+            and not held.fill_ids
+            and held.exchange_order_id is None
+        )
+        if announced and not self._hears_orders() and not self._hears_fills() and intent.strategy == self._instance_id:
+            # Nobody hears this order's changes: the engine's order as it ended and its fills are all
+            # that is read (``MatchingEngine.submit_taker``: no execution reports built).
+            assert held is not None
+            try:
+                ended, fills = engine.submit_taker(to_new_order(intent, coid, engine.last_price(intent.symbol)))
+            except MelticaError:
+                return False
+            if ended.status is not EngineOrderStatus.FILLED:  # ruled out above; a bug (the engine executed)
+                raise RuntimeError(f"direct market order {coid}: unexpected engine order {ended!r}")
+            self._fill_unheard(intent, held, str(ended.order_id), now, fills)
+            return True
         try:
             result = engine.submit(to_new_order(intent, coid, engine.last_price(intent.symbol)))
         except MelticaError:
@@ -708,28 +735,12 @@ class BacktestContext(OrderTrackingContext):
             or any(u.order.order_id != order.order_id for u in result.order_updates)
         ):  # the preconditions above rule this out; a bug if it happens (the engine already executed)
             raise RuntimeError(f"direct market order {coid}: unexpected engine result {result!r}")
-        now = self.clock.now
         # The events are built from values that are valid by construction (a validated intent, the
         # engine's ids and times): ``construct`` (``model_construct``'s result, without its generic
         # machinery) skips re-validating them, nothing else differs.
-        if coid in self._deferred:  # (a client order id used again: cannot happen) the snapshots first
-            self._build_deferred()
-        held = self._orders_map.get(coid)
-        if (
-            held is not None
-            and held.intent is intent
-            and held.status is OrderStatus.PENDING_SUBMIT
-            and held.updated_at == now
-            and not held.fill_ids
-            and held.exchange_order_id is None
-        ):
-            # The snapshot announced when the strategy asked (``_hold``) is the one the submission makes
-            # now (same intent, same time: latency 0), and storing it again changes nothing the strategy
-            # sees (the submission of an announced order is not reported twice): keep it.
+        if announced:
+            assert held is not None
             current = held
-            if not self._hears_orders() and not self._hears_fills() and intent.strategy == self._instance_id:
-                self._fill_unheard(intent, held, str(order.order_id), now, result.order_updates)
-                return True
         else:
             submitted = construct(OrderSubmitted, {"event_id": "submitted", "client_order_id": coid, "ts": now})
             current = Order.from_intent(intent).apply(submitted)
@@ -763,7 +774,7 @@ class BacktestContext(OrderTrackingContext):
         return getattr(self.strategy.on_fill, "__func__", None) is not Strategy.on_fill
 
     def _fill_unheard(
-        self, intent: OrderIntent, announced: Order, exchange_order_id: str, now: datetime, updates: Iterable[Any]
+        self, intent: OrderIntent, announced: Order, exchange_order_id: str, now: datetime, fills: Iterable[EngineFill]
     ) -> None:
         """``submit_direct``'s fills for a strategy that hears neither order changes nor fills: what storing
         each change does (the fill kept, its phase, positions re-read, booked in the portfolio, the order no
@@ -771,21 +782,19 @@ class BacktestContext(OrderTrackingContext):
         ``orders`` or the result is read (``DirectOrder``): nobody can see them before."""
         exchange_id = self.venue.exchange_id
         portfolio = self.portfolio
-        fills: list[Fill] = []
-        for update in updates:
-            if update.fill is None:
-                continue
-            fill = _domain_fill(exchange_id, update.fill)
+        kept: list[Fill] = []
+        for engine_fill in fills:
+            fill = _domain_fill(exchange_id, engine_fill)
             self.fill_phases[fill.fill_id] = self.fill_phase
             share_fields_set(fill)
             self.fills.append(fill)
             self._positions.pop(fill.symbol, None)
             self.fills_changed = True
             portfolio.book_fill(fill, account=intent.account, strategy=intent.strategy)
-            fills.append(fill)
+            kept.append(fill)
         coid = intent.client_order_id
         self._open.pop(coid, None)  # filled (the engine said so): terminal
-        self._deferred[coid] = DirectOrder(announced, exchange_order_id, now, tuple(fills))
+        self._deferred[coid] = DirectOrder(announced, exchange_order_id, now, tuple(kept))
 
     async def _cancel_now(self, client_order_id: str) -> None:
         await self._executor.cancel_now(client_order_id)

@@ -264,6 +264,7 @@ class MatchingEngine:
         self._next_order_id = 0
         self._now: datetime | None = None
         self._c: _Collector | None = None
+        self._reports = True  # build execution reports (``submit_taker`` needs none)
         # orders triggered by a recorded print rest only after that print filled resting limits: the
         # print that triggered a stop-limit cannot also fill it
         self._deferred: list[_Order] | None = None
@@ -363,6 +364,27 @@ class MatchingEngine:
             self._run_stops(m)
             return c.result(self.ledger)
         finally:
+            self._end()
+
+    def submit_taker(self, new: NewOrder) -> tuple[EngineOrder, tuple[EngineFill, ...]]:
+        """``submit`` for a caller that reads only the order as it ended and its fills (the backtest's
+        in-process path): the same checks, state changes, ids and history, without the execution reports,
+        balance updates and ``MatchResult`` it would not read. Only on a quiet market — no stop and no
+        resting order of any user, so nothing but this order can happen — else ``EngineRejection``
+        (``INVALID_PARAMETERS``) before anything changes: use ``submit``."""
+        m = self._market(new.symbol)
+        if m.stops or m.user_bids or m.user_asks:
+            raise _reject(RejectReason.INVALID_PARAMETERS, "submit_taker needs a market without user orders")
+        self._validate(new, m)
+        plan = self._admit(new, m)
+        c = self._begin()
+        self._reports = False
+        try:
+            order = self._place(new, m, plan)
+            self._run_stops(m)
+            return order.snapshot(), tuple(c.fills)
+        finally:
+            self._reports = True
             self._end()
 
     def cancel(
@@ -993,6 +1015,8 @@ class MatchingEngine:
         self._trades.setdefault((order.account, order.symbol), []).append(fill)
         c = self._col()
         c.fills.append(fill)
+        if not self._reports:
+            return
         report = _new(ExecutionReport)
         set_order, set_execution, set_fill = _REPORT_SLOTS
         set_order(report, order.snapshot())
@@ -1048,7 +1072,8 @@ class MatchingEngine:
         self._emit(order, execution)
 
     def _emit(self, order: _Order, execution: ExecutionType) -> None:
-        self._col().updates.append(ExecutionReport(order.snapshot(), execution))
+        if self._reports:
+            self._col().updates.append(ExecutionReport(order.snapshot(), execution))
 
     # ==========================================================================================
     # internals: liquidity

@@ -265,3 +265,34 @@ def test_times_come_from_the_clock() -> None:
     assert order.working and order.working_time == order.time
     fills = e.account_trades("alice", SYM)
     assert len(fills) == 1 and fills[0].is_maker and fills[0].time == order.update_time
+
+
+def test_submit_taker_does_what_submit_does_without_the_reports() -> None:
+    """``submit_taker`` (the backtest's in-process path): the same order, fills, ids, balances, book and
+    history as ``submit``; refused, before anything changes, while any user order rests or waits."""
+    engines = [make_engine(), make_engine()]
+    for e in engines:
+        e.on_book_snapshot(SYM, bids=[(D(99), D(5))], asks=[(D(100), D("0.5")), (D(101), D(1)), (D(102), D(3))])
+    orders = [
+        NewOrder("alice", SYM, BUY, MARKET, quantity=D("1.2"), client_order_id="a"),
+        NewOrder("alice", SYM, SELL, MARKET, quantity=D("0.7"), client_order_id="b"),
+    ]
+    by_submit, by_taker = engines
+    for new in orders:
+        result = by_submit.submit(new)
+        ended, fills = by_taker.submit_taker(new)
+        assert result.order == ended and result.fills == fills and len(fills) >= 1
+    for account in ("alice", "bob"):
+        for asset in ("USDT", "BTC"):
+            assert by_submit.ledger.balance(account, asset) == by_taker.ledger.balance(account, asset)
+    assert by_submit.book(SYM) == by_taker.book(SYM)
+    assert by_submit.all_orders("alice", SYM) == by_taker.all_orders("alice", SYM)
+    assert by_submit.account_trades("alice", SYM) == by_taker.account_trades("alice", SYM)
+    # a resting order of any user: refused, nothing changed
+    by_taker.submit(limit("bob", SELL, "1", "105"))
+    before = (by_taker.ledger.balance("alice", "USDT"), by_taker.book(SYM), by_taker.all_orders("alice", SYM))
+    with pytest.raises(EngineRejection):
+        by_taker.submit_taker(NewOrder("alice", SYM, BUY, MARKET, quantity=D("0.1")))
+    assert before == (by_taker.ledger.balance("alice", "USDT"), by_taker.book(SYM), by_taker.all_orders("alice", SYM))
+    # and the reports come back for the next submit
+    assert by_taker.submit(NewOrder("alice", SYM, BUY, MARKET, quantity=D("0.1"))).order_updates
