@@ -311,11 +311,7 @@ class OrderTrackingContext(IntentingContext):
     def _hold(self, intent: OrderIntent) -> str:
         """A new order the strategy asked for: announced now (``pending_submit``), sent at release."""
         coid = intent.client_order_id
-        now = self.clock.now
-        values = {"event_id": "submitted", "client_order_id": coid, "ts": now}
-        # (validated unless the values are what validation keeps as they are: a UTC time)
-        submitted = construct(OrderSubmitted, values) if now.tzinfo is UTC else OrderSubmitted(**values)
-        order = Order.from_intent(intent).apply(submitted)
+        order = Order.announced(intent, self.clock.now)  # (from_intent, then its OrderSubmitted applied)
         self._announced.add(coid)
         self._track(order)
         self._queue_on_order(order)
@@ -717,12 +713,14 @@ class BacktestContext(OrderTrackingContext):
             # that is read (``MatchingEngine.submit_taker``: no execution reports built).
             assert held is not None
             try:
-                ended, fills = engine.submit_taker(to_new_order(intent, coid, engine.last_price(intent.symbol)))
+                order_id, status, fills = engine.submit_taker(
+                    to_new_order(intent, coid, engine.last_price(intent.symbol))
+                )
             except MelticaError:
                 return False
-            if ended.status is not EngineOrderStatus.FILLED:  # ruled out above; a bug (the engine executed)
-                raise RuntimeError(f"direct market order {coid}: unexpected engine order {ended!r}")
-            self._fill_unheard(intent, held, str(ended.order_id), now, fills)
+            if status is not EngineOrderStatus.FILLED:  # ruled out above; a bug (the engine executed)
+                raise RuntimeError(f"direct market order {coid}: the engine left it {status}")
+            self._fill_unheard(intent, held, str(order_id), now, fills)
             return True
         try:
             result = engine.submit(to_new_order(intent, coid, engine.last_price(intent.symbol)))

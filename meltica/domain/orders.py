@@ -340,6 +340,7 @@ _ZERO = Decimal(0)
 _FROM_INTENT_FIELDS = frozenset(
     {"intent", "client_order_id", "quantity", "price", "trigger_price", "created_at", "updated_at"}
 )
+_ANNOUNCED_FIELDS = _FROM_INTENT_FIELDS | {"status"}  # (``updated_at`` is already one of them)
 
 
 class Order(DomainModel):
@@ -415,6 +416,41 @@ class Order(DomainModel):
             created_at=intent.created_at,
             updated_at=intent.created_at,
         )
+
+    @classmethod
+    def announced(cls, intent: OrderIntent, ts: datetime) -> Order:
+        """``Order.from_intent(intent).apply(OrderSubmitted(client_order_id=..., ts=ts))`` — the order
+        announced as ``pending_submit`` at ``ts`` — built in one step when ``intent`` is a plain
+        ``OrderIntent`` and ``ts`` a UTC time (the same snapshot: values and fields set), else that way."""
+        if type(intent) is not OrderIntent or not isinstance(ts, datetime) or ts.tzinfo is not UTC:
+            return cls.from_intent(intent).apply(
+                OrderSubmitted(event_id="submitted", client_order_id=intent.client_order_id, ts=ts)
+            )
+        order = object.__new__(cls)
+        _set = object.__setattr__
+        _set(
+            order,
+            "__dict__",
+            {
+                "intent": intent,
+                "client_order_id": intent.client_order_id,
+                "exchange_order_id": None,
+                "status": OrderStatus.PENDING_SUBMIT,
+                "quantity": intent.quantity,
+                "price": intent.price,
+                "trigger_price": intent.trigger_price,
+                "filled_quantity": _ZERO,
+                "avg_fill_price": None,
+                "fill_ids": (),
+                "reason": None,
+                "created_at": intent.created_at,
+                "updated_at": ts,
+            },
+        )
+        _set(order, "__pydantic_extra__", None)
+        _set(order, "__pydantic_fields_set__", set(_ANNOUNCED_FIELDS))
+        _set(order, "__pydantic_private__", None)
+        return order
 
     # Convenience views of the intent.
     @property

@@ -366,12 +366,12 @@ class MatchingEngine:
         finally:
             self._end()
 
-    def submit_taker(self, new: NewOrder) -> tuple[EngineOrder, tuple[EngineFill, ...]]:
-        """``submit`` for a caller that reads only the order as it ended and its fills (the backtest's
-        in-process path): the same checks, state changes, ids and history, without the execution reports,
-        balance updates and ``MatchResult`` it would not read. Only on a quiet market — no stop and no
-        resting order of any user, so nothing but this order can happen — else ``EngineRejection``
-        (``INVALID_PARAMETERS``) before anything changes: use ``submit``."""
+    def submit_taker(self, new: NewOrder) -> tuple[int, EngineOrderStatus, tuple[EngineFill, ...]]:
+        """``submit`` for a caller that reads only the order's id, how it ended and its fills (the
+        backtest's in-process path): the same checks, state changes, ids and history, without the
+        execution reports, order snapshots, balance updates and ``MatchResult`` it would not read. Only
+        on a quiet market — no stop and no resting order of any user, so nothing but this order can
+        happen — else ``EngineRejection`` (``INVALID_PARAMETERS``) before anything changes: use ``submit``."""
         m = self._market(new.symbol)
         if m.stops or m.user_bids or m.user_asks:
             raise _reject(RejectReason.INVALID_PARAMETERS, "submit_taker needs a market without user orders")
@@ -382,7 +382,7 @@ class MatchingEngine:
         try:
             order = self._place(new, m, plan)
             self._run_stops(m)
-            return order.snapshot(), tuple(c.fills)
+            return order.order_id, order.status, tuple(c.fills)
         finally:
             self._reports = True
             self._end()

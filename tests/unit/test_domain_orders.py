@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -296,3 +296,21 @@ def test_random_event_sequences_never_break_the_order(steps: list[tuple[str, int
             assert order == before  # only idempotent replays get through a terminal state
         elif order.status is not before.status:
             assert order.status in ALLOWED_TRANSITIONS[before.status]
+
+
+@pytest.mark.parametrize(
+    "ts", [T0 + timedelta(seconds=5), datetime(2024, 1, 1, 1, tzinfo=timezone(timedelta(hours=1)))]
+)
+@pytest.mark.parametrize("kind", ["limit", "market"])
+def test_announced_is_from_intent_then_submitted(ts: datetime, kind: str) -> None:
+    """``Order.announced`` (one step, the backtest's hot path) builds what ``from_intent`` and the
+    ``OrderSubmitted`` event build: the same values, the same fields set, the same dump."""
+    i = intent() if kind == "limit" else intent(type="market", price=None)
+    expected = Order.from_intent(i).apply(
+        OrderSubmitted(event_id="submitted", client_order_id=i.client_order_id, ts=ts)
+    )
+    got = Order.announced(i, ts)
+    assert got == expected and got.__dict__ == expected.__dict__
+    assert got.model_fields_set == expected.model_fields_set
+    assert got.model_dump(exclude_unset=True) == expected.model_dump(exclude_unset=True)
+    assert got.status is OrderStatus.PENDING_SUBMIT

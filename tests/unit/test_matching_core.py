@@ -280,8 +280,10 @@ def test_submit_taker_does_what_submit_does_without_the_reports() -> None:
     by_submit, by_taker = engines
     for new in orders:
         result = by_submit.submit(new)
-        ended, fills = by_taker.submit_taker(new)
-        assert result.order == ended and result.fills == fills and len(fills) >= 1
+        order_id, status, fills = by_taker.submit_taker(new)
+        assert result.order is not None and (result.order.order_id, result.order.status) == (order_id, status)
+        assert result.fills == fills and len(fills) >= 1
+        assert by_taker.get_order("alice", SYM, order_id) == result.order
     for account in ("alice", "bob"):
         for asset in ("USDT", "BTC"):
             assert by_submit.ledger.balance(account, asset) == by_taker.ledger.balance(account, asset)
