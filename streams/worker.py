@@ -1184,7 +1184,6 @@ async def run_worker(app: faust.App, *, install_signals: bool = True) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
-    runtime.stats.gc.install()  # GC pauses in the stats record: they set the latency tail
     try:
         await app.start()
         # What start-up built (modules, the app, the processors' state) lives as long as the process: kept
@@ -1197,6 +1196,10 @@ async def run_worker(app: faust.App, *, install_signals: bool = True) -> int:
         # a second ran 70 young collections and, at 1,000 orders/s, 15 full ones (60-130 ms each) in 25 s. With
         # these, 2 full ones and young/middle pauses of at most ~16 ms (bench/live_pipeline_bench.py).
         gc.set_threshold(*GC_THRESHOLDS)
+        # GC pauses in the stats record (they set the latency tail): those of the running worker only. Counted
+        # from before the start, they showed start-up's full collections (the one above included: the "2 full, 60-170
+        # ms" of the latency bench's runs were these, before any input was taken) as if taken while handling
+        runtime.stats.gc.install()
         if runtime.control is not None:
             runtime.control.start()
         if runtime.stall is not None:
