@@ -742,6 +742,11 @@ SETTINGS = {
         "per-event-fetch-5ms", batch_inputs=False, note="one Faust event at a time, fetch wait 5 ms"
     ),
     "acks-1": LatencySetting("acks-1", faust=(("producer_acks", 1),), note="leader ack only"),
+    "batch-16kb": LatencySetting(
+        "batch-16kb",
+        faust=(("producer_max_batch_size", 16384),),
+        note="producer batches up to Faust's default 16 kB (the worker's default is 1 MB)",
+    ),
 }
 
 

@@ -94,7 +94,9 @@ from typing import Any
 
 import faust
 import yaml
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
+from faust.exceptions import ProducerSendError
 from faust.types import EventT
 
 from meltica.live import tracing
@@ -127,6 +129,14 @@ producer and the changelog topics take records this large (Kafka's default is 1 
 thousands of unanswered orders after a backlog wrote 1.0 MB, Faust's producer buffer crashed on it and the
 worker stalled); a larger state stops the worker with :class:`StateTooLargeError`, which names the processor and key."""
 _RECORD_OVERHEAD = 64 * 1024  # key, headers and batch framing around the state
+
+PRODUCER_MAX_BATCH_BYTES = 1024 * 1024
+"""The producer's batch size per partition (Faust's default is 16 kB). A stage's outputs of one fetch are sent
+one after another before the worker awaits anything, so at 1,000 orders/s a 16 kB batch filled up and every
+further send waited for the sender task to take it (``MessageAccumulator.add_message`` → ``wait_drain``: a timer
+and a context switch per full batch, ≈ 3 % of the trading worker's CPU) and each fetch went out as many small
+batches. Records still go out at once (linger 0); a larger batch only means fewer, fuller ones
+(``bench/live_pipeline_bench.py``: 5-46 % less worker CPU per bar with an order on every bar, 4 pairs of runs)."""
 
 
 class StateTooLargeError(RuntimeError):
@@ -866,9 +876,24 @@ class WorkerRuntime:
             # record goes before the broker acknowledges it (streams/lanes.py); the same partition the
             # producer's default partitioner picks
             partition = self._partition_of(producer, physical, key)
-            timestamp = int(time.time() * 1000) / 1000.0
+            timestamp_ms = int(time.time() * 1000)
+            timestamp = timestamp_ms / 1000.0  # as a fetched record's (aiokafka's milliseconds / 1000)
             if self.direct_send:
-                fut = await producer.send(physical, key, value, partition, timestamp, header_list)
+                # aiokafka's producer under Faust's, as Faust's ``Producer.send`` calls it (headers only where the
+                # broker takes them, a Kafka error raised as Faust's ``ProducerSendError``) without its per-record
+                # ``on_produce_message`` signal (no receiver here), headers type check and float → ms round trip:
+                # ≈ 3 % of the trading worker's CPU (bench/live_pipeline_bench.py, py-spy)
+                try:
+                    fut = await producer._ensure_producer().send(
+                        physical,
+                        value,
+                        key=key,
+                        partition=partition,
+                        timestamp_ms=timestamp_ms,
+                        headers=header_list if producer.allow_headers else None,
+                    )
+                except KafkaError as exc:
+                    raise ProducerSendError(f"Error while sending: {exc!r}") from exc
             else:  # (no partition chosen here: Faust picks the transaction's producer by it)
                 fut = await self.topics[out.topic].send(key=key, value=value, headers=header_list)
             pending.append(fut)
@@ -1112,6 +1137,7 @@ def build_worker_app(
     settings: dict[str, Any] = {
         "table_standby_replicas": 0,  # in-memory store: a standby copy does not shorten recovery
         "producer_max_request_size": STATE_RECORD_MAX_BYTES + _RECORD_OVERHEAD,  # a state record (see there)
+        "producer_max_batch_size": PRODUCER_MAX_BATCH_BYTES,
     }
     settings.update(faust_settings)
     app = make_app(bootstrap, app_id, **settings)
@@ -1184,7 +1210,6 @@ async def run_worker(app: faust.App, *, install_signals: bool = True) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
-    runtime.stats.gc.install()  # GC pauses in the stats record: they set the latency tail
     try:
         await app.start()
         # What start-up built (modules, the app, the processors' state) lives as long as the process: kept
@@ -1197,6 +1222,10 @@ async def run_worker(app: faust.App, *, install_signals: bool = True) -> int:
         # a second ran 70 young collections and, at 1,000 orders/s, 15 full ones (60-130 ms each) in 25 s. With
         # these, 2 full ones and young/middle pauses of at most ~16 ms (bench/live_pipeline_bench.py).
         gc.set_threshold(*GC_THRESHOLDS)
+        # GC pauses in the stats record (they set the latency tail): those of the running worker only. Counted
+        # from before the start, they showed start-up's full collections (the one above included: the "2 full, 60-170
+        # ms" of the latency bench's runs were these, before any input was taken) as if taken while handling
+        runtime.stats.gc.install()
         if runtime.control is not None:
             runtime.control.start()
         if runtime.stall is not None:

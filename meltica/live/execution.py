@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -325,6 +326,11 @@ class ExecutionService:
             self.lanes[account] = lane
         self._handled: deque[str] = deque(maxlen=_KEEP_IDS)
         self._handled_set: set[str] = set()
+        self._handled_count = 0  # request ids ever remembered (the last _KEEP_IDS are in _handled)
+        # per account: (the numbers and ids of its request ids among _handled, how many remembered ids it has seen),
+        # brought up to date at each snapshot from the ids remembered since: a snapshot no longer filters all
+        # _KEEP_IDS ids again (its cost grew with the ids remembered, up to 20,000, every checkpoint)
+        self._handled_of: dict[str, tuple[deque[int], deque[str], int]] = {}
         self._commands: deque[str] = deque(maxlen=10_000)
         self._emit: Emit | None = None
         self._in_handle = False
@@ -447,6 +453,7 @@ class ExecutionService:
             self._handled_set.discard(self._handled[0])
         self._handled.append(request_id)
         self._handled_set.add(request_id)
+        self._handled_count += 1
 
     # --- publishing ----------------------------------------------------------------------------
     def _on_stored(self, order: Order, event: OrderEvent | None) -> None:
@@ -984,8 +991,30 @@ class ExecutionService:
             "symbol_of": dict(lane.symbol_of),
             "ended": list(lane.ended),
             "emulated_active": lane.emulated_active,
-            "handled": [r for r in self._handled if r.startswith(prefixes)],
+            "handled": self._handled_ids(key, prefixes),
         }
+
+    def _handled_ids(self, account: str, prefixes: tuple[str, ...]) -> list[str]:
+        """The remembered request ids (of ``_handled``, oldest first) that start with one of ``prefixes``
+        (the account's instances): those remembered since the last call are filtered, the forgotten dropped."""
+        handled, count = self._handled, self._handled_count
+        numbers, ids, seen = self._handled_of.get(account) or (deque(), deque(), 0)
+        new = count - seen
+        if new > len(handled):  # not called since before the oldest remembered id: all of them
+            numbers, ids, new = deque(), deque(), len(handled)
+        if new:
+            recent = list(itertools.islice(reversed(handled), new))  # the last ``new``, newest first
+            first = count - new  # the number of the oldest of them
+            for i, request_id in enumerate(reversed(recent)):
+                if request_id.startswith(prefixes):
+                    numbers.append(first + i)
+                    ids.append(request_id)
+        oldest = count - len(handled)  # ids numbered below it are forgotten
+        while numbers and numbers[0] < oldest:
+            numbers.popleft()
+            ids.popleft()
+        self._handled_of[account] = (numbers, ids, count)
+        return list(ids)
 
     def _instances_of(self, account: str) -> list[str]:
         return [i.instance_id for i in self.config.instances if i.account == account] or [""]

@@ -82,7 +82,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -200,14 +200,25 @@ class _Tracked:
     quantity: Decimal
     price: Decimal | None
     filled: Decimal
+    # the intent's JSON form, made at the first snapshot that holds the order and kept while the intent stays
+    # the same: every snapshot dumps every open order, so dumping each intent again made a checkpoint's cost
+    # grow with the orders open (read only by json.dumps, never changed)
+    intent_json: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def of_order(cls, order: Order) -> _Tracked:
-        return cls(order.intent, order.quantity, order.price, order.filled_quantity)
+    def of_order(cls, order: Order, previous: _Tracked | None = None) -> _Tracked:
+        intent = order.intent
+        cached = None
+        if previous is not None and (previous.intent is intent or previous.intent == intent):
+            intent, cached = previous.intent, previous.intent_json
+        return cls(intent, order.quantity, order.price, order.filled_quantity, cached)
 
     def dump(self) -> dict[str, Any]:
+        intent = self.intent_json
+        if intent is None:
+            intent = self.intent_json = self.intent.model_dump(mode="json")
         return {
-            "intent": self.intent.model_dump(mode="json"),
+            "intent": intent,
             "quantity": str(self.quantity),
             "price": _opt_str(self.price),
             "filled": str(self.filled),
@@ -605,7 +616,7 @@ class RiskGate:
         elif coid in acct.closed:
             pass  # a stale update of an order that has ended
         elif engine.is_reserved(coid) or coid in acct.children:
-            acct.orders[coid] = _Tracked.of_order(order)
+            acct.orders[coid] = _Tracked.of_order(order, acct.orders.get(coid))
         else:
             child = _CHILD.match(order.intent.intent_id)
             if child is not None and engine.is_reserved(child.group("parent")):
@@ -613,7 +624,7 @@ class RiskGate:
             elif order.remaining_quantity > 0:
                 # not approved here (a cancel-replace replacement, a recovered order): reserve what is left
                 engine.on_order_open(coid, order.intent.model_copy(update={"quantity": order.remaining_quantity}))
-            acct.orders[coid] = _Tracked.of_order(order)
+            acct.orders[coid] = _Tracked.of_order(order, acct.orders.get(coid))
         return []
 
     def _adopt_children(self, acct: _Account, parent: str) -> None:

@@ -309,3 +309,29 @@ def test_lockstep_remembers_the_market_of_ended_orders_up_to_a_bound(monkeypatch
     restored = ExecutionService.simulated(config(lockstep=True))
     restored.restore("acc", snapshot)
     assert restored.lanes["acc"].symbol_of == lane.symbol_of and restored.lanes["acc"].ended == lane.ended
+
+
+def test_the_snapshot_holds_the_last_remembered_request_ids_oldest_first(monkeypatch: Any) -> None:
+    # The snapshot's list is kept up to date from the ids remembered since the last snapshot (it is in every
+    # checkpoint): the same list as filtering all remembered ids, across snapshots and past the bound.
+    monkeypatch.setattr("meltica.live.execution._KEEP_IDS", 3)
+    service = ExecutionService.simulated(config(lockstep=False))
+
+    def handled() -> list[str]:
+        snapshot = service.snapshot("acc")
+        assert snapshot is not None
+        return list(snapshot["handled"])
+
+    assert handled() == []
+    run(service, *(("orders.approved", submit(n, str(39000 - n))) for n in (1, 2)))
+    assert handled() == ["s1:1", "s1:2"]
+    assert handled() == ["s1:1", "s1:2"]  # nothing new
+    run(service, ("orders.approved", submit(3, "38997")), ("orders.approved", submit(4, "38996")))
+    assert handled() == ["s1:2", "s1:3", "s1:4"]
+    run(service, *(("orders.approved", submit(n, str(39000 - n))) for n in range(5, 10)))  # past the bound
+    assert handled() == ["s1:7", "s1:8", "s1:9"]
+    restored = ExecutionService.simulated(config(lockstep=False))
+    restored.restore("acc", service.snapshot("acc") or {})
+    assert run(restored, ("orders.approved", submit(9, "38991"))) == []  # remembered: a redelivery does nothing
+    snapshot = restored.snapshot("acc")
+    assert snapshot is not None and snapshot["handled"] == ["s1:7", "s1:8", "s1:9"]
