@@ -42,6 +42,7 @@ from meltica.backtest.metrics import (
 from meltica.backtest.provenance import rejections_by_reason, run_warnings
 from meltica.domain.enums import LiquiditySide, Side
 from meltica.domain.orders import Fill, Order
+from meltica.domain.values import ValueSequence
 from meltica.errors import DataValidationError
 from meltica.storage.tables import backtest_metrics, backtest_runs
 
@@ -62,7 +63,7 @@ class EquityPoint:
     position_value: Decimal
 
 
-class EquityCurve(Sequence[EquityPoint]):
+class EquityCurve(ValueSequence[EquityPoint]):
     """The equity curve of a bar run, kept as columns: a million bars are not a million objects.
 
     Point ``i`` is at ``open_times[i] + delta`` (the bar's close time), marked to ``closes[i]`` with the
@@ -133,15 +134,6 @@ class EquityCurve(Sequence[EquityPoint]):
             for i in range(start, stop):
                 yield make(i, cash, held)
 
-    def __eq__(self, other: object) -> bool:
-        if other is self:
-            return True
-        if not isinstance(other, Sequence) or isinstance(other, str):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking, compared by value, as a list is
-
     def __repr__(self) -> str:
         return f"<equity curve of {len(self)} points>"
 
@@ -196,7 +188,7 @@ class _CloseTimes(Sequence[datetime]):
         return self._times[index] + self._delta
 
 
-class OrderRecords(Sequence["OrderRecord"]):
+class OrderRecords(ValueSequence["OrderRecord"]):
     """A run's ``OrderRecord`` s, each built (``OrderRecord.at_end``) when first read from the orders as the
     run left them — a sequence that may itself build each order when read (the backtest's direct path):
     a run whose orders nobody reads builds none. Equal to any sequence of equal records."""
@@ -229,15 +221,6 @@ class OrderRecords(Sequence["OrderRecord"]):
     def __iter__(self) -> Iterator[OrderRecord]:
         for i in range(len(self)):
             yield self[i]
-
-    def __eq__(self, other: object) -> bool:
-        if other is self:
-            return True
-        if not isinstance(other, Sequence) or isinstance(other, str):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]  # compared by value, as a tuple is
 
     def __repr__(self) -> str:
         return f"<{len(self)} order records>"

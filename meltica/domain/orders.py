@@ -379,34 +379,8 @@ class Order(DomainModel):
     @classmethod
     def from_intent(cls, intent: OrderIntent) -> Order:
         if type(intent) is OrderIntent:
-            # The intent was validated when it was built, so every field below already is, and the
-            # snapshot's invariants hold by construction (nothing filled, derived client order id).
-            # (What ``model_construct`` builds, without its per-field default lookups: the hot path.)
-            order = object.__new__(cls)
-            _set = object.__setattr__
-            _set(
-                order,
-                "__dict__",
-                {
-                    "intent": intent,
-                    "client_order_id": intent.client_order_id,
-                    "exchange_order_id": None,
-                    "status": OrderStatus.NEW,
-                    "quantity": intent.quantity,
-                    "price": intent.price,
-                    "trigger_price": intent.trigger_price,
-                    "filled_quantity": _ZERO,
-                    "avg_fill_price": None,
-                    "fill_ids": (),
-                    "reason": None,
-                    "created_at": intent.created_at,
-                    "updated_at": intent.created_at,
-                },
-            )
-            _set(order, "__pydantic_extra__", None)
-            _set(order, "__pydantic_fields_set__", set(_FROM_INTENT_FIELDS))
-            _set(order, "__pydantic_private__", None)
-            return order
+            # The intent was validated when it was built (the hot path: see ``_valid_snapshot``).
+            return _valid_snapshot(cls, intent, OrderStatus.NEW, intent.created_at, _FROM_INTENT_FIELDS)
         return cls(
             intent=intent,
             client_order_id=intent.client_order_id,
@@ -426,31 +400,7 @@ class Order(DomainModel):
             return cls.from_intent(intent).apply(
                 OrderSubmitted(event_id="submitted", client_order_id=intent.client_order_id, ts=ts)
             )
-        order = object.__new__(cls)
-        _set = object.__setattr__
-        _set(
-            order,
-            "__dict__",
-            {
-                "intent": intent,
-                "client_order_id": intent.client_order_id,
-                "exchange_order_id": None,
-                "status": OrderStatus.PENDING_SUBMIT,
-                "quantity": intent.quantity,
-                "price": intent.price,
-                "trigger_price": intent.trigger_price,
-                "filled_quantity": _ZERO,
-                "avg_fill_price": None,
-                "fill_ids": (),
-                "reason": None,
-                "created_at": intent.created_at,
-                "updated_at": ts,
-            },
-        )
-        _set(order, "__pydantic_extra__", None)
-        _set(order, "__pydantic_fields_set__", set(_ANNOUNCED_FIELDS))
-        _set(order, "__pydantic_private__", None)
-        return order
+        return _valid_snapshot(cls, intent, OrderStatus.PENDING_SUBMIT, ts, _ANNOUNCED_FIELDS)
 
     # Convenience views of the intent.
     @property
@@ -599,3 +549,36 @@ class Order(DomainModel):
                 "updated_at": event.ts,
             }
         )
+
+
+def _valid_snapshot(
+    cls: type[Order], intent: OrderIntent, status: OrderStatus, updated_at: datetime, fields_set: frozenset[str]
+) -> Order:
+    """A snapshot of a validated plain ``OrderIntent``'s order with nothing filled: what ``model_construct``
+    builds, without its per-field default lookups (the hot path). Every value already is valid, and the
+    snapshot's invariants hold by construction (nothing filled, derived client order id)."""
+    order = object.__new__(cls)
+    _set = object.__setattr__
+    _set(
+        order,
+        "__dict__",
+        {
+            "intent": intent,
+            "client_order_id": intent.client_order_id,
+            "exchange_order_id": None,
+            "status": status,
+            "quantity": intent.quantity,
+            "price": intent.price,
+            "trigger_price": intent.trigger_price,
+            "filled_quantity": _ZERO,
+            "avg_fill_price": None,
+            "fill_ids": (),
+            "reason": None,
+            "created_at": intent.created_at,
+            "updated_at": updated_at,
+        },
+    )
+    _set(order, "__pydantic_extra__", None)
+    _set(order, "__pydantic_fields_set__", set(fields_set))
+    _set(order, "__pydantic_private__", None)
+    return order

@@ -8,6 +8,7 @@ nobody can tell which clock they came from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Self, TypeVar
@@ -145,3 +146,22 @@ _SET_DICT = BaseModel.__dict__["__dict__"].__set__
 _SET_FIELDS_SET = BaseModel.__dict__["__pydantic_fields_set__"].__set__
 _SET_EXTRA = BaseModel.__dict__["__pydantic_extra__"].__set__
 _SET_PRIVATE = BaseModel.__dict__["__pydantic_private__"].__set__
+
+
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class ValueSequence(Sequence[_T_co]):
+    """A read-only sequence whose items are built when read (bar times, price columns, equity points, order
+    records): equal to any sequence of equal items and unhashable, as a list is."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        if other is self:
+            return True
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, as a list is

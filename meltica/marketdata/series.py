@@ -22,6 +22,7 @@ from typing import Any, Protocol, overload
 
 from meltica.domain import Bar, OrderBookSnapshot, Side, Timeframe, Trade
 from meltica.domain.orderbook import DepthDiff, DepthSynchronizer, L2Book
+from meltica.domain.values import ValueSequence
 from meltica.errors import BookGapError, DataValidationError
 from meltica.marketdata.candle_files import read_candle_file
 from meltica.storage.candles import read_candles
@@ -67,7 +68,7 @@ def fast_bar(
     return bar
 
 
-class EpochTimes(Sequence[datetime]):
+class EpochTimes(ValueSequence[datetime]):
     """Aware-UTC datetimes kept as integer epoch microseconds (a numpy int64 array): a million bar times
     are not a million ``datetime`` objects. Each is built when read; iterating builds each from the
     previous one plus the gap. Equal to any sequence of equal datetimes."""
@@ -107,15 +108,6 @@ class EpochTimes(Sequence[datetime]):
                 previous = previous + td
                 yield previous
 
-    def __eq__(self, other: object) -> bool:
-        if other is self:
-            return True
-        if not isinstance(other, Sequence) or isinstance(other, str):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]  # compared by value, as a list is
-
     def __repr__(self) -> str:
         return f"<{len(self)} bar times>"
 
@@ -130,7 +122,7 @@ class _DecimalMemo(dict[float, Decimal]):
         return dec
 
 
-class FloatColumn(Sequence[Decimal]):
+class FloatColumn(ValueSequence[Decimal]):
     """A float64 column read as ``Decimal`` s: each value as ``Decimal(repr(value))`` (its shortest repr),
     built when read, one ``Decimal`` per distinct value (``memo``, shared by the price columns of a series).
     A million bars are not five million references held for the whole run, and a loop that reads the
@@ -164,15 +156,6 @@ class FloatColumn(Sequence[Decimal]):
         """The values as Python floats, in order (converted in chunks: no million-float list at once)."""
         values = self._values
         return chain.from_iterable(values[k : k + _CHUNK].tolist() for k in range(0, len(values), _CHUNK))
-
-    def __eq__(self, other: object) -> bool:
-        if other is self:
-            return True
-        if not isinstance(other, Sequence) or isinstance(other, str):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]  # compared by value, as a list is
 
     def __repr__(self) -> str:
         return f"<{len(self)} prices>"
