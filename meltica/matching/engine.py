@@ -376,6 +376,9 @@ class MatchingEngine:
         if m.stops or m.user_bids or m.user_asks:
             raise _reject(RejectReason.INVALID_PARAMETERS, "submit_taker needs a market without user orders")
         self._validate(new, m)
+        quick = self._quick_taker(new, m)
+        if quick is not None:
+            return quick
         plan = self._admit(new, m)
         c = self._begin()
         self._reports = False
@@ -386,6 +389,94 @@ class MatchingEngine:
         finally:
             self._reports = True
             self._end()
+
+    def _quick_taker(self, new: NewOrder, m: _Market) -> tuple[int, EngineOrderStatus, tuple[EngineFill, ...]] | None:
+        """``submit_taker``'s common case in a straight line: a market order for a quantity that the best
+        level of market liquidity holds more than, no expiry, on a market without user orders (the
+        caller checked). ``_admit`` then ``_place`` (``_take`` → one ``_fill``) for that case: the same
+        checks and refusals in the same order, the same state changes, numbers and ids, without the
+        operation scope, plan and level walk. ``None`` (nothing changed): any other order."""
+        quantity = new.quantity
+        if new.type is not EngineOrderType.MARKET or quantity is None or new.expire_at is not None:
+            return None
+        buy = new.side is Side.BUY
+        liquidity = m.asks if buy else m.bids
+        price = liquidity.best()
+        if price is None:
+            return None
+        available = liquidity.levels[price]
+        # ``_fillable``: what the walk would take from the best level (all of it here) and its cost
+        want = quantity - _ZERO
+        if not (_ZERO < want < available):
+            return None
+        got = _ZERO + want
+        cost = _ZERO + want * price
+        inst = m.instrument
+        account = new.account
+        if buy:
+            asset, amount, price_per_unit = inst.quote, cost, cost / got
+            # ``_take``'s budget: what the locked quote buys at the price, in lots; all of it, or the walk
+            affordable = snap_to_step(amount / price, inst.step_size, ROUND_FLOOR)
+            if affordable < want:
+                return None
+        else:
+            asset, amount, price_per_unit = inst.base, quantity, _ONE
+        # ``_admit`` (nothing changed yet when it refuses)
+        coid = new.client_order_id
+        symbol = new.symbol
+        if coid is not None:
+            existing = self._by_client_id.get((account, symbol, coid))
+            if existing is not None and self._orders[existing].status.is_open:
+                raise _reject(RejectReason.DUPLICATE_CLIENT_ORDER_ID, "Duplicate order sent.")
+        needed = amount
+        fees = self.fees(account)
+        if buy and fees.quote_commission:
+            needed = amount * (_ONE + max(fees.maker, fees.taker, _ZERO))
+        ledger = self.ledger
+        if needed > ledger.free(account, asset):
+            raise _reject(RejectReason.INSUFFICIENT_BALANCE, "Account has insufficient balance for requested action.")
+        # ``_place``: the order, its lock and registrations, working at once
+        now = self._clock()
+        self._next_order_id += 1
+        oid = self._next_order_id
+        order = _Order(
+            order_id=oid,
+            client_order_id=coid if coid is not None else f"engine-{oid}",
+            account=account,
+            symbol=symbol,
+            side=new.side,
+            type=new.type,
+            tif=new.time_in_force,
+            quantity=quantity,
+            quote_quantity=new.quote_quantity,
+            price=new.price,
+            stop_price=new.stop_price,
+            trailing_delta_bps=new.trailing_delta_bps,
+            iceberg=new.iceberg_quantity,
+            expire_at=None,
+            time=now,
+            update_time=now,
+            reserve_asset=asset,
+            reserve_price=price_per_unit,
+            stp=new.self_trade_prevention,
+        )
+        ledger.lock(account, asset, amount)
+        order.reserved = amount
+        self._orders[oid] = order
+        opened = self._open.setdefault(account, {})
+        opened[oid] = order
+        key = (account, symbol)
+        self._open_count[key] = self._open_count.get(key, 0) + 1
+        self._history.setdefault(key, []).append(oid)
+        self._by_client_id[(account, symbol, order.client_order_id)] = oid
+        order.working_time = now
+        # ``_take``: the whole quantity at the best level, then the print seen (no stop to hit)
+        liquidity.set(price, available - want)
+        fill = self._settle(m, order, price, want, False, m.next_trade_id(), now)
+        m.last_price = price
+        if order.status is not EngineOrderStatus.FILLED:  # ruled out above; the engine already changed
+            raise RuntimeError(f"quick taker {oid}: left {order.status}")
+        return oid, order.status, (fill,)
 
     def cancel(
         self, account: Account, symbol: str, order_id: int | None = None, client_order_id: str | None = None
@@ -963,6 +1054,22 @@ class MatchingEngine:
             queue.append(maker)
 
     def _fill(self, m: _Market, order: _Order, price: Decimal, qty: Decimal, *, is_maker: bool, trade_id: int) -> None:
+        fill = self._settle(m, order, price, qty, is_maker, trade_id, self._time())
+        c = self._col()
+        c.fills.append(fill)
+        if not self._reports:
+            return
+        report = _new(ExecutionReport)
+        set_order, set_execution, set_fill = _REPORT_SLOTS
+        set_order(report, order.snapshot())
+        set_execution(report, ExecutionType.TRADE)
+        set_fill(report, fill)
+        c.updates.append(report)
+
+    def _settle(
+        self, m: _Market, order: _Order, price: Decimal, qty: Decimal, is_maker: bool, trade_id: int, now: datetime
+    ) -> EngineFill:
+        """One fill of ``order``: the money moved, the order's state, the trade kept; the fill returned."""
         inst = m.instrument
         fees = self.fees(order.account)
         rate = fees.maker if is_maker else fees.taker
@@ -983,7 +1090,6 @@ class MatchingEngine:
             order.reserved -= qty
             commission, asset = quote_amount * rate, inst.quote
             ledger.credit(order.account, inst.quote, quote_amount - commission)
-        now = self._time()
         order.executed += qty
         order.cum_quote += quote_amount
         order.update_time = now
@@ -1013,16 +1119,7 @@ class MatchingEngine:
         set_is_maker(fill, is_maker)
         set_time(fill, now)
         self._trades.setdefault((order.account, order.symbol), []).append(fill)
-        c = self._col()
-        c.fills.append(fill)
-        if not self._reports:
-            return
-        report = _new(ExecutionReport)
-        set_order, set_execution, set_fill = _REPORT_SLOTS
-        set_order(report, order.snapshot())
-        set_execution(report, ExecutionType.TRADE)
-        set_fill(report, fill)
-        c.updates.append(report)
+        return fill
 
     def _charge_quote(self, order: _Order, asset: str, commission: Decimal) -> None:
         """A buy's quote commission: from the free balance, the rest from the order's own reservation."""

@@ -298,3 +298,78 @@ def test_submit_taker_does_what_submit_does_without_the_reports() -> None:
     assert before == (by_taker.ledger.balance("alice", "USDT"), by_taker.book(SYM), by_taker.all_orders("alice", SYM))
     # and the reports come back for the next submit
     assert by_taker.submit(NewOrder("alice", SYM, BUY, MARKET, quantity=D("0.1"))).order_updates
+
+
+def _engine_state(e: MatchingEngine) -> tuple[object, ...]:
+    """Everything an engine shows, numbers as their strings too (the same value must be the same Decimal)."""
+    balances = {(a, asset): e.ledger.balance(a, asset) for a in ("alice", "bob") for asset in ("USDT", "BTC")}
+    orders = e.all_orders("alice", SYM) + e.all_orders("bob", SYM)
+    trades = e.account_trades("alice", SYM) + e.account_trades("bob", SYM)
+    return (
+        balances,
+        repr(balances),
+        e.book(SYM),
+        repr(e.book(SYM)),
+        orders,
+        repr(orders),
+        trades,
+        repr(trades),
+        e.has_open_orders("alice"),
+        e.last_price(SYM),
+        dict(e._open_count),
+        {a: dict(o) for a, o in e._open.items()},
+        e.next_trade_id(SYM),
+    )
+
+
+@pytest.mark.parametrize(
+    "fees",
+    [
+        FeeSchedule(maker=D("0.001"), taker=D("0.002")),
+        FeeSchedule(maker=D("0.001"), taker=D("0.001"), quote_commission=True),
+        FeeSchedule(maker=D("-0.0002"), taker=D("0.0005"), quote_commission=True),
+        FeeSchedule(maker=D(0), taker=D(0)),
+    ],
+)
+def test_submit_taker_at_one_level_equals_submit(fees: FeeSchedule) -> None:
+    """``submit_taker``'s straight line (a market order the best level fills whole, ``_quick_taker``): the
+    same fills, orders, ids, balances, book, last price and refusals as ``submit``, digit for digit — buys
+    and sells, with and without client order ids, quantities written in odd exponents, a fill of a whole
+    level and one beyond it (the general walk), and the balance refusal."""
+    engines = [make_engine(), make_engine()]
+    for e in engines:
+        e.set_fees("alice", fees)
+        e.set_fees("bob", fees)
+        e.ledger.withdraw("bob", "USDT", D(99_800))  # 200 left
+        e.on_book_snapshot(SYM, bids=[(D("99.5"), D(50)), (D(99), D(9))], asks=[(D("100.5"), D(4)), (D(101), D(9))])
+    by_submit, by_taker = engines
+    orders = [
+        NewOrder("bob", SYM, BUY, MARKET, quantity=D("2"), client_order_id="f"),  # not enough USDT
+        NewOrder("bob", SYM, SELL, MARKET, quantity=D("11"), client_order_id="g"),  # not enough BTC
+        NewOrder("alice", SYM, BUY, MARKET, quantity=D("1.2"), client_order_id="a"),
+        NewOrder("alice", SYM, SELL, MARKET, quantity=D("0.700"), client_order_id="b"),
+        NewOrder("alice", SYM, BUY, MARKET, quantity=D("1E+0")),
+        NewOrder("alice", SYM, SELL, MARKET, quantity=D("2.001"), client_order_id="c"),
+        NewOrder("alice", SYM, BUY, MARKET, quantity=D("1.8"), client_order_id="d"),  # the rest of the level
+        NewOrder("alice", SYM, BUY, MARKET, quantity=D("3"), client_order_id="e"),  # beyond it: the walk
+        NewOrder("bob", SYM, BUY, MARKET, quantity=D("0.001"), client_order_id="h"),
+        NewOrder("alice", SYM, BUY, MARKET, quantity=D("0.0005"), client_order_id="i"),  # off the lot size
+    ]
+    refused = 0
+    for new in orders:
+        refusal: tuple[object, str] | None = None
+        try:
+            result = by_submit.submit(new)
+        except EngineRejection as exc:
+            refusal = (exc.reason, str(exc))
+        if refusal is not None:
+            refused += 1
+            with pytest.raises(EngineRejection) as caught:
+                by_taker.submit_taker(new)
+            assert (caught.value.reason, str(caught.value)) == refusal
+        else:
+            order_id, status, fills = by_taker.submit_taker(new)
+            assert result.order is not None and (result.order.order_id, result.order.status) == (order_id, status)
+            assert result.fills == fills and repr(result.fills) == repr(fills)
+        assert _engine_state(by_submit) == _engine_state(by_taker)
+    assert refused == 4
