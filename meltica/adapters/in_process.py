@@ -13,6 +13,7 @@ import asyncio
 import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import fields
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -45,6 +46,7 @@ from meltica.matching import (
     MatchingEngine,
     MatchResult,
     NewOrder,
+    SelfTradePrevention,
 )
 
 PAPER_EXCHANGE_ID = "paper"
@@ -102,8 +104,39 @@ _ENGINE_TIF = {t: EngineTimeInForce(t.value) for t in TimeInForce if t.value in 
 """``EngineTimeInForce(tif.value)`` by member (an enum call by value costs a dictionary lookup many times over)."""
 
 
+_new = object.__new__
+_NEW_ORDER_SLOTS = tuple(getattr(NewOrder, f.name).__set__ for f in fields(NewOrder))
+
+
+def _market_order(intent: OrderIntent, client_order_id: str) -> NewOrder:
+    """``to_new_order`` of a market intent: the same ``NewOrder``, stored slot by slot (a frozen dataclass's
+    ``__init__`` sets each field through ``object.__setattr__``: every order of a backtest)."""
+    order = _new(NewOrder)
+    (
+        set_account, set_symbol, set_side, set_type, set_quantity, set_quote_quantity, set_price, set_stop_price,
+        set_trailing, set_iceberg, set_tif, set_client_order_id, set_expire_at, set_stp,
+    ) = _NEW_ORDER_SLOTS  # fmt: skip
+    set_account(order, intent.account)
+    set_symbol(order, intent.symbol)
+    set_side(order, intent.side)
+    set_type(order, EngineOrderType.MARKET)
+    set_quantity(order, intent.quantity)
+    set_quote_quantity(order, None)
+    set_price(order, None)
+    set_stop_price(order, intent.trigger_price)
+    set_trailing(order, None)
+    set_iceberg(order, intent.display_quantity)
+    set_tif(order, EngineTimeInForce.GTC)  # Binance takes no timeInForce for a market order
+    set_client_order_id(order, client_order_id)
+    set_expire_at(order, intent.expire_at)
+    set_stp(order, SelfTradePrevention.NONE)
+    return order
+
+
 def to_new_order(intent: OrderIntent, client_order_id: str, last_price: Decimal | None) -> NewOrder:
     """Domain intent → the engine's (Binance) vocabulary."""
+    if intent.type is OrderType.MARKET:
+        return _market_order(intent, client_order_id)
     engine_type = (
         (EngineOrderType.LIMIT_MAKER if intent.post_only else EngineOrderType.LIMIT)
         if intent.type is OrderType.LIMIT

@@ -264,3 +264,38 @@ def test_registry_builds_paper_adapters_on_a_given_venue() -> None:
     assert adapter.exchange_id == "paper"
     with pytest.raises(ConfigurationError, match="needs venue"):
         create_adapter("paper", account="alice")
+
+
+@pytest.mark.parametrize("side", [Side.BUY, Side.SELL])
+def test_market_intent_to_new_order_is_the_dataclass_built_by_its_fields(side: Side) -> None:
+    """A market intent's ``NewOrder`` (stored slot by slot, ``_market_order``) is the one ``NewOrder(...)``
+    builds from the rule for every order: no price or stop, GTC, its own quantity, client order id, expiry."""
+    from dataclasses import fields
+
+    from meltica.adapters.in_process import to_new_order
+    from meltica.matching import EngineOrderType, EngineTimeInForce, NewOrder
+
+    intent = OrderIntent(
+        intent_id="s:1",
+        account="acct",
+        strategy="s",
+        exchange="paper",
+        symbol=SYMBOL,
+        side=side,
+        type=OrderType.MARKET,
+        quantity=D("0.25"),
+        created_at=T0,
+    )
+    built = to_new_order(intent, "cid-1", D(100))
+    expected = NewOrder(
+        account="acct",
+        symbol=SYMBOL,
+        side=side,
+        type=EngineOrderType.MARKET,
+        quantity=D("0.25"),
+        time_in_force=EngineTimeInForce.GTC,
+        client_order_id="cid-1",
+    )
+    assert built == expected
+    assert [getattr(built, f.name) for f in fields(NewOrder)] == [getattr(expected, f.name) for f in fields(NewOrder)]
+    assert hash(built) == hash(expected)
