@@ -70,7 +70,7 @@ Reservations
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Context, Decimal, localcontext
 from functools import lru_cache
@@ -108,6 +108,10 @@ def split_symbol(symbol: str) -> tuple[str, str, str | None]:
     return base, quote, (settlement_currency(symbol) if settle else None)
 
 
+_split_symbol = lru_cache(maxsize=1024)(split_symbol)
+"""``split_symbol``, remembered per symbol (every booked fill and mark; a refused symbol raises each time)."""
+
+
 def is_derivative(symbol: str) -> bool:
     return ":" in symbol
 
@@ -131,6 +135,10 @@ class Holding:
     def to_balance(self) -> Balance:
         """As a domain ``Balance``; ``ValueError`` if a part is negative."""
         return Balance(asset=self.asset, free=self.free, locked=self.locked)
+
+
+_new = object.__new__
+_HOLDING_SLOTS = tuple(getattr(Holding, f.name).__set__ for f in fields(Holding))
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +356,7 @@ class Portfolio:
             raise ValueError("account and strategy must not be empty")
         if strategy == ACCOUNT_LEDGER:
             raise ValueError(f"{ACCOUNT_LEDGER!r} names the account ledger and cannot be a strategy")
-        base, quote, settle = split_symbol(fill.symbol)
+        base, quote, settle = _split_symbol(fill.symbol)
         if settle is not None and settle != quote:
             raise ValueError(f"{fill.symbol}: inverse contracts (settled in {settle}) are not supported")
         seen = (account, fill.exchange, fill.symbol, fill.fill_id, fill.side.value)  # a self-trade: two legs
@@ -373,7 +381,7 @@ class Portfolio:
 
     def mark(self, exchange: str, symbol: str, price: DecimalLike) -> None:
         """Set the mark price of a market (for unrealized PnL, exposure and equity)."""
-        split_symbol(symbol)  # refuse a symbol the valuation could not read
+        _split_symbol(symbol)  # refuse a symbol the valuation could not read
         value = to_decimal(price)
         if value <= 0:
             raise ValueError(f"mark price must be > 0, got {value}")
@@ -609,7 +617,14 @@ class Portfolio:
         if free < 0 < locked:
             take = min(-free, locked)
             free, locked = free + take, locked - take
-        self._holdings[key] = Holding(asset, free, locked)
+        # ``Holding(asset, free, locked)`` through its slots' setters (a frozen dataclass's ``__init__`` goes
+        # through ``object.__setattr__``): every booked fill moves one or two
+        holding = _new(Holding)
+        set_asset, set_free, set_locked = _HOLDING_SLOTS
+        set_asset(holding, asset)
+        set_free(holding, free)
+        set_locked(holding, locked)
+        self._holdings[key] = holding
 
     def _price(self, exchange: str, asset: str, currency: str) -> Decimal | None:
         """Price of one ``asset`` in ``currency`` from the marks (module doc), or ``None``."""
