@@ -691,7 +691,7 @@ class BacktestContext(OrderTrackingContext):
             or engine.instrument(intent.symbol).round_quantity(intent.quantity) != intent.quantity
         ):
             return False
-        if engine.depth(intent.symbol, intent.side) < intent.quantity:
+        if not engine.fills_whole(intent.symbol, intent.side, intent.quantity):
             return False  # the book cannot fill it whole: the OMS path reports the expired remainder
         now = self.clock.now
         if coid in self._deferred:  # (a client order id used again: cannot happen) the snapshots first

@@ -163,6 +163,19 @@ class OrderIntent(DomainModel):
         return intent
 
     def _problems(self) -> list[str]:
+        if (
+            self.type is OrderType.MARKET
+            and self.price is None
+            and self.trigger_price is None
+            and self.trailing_offset is None
+            and self.trailing_offset_pct is None
+            and self.activation_price is None
+            and self.display_quantity is None
+            and not self.post_only
+            and self.expire_at is None
+            and self.time_in_force is not TimeInForce.GTD
+        ):
+            return []  # a plain market order (the common case): none of the rules below can apply
         t = self.type.value
         out: list[str] = []
         if self.type.needs_price and self.price is None:

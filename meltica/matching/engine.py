@@ -327,6 +327,15 @@ class MatchingEngine:
             total += sum((o.visible for o in queue), _ZERO)
         return total
 
+    def fills_whole(self, symbol: str, side: Side, quantity: Decimal) -> bool:
+        """``depth(symbol, side) >= quantity``, without the sum when the best market level holds it."""
+        m = self._market(symbol)
+        market = m.asks if side is Side.BUY else m.bids
+        best = market.best()
+        if best is not None and market.levels[best] >= quantity:
+            return True  # (every level holds a positive quantity: the sum is at least this one)
+        return self.depth(symbol, side) >= quantity
+
     def last_price(self, symbol: str) -> Decimal | None:
         return self._market(symbol).last_price
 
@@ -755,6 +764,23 @@ class MatchingEngine:
         bad = RejectReason.INVALID_PARAMETERS
         t = new.type
         inst = m.instrument
+        if (
+            t is EngineOrderType.MARKET
+            and new.quantity is not None
+            and new.quote_quantity is None
+            and new.price is None
+            and new.stop_price is None
+            and new.trailing_delta_bps is None
+            and new.iceberg_quantity is None
+            and new.expire_at is None
+            and new.time_in_force is not EngineTimeInForce.GTD
+        ):
+            # A plain market order for a quantity (the common case): of the checks below only the filters
+            # apply, against the last price as below.
+            last = m.last_price
+            reference = None if last is None else (snap_to_step(last, inst.tick_size, ROUND_FLOOR) or inst.tick_size)
+            self._check_filters(inst, reference, new.quantity)
+            return
         if t is EngineOrderType.MARKET:
             if (new.quantity is None) == (new.quote_quantity is None):
                 raise _reject(bad, "MARKET needs exactly one of quantity and quote_quantity")
