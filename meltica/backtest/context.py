@@ -801,10 +801,8 @@ class BacktestContext(OrderTrackingContext):
         """The account's quote currency and base asset of ``symbol``'s market, free + locked: the parts the
         equity curve is made of."""
         instrument = self.engine.instrument(symbol)
-        ledger = self.engine.ledger
-        quote = ledger.balance(self._account, instrument.quote)
-        base = ledger.balance(self._account, instrument.base)
-        return quote.free + quote.locked, base.free + base.locked
+        total = self.engine.ledger.total
+        return total(self._account, instrument.quote), total(self._account, instrument.base)
 
     def start(self) -> None:
         """The strategy's ``on_start`` (what it asks for is held for the first market data)."""

@@ -157,8 +157,9 @@ class OrderIntent(DomainModel):
                 continue
             if not isinstance(v, datetime) or v.tzinfo is not UTC:
                 return None
-        intent = construct(cls, values)
-        if len(intent.model_fields_set) != len(cls.model_fields) or cls._problems(intent):
+        intent = construct(cls, values)  # (its fields set: the names in ``values``)
+        every = _INTENT_FIELD_COUNT if cls is OrderIntent else len(cls.model_fields)
+        if len(values) != every or cls._problems(intent):
             return None
         return intent
 
@@ -224,6 +225,7 @@ class OrderIntent(DomainModel):
         return self.display_quantity is not None
 
 
+_INTENT_FIELD_COUNT = len(OrderIntent.model_fields)
 _INTENT_IDS = ("intent_id", "account", "strategy", "exchange", "symbol")
 _INTENT_DECIMALS = (
     "quantity",

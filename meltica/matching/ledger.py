@@ -64,6 +64,11 @@ class Ledger:
     def accounts(self) -> list[Account]:
         return list(dict.fromkeys(acct for acct, _ in self._balances))
 
+    def total(self, account: Account, asset: str) -> Decimal:
+        """``free + locked`` of ``balance(account, asset)``."""
+        cell = self._balances.get((account, asset))
+        return _ZERO + _ZERO if cell is None else cell[0] + cell[1]
+
     def free(self, account: Account, asset: str) -> Decimal:
         cell = self._balances.get((account, asset))
         return _ZERO if cell is None else cell[0]
