@@ -153,7 +153,24 @@ CASES: dict[str, tuple[dict[str, Any], type[Strategy[Any]] | None, str]] = {
         Cross,
         "some",
     ),
+    "cash-too-small-no-callbacks": (  # refused on the engine's straight line (_quick_taker): the OMS reports
+        {"strategy": QuietCross.name, "initial_balances": {"USDT": Decimal(30_000)}},
+        QuietCross,
+        "some",
+    ),
+    "market-only-no-callbacks-fees-in-received-asset-and-slippage": (
+        {
+            "strategy": QuietCross.name,
+            "taker_fee_bps": Decimal(7),
+            "maker_fee_bps": Decimal(-1),
+            "fee_asset": "received",
+            "slippage_bps": Decimal(3),
+        },
+        QuietCross,
+        "all",
+    ),
     "volume-cap": ({"strategy": Cross.name, "bar_volume_share": Decimal("0.1")}, Cross, "none"),
+    "volume-cap-no-callbacks": ({"strategy": QuietCross.name, "bar_volume_share": Decimal("0.1")}, QuietCross, "none"),
     "beyond-the-book": (  # 6M BTC against the synthetic book's 5 x 1M: a partial fill, the rest expires
         {
             "strategy": Cross.name,
@@ -195,7 +212,7 @@ def test_direct_path_gives_the_oms_path_result(series: BarSeries, direct_orders:
         assert 0 < len(direct_orders) < len(fast.orders)
     elif expected_use == "none":
         assert fast.orders and direct_orders == []
-    if case == "cash-too-small":
+    if case in ("cash-too-small", "cash-too-small-no-callbacks"):
         assert sum(fast.rejections.values()) > 20  # the refusals are reported, as by the OMS path
     elif case == "beyond-the-book":  # the first buy filled in part (five levels), its remainder expired
         first = fast.orders[0]
