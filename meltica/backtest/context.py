@@ -65,7 +65,7 @@ from meltica.domain import (
     Trade,
     client_order_id_for,
 )
-from meltica.domain.values import construct
+from meltica.domain.values import construct, is_shared_fields_set, shared_fields_set
 from meltica.errors import InvalidOrderError, MelticaError
 from meltica.execution import OrderManager
 from meltica.execution.emulation import LocalOrderEmulator, ManagedOrder, held_order_view
@@ -80,26 +80,13 @@ from meltica.sim.venue import SimulatedVenue
 from meltica.strategies.base import OrderList, OrderListKind, Strategy
 
 _ZERO = Decimal(0)
-_FIELD_SETS: dict[frozenset[str], set[str]] = {}
-_SHARED_IDS: set[int] = set()  # id() of each set in _FIELD_SETS
 
 
 def share_fields_set(model: BaseModel) -> None:
-    """Give a kept model the one shared copy of its ``model_fields_set``.
-
-    Models of one kind built the same way name the same fields, and pydantic keeps a set of them per
-    instance (an intent's 20 names: 2.2 KB) — most of what a long run's orders, intents and fills hold.
-    Domain models are frozen, and pydantic copies the set before it changes one (``model_copy``), so a
-    shared set is never written to.
-    """
+    """Give a kept model the one shared copy of its ``model_fields_set`` (``shared_fields_set``)."""
     fields = model.__pydantic_fields_set__
-    if id(fields) in _SHARED_IDS:  # already the shared copy (kept alive by _FIELD_SETS: ids stay unique)
-        return
-    shared = _FIELD_SETS.setdefault(frozenset(fields), fields)
-    if shared is fields:
-        _SHARED_IDS.add(id(fields))
-    else:
-        object.__setattr__(model, "__pydantic_fields_set__", shared)
+    if not is_shared_fields_set(fields):
+        object.__setattr__(model, "__pydantic_fields_set__", shared_fields_set(fields))
 
 
 def _domain_fill(exchange_id: str, fill: EngineFill) -> Fill:
@@ -123,8 +110,28 @@ def _domain_fill(exchange_id: str, fill: EngineFill) -> Fill:
             "liquidity": LiquiditySide.MAKER if fill.is_maker else LiquiditySide.TAKER,
             "ts": fill.time,
         },
+        _FILL_FIELDS,
     )
     return model
+
+
+_FILL_FIELDS = shared_fields_set(
+    (
+        "fill_id",
+        "client_order_id",
+        "exchange_order_id",
+        "exchange",
+        "symbol",
+        "side",
+        "price",
+        "quantity",
+        "fee",
+        "fee_currency",
+        "liquidity",
+        "ts",
+    )
+)
+"""The names ``_domain_fill`` gives (the ``model_fields_set`` every such fill shares)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from meltica.domain.values import (
     PositiveDecimal,
     UtcDatetime,
     construct,
+    shared_fields_set,
 )
 from meltica.errors import DataValidationError, IllegalStateTransitionError
 
@@ -157,9 +158,11 @@ class OrderIntent(DomainModel):
                 continue
             if not isinstance(v, datetime) or v.tzinfo is not UTC:
                 return None
-        intent = construct(cls, values)  # (its fields set: the names in ``values``)
-        every = _INTENT_FIELD_COUNT if cls is OrderIntent else len(cls.model_fields)
-        if len(values) != every or cls._problems(intent):
+        # Every field named (``construct`` refuses unknown ones): its fields set is the one shared set of
+        # all the names (``shared_fields_set``); fewer: not a full intent, validated by the caller.
+        every = len(values) == (_INTENT_FIELD_COUNT if cls is OrderIntent else len(cls.model_fields))
+        intent = construct(cls, values, _INTENT_FIELDS if every and cls is OrderIntent else None)
+        if not every or cls._problems(intent):
             return None
         return intent
 
@@ -226,6 +229,7 @@ class OrderIntent(DomainModel):
 
 
 _INTENT_FIELD_COUNT = len(OrderIntent.model_fields)
+_INTENT_FIELDS = shared_fields_set(OrderIntent.model_fields)
 _INTENT_IDS = ("intent_id", "account", "strategy", "exchange", "symbol")
 _INTENT_DECIMALS = (
     "quantity",
@@ -594,6 +598,6 @@ def _valid_snapshot(
         },
     )
     _set(order, "__pydantic_extra__", None)
-    _set(order, "__pydantic_fields_set__", set(fields_set))
+    _set(order, "__pydantic_fields_set__", shared_fields_set(fields_set))  # (never written: see there)
     _set(order, "__pydantic_private__", None)
     return order

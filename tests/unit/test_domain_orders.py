@@ -314,3 +314,53 @@ def test_announced_is_from_intent_then_submitted(ts: datetime, kind: str) -> Non
     assert got.model_fields_set == expected.model_fields_set
     assert got.model_dump(exclude_unset=True) == expected.model_dump(exclude_unset=True)
     assert got.status is OrderStatus.PENDING_SUBMIT
+
+
+def test_intents_and_snapshots_built_from_valid_values_share_one_fields_set_never_written() -> None:
+    """``OrderIntent.from_validated_values`` and ``Order.from_intent`` / ``Order.announced`` give each model
+    the one shared set of its field names (``shared_fields_set``): equal to what validation would record,
+    and a change (``model_copy``, an applied event) gets a new set, leaving the shared one as it was."""
+    from meltica.domain import OrderAccepted, OrderSubmitted, OrderType, Side, TimeInForce
+    from meltica.domain.values import is_shared_fields_set
+
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
+    values: dict[str, Any] = {
+        "intent_id": "s:1",
+        "account": "acct",
+        "strategy": "s",
+        "exchange": "paper",
+        "symbol": "BTC/USDT",
+        "side": Side.BUY,
+        "type": OrderType.MARKET,
+        "quantity": Decimal("0.5"),
+        "price": None,
+        "trigger_price": None,
+        "trailing_offset": None,
+        "trailing_offset_pct": None,
+        "activation_price": None,
+        "display_quantity": None,
+        "post_only": False,
+        "reduce_only": False,
+        "time_in_force": TimeInForce.GTC,
+        "expire_at": None,
+        "created_at": t0,
+    }
+    first = OrderIntent.from_validated_values(values)
+    second = OrderIntent.from_validated_values({**values, "intent_id": "s:2"})
+    assert first is not None and second is not None
+    assert first == OrderIntent(**values) and first.model_fields_set == OrderIntent(**values).model_fields_set
+    assert first.model_fields_set is second.model_fields_set and is_shared_fields_set(first.model_fields_set)
+    names = set(first.model_fields_set)
+    changed = first.model_copy(update={"quantity": Decimal(1)})
+    assert changed.model_fields_set is not first.model_fields_set and first.model_fields_set == names
+    announced = Order.announced(first, t0)
+    assert announced == Order.from_intent(first).apply(
+        OrderSubmitted(event_id="submitted", client_order_id=first.client_order_id, ts=t0)
+    )
+    shared = announced.model_fields_set
+    assert is_shared_fields_set(shared) and Order.announced(second, t0).model_fields_set is shared
+    before = set(shared)
+    accepted = announced.apply(
+        OrderAccepted(event_id="accepted", client_order_id=first.client_order_id, ts=t0, exchange_order_id="1")
+    )
+    assert accepted.model_fields_set is not shared and shared == before
