@@ -320,6 +320,30 @@ class IntentingContext:
         type: OrderType | None,
         options: dict[str, Any],
     ) -> str:
+        cls = self.__class__
+        if (
+            price is None
+            and type is None
+            and not options
+            and cls.submit is IntentingContext.submit
+            and cls._intent is IntentingContext._intent
+        ):
+            # A plain market order (``buy(symbol, qty)``): what ``submit`` → ``_intent`` builds, the intent
+            # from its few values (``OrderIntent.plain_market``); one it refuses takes that way.
+            inst = self.instrument(symbol)
+            qty = inst.round_quantity(quantity)
+            intent_id = self._next_intent_id()
+            intent = OrderIntent.plain_market(
+                intent_id=intent_id,
+                account=self._account,
+                strategy=self._instance_id,
+                exchange=self.exchange,
+                symbol=symbol,
+                side=side,
+                quantity=qty,
+                created_at=self.now(),
+            ) or self._intent(intent_id=intent_id, symbol=symbol, side=side, type=OrderType.MARKET, quantity=quantity)
+            return self._send_intent(intent)
         return self.submit(
             symbol=symbol,
             side=side,

@@ -166,6 +166,61 @@ class OrderIntent(DomainModel):
             return None
         return intent
 
+    @classmethod
+    def plain_market(
+        cls,
+        *,
+        intent_id: str,
+        account: str,
+        strategy: str,
+        exchange: str,
+        symbol: str,
+        side: Side,
+        quantity: Decimal,
+        created_at: datetime,
+    ) -> OrderIntent | None:
+        """``from_validated_values`` of a market intent with every optional field at its default (GTC, no
+        price, trigger, trailing, display quantity or expiry, not post-only or reduce-only): the same intent,
+        with only the checks those values need; ``None`` when one fails (the caller validates)."""
+        for v in (intent_id, account, strategy, exchange, symbol):
+            if type(v) is not str or not 0 < len(v) <= 128:
+                return None
+        if (
+            type(side) is not Side
+            or type(quantity) is not Decimal
+            or not quantity.is_finite()
+            or quantity <= 0
+            or not isinstance(created_at, datetime)
+            or created_at.tzinfo is not UTC
+            or cls is not OrderIntent
+        ):
+            return None
+        return construct(
+            cls,
+            {
+                "intent_id": intent_id,
+                "account": account,
+                "strategy": strategy,
+                "exchange": exchange,
+                "symbol": symbol,
+                "side": side,
+                "type": OrderType.MARKET,
+                "quantity": quantity,
+                "price": None,
+                "trigger_price": None,
+                "trailing_offset": None,
+                "trailing_offset_pct": None,
+                "activation_price": None,
+                "display_quantity": None,
+                "post_only": False,
+                "reduce_only": False,
+                "time_in_force": TimeInForce.GTC,
+                "expire_at": None,
+                "created_at": created_at,
+            },
+            _INTENT_FIELDS,
+        )
+
     def _problems(self) -> list[str]:
         if (
             self.type is OrderType.MARKET

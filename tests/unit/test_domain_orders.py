@@ -364,3 +364,41 @@ def test_intents_and_snapshots_built_from_valid_values_share_one_fields_set_neve
         OrderAccepted(event_id="accepted", client_order_id=first.client_order_id, ts=t0, exchange_order_id="1")
     )
     assert accepted.model_fields_set is not shared and shared == before
+
+
+@pytest.mark.parametrize("side", ["buy", "sell"])
+def test_plain_market_intent_is_the_validated_one_and_refuses_what_validation_would(side: str) -> None:
+    """``OrderIntent.plain_market`` (``ctx.buy(symbol, qty)``): the intent ``OrderIntent(**values)`` builds,
+    fields set included; ``None`` for anything validation would refuse or change (the caller validates)."""
+    from meltica.domain import OrderType, Side, TimeInForce
+
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
+    given: dict[str, Any] = {
+        "intent_id": "s:7",
+        "account": "acct",
+        "strategy": "s",
+        "exchange": "paper",
+        "symbol": "BTC/USDT",
+        "side": Side(side),
+        "quantity": Decimal("0.010"),
+        "created_at": t0,
+    }
+    built = OrderIntent.plain_market(**given)
+    validated = OrderIntent(**given, type=OrderType.MARKET)
+    assert built is not None and built == validated
+    assert built.model_fields_set == set(OrderIntent.model_fields)
+    assert built.__dict__ == validated.__dict__ and built.time_in_force is TimeInForce.GTC
+    refused = [
+        {"quantity": Decimal(0)},
+        {"quantity": Decimal(-1)},
+        {"quantity": Decimal("NaN")},
+        {"quantity": 1},
+        {"symbol": ""},
+        {"symbol": "x" * 129},
+        {"intent_id": "i" * 129},
+        {"side": side},
+        {"created_at": datetime(2024, 1, 1)},  # noqa: DTZ001 (naive on purpose)
+        {"created_at": datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=1)))},
+    ]
+    for change in refused:
+        assert OrderIntent.plain_market(**{**given, **change}) is None, change

@@ -521,3 +521,26 @@ def test_default_state_is_ctx_state_and_survives_json() -> None:
     assert ctx.exchange == "paper"
     assert ctx.account == "paper"
     assert isinstance(ctx, StrategyContext)
+
+
+def test_plain_market_buy_and_sell_ask_for_what_submit_asks_for() -> None:
+    """``ctx.buy(symbol, qty)`` / ``ctx.sell(symbol, qty)`` build their intent from its few values
+    (``OrderIntent.plain_market``): the intent ``ctx.submit(...)`` builds for the same order, fields set
+    included; quantities rounded as ever (one that rounds to nothing is refused as before)."""
+    by_side = make_ctx("a"), make_ctx("a")
+    fast, slow = by_side
+    for ctx in by_side:
+        ctx.attach(build_strategy("momentum", {"symbol": SYMBOL}, ctx))
+        ctx.clock.now = BARS[1].ts
+    fast_ids = [fast.buy(SYMBOL, D("0.0123456")), fast.sell(SYMBOL, D("0.5")), fast.buy(SYMBOL, D("0.0001"))]
+    slow_ids = [
+        slow.submit(symbol=SYMBOL, side=Side.BUY, type=OrderType.MARKET, quantity=D("0.0123456")),
+        slow.submit(symbol=SYMBOL, side=Side.SELL, type=OrderType.MARKET, quantity=D("0.5")),
+        slow.submit(symbol=SYMBOL, side=Side.BUY, type=OrderType.MARKET, quantity=D("0.0001")),
+    ]
+    assert fast_ids == slow_ids
+    got, want = intents(fast), intents(slow)
+    assert got == want and [i.model_fields_set for i in got] == [i.model_fields_set for i in want]
+    assert [o.model_dump() for o in fast.orders.values()] == [o.model_dump() for o in slow.orders.values()]
+    assert [i.client_order_id for i in fast.invalid_intents] == [fast_ids[2]]
+    assert fast.invalid_intents == slow.invalid_intents
