@@ -648,7 +648,11 @@ class BacktestContext(OrderTrackingContext):
         outbox = self._outbox
         while outbox and outbox[0].arrival <= ts:
             while outbox and outbox[0].arrival <= ts:
-                await self._execute(outbox.popleft())
+                request = outbox.popleft()
+                # a plain market order straight to the engine when it can (``submit_direct``), else the OMS
+                if self.direct_market_orders and request.kind == "submit" and self.submit_direct(request.intent):
+                    continue
+                await self._send_held(request)
             self.drain()  # reactions (on_order / on_fill) may make requests that have arrived too
 
     async def release_held_back(self, ts: datetime) -> None:
@@ -663,9 +667,8 @@ class BacktestContext(OrderTrackingContext):
         finally:
             self._pending = held
 
-    async def _execute(self, request: HeldRequest) -> None:
-        if self.direct_market_orders and request.kind == "submit" and self.submit_direct(request.intent):
-            return
+    async def _send_held(self, request: HeldRequest) -> None:
+        """A released request through the OMS / the emulator (the request executor)."""
         if await self._executor.execute(request):
             self._emulated_active = True
 
