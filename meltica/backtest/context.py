@@ -115,23 +115,8 @@ def _domain_fill(exchange_id: str, fill: EngineFill) -> Fill:
     return model
 
 
-_FILL_FIELDS = shared_fields_set(
-    (
-        "fill_id",
-        "client_order_id",
-        "exchange_order_id",
-        "exchange",
-        "symbol",
-        "side",
-        "price",
-        "quantity",
-        "fee",
-        "fee_currency",
-        "liquidity",
-        "ts",
-    )
-)
-"""The names ``_domain_fill`` gives (the ``model_fields_set`` every such fill shares)."""
+_FILL_FIELDS = shared_fields_set(Fill.model_fields)
+"""The names ``_domain_fill`` gives, every field of ``Fill`` (the ``model_fields_set`` every such fill shares)."""
 
 
 @dataclass(frozen=True, slots=True)

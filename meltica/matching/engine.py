@@ -446,46 +446,15 @@ class MatchingEngine:
             raise _reject(RejectReason.INSUFFICIENT_BALANCE, "Account has insufficient balance for requested action.")
         # ``_place``: the order, its lock and registrations, working at once
         now = self._clock()
-        self._next_order_id += 1
-        oid = self._next_order_id
-        order = _Order(
-            order_id=oid,
-            client_order_id=coid if coid is not None else f"engine-{oid}",
-            account=account,
-            symbol=symbol,
-            side=new.side,
-            type=new.type,
-            tif=new.time_in_force,
-            quantity=quantity,
-            quote_quantity=new.quote_quantity,
-            price=new.price,
-            stop_price=new.stop_price,
-            trailing_delta_bps=new.trailing_delta_bps,
-            iceberg=new.iceberg_quantity,
-            expire_at=None,
-            time=now,
-            update_time=now,
-            reserve_asset=asset,
-            reserve_price=price_per_unit,
-            stp=new.self_trade_prevention,
-        )
-        ledger.lock(account, asset, amount)
-        order.reserved = amount
-        self._orders[oid] = order
-        opened = self._open.setdefault(account, {})
-        opened[oid] = order
-        key = (account, symbol)
-        self._open_count[key] = self._open_count.get(key, 0) + 1
-        self._history.setdefault(key, []).append(oid)
-        self._by_client_id[(account, symbol, order.client_order_id)] = oid
+        order = self._register(new, quantity, None, asset, price_per_unit, amount, now)
         order.working_time = now
         # ``_take``: the whole quantity at the best level, then the print seen (no stop to hit)
         liquidity.set(price, available - want)
         fill = self._settle(m, order, price, want, False, m.next_trade_id(), now)
         m.last_price = price
         if order.status is not EngineOrderStatus.FILLED:  # ruled out above; the engine already changed
-            raise RuntimeError(f"quick taker {oid}: left {order.status}")
-        return oid, order.status, (fill,)
+            raise RuntimeError(f"quick taker {order.order_id}: left {order.status}")
+        return order.order_id, order.status, (fill,)
 
     def cancel(
         self, account: Account, symbol: str, order_id: int | None = None, client_order_id: str | None = None
@@ -923,8 +892,17 @@ class MatchingEngine:
     # internals: placing and executing
     # ==========================================================================================
 
-    def _place(self, new: NewOrder, m: _Market, plan: _Plan) -> _Order:
-        now = self._time()
+    def _register(
+        self,
+        new: NewOrder,
+        quantity: Decimal,
+        expire_at: datetime | None,
+        reserve_asset: str,
+        reserve_price: Decimal,
+        reserve_amount: Decimal,
+        now: datetime,
+    ) -> _Order:
+        """A new order with the next id, its reservation locked, registered as open (not yet working)."""
         self._next_order_id += 1
         oid = self._next_order_id
         order = _Order(
@@ -935,36 +913,43 @@ class MatchingEngine:
             side=new.side,
             type=new.type,
             tif=new.time_in_force,
-            quantity=plan.quantity,
+            quantity=quantity,
             quote_quantity=new.quote_quantity,
             price=new.price,
             stop_price=new.stop_price,
             trailing_delta_bps=new.trailing_delta_bps,
             iceberg=new.iceberg_quantity,
-            expire_at=new.expire_at,
+            expire_at=expire_at,
             time=now,
             update_time=now,
-            reserve_asset=plan.reserve_asset,
-            reserve_price=plan.reserve_price,
+            reserve_asset=reserve_asset,
+            reserve_price=reserve_price,
             stp=new.self_trade_prevention,
         )
-        self.ledger.lock(order.account, order.reserve_asset, plan.reserve_amount)
-        order.reserved = plan.reserve_amount
+        self.ledger.lock(order.account, reserve_asset, reserve_amount)
+        order.reserved = reserve_amount
         self._orders[oid] = order
         self._open.setdefault(order.account, {})[oid] = order
         key = (order.account, order.symbol)
         self._open_count[key] = self._open_count.get(key, 0) + 1
         self._history.setdefault(key, []).append(oid)
         self._by_client_id[(order.account, order.symbol, order.client_order_id)] = oid
+        return order
+
+    def _place(self, new: NewOrder, m: _Market, plan: _Plan) -> _Order:
+        now = self._time()
+        order = self._register(
+            new, plan.quantity, new.expire_at, plan.reserve_asset, plan.reserve_price, plan.reserve_amount, now
+        )
         if order.expire_at is not None:
-            heapq.heappush(self._expiries, (order.expire_at, oid))
+            heapq.heappush(self._expiries, (order.expire_at, order.order_id))
 
         if order.type.is_conditional:
             order.working = False
             if order.trailing_delta_bps is not None and order.stop_price is None and m.last_price is not None:
                 order.trailing_time = now
                 order.trail_extreme = m.last_price
-            m.stops[oid] = order
+            m.stops[order.order_id] = order
             self._emit(order, ExecutionType.NEW)
             return order
         order.working_time = now
