@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from decimal import Decimal
+from operator import attrgetter
 from typing import Literal
 
 import numpy as np
@@ -93,7 +94,7 @@ class RoundTrip:
         return float(self.pnl / notional) if notional else 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Lot:
     """An open FIFO lot: the unclosed part of one opening fill and its not yet allocated fee."""
 
@@ -103,7 +104,7 @@ class _Lot:
     fee: Decimal
 
 
-@dataclass
+@dataclass(slots=True)
 class _Closing:
     """A round trip being built from consecutive closing fills of one order."""
 
@@ -134,7 +135,7 @@ class _Closing:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Book:
     """FIFO state of one symbol."""
 
@@ -152,6 +153,9 @@ def _share(amount: Decimal, part: Decimal, whole: Decimal) -> Decimal:
     """``amount × part / whole`` rounded to ``FEE_SHARE_QUANTUM``; exactly ``amount`` when ``part`` is the
     whole, so the shares of one fee always add up to it."""
     return amount if part == whole else (amount * part / whole).quantize(FEE_SHARE_QUANTUM)
+
+
+_FILL_TIME = attrgetter("ts")
 
 
 def round_trips_from_fills(fills: Iterable[Fill]) -> list[RoundTrip]:
@@ -182,8 +186,10 @@ def round_trips_from_fills(fills: Iterable[Fill]) -> list[RoundTrip]:
             closed.append(book.closing.finish(symbol))
             book.closing = None
 
-    for fill in sorted(fills, key=lambda f: f.ts):
-        book = books.setdefault(fill.symbol, _Book(lots=deque()))
+    for fill in sorted(fills, key=_FILL_TIME):
+        book = books.get(fill.symbol)
+        if book is None:
+            book = books[fill.symbol] = _Book(lots=deque())
         fill_direction: Direction = "long" if fill.side.sign > 0 else "short"
         if book.direction is None or book.direction == fill_direction:
             flush(fill.symbol, book)
@@ -422,7 +428,7 @@ def _exposure(fills: Sequence[Fill], start: datetime, end: datetime) -> float:
         lo, hi = max(a, start), min(b, end)
         return max((hi - lo).total_seconds(), 0.0)
 
-    for fill in sorted(fills, key=lambda f: f.ts):
+    for fill in sorted(fills, key=_FILL_TIME):
         before = positions.get(fill.symbol, _ZERO)
         after = before + fill.quantity * fill.side.sign
         positions[fill.symbol] = after

@@ -44,6 +44,7 @@ from meltica.domain.enums import LiquiditySide, Side
 from meltica.domain.orders import Fill, Order
 from meltica.domain.values import ValueSequence
 from meltica.errors import DataValidationError
+from meltica.marketdata.series import FloatColumn
 from meltica.storage.tables import backtest_metrics, backtest_runs
 
 JsonObject = dict[str, Any]
@@ -150,6 +151,9 @@ class EquityCurve(ValueSequence[EquityPoint]):
 
     def columns(self) -> tuple[FloatArray, Decimal, Decimal, Decimal]:
         """``(float(equity) per point, first equity, last equity, Decimal sum of the equity)``."""
+        scaled = self._scaled_columns()
+        if scaled is not None:
+            return scaled
         out = np.empty(len(self), dtype=np.float64)
         total = _ZERO
         closes = self._closes
@@ -164,6 +168,56 @@ class EquityCurve(ValueSequence[EquityPoint]):
         if not len(self):
             return out, _ZERO, _ZERO, _ZERO
         return out, self[0].equity, self[-1].equity, total
+
+    def _scaled_columns(self) -> tuple[FloatArray, Decimal, Decimal, Decimal] | None:
+        """``columns()`` in exact integer arithmetic, when the closes are a float column of few decimal places
+        (``FloatColumn.scaled_integers``) and every point's equity, times ``10**places`` of its segment, is an
+        integer below 2**53: then ``that integer / 10**places`` in float64 is one correctly rounded division of
+        two exact floats, i.e. ``float(equity)`` digit for digit, and each segment's sum is
+        ``count × cash + holding × Σ closes``, exactly the sum of its points. ``None`` otherwise (the
+        ``Decimal`` way)."""
+        closes = self._closes
+        scaled = closes.scaled_integers() if isinstance(closes, FloatColumn) else None
+        if scaled is None:
+            return None
+        places, ints = scaled
+        n = len(ints)
+        top = int(np.max(np.abs(ints)))
+        if top * n >= 2**62:
+            return None
+        prefix = np.concatenate((np.zeros(1, dtype=np.int64), np.cumsum(ints)))  # Σ closes[:i] × 10**places
+        bounds = [*self._starts[1:], n]
+        cash_ints, held_ints, scales, counts = [], [], [], []
+        total = _ZERO
+        for start, stop, cash, held in zip(self._starts, bounds, self._cash, self._held, strict=True):
+            cash_exp = cash.as_tuple().exponent
+            held_exp = held.as_tuple().exponent
+            if not isinstance(cash_exp, int) or not isinstance(held_exp, int):
+                return None
+            k = max(0, -cash_exp, places - held_exp)
+            if k > _MAX_EXACT_POWER:
+                return None
+            cash_int, held_int = int(cash.scaleb(k)), int(held.scaleb(k - places))
+            if abs(cash_int) + abs(held_int) * top >= 2**53 or abs(held_int) >= 2**53:
+                return None
+            cash_ints.append(cash_int)
+            held_ints.append(held_int)
+            scales.append(k)
+            counts.append(max(stop - start, 0))
+            if stop > start:
+                closes_sum = int(prefix[stop]) - int(prefix[start])
+                total += Decimal((stop - start) * cash_int + held_int * closes_sum).scaleb(-k)
+        lengths = np.array(counts, dtype=np.int64)
+        cash_column = np.repeat(np.array(cash_ints, dtype=np.int64), lengths)
+        held_column = np.repeat(np.array(held_ints, dtype=np.int64), lengths)
+        powers = _POWERS_OF_TEN[np.repeat(np.array(scales, dtype=np.int64), lengths)]
+        out = (cash_column + held_column * ints).astype(np.float64) / powers
+        return out, self[0].equity, self[-1].equity, total
+
+
+_MAX_EXACT_POWER = 22
+_POWERS_OF_TEN = np.array([float(10**k) for k in range(_MAX_EXACT_POWER + 1)], dtype=np.float64)
+"""``10**k`` as float64, exact for ``k <= 22``."""
 
 
 class _CloseTimes(Sequence[datetime]):

@@ -160,6 +160,29 @@ class FloatColumn(ValueSequence[Decimal]):
     def __repr__(self) -> str:
         return f"<{len(self)} prices>"
 
+    def scaled_integers(self, max_places: int = 8) -> tuple[int, Any] | None:
+        """``(places, ints)``: every value read as a ``Decimal`` is exactly ``ints[i] / 10**places`` (an int64
+        array, each below 2**53), with the fewest ``places`` up to ``max_places``; ``None`` when some value
+        needs more (or is not finite). Exact integer arithmetic over a whole column without a ``Decimal``
+        per value: ``ints / 10**places`` reads back as each float, and the floats are spaced finer than
+        ``10**-(places + 1)``, so no other decimal of that many places reads as the same float — the shortest
+        repr (``Decimal(repr(value))``) is that one."""
+        # lazy: numpy only for float columns
+        import numpy as np
+
+        values = self._values
+        if not len(values) or not np.all(np.isfinite(values)):
+            return None
+        top = float(np.max(np.abs(values)))
+        for places in range(max_places + 1):
+            scale = float(10**places)
+            if top * scale >= 2.0**53 or top * 2.0**-52 >= 10.0 ** -(places + 1):
+                return None
+            ints = np.rint(values * scale)
+            if np.array_equal(ints / scale, values):
+                return places, ints.astype(np.int64)
+        return None
+
 
 def float_values(column: Sequence[Decimal]) -> Iterator[float]:
     """A price or volume column's values as floats: a ``FloatColumn``'s own, else ``float`` of each."""

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meltica.backtest import BacktestConfig, BarSeries, run_backtest
 from meltica.backtest.context import BacktestContext
@@ -385,3 +387,54 @@ def test_float_columns_read_as_the_decimals_of_their_reprs() -> None:
     assert column[65_530:65_540] == decimals[65_530:65_540] and column != decimals[:-1]
     assert list(column.floats()) == values and list(float_values(decimals)) == values
     assert all(type(x) is float for x in column.floats()) and type(column[3]) is Decimal
+
+
+_PRICES = (
+    st.decimals(min_value=Decimal("0.01"), max_value=Decimal(100_000), places=2, allow_nan=False),
+    st.decimals(min_value=Decimal("0.00000001"), max_value=Decimal(100), places=8, allow_nan=False),
+    st.floats(min_value=1e-9, max_value=1e7, allow_nan=False, allow_infinity=False).map(lambda x: Decimal(repr(x))),
+)
+"""Closes of a few places (the integer way), of many, any float's (mostly the ``Decimal`` way)."""
+_AMOUNT = st.one_of(
+    st.decimals(min_value=Decimal(-(10**6)), max_value=Decimal(10**6), places=2, allow_nan=False),
+    st.decimals(min_value=Decimal(-(10**4)), max_value=Decimal(10**4), places=4, allow_nan=False),
+    st.decimals(min_value=Decimal(-(10**9)), max_value=Decimal(10**9), places=12, allow_nan=False),
+)
+"""Cash and holdings of a few places, and of more than the integers hold."""
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    closes=st.one_of(*(st.lists(price, min_size=1, max_size=60) for price in _PRICES)),
+    changes=st.lists(st.tuples(st.integers(0, 59), _AMOUNT, _AMOUNT), max_size=8),
+    first=st.tuples(_AMOUNT, _AMOUNT),
+)
+def test_the_equity_columns_of_float_closes_are_those_of_their_decimals(
+    closes: list[Decimal], changes: list[tuple[int, Decimal, Decimal]], first: tuple[Decimal, Decimal]
+) -> None:
+    """``EquityCurve.columns`` on a float column (exact integer arithmetic when the closes have few places,
+    ``FloatColumn.scaled_integers``) gives, digit for digit, what it gives on the closes' ``Decimal`` s:
+    ``float(equity)`` per point, the first and last equity and their ``Decimal`` sum — whatever the places
+    of the closes, the cash and the holdings (more than the integers hold: the ``Decimal`` way)."""
+    floats = np.array([float(c) for c in closes])
+    column = FloatColumn(floats)
+    scaled = column.scaled_integers()
+    if scaled is not None:
+        places, ints = scaled
+        assert [Decimal(int(i)).scaleb(-places) for i in ints] == list(column)
+    marks = sorted({(i % len(closes), cash, held) for i, cash, held in changes}, key=lambda c: c[0])
+    steps = [(0, *first), *[m for m in marks if m[0] > 0]]
+    times = [datetime(2024, 1, 1, tzinfo=UTC) + timedelta(minutes=i) for i in range(len(closes))]
+    on_floats = EquityCurve(times, timedelta(minutes=1), column, steps).columns()
+    on_decimals = EquityCurve(times, timedelta(minutes=1), list(column), steps).columns()
+    assert np.array_equal(on_floats[0], on_decimals[0]) and on_floats[1:] == on_decimals[1:]
+    assert [float(p.equity) for p in EquityCurve(times, timedelta(minutes=1), column, steps)] == on_floats[0].tolist()
+
+
+def test_a_float_column_of_few_places_reads_as_integers() -> None:
+    """``FloatColumn.scaled_integers``: the fewest places that read every value exactly, else ``None``."""
+    places, ints = FloatColumn(np.array([43210.5, 0.1, 7.0])).scaled_integers() or (None, None)
+    assert places == 1 and ints is not None and ints.tolist() == [432105, 1, 70]
+    assert FloatColumn(np.array([0.1 + 0.2])).scaled_integers() is None  # 0.30000000000000004: 17 places
+    assert FloatColumn(np.array([1.5, float("nan")])).scaled_integers() is None
+    assert FloatColumn(np.array([], dtype=np.float64)).scaled_integers() is None
