@@ -13,7 +13,6 @@ import asyncio
 import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import fields
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -34,6 +33,7 @@ from meltica.domain import (
     TimeInForce,
     Trade,
 )
+from meltica.domain.values import slot_setters
 from meltica.errors import InvalidOrderError
 from meltica.matching import (
     EngineFill,
@@ -105,7 +105,14 @@ _ENGINE_TIF = {t: EngineTimeInForce(t.value) for t in TimeInForce if t.value in 
 
 
 _new = object.__new__
-_NEW_ORDER_SLOTS = tuple(getattr(NewOrder, f.name).__set__ for f in fields(NewOrder))
+_NEW_ORDER_SLOTS = slot_setters(
+    NewOrder,
+    (
+        "account", "symbol", "side", "type", "quantity", "quote_quantity", "price", "stop_price",
+        "trailing_delta_bps", "iceberg_quantity", "time_in_force", "client_order_id", "expire_at",
+        "self_trade_prevention",
+    ),
+)  # fmt: skip
 
 
 def _market_order(intent: OrderIntent, client_order_id: str) -> NewOrder:

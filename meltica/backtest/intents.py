@@ -179,6 +179,33 @@ class IntentingContext:
         # The venue's precision, as the OMS applies it before an order leaves the process (DESIGN.md §4).
         qty = inst.round_quantity(quantity)
         intent_id = intent_id or self._next_intent_id()
+        if (
+            type is OrderType.MARKET
+            and price is None
+            and trigger_price is None
+            and trailing_offset is None
+            and trailing_offset_pct is None
+            and activation_price is None
+            and display_quantity is None
+            and not post_only
+            and not reduce_only
+            and time_in_force is TimeInForce.GTC
+            and expire_at is None
+        ):
+            # A plain market order (``buy(symbol, qty)``, the common case): the same intent from its few values;
+            # one ``plain_market`` refuses is validated below (the same error).
+            plain = OrderIntent.plain_market(
+                intent_id=intent_id,
+                account=self._account,
+                strategy=self._instance_id,
+                exchange=self.exchange,
+                symbol=symbol,
+                side=side,
+                quantity=qty,
+                created_at=self.now(),
+            )
+            if plain is not None:
+                return plain
         try:
             fields: dict[str, Any] = {
                 "intent_id": intent_id,
@@ -320,30 +347,6 @@ class IntentingContext:
         type: OrderType | None,
         options: dict[str, Any],
     ) -> str:
-        cls = self.__class__
-        if (
-            price is None
-            and type is None
-            and not options
-            and cls.submit is IntentingContext.submit
-            and cls._intent is IntentingContext._intent
-        ):
-            # A plain market order (``buy(symbol, qty)``): what ``submit`` → ``_intent`` builds, the intent
-            # from its few values (``OrderIntent.plain_market``); one it refuses takes that way.
-            inst = self.instrument(symbol)
-            qty = inst.round_quantity(quantity)
-            intent_id = self._next_intent_id()
-            intent = OrderIntent.plain_market(
-                intent_id=intent_id,
-                account=self._account,
-                strategy=self._instance_id,
-                exchange=self.exchange,
-                symbol=symbol,
-                side=side,
-                quantity=qty,
-                created_at=self.now(),
-            ) or self._intent(intent_id=intent_id, symbol=symbol, side=side, type=OrderType.MARKET, quantity=quantity)
-            return self._send_intent(intent)
         return self.submit(
             symbol=symbol,
             side=side,

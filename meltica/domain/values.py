@@ -8,7 +8,8 @@ nobody can tell which clock they came from.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Self, TypeVar
@@ -117,6 +118,19 @@ def _construct_spec(cls: type[BaseModel]) -> tuple[dict[str, Any], frozenset[str
         template = {n: None if n in required else f.default for n, f in fields.items()}
         spec = _CONSTRUCT_SPECS[cls] = (template, required)
     return spec
+
+
+def slot_setters(cls: type, names: Sequence[str]) -> tuple[Callable[[Any, Any], None], ...]:
+    """The slot setters of a slotted dataclass's fields, in the order of ``names`` (which must name every
+    field, else ``RuntimeError`` at import: a hot path that stores an instance slot by slot must not miss a
+    field or set one under another's name). Storing through them is what a frozen dataclass's ``__init__``
+    does through ``object.__setattr__``, without its lookup: for objects built once per order or fill."""
+    fields_of = [f.name for f in dataclasses.fields(cls)]
+    if sorted(fields_of) != sorted(names) or len(set(names)) != len(names):
+        raise RuntimeError(
+            f"{cls.__name__}'s fields are {fields_of}, not {list(names)}: update its slot-by-slot builder"
+        )
+    return tuple(getattr(cls, name).__set__ for name in names)
 
 
 _FIELD_SETS: dict[frozenset[str], set[str]] = {}

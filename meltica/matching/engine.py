@@ -10,12 +10,13 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from meltica.domain.enums import Side
 from meltica.domain.instrument import Instrument, snap_to_step
+from meltica.domain.values import slot_setters
 from meltica.errors import InvalidOrderError
 from meltica.matching.book import MarketSide, OrderSide
 from meltica.matching.ledger import Ledger
@@ -139,24 +140,24 @@ class _Order:
 
 
 _new = object.__new__
-_ENGINE_ORDER_SLOTS = tuple(getattr(EngineOrder, f.name).__set__ for f in fields(EngineOrder))
-"""The slot setters of ``EngineOrder``'s fields, in field order (``_Order.snapshot``)."""
-if [f.name for f in fields(EngineOrder)] != [
-    "order_id", "client_order_id", "account", "symbol", "side", "type", "time_in_force", "quantity", "price",
-    "stop_price", "trailing_delta_bps", "iceberg_quantity", "quote_quantity", "executed_quantity",
-    "cumulative_quote_quantity", "status", "time", "update_time", "working", "working_time", "trailing_time",
-    "expire_at", "self_trade_prevention",
-]:  # fmt: skip
-    raise RuntimeError("EngineOrder's fields changed: update _Order.snapshot")
-
-
-_ENGINE_FILL_SLOTS = tuple(getattr(EngineFill, f.name).__set__ for f in fields(EngineFill))
-_REPORT_SLOTS = tuple(getattr(ExecutionReport, f.name).__set__ for f in fields(ExecutionReport))
-if [f.name for f in fields(EngineFill)] != [
-    "account", "symbol", "order_id", "client_order_id", "side", "trade_id", "price", "quantity", "quote_quantity",
-    "commission", "commission_asset", "is_maker", "time",
-] or [f.name for f in fields(ExecutionReport)] != ["order", "execution", "fill"]:  # fmt: skip
-    raise RuntimeError("EngineFill's or ExecutionReport's fields changed: update MatchingEngine._fill")
+_ENGINE_ORDER_SLOTS = slot_setters(
+    EngineOrder,
+    (
+        "order_id", "client_order_id", "account", "symbol", "side", "type", "time_in_force", "quantity", "price",
+        "stop_price", "trailing_delta_bps", "iceberg_quantity", "quote_quantity", "executed_quantity",
+        "cumulative_quote_quantity", "status", "time", "update_time", "working", "working_time", "trailing_time",
+        "expire_at", "self_trade_prevention",
+    ),
+)  # fmt: skip
+"""The slot setters of ``EngineOrder``'s fields (``_Order.snapshot``)."""
+_ENGINE_FILL_SLOTS = slot_setters(
+    EngineFill,
+    (
+        "account", "symbol", "order_id", "client_order_id", "side", "trade_id", "price", "quantity",
+        "quote_quantity", "commission", "commission_asset", "is_maker", "time",
+    ),
+)  # fmt: skip
+_REPORT_SLOTS = slot_setters(ExecutionReport, ("order", "execution", "fill"))
 
 _PASSED_FILTERS: dict[tuple[int, Decimal | None, Decimal | None], Instrument] = {}
 _PASSED_FILTERS_SIZE = 4096

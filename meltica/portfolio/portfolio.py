@@ -70,7 +70,7 @@ Reservations
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Context, Decimal, localcontext
 from functools import lru_cache
@@ -78,7 +78,7 @@ from typing import Any, TypedDict
 
 from meltica.domain.orders import Fill
 from meltica.domain.portfolio import Balance, Position, settlement_currency
-from meltica.domain.values import DecimalLike, construct, to_decimal
+from meltica.domain.values import DecimalLike, construct, slot_setters, to_decimal
 
 ACCOUNT_LEDGER = "*"
 """``Position.strategy`` of an account-level ledger (stored as ``''`` in ``position_snapshots``)."""
@@ -138,7 +138,7 @@ class Holding:
 
 
 _new = object.__new__
-_HOLDING_SLOTS = tuple(getattr(Holding, f.name).__set__ for f in fields(Holding))
+_HOLDING_SLOTS = slot_setters(Holding, ("asset", "free", "locked"))
 
 
 @dataclass(frozen=True, slots=True)
